@@ -1,0 +1,214 @@
+"""Every setting the app reads, read and validated in one place.
+
+`load_settings()` reads the environment once and fails fast with a `SettingsError` that names
+each missing or malformed setting, says what was expected and what to do. Nothing else in the
+package reads `os.environ` for its own configuration.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+# Development token used by the local host when SMARTCAR_MANAGEMENT_TOKEN is unset.
+# It is published in the README: never use it for a registered webhook.
+DEV_MANAGEMENT_TOKEN = "local-dev-management-token"
+
+# Names the settings module reads (app settings in Azure, environment variables locally).
+SMARTCAR_MANAGEMENT_TOKEN = "SMARTCAR_MANAGEMENT_TOKEN"
+SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN = "SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN"
+KEY_VAULT_URI = "KEY_VAULT_URI"
+SMARTCAR_TOKEN_SECRET_NAME = "SMARTCAR_TOKEN_SECRET_NAME"
+TOKEN_CACHE_SECONDS = "TOKEN_CACHE_SECONDS"
+SERVICEBUS_NAMESPACE = "ServiceBusConnection__fullyQualifiedNamespace"
+SERVICEBUS_QUEUE_NAME = "SERVICEBUS_QUEUE_NAME"
+MAX_DELIVERY_COUNT = "MAX_DELIVERY_COUNT"
+MAX_BODY_BYTES = "MAX_BODY_BYTES"
+RETRY_BACKOFF_BASE_SECONDS = "RETRY_BACKOFF_BASE_SECONDS"
+RETRY_BACKOFF_MAX_SECONDS = "RETRY_BACKOFF_MAX_SECONDS"
+LOW_BATTERY_PERCENT = "LOW_BATTERY_PERCENT"
+LOCAL_STATE_DIR = "LOCAL_STATE_DIR"
+APPLICATIONINSIGHTS_CONNECTION_STRING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
+
+#: Every name `load_settings` reads.
+APP_SETTINGS: frozenset[str] = frozenset(
+    {
+        SMARTCAR_MANAGEMENT_TOKEN,
+        SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN,
+        KEY_VAULT_URI,
+        SMARTCAR_TOKEN_SECRET_NAME,
+        TOKEN_CACHE_SECONDS,
+        SERVICEBUS_NAMESPACE,
+        SERVICEBUS_QUEUE_NAME,
+        MAX_DELIVERY_COUNT,
+        MAX_BODY_BYTES,
+        RETRY_BACKOFF_BASE_SECONDS,
+        RETRY_BACKOFF_MAX_SECONDS,
+        LOW_BATTERY_PERCENT,
+        LOCAL_STATE_DIR,
+        APPLICATIONINSIGHTS_CONNECTION_STRING,
+    }
+)
+
+#: Read only when running outside Azure; never set by the Bicep templates.
+LOCAL_ONLY_SETTINGS: frozenset[str] = frozenset(
+    {SMARTCAR_MANAGEMENT_TOKEN, SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN, LOCAL_STATE_DIR}
+)
+
+#: Read by the Functions host or the Azure SDKs, not by this module; Bicep sets them.
+HOST_SETTINGS: frozenset[str] = frozenset(
+    {
+        "AzureWebJobsStorage__accountName",
+        "AzureWebJobsStorage__credential",
+        "AzureWebJobsStorage__clientId",
+        "ServiceBusConnection__credential",
+        "ServiceBusConnection__clientId",
+        "AZURE_CLIENT_ID",
+        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    }
+)
+
+DEFAULTS: Mapping[str, str] = {
+    SMARTCAR_TOKEN_SECRET_NAME: "smartcar-management-token",
+    TOKEN_CACHE_SECONDS: "300",
+    SERVICEBUS_QUEUE_NAME: "smartcar-events",
+    MAX_DELIVERY_COUNT: "5",
+    MAX_BODY_BYTES: "196608",
+    RETRY_BACKOFF_BASE_SECONDS: "2",
+    RETRY_BACKOFF_MAX_SECONDS: "60",
+    LOW_BATTERY_PERCENT: "20",
+    LOCAL_STATE_DIR: ".local",
+}
+
+# Set by App Service / Functions on every Azure instance; its presence means "in Azure".
+_AZURE_MARKER = "WEBSITE_SITE_NAME"
+
+
+class SettingsError(ValueError):
+    """One or more settings are missing or malformed; the message names each of them."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    in_azure: bool
+    management_token: str | None
+    previous_management_token: str | None
+    using_dev_token: bool
+    key_vault_uri: str | None
+    token_secret_name: str
+    token_cache_seconds: float
+    servicebus_namespace: str | None
+    queue_name: str
+    max_delivery_count: int
+    max_body_bytes: int
+    retry_backoff_base_seconds: float
+    retry_backoff_max_seconds: float
+    low_battery_percent: float
+    local_state_dir: Path
+    appinsights_connection_string: str | None
+
+    @property
+    def token_source(self) -> str:
+        """`keyvault` when KEY_VAULT_URI is set, else `environment`."""
+        return "keyvault" if self.key_vault_uri else "environment"
+
+    @property
+    def queue_backend(self) -> str:
+        """`servicebus` when a namespace is configured, else the embedded `local` queue."""
+        return "servicebus" if self.servicebus_namespace else "local"
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        default = DEFAULTS.get(name)
+        return default
+    return value.strip()
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting; raise `SettingsError` naming all problems at once."""
+    env = os.environ if environ is None else environ
+    problems: list[str] = []
+
+    def number(name: str, *, kind: type[int] | type[float], minimum: float) -> float:
+        raw = _get(env, name)
+        assert raw is not None  # every numeric setting has a default
+        try:
+            value = kind(raw)
+        except ValueError:
+            problems.append(f"{name} must be a {kind.__name__}, got {raw!r}")
+            return float(DEFAULTS[name])
+        if value < minimum:
+            problems.append(f"{name} must be at least {minimum}, got {raw!r}")
+        return value
+
+    in_azure = bool(env.get(_AZURE_MARKER))
+    key_vault_uri = _get(env, KEY_VAULT_URI)
+    if key_vault_uri is not None:
+        parsed = urlparse(key_vault_uri)
+        if parsed.scheme != "https" or not parsed.netloc:
+            problems.append(
+                f"{KEY_VAULT_URI} must be the vault's https URI "
+                f"(https://<name>.vault.azure.net/), got {key_vault_uri!r}"
+            )
+
+    token = _get(env, SMARTCAR_MANAGEMENT_TOKEN)
+    previous = _get(env, SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN)
+    using_dev_token = False
+    if key_vault_uri is None and token is None:
+        if in_azure:
+            problems.append(
+                f"{KEY_VAULT_URI} is not set: in Azure the signing token is read from Key Vault "
+                f"(set {KEY_VAULT_URI} and {SMARTCAR_TOKEN_SECRET_NAME})"
+            )
+        else:
+            token = DEV_MANAGEMENT_TOKEN
+            using_dev_token = True
+
+    namespace = _get(env, SERVICEBUS_NAMESPACE)
+    if namespace is not None and ("://" in namespace or "." not in namespace):
+        problems.append(
+            f"{SERVICEBUS_NAMESPACE} must be a host name such as "
+            f"<namespace>.servicebus.windows.net, got {namespace!r}"
+        )
+    if namespace is None and in_azure:
+        problems.append(
+            f"{SERVICEBUS_NAMESPACE} is not set: in Azure events are queued in Service Bus"
+        )
+
+    queue_name = _get(env, SERVICEBUS_QUEUE_NAME) or DEFAULTS[SERVICEBUS_QUEUE_NAME]
+    max_delivery_count = int(number(MAX_DELIVERY_COUNT, kind=int, minimum=1))
+    max_body_bytes = int(number(MAX_BODY_BYTES, kind=int, minimum=1024))
+    backoff_base = number(RETRY_BACKOFF_BASE_SECONDS, kind=float, minimum=0)
+    backoff_max = number(RETRY_BACKOFF_MAX_SECONDS, kind=float, minimum=0)
+    token_cache = number(TOKEN_CACHE_SECONDS, kind=float, minimum=1)
+    low_battery = number(LOW_BATTERY_PERCENT, kind=float, minimum=0)
+
+    if problems:
+        raise SettingsError(
+            "Invalid configuration: "
+            + "; ".join(problems)
+            + ". See README 'Configure' and local.settings.json.example."
+        )
+    return Settings(
+        in_azure=in_azure,
+        management_token=token,
+        previous_management_token=previous,
+        using_dev_token=using_dev_token,
+        key_vault_uri=key_vault_uri,
+        token_secret_name=_get(env, SMARTCAR_TOKEN_SECRET_NAME) or "",
+        token_cache_seconds=token_cache,
+        servicebus_namespace=namespace,
+        queue_name=queue_name,
+        max_delivery_count=max_delivery_count,
+        max_body_bytes=max_body_bytes,
+        retry_backoff_base_seconds=backoff_base,
+        retry_backoff_max_seconds=backoff_max,
+        low_battery_percent=low_battery,
+        local_state_dir=Path(_get(env, LOCAL_STATE_DIR) or ".local"),
+        appinsights_connection_string=_get(env, APPLICATIONINSIGHTS_CONNECTION_STRING),
+    )
