@@ -140,7 +140,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             value = kind(raw)
         except ValueError:
-            problems.append(f"{name} must be a {kind.__name__}, got {raw!r}")
+            what = "whole number" if kind is int else "number"
+            problems.append(f"{name} must be a {what}, got {raw!r}")
             return float(DEFAULTS[name])
         if value < minimum:
             problems.append(f"{name} must be at least {minimum}, got {raw!r}")

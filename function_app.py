@@ -1,0 +1,36 @@
+"""The Azure Functions app (Python v2 programming model): a table of contents.
+
+Each function hands over to `shared/`, where the logic lives and is tested.
+"""
+
+import azure.functions as func
+
+from shared import functions
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+
+@app.route(route="webhooks/smartcar", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def smartcar_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    """Smartcar's Vehicle data callback URI (and VERIFY challenges)."""
+    return await functions.handle_webhook(req)
+
+
+@app.route(route="webhooks/smartcar/errors", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+async def smartcar_error_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    """Smartcar's optional Vehicle error callback URI: same rules as the data route."""
+    return await functions.handle_webhook(req)
+
+
+@app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def health(req: func.HttpRequest) -> func.HttpResponse:
+    """200 {"status": "ok"} when the configuration is valid; reveals no settings."""
+    return functions.handle_health(req)
+
+
+@app.service_bus_queue_trigger(
+    arg_name="msg", queue_name="%SERVICEBUS_QUEUE_NAME%", connection="ServiceBusConnection"
+)
+async def process_event(msg: func.ServiceBusMessage) -> None:
+    """Process one queued event: return completes it, raising abandons it for a retry."""
+    await functions.handle_queue_message(msg)

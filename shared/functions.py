@@ -1,0 +1,84 @@
+"""Adapters between Azure Functions objects and the pure logic in this package.
+
+`function_app.py` declares the functions and calls these; they translate `func.HttpRequest`
+and `func.ServiceBusMessage` into bytes and mappings and back, and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import azure.functions as func
+
+from .processor import InboundMessage, process_message
+from .receiver import receive
+from .runtime import get_runtime
+from .settings import SettingsError
+
+logger = logging.getLogger(__name__)
+
+
+def _json(status: int, body: object) -> func.HttpResponse:
+    return func.HttpResponse(
+        json.dumps(body, separators=(",", ":")),
+        status_code=status,
+        mimetype="application/json",
+    )
+
+
+async def handle_webhook(req: func.HttpRequest) -> func.HttpResponse:
+    try:
+        runtime = get_runtime()
+    except SettingsError as exc:
+        logger.error("%s", exc)
+        return _json(503, {"error": "receiver is misconfigured, see its logs"})
+    reply = await receive(
+        req.get_body(),
+        req.headers,
+        tokens=runtime.tokens,
+        publisher=runtime.publisher,
+        max_body_bytes=runtime.settings.max_body_bytes,
+    )
+    logger.info(
+        "webhook %s (%d, eventId=%s, eventType=%s)",
+        reply.outcome,
+        reply.status,
+        reply.event_id,
+        reply.event_type,
+    )
+    return func.HttpResponse(
+        reply.body_bytes(), status_code=reply.status, headers=dict(reply.headers)
+    )
+
+
+def handle_health(req: func.HttpRequest) -> func.HttpResponse:
+    try:
+        get_runtime()
+    except SettingsError as exc:
+        logger.error("health check: %s", exc)
+        return _json(503, {"status": "misconfigured"})
+    return _json(200, {"status": "ok"})
+
+
+def inbound_message(msg: func.ServiceBusMessage) -> InboundMessage:
+    props = dict(msg.application_properties or {})
+    return InboundMessage(
+        body=msg.get_body(),
+        message_id=msg.message_id or "",
+        delivery_count=int(msg.delivery_count or 1),
+        sequence_number=msg.sequence_number,
+        application_properties=props,
+        enqueued_time=msg.enqueued_time_utc,
+    )
+
+
+async def handle_queue_message(msg: func.ServiceBusMessage) -> None:
+    runtime = get_runtime()
+    await process_message(
+        inbound_message(msg),
+        settings=runtime.settings,
+        registry=runtime.registry,
+        dead_letterer=runtime.dead_letterer,
+        handled_log=runtime.handled_log,
+    )

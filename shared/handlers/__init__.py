@@ -1,0 +1,107 @@
+"""The users' extension point: business logic per event type and per signal.
+
+Register a function for an `eventType`, or for a signal path ("Group.Name", e.g.
+"TractionBattery.StateOfCharge") carried by VEHICLE_STATE events:
+
+    from shared.handlers import registry
+
+    @registry.on("VEHICLE_ERROR")
+    async def page_support(event, context):
+        ...
+
+    @registry.on_signal("Location.PreciseLocation")
+    def store_position(event, signal, context):
+        ...
+
+Handlers may be plain or `async` functions. Raise to have the event retried with backoff
+(it is dead-lettered after `MAX_DELIVERY_COUNT` deliveries); return normally when done.
+Deliveries are at-least-once and unordered, so make handlers idempotent (key on
+`event.event_id`) and order signals by `signal.oem_updated_at`, not by arrival.
+Import your module from `shared/handlers/__init__.py` (bottom) so it registers at start-up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..events import Event, Signal
+from ..settings import Settings
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerContext:
+    """What a handler may need besides the event."""
+
+    settings: Settings
+    message_id: str
+    delivery_count: int
+
+
+EventHandler = Callable[[Event, HandlerContext], Awaitable[None] | None]
+SignalHandler = Callable[[Event, Signal, HandlerContext], Awaitable[None] | None]
+
+
+class HandlerRegistry:
+    """Maps event types and signal paths to handlers."""
+
+    def __init__(self) -> None:
+        self._by_type: dict[str, list[EventHandler]] = defaultdict(list)
+        self._by_signal: dict[str, list[SignalHandler]] = defaultdict(list)
+
+    def on(self, event_type: str) -> Callable[[F], F]:
+        """Decorator: call the handler for every event of `event_type`."""
+
+        def register(handler: F) -> F:
+            self._by_type[event_type].append(handler)
+            return handler
+
+        return register
+
+    def on_signal(self, path: str) -> Callable[[F], F]:
+        """Decorator: call the handler for each successful signal `path` in an event."""
+
+        def register(handler: F) -> F:
+            self._by_signal[path].append(handler)
+            return handler
+
+        return register
+
+    def has_handlers(self, event: Event) -> bool:
+        if self._by_type.get(event.event_type):
+            return True
+        return any(s.path in self._by_signal for s in event.signals if s.ok)
+
+    async def dispatch(self, event: Event, context: HandlerContext) -> bool:
+        """Run every matching handler; True when at least one ran. Handler errors propagate."""
+        ran = False
+        for handler in self._by_type.get(event.event_type, ()):
+            await _maybe_await(handler(event, context))
+            ran = True
+        for signal in event.signals_by_recency():
+            if not signal.ok or signal.path is None:
+                continue
+            for signal_handler in self._by_signal.get(signal.path, ()):
+                await _maybe_await(signal_handler(event, signal, context))
+                ran = True
+        return ran
+
+
+async def _maybe_await(result: Awaitable[None] | None) -> None:
+    if inspect.isawaitable(result):
+        await result
+
+
+#: The registry the app uses. Your handlers register here.
+registry = HandlerRegistry()
+
+# Example handlers register themselves on import.
+from . import low_battery as low_battery  # noqa: E402

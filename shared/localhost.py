@@ -1,0 +1,355 @@
+"""The local host: runs `function_app.py`'s functions without Azure tools.
+
+It serves the app's HTTP routes under `/api` (no function keys, like `func start`) and drives
+its Service Bus queue trigger from the embedded SQLite queue, with the host's built-in
+settlement: return completes, raise abandons, `maxDeliveryCount` dead-letters.
+
+    python -m shared.localhost [--host 127.0.0.1] [--port 7071] [--workers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import azure.functions as func
+from aiohttp import web
+
+from .localqueue import LocalQueue, LockLostError, QueuedMessage
+from .publisher import OutboundMessage, Publisher
+from .receiver import OVERSIZE, Reply
+from .runtime import Runtime, build_runtime, set_runtime
+from .settings import Settings, SettingsError, load_settings
+
+logger = logging.getLogger(__name__)
+
+ROUTE_PREFIX = "/api"
+DEFAULT_PORT = 7071
+
+
+@dataclass(frozen=True, slots=True)
+class HttpFunction:
+    name: str
+    route: str
+    methods: tuple[str, ...]
+    handler: Callable[..., Any]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueFunction:
+    name: str
+    queue_name: str
+    handler: Callable[..., Any]
+
+
+def index_functions(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction]]:
+    """The HTTP and Service Bus queue functions that `app` declares."""
+    http: list[HttpFunction] = []
+    queues: list[QueueFunction] = []
+    for fn in app.get_functions():
+        trigger = fn.get_trigger()
+        kind = trigger.get_binding_name()
+        if kind == "httpTrigger":
+            methods = tuple(str(getattr(m, "value", m)) for m in (trigger.methods or ["GET"]))
+            http.append(HttpFunction(fn.get_function_name(), trigger.route, methods,
+                                     fn.get_user_function()))
+        elif kind == "serviceBusTrigger":
+            queues.append(QueueFunction(fn.get_function_name(), trigger.queue_name,
+                                        fn.get_user_function()))
+        else:
+            raise RuntimeError(f"the local host cannot run {kind} function {fn.get_function_name()}")
+    return http, queues
+
+
+def resolve_app_setting(value: str, environ: dict[str, str] | None = None) -> str:
+    """Functions' `%NAME%` binding expressions read an app setting."""
+    env = os.environ if environ is None else environ
+    if value.startswith("%") and value.endswith("%") and len(value) > 2:
+        return env.get(value[1:-1], "")
+    return value
+
+
+async def _call(handler: Callable[..., Any], arg: Any) -> Any:
+    result = handler(arg)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class NotifyingPublisher:
+    """Wakes the queue workers as soon as a message is stored in this process."""
+
+    def __init__(self, inner: Publisher, wake: asyncio.Event) -> None:
+        self._inner = inner
+        self._wake = wake
+
+    async def publish(self, message: OutboundMessage) -> bool:
+        stored = await self._inner.publish(message)
+        self._wake.set()
+        return stored
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def to_function_message(qm: QueuedMessage) -> func.ServiceBusMessage:
+    props: dict[str, Any] = dict(qm.application_properties)
+    return func.ServiceBusMessage(
+        body=qm.body,
+        message_id=qm.message_id,
+        delivery_count=qm.delivery_count,
+        sequence_number=qm.sequence_number,
+        enqueued_time_utc=qm.enqueued_time,
+        scheduled_enqueue_time_utc=qm.scheduled_enqueue_time,
+        lock_token=qm.lock_token,
+        locked_until=qm.locked_until,
+        application_properties=props,
+        user_properties=props,
+        content_type="application/json",
+    )
+
+
+class LocalHost:
+    """Serves the app's functions. Start with `await start()`, stop with `await stop()`."""
+
+    def __init__(
+        self,
+        app: func.FunctionApp,
+        runtime: Runtime,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        workers: int = 4,
+        poll_interval: float = 0.25,
+        lock_duration: float = 60.0,
+    ) -> None:
+        if runtime.queue is None:
+            raise ValueError("the local host needs the embedded queue (no Service Bus namespace)")
+        self.runtime = runtime
+        self.queue: LocalQueue = runtime.queue
+        self.host = host
+        self.port = port
+        self.workers = workers
+        self.poll_interval = poll_interval
+        self.lock_duration = lock_duration
+        self.http_functions, self.queue_functions = index_functions(app)
+        self._wake = asyncio.Event()
+        runtime.publisher = NotifyingPublisher(runtime.publisher, self._wake)
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        # The body limit is enforced while reading (below), so aiohttp's own is lifted.
+        webapp = web.Application(client_max_size=self.runtime.settings.max_body_bytes * 4 + 1024)
+        for fn in self.http_functions:
+            for method in fn.methods:
+                webapp.router.add_route(
+                    method, f"{ROUTE_PREFIX}/{fn.route}", self._http_handler(fn)
+                )
+        self._runner = web.AppRunner(webapp, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0:
+            server = site._server
+            assert server is not None
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        for qfn in self.queue_functions:
+            for index in range(self.workers):
+                self._tasks.append(
+                    asyncio.create_task(self._worker(qfn), name=f"{qfn.name}-{index}")
+                )
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _http_handler(self, fn: HttpFunction) -> Callable[[web.Request], Any]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            limit = self.runtime.settings.max_body_bytes
+            if request.content_length is not None and request.content_length > limit:
+                # Refuse before reading: a body this size is never stored.
+                return _reply_response(Reply(413, {"error": f"body exceeds the {limit}-byte limit"},
+                                             OVERSIZE))
+            body = await request.content.read(limit + 1)
+            req = func.HttpRequest(
+                method=request.method,
+                url=str(request.url),
+                headers=dict(request.headers),
+                params=dict(request.query),
+                route_params=dict(request.match_info),
+                body=body,
+            )
+            try:
+                resp = await _call(fn.handler, req)
+            except Exception:
+                logger.exception("function %s failed", fn.name)
+                return web.json_response({"error": "internal error"}, status=500)
+            headers = dict(resp.headers)
+            if resp.mimetype and "Content-Type" not in headers:
+                headers["Content-Type"] = resp.mimetype
+            return web.Response(body=resp.get_body(), status=resp.status_code, headers=headers)
+
+        return handle
+
+    async def _worker(self, fn: QueueFunction) -> None:
+        while not self._stopping:
+            try:
+                received = await asyncio.to_thread(
+                    self.queue.receive, max_messages=1, lock_duration=self.lock_duration
+                )
+            except Exception:
+                logger.exception("local queue receive failed; retrying")
+                await asyncio.sleep(self.poll_interval)
+                continue
+            if not received:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                continue
+            for qm in received:
+                await self._run_one(fn, qm)
+
+    async def _run_one(self, fn: QueueFunction, qm: QueuedMessage) -> None:
+        assert qm.lock_token is not None
+        renewer = asyncio.create_task(self._renew_lock(qm.lock_token))
+        try:
+            await _call(fn.handler, to_function_message(qm))
+        except Exception as exc:
+            logger.info(
+                "function %s raised %s for message %s (delivery %d); abandoning",
+                fn.name, type(exc).__name__, qm.message_id, qm.delivery_count,
+            )
+            await self._settle(self.queue.abandon, qm.lock_token)
+        else:
+            await self._settle(self.queue.complete, qm.lock_token)
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+
+    async def _settle(self, action: Callable[[str], None], lock_token: str) -> None:
+        try:
+            await asyncio.to_thread(action, lock_token)
+        except LockLostError:
+            # Already settled by the function (dead-lettered) or the lock expired: in both
+            # cases the queue owns the message again, as Service Bus would.
+            logger.debug("lock %s no longer held at settlement", lock_token)
+
+    async def _renew_lock(self, lock_token: str) -> None:
+        """Like the Functions host's auto lock renewal, while the function runs."""
+        while True:
+            await asyncio.sleep(self.lock_duration / 2)
+            try:
+                await asyncio.to_thread(self.queue.renew_lock, lock_token)
+            except LockLostError:
+                return
+
+
+def _reply_response(reply: Reply) -> web.Response:
+    return web.Response(body=reply.body_bytes(), status=reply.status, headers=dict(reply.headers))
+
+
+def load_function_app() -> func.FunctionApp:
+    """Import the project's `function_app.py` (the repository root is on sys.path)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module = importlib.import_module("function_app")
+    app: func.FunctionApp = module.app
+    return app
+
+
+def banner(settings: Settings, base_url: str) -> str:
+    token_line = (
+        f"Signing token: the development token {settings.management_token!r} "
+        "(SMARTCAR_MANAGEMENT_TOKEN is unset). Never register it with Smartcar."
+        if settings.using_dev_token
+        else "Signing token: from SMARTCAR_MANAGEMENT_TOKEN."
+    )
+    python = os.path.relpath(sys.executable) if sys.executable else "python"
+    url = f"{base_url}{ROUTE_PREFIX}/webhooks/smartcar"
+    return "\n".join(
+        [
+            f"Smartcar webhook receiver (local host) listening on {base_url}",
+            token_line,
+            f"Queue: embedded SQLite in {settings.local_state_dir}/ "
+            f"(handled events: {settings.local_state_dir}/handled.jsonl)",
+            f"Vehicle data callback URI: {url}",
+            f"Vehicle error callback URI: {url}/errors",
+            f"Health: {base_url}{ROUTE_PREFIX}/health",
+            "Send a signed test event (in another terminal):",
+            f"  {python} -m shared.cli send --url {url} --type state",
+            "Press Ctrl-C to stop.",
+        ]
+    )
+
+
+async def serve(host: str, port: int, workers: int) -> None:
+    settings = load_settings()
+    runtime = build_runtime(settings)
+    set_runtime(runtime)
+    local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers)
+    await local.start()
+    print(banner(settings, local.base_url), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("Stopping: messages in progress are abandoned and redelivered on the next start.",
+          flush=True)
+    await local.stop()
+    runtime.queue.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.localhost", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
+    parser.add_argument("--workers", type=int, default=4,
+                        help="queue messages processed concurrently (default 4)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    try:
+        asyncio.run(serve(args.host, args.port, args.workers))
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Processing one queued event: parse, dispatch to handlers, decide the outcome.
+
+Settlement follows the Functions host's built-in behaviour: returning completes the message,
+raising abandons it, and the queue's `maxDeliveryCount` moves it to the dead-letter queue.
+Abandon redelivers at once, so a handler failure waits (asynchronously, with exponential
+backoff on the delivery count) before re-raising. Unreadable payloads are dead-lettered at once
+with reason `InvalidPayload` through a `DeadLetterer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from .events import Event, InvalidEventError, parse_event
+from .handlers import HandlerContext, HandlerRegistry
+from .publisher import (
+    PROP_DEAD_LETTER_DESCRIPTION,
+    PROP_DEAD_LETTER_REASON,
+)
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+INVALID_PAYLOAD = "InvalidPayload"
+
+
+class Outcome(StrEnum):
+    HANDLED = "handled"
+    UNHANDLED = "unhandled"
+    DEAD_LETTERED = "dead_lettered"
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """What the processor needs of a received message, whichever queue it came from."""
+
+    body: bytes
+    message_id: str
+    delivery_count: int
+    sequence_number: int | None = None
+    application_properties: Mapping[str, Any] = field(default_factory=dict)
+    enqueued_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessResult:
+    outcome: Outcome
+    event: Event | None = None
+    description: str | None = None
+
+
+class HandlerFailedError(RuntimeError):
+    """A handler raised; the message is abandoned and redelivered (or dead-lettered)."""
+
+
+class DeadLetterCopyError(RuntimeError):
+    """The message is a copy on its way to the dead-letter queue; it is never processed."""
+
+
+class DeadLetterer(Protocol):
+    async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
+        """Move `message` to the dead-letter queue with a reason. Raises on failure."""
+        ...
+
+
+class LocalDeadLetterer:
+    """The embedded queue can dead-letter the locked message by its sequence number."""
+
+    def __init__(self, queue: Any) -> None:
+        self._queue = queue
+
+    async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
+        if message.sequence_number is None:
+            raise ValueError("a local message always has a sequence number")
+        await asyncio.to_thread(
+            self._queue.dead_letter_by_sequence,
+            message.sequence_number,
+            reason=reason,
+            description=description,
+        )
+
+
+class ServiceBusDeadLetterer:
+    """Dead-letters with a reason although the host, not this code, settles the message.
+
+    The Python worker's built-in Service Bus binding cannot dead-letter explicitly (only the
+    preview SDK-type bindings can). So the processor sends a copy carrying `deadLetterReason`
+    and `deadLetterDescription` with a one-second time-to-live: the queue has
+    `deadLetteringOnMessageExpiration`, so the copy lands in the dead-letter queue with those
+    properties, and the original is completed. A copy that is delivered before it expires is
+    refused (`DeadLetterCopyError`) and ends there all the same.
+    """
+
+    def __init__(self, send: Callable[[Any], Awaitable[None]]) -> None:
+        self._send = send
+
+    async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
+        from azure.servicebus import ServiceBusMessage
+
+        props = {str(k): v for k, v in message.application_properties.items()}
+        props[PROP_DEAD_LETTER_REASON] = reason
+        props[PROP_DEAD_LETTER_DESCRIPTION] = description
+        copy = ServiceBusMessage(
+            message.body,
+            message_id=f"{message.message_id}:dead-letter",
+            application_properties=props,
+            time_to_live=timedelta(seconds=1),
+        )
+        await self._send(copy)
+
+
+class HandledLog:
+    """Local mode: one JSON line per processed event in `${LOCAL_STATE_DIR}/handled.jsonl`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n"
+        with self._lock, self.path.open("a", encoding="utf-8") as fh:
+            fh.write(line)
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+
+def backoff_seconds(delivery_count: int, *, base: float, maximum: float) -> float:
+    """Exponential backoff: base, 2*base, 4*base, ... capped at `maximum`."""
+    exponent = max(delivery_count - 1, 0)
+    return float(min(base * (2 ** min(exponent, 30)), maximum))
+
+
+async def process_message(
+    message: InboundMessage,
+    *,
+    settings: Settings,
+    registry: HandlerRegistry,
+    dead_letterer: DeadLetterer,
+    handled_log: HandledLog | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> ProcessResult:
+    """Process one message. Returns on completion; raises to have the message abandoned."""
+    if PROP_DEAD_LETTER_REASON in message.application_properties:
+        raise DeadLetterCopyError(
+            f"message {message.message_id} is a dead-letter copy; refusing it so it expires"
+        )
+    try:
+        event = parse_event(message.body)
+    except InvalidEventError as exc:
+        description = str(exc)
+        logger.warning(
+            "message %s is not a readable Smartcar event (%s); dead-lettering it as %s",
+            message.message_id,
+            description,
+            INVALID_PAYLOAD,
+        )
+        await dead_letterer.dead_letter(message, reason=INVALID_PAYLOAD, description=description)
+        return ProcessResult(Outcome.DEAD_LETTERED, description=description)
+
+    logger.debug("processing event %s body=%r", event.event_id, message.body)
+    context = HandlerContext(
+        settings=settings, message_id=message.message_id, delivery_count=message.delivery_count
+    )
+    try:
+        ran = await registry.dispatch(event, context)
+    except Exception as exc:
+        last = message.delivery_count >= settings.max_delivery_count
+        delay = 0.0 if last else backoff_seconds(
+            message.delivery_count,
+            base=settings.retry_backoff_base_seconds,
+            maximum=settings.retry_backoff_max_seconds,
+        )
+        logger.warning(
+            "handler failed for event %s (%s, delivery %d of %d): %s: %s; %s",
+            event.event_id,
+            event.event_type,
+            message.delivery_count,
+            settings.max_delivery_count,
+            type(exc).__name__,
+            exc,
+            "it will be dead-lettered" if last else f"retrying in {delay:.1f}s",
+        )
+        if delay > 0:
+            await sleep(delay)
+        raise HandlerFailedError(
+            f"handler failed for event {event.event_id}: {type(exc).__name__}"
+        ) from exc
+
+    outcome = Outcome.HANDLED if ran else Outcome.UNHANDLED
+    if not ran:
+        logger.info("no handler for event %s of type %s", event.event_id, event.event_type)
+    if handled_log is not None:
+        handled_log.append(
+            {
+                "eventId": event.event_id,
+                "eventType": event.event_type,
+                "vehicleId": event.vehicle_id,
+                "deliveryCount": message.delivery_count,
+                "messageId": message.message_id,
+                "outcome": str(outcome),
+                "handledAt": datetime.now(UTC).isoformat(),
+            }
+        )
+    return ProcessResult(outcome, event=event)

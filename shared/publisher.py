@@ -1,0 +1,190 @@
+"""Durable enqueueing of accepted webhooks: Azure Service Bus, or the embedded local queue.
+
+The message body is the raw signed bytes, unchanged. `message_id` is the `eventId` (a hash of
+the body when there is none) so the queue's duplicate detection drops Smartcar's retries.
+A publisher either stores the message or raises `PublishError`: the receiver answers 200 only
+after `publish` returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .events import Envelope
+
+logger = logging.getLogger(__name__)
+
+# Service Bus limits message_id to 128 characters.
+MAX_MESSAGE_ID_LENGTH = 128
+
+# Application property names, shared by the publisher, processor, CLI and queries.
+PROP_EVENT_TYPE = "eventType"
+PROP_VEHICLE_ID = "vehicleId"
+PROP_WEBHOOK_ID = "webhookId"
+PROP_DELIVERY_ID = "deliveryId"
+PROP_MODE = "mode"
+PROP_EVENT_ID = "eventId"
+# Set on a copy that the processor routes to the dead-letter queue (see ServiceBusDeadLetterer).
+PROP_DEAD_LETTER_REASON = "deadLetterReason"
+PROP_DEAD_LETTER_DESCRIPTION = "deadLetterDescription"
+
+
+class PublishError(RuntimeError):
+    """The message could not be stored; nothing may be acknowledged."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    body: bytes
+    message_id: str
+    application_properties: Mapping[str, str] = field(default_factory=dict)
+
+
+def message_id_for(body: bytes, event_id: str | None) -> str:
+    """`eventId` when usable as a Service Bus message id, else a SHA-256 of the body."""
+    if event_id and len(event_id) <= MAX_MESSAGE_ID_LENGTH:
+        return event_id
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def outbound_message(body: bytes, envelope: Envelope) -> OutboundMessage:
+    props: dict[str, str] = {}
+    for name, value in (
+        (PROP_EVENT_ID, envelope.event_id),
+        (PROP_EVENT_TYPE, envelope.event_type),
+        (PROP_VEHICLE_ID, envelope.vehicle_id),
+        (PROP_WEBHOOK_ID, envelope.webhook_id),
+        (PROP_DELIVERY_ID, envelope.delivery_id),
+        (PROP_MODE, envelope.mode),
+    ):
+        if value is not None:
+            props[name] = value
+    return OutboundMessage(
+        body=body,
+        message_id=message_id_for(body, envelope.event_id),
+        application_properties=props,
+    )
+
+
+class Publisher(Protocol):
+    async def publish(self, message: OutboundMessage) -> bool:
+        """Store the message durably. True when new, False when known to be a duplicate
+        (None-committal backends return True). Raises PublishError."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LocalQueuePublisher:
+    """Publishes to the embedded SQLite queue (local host and tests)."""
+
+    def __init__(self, queue: Any) -> None:
+        self._queue = queue
+
+    async def publish(self, message: OutboundMessage) -> bool:
+        try:
+            stored: bool = await asyncio.to_thread(
+                self._queue.send,
+                message.body,
+                message_id=message.message_id,
+                application_properties=dict(message.application_properties),
+            )
+        except Exception as exc:
+            raise PublishError(f"local queue send failed: {type(exc).__name__}: {exc}") from exc
+        return stored
+
+    async def close(self) -> None:
+        return None
+
+
+class ServiceBusPublisher:
+    """One `azure.servicebus.aio` client and sender per process, created lazily and reused.
+
+    A failed send drops the sender (and client) so the next request reconnects, and is
+    reported as PublishError within `send_timeout` seconds, well inside Smartcar's 15 s.
+    """
+
+    def __init__(
+        self,
+        client_factory: Callable[[], Any],
+        queue_name: str,
+        *,
+        send_timeout: float = 5.0,
+    ) -> None:
+        self._client_factory = client_factory
+        self._queue_name = queue_name
+        self._send_timeout = send_timeout
+        self._client: Any = None
+        self._sender: Any = None
+        self._lock = asyncio.Lock()
+
+    async def _get_sender(self) -> Any:
+        if self._sender is not None:
+            return self._sender
+        async with self._lock:
+            if self._sender is None:
+                if self._client is None:
+                    self._client = self._client_factory()
+                self._sender = self._client.get_queue_sender(queue_name=self._queue_name)
+            return self._sender
+
+    async def publish(self, message: OutboundMessage) -> bool:
+        from azure.servicebus import ServiceBusMessage
+
+        sb_message = ServiceBusMessage(
+            message.body,
+            message_id=message.message_id,
+            application_properties=dict(message.application_properties),
+            content_type="application/json",
+        )
+        try:
+            sender = await self._get_sender()
+            await asyncio.wait_for(sender.send_messages(sb_message), self._send_timeout)
+        except Exception as exc:
+            logger.warning(
+                "Service Bus send of message %s failed: %s", message.message_id, type(exc).__name__
+            )
+            await self._reset()
+            raise PublishError(f"Service Bus send failed: {type(exc).__name__}") from exc
+        return True
+
+    async def send_raw(self, sb_message: Any) -> None:
+        """Send an already-built `azure.servicebus.ServiceBusMessage` (used by the processor)."""
+        try:
+            sender = await self._get_sender()
+            await asyncio.wait_for(sender.send_messages(sb_message), self._send_timeout)
+        except Exception as exc:
+            await self._reset()
+            raise PublishError(f"Service Bus send failed: {type(exc).__name__}") from exc
+
+    async def _reset(self) -> None:
+        async with self._lock:
+            sender, self._sender = self._sender, None
+        if sender is not None:
+            try:
+                await sender.close()
+            except Exception:  # closing a broken link may fail too; the reconnect matters
+                logger.debug("closing the Service Bus sender failed", exc_info=True)
+
+    async def close(self) -> None:
+        await self._reset()
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
+def build_service_bus_publisher(namespace: str, queue_name: str) -> ServiceBusPublisher:
+    """The production publisher: managed identity through DefaultAzureCredential."""
+
+    def factory() -> Any:
+        from azure.identity.aio import DefaultAzureCredential
+        from azure.servicebus.aio import ServiceBusClient
+
+        return ServiceBusClient(namespace, credential=DefaultAzureCredential())
+
+    return ServiceBusPublisher(factory, queue_name)

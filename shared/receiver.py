@@ -1,0 +1,126 @@
+"""The receive decision: raw bytes and headers in, a reply out. No Azure objects here.
+
+Order of checks (contract.md): size → signature → VERIFY challenge → unsigned → enqueue.
+A signed payload is authentic and is never rejected for its content: whatever it holds is
+stored, and the processor dead-letters what it cannot read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .events import peek_envelope
+from .publisher import Publisher, PublishError, outbound_message
+from .signature import challenge_problem, get_signature, matching_token, sign
+from .tokens import TokenProvider, TokenUnavailableError
+
+logger = logging.getLogger(__name__)
+
+# Outcomes, one per row of the contract's status table (also used as telemetry values).
+ACCEPTED = "accepted"
+DUPLICATE = "duplicate"
+VERIFY_ANSWERED = "verify_answered"
+VERIFY_REFUSED = "verify_refused"
+SIGNATURE_REJECTED = "signature_rejected"
+UNSIGNED_REJECTED = "unsigned_rejected"
+OVERSIZE = "oversize"
+UNAVAILABLE = "unavailable"
+
+JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: Mapping[str, Any]
+    outcome: str
+    event_id: str | None = None
+    event_type: str | None = None
+    headers: Mapping[str, str] = field(default_factory=lambda: JSON_HEADERS)
+
+    def body_bytes(self) -> bytes:
+        return json.dumps(self.body, separators=(",", ":")).encode("utf-8")
+
+
+def _error(status: int, outcome: str, message: str, **extra: Any) -> Reply:
+    return Reply(status=status, body={"error": message}, outcome=outcome, **extra)
+
+
+async def receive(
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    tokens: TokenProvider,
+    publisher: Publisher,
+    max_body_bytes: int,
+) -> Reply:
+    """Decide and act on one webhook POST. Never raises for any input."""
+    if len(body) > max_body_bytes:
+        return _error(413, OVERSIZE, f"body exceeds the {max_body_bytes}-byte limit")
+
+    envelope = peek_envelope(body)
+    extra = {"event_id": envelope.event_id, "event_type": envelope.event_type}
+    signature = get_signature(headers)
+
+    if signature is not None or envelope.event_type == "VERIFY":
+        try:
+            accepted = await tokens.get_tokens()
+        except TokenUnavailableError:
+            logger.error("signing token unavailable; answering 503 so Smartcar retries")
+            return _error(503, UNAVAILABLE, "signing token unavailable, retry later", **extra)
+    else:
+        accepted = ()
+
+    signing_token = 0
+    if signature is not None:
+        matched = matching_token(body, signature, accepted)
+        if matched is None:
+            # The token may have just been rotated in Key Vault: re-read once (rate-limited).
+            try:
+                refreshed = await tokens.refresh()
+                if refreshed:
+                    accepted = await tokens.get_tokens()
+            except TokenUnavailableError:
+                refreshed = False
+            matched = matching_token(body, signature, accepted) if refreshed else None
+            if matched is None:
+                logger.warning(
+                    "signature matches no accepted token (eventId=%s); check that the "
+                    "Application Management Token is the one this webhook uses",
+                    envelope.event_id,
+                )
+                return _error(401, SIGNATURE_REJECTED, "invalid signature", **extra)
+        signing_token = matched
+
+    if envelope.event_type == "VERIFY":
+        problem = challenge_problem(envelope.challenge)
+        if problem is not None:
+            return _error(400, VERIFY_REFUSED, f"VERIFY refused: {problem}", **extra)
+        assert envelope.challenge is not None
+        # Answer with the token Smartcar signed with, the current one when unsigned.
+        return Reply(
+            status=200,
+            body={"challenge": sign(accepted[signing_token], envelope.challenge)},
+            outcome=VERIFY_ANSWERED,
+            **extra,
+        )
+
+    if signature is None:
+        return _error(401, UNSIGNED_REJECTED, "missing SC-Signature header", **extra)
+
+    message = outbound_message(body, envelope)
+    try:
+        stored = await publisher.publish(message)
+    except PublishError as exc:
+        logger.error("event %s not stored: %s; answering 503", message.message_id, exc)
+        return _error(503, UNAVAILABLE, "event could not be stored, retry later", **extra)
+    return Reply(
+        status=200,
+        body={"status": "accepted", "eventId": envelope.event_id},
+        outcome=ACCEPTED if stored else DUPLICATE,
+        **extra,
+    )

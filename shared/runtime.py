@@ -1,0 +1,104 @@
+"""The objects the functions use, built once per process from the settings.
+
+`get_runtime()` builds them lazily on first use (so a configuration error is reported by the
+first request and by `/api/health`, not as an indexing failure). The local host and the tests
+install their own with `set_runtime()`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .handlers import HandlerRegistry, registry as default_registry
+from .processor import DeadLetterer, HandledLog, LocalDeadLetterer, ServiceBusDeadLetterer
+from .publisher import LocalQueuePublisher, Publisher, build_service_bus_publisher
+from .settings import Settings, load_settings
+from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
+
+QUEUE_FILE = "queue.sqlite3"
+HANDLED_FILE = "handled.jsonl"
+
+
+@dataclass(slots=True)
+class Runtime:
+    settings: Settings
+    tokens: TokenProvider
+    publisher: Publisher
+    dead_letterer: DeadLetterer
+    registry: HandlerRegistry
+    handled_log: HandledLog | None = None
+    queue: Any = None  # the LocalQueue in local mode
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def build_tokens(settings: Settings) -> TokenProvider:
+    if settings.key_vault_uri:
+        return build_key_vault_provider(
+            settings.key_vault_uri,
+            settings.token_secret_name,
+            ttl_seconds=settings.token_cache_seconds,
+        )
+    assert settings.management_token is not None  # guaranteed by load_settings
+    return StaticTokenProvider(settings.management_token, settings.previous_management_token)
+
+
+def open_local_queue(settings: Settings) -> Any:
+    from .localqueue import LocalQueue
+
+    return LocalQueue(
+        settings.local_state_dir / QUEUE_FILE, max_delivery_count=settings.max_delivery_count
+    )
+
+
+def build_runtime(
+    settings: Settings,
+    *,
+    registry: HandlerRegistry | None = None,
+    tokens: TokenProvider | None = None,
+    publisher: Publisher | None = None,
+    dead_letterer: DeadLetterer | None = None,
+) -> Runtime:
+    """Everything the functions need, for the queue backend the settings choose."""
+    queue = None
+    handled_log = None
+    if settings.queue_backend == "servicebus":
+        assert settings.servicebus_namespace is not None
+        sb = build_service_bus_publisher(settings.servicebus_namespace, settings.queue_name)
+        publisher = publisher or sb
+        dead_letterer = dead_letterer or ServiceBusDeadLetterer(sb.send_raw)
+    else:
+        queue = open_local_queue(settings)
+        publisher = publisher or LocalQueuePublisher(queue)
+        dead_letterer = dead_letterer or LocalDeadLetterer(queue)
+        handled_log = HandledLog(settings.local_state_dir / HANDLED_FILE)
+    return Runtime(
+        settings=settings,
+        tokens=tokens or build_tokens(settings),
+        publisher=publisher,
+        dead_letterer=dead_letterer,
+        registry=registry or default_registry,
+        handled_log=handled_log,
+        queue=queue,
+    )
+
+
+def get_runtime() -> Runtime:
+    """The process's runtime, built on first use. Raises SettingsError when misconfigured."""
+    global _runtime
+    if _runtime is None:
+        with _lock:
+            if _runtime is None:
+                _runtime = build_runtime(load_settings())
+    return _runtime
+
+
+def set_runtime(runtime: Runtime | None) -> None:
+    """Install a runtime (local host, tests); None forgets it so the next use rebuilds."""
+    global _runtime
+    with _lock:
+        _runtime = runtime

@@ -1,0 +1,186 @@
+"""Where the signing token comes from: the environment (local) or Key Vault (Azure).
+
+Both providers return the accepted tokens, current first, then the previous one during a
+rotation. The Key Vault provider caches them with a TTL, re-reads at once (rate-limited) when
+a signature matches none of them, and keeps serving the cached tokens when Key Vault fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class TokenUnavailableError(RuntimeError):
+    """No signing token can be obtained (Key Vault unreachable and nothing cached)."""
+
+
+class TokenProvider(Protocol):
+    async def get_tokens(self) -> Sequence[str]:
+        """Accepted tokens, current first. Raises TokenUnavailableError."""
+        ...
+
+    async def refresh(self) -> bool:
+        """Re-read now if allowed by the rate limit; True when the tokens were re-read."""
+        ...
+
+
+class StaticTokenProvider:
+    """Tokens from settings (SMARTCAR_MANAGEMENT_TOKEN and the optional previous one)."""
+
+    def __init__(self, current: str, previous: str | None = None) -> None:
+        self._tokens: tuple[str, ...] = (current,) if not previous else (current, previous)
+
+    async def get_tokens(self) -> Sequence[str]:
+        return self._tokens
+
+    async def refresh(self) -> bool:
+        return False
+
+
+class SecretProperties(Protocol):
+    @property
+    def version(self) -> str | None: ...
+    @property
+    def enabled(self) -> bool | None: ...
+    @property
+    def created_on(self) -> datetime | None: ...
+
+
+class Secret(Protocol):
+    @property
+    def value(self) -> str | None: ...
+    @property
+    def properties(self) -> Any: ...
+
+
+class SecretReader(Protocol):
+    """The part of `azure.keyvault.secrets.aio.SecretClient` this module uses."""
+
+    async def get_secret(self, name: str, version: str | None = None) -> Any: ...
+
+    def list_properties_of_secret_versions(self, name: str) -> AsyncIterator[Any]: ...
+
+
+class KeyVaultTokenProvider:
+    """Current and previous enabled version of one Key Vault secret, cached in memory."""
+
+    def __init__(
+        self,
+        client: SecretReader,
+        secret_name: str,
+        *,
+        ttl_seconds: float = 300.0,
+        min_refresh_interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._name = secret_name
+        self._ttl = ttl_seconds
+        self._min_refresh_interval = min_refresh_interval
+        self._clock = clock
+        self._tokens: tuple[str, ...] = ()
+        self._loaded_at: float | None = None
+        self._last_attempt: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def get_tokens(self) -> Sequence[str]:
+        now = self._clock()
+        if self._loaded_at is not None and now - self._loaded_at < self._ttl:
+            return self._tokens
+        async with self._lock:
+            if self._loaded_at is None or self._clock() - self._loaded_at >= self._ttl:
+                await self._load(stale_ok=bool(self._tokens))
+        if not self._tokens:
+            raise TokenUnavailableError(
+                f"the signing token could not be read from Key Vault secret {self._name!r}"
+            )
+        return self._tokens
+
+    async def refresh(self) -> bool:
+        """Re-read now unless a read was attempted less than `min_refresh_interval` ago.
+
+        Called when a signature matches no cached token: the secret may have just been
+        rotated. The rate limit keeps forged requests from hammering Key Vault.
+        """
+        async with self._lock:
+            now = self._clock()
+            if (
+                self._last_attempt is not None
+                and now - self._last_attempt < self._min_refresh_interval
+            ):
+                return False
+            await self._load(stale_ok=True)
+            return True
+
+    async def _load(self, *, stale_ok: bool) -> None:
+        self._last_attempt = self._clock()
+        try:
+            tokens = await self._read()
+        except Exception as exc:
+            if stale_ok and self._tokens:
+                logger.warning(
+                    "Key Vault read of secret %r failed (%s); keeping the cached token",
+                    self._name,
+                    type(exc).__name__,
+                )
+                # Try again after a short pause rather than on every request.
+                self._loaded_at = self._clock() - self._ttl + self._min_refresh_interval
+                return
+            logger.error(
+                "Key Vault read of secret %r failed: %s: %s",
+                self._name,
+                type(exc).__name__,
+                exc,
+            )
+            raise TokenUnavailableError(
+                f"the signing token could not be read from Key Vault secret {self._name!r}: "
+                f"{type(exc).__name__}"
+            ) from exc
+        self._tokens = tokens
+        self._loaded_at = self._clock()
+
+    async def _read(self) -> tuple[str, ...]:
+        current = await self._client.get_secret(self._name)
+        current_value = current.value
+        if not current_value:
+            raise TokenUnavailableError(f"Key Vault secret {self._name!r} has no value")
+        current_version = getattr(current.properties, "version", None)
+        previous_value = await self._read_previous(current_version)
+        if previous_value and previous_value != current_value:
+            return (current_value, previous_value)
+        return (current_value,)
+
+    async def _read_previous(self, current_version: str | None) -> str | None:
+        """The newest enabled version other than the current one, if any."""
+        candidates = []
+        async for props in self._client.list_properties_of_secret_versions(self._name):
+            if props.version == current_version or props.enabled is False:
+                continue
+            candidates.append(props)
+        if not candidates:
+            return None
+        newest = max(
+            candidates,
+            key=lambda p: p.created_on.timestamp() if p.created_on is not None else 0.0,
+        )
+        previous = await self._client.get_secret(self._name, newest.version)
+        value = previous.value
+        return value if isinstance(value, str) and value else None
+
+
+def build_key_vault_provider(
+    vault_uri: str, secret_name: str, *, ttl_seconds: float
+) -> KeyVaultTokenProvider:
+    """The production provider: async SecretClient with DefaultAzureCredential."""
+    from azure.identity.aio import DefaultAzureCredential
+    from azure.keyvault.secrets.aio import SecretClient
+
+    client = SecretClient(vault_url=vault_uri, credential=DefaultAzureCredential())
+    return KeyVaultTokenProvider(client, secret_name, ttl_seconds=ttl_seconds)

@@ -1,0 +1,96 @@
+"""Fakes for the boundaries only: Key Vault's SecretClient and Service Bus's client/sender."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+
+@dataclass
+class FakeSecretProperties:
+    version: str
+    enabled: bool
+    created_on: datetime
+
+
+@dataclass
+class FakeSecret:
+    value: str
+    properties: FakeSecretProperties
+
+
+class FakeSecretClient:
+    """The async SecretClient surface the token provider uses, backed by a version list."""
+
+    def __init__(self) -> None:
+        self.versions: list[FakeSecret] = []
+        self.get_calls = 0
+        self.fail_with: Exception | None = None
+
+    def set_secret(self, value: str) -> None:
+        created = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=len(self.versions))
+        props = FakeSecretProperties(f"v{len(self.versions) + 1}", True, created)
+        self.versions.append(FakeSecret(value, props))
+
+    def disable(self, version: str) -> None:
+        for secret in self.versions:
+            if secret.properties.version == version:
+                secret.properties.enabled = False
+
+    async def get_secret(self, name: str, version: str | None = None) -> FakeSecret:
+        self.get_calls += 1
+        if self.fail_with is not None:
+            raise self.fail_with
+        if version is None:
+            enabled = [s for s in self.versions if s.properties.enabled]
+            if not enabled:
+                raise LookupError(f"secret {name} not found")
+            return enabled[-1]
+        for secret in self.versions:
+            if secret.properties.version == version:
+                return secret
+        raise LookupError(f"secret {name}/{version} not found")
+
+    async def _props(self) -> AsyncIterator[FakeSecretProperties]:
+        for secret in self.versions:
+            yield secret.properties
+
+    def list_properties_of_secret_versions(self, name: str) -> AsyncIterator[FakeSecretProperties]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        return self._props()
+
+
+@dataclass
+class FakeSender:
+    sent: list[Any] = field(default_factory=list)
+    fail_with: Exception | None = None
+    closed: bool = False
+
+    async def send_messages(self, message: Any) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.sent.append(message)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeServiceBusClient:
+    senders: list[FakeSender] = field(default_factory=list)
+    queue_names: list[str] = field(default_factory=list)
+    fail_next_sender: Exception | None = None
+    closed: bool = False
+
+    def get_queue_sender(self, queue_name: str) -> FakeSender:
+        self.queue_names.append(queue_name)
+        sender = FakeSender(fail_with=self.fail_next_sender)
+        self.fail_next_sender = None
+        self.senders.append(sender)
+        return sender
+
+    async def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,373 @@
+"""The contract's status table, row by row, over real HTTP against the local host."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.handlers import HandlerRegistry
+from shared.publisher import PublishError
+from shared.runtime import Runtime
+from shared.signature import sign
+from shared.tokens import TokenUnavailableError
+
+from .support import (
+    ERRORS_WEBHOOK,
+    TOKEN,
+    WEBHOOK,
+    RunningHost,
+    encode,
+    fixture_bytes,
+    fixture_json,
+    local_env,
+    signed_headers,
+    state_event,
+    wait_until,
+)
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Any:
+    with RunningHost(local_env(tmp_path)) as running:
+        yield running
+
+
+def handled_ids(host: RunningHost) -> list[str]:
+    return [record["eventId"] for record in host.handled()]
+
+
+class TestHealth:
+    def test_health_is_ok_and_reveals_no_settings(self, host: RunningHost) -> None:
+        resp = host.get("/api/health")
+        assert resp.status == 200
+        assert resp.json() == {"status": "ok"}
+        assert TOKEN.encode() not in resp.body
+
+
+class TestVerify:
+    def test_fixture_challenge_is_answered_with_its_hmac(self, host: RunningHost) -> None:
+        resp = host.post(WEBHOOK, fixture_bytes("verify.json"))
+        assert resp.status == 200
+        assert resp.headers["content-type"].startswith("application/json")
+        assert resp.json() == {
+            "challenge": "2f0e63b32f2dca91ae5c5f9c10e8647463d58288734aa8bb84fa3ede78b9b50d"
+        }
+
+    def test_signed_verify_is_answered(self, host: RunningHost) -> None:
+        body = fixture_bytes("verify.json")
+        resp = host.post(WEBHOOK, body, signed_headers(body))
+        assert resp.status == 200
+
+    def test_verify_with_wrong_signature_is_rejected(self, host: RunningHost) -> None:
+        body = fixture_bytes("verify.json")
+        resp = host.post(WEBHOOK, body, signed_headers(body, "not-the-token"))
+        assert resp.status == 401
+        assert b"challenge" not in resp.body
+
+    def test_verify_is_not_enqueued(self, host: RunningHost) -> None:
+        host.post(WEBHOOK, fixture_bytes("verify.json"))
+        assert host.runtime.queue.stats()["active"] == 0
+
+    @pytest.mark.parametrize(
+        "challenge",
+        [
+            '{"eventId":"x","eventType":"VEHICLE_STATE"}',
+            "[1,2]",
+            'a"b',
+            "back\\slash",
+            "has space",
+            "tab\there",
+            "new\nline",
+            "",
+            "x" * 257,
+        ],
+        ids=["json-object", "json-array", "quote", "backslash", "space", "tab", "newline",
+             "empty", "too-long"],
+    )
+    def test_challenge_that_could_be_a_body_is_refused(
+        self, host: RunningHost, challenge: str
+    ) -> None:
+        event = fixture_json("verify.json")
+        event["data"]["challenge"] = challenge
+        resp = host.post(WEBHOOK, encode(event))
+        assert resp.status == 400
+        assert sign(TOKEN, challenge).encode() not in resp.body
+        assert b"challenge\":\"" not in resp.body.replace(b" ", b"")
+
+    def test_challenge_of_256_characters_is_answered(self, host: RunningHost) -> None:
+        event = fixture_json("verify.json")
+        event["data"]["challenge"] = "c" * 256
+        resp = host.post(WEBHOOK, encode(event))
+        assert resp.status == 200
+        assert resp.json() == {"challenge": sign(TOKEN, "c" * 256)}
+
+    def test_non_string_challenge_is_refused(self, host: RunningHost) -> None:
+        event = fixture_json("verify.json")
+        event["data"]["challenge"] = {"eventType": "VEHICLE_STATE"}
+        resp = host.post(WEBHOOK, encode(event))
+        assert resp.status == 400
+
+
+class TestSignedEvents:
+    @pytest.mark.parametrize("route", [WEBHOOK, ERRORS_WEBHOOK])
+    @pytest.mark.parametrize("fixture", ["vehicle_state.json", "vehicle_error.json",
+                                         "vehicle_state_top_level_triggers.json"])
+    def test_signed_event_is_accepted_and_processed(
+        self, host: RunningHost, route: str, fixture: str
+    ) -> None:
+        body = fixture_bytes(fixture)
+        event_id = json.loads(body)["eventId"]
+        resp = host.post(route, body, signed_headers(body))
+        assert resp.status == 200
+        assert resp.json() == {"status": "accepted", "eventId": event_id}
+        records = wait_until(host.handled)
+        assert [r["eventId"] for r in records] == [event_id]
+        record = records[0]
+        assert record["eventType"] == json.loads(body)["eventType"]
+        assert record["deliveryCount"] == 1
+        assert "vehicleId" in record
+
+    @pytest.mark.parametrize("header", ["SC-Signature", "sc-signature", "SC-SIGNATURE",
+                                        "Sc-Signature"])
+    def test_header_name_in_any_case(self, host: RunningHost, header: str) -> None:
+        body = encode(state_event())
+        resp = host.post(WEBHOOK, body, signed_headers(body, header=header))
+        assert resp.status == 200
+
+    def test_uppercase_hex_signature_is_accepted(self, host: RunningHost) -> None:
+        body = encode(state_event())
+        resp = host.post(WEBHOOK, body, {"SC-Signature": sign(TOKEN, body).upper()})
+        assert resp.status == 200
+
+    def test_queued_message_carries_raw_body_id_and_properties(self, tmp_path: Path) -> None:
+        with RunningHost(local_env(tmp_path), workers=0) as idle:  # nothing consumes
+            event = state_event()
+            body = json.dumps(event, indent=4, ensure_ascii=False).encode()
+            resp = idle.post(WEBHOOK, body, signed_headers(body))
+            assert resp.status == 200
+            (stored,) = idle.runtime.queue.receive(max_messages=10)
+            assert stored.body == body
+            assert stored.message_id == event["eventId"]
+            assert stored.application_properties == {
+                "eventId": event["eventId"],
+                "eventType": "VEHICLE_STATE",
+                "vehicleId": event["vehicleId"],
+                "webhookId": event["meta"]["webhookId"],
+                "deliveryId": event["meta"]["deliveryId"],
+                "mode": "LIVE",
+            }
+
+
+class TestRejections:
+    def test_unsigned_event_is_rejected_and_not_stored(self, host: RunningHost) -> None:
+        resp = host.post(WEBHOOK, encode(state_event()))
+        assert resp.status == 401
+        assert host.runtime.queue.stats() == {"active": 0, "deadLettered": 0, "scheduled": 0}
+
+    def test_wrong_signature_is_rejected(self, host: RunningHost) -> None:
+        body = encode(state_event())
+        resp = host.post(WEBHOOK, body, signed_headers(body, "wrong-token"))
+        assert resp.status == 401
+        assert host.runtime.queue.stats()["active"] == 0
+
+    def test_tampered_body_is_rejected(self, host: RunningHost) -> None:
+        body = encode(state_event())
+        headers = signed_headers(body)
+        tampered = body.replace(b'"value": 78', b'"value": 79')
+        assert tampered != body
+        resp = host.post(WEBHOOK, tampered, headers)
+        assert resp.status == 401
+
+    def test_garbage_signature_is_rejected(self, host: RunningHost) -> None:
+        body = encode(state_event())
+        resp = host.post(WEBHOOK, body, {"SC-Signature": "zz\u00e9"})
+        assert resp.status == 401
+
+    def test_oversize_body_is_rejected_before_anything_else(self, host: RunningHost) -> None:
+        event = state_event(padding="x" * 200_000)
+        body = encode(event)
+        resp = host.post(WEBHOOK, body, signed_headers(body))
+        assert resp.status == 413
+        assert host.runtime.queue.stats()["active"] == 0
+
+    def test_oversize_is_checked_even_without_content_length(self, host: RunningHost) -> None:
+        import http.client
+
+        body = encode(state_event(padding="x" * 200_000))
+        conn = http.client.HTTPConnection("127.0.0.1", host.port, timeout=30)
+        conn.putrequest("POST", WEBHOOK)
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.putheader("SC-Signature", sign(TOKEN, body))
+        conn.endheaders()
+        for start in range(0, len(body), 65536):
+            chunk = body[start : start + 65536]
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        conn.send(b"0\r\n\r\n")
+        resp = conn.getresponse()
+        assert resp.status == 413
+        conn.close()
+
+    def test_body_at_the_limit_is_accepted(self, tmp_path: Path) -> None:
+        with RunningHost(local_env(tmp_path, MAX_BODY_BYTES="4096")) as small:
+            event = state_event()
+            body = encode(event)
+            body = body[:-1] + b"," + b'"pad":"' + b"x" * (4096 - len(body) - 10) + b'"}'
+            assert len(body) == 4096
+            assert small.post(WEBHOOK, body, signed_headers(body)).status == 200
+            bigger = body[:-2] + b'x"}'
+            assert small.post(WEBHOOK, bigger, signed_headers(bigger)).status == 413
+
+
+class TestAuthenticPayloadsAreNeverRejectedForContent:
+    def test_signed_non_json_is_accepted_then_dead_lettered(self, host: RunningHost) -> None:
+        body = b"this is not json \xff"
+        resp = host.post(WEBHOOK, body, signed_headers(body))
+        assert resp.status == 200
+        assert resp.json() == {"status": "accepted", "eventId": None}
+        (dead,) = wait_until(host.dead_letters)
+        assert dead.dead_letter_reason == "InvalidPayload"
+        assert "not valid JSON" in (dead.dead_letter_description or "")
+        assert dead.body == body
+        assert host.handled() == []
+
+    def test_signed_json_without_event_type_is_dead_lettered_with_a_description(
+        self, host: RunningHost
+    ) -> None:
+        event = state_event()
+        del event["eventType"]
+        body = encode(event)
+        resp = host.post(WEBHOOK, body, signed_headers(body))
+        assert resp.status == 200
+        assert resp.json()["eventId"] == event["eventId"]
+        (dead,) = wait_until(host.dead_letters)
+        assert dead.dead_letter_reason == "InvalidPayload"
+        assert "eventType" in (dead.dead_letter_description or "")
+        assert dead.delivery_count == 1
+
+    def test_unknown_event_type_is_completed_not_dead_lettered(self, host: RunningHost) -> None:
+        event = state_event(eventType="SOMETHING_NEW")
+        body = encode(event)
+        assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+        (record,) = wait_until(host.handled)
+        assert record["outcome"] == "unhandled"
+        assert host.dead_letters() == []
+        assert host.runtime.queue.stats() == {"active": 0, "deadLettered": 0, "scheduled": 0}
+
+
+class TestDuplicates:
+    def test_same_event_id_is_stored_and_processed_once(self, host: RunningHost) -> None:
+        event = state_event()
+        body = encode(event)
+        for _ in range(3):
+            assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+        wait_until(host.handled)
+        # Give a duplicate the chance to be processed before asserting it was not.
+        marker = state_event()
+        marker_body = encode(marker)
+        host.post(WEBHOOK, marker_body, signed_headers(marker_body))
+        wait_until(lambda: marker["eventId"] in handled_ids(host))
+        assert handled_ids(host).count(event["eventId"]) == 1
+
+    def test_retry_with_a_new_delivery_id_is_processed_once(self, host: RunningHost) -> None:
+        event = state_event()
+        first = encode(event)
+        event["meta"]["deliveryId"] = str(uuid.uuid4())
+        event["meta"]["deliveredAt"] += 25_000
+        retry = encode(event)
+        assert first != retry
+        assert host.post(WEBHOOK, first, signed_headers(first)).status == 200
+        assert host.post(WEBHOOK, retry, signed_headers(retry)).status == 200
+        marker = state_event()
+        marker_body = encode(marker)
+        host.post(WEBHOOK, marker_body, signed_headers(marker_body))
+        wait_until(lambda: marker["eventId"] in handled_ids(host))
+        assert handled_ids(host).count(event["eventId"]) == 1
+
+
+class _BrokenQueue:
+    """A queue boundary that fails every send (disk full, locked database, ...)."""
+
+    def send(self, *args: Any, **kwargs: Any) -> bool:
+        raise OSError("disk I/O error")
+
+
+class _NoTokens:
+    async def get_tokens(self) -> list[str]:
+        raise TokenUnavailableError("Key Vault unreachable")
+
+    async def refresh(self) -> bool:
+        raise TokenUnavailableError("Key Vault unreachable")
+
+
+class TestUnavailable:
+    def test_queue_unavailable_gives_503_and_nothing_acknowledged(self, tmp_path: Path) -> None:
+        def break_queue(runtime: Runtime) -> None:
+            runtime.publisher._queue = _BrokenQueue()  # type: ignore[attr-defined]
+
+        with RunningHost(local_env(tmp_path), customize=break_queue) as broken:
+            body = encode(state_event())
+            resp = broken.post(WEBHOOK, body, signed_headers(body))
+            assert resp.status == 503
+            assert "accepted" not in resp.body.decode()
+
+    def test_token_unavailable_gives_503(self, tmp_path: Path) -> None:
+        def no_tokens(runtime: Runtime) -> None:
+            runtime.tokens = _NoTokens()
+
+        with RunningHost(local_env(tmp_path), customize=no_tokens) as broken:
+            body = encode(state_event())
+            assert broken.post(WEBHOOK, body, signed_headers(body)).status == 503
+            assert broken.post(WEBHOOK, fixture_bytes("verify.json")).status == 503
+            assert broken.runtime.queue.stats()["active"] == 0
+
+    def test_publish_error_type_is_what_the_receiver_maps(self) -> None:
+        # The local publisher turns any queue failure into PublishError (mapped to 503).
+        import asyncio
+
+        from shared.publisher import LocalQueuePublisher, OutboundMessage
+
+        publisher = LocalQueuePublisher(_BrokenQueue())
+        with pytest.raises(PublishError, match="disk I/O error"):
+            asyncio.run(publisher.publish(OutboundMessage(b"{}", "id")))
+
+
+class TestProcessingFailures:
+    def test_failing_handler_is_retried_then_dead_lettered(self, tmp_path: Path) -> None:
+        registry = HandlerRegistry()
+        attempts: list[int] = []
+
+        @registry.on("VEHICLE_STATE")
+        def always_fails(event: Any, context: Any) -> None:
+            attempts.append(context.delivery_count)
+            raise RuntimeError("downstream is down")
+
+        with RunningHost(local_env(tmp_path, MAX_DELIVERY_COUNT="3"), registry=registry) as host:
+            body = encode(state_event())
+            assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+            (dead,) = wait_until(host.dead_letters)
+            assert dead.dead_letter_reason == "MaxDeliveryCountExceeded"
+            assert dead.delivery_count == 3
+            assert attempts == [1, 2, 3]
+            assert host.handled() == []
+
+    def test_handler_that_recovers_is_handled_once(self, tmp_path: Path) -> None:
+        registry = HandlerRegistry()
+        attempts: list[int] = []
+
+        @registry.on("VEHICLE_STATE")
+        def flaky(event: Any, context: Any) -> None:
+            attempts.append(context.delivery_count)
+            if context.delivery_count < 2:
+                raise RuntimeError("transient")
+
+        with RunningHost(local_env(tmp_path), registry=registry) as host:
+            body = encode(state_event())
+            host.post(WEBHOOK, body, signed_headers(body))
+            (record,) = wait_until(host.handled)
+            assert record["deliveryCount"] == 2
+            assert attempts == [1, 2]
+            assert host.dead_letters() == []

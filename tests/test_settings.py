@@ -1,0 +1,80 @@
+"""Settings are read in one place and fail fast with messages naming the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.settings import (
+    APP_SETTINGS,
+    DEFAULTS,
+    DEV_MANAGEMENT_TOKEN,
+    LOCAL_ONLY_SETTINGS,
+    SettingsError,
+    load_settings,
+)
+
+
+class TestDefaults:
+    def test_empty_environment_is_a_valid_local_setup_with_the_dev_token(self) -> None:
+        s = load_settings({})
+        assert s.using_dev_token and s.management_token == DEV_MANAGEMENT_TOKEN
+        assert s.queue_backend == "local" and s.token_source == "environment"
+        assert s.max_body_bytes == 196608
+        assert s.max_delivery_count == 5
+        assert str(s.local_state_dir) == ".local"
+        assert s.queue_name == "smartcar-events"
+
+    def test_blank_values_count_as_unset(self) -> None:
+        s = load_settings({"MAX_BODY_BYTES": "  ", "SMARTCAR_MANAGEMENT_TOKEN": ""})
+        assert s.max_body_bytes == 196608 and s.using_dev_token
+
+    def test_every_default_is_a_known_setting(self) -> None:
+        assert set(DEFAULTS) <= APP_SETTINGS
+        assert LOCAL_ONLY_SETTINGS <= APP_SETTINGS
+
+
+class TestAzure:
+    def test_azure_settings(self) -> None:
+        s = load_settings(
+            {
+                "WEBSITE_SITE_NAME": "app",
+                "KEY_VAULT_URI": "https://kv.vault.azure.net/",
+                "ServiceBusConnection__fullyQualifiedNamespace": "ns.servicebus.windows.net",
+            }
+        )
+        assert s.in_azure and s.token_source == "keyvault" and s.queue_backend == "servicebus"
+        assert s.management_token is None and not s.using_dev_token
+        assert s.token_secret_name == "smartcar-management-token"
+
+    def test_in_azure_missing_settings_are_all_named(self) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings({"WEBSITE_SITE_NAME": "app"})
+        message = str(err.value)
+        assert "KEY_VAULT_URI is not set" in message
+        assert "ServiceBusConnection__fullyQualifiedNamespace is not set" in message
+
+
+class TestMalformed:
+    @pytest.mark.parametrize(
+        ("env", "message"),
+        [
+            ({"MAX_BODY_BYTES": "lots"}, "MAX_BODY_BYTES must be a whole number, got 'lots'"),
+            ({"MAX_BODY_BYTES": "10"}, "MAX_BODY_BYTES must be at least 1024"),
+            ({"MAX_DELIVERY_COUNT": "0"}, "MAX_DELIVERY_COUNT must be at least 1"),
+            ({"RETRY_BACKOFF_BASE_SECONDS": "x"}, "RETRY_BACKOFF_BASE_SECONDS must be a number"),
+            ({"KEY_VAULT_URI": "kv.vault.azure.net"}, "KEY_VAULT_URI must be the vault's https URI"),
+            (
+                {"ServiceBusConnection__fullyQualifiedNamespace": "Endpoint=sb://x/;Key=y"},
+                "ServiceBusConnection__fullyQualifiedNamespace must be a host name",
+            ),
+        ],
+    )
+    def test_malformed_setting_is_named(self, env: dict[str, str], message: str) -> None:
+        with pytest.raises(SettingsError, match="Invalid configuration") as err:
+            load_settings(env)
+        assert message in str(err.value)
+
+    def test_several_problems_are_reported_together(self) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings({"MAX_BODY_BYTES": "x", "MAX_DELIVERY_COUNT": "y"})
+        assert "MAX_BODY_BYTES" in str(err.value) and "MAX_DELIVERY_COUNT" in str(err.value)
