@@ -241,6 +241,8 @@ class LocalQueue:
 
     @staticmethod
     def _migrate(conn: sqlite3.Connection) -> None:
+        if int(conn.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION:
+            return  # the common case needs no write lock: opening never waits for a writer
         conn.execute("BEGIN IMMEDIATE")  # two processes opening a new file: one creates it
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
