@@ -1,0 +1,571 @@
+"""Smartcar webhook payloads as typed, immutable objects.
+
+`parse_event(body)` reads every payload shape described in the handbook (smartcar.md) into an
+`Event` and raises `InvalidEventError`, and only that, for anything it cannot read, with a
+message naming the JSON path that is wrong. `peek_envelope(body)` is the receiver's cheap,
+never-raising look at the envelope fields it needs before the payload is stored.
+
+How tolerant parsing is, in four rules:
+
+1. Required: `eventId` and `eventType` are non-empty strings (any `eventType` is valid, so new
+   Smartcar types pass through); a `VERIFY` event has a string `data.challenge`.
+2. Known containers (`data`, `meta`, `data.vehicle`, `data.triggers`, `triggers`,
+   `data.signals` and each signal's `body`, `status`, `status.error` and `meta`,
+   `data.errors` and each error's `resolution` and `signals`) must have their JSON type when
+   present; `null` counts as absent. A wrong type is an error naming the path.
+3. Timestamps (`meta.deliveredAt`, signal `oemUpdatedAt`, `retrievedAt`/`fetchedAt`) are epoch
+   milliseconds or ISO-8601 strings (a trailing `Z` and a missing offset both mean UTC); one
+   that is present but unreadable is an error.
+4. Everything else is read where it has the expected type and is `None` otherwise: descriptive
+   text fields of the wrong type carry no clear meaning, and an unknown key is ignored.
+
+Decisions:
+
+- The body must be UTF-8 (a leading BOM is dropped). `bytes.decode` is used rather than
+  `json.loads(bytes)`, which would also guess UTF-16 and UTF-32.
+- `NaN`, `Infinity` and numbers that overflow to infinity (`1e400`) are rejected: they are not
+  JSON (RFC 8259), Smartcar never sends them, they make `Event` unequal to itself and they would
+  be written back out as invalid JSON. Parsing the event fails with a clear message, so the
+  processor dead-letters it for inspection instead of acting on a meaningless number.
+- Duplicate keys: the last one wins, as with every `json.loads` in the app, so the receiver's
+  `peek_envelope` and the processor's `parse_event` always agree on `eventId`.
+- Nesting deeper than the interpreter's recursion limit is an `InvalidEventError`.
+- The parsed JSON is frozen deeply: objects become read-only mappings (`MappingProxyType`) and
+  arrays become tuples, in `Event.data`, `Signal.body` and `Signal.value`. To write one out as
+  JSON, use `json.dumps(value, default=dict)`.
+- Error messages never contain the payload, string values, or numbers found under `data`
+  (signal values can be locations); they name the path and the JSON type that was found.
+- Passing something that is neither `bytes` nor `str` is a programming error: `TypeError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any, Final
+
+__all__ = [
+    "Envelope",
+    "Event",
+    "InvalidEventError",
+    "Meta",
+    "Signal",
+    "SignalRef",
+    "Trigger",
+    "VehicleError",
+    "parse_event",
+    "peek_envelope",
+]
+
+VERIFY: Final = "VERIFY"
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
+# Longest number literal an error message may show (only for envelope fields, see _describe).
+_MAX_SHOWN_NUMBER: Final = 24
+_SHOWS_NUMBERS: Final = frozenset({"eventId", "eventType", "data.challenge", "meta"})
+
+
+class InvalidEventError(ValueError):
+    """The payload is not a Smartcar event we can read; the message says what is wrong.
+
+    Messages name the JSON path and what was found, e.g. "eventType is missing" or
+    "data.signals[2] must be an object, got list". They never include the payload body or
+    signal values.
+    """
+
+
+def _path(group: str | None, name: str | None) -> str | None:
+    return f"{group}.{name}" if group and name else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignalRef:
+    """A signal named by a trigger or a vehicle error: its code and/or `Group.Name`."""
+
+    code: str | None = None
+    name: str | None = None
+    group: str | None = None
+
+    @property
+    def path(self) -> str | None:
+        """`Group.Name`, e.g. `TractionBattery.StateOfCharge`; None unless both are known."""
+        return _path(self.group, self.name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Trigger:
+    """Why a delivery happened: a signal that changed, or `code="FIRST_DELIVERY"`."""
+
+    type: str | None = None
+    code: str | None = None
+    name: str | None = None
+    group: str | None = None
+
+    @property
+    def path(self) -> str | None:
+        """`Group.Name` of the triggering signal; None unless both are known."""
+        return _path(self.group, self.name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Signal:
+    """One entry of `data.signals`. A failed signal (`ok` False) has no body."""
+
+    code: str | None = None
+    name: str | None = None
+    group: str | None = None
+    value: Any = field(default=None, hash=False)
+    unit: str | None = None
+    body: Mapping[str, Any] | None = field(default=None, hash=False)
+    ok: bool = True
+    status: str | None = None
+    error_code: str | None = None
+    error_type: str | None = None
+    oem_updated_at: datetime | None = None
+    retrieved_at: datetime | None = None
+
+    @property
+    def path(self) -> str | None:
+        """`Group.Name`, e.g. `TractionBattery.StateOfCharge`; None unless both are known."""
+        return _path(self.group, self.name)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VehicleError:
+    """One entry of a VEHICLE_ERROR's `data.errors`."""
+
+    type: str | None = None
+    code: str | None = None
+    state: str | None = None
+    description: str | None = None
+    suggested_user_message: str | None = None
+    doc_url: str | None = None
+    resolution_type: str | None = None
+    signals: tuple[SignalRef, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Meta:
+    """The delivery's `meta`. Every field is optional (TEST mode omits version and webhookId)."""
+
+    version: str | None = None
+    webhook_id: str | None = None
+    webhook_name: str | None = None
+    delivery_id: str | None = None
+    delivered_at: datetime | None = None
+    mode: str | None = None
+    signal_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """A parsed Smartcar webhook delivery."""
+
+    event_id: str
+    event_type: str
+    vehicle_id: str | None = None
+    meta: Meta = field(default_factory=Meta)
+    triggers: tuple[Trigger, ...] = ()
+    signals: tuple[Signal, ...] = ()
+    errors: tuple[VehicleError, ...] = ()
+    challenge: str | None = None
+    data: Mapping[str, Any] = field(default_factory=lambda: _EMPTY, hash=False)
+
+    def signal(self, path: str) -> Signal | None:
+        """The signal named `Group.Name` (e.g. `TractionBattery.StateOfCharge`) or by its code
+        (e.g. `tractionbattery-stateofcharge`), case-insensitively; None when absent.
+
+        If the payload repeats a signal, the one with the latest `oem_updated_at` wins.
+        """
+        wanted = path.casefold()
+        for candidate in self.signals_by_recency():
+            if (candidate.path or "").casefold() == wanted or (
+                candidate.code or ""
+            ).casefold() == wanted:
+                return candidate
+        return None
+
+    def signals_by_recency(self) -> tuple[Signal, ...]:
+        """Signals newest first by `oem_updated_at`; those without one last, in payload order.
+
+        Smartcar does not guarantee the order of `data.signals`.
+        """
+        dated = [s for s in self.signals if s.oem_updated_at is not None]
+        undated = [s for s in self.signals if s.oem_updated_at is None]
+        # sort() stays stable with reverse=True, so equal timestamps keep payload order.
+        dated.sort(key=lambda s: s.oem_updated_at or _EPOCH, reverse=True)
+        return (*dated, *undated)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Envelope:
+    """What `peek_envelope` could read; None for anything absent or not a string."""
+
+    event_id: str | None = None
+    event_type: str | None = None
+    vehicle_id: str | None = None
+    webhook_id: str | None = None
+    delivery_id: str | None = None
+    mode: str | None = None
+    challenge: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _text_of(body: bytes | bytearray | memoryview | str) -> str:
+    if isinstance(body, str):
+        text = body
+    elif isinstance(body, bytes | bytearray | memoryview):
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidEventError(
+                f"body is not valid UTF-8: {exc.reason} at byte {exc.start}"
+            ) from None
+    else:
+        raise TypeError(f"body must be bytes or str, got {type(body).__name__}")
+    return text.removeprefix("\ufeff")
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidEventError(f"body is not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(literal: str) -> float:
+    number = float(literal)
+    if math.isinf(number):
+        raise InvalidEventError("body is not valid JSON: a number is too large for a float")
+    return number
+
+
+def _load(body: bytes | bytearray | memoryview | str) -> Any:
+    text = _text_of(body)
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise InvalidEventError(
+            f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    except InvalidEventError:
+        raise
+    except RecursionError:
+        raise InvalidEventError("body is nested too deeply to read") from None
+    except ValueError:
+        # The only other ValueError: int() refusing a literal longer than the interpreter's
+        # limit (a guard against quadratic-time conversion).
+        raise InvalidEventError(
+            f"body is not valid JSON: a number has more than {sys.get_int_max_str_digits()} digits"
+        ) from None
+
+
+def _freeze(root: Any) -> Any:
+    """Objects to read-only mappings and arrays to tuples, without recursion (any depth)."""
+    if not isinstance(root, dict | list):
+        return root
+    # Pre-order walk: every container is listed after its parent, so building the frozen
+    # copies in reverse order always finds a container's children already frozen.
+    containers: list[dict[str, Any] | list[Any]] = []
+    pending: list[Any] = [root]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            containers.append(node)
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            containers.append(node)
+            pending.extend(node)
+    frozen: dict[int, Any] = {}
+
+    def thawed_child(value: Any) -> Any:
+        return frozen[id(value)] if isinstance(value, dict | list) else value
+
+    for node in reversed(containers):
+        if isinstance(node, dict):
+            frozen[id(node)] = MappingProxyType({k: thawed_child(v) for k, v in node.items()})
+        else:
+            frozen[id(node)] = tuple(thawed_child(v) for v in node)
+    return frozen[id(root)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the frozen tree
+
+
+def _describe(value: Any, path: str) -> str:
+    """The JSON type found, for error messages. Numbers are shown only for envelope fields
+    (an allow-list): elsewhere they may be vehicle data such as a latitude."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        shown = path in _SHOWS_NUMBERS or path.startswith("meta.")
+        literal = repr(value)
+        return literal if shown and len(literal) <= _MAX_SHOWN_NUMBER else type(value).__name__
+    if isinstance(value, Mapping):
+        return "dict"
+    if isinstance(value, tuple):
+        return "list"
+    return type(value).__name__
+
+
+def _object(value: Any, path: str) -> Mapping[str, Any] | None:
+    if value is None or isinstance(value, Mapping):
+        return value
+    raise InvalidEventError(f"{path} must be an object, got {_describe(value, path)}")
+
+
+def _array(value: Any, path: str) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, tuple):
+        return value
+    raise InvalidEventError(f"{path} must be a list, got {_describe(value, path)}")
+
+
+def _text(obj: Mapping[str, Any] | None, key: str) -> str | None:
+    if obj is None:
+        return None
+    value = obj.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _required_text(obj: Mapping[str, Any], key: str) -> str:
+    if key not in obj:
+        raise InvalidEventError(f"{key} is missing")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise InvalidEventError(f"{key} must be a non-empty string, got {_describe(value, key)}")
+    if not value.strip():
+        found = "an empty string" if not value else "a blank string"
+        raise InvalidEventError(f"{key} must be a non-empty string, got {found}")
+    return value
+
+
+def _timestamp(value: Any, path: str) -> datetime | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return _EPOCH + timedelta(milliseconds=value)
+        except (OverflowError, ValueError):
+            raise InvalidEventError(
+                f"{path} is out of range for a timestamp in epoch milliseconds"
+            ) from None
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+            if parsed.tzinfo is None:
+                # Smartcar's timestamps are UTC; a string without an offset means UTC too.
+                return parsed.replace(tzinfo=UTC)
+            return parsed.astimezone(UTC)
+        except (OverflowError, ValueError):
+            raise InvalidEventError(f"{path} is not an ISO-8601 timestamp") from None
+    raise InvalidEventError(
+        f"{path} must be epoch milliseconds or an ISO-8601 string, got {_describe(value, path)}"
+    )
+
+
+def _ref_from_string(text: str) -> SignalRef:
+    """`"Group.Name"` (split on the first dot) or, without a dot, a signal code."""
+    if "." in text:
+        group, name = text.split(".", 1)
+        return SignalRef(group=group or None, name=name or None)
+    return SignalRef(code=text or None)
+
+
+def _ref_from_object(obj: Mapping[str, Any]) -> SignalRef:
+    return SignalRef(code=_text(obj, "code"), name=_text(obj, "name"), group=_text(obj, "group"))
+
+
+def _signal_ref(value: Any, path: str) -> SignalRef:
+    if isinstance(value, str):
+        return _ref_from_string(value)
+    if isinstance(value, Mapping):
+        return _ref_from_object(value)
+    raise InvalidEventError(f"{path} must be an object or a string, got {_describe(value, path)}")
+
+
+def _trigger(value: Any, path: str) -> Trigger:
+    if isinstance(value, str):
+        # A bare signal, as in `"triggers": ["InternalCombustionEngine.FuelLevel"]`.
+        ref = _ref_from_string(value)
+        return Trigger(code=ref.code, name=ref.name, group=ref.group)
+    if not isinstance(value, Mapping):
+        raise InvalidEventError(
+            f"{path} must be an object or a string, got {_describe(value, path)}"
+        )
+    # Either {"code","name","group"} or {"type", "signal": {...} | "Group.Name"}; a nested
+    # signal's fields win over the trigger's own.
+    own = _ref_from_object(value)
+    nested = value.get("signal")
+    ref = own if nested is None else _signal_ref(nested, f"{path}.signal")
+    return Trigger(
+        type=_text(value, "type"),
+        code=ref.code or own.code,
+        name=ref.name or own.name,
+        group=ref.group or own.group,
+    )
+
+
+def _signal(value: Any, path: str) -> Signal:
+    item = _object(value, path)
+    if item is None:
+        raise InvalidEventError(f"{path} must be an object, got null")
+    body = _object(item.get("body"), f"{path}.body")
+    status = _object(item.get("status"), f"{path}.status")
+    error = _object(status.get("error"), f"{path}.status.error") if status else None
+    meta = _object(item.get("meta"), f"{path}.meta") or _EMPTY
+    # Smartcar's docs say retrievedAt, real deliveries say fetchedAt.
+    retrieved_key = "retrievedAt" if meta.get("retrievedAt") is not None else "fetchedAt"
+    status_value = _text(status, "value")
+    return Signal(
+        code=_text(item, "code"),
+        name=_text(item, "name"),
+        group=_text(item, "group"),
+        value=body.get("value") if body is not None else None,
+        unit=_text(body, "unit"),
+        body=body,
+        ok=(status_value or "").upper() != "ERROR",
+        status=status_value,
+        error_code=_text(error, "code"),
+        error_type=_text(error, "type"),
+        oem_updated_at=_timestamp(meta.get("oemUpdatedAt"), f"{path}.meta.oemUpdatedAt"),
+        retrieved_at=_timestamp(meta.get(retrieved_key), f"{path}.meta.{retrieved_key}"),
+    )
+
+
+def _vehicle_error(value: Any, path: str) -> VehicleError:
+    item = _object(value, path)
+    if item is None:
+        raise InvalidEventError(f"{path} must be an object, got null")
+    resolution = _object(item.get("resolution"), f"{path}.resolution")
+    refs = _array(item.get("signals"), f"{path}.signals")
+    return VehicleError(
+        type=_text(item, "type"),
+        code=_text(item, "code"),
+        state=_text(item, "state"),
+        description=_text(item, "description"),
+        suggested_user_message=_text(item, "suggestedUserMessage"),
+        doc_url=_text(item, "docURL"),
+        resolution_type=_text(resolution, "type"),
+        signals=tuple(_signal_ref(ref, f"{path}.signals[{i}]") for i, ref in enumerate(refs)),
+    )
+
+
+def _meta(value: Any) -> Meta:
+    meta = _object(value, "meta")
+    if meta is None:
+        return Meta()
+    count = meta.get("signalCount")
+    return Meta(
+        version=_text(meta, "version"),
+        webhook_id=_text(meta, "webhookId"),
+        webhook_name=_text(meta, "webhookName"),
+        delivery_id=_text(meta, "deliveryId"),
+        delivered_at=_timestamp(meta.get("deliveredAt"), "meta.deliveredAt"),
+        mode=_text(meta, "mode"),
+        signal_count=count if isinstance(count, int) and not isinstance(count, bool) else None,
+    )
+
+
+def _triggers(root: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[Trigger, ...]:
+    found: list[Trigger] = []
+    for path, container in (
+        ("data.triggers", data.get("triggers")),
+        ("triggers", root.get("triggers")),
+    ):
+        for i, item in enumerate(_array(container, path)):
+            found.append(_trigger(item, f"{path}[{i}]"))
+    # Both places may list the same trigger; keep each once, in payload order.
+    return tuple(dict.fromkeys(found))
+
+
+def parse_event(body: bytes | str) -> Event:
+    """Parse a Smartcar webhook body into an `Event`.
+
+    Raises `InvalidEventError` (a `ValueError`) for every body that is not a Smartcar event we
+    can read, whatever its bytes; `TypeError` only if `body` is neither bytes nor str.
+    """
+    root = _freeze(_load(body))
+    if not isinstance(root, Mapping):
+        raise InvalidEventError(f"body must be a JSON object, got {_describe(root, 'body')}")
+    event_id = _required_text(root, "eventId")
+    event_type = _required_text(root, "eventType")
+    data = _object(root.get("data"), "data") or _EMPTY
+
+    if event_type == VERIFY:
+        if "challenge" not in data:
+            raise InvalidEventError("data.challenge is missing")
+        challenge = data["challenge"]
+        if not isinstance(challenge, str):
+            raise InvalidEventError(
+                f"data.challenge must be a string, got {_describe(challenge, 'data.challenge')}"
+            )
+    else:
+        challenge = _text(data, "challenge")
+
+    meta = _meta(root.get("meta"))
+    vehicle = _object(data.get("vehicle"), "data.vehicle")
+    vehicle_id = _text(root, "vehicleId") or _text(vehicle, "id")
+    triggers = _triggers(root, data)
+    signals = tuple(
+        _signal(item, f"data.signals[{i}]")
+        for i, item in enumerate(_array(data.get("signals"), "data.signals"))
+    )
+    errors = tuple(
+        _vehicle_error(item, f"data.errors[{i}]")
+        for i, item in enumerate(_array(data.get("errors"), "data.errors"))
+    )
+    return Event(
+        event_id=event_id,
+        event_type=event_type,
+        vehicle_id=vehicle_id,
+        meta=meta,
+        triggers=triggers,
+        signals=signals,
+        errors=errors,
+        challenge=challenge,
+        data=data,
+    )
+
+
+def peek_envelope(body: bytes) -> Envelope:
+    """Best-effort envelope fields for the receiver's hot path; never raises.
+
+    Reads what it can from any body (not only valid events: a signed payload is stored even
+    when the processor will reject it) and returns all None for non-JSON. Unlike
+    `parse_event` it accepts NaN/Infinity, so a body that will be dead-lettered still gets its
+    `eventId` for de-duplication.
+    """
+    try:
+        root = json.loads(_text_of(body))
+        if not isinstance(root, dict):
+            return Envelope()
+        data = root.get("data")
+        data = data if isinstance(data, dict) else {}
+        meta = root.get("meta")
+        meta = meta if isinstance(meta, dict) else {}
+        vehicle = data.get("vehicle")
+        vehicle = vehicle if isinstance(vehicle, dict) else {}
+        return Envelope(
+            event_id=_text(root, "eventId"),
+            event_type=_text(root, "eventType"),
+            vehicle_id=_text(root, "vehicleId") or _text(vehicle, "id"),
+            webhook_id=_text(meta, "webhookId"),
+            delivery_id=_text(meta, "deliveryId"),
+            mode=_text(meta, "mode"),
+            challenge=_text(data, "challenge"),
+        )
+    except Exception:
+        # The receiver must answer Smartcar whatever arrives: bad UTF-8, bad JSON, nesting
+        # deeper than the recursion limit, or a caller passing the wrong type.
+        return Envelope()

@@ -1,0 +1,822 @@
+"""The embedded queue keeps the Service Bus semantics the receiver and processor rely on.
+
+Time is injected (`FakeClock`), so lock expiry, scheduling and the duplicate window are tested
+without sleeping. Cross-process behaviour and durability use real child processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from shared.localqueue import (
+    MAX_DELIVERY_COUNT_EXCEEDED,
+    SCHEMA_VERSION,
+    LocalQueue,
+    LockLostError,
+    QueuedMessage,
+    QueueUnavailableError,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "queue.db"
+
+
+@pytest.fixture
+def queue(db_path: Path, clock: FakeClock) -> Iterator[LocalQueue]:
+    q = LocalQueue(
+        db_path, max_delivery_count=3, lock_duration=30.0, duplicate_window=600.0, clock=clock
+    )
+    yield q
+    q.close()
+
+
+def receive_one(queue: LocalQueue) -> QueuedMessage:
+    messages = queue.receive()
+    assert len(messages) == 1, messages
+    return messages[0]
+
+
+def run_child(code: str, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+
+
+# --- send, receive, complete --------------------------------------------------------------
+
+
+class TestSendReceiveComplete:
+    def test_sent_message_is_received_with_its_metadata_and_a_lock(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        assert queue.send(b"hello", message_id="evt-1") is True
+        msg = receive_one(queue)
+        assert msg.message_id == "evt-1"
+        assert msg.body == b"hello"
+        assert msg.delivery_count == 1
+        assert msg.state == "active"
+        assert msg.lock_token
+        assert msg.enqueued_time == datetime.fromtimestamp(T0, tz=UTC)
+        assert msg.enqueued_time.tzinfo is not None
+        assert msg.locked_until == datetime.fromtimestamp(T0 + 30.0, tz=UTC)
+        assert msg.scheduled_enqueue_time is None
+        assert msg.dead_letter_reason is None
+
+    def test_complete_removes_the_message(self, queue: LocalQueue) -> None:
+        queue.send(b"x", message_id="evt-1")
+        queue.complete(receive_one(queue).lock_token or "")
+        assert queue.receive() == []
+        assert queue.stats() == {"active": 0, "deadLettered": 0, "scheduled": 0}
+
+    def test_messages_are_received_in_sequence_order_up_to_max_messages(
+        self, queue: LocalQueue
+    ) -> None:
+        for i in range(5):
+            queue.send(f"m{i}".encode(), message_id=f"evt-{i}")
+        first = queue.receive(max_messages=3)
+        second = queue.receive(max_messages=3)
+        assert [m.body for m in first] == [b"m0", b"m1", b"m2"]
+        assert [m.body for m in second] == [b"m3", b"m4"]
+        seqs = [m.sequence_number for m in first + second]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 5
+
+    def test_receive_on_an_empty_queue_returns_nothing(self, queue: LocalQueue) -> None:
+        assert queue.receive(max_messages=10) == []
+
+    def test_sequence_numbers_are_never_reused_after_removal(self, queue: LocalQueue) -> None:
+        queue.send(b"a", message_id="a")
+        first = receive_one(queue)
+        queue.complete(first.lock_token or "")
+        queue.send(b"b", message_id="b")
+        assert receive_one(queue).sequence_number > first.sequence_number
+
+
+class TestPayloadRoundTrip:
+    @pytest.mark.parametrize(
+        "body",
+        [
+            b"",
+            b'{"eventId": "e", "eventType": "VEHICLE_STATE"}',
+            bytes(range(256)),
+            b"\xff\xfe\x00not utf-8\x80\xc3\x28",
+            "caf\u00e9 \U0001f697".encode(),
+        ],
+        ids=["empty", "json", "all-byte-values", "invalid-utf8", "utf8"],
+    )
+    def test_body_bytes_round_trip_exactly(self, queue: LocalQueue, body: bytes) -> None:
+        queue.send(body, message_id="evt")
+        received = receive_one(queue).body
+        assert type(received) is bytes
+        assert received == body
+
+    def test_application_properties_round_trip(self, queue: LocalQueue) -> None:
+        props = {
+            "eventType": "VEHICLE_STATE",
+            "vehicleId": "veh-\u00e9",
+            "webhookId": "",
+            "deliveryId": '"quoted"\n',
+        }
+        queue.send(b"x", message_id="evt", application_properties=props)
+        msg = receive_one(queue)
+        assert msg.application_properties == props
+        msg.application_properties["eventType"] = "changed"  # a copy: the queue is unaffected
+        queue.abandon(msg.lock_token or "")
+        assert receive_one(queue).application_properties == props
+
+    def test_non_string_property_values_are_rejected(self, queue: LocalQueue) -> None:
+        with pytest.raises(TypeError, match="must be str"):
+            queue.send(b"x", message_id="evt", application_properties={"n": 1})  # type: ignore[dict-item]
+
+    def test_message_id_must_be_non_empty_and_at_most_128_chars_like_service_bus(
+        self, queue: LocalQueue
+    ) -> None:
+        with pytest.raises(ValueError, match="non-empty"):
+            queue.send(b"x", message_id="")
+        with pytest.raises(ValueError, match="128"):
+            queue.send(b"x", message_id="a" * 129)
+        assert queue.send(b"x", message_id="a" * 128) is True
+
+
+# --- duplicate detection ------------------------------------------------------------------
+
+
+class TestDuplicateDetection:
+    def test_same_message_id_within_the_window_is_dropped(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        assert queue.send(b"first", message_id="evt") is True
+        clock.advance(599)
+        assert queue.send(b"second", message_id="evt") is False
+        assert [m.body for m in queue.receive(max_messages=10)] == [b"first"]
+
+    def test_duplicate_is_detected_even_after_the_original_was_completed(
+        self, queue: LocalQueue
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        queue.complete(receive_one(queue).lock_token or "")
+        assert queue.send(b"x", message_id="evt") is False
+        assert queue.receive() == []
+
+    def test_same_message_id_is_accepted_after_the_window_expires(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"first", message_id="evt")
+        clock.advance(600)
+        assert queue.send(b"second", message_id="evt") is True
+        assert len(queue.receive(max_messages=10)) == 2
+
+    def test_dropped_duplicates_do_not_extend_the_window(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"first", message_id="evt")
+        clock.advance(500)
+        assert queue.send(b"dup", message_id="evt") is False
+        clock.advance(100)  # 600 s after the first acceptance
+        assert queue.send(b"again", message_id="evt") is True
+
+    def test_duplicate_detection_spans_queue_instances_on_the_same_file(
+        self, db_path: Path, clock: FakeClock
+    ) -> None:
+        with LocalQueue(db_path, clock=clock) as first:
+            first.send(b"x", message_id="evt")
+        with LocalQueue(db_path, clock=clock) as second:
+            assert second.send(b"x", message_id="evt") is False
+
+    def test_expired_entries_are_pruned(
+        self, queue: LocalQueue, clock: FakeClock, db_path: Path
+    ) -> None:
+        for i in range(20):
+            queue.send(b"x", message_id=f"old-{i}")
+        clock.advance(601)
+        queue.send(b"x", message_id="new")
+        with sqlite3.connect(db_path) as conn:
+            ids = [r[0] for r in conn.execute("SELECT message_id FROM duplicates")]
+        assert ids == ["new"]
+
+
+# --- peek-lock, lock expiry, abandon ------------------------------------------------------
+
+
+class TestPeekLock:
+    def test_locked_message_is_hidden_from_a_second_receiver(
+        self, queue: LocalQueue, db_path: Path, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        assert len(queue.receive()) == 1
+        with LocalQueue(db_path, clock=clock) as other:
+            assert other.receive() == []
+        assert queue.receive() == []
+
+    def test_expired_lock_makes_the_message_visible_again_with_delivery_count_incremented(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        first = receive_one(queue)
+        clock.advance(29.9)
+        assert queue.receive() == []
+        clock.advance(0.1)
+        second = receive_one(queue)
+        assert second.sequence_number == first.sequence_number
+        assert second.delivery_count == 2
+        assert second.lock_token != first.lock_token
+
+    def test_receive_lock_duration_overrides_the_default(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        msg = queue.receive(lock_duration=5.0)[0]
+        assert msg.locked_until == datetime.fromtimestamp(T0 + 5.0, tz=UTC)
+        clock.advance(5.0)
+        assert receive_one(queue).delivery_count == 2
+
+    def test_renew_lock_extends_the_lock_from_now(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        token = receive_one(queue).lock_token or ""
+        clock.advance(20)
+        assert queue.renew_lock(token) == datetime.fromtimestamp(T0 + 50.0, tz=UTC)
+        clock.advance(20)  # past the original expiry, inside the renewed one
+        assert queue.receive() == []
+        queue.complete(token)
+
+    def test_abandon_releases_the_message_for_immediate_redelivery(self, queue: LocalQueue) -> None:
+        queue.send(b"x", message_id="evt")
+        first = receive_one(queue)
+        queue.abandon(first.lock_token or "")
+        second = receive_one(queue)
+        assert second.sequence_number == first.sequence_number
+        assert second.delivery_count == 2
+
+    def test_complete_with_an_expired_lock_raises_lock_lost(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        token = receive_one(queue).lock_token or ""
+        clock.advance(30)
+        with pytest.raises(LockLostError, match="expired"):
+            queue.complete(token)
+        assert receive_one(queue).delivery_count == 2  # still there, redelivered
+
+    def test_old_lock_token_is_lost_once_the_message_is_redelivered(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        old = receive_one(queue).lock_token or ""
+        clock.advance(30)
+        new = receive_one(queue).lock_token or ""
+        for settle in (queue.complete, queue.abandon, queue.renew_lock):
+            with pytest.raises(LockLostError, match="unknown"):
+                settle(old)
+        queue.complete(new)
+
+    @pytest.mark.parametrize("operation", ["complete", "abandon", "renew_lock", "dead_letter"])
+    def test_settling_with_an_unknown_token_raises_lock_lost(
+        self, queue: LocalQueue, operation: str
+    ) -> None:
+        with pytest.raises(LockLostError):
+            if operation == "dead_letter":
+                queue.dead_letter("nope", reason="r", description="d")
+            else:
+                getattr(queue, operation)("nope")
+
+    def test_completing_twice_raises_lock_lost(self, queue: LocalQueue) -> None:
+        queue.send(b"x", message_id="evt")
+        token = receive_one(queue).lock_token or ""
+        queue.complete(token)
+        with pytest.raises(LockLostError):
+            queue.complete(token)
+
+
+# --- dead-lettering -----------------------------------------------------------------------
+
+
+class TestDeadLettering:
+    def test_abandon_at_max_delivery_count_dead_letters_with_service_bus_reason(
+        self, queue: LocalQueue
+    ) -> None:
+        queue.send(b"poison", message_id="evt", application_properties={"eventType": "X"})
+        for expected_count in (1, 2, 3):
+            msg = receive_one(queue)
+            assert msg.delivery_count == expected_count
+            queue.abandon(msg.lock_token or "")
+        assert queue.receive() == []
+        [dead] = queue.peek_dead_letters()
+        assert dead.state == "deadlettered"
+        assert dead.dead_letter_reason == MAX_DELIVERY_COUNT_EXCEEDED == "MaxDeliveryCountExceeded"
+        assert dead.dead_letter_description == (
+            "Message could not be processed after 3 delivery attempts."
+        )
+        assert dead.delivery_count == 3
+        assert dead.lock_token is None and dead.locked_until is None
+        assert dead.body == b"poison" and dead.application_properties == {"eventType": "X"}
+        assert queue.stats() == {"active": 0, "deadLettered": 1, "scheduled": 0}
+
+    def test_lock_expiry_at_max_delivery_count_dead_letters_instead_of_redelivering(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"poison", message_id="evt")
+        for expected_count in (1, 2, 3):
+            assert receive_one(queue).delivery_count == expected_count
+            clock.advance(30)  # the processor died or hung: the lock expires
+        assert queue.receive() == []
+        dead = queue.peek_dead_letters()
+        assert [m.dead_letter_reason for m in dead] == [MAX_DELIVERY_COUNT_EXCEEDED]
+        assert dead[0].dead_letter_description == (
+            "Message could not be processed after 3 delivery attempts."
+        )
+
+    def test_stats_and_dead_letter_views_account_for_an_expired_last_delivery(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"poison", message_id="evt")
+        for _ in range(3):
+            receive_one(queue)
+            clock.advance(30)
+        # No receive has run since the last lock expired: the views still see it dead-lettered.
+        assert queue.stats() == {"active": 0, "deadLettered": 1, "scheduled": 0}
+        [dead] = queue.peek_dead_letters()
+        assert queue.get_dead_letter(dead.sequence_number) == dead
+
+    def test_explicit_dead_letter_keeps_reason_and_description(self, queue: LocalQueue) -> None:
+        queue.send(b"not json", message_id="evt")
+        msg = receive_one(queue)
+        queue.dead_letter(msg.lock_token or "", reason="InvalidPayload", description="bad JSON")
+        dead = queue.get_dead_letter(msg.sequence_number)
+        assert dead is not None
+        assert (dead.dead_letter_reason, dead.dead_letter_description) == (
+            "InvalidPayload",
+            "bad JSON",
+        )
+        assert dead.delivery_count == 1
+        assert queue.receive() == []
+        with pytest.raises(LockLostError):
+            queue.complete(msg.lock_token or "")
+
+    def test_dead_letter_by_sequence_dead_letters_the_locked_message(
+        self, queue: LocalQueue
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        msg = receive_one(queue)
+        queue.dead_letter_by_sequence(
+            msg.sequence_number, reason="InvalidPayload", description="missing eventType"
+        )
+        dead = queue.get_dead_letter(msg.sequence_number)
+        assert dead is not None and dead.dead_letter_reason == "InvalidPayload"
+        assert dead.dead_letter_description == "missing eventType"
+        with pytest.raises(LockLostError):
+            queue.complete(msg.lock_token or "")
+
+    def test_dead_letter_by_sequence_requires_a_live_lock(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        queue.send(b"y", message_id="evt-2")
+        locked = receive_one(queue).sequence_number
+        unlocked_seq = locked + 1
+        with pytest.raises(LockLostError):  # never received
+            queue.dead_letter_by_sequence(unlocked_seq, reason="r", description="d")
+        with pytest.raises(LockLostError):  # no such message
+            queue.dead_letter_by_sequence(9999, reason="r", description="d")
+        clock.advance(30)
+        with pytest.raises(LockLostError):  # lock expired
+            queue.dead_letter_by_sequence(locked, reason="r", description="d")
+        assert queue.stats()["deadLettered"] == 0
+
+    def test_dead_letter_by_sequence_rejects_an_already_dead_lettered_message(
+        self, queue: LocalQueue
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        msg = receive_one(queue)
+        queue.dead_letter(msg.lock_token or "", reason="First", description="d")
+        with pytest.raises(LockLostError):
+            queue.dead_letter_by_sequence(msg.sequence_number, reason="Second", description="d")
+        dead = queue.get_dead_letter(msg.sequence_number)
+        assert dead is not None and dead.dead_letter_reason == "First"
+
+    def test_get_dead_letter_returns_none_for_active_or_missing_messages(
+        self, queue: LocalQueue
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        seq = receive_one(queue).sequence_number
+        assert queue.get_dead_letter(seq) is None
+        assert queue.get_dead_letter(12345) is None
+
+    def test_peek_dead_letters_is_ordered_and_limited(self, queue: LocalQueue) -> None:
+        for i in range(4):
+            queue.send(b"x", message_id=f"evt-{i}")
+        for msg in queue.receive(max_messages=4):
+            queue.dead_letter(msg.lock_token or "", reason=f"R{msg.body!r}", description="d")
+        seqs = [m.sequence_number for m in queue.peek_dead_letters()]
+        assert seqs == sorted(seqs) and len(seqs) == 4
+        assert [m.sequence_number for m in queue.peek_dead_letters(limit=2)] == seqs[:2]
+
+
+# --- scheduled messages and stats ---------------------------------------------------------
+
+
+class TestScheduledAndStats:
+    def test_scheduled_message_is_invisible_until_its_time_and_counted_as_scheduled(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        at = datetime.fromtimestamp(T0 + 120, tz=UTC)
+        queue.send(b"later", message_id="evt", scheduled_enqueue_time=at)
+        assert queue.receive() == []
+        assert queue.stats() == {"active": 0, "deadLettered": 0, "scheduled": 1}
+        clock.advance(119.9)
+        assert queue.receive() == []
+        clock.advance(0.1)
+        assert queue.stats() == {"active": 1, "deadLettered": 0, "scheduled": 0}
+        msg = receive_one(queue)
+        assert msg.body == b"later"
+        assert msg.scheduled_enqueue_time == at
+
+    def test_scheduled_time_in_the_past_is_visible_at_once(self, queue: LocalQueue) -> None:
+        past = datetime.fromtimestamp(T0, tz=UTC) - timedelta(hours=1)
+        queue.send(b"x", message_id="evt", scheduled_enqueue_time=past)
+        assert receive_one(queue).body == b"x"
+
+    def test_scheduled_time_must_be_timezone_aware(self, queue: LocalQueue) -> None:
+        with pytest.raises(ValueError, match="timezone-aware"):
+            queue.send(b"x", message_id="evt", scheduled_enqueue_time=datetime(2030, 1, 1))
+
+    def test_stats_counts_locked_and_unlocked_active_scheduled_and_dead_lettered(
+        self, queue: LocalQueue
+    ) -> None:
+        for i in range(4):
+            queue.send(b"x", message_id=f"evt-{i}")
+        queue.send(
+            b"s",
+            message_id="sched",
+            scheduled_enqueue_time=datetime.fromtimestamp(T0 + 3600, tz=UTC),
+        )
+        [locked, to_dead] = queue.receive(max_messages=2)
+        queue.dead_letter(to_dead.lock_token or "", reason="r", description="d")
+        assert locked.lock_token
+        assert queue.stats() == {"active": 3, "deadLettered": 1, "scheduled": 1}
+
+
+# --- replay and purge ---------------------------------------------------------------------
+
+
+def dead_letter_one(queue: LocalQueue, body: bytes, message_id: str, **props: str) -> int:
+    queue.send(body, message_id=message_id, application_properties=props)
+    msg = receive_one(queue)
+    queue.dead_letter(msg.lock_token or "", reason="InvalidPayload", description="d")
+    return msg.sequence_number
+
+
+class TestReplayAndPurge:
+    def test_replay_creates_a_new_active_message_and_removes_the_dead_letter(
+        self, queue: LocalQueue
+    ) -> None:
+        body = b"\xff\x00 raw signed bytes"
+        seq = dead_letter_one(queue, body, "evt", eventType="VEHICLE_STATE")
+        replayed = queue.replay_dead_letter(seq)
+        assert replayed is not None
+        assert replayed.sequence_number > seq
+        assert replayed.state == "active"
+        assert replayed.delivery_count == 0
+        assert replayed.lock_token is None and replayed.dead_letter_reason is None
+        assert replayed.message_id == "evt"
+        assert replayed.body == body
+        assert replayed.application_properties == {
+            "eventType": "VEHICLE_STATE",
+            "replayedFrom": str(seq),
+            "replayCount": "1",
+        }
+        assert queue.get_dead_letter(seq) is None
+        assert queue.stats() == {"active": 1, "deadLettered": 0, "scheduled": 0}
+        msg = receive_one(queue)
+        assert (msg.sequence_number, msg.body, msg.delivery_count) == (
+            replayed.sequence_number,
+            body,
+            1,
+        )
+
+    def test_replay_bypasses_duplicate_detection_but_keeps_the_id_in_the_window(
+        self, queue: LocalQueue
+    ) -> None:
+        seq = dead_letter_one(queue, b"x", "evt")
+        assert queue.send(b"x", message_id="evt") is False  # still inside the window
+        assert queue.replay_dead_letter(seq) is not None
+        assert queue.send(b"x", message_id="evt") is False
+        assert len(queue.receive(max_messages=10)) == 1
+
+    def test_replay_count_increments_on_each_replay(self, queue: LocalQueue) -> None:
+        seq = dead_letter_one(queue, b"x", "evt")
+        for expected in ("1", "2"):
+            replayed = queue.replay_dead_letter(seq)
+            assert replayed is not None
+            assert replayed.application_properties["replayCount"] == expected
+            msg = receive_one(queue)
+            queue.dead_letter(msg.lock_token or "", reason="again", description="d")
+            seq = msg.sequence_number
+        dead = queue.get_dead_letter(seq)
+        assert dead is not None and dead.application_properties["replayCount"] == "2"
+
+    def test_replay_of_a_missing_or_active_message_returns_none(self, queue: LocalQueue) -> None:
+        assert queue.replay_dead_letter(42) is None
+        queue.send(b"x", message_id="evt")
+        active_seq = receive_one(queue).sequence_number
+        assert queue.replay_dead_letter(active_seq) is None
+
+    def test_purge_named_removes_only_those_dead_letters_and_returns_the_count(
+        self, queue: LocalQueue
+    ) -> None:
+        seqs = [dead_letter_one(queue, b"x", f"evt-{i}") for i in range(3)]
+        queue.send(b"active", message_id="active")
+        active_seq = seqs[-1] + 1
+        assert queue.purge_dead_letters([seqs[0], seqs[2], 9999, active_seq]) == 2
+        assert [m.sequence_number for m in queue.peek_dead_letters()] == [seqs[1]]
+        assert queue.stats() == {"active": 1, "deadLettered": 1, "scheduled": 0}
+
+    def test_purge_all_removes_every_dead_letter_and_returns_the_count(
+        self, queue: LocalQueue
+    ) -> None:
+        for i in range(3):
+            dead_letter_one(queue, b"x", f"evt-{i}")
+        queue.send(b"active", message_id="active")
+        assert queue.purge_dead_letters() == 3
+        assert queue.purge_dead_letters() == 0
+        assert queue.stats() == {"active": 1, "deadLettered": 0, "scheduled": 0}
+
+
+# --- storage, lifetime, errors ------------------------------------------------------------
+
+
+class TestStorage:
+    def test_creates_parent_directories_and_uses_wal_with_a_schema_version(
+        self, tmp_path: Path
+    ) -> None:
+        path = tmp_path / "a" / "b" / "q.db"
+        LocalQueue(path).close()
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+    def test_messages_survive_reopening(self, db_path: Path, clock: FakeClock) -> None:
+        with LocalQueue(db_path, clock=clock) as q:
+            q.send(b"kept", message_id="evt")
+        with LocalQueue(db_path, clock=clock) as q:
+            assert receive_one(q).body == b"kept"
+
+    def test_a_database_from_a_newer_schema_is_refused_clearly(self, db_path: Path) -> None:
+        LocalQueue(db_path).close()
+        with sqlite3.connect(db_path) as conn:
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        with pytest.raises(QueueUnavailableError, match="newer"):
+            LocalQueue(db_path)
+
+    def test_a_path_that_is_not_a_database_raises_queue_unavailable(self, tmp_path: Path) -> None:
+        path = tmp_path / "garbage.db"
+        path.write_bytes(b"this is not sqlite" * 100)
+        with pytest.raises(QueueUnavailableError, match=str(path)):
+            LocalQueue(path)
+
+    def test_operations_after_close_raise_queue_unavailable(self, queue: LocalQueue) -> None:
+        queue.close()
+        queue.close()  # idempotent
+        with pytest.raises(QueueUnavailableError, match="close"):
+            queue.send(b"x", message_id="evt")
+        with pytest.raises(QueueUnavailableError):
+            queue.receive()
+
+    def test_send_while_another_process_holds_the_write_lock_raises_queue_unavailable(
+        self, db_path: Path
+    ) -> None:
+        LocalQueue(db_path).close()
+        blocker = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            q = LocalQueue(db_path, busy_timeout=0.05)  # opening needs no write lock
+            with pytest.raises(QueueUnavailableError, match="send failed: database is locked"):
+                q.send(b"x", message_id="evt")
+            with pytest.raises(QueueUnavailableError, match="receive failed"):
+                q.receive()
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert q.send(b"x", message_id="evt") is True  # nothing half-done was left behind
+        q.close()
+
+    def test_invalid_settings_are_rejected(self, db_path: Path) -> None:
+        with pytest.raises(ValueError, match="max_delivery_count"):
+            LocalQueue(db_path, max_delivery_count=0)
+        with pytest.raises(ValueError, match="lock_duration"):
+            LocalQueue(db_path, lock_duration=0)
+
+
+class TestWaitForMessage:
+    def test_returns_at_once_when_a_message_is_available(self, queue: LocalQueue) -> None:
+        queue.send(b"x", message_id="evt")
+        started = time.monotonic()
+        queue.wait_for_message(5.0)
+        assert time.monotonic() - started < 1.0
+
+    def test_times_out_on_an_empty_queue(self, queue: LocalQueue) -> None:
+        started = time.monotonic()
+        queue.wait_for_message(0.02)
+        assert 0.015 <= time.monotonic() - started < 1.0
+
+    def test_is_woken_by_a_send_from_another_thread(self, queue: LocalQueue) -> None:
+        sender = threading.Timer(0.01, lambda: queue.send(b"x", message_id="evt"))
+        started = time.monotonic()
+        sender.start()
+        queue.wait_for_message(5.0)
+        sender.join()
+        assert time.monotonic() - started < 1.0
+        assert len(queue.receive()) == 1
+
+
+# --- concurrency: threads and processes ---------------------------------------------------
+
+
+class TestConcurrency:
+    @pytest.mark.parametrize(
+        "shared_instance", [True, False], ids=["one-instance", "two-instances"]
+    )
+    def test_two_threads_receiving_concurrently_never_get_the_same_message(
+        self, db_path: Path, shared_instance: bool
+    ) -> None:
+        total = 200
+        producer = LocalQueue(db_path, synchronous="NORMAL")
+        for i in range(total):
+            producer.send(str(i).encode(), message_id=f"evt-{i}")
+        queues = [producer, producer] if shared_instance else [producer, LocalQueue(db_path)]
+        got: list[list[int]] = [[], []]
+        barrier = threading.Barrier(2)
+
+        def worker(index: int) -> None:
+            q = queues[index]
+            barrier.wait()
+            while batch := q.receive(max_messages=3):
+                got[index].extend(m.sequence_number for m in batch)
+                time.sleep(0.001)  # "processing": lets the other receiver in between batches
+                for m in batch:
+                    q.complete(m.lock_token or "")
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        for q in set(queues):
+            q.close()
+        received = got[0] + got[1]
+        assert len(received) == total
+        assert len(set(received)) == total
+        assert got[0] and got[1], "both receivers should have taken part"
+
+    def test_a_separate_process_sees_our_messages_and_we_see_its_messages(
+        self, db_path: Path
+    ) -> None:
+        with LocalQueue(db_path) as q:
+            q.send(b"from parent", message_id="parent-1", application_properties={"k": "v"})
+            child = run_child(
+                """
+                import json, sys
+                from shared.localqueue import LocalQueue
+                with LocalQueue(sys.argv[1]) as q:
+                    [m] = q.receive()
+                    q.complete(m.lock_token)
+                    q.send(b"from child", message_id="child-1")
+                    print(json.dumps({"body": m.body.decode(), "props": m.application_properties,
+                                      "stats": q.stats()}))
+                """,
+                str(db_path),
+            )
+            seen = json.loads(child.stdout)
+            assert seen == {
+                "body": "from parent",
+                "props": {"k": "v"},
+                "stats": {"active": 1, "deadLettered": 0, "scheduled": 0},
+            }
+            msg = receive_one(q)
+            assert (msg.body, msg.message_id) == (b"from child", "child-1")
+            assert q.send(b"again", message_id="child-1") is False  # its id is in our window
+
+    def test_a_process_receiving_concurrently_never_gets_a_message_this_process_got(
+        self, db_path: Path
+    ) -> None:
+        total = 200
+        with LocalQueue(db_path, synchronous="NORMAL") as q:
+            for i in range(total):
+                q.send(b"x", message_id=f"evt-{i}")
+            child = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    textwrap.dedent(
+                        """
+                        import sys
+                        from shared.localqueue import LocalQueue
+                        with LocalQueue(sys.argv[1]) as q:
+                            while batch := q.receive(max_messages=2):
+                                for m in batch:
+                                    q.complete(m.lock_token)
+                                    print(m.sequence_number, flush=True)
+                        """
+                    ),
+                    str(db_path),
+                ],
+                cwd=REPO_ROOT,
+                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            mine: list[int] = []
+            while batch := q.receive(max_messages=2):
+                for m in batch:
+                    q.complete(m.lock_token or "")
+                    mine.append(m.sequence_number)
+            out, _ = child.communicate(timeout=60)
+            assert child.returncode == 0
+        theirs = [int(line) for line in out.split()]
+        assert len(mine) + len(theirs) == total
+        assert not set(mine) & set(theirs)
+        assert len(set(mine) | set(theirs)) == total
+
+
+class TestDurability:
+    def test_every_send_that_returned_survives_sigkill_of_the_sender(self, db_path: Path) -> None:
+        LocalQueue(db_path).close()
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(
+                    """
+                    import sys
+                    from shared.localqueue import LocalQueue
+                    q = LocalQueue(sys.argv[1])
+                    i = 0
+                    while True:  # until killed
+                        q.send(b"body-%d" % i, message_id="evt-%d" % i)
+                        print(i, flush=True)
+                        i += 1
+                    """
+                ),
+                str(db_path),
+            ],
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None
+        acknowledged: list[int] = []
+        try:
+            for line in child.stdout:
+                acknowledged.append(int(line))
+                if len(acknowledged) >= 150:
+                    break
+        finally:
+            child.send_signal(signal.SIGKILL)  # mid-send, no cleanup, no close()
+            child.wait(timeout=10)
+        assert child.returncode == -signal.SIGKILL
+        with LocalQueue(db_path) as q:
+            stored = {m.message_id: m.body for m in q.receive(max_messages=100_000)}
+        assert len(acknowledged) == 150
+        for i in acknowledged:
+            assert stored.get(f"evt-{i}") == b"body-%d" % i
