@@ -24,6 +24,7 @@ from typing import Any
 
 import azure.functions as func
 from aiohttp import web
+from azure.functions.servicebus import ServiceBusMessage
 
 from .localqueue import LocalQueue, LockLostError, QueuedMessage
 from .publisher import OutboundMessage, Publisher
@@ -52,22 +53,35 @@ class QueueFunction:
     handler: Callable[..., Any]
 
 
+_INDEX: dict[int, tuple[list[HttpFunction], list[QueueFunction]]] = {}
+
+
 def index_functions(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction]]:
-    """The HTTP and Service Bus queue functions that `app` declares."""
+    """The HTTP and Service Bus queue functions that `app` declares.
+
+    `FunctionApp.get_functions()` may run only once per app (it registers the names), so
+    the index is kept, as the Functions host indexes an app once.
+    """
+    if id(app) not in _INDEX:
+        _INDEX[id(app)] = _index(app)
+    return _INDEX[id(app)]
+
+
+def _index(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction]]:
     http: list[HttpFunction] = []
     queues: list[QueueFunction] = []
     for fn in app.get_functions():
-        trigger = fn.get_trigger()
-        kind = trigger.get_binding_name()
+        trigger: Any = fn.get_trigger()
+        name = fn.get_function_name() or ""
+        kind = trigger.get_binding_name() if trigger is not None else None
         if kind == "httpTrigger":
             methods = tuple(str(getattr(m, "value", m)) for m in (trigger.methods or ["GET"]))
-            http.append(HttpFunction(fn.get_function_name(), trigger.route, methods,
+            http.append(HttpFunction(name, trigger.route or name, methods,
                                      fn.get_user_function()))
         elif kind == "serviceBusTrigger":
-            queues.append(QueueFunction(fn.get_function_name(), trigger.queue_name,
-                                        fn.get_user_function()))
+            queues.append(QueueFunction(name, trigger.queue_name, fn.get_user_function()))
         else:
-            raise RuntimeError(f"the local host cannot run {kind} function {fn.get_function_name()}")
+            raise RuntimeError(f"the local host cannot run {kind} function {name}")
     return http, queues
 
 
@@ -103,8 +117,9 @@ class NotifyingPublisher:
 
 
 def to_function_message(qm: QueuedMessage) -> func.ServiceBusMessage:
+    """The same concrete message type the Python worker hands to a queue trigger."""
     props: dict[str, Any] = dict(qm.application_properties)
-    return func.ServiceBusMessage(
+    return ServiceBusMessage(
         body=qm.body,
         message_id=qm.message_id,
         delivery_count=qm.delivery_count,
@@ -195,7 +210,7 @@ class LocalHost:
                 # Refuse before reading: a body this size is never stored.
                 return _reply_response(Reply(413, {"error": f"body exceeds the {limit}-byte limit"},
                                              OVERSIZE))
-            body = await request.content.read(limit + 1)
+            body = await read_bounded(request, limit + 1)
             req = func.HttpRequest(
                 method=request.method,
                 url=str(request.url),
@@ -236,13 +251,15 @@ class LocalHost:
 
     async def _run_one(self, fn: QueueFunction, qm: QueuedMessage) -> None:
         assert qm.lock_token is not None
+        message = to_function_message(qm)
         renewer = asyncio.create_task(self._renew_lock(qm.lock_token))
         try:
-            await _call(fn.handler, to_function_message(qm))
+            await _call(fn.handler, message)
         except Exception as exc:
             logger.info(
                 "function %s raised %s for message %s (delivery %d); abandoning",
                 fn.name, type(exc).__name__, qm.message_id, qm.delivery_count,
+                exc_info=logger.isEnabledFor(logging.DEBUG),
             )
             await self._settle(self.queue.abandon, qm.lock_token)
         else:
@@ -268,6 +285,19 @@ class LocalHost:
                 await asyncio.to_thread(self.queue.renew_lock, lock_token)
             except LockLostError:
                 return
+
+
+async def read_bounded(request: web.Request, limit: int) -> bytes:
+    """At most `limit` bytes of the body: enough to tell that it is too large."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await request.content.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _reply_response(reply: Reply) -> web.Response:

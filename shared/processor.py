@@ -106,7 +106,7 @@ class ServiceBusDeadLetterer:
     async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
         from azure.servicebus import ServiceBusMessage
 
-        props = {str(k): v for k, v in message.application_properties.items()}
+        props: dict[str | bytes, Any] = {k: v for k, v in message.application_properties.items()}
         props[PROP_DEAD_LETTER_REASON] = reason
         props[PROP_DEAD_LETTER_DESCRIPTION] = description
         copy = ServiceBusMessage(

@@ -139,7 +139,7 @@ class ServiceBusPublisher:
         sb_message = ServiceBusMessage(
             message.body,
             message_id=message.message_id,
-            application_properties=dict(message.application_properties),
+            application_properties={k: v for k, v in message.application_properties.items()},
             content_type="application/json",
         )
         try:

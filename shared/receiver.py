@@ -63,7 +63,7 @@ async def receive(
         return _error(413, OVERSIZE, f"body exceeds the {max_body_bytes}-byte limit")
 
     envelope = peek_envelope(body)
-    extra = {"event_id": envelope.event_id, "event_type": envelope.event_type}
+    extra: dict[str, Any] = {"event_id": envelope.event_id, "event_type": envelope.event_type}
     signature = get_signature(headers)
 
     if signature is not None or envelope.event_type == "VERIFY":

@@ -11,7 +11,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .handlers import HandlerRegistry, registry as default_registry
+from .handlers import HandlerRegistry
+from .handlers import registry as default_registry
 from .processor import DeadLetterer, HandledLog, LocalDeadLetterer, ServiceBusDeadLetterer
 from .publisher import LocalQueuePublisher, Publisher, build_service_bus_publisher
 from .settings import Settings, load_settings

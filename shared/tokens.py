@@ -182,5 +182,5 @@ def build_key_vault_provider(
     from azure.identity.aio import DefaultAzureCredential
     from azure.keyvault.secrets.aio import SecretClient
 
-    client = SecretClient(vault_url=vault_uri, credential=DefaultAzureCredential())
+    client: Any = SecretClient(vault_url=vault_uri, credential=DefaultAzureCredential())
     return KeyVaultTokenProvider(client, secret_name, ttl_seconds=ttl_seconds)

@@ -215,7 +215,7 @@ class TestRejections:
         with RunningHost(local_env(tmp_path, MAX_BODY_BYTES="4096")) as small:
             event = state_event()
             body = encode(event)
-            body = body[:-1] + b"," + b'"pad":"' + b"x" * (4096 - len(body) - 10) + b'"}'
+            body = body[:-1] + b"," + b'"pad":"' + b"x" * (4096 - len(body) - 9) + b'"}'
             assert len(body) == 4096
             assert small.post(WEBHOOK, body, signed_headers(body)).status == 200
             bigger = body[:-2] + b'x"}'
@@ -223,14 +223,19 @@ class TestRejections:
 
 
 class TestAuthenticPayloadsAreNeverRejectedForContent:
-    def test_signed_non_json_is_accepted_then_dead_lettered(self, host: RunningHost) -> None:
-        body = b"this is not json \xff"
+    @pytest.mark.parametrize(
+        ("body", "why"),
+        [(b"this is not json", "not valid JSON"), (b'{"eventId": "\xff"}', "not valid UTF-8")],
+    )
+    def test_signed_non_json_is_accepted_then_dead_lettered(
+        self, host: RunningHost, body: bytes, why: str
+    ) -> None:
         resp = host.post(WEBHOOK, body, signed_headers(body))
         assert resp.status == 200
         assert resp.json() == {"status": "accepted", "eventId": None}
         (dead,) = wait_until(host.dead_letters)
         assert dead.dead_letter_reason == "InvalidPayload"
-        assert "not valid JSON" in (dead.dead_letter_description or "")
+        assert why in (dead.dead_letter_description or "")
         assert dead.body == body
         assert host.handled() == []
 

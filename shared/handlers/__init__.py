@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Signal handlers run for the signals of this event type only.
+VEHICLE_STATE = "VEHICLE_STATE"
+
 
 @dataclass(frozen=True, slots=True)
 class HandlerContext:
@@ -67,7 +70,8 @@ class HandlerRegistry:
         return register
 
     def on_signal(self, path: str) -> Callable[[F], F]:
-        """Decorator: call the handler for each successful signal `path` in an event."""
+        """Decorator: call the handler for each successful signal `path` of a VEHICLE_STATE
+        event, oldest `oem_updated_at` first."""
 
         def register(handler: F) -> F:
             self._by_signal[path].append(handler)
@@ -75,17 +79,14 @@ class HandlerRegistry:
 
         return register
 
-    def has_handlers(self, event: Event) -> bool:
-        if self._by_type.get(event.event_type):
-            return True
-        return any(s.path in self._by_signal for s in event.signals if s.ok)
-
     async def dispatch(self, event: Event, context: HandlerContext) -> bool:
         """Run every matching handler; True when at least one ran. Handler errors propagate."""
         ran = False
         for handler in self._by_type.get(event.event_type, ()):
             await _maybe_await(handler(event, context))
             ran = True
+        if event.event_type != VEHICLE_STATE:
+            return ran
         for signal in event.signals_by_recency():
             if not signal.ok or signal.path is None:
                 continue
