@@ -1,0 +1,17 @@
+// Defaults for `az deployment group create -g <rg> -f infra/main.bicep -p infra/main.bicepparam`.
+// Override any of them on the command line, e.g. `-p alertEmail=ops@example.com`.
+// The Smartcar management token is deliberately not here: set it in Key Vault after deployment.
+using './main.bicep'
+
+param environmentName = readEnvironmentVariable('AZURE_ENV_NAME', 'prod')
+param serviceBusSku = 'Standard'
+param queueName = 'smartcar-events'
+param maxDeliveryCount = 5
+param tokenSecretName = 'smartcar-management-token'
+param maxBodyBytes = 196608
+param httpPerInstanceConcurrency = 64
+param maximumInstanceCount = 100
+param instanceMemoryMB = 2048
+param alwaysReady = []
+param alertEmail = readEnvironmentVariable('ALERT_EMAIL', '')
+param deployerPrincipalId = readEnvironmentVariable('DEPLOYER_PRINCIPAL_ID', '')

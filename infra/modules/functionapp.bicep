@@ -1,0 +1,197 @@
+// Function app on the Flex Consumption plan (FC1), Python 3.11, running as the user-assigned
+// identity. Every connection is identity-based; the app settings are exactly the names that
+// shared/settings.py reads (APP_SETTINGS minus LOCAL_ONLY_SETTINGS) plus the names the host and
+// the Azure SDKs read (HOST_SETTINGS). tests/test_infra.py keeps the two in step.
+// Flex Consumption rejects FUNCTIONS_WORKER_RUNTIME and FUNCTIONS_EXTENSION_VERSION: the runtime
+// is set in functionAppConfig instead.
+
+@description('Function app name (also its host name prefix).')
+param name string
+
+@description('Flex Consumption plan name.')
+param planName string
+
+@description('Azure region.')
+param location string
+
+param tags object = {}
+
+@description('Resource id of the user-assigned identity the app runs as.')
+param identityId string
+
+@description('Client id of that identity (selects it for the host and DefaultAzureCredential).')
+param identityClientId string
+
+@description('Storage account for AzureWebJobsStorage.')
+param storageAccountName string
+
+@description('Blob endpoint of that account, e.g. https://<account>.blob.core.windows.net/.')
+param storageBlobEndpoint string
+
+@description('Container that holds the deployment package.')
+param deploymentContainerName string
+
+@description('Application Insights connection string (not a credential; ingestion uses Entra ID).')
+param appInsightsConnectionString string
+
+@description('Key Vault URI, e.g. https://<vault>.vault.azure.net/.')
+param keyVaultUri string
+
+@description('Secret that holds the Smartcar management token.')
+param tokenSecretName string
+
+@description('Service Bus host name, e.g. <namespace>.servicebus.windows.net.')
+param serviceBusFullyQualifiedNamespace string
+
+@description('Queue that holds accepted events.')
+param queueName string
+
+@description('Same value as the queue maxDeliveryCount, so the processor knows the last attempt.')
+param maxDeliveryCount int
+
+@description('Largest accepted webhook body in bytes.')
+param maxBodyBytes int
+
+@description('Seconds the signing token is cached in memory.')
+param tokenCacheSeconds int
+
+@description('Processor retry backoff base, seconds.')
+param retryBackoffBaseSeconds int
+
+@description('Processor retry backoff ceiling, seconds.')
+param retryBackoffMaxSeconds int
+
+@description('Battery percentage under which the example handler reports a low battery.')
+param lowBatteryPercent int
+
+@description('Upper bound on instances the plan scales out to.')
+@minValue(40)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+@description('Memory per instance in MB.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Concurrent HTTP invocations per instance. The receiver is async and mostly waits on Service Bus and Key Vault, so it can take far more than the Python default.')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 64
+
+@description('Always-ready instances, e.g. [{ name: \'http\', instanceCount: 1 }]. Empty: scale to zero (cold starts, lowest cost).')
+param alwaysReady array = []
+
+resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+  name: planName
+  location: location
+  tags: tags
+  kind: 'functionapp'
+  sku: {
+    name: 'FC1'
+    tier: 'FlexConsumption'
+  }
+  properties: {
+    reserved: true
+  }
+}
+
+resource site 'Microsoft.Web/sites@2024-04-01' = {
+  name: name
+  location: location
+  // azd finds the app to deploy to through this tag (azure.yaml service "api").
+  tags: union(tags, { 'azd-service-name': 'api' })
+  kind: 'functionapp,linux'
+  identity: {
+    type: 'UserAssigned'
+    userAssignedIdentities: {
+      '${identityId}': {}
+    }
+  }
+  properties: {
+    serverFarmId: plan.id
+    httpsOnly: true
+    siteConfig: {
+      minTlsVersion: '1.2'
+      ftpsState: 'Disabled'
+      http20Enabled: true
+    }
+    functionAppConfig: {
+      deployment: {
+        storage: {
+          type: 'blobContainer'
+          value: '${storageBlobEndpoint}${deploymentContainerName}'
+          authentication: {
+            type: 'UserAssignedIdentity'
+            userAssignedIdentityResourceId: identityId
+          }
+        }
+      }
+      scaleAndConcurrency: {
+        maximumInstanceCount: maximumInstanceCount
+        instanceMemoryMB: instanceMemoryMB
+        alwaysReady: alwaysReady
+        triggers: {
+          http: {
+            perInstanceConcurrency: httpPerInstanceConcurrency
+          }
+        }
+      }
+      runtime: {
+        name: 'python'
+        version: '3.11'
+      }
+    }
+  }
+}
+
+resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+  parent: site
+  name: 'appsettings'
+  properties: {
+    // Read by shared/settings.py.
+    KEY_VAULT_URI: keyVaultUri
+    SMARTCAR_TOKEN_SECRET_NAME: tokenSecretName
+    TOKEN_CACHE_SECONDS: string(tokenCacheSeconds)
+    ServiceBusConnection__fullyQualifiedNamespace: serviceBusFullyQualifiedNamespace
+    SERVICEBUS_QUEUE_NAME: queueName
+    MAX_DELIVERY_COUNT: string(maxDeliveryCount)
+    MAX_BODY_BYTES: string(maxBodyBytes)
+    RETRY_BACKOFF_BASE_SECONDS: string(retryBackoffBaseSeconds)
+    RETRY_BACKOFF_MAX_SECONDS: string(retryBackoffMaxSeconds)
+    LOW_BATTERY_PERCENT: string(lowBatteryPercent)
+    APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
+    // Read by the Functions host and the Azure SDKs: identity-based connections.
+    AzureWebJobsStorage__accountName: storageAccountName
+    AzureWebJobsStorage__credential: 'managedidentity'
+    AzureWebJobsStorage__clientId: identityClientId
+    ServiceBusConnection__credential: 'managedidentity'
+    ServiceBusConnection__clientId: identityClientId
+    AZURE_CLIENT_ID: identityClientId
+    APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+  }
+}
+
+// No basic (user name + password) publishing: deployments authenticate with Entra ID.
+resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: site
+  name: 'ftp'
+  properties: {
+    allow: false
+  }
+}
+
+resource scmPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+  parent: site
+  name: 'scm'
+  properties: {
+    allow: false
+  }
+}
+
+output id string = site.id
+output name string = site.name
+output defaultHostName string = site.properties.defaultHostName

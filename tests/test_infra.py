@@ -1,0 +1,646 @@
+"""The Azure deployment (infra/, azure.yaml, the deploy workflow, README "Deploy") as a spec.
+
+Bicep is read through tree-sitter-bicep (tests/bicep_tree.py), so these tests assert on the
+parsed templates, not on text patterns, wherever the structure matters.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Set as AbstractSet
+from pathlib import Path
+
+import pytest
+from bicep_tree import (
+    Expr,
+    Template,
+    call_arguments,
+    find_calls,
+    keys,
+    literal,
+    load,
+    prop,
+    text,
+)
+
+from shared import settings
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+MAIN = INFRA / "main.bicep"
+PARAMS = INFRA / "main.bicepparam"
+MODULES = INFRA / "modules"
+WORKFLOW = ROOT / ".github" / "workflows" / "deploy.yml"
+
+BICEP_FILES = sorted(INFRA.rglob("*.bicep")) + sorted(INFRA.rglob("*.bicepparam"))
+
+
+def module(name: str) -> Template:
+    return load(MODULES / f"{name}.bicep")
+
+
+def all_templates() -> list[Template]:
+    return [load(p) for p in sorted(INFRA.rglob("*.bicep"))]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Syntax: every template parses cleanly.
+# ---------------------------------------------------------------------------------------------
+class TestSyntax:
+    def test_there_is_a_main_template_params_file_and_modules(self) -> None:
+        assert MAIN.is_file() and PARAMS.is_file()
+        assert len(list(MODULES.glob("*.bicep"))) >= 5
+
+    @pytest.mark.parametrize("path", BICEP_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+    def test_file_parses_without_error_or_missing_nodes(self, path: Path) -> None:
+        assert load(path).syntax_problems() == []
+
+    def test_the_syntax_check_reports_a_broken_template(self, tmp_path: Path) -> None:
+        broken = tmp_path / "broken.bicep"
+        broken.write_text("resource sb 'Microsoft.ServiceBus/namespaces@2024-01-01' = {\n  name:\n")
+        problems = Template(broken).syntax_problems()
+        assert problems and all("broken.bicep" in p for p in problems)
+
+    def test_the_bicepparam_shim_still_catches_a_broken_value(self, tmp_path: Path) -> None:
+        broken = tmp_path / "broken.bicepparam"
+        broken.write_text("using './main.bicep'\nparam queueName = 'unterminated\n")
+        assert Template(broken).syntax_problems()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. API versions: every resource type@version is one verified as current (GA unless noted).
+# ---------------------------------------------------------------------------------------------
+# Verified against the Azure template reference (learn.microsoft.com/azure/templates/<provider>).
+VERIFIED_API_VERSIONS: dict[str, str] = {
+    # .../microsoft.managedidentity/2023-01-31/userassignedidentities
+    "Microsoft.ManagedIdentity/userAssignedIdentities": "2023-01-31",
+    # .../microsoft.storage/2023-05-01/storageaccounts (and child types)
+    "Microsoft.Storage/storageAccounts": "2023-05-01",
+    "Microsoft.Storage/storageAccounts/blobServices": "2023-05-01",
+    "Microsoft.Storage/storageAccounts/blobServices/containers": "2023-05-01",
+    # .../microsoft.operationalinsights/2023-09-01/workspaces
+    "Microsoft.OperationalInsights/workspaces": "2023-09-01",
+    # .../microsoft.insights/2020-02-02/components
+    "Microsoft.Insights/components": "2020-02-02",
+    # .../microsoft.insights/2023-01-01/actiongroups (newer ones are previews)
+    "Microsoft.Insights/actionGroups": "2023-01-01",
+    # .../microsoft.insights/2018-03-01/metricalerts (the only GA version)
+    "Microsoft.Insights/metricAlerts": "2018-03-01",
+    # .../microsoft.servicebus/2024-01-01/namespaces: GA, has disableLocalAuth, minimumTlsVersion
+    "Microsoft.ServiceBus/namespaces": "2024-01-01",
+    "Microsoft.ServiceBus/namespaces/queues": "2024-01-01",
+    # .../microsoft.keyvault/2023-07-01/vaults
+    "Microsoft.KeyVault/vaults": "2023-07-01",
+    "Microsoft.KeyVault/vaults/secrets": "2023-07-01",
+    # .../microsoft.web/2024-04-01/sites: first GA version with functionAppConfig (Flex)
+    "Microsoft.Web/serverfarms": "2024-04-01",
+    "Microsoft.Web/sites": "2024-04-01",
+    "Microsoft.Web/sites/config": "2024-04-01",
+    "Microsoft.Web/sites/basicPublishingCredentialsPolicies": "2024-04-01",
+    # .../microsoft.authorization/2022-04-01/roleassignments
+    "Microsoft.Authorization/roleAssignments": "2022-04-01",
+}
+
+
+def api_version_problems(templates: list[Template], verified: dict[str, str]) -> list[str]:
+    problems: list[str] = []
+    for template in templates:
+        for r in template.resources():
+            where = f"{template.path.name}:{r.line} {r.symbol}"
+            if not r.api_version:
+                problems.append(f"{where}: declare the full type@version, not a nested short type")
+                continue
+            if verified.get(r.type) != r.api_version:
+                problems.append(
+                    f"{where}: {r.type}@{r.api_version} is not in the verified table "
+                    f"(verified: {verified.get(r.type, 'none')})"
+                )
+            if "preview" in r.api_version and "preview" not in r.leading_comment.lower():
+                problems.append(f"{where}: preview API version without a comment saying why")
+    return problems
+
+
+class TestApiVersions:
+    def test_every_resource_uses_a_verified_current_api_version(self) -> None:
+        assert api_version_problems(all_templates(), VERIFIED_API_VERSIONS) == []
+
+    def test_no_api_version_in_the_table_is_a_preview(self) -> None:
+        assert not [v for v in VERIFIED_API_VERSIONS.values() if "preview" in v]
+
+    def test_every_verified_type_is_used(self) -> None:
+        used = {r.type for t in all_templates() for r in t.resources()}
+        assert set(VERIFIED_API_VERSIONS) <= used
+
+    def test_an_unlisted_or_uncommented_preview_version_is_reported(self, tmp_path: Path) -> None:
+        path = tmp_path / "old.bicep"
+        path.write_text(
+            "resource a 'Microsoft.ServiceBus/namespaces@2022-10-01-preview' = {\n  name: 'x'\n}\n"
+            "resource b 'Microsoft.Web/sites@2022-03-01' = {\n  name: 'y'\n}\n"
+        )
+        problems = api_version_problems([Template(path)], VERIFIED_API_VERSIONS)
+        assert any("preview API version without a comment" in p for p in problems)
+        stale = "Microsoft.Web/sites@2022-03-01 is not in the verified table"
+        assert any(stale in p for p in problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Composition: main.bicep wires modules correctly; names come from one resourceToken.
+# ---------------------------------------------------------------------------------------------
+class TestComposition:
+    def test_main_is_resource_group_scoped(self) -> None:
+        assert re.search(r"(?m)^targetScope = 'resourceGroup'$", MAIN.read_text())
+
+    def test_names_come_from_one_resource_token(self) -> None:
+        token = load(MAIN).variables()["resourceToken"]
+        assert text(token) == (
+            "toLower(uniqueString(subscription().id, resourceGroup().id, location))"
+        )
+        abbrs = load(MAIN).variables()["abbrs"]
+        assert text(abbrs) == "loadJsonContent('abbreviations.json')"
+        for m in load(MAIN).modules():
+            name = prop(m.body, "params.name")
+            if name is not None:
+                assert "resourceToken" in text(name) or text(name) == "functionAppName", m.symbol
+
+    def test_every_module_file_exists_and_gets_only_declared_params(self) -> None:
+        for m in load(MAIN).modules():
+            path = (INFRA / m.path).resolve()
+            assert path.is_file(), m.path
+            declared = load(path).params()
+            passed = set(keys(prop(m.body, "params")))  # type: ignore[arg-type]
+            assert passed <= set(declared), f"{m.symbol}: unknown {passed - set(declared)}"
+            required = {n for n, p in declared.items() if p.default is None}
+            assert required <= passed, f"{m.symbol}: missing {required - passed}"
+
+    def test_queue_and_app_share_one_max_delivery_count(self) -> None:
+        main = load(MAIN)
+        for symbol in ("serviceBus", "functionApp"):
+            value = prop(main.module(symbol).body, "params.maxDeliveryCount")
+            assert text(value) == "maxDeliveryCount", symbol
+        assert literal(main.params()["maxDeliveryCount"].default) == 5
+
+    @pytest.mark.parametrize(
+        ("output", "expected"),
+        [
+            ("FUNCTION_APP_NAME", "functionApp.outputs.name"),
+            (
+                "WEBHOOK_URL",
+                "'https://${functionApp.outputs.defaultHostName}/api/webhooks/smartcar'",
+            ),
+            ("KEY_VAULT_NAME", "keyVault.outputs.name"),
+            ("SERVICEBUS_NAMESPACE_FQDN", "serviceBus.outputs.fullyQualifiedNamespace"),
+            ("SERVICEBUS_QUEUE_NAME", "serviceBus.outputs.queueName"),
+        ],
+    )
+    def test_outputs(self, output: str, expected: str) -> None:
+        assert text(load(MAIN).outputs()[output]) == expected
+
+    def test_params_file_uses_main_and_sets_only_declared_params(self) -> None:
+        params_file = load(PARAMS)
+        assert params_file.using() == "./main.bicep"
+        declared = load(MAIN).params()
+        assigned = params_file.variables()
+        assert set(assigned) <= set(declared)
+        assert literal(assigned["maxDeliveryCount"]) == 5
+        assert literal(assigned["serviceBusSku"]) == "Standard"
+        assert literal(assigned["httpPerInstanceConcurrency"]) == 64
+        assert literal(assigned["alwaysReady"]) == []
+        assert "smartcarManagementToken" not in assigned  # set in Key Vault, not in a file
+
+    def test_params_file_defaults_match_settings_module_defaults(self) -> None:
+        assigned = load(PARAMS).variables()
+        defaults = settings.DEFAULTS
+        assert literal(assigned["queueName"]) == defaults[settings.SERVICEBUS_QUEUE_NAME]
+        assert literal(assigned["tokenSecretName"]) == defaults[settings.SMARTCAR_TOKEN_SECRET_NAME]
+        assert str(literal(assigned["maxBodyBytes"])) == defaults[settings.MAX_BODY_BYTES]
+        assert str(literal(assigned["maxDeliveryCount"])) == defaults[settings.MAX_DELIVERY_COUNT]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Resources: the properties that make the deployment secure and correct.
+# ---------------------------------------------------------------------------------------------
+class TestResources:
+    def test_user_assigned_identity(self) -> None:
+        identity = module("identity")
+        assert identity.resources_of_type("Microsoft.ManagedIdentity/userAssignedIdentities")
+
+    def test_storage_account_is_identity_only(self) -> None:
+        (account,) = module("storage").resources_of_type("Microsoft.Storage/storageAccounts")
+        p = literal(prop(account.body, "properties"))
+        assert p["allowSharedKeyAccess"] is False
+        assert p["allowBlobPublicAccess"] is False
+        assert p["minimumTlsVersion"] == "TLS1_2"
+        assert p["supportsHttpsTrafficOnly"] is True
+
+    def test_storage_has_a_private_deployment_container(self) -> None:
+        (container,) = module("storage").resources_of_type(
+            "Microsoft.Storage/storageAccounts/blobServices/containers"
+        )
+        assert literal(prop(container.body, "properties.publicAccess")) == "None"
+
+    def test_application_insights_is_workspace_based_without_local_auth(self) -> None:
+        mon = module("monitoring")
+        (appi,) = mon.resources_of_type("Microsoft.Insights/components")
+        assert literal(prop(appi.body, "properties.DisableLocalAuth")) is True
+        assert text(prop(appi.body, "properties.WorkspaceResourceId")) == "workspace.id"
+        assert mon.resources_of_type("Microsoft.OperationalInsights/workspaces")
+
+    def test_service_bus_namespace_is_entra_only_with_a_sku_parameter(self) -> None:
+        sb = module("servicebus")
+        (ns,) = sb.resources_of_type("Microsoft.ServiceBus/namespaces")
+        assert literal(prop(ns.body, "properties.disableLocalAuth")) is True
+        assert literal(prop(ns.body, "properties.minimumTlsVersion")) == "1.2"
+        assert literal(sb.params()["sku"].default) == "Standard"
+        assert "'Premium'" in " ".join(sb.params()["sku"].decorators)
+        assert "sku == 'Premium'" in text(prop(ns.body, "sku"))
+
+    def test_queue_detects_duplicates_and_dead_letters(self) -> None:
+        sb = module("servicebus")
+        (queue,) = sb.resources_of_type("Microsoft.ServiceBus/namespaces/queues")
+        p = literal(prop(queue.body, "properties"))
+        assert p["requiresDuplicateDetection"] is True
+        assert p["duplicateDetectionHistoryTimeWindow"] == "PT1H"
+        assert p["maxDeliveryCount"] == Expr("maxDeliveryCount")
+        assert literal(sb.params()["maxDeliveryCount"].default) == 5
+        assert p["lockDuration"] == Expr("lockDuration")
+        assert literal(sb.params()["lockDuration"].default) == "PT1M"
+        assert p["deadLetteringOnMessageExpiration"] is True
+        assert literal(sb.params()["defaultMessageTimeToLive"].default) == "P14D"
+
+    def test_no_authorization_rules_anywhere(self) -> None:
+        for t in all_templates():
+            assert not [r for r in t.resources() if "authorizationrules" in r.type.lower()]
+
+    def test_key_vault_is_rbac_with_purge_protection(self) -> None:
+        (vault,) = module("keyvault").resources_of_type("Microsoft.KeyVault/vaults")
+        p = literal(prop(vault.body, "properties"))
+        assert p["enableRbacAuthorization"] is True
+        assert p["enableSoftDelete"] is True
+        assert p["enablePurgeProtection"] is True
+
+    def test_token_secret_is_created_only_when_a_value_is_given(self) -> None:
+        kv = module("keyvault")
+        (secret,) = kv.resources_of_type("Microsoft.KeyVault/vaults/secrets")
+        assert secret.conditional
+        token = kv.params()["smartcarManagementToken"]
+        assert "@secure()" in token.decorators
+        assert literal(token.default) == ""
+        assert "@secure()" in load(MAIN).params()["smartcarManagementToken"].decorators
+
+    def test_every_secure_param_defaults_to_empty(self) -> None:
+        for t in all_templates():
+            for p in t.params().values():
+                if "@secure()" in p.decorators:
+                    assert p.default is None or literal(p.default) == "", (t.path, p.name)
+
+    def test_plan_is_flex_consumption(self) -> None:
+        (plan,) = module("functionapp").resources_of_type("Microsoft.Web/serverfarms")
+        assert literal(prop(plan.body, "sku")) == {"name": "FC1", "tier": "FlexConsumption"}
+        assert literal(prop(plan.body, "properties.reserved")) is True
+
+    def test_site_is_linux_function_app_https_only(self) -> None:
+        (site,) = module("functionapp").resources_of_type("Microsoft.Web/sites")
+        assert literal(prop(site.body, "kind")) == "functionapp,linux"
+        assert literal(prop(site.body, "properties.httpsOnly")) is True
+        assert literal(prop(site.body, "properties.siteConfig.minTlsVersion")) == "1.2"
+        assert literal(prop(site.body, "properties.siteConfig.ftpsState")) == "Disabled"
+        assert literal(prop(site.body, "identity.type")) == "UserAssigned"
+
+    def test_flex_runtime_deployment_and_scale(self) -> None:
+        fa = module("functionapp")
+        (site,) = fa.resources_of_type("Microsoft.Web/sites")
+        config = prop(site.body, "properties.functionAppConfig")
+        assert config is not None
+        assert literal(prop(config, "runtime")) == {"name": "python", "version": "3.11"}
+        storage = literal(prop(config, "deployment.storage"))
+        assert storage["type"] == "blobContainer"
+        assert storage["authentication"] == {
+            "type": "UserAssignedIdentity",
+            "userAssignedIdentityResourceId": Expr("identityId"),
+        }
+        scale = literal(prop(config, "scaleAndConcurrency"))
+        assert scale["maximumInstanceCount"] == Expr("maximumInstanceCount")
+        assert scale["instanceMemoryMB"] == Expr("instanceMemoryMB")
+        assert scale["alwaysReady"] == Expr("alwaysReady")
+        assert scale["triggers"] == {
+            "http": {"perInstanceConcurrency": Expr("httpPerInstanceConcurrency")}
+        }
+        params = fa.params()
+        assert literal(params["httpPerInstanceConcurrency"].default) == 64
+        assert literal(params["alwaysReady"].default) == []
+
+    def test_basic_publishing_credentials_are_disabled(self) -> None:
+        policies = module("functionapp").resources_of_type(
+            "Microsoft.Web/sites/basicPublishingCredentialsPolicies"
+        )
+        assert {literal(prop(p.body, "name")) for p in policies} == {"ftp", "scm"}
+        assert all(literal(prop(p.body, "properties.allow")) is False for p in policies)
+
+    def test_dead_letter_metric_alert_filters_on_the_queue(self) -> None:
+        alerts = module("alerts")
+        (alert,) = alerts.resources_of_type("Microsoft.Insights/metricAlerts")
+        criteria = literal(prop(alert.body, "properties.criteria"))
+        assert criteria["odata.type"] == (
+            "Microsoft.Azure.Monitor.SingleResourceMultipleMetricCriteria"
+        )
+        (criterion,) = criteria["allOf"]
+        assert criterion["metricName"] == "DeadletteredMessages"
+        assert criterion["metricNamespace"] == "Microsoft.ServiceBus/namespaces"
+        assert criterion["dimensions"] == [
+            {"name": "EntityName", "operator": "Include", "values": [Expr("queueName")]}
+        ]
+        assert criterion["operator"] == "GreaterThan" and criterion["threshold"] == 0
+
+    def test_action_group_exists_only_with_an_email(self) -> None:
+        alerts = module("alerts")
+        (group,) = alerts.resources_of_type("Microsoft.Insights/actionGroups")
+        assert group.conditional
+        assert literal(alerts.params()["alertEmail"].default) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Role assignments: least privilege, narrowest scope, deterministic names.
+# ---------------------------------------------------------------------------------------------
+# Built-in role definition ids, checked against
+# learn.microsoft.com/azure/role-based-access-control/built-in-roles.
+BUILT_IN_ROLES = {
+    "serviceBusDataSender": "69a216fc-b8fb-44d8-bc22-1f3c2cd27a39",
+    "serviceBusDataReceiver": "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0",
+    "serviceBusDataOwner": "090c5cfd-751d-490a-894a-3ce6f1109419",
+    "keyVaultSecretsUser": "4633458b-17de-408a-b874-0445c86b69e6",
+    "keyVaultSecretsOfficer": "b86a8fe4-44ce-4948-aee5-eccb2c155cd7",
+    "storageBlobDataOwner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
+    "storageTableDataContributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
+    "monitoringMetricsPublisher": "3913510d-42f4-4e42-8a64-420c390055eb",
+}
+
+# (scope symbol, role, principal parameter) for every assignment, and nothing else.
+EXPECTED_ASSIGNMENTS = {
+    ("queue", "serviceBusDataSender", "appPrincipalId"),
+    ("queue", "serviceBusDataReceiver", "appPrincipalId"),
+    ("vault", "keyVaultSecretsUser", "appPrincipalId"),
+    ("storage", "storageBlobDataOwner", "appPrincipalId"),
+    ("storage", "storageTableDataContributor", "appPrincipalId"),
+    ("appInsights", "monitoringMetricsPublisher", "appPrincipalId"),
+    ("queue", "serviceBusDataOwner", "deployerPrincipalId"),
+    ("vault", "keyVaultSecretsOfficer", "deployerPrincipalId"),
+}
+
+
+def role_assignments() -> list[tuple[str, str, str, str, str]]:
+    """(scope, role key, principal, name expression, principalType) per assignment."""
+    roles = module("roles")
+    variables = roles.variables()
+    found = []
+    for r in roles.resources_of_type("Microsoft.Authorization/roleAssignments"):
+        role_var = text(prop(r.body, "properties.roleDefinitionId"))
+        (call,) = find_calls(variables[role_var], "subscriptionResourceId")
+        role_key = text(call_arguments(call)[1]).removeprefix("roles.")
+        found.append(
+            (
+                text(prop(r.body, "scope")),
+                role_key,
+                text(prop(r.body, "properties.principalId")),
+                text(prop(r.body, "name")),
+                text(prop(r.body, "properties.principalType")),
+            )
+        )
+    return found
+
+
+class TestRoleAssignments:
+    def test_role_ids_are_the_built_in_ones(self) -> None:
+        assert literal(module("roles").variables()["roles"]) == BUILT_IN_ROLES
+
+    def test_exactly_the_expected_roles_at_the_expected_scopes(self) -> None:
+        assert {(s, role, p) for s, role, p, _, _ in role_assignments()} == EXPECTED_ASSIGNMENTS
+
+    def test_service_bus_roles_are_scoped_to_the_queue_not_the_namespace(self) -> None:
+        roles = module("roles")
+        queue = roles.resource("queue")
+        assert queue.existing and queue.type == "Microsoft.ServiceBus/namespaces/queues"
+        for scope, role, *_ in role_assignments():
+            if role.startswith("serviceBus"):
+                assert scope == "queue"
+
+    def test_names_are_guid_of_scope_principal_and_role(self) -> None:
+        for scope, _, principal, name, _ in role_assignments():
+            assert re.fullmatch(rf"guid\({scope}\.id, {principal}, \w+RoleId\)", name), name
+
+    def test_app_assignments_are_for_a_service_principal(self) -> None:
+        for _, _, principal, _, principal_type in role_assignments():
+            expected = (
+                "'ServicePrincipal'" if principal == "appPrincipalId" else ("deployerPrincipalType")
+            )
+            assert principal_type == expected
+
+    def test_deployer_assignments_are_optional(self) -> None:
+        roles = module("roles")
+        assert literal(roles.params()["deployerPrincipalId"].default) == ""
+        for r in roles.resources_of_type("Microsoft.Authorization/roleAssignments"):
+            if text(prop(r.body, "properties.principalId")) == "deployerPrincipalId":
+                assert r.conditional, r.symbol
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. App settings: Bicep sets exactly what the settings module and the host read.
+# ---------------------------------------------------------------------------------------------
+FLEX_FORBIDDEN = {"FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION"}
+
+
+def expected_app_settings(
+    app: AbstractSet[str], local_only: AbstractSet[str], host: AbstractSet[str]
+) -> set[str]:
+    return (set(app) - set(local_only)) | set(host)
+
+
+def compare_settings(bicep: set[str], expected: set[str]) -> list[str]:
+    """What is wrong, in both directions; empty when Bicep and the code agree."""
+    problems = [f"Bicep sets {n}, which nothing reads" for n in sorted(bicep - expected)]
+    problems += [f"Bicep does not set {n}, which the app reads" for n in sorted(expected - bicep)]
+    return problems
+
+
+def bicep_app_settings() -> set[str]:
+    fa = module("functionapp")
+    (config,) = [
+        r
+        for r in fa.resources_of_type("Microsoft.Web/sites/config")
+        if literal(prop(r.body, "name")) == "appsettings"
+    ]
+    properties = prop(config.body, "properties")
+    assert properties is not None and properties.type == "object", "inline app settings object"
+    (site,) = fa.resources_of_type("Microsoft.Web/sites")
+    assert prop(site.body, "properties.siteConfig.appSettings") is None, "one place for settings"
+    return set(keys(properties))
+
+
+class TestAppSettings:
+    def test_bicep_and_settings_module_agree_in_both_directions(self) -> None:
+        expected = expected_app_settings(
+            settings.APP_SETTINGS, settings.LOCAL_ONLY_SETTINGS, settings.HOST_SETTINGS
+        )
+        assert compare_settings(bicep_app_settings(), expected) == []
+
+    def test_local_only_settings_are_never_deployed(self) -> None:
+        assert not bicep_app_settings() & settings.LOCAL_ONLY_SETTINGS
+
+    def test_flex_consumption_forbidden_settings_are_absent(self) -> None:
+        assert not bicep_app_settings() & FLEX_FORBIDDEN
+
+    def test_comparison_reports_an_unknown_bicep_setting(self) -> None:
+        expected = expected_app_settings({"A", "LOCAL"}, {"LOCAL"}, {"H"})
+        assert compare_settings({"A", "H", "TYPO"}, expected) == [
+            "Bicep sets TYPO, which nothing reads"
+        ]
+
+    def test_comparison_reports_a_setting_bicep_forgot(self) -> None:
+        expected = expected_app_settings({"A", "B", "LOCAL"}, {"LOCAL"}, {"H"})
+        assert compare_settings({"A", "H"}, expected) == [
+            "Bicep does not set B, which the app reads"
+        ]
+
+    def test_comparison_reports_a_local_only_setting_in_bicep(self) -> None:
+        expected = expected_app_settings({"A", "LOCAL"}, {"LOCAL"}, set())
+        assert compare_settings({"A", "LOCAL"}, expected) == [
+            "Bicep sets LOCAL, which nothing reads"
+        ]
+
+    def test_identity_based_connection_values(self) -> None:
+        fa = module("functionapp")
+        (config,) = [r for r in fa.resources_of_type("Microsoft.Web/sites/config")]
+        values = literal(prop(config.body, "properties"))
+        assert values["ServiceBusConnection__credential"] == "managedidentity"
+        assert values["AzureWebJobsStorage__credential"] == "managedidentity"
+        assert values["ServiceBusConnection__clientId"] == Expr("identityClientId")
+        assert values["AzureWebJobsStorage__clientId"] == Expr("identityClientId")
+        assert values["AZURE_CLIENT_ID"] == Expr("identityClientId")
+        assert values["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == Expr(
+            "'ClientId=${identityClientId};Authorization=AAD'"
+        )
+        assert values["MAX_DELIVERY_COUNT"] == Expr("string(maxDeliveryCount)")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. No secrets or keys anywhere in infra or code.
+# ---------------------------------------------------------------------------------------------
+FORBIDDEN_PATTERNS = {
+    "listKeys(": re.compile(r"listKeys\s*\(", re.IGNORECASE),
+    "listConnectionStrings": re.compile(r"listConnectionStrings", re.IGNORECASE),
+    "listSecrets": re.compile(r"\blistSecrets\s*\(", re.IGNORECASE),
+    "AccountKey=": re.compile(r"AccountKey\s*=", re.IGNORECASE),
+    "SharedAccessKey=": re.compile(r"SharedAccessKey\s*=", re.IGNORECASE),
+    "authorizationRules": re.compile(r"authorizationRules", re.IGNORECASE),
+}
+# The Service Bus emulator's connection string carries a fixed, published placeholder key; it
+# only ever points at localhost, so a line that says UseDevelopmentEmulator=true is allowed.
+EMULATOR_MARKER = re.compile(r"UseDevelopmentEmulator\s*=\s*true", re.IGNORECASE)
+
+
+def secret_findings(path: Path, content: str) -> list[str]:
+    findings = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if EMULATOR_MARKER.search(line):
+            continue
+        for label, pattern in FORBIDDEN_PATTERNS.items():
+            if pattern.search(line):
+                findings.append(f"{path}:{number}: {label}")
+    return findings
+
+
+def scanned_files() -> list[Path]:
+    files = [p for p in INFRA.rglob("*") if p.is_file()]
+    files += [p for p in (ROOT / "shared").rglob("*.py")]
+    files += [p for p in [ROOT / "function_app.py", ROOT / "azure.yaml"] if p.is_file()]
+    files += [p for p in ROOT.glob("*.json")]
+    files += [p for p in ROOT.glob("*.json.example")]
+    files += [p for p in (ROOT / ".github" / "workflows").glob("*.y*ml")]
+    return sorted(files)
+
+
+class TestNoSecrets:
+    def test_scan_covers_infra_code_and_workflows(self) -> None:
+        names = {p.relative_to(ROOT).as_posix() for p in scanned_files()}
+        assert "infra/main.bicep" in names
+        assert "shared/settings.py" in names
+        assert ".github/workflows/deploy.yml" in names
+
+    def test_no_keys_or_connection_strings_with_secrets(self) -> None:
+        findings = [f for p in scanned_files() for f in secret_findings(p, p.read_text())]
+        assert findings == []
+
+    @pytest.mark.parametrize(
+        "line",
+        [
+            "output k string = storage.listKeys().keys[0].value",
+            "value: sb.listConnectionStrings().primaryConnectionString",
+            "'DefaultEndpointsProtocol=https;AccountName=x;AccountKey=abc=='",
+            "Endpoint=sb://x.servicebus.windows.net/;SharedAccessKeyName=a;SharedAccessKey=b",
+            "resource r 'Microsoft.ServiceBus/namespaces/authorizationRules@2024-01-01' = {",
+        ],
+    )
+    def test_scanner_reports_each_kind_of_secret(self, line: str) -> None:
+        assert secret_findings(Path("bad.bicep"), f"// ok\n{line}\n") != []
+
+    def test_scanner_allows_the_local_emulator_connection_string(self) -> None:
+        emulator = (
+            "Endpoint=sb://localhost;SharedAccessKeyName=RootManageSharedAccessKey;"
+            "SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;"
+        )
+        assert secret_findings(Path("local.settings.json.example"), emulator) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Delivery: azd, the GitHub workflow (OIDC, no stored credentials), the README.
+# ---------------------------------------------------------------------------------------------
+class TestDelivery:
+    def test_azure_yaml_deploys_the_function_app_with_bicep(self) -> None:
+        azure_yaml = (ROOT / "azure.yaml").read_text()
+        assert re.search(r"(?m)^\s+host: function$", azure_yaml)
+        assert re.search(r"(?m)^\s+language: python$", azure_yaml)
+        assert re.search(r"(?m)^\s+provider: bicep$", azure_yaml)
+        assert re.search(r"(?m)^\s+path: infra$", azure_yaml)
+        # azd finds the app through this tag.
+        (site,) = module("functionapp").resources_of_type("Microsoft.Web/sites")
+        assert "'azd-service-name': 'api'" in text(prop(site.body, "tags"))
+        assert re.search(r"(?m)^  api:$", azure_yaml)
+
+    def test_workflow_logs_in_with_openid_connect(self) -> None:
+        workflow = WORKFLOW.read_text()
+        assert re.search(r"(?m)^\s+id-token: write\b", workflow)
+        assert "azure/login@v2" in workflow
+        for field in ("client-id", "tenant-id", "subscription-id"):
+            assert re.search(rf"(?m)^\s+{field}: \$\{{\{{ vars\.AZURE_", workflow), field
+        assert "creds:" not in workflow
+        assert "AZURE_CREDENTIALS" not in workflow
+        assert "client-secret" not in workflow
+
+    def test_workflow_deploys_infra_then_code(self) -> None:
+        workflow = WORKFLOW.read_text()
+        deploy = workflow.index("az deployment group create")
+        publish = workflow.index("func azure functionapp publish")
+        assert deploy < publish
+        assert "-f infra/main.bicep" in workflow and "-p infra/main.bicepparam" in workflow
+        assert "python-version: '3.11'" in workflow
+
+    def test_readme_deploy_section(self) -> None:
+        readme = (ROOT / "README.md").read_text()
+        assert "\n## Deploy\n" in readme
+        section = readme.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
+        for needle in (
+            "Functions Core Tools",
+            "Python 3.11",
+            "az group create",
+            "az deployment group create -g",
+            "-f infra/main.bicep -p infra/main.bicepparam",
+            "az keyvault secret set --vault-name",
+            "--name smartcar-management-token",
+            "Key Vault Secrets Officer",
+            "func azure functionapp publish",
+            "--python",
+            "az functionapp function keys list",
+            "/api/webhooks/smartcar?code=",
+            "/api/webhooks/smartcar/errors",
+            "python -m shared.cli send --url",
+        ):
+            assert needle in section, needle
