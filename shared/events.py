@@ -363,12 +363,15 @@ def _timestamp(value: Any, path: str) -> datetime | None:
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
-            if parsed.tzinfo is None:
-                # Smartcar's timestamps are UTC; a string without an offset means UTC too.
-                return parsed.replace(tzinfo=UTC)
-            return parsed.astimezone(UTC)
-        except (OverflowError, ValueError):
+        except ValueError:
             raise InvalidEventError(f"{path} is not an ISO-8601 timestamp") from None
+        if parsed.tzinfo is None:
+            # Smartcar's timestamps are UTC; a string without an offset means UTC too.
+            return parsed.replace(tzinfo=UTC)
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+            raise InvalidEventError(f"{path} is out of range for a UTC timestamp") from None
     raise InvalidEventError(
         f"{path} must be epoch milliseconds or an ISO-8601 string, got {_describe(value, path)}"
     )
