@@ -11,7 +11,7 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import pytest
-from bicep_tree import (
+from .bicep_tree import (
     Expr,
     Template,
     call_arguments,

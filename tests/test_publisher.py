@@ -58,6 +58,12 @@ class TestMessageShape:
         assert message_id_for(body, None) == expected
         assert outbound_message(body, peek_envelope(body)).message_id == expected
 
+    def test_event_id_with_a_lone_surrogate_falls_back_to_the_body_hash(self) -> None:
+        body = b'{"eventId": "\\ud800", "eventType": "VEHICLE_STATE", "vehicleId": "\\udfff"}'
+        message = outbound_message(body, peek_envelope(body))
+        assert message.message_id.startswith("sha256:")
+        assert "vehicleId" not in message.application_properties
+
     def test_over_long_event_id_falls_back_to_the_body_hash(self) -> None:
         assert message_id_for(b"x", "e" * 129).startswith("sha256:")
         assert message_id_for(b"x", "e" * 128) == "e" * 128

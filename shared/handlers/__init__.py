@@ -71,7 +71,7 @@ class HandlerRegistry:
 
     def on_signal(self, path: str) -> Callable[[F], F]:
         """Decorator: call the handler for each successful signal `path` of a VEHICLE_STATE
-        event, oldest `oem_updated_at` first."""
+        event, in `event.signals_by_recency()` order (newest `oem_updated_at` first)."""
 
         def register(handler: F) -> F:
             self._by_signal[path].append(handler)
