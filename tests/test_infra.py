@@ -11,6 +11,9 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import pytest
+
+from shared import settings
+
 from .bicep_tree import (
     Expr,
     Template,
@@ -22,8 +25,6 @@ from .bicep_tree import (
     prop,
     text,
 )
-
-from shared import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
