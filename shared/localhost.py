@@ -43,6 +43,7 @@ class HttpFunction:
     name: str
     route: str
     methods: tuple[str, ...]
+    auth_level: str
     handler: Callable[..., Any]
 
 
@@ -50,6 +51,7 @@ class HttpFunction:
 class QueueFunction:
     name: str
     queue_name: str
+    connection: str
     handler: Callable[..., Any]
 
 
@@ -76,10 +78,12 @@ def _index(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunctio
         kind = trigger.get_binding_name() if trigger is not None else None
         if kind == "httpTrigger":
             methods = tuple(str(getattr(m, "value", m)) for m in (trigger.methods or ["GET"]))
-            http.append(HttpFunction(name, trigger.route or name, methods,
+            auth = str(getattr(trigger.auth_level, "value", trigger.auth_level))
+            http.append(HttpFunction(name, trigger.route or name, methods, auth,
                                      fn.get_user_function()))
         elif kind == "serviceBusTrigger":
-            queues.append(QueueFunction(name, trigger.queue_name, fn.get_user_function()))
+            queues.append(QueueFunction(name, trigger.queue_name, trigger.connection,
+                                        fn.get_user_function()))
         else:
             raise RuntimeError(f"the local host cannot run {kind} function {name}")
     return http, queues
