@@ -499,3 +499,19 @@ class TestConfiguration:
 def _no_leftover_telemetry() -> Iterator[None]:
     yield
     set_telemetry(None)
+
+
+class TestReadme:
+    def test_observe_section_follows_its_marker_and_covers_queries_and_alerts(self) -> None:
+        readme = (ROOT / "README.md").read_text()
+        assert "<!-- section: observe -->\n\n## Observe\n" in readme
+        section = readme.split("\n## Observe\n", 1)[1].split("\n## ", 1)[0]
+        assert "az monitor app-insights query --app" in section
+        assert '--analytics-query "$(cat infra/queries/' in section
+        for path in QUERY_FILES:
+            assert path.name in section, path.name
+        for name in sorted(names.METRICS | names.SPANS):
+            assert f"`{name}`" in section, name
+        for alert in ("delivery success rate", "signature failure spike", "processing lag",
+                      "dead-lettered"):
+            assert alert in section, alert
