@@ -40,6 +40,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from . import telemetry_names as names
+from .publisher import OutboundMessage
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,6 @@ _LAG_BUCKETS_MS: Sequence[float] = (
 )
 _MAX_EVENT_TYPE_LENGTH = 64
 
-T = TypeVar("T")
 
 
 class ReplyLike(Protocol):
@@ -69,6 +69,9 @@ class ReplyLike(Protocol):
     def event_id(self) -> str | None: ...
     @property
     def event_type(self) -> str | None: ...
+
+
+R = TypeVar("R", bound=ReplyLike)
 
 
 # Outcomes after which the request is known to be signed by Smartcar (or a VERIFY that was
@@ -188,7 +191,7 @@ class Telemetry:
         )
 
     # -- receive ----------------------------------------------------------------------------
-    async def observe_receive(self, decide: Callable[[], Awaitable[T]]) -> T:
+    async def observe_receive(self, decide: Callable[[], Awaitable[R]]) -> R:
         """Run `decide` (returning a ReplyLike) inside the receive span; count its outcome.
 
         The span is current while `decide` runs, so `trace_context_properties()` called from
@@ -199,7 +202,7 @@ class Telemetry:
             names.SPAN_RECEIVE, kind=SpanKind.SERVER, record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            reply: Any = await decide()
+            reply = await decide()
             elapsed_ms = (time.perf_counter() - start) * 1000.0
             outcome = str(reply.outcome)
             trusted = outcome in _AUTHENTICATED_OUTCOMES
@@ -218,8 +221,7 @@ class Telemetry:
                 span.set_status(Status(StatusCode.ERROR, outcome))
             self.received.add(1, attributes)
             self.receive_duration.record(elapsed_ms, attributes)
-        result: T = reply
-        return result
+        return reply
 
     # -- process ----------------------------------------------------------------------------
     @contextmanager
@@ -292,12 +294,11 @@ class Telemetry:
         self.redriven.add(count)
 
 
-def with_trace_context(message: T) -> T:
-    """`message` (an OutboundMessage) with the current trace context in its properties."""
-    props = dict(getattr(message, "application_properties", {}))
+def with_trace_context(message: OutboundMessage) -> OutboundMessage:
+    """`message` with the current span's trace context added to its application properties."""
+    props = dict(message.application_properties)
     props.update(trace_context_properties())
-    result: T = replace(message, application_properties=props)  # type: ignore[type-var]
-    return result
+    return replace(message, application_properties=props)
 
 
 # ---------------------------------------------------------------------------------------------
