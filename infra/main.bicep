@@ -197,9 +197,20 @@ module alerts 'modules/alerts.bicep' = {
   name: 'alerts'
   params: {
     namePrefix: '${abbrs.metricAlert}${resourceToken}'
+    location: location
+    appInsightsId: monitoring.outputs.appInsightsId
     alertEmail: alertEmail
     serviceBusNamespaceId: serviceBus.outputs.id
     queueName: serviceBus.outputs.queueName
+    tags: tags
+  }
+}
+
+module workbook 'modules/workbook.bicep' = {
+  name: 'workbook'
+  params: {
+    location: location
+    appInsightsId: monitoring.outputs.appInsightsId
     tags: tags
   }
 }

@@ -31,6 +31,7 @@ from .publisher import OutboundMessage, Publisher
 from .receiver import OVERSIZE, Reply
 from .runtime import Runtime, build_runtime, set_runtime
 from .settings import Settings, SettingsError, load_settings
+from .telemetry import configure as configure_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +348,8 @@ async def serve(host: str, port: int, workers: int) -> None:
     settings = load_settings()
     runtime = build_runtime(settings)
     set_runtime(runtime)
+    # Spans to the console, or to Application Insights when a connection string is set.
+    configure_telemetry(connection_string=settings.appinsights_connection_string, console=True)
     local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers)
     await local.start()
     print(banner(settings, local.base_url), flush=True)

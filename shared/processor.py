@@ -27,6 +27,8 @@ from .publisher import (
     PROP_DEAD_LETTER_REASON,
 )
 from .settings import Settings
+from .telemetry import Telemetry, get_telemetry
+from .telemetry_names import PROCESS_DEAD_LETTERED, PROCESS_RETRIED
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +154,44 @@ async def process_message(
     dead_letterer: DeadLetterer,
     handled_log: HandledLog | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    telemetry: Telemetry | None = None,
 ) -> ProcessResult:
     """Process one message. Returns on completion; raises to have the message abandoned."""
+    with (telemetry or get_telemetry()).observe_process(
+        message.application_properties,
+        message_id=message.message_id,
+        delivery_count=message.delivery_count,
+    ) as observed:
+        try:
+            result = await _process(
+                message, settings=settings, registry=registry, dead_letterer=dead_letterer,
+                handled_log=handled_log, sleep=sleep,
+            )
+        except HandlerFailedError as exc:
+            last = message.delivery_count >= settings.max_delivery_count
+            observed.outcome = PROCESS_DEAD_LETTERED if last else PROCESS_RETRIED
+            observed.error_type = type(exc.__cause__ or exc).__name__
+            raise
+        observed.outcome = str(result.outcome)
+        if result.outcome is Outcome.DEAD_LETTERED:
+            observed.dead_letter_reason = INVALID_PAYLOAD
+        if result.event is not None:
+            observed.event_type = result.event.event_type
+            observed.event_id = result.event.event_id
+            observed.vehicle_id = result.event.vehicle_id
+            observed.delivered_at = result.event.meta.delivered_at
+        return result
+
+
+async def _process(
+    message: InboundMessage,
+    *,
+    settings: Settings,
+    registry: HandlerRegistry,
+    dead_letterer: DeadLetterer,
+    handled_log: HandledLog | None,
+    sleep: Callable[[float], Awaitable[None]],
+) -> ProcessResult:
     if PROP_DEAD_LETTER_REASON in message.application_properties:
         raise DeadLetterCopyError(
             f"message {message.message_id} is a dead-letter copy; refusing it so it expires"

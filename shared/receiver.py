@@ -16,6 +16,7 @@ from typing import Any
 from .events import peek_envelope
 from .publisher import Publisher, PublishError, outbound_message
 from .signature import challenge_problem, get_signature, matching_token, sign
+from .telemetry import Telemetry, get_telemetry, with_trace_context
 from .tokens import TokenProvider, TokenUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,23 @@ async def receive(
     tokens: TokenProvider,
     publisher: Publisher,
     max_body_bytes: int,
+    telemetry: Telemetry | None = None,
 ) -> Reply:
     """Decide and act on one webhook POST. Never raises for any input."""
+    return await (telemetry or get_telemetry()).observe_receive(
+        lambda: _decide(body, headers, tokens=tokens, publisher=publisher,
+                        max_body_bytes=max_body_bytes)
+    )
+
+
+async def _decide(
+    body: bytes,
+    headers: Mapping[str, str],
+    *,
+    tokens: TokenProvider,
+    publisher: Publisher,
+    max_body_bytes: int,
+) -> Reply:
     if len(body) > max_body_bytes:
         return _error(413, OVERSIZE, f"body exceeds the {max_body_bytes}-byte limit")
 
@@ -112,7 +128,8 @@ async def receive(
     if signature is None:
         return _error(401, UNSIGNED_REJECTED, "missing SC-Signature header", **extra)
 
-    message = outbound_message(body, envelope)
+    # The receive span is current: its trace context travels with the message.
+    message = with_trace_context(outbound_message(body, envelope))
     try:
         stored = await publisher.publish(message)
     except PublishError as exc:

@@ -87,6 +87,11 @@ VERIFIED_API_VERSIONS: dict[str, str] = {
     "Microsoft.Insights/actionGroups": "2023-01-01",
     # .../microsoft.insights/2018-03-01/metricalerts (the only GA version)
     "Microsoft.Insights/metricAlerts": "2018-03-01",
+    # .../microsoft.insights/2023-12-01/scheduledqueryrules (newer ones, 2024-01-01-preview and
+    # 2025-01-01-preview, are previews)
+    "Microsoft.Insights/scheduledQueryRules": "2023-12-01",
+    # .../microsoft.insights/2023-06-01/workbooks (the template reference's current version)
+    "Microsoft.Insights/workbooks": "2023-06-01",
     # .../microsoft.servicebus/2024-01-01/namespaces: GA, has disableLocalAuth, minimumTlsVersion
     "Microsoft.ServiceBus/namespaces": "2024-01-01",
     "Microsoft.ServiceBus/namespaces/queues": "2024-01-01",

@@ -1,7 +1,7 @@
-// Alert rules and where they notify. The first rule: any dead-lettered event on the queue.
-// Scheduled query alerts over infra/queries/*.kql (loadTextContent('../queries/<name>.kql'))
-// belong in this module too: add the workspace or Application Insights id as an input (main.bicep
-// has both from the monitoring module) and one Microsoft.Insights/scheduledQueryRules per query.
+// Alert rules and where they notify: any dead-lettered event on the queue (a metric alert), and
+// log alerts over Application Insights that run the ops queries in infra/queries/*.kql: the same
+// files an operator runs by hand (README "Observe"). Each rule loads its file and appends only
+// its threshold, so the query and the alert cannot drift apart.
 
 @description('Name prefix for alert resources.')
 param namePrefix string
@@ -19,7 +19,27 @@ param serviceBusNamespaceId string
 @description('Queue whose dead-letter count is watched.')
 param queueName string
 
+@description('Azure region of the log alert rules (the Application Insights region).')
+param location string
+
+@description('Application Insights component the log alerts query.')
+param appInsightsId string
+
+@description('Delivery success rate alert: fire below this percentage of 2xx answers (Smartcar alerts its users below 95).')
+param successRateThreshold int = 95
+
+@description('Delivery success rate alert: ignore 5-minute bins with fewer POSTs than this.')
+param successRateMinimumRequests int = 10
+
+@description('Signature failure alert: fire when more POSTs than this are refused 401 in 5 minutes.')
+param signatureFailureThreshold int = 20
+
+@description('Processing lag alert: fire when the average delivery-to-processed lag exceeds this (ms).')
+param processingLagThresholdMs int = 300000
+
 param tags object = {}
+
+var actionGroups = empty(alertEmail) ? [] : [actionGroup.id]
 
 resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(alertEmail)) {
   name: '${namePrefix}-ops'
@@ -87,5 +107,108 @@ resource deadLetterAlert 'Microsoft.Insights/metricAlerts@2018-03-01' = {
   }
 }
 
+// Each log alert fires when its query, with the threshold appended, returns any row in the window.
+var logAlertCriterion = {
+  timeAggregation: 'Count'
+  operator: 'GreaterThan'
+  threshold: 0
+  failingPeriods: {
+    numberOfEvaluationPeriods: 1
+    minFailingPeriodsToAlert: 1
+  }
+}
+
+resource successRateAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-delivery-success-rate'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Smartcar webhook delivery success rate below ${successRateThreshold} %'
+    description: 'Fewer than ${successRateThreshold} % of webhook POSTs were answered 2xx. Smartcar retries 3 times over ~3 minutes, then drops the event. Run infra/queries/delivery_success_rate.kql: unavailable = Service Bus or Key Vault failing (503); rejected = forged requests or a wrong signing token (see signature_failures.kql).'
+    severity: 1
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        union(logAlertCriterion, {
+          query: '${loadTextContent('../queries/delivery_success_rate.kql')}\n| where total >= ${successRateMinimumRequests} and successRate < ${successRateThreshold}\n'
+        })
+      ]
+    }
+    actions: {
+      actionGroups: actionGroups
+    }
+  }
+}
+
+resource signatureFailureAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-signature-failures'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Smartcar webhook signature failures spike'
+    description: 'More than ${signatureFailureThreshold} webhook POSTs in 5 minutes were refused for a missing or wrong SC-Signature. Run infra/queries/signature_failures.kql. If real deliveries fail too (delivery success rate alert), the signing token in Key Vault is wrong or was rotated: set the current Application Management Token. Otherwise someone is sending forged requests: they are refused and nothing is stored.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        union(logAlertCriterion, {
+          query: '${loadTextContent('../queries/signature_failures.kql')}\n| where failures > ${signatureFailureThreshold}\n'
+        })
+      ]
+    }
+    actions: {
+      actionGroups: actionGroups
+    }
+  }
+}
+
+resource processingLagAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-processing-lag'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Smartcar event processing lag above ${processingLagThresholdMs} ms'
+    description: 'Events are processed more than ${processingLagThresholdMs} ms after Smartcar delivered them. Run infra/queries/end_to_end_lag.kql and processing_failures.kql; check the queue backlog (python -m shared.cli stats) and the handlers\' duration.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        union(logAlertCriterion, {
+          query: '${loadTextContent('../queries/end_to_end_lag.kql')}\n| where avgLagMs > ${processingLagThresholdMs}\n'
+        })
+      ]
+    }
+    actions: {
+      actionGroups: actionGroups
+    }
+  }
+}
+
 output actionGroupId string = empty(alertEmail) ? '' : actionGroup.id
 output deadLetterAlertId string = deadLetterAlert.id
+output logAlertIds array = [
+  successRateAlert.id
+  signatureFailureAlert.id
+  processingLagAlert.id
+]

@@ -1,0 +1,103 @@
+"""Every telemetry name the code emits: one constant per name, nothing else.
+
+The ops queries in `infra/queries/*.kql` use exactly these names (tests/test_observability.py
+checks it). In Application Insights, metrics land in `customMetrics` (`name`, `value`,
+`valueCount`, `valueSum`) with their attributes in `customDimensions`; spans land in
+`requests` (kind SERVER or CONSUMER) with their attributes in `customDimensions`.
+Changing a name breaks the queries, the alerts and the workbook: change them together.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Instrumentation scope (tracer and meter name).
+SCOPE: Final = "smartcar.webhooks"
+
+# --- Metrics ---------------------------------------------------------------------------------
+#: Counter, one per webhook POST answered; attributes `outcome` (a receiver outcome),
+#: `eventType` (only once the request is authenticated, else "unknown"), `httpStatus`.
+WEBHOOK_RECEIVED: Final = "smartcar.webhook.received"
+#: Histogram (ms): time to decide and answer one POST; same attributes as WEBHOOK_RECEIVED.
+WEBHOOK_RECEIVE_DURATION: Final = "smartcar.webhook.receive.duration"
+#: Counter, one per processing attempt; attributes `eventType`, `outcome` (EVENT_* below).
+EVENT_PROCESSED: Final = "smartcar.event.processed"
+#: Histogram (ms): time to process one delivery of a message; `eventType`, `outcome`.
+EVENT_PROCESS_DURATION: Final = "smartcar.event.process.duration"
+#: Histogram (ms): processing time minus the event's `meta.deliveredAt`; `eventType`.
+EVENT_DELIVERY_LAG: Final = "smartcar.event.delivery_lag"
+#: Counter: webhooks stored in the blob spill-over because Service Bus was unavailable.
+#: Reserved for the reliability work (the spill-over publisher records it).
+WEBHOOK_SPILLED: Final = "smartcar.webhook.spilled"
+#: Counter: spilled webhooks re-driven from blob storage to the queue (the timer function).
+SPILL_REDRIVEN: Final = "smartcar.spill.redriven"
+
+METRICS: Final = frozenset(
+    {
+        WEBHOOK_RECEIVED,
+        WEBHOOK_RECEIVE_DURATION,
+        EVENT_PROCESSED,
+        EVENT_PROCESS_DURATION,
+        EVENT_DELIVERY_LAG,
+        WEBHOOK_SPILLED,
+        SPILL_REDRIVEN,
+    }
+)
+
+# --- Spans -----------------------------------------------------------------------------------
+#: SERVER span around one webhook POST (the receive decision and the enqueue).
+SPAN_RECEIVE: Final = "smartcar.webhook.receive"
+#: CONSUMER span around one delivery of a queued event; child of SPAN_RECEIVE through the
+#: message's `traceparent` / `Diagnostic-Id` application properties.
+SPAN_PROCESS: Final = "smartcar.event.process"
+
+SPANS: Final = frozenset({SPAN_RECEIVE, SPAN_PROCESS})
+
+# --- Attributes (metric dimensions and span attributes) -------------------------------------
+# Same spelling as the message application properties (shared/publisher.py PROP_*).
+ATTR_OUTCOME: Final = "outcome"
+ATTR_EVENT_TYPE: Final = "eventType"
+ATTR_EVENT_ID: Final = "eventId"  # spans only: one value per event
+ATTR_VEHICLE_ID: Final = "vehicleId"  # spans only
+ATTR_MESSAGE_ID: Final = "messageId"  # spans only
+ATTR_DELIVERY_COUNT: Final = "deliveryCount"  # spans only
+ATTR_MODE: Final = "mode"  # spans only: LIVE or TEST
+ATTR_HTTP_STATUS: Final = "httpStatus"
+ATTR_DEAD_LETTER_REASON: Final = "deadLetterReason"  # spans only, when dead-lettered
+ATTR_ERROR_TYPE: Final = "errorType"  # spans only: the exception class name, never its text
+
+ATTRIBUTES: Final = frozenset(
+    {
+        ATTR_OUTCOME,
+        ATTR_EVENT_TYPE,
+        ATTR_EVENT_ID,
+        ATTR_VEHICLE_ID,
+        ATTR_MESSAGE_ID,
+        ATTR_DELIVERY_COUNT,
+        ATTR_MODE,
+        ATTR_HTTP_STATUS,
+        ATTR_DEAD_LETTER_REASON,
+        ATTR_ERROR_TYPE,
+    }
+)
+
+# `eventType` value on metrics for requests that were not authenticated: their body is
+# attacker-controlled, so its eventType must not become a metric dimension.
+UNKNOWN_EVENT_TYPE: Final = "unknown"
+
+# --- Processing outcomes (values of `outcome` on EVENT_* metrics and SPAN_PROCESS) ----------
+PROCESS_HANDLED: Final = "handled"
+PROCESS_UNHANDLED: Final = "unhandled"
+PROCESS_RETRIED: Final = "retried"
+PROCESS_DEAD_LETTERED: Final = "dead_lettered"
+
+PROCESS_OUTCOMES: Final = frozenset(
+    {PROCESS_HANDLED, PROCESS_UNHANDLED, PROCESS_RETRIED, PROCESS_DEAD_LETTERED}
+)
+
+# --- Trace context on queued messages (application properties) -----------------------------
+#: W3C Trace Context, https://www.w3.org/TR/trace-context/.
+PROP_TRACEPARENT: Final = "traceparent"
+PROP_TRACESTATE: Final = "tracestate"
+#: Service Bus's own convention for the same traceparent value.
+PROP_DIAGNOSTIC_ID: Final = "Diagnostic-Id"

@@ -1,0 +1,517 @@
+"""Observability as a spec: what the code emits, that the ops queries and alerts use exactly
+those names, and that no token, signature or body ever reaches telemetry or INFO+ logs.
+
+Telemetry is captured with the OpenTelemetry SDK's in-memory span exporter and metric reader,
+passed to the code as a `Telemetry` (no global provider is touched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from shared import receiver
+from shared import telemetry_names as names
+from shared.events import Event
+from shared.handlers import HandlerContext, HandlerRegistry
+from shared.localqueue import LocalQueue
+from shared.processor import (
+    HandlerFailedError,
+    InboundMessage,
+    LocalDeadLetterer,
+    Outcome,
+    process_message,
+)
+from shared.publisher import LocalQueuePublisher
+from shared.settings import load_settings
+from shared.signature import sign
+from shared.telemetry import (
+    Telemetry,
+    context_from_properties,
+    metric_event_type,
+    set_telemetry,
+)
+from shared.tokens import StaticTokenProvider
+
+from .bicep_tree import find_calls, load, text
+from .support import (
+    ERRORS_WEBHOOK,
+    WEBHOOK,
+    RunningHost,
+    encode,
+    local_env,
+    signed_headers,
+    state_event,
+    wait_until,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+QUERIES = ROOT / "infra" / "queries"
+MODULES = ROOT / "infra" / "modules"
+MAX_BODY = 196608
+
+
+@dataclass
+class Captured:
+    spans: InMemorySpanExporter
+    metrics: InMemoryMetricReader
+    telemetry: Telemetry
+
+    def finished(self, name: str) -> list[ReadableSpan]:
+        return [s for s in self.spans.get_finished_spans() if s.name == name]
+
+    def points(self) -> dict[str, list[tuple[dict[str, Any], Any]]]:
+        """metric name -> [(attributes, data point)]."""
+        data = self.metrics.get_metrics_data()
+        found: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+        if data is None:
+            return found
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for point in metric.data.data_points:
+                        found.setdefault(metric.name, []).append(
+                            (dict(point.attributes or {}), point)
+                        )
+        return found
+
+
+@pytest.fixture
+def otel() -> Captured:
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    return Captured(spans, reader, Telemetry(tracer_provider=tracer_provider,
+                                             meter_provider=meter_provider))
+
+
+def _registry(*, fail: bool = False) -> HandlerRegistry:
+    registry = HandlerRegistry()
+
+    @registry.on("VEHICLE_STATE")
+    async def handle(event: Event, context: HandlerContext) -> None:
+        if fail:
+            raise RuntimeError("handler broke")
+
+    return registry
+
+
+def _inbound(queue: LocalQueue) -> InboundMessage:
+    (qm,) = queue.receive(max_messages=1, lock_duration=30)
+    return InboundMessage(
+        body=qm.body,
+        message_id=qm.message_id,
+        delivery_count=qm.delivery_count,
+        sequence_number=qm.sequence_number,
+        application_properties=dict(qm.application_properties),
+        enqueued_time=qm.enqueued_time,
+    )
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. One webhook, received and processed: metrics, attributes, one trace.
+# ---------------------------------------------------------------------------------------------
+class TestOneWebhookEndToEnd:
+    def test_receive_and_process_emit_named_metrics_and_one_trace(
+        self, otel: Captured, tmp_path: Path
+    ) -> None:
+        settings = load_settings(local_env(tmp_path))
+        queue = LocalQueue(tmp_path / "q.sqlite3", max_delivery_count=5)
+        delivered = datetime.now(UTC) - timedelta(seconds=2)
+        event = state_event()
+        event["meta"]["deliveredAt"] = int(delivered.timestamp() * 1000)
+        body = encode(event)
+
+        async def flow() -> Any:
+            reply = await receiver.receive(
+                body, signed_headers(body), tokens=StaticTokenProvider("amt"),
+                publisher=LocalQueuePublisher(queue), max_body_bytes=MAX_BODY,
+                telemetry=otel.telemetry,
+            )
+            assert reply.outcome == receiver.ACCEPTED
+            return await process_message(
+                _inbound(queue), settings=settings, registry=_registry(),
+                dead_letterer=LocalDeadLetterer(queue), telemetry=otel.telemetry,
+            )
+
+        result = asyncio.run(flow())
+        queue.close()
+        assert result.outcome is Outcome.HANDLED
+
+        (receive_span,) = otel.finished(names.SPAN_RECEIVE)
+        (process_span,) = otel.finished(names.SPAN_PROCESS)
+        assert receive_span.kind is SpanKind.SERVER
+        assert process_span.kind is SpanKind.CONSUMER
+        # One trace: the processing span is the receive span's child, through the message.
+        assert process_span.parent is not None
+        assert process_span.parent.span_id == receive_span.context.span_id
+        assert process_span.context.trace_id == receive_span.context.trace_id
+        assert receive_span.attributes is not None and process_span.attributes is not None
+        assert receive_span.attributes[names.ATTR_OUTCOME] == "accepted"
+        assert receive_span.attributes[names.ATTR_EVENT_TYPE] == "VEHICLE_STATE"
+        assert receive_span.attributes[names.ATTR_EVENT_ID] == event["eventId"]
+        assert process_span.attributes[names.ATTR_OUTCOME] == "handled"
+        assert process_span.attributes[names.ATTR_EVENT_ID] == event["eventId"]
+        assert process_span.attributes[names.ATTR_VEHICLE_ID] == event["vehicleId"]
+        assert process_span.attributes[names.ATTR_DELIVERY_COUNT] == 1
+
+        points = otel.points()
+        assert {names.WEBHOOK_RECEIVED, names.WEBHOOK_RECEIVE_DURATION, names.EVENT_PROCESSED,
+                names.EVENT_PROCESS_DURATION, names.EVENT_DELIVERY_LAG} <= set(points)
+        received = {"outcome": "accepted", "eventType": "VEHICLE_STATE", "httpStatus": 200}
+        assert [(a, p.value) for a, p in points[names.WEBHOOK_RECEIVED]] == [(received, 1)]
+        ((attrs, duration),) = points[names.WEBHOOK_RECEIVE_DURATION]
+        assert attrs == received and duration.count == 1
+        processed = {"eventType": "VEHICLE_STATE", "outcome": "handled"}
+        assert [(a, p.value) for a, p in points[names.EVENT_PROCESSED]] == [(processed, 1)]
+        ((attrs, lag),) = points[names.EVENT_DELIVERY_LAG]
+        assert attrs == {"eventType": "VEHICLE_STATE"}
+        assert 2000 <= lag.sum < 60000  # deliveredAt was two seconds ago
+
+    def test_message_carries_traceparent_and_diagnostic_id(
+        self, otel: Captured, tmp_path: Path
+    ) -> None:
+        queue = LocalQueue(tmp_path / "q.sqlite3")
+        body = encode(state_event())
+        asyncio.run(receiver.receive(
+            body, signed_headers(body), tokens=StaticTokenProvider("amt"),
+            publisher=LocalQueuePublisher(queue), max_body_bytes=MAX_BODY,
+            telemetry=otel.telemetry,
+        ))
+        (qm,) = queue.receive(max_messages=1)
+        queue.close()
+        (span,) = otel.finished(names.SPAN_RECEIVE)
+        props = qm.application_properties
+        expected = f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-"
+        assert props[names.PROP_TRACEPARENT].startswith(expected)  # then the trace flags
+        assert props[names.PROP_DIAGNOSTIC_ID] == props[names.PROP_TRACEPARENT]
+        assert props["eventType"] == "VEHICLE_STATE"  # the publisher's properties are kept
+
+    def test_diagnostic_id_alone_parents_the_processing_span(self) -> None:
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        ctx = context_from_properties({b"Diagnostic-Id": parent.encode()})
+        assert ctx is not None
+        assert context_from_properties({"traceparent": "garbage"}) is None
+        assert context_from_properties({}) is None
+
+    def test_handler_failure_is_retried_then_dead_lettered(
+        self, otel: Captured, tmp_path: Path
+    ) -> None:
+        settings = load_settings(local_env(tmp_path, MAX_DELIVERY_COUNT="2"))
+        queue = LocalQueue(tmp_path / "q.sqlite3", max_delivery_count=2)
+        body = encode(state_event())
+        queue.send(body, message_id="m1", application_properties={"eventType": "VEHICLE_STATE"})
+
+        async def attempt() -> None:
+            (qm,) = queue.receive(max_messages=1, lock_duration=30)
+            assert qm.lock_token is not None
+            message = InboundMessage(body=qm.body, message_id=qm.message_id,
+                                     delivery_count=qm.delivery_count,
+                                     sequence_number=qm.sequence_number,
+                                     application_properties=dict(qm.application_properties))
+            with pytest.raises(HandlerFailedError):
+                await process_message(
+                    message, settings=settings, registry=_registry(fail=True),
+                    dead_letterer=LocalDeadLetterer(queue), sleep=_no_sleep,
+                    telemetry=otel.telemetry,
+                )
+            queue.abandon(qm.lock_token)  # what the host does when the function raises
+
+        for _ in range(2):
+            asyncio.run(attempt())
+        queue.close()
+        outcomes = sorted(
+            (a["outcome"], p.value) for a, p in otel.points()[names.EVENT_PROCESSED]
+        )
+        assert outcomes == [("dead_lettered", 1), ("retried", 1)]
+        spans = otel.finished(names.SPAN_PROCESS)
+        assert {s.attributes[names.ATTR_ERROR_TYPE] for s in spans if s.attributes} == {
+            "RuntimeError"
+        }
+        assert all(not s.status.is_ok for s in spans)
+        assert names.EVENT_DELIVERY_LAG not in otel.points()
+
+    def test_invalid_payload_is_counted_dead_lettered_with_its_reason(
+        self, otel: Captured, tmp_path: Path
+    ) -> None:
+        settings = load_settings(local_env(tmp_path))
+        queue = LocalQueue(tmp_path / "q.sqlite3")
+        queue.send(b"not json", message_id="m2", application_properties={})
+        result = asyncio.run(process_message(
+            _inbound(queue), settings=settings, registry=_registry(),
+            dead_letterer=LocalDeadLetterer(queue), telemetry=otel.telemetry,
+        ))
+        queue.close()
+        assert result.outcome is Outcome.DEAD_LETTERED
+        (span,) = otel.finished(names.SPAN_PROCESS)
+        assert span.attributes is not None
+        assert span.attributes[names.ATTR_DEAD_LETTER_REASON] == "InvalidPayload"
+        assert [(a, p.value) for a, p in otel.points()[names.EVENT_PROCESSED]] == [
+            ({"eventType": "unknown", "outcome": "dead_lettered"}, 1)
+        ]
+
+
+class TestReceiveOutcomes:
+    @pytest.mark.parametrize(
+        ("headers", "outcome", "event_type"),
+        [
+            ({"SC-Signature": "00" * 32}, "signature_rejected", "unknown"),
+            ({}, "unsigned_rejected", "unknown"),
+        ],
+    )
+    def test_unauthenticated_requests_never_put_their_event_type_on_metrics(
+        self, otel: Captured, headers: dict[str, str], outcome: str, event_type: str
+    ) -> None:
+        body = encode(state_event(eventType="ATTACKER_" + uuid.uuid4().hex))
+        reply = asyncio.run(receiver.receive(
+            body, headers, tokens=StaticTokenProvider("amt"),
+            publisher=LocalQueuePublisher(None), max_body_bytes=MAX_BODY,
+            telemetry=otel.telemetry,
+        ))
+        assert reply.outcome == outcome
+        ((attrs, _),) = otel.points()[names.WEBHOOK_RECEIVED]
+        assert attrs == {"outcome": outcome, "eventType": event_type, "httpStatus": 401}
+
+    def test_metric_event_type_is_bounded(self) -> None:
+        assert metric_event_type("VEHICLE_STATE") == "VEHICLE_STATE"
+        assert metric_event_type(None) == "unknown"
+        assert metric_event_type("x" * 65) == "unknown"
+        assert metric_event_type("a b{}") == "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Queries and alerts use exactly the names the code emits.
+# ---------------------------------------------------------------------------------------------
+QUERY_FILES = sorted(QUERIES.glob("*.kql"))
+RECEIVE_OUTCOMES = {
+    receiver.ACCEPTED, receiver.DUPLICATE, receiver.VERIFY_ANSWERED, receiver.VERIFY_REFUSED,
+    receiver.SIGNATURE_REJECTED, receiver.UNSIGNED_REJECTED, receiver.OVERSIZE,
+    receiver.UNAVAILABLE,
+}
+KNOWN_OUTCOMES = RECEIVE_OUTCOMES | names.PROCESS_OUTCOMES
+# Columns of Application Insights tables, not names this code chooses.
+AI_COLUMNS = {"name", "timestamp", "duration", "value", "valueSum", "valueCount", "valueMax",
+              "valueMin", "customDimensions", "operation_Id", "success"}
+
+
+def kql_names(query: str) -> tuple[set[str], set[str], set[str]]:
+    """(smartcar.* names, customDimensions keys, literals compared with an outcome)."""
+    code = "\n".join(line for line in query.splitlines() if not line.lstrip().startswith("//"))
+    smartcar = set(re.findall(r'"(smartcar\.[A-Za-z0-9_.]+)"', code))
+    dims = set(re.findall(r"customDimensions\.([A-Za-z_][A-Za-z0-9_]*)", code))
+    dims |= set(re.findall(r"customDimensions\[['\"]([^'\"]+)['\"]\]", code))
+    outcomes: set[str] = set()
+    for match in re.finditer(r"outcome\s*(?:==|!=|in\s*\()\s*([^)\n]*)", code):
+        outcomes |= set(re.findall(r'"([^"]+)"', match.group(1)))
+    return smartcar, dims, outcomes
+
+
+class TestQueriesUseEmittedNames:
+    def test_the_ops_queries_exist_with_a_header_saying_what_they_answer(self) -> None:
+        expected = {"delivery_success_rate", "receive_latency", "signature_failures",
+                    "processing_failures", "end_to_end_lag", "top_vehicles_by_errors"}
+        assert expected <= {p.stem for p in QUERY_FILES}
+        for path in QUERY_FILES:
+            header = [ln for ln in path.read_text().splitlines() if ln.startswith("//")]
+            assert len(header) >= 2 and header[0].startswith("// ") and ":" in header[0], path
+
+    @pytest.mark.parametrize("path", QUERY_FILES, ids=lambda p: p.name)
+    def test_every_name_a_query_uses_is_emitted(self, path: Path) -> None:
+        smartcar, dims, outcomes = kql_names(path.read_text())
+        assert smartcar, f"{path.name} uses none of the code's metric or span names"
+        assert smartcar <= names.METRICS | names.SPANS, smartcar - (names.METRICS | names.SPANS)
+        assert dims <= names.ATTRIBUTES, dims - names.ATTRIBUTES
+        assert outcomes <= KNOWN_OUTCOMES, outcomes - KNOWN_OUTCOMES
+
+    def test_the_name_check_catches_a_misspelt_name(self) -> None:
+        smartcar, dims, outcomes = kql_names(
+            'customMetrics | where name == "smartcar.webhook.recieved"\n'
+            '| where tostring(customDimensions.outcom) == "x"\n'
+            '| where outcome in ("accepted", "acepted")'
+        )
+        assert smartcar - names.METRICS == {"smartcar.webhook.recieved"}
+        assert dims - names.ATTRIBUTES == {"outcom"}
+        assert outcomes - KNOWN_OUTCOMES == {"acepted"}
+
+    def test_receiver_outcomes_are_the_documented_ones(self) -> None:
+        assert len(RECEIVE_OUTCOMES) == 8
+
+    def test_every_alert_and_workbook_query_file_exists(self) -> None:
+        loaded: set[str] = set()
+        for module in ("alerts", "workbook"):
+            template = load(MODULES / f"{module}.bicep")
+            for call in find_calls(template.root, "loadTextContent"):
+                arg = re.search(r"'([^']+)'", text(call))
+                assert arg is not None
+                target = (MODULES / arg.group(1)).resolve()
+                assert target.is_file(), f"{module}.bicep loads missing {arg.group(1)}"
+                loaded.add(target.name)
+        assert {"delivery_success_rate.kql", "signature_failures.kql",
+                "end_to_end_lag.kql"} <= loaded
+        assert loaded == {p.name for p in QUERY_FILES}  # the workbook shows every query
+
+    def test_each_log_alert_runs_its_query_file(self) -> None:
+        alerts = load(MODULES / "alerts.bicep")
+        rules = alerts.resources_of_type("Microsoft.Insights/scheduledQueryRules")
+        assert len(rules) == 3
+        for rule in rules:
+            (call,) = find_calls(rule.body, "loadTextContent")
+            assert "../queries/" in text(call), rule.symbol
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. No token, signature or body in telemetry or in any log line at INFO or above.
+# ---------------------------------------------------------------------------------------------
+SECRET_TOKEN = "tok-" + uuid.uuid4().hex  # a test token
+
+
+def _all_attribute_values(otel: Captured) -> list[str]:
+    values: list[str] = []
+    for span in otel.spans.get_finished_spans():
+        values += [f"{k}={v}" for k, v in (span.attributes or {}).items()]
+        values.append(span.name)
+        for event in span.events:
+            values += [f"{k}={v}" for k, v in (event.attributes or {}).items()]
+        values.append(span.status.description or "")
+    for name, points in otel.points().items():
+        values.append(name)
+        for attrs, _ in points:
+            values += [f"{k}={v}" for k, v in attrs.items()]
+    return values
+
+
+class TestNothingSensitiveLeaks:
+    def test_full_flow_over_http(
+        self, otel: Captured, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.DEBUG)
+        registry = _registry(fail=True)
+        env = local_env(tmp_path, MAX_DELIVERY_COUNT="2")
+        env["SMARTCAR_MANAGEMENT_TOKEN"] = SECRET_TOKEN
+        marker = "secret-location-" + uuid.uuid4().hex
+        event = state_event()
+        event["data"]["signals"][0]["body"]["value"] = marker
+        body = encode(event)
+        signature = sign(SECRET_TOKEN, body)
+        verify = encode({"eventType": "VERIFY", "eventId": str(uuid.uuid4()),
+                         "data": {"challenge": "c-" + uuid.uuid4().hex}, "meta": {}})
+        forged_signature = sign("wrong-" + SECRET_TOKEN, body)
+        unreadable = b'{"eventType": "VEHICLE_STATE", "marker": "' + marker.encode() + b'"'
+        set_telemetry(otel.telemetry)
+        try:
+            with RunningHost(env, registry=registry) as host:
+                assert host.post(WEBHOOK, body, {"SC-Signature": signature}).status == 200
+                assert host.post(WEBHOOK, verify, {}).status == 200
+                assert host.post(WEBHOOK, body, {"SC-Signature": forged_signature}).status == 401
+                assert host.post(ERRORS_WEBHOOK, body, {}).status == 401
+                unreadable_sig = sign(SECRET_TOKEN, unreadable)
+                assert host.post(WEBHOOK, unreadable, {"SC-Signature": unreadable_sig}).status == 200
+                wait_until(lambda: len(host.dead_letters()) == 2, timeout=30)
+        finally:
+            set_telemetry(None)
+
+        outcomes = {s.attributes[names.ATTR_OUTCOME]
+                    for s in otel.finished(names.SPAN_PROCESS) if s.attributes}
+        assert {"retried", "dead_lettered"} <= outcomes
+        assert len(otel.finished(names.SPAN_RECEIVE)) == 5
+
+        forbidden = [SECRET_TOKEN, signature, forged_signature, unreadable_sig, marker,
+                     body.decode(), json.loads(verify)["data"]["challenge"]]
+        telemetry_text = "\n".join(_all_attribute_values(otel))
+        loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+        assert loud, "the flow logs at INFO or above"
+        log_text = "\n".join(
+            r.getMessage() + (f"\n{r.exc_text}" if r.exc_text else "") for r in loud
+        )
+        for needle in forbidden:
+            assert needle not in telemetry_text
+            assert needle not in log_text
+        # The body is logged, at DEBUG only: the filter above is not vacuous.
+        quiet = "\n".join(r.getMessage() for r in caplog.records if r.levelno < logging.INFO)
+        assert marker in quiet
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: once per process; host.json asks the host for OpenTelemetry.
+# ---------------------------------------------------------------------------------------------
+class TestConfiguration:
+    def test_host_json_enables_opentelemetry(self) -> None:
+        host = json.loads((ROOT / "host.json").read_text())
+        assert host["telemetryMode"] == "OpenTelemetry"
+
+    def test_console_mode_prints_one_line_per_span_and_configures_once(self) -> None:
+        script = (
+            "import asyncio, logging\n"
+            "logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s')\n"
+            "from shared import telemetry\n"
+            "assert telemetry.configure(connection_string=None, console=True) == 'console'\n"
+            "assert telemetry.configure(connection_string='InstrumentationKey=x') == 'console'\n"
+            "class R:\n"
+            "    status = 200; outcome = 'accepted'; event_id = 'e1'; event_type = 'VERIFY'\n"
+            "async def decide():\n"
+            "    return R()\n"
+            "asyncio.run(telemetry.get_telemetry().observe_receive(decide))\n"
+        )
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert re.search(r"shared\.telemetry span smartcar\.webhook\.receive [\d.]+ms "
+                         r"trace=[0-9a-f]{32} outcome=accepted", done.stderr), done.stderr
+
+    def test_without_connection_string_nothing_is_exported(self) -> None:
+        script = (
+            "from shared import telemetry\n"
+            "assert telemetry.configure(connection_string=None) == 'off'\n"
+            "from opentelemetry import trace\n"
+            "print(type(trace.get_tracer_provider()).__name__)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "ProxyTracerProvider"
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_telemetry() -> Iterator[None]:
+    yield
+    set_telemetry(None)
+
+
+class TestReadme:
+    def test_observe_section_follows_its_marker_and_covers_queries_and_alerts(self) -> None:
+        readme = (ROOT / "README.md").read_text()
+        assert "<!-- section: observe -->\n\n## Observe\n" in readme
+        section = readme.split("\n## Observe\n", 1)[1].split("\n## ", 1)[0]
+        assert "az monitor app-insights query --app" in section
+        assert '--analytics-query "$(cat infra/queries/' in section
+        for path in QUERY_FILES:
+            assert path.name in section, path.name
+        for name in sorted(names.METRICS | names.SPANS):
+            assert f"`{name}`" in section, name
+        for alert in ("delivery success rate", "signature failure spike", "processing lag",
+                      "dead-lettered"):
+            assert alert in section, alert
