@@ -182,7 +182,8 @@ def replay_message_id(message_id: str, sequence_number: int) -> str:
     candidate = f"{base}{_REPLAY_MARK}{sequence_number}"
     if len(candidate) <= MAX_MESSAGE_ID_LENGTH:
         return candidate
-    return f"sha256:{hashlib.sha256(base.encode('utf-8')).hexdigest()}{_REPLAY_MARK}{sequence_number}"
+    digest = hashlib.sha256(base.encode("utf-8")).hexdigest()
+    return f"sha256:{digest}{_REPLAY_MARK}{sequence_number}"
 
 
 # -- the embedded queue ------------------------------------------------------------------------
@@ -510,13 +511,13 @@ class ServiceBusOps:
         from azure.servicebus import ServiceBusMessage
 
         seq = int(message.sequence_number)
+        replayed = replay_properties(text_properties(message.application_properties), seq)
+        props: dict[str | bytes, Any] = {k: v for k, v in replayed.items()}
         # No time_to_live: a dead-letter copy's 1 s TTL must not follow it back.
         return ServiceBusMessage(
             _body_bytes(message),
             message_id=replay_message_id(str(message.message_id), seq),
-            application_properties=replay_properties(
-                text_properties(message.application_properties), seq
-            ),
+            application_properties=props,
             content_type=getattr(message, "content_type", None) or "application/json",
             correlation_id=getattr(message, "correlation_id", None),
             subject=getattr(message, "subject", None),
@@ -568,7 +569,9 @@ def as_ids(values: Iterable[str]) -> list[int]:
         try:
             number = int(value)
         except ValueError:
-            raise ValueError(f"ID must be a sequence number (a whole number), got {value!r}") from None
+            raise ValueError(
+                f"ID must be a sequence number (a whole number), got {value!r}"
+            ) from None
         if number < 0:
             raise ValueError(f"ID must be a sequence number (>= 0), got {value!r}")
         ids.append(number)

@@ -172,7 +172,10 @@ def check_url(url: str) -> str | None:
     """Why `url` cannot be used, or None."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        return f"--url must be an http(s) URL such as http://127.0.0.1:7071/api/webhooks/smartcar, got {redact_url(url)!r}"
+        return (
+            "--url must be an http(s) URL such as "
+            f"http://127.0.0.1:7071/api/webhooks/smartcar, got {redact_url(url)!r}"
+        )
     return None
 
 
