@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .ops import DeadLetter, OpsError, QueueOps, as_ids, open_ops
+from .runtime import QUEUE_FILE
 from .settings import Settings, SettingsError, load_settings
 from .simulate import EVENT_TYPES, Delivery, DeliveryError, build_event, check_url, deliver
 
@@ -146,8 +147,12 @@ def _send_text(d: Delivery) -> str:
     return "\n".join(lines)
 
 
-def _with_ops(action: Callable[[QueueOps], Any]) -> Any:
-    ops = open_ops(_settings())
+def _with_ops(action: Callable[[QueueOps], Any], err: TextIO) -> Any:
+    settings = _settings()
+    if settings.queue_backend == "local" and not (settings.local_state_dir / QUEUE_FILE).exists():
+        print(f"note: no local queue in {settings.local_state_dir}/ yet (is LOCAL_STATE_DIR "
+              "the one the host uses?)", file=err)
+    ops = open_ops(settings)
     try:
         return action(ops)
     except OpsError as exc:
@@ -232,7 +237,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_OK
 
     if args.command == "stats":
-        counts = _with_ops(lambda ops: (ops.backend, ops.stats()))
+        counts = _with_ops(lambda ops: (ops.backend, ops.stats()), err)
         backend, stats = counts
         emit(stats, f"queue ({backend}): active {stats['active']}, "
                     f"dead-lettered {stats['deadLettered']}, scheduled {stats['scheduled']}")
@@ -242,7 +247,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if command == "list":
         if args.limit < 1:
             raise UsageError("--limit must be at least 1")
-        entries: list[DeadLetter] = _with_ops(lambda ops: ops.dead_letters(limit=args.limit))
+        entries: list[DeadLetter] = _with_ops(lambda ops: ops.dead_letters(limit=args.limit), err)
         emit([e.summary() for e in entries], _list_text(entries))
         return EXIT_OK
 
@@ -251,7 +256,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             (seq,) = as_ids([args.id])
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        entry: DeadLetter | None = _with_ops(lambda ops: ops.dead_letter(seq))
+        entry: DeadLetter | None = _with_ops(lambda ops: ops.dead_letter(seq), err)
         if entry is None:
             raise Failure(f"no dead letter with ID {seq} (see `dlq list`)")
         doc = entry.detail()
@@ -260,7 +265,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     targets = _targets(args)
     if command == "replay":
-        result = _with_ops(lambda ops: ops.replay(targets))
+        result = _with_ops(lambda ops: ops.replay(targets), err)
         doc = {"replayed": result.replayed, "failed": result.failed,
                "notFound": result.not_found}
         lines = [f"replayed {len(result.replayed)} dead letter(s)"
@@ -279,7 +284,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_OK
 
     if command == "purge":
-        purged = _with_ops(lambda ops: ops.purge(targets))
+        purged = _with_ops(lambda ops: ops.purge(targets), err)
         doc = {"purged": purged.purged, "notFound": purged.not_found}
         text = f"purged {purged.purged} dead letter(s)"
         if purged.not_found:

@@ -422,9 +422,14 @@ class ServiceBusOps:
     def dead_letter(self, sequence_number: int) -> DeadLetter | None:
         with self._errors("peek the dead-letter queue"), self._dlq_receiver() as receiver:
             page = receiver.peek_messages(max_message_count=1, sequence_number=sequence_number)
-        for message in page:
-            if int(message.sequence_number) == sequence_number:
-                return self._describe(message)
+            for message in page:
+                if int(message.sequence_number) == sequence_number:
+                    return self._describe(message)
+            # The dead-letter sub-queue keeps the original sequence numbers, which need not
+            # be the order it browses in: fall back to a full scan before saying "not found".
+            for message in self._peek_all(receiver, 1_000_000):
+                if int(message.sequence_number) == sequence_number:
+                    return self._describe(message)
         return None
 
     def _settle_each(
