@@ -4,8 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 7071
+# Operations CLI shortcuts: make send URL=... [TYPE=state|verify|error] [TOKEN=...],
+# make stats, make dlq, make dlq-show ID=..., make dlq-replay IDS="3 4" (or IDS=--all),
+# make dlq-purge IDS=...; JSON=1 for machine-readable output. Recipes are not echoed, so a
+# URL with ?code= (the function key) or a TOKEN never appears in the output.
+URL ?= http://127.0.0.1:$(PORT)/api/webhooks/smartcar
+TYPE ?= state
+CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean send stats dlq dlq-show dlq-replay dlq-purge
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +31,24 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+send: $(STAMP)
+	@$(CLI) send --url '$(URL)' --type $(TYPE) $(if $(TOKEN),--token '$(TOKEN)')
+
+stats: $(STAMP)
+	@$(CLI) stats
+
+dlq: $(STAMP)
+	@$(CLI) dlq list
+
+dlq-show: $(STAMP)
+	@$(CLI) dlq show $(ID)
+
+dlq-replay: $(STAMP)
+	@$(CLI) dlq replay $(IDS)
+
+dlq-purge: $(STAMP)
+	@$(CLI) dlq purge $(IDS)
 
 clean:
 	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache

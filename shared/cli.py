@@ -1,0 +1,324 @@
+"""Operations CLI: smoke-test a deployment and work the dead-letter queue.
+
+    python -m shared.cli send --url URL [--token T] [--type verify|state|error]
+                              [--file PAYLOAD.json] [--unsigned]
+    python -m shared.cli stats
+    python -m shared.cli dlq list [--limit N]
+    python -m shared.cli dlq show ID
+    python -m shared.cli dlq replay (--all | ID...)
+    python -m shared.cli dlq purge (--all | ID...)
+
+Every command takes --json (one JSON document on stdout). The queue is the one the app uses
+with the same settings: the embedded queue in ${LOCAL_STATE_DIR}, or Azure Service Bus when
+ServiceBusConnection__fullyQualifiedNamespace is set (signed in through DefaultAzureCredential).
+ID is a dead letter's sequence number, as `dlq list` shows it.
+Exit status: 0 done, 1 failed, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from .ops import DeadLetter, OpsError, QueueOps, as_ids, open_ops
+from .runtime import QUEUE_FILE
+from .settings import Settings, SettingsError, load_settings
+from .simulate import EVENT_TYPES, Delivery, DeliveryError, build_event, check_url, deliver
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """The command line or the configuration is wrong: exit 2."""
+
+
+class Failure(Exception):
+    """The operation failed: exit 1. `extra` goes into the --json error document."""
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.extra = extra
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 by itself; keep it in main
+        raise UsageError(f"{message}\n{self.format_usage().strip()}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    json_flag = _Parser(add_help=False)
+    # SUPPRESS: a subcommand's default must not undo a --json given before it.
+    json_flag.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                           help="print one JSON document on stdout instead of text")
+    parser = _Parser(prog="python -m shared.cli", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter, parents=[json_flag])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    send = commands.add_parser("send", parents=[json_flag],
+                               help="send a signed Smartcar webhook to a URL")
+    send.add_argument("--url", required=True,
+                      help="the callback URI, e.g. http://127.0.0.1:7071/api/webhooks/smartcar "
+                           "or https://<app>.azurewebsites.net/api/webhooks/smartcar?code=<key>")
+    send.add_argument("--token", help="management token to sign with "
+                      "(default: SMARTCAR_MANAGEMENT_TOKEN, else the development token)")
+    send.add_argument("--type", choices=EVENT_TYPES, dest="event_type",
+                      help="event to simulate (default: state)")
+    send.add_argument("--file", type=Path, help="send this payload, signed byte for byte")
+    send.add_argument("--unsigned", action="store_true", help="send without SC-Signature")
+
+    commands.add_parser("stats", parents=[json_flag], help="message counts of the queue")
+
+    dlq = commands.add_parser("dlq", parents=[json_flag], help="the dead-letter queue")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
+    listing = dlq_commands.add_parser("list", parents=[json_flag], help="list dead letters")
+    listing.add_argument("--limit", type=int, default=1000, help="at most this many (1000)")
+    show = dlq_commands.add_parser("show", parents=[json_flag], help="one dead letter in full")
+    show.add_argument("id", metavar="ID", help="sequence number from `dlq list`")
+    for name, text in (("replay", "re-enqueue dead letters for processing"),
+                       ("purge", "delete dead letters")):
+        sub = dlq_commands.add_parser(name, parents=[json_flag], help=text)
+        sub.add_argument("ids", metavar="ID", nargs="*", help="sequence numbers")
+        sub.add_argument("--all", action="store_true", help="every dead letter")
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
+    problem = check_url(args.url)
+    if problem:
+        raise UsageError(problem)
+    if args.file is not None and args.event_type is not None:
+        raise UsageError("use --type or --file, not both")
+    if args.file is not None:
+        try:
+            body = args.file.read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read --file {args.file}: {exc.strerror or exc}") from None
+    else:
+        body = build_event(args.event_type or "state")
+    token = args.token
+    if token is None:
+        settings = _settings()
+        token = settings.management_token
+        if token is None:
+            raise UsageError(
+                "no management token: pass --token (in Azure the app reads it from Key Vault)"
+            )
+        if settings.using_dev_token:
+            print("note: signing with the development token "
+                  "(SMARTCAR_MANAGEMENT_TOKEN is unset)", file=err)
+    try:
+        delivery = deliver(args.url, body, token=token, signed=not args.unsigned)
+    except DeliveryError as exc:
+        raise Failure(str(exc), status=exc.status, body=exc.body) from None
+    return delivery
+
+
+def _send_doc(d: Delivery) -> dict[str, Any]:
+    try:
+        response: Any = json.loads(d.body)
+    except ValueError:
+        response = d.body
+    return {"url": d.url, "eventId": d.event_id, "eventType": d.event_type, "signed": d.signed,
+            "status": d.status, "response": response, "challengeVerified": d.challenge_verified}
+
+
+def _send_text(d: Delivery) -> str:
+    what = f"{d.event_type or 'payload'} {d.event_id or ''}".strip()
+    lines = [f"sent {what} ({'signed' if d.signed else 'unsigned'}) to {d.url}",
+             f"answer: {d.status} {d.body}"]
+    if d.challenge_verified:
+        lines.append("VERIFY challenge answered with the expected HMAC")
+    return "\n".join(lines)
+
+
+def _with_ops(action: Callable[[QueueOps], Any], err: TextIO) -> Any:
+    settings = _settings()
+    if settings.queue_backend == "local" and not (settings.local_state_dir / QUEUE_FILE).exists():
+        print(f"note: no local queue in {settings.local_state_dir}/ yet (is LOCAL_STATE_DIR "
+              "the one the host uses?)", file=err)
+    ops = open_ops(settings)
+    try:
+        return action(ops)
+    except OpsError as exc:
+        raise Failure(str(exc)) from None
+    finally:
+        try:
+            ops.close()
+        except Exception:  # noqa: S110 - closing after a failure must not hide the failure
+            pass
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
+
+
+def _clip(text: str | None, width: int) -> str | None:
+    if text is None or len(text) <= width:
+        return text
+    return text[: width - 3] + "..."
+
+
+def _list_text(entries: list[DeadLetter]) -> str:
+    if not entries:
+        return "The dead-letter queue is empty."
+    rows = [
+        (e.sequence_number, e.event_type, e.event_id, e.reason, e.delivery_count,
+         e.enqueued_time.isoformat(timespec="seconds") if e.enqueued_time else None,
+         _clip(e.description, 60))
+        for e in entries
+    ]
+    table = _table(rows, ("ID", "EVENT TYPE", "EVENT ID", "REASON", "DELIVERIES", "ENQUEUED",
+                          "DESCRIPTION"))
+    return f"{table}\n{len(entries)} dead-lettered. Details: dlq show ID"
+
+
+def _show_text(doc: dict[str, Any]) -> str:
+    lines = [f"{name}: {'-' if doc.get(name) is None else doc[name]}"
+             for name in ("sequenceNumber", "messageId", "eventId", "eventType", "reason",
+                          "description", "deliveryCount", "enqueuedTime")]
+    lines.append("applicationProperties: "
+                 + json.dumps(doc["applicationProperties"], sort_keys=True, ensure_ascii=False))
+    if "body" in doc:
+        lines.append("body:")
+        lines.append(doc["body"])
+    else:
+        lines.append(f"body (base64, not UTF-8): {doc['bodyBase64']}")
+    return "\n".join(lines)
+
+
+def _targets(args: argparse.Namespace) -> list[int] | None:
+    if args.all and args.ids:
+        raise UsageError(f"dlq {args.dlq_command}: give --all or IDs, not both")
+    if not args.all and not args.ids:
+        raise UsageError(f"dlq {args.dlq_command}: give --all or at least one ID "
+                         "(sequence numbers from `dlq list`)")
+    if args.all:
+        return None
+    try:
+        return as_ids(args.ids)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Run one parsed command; raises UsageError / Failure for exit 2 / 1."""
+    as_json = bool(getattr(args, "json", False))
+
+    def emit(doc: Any, text: str) -> None:
+        if as_json:
+            out.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        else:
+            out.write(text + "\n")
+
+    if args.command == "send":
+        delivery = cmd_send(args, out, err)
+        emit(_send_doc(delivery), _send_text(delivery))
+        return EXIT_OK
+
+    if args.command == "stats":
+        counts = _with_ops(lambda ops: (ops.backend, ops.stats()), err)
+        backend, stats = counts
+        emit(stats, f"queue ({backend}): active {stats['active']}, "
+                    f"dead-lettered {stats['deadLettered']}, scheduled {stats['scheduled']}")
+        return EXIT_OK
+
+    command = args.dlq_command
+    if command == "list":
+        if args.limit < 1:
+            raise UsageError("--limit must be at least 1")
+        entries: list[DeadLetter] = _with_ops(lambda ops: ops.dead_letters(limit=args.limit), err)
+        emit([e.summary() for e in entries], _list_text(entries))
+        return EXIT_OK
+
+    if command == "show":
+        try:
+            (seq,) = as_ids([args.id])
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        entry: DeadLetter | None = _with_ops(lambda ops: ops.dead_letter(seq), err)
+        if entry is None:
+            raise Failure(f"no dead letter with ID {seq} (see `dlq list`)")
+        doc = entry.detail()
+        emit(doc, _show_text(doc))
+        return EXIT_OK
+
+    targets = _targets(args)
+    if command == "replay":
+        result = _with_ops(lambda ops: ops.replay(targets), err)
+        doc = {"replayed": result.replayed, "failed": result.failed,
+               "notFound": result.not_found}
+        lines = [f"replayed {len(result.replayed)} dead letter(s)"
+                 + (": " + ", ".join(str(r["sequenceNumber"]) for r in result.replayed)
+                    if result.replayed else "")]
+        lines += [f"failed {f['sequenceNumber']}: {f['error']}" for f in result.failed]
+        if result.not_found:
+            lines.append("not found: " + ", ".join(map(str, result.not_found)))
+        emit(doc, "\n".join(lines))
+        if result.failed:
+            print(f"error: {len(result.failed)} dead letter(s) could not be replayed", file=err)
+            return EXIT_FAILED
+        if result.not_found:
+            print("error: some IDs are not in the dead-letter queue", file=err)
+            return EXIT_FAILED
+        return EXIT_OK
+
+    if command == "purge":
+        purged = _with_ops(lambda ops: ops.purge(targets), err)
+        doc = {"purged": purged.purged, "notFound": purged.not_found}
+        text = f"purged {purged.purged} dead letter(s)"
+        if purged.not_found:
+            text += "\nnot found: " + ", ".join(map(str, purged.not_found))
+        emit(doc, text)
+        if purged.not_found:
+            print("error: some IDs are not in the dead-letter queue", file=err)
+            return EXIT_FAILED
+        return EXIT_OK
+    raise UsageError(f"unknown command {command!r}")  # argparse prevents this
+
+
+def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
+         err: TextIO | None = None) -> int:
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in args_list
+    try:
+        args = build_parser().parse_args(args_list)
+        return run(args, out, err)
+    except UsageError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_USAGE
+    except Failure as exc:
+        print(f"error: {exc}", file=err)
+        if as_json:
+            doc = {"error": str(exc), **{k: v for k, v in exc.extra.items() if v is not None}}
+            out.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted", file=err)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

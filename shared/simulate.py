@@ -1,0 +1,263 @@
+"""Simulated Smartcar deliveries: realistic signed events, sent over HTTP with urllib.
+
+`build_event` makes a fresh event (new `eventId`, `deliveryId`, `deliveredAt` = now) from
+templates shaped like Smartcar's documented payloads; `deliver` POSTs any body signed byte for
+byte, as Smartcar does, and checks a VERIFY answer. Standard library only, so the smoke test
+needs nothing beyond the app's own dependencies.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .events import peek_envelope
+from .signature import sign
+
+EVENT_TYPES = ("verify", "state", "error")
+DEFAULT_TIMEOUT = 15.0  # Smartcar's own limit for an answer
+_REDACTED_PARAMS = frozenset({"code"})
+_MAX_SHOWN_BODY = 2000
+
+_VEHICLE = {
+    "id": "9af13248-3b73-4c9d-9a4b-d937ce6bc8e2",
+    "make": "TESLA",
+    "model": "Model 3",
+    "year": 2020,
+}
+_META = {
+    "version": "4.0",
+    "webhookId": "abde94ff-d57d-43b9-8d09-6020db2d977a",
+    "webhookName": "Battery Monitoring",
+    "mode": "TEST",
+}
+
+_TEMPLATES: dict[str, dict[str, Any]] = {
+    "verify": {
+        "eventType": "VERIFY",
+        "data": {"challenge": ""},
+        "meta": {k: v for k, v in _META.items() if k != "mode"},
+    },
+    "state": {
+        "eventType": "VEHICLE_STATE",
+        "vehicleId": _VEHICLE["id"],
+        "data": {
+            "user": {"id": "93b3ea96-ca37-43a9-9073-f4334719c8a7"},
+            "vehicle": _VEHICLE,
+            "triggers": [
+                {
+                    "code": "tractionbattery-stateofcharge",
+                    "name": "StateOfCharge",
+                    "group": "TractionBattery",
+                }
+            ],
+            "signals": [
+                {
+                    "code": "tractionbattery-stateofcharge",
+                    "name": "StateOfCharge",
+                    "group": "TractionBattery",
+                    "body": {"unit": "percent", "value": 78},
+                    "meta": {"oemUpdatedAt": 0, "fetchedAt": 0},
+                },
+                {
+                    "code": "charge-ischarging",
+                    "name": "IsCharging",
+                    "group": "Charge",
+                    "body": {"value": True},
+                    "meta": {"oemUpdatedAt": 0, "fetchedAt": 0},
+                },
+                {
+                    "code": "location-isathome",
+                    "name": "IsAtHome",
+                    "group": "Location",
+                    "status": {
+                        "error": {"code": "VEHICLE_NOT_CAPABLE", "type": "COMPATIBILITY"},
+                        "value": "ERROR",
+                    },
+                },
+            ],
+        },
+        "meta": {**_META, "signalCount": 3},
+    },
+    "error": {
+        "eventType": "VEHICLE_ERROR",
+        "vehicleId": _VEHICLE["id"],
+        "data": {
+            "user": {"id": "93b3ea96-ca37-43a9-9073-f4334719c8a7"},
+            "vehicle": _VEHICLE,
+            "errors": [
+                {
+                    "type": "COMPATIBILITY",
+                    "code": "VEHICLE_NOT_CAPABLE",
+                    "state": "ERROR",
+                    "description": "The vehicle is incapable of performing your request.",
+                    "suggestedUserMessage": "Your car is unable to perform this request.",
+                    "docURL": "https://smartcar.com/docs/errors/api-errors/"
+                    "compatibility-errors#vehicle-not-capable",
+                    "resolution": {"type": "CONTACT_SUPPORT"},
+                    "signals": [
+                        {
+                            "code": "tractionbattery-stateofcharge",
+                            "name": "StateOfCharge",
+                            "group": "TractionBattery",
+                        }
+                    ],
+                }
+            ],
+        },
+        "meta": _META,
+    },
+}
+
+
+class DeliveryError(RuntimeError):
+    """The endpoint could not be reached, answered non-2xx, or answered VERIFY wrongly."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """What was sent and what came back."""
+
+    url: str  # redacted
+    event_id: str | None
+    event_type: str | None
+    signed: bool
+    status: int
+    body: str
+    challenge_verified: bool | None  # None when the event was not a VERIFY
+
+
+def build_event(kind: str, *, now_ms: int | None = None) -> bytes:
+    """A fresh event of `kind` (verify, state or error), serialized as Smartcar sends it."""
+    if kind not in _TEMPLATES:
+        raise ValueError(f"unknown event type {kind!r}; expected one of {', '.join(EVENT_TYPES)}")
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    event = copy.deepcopy(_TEMPLATES[kind])
+    event = {"eventId": str(uuid.uuid4()), **event}
+    event["meta"]["deliveryId"] = str(uuid.uuid4())
+    event["meta"]["deliveredAt"] = now
+    if kind == "verify":
+        event["data"]["challenge"] = str(uuid.uuid4())
+    for signal in event["data"].get("signals", []):
+        if "meta" in signal:
+            signal["meta"] = {"oemUpdatedAt": now - 2000, "fetchedAt": now - 500}
+    return json.dumps(event, separators=(",", ":")).encode("utf-8")
+
+
+def redact_url(url: str) -> str:
+    """The URL with the function key (`code=`) replaced, safe to print or log."""
+    parts = urlsplit(url)
+    if not parts.query:
+        return url
+    query = [
+        (name, "REDACTED" if name.lower() in _REDACTED_PARAMS else value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="")))
+
+
+def check_url(url: str) -> str | None:
+    """Why `url` cannot be used, or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return (
+            "--url must be an http(s) URL such as "
+            f"http://127.0.0.1:7071/api/webhooks/smartcar, got {redact_url(url)!r}"
+        )
+    return None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # Smartcar treats a 3xx as a failed delivery, so the smoke test does too.
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _shown(raw: bytes) -> str:
+    text = raw.decode("utf-8", "replace")
+    return text if len(text) <= _MAX_SHOWN_BODY else text[:_MAX_SHOWN_BODY] + "..."
+
+
+def deliver(
+    url: str,
+    body: bytes,
+    *,
+    token: str | None,
+    signed: bool = True,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Delivery:
+    """POST `body` like Smartcar: `SC-Signature` = HMAC-SHA256(token, body) unless unsigned.
+
+    Raises `DeliveryError` for an unreachable URL, a timeout, any non-2xx answer, or a VERIFY
+    answer whose challenge hash is not the expected one. Messages never contain the key.
+    """
+    if signed and not token:
+        raise DeliveryError("no signing token: pass --token or set SMARTCAR_MANAGEMENT_TOKEN")
+    shown_url = redact_url(url)
+    headers = {"Content-Type": "application/json", "User-Agent": "smartcar-webhook-cli"}
+    if signed:
+        assert token is not None
+        headers["SC-Signature"] = sign(token, body)
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")  # noqa: S310
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            status = int(response.status)
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        text = _shown(exc.read() or b"")
+        raise DeliveryError(
+            f"{shown_url} answered {exc.code}: {text or '(empty body)'}",
+            status=exc.code,
+            body=text,
+        ) from None
+    except urllib.error.URLError as exc:
+        raise DeliveryError(f"cannot reach {shown_url}: {exc.reason}") from None
+    except TimeoutError:
+        raise DeliveryError(f"no answer from {shown_url} within {timeout:g}s") from None
+    except OSError as exc:
+        raise DeliveryError(f"cannot reach {shown_url}: {exc}") from None
+    text = _shown(raw)
+    if not 200 <= status < 300:
+        raise DeliveryError(f"{shown_url} answered {status}: {text}", status=status, body=text)
+
+    envelope = peek_envelope(body)
+    verified: bool | None = None
+    if envelope.event_type == "VERIFY" and envelope.challenge is not None:
+        if not token:
+            raise DeliveryError("cannot check the VERIFY answer without a token: pass --token")
+        expected = sign(token, envelope.challenge)
+        try:
+            answered = json.loads(raw).get("challenge")
+        except (ValueError, AttributeError):
+            answered = None
+        if answered != expected:
+            raise DeliveryError(
+                f"{shown_url} answered VERIFY with {text!r}, expected "
+                f'{{"challenge": "{expected}"}} (HMAC-SHA256 of the challenge with the token): '
+                "is the app configured with the same management token?",
+                status=status,
+                body=text,
+            )
+        verified = True
+    return Delivery(
+        url=shown_url,
+        event_id=envelope.event_id,
+        event_type=envelope.event_type,
+        signed=signed,
+        status=status,
+        body=text,
+        challenge_verified=verified,
+    )
