@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import sys
 import tempfile
 from collections import Counter
@@ -36,6 +37,13 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (the host: HTTP, receiver, queue, workers), not the load
+    generator's: steadier than wall-clock rates on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 async def one_round(events: int, clients: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as state_dir:
         settings = load_settings(
@@ -46,6 +54,7 @@ async def one_round(events: int, clients: int) -> dict[str, Any]:
         host = LocalHost(load_function_app(), runtime, port=0, poll_interval=0.05)
         await host.start()
         handled_path = Path(state_dir) / HANDLED_FILE
+        cpu_before = _cpu_seconds()
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "benchmarks.loadgen",
@@ -63,9 +72,12 @@ async def one_round(events: int, clients: int) -> dict[str, Any]:
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.2)  # let a late duplicate show, if there were one
             stats = runtime.queue.stats()
+            cpu = _cpu_seconds() - cpu_before
         finally:
             await host.stop()
             runtime.queue.close()
+            if runtime.handled_log is not None:
+                runtime.handled_log.close()
             set_runtime(None)
         records = [json.loads(line) for line in handled_path.read_text().splitlines() if line]
     handled_ids = Counter(r["eventId"] for r in records)
@@ -76,6 +88,7 @@ async def one_round(events: int, clients: int) -> dict[str, Any]:
         "acks_per_s": len(load["acked"]) / (load["end"] - load["start"]),
         "ack_p50_ms": percentile(load["ack_ms"], 50),
         "ack_p99_ms": percentile(load["ack_ms"], 99),
+        "host_cpu_us_per_event": cpu / max(len(handled_ids), 1) * 1e6,
         "lost": len(set(load["acked"]) - set(handled_ids)),
         "duplicates_processed": sum(n - 1 for n in handled_ids.values()),
         "refused": sum(load["failures"].values()),
@@ -97,6 +110,8 @@ def run(*, quick: bool) -> None:
     emit(NAME, "acks_per_s", median([r["acks_per_s"] for r in results]), "requests/s")
     emit(NAME, "ack_p50_ms", median([r["ack_p50_ms"] for r in results]), "ms")
     emit(NAME, "ack_p99_ms", median([r["ack_p99_ms"] for r in results]), "ms")
+    emit(NAME, "host_cpu_us_per_event", median([r["host_cpu_us_per_event"] for r in results]),
+         "us")
     # Correctness figures are totals over every round, not medians.
     for metric in ("lost", "duplicates_processed", "refused", "left_in_queue"):
         emit(NAME, metric, sum(r[metric] for r in results), "count")
