@@ -362,6 +362,8 @@ async def serve(host: str, port: int, workers: int) -> None:
           flush=True)
     await local.stop()
     runtime.queue.close()
+    if runtime.handled_log is not None:
+        runtime.handled_log.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -127,11 +128,34 @@ class HandledLog:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._inode: tuple[int, int] | None = None
 
     def append(self, record: Mapping[str, Any]) -> None:
-        line = json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n"
-        with self._lock, self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line)
+        # Runs on the event loop: one O_APPEND write on a descriptor kept open, instead of
+        # opening the file per line. The stat notices a deleted or rotated file and reopens.
+        line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode("utf-8")
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+                current: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                current = None
+            if self._fd is None or current != self._inode:
+                self._close()
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                st = os.fstat(fd)
+                self._fd, self._inode = fd, (st.st_dev, st.st_ino)
+            os.write(self._fd, line)
+
+    def _close(self) -> None:
+        fd, self._fd, self._inode = self._fd, None, None
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
 
     def read(self) -> list[dict[str, Any]]:
         if not self.path.exists():

@@ -134,6 +134,8 @@ class RunningHost:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.runtime.queue.close()
+        if self.runtime.handled_log is not None:
+            self.runtime.handled_log.close()
         set_runtime(None)
 
     @property

@@ -1,0 +1,117 @@
+"""The local host end to end: real aiohttp over loopback, the real SQLite queue, real workers.
+
+The host (HTTP routes plus queue workers) runs in this process; the load generator
+(`benchmarks.loadgen`) in another, so the two share the machine's cores but not an interpreter.
+An event counts as handled when the processor wrote its line to `handled.jsonl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import tempfile
+from collections import Counter
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from shared.localhost import LocalHost, load_function_app
+from shared.runtime import HANDLED_FILE, build_runtime, set_runtime
+from shared.settings import load_settings
+
+from .common import TOKEN, emit, median, note, percentile
+
+NAME = "local_end_to_end"
+EVENT_SIZE = 5 * 1024
+CLIENTS = 16
+DRAIN_TIMEOUT = 60.0
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with path.open("rb") as fh:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 16), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (the host: HTTP, receiver, queue, workers), not the load
+    generator's: steadier than wall-clock rates on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def one_round(events: int, clients: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as state_dir:
+        settings = load_settings(
+            {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "LOCAL_STATE_DIR": state_dir}
+        )
+        runtime = build_runtime(settings)
+        set_runtime(runtime)
+        host = LocalHost(load_function_app(), runtime, port=0, poll_interval=0.05)
+        await host.start()
+        handled_path = Path(state_dir) / HANDLED_FILE
+        cpu_before = _cpu_seconds()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "benchmarks.loadgen",
+                "--url", f"{host.base_url}/api/webhooks/smartcar",
+                "--events", str(events), "--clients", str(clients), "--size", str(EVENT_SIZE),
+                stdout=asyncio.subprocess.PIPE,
+            )
+            out, _ = await proc.communicate()
+            if proc.returncode != 0:
+                raise RuntimeError(f"load generator exited with {proc.returncode}")
+            load = json.loads(out)
+            for _ in range(int(DRAIN_TIMEOUT / 0.05)):
+                if _count_lines(handled_path) >= len(load["acked"]):
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # let a late duplicate show, if there were one
+            stats = runtime.queue.stats()
+            cpu = _cpu_seconds() - cpu_before
+        finally:
+            await host.stop()
+            runtime.queue.close()
+            if runtime.handled_log is not None:
+                runtime.handled_log.close()
+            set_runtime(None)
+        records = [json.loads(line) for line in handled_path.read_text().splitlines() if line]
+    handled_ids = Counter(r["eventId"] for r in records)
+    last = max((datetime.fromisoformat(r["handledAt"]).timestamp() for r in records),
+               default=load["end"])
+    return {
+        "events_per_s": len(handled_ids) / max(last - load["start"], 1e-9),
+        "acks_per_s": len(load["acked"]) / (load["end"] - load["start"]),
+        "ack_p50_ms": percentile(load["ack_ms"], 50),
+        "ack_p99_ms": percentile(load["ack_ms"], 99),
+        "host_cpu_us_per_event": cpu / max(len(handled_ids), 1) * 1e6,
+        "lost": len(set(load["acked"]) - set(handled_ids)),
+        "duplicates_processed": sum(n - 1 for n in handled_ids.values()),
+        "refused": sum(load["failures"].values()),
+        "left_in_queue": stats["active"] + stats["deadLettered"] + stats["scheduled"],
+    }
+
+
+def run(*, quick: bool) -> None:
+    rounds = 1 if quick else 3
+    events = 300 if quick else 2000
+    results = []
+    for _ in range(rounds):
+        result = asyncio.run(one_round(events, CLIENTS))
+        note(f"{NAME}: {result}")
+        results.append(result)
+    emit(NAME, "events", events, "count")
+    emit(NAME, "concurrent_clients", CLIENTS, "count")
+    emit(NAME, "events_per_s", median([r["events_per_s"] for r in results]), "events/s")
+    emit(NAME, "acks_per_s", median([r["acks_per_s"] for r in results]), "requests/s")
+    emit(NAME, "ack_p50_ms", median([r["ack_p50_ms"] for r in results]), "ms")
+    emit(NAME, "ack_p99_ms", median([r["ack_p99_ms"] for r in results]), "ms")
+    emit(NAME, "host_cpu_us_per_event", median([r["host_cpu_us_per_event"] for r in results]),
+         "us")
+    # Correctness figures are totals over every round, not medians.
+    for metric in ("lost", "duplicates_processed", "refused", "left_in_queue"):
+        emit(NAME, metric, sum(r[metric] for r in results), "count")

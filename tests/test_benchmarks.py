@@ -1,0 +1,66 @@
+"""`python -m benchmarks --quick` runs and speaks the JSON-lines schema; no timing assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+REQUIRED = {
+    "receiver_hot_path": {
+        f"{kind}_{size}"
+        for kind in ("us_per_request", "baseline_us", "overhead_ratio")
+        for size in ("1kb", "5kb", "50kb")
+    },
+    "receiver_concurrency": {"requests_per_s", "p50_ms", "p99_ms", "sync_baseline_requests_per_s"},
+    "local_end_to_end": {"events_per_s", "ack_p50_ms", "ack_p99_ms", "lost",
+                         "duplicates_processed"},
+}
+
+
+@pytest.fixture(scope="module")
+def lines() -> list[dict[str, object]]:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick"],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_every_line_has_the_schema(lines: list[dict[str, object]]) -> None:
+    assert lines
+    for line in lines:
+        assert set(line) == {"benchmark", "metric", "value", "unit"}, line
+        assert isinstance(line["benchmark"], str) and isinstance(line["metric"], str)
+        assert isinstance(line["unit"], str) and line["unit"]
+        value = line["value"]
+        assert isinstance(value, int | float) and not isinstance(value, bool), line
+        assert math.isfinite(value) and value >= 0, line
+
+
+def test_every_required_metric_is_reported_once(lines: list[dict[str, object]]) -> None:
+    seen: dict[str, list[object]] = {}
+    for line in lines:
+        seen.setdefault(str(line["benchmark"]), []).append(line["metric"])
+    for benchmark, metrics in REQUIRED.items():
+        reported = seen.get(benchmark, [])
+        assert metrics <= set(reported), (benchmark, metrics - set(reported))
+        assert len(reported) == len(set(reported)), benchmark
+
+
+def test_end_to_end_loses_nothing_and_processes_nothing_twice(
+    lines: list[dict[str, object]],
+) -> None:
+    e2e = {line["metric"]: line["value"] for line in lines
+           if line["benchmark"] == "local_end_to_end"}
+    assert e2e["lost"] == 0
+    assert e2e["duplicates_processed"] == 0
+    assert e2e["refused"] == 0
+    assert e2e["left_in_queue"] == 0
