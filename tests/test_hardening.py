@@ -122,3 +122,47 @@ class TestBoundedConcurrency:
         calls = host["extensions"]["serviceBus"]["maxConcurrentCalls"]
         assert isinstance(calls, int) and 1 <= calls <= 64
         assert host["extensions"]["serviceBus"]["prefetchCount"] == 0
+
+
+class TestPersonalData:
+    def test_payloads_never_reach_the_logs_above_debug(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        secret_vin = "5YJ3E1EA7KF000000-PERSONAL"
+        event = state_event()
+        event["data"]["vehicle"] = {**event["data"].get("vehicle", {}), "vin": secret_vin}
+        body = encode(event)
+        caplog.set_level("INFO")
+        with RunningHost(local_env(tmp_path)) as host:
+            assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+            wait_until(lambda: host.handled())
+        assert event["eventId"] in caplog.text  # the receiver did log the event, at INFO
+        assert secret_vin not in caplog.text
+
+    def test_spilled_records_are_private_to_the_app_user(self, tmp_path: Path) -> None:
+        from shared.publisher import OutboundMessage
+        from shared.spill import FileSpillStore
+
+        store = FileSpillStore(tmp_path)
+        asyncio.run(store.put(OutboundMessage(b"{}", "id")))
+        (record,) = tmp_path.glob("*.json")
+        assert record.stat().st_mode & 0o077 == 0
+
+
+class TestFunctionKeys:
+    def test_webhook_routes_require_the_function_key_in_azure(self) -> None:
+        import ast
+
+        tree = ast.parse((ROOT / "function_app.py").read_text())
+        levels = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef):
+                for deco in node.decorator_list:
+                    if isinstance(deco, ast.Call) and getattr(deco.func, "attr", "") == "route":
+                        kw = {k.arg: ast.unparse(k.value) for k in deco.keywords}
+                        levels[kw["route"]] = kw.get("auth_level")
+        assert levels == {
+            "'webhooks/smartcar'": "func.AuthLevel.FUNCTION",
+            "'webhooks/smartcar/errors'": "func.AuthLevel.FUNCTION",
+            "'health'": "func.AuthLevel.ANONYMOUS",
+        }
