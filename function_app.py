@@ -5,7 +5,7 @@ Each function hands over to `shared/`, where the logic lives and is tested.
 
 import azure.functions as func
 
-from shared import functions
+from shared import functions, redrive
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
@@ -34,3 +34,9 @@ def health(req: func.HttpRequest) -> func.HttpResponse:
 async def process_event(msg: func.ServiceBusMessage) -> None:
     """Process one queued event: return completes it, raising abandons it for a retry."""
     await functions.handle_queue_message(msg)
+
+
+@app.timer_trigger(schedule=redrive.REDRIVE_SCHEDULE, arg_name="timer", run_on_startup=False)
+async def redrive_spilled(timer: func.TimerRequest) -> None:
+    """Send events spilled while Service Bus was down back to the queue, oldest first."""
+    await redrive.handle_redrive_timer(timer)

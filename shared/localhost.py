@@ -4,7 +4,10 @@ It serves the app's HTTP routes under `/api` (no function keys, like `func start
 its Service Bus queue trigger from the embedded SQLite queue, with the host's built-in
 settlement: return completes, raise abandons, `maxDeliveryCount` dead-letters.
 
+It also runs the app's timer functions (the spill re-drive) every `--timer-interval` seconds.
+
     python -m shared.localhost [--host 127.0.0.1] [--port 7071] [--workers 4]
+                               [--lock-duration 60] [--timer-interval 60]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import azure.functions as func
 from aiohttp import web
 from azure.functions.servicebus import ServiceBusMessage
+from azure.functions.timer import TimerRequest
 
 from .localqueue import LocalQueue, LockLostError, QueuedMessage
 from .publisher import OutboundMessage, Publisher
@@ -56,11 +60,20 @@ class QueueFunction:
     handler: Callable[..., Any]
 
 
-_INDEX: dict[int, tuple[list[HttpFunction], list[QueueFunction]]] = {}
+@dataclass(frozen=True, slots=True)
+class TimerFunction:
+    name: str
+    schedule: str
+    handler: Callable[..., Any]
 
 
-def index_functions(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction]]:
-    """The HTTP and Service Bus queue functions that `app` declares.
+_INDEX: dict[int, tuple[list[HttpFunction], list[QueueFunction], list[TimerFunction]]] = {}
+
+
+def index_functions(
+    app: func.FunctionApp,
+) -> tuple[list[HttpFunction], list[QueueFunction], list[TimerFunction]]:
+    """The HTTP, Service Bus queue and timer functions that `app` declares.
 
     `FunctionApp.get_functions()` may run only once per app (it registers the names), so
     the index is kept, as the Functions host indexes an app once.
@@ -70,9 +83,12 @@ def index_functions(app: func.FunctionApp) -> tuple[list[HttpFunction], list[Que
     return _INDEX[id(app)]
 
 
-def _index(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunction]]:
+def _index(
+    app: func.FunctionApp,
+) -> tuple[list[HttpFunction], list[QueueFunction], list[TimerFunction]]:
     http: list[HttpFunction] = []
     queues: list[QueueFunction] = []
+    timers: list[TimerFunction] = []
     for fn in app.get_functions():
         trigger: Any = fn.get_trigger()
         name = fn.get_function_name() or ""
@@ -85,9 +101,11 @@ def _index(app: func.FunctionApp) -> tuple[list[HttpFunction], list[QueueFunctio
         elif kind == "serviceBusTrigger":
             queues.append(QueueFunction(name, trigger.queue_name, trigger.connection,
                                         fn.get_user_function()))
+        elif kind == "timerTrigger":
+            timers.append(TimerFunction(name, trigger.schedule, fn.get_user_function()))
         else:
             raise RuntimeError(f"the local host cannot run {kind} function {name}")
-    return http, queues
+    return http, queues, timers
 
 
 def resolve_app_setting(value: str, environ: dict[str, str] | None = None) -> str:
@@ -152,6 +170,7 @@ class LocalHost:
         workers: int = 4,
         poll_interval: float = 0.25,
         lock_duration: float = 60.0,
+        timer_interval: float = 60.0,
     ) -> None:
         if runtime.queue is None:
             raise ValueError("the local host needs the embedded queue (no Service Bus namespace)")
@@ -162,7 +181,10 @@ class LocalHost:
         self.workers = workers
         self.poll_interval = poll_interval
         self.lock_duration = lock_duration
-        self.http_functions, self.queue_functions = index_functions(app)
+        # Timer functions run every `timer_interval` seconds, whatever their schedule says:
+        # locally the point is that they run, tests make it short.
+        self.timer_interval = timer_interval
+        self.http_functions, self.queue_functions, self.timer_functions = index_functions(app)
         self._wake = asyncio.Event()
         runtime.publisher = NotifyingPublisher(runtime.publisher, self._wake)
         self._runner: web.AppRunner | None = None
@@ -194,6 +216,8 @@ class LocalHost:
                 self._tasks.append(
                     asyncio.create_task(self._worker(qfn), name=f"{qfn.name}-{index}")
                 )
+        for tfn in self.timer_functions:
+            self._tasks.append(asyncio.create_task(self._timer(tfn), name=tfn.name))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -253,6 +277,15 @@ class LocalHost:
                 continue
             for qm in received:
                 await self._run_one(fn, qm)
+
+    async def _timer(self, fn: TimerFunction) -> None:
+        """Like the host's timer trigger: one run at a time, never overlapping itself."""
+        while not self._stopping:
+            await asyncio.sleep(self.timer_interval)
+            try:
+                await _call(fn.handler, TimerRequest(past_due=False))
+            except Exception:
+                logger.exception("timer function %s failed; it runs again next interval", fn.name)
 
     async def _run_one(self, fn: QueueFunction, qm: QueuedMessage) -> None:
         assert qm.lock_token is not None
@@ -344,13 +377,17 @@ def banner(settings: Settings, base_url: str) -> str:
     )
 
 
-async def serve(host: str, port: int, workers: int) -> None:
+async def serve(
+    host: str, port: int, workers: int, *, lock_duration: float = 60.0,
+    timer_interval: float = 60.0,
+) -> None:
     settings = load_settings()
     runtime = build_runtime(settings)
     set_runtime(runtime)
     # Spans to the console, or to Application Insights when a connection string is set.
     configure_telemetry(connection_string=settings.appinsights_connection_string, console=True)
-    local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers)
+    local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers,
+                      lock_duration=lock_duration, timer_interval=timer_interval)
     await local.start()
     print(banner(settings, local.base_url), flush=True)
     stop = asyncio.Event()
@@ -373,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
     parser.add_argument("--workers", type=int, default=4,
                         help="queue messages processed concurrently (default 4)")
+    parser.add_argument("--lock-duration", type=float, default=60.0,
+                        help="seconds a received message stays locked (default 60)")
+    parser.add_argument("--timer-interval", type=float, default=60.0,
+                        help="seconds between runs of the timer functions (default 60)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
@@ -380,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(args.host, args.port, args.workers))
+        asyncio.run(serve(args.host, args.port, args.workers,
+                          lock_duration=args.lock_duration, timer_interval=args.timer_interval))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

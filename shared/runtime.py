@@ -16,10 +16,12 @@ from .handlers import registry as default_registry
 from .processor import DeadLetterer, HandledLog, LocalDeadLetterer, ServiceBusDeadLetterer
 from .publisher import LocalQueuePublisher, Publisher, build_service_bus_publisher
 from .settings import Settings, load_settings
+from .spill import FileSpillStore, SpillingPublisher, SpillStore, build_blob_spill_store
 from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
 
 QUEUE_FILE = "queue.sqlite3"
 HANDLED_FILE = "handled.jsonl"
+SPILL_DIR = "spill"
 
 
 @dataclass(slots=True)
@@ -31,6 +33,10 @@ class Runtime:
     registry: HandlerRegistry
     handled_log: HandledLog | None = None
     queue: Any = None  # the LocalQueue in local mode
+    # Spill-over (shared/spill.py): where events wait while the queue is down, and the
+    # queue publisher the re-drive timer sends them back to.
+    spill: SpillStore | None = None
+    redrive_publisher: Publisher | None = None
 
 
 _runtime: Runtime | None = None
@@ -56,6 +62,14 @@ def open_local_queue(settings: Settings) -> Any:
     )
 
 
+def build_spill_store(settings: Settings) -> SpillStore:
+    if settings.spill_blob_account_url:
+        return build_blob_spill_store(
+            settings.spill_blob_account_url, settings.spill_container_name
+        )
+    return FileSpillStore(settings.local_state_dir / SPILL_DIR)
+
+
 def build_runtime(
     settings: Settings,
     *,
@@ -64,19 +78,29 @@ def build_runtime(
     publisher: Publisher | None = None,
     dead_letterer: DeadLetterer | None = None,
 ) -> Runtime:
-    """Everything the functions need, for the queue backend the settings choose."""
+    """Everything the functions need, for the queue backend the settings choose.
+
+    The default publisher is the queue behind a spill store; a `publisher` passed in is used
+    as it is (and re-drive sends to it).
+    """
     queue = None
     handled_log = None
+    primary: Publisher
     if settings.queue_backend == "servicebus":
         assert settings.servicebus_namespace is not None
         sb = build_service_bus_publisher(settings.servicebus_namespace, settings.queue_name)
-        publisher = publisher or sb
+        primary = sb
         dead_letterer = dead_letterer or ServiceBusDeadLetterer(sb.send_raw)
     else:
         queue = open_local_queue(settings)
-        publisher = publisher or LocalQueuePublisher(queue)
+        primary = LocalQueuePublisher(queue)
         dead_letterer = dead_letterer or LocalDeadLetterer(queue)
         handled_log = HandledLog(settings.local_state_dir / HANDLED_FILE)
+    spill = build_spill_store(settings)
+    if publisher is None:
+        publisher = SpillingPublisher(primary, spill)
+    else:
+        primary = publisher
     return Runtime(
         settings=settings,
         tokens=tokens or build_tokens(settings),
@@ -85,6 +109,8 @@ def build_runtime(
         registry=registry or default_registry,
         handled_log=handled_log,
         queue=queue,
+        spill=spill,
+        redrive_publisher=primary,
     )
 
 

@@ -8,6 +8,7 @@ package reads `os.environ` for its own configuration.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ RETRY_BACKOFF_MAX_SECONDS = "RETRY_BACKOFF_MAX_SECONDS"
 LOW_BATTERY_PERCENT = "LOW_BATTERY_PERCENT"
 LOCAL_STATE_DIR = "LOCAL_STATE_DIR"
 APPLICATIONINSIGHTS_CONNECTION_STRING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
+SPILL_CONTAINER_NAME = "SPILL_CONTAINER_NAME"
+# The host's storage account (identity-based AzureWebJobsStorage): also holds the spill container.
+STORAGE_ACCOUNT_NAME = "AzureWebJobsStorage__accountName"
 
 #: Every name `load_settings` reads.
 APP_SETTINGS: frozenset[str] = frozenset(
@@ -50,6 +54,8 @@ APP_SETTINGS: frozenset[str] = frozenset(
         LOW_BATTERY_PERCENT,
         LOCAL_STATE_DIR,
         APPLICATIONINSIGHTS_CONNECTION_STRING,
+        SPILL_CONTAINER_NAME,
+        STORAGE_ACCOUNT_NAME,
     }
 )
 
@@ -61,7 +67,6 @@ LOCAL_ONLY_SETTINGS: frozenset[str] = frozenset(
 #: Read by the Functions host or the Azure SDKs, not by this module; Bicep sets them.
 HOST_SETTINGS: frozenset[str] = frozenset(
     {
-        "AzureWebJobsStorage__accountName",
         "AzureWebJobsStorage__credential",
         "AzureWebJobsStorage__clientId",
         "ServiceBusConnection__credential",
@@ -81,7 +86,11 @@ DEFAULTS: Mapping[str, str] = {
     RETRY_BACKOFF_MAX_SECONDS: "60",
     LOW_BATTERY_PERCENT: "20",
     LOCAL_STATE_DIR: ".local",
+    SPILL_CONTAINER_NAME: "spill",
 }
+
+_CONTAINER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]")
+_ACCOUNT_NAME = re.compile(r"[a-z0-9]{3,24}")
 
 # Set by App Service / Functions on every Azure instance; its presence means "in Azure".
 _AZURE_MARKER = "WEBSITE_SITE_NAME"
@@ -109,6 +118,8 @@ class Settings:
     low_battery_percent: float
     local_state_dir: Path
     appinsights_connection_string: str | None
+    spill_container_name: str = DEFAULTS[SPILL_CONTAINER_NAME]
+    storage_account_name: str | None = None
 
     @property
     def token_source(self) -> str:
@@ -119,6 +130,18 @@ class Settings:
     def queue_backend(self) -> str:
         """`servicebus` when a namespace is configured, else the embedded `local` queue."""
         return "servicebus" if self.servicebus_namespace else "local"
+
+    @property
+    def spill_blob_account_url(self) -> str | None:
+        """The blob endpoint of the host's storage account, when one is configured."""
+        if not self.storage_account_name:
+            return None
+        return f"https://{self.storage_account_name}.blob.core.windows.net/"
+
+    @property
+    def spill_backend(self) -> str:
+        """`blob` (container in the storage account) or `local` (LOCAL_STATE_DIR/spill)."""
+        return "blob" if self.spill_blob_account_url else "local"
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -189,6 +212,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     token_cache = number(TOKEN_CACHE_SECONDS, kind=float, minimum=1)
     low_battery = number(LOW_BATTERY_PERCENT, kind=float, minimum=0)
 
+    spill_container = _get(env, SPILL_CONTAINER_NAME) or DEFAULTS[SPILL_CONTAINER_NAME]
+    if not _CONTAINER_NAME.fullmatch(spill_container) or "--" in spill_container:
+        problems.append(
+            f"{SPILL_CONTAINER_NAME} must be a blob container name (3-63 lowercase letters, "
+            f"digits and single hyphens), got {spill_container!r}"
+        )
+    account = _get(env, STORAGE_ACCOUNT_NAME)
+    if account is not None and not _ACCOUNT_NAME.fullmatch(account):
+        problems.append(
+            f"{STORAGE_ACCOUNT_NAME} must be a storage account name (3-24 lowercase letters "
+            f"and digits), got {account!r}"
+        )
+    if account is None and in_azure:
+        problems.append(
+            f"{STORAGE_ACCOUNT_NAME} is not set: in Azure events that Service Bus cannot take "
+            f"are spilled to the {spill_container!r} container of that storage account"
+        )
+
     if problems:
         raise SettingsError(
             "Invalid configuration: "
@@ -212,4 +253,6 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         low_battery_percent=low_battery,
         local_state_dir=Path(_get(env, LOCAL_STATE_DIR) or ".local"),
         appinsights_connection_string=_get(env, APPLICATIONINSIGHTS_CONNECTION_STRING),
+        spill_container_name=spill_container,
+        storage_account_name=account,
     )

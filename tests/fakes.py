@@ -94,3 +94,63 @@ class FakeServiceBusClient:
 
     async def close(self) -> None:
         self.closed = True
+
+
+@dataclass
+class FakeBlobProperties:
+    name: str
+    last_modified: datetime
+
+
+@dataclass
+class FakeDownloader:
+    data: bytes
+
+    async def readall(self) -> bytes:
+        return self.data
+
+
+@dataclass
+class FakeContainerClient:
+    """The async `azure.storage.blob.aio.ContainerClient` surface the spill store uses."""
+
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    modified: dict[str, datetime] = field(default_factory=dict)
+    fail_with: Exception | None = None
+    closed: bool = False
+
+    async def upload_blob(self, name: str, data: bytes, *, overwrite: bool = False) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        if name in self.blobs and not overwrite:
+            from azure.core.exceptions import ResourceExistsError
+
+            raise ResourceExistsError(f"blob {name} exists")
+        self.blobs[name] = bytes(data)
+        self.modified[name] = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=len(self.modified))
+
+    async def _list(self) -> AsyncIterator[FakeBlobProperties]:
+        for name in list(self.blobs):
+            yield FakeBlobProperties(name, self.modified[name])
+
+    def list_blobs(self) -> AsyncIterator[FakeBlobProperties]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        return self._list()
+
+    async def download_blob(self, name: str) -> FakeDownloader:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        if name not in self.blobs:
+            raise ResourceNotFoundError(f"blob {name} not found")
+        return FakeDownloader(self.blobs[name])
+
+    async def delete_blob(self, name: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        if name not in self.blobs:
+            raise ResourceNotFoundError(f"blob {name} not found")
+        del self.blobs[name]
+
+    async def close(self) -> None:
+        self.closed = True

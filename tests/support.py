@@ -105,12 +105,14 @@ class RunningHost:
         registry: HandlerRegistry | None = None,
         customize: Callable[[Runtime], None] | None = None,
         workers: int = 4,
+        timer_interval: float = 60.0,
     ) -> None:
         self.settings = load_settings(env)
         self.runtime = build_runtime(self.settings, registry=registry)
         if customize is not None:
             customize(self.runtime)
         self._workers = workers
+        self._timer_interval = timer_interval
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.host: LocalHost | None = None
@@ -121,7 +123,7 @@ class RunningHost:
 
         async def start() -> LocalHost:
             host = LocalHost(load_function_app(), self.runtime, port=0, workers=self._workers,
-                             poll_interval=0.05)
+                             poll_interval=0.05, timer_interval=self._timer_interval)
             await host.start()
             return host
 

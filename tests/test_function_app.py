@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_http_routes_methods_and_auth_levels() -> None:
-    http, _ = index_functions(load_function_app())
+    http, _, _ = index_functions(load_function_app())
     declared = {(f.route, f.methods, f.auth_level) for f in http}
     assert declared == {
         ("webhooks/smartcar", ("POST",), "function"),
@@ -22,7 +22,7 @@ def test_http_routes_methods_and_auth_levels() -> None:
 
 
 def test_webhook_functions_are_async() -> None:
-    http, queues = index_functions(load_function_app())
+    http, queues, _ = index_functions(load_function_app())
     for fn in http:
         if fn.route.startswith("webhooks/"):
             assert inspect.iscoroutinefunction(fn.handler), fn.name
@@ -30,11 +30,16 @@ def test_webhook_functions_are_async() -> None:
 
 
 def test_queue_trigger_reads_the_queue_name_setting_and_identity_connection() -> None:
-    _, queues = index_functions(load_function_app())
+    _, queues, _ = index_functions(load_function_app())
     (processor,) = queues
     assert processor.queue_name == "%SERVICEBUS_QUEUE_NAME%"
     assert processor.connection == "ServiceBusConnection"
     assert resolve_app_setting(processor.queue_name, {"SERVICEBUS_QUEUE_NAME": "q1"}) == "q1"
+
+
+def test_spill_redrive_timer_is_declared() -> None:
+    _, _, timers = index_functions(load_function_app())
+    assert [t.name for t in timers] == ["redrive_spilled"]
 
 
 def test_function_bodies_only_delegate_to_shared() -> None:

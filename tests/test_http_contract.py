@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from shared.handlers import HandlerRegistry
-from shared.publisher import PublishError
+from shared.publisher import LocalQueuePublisher, PublishError
 from shared.runtime import Runtime
 from shared.signature import sign
+from shared.spill import FileSpillStore, SpillingPublisher
 from shared.tokens import TokenUnavailableError
 
 from .support import (
@@ -309,15 +310,32 @@ class _NoTokens:
 
 
 class TestUnavailable:
-    def test_queue_unavailable_gives_503_and_nothing_acknowledged(self, tmp_path: Path) -> None:
-        def break_queue(runtime: Runtime) -> None:
-            runtime.publisher._queue = _BrokenQueue()  # type: ignore[attr-defined]
+    def test_queue_and_spill_unavailable_gives_503_and_nothing_acknowledged(
+        self, tmp_path: Path
+    ) -> None:
+        def break_queue_and_spill(runtime: Runtime) -> None:
+            runtime.publisher = SpillingPublisher(
+                LocalQueuePublisher(_BrokenQueue()), FileSpillStore(tmp_path / "not-a-dir")
+            )
 
-        with RunningHost(local_env(tmp_path), customize=break_queue) as broken:
+        (tmp_path / "not-a-dir").write_text("a file where the spill directory should be")
+        with RunningHost(local_env(tmp_path), customize=break_queue_and_spill) as broken:
             body = encode(state_event())
             resp = broken.post(WEBHOOK, body, signed_headers(body))
             assert resp.status == 503
             assert "accepted" not in resp.body.decode()
+
+    def test_queue_unavailable_spills_and_answers_200(self, tmp_path: Path) -> None:
+        def break_queue(runtime: Runtime) -> None:
+            assert runtime.spill is not None
+            runtime.publisher = SpillingPublisher(
+                LocalQueuePublisher(_BrokenQueue()), runtime.spill
+            )
+
+        with RunningHost(local_env(tmp_path), customize=break_queue) as broken:
+            body = encode(state_event())
+            assert broken.post(WEBHOOK, body, signed_headers(body)).status == 200
+            assert len(list((tmp_path / "spill").glob("*.json"))) == 1
 
     def test_token_unavailable_gives_503(self, tmp_path: Path) -> None:
         def no_tokens(runtime: Runtime) -> None:

@@ -238,11 +238,29 @@ class TestResources:
         assert p["minimumTlsVersion"] == "TLS1_2"
         assert p["supportsHttpsTrafficOnly"] is True
 
-    def test_storage_has_a_private_deployment_container(self) -> None:
-        (container,) = module("storage").resources_of_type(
+    def test_storage_has_private_deployment_and_spill_containers(self) -> None:
+        containers = module("storage").resources_of_type(
             "Microsoft.Storage/storageAccounts/blobServices/containers"
         )
-        assert literal(prop(container.body, "properties.publicAccess")) == "None"
+        assert {text(prop(c.body, "name")) for c in containers} == {
+            "deploymentContainerName",
+            "spillContainerName",
+        }
+        for container in containers:
+            assert literal(prop(container.body, "properties.publicAccess")) == "None"
+
+    def test_spill_container_default_and_app_setting_agree_with_the_settings_module(
+        self,
+    ) -> None:
+        params = module("storage").params()
+        default = literal(params["spillContainerName"].default)
+        assert default == settings.DEFAULTS[settings.SPILL_CONTAINER_NAME]
+        main = load(MAIN)
+        passed = prop(main.module("functionApp").body, "params.spillContainerName")
+        assert text(passed) == "storage.outputs.spillContainerName"
+        (config,) = module("functionapp").resources_of_type("Microsoft.Web/sites/config")
+        values = literal(prop(config.body, "properties"))
+        assert values[settings.SPILL_CONTAINER_NAME] == Expr("spillContainerName")
 
     def test_application_insights_is_workspace_based_without_local_auth(self) -> None:
         mon = module("monitoring")

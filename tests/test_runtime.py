@@ -14,6 +14,7 @@ from shared.processor import LocalDeadLetterer, ServiceBusDeadLetterer
 from shared.publisher import LocalQueuePublisher, ServiceBusPublisher
 from shared.runtime import build_runtime, set_runtime
 from shared.settings import load_settings
+from shared.spill import BlobSpillStore, FileSpillStore, SpillingPublisher
 from shared.tokens import KeyVaultTokenProvider, StaticTokenProvider
 
 
@@ -22,10 +23,13 @@ def test_azure_settings_build_service_bus_and_key_vault_boundaries() -> None:
         "WEBSITE_SITE_NAME": "app",
         "KEY_VAULT_URI": "https://kv.vault.azure.net/",
         "ServiceBusConnection__fullyQualifiedNamespace": "ns.servicebus.windows.net",
+        "AzureWebJobsStorage__accountName": "st1",
     })
     runtime = build_runtime(settings)  # constructs clients lazily: no network here
     assert isinstance(runtime.tokens, KeyVaultTokenProvider)
-    assert isinstance(runtime.publisher, ServiceBusPublisher)
+    assert isinstance(runtime.publisher, SpillingPublisher)
+    assert isinstance(runtime.spill, BlobSpillStore)
+    assert isinstance(runtime.redrive_publisher, ServiceBusPublisher)
     assert isinstance(runtime.dead_letterer, ServiceBusDeadLetterer)
     assert runtime.handled_log is None and runtime.queue is None
 
@@ -34,7 +38,9 @@ def test_local_settings_build_the_embedded_queue(tmp_path: Path) -> None:
     runtime = build_runtime(load_settings({"LOCAL_STATE_DIR": str(tmp_path)}))
     try:
         assert isinstance(runtime.tokens, StaticTokenProvider)
-        assert isinstance(runtime.publisher, LocalQueuePublisher)
+        assert isinstance(runtime.publisher, SpillingPublisher)
+        assert isinstance(runtime.spill, FileSpillStore)
+        assert isinstance(runtime.redrive_publisher, LocalQueuePublisher)
         assert isinstance(runtime.dead_letterer, LocalDeadLetterer)
         assert (tmp_path / "queue.sqlite3").exists()
     finally:

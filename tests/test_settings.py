@@ -40,9 +40,12 @@ class TestAzure:
                 "WEBSITE_SITE_NAME": "app",
                 "KEY_VAULT_URI": "https://kv.vault.azure.net/",
                 "ServiceBusConnection__fullyQualifiedNamespace": "ns.servicebus.windows.net",
+                "AzureWebJobsStorage__accountName": "stabc123",
             }
         )
         assert s.in_azure and s.token_source == "keyvault" and s.queue_backend == "servicebus"
+        assert s.spill_backend == "blob" and s.spill_container_name == "spill"
+        assert s.spill_blob_account_url == "https://stabc123.blob.core.windows.net/"
         assert s.management_token is None and not s.using_dev_token
         assert s.token_secret_name == "smartcar-management-token"
 
@@ -52,6 +55,7 @@ class TestAzure:
         message = str(err.value)
         assert "KEY_VAULT_URI is not set" in message
         assert "ServiceBusConnection__fullyQualifiedNamespace is not set" in message
+        assert "AzureWebJobsStorage__accountName is not set" in message
 
 
 class TestMalformed:
@@ -63,6 +67,8 @@ class TestMalformed:
             ({"MAX_DELIVERY_COUNT": "0"}, "MAX_DELIVERY_COUNT must be at least 1"),
             ({"RETRY_BACKOFF_BASE_SECONDS": "x"}, "RETRY_BACKOFF_BASE_SECONDS must be a number"),
             ({"KEY_VAULT_URI": "kv.vault.azure.net"}, "KEY_VAULT_URI must be the vault's https URI"),
+            ({"SPILL_CONTAINER_NAME": "Spill_Box"}, "SPILL_CONTAINER_NAME must be a blob container name"),
+            ({"AzureWebJobsStorage__accountName": "my-account"}, "AzureWebJobsStorage__accountName must be a storage account name"),
             (
                 {"ServiceBusConnection__fullyQualifiedNamespace": "Endpoint=sb://x/;Key=y"},
                 "ServiceBusConnection__fullyQualifiedNamespace must be a host name",

@@ -31,6 +31,9 @@ param storageBlobEndpoint string
 @description('Container that holds the deployment package.')
 param deploymentContainerName string
 
+@description('Blob container in that account for events spilled while Service Bus is unavailable.')
+param spillContainerName string
+
 @description('Application Insights connection string (not a credential; ingestion uses Entra ID).')
 param appInsightsConnectionString string
 
@@ -164,8 +167,10 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     RETRY_BACKOFF_MAX_SECONDS: string(retryBackoffMaxSeconds)
     LOW_BATTERY_PERCENT: string(lowBatteryPercent)
     APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
-    // Read by the Functions host and the Azure SDKs: identity-based connections.
+    SPILL_CONTAINER_NAME: spillContainerName
+    // Read by the host and by shared/settings.py (the spill container lives in this account).
     AzureWebJobsStorage__accountName: storageAccountName
+    // Read by the Functions host and the Azure SDKs: identity-based connections.
     AzureWebJobsStorage__credential: 'managedidentity'
     AzureWebJobsStorage__clientId: identityClientId
     ServiceBusConnection__credential: 'managedidentity'

@@ -8,7 +8,8 @@
 //   vault      Key Vault Secrets User             reads the token and its previous version; the
 //                                                 secret may not exist yet, so not secret scope
 //   storage    Storage Blob Data Owner            host keys, leases and timer schedule state live
-//                                                 in blobs; the deployment package too
+//                                                 in blobs; the deployment package and the
+//                                                 spilled events (read, write, delete) too
 //   storage    Storage Table Data Contributor     the host writes its diagnostic events to tables
 //   appi       Monitoring Metrics Publisher       telemetry with Entra ID (DisableLocalAuth)
 // Storage Queue Data Contributor is not granted: no queue or blob trigger uses storage queues.

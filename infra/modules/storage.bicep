@@ -1,6 +1,8 @@
 // Storage for the Functions host (AzureWebJobsStorage, identity-based) and the Flex Consumption
 // deployment package. Shared keys are disabled: every client authenticates with Entra ID.
-// Later blob containers (e.g. the Service Bus spill-over) go next to the deployment container.
+// The spill container holds events the receiver acknowledged while Service Bus was unavailable,
+// until the re-drive timer sends them to the queue (shared/spill.py). The app identity reaches
+// it through Storage Blob Data Owner on the account (modules/roles.bicep).
 
 @description('Storage account name: 3-24 lowercase letters and digits, globally unique.')
 @minLength(3)
@@ -12,6 +14,9 @@ param location string
 
 @description('Blob container that holds the Flex Consumption deployment package.')
 param deploymentContainerName string
+
+@description('Blob container for events spilled while Service Bus is unavailable (SPILL_CONTAINER_NAME).')
+param spillContainerName string = 'spill'
 
 param tags object = {}
 
@@ -51,7 +56,16 @@ resource deploymentContainer 'Microsoft.Storage/storageAccounts/blobServices/con
   }
 }
 
+resource spillContainer 'Microsoft.Storage/storageAccounts/blobServices/containers@2023-05-01' = {
+  parent: blobService
+  name: spillContainerName
+  properties: {
+    publicAccess: 'None'
+  }
+}
+
 output id string = storage.id
 output name string = storage.name
 output blobEndpoint string = storage.properties.primaryEndpoints.blob
 output deploymentContainerName string = deploymentContainer.name
+output spillContainerName string = spillContainer.name

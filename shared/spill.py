@@ -1,0 +1,368 @@
+"""Spill-over: events are acknowledged even while the queue is down, and re-driven later.
+
+Smartcar stops retrying a webhook after about three minutes; a Service Bus outage can last
+longer. `SpillingPublisher` tries the queue within a short time budget and, when that fails,
+writes the message (raw body, `message_id`, application properties) to a spill store: a Blob
+container in Azure (`BlobSpillStore`), a directory under `LOCAL_STATE_DIR` locally
+(`FileSpillStore`). Only when both fail does `publish` raise `PublishError` (the receiver's 503).
+A 200 therefore always means "in the queue, or durably in the spill store".
+
+`redrive` (run by a timer function every minute) sends spilled messages to the queue with
+their original `message_id` and deletes each one only after its send succeeded.
+
+Concurrent re-drives (several instances, or a run overlapping the next) are made safe by
+at-least-once delivery plus the queue's duplicate detection on `message_id` (one hour, see
+infra/modules/servicebus.bicep), not by leases: two runs that pick the same spilled message
+both send it, the queue keeps one, and the second delete finds nothing and is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from .publisher import OutboundMessage, Publisher, PublishError
+
+logger = logging.getLogger(__name__)
+
+#: Version of the spilled record's JSON layout.
+RECORD_VERSION = 1
+_SUFFIX = ".json"
+_TEMP_PREFIX = ".tmp-"
+# A temp file this old belongs to a write that never completed (its request got no 200).
+_STALE_TEMP_SECONDS = 600.0
+
+
+class SpillError(RuntimeError):
+    """The spill store could not store (or read) a message."""
+
+
+def spill_name(message_id: str) -> str:
+    """One name per `message_id`: Smartcar's retries of one event overwrite one record."""
+    return hashlib.sha256(message_id.encode("utf-8")).hexdigest() + _SUFFIX
+
+
+def encode_record(message: OutboundMessage) -> bytes:
+    record = {
+        "version": RECORD_VERSION,
+        "messageId": message.message_id,
+        "applicationProperties": dict(message.application_properties),
+        "body": base64.b64encode(message.body).decode("ascii"),
+        "spilledAt": time.time(),
+    }
+    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def decode_record(data: bytes) -> OutboundMessage:
+    """The message a record holds; SpillError when it is not a readable record."""
+    try:
+        record = json.loads(data)
+        if not isinstance(record, dict) or record.get("version") != RECORD_VERSION:
+            raise ValueError(f"expected a version {RECORD_VERSION} spill record")
+        props = record["applicationProperties"]
+        if not isinstance(props, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in props.items()
+        ):
+            raise ValueError("applicationProperties must map strings to strings")
+        message_id = record["messageId"]
+        if not isinstance(message_id, str) or not message_id:
+            raise ValueError("messageId must be a non-empty string")
+        body = base64.b64decode(record["body"], validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise SpillError(f"unreadable spill record: {exc}") from exc
+    return OutboundMessage(body=body, message_id=message_id, application_properties=props)
+
+
+class SpillStore(Protocol):
+    """Where messages wait while the queue is unavailable."""
+
+    async def put(self, message: OutboundMessage) -> None:
+        """Store durably before returning. Raises SpillError."""
+        ...
+
+    async def names(self, *, limit: int) -> Sequence[str]:
+        """Up to `limit` stored records, oldest first where the store can tell."""
+        ...
+
+    async def get(self, name: str) -> OutboundMessage | None:
+        """The stored message, None when it is gone. Raises SpillError when unreadable."""
+        ...
+
+    async def delete(self, name: str) -> None:
+        """Remove a record; a record already gone is not an error."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class FileSpillStore:
+    """A directory of records (local host, `func start` without a storage account).
+
+    Each record is written to a temp file, fsynced, atomically renamed into place and the
+    directory fsynced, so `put` returning means the record survives `kill -9` or power loss.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _put_sync(self, message: OutboundMessage) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        final = self.directory / spill_name(message.message_id)
+        temp = self.directory / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
+        data = encode_record(message)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(temp, final)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    async def put(self, message: OutboundMessage) -> None:
+        try:
+            await asyncio.to_thread(self._put_sync, message)
+        except OSError as exc:
+            raise SpillError(f"spill write to {self.directory} failed: {exc}") from exc
+
+    def _names_sync(self, limit: int) -> list[str]:
+        if not self.directory.is_dir():
+            return []
+        now = time.time()
+        found: list[tuple[float, str]] = []
+        for entry in os.scandir(self.directory):
+            try:
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if entry.name.startswith(_TEMP_PREFIX):
+                if now - mtime > _STALE_TEMP_SECONDS:
+                    Path(entry.path).unlink(missing_ok=True)
+            elif entry.name.endswith(_SUFFIX):
+                found.append((mtime, entry.name))
+        found.sort()
+        return [name for _, name in found[:limit]]
+
+    async def names(self, *, limit: int) -> Sequence[str]:
+        return await asyncio.to_thread(self._names_sync, limit)
+
+    async def get(self, name: str) -> OutboundMessage | None:
+        try:
+            data = await asyncio.to_thread((self.directory / name).read_bytes)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SpillError(f"spill read of {name} failed: {exc}") from exc
+        return decode_record(data)
+
+    async def delete(self, name: str) -> None:
+        await asyncio.to_thread((self.directory / name).unlink, missing_ok=True)
+
+    async def close(self) -> None:
+        return None
+
+
+class BlobSpillStore:
+    """A Blob container in the app's storage account, through `azure.storage.blob.aio`.
+
+    `client_factory` returns a `ContainerClient` (identity-based in production, see
+    `build_blob_spill_store`); it is created lazily, once per process, and reused.
+    """
+
+    def __init__(self, client_factory: Callable[[], Any], *, timeout: float = 5.0) -> None:
+        self._client_factory = client_factory
+        self._client: Any = None
+        self._timeout = timeout
+
+    def _container(self) -> Any:
+        if self._client is None:
+            self._client = self._client_factory()
+        return self._client
+
+    async def put(self, message: OutboundMessage) -> None:
+        try:
+            await asyncio.wait_for(
+                self._container().upload_blob(
+                    spill_name(message.message_id), encode_record(message), overwrite=True
+                ),
+                self._timeout,
+            )
+        except Exception as exc:
+            raise SpillError(f"spill upload failed: {type(exc).__name__}") from exc
+
+    async def names(self, *, limit: int) -> Sequence[str]:
+        found: list[tuple[Any, str]] = []
+        async for blob in self._container().list_blobs():
+            found.append((blob.last_modified, blob.name))
+        found.sort(key=lambda item: (item[0] is None, item[0] or 0, item[1]))
+        return [name for _, name in found[:limit]]
+
+    async def get(self, name: str) -> OutboundMessage | None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            downloader = await self._container().download_blob(name)
+            data: bytes = await downloader.readall()
+        except ResourceNotFoundError:
+            return None
+        return decode_record(data)
+
+    async def delete(self, name: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            await self._container().delete_blob(name)
+        except ResourceNotFoundError:
+            logger.debug("spilled blob %s was already deleted (another re-drive)", name)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+
+def build_blob_spill_store(account_url: str, container_name: str) -> BlobSpillStore:
+    """The production store: managed identity through DefaultAzureCredential."""
+
+    def factory() -> Any:
+        from azure.identity.aio import DefaultAzureCredential
+        from azure.storage.blob.aio import ContainerClient
+
+        return ContainerClient(account_url, container_name, credential=DefaultAzureCredential())
+
+    return BlobSpillStore(factory)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class SpillingPublisher:
+    """A `Publisher`: the queue first, within `primary_timeout` seconds; the spill store next.
+
+    The two budgets together stay well inside Smartcar's 15-second response timeout.
+    """
+
+    def __init__(
+        self,
+        primary: Publisher,
+        spill: SpillStore,
+        *,
+        primary_timeout: float = 5.0,
+        spill_timeout: float = 5.0,
+    ) -> None:
+        self.primary = primary
+        self.spill = spill
+        self._primary_timeout = primary_timeout
+        self._spill_timeout = spill_timeout
+
+    async def publish(self, message: OutboundMessage) -> bool:
+        try:
+            return await asyncio.wait_for(self.primary.publish(message), self._primary_timeout)
+        except (PublishError, TimeoutError) as exc:
+            primary_error = exc
+        try:
+            await asyncio.wait_for(self.spill.put(message), self._spill_timeout)
+        except (SpillError, TimeoutError) as exc:
+            logger.error(
+                "message %s could not be queued (%s) nor spilled (%s)",
+                message.message_id, type(primary_error).__name__, type(exc).__name__,
+            )
+            raise PublishError(
+                f"queue failed ({_describe(primary_error)}) and spill failed ({_describe(exc)})"
+            ) from exc
+        logger.warning(
+            "queue unavailable (%s); message %s spilled for re-drive",
+            type(primary_error).__name__, message.message_id,
+        )
+        return True
+
+    async def close(self) -> None:
+        await self.primary.close()
+        await self.spill.close()
+
+
+@dataclass(frozen=True, slots=True)
+class RedriveResult:
+    sent: int
+    failed: int
+    unreadable: int
+    #: True when the run stopped early (queue still failing, or out of time).
+    stopped: bool
+
+
+async def redrive(
+    spill: SpillStore,
+    publisher: Publisher,
+    *,
+    batch: int = 1000,
+    concurrency: int = 8,
+    time_budget: float = 240.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> RedriveResult:
+    """Send spilled messages to the queue, deleting each only after its send succeeded.
+
+    Stops at the first failed send (the queue is still down; the next run tries again) and
+    after `time_budget` seconds (well inside the five-minute function timeout). An unreadable
+    record is kept and logged, never deleted: it may be the only copy of an event.
+    """
+    started = clock()
+    names = await spill.names(limit=batch)
+    sent = failed = unreadable = 0
+    stop = asyncio.Event()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(name: str) -> None:
+        nonlocal sent, failed, unreadable
+        async with gate:
+            if stop.is_set():
+                return
+            if clock() - started > time_budget:
+                stop.set()
+                return
+            try:
+                message = await spill.get(name)
+            except SpillError as exc:
+                unreadable += 1
+                logger.error("spilled record %s kept, it cannot be re-driven: %s", name, exc)
+                return
+            if message is None:  # another re-drive took it
+                return
+            try:
+                await publisher.publish(message)
+            except PublishError as exc:
+                failed += 1
+                stop.set()
+                logger.warning("re-drive of %s failed (%s); retrying next run",
+                               message.message_id, exc)
+                return
+            sent += 1
+            try:
+                await spill.delete(name)
+            except Exception as exc:  # sent already: a second send is a dropped duplicate
+                logger.warning("spilled record %s was sent but not deleted: %s",
+                               name, type(exc).__name__)
+
+    await asyncio.gather(*(one(name) for name in names))
+    if names:
+        logger.info("re-drive: %d sent, %d failed, %d unreadable, %d listed",
+                    sent, failed, unreadable, len(names))
+    return RedriveResult(sent=sent, failed=failed, unreadable=unreadable, stopped=stop.is_set())

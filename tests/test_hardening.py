@@ -1,0 +1,168 @@
+"""Denial-of-service and timing hardening: constant-time comparison, bounded reads, bounded work."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import select
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared import signature
+from shared.events import Event
+from shared.handlers import HandlerContext, HandlerRegistry
+
+from .support import (
+    WEBHOOK,
+    RunningHost,
+    encode,
+    local_env,
+    signed_headers,
+    state_event,
+    wait_until,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TestConstantTimeComparison:
+    @pytest.mark.parametrize(("tokens", "signed_with"), [
+        (("a", "b", "c"), "a"),   # first token matches
+        (("a", "b", "c"), "c"),   # last token matches
+        (("a", "b", "c"), "x"),   # none matches
+        (("a",), "a"),
+    ])
+    def test_every_token_is_compared_with_compare_digest_whatever_matches(
+        self, monkeypatch: pytest.MonkeyPatch, tokens: tuple[str, ...], signed_with: str
+    ) -> None:
+        calls: list[tuple[bytes, bytes]] = []
+        real = hmac.compare_digest
+
+        def counting(a: bytes, b: bytes) -> bool:
+            calls.append((a, b))
+            return real(a, b)
+
+        monkeypatch.setattr(signature.hmac, "compare_digest", counting)
+        body = b'{"eventId":"e"}'
+        found = signature.matching_token(body, signature.sign(signed_with, body), tokens)
+        assert found == (tokens.index(signed_with) if signed_with in tokens else None)
+        # No short-circuit: the number of comparisons does not depend on which token matched.
+        assert len(calls) == len(tokens)
+
+
+def _chunks(size: int, total: int) -> Iterator[bytes]:
+    chunk = b"x" * size
+    for _ in range(total // size):
+        yield b"%x\r\n%s\r\n" % (size, chunk)
+
+
+class TestBoundedBodyReading:
+    def test_huge_chunked_body_is_answered_413_long_before_it_ends(self, tmp_path: Path) -> None:
+        total = 256 * 1024 * 1024  # far more than any socket buffer could absorb
+        with RunningHost(local_env(tmp_path)) as host:
+            limit = host.settings.max_body_bytes
+            sock = socket.create_connection(("127.0.0.1", host.port), timeout=30)
+            sock.sendall(
+                f"POST {WEBHOOK} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                "Transfer-Encoding: chunked\r\nSC-Signature: 00\r\n\r\n".encode()
+            )
+            sent = 0
+            response = b""
+            try:
+                for piece in _chunks(64 * 1024, total):
+                    readable, _, _ = select.select([sock], [], [], 0)
+                    if readable:
+                        response = sock.recv(65536)
+                        break
+                    sock.sendall(piece)
+                    sent += len(piece)
+                else:
+                    readable, _, _ = select.select([sock], [], [], 10)
+                    response = sock.recv(65536) if readable else b""
+            except (BrokenPipeError, ConnectionResetError):
+                response = response or sock.recv(65536)
+            finally:
+                sock.close()
+            assert response.startswith(b"HTTP/1.1 413"), response[:100]
+            # The server answered after reading about `limit` bytes, not after the whole body.
+            assert sent < total // 4
+            assert sent >= limit
+            # And it is still serving.
+            body = encode(state_event())
+            assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+
+
+class TestBoundedConcurrency:
+    def test_local_host_runs_at_most_workers_messages_at_once(self, tmp_path: Path) -> None:
+        registry = HandlerRegistry()
+        running = 0
+        peak = 0
+
+        @registry.on("VEHICLE_STATE")
+        async def slow(event: Event, context: HandlerContext) -> None:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.02)
+            running -= 1
+
+        with RunningHost(local_env(tmp_path), registry=registry, workers=3) as host:
+            for _ in range(15):
+                body = encode(state_event())
+                assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+            wait_until(lambda: len(host.handled()) == 15)
+        assert 1 <= peak <= 3
+
+    def test_host_json_bounds_service_bus_concurrency_explicitly(self) -> None:
+        host = json.loads((ROOT / "host.json").read_text())
+        calls = host["extensions"]["serviceBus"]["maxConcurrentCalls"]
+        assert isinstance(calls, int) and 1 <= calls <= 64
+        assert host["extensions"]["serviceBus"]["prefetchCount"] == 0
+
+
+class TestPersonalData:
+    def test_payloads_never_reach_the_logs_above_debug(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        secret_vin = "5YJ3E1EA7KF000000-PERSONAL"
+        event = state_event()
+        event["data"]["vehicle"] = {**event["data"].get("vehicle", {}), "vin": secret_vin}
+        body = encode(event)
+        caplog.set_level("INFO")
+        with RunningHost(local_env(tmp_path)) as host:
+            assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+            wait_until(lambda: host.handled())
+        assert event["eventId"] in caplog.text  # the receiver did log the event, at INFO
+        assert secret_vin not in caplog.text
+
+    def test_spilled_records_are_private_to_the_app_user(self, tmp_path: Path) -> None:
+        from shared.publisher import OutboundMessage
+        from shared.spill import FileSpillStore
+
+        store = FileSpillStore(tmp_path)
+        asyncio.run(store.put(OutboundMessage(b"{}", "id")))
+        (record,) = tmp_path.glob("*.json")
+        assert record.stat().st_mode & 0o077 == 0
+
+
+class TestFunctionKeys:
+    def test_webhook_routes_require_the_function_key_in_azure(self) -> None:
+        import ast
+
+        tree = ast.parse((ROOT / "function_app.py").read_text())
+        levels = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef):
+                for deco in node.decorator_list:
+                    if isinstance(deco, ast.Call) and getattr(deco.func, "attr", "") == "route":
+                        kw = {k.arg: ast.unparse(k.value) for k in deco.keywords}
+                        levels[kw["route"]] = kw.get("auth_level")
+        assert levels == {
+            "'webhooks/smartcar'": "func.AuthLevel.FUNCTION",
+            "'webhooks/smartcar/errors'": "func.AuthLevel.FUNCTION",
+            "'health'": "func.AuthLevel.ANONYMOUS",
+        }
