@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .publisher import OutboundMessage, Publisher, PublishError
+from .telemetry import get_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +294,7 @@ class SpillingPublisher:
             "queue unavailable (%s); message %s spilled for re-drive",
             type(primary_error).__name__, message.message_id,
         )
+        get_telemetry().record_spilled()
         return True
 
     async def close(self) -> None:
@@ -362,6 +364,8 @@ async def redrive(
                                name, type(exc).__name__)
 
     await asyncio.gather(*(one(name) for name in names))
+    if sent:
+        get_telemetry().record_redriven(sent)
     if names:
         logger.info("re-drive: %d sent, %d failed, %d unreadable, %d listed",
                     sent, failed, unreadable, len(names))

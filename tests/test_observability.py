@@ -515,3 +515,36 @@ class TestReadme:
         for alert in ("delivery success rate", "signature failure spike", "processing lag",
                       "dead-lettered"):
             assert alert in section, alert
+
+
+class TestSpillCounters:
+    """The spill-over path counts what it spilled and what the timer re-drove."""
+
+    def test_spilled_and_redriven_are_counted(self, otel: Captured, tmp_path: Path) -> None:
+        from shared.publisher import OutboundMessage, PublishError
+        from shared.spill import FileSpillStore, SpillingPublisher, redrive
+
+        class DownQueue:
+            async def publish(self, message: OutboundMessage) -> bool:
+                raise PublishError("namespace unreachable")
+
+            async def close(self) -> None:
+                return None
+
+        queue = LocalQueue(tmp_path / "q.sqlite3")
+        store = FileSpillStore(tmp_path / "spill")
+        set_telemetry(otel.telemetry)
+        try:
+            async def scenario() -> None:
+                spilling = SpillingPublisher(DownQueue(), store)
+                for i in range(3):
+                    await spilling.publish(OutboundMessage(b"{}", f"m{i}"))
+                await redrive(store, LocalQueuePublisher(queue))
+
+            asyncio.run(scenario())
+        finally:
+            set_telemetry(None)
+            queue.close()
+        points = otel.points()
+        assert sum(p.value for _, p in points[names.WEBHOOK_SPILLED]) == 3
+        assert sum(p.value for _, p in points[names.SPILL_REDRIVEN]) == 3
