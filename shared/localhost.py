@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from aiohttp import web
 from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 
+from .batching import Batcher
 from .localqueue import LocalQueue, LockLostError, QueuedMessage
 from .publisher import OutboundMessage, Publisher
 from .receiver import OVERSIZE, Reply
@@ -189,6 +190,9 @@ class LocalHost:
         runtime.publisher = NotifyingPublisher(runtime.publisher, self._wake)
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._running: set[asyncio.Task[None]] = set()
+        self._slot_free = asyncio.Event()
+        self._completer: Batcher[str, None] = Batcher(self.queue.complete_many)
         self._stopping = False
 
     @property
@@ -212,19 +216,19 @@ class LocalHost:
             assert server is not None
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         for qfn in self.queue_functions:
-            for index in range(self.workers):
-                self._tasks.append(
-                    asyncio.create_task(self._worker(qfn), name=f"{qfn.name}-{index}")
-                )
+            self._tasks.append(asyncio.create_task(self._fetch(qfn), name=qfn.name))
         for tfn in self.timer_functions:
             self._tasks.append(asyncio.create_task(self._timer(tfn), name=tfn.name))
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        for task in self._tasks:
+        # In-flight messages are not settled: their locks expire and they are redelivered,
+        # as when a Functions host stops.
+        tasks = [*self._tasks, *self._running]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
@@ -260,11 +264,21 @@ class LocalHost:
 
         return handle
 
-    async def _worker(self, fn: QueueFunction) -> None:
+    async def _fetch(self, fn: QueueFunction) -> None:
+        """Locks as many messages as there are free workers, in one receive, and runs each.
+
+        At most `workers` messages are processed at once (like the host's
+        `maxConcurrentCalls`), and none is locked without a worker ready for it.
+        """
         while not self._stopping:
+            free = self.workers - len(self._running)
+            if free <= 0:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+                continue
             try:
                 received = await asyncio.to_thread(
-                    self.queue.receive, max_messages=1, lock_duration=self.lock_duration
+                    self.queue.receive, max_messages=free, lock_duration=self.lock_duration
                 )
             except Exception:
                 logger.exception("local queue receive failed; retrying")
@@ -276,7 +290,13 @@ class LocalHost:
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
                 continue
             for qm in received:
-                await self._run_one(fn, qm)
+                task = asyncio.create_task(self._run_one(fn, qm))
+                self._running.add(task)
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._slot_free.set()
 
     async def _timer(self, fn: TimerFunction) -> None:
         """Like the host's timer trigger: one run at a time, never overlapping itself."""
@@ -299,17 +319,20 @@ class LocalHost:
                 fn.name, type(exc).__name__, qm.message_id, qm.delivery_count,
                 exc_info=logger.isEnabledFor(logging.DEBUG),
             )
-            await self._settle(self.queue.abandon, qm.lock_token)
+            await self._settle(self._abandon, qm.lock_token)
         else:
-            await self._settle(self.queue.complete, qm.lock_token)
+            await self._settle(self._completer.submit, qm.lock_token)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
 
-    async def _settle(self, action: Callable[[str], None], lock_token: str) -> None:
+    async def _abandon(self, lock_token: str) -> None:
+        await asyncio.to_thread(self.queue.abandon, lock_token)
+
+    async def _settle(self, action: Callable[[str], Awaitable[None]], lock_token: str) -> None:
         try:
-            await asyncio.to_thread(action, lock_token)
+            await action(lock_token)
         except LockLostError:
             # Already settled by the function (dead-lettered) or the lock expired: in both
             # cases the queue owns the message again, as Service Bus would.

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -354,54 +354,79 @@ class LocalQueue:
         ``duplicate_window`` seconds ago; like Service Bus, the window counts from the first
         acceptance and dropped duplicates do not extend it.
         """
-        if not isinstance(body, bytes | bytearray | memoryview):
-            raise TypeError(f"body must be bytes, got {type(body).__name__}")
-        if not isinstance(message_id, str) or not message_id:
-            raise ValueError("message_id must be a non-empty string")
-        if len(message_id) > MAX_MESSAGE_ID_LENGTH:
-            raise ValueError(
-                f"message_id is {len(message_id)} characters; Service Bus allows at most "
-                f"{MAX_MESSAGE_ID_LENGTH}"
-            )
-        properties = json.dumps(_check_properties(application_properties), ensure_ascii=False)
+        return self.send_many(
+            [(body, message_id, application_properties)],
+            scheduled_enqueue_time=scheduled_enqueue_time,
+        )[0]
+
+    def send_many(
+        self,
+        messages: Sequence[tuple[bytes, str, Mapping[str, str] | None]],
+        *,
+        scheduled_enqueue_time: datetime | None = None,
+    ) -> list[bool]:
+        """`send` for several ``(body, message_id, application_properties)`` in one commit.
+
+        All or nothing: one transaction and one fsync for the lot (group commit), which is
+        what lets the local host acknowledge hundreds of events a second with ``FULL`` sync.
+        Each result is `send`'s: False for a duplicate, also of an earlier one in the batch.
+        """
+        rows: list[tuple[bytes, str, str]] = []
+        for body, message_id, application_properties in messages:
+            if not isinstance(body, bytes | bytearray | memoryview):
+                raise TypeError(f"body must be bytes, got {type(body).__name__}")
+            if not isinstance(message_id, str) or not message_id:
+                raise ValueError("message_id must be a non-empty string")
+            if len(message_id) > MAX_MESSAGE_ID_LENGTH:
+                raise ValueError(
+                    f"message_id is {len(message_id)} characters; Service Bus allows at most "
+                    f"{MAX_MESSAGE_ID_LENGTH}"
+                )
+            properties = json.dumps(_check_properties(application_properties), ensure_ascii=False)
+            rows.append((bytes(body), message_id, properties))
         scheduled: float | None = None
         if scheduled_enqueue_time is not None:
             if scheduled_enqueue_time.tzinfo is None:
                 raise ValueError("scheduled_enqueue_time must be timezone-aware (UTC)")
             scheduled = scheduled_enqueue_time.timestamp()
         now = self._now()
+        results: list[bool] = []
         with self._transaction("send") as conn:
-            row = conn.execute(
-                "SELECT accepted_at FROM duplicates WHERE message_id = ?", (message_id,)
-            ).fetchone()
-            if row is not None and now - row[0] < self.duplicate_window:
-                return False  # the context manager commits an empty transaction: no write
-            conn.execute(
-                "INSERT OR REPLACE INTO duplicates (message_id, accepted_at) VALUES (?, ?)",
-                (message_id, now),
-            )
-            conn.execute(
-                "INSERT INTO messages (message_id, body, properties, enqueued_time, "
-                "scheduled_time, visible_at, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    message_id,
-                    bytes(body),
-                    properties,
-                    now,
-                    scheduled,
-                    now if scheduled is None else scheduled,
-                    _ACTIVE,
-                ),
-            )
+            for body_bytes, message_id, properties in rows:
+                row = conn.execute(
+                    "SELECT accepted_at FROM duplicates WHERE message_id = ?", (message_id,)
+                ).fetchone()
+                if row is not None and now - row[0] < self.duplicate_window:
+                    results.append(False)
+                    continue
+                conn.execute(
+                    "INSERT OR REPLACE INTO duplicates (message_id, accepted_at) VALUES (?, ?)",
+                    (message_id, now),
+                )
+                conn.execute(
+                    "INSERT INTO messages (message_id, body, properties, enqueued_time, "
+                    "scheduled_time, visible_at, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        message_id,
+                        body_bytes,
+                        properties,
+                        now,
+                        scheduled,
+                        now if scheduled is None else scheduled,
+                        _ACTIVE,
+                    ),
+                )
+                results.append(True)
             if now >= self._next_prune:
                 conn.execute(
                     "DELETE FROM duplicates WHERE accepted_at <= ?", (now - self.duplicate_window,)
                 )
                 self._next_prune = now + self._prune_interval
-        with self._sent:
-            self._sent_generation += 1
-            self._sent.notify_all()
-        return True
+        if any(results):
+            with self._sent:
+                self._sent_generation += 1
+                self._sent.notify_all()
+        return results
 
     # -- receiving and settling -----------------------------------------------------------
 
@@ -454,10 +479,24 @@ class LocalQueue:
 
     def complete(self, lock_token: str) -> None:
         """Remove a message that was processed; `LockLostError` if the lock is gone."""
+        (error,) = self.complete_many([lock_token])
+        if error is not None:
+            raise error
+
+    def complete_many(self, lock_tokens: Sequence[str]) -> list[LockLostError | None]:
+        """`complete` for several locks in one commit; per token None or its `LockLostError`."""
         now = self._now()
+        results: list[LockLostError | None] = []
         with self._transaction("complete") as conn:
-            seq, _ = self._locked_row(conn, lock_token, now)
-            conn.execute("DELETE FROM messages WHERE sequence_number = ?", (seq,))
+            for lock_token in lock_tokens:
+                try:
+                    seq, _ = self._locked_row(conn, lock_token, now)
+                except LockLostError as exc:
+                    results.append(exc)
+                    continue
+                conn.execute("DELETE FROM messages WHERE sequence_number = ?", (seq,))
+                results.append(None)
+        return results
 
     def abandon(self, lock_token: str) -> None:
         """Release the lock for redelivery, or dead-letter once the delivery count is used up."""

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .batching import Batcher
 from .events import Envelope
 
 logger = logging.getLogger(__name__)
@@ -90,22 +91,25 @@ class Publisher(Protocol):
 
 
 class LocalQueuePublisher:
-    """Publishes to the embedded SQLite queue (local host and tests)."""
+    """Publishes to the embedded SQLite queue (local host and tests).
+
+    Concurrent publishes share commits (`Batcher`): each still returns only after its own
+    message is committed.
+    """
 
     def __init__(self, queue: Any) -> None:
         self._queue = queue
+        self._batcher: Batcher[tuple[bytes, str, dict[str, str]], bool] = Batcher(
+            lambda items: self._queue.send_many(items)
+        )
 
     async def publish(self, message: OutboundMessage) -> bool:
         try:
-            stored: bool = await asyncio.to_thread(
-                self._queue.send,
-                message.body,
-                message_id=message.message_id,
-                application_properties=dict(message.application_properties),
+            return await self._batcher.submit(
+                (message.body, message.message_id, dict(message.application_properties))
             )
         except Exception as exc:
             raise PublishError(f"local queue send failed: {type(exc).__name__}: {exc}") from exc
-        return stored
 
     async def close(self) -> None:
         return None

@@ -297,7 +297,7 @@ class TestDuplicates:
 class _BrokenQueue:
     """A queue boundary that fails every send (disk full, locked database, ...)."""
 
-    def send(self, *args: Any, **kwargs: Any) -> bool:
+    def send_many(self, *args: Any, **kwargs: Any) -> list[bool]:
         raise OSError("disk I/O error")
 
 

@@ -54,7 +54,7 @@ class SimClock:
 
 
 class FlakyQueue:
-    """The LocalQueue boundary with `send` failing while the simulated clock says "outage"."""
+    """The LocalQueue boundary with sends failing while the simulated clock says "outage"."""
 
     def __init__(self, inner: Any, clock: SimClock, *, down_until: float) -> None:
         self._inner = inner
@@ -63,12 +63,12 @@ class FlakyQueue:
         self.failed_sends = 0
         self._lock = threading.Lock()
 
-    def send(self, *args: Any, **kwargs: Any) -> bool:
+    def send_many(self, messages: Any) -> list[bool]:
         if self._clock() < self.down_until:
             with self._lock:
-                self.failed_sends += 1
+                self.failed_sends += len(messages)
             raise OSError("Service Bus unavailable (simulated outage)")
-        result: bool = self._inner.send(*args, **kwargs)
+        result: list[bool] = self._inner.send_many(messages)
         return result
 
 

@@ -1,0 +1,144 @@
+"""Group commit: concurrent callers share commits, and each learns its own item's fate."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from shared.batching import Batcher
+from shared.localqueue import LocalQueue, LockLostError
+from shared.publisher import LocalQueuePublisher, OutboundMessage, PublishError
+
+
+class SlowDouble:
+    """An operation that takes a little while, so callers pile up behind it."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = threading.Event()
+
+    def __call__(self, items: Sequence[int]) -> list[int | BaseException]:
+        self.batches.append(list(items))
+        self.release.wait(0.05)
+        return [ValueError(f"negative {i}") if i < 0 else i * 2 for i in items]
+
+
+class TestBatcher:
+    def test_callers_during_a_commit_share_the_next_one(self) -> None:
+        op = SlowDouble()
+        batcher: Batcher[int, int] = Batcher(op)
+
+        async def scenario() -> list[int]:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(50)))
+
+        assert asyncio.run(scenario()) == [i * 2 for i in range(50)]
+        assert sorted(i for batch in op.batches for i in batch) == list(range(50))
+        assert len(op.batches) < 50
+
+    def test_an_item_error_reaches_only_its_caller(self) -> None:
+        batcher: Batcher[int, int] = Batcher(SlowDouble())
+
+        async def scenario() -> list[int | BaseException]:
+            return await asyncio.gather(*(batcher.submit(i) for i in (12, -1, 14)),
+                                        return_exceptions=True)
+
+        ok12, err, ok14 = asyncio.run(scenario())
+        assert (ok12, ok14) == (24, 28)
+        assert isinstance(err, ValueError) and str(err) == "negative -1"
+
+    def test_a_failed_batch_fails_every_caller_and_the_next_batch_still_runs(self) -> None:
+        calls: list[list[str]] = []
+
+        def op(items: Sequence[str]) -> list[str]:
+            calls.append(list(items))
+            if "boom" in items:
+                raise OSError("disk full")
+            return [i.upper() for i in items]
+
+        batcher: Batcher[str, str] = Batcher(op, max_batch=2)
+
+        async def scenario() -> list[str | BaseException]:
+            return await asyncio.gather(*(batcher.submit(i) for i in ("a", "boom", "c")),
+                                        return_exceptions=True)
+
+        a, boom, c = asyncio.run(scenario())
+        assert isinstance(a, OSError) and isinstance(boom, OSError)
+        assert c == "C"
+        assert calls == [["a", "boom"], ["c"]]
+
+
+class TestQueueBatches:
+    def test_send_many_detects_duplicates_within_and_across_batches(self, tmp_path: Path) -> None:
+        queue = LocalQueue(tmp_path / "q.sqlite3")
+        try:
+            first = queue.send_many([(b"1", "a", None), (b"2", "b", {"k": "v"}), (b"3", "a", None)])
+            assert first == [True, True, False]
+            assert queue.send_many([(b"4", "b", None), (b"5", "c", None)]) == [False, True]
+            bodies = [m.body for m in queue.receive(max_messages=10)]
+            assert bodies == [b"1", b"2", b"5"]
+        finally:
+            queue.close()
+
+    def test_send_many_is_all_or_nothing_on_invalid_input(self, tmp_path: Path) -> None:
+        queue = LocalQueue(tmp_path / "q.sqlite3")
+        try:
+            with pytest.raises(ValueError, match="message_id"):
+                queue.send_many([(b"1", "a", None), (b"2", "", None)])
+            assert queue.stats()["active"] == 0
+        finally:
+            queue.close()
+
+    def test_complete_many_reports_lost_locks_per_token(self, tmp_path: Path) -> None:
+        queue = LocalQueue(tmp_path / "q.sqlite3")
+        try:
+            queue.send_many([(b"1", "a", None), (b"2", "b", None)])
+            m1, m2 = queue.receive(max_messages=2)
+            assert m1.lock_token and m2.lock_token
+            results = queue.complete_many([m1.lock_token, "no-such-lock", m2.lock_token])
+            assert results[0] is None and results[2] is None
+            assert isinstance(results[1], LockLostError)
+            assert queue.stats()["active"] == 0
+        finally:
+            queue.close()
+
+
+class CountingQueue:
+    def __init__(self, inner: LocalQueue) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def send_many(self, messages: Sequence[tuple[bytes, str, dict[str, str]]]) -> list[bool]:
+        self.calls += 1
+        return self.inner.send_many(messages)
+
+
+class TestLocalQueuePublisher:
+    def test_concurrent_publishes_share_commits_and_are_all_stored(self, tmp_path: Path) -> None:
+        queue = LocalQueue(tmp_path / "q.sqlite3")
+        counting = CountingQueue(queue)
+        publisher = LocalQueuePublisher(counting)
+
+        async def scenario() -> list[bool]:
+            messages = [OutboundMessage(b"x%d" % i, f"m{i % 40}") for i in range(60)]
+            return await asyncio.gather(*(publisher.publish(m) for m in messages))
+
+        try:
+            results = asyncio.run(scenario())
+            assert results == [True] * 40 + [False] * 20
+            assert counting.calls < 60
+            assert queue.stats()["active"] == 40
+        finally:
+            queue.close()
+
+    def test_a_failed_commit_is_a_publish_error_for_each_caller(self) -> None:
+        class Broken:
+            def send_many(self, messages: object) -> list[bool]:
+                raise OSError("database is locked")
+
+        publisher = LocalQueuePublisher(Broken())
+        with pytest.raises(PublishError, match="database is locked"):
+            asyncio.run(publisher.publish(OutboundMessage(b"{}", "id")))
