@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from .events import peek_envelope
 from .publisher import (
+    DEAD_LETTER_COPY_SUFFIX,
     MAX_MESSAGE_ID_LENGTH,
     PROP_DEAD_LETTER_DESCRIPTION,
     PROP_DEAD_LETTER_REASON,
@@ -29,7 +30,6 @@ from .settings import Settings
 PROP_REPLAYED_FROM = "replayedFrom"
 PROP_REPLAY_COUNT = "replayCount"
 _DEAD_LETTER_COPY_PROPS = (PROP_DEAD_LETTER_REASON, PROP_DEAD_LETTER_DESCRIPTION)
-_DEAD_LETTER_COPY_SUFFIX = ":dead-letter"
 _REPLAY_MARK = ":replay:"
 
 
@@ -175,8 +175,8 @@ def replay_message_id(message_id: str, sequence_number: int) -> str:
     twice (its removal failed after the send) is de-duplicated instead of processed twice.
     """
     base = message_id
-    if base.endswith(_DEAD_LETTER_COPY_SUFFIX):
-        base = base[: -len(_DEAD_LETTER_COPY_SUFFIX)]
+    if base.endswith(DEAD_LETTER_COPY_SUFFIX):
+        base = base[: -len(DEAD_LETTER_COPY_SUFFIX)]
     if _REPLAY_MARK in base:
         base = base[: base.index(_REPLAY_MARK)]
     candidate = f"{base}{_REPLAY_MARK}{sequence_number}"

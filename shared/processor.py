@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from .events import Event, InvalidEventError, parse_event
 from .handlers import HandlerContext, HandlerRegistry
 from .publisher import (
+    DEAD_LETTER_COPY_SUFFIX,
     PROP_DEAD_LETTER_DESCRIPTION,
     PROP_DEAD_LETTER_REASON,
 )
@@ -114,7 +115,7 @@ class ServiceBusDeadLetterer:
         props[PROP_DEAD_LETTER_DESCRIPTION] = description
         copy = ServiceBusMessage(
             message.body,
-            message_id=f"{message.message_id}:dead-letter",
+            message_id=message.message_id + DEAD_LETTER_COPY_SUFFIX,
             application_properties=props,
             time_to_live=timedelta(seconds=1),
         )

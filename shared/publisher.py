@@ -33,6 +33,8 @@ PROP_EVENT_ID = "eventId"
 # Set on a copy that the processor routes to the dead-letter queue (see ServiceBusDeadLetterer).
 PROP_DEAD_LETTER_REASON = "deadLetterReason"
 PROP_DEAD_LETTER_DESCRIPTION = "deadLetterDescription"
+# Appended to the original message_id of such a copy.
+DEAD_LETTER_COPY_SUFFIX = ":dead-letter"
 
 
 class PublishError(RuntimeError):
