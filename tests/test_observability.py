@@ -371,13 +371,14 @@ class TestQueriesUseEmittedNames:
                 assert target.is_file(), f"{module}.bicep loads missing {arg.group(1)}"
                 loaded.add(target.name)
         assert {"delivery_success_rate.kql", "signature_failures.kql",
-                "end_to_end_lag.kql"} <= loaded
+                "end_to_end_lag.kql", "receive_latency.kql"} <= loaded
         assert loaded == {p.name for p in QUERY_FILES}  # the workbook shows every query
 
     def test_each_log_alert_runs_its_query_file(self) -> None:
         alerts = load(MODULES / "alerts.bicep")
         rules = alerts.resources_of_type("Microsoft.Insights/scheduledQueryRules")
-        assert len(rules) == 3
+        # success rate, signature failures, processing lag, receive latency (Smartcar's 5 s)
+        assert len(rules) == 4
         for rule in rules:
             (call,) = find_calls(rule.body, "loadTextContent")
             assert "../queries/" in text(call), rule.symbol

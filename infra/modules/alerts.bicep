@@ -37,6 +37,9 @@ param signatureFailureThreshold int = 20
 @description('Processing lag alert: fire when the average delivery-to-processed lag exceeds this (ms).')
 param processingLagThresholdMs int = 300000
 
+@description('Receive latency alert: fire when the 99th percentile answer time exceeds this (ms; Smartcar alerts its users above 5 s and gives up at 15 s).')
+param receiveLatencyThresholdMs int = 5000
+
 param tags object = {}
 
 var actionGroups = empty(alertEmail) ? [] : [actionGroup.id]
@@ -205,10 +208,40 @@ resource processingLagAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' 
   }
 }
 
+resource receiveLatencyAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-receive-latency'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Smartcar webhook answers slower than ${receiveLatencyThresholdMs} ms (p99)'
+    description: 'The slowest webhook POSTs took more than ${receiveLatencyThresholdMs} ms to answer; Smartcar gives up after 15 s and retries. Run infra/queries/receive_latency.kql. Usual causes: cold starts (raise alwaysReady), Service Bus sends timing out (the spill-over then takes over after 5 s), or Key Vault slow to answer.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT5M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        union(logAlertCriterion, {
+          query: '${loadTextContent('../queries/receive_latency.kql')}\n| where p99 > ${receiveLatencyThresholdMs}\n'
+        })
+      ]
+    }
+    actions: {
+      actionGroups: actionGroups
+    }
+  }
+}
+
 output actionGroupId string = empty(alertEmail) ? '' : actionGroup.id
 output deadLetterAlertId string = deadLetterAlert.id
 output logAlertIds array = [
   successRateAlert.id
   signatureFailureAlert.id
   processingLagAlert.id
+  receiveLatencyAlert.id
 ]
