@@ -220,10 +220,14 @@ class BlobSpillStore:
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            downloader = await self._container().download_blob(name)
-            data: bytes = await downloader.readall()
+            downloader = await asyncio.wait_for(
+                self._container().download_blob(name), self._timeout
+            )
+            data: bytes = await asyncio.wait_for(downloader.readall(), self._timeout)
         except ResourceNotFoundError:
             return None
+        except Exception as exc:  # kept for the next run, like an unreadable record
+            raise SpillError(f"spill download of {name} failed: {type(exc).__name__}") from exc
         return decode_record(data)
 
     async def delete(self, name: str) -> None:

@@ -148,6 +148,19 @@ class TestBlobSpillStore:
         with pytest.raises(SpillError, match="ConnectionError"):
             asyncio.run(BlobSpillStore(lambda: container).put(MESSAGE))
 
+    def test_download_failure_is_a_spill_error_so_redrive_keeps_the_record(self) -> None:
+        container = FakeContainerClient()
+        store = BlobSpillStore(lambda: container)
+        asyncio.run(store.put(MESSAGE))
+        container.fail_with = ConnectionError("storage unreachable")
+
+        async def failing_download(name: str) -> None:
+            raise ConnectionError("storage unreachable")
+
+        container.download_blob = failing_download  # type: ignore[method-assign]
+        with pytest.raises(SpillError, match="ConnectionError"):
+            asyncio.run(store.get(spill_name("e1")))
+
     def test_client_is_created_once_and_reused(self) -> None:
         made: list[FakeContainerClient] = []
 
