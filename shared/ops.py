@@ -438,23 +438,29 @@ class ServiceBusOps:
         sequence_numbers: Sequence[int] | None,
         act: Callable[[Any], None],
     ) -> list[int]:
-        """Receive dead letters and `act` on the named ones (all when None) while they are
-        locked; others received along the way are held and abandoned at the end, so they are
-        not received again meanwhile. Returns the named sequence numbers that were not found.
-        `act` settles (or abandons) the message itself."""
-        wanted = None if sequence_numbers is None else set(sequence_numbers)
-        if wanted is not None:
-            present = {int(m.sequence_number) for m in self._peek_all(receiver, 1_000_000)}
-            missing = sorted(wanted - present)
-            wanted &= present
-            if not wanted:
-                return missing
+        """Receive dead letters and `act` on the named ones while they are locked; others
+        received along the way are held and abandoned at the end, so they are not received
+        again meanwhile. Returns the named sequence numbers that were not found.
+        `act` settles (or abandons) the message itself.
+
+        None means every dead letter present *now*: a snapshot, so a replayed message that the
+        app dead-letters again (under a new sequence number) is not replayed again in a loop.
+        """
+        present = {int(m.sequence_number) for m in self._peek_all(receiver, 1_000_000)}
+        if sequence_numbers is None:
+            wanted = present
+            missing: list[int] = []
         else:
-            missing = []
+            named = set(sequence_numbers)
+            missing = sorted(named - present)
+            wanted = named & present
+        if not wanted:
+            return missing
+        report_missing = sequence_numbers is not None
         held: list[Any] = []
         seen: set[int] = set()
         try:
-            while wanted is None or wanted:
+            while wanted:
                 batch = receiver.receive_messages(
                     max_message_count=_BATCH, max_wait_time=self._receive_wait
                 )
@@ -462,12 +468,11 @@ class ServiceBusOps:
                     break
                 for message in batch:
                     seq = int(message.sequence_number)
-                    if seq in seen or (wanted is not None and seq not in wanted):
+                    if seq in seen or seq not in wanted:
                         held.append(message)  # e.g. a failed replay abandoned and received again
                         continue
                     seen.add(seq)
-                    if wanted is not None:
-                        wanted.discard(seq)
+                    wanted.discard(seq)
                     act(message)
         finally:
             for message in held:
@@ -475,7 +480,7 @@ class ServiceBusOps:
                     receiver.abandon_message(message)
                 except Exception:  # noqa: S112 - the lock expires on its own anyway
                     continue
-        if wanted:
+        if wanted and report_missing:
             missing.extend(sorted(wanted))  # removed by someone else between peek and receive
         return sorted(missing)
 

@@ -6,7 +6,7 @@ peek (with its cursor), peek-lock receive, complete and abandon the way Service 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -47,6 +47,8 @@ class FakeNamespace:
     abandoned: list[int] = field(default_factory=list)
     receivers: list[dict[str, Any]] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
+    # Plays the app's part after a send, e.g. dead-lettering the replayed message again.
+    on_send: Callable[[Any], None] | None = None
 
     def seqs(self) -> list[int]:
         return [m.sequence_number for m in self.dlq]
@@ -108,6 +110,8 @@ class FakeSyncSender:
             raise self.ns.send_fails_with
         self.ns.queue.append(message)
         self.ns.events.append(f"send {message.message_id}")
+        if self.ns.on_send is not None:
+            self.ns.on_send(message)
 
 
 class FakeSyncServiceBusClient:

@@ -182,6 +182,18 @@ class TestReplay:
         assert "replayed 3 dead letter(s)" in out
         assert ns.dlq == [] and len(ns.queue) == 3
 
+    def test_replay_all_acts_on_a_snapshot_while_the_app_dead_letters_again(self, monkeypatch: pytest.MonkeyPatch, ns: FakeNamespace) -> None:
+        def dead_letter_again(message: Any) -> None:
+            # Still poison: the running app dead-letters the replay under a new sequence number.
+            ns.dlq.append(FakeReceivedMessage(200 + len(ns.queue), message.message_id, b"x"))
+
+        ns.on_send = dead_letter_again
+        code, out, _ = run_cli(monkeypatch, make_ops(ns), "dlq", "replay", "--all", "--json")
+        assert code == 0
+        assert [r["sequenceNumber"] for r in json.loads(out)["replayed"]] == [11, 12, 13]
+        assert len(ns.queue) == 3
+        assert ns.seqs() == [201, 202, 203] and all(not m.locked for m in ns.dlq)
+
     def test_a_failed_send_never_completes_the_dead_letter(self, monkeypatch: pytest.MonkeyPatch, ns: FakeNamespace) -> None:
         ns.send_fails_with = ServiceBusConnectionError(message="link detached")
         code, out, err = run_cli(monkeypatch, make_ops(ns), "dlq", "replay", "--all", "--json")
