@@ -69,7 +69,7 @@ class SecretReader(Protocol):
 
 
 class KeyVaultTokenProvider:
-    """Current and previous enabled version of one Key Vault secret, cached in memory."""
+    """The current version of one Key Vault secret and the one before it, cached in memory."""
 
     def __init__(
         self,
@@ -95,7 +95,19 @@ class KeyVaultTokenProvider:
         if self._loaded_at is not None and now - self._loaded_at < self._ttl:
             return self._tokens
         async with self._lock:
-            if self._loaded_at is None or self._clock() - self._loaded_at >= self._ttl:
+            now = self._clock()
+            if self._loaded_at is None or now - self._loaded_at >= self._ttl:
+                if (
+                    not self._tokens
+                    and self._last_attempt is not None
+                    and now - self._last_attempt < self._min_refresh_interval
+                ):
+                    # Key Vault just failed and nothing is cached: answer 503 at once rather
+                    # than queue every request behind another slow, failing read.
+                    raise TokenUnavailableError(
+                        f"the signing token could not be read from Key Vault secret "
+                        f"{self._name!r}; retrying after {self._min_refresh_interval:g}s"
+                    )
                 await self._load(stale_ok=bool(self._tokens))
         if not self._tokens:
             raise TokenUnavailableError(
@@ -158,19 +170,31 @@ class KeyVaultTokenProvider:
         return (current_value,)
 
     async def _read_previous(self, current_version: str | None) -> str | None:
-        """The newest enabled version other than the current one, if any."""
-        candidates = []
-        async for props in self._client.list_properties_of_secret_versions(self._name):
-            if props.version == current_version or props.enabled is False:
-                continue
-            candidates.append(props)
-        if not candidates:
+        """The version created just before the current one, when it is enabled.
+
+        Only that one: after a rotation the old token keeps working until it is disabled,
+        and older versions never come back, even if nobody disabled them.
+        """
+        versions = [
+            props
+            async for props in self._client.list_properties_of_secret_versions(self._name)
+        ]
+
+        def created(props: Any) -> float:
+            return props.created_on.timestamp() if props.created_on is not None else 0.0
+
+        current = next((p for p in versions if p.version == current_version), None)
+        older = [
+            p for p in versions
+            if p.version != current_version
+            and (current is None or created(p) <= created(current))
+        ]
+        if not older:
             return None
-        newest = max(
-            candidates,
-            key=lambda p: p.created_on.timestamp() if p.created_on is not None else 0.0,
-        )
-        previous = await self._client.get_secret(self._name, newest.version)
+        previous_props = max(older, key=created)
+        if previous_props.enabled is False:
+            return None
+        previous = await self._client.get_secret(self._name, previous_props.version)
         value = previous.value
         return value if isinstance(value, str) and value else None
 

@@ -60,7 +60,37 @@ class TestKeyVaultProvider:
         client.set_secret("t2")
         client.set_secret("t3")
         client.disable("v2")
-        assert asyncio.run(provider(client, Clock()).get_tokens()) == ("t3", "t1")
+        assert asyncio.run(provider(client, Clock()).get_tokens()) == ("t3",)
+
+    def test_older_versions_never_come_back_even_when_left_enabled(self) -> None:
+        # An emergency rotation: t2 leaked, t3 replaces it and t2 is disabled; t1 was
+        # never disabled but must not be accepted again.
+        client = FakeSecretClient()
+        for token in ("t1", "t2", "t3"):
+            client.set_secret(token)
+        client.disable("v2")
+        tokens = asyncio.run(provider(client, Clock()).get_tokens())
+        assert "t1" not in tokens and "t2" not in tokens
+
+    def test_no_token_and_a_fresh_failure_answers_at_once(self) -> None:
+        client = FakeSecretClient()
+        client.fail_with = ConnectionError("vault unreachable")
+        clock = Clock()
+        p = provider(client, clock, min_refresh_interval=10)
+
+        async def scenario() -> None:
+            with pytest.raises(TokenUnavailableError):
+                await p.get_tokens()
+            calls = client.get_calls
+            with pytest.raises(TokenUnavailableError, match="retrying after 10s"):
+                await p.get_tokens()
+            assert client.get_calls == calls  # no second slow read right behind the first
+            client.fail_with = None
+            client.set_secret("t1")
+            clock.now += 11
+            assert await p.get_tokens() == ("t1",)
+
+        asyncio.run(scenario())
 
     def test_tokens_are_cached_within_the_ttl(self) -> None:
         client = FakeSecretClient()
