@@ -49,13 +49,13 @@ async def handle_webhook(req: func.HttpRequest) -> func.HttpResponse:
         publisher=runtime.publisher,
         max_body_bytes=runtime.settings.max_body_bytes,
     )
-    logger.info(
-        "webhook %s (%d, eventId=%s, eventType=%s)",
-        reply.outcome,
-        reply.status,
-        reply.event_id,
-        reply.event_type,
-    )
+    if reply.authenticated:
+        logger.info(
+            "webhook %s (%d, eventId=%s, eventType=%s)",
+            reply.outcome, reply.status, reply.event_id, reply.event_type,
+        )
+    else:  # the ids are a stranger's text: never echo them into the logs
+        logger.info("webhook %s (%d, unauthenticated)", reply.outcome, reply.status)
     return func.HttpResponse(
         reply.body_bytes(), status_code=reply.status, headers=dict(reply.headers)
     )

@@ -33,7 +33,6 @@ from azure.functions.timer import TimerRequest
 from .batching import Batcher
 from .localqueue import LocalQueue, LockLostError, QueuedMessage
 from .publisher import OutboundMessage, Publisher
-from .receiver import OVERSIZE, Reply
 from .runtime import Runtime, build_runtime, set_runtime
 from .settings import Settings, SettingsError, load_settings
 from .telemetry import configure as configure_telemetry
@@ -238,12 +237,9 @@ class LocalHost:
 
     def _http_handler(self, fn: HttpFunction) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            limit = self.runtime.settings.max_body_bytes
-            if request.content_length is not None and request.content_length > limit:
-                # Refuse before reading: a body this size is never stored.
-                return _reply_response(Reply(413, {"error": f"body exceeds the {limit}-byte limit"},
-                                             OVERSIZE))
-            body = await read_bounded(request, limit + 1)
+            # One byte over the limit is enough for the function to answer 413 (through the
+            # receiver, so it is counted and logged); the rest of a large body is never read.
+            body = await read_bounded(request, self.runtime.settings.max_body_bytes + 1)
             req = func.HttpRequest(
                 method=request.method,
                 url=str(request.url),
@@ -343,7 +339,9 @@ class LocalHost:
         while True:
             await asyncio.sleep(self.lock_duration / 2)
             try:
-                await asyncio.to_thread(self.queue.renew_lock, lock_token)
+                await asyncio.to_thread(
+                    self.queue.renew_lock, lock_token, lock_duration=self.lock_duration
+                )
             except LockLostError:
                 return
 
@@ -359,10 +357,6 @@ async def read_bounded(request: web.Request, limit: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
-
-
-def _reply_response(reply: Reply) -> web.Response:
-    return web.Response(body=reply.body_bytes(), status=reply.status, headers=dict(reply.headers))
 
 
 def load_function_app() -> func.FunctionApp:
@@ -383,6 +377,9 @@ def banner(settings: Settings, base_url: str) -> str:
         else "Signing token: from SMARTCAR_MANAGEMENT_TOKEN."
     )
     python = os.path.relpath(sys.executable) if sys.executable else "python"
+    # Pasted into another terminal, the command must sign with the token this host uses.
+    token_arg = "" if settings.using_dev_token else ' --token "$SMARTCAR_MANAGEMENT_TOKEN"'
+
     url = f"{base_url}{ROUTE_PREFIX}/webhooks/smartcar"
     return "\n".join(
         [
@@ -394,7 +391,7 @@ def banner(settings: Settings, base_url: str) -> str:
             f"Vehicle error callback URI: {url}/errors",
             f"Health: {base_url}{ROUTE_PREFIX}/health",
             "Send a signed test event (in another terminal):",
-            f"  {python} -m shared.cli send --url {url} --type state",
+            f"  {python} -m shared.cli send --url {url} --type state{token_arg}",
             "Press Ctrl-C to stop.",
         ]
     )

@@ -466,12 +466,16 @@ class LocalQueue:
                 received.append(_row_to_message(row))
         return received
 
-    def renew_lock(self, lock_token: str) -> datetime:
-        """Extend a live lock by the queue's ``lock_duration`` from now; the new expiry."""
+    def renew_lock(self, lock_token: str, *, lock_duration: float | None = None) -> datetime:
+        """Extend a live lock from now by ``lock_duration`` (default: the queue's); the new
+        expiry. A receiver that locked with its own duration renews with the same one."""
+        duration = self.lock_duration if lock_duration is None else float(lock_duration)
+        if duration <= 0:
+            raise ValueError(f"lock_duration must be > 0 seconds, got {duration}")
         now = self._now()
         with self._transaction("renew_lock") as conn:
             seq, _ = self._locked_row(conn, lock_token, now)
-            until = now + self.lock_duration
+            until = now + duration
             conn.execute(
                 "UPDATE messages SET locked_until = ? WHERE sequence_number = ?", (until, seq)
             )

@@ -24,9 +24,9 @@ from typing import Any, Protocol
 from .events import Event, InvalidEventError, parse_event
 from .handlers import HandlerContext, HandlerRegistry
 from .publisher import (
-    DEAD_LETTER_COPY_SUFFIX,
     PROP_DEAD_LETTER_DESCRIPTION,
     PROP_DEAD_LETTER_REASON,
+    dead_letter_copy_id,
 )
 from .settings import Settings
 from .telemetry import Telemetry, get_telemetry
@@ -115,7 +115,7 @@ class ServiceBusDeadLetterer:
         props[PROP_DEAD_LETTER_DESCRIPTION] = description
         copy = ServiceBusMessage(
             message.body,
-            message_id=message.message_id + DEAD_LETTER_COPY_SUFFIX,
+            message_id=dead_letter_copy_id(message.message_id),
             application_properties=props,
             time_to_live=timedelta(seconds=1),
         )

@@ -33,7 +33,7 @@ PROP_EVENT_ID = "eventId"
 # Set on a copy that the processor routes to the dead-letter queue (see ServiceBusDeadLetterer).
 PROP_DEAD_LETTER_REASON = "deadLetterReason"
 PROP_DEAD_LETTER_DESCRIPTION = "deadLetterDescription"
-# Appended to the original message_id of such a copy.
+# Appended to the original message_id of such a copy (see dead_letter_copy_id).
 DEAD_LETTER_COPY_SUFFIX = ":dead-letter"
 
 
@@ -64,6 +64,15 @@ def message_id_for(body: bytes, event_id: str | None) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
+def dead_letter_copy_id(message_id: str) -> str:
+    """The id of a message's dead-letter copy, within Service Bus's 128 characters."""
+    candidate = message_id + DEAD_LETTER_COPY_SUFFIX
+    if len(candidate) <= MAX_MESSAGE_ID_LENGTH:
+        return candidate
+    digest = hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"sha256:{digest}{DEAD_LETTER_COPY_SUFFIX}"
+
+
 def outbound_message(body: bytes, envelope: Envelope) -> OutboundMessage:
     props: dict[str, str] = {}
     for name, value in (
@@ -86,7 +95,7 @@ def outbound_message(body: bytes, envelope: Envelope) -> OutboundMessage:
 class Publisher(Protocol):
     async def publish(self, message: OutboundMessage) -> bool:
         """Store the message durably. True when new, False when known to be a duplicate
-        (None-committal backends return True). Raises PublishError."""
+        (backends that cannot tell return True). Raises PublishError."""
         ...
 
     async def close(self) -> None: ...
@@ -120,7 +129,8 @@ class LocalQueuePublisher:
 class ServiceBusPublisher:
     """One `azure.servicebus.aio` client and sender per process, created lazily and reused.
 
-    A failed send drops the sender (and client) so the next request reconnects, and is
+    A failed send closes and drops the sender so the next request opens a new link (the
+    client reconnects by itself), and is
     reported as PublishError within `send_timeout` seconds, well inside Smartcar's 15 s.
     """
 

@@ -41,6 +41,9 @@ class Reply:
     outcome: str
     event_id: str | None = None
     event_type: str | None = None
+    #: True once `SC-Signature` matched: only then are `event_id` / `event_type` trustworthy
+    #: enough to log (otherwise they are whatever a stranger sent).
+    authenticated: bool = False
     headers: Mapping[str, str] = field(default_factory=lambda: JSON_HEADERS)
 
     def body_bytes(self) -> bytes:
@@ -105,12 +108,12 @@ async def _decide(
             matched = matching_token(body, signature, accepted) if refreshed else None
             if matched is None:
                 logger.warning(
-                    "signature matches no accepted token (eventId=%s); check that the "
-                    "Application Management Token is the one this webhook uses",
-                    envelope.event_id,
+                    "signature matches no accepted token; check that the Application "
+                    "Management Token is the one this webhook uses"
                 )
                 return _error(401, SIGNATURE_REJECTED, "invalid signature", **extra)
         signing_token = matched
+        extra["authenticated"] = True
 
     if envelope.event_type == "VERIFY":
         problem = challenge_problem(envelope.challenge)

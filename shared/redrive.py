@@ -10,7 +10,7 @@ import logging
 
 import azure.functions as func
 
-from .runtime import get_runtime
+from .functions import get_runtime  # the runtime, with telemetry set up in this process
 from .spill import RedriveResult, redrive
 
 logger = logging.getLogger(__name__)

@@ -263,9 +263,13 @@ class TestAsAProcess:
         base = f"http://127.0.0.1:{host.port}"
         [line] = [ln for ln in banner(load_settings(env), base).splitlines() if "-m shared.cli send" in ln]
         argv = shlex.split(line)
-        assert argv[1:] == ["-m", "shared.cli", "send", "--url", f"{base}{WEBHOOK}", "--type", "state"]
-        argv[0] = sys.executable  # the banner's path is relative to the host's directory
-        sent = subprocess.run(argv, cwd=ROOT, env=subprocess_env(env), capture_output=True, text=True, timeout=60)
+        # A non-default token: the command names it, so it works pasted into another shell.
+        assert argv[1:] == ["-m", "shared.cli", "send", "--url", f"{base}{WEBHOOK}", "--type", "state",
+                            "--token", "$SMARTCAR_MANAGEMENT_TOKEN"]
+        # Run it as pasted, through a shell; the banner's path is relative to the host's directory.
+        command = line.strip().replace(argv[0], shlex.quote(sys.executable), 1)
+        sent = subprocess.run(["bash", "-c", command], cwd=ROOT, env=subprocess_env(env),
+                              capture_output=True, text=True, timeout=60)
         assert sent.returncode == 0, sent.stderr
         assert "200" in sent.stdout
         wait_until(lambda: len(host.handled()) == 1)

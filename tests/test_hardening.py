@@ -139,6 +139,23 @@ class TestPersonalData:
         assert event["eventId"] in caplog.text  # the receiver did log the event, at INFO
         assert secret_vin not in caplog.text
 
+    def test_unauthenticated_ids_are_never_echoed_into_the_logs(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # A forged eventId could inject fake log lines or flood the logs.
+        forged_id = "x\nINFO shared.functions: webhook accepted (200, eventId=fake)" + "y" * 5000
+        caplog.set_level("DEBUG")
+        with RunningHost(local_env(tmp_path)) as host:
+            unsigned = encode(state_event(eventId=forged_id))
+            assert host.post(WEBHOOK, unsigned).status == 401
+            assert host.post(WEBHOOK, unsigned, {"SC-Signature": "00"}).status == 401
+            verify = encode({"eventId": forged_id, "eventType": "VERIFY",
+                             "data": {"challenge": "abc"}})
+            assert host.post(WEBHOOK, verify).status == 200
+        assert "eventId=fake" not in caplog.text
+        assert "y" * 100 not in caplog.text
+        assert "unauthenticated" in caplog.text
+
     def test_spilled_records_are_private_to_the_app_user(self, tmp_path: Path) -> None:
         from shared.publisher import OutboundMessage
         from shared.spill import FileSpillStore

@@ -394,3 +394,66 @@ class TestProcessingFailures:
             assert record["deliveryCount"] == 2
             assert attempts == [1, 2]
             assert host.dead_letters() == []
+
+
+class TestLockRenewal:
+    def test_a_long_handler_keeps_its_lock_with_the_hosts_lock_duration(
+        self, tmp_path: Path
+    ) -> None:
+        import time
+
+        from shared.localqueue import LocalQueue
+
+        registry = HandlerRegistry()
+        calls: list[int] = []
+
+        @registry.on("VEHICLE_STATE")
+        def slow(event: Any, context: Any) -> None:
+            calls.append(context.delivery_count)
+            time.sleep(1.6)  # longer than the lock: only renewal keeps it
+
+        def short_queue_default(runtime: Runtime) -> None:
+            # The queue's own default lock is shorter than the host's: renewals must use the
+            # host's duration, as the Functions host renews with the lock it took.
+            from shared.processor import LocalDeadLetterer
+            from shared.publisher import LocalQueuePublisher
+
+            runtime.queue.close()
+            runtime.queue = LocalQueue(runtime.settings.local_state_dir / "q.sqlite3",
+                                       lock_duration=0.3)
+            runtime.publisher = LocalQueuePublisher(runtime.queue)
+            runtime.dead_letterer = LocalDeadLetterer(runtime.queue)
+
+        with RunningHost(local_env(tmp_path), registry=registry, lock_duration=1.0,
+                         customize=short_queue_default) as host:
+            body = encode(state_event())
+            assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+            (record,) = wait_until(host.handled)
+            assert record["deliveryCount"] == 1
+            assert calls == [1]
+
+
+class TestBlockingHandlers:
+    def test_a_blocking_plain_handler_does_not_stall_the_webhook_receiver(
+        self, tmp_path: Path
+    ) -> None:
+        import threading
+
+        registry = HandlerRegistry()
+        started, release = threading.Event(), threading.Event()
+        outcome: list[bool] = []
+
+        @registry.on("VEHICLE_STATE")
+        def blocking(event: Any, context: Any) -> None:
+            started.set()
+            outcome.append(release.wait(10))  # True only if the test could answer meanwhile
+
+        with RunningHost(local_env(tmp_path), registry=registry) as host:
+            body = encode(state_event())
+            assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+            assert started.wait(10)
+            other = encode(state_event())
+            assert host.post(WEBHOOK, other, signed_headers(other)).status == 200
+            release.set()
+            wait_until(lambda: len(host.handled()) == 2)
+        assert outcome[0] is True

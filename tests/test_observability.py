@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -482,6 +483,23 @@ class TestConfiguration:
         assert done.returncode == 0, done.stderr
         assert re.search(r"shared\.telemetry span smartcar\.webhook\.receive [\d.]+ms "
                          r"trace=[0-9a-f]{32} outcome=accepted", done.stderr), done.stderr
+
+    def test_the_redrive_timer_sets_telemetry_up_in_its_process(self, tmp_path: Path) -> None:
+        # On Flex Consumption a timer can run on an instance no HTTP request reached.
+        script = (
+            "import asyncio\n"
+            "from shared import redrive, telemetry\n"
+            "class Timer:\n"
+            "    past_due = False\n"
+            "asyncio.run(redrive.handle_redrive_timer(Timer()))\n"
+            "print(telemetry.configured_mode())\n"
+        )
+        env = {k: v for k, v in os.environ.items() if k != "APPLICATIONINSIGHTS_CONNECTION_STRING"}
+        env["LOCAL_STATE_DIR"] = str(tmp_path)
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, check=False, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "off"
 
     def test_without_connection_string_nothing_is_exported(self) -> None:
         script = (

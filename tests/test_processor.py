@@ -166,6 +166,15 @@ class TestServiceBusDeadLetterer:
             "eventType": "X", "deadLetterReason": "InvalidPayload", "deadLetterDescription": "bad"
         }
 
+    def test_copy_id_stays_within_128_characters_for_long_event_ids(self) -> None:
+        sender = FakeSender()
+        dl = ServiceBusDeadLetterer(sender.send_messages)
+        long_id = InboundMessage(body=b"x", message_id="e" * 128, delivery_count=1)
+        asyncio.run(dl.dead_letter(long_id, reason="InvalidPayload", description="bad"))
+        (copy,) = sender.sent
+        assert len(copy.message_id) <= 128
+        assert copy.message_id.startswith("sha256:") and copy.message_id.endswith(":dead-letter")
+
     def test_send_failure_propagates_so_the_original_is_retried(self) -> None:
         sender = FakeSender(fail_with=ConnectionError("down"))
         dl = ServiceBusDeadLetterer(sender.send_messages)

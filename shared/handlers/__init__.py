@@ -13,7 +13,10 @@ Register a function for an `eventType`, or for a signal path ("Group.Name", e.g.
     def store_position(event, signal, context):
         ...
 
-Handlers may be plain or `async` functions. Raise to have the event retried with backoff
+Handlers may be plain or `async` functions. Plain ones run in a worker thread, so a blocking
+call (an HTTP client, a database driver) never stalls the event loop that also answers
+Smartcar's webhooks; `async` ones run on the loop and must not block. Raise to have the
+event retried with backoff
 (it is dead-lettered after `MAX_DELIVERY_COUNT` deliveries); return normally when done.
 Deliveries are at-least-once and unordered, so make handlers idempotent (key on
 `event.event_id`) and order signals by `signal.oem_updated_at`, not by arrival.
@@ -22,6 +25,7 @@ Import your module from `shared/handlers/__init__.py` (bottom) so it registers a
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections import defaultdict
@@ -83,7 +87,7 @@ class HandlerRegistry:
         """Run every matching handler; True when at least one ran. Handler errors propagate."""
         ran = False
         for handler in self._by_type.get(event.event_type, ()):
-            await _maybe_await(handler(event, context))
+            await _call(handler, event, context)
             ran = True
         if event.event_type != VEHICLE_STATE:
             return ran
@@ -91,12 +95,17 @@ class HandlerRegistry:
             if not signal.ok or signal.path is None:
                 continue
             for signal_handler in self._by_signal.get(signal.path, ()):
-                await _maybe_await(signal_handler(event, signal, context))
+                await _call(signal_handler, event, signal, context)
                 ran = True
         return ran
 
 
-async def _maybe_await(result: Awaitable[None] | None) -> None:
+async def _call(handler: Callable[..., Awaitable[None] | None], *args: Any) -> None:
+    """Await a coroutine handler; run a plain one in a worker thread (it may block)."""
+    if inspect.iscoroutinefunction(handler):
+        await handler(*args)
+        return
+    result = await asyncio.to_thread(handler, *args)
     if inspect.isawaitable(result):
         await result
 

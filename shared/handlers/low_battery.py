@@ -24,7 +24,7 @@ def is_low(signal: Signal, threshold_percent: float) -> bool:
 
 
 @registry.on_signal(STATE_OF_CHARGE)
-def warn_on_low_battery(event: Event, signal: Signal, context: HandlerContext) -> None:
+async def warn_on_low_battery(event: Event, signal: Signal, context: HandlerContext) -> None:
     threshold = context.settings.low_battery_percent
     if is_low(signal, threshold):
         logger.warning(
