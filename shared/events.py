@@ -246,10 +246,15 @@ def _finite_float(literal: str) -> float:
     return number
 
 
-def _load(body: bytes | bytearray | memoryview | str) -> Any:
+def _load(body: bytes | bytearray | memoryview | str, *, frozen: bool = False) -> Any:
     text = _text_of(body)
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(
+            text,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_hook=_frozen_object if frozen else None,
+        )
     except json.JSONDecodeError as exc:
         raise InvalidEventError(
             f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -266,33 +271,24 @@ def _load(body: bytes | bytearray | memoryview | str) -> Any:
         ) from None
 
 
+def _freeze_list(items: list[Any]) -> tuple[Any, ...]:
+    """A JSON array as a tuple. Its objects are frozen already: the decoder calls the object
+    hook on inner values first. Only arrays nested directly in arrays recurse here, and a
+    nesting too deep for that is reported like any other (RecursionError is caught)."""
+    return tuple(_freeze_list(v) if type(v) is list else v for v in items)
+
+
+def _frozen_object(obj: dict[str, Any]) -> Mapping[str, Any]:
+    """The decoder's object hook: a read-only mapping whose arrays are tuples."""
+    for key, value in obj.items():
+        if type(value) is list:
+            obj[key] = _freeze_list(value)  # replacing a value, not resizing: safe here
+    return MappingProxyType(obj)
+
+
 def _freeze(root: Any) -> Any:
-    """Objects to read-only mappings and arrays to tuples, without recursion (any depth)."""
-    if not isinstance(root, dict | list):
-        return root
-    # Pre-order walk: every container is listed after its parent, so building the frozen
-    # copies in reverse order always finds a container's children already frozen.
-    containers: list[dict[str, Any] | list[Any]] = []
-    pending: list[Any] = [root]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, dict):
-            containers.append(node)
-            pending.extend(node.values())
-        elif isinstance(node, list):
-            containers.append(node)
-            pending.extend(node)
-    frozen: dict[int, Any] = {}
-
-    def thawed_child(value: Any) -> Any:
-        return frozen[id(value)] if isinstance(value, dict | list) else value
-
-    for node in reversed(containers):
-        if isinstance(node, dict):
-            frozen[id(node)] = MappingProxyType({k: thawed_child(v) for k, v in node.items()})
-        else:
-            frozen[id(node)] = tuple(thawed_child(v) for v in node)
-    return frozen[id(root)]
+    """The top level of a frozen decode: objects were frozen by the hook, arrays may remain."""
+    return _freeze_list(root) if type(root) is list else root
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,7 +494,7 @@ def parse_event(body: bytes | str) -> Event:
     Raises `InvalidEventError` (a `ValueError`) for every body that is not a Smartcar event we
     can read, whatever its bytes; `TypeError` only if `body` is neither bytes nor str.
     """
-    root = _freeze(_load(body))
+    root = _freeze(_load(body, frozen=True))
     if not isinstance(root, Mapping):
         raise InvalidEventError(f"body must be a JSON object, got {_describe(root, 'body')}")
     event_id = _required_text(root, "eventId")
