@@ -73,6 +73,8 @@ HOST_SETTINGS: frozenset[str] = frozenset(
         "ServiceBusConnection__clientId",
         "AZURE_CLIENT_ID",
         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+        # The Functions host's own bound on a request body, read before any code runs.
+        "FUNCTIONS_REQUEST_BODY_SIZE_LIMIT",
     }
 )
 

@@ -506,6 +506,17 @@ class TestAppSettings:
         )
         assert compare_settings(bicep_app_settings(), expected) == []
 
+    def test_the_host_bounds_request_bodies_above_max_body_bytes(self) -> None:
+        fa = module("functionapp")
+        (config,) = [
+            r
+            for r in fa.resources_of_type("Microsoft.Web/sites/config")
+            if literal(prop(r.body, "name")) == "appsettings"
+        ]
+        limit = prop(config.body, "properties.FUNCTIONS_REQUEST_BODY_SIZE_LIMIT")
+        assert limit is not None
+        assert text(limit).replace(" ", "") == "string(max(maxBodyBytes*4,1048576))"
+
     def test_local_only_settings_are_never_deployed(self) -> None:
         assert not bicep_app_settings() & settings.LOCAL_ONLY_SETTINGS
 

@@ -177,6 +177,9 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     ServiceBusConnection__clientId: identityClientId
     AZURE_CLIENT_ID: identityClientId
     APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
+    // The host reads the whole body before the function runs (default limit 100 MB): bound it
+    // well above MAX_BODY_BYTES, which still answers 413 for anything in between.
+    FUNCTIONS_REQUEST_BODY_SIZE_LIMIT: string(max(maxBodyBytes * 4, 1048576))
   }
 }
 
