@@ -11,15 +11,17 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 
 @app.route(route="webhooks/smartcar", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
-async def smartcar_webhook(req: func.HttpRequest) -> func.HttpResponse:
+async def smartcar_webhook(req: func.HttpRequest, context: func.Context) -> func.HttpResponse:
     """Smartcar's Vehicle data callback URI (and VERIFY challenges)."""
-    return await functions.handle_webhook(req)
+    return await functions.handle_webhook(req, context)
 
 
 @app.route(route="webhooks/smartcar/errors", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
-async def smartcar_error_webhook(req: func.HttpRequest) -> func.HttpResponse:
+async def smartcar_error_webhook(
+    req: func.HttpRequest, context: func.Context
+) -> func.HttpResponse:
     """Smartcar's optional Vehicle error callback URI: same rules as the data route."""
-    return await functions.handle_webhook(req)
+    return await functions.handle_webhook(req, context)
 
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)

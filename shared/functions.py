@@ -36,7 +36,22 @@ def _json(status: int, body: object) -> func.HttpResponse:
     )
 
 
-async def handle_webhook(req: func.HttpRequest) -> func.HttpResponse:
+def invocation_trace_parent(context: func.Context | None) -> dict[str, str] | None:
+    """The Functions host's W3C trace context for this invocation, when it gives one."""
+    trace_context = getattr(context, "trace_context", None)
+    traceparent = getattr(trace_context, "trace_parent", None)
+    if not traceparent:
+        return None
+    parent = {"traceparent": str(traceparent)}
+    tracestate = getattr(trace_context, "trace_state", None)
+    if tracestate:
+        parent["tracestate"] = str(tracestate)
+    return parent
+
+
+async def handle_webhook(
+    req: func.HttpRequest, context: func.Context | None = None
+) -> func.HttpResponse:
     try:
         runtime = get_runtime()
     except SettingsError as exc:
@@ -48,6 +63,7 @@ async def handle_webhook(req: func.HttpRequest) -> func.HttpResponse:
         tokens=runtime.tokens,
         publisher=runtime.publisher,
         max_body_bytes=runtime.settings.max_body_bytes,
+        trace_parent=invocation_trace_parent(context),
     )
     if reply.authenticated:
         logger.info(

@@ -21,7 +21,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,11 +117,53 @@ def resolve_app_setting(value: str, environ: dict[str, str] | None = None) -> st
     return value
 
 
-async def _call(handler: Callable[..., Any], arg: Any) -> Any:
-    result = handler(arg)
+async def _call(handler: Callable[..., Any], arg: Any, **context: Any) -> Any:
+    result = handler(arg, **context)
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+def _wants_context(handler: Callable[..., Any]) -> bool:
+    """The worker passes `context` to functions that declare it; so does this host."""
+    return "context" in inspect.signature(handler).parameters
+
+
+@dataclass(frozen=True, slots=True)
+class LocalTraceContext:
+    trace_parent: str
+    trace_state: str
+    attributes: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalContext:
+    """What the Python worker's `func.Context` offers, for functions that take `context`.
+
+    The trace context is the request's own `traceparent` header when it has one (the
+    Functions host would put its request span there), so a caller's trace continues.
+    """
+
+    invocation_id: str
+    function_name: str
+    function_directory: str
+    trace_context: LocalTraceContext
+    retry_context: None = None
+    thread_local_storage: None = None
+
+
+def invocation_context(name: str, headers: Mapping[str, str]) -> LocalContext:
+    lowered = {k.lower(): v for k, v in headers.items()}
+    return LocalContext(
+        invocation_id=str(uuid.uuid4()),
+        function_name=name,
+        function_directory=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        trace_context=LocalTraceContext(
+            trace_parent=lowered.get("traceparent", ""),
+            trace_state=lowered.get("tracestate", ""),
+            attributes={},
+        ),
+    )
 
 
 class NotifyingPublisher:
@@ -248,8 +291,12 @@ class LocalHost:
                 route_params=dict(request.match_info),
                 body=body,
             )
+            extra = (
+                {"context": invocation_context(fn.name, request.headers)}
+                if _wants_context(fn.handler) else {}
+            )
             try:
-                resp = await _call(fn.handler, req)
+                resp = await _call(fn.handler, req, **extra)
             except Exception:
                 logger.exception("function %s failed", fn.name)
                 return web.json_response({"error": "internal error"}, status=500)

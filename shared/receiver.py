@@ -62,11 +62,15 @@ async def receive(
     publisher: Publisher,
     max_body_bytes: int,
     telemetry: Telemetry | None = None,
+    trace_parent: Mapping[str, str] | None = None,
 ) -> Reply:
-    """Decide and act on one webhook POST. Never raises for any input."""
+    """Decide and act on one webhook POST. Never raises for any input.
+
+    `trace_parent` is the invocation's trace context (`traceparent`, `tracestate`)."""
     return await (telemetry or get_telemetry()).observe_receive(
         lambda: _decide(body, headers, tokens=tokens, publisher=publisher,
-                        max_body_bytes=max_body_bytes)
+                        max_body_bytes=max_body_bytes),
+        parent=trace_parent,
     )
 
 

@@ -191,16 +191,23 @@ class Telemetry:
         )
 
     # -- receive ----------------------------------------------------------------------------
-    async def observe_receive(self, decide: Callable[[], Awaitable[R]]) -> R:
+    async def observe_receive(
+        self,
+        decide: Callable[[], Awaitable[R]],
+        *,
+        parent: Mapping[str, str] | None = None,
+    ) -> R:
         """Run `decide` (returning a ReplyLike) inside the receive span; count its outcome.
 
         The span is current while `decide` runs, so `trace_context_properties()` called from
-        it (when the message is built) carries this span to the processor.
+        it (when the message is built) carries this span to the processor. `parent` is the
+        invocation's W3C trace context (`traceparent`, `tracestate`) from the Functions host,
+        so the host's request, this span and the processing span make one trace.
         """
         start = time.perf_counter()
         with self._tracer.start_as_current_span(
-            names.SPAN_RECEIVE, kind=SpanKind.SERVER, record_exception=False,
-            set_status_on_exception=False,
+            names.SPAN_RECEIVE, context=context_from_properties(parent or {}),
+            kind=SpanKind.SERVER, record_exception=False, set_status_on_exception=False,
         ) as span:
             reply = await decide()
             elapsed_ms = (time.perf_counter() - start) * 1000.0

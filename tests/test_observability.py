@@ -567,3 +567,52 @@ class TestSpillCounters:
         points = otel.points()
         assert sum(p.value for _, p in points[names.WEBHOOK_SPILLED]) == 3
         assert sum(p.value for _, p in points[names.SPILL_REDRIVEN]) == 3
+
+
+class TestHostTraceContext:
+    """The host's request, the receive span and the processing span are one trace."""
+
+    def test_invocation_trace_context_parents_the_receive_span(
+        self, otel: Captured, tmp_path: Path
+    ) -> None:
+        trace_id, host_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        traceparent = f"00-{trace_id}-{host_span}-01"
+        set_telemetry(otel.telemetry)
+        try:
+            with RunningHost(local_env(tmp_path)) as host:
+                body = encode(state_event())
+                headers = {**signed_headers(body), "traceparent": traceparent}
+                assert host.post(WEBHOOK, body, headers).status == 200
+                wait_until(host.handled)
+                wait_until(lambda: otel.finished(names.SPAN_PROCESS))
+        finally:
+            set_telemetry(None)
+        (receive,) = otel.finished(names.SPAN_RECEIVE)
+        (process,) = otel.finished(names.SPAN_PROCESS)
+        assert format(receive.context.trace_id, "032x") == trace_id
+        assert receive.parent is not None and format(receive.parent.span_id, "016x") == host_span
+        assert process.context.trace_id == receive.context.trace_id
+        assert process.parent is not None and process.parent.span_id == receive.context.span_id
+
+    def test_without_an_invocation_context_the_receive_span_is_a_root(
+        self, otel: Captured, tmp_path: Path
+    ) -> None:
+        set_telemetry(otel.telemetry)
+        try:
+            with RunningHost(local_env(tmp_path)) as host:
+                body = encode(state_event())
+                assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+        finally:
+            set_telemetry(None)
+        (receive,) = otel.finished(names.SPAN_RECEIVE)
+        assert receive.parent is None
+
+    def test_functions_read_the_workers_trace_context(self) -> None:
+        from types import SimpleNamespace
+
+        from shared.functions import invocation_trace_parent
+
+        ctx = SimpleNamespace(trace_context=SimpleNamespace(trace_parent="00-a-b-01",
+                                                            trace_state="k=v"))
+        assert invocation_trace_parent(ctx) == {"traceparent": "00-a-b-01", "tracestate": "k=v"}  # type: ignore[arg-type]
+        assert invocation_trace_parent(None) is None
