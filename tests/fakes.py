@@ -1,4 +1,4 @@
-"""Fakes for the boundaries only: Key Vault's SecretClient and Service Bus's client/sender."""
+"""Fakes for the boundaries only: Key Vault, Service Bus, Blob storage, the publisher, the clock."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from shared.publisher import OutboundMessage, PublishError
 
 
 @dataclass
@@ -154,3 +156,31 @@ class FakeContainerClient:
 
     async def close(self) -> None:
         self.closed = True
+
+
+class ManualClock:
+    """A clock the test moves by hand (`clock.now += 10`), for time-based logic."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class RecordingPublisher:
+    """The Publisher boundary: records what it stores; once `fail_after` messages are stored
+    it raises PublishError, as a queue (or queue and spill store) that went down."""
+
+    def __init__(self, *, fail_after: int | None = None) -> None:
+        self.sent: list[OutboundMessage] = []
+        self.fail_after = fail_after
+
+    async def publish(self, message: OutboundMessage) -> bool:
+        if self.fail_after is not None and len(self.sent) >= self.fail_after:
+            raise PublishError("the queue is unavailable")
+        self.sent.append(message)
+        return True
+
+    async def close(self) -> None:
+        return None

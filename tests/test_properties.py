@@ -16,31 +16,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.events import Envelope, InvalidEventError, parse_event, peek_envelope
-from shared.publisher import OutboundMessage, PublishError
 from shared.receiver import Reply, receive
 from shared.signature import challenge_problem, matching_token, sign
 from shared.tokens import StaticTokenProvider, TokenUnavailableError
+
+from .fakes import RecordingPublisher
 
 TOKEN = "amt-current"
 PREVIOUS = "amt-previous"
 MAX_BODY = 1024
 MANY = settings(max_examples=2000, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-class RecordingPublisher:
-    def __init__(self, *, fail: bool = False) -> None:
-        self.messages: list[OutboundMessage] = []
-        self.fail = fail
-
-    async def publish(self, message: OutboundMessage) -> bool:
-        if self.fail:
-            raise PublishError("queue and spill store unavailable")
-        self.messages.append(message)
-        return True
-
-    async def close(self) -> None:
-        return None
 
 
 class NoTokens:
@@ -159,19 +145,19 @@ class TestReceiveDecision:
         signed = truly_signed(body, headers)
         envelope = peek_envelope(body)
         if len(body) > MAX_BODY:
-            assert reply.status == 413 and not publisher.messages
+            assert reply.status == 413 and not publisher.sent
         elif reply.status == 200 and reply.outcome == "verify_answered":
             assert envelope.event_type == "VERIFY"
             assert challenge_problem(envelope.challenge) is None
             assert envelope.challenge is not None
             assert reply.body["challenge"] in {sign(TOKEN, envelope.challenge),
                                                sign(PREVIOUS, envelope.challenge)}
-            assert not publisher.messages
+            assert not publisher.sent
         elif reply.status == 200:
             assert signed, "2xx for an unsigned non-VERIFY request"
-            assert [m.body for m in publisher.messages] == [body]
+            assert [m.body for m in publisher.sent] == [body]
         else:
-            assert not publisher.messages
+            assert not publisher.sent
         if signed and len(body) <= MAX_BODY and envelope.event_type != "VERIFY":
             assert reply.status == 200, "a signed payload is never rejected for its content"
 
@@ -182,7 +168,7 @@ class TestReceiveDecision:
     ) -> None:
         body, headers, _ = request
         reply, _ = run(body, headers, tokens=NoTokens() if vault_down else None,
-                               publisher=RecordingPublisher(fail=queue_down))
+                               publisher=RecordingPublisher(fail_after=0 if queue_down else None))
         assert reply.status in {200, 400, 401, 413, 503}, reply
         never_an_oracle(reply, body)
         if reply.status == 503:
@@ -208,7 +194,7 @@ class TestReceiveDecision:
             assert sign(token, forged.strip()) not in text
         if event_type == "VERIFY":
             assert reply.status == 400 or (reply.status == 413 and len(request) > MAX_BODY)
-        assert not publisher.messages or signed
+        assert not publisher.sent or signed
 
 
 # ---- the event parser --------------------------------------------------------------------------

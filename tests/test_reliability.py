@@ -27,7 +27,7 @@ from shared.runtime import Runtime
 from shared.spill import SpillingPublisher
 from shared.tokens import KeyVaultTokenProvider
 
-from .fakes import FakeSecretClient
+from .fakes import FakeSecretClient, ManualClock
 from .support import (
     TOKEN,
     WEBHOOK,
@@ -45,18 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMARTCAR_RETRY_OFFSETS = (0.0, 25.0, 50.0, 100.0)
 
 
-class SimClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class FlakyQueue:
     """The LocalQueue boundary with sends failing while the simulated clock says "outage"."""
 
-    def __init__(self, inner: Any, clock: SimClock, *, down_until: float) -> None:
+    def __init__(self, inner: Any, clock: ManualClock, *, down_until: float) -> None:
         self._inner = inner
         self._clock = clock
         self.down_until = down_until
@@ -88,7 +80,7 @@ def handled_counts(host: RunningHost) -> Counter[str]:
 
 class TestServiceBusOutage:
     def test_outage_longer_than_smartcars_retry_window_loses_nothing(self, tmp_path: Path) -> None:
-        clock = SimClock()
+        clock = ManualClock()
         outage = SMARTCAR_RETRY_OFFSETS[-1] + 500.0  # well past Smartcar's last retry
         flaky_holder: list[FlakyQueue] = []
 
@@ -133,7 +125,7 @@ class TestServiceBusOutage:
 
 class TestKeyVaultFailure:
     def host_with_vault(self, tmp_path: Path, client: FakeSecretClient,
-                        clock: SimClock) -> RunningHost:
+                        clock: ManualClock) -> RunningHost:
         provider = KeyVaultTokenProvider(client, "smartcar-management-token", ttl_seconds=300,
                                          min_refresh_interval=10, clock=clock)
 
@@ -143,7 +135,7 @@ class TestKeyVaultFailure:
         return RunningHost(local_env(tmp_path), customize=customize)
 
     def test_cached_token_keeps_working_while_key_vault_fails(self, tmp_path: Path) -> None:
-        client, clock = FakeSecretClient(), SimClock()
+        client, clock = FakeSecretClient(), ManualClock()
         client.set_secret(TOKEN)
         with self.host_with_vault(tmp_path, client, clock) as host:
             first = state_event()
@@ -158,7 +150,7 @@ class TestKeyVaultFailure:
             wait_until(lambda: {first["eventId"], second["eventId"]} <= set(handled_counts(host)))
 
     def test_no_token_at_all_gives_503(self, tmp_path: Path) -> None:
-        client, clock = FakeSecretClient(), SimClock()
+        client, clock = FakeSecretClient(), ManualClock()
         client.set_secret(TOKEN)
         client.fail_with = ConnectionError("vault unreachable")
         with self.host_with_vault(tmp_path, client, clock) as host:

@@ -23,7 +23,7 @@ from shared.spill import (
     spill_name,
 )
 
-from .fakes import FakeContainerClient
+from .fakes import FakeContainerClient, RecordingPublisher
 
 MESSAGE = OutboundMessage(
     body=b'{"eventId":"e1", "x": 1.0, "s": "\\u00e9"}',
@@ -52,21 +52,6 @@ class FailingPublisher:
 class HangingPublisher:
     async def publish(self, message: OutboundMessage) -> bool:
         await asyncio.sleep(3600)
-        return True
-
-    async def close(self) -> None:
-        return None
-
-
-class RecordingPublisher:
-    def __init__(self, *, fail_after: int | None = None) -> None:
-        self.sent: list[OutboundMessage] = []
-        self.fail_after = fail_after
-
-    async def publish(self, message: OutboundMessage) -> bool:
-        if self.fail_after is not None and len(self.sent) >= self.fail_after:
-            raise PublishError("queue down again")
-        self.sent.append(message)
         return True
 
     async def close(self) -> None:

@@ -7,36 +7,15 @@ import json
 
 import pytest
 
-from shared.publisher import OutboundMessage
 from shared.receiver import receive
 from shared.signature import sign
 from shared.tokens import KeyVaultTokenProvider, StaticTokenProvider, TokenUnavailableError
 
-from .fakes import FakeSecretClient
+from .fakes import FakeSecretClient, ManualClock, RecordingPublisher
 from .support import encode, state_event
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class RecordingPublisher:
-    def __init__(self) -> None:
-        self.messages: list[OutboundMessage] = []
-
-    async def publish(self, message: OutboundMessage) -> bool:
-        self.messages.append(message)
-        return True
-
-    async def close(self) -> None:
-        return None
-
-
-def provider(client: FakeSecretClient, clock: Clock, **kw: float) -> KeyVaultTokenProvider:
+def provider(client: FakeSecretClient, clock: ManualClock, **kw: float) -> KeyVaultTokenProvider:
     return KeyVaultTokenProvider(client, "smartcar-management-token", clock=clock, **kw)
 
 
@@ -52,7 +31,7 @@ class TestKeyVaultProvider:
         client.set_secret("t1")
         client.set_secret("t2")
         client.set_secret("t3")
-        assert asyncio.run(provider(client, Clock()).get_tokens()) == ("t3", "t2")
+        assert asyncio.run(provider(client, ManualClock(1000.0)).get_tokens()) == ("t3", "t2")
 
     def test_disabled_previous_version_is_not_accepted(self) -> None:
         client = FakeSecretClient()
@@ -60,7 +39,7 @@ class TestKeyVaultProvider:
         client.set_secret("t2")
         client.set_secret("t3")
         client.disable("v2")
-        assert asyncio.run(provider(client, Clock()).get_tokens()) == ("t3",)
+        assert asyncio.run(provider(client, ManualClock(1000.0)).get_tokens()) == ("t3",)
 
     def test_older_versions_never_come_back_even_when_left_enabled(self) -> None:
         # An emergency rotation: t2 leaked, t3 replaces it and t2 is disabled; t1 was
@@ -69,13 +48,13 @@ class TestKeyVaultProvider:
         for token in ("t1", "t2", "t3"):
             client.set_secret(token)
         client.disable("v2")
-        tokens = asyncio.run(provider(client, Clock()).get_tokens())
+        tokens = asyncio.run(provider(client, ManualClock(1000.0)).get_tokens())
         assert "t1" not in tokens and "t2" not in tokens
 
     def test_no_token_and_a_fresh_failure_answers_at_once(self) -> None:
         client = FakeSecretClient()
         client.fail_with = ConnectionError("vault unreachable")
-        clock = Clock()
+        clock = ManualClock(1000.0)
         p = provider(client, clock, min_refresh_interval=10)
 
         async def scenario() -> None:
@@ -95,7 +74,7 @@ class TestKeyVaultProvider:
     def test_tokens_are_cached_within_the_ttl(self) -> None:
         client = FakeSecretClient()
         client.set_secret("t1")
-        clock = Clock()
+        clock = ManualClock(1000.0)
         p = provider(client, clock, ttl_seconds=300)
 
         async def scenario() -> None:
@@ -113,7 +92,7 @@ class TestKeyVaultProvider:
     def test_key_vault_failure_keeps_the_cached_token(self) -> None:
         client = FakeSecretClient()
         client.set_secret("t1")
-        clock = Clock()
+        clock = ManualClock(1000.0)
         p = provider(client, clock, ttl_seconds=300)
 
         async def scenario() -> None:
@@ -128,12 +107,12 @@ class TestKeyVaultProvider:
         client = FakeSecretClient()
         client.fail_with = ConnectionError("vault unreachable")
         with pytest.raises(TokenUnavailableError, match="smartcar-management-token"):
-            asyncio.run(provider(client, Clock()).get_tokens())
+            asyncio.run(provider(client, ManualClock(1000.0)).get_tokens())
 
     def test_refresh_is_rate_limited(self) -> None:
         client = FakeSecretClient()
         client.set_secret("t1")
-        clock = Clock()
+        clock = ManualClock(1000.0)
         p = provider(client, clock, min_refresh_interval=10)
 
         async def scenario() -> None:
@@ -160,18 +139,18 @@ class TestRotationThroughTheReceiver:
             receive(
                 body,
                 {"SC-Signature": sign("old-token", body)},
-                tokens=provider(client, Clock()),
+                tokens=provider(client, ManualClock(1000.0)),
                 publisher=publisher,
                 max_body_bytes=196608,
             )
         )
         assert reply.status == 200
-        assert [m.body for m in publisher.messages] == [body]
+        assert [m.body for m in publisher.sent] == [body]
 
     def test_new_secret_is_picked_up_without_restart(self) -> None:
         client = FakeSecretClient()
         client.set_secret("t1")
-        clock = Clock()
+        clock = ManualClock(1000.0)
         tokens = provider(client, clock, ttl_seconds=3600, min_refresh_interval=5)
         publisher = RecordingPublisher()
 
@@ -210,7 +189,7 @@ class TestRotationThroughTheReceiver:
             receive(
                 raw,
                 {"sc-signature": sign("old-token", raw)},
-                tokens=provider(client, Clock()),
+                tokens=provider(client, ManualClock(1000.0)),
                 publisher=RecordingPublisher(),
                 max_body_bytes=196608,
             )
