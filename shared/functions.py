@@ -13,19 +13,10 @@ import azure.functions as func
 
 from .processor import InboundMessage, process_message
 from .receiver import receive
-from .runtime import Runtime
-from .runtime import get_runtime as _get_runtime
+from .runtime import get_runtime
 from .settings import SettingsError
-from .telemetry import configure as configure_telemetry
 
 logger = logging.getLogger(__name__)
-
-
-def get_runtime() -> Runtime:
-    """The runtime, with telemetry export set up on first use (once per process)."""
-    runtime = _get_runtime()
-    configure_telemetry(connection_string=runtime.settings.appinsights_connection_string)
-    return runtime
 
 
 def _json(status: int, body: object) -> func.HttpResponse:

@@ -10,7 +10,7 @@ import logging
 
 import azure.functions as func
 
-from .functions import get_runtime  # the runtime, with telemetry set up in this process
+from .runtime import get_runtime
 from .spill import RedriveResult, redrive
 
 logger = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from .processor import DeadLetterer, HandledLog, LocalDeadLetterer, ServiceBusDe
 from .publisher import LocalQueuePublisher, Publisher, build_service_bus_publisher
 from .settings import Settings, load_settings
 from .spill import FileSpillStore, SpillingPublisher, SpillStore, build_blob_spill_store
+from .telemetry import configure as configure_telemetry
 from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
 
 QUEUE_FILE = "queue.sqlite3"
@@ -115,12 +116,17 @@ def build_runtime(
 
 
 def get_runtime() -> Runtime:
-    """The process's runtime, built on first use. Raises SettingsError when misconfigured."""
+    """The process's runtime, built on first use with telemetry export set up. Raises
+    SettingsError when misconfigured."""
     global _runtime
     if _runtime is None:
         with _lock:
             if _runtime is None:
-                _runtime = build_runtime(load_settings())
+                settings = load_settings()
+                _runtime = build_runtime(settings)
+                # Whichever function runs first on an instance (webhook, queue, timer) sets up
+                # telemetry export for the process.
+                configure_telemetry(connection_string=settings.appinsights_connection_string)
     return _runtime
 
 
