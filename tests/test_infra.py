@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Set as AbstractSet
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -485,7 +486,8 @@ def compare_settings(bicep: set[str], expected: set[str]) -> list[str]:
     return problems
 
 
-def bicep_app_settings() -> set[str]:
+def app_settings_object() -> Any:
+    """The function app's one inline `appsettings` object (a tree-sitter node)."""
     fa = module("functionapp")
     (config,) = [
         r
@@ -496,7 +498,11 @@ def bicep_app_settings() -> set[str]:
     assert properties is not None and properties.type == "object", "inline app settings object"
     (site,) = fa.resources_of_type("Microsoft.Web/sites")
     assert prop(site.body, "properties.siteConfig.appSettings") is None, "one place for settings"
-    return set(keys(properties))
+    return properties
+
+
+def bicep_app_settings() -> set[str]:
+    return set(keys(app_settings_object()))
 
 
 class TestAppSettings:
@@ -507,13 +513,7 @@ class TestAppSettings:
         assert compare_settings(bicep_app_settings(), expected) == []
 
     def test_the_host_bounds_request_bodies_above_max_body_bytes(self) -> None:
-        fa = module("functionapp")
-        (config,) = [
-            r
-            for r in fa.resources_of_type("Microsoft.Web/sites/config")
-            if literal(prop(r.body, "name")) == "appsettings"
-        ]
-        limit = prop(config.body, "properties.FUNCTIONS_REQUEST_BODY_SIZE_LIMIT")
+        limit = prop(app_settings_object(), "FUNCTIONS_REQUEST_BODY_SIZE_LIMIT")
         assert limit is not None
         assert text(limit).replace(" ", "") == "string(max(maxBodyBytes*4,1048576))"
 
