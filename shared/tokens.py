@@ -63,9 +63,11 @@ class Secret(Protocol):
 class SecretReader(Protocol):
     """The part of `azure.keyvault.secrets.aio.SecretClient` this module uses."""
 
-    async def get_secret(self, name: str, version: str | None = None) -> Any: ...
+    async def get_secret(self, name: str, version: str | None = None) -> Secret: ...
 
-    def list_properties_of_secret_versions(self, name: str) -> AsyncIterator[Any]: ...
+    def list_properties_of_secret_versions(
+        self, name: str
+    ) -> AsyncIterator[SecretProperties]: ...
 
 
 class KeyVaultTokenProvider:
@@ -180,7 +182,7 @@ class KeyVaultTokenProvider:
             async for props in self._client.list_properties_of_secret_versions(self._name)
         ]
 
-        def created(props: Any) -> float:
+        def created(props: SecretProperties) -> float:
             return props.created_on.timestamp() if props.created_on is not None else 0.0
 
         current = next((p for p in versions if p.version == current_version), None)
