@@ -51,6 +51,8 @@ class HttpFunction:
     methods: tuple[str, ...]
     auth_level: str
     handler: Callable[..., Any]
+    #: Declares a `context` parameter, which the worker fills (decided once, at indexing).
+    wants_context: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +99,9 @@ def _index(
         if kind == "httpTrigger":
             methods = tuple(str(getattr(m, "value", m)) for m in (trigger.methods or ["GET"]))
             auth = str(getattr(trigger.auth_level, "value", trigger.auth_level))
-            http.append(HttpFunction(name, trigger.route or name, methods, auth,
-                                     fn.get_user_function()))
+            handler = fn.get_user_function()
+            http.append(HttpFunction(name, trigger.route or name, methods, auth, handler,
+                                     _wants_context(handler)))
         elif kind == "serviceBusTrigger":
             queues.append(QueueFunction(name, trigger.queue_name, trigger.connection,
                                         fn.get_user_function()))
@@ -293,7 +296,7 @@ class LocalHost:
             )
             extra = (
                 {"context": invocation_context(fn.name, request.headers)}
-                if _wants_context(fn.handler) else {}
+                if fn.wants_context else {}
             )
             try:
                 resp = await _call(fn.handler, req, **extra)
