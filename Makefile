@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	@touch $(STAMP)
 
 run: $(STAMP)
-	PORT=$(PORT) $(PY) -m shared.localhost
+	PORT=$(PORT) $(PY) -m shared.local
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

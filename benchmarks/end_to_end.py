@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from shared.localhost import LocalHost, load_function_app
+from shared.local.host import LocalHost, load_function_app
 from shared.runtime import HANDLED_FILE, build_runtime, set_runtime
 from shared.settings import load_settings
 

@@ -21,7 +21,7 @@ import azure.functions as func
 
 from shared.functions import handle_webhook
 from shared.handlers import registry
-from shared.processor import LocalDeadLetterer
+from shared.local.adapters import LocalDeadLetterer
 from shared.publisher import OutboundMessage
 from shared.runtime import Runtime, set_runtime
 from shared.settings import load_settings

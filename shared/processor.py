@@ -10,15 +10,11 @@ with reason `InvalidPayload` through a `DeadLetterer`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Protocol
 
 from .events import Event, InvalidEventError, parse_event
@@ -76,21 +72,12 @@ class DeadLetterer(Protocol):
         ...
 
 
-class LocalDeadLetterer:
-    """The embedded queue can dead-letter the locked message by its sequence number."""
+class OutcomeLog(Protocol):
+    """Where local mode records each processed event (`shared/local`'s `HandledLog`)."""
 
-    def __init__(self, queue: Any) -> None:
-        self._queue = queue
+    def append(self, record: Mapping[str, Any]) -> None: ...
 
-    async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
-        if message.sequence_number is None:
-            raise ValueError("a local message always has a sequence number")
-        await asyncio.to_thread(
-            self._queue.dead_letter_by_sequence,
-            message.sequence_number,
-            reason=reason,
-            description=description,
-        )
+    def close(self) -> None: ...
 
 
 class ServiceBusDeadLetterer:
@@ -122,49 +109,6 @@ class ServiceBusDeadLetterer:
         await self._send(copy)
 
 
-class HandledLog:
-    """Local mode: one JSON line per processed event in `${LOCAL_STATE_DIR}/handled.jsonl`."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._fd: int | None = None
-        self._inode: tuple[int, int] | None = None
-
-    def append(self, record: Mapping[str, Any]) -> None:
-        # Runs on the event loop: one O_APPEND write on a descriptor kept open, instead of
-        # opening the file per line. The stat notices a deleted or rotated file and reopens.
-        line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode("utf-8")
-        with self._lock:
-            try:
-                st = os.stat(self.path)
-                current: tuple[int, int] | None = (st.st_dev, st.st_ino)
-            except FileNotFoundError:
-                current = None
-            if self._fd is None or current != self._inode:
-                self._close()
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-                st = os.fstat(fd)
-                self._fd, self._inode = fd, (st.st_dev, st.st_ino)
-            os.write(self._fd, line)
-
-    def _close(self) -> None:
-        fd, self._fd, self._inode = self._fd, None, None
-        if fd is not None:
-            os.close(fd)
-
-    def close(self) -> None:
-        with self._lock:
-            self._close()
-
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with self.path.open(encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
-
-
 def backoff_seconds(delivery_count: int, *, base: float, maximum: float) -> float:
     """Exponential backoff: base, 2*base, 4*base, ... capped at `maximum`."""
     exponent = max(delivery_count - 1, 0)
@@ -177,7 +121,7 @@ async def process_message(
     settings: Settings,
     registry: HandlerRegistry,
     dead_letterer: DeadLetterer,
-    handled_log: HandledLog | None = None,
+    handled_log: OutcomeLog | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     telemetry: Telemetry | None = None,
 ) -> ProcessResult:
@@ -214,7 +158,7 @@ async def _process(
     settings: Settings,
     registry: HandlerRegistry,
     dead_letterer: DeadLetterer,
-    handled_log: HandledLog | None,
+    handled_log: OutcomeLog | None,
     sleep: Callable[[float], Awaitable[None]],
 ) -> ProcessResult:
     if PROP_DEAD_LETTER_REASON in message.application_properties:

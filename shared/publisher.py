@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .batching import Batcher
 from .events import Envelope
 
 logger = logging.getLogger(__name__)
@@ -99,31 +98,6 @@ class Publisher(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-class LocalQueuePublisher:
-    """Publishes to the embedded SQLite queue (local host and tests).
-
-    Concurrent publishes share commits (`Batcher`): each still returns only after its own
-    message is committed.
-    """
-
-    def __init__(self, queue: Any) -> None:
-        self._queue = queue
-        self._batcher: Batcher[tuple[bytes, str, dict[str, str]], bool] = Batcher(
-            lambda items: self._queue.send_many(items)
-        )
-
-    async def publish(self, message: OutboundMessage) -> bool:
-        try:
-            return await self._batcher.submit(
-                (message.body, message.message_id, dict(message.application_properties))
-            )
-        except Exception as exc:
-            raise PublishError(f"local queue send failed: {type(exc).__name__}: {exc}") from exc
-
-    async def close(self) -> None:
-        return None
 
 
 class ServiceBusPublisher:

@@ -13,14 +13,13 @@ from typing import Any
 
 from .handlers import HandlerRegistry
 from .handlers import registry as default_registry
-from .processor import DeadLetterer, HandledLog, LocalDeadLetterer, ServiceBusDeadLetterer
-from .publisher import LocalQueuePublisher, Publisher, build_service_bus_publisher
+from .processor import DeadLetterer, OutcomeLog, ServiceBusDeadLetterer
+from .publisher import Publisher, build_service_bus_publisher
 from .settings import Settings, load_settings
 from .spill import FileSpillStore, SpillingPublisher, SpillStore, build_blob_spill_store
 from .telemetry import configure as configure_telemetry
 from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
 
-QUEUE_FILE = "queue.sqlite3"
 HANDLED_FILE = "handled.jsonl"
 SPILL_DIR = "spill"
 
@@ -32,7 +31,7 @@ class Runtime:
     publisher: Publisher
     dead_letterer: DeadLetterer
     registry: HandlerRegistry
-    handled_log: HandledLog | None = None
+    handled_log: OutcomeLog | None = None
     queue: Any = None  # the LocalQueue in local mode
     # Spill-over (shared/spill.py): where events wait while the queue is down, and the
     # queue publisher the re-drive timer sends them back to.
@@ -53,14 +52,6 @@ def build_tokens(settings: Settings) -> TokenProvider:
         )
     assert settings.management_token is not None  # guaranteed by load_settings
     return StaticTokenProvider(settings.management_token, settings.previous_management_token)
-
-
-def open_local_queue(settings: Settings) -> Any:
-    from .localqueue import LocalQueue
-
-    return LocalQueue(
-        settings.local_state_dir / QUEUE_FILE, max_delivery_count=settings.max_delivery_count
-    )
 
 
 def build_spill_store(settings: Settings) -> SpillStore:
@@ -93,6 +84,11 @@ def build_runtime(
         primary = sb
         dead_letterer = dead_letterer or ServiceBusDeadLetterer(sb.send_raw)
     else:
+        # Local only: shared/local is not deployed (.funcignore), and Azure always has a
+        # Service Bus namespace, so this import never runs there.
+        from .local.adapters import HandledLog, LocalDeadLetterer, LocalQueuePublisher
+        from .local.queue import open_local_queue
+
         queue = open_local_queue(settings)
         primary = LocalQueuePublisher(queue)
         dead_letterer = dead_letterer or LocalDeadLetterer(queue)

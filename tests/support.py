@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.handlers import HandlerRegistry
-from shared.localhost import LocalHost, load_function_app
+from shared.local.host import LocalHost, load_function_app
 from shared.runtime import Runtime, build_runtime, set_runtime
 from shared.settings import load_settings
 from shared.signature import sign

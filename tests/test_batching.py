@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.batching import Batcher
-from shared.localqueue import LocalQueue, LockLostError
-from shared.publisher import LocalQueuePublisher, OutboundMessage, PublishError
+from shared.local.adapters import LocalQueuePublisher
+from shared.local.batching import Batcher
+from shared.local.queue import LocalQueue, LockLostError
+from shared.publisher import OutboundMessage, PublishError
 
 
 class SlowDouble:

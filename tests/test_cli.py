@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from shared import cli
+from shared.cli import commands as cli
+from shared.cli.simulate import build_event, redact_url
 from shared.handlers import HandlerRegistry
-from shared.localhost import banner
+from shared.local.host import banner
 from shared.settings import load_settings
-from shared.simulate import build_event, redact_url
 
 from .support import (
     WEBHOOK,

@@ -11,8 +11,8 @@ from azure.core.exceptions import ClientAuthenticationError, ServiceRequestError
 from azure.servicebus import ServiceBusSubQueue
 from azure.servicebus.exceptions import ServiceBusConnectionError
 
-from shared import cli
-from shared.ops import ServiceBusOps, open_ops, replay_message_id
+from shared.cli import commands as cli
+from shared.cli.ops import ServiceBusOps, open_ops, replay_message_id
 from shared.settings import load_settings
 
 from .cli_fakes import FakeAdminClient, FakeNamespace, FakeReceivedMessage, FakeSyncServiceBusClient

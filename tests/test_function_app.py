@@ -6,7 +6,7 @@ import ast
 import inspect
 from pathlib import Path
 
-from shared.localhost import index_functions, load_function_app, resolve_app_setting
+from shared.local.host import index_functions, load_function_app, resolve_app_setting
 
 REPO = Path(__file__).resolve().parent.parent
 

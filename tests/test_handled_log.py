@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from shared.processor import HandledLog
+from shared.local.adapters import HandledLog
 
 
 def test_lines_are_appended_and_readable_at_once(tmp_path: Path) -> None:

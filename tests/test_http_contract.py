@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from shared.handlers import HandlerRegistry
-from shared.publisher import LocalQueuePublisher, PublishError
+from shared.local.adapters import LocalQueuePublisher
+from shared.publisher import PublishError
 from shared.runtime import Runtime
 from shared.signature import sign
 from shared.spill import FileSpillStore, SpillingPublisher
@@ -351,7 +352,8 @@ class TestUnavailable:
         # The local publisher turns any queue failure into PublishError (mapped to 503).
         import asyncio
 
-        from shared.publisher import LocalQueuePublisher, OutboundMessage
+        from shared.local.adapters import LocalQueuePublisher
+        from shared.publisher import OutboundMessage
 
         publisher = LocalQueuePublisher(_BrokenQueue())
         with pytest.raises(PublishError, match="disk I/O error"):
@@ -402,7 +404,7 @@ class TestLockRenewal:
     ) -> None:
         import time
 
-        from shared.localqueue import LocalQueue
+        from shared.local.queue import LocalQueue
 
         registry = HandlerRegistry()
         calls: list[int] = []
@@ -415,8 +417,7 @@ class TestLockRenewal:
         def short_queue_default(runtime: Runtime) -> None:
             # The queue's own default lock is shorter than the host's: renewals must use the
             # host's duration, as the Functions host renews with the lock it took.
-            from shared.processor import LocalDeadLetterer
-            from shared.publisher import LocalQueuePublisher
+            from shared.local.adapters import LocalDeadLetterer, LocalQueuePublisher
 
             runtime.queue.close()
             runtime.queue = LocalQueue(runtime.settings.local_state_dir / "q.sqlite3",

@@ -89,7 +89,7 @@ class TestDurability:
     ) -> None:
         port = free_port()
         env = base_env(tmp_path, port)
-        cmd = [sys.executable, "-m", "shared.localhost"]
+        cmd = [sys.executable, "-m", "shared.local"]
         events = [state_event() for _ in range(20)]
         with host_process([*cmd, "--workers", "0"], env, port) as proc:  # accepts, never processes
             for event in events:
@@ -106,7 +106,7 @@ class TestDurability:
     def test_invalid_settings_fail_fast_with_the_setting_named(self, tmp_path: Path) -> None:
         env = base_env(tmp_path, free_port())
         env["MAX_BODY_BYTES"] = "big"
-        result = subprocess.run([sys.executable, "-m", "shared.localhost"], cwd=REPO, env=env,
+        result = subprocess.run([sys.executable, "-m", "shared.local"], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2
         assert "MAX_BODY_BYTES must be a whole number, got 'big'" in result.stderr

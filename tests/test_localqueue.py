@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.localqueue import (
+from shared.local.queue import (
     MAX_DELIVERY_COUNT_EXCEEDED,
     SCHEMA_VERSION,
     LocalQueue,
@@ -716,7 +716,7 @@ class TestConcurrency:
             child = run_child(
                 """
                 import json, sys
-                from shared.localqueue import LocalQueue
+                from shared.local.queue import LocalQueue
                 with LocalQueue(sys.argv[1]) as q:
                     [m] = q.receive()
                     q.complete(m.lock_token)
@@ -750,7 +750,7 @@ class TestConcurrency:
                     textwrap.dedent(
                         """
                         import sys
-                        from shared.localqueue import LocalQueue
+                        from shared.local.queue import LocalQueue
                         with LocalQueue(sys.argv[1]) as q:
                             while batch := q.receive(max_messages=2):
                                 for m in batch:
@@ -788,7 +788,7 @@ class TestDurability:
                 textwrap.dedent(
                     """
                     import sys
-                    from shared.localqueue import LocalQueue
+                    from shared.local.queue import LocalQueue
                     q = LocalQueue(sys.argv[1])
                     i = 0
                     while True:  # until killed

@@ -33,15 +33,14 @@ from shared import receiver
 from shared import telemetry_names as names
 from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
-from shared.localqueue import LocalQueue
+from shared.local.adapters import LocalDeadLetterer, LocalQueuePublisher
+from shared.local.queue import LocalQueue
 from shared.processor import (
     HandlerFailedError,
     InboundMessage,
-    LocalDeadLetterer,
     Outcome,
     process_message,
 )
-from shared.publisher import LocalQueuePublisher
 from shared.settings import load_settings
 from shared.signature import sign
 from shared.telemetry import (

@@ -12,9 +12,9 @@ from azure.functions.servicebus import ServiceBusMessage
 
 from shared.functions import inbound_message
 from shared.handlers import HandlerRegistry
+from shared.local.adapters import HandledLog
 from shared.processor import (
     DeadLetterCopyError,
-    HandledLog,
     HandlerFailedError,
     InboundMessage,
     Outcome,

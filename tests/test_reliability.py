@@ -22,7 +22,7 @@ from typing import Any
 
 from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
-from shared.publisher import LocalQueuePublisher
+from shared.local.adapters import LocalQueuePublisher
 from shared.runtime import Runtime
 from shared.spill import SpillingPublisher
 from shared.tokens import KeyVaultTokenProvider
@@ -191,7 +191,7 @@ def _start_host(state_dir: Path) -> tuple[subprocess.Popen[str], int]:
     env = dict(os.environ, PORT="0", LOCAL_STATE_DIR=str(state_dir),
                SMARTCAR_MANAGEMENT_TOKEN=TOKEN, LOG_LEVEL="WARNING")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.localhost", "--lock-duration", "1"],
+        [sys.executable, "-m", "shared.local", "--lock-duration", "1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     assert proc.stdout is not None

@@ -10,8 +10,9 @@ import azure.functions as func
 import pytest
 
 from shared import functions
-from shared.processor import LocalDeadLetterer, ServiceBusDeadLetterer
-from shared.publisher import LocalQueuePublisher, ServiceBusPublisher
+from shared.local.adapters import LocalDeadLetterer, LocalQueuePublisher
+from shared.processor import ServiceBusDeadLetterer
+from shared.publisher import ServiceBusPublisher
 from shared.runtime import build_runtime, set_runtime
 from shared.settings import load_settings
 from shared.spill import BlobSpillStore, FileSpillStore, SpillingPublisher

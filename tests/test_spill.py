@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.localhost import index_functions, load_function_app
-from shared.localqueue import LocalQueue
-from shared.publisher import LocalQueuePublisher, OutboundMessage, PublishError
+from shared.local.adapters import LocalQueuePublisher
+from shared.local.host import index_functions, load_function_app
+from shared.local.queue import LocalQueue
+from shared.publisher import OutboundMessage, PublishError
 from shared.spill import (
     BlobSpillStore,
     FileSpillStore,

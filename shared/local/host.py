@@ -6,7 +6,7 @@ settlement: return completes, raise abandons, `maxDeliveryCount` dead-letters.
 
 It also runs the app's timer functions (the spill re-drive) every `--timer-interval` seconds.
 
-    python -m shared.localhost [--host 127.0.0.1] [--port 7071] [--workers 4]
+    python -m shared.local [--host 127.0.0.1] [--port 7071] [--workers 4]
                                [--lock-duration 60] [--timer-interval 60]
 """
 
@@ -31,12 +31,12 @@ from aiohttp import web
 from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 
+from ..publisher import OutboundMessage, Publisher
+from ..runtime import Runtime, build_runtime, set_runtime
+from ..settings import Settings, SettingsError, load_settings
+from ..telemetry import configure as configure_telemetry
 from .batching import Batcher
-from .localqueue import LocalQueue, LockLostError, QueuedMessage
-from .publisher import OutboundMessage, Publisher
-from .runtime import Runtime, build_runtime, set_runtime
-from .settings import Settings, SettingsError, load_settings
-from .telemetry import configure as configure_telemetry
+from .queue import LocalQueue, LockLostError, QueuedMessage
 
 logger = logging.getLogger(__name__)
 
@@ -474,7 +474,7 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.localhost", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m shared.local", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
@@ -501,6 +501,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .events import peek_envelope
-from .signature import sign
+from ..events import peek_envelope
+from ..signature import sign
 
 EVENT_TYPES = ("verify", "state", "error")
 DEFAULT_TIMEOUT = 15.0  # Smartcar's own limit for an answer

@@ -39,6 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from ..settings import Settings
+
 __all__ = [
     "DEFAULT_BUSY_TIMEOUT",
     "MAX_DELIVERY_COUNT_EXCEEDED",
@@ -689,3 +691,13 @@ class LocalQueue:
 
     def __repr__(self) -> str:
         return f"LocalQueue({str(self.path)!r}, max_delivery_count={self.max_delivery_count})"
+
+
+QUEUE_FILE = "queue.sqlite3"
+
+
+def open_local_queue(settings: Settings) -> LocalQueue:
+    """The embedded queue in `LOCAL_STATE_DIR`, as the settings configure it."""
+    return LocalQueue(
+        settings.local_state_dir / QUEUE_FILE, max_delivery_count=settings.max_delivery_count
+    )

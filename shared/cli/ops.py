@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from .events import peek_envelope
-from .publisher import (
+from ..events import peek_envelope
+from ..publisher import (
     DEAD_LETTER_COPY_SUFFIX,
     MAX_MESSAGE_ID_LENGTH,
     PROP_DEAD_LETTER_DESCRIPTION,
@@ -25,7 +25,7 @@ from .publisher import (
     PROP_EVENT_ID,
     PROP_EVENT_TYPE,
 )
-from .settings import Settings
+from ..settings import Settings
 
 PROP_REPLAYED_FROM = "replayedFrom"
 PROP_REPLAY_COUNT = "replayCount"
@@ -199,7 +199,7 @@ class LocalOps:
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
-        from .localqueue import QueueUnavailableError
+        from ..local.queue import QueueUnavailableError
 
         try:
             yield
@@ -567,7 +567,7 @@ def open_ops(settings: Settings) -> QueueOps:
     if settings.queue_backend == "servicebus":
         assert settings.servicebus_namespace is not None
         return ServiceBusOps(settings.servicebus_namespace, settings.queue_name)
-    from .runtime import open_local_queue
+    from ..local.queue import open_local_queue
 
     return LocalOps(open_local_queue(settings))
 

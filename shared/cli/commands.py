@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..local.queue import QUEUE_FILE
+from ..settings import Settings, SettingsError, load_settings
 from .ops import DeadLetter, OpsError, QueueOps, as_ids, open_ops
-from .runtime import QUEUE_FILE
-from .settings import Settings, SettingsError, load_settings
 from .simulate import EVENT_TYPES, Delivery, DeliveryError, build_event, check_url, deliver
 
 EXIT_OK = 0
@@ -319,6 +319,3 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         print("interrupted", file=err)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

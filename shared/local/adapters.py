@@ -1,0 +1,104 @@
+"""The embedded queue behind the interfaces the deployed code uses.
+
+The local host and the tests plug these into the runtime where Azure has Service Bus: a
+publisher with group commit, a dead-letterer by sequence number, and `handled.jsonl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..processor import InboundMessage
+from ..publisher import OutboundMessage, PublishError
+from .batching import Batcher
+
+
+class LocalQueuePublisher:
+    """Publishes to the embedded SQLite queue (local host and tests).
+
+    Concurrent publishes share commits (`Batcher`): each still returns only after its own
+    message is committed.
+    """
+
+    def __init__(self, queue: Any) -> None:
+        self._queue = queue
+        self._batcher: Batcher[tuple[bytes, str, dict[str, str]], bool] = Batcher(
+            lambda items: self._queue.send_many(items)
+        )
+
+    async def publish(self, message: OutboundMessage) -> bool:
+        try:
+            return await self._batcher.submit(
+                (message.body, message.message_id, dict(message.application_properties))
+            )
+        except Exception as exc:
+            raise PublishError(f"local queue send failed: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalDeadLetterer:
+    """The embedded queue can dead-letter the locked message by its sequence number."""
+
+    def __init__(self, queue: Any) -> None:
+        self._queue = queue
+
+    async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
+        if message.sequence_number is None:
+            raise ValueError("a local message always has a sequence number")
+        await asyncio.to_thread(
+            self._queue.dead_letter_by_sequence,
+            message.sequence_number,
+            reason=reason,
+            description=description,
+        )
+
+
+class HandledLog:
+    """Local mode: one JSON line per processed event in `${LOCAL_STATE_DIR}/handled.jsonl`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._inode: tuple[int, int] | None = None
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        # Runs on the event loop: one O_APPEND write on a descriptor kept open, instead of
+        # opening the file per line. The stat notices a deleted or rotated file and reopens.
+        line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode("utf-8")
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+                current: tuple[int, int] | None = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                current = None
+            if self._fd is None or current != self._inode:
+                self._close()
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                st = os.fstat(fd)
+                self._fd, self._inode = fd, (st.st_dev, st.st_ino)
+            os.write(self._fd, line)
+
+    def _close(self) -> None:
+        fd, self._fd, self._inode = self._fd, None, None
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
