@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# Test-only tools from npm (Azurite, Microsoft's Kusto.Language), pinned by package-lock.json.
+NODE_STAMP := node_modules/.installed-stamp
 PORT ?= 7071
 # Operations CLI shortcuts: make send URL=... [TYPE=state|verify|error] [TOKEN=...],
 # make stats, make dlq, make dlq-show ID=..., make dlq-replay IDS="3 4" (or IDS=--all),
@@ -19,6 +21,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
 	@touch $(STAMP)
 
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $(NODE_STAMP)
+
 run: $(STAMP)
 	PORT=$(PORT) $(PY) -m shared.local
 
@@ -26,7 +32,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy shared
 
-test: $(STAMP) lint
+test: $(STAMP) $(NODE_STAMP) lint
 	$(PY) -m pytest
 
 bench: $(STAMP)
@@ -51,4 +57,4 @@ dlq-purge: $(STAMP)
 	@$(CLI) dlq purge $(IDS)
 
 clean:
-	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache
