@@ -132,6 +132,25 @@ class TestOutcomes:
                 run(message(encode(state_event()), delivery), registry, sleep=sleeps)
         assert sleeps.delays == [2, 4, 8]
 
+    @pytest.mark.parametrize("base", ["1", "0.25"])
+    def test_a_backoff_of_one_second_or_less_is_still_waited(self, base: str) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
+        settings = load_settings({"RETRY_BACKOFF_BASE_SECONDS": base})
+        sleeps = Sleeps()
+        with pytest.raises(HandlerFailedError):
+            run(message(encode(state_event()), 1), registry, settings=settings, sleep=sleeps)
+        assert sleeps.delays == [float(base)]
+
+    def test_a_zero_backoff_does_not_sleep(self) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
+        settings = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "0"})
+        sleeps = Sleeps()
+        with pytest.raises(HandlerFailedError):
+            run(message(encode(state_event()), 1), registry, settings=settings, sleep=sleeps)
+        assert sleeps.delays == []
+
     def test_last_delivery_does_not_wait(self) -> None:
         registry = HandlerRegistry()
         registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
