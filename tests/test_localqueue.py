@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -621,6 +622,24 @@ class TestStorage:
             queue.send(b"x", message_id="evt")
         with pytest.raises(QueueUnavailableError):
             queue.receive()
+
+    @pytest.mark.parametrize(("operation", "call"), [
+        ("receive", lambda q: q.receive()),
+        ("renew_lock", lambda q: q.renew_lock("t")),
+        ("complete", lambda q: q.complete("t")),
+        ("complete", lambda q: q.complete_many(["t"])),
+        ("abandon", lambda q: q.abandon("t")),
+        ("dead_letter", lambda q: q.dead_letter("t", reason="r", description="d")),
+        ("dead_letter_by_sequence",
+         lambda q: q.dead_letter_by_sequence(1, reason="r", description="d")),
+    ])
+    def test_a_settlement_after_close_names_the_queue_and_the_operation(
+        self, queue: LocalQueue, operation: str, call: Any
+    ) -> None:
+        queue.close()
+        with pytest.raises(QueueUnavailableError) as raised:
+            call(queue)
+        assert str(raised.value) == f"local queue {queue.path}: {operation} after close()"
 
     def test_send_while_another_process_holds_the_write_lock_raises_queue_unavailable(
         self, db_path: Path

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+import logging
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,16 @@ class TestBackoff:
 
     def test_huge_delivery_counts_do_not_overflow(self) -> None:
         assert backoff_seconds(10_000, base=2, maximum=60) == 60
+
+    def test_the_exponent_stops_at_30_whatever_the_cap(self) -> None:
+        uncapped = float("inf")
+        assert backoff_seconds(31, base=1, maximum=uncapped) == 2.0**30
+        assert backoff_seconds(10_000, base=1, maximum=uncapped) == 2.0**30
+        assert backoff_seconds(30, base=1, maximum=uncapped) == 2.0**29
+
+    def test_a_first_or_uncounted_delivery_waits_the_base(self) -> None:
+        assert backoff_seconds(0, base=3, maximum=60) == 3
+        assert backoff_seconds(1, base=3, maximum=60) == 3
 
 
 class TestOutcomes:
@@ -212,3 +223,97 @@ class TestFunctionAdapter:
             body=b'{"a":1}', message_id="e1", delivery_count=3, sequence_number=42,
             application_properties={"eventType": "VEHICLE_STATE"}, enqueued_time=None,
         )
+
+
+class TestWhatOperatorsReadInTheLog:
+    """What the processor says about each outcome: enough to act on, never the body above
+    DEBUG (it can hold a vehicle's location)."""
+
+    def records(self, caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records
+                if r.name == "shared.processor"]
+
+    def test_handler_failure_names_event_delivery_error_and_next_step(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        registry = HandlerRegistry()
+
+        @registry.on("VEHICLE_STATE")
+        def boom(event: Any, ctx: Any) -> None:
+            raise ConnectionError("crm down")
+
+        event = state_event()
+        with caplog.at_level(logging.INFO, logger="shared.processor"):
+            for delivery in (2, SETTINGS.max_delivery_count):
+                with pytest.raises(HandlerFailedError):
+                    run(message(encode(event), delivery), registry, sleep=Sleeps())
+        prefix = f"handler failed for event {event['eventId']} (VEHICLE_STATE, delivery"
+        assert self.records(caplog) == [
+            (logging.WARNING, f"{prefix} 2 of 5): ConnectionError: crm down; retrying in 4.0s"),
+            (logging.WARNING,
+             f"{prefix} 5 of 5): ConnectionError: crm down; it will be dead-lettered"),
+        ]
+
+    def test_handler_failure_error_names_event_and_cause(self) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
+        event = state_event()
+        with pytest.raises(HandlerFailedError) as raised:
+            run(message(encode(event), 1), registry, sleep=Sleeps())
+        assert str(raised.value) == f"handler failed for event {event['eventId']}: ZeroDivisionError"
+        assert isinstance(raised.value.__cause__, ZeroDivisionError)
+
+    def test_unreadable_payload_is_a_warning_with_reason_and_no_body(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.DEBUG, logger="shared.processor"):
+            run(message(b'{"eventId": "e1", "secret-location": 1}'), HandlerRegistry())
+        assert self.records(caplog) == [(
+            logging.WARNING,
+            "message m1 is not a readable Smartcar event (eventType is missing); "
+            "dead-lettering it as InvalidPayload",
+        )]
+
+    def test_an_event_without_handler_is_reported_at_info(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        event = state_event(eventType="NEW_KIND")
+        with caplog.at_level(logging.INFO, logger="shared.processor"):
+            run(message(encode(event)), HandlerRegistry())
+        assert self.records(caplog) == [
+            (logging.INFO, f"no handler for event {event['eventId']} of type NEW_KIND")
+        ]
+
+    def test_the_body_is_logged_at_debug_only(self, caplog: pytest.LogCaptureFixture) -> None:
+        event = state_event()
+        body = encode(event)
+        with caplog.at_level(logging.DEBUG, logger="shared.processor"):
+            run(message(body), HandlerRegistry())
+        debug = [m for level, m in self.records(caplog) if level == logging.DEBUG]
+        assert debug == [f"processing event {event['eventId']} body={body!r}"]
+        assert all(level == logging.DEBUG or str(body) not in m
+                   for level, m in self.records(caplog))
+
+
+class TestHandledLogRecord:
+    def test_one_line_per_event_with_what_a_developer_needs(self, tmp_path: Path) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        log = HandledLog(tmp_path / "handled.jsonl")
+        before = datetime.now(UTC)
+        run(message(fixture_bytes("vehicle_state.json"), 3), registry, handled_log=log)
+        run(message(encode(state_event(eventType="NEW_KIND")), 1), registry, handled_log=log)
+        after = datetime.now(UTC)
+        first, second = log.read()
+        log.close()
+        handled_at = datetime.fromisoformat(first.pop("handledAt"))
+        assert handled_at.tzinfo is not None and before <= handled_at <= after
+        assert first == {
+            "eventId": "550e8400-e29b-41d4-a716-446655440000",
+            "eventType": "VEHICLE_STATE",
+            "vehicleId": "9af13248-3b73-4c9d-9a4b-d937ce6bc8e2",
+            "deliveryCount": 3,
+            "messageId": "m1",
+            "outcome": "handled",
+        }
+        assert (second["eventType"], second["outcome"]) == ("NEW_KIND", "unhandled")

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
+
+import pytest
 
 from shared.receiver import Reply, receive
 from shared.signature import sign
@@ -126,6 +129,19 @@ class TestErrorReplies:
         assert json.loads(reply.body_bytes()) == {"error": message}
         assert reply.headers == {"Content-Type": "application/json"}
 
+    def test_refusals_carry_the_envelope_for_the_callers_telemetry(self) -> None:
+        event = state_event()
+        body = encode(event)
+        unsigned = decide(body, {})
+        forged = decide(body, {"SC-Signature": "0" * 64})
+        for reply in (unsigned, forged):
+            assert (reply.event_id, reply.event_type) == (event["eventId"], "VEHICLE_STATE")
+            assert reply.authenticated is False
+        refused = verify_body("a b")
+        signed_refusal = decide(refused, {"SC-Signature": sign(TOKEN, refused)})
+        assert (signed_refusal.status, signed_refusal.authenticated) == (400, True)
+        assert (signed_refusal.event_id, signed_refusal.event_type) == ("v1", "VERIFY")
+
     def test_oversize_body(self) -> None:
         publisher = RecordingPublisher()
         reply = decide(b"x" * 11, {}, publisher=publisher, max_body_bytes=10)
@@ -186,3 +202,55 @@ class TestWhatIsStored:
         assert reply.status == 503
         assert publisher.sent == []
 
+
+
+class TestWhatOperatorsReadInTheLog:
+    """Each refusal an operator must act on is logged once, saying what to check; no token,
+    signature or body in it."""
+
+    def records(self, caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "shared.receiver"]
+
+    def test_token_unavailable_is_an_error_saying_smartcar_retries(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        tokens, _ = key_vault_down()
+        body = encode(state_event())
+        with caplog.at_level(logging.INFO, logger="shared.receiver"):
+            decide(body, {"SC-Signature": sign(TOKEN, body)}, tokens=tokens)
+        assert self.records(caplog) == [
+            (logging.ERROR, "signing token unavailable; answering 503 so Smartcar retries")
+        ]
+
+    def test_wrong_signature_is_a_warning_naming_the_token_to_check(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        body = encode(state_event())
+        with caplog.at_level(logging.INFO, logger="shared.receiver"):
+            decide(body, {"SC-Signature": sign("forged", body)})
+        assert self.records(caplog) == [(
+            logging.WARNING,
+            "signature matches no accepted token; check that the Application Management Token "
+            "is the one this webhook uses",
+        )]
+
+    def test_store_failure_is_an_error_naming_the_event_and_the_cause(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        event = state_event()
+        body = encode(event)
+        with caplog.at_level(logging.INFO, logger="shared.receiver"):
+            decide(body, {"SC-Signature": sign(TOKEN, body)},
+                   publisher=RecordingPublisher(fail_after=0))
+        assert self.records(caplog) == [(
+            logging.ERROR,
+            f"event {event['eventId']} not stored: the queue is unavailable; answering 503",
+        )]
+
+    def test_accepted_events_log_nothing_at_info_or_above(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        body = encode(state_event())
+        with caplog.at_level(logging.INFO, logger="shared.receiver"):
+            decide(body, {"SC-Signature": sign(TOKEN, body)})
+        assert self.records(caplog) == []

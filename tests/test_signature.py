@@ -122,3 +122,13 @@ class TestChallengeGuard:
     ) -> None:
         problem = challenge_problem(challenge)
         assert problem is not None and message in problem
+
+    @pytest.mark.parametrize(("challenge", "reason"), [
+        (None, "data.challenge must be a string"),
+        ("", "data.challenge is empty"),
+        ("x" * 257, "data.challenge is longer than 256 characters"),
+        ("a{b", "data.challenge contains characters that a challenge never has"),
+    ])
+    def test_each_refusal_says_exactly_what_is_wrong(self, challenge: object, reason: str) -> None:
+        # These texts reach Smartcar's dashboard in the 400 reply; they name the field.
+        assert challenge_problem(challenge) == reason
