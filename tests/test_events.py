@@ -482,6 +482,13 @@ class TestInput:
 
 
 INVALID_DOCUMENTS: list[tuple[str, Any, str]] = [
+    ("signals a number", minimal(signals=5), "data.signals must be a list, got int"),
+    ("vehicle error null", minimal("VEHICLE_ERROR", errors=[None]),
+     "data.errors[0] must be an object, got null"),
+    ("eventId number of 24 characters", {"eventId": 10**23, "eventType": "X"},
+     f"eventId must be a non-empty string, got {10**23}"),
+    ("eventId number longer than 24 characters", {"eventId": 10**24, "eventType": "X"},
+     "eventId must be a non-empty string, got int"),
     ("top-level array", [], "body must be a JSON object, got list"),
     ("top-level number", 52.52, "body must be a JSON object, got float"),
     ("top-level string", "x", "body must be a JSON object, got str"),
@@ -872,3 +879,20 @@ class TestProperties:
         # Whatever parses agrees with the cheap peek on what they both read.
         assert (envelope.event_id, envelope.event_type) == (event.event_id, event.event_type)
         assert envelope.vehicle_id == event.vehicle_id
+
+
+class TestSignalLookup:
+    """`Event.signal` finds a signal by `Group.Name` or code; signals that lack them are never
+    found by a name they do not have."""
+
+    def test_a_name_no_signal_has_is_not_found_even_among_nameless_signals(self) -> None:
+        event = parse(minimal(signals=[{"body": {"value": 1}}]))
+        assert event.signals[0].path is None and event.signals[0].code is None
+        for name in ("XXXX", "xxxx", "None.None"):
+            assert event.signal(name) is None
+
+    def test_a_path_needs_both_group_and_name(self) -> None:
+        event = parse(minimal(signals=[{"group": "Location"}, {"name": "IsAtHome"}]))
+        assert [s.path for s in event.signals] == [None, None]
+        assert event.signal("Location.None") is None
+        assert event.signal("None.IsAtHome") is None

@@ -424,6 +424,25 @@ class TestDeadLettering:
             queue.dead_letter_by_sequence(locked, reason="r", description="d")
         assert queue.stats()["deadLettered"] == 0
 
+    def test_dead_letter_by_sequence_without_a_lock_says_what_may_have_happened(
+        self, queue: LocalQueue
+    ) -> None:
+        with pytest.raises(LockLostError) as raised:
+            queue.dead_letter_by_sequence(9999, reason="r", description="d")
+        assert str(raised.value) == (
+            "message 9999 is not locked by a receiver (settled, expired, never received or "
+            "already dead-lettered)"
+        )
+
+    def test_renewing_for_no_time_is_refused(self, queue: LocalQueue) -> None:
+        queue.send(b"x", message_id="evt")
+        token = receive_one(queue).lock_token or ""
+        for duration in (0.0, -1.0):
+            with pytest.raises(ValueError) as raised:
+                queue.renew_lock(token, lock_duration=duration)
+            assert str(raised.value) == f"lock_duration must be > 0 seconds, got {duration}"
+        queue.complete(token)  # the lock was left as it was
+
     def test_dead_letter_by_sequence_rejects_an_already_dead_lettered_message(
         self, queue: LocalQueue
     ) -> None:

@@ -10,6 +10,11 @@ from typing import Any
 
 import pytest
 from azure.functions.servicebus import ServiceBusMessage
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared.functions import inbound_message
 from shared.handlers import HandlerRegistry
@@ -24,6 +29,7 @@ from shared.processor import (
     process_message,
 )
 from shared.settings import load_settings
+from shared.telemetry import Telemetry
 
 from .fakes import FakeSender
 from .support import encode, fixture_bytes, state_event
@@ -317,3 +323,70 @@ class TestHandledLogRecord:
             "outcome": "handled",
         }
         assert (second["eventType"], second["outcome"]) == ("NEW_KIND", "unhandled")
+
+
+class TestWhatTheProcessSpanSays:
+    """The processing span is how one event is found in Application Insights: it names the
+    message, the event read from the body (not only what the sender put in the properties),
+    why it was dead-lettered, and feeds the delivery-lag histogram."""
+
+    @pytest.fixture
+    def captured(self) -> tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry]:
+        spans = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+        reader = InMemoryMetricReader()
+        telemetry = Telemetry(tracer_provider=tracer_provider,
+                              meter_provider=MeterProvider(metric_readers=[reader]))
+        return spans, reader, telemetry
+
+    def test_a_handled_event_without_envelope_properties_is_named_from_its_body(
+        self, captured: tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry]
+    ) -> None:
+        spans, reader, telemetry = captured
+        event = state_event()
+        event["meta"]["deliveredAt"] = int((datetime.now(UTC) - timedelta(seconds=5)).timestamp()
+                                           * 1000)
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        # No application properties: a message sent by another producer, or replayed by hand.
+        result = run(message(encode(event), 2), registry, telemetry=telemetry)
+        assert result.outcome is Outcome.HANDLED
+        (span,) = spans.get_finished_spans()
+        assert dict(span.attributes or {}) == {
+            "messageId": "m1",
+            "deliveryCount": 2,
+            "eventType": "VEHICLE_STATE",
+            "eventId": event["eventId"],
+            "vehicleId": event["vehicleId"],
+            "outcome": "handled",
+        }
+        lags = [point for rm in (reader.get_metrics_data() or MetricsData([])).resource_metrics
+                for sm in rm.scope_metrics for metric in sm.metrics
+                if metric.name == "smartcar.event.delivery_lag"
+                for point in metric.data.data_points]
+        (lag,) = lags
+        assert lag.count == 1 and 5000 <= lag.sum < 120_000
+
+    def test_an_unreadable_payload_names_the_dead_letter_reason(
+        self, captured: tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry]
+    ) -> None:
+        spans, _, telemetry = captured
+        dl = RecordingDeadLetterer()
+        result = run(message(b'{"eventId": "e1"}'), HandlerRegistry(), dead_letterer=dl,
+                     telemetry=telemetry)
+        assert (result.outcome, result.description) == (Outcome.DEAD_LETTERED,
+                                                        "eventType is missing")
+        (span,) = spans.get_finished_spans()
+        attributes = dict(span.attributes or {})
+        assert attributes["deadLetterReason"] == "InvalidPayload"
+        assert attributes["outcome"] == "dead_lettered"
+        assert attributes["messageId"] == "m1"
+
+
+class TestDeadLetterCopies:
+    def test_refusal_names_the_message(self) -> None:
+        copy = message(encode(state_event()), deadLetterReason="InvalidPayload")
+        with pytest.raises(DeadLetterCopyError) as raised:
+            run(copy, HandlerRegistry())
+        assert str(raised.value) == "message m1 is a dead-letter copy; refusing it so it expires"
