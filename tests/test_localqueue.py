@@ -434,6 +434,35 @@ class TestDeadLettering:
             "already dead-lettered)"
         )
 
+    def test_a_lost_lock_says_whether_it_was_unknown_or_expired(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="first")
+        queue.complete(receive_one(queue).lock_token or "")
+        queue.send(b"y", message_id="second")
+        second = receive_one(queue)  # sequence number 2, delivery 1
+        clock.advance(30)
+        with pytest.raises(LockLostError) as expired:
+            queue.complete(second.lock_token or "")
+        assert str(expired.value) == (
+            f"the lock {second.lock_token!r} on message 2 expired; it will be redelivered"
+        )
+        with pytest.raises(LockLostError) as unknown:
+            queue.abandon("no-such-token")
+        assert str(unknown.value) == (
+            "lock token 'no-such-token' is unknown: the message was settled, or its lock "
+            "expired and it was redelivered or dead-lettered"
+        )
+
+    def test_a_lock_can_be_renewed_for_less_than_a_second(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        token = receive_one(queue).lock_token or ""
+        assert queue.renew_lock(token, lock_duration=0.5) == datetime.fromtimestamp(
+            T0 + 0.5, tz=UTC
+        )
+
     def test_renewing_for_no_time_is_refused(self, queue: LocalQueue) -> None:
         queue.send(b"x", message_id="evt")
         token = receive_one(queue).lock_token or ""

@@ -104,6 +104,17 @@ class TestOutcomes:
         assert record["vehicleId"] == "9af13248-3b73-4c9d-9a4b-d937ce6bc8e2"
         assert record["outcome"] == "handled"
 
+    def test_handlers_are_told_which_message_and_delivery_they_handle(self) -> None:
+        registry = HandlerRegistry()
+        seen: list[tuple[str, int, int]] = []
+        registry.on("VEHICLE_STATE")(
+            lambda e, ctx: seen.append(
+                (ctx.message_id, ctx.delivery_count, ctx.settings.max_delivery_count)
+            )
+        )
+        run(message(encode(state_event()), 3), registry)
+        assert seen == [("m1", 3, SETTINGS.max_delivery_count)]
+
     def test_async_handlers_are_awaited(self) -> None:
         registry = HandlerRegistry()
         seen: list[str] = []

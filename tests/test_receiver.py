@@ -188,6 +188,15 @@ class TestWhatIsStored:
         assert reply.authenticated is True
         assert [m.body for m in publisher.sent] == [body]
 
+    def test_replies_are_compact_json_on_the_wire(self) -> None:
+        event = state_event()
+        body = encode(event)
+        accepted = decide(body, {"SC-Signature": sign(TOKEN, body)})
+        assert accepted.body_bytes() == (
+            b'{"status":"accepted","eventId":"' + event["eventId"].encode() + b'"}'
+        )
+        assert decide(body, {}).body_bytes() == b'{"error":"missing SC-Signature header"}'
+
     def test_a_verify_is_answered_and_never_stored(self) -> None:
         publisher = RecordingPublisher()
         reply = decide(verify_body("abc"), {}, publisher=publisher)

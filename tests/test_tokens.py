@@ -239,6 +239,13 @@ class TestKeyVaultTimings:
     def test_concurrent_requests_after_expiry_read_key_vault_once(self) -> None:
         client = FakeSecretClient()
         client.set_secret("t1")
+        answer = client.get_secret
+
+        async def network_read(name: str, version: str | None = None) -> FakeSecret:
+            await asyncio.sleep(0)  # a real read suspends: other requests arrive meanwhile
+            return await answer(name, version)
+
+        client.get_secret = network_read  # type: ignore[method-assign]
         clock = ManualClock(0.0)
         p = provider(client, clock, ttl_seconds=300)
 
