@@ -7,8 +7,9 @@ import copy
 import dataclasses
 import json
 import re
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -896,3 +897,27 @@ class TestSignalLookup:
         assert [s.path for s in event.signals] == [None, None]
         assert event.signal("Location.None") is None
         assert event.signal("None.IsAtHome") is None
+
+
+class TestFrozenArrays:
+    def test_arrays_nested_in_arrays_are_tuples_all_the_way_down(self) -> None:
+        event = parse(minimal(matrix=[[1, [2, 3]], []], signals=[]))
+        assert event.data["matrix"] == ((1, (2, 3)), ())
+        assert type(event.data["matrix"][0][1]) is tuple
+
+
+class TestTimestampsAreUtcWhateverTheMachine:
+    def test_an_offset_is_converted_to_utc_not_to_the_local_zone(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("TZ", "Asia/Tokyo")
+        time.tzset()
+        try:
+            event = parse({**minimal(), "meta": {"deliveredAt": "2026-01-01T01:00:00+01:00"}})
+        finally:
+            monkeypatch.undo()
+            time.tzset()
+        delivered = event.meta.delivered_at
+        assert delivered is not None
+        assert delivered.utcoffset() == timedelta(0)
+        assert (delivered.hour, delivered.minute) == (0, 0)

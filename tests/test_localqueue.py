@@ -463,6 +463,21 @@ class TestDeadLettering:
             T0 + 0.5, tz=UTC
         )
 
+    def test_receive_arguments_are_checked_with_a_clear_message(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        with pytest.raises(ValueError) as raised:
+            queue.receive(max_messages=0)
+        assert str(raised.value) == "max_messages must be >= 1, got 0"
+        for duration in (0.0, -1.0):
+            with pytest.raises(ValueError) as raised:
+                queue.receive(lock_duration=duration)
+            assert str(raised.value) == f"lock_duration must be > 0 seconds, got {duration}"
+        (msg,) = queue.receive(lock_duration=0.5)  # nothing was locked by the refusals
+        assert msg.delivery_count == 1
+        assert msg.locked_until == datetime.fromtimestamp(T0 + 0.5, tz=UTC)
+
     def test_renewing_for_no_time_is_refused(self, queue: LocalQueue) -> None:
         queue.send(b"x", message_id="evt")
         token = receive_one(queue).lock_token or ""

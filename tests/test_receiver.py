@@ -12,10 +12,13 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from shared.local.adapters import LocalQueuePublisher
+from shared.local.queue import LocalQueue
 from shared.receiver import Reply, receive
 from shared.signature import sign
 from shared.tokens import KeyVaultTokenProvider, StaticTokenProvider, TokenUnavailableError
@@ -263,3 +266,60 @@ class TestWhatOperatorsReadInTheLog:
         with caplog.at_level(logging.INFO, logger="shared.receiver"):
             decide(body, {"SC-Signature": sign(TOKEN, body)})
         assert self.records(caplog) == []
+
+
+class TestOutcomes:
+    """Each reply names its row of the contract's table (`Reply.outcome`): the value the
+    host puts on the receive metrics and span, and the one the alerts count."""
+
+    def test_each_row_has_its_outcome_and_carries_the_envelope(self) -> None:
+        event = state_event()
+        body = encode(event)
+        signed = {"SC-Signature": sign(TOKEN, body)}
+        tokens, _ = key_vault_down()
+        cases = {
+            "oversize": decide(body, signed, max_body_bytes=10),
+            "signature_rejected": decide(body, {"SC-Signature": "0" * 64}),
+            "unsigned_rejected": decide(body, {}),
+            "unavailable": decide(body, signed, tokens=tokens),
+            "accepted": decide(body, signed),
+        }
+        for outcome, reply in cases.items():
+            assert reply.outcome == outcome
+        for outcome in ("signature_rejected", "unsigned_rejected", "unavailable", "accepted"):
+            assert cases[outcome].event_id == event["eventId"], outcome
+            assert cases[outcome].event_type == "VEHICLE_STATE", outcome
+        assert cases["oversize"].event_id is None  # the body was never read
+        failed_store = decide(body, signed, publisher=RecordingPublisher(fail_after=0))
+        assert (failed_store.outcome, failed_store.event_id) == ("unavailable", event["eventId"])
+
+    def test_verify_outcomes_carry_the_envelope(self) -> None:
+        answered = decide(verify_body("abc"), {})
+        refused = decide(verify_body("a b"), {})
+        assert (answered.outcome, answered.event_id, answered.event_type) == (
+            "verify_answered", "v1", "VERIFY"
+        )
+        assert (refused.outcome, refused.event_id, refused.event_type) == (
+            "verify_refused", "v1", "VERIFY"
+        )
+
+    def test_a_retried_event_is_stored_once_and_reported_as_duplicate(
+        self, tmp_path: Path
+    ) -> None:
+        queue = LocalQueue(tmp_path / "queue.sqlite3")
+        publisher = LocalQueuePublisher(queue)
+        body = encode(state_event())
+        signed = {"SC-Signature": sign(TOKEN, body)}
+
+        async def twice() -> tuple[Reply, Reply]:
+            first = await receive(body, signed, tokens=StaticTokenProvider(TOKEN),
+                                  publisher=publisher, max_body_bytes=MAX_BODY)
+            second = await receive(body, signed, tokens=StaticTokenProvider(TOKEN),
+                                   publisher=publisher, max_body_bytes=MAX_BODY)
+            return first, second
+
+        first, second = asyncio.run(twice())
+        assert (first.status, first.outcome) == (200, "accepted")
+        assert (second.status, second.outcome) == (200, "duplicate")
+        assert queue.stats()["active"] == 1
+        queue.close()
