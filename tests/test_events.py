@@ -740,6 +740,29 @@ class TestPeekEnvelope:
     def test_anything_unreadable_gives_all_none(self, body: bytes) -> None:
         assert peek_envelope(body) == Envelope()
 
+    @pytest.mark.parametrize("container", ["data", "meta"])
+    @pytest.mark.parametrize("value", [[1], "text", 7, True])
+    def test_a_container_of_the_wrong_type_does_not_hide_the_event_id(
+        self, container: str, value: Any
+    ) -> None:
+        # A signed body of the wrong shape is still stored under its eventId (deduplication).
+        body = json.dumps({"eventId": "e1", "eventType": "X", "vehicleId": "v1", container: value})
+        envelope = peek_envelope(body.encode())
+        assert (envelope.event_id, envelope.event_type, envelope.vehicle_id) == ("e1", "X", "v1")
+
+    @pytest.mark.parametrize("vehicle", [[1], "text", 7])
+    def test_a_vehicle_of_the_wrong_type_does_not_hide_the_event_id(self, vehicle: Any) -> None:
+        body = json.dumps({"eventId": "e1", "eventType": "X", "data": {"vehicle": vehicle}})
+        envelope = peek_envelope(body.encode())
+        assert (envelope.event_id, envelope.vehicle_id) == ("e1", None)
+
+    def test_a_top_level_vehicle_id_wins_over_data_vehicle(self) -> None:
+        body = {"eventId": "e1", "eventType": "X", "vehicleId": "top",
+                "data": {"vehicle": {"id": "nested"}}}
+        assert peek_envelope(json.dumps(body).encode()).vehicle_id == "top"
+        del body["vehicleId"]
+        assert peek_envelope(json.dumps(body).encode()).vehicle_id == "nested"
+
     def test_fields_that_are_not_strings_are_none(self) -> None:
         body = encode(
             {
