@@ -473,11 +473,42 @@ async def serve(
         runtime.handled_log.close()
 
 
+def port_from_env(environ: Mapping[str, str]) -> int:
+    """`PORT`, checked like the app's settings: a clear error instead of a traceback."""
+    raw = environ.get("PORT", "").strip()
+    if not raw:
+        return DEFAULT_PORT
+    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise SettingsError(
+            f"PORT must be a TCP port number from 0 to 65535 (the local host's port), "
+            f"got {raw!r}; e.g. PORT=7072 make run"
+        )
+    return int(raw)
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level_from_env(environ: Mapping[str, str]) -> str:
+    level = environ.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in _LOG_LEVELS:
+        raise SettingsError(
+            f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {environ['LOG_LEVEL']!r}"
+        )
+    return level
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.local", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        default_port = port_from_env(os.environ)
+        log_level = log_level_from_env(os.environ)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
+    parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--workers", type=int, default=4,
                         help="queue messages processed concurrently (default 4)")
     parser.add_argument("--lock-duration", type=float, default=60.0,
@@ -486,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between runs of the timer functions (default 60)")
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        level=log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
