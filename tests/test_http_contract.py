@@ -239,7 +239,8 @@ class TestAuthenticPayloadsAreNeverRejectedForContent:
         assert dead.dead_letter_reason == "InvalidPayload"
         assert why in (dead.dead_letter_description or "")
         assert dead.body == body
-        assert host.handled() == []
+        (record,) = wait_until(host.handled)
+        assert (record["outcome"], record["reason"]) == ("dead_lettered", "InvalidPayload")
 
     def test_signed_json_without_event_type_is_dead_lettered_with_a_description(
         self, host: RunningHost
@@ -384,7 +385,9 @@ class TestProcessingFailures:
             assert dead.dead_letter_reason == "MaxDeliveryCountExceeded"
             assert dead.delivery_count == 3
             assert attempts == [1, 2, 3]
-            assert host.handled() == []
+            (record,) = wait_until(host.handled)
+            assert (record["outcome"], record["reason"]) == (
+                "dead_lettered", "MaxDeliveryCountExceeded")
 
     def test_handler_that_recovers_is_handled_once(self, tmp_path: Path) -> None:
         registry = HandlerRegistry()

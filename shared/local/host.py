@@ -31,12 +31,13 @@ from aiohttp import web
 from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 
+from ..processor import InboundMessage, Outcome, outcome_record
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
 from ..settings import Settings, SettingsError, load_settings
 from ..telemetry import configure as configure_telemetry
 from .batching import Batcher
-from .queue import LocalQueue, LockLostError, QueuedMessage
+from .queue import MAX_DELIVERY_COUNT_EXCEEDED, LocalQueue, LockLostError, QueuedMessage
 
 logger = logging.getLogger(__name__)
 
@@ -366,12 +367,28 @@ class LocalHost:
                 exc_info=logger.isEnabledFor(logging.DEBUG),
             )
             await self._settle(self._abandon, qm.lock_token)
+            if qm.delivery_count >= self.queue.max_delivery_count:
+                self._record_dead_lettered(qm, exc)
         else:
             await self._settle(self._completer.submit, qm.lock_token)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
+
+    def _record_dead_lettered(self, qm: QueuedMessage, exc: BaseException) -> None:
+        """The last delivery failed, so the queue dead-letters the message: that is its final
+        outcome, and handled.jsonl records every final outcome."""
+        if self.runtime.handled_log is None:
+            return
+        self.runtime.handled_log.append(outcome_record(
+            InboundMessage(body=qm.body, message_id=qm.message_id,
+                           delivery_count=qm.delivery_count),
+            str(Outcome.DEAD_LETTERED),
+            reason=MAX_DELIVERY_COUNT_EXCEEDED,
+            description=f"{type(exc.__cause__ or exc).__name__} on the last of "
+                        f"{self.queue.max_delivery_count} deliveries",
+        ))
 
     async def _abandon(self, lock_token: str) -> None:
         await asyncio.to_thread(self.queue.abandon, lock_token)
