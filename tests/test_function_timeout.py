@@ -22,7 +22,7 @@ from typing import Any
 from shared.local.queue import MAX_DELIVERY_COUNT_EXCEEDED, QUEUE_FILE
 
 from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
-from .test_local_host_process import base_env, free_port, handled_ids, host_process
+from .test_local_host_process import base_env, free_port, host_process
 
 HOST = [sys.executable, "-m", "tests.hanging_host"]
 
@@ -49,6 +49,18 @@ def dead_letters(state: Path) -> list[tuple[str, str, int]]:
     return [(str(a), str(b), int(c)) for a, b, c in rows]
 
 
+def records(state: Path) -> list[dict[str, Any]]:
+    path = state / "handled.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def processed_ids(state: Path) -> list[str]:
+    """eventIds whose handlers completed (handled.jsonl also records dead-letterings)."""
+    return [r["eventId"] for r in records(state) if r.get("outcome") != "dead_lettered"]
+
+
 def hanging_env(tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
     env = base_env(tmp_path, port)
     env.update(TEST_HANG="1", TEST_CALLS=str(tmp_path / "calls.jsonl"), LOG_LEVEL="WARNING")
@@ -73,13 +85,15 @@ class TestFunctionTimeout:
             wait_until(lambda: calls(tmp_path / "calls.jsonl"), timeout=60)
             for event in others:
                 assert post(port, event) == 200
-            wait_until(lambda: len(handled_ids(state)) == len(others), timeout=120)
+            wait_until(lambda: len(processed_ids(state)) == len(others), timeout=120)
             wait_until(lambda: dead_letters(state), timeout=120)
             os.killpg(proc.pid, signal.SIGINT)
             out = proc.communicate(timeout=30)[0].decode()
 
-        assert sorted(handled_ids(state)) == sorted(e["eventId"] for e in others)
+        assert sorted(processed_ids(state)) == sorted(e["eventId"] for e in others)
         assert dead_letters(state) == [(hung["eventId"], MAX_DELIVERY_COUNT_EXCEEDED, 2)]
+        (final,) = [r for r in records(state) if r["eventId"] == hung["eventId"]]
+        assert (final["outcome"], final["reason"]) == ("dead_lettered", MAX_DELIVERY_COUNT_EXCEEDED)
         first, second = calls(tmp_path / "calls.jsonl")
         # Redelivered only after the timeout (2 s) and the backoff (1 s), never at once.
         assert second["at"] - first["at"] >= 3.0
@@ -110,8 +124,8 @@ class TestBlockingHandlersHaveTheirOwnThreads:
             for event in others:
                 assert post(port, event) == 200
             assert http_request(port, "GET", "/api/health").status == 200
-            wait_until(lambda: len(handled_ids(state)) == len(others), timeout=120)
-        assert sorted(handled_ids(state)) == sorted(e["eventId"] for e in others)
+            wait_until(lambda: len(processed_ids(state)) == len(others), timeout=120)
+        assert sorted(processed_ids(state)) == sorted(e["eventId"] for e in others)
 
 
 class TestShutdown:
@@ -127,9 +141,9 @@ class TestShutdown:
             wait_until(lambda: calls(tmp_path / "calls.jsonl"), timeout=60)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=10) == 0
-        assert handled_ids(state) == []
+        assert records(state) == []
 
         del env["TEST_HANG"]
         with host_process(HOST, env, port):
-            wait_until(lambda: handled_ids(state) == [hung["eventId"]], timeout=60)
+            wait_until(lambda: processed_ids(state) == [hung["eventId"]], timeout=60)
         assert len(calls(tmp_path / "calls.jsonl")) == 2
