@@ -8,19 +8,23 @@ install their own with `set_runtime()`.
 from __future__ import annotations
 
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .handlers import HandlerRegistry
 from .handlers import registry as default_registry
 from .processor import DeadLetterer, OutcomeLog, ServiceBusDeadLetterer
-from .publisher import Publisher, build_service_bus_publisher
+from .publisher import Publisher, RememberingPublisher, build_service_bus_publisher
 from .settings import Settings, load_settings
 from .spill import FileSpillStore, SpillingPublisher, SpillStore, build_blob_spill_store
 from .telemetry import configure as configure_telemetry
 from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
 
 HANDLED_FILE = "handled.jsonl"
+#: The queue's duplicate-detection window: the embedded queue's, and at most Service Bus's
+#: (`duplicateDetectionHistoryTimeWindow` in infra/modules/servicebus.bicep, checked by tests).
+DUPLICATE_WINDOW_SECONDS = 3600.0
 SPILL_DIR = "spill"
 
 
@@ -37,6 +41,9 @@ class Runtime:
     # queue publisher the re-drive timer sends them back to.
     spill: SpillStore | None = None
     redrive_publisher: Publisher | None = None
+    # Local host only: what keeps the app from working although its settings are valid (the
+    # queue file cannot be read), or None; `/api/health` answers 503 while there is one.
+    health_problem: Callable[[], Awaitable[str | None]] | None = None
 
 
 _runtime: Runtime | None = None
@@ -96,6 +103,9 @@ def build_runtime(
     spill = build_spill_store(settings)
     if publisher is None:
         publisher = SpillingPublisher(primary, spill)
+        if settings.queue_backend == "servicebus":
+            # The embedded queue reports duplicates itself; Service Bus drops them silently.
+            publisher = RememberingPublisher(publisher, window=DUPLICATE_WINDOW_SECONDS)
     else:
         primary = publisher
     return Runtime(

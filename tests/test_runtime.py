@@ -12,7 +12,7 @@ import pytest
 from shared import functions
 from shared.local.adapters import LocalDeadLetterer, LocalQueuePublisher
 from shared.processor import ServiceBusDeadLetterer
-from shared.publisher import ServiceBusPublisher
+from shared.publisher import RememberingPublisher, ServiceBusPublisher
 from shared.runtime import build_runtime, set_runtime
 from shared.settings import load_settings
 from shared.spill import BlobSpillStore, FileSpillStore, SpillingPublisher
@@ -28,7 +28,8 @@ def test_azure_settings_build_service_bus_and_key_vault_boundaries() -> None:
     })
     runtime = build_runtime(settings)  # constructs clients lazily: no network here
     assert isinstance(runtime.tokens, KeyVaultTokenProvider)
-    assert isinstance(runtime.publisher, SpillingPublisher)
+    assert isinstance(runtime.publisher, RememberingPublisher)
+    assert isinstance(runtime.publisher._inner, SpillingPublisher)
     assert isinstance(runtime.spill, BlobSpillStore)
     assert isinstance(runtime.redrive_publisher, ServiceBusPublisher)
     assert isinstance(runtime.dead_letterer, ServiceBusDeadLetterer)
@@ -59,7 +60,7 @@ class TestMisconfiguration:
         set_runtime(None)
 
     def test_health_answers_503_and_reveals_no_settings(self, caplog: pytest.LogCaptureFixture) -> None:
-        resp = functions.handle_health(func.HttpRequest("GET", "/api/health", body=b""))
+        resp = asyncio.run(functions.handle_health(func.HttpRequest("GET", "/api/health", body=b"")))
         assert resp.status_code == 503
         assert json.loads(resp.get_body()) == {"status": "misconfigured"}
         assert "KEY_VAULT_URI is not set" in caplog.text
