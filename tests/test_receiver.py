@@ -308,7 +308,8 @@ class TestOutcomes:
     ) -> None:
         queue = LocalQueue(tmp_path / "queue.sqlite3")
         publisher = LocalQueuePublisher(queue)
-        body = encode(state_event())
+        event = state_event()
+        body = encode(event)
         signed = {"SC-Signature": sign(TOKEN, body)}
 
         async def twice() -> tuple[Reply, Reply]:
@@ -321,5 +322,6 @@ class TestOutcomes:
         first, second = asyncio.run(twice())
         assert (first.status, first.outcome) == (200, "accepted")
         assert (second.status, second.outcome) == (200, "duplicate")
+        assert second.body == {"status": "duplicate", "eventId": event["eventId"]}
         assert queue.stats()["active"] == 1
         queue.close()
