@@ -401,3 +401,27 @@ class TestDeadLetterCopies:
         with pytest.raises(DeadLetterCopyError) as raised:
             run(copy, HandlerRegistry())
         assert str(raised.value) == "message m1 is a dead-letter copy; refusing it so it expires"
+
+
+class UnwritableLog:
+    """A handled log on a full disk: every append fails as `HandledLog`'s does."""
+
+    def append(self, record: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        return None
+
+
+class TestUnrecordedOutcome:
+    def test_an_outcome_that_cannot_be_recorded_fails_the_delivery_after_the_backoff(
+        self,
+    ) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        sleeps = Sleeps()
+        for delivery in (1, 2, SETTINGS.max_delivery_count):
+            with pytest.raises(HandlerFailedError, match="not recorded: OSError"):
+                run(message(encode(state_event()), delivery), registry, sleep=sleeps,
+                    handled_log=UnwritableLog())
+        assert sleeps.delays == [2, 4]  # never at once; the last delivery does not wait
