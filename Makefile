@@ -60,6 +60,6 @@ clean:
 	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache mutants
 
 # Mutation testing (issue 15; not part of `make test`): JSON lines on stdout, see README.
-MUTATE_JOBS ?= 2
+MUTATE_JOBS ?= 3
 mutate: $(STAMP)
 	$(PY) -m mutation --jobs $(MUTATE_JOBS)

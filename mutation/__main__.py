@@ -80,7 +80,7 @@ def run_mutmut(jobs: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m mutation", description=__doc__.split("\n")[0])
-    parser.add_argument("--jobs", type=int, default=2, help="mutants tested in parallel")
+    parser.add_argument("--jobs", type=int, default=3, help="mutants tested in parallel")
     parser.add_argument("--summary-only", action="store_true",
                         help="summarise the last run in mutants/ without running mutmut")
     args = parser.parse_args()

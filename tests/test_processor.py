@@ -425,3 +425,80 @@ class TestUnrecordedOutcome:
                 run(message(encode(state_event()), delivery), registry, sleep=sleeps,
                     handled_log=UnwritableLog())
         assert sleeps.delays == [2, 4]  # never at once; the last delivery does not wait
+
+
+class TestOutcomeRecords:
+    """What handled.jsonl gets for each final outcome, in-process (the HTTP suite proves the
+    same through the local host)."""
+
+    def test_an_unreadable_payload_is_recorded_with_the_ids_its_body_holds(
+        self, tmp_path: Path
+    ) -> None:
+        log = HandledLog(tmp_path / "handled.jsonl")
+        body = b'{"eventId": "e1", "vehicleId": "v1", "data": "oops"}'
+        run(message(body, 2), HandlerRegistry(), handled_log=log)
+        (record,) = log.read()
+        log.close()
+        record.pop("handledAt")
+        assert record == {
+            "eventId": "e1", "eventType": None, "vehicleId": "v1", "deliveryCount": 2,
+            "messageId": "m1", "outcome": "dead_lettered", "reason": "InvalidPayload",
+            "description": "eventType is missing",
+        }
+
+    def test_a_handled_event_has_no_reason(self, tmp_path: Path) -> None:
+        log = HandledLog(tmp_path / "handled.jsonl")
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        run(message(encode(state_event())), registry, handled_log=log)
+        (record,) = log.read()
+        log.close()
+        assert record["outcome"] == "handled"
+        assert "reason" not in record and "description" not in record
+
+
+class TestUnrecordedOutcomeIsReported:
+    def handled_registry(self) -> HandlerRegistry:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        return registry
+
+    def test_the_log_says_which_message_which_delivery_and_what_next(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.INFO, logger="shared.processor"):
+            for delivery in (2, SETTINGS.max_delivery_count):
+                with pytest.raises(HandlerFailedError) as raised:
+                    run(message(encode(state_event()), delivery), self.handled_registry(),
+                        sleep=Sleeps(), handled_log=UnwritableLog())
+                assert str(raised.value) == "outcome of message m1 not recorded: OSError"
+                assert isinstance(raised.value.__cause__, OSError)
+        assert [(r.levelno, r.getMessage()) for r in caplog.records
+                if r.name == "shared.processor"] == [
+            (logging.WARNING, "cannot record message m1 in handled.jsonl (delivery 2 of 5): "
+                              "[Errno 28] No space left on device; retrying in 4.0s"),
+            (logging.WARNING, "cannot record message m1 in handled.jsonl (delivery 5 of 5): "
+                              "[Errno 28] No space left on device; it will be dead-lettered"),
+        ]
+
+    def test_a_sub_second_backoff_is_still_waited(self) -> None:
+        settings = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "0.25"})
+        sleeps = Sleeps()
+        with pytest.raises(HandlerFailedError):
+            run(message(encode(state_event()), 1), self.handled_registry(), settings=settings,
+                sleep=sleeps, handled_log=UnwritableLog())
+        assert sleeps.delays == [0.25]
+
+    def test_the_span_says_retried_or_dead_lettered_with_the_error_type(self) -> None:
+        spans = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+        telemetry = Telemetry(tracer_provider=tracer_provider, meter_provider=MeterProvider())
+        for delivery in (1, SETTINGS.max_delivery_count):
+            with pytest.raises(HandlerFailedError):
+                run(message(encode(state_event()), delivery), self.handled_registry(),
+                    sleep=Sleeps(), handled_log=UnwritableLog(), telemetry=telemetry)
+        assert [(dict(s.attributes or {})["outcome"], dict(s.attributes or {})["errorType"])
+                for s in spans.get_finished_spans()] == [
+            ("retried", "OSError"), ("dead_lettered", "OSError"),
+        ]
