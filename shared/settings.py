@@ -36,6 +36,8 @@ APPLICATIONINSIGHTS_CONNECTION_STRING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
 SPILL_CONTAINER_NAME = "SPILL_CONTAINER_NAME"
 # The host's storage account (identity-based AzureWebJobsStorage): also holds the spill container.
 STORAGE_ACCOUNT_NAME = "AzureWebJobsStorage__accountName"
+# The local inspector page's port (shared/local/inspector_server.py); default PORT + 1.
+INSPECTOR_PORT = "INSPECTOR_PORT"
 
 #: Every name `load_settings` reads.
 APP_SETTINGS: frozenset[str] = frozenset(
@@ -56,12 +58,14 @@ APP_SETTINGS: frozenset[str] = frozenset(
         APPLICATIONINSIGHTS_CONNECTION_STRING,
         SPILL_CONTAINER_NAME,
         STORAGE_ACCOUNT_NAME,
+        INSPECTOR_PORT,
     }
 )
 
 #: Read only when running outside Azure; never set by the Bicep templates.
 LOCAL_ONLY_SETTINGS: frozenset[str] = frozenset(
-    {SMARTCAR_MANAGEMENT_TOKEN, SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN, LOCAL_STATE_DIR}
+    {SMARTCAR_MANAGEMENT_TOKEN, SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN, LOCAL_STATE_DIR,
+     INSPECTOR_PORT}
 )
 
 #: Read by the Functions host or the Azure SDKs, not by this module; Bicep sets them.
@@ -122,6 +126,8 @@ class Settings:
     appinsights_connection_string: str | None
     spill_container_name: str = DEFAULTS[SPILL_CONTAINER_NAME]
     storage_account_name: str | None = None
+    #: None: the local host's PORT + 1.
+    inspector_port: int | None = None
 
     @property
     def token_source(self) -> str:
@@ -232,6 +238,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"are spilled to the {spill_container!r} container of that storage account"
         )
 
+    inspector_port: int | None = None
+    raw_port = _get(env, INSPECTOR_PORT)
+    if raw_port is not None:
+        if not (raw_port.isascii() and raw_port.isdigit()) or int(raw_port) > 65535:
+            problems.append(
+                f"{INSPECTOR_PORT} must be a TCP port (0-65535, 0 for any free port), "
+                f"got {raw_port!r}; leave it unset for the local host's PORT + 1"
+            )
+        else:
+            inspector_port = int(raw_port)
+
     if problems:
         raise SettingsError(
             "Invalid configuration: "
@@ -257,4 +274,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         appinsights_connection_string=_get(env, APPLICATIONINSIGHTS_CONNECTION_STRING),
         spill_container_name=spill_container,
         storage_account_name=account,
+        inspector_port=inspector_port,
     )
