@@ -8,6 +8,7 @@ install their own with `set_runtime()`.
 from __future__ import annotations
 
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,9 @@ class Runtime:
     # queue publisher the re-drive timer sends them back to.
     spill: SpillStore | None = None
     redrive_publisher: Publisher | None = None
+    # Local host only: what keeps the app from working although its settings are valid (the
+    # queue file cannot be read), or None; `/api/health` answers 503 while there is one.
+    health_problem: Callable[[], Awaitable[str | None]] | None = None
 
 
 _runtime: Runtime | None = None
