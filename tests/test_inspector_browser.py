@@ -84,9 +84,13 @@ def screenshot(driver: Any, name: str) -> Path:
 
 
 def until(driver: Any, condition: Any, what: str) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, WAIT, poll_frequency=0.1).until(condition, message=what)
+    # The page re-renders while it polls: an element found a moment ago may be replaced.
+    return WebDriverWait(driver, WAIT, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)
+                         ).until(condition, message=what)
 
 
 def rows(driver: Any, table: str) -> list[dict[str, str]]:
@@ -235,7 +239,7 @@ class TestInspectorInChromium:
             pane = text_of(browser, "dlq-detail")
             assert "data must be an object, got str" in pane and "Delivery count" in pane
             screenshot(browser, "dead-letter-detail")
-            browser.find_element(By.ID, "replay").click()
+            until(browser, lambda d: d.find_element(By.ID, "replay").click() or True, "replay")
             until(browser, lambda d: "Replayed dead letter" in text_of(d, "status"),
                   "the replay confirmed")
 
@@ -254,13 +258,13 @@ class TestInspectorInChromium:
             until(browser, came_back, "the poison message listed again")
             click_row(browser, "dead-letters", event_id(poison))
             until(browser, lambda d: d.find_element(By.ID, "purge").is_displayed(), "purge button")
-            browser.find_element(By.ID, "purge").click()
+            until(browser, lambda d: d.find_element(By.ID, "purge").click() or True, "purge")
             dialog = browser.find_element(By.ID, "confirm-purge")
             until(browser, lambda d: dialog.is_displayed(), "the purge confirmation")
             screenshot(browser, "purge-confirmation")
             browser.find_element(By.ID, "confirm-cancel").click()
             assert row(browser, "dead-letters", event_id(poison)) is not None
-            browser.find_element(By.ID, "purge").click()
+            until(browser, lambda d: d.find_element(By.ID, "purge").click() or True, "purge")
             until(browser, lambda d: dialog.is_displayed(), "the purge confirmation")
             browser.find_element(By.ID, "confirm-ok").click()
             until(browser, lambda d: row(d, "dead-letters", event_id(poison)) is None,

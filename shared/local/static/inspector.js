@@ -223,6 +223,7 @@ function closeDelivery() {
   const id = state.selected;
   state.selected = null;
   $("delivery-detail").hidden = true;
+  $("delivery-detail").replaceChildren();
   $("view-deliveries").classList.remove("with-detail");
   renderDeliveries();
   const row = $("deliveries").querySelector(`tr[data-id="${id}"]`);
@@ -304,6 +305,7 @@ function closeLetter() {
   const seq = state.selectedLetter;
   state.selectedLetter = null;
   $("dlq-detail").hidden = true;
+  $("dlq-detail").replaceChildren();
   $("view-dlq").classList.remove("with-detail");
   renderLetters();
   const row = $("dead-letters").querySelector(`tr[data-seq="${seq}"]`);
