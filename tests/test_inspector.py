@@ -119,6 +119,24 @@ class TestOutcomesFromSpans:
         unknown = recorder.detail(2)
         assert unknown is not None and unknown["route"] is None and unknown["body"] is None
 
+    def test_processing_that_ends_before_the_receive_span_still_joins_its_request(self) -> None:
+        # The message is stored inside the receive span: a worker may process it (and end
+        # its span) before the receive span ends. Seen under load in the browser test.
+        provider = TracerProvider()
+        recorder = Recorder()
+        recorder.attach(provider)
+        tracer = provider.get_tracer("test")
+        answered = recorder.http_request("webhooks/smartcar", "POST", {}, build_event("state"))
+        with tracer.start_as_current_span(names.SPAN_RECEIVE) as receive:
+            with tracer.start_as_current_span(names.SPAN_PROCESS) as process:
+                process.set_attribute(names.ATTR_OUTCOME, "handled")
+            receive.set_attribute(names.ATTR_OUTCOME, "accepted")
+        answered(200, b"{}")
+        assert recorder.ids() == [1]
+        detail = recorder.detail(1)
+        assert detail is not None and detail["outcome"] == "accepted"
+        assert [a["outcome"] for a in detail["processingAttempts"]] == ["handled"]
+
     def test_without_the_sdk_there_are_no_outcomes_and_it_says_so(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:

@@ -238,6 +238,17 @@ class Recorder:
         return answered
 
     # -- fed by the spans ------------------------------------------------------------------
+    def _receive_started(self, span: Span) -> None:
+        # At the start, not the end: the message may be processed before the receive span
+        # ends, and its processing must find this delivery by trace id.
+        delivery = _current.get()
+        if delivery is None:
+            return
+        with self._lock:
+            delivery.trace_id = format(span.context.trace_id, "032x")
+            if delivery.id in self._deliveries:
+                self._by_trace[delivery.trace_id] = delivery.id
+
     def _receive_span(self, span: ReadableSpan) -> None:
         delivery = _current.get()
         if delivery is None:
@@ -245,9 +256,6 @@ class Recorder:
         attrs = span.attributes or {}
         with self._lock:
             delivery.outcome = str(attrs.get(names.ATTR_OUTCOME, "")) or None
-            delivery.trace_id = format(span.context.trace_id, "032x") if span.context else None
-            if delivery.trace_id is not None and delivery.id in self._deliveries:
-                self._by_trace[delivery.trace_id] = delivery.id
             self._touch(delivery)
 
     def _process_span(self, span: ReadableSpan) -> None:
@@ -328,7 +336,8 @@ class _SpanTap(SpanProcessor):
         self._recorder = recorder
 
     def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        return None
+        if span.name == names.SPAN_RECEIVE:
+            self._recorder._receive_started(span)
 
     def on_end(self, span: ReadableSpan) -> None:
         if span.name == names.SPAN_RECEIVE:
