@@ -147,6 +147,21 @@ def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
     return delivery
 
 
+def printable(text: str, *, keep: str = "") -> str:
+    """`text` safe to print on a terminal: every character that is not printable (control
+    characters such as ESC and BEL, C1 controls, bidi overrides, unassigned code points, and
+    line breaks unless kept) is shown as a Python-style escape (\\x1b, \\u202e). Stored bodies
+    and ids are a stranger's bytes: printed raw they could rewrite what the operator sees."""
+    return "".join(ch if ch.isprintable() or ch in keep else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _is_verify(body: bytes) -> bool:
     return peek_envelope(body).event_type == "VERIFY"
 
@@ -161,9 +176,9 @@ def _send_doc(d: Delivery) -> dict[str, Any]:
 
 
 def _send_text(d: Delivery) -> str:
-    what = f"{d.event_type or 'payload'} {d.event_id or ''}".strip()
-    lines = [f"sent {what} ({'signed' if d.signed else 'unsigned'}) to {d.url}",
-             f"answer: {d.status} {d.body}"]
+    what = printable(f"{d.event_type or 'payload'} {d.event_id or ''}".strip())
+    lines = [f"sent {what} ({'signed' if d.signed else 'unsigned'}) to {printable(d.url)}",
+             f"answer: {d.status} {printable(d.body)}"]
     if d.challenge_verified:
         lines.append("VERIFY challenge answered with the expected HMAC")
     return "\n".join(lines)
@@ -190,7 +205,9 @@ def _with_ops(action: Callable[[QueueOps], Any], err: TextIO) -> Any:
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    cells = [[str(c) for c in header]] + [
+        ["-" if c is None else printable(str(c)) for c in r] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -237,14 +254,14 @@ def _list_text(entries: list[DeadLetter], total: int | None = None) -> str:
 
 
 def _show_text(doc: dict[str, Any]) -> str:
-    lines = [f"{name}: {'-' if doc.get(name) is None else doc[name]}"
+    lines = [f"{name}: {'-' if doc.get(name) is None else printable(str(doc[name]))}"
              for name in ("sequenceNumber", "messageId", "eventId", "eventType", "reason",
                           "description", "deliveryCount", "enqueuedTime")]
-    lines.append("applicationProperties: "
-                 + json.dumps(doc["applicationProperties"], sort_keys=True, ensure_ascii=False))
+    lines.append("applicationProperties: " + printable(
+        json.dumps(doc["applicationProperties"], sort_keys=True, ensure_ascii=False)))
     if "body" in doc:
         lines.append("body:")
-        lines.append(doc["body"])
+        lines.append(printable(doc["body"], keep="\n\t"))
     else:
         lines.append(f"body (base64, not UTF-8): {doc['bodyBase64']}")
     return "\n".join(lines)
@@ -283,7 +300,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if as_json:
             out.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         else:
-            out.write(text + "\n")
+            out.write(printable(text, keep="\n\t") + "\n")
 
     if args.command == "send":
         delivery = cmd_send(args, out, err)
@@ -333,7 +350,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         lines = [f"replayed {len(result.replayed)} dead letter(s)"
                  + (": " + ", ".join(str(r["sequenceNumber"]) for r in result.replayed)
                     if result.replayed else "")]
-        lines += [f"failed {f['sequenceNumber']}: {f['error']}" for f in result.failed]
+        lines += [f"failed {f['sequenceNumber']}: {printable(f['error'])}"
+                  for f in result.failed]
         if result.not_found:
             lines.append("not found: " + ", ".join(map(str, result.not_found)))
         emit(doc, "\n".join(lines))
@@ -376,10 +394,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         args = build_parser().parse_args(args_list)
         return run(args, out, err)
     except UsageError as exc:
-        print(f"error: {exc}", file=err)
+        print(f"error: {printable(str(exc), keep=chr(10))}", file=err)
         return EXIT_USAGE
     except Failure as exc:
-        print(f"error: {exc}", file=err)
+        print(f"error: {printable(str(exc), keep=chr(10))}", file=err)
         if as_json:
             doc = {"error": str(exc), **{k: v for k, v in exc.extra.items() if v is not None}}
             out.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
