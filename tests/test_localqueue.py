@@ -7,6 +7,7 @@ without sleeping. Cross-process behaviour and durability use real child processe
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 from shared.local.queue import (
+    CORRUPT_MESSAGE,
     MAX_DELIVERY_COUNT_EXCEEDED,
     SCHEMA_VERSION,
     LocalQueue,
@@ -907,3 +909,38 @@ class TestDurability:
         assert len(acknowledged) == 150
         for i in acknowledged:
             assert stored.get(f"evt-{i}") == b"body-%d" % i
+
+
+class TestDamagedRowOnReceive:
+    """A row whose stored values cannot be decoded is dead-lettered by the receive that finds
+    it (reason CorruptMessage), with a description that says what to do and quotes nothing
+    stored; the messages after it are delivered as usual."""
+
+    @pytest.mark.parametrize(("damage", "found"), [
+        ("properties = 'not json'", "JSONDecodeError at character 0"),
+        ("properties = '[1]'", "ValueError"),
+        ("body = 'text, not bytes'", "TypeError"),
+    ])
+    def test_the_damaged_row_is_dead_lettered_and_the_next_one_delivered(
+        self, queue: LocalQueue, db_path: Path, damage: str, found: str,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        queue.send(b"x", message_id="damaged")
+        queue.send(b"y", message_id="intact")
+        conn = sqlite3.connect(db_path)
+        with conn:
+            conn.execute(f"UPDATE messages SET {damage} WHERE message_id = 'damaged'")
+        conn.close()
+        with caplog.at_level(logging.ERROR, logger="shared.local.queue"):
+            (delivered,) = queue.receive(max_messages=2)
+        assert delivered.message_id == "intact"
+        assert [r.getMessage() for r in caplog.records] == [
+            f"local queue {queue.path}: message(s) 1 cannot be decoded (the file was damaged); "
+            "dead-lettered as CorruptMessage"
+        ]
+        (dead,) = queue.peek_dead_letters()
+        assert dead.dead_letter_reason == CORRUPT_MESSAGE
+        assert dead.dead_letter_description == (
+            f"The stored message cannot be decoded ({found}): the queue file was damaged. "
+            "Inspect it with `dlq show`; purge it, or replay it once repaired."
+        )
