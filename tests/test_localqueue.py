@@ -921,26 +921,29 @@ class TestDamagedRowOnReceive:
         ("properties = '[1]'", "ValueError"),
         ("body = 'text, not bytes'", "TypeError"),
     ])
-    def test_the_damaged_row_is_dead_lettered_and_the_next_one_delivered(
+    def test_the_damaged_rows_are_dead_lettered_and_the_next_one_delivered(
         self, queue: LocalQueue, db_path: Path, damage: str, found: str,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        queue.send(b"x", message_id="damaged")
+        queue.send(b"x", message_id="damaged-1")
+        queue.send(b"x", message_id="damaged-2")
         queue.send(b"y", message_id="intact")
         conn = sqlite3.connect(db_path)
         with conn:
-            conn.execute(f"UPDATE messages SET {damage} WHERE message_id = 'damaged'")
+            conn.execute(f"UPDATE messages SET {damage} WHERE message_id LIKE 'damaged-%'")
         conn.close()
         with caplog.at_level(logging.ERROR, logger="shared.local.queue"):
-            (delivered,) = queue.receive(max_messages=2)
+            (delivered,) = queue.receive(max_messages=3)
         assert delivered.message_id == "intact"
         assert [r.getMessage() for r in caplog.records] == [
-            f"local queue {queue.path}: message(s) 1 cannot be decoded (the file was damaged); "
-            "dead-lettered as CorruptMessage"
+            f"local queue {queue.path}: message(s) 1, 2 cannot be decoded (the file was "
+            "damaged); dead-lettered as CorruptMessage"
         ]
-        (dead,) = queue.peek_dead_letters()
-        assert dead.dead_letter_reason == CORRUPT_MESSAGE
-        assert dead.dead_letter_description == (
-            f"The stored message cannot be decoded ({found}): the queue file was damaged. "
-            "Inspect it with `dlq show`; purge it, or replay it once repaired."
-        )
+        dead = queue.peek_dead_letters()
+        assert [d.sequence_number for d in dead] == [1, 2]
+        for d in dead:
+            assert d.dead_letter_reason == CORRUPT_MESSAGE
+            assert d.dead_letter_description == (
+                f"The stored message cannot be decoded ({found}): the queue file was damaged. "
+                "Inspect it with `dlq show`; purge it, or replay it once repaired."
+            )
