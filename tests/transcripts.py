@@ -113,16 +113,20 @@ _NORMALISE = [
     (re.compile(r"\b1\d{12}\b"), "<epoch-ms>"),  # meta.deliveredAt and friends
     (re.compile(r"Makefile:\d+"), "Makefile:<line>"),
     (re.compile(r"token=[A-Za-z0-9_-]{16,}"), "token=<token>"),
+    # The inspector's per-run token, the first segment of its URL's path.
+    (re.compile(r"(:<port>)/[A-Za-z0-9_-]{32}/"), r"\1/<token>/"),
     (re.compile(r"\s+"), " "),
 ]
 
 
-def normalise(line: str, replacements: Mapping[str, str] | None = None) -> str:
+def normalise(line: str, replacements: Mapping[str, str] | None = None, *,
+              port: int = 7071) -> str:
+    """`port` is the host's port wherever it stands alone (e.g. `devtunnel host -p 7071`)."""
     for literal, shown in (replacements or {}).items():
         line = line.replace(literal, shown)
     for pattern, repl in _NORMALISE:
         line = pattern.sub(repl, line)
-    return line.strip()
+    return re.sub(rf"\b{port}\b", "<port>", line).strip()
 
 
 def _trim(lines: list[str]) -> list[str]:
