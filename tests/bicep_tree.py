@@ -62,6 +62,15 @@ class Param:
     type: str
     default: Node | None
     decorators: tuple[str, ...]  # decorator source text, e.g. "@secure()"
+    decorator_nodes: tuple[Node, ...] = ()
+
+    def decorator_argument(self, name: str) -> Any:
+        """The literal argument of decorator `@name(...)` ([2048, 4096] for @allowed), or None."""
+        for node in self.decorator_nodes:
+            for call in find_calls(node, name):
+                (argument,) = call_arguments(call)
+                return literal(argument)
+        return None
 
 
 class Template:
@@ -87,11 +96,11 @@ class Template:
         return problems
 
     # -- declarations -------------------------------------------------------------------------
-    def _declarations(self, kind: str) -> Iterator[tuple[Node, tuple[str, ...]]]:
-        decorators: tuple[str, ...] = ()
+    def _declarations(self, kind: str) -> Iterator[tuple[Node, tuple[Node, ...]]]:
+        decorators: tuple[Node, ...] = ()
         for child in self.root.named_children:
             if child.type == "decorators":
-                decorators = tuple(_text(d) for d in child.named_children)
+                decorators = tuple(child.named_children)
                 continue
             if child.type == kind:
                 yield child, decorators
@@ -108,7 +117,8 @@ class Template:
                 name=_text(name),
                 type=_text(type_node) if type_node is not None else "",
                 default=default,
-                decorators=decorators,
+                decorators=tuple(_text(d) for d in decorators),
+                decorator_nodes=decorators,
             )
         return found
 
