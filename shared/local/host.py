@@ -280,6 +280,7 @@ class LocalHost:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.runtime.close()
 
     def _http_handler(self, fn: HttpFunction) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.StreamResponse:
