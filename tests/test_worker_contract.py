@@ -11,6 +11,7 @@ gRPC layer is left out. Then they call the functions in function_app.py and chec
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import uuid
 from collections.abc import Iterator
@@ -21,15 +22,29 @@ import azure.functions as func
 import pytest
 from azure.functions import _abc, meta
 
-from shared.local.host import load_function_app
 from shared.publisher import OutboundMessage
 from shared.runtime import Runtime, build_runtime, set_runtime
 from shared.settings import load_settings
 
 from .support import encode, local_env, signed_headers, state_event
 
-APP = load_function_app()
-FUNCTIONS = {fn.get_function_name(): fn for fn in APP.get_functions()}
+
+def index_app() -> dict[str, Any]:
+    """Import function_app.py and index it once, as the worker does in its own process.
+
+    A module of its own: `get_functions()` may run only once per app object, and the local
+    host indexes the shared one (shared/local/host.py `index_functions`).
+    """
+    spec = importlib.util.spec_from_file_location("function_app_as_indexed_by_the_worker",
+                                                  ROOT / "function_app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return {fn.get_function_name(): fn for fn in module.app.get_functions()}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+FUNCTIONS = index_app()
 
 
 def bindings(name: str) -> list[dict[str, Any]]:
@@ -88,7 +103,7 @@ class WorkerContext(func.Context):
 
     @property
     def function_directory(self) -> str:
-        return str(Path(__file__).resolve().parent.parent)
+        return str(ROOT)
 
     @property
     def trace_context(self) -> Any:
