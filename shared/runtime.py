@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,9 @@ class Runtime:
     redrive_publisher: Publisher | None = None
     # The one Azure credential the clients above share (shared/credentials.py).
     credential: ProcessCredential | None = None
+    # Local host only: what keeps the app from working although its settings are valid (the
+    # queue file cannot be read), or None; `/api/health` answers 503 while there is one.
+    health_problem: Callable[[], Awaitable[str | None]] | None = None
 
     async def close(self) -> None:
         """Close the Azure clients, then the credential they share (the local host's stop).

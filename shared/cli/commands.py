@@ -153,7 +153,10 @@ def _with_ops(action: Callable[[QueueOps], Any], err: TextIO) -> Any:
     if settings.queue_backend == "local" and not (settings.local_state_dir / QUEUE_FILE).exists():
         print(f"note: no local queue in {settings.local_state_dir}/ yet (is LOCAL_STATE_DIR "
               "the one the host uses?)", file=err)
-    ops = open_ops(settings)
+    try:
+        ops = open_ops(settings)
+    except OpsError as exc:
+        raise Failure(str(exc)) from None
     try:
         return action(ops)
     except OpsError as exc:
