@@ -17,7 +17,7 @@ from .credentials import ProcessCredential
 from .handlers import HandlerRegistry
 from .handlers import registry as default_registry
 from .processor import DeadLetterer, OutcomeLog, ServiceBusDeadLetterer
-from .publisher import Publisher, build_service_bus_publisher
+from .publisher import Publisher, RememberingPublisher, build_service_bus_publisher
 from .settings import Settings, load_settings
 from .spill import (
     FileSpillStore,
@@ -32,6 +32,9 @@ from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
 logger = logging.getLogger(__name__)
 
 HANDLED_FILE = "handled.jsonl"
+#: The queue's duplicate-detection window: the embedded queue's, and at most Service Bus's
+#: (`duplicateDetectionHistoryTimeWindow` in infra/modules/servicebus.bicep, checked by tests).
+DUPLICATE_WINDOW_SECONDS = 3600.0
 SPILL_DIR = "spill"
 
 
@@ -139,6 +142,9 @@ def build_runtime(
     spill = build_spill_store(settings, credential)
     if publisher is None:
         publisher = SpillingPublisher(primary, spill)
+        if settings.queue_backend == "servicebus":
+            # The embedded queue reports duplicates itself; Service Bus drops them silently.
+            publisher = RememberingPublisher(publisher, window=DUPLICATE_WINDOW_SECONDS)
     else:
         primary = publisher
     return Runtime(
