@@ -7,6 +7,8 @@ package reads `os.environ` for its own configuration.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -42,6 +44,12 @@ STORAGE_BLOB_SERVICE_URI = "AzureWebJobsStorage__blobServiceUri"
 STORAGE_ACCOUNT_NAME = "AzureWebJobsStorage__accountName"
 # The app's user-assigned identity: with it, one ManagedIdentityCredential per process.
 AZURE_CLIENT_ID = "AZURE_CLIENT_ID"
+# Local host only: what host.json's functionTimeout is to the Functions host in Azure.
+FUNCTION_TIMEOUT_SECONDS = "FUNCTION_TIMEOUT_SECONDS"
+
+#: The app's host.json, deployed next to `shared/`; its `functionTimeout` is the default of
+#: FUNCTION_TIMEOUT_SECONDS, so the local bound and Azure's cannot drift apart.
+HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
 
 #: Every name `load_settings` reads.
 APP_SETTINGS: frozenset[str] = frozenset(
@@ -65,6 +73,7 @@ APP_SETTINGS: frozenset[str] = frozenset(
         STORAGE_BLOB_SERVICE_URI,
         STORAGE_ACCOUNT_NAME,
         AZURE_CLIENT_ID,
+        FUNCTION_TIMEOUT_SECONDS,
     }
 )
 
@@ -75,6 +84,7 @@ LOCAL_ONLY_SETTINGS: frozenset[str] = frozenset(
         SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN,
         LOCAL_STATE_DIR,
         STORAGE_CONNECTION_STRING,
+        FUNCTION_TIMEOUT_SECONDS,
     }
 )
 
@@ -139,6 +149,8 @@ class Settings:
     # May hold an account key: kept out of repr (and so out of logs and tracebacks).
     storage_connection_string: str | None = field(default=None, repr=False)
     azure_client_id: str | None = None
+    #: Bounds every delivery on the local host (host.json `functionTimeout` in Azure).
+    function_timeout_seconds: float = 300.0
 
     @property
     def token_source(self) -> str:
@@ -176,8 +188,37 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
     return value.strip()
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every setting; raise `SettingsError` naming all problems at once."""
+_TIMESPAN = re.compile(r"(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2}(?:\.\d+)?)")
+
+
+def function_timeout_from_host_json(path: Path = HOST_JSON) -> float:
+    """host.json's `functionTimeout` (a TimeSpan, `[d.]hh:mm:ss[.fff]`) in seconds.
+
+    ValueError says what was found; `-1` (unbounded, allowed on some plans) is refused here
+    because the local host always bounds a delivery.
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("functionTimeout")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"cannot read functionTimeout from {path}: {exc}") from None
+    match = _TIMESPAN.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(
+            f"functionTimeout in {path} must be a TimeSpan such as \"00:05:00\", got {value!r}"
+        )
+    days, hours, minutes, seconds = match.groups()
+    total = int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    if total <= 0:
+        raise ValueError(f"functionTimeout in {path} must be positive, got {value!r}")
+    return total
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, host_json: Path = HOST_JSON
+) -> Settings:
+    """Read and validate every setting; raise `SettingsError` naming all problems at once.
+
+    `host_json` gives FUNCTION_TIMEOUT_SECONDS its default (tests point it elsewhere)."""
     env = os.environ if environ is None else environ
     problems: list[str] = []
 
@@ -235,6 +276,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     backoff_max = number(RETRY_BACKOFF_MAX_SECONDS, kind=float, minimum=0)
     token_cache = number(TOKEN_CACHE_SECONDS, kind=float, minimum=1)
     low_battery = number(LOW_BATTERY_PERCENT, kind=float, minimum=0)
+
+    function_timeout = 300.0
+    raw_timeout = _get(env, FUNCTION_TIMEOUT_SECONDS)
+    if raw_timeout is not None:
+        try:
+            function_timeout = float(raw_timeout)
+        except ValueError:
+            function_timeout = math.nan
+        if not function_timeout > 0 or math.isinf(function_timeout):
+            problems.append(
+                f"{FUNCTION_TIMEOUT_SECONDS} must be a positive number of seconds, "
+                f"got {raw_timeout!r}"
+            )
+    elif not in_azure:  # in Azure the Functions host reads host.json itself
+        try:
+            function_timeout = function_timeout_from_host_json(host_json)
+        except ValueError as exc:
+            problems.append(f"{FUNCTION_TIMEOUT_SECONDS} is unset and its default failed: {exc}")
 
     spill_container = _get(env, SPILL_CONTAINER_NAME) or DEFAULTS[SPILL_CONTAINER_NAME]
     if not _CONTAINER_NAME.fullmatch(spill_container) or "--" in spill_container:
@@ -307,6 +366,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         storage_blob_service_uri=blob_uri,
         storage_connection_string=connection_string,
         azure_client_id=_get(env, AZURE_CLIENT_ID),
+        function_timeout_seconds=function_timeout,
     )
 
 
