@@ -4,7 +4,8 @@ on demand, for the fault tests that need a real process.
 An event whose `eventId` starts with `hang-blocking-` blocks its handler's thread forever
 (`threading.Event().wait()`); one starting with `hang-async-` awaits forever on the event loop.
 Both only while `TEST_HANG` is set, so a restarted host without it processes them normally.
-Each call appends `{"eventId", "handler", "at"}` to `$TEST_CALLS` (when set) before hanging.
+Each call appends `{"eventId", "handler", "at"}` to `$TEST_CALLS` (when set) before hanging;
+so does every call for an event whose `eventId` starts with `record-` (it then returns).
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def _record(event: Event, handler: str) -> None:
         line = json.dumps({"eventId": event.event_id, "handler": handler, "at": time.time()})
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
+
+
+@registry.on("VEHICLE_STATE")
+async def record(event: Event, context: HandlerContext) -> None:
+    if event.event_id.startswith("record-"):
+        _record(event, "record")
 
 
 @registry.on("VEHICLE_STATE")

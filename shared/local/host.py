@@ -477,6 +477,14 @@ class LocalHost:
         outcome, and handled.jsonl records every final outcome."""
         if self.runtime.handled_log is None:
             return
+        try:
+            self._append_dead_lettered(qm, exc)
+        except OSError as error:  # a full disk: the dead letter itself is in the queue
+            logger.warning("cannot record dead-lettered message %s in handled.jsonl: %s",
+                           qm.message_id, error)
+
+    def _append_dead_lettered(self, qm: QueuedMessage, exc: BaseException) -> None:
+        assert self.runtime.handled_log is not None
         self.runtime.handled_log.append(outcome_record(
             InboundMessage(body=qm.body, message_id=qm.message_id,
                            delivery_count=qm.delivery_count),
