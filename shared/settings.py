@@ -51,6 +51,9 @@ FUNCTION_TIMEOUT_SECONDS = "FUNCTION_TIMEOUT_SECONDS"
 #: FUNCTION_TIMEOUT_SECONDS, so the local bound and Azure's cannot drift apart.
 HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
 
+# The local inspector page's port (shared/local/inspector_server.py); default PORT + 1.
+INSPECTOR_PORT = "INSPECTOR_PORT"
+
 #: Every name `load_settings` reads.
 APP_SETTINGS: frozenset[str] = frozenset(
     {
@@ -73,6 +76,7 @@ APP_SETTINGS: frozenset[str] = frozenset(
         STORAGE_BLOB_SERVICE_URI,
         STORAGE_ACCOUNT_NAME,
         AZURE_CLIENT_ID,
+        INSPECTOR_PORT,
         FUNCTION_TIMEOUT_SECONDS,
     }
 )
@@ -85,6 +89,7 @@ LOCAL_ONLY_SETTINGS: frozenset[str] = frozenset(
         LOCAL_STATE_DIR,
         STORAGE_CONNECTION_STRING,
         FUNCTION_TIMEOUT_SECONDS,
+        INSPECTOR_PORT,
     }
 )
 
@@ -149,6 +154,8 @@ class Settings:
     # May hold an account key: kept out of repr (and so out of logs and tracebacks).
     storage_connection_string: str | None = field(default=None, repr=False)
     azure_client_id: str | None = None
+    #: None: the local host's PORT + 1.
+    inspector_port: int | None = None
     #: Bounds every delivery on the local host (host.json `functionTimeout` in Azure).
     function_timeout_seconds: float = 300.0
 
@@ -338,6 +345,17 @@ def load_settings(
             f"container of that storage account"
         )
 
+    inspector_port: int | None = None
+    raw_port = _get(env, INSPECTOR_PORT)
+    if raw_port is not None:
+        if not (raw_port.isascii() and raw_port.isdigit()) or int(raw_port) > 65535:
+            problems.append(
+                f"{INSPECTOR_PORT} must be a TCP port (0-65535, 0 for any free port), "
+                f"got {raw_port!r}; leave it unset for the local host's PORT + 1"
+            )
+        else:
+            inspector_port = int(raw_port)
+
     if problems:
         raise SettingsError(
             "Invalid configuration: "
@@ -366,6 +384,7 @@ def load_settings(
         storage_blob_service_uri=blob_uri,
         storage_connection_string=connection_string,
         azure_client_id=_get(env, AZURE_CLIENT_ID),
+        inspector_port=inspector_port,
         function_timeout_seconds=function_timeout,
     )
 
