@@ -93,6 +93,15 @@ class TestChallengeGuard:
     def test_acceptable_challenges(self, challenge: str) -> None:
         assert challenge_problem(challenge) is None
 
+    def test_every_printable_ascii_character_outside_the_forbidden_six_is_answered(self) -> None:
+        # Contract: 0x21-0x7E except { } [ ] " \. Plain letters and digits above all: a guard
+        # that refused one of them would leave real Smartcar challenges unanswered.
+        allowed = [chr(c) for c in range(0x21, 0x7F) if chr(c) not in '{}[]"\\']
+        assert len(allowed) == 88
+        refused = [ch for ch in allowed if challenge_problem(ch) is not None]
+        assert refused == []
+        assert challenge_problem("".join(allowed)) is None
+
     @pytest.mark.parametrize(
         ("challenge", "message"),
         [
@@ -113,3 +122,13 @@ class TestChallengeGuard:
     ) -> None:
         problem = challenge_problem(challenge)
         assert problem is not None and message in problem
+
+    @pytest.mark.parametrize(("challenge", "reason"), [
+        (None, "data.challenge must be a string"),
+        ("", "data.challenge is empty"),
+        ("x" * 257, "data.challenge is longer than 256 characters"),
+        ("a{b", "data.challenge contains characters that a challenge never has"),
+    ])
+    def test_each_refusal_says_exactly_what_is_wrong(self, challenge: object, reason: str) -> None:
+        # These texts reach Smartcar's dashboard in the 400 reply; they name the field.
+        assert challenge_problem(challenge) == reason
