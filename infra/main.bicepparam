@@ -9,6 +9,7 @@ param queueName = 'smartcar-events'
 param maxDeliveryCount = 5
 param tokenSecretName = 'smartcar-management-token'
 param maxBodyBytes = 196608
+param maxDeliveryAgeSeconds = 900
 param httpPerInstanceConcurrency = 64
 param maximumInstanceCount = 100
 param instanceMemoryMB = 2048

@@ -8,6 +8,8 @@ install their own with `set_runtime()`.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,8 @@ class Runtime:
     # queue publisher the re-drive timer sends them back to.
     spill: SpillStore | None = None
     redrive_publisher: Publisher | None = None
+    #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
+    clock: Callable[[], float] = time.time
 
 
 _runtime: Runtime | None = None

@@ -7,6 +7,7 @@ package reads `os.environ` for its own configuration.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ SERVICEBUS_NAMESPACE = "ServiceBusConnection__fullyQualifiedNamespace"
 SERVICEBUS_QUEUE_NAME = "SERVICEBUS_QUEUE_NAME"
 MAX_DELIVERY_COUNT = "MAX_DELIVERY_COUNT"
 MAX_BODY_BYTES = "MAX_BODY_BYTES"
+MAX_DELIVERY_AGE_SECONDS = "MAX_DELIVERY_AGE_SECONDS"
 RETRY_BACKOFF_BASE_SECONDS = "RETRY_BACKOFF_BASE_SECONDS"
 RETRY_BACKOFF_MAX_SECONDS = "RETRY_BACKOFF_MAX_SECONDS"
 LOW_BATTERY_PERCENT = "LOW_BATTERY_PERCENT"
@@ -49,6 +51,7 @@ APP_SETTINGS: frozenset[str] = frozenset(
         SERVICEBUS_QUEUE_NAME,
         MAX_DELIVERY_COUNT,
         MAX_BODY_BYTES,
+        MAX_DELIVERY_AGE_SECONDS,
         RETRY_BACKOFF_BASE_SECONDS,
         RETRY_BACKOFF_MAX_SECONDS,
         LOW_BATTERY_PERCENT,
@@ -84,6 +87,7 @@ DEFAULTS: Mapping[str, str] = {
     SERVICEBUS_QUEUE_NAME: "smartcar-events",
     MAX_DELIVERY_COUNT: "5",
     MAX_BODY_BYTES: "196608",
+    MAX_DELIVERY_AGE_SECONDS: "900",
     RETRY_BACKOFF_BASE_SECONDS: "2",
     RETRY_BACKOFF_MAX_SECONDS: "60",
     LOW_BATTERY_PERCENT: "20",
@@ -93,6 +97,13 @@ DEFAULTS: Mapping[str, str] = {
 
 _CONTAINER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]")
 _ACCOUNT_NAME = re.compile(r"[a-z0-9]{3,24}")
+
+# A delivery older than MAX_DELIVERY_AGE_SECONDS at receipt is dead-lettered, never processed.
+# At least Smartcar's retry schedule (about 3 minutes) with margin, so no genuine retry is
+# stale; at most the queue's duplicate-detection window (one hour, Service Bus and local), so
+# every replay is either a duplicate or stale.
+MIN_DELIVERY_AGE_SECONDS = 300
+MAX_DELIVERY_AGE_LIMIT_SECONDS = 3600
 
 # Set by App Service / Functions on every Azure instance; its presence means "in Azure".
 _AZURE_MARKER = "WEBSITE_SITE_NAME"
@@ -122,6 +133,7 @@ class Settings:
     appinsights_connection_string: str | None
     spill_container_name: str = DEFAULTS[SPILL_CONTAINER_NAME]
     storage_account_name: str | None = None
+    max_delivery_age_seconds: float = float(DEFAULTS[MAX_DELIVERY_AGE_SECONDS])
 
     @property
     def token_source(self) -> str:
@@ -213,6 +225,15 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     backoff_max = number(RETRY_BACKOFF_MAX_SECONDS, kind=float, minimum=0)
     token_cache = number(TOKEN_CACHE_SECONDS, kind=float, minimum=1)
     low_battery = number(LOW_BATTERY_PERCENT, kind=float, minimum=0)
+    max_age = number(MAX_DELIVERY_AGE_SECONDS, kind=float, minimum=-math.inf)
+    if not MIN_DELIVERY_AGE_SECONDS <= max_age <= MAX_DELIVERY_AGE_LIMIT_SECONDS:  # NaN too
+        problems.append(
+            f"{MAX_DELIVERY_AGE_SECONDS} must be between {MIN_DELIVERY_AGE_SECONDS} and "
+            f"{MAX_DELIVERY_AGE_LIMIT_SECONDS} seconds (at least Smartcar's ~3-minute retry "
+            "schedule, so no genuine retry is stale; at most the queue's one-hour duplicate-"
+            f"detection window, so a replay is a duplicate or stale), "
+            f"got {_get(env, MAX_DELIVERY_AGE_SECONDS)!r}"
+        )
 
     spill_container = _get(env, SPILL_CONTAINER_NAME) or DEFAULTS[SPILL_CONTAINER_NAME]
     if not _CONTAINER_NAME.fullmatch(spill_container) or "--" in spill_container:
@@ -257,4 +278,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         appinsights_connection_string=_get(env, APPLICATIONINSIGHTS_CONNECTION_STRING),
         spill_container_name=spill_container,
         storage_account_name=account,
+        max_delivery_age_seconds=max_age,
     )
