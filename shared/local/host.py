@@ -36,6 +36,7 @@ from ..runtime import Runtime, build_runtime, set_runtime
 from ..settings import Settings, SettingsError, load_settings
 from ..telemetry import configure as configure_telemetry
 from .batching import Batcher
+from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, serve_with_head_deadline
 from .queue import LocalQueue, LockLostError, QueuedMessage
 
 logger = logging.getLogger(__name__)
@@ -217,6 +218,8 @@ class LocalHost:
         poll_interval: float = 0.25,
         lock_duration: float = 60.0,
         timer_interval: float = 60.0,
+        header_timeout: float = HEADER_TIMEOUT_SECONDS,
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
     ) -> None:
         if runtime.queue is None:
             raise ValueError("the local host needs the embedded queue (no Service Bus namespace)")
@@ -230,10 +233,14 @@ class LocalHost:
         # Timer functions run every `timer_interval` seconds, whatever their schedule says:
         # locally the point is that they run, tests make it short.
         self.timer_interval = timer_interval
+        # Slow and idle clients are dropped (see connections.py).
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
         self.http_functions, self.queue_functions, self.timer_functions = index_functions(app)
         self._wake = asyncio.Event()
         runtime.publisher = NotifyingPublisher(runtime.publisher, self._wake)
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
@@ -252,14 +259,14 @@ class LocalHost:
                 webapp.router.add_route(
                     method, f"{ROUTE_PREFIX}/{fn.route}", self._http_handler(fn)
                 )
-        self._runner = web.AppRunner(webapp, access_log=None)
+        self._runner = web.AppRunner(webapp, access_log=None, keepalive_timeout=self.idle_timeout)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
+        assert self._runner.server is not None
+        self._server = await serve_with_head_deadline(
+            self._runner.server, self.host, self.port, header_timeout=self.header_timeout
+        )
         if self.port == 0:
-            server = site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+            self.port = self._server.sockets[0].getsockname()[1]
         for qfn in self.queue_functions:
             self._tasks.append(asyncio.create_task(self._fetch(qfn), name=qfn.name))
         for tfn in self.timer_functions:
@@ -277,6 +284,9 @@ class LocalHost:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -285,7 +295,21 @@ class LocalHost:
         async def handle(request: web.Request) -> web.StreamResponse:
             # One byte over the limit is enough for the function to answer 413 (through the
             # receiver, so it is counted and logged); the rest of a large body is never read.
-            body = await read_bounded(request, self.runtime.settings.max_body_bytes + 1)
+            try:
+                body = await read_bounded(request, self.runtime.settings.max_body_bytes + 1,
+                                          idle_timeout=self.idle_timeout)
+            except TimeoutError:
+                response = web.json_response(
+                    {"error": f"no request body bytes for {self.idle_timeout:.0f} s"},
+                    status=408)
+                response.force_close()
+                await response.prepare(request)
+                await response.write_eof()
+                # Closed now (after the answer is flushed), not after aiohttp's lingering read
+                # of a body the client has stopped sending.
+                if request.transport is not None:
+                    request.transport.close()
+                return response
             req = func.HttpRequest(
                 method=request.method,
                 url=str(request.url),
@@ -396,12 +420,15 @@ class LocalHost:
                 return
 
 
-async def read_bounded(request: web.Request, limit: int) -> bytes:
-    """At most `limit` bytes of the body: enough to tell that it is too large."""
+async def read_bounded(
+    request: web.Request, limit: int, *, idle_timeout: float | None = None
+) -> bytes:
+    """At most `limit` bytes of the body: enough to tell that it is too large. Raises
+    TimeoutError when `idle_timeout` seconds pass without a byte."""
     chunks: list[bytes] = []
     size = 0
     while size < limit:
-        chunk = await request.content.read(limit - size)
+        chunk = await asyncio.wait_for(request.content.read(limit - size), idle_timeout)
         if not chunk:
             break
         chunks.append(chunk)
@@ -449,7 +476,8 @@ def banner(settings: Settings, base_url: str) -> str:
 
 async def serve(
     host: str, port: int, workers: int, *, lock_duration: float = 60.0,
-    timer_interval: float = 60.0,
+    timer_interval: float = 60.0, header_timeout: float = HEADER_TIMEOUT_SECONDS,
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
 ) -> None:
     settings = load_settings()
     runtime = build_runtime(settings)
@@ -457,7 +485,8 @@ async def serve(
     # Spans to the console, or to Application Insights when a connection string is set.
     configure_telemetry(connection_string=settings.appinsights_connection_string, console=True)
     local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers,
-                      lock_duration=lock_duration, timer_interval=timer_interval)
+                      lock_duration=lock_duration, timer_interval=timer_interval,
+                      header_timeout=header_timeout, idle_timeout=idle_timeout)
     await local.start()
     print(banner(settings, local.base_url), flush=True)
     stop = asyncio.Event()
@@ -484,6 +513,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a received message stays locked (default 60)")
     parser.add_argument("--timer-interval", type=float, default=60.0,
                         help="seconds between runs of the timer functions (default 60)")
+    # The slow-client limits (connections.py); changed only by tests that cannot wait for them.
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_SECONDS,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_SECONDS,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
@@ -492,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         asyncio.run(serve(args.host, args.port, args.workers,
-                          lock_duration=args.lock_duration, timer_interval=args.timer_interval))
+                          lock_duration=args.lock_duration, timer_interval=args.timer_interval,
+                          header_timeout=args.header_timeout, idle_timeout=args.idle_timeout))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
