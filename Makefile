@@ -26,7 +26,7 @@ $(NODE_STAMP): package.json package-lock.json
 	@touch $(NODE_STAMP)
 
 run: $(STAMP)
-	PORT=$(PORT) $(PY) -m shared.local
+	@PORT=$(PORT) $(PY) -m shared.local
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

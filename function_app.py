@@ -25,9 +25,9 @@ async def smartcar_error_webhook(
 
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
-def health(req: func.HttpRequest) -> func.HttpResponse:
+async def health(req: func.HttpRequest) -> func.HttpResponse:
     """200 {"status": "ok"} when the configuration is valid; reveals no settings."""
-    return functions.handle_health(req)
+    return await functions.handle_health(req)
 
 
 @app.service_bus_queue_trigger(

@@ -29,6 +29,17 @@ param maxDeliveryCount int = 5
 @description('Key Vault secret that holds the Smartcar management token (SMARTCAR_TOKEN_SECRET_NAME).')
 param tokenSecretName string = 'smartcar-management-token'
 
+@description('Key Vault create mode. After a teardown (azd down, or deleting the resource group) the vault stays soft-deleted for 90 days under its name and blocks a redeployment: \'recover\' brings it back with its secrets (for that one redeployment; README "Deploy").')
+@allowed([
+  'default'
+  'recover'
+])
+param keyVaultCreateMode string = 'default'
+
+@description('Optional: letters or digits appended to the Key Vault name (kv-<token>-<suffix>), to redeploy with a new, empty vault while the old one is still soft-deleted.')
+@maxLength(7)
+param keyVaultNameSuffix string = ''
+
 @description('Optional: the Smartcar management token, to create the secret during deployment. Empty: set it afterwards with az keyvault secret set.')
 @secure()
 param smartcarManagementToken string = ''
@@ -60,9 +71,8 @@ param lowBatteryPercent int = 20
 @maxValue(1000)
 param maximumInstanceCount int = 100
 
-@description('Flex Consumption: memory per instance, MB.')
+@description('Flex Consumption: memory per instance, MB (the 2024-04-01 API accepts only 2048 and 4096).')
 @allowed([
-  512
   2048
   4096
 ])
@@ -97,6 +107,9 @@ var tags = {
   application: 'smartcar-webhooks'
 }
 var functionAppName = '${abbrs.functionApp}${resourceToken}'
+var keyVaultName = empty(keyVaultNameSuffix)
+  ? '${abbrs.keyVault}${resourceToken}'
+  : '${abbrs.keyVault}${resourceToken}-${toLower(keyVaultNameSuffix)}'
 
 module identity 'modules/identity.bicep' = {
   name: 'identity'
@@ -142,8 +155,9 @@ module serviceBus 'modules/servicebus.bicep' = {
 module keyVault 'modules/keyvault.bicep' = {
   name: 'keyvault'
   params: {
-    name: '${abbrs.keyVault}${resourceToken}'
+    name: keyVaultName
     location: location
+    createMode: keyVaultCreateMode
     tokenSecretName: tokenSecretName
     smartcarManagementToken: smartcarManagementToken
     tags: tags

@@ -69,12 +69,17 @@ async def handle_webhook(
     )
 
 
-def handle_health(req: func.HttpRequest) -> func.HttpResponse:
+async def handle_health(req: func.HttpRequest) -> func.HttpResponse:
     try:
-        get_runtime()
+        runtime = get_runtime()
     except SettingsError as exc:
         logger.error("health check: %s", exc)
         return _json(503, {"status": "misconfigured"})
+    if runtime.health_problem is not None:
+        problem = await runtime.health_problem()
+        if problem is not None:
+            logger.error("health check: %s", problem)
+            return _json(503, {"status": "unavailable"})
     return _json(200, {"status": "ok"})
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,9 @@ class Runtime:
     # queue publisher the re-drive timer sends them back to.
     spill: SpillStore | None = None
     redrive_publisher: Publisher | None = None
+    # Local host only: what keeps the app from working although its settings are valid (the
+    # queue file cannot be read), or None; `/api/health` answers 503 while there is one.
+    health_problem: Callable[[], Awaitable[str | None]] | None = None
     #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
     clock: Callable[[], float] = time.time
 

@@ -9,7 +9,7 @@ holding its source text, so a test can still compare it.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -62,6 +62,15 @@ class Param:
     type: str
     default: Node | None
     decorators: tuple[str, ...]  # decorator source text, e.g. "@secure()"
+    decorator_nodes: tuple[Node, ...] = ()
+
+    def decorator_argument(self, name: str) -> Any:
+        """The literal argument of decorator `@name(...)` ([2048, 4096] for @allowed), or None."""
+        for node in self.decorator_nodes:
+            for call in find_calls(node, name):
+                (argument,) = call_arguments(call)
+                return literal(argument)
+        return None
 
 
 class Template:
@@ -87,11 +96,11 @@ class Template:
         return problems
 
     # -- declarations -------------------------------------------------------------------------
-    def _declarations(self, kind: str) -> Iterator[tuple[Node, tuple[str, ...]]]:
-        decorators: tuple[str, ...] = ()
+    def _declarations(self, kind: str) -> Iterator[tuple[Node, tuple[Node, ...]]]:
+        decorators: tuple[Node, ...] = ()
         for child in self.root.named_children:
             if child.type == "decorators":
-                decorators = tuple(_text(d) for d in child.named_children)
+                decorators = tuple(child.named_children)
                 continue
             if child.type == kind:
                 yield child, decorators
@@ -108,7 +117,8 @@ class Template:
                 name=_text(name),
                 type=_text(type_node) if type_node is not None else "",
                 default=default,
-                decorators=decorators,
+                decorators=tuple(_text(d) for d in decorators),
+                decorator_nodes=decorators,
             )
         return found
 
@@ -263,6 +273,47 @@ def find_calls(node: Node, function: str) -> list[Node]:
 def call_arguments(call: Node) -> list[Node]:
     args = next(c for c in call.named_children if c.type == "arguments")
     return [c for c in args.named_children if c.type != "comment"]
+
+
+def find_properties(node: Node, key: str) -> list[Node]:
+    """The value of every `key: value` property under node, at any depth, in source order."""
+    return [
+        value
+        for n in _walk(node)
+        if n.type == "object"
+        for k, value in _properties(n)
+        if k == key
+    ]
+
+
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "\\": "\\", "'": "'", "$": "$"}
+
+
+def interpolate(string: Node, resolve: Callable[[Node], str]) -> str:
+    """The value of a (possibly interpolated) string literal, as Bicep builds it.
+
+    Escape sequences are decoded; each `${expr}` becomes resolve(expr), so the caller decides
+    what a parameter or a function call such as loadTextContent() evaluates to.
+    """
+    assert string.type == "string", f"not a string: {string.type}"
+    if _text(string).startswith("'''"):  # multi-line strings take no escapes or interpolation
+        return _text(string)[3:-3]
+    parts: list[str] = []
+    for child in string.named_children:
+        if child.type == "string_content":
+            parts.append(_text(child))
+        elif child.type == "escape_sequence":
+            escape = _text(child)[1:]
+            if escape.startswith("u{"):
+                parts.append(chr(int(escape[2:-1], 16)))
+            else:
+                parts.append(_ESCAPES[escape])
+        elif child.type == "interpolation":
+            (expression,) = [c for c in child.named_children if c.type != "comment"]
+            parts.append(resolve(expression))
+        else:
+            raise AssertionError(f"unexpected {child.type} in string {_text(string)[:40]!r}")
+    return "".join(parts)
 
 
 # -- internals ----------------------------------------------------------------------------------

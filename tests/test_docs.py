@@ -25,5 +25,5 @@ def test_every_setting_is_documented_in_configure() -> None:
 def test_quick_start_is_the_two_commands() -> None:
     quick = re.search(r"^## Quick start\n(.*?)^### ", README, re.S | re.M)
     assert quick is not None
-    commands = re.findall(r"^make (\w+)", quick.group(1), re.M)
+    commands = re.findall(r"^(?:\$ )?make (\w+)", quick.group(1), re.M)
     assert commands == ["run", "test"]

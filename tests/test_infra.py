@@ -6,6 +6,7 @@ parsed templates, not on text patterns, wherever the structure matters.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Set as AbstractSet
 from pathlib import Path
@@ -178,10 +179,12 @@ class TestComposition:
         )
         abbrs = load(MAIN).variables()["abbrs"]
         assert text(abbrs) == "loadJsonContent('abbreviations.json')"
+        variables = load(MAIN).variables()
         for m in load(MAIN).modules():
-            name = prop(m.body, "params.name")
-            if name is not None:
-                assert "resourceToken" in text(name) or text(name) == "functionAppName", m.symbol
+            name = text(prop(m.body, "params.name"))
+            if name:
+                resolved = text(variables[name]) if name in variables else name
+                assert "resourceToken" in resolved, m.symbol
 
     def test_every_module_file_exists_and_gets_only_declared_params(self) -> None:
         for m in load(MAIN).modules():
@@ -240,6 +243,27 @@ class TestComposition:
 # ---------------------------------------------------------------------------------------------
 # 4. Resources: the properties that make the deployment secure and correct.
 # ---------------------------------------------------------------------------------------------
+# siteConfig properties that Flex Consumption rejects, and what to use instead: ftpsState (ARM
+# error 51021 on newer stamps) and linuxFxVersion (the runtime moved to functionAppConfig).
+FLEX_REJECTED_SITE_CONFIG = {
+    "ftpsState": "keep FTP off with the 'ftp' basicPublishingCredentialsPolicies resource",
+    "linuxFxVersion": "set functionAppConfig.runtime",
+}
+
+
+def flex_site_config_problems(template: Template) -> list[str]:
+    problems = []
+    for site in template.resources_of_type("Microsoft.Web/sites"):
+        site_config = prop(site.body, "properties.siteConfig")
+        for key in keys(site_config) if site_config is not None else []:
+            if key in FLEX_REJECTED_SITE_CONFIG:
+                problems.append(
+                    f"{site.symbol}: siteConfig.{key} is rejected on Flex Consumption; "
+                    f"{FLEX_REJECTED_SITE_CONFIG[key]}"
+                )
+    return problems
+
+
 class TestResources:
     def test_user_assigned_identity(self) -> None:
         identity = module("identity")
@@ -350,6 +374,49 @@ class TestResources:
         assert p["enableSoftDelete"] is True
         assert p["enablePurgeProtection"] is True
 
+    def test_key_vault_create_mode_is_a_parameter_that_can_recover(self) -> None:
+        kv = module("keyvault")
+        (vault,) = kv.resources_of_type("Microsoft.KeyVault/vaults")
+        assert literal(prop(vault.body, "properties.createMode")) == Expr("createMode")
+        mode = kv.params()["createMode"]
+        assert mode.decorator_argument("allowed") == ["default", "recover"]
+        assert literal(mode.default) == "default"
+
+    def test_redeploying_after_teardown_is_a_parameter_away(self) -> None:
+        main = load(MAIN)
+        params = main.params()
+        mode = params["keyVaultCreateMode"]
+        assert mode.decorator_argument("allowed") == ["default", "recover"]
+        assert literal(mode.default) == "default"  # 'recover' fails when nothing was deleted
+        passed = prop(main.module("keyVault").body, "params")
+        assert text(prop(passed, "createMode")) == "keyVaultCreateMode"  # type: ignore[arg-type]
+        assert text(prop(passed, "name")) == "keyVaultName"  # type: ignore[arg-type]
+        assigned = load(PARAMS).variables()
+        assert text(assigned["keyVaultCreateMode"]) == (
+            "readEnvironmentVariable('KEY_VAULT_CREATE_MODE', 'default')"
+        )
+        assert text(assigned["keyVaultNameSuffix"]) == (
+            "readEnvironmentVariable('KEY_VAULT_NAME_SUFFIX', '')"
+        )
+
+    def test_key_vault_name_is_unchanged_without_a_suffix(self) -> None:
+        # Existing deployments keep their vault: with no suffix the name is what it always was.
+        name = load(MAIN).variables()["keyVaultName"]
+        assert name.type == "ternary_expression"
+        condition, unsalted, salted = name.named_children
+        assert text(condition) == "empty(keyVaultNameSuffix)"
+        assert text(unsalted) == "'${abbrs.keyVault}${resourceToken}'"
+        assert text(salted) == "'${abbrs.keyVault}${resourceToken}-${toLower(keyVaultNameSuffix)}'"
+        assert literal(load(MAIN).params()["keyVaultNameSuffix"].default) == ""
+
+    def test_a_suffixed_key_vault_name_still_fits_the_24_character_limit(self) -> None:
+        abbrs = json.loads((INFRA / "abbreviations.json").read_text())
+        suffix_max = load(MAIN).params()["keyVaultNameSuffix"].decorator_argument("maxLength")
+        vault_max = module("keyvault").params()["name"].decorator_argument("maxLength")
+        unique_string = 13  # uniqueString() always returns 13 characters
+        assert vault_max == 24
+        assert len(abbrs["keyVault"]) + unique_string + len("-") + suffix_max <= vault_max
+
     def test_token_secret_is_created_only_when_a_value_is_given(self) -> None:
         kv = module("keyvault")
         (secret,) = kv.resources_of_type("Microsoft.KeyVault/vaults/secrets")
@@ -375,8 +442,30 @@ class TestResources:
         assert literal(prop(site.body, "kind")) == "functionapp,linux"
         assert literal(prop(site.body, "properties.httpsOnly")) is True
         assert literal(prop(site.body, "properties.siteConfig.minTlsVersion")) == "1.2"
-        assert literal(prop(site.body, "properties.siteConfig.ftpsState")) == "Disabled"
         assert literal(prop(site.body, "identity.type")) == "UserAssigned"
+
+    def test_site_config_holds_nothing_flex_consumption_rejects(self) -> None:
+        # ARM error 51021 on Flex Consumption: "site configuration properties ... invalid".
+        assert flex_site_config_problems(module("functionapp")) == []
+
+    def test_the_flex_site_config_check_reports_ftps_state(self, tmp_path: Path) -> None:
+        path = tmp_path / "site.bicep"
+        path.write_text(
+            "resource site 'Microsoft.Web/sites@2024-04-01' = {\n  name: 'x'\n  properties: {\n"
+            "    siteConfig: {\n      minTlsVersion: '1.2'\n      ftpsState: 'Disabled'\n"
+            "    }\n  }\n}\n"
+        )
+        assert flex_site_config_problems(Template(path)) == [
+            "site: siteConfig.ftpsState is rejected on Flex Consumption; keep FTP off with "
+            "the 'ftp' basicPublishingCredentialsPolicies resource"
+        ]
+
+    @pytest.mark.parametrize("path", [MAIN, MODULES / "functionapp.bicep"], ids=lambda p: p.name)
+    def test_instance_memory_allows_only_what_the_flex_api_accepts(self, path: Path) -> None:
+        # Microsoft.Web/sites@2024-04-01 accepts instanceMemoryMB 2048 and 4096 (not 512).
+        memory = load(path).params()["instanceMemoryMB"]
+        assert memory.decorator_argument("allowed") == [2048, 4096]
+        assert literal(memory.default) == 2048
 
     def test_flex_runtime_deployment_and_scale(self) -> None:
         fa = module("functionapp")
@@ -402,6 +491,7 @@ class TestResources:
         assert literal(params["alwaysReady"].default) == []
 
     def test_basic_publishing_credentials_are_disabled(self) -> None:
+        # The 'ftp' policy is what keeps FTP off: Flex Consumption has no siteConfig.ftpsState.
         policies = module("functionapp").resources_of_type(
             "Microsoft.Web/sites/basicPublishingCredentialsPolicies"
         )
@@ -436,8 +526,6 @@ class TestResources:
 # Built-in role definition ids, checked against
 # learn.microsoft.com/azure/role-based-access-control/built-in-roles.
 BUILT_IN_ROLES = {
-    "serviceBusDataSender": "69a216fc-b8fb-44d8-bc22-1f3c2cd27a39",
-    "serviceBusDataReceiver": "4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0",
     "serviceBusDataOwner": "090c5cfd-751d-490a-894a-3ce6f1109419",
     "keyVaultSecretsUser": "4633458b-17de-408a-b874-0445c86b69e6",
     "keyVaultSecretsOfficer": "b86a8fe4-44ce-4948-aee5-eccb2c155cd7",
@@ -448,8 +536,9 @@ BUILT_IN_ROLES = {
 
 # (scope symbol, role, principal parameter) for every assignment, and nothing else.
 EXPECTED_ASSIGNMENTS = {
-    ("queue", "serviceBusDataSender", "appPrincipalId"),
-    ("queue", "serviceBusDataReceiver", "appPrincipalId"),
+    # Data Owner, not Sender + Receiver: the scale controller needs Manage to read the queue
+    # length. Scoped to the queue only (test_service_bus_roles_are_scoped_to_the_queue...).
+    ("queue", "serviceBusDataOwner", "appPrincipalId"),
     ("vault", "keyVaultSecretsUser", "appPrincipalId"),
     ("storage", "storageBlobDataOwner", "appPrincipalId"),
     ("storage", "storageTableDataContributor", "appPrincipalId"),
@@ -494,6 +583,19 @@ class TestRoleAssignments:
         for scope, role, *_ in role_assignments():
             if role.startswith("serviceBus"):
                 assert scope == "queue"
+
+    def test_the_apps_queue_ownership_says_why_next_to_the_assignment(self) -> None:
+        roles = module("roles")
+        (owner,) = [
+            r
+            for r in roles.resources_of_type("Microsoft.Authorization/roleAssignments")
+            if text(prop(r.body, "properties.principalId")) == "appPrincipalId"
+            and text(prop(r.body, "scope")) == "queue"
+        ]
+        assert text(prop(owner.body, "properties.roleDefinitionId")) == "sbOwnerRoleId"
+        why = owner.leading_comment
+        for needle in ("scale controller", "Manage", "Sender", "Receiver", "this one queue"):
+            assert needle in why, needle
 
     def test_names_are_guid_of_scope_principal_and_role(self) -> None:
         for scope, _, principal, name, _ in role_assignments():
@@ -726,3 +828,34 @@ class TestDelivery:
             "python -m shared.cli send --url",
         ):
             assert needle in section, needle
+
+    def test_readme_deploy_says_how_teardown_and_redeploy_work(self) -> None:
+        readme = (ROOT / "README.md").read_text()
+        section = readme.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
+        for needle in (
+            "azd down",
+            "az group delete",
+            "az keyvault list-deleted",
+            "azd env set KEY_VAULT_CREATE_MODE recover",
+            "-p keyVaultCreateMode=recover",
+            "KEY_VAULT_NAME_SUFFIX",
+            "-p keyVaultNameSuffix=",
+        ):
+            assert needle in section, needle
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. host.json: only settings the host reads in the mode it runs in.
+# ---------------------------------------------------------------------------------------------
+# A log category of the built-in Application Insights logger (request results); in OpenTelemetry
+# mode the host exports through OpenTelemetry and the category does nothing.
+APPLICATION_INSIGHTS_ONLY_CATEGORIES = {"Host.Results"}
+
+
+class TestHostJson:
+    def test_no_log_category_that_opentelemetry_mode_ignores(self) -> None:
+        host = json.loads((ROOT / "host.json").read_text())
+        assert host["telemetryMode"] == "OpenTelemetry"
+        levels = host["logging"]["logLevel"]
+        assert not set(levels) & APPLICATION_INSIGHTS_ONLY_CATEGORIES
+        assert levels["default"] == "Information"

@@ -59,7 +59,7 @@ class TestMisconfiguration:
         set_runtime(None)
 
     def test_health_answers_503_and_reveals_no_settings(self, caplog: pytest.LogCaptureFixture) -> None:
-        resp = functions.handle_health(func.HttpRequest("GET", "/api/health", body=b""))
+        resp = asyncio.run(functions.handle_health(func.HttpRequest("GET", "/api/health", body=b"")))
         assert resp.status_code == 503
         assert json.loads(resp.get_body()) == {"status": "misconfigured"}
         assert "KEY_VAULT_URI is not set" in caplog.text

@@ -75,9 +75,8 @@ param lowBatteryPercent int
 @maxValue(1000)
 param maximumInstanceCount int = 100
 
-@description('Memory per instance in MB.')
+@description('Memory per instance in MB (the 2024-04-01 API accepts only 2048 and 4096).')
 @allowed([
-  512
   2048
   4096
 ])
@@ -120,9 +119,10 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   properties: {
     serverFarmId: plan.id
     httpsOnly: true
+    // No siteConfig.ftpsState: Flex Consumption rejects it (ARM error 51021). FTP is off through
+    // the basic publishing credentials policy below.
     siteConfig: {
       minTlsVersion: '1.2'
-      ftpsState: 'Disabled'
       http20Enabled: true
     }
     functionAppConfig: {
@@ -187,7 +187,8 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   }
 }
 
-// No basic (user name + password) publishing: deployments authenticate with Entra ID.
+// No basic (user name + password) publishing: deployments authenticate with Entra ID. The 'ftp'
+// policy is what keeps FTP off on Flex Consumption, which has no ftpsState.
 resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
   parent: site
   name: 'ftp'

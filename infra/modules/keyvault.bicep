@@ -1,6 +1,10 @@
 // Key Vault for the Smartcar management token (the webhook signing secret). RBAC only, soft
 // delete and purge protection on. The secret's VALUE is normally set after deployment
 // (README "Deploy"); it is created here only when the optional secure parameter is given.
+//
+// Purge protection means a deleted vault (resource group deleted, `azd down`) stays soft-deleted
+// under its name for softDeleteRetentionInDays and cannot be purged early, so a redeployment with
+// the same name fails until it is recovered: createMode 'recover' brings it back, secrets and all.
 
 @description('Key Vault name: 3-24 letters, digits and hyphens, globally unique.')
 @minLength(3)
@@ -12,6 +16,13 @@ param location string
 
 @description('Name of the secret that holds the Smartcar management token (SMARTCAR_TOKEN_SECRET_NAME).')
 param tokenSecretName string
+
+@description('\'default\' creates the vault (or updates it). \'recover\' brings back the soft-deleted vault of this name, with its secrets, after a teardown; use it for that one redeployment only (it fails when no deleted vault exists).')
+@allowed([
+  'default'
+  'recover'
+])
+param createMode string = 'default'
 
 @description('Optional: the Smartcar management token. Empty (the default) leaves the secret to be set after deployment.')
 @secure()
@@ -25,6 +36,7 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   tags: tags
   properties: {
     tenantId: subscription().tenantId
+    createMode: createMode
     sku: {
       family: 'A'
       name: 'standard'

@@ -3,8 +3,10 @@
 // across re-deployments and unique per scope, principal and role.
 //
 // App identity:
-//   queue      Azure Service Bus Data Sender      receiver enqueues events; dlq replay re-sends
-//   queue      Azure Service Bus Data Receiver    processor (Service Bus trigger) receives/settles
+//   queue      Azure Service Bus Data Owner       receiver enqueues events; processor (Service
+//                                                 Bus trigger) receives and settles; dlq replay
+//                                                 re-sends; the scale controller reads the
+//                                                 queue length (needs Manage, see below)
 //   vault      Key Vault Secrets User             reads the token and its previous version; the
 //                                                 secret may not exist yet, so not secret scope
 //   storage    Storage Blob Data Owner            host keys, leases and timer schedule state live
@@ -40,8 +42,6 @@ param appInsightsName string
 
 // Built-in role definition ids (the same in every tenant).
 var roles = {
-  serviceBusDataSender: '69a216fc-b8fb-44d8-bc22-1f3c2cd27a39'
-  serviceBusDataReceiver: '4f6d3b9b-027b-4f4c-9142-0e5a2a2247e0'
   serviceBusDataOwner: '090c5cfd-751d-490a-894a-3ce6f1109419'
   keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6'
   keyVaultSecretsOfficer: 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
@@ -50,8 +50,6 @@ var roles = {
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
 }
 
-var senderRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataSender)
-var receiverRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataReceiver)
 var sbOwnerRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.serviceBusDataOwner)
 var secretsUserRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.keyVaultSecretsUser)
 var secretsOfficerRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.keyVaultSecretsOfficer)
@@ -80,21 +78,16 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
 }
 
-resource appQueueSender 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(queue.id, appPrincipalId, senderRoleId)
+// Trade-off: Data Sender + Data Receiver would be enough to send, receive and settle, but the
+// Functions scale controller reads the queue's message count with the app's identity, and that
+// needs Manage rights (with Listen only, scaling is less accurate). Data Owner grants Manage;
+// scoped to this one queue it cannot touch other entities in the namespace. What the app gains
+// beyond send/receive is managing this queue itself (e.g. changing or deleting it).
+resource appQueueOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(queue.id, appPrincipalId, sbOwnerRoleId)
   scope: queue
   properties: {
-    roleDefinitionId: senderRoleId
-    principalId: appPrincipalId
-    principalType: 'ServicePrincipal'
-  }
-}
-
-resource appQueueReceiver 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
-  name: guid(queue.id, appPrincipalId, receiverRoleId)
-  scope: queue
-  properties: {
-    roleDefinitionId: receiverRoleId
+    roleDefinitionId: sbOwnerRoleId
     principalId: appPrincipalId
     principalType: 'ServicePrincipal'
   }

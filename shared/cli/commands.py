@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: SMARTCAR_MANAGEMENT_TOKEN, else the development token)")
     send.add_argument("--type", choices=EVENT_TYPES, dest="event_type",
                       help="event to simulate (default: state)")
-    send.add_argument("--file", type=Path, help="send this payload, signed byte for byte")
+    send.add_argument("--file", type=Path,
+                      help="send this payload, signed byte for byte ('-': standard input)")
     send.add_argument("--unsigned", action="store_true", help="send without SC-Signature")
 
     commands.add_parser("stats", parents=[json_flag], help="message counts of the queue")
@@ -106,7 +107,7 @@ def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
         raise UsageError("use --type or --file, not both")
     if args.file is not None:
         try:
-            body = args.file.read_bytes()
+            body = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
         except OSError as exc:
             raise UsageError(f"cannot read --file {args.file}: {exc.strerror or exc}") from None
     else:
@@ -152,7 +153,10 @@ def _with_ops(action: Callable[[QueueOps], Any], err: TextIO) -> Any:
     if settings.queue_backend == "local" and not (settings.local_state_dir / QUEUE_FILE).exists():
         print(f"note: no local queue in {settings.local_state_dir}/ yet (is LOCAL_STATE_DIR "
               "the one the host uses?)", file=err)
-    ops = open_ops(settings)
+    try:
+        ops = open_ops(settings)
+    except OpsError as exc:
+        raise Failure(str(exc)) from None
     try:
         return action(ops)
     except OpsError as exc:

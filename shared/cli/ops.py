@@ -567,9 +567,12 @@ def open_ops(settings: Settings) -> QueueOps:
     if settings.queue_backend == "servicebus":
         assert settings.servicebus_namespace is not None
         return ServiceBusOps(settings.servicebus_namespace, settings.queue_name)
-    from ..local.queue import open_local_queue
+    from ..local.queue import QueueUnavailableError, open_local_queue
 
-    return LocalOps(open_local_queue(settings))
+    try:
+        return LocalOps(open_local_queue(settings))
+    except QueueUnavailableError as exc:  # damaged, vanished or locked: the message says which
+        raise OpsError(str(exc)) from None
 
 
 def as_ids(values: Iterable[str]) -> list[int]:

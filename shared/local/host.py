@@ -37,7 +37,7 @@ from ..settings import Settings, SettingsError, load_settings
 from ..telemetry import configure as configure_telemetry
 from .batching import Batcher
 from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, serve_with_head_deadline
-from .queue import LocalQueue, LockLostError, QueuedMessage
+from .queue import LocalQueue, LockLostError, QueuedMessage, QueueUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -246,12 +246,17 @@ class LocalHost:
         self._slot_free = asyncio.Event()
         self._completer: Batcher[str, None] = Batcher(self.queue.complete_many)
         self._stopping = False
+        # The last receive's failure, until one succeeds: `/api/health` reports it.
+        self._queue_error: str | None = None
+        runtime.health_problem = self._health_problem
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     async def start(self) -> None:
+        """Checks the queue file (`QueueDamagedError` if damaged), then serves."""
+        await asyncio.to_thread(self.queue.check_integrity)
         # The body limit is enforced while reading (below), so aiohttp's own is lifted.
         webapp = web.Application(client_max_size=self.runtime.settings.max_body_bytes * 4 + 1024)
         for fn in self.http_functions:
@@ -350,10 +355,13 @@ class LocalHost:
                 received = await asyncio.to_thread(
                     self.queue.receive, max_messages=free, lock_duration=self.lock_duration
                 )
-            except Exception:
-                logger.exception("local queue receive failed; retrying")
+            except Exception as exc:
+                if self._queue_error is None:
+                    logger.exception("local queue receive failed; retrying")
+                self._queue_error = f"local queue receive failed: {exc}"
                 await asyncio.sleep(self.poll_interval)
                 continue
+            self._queue_error = None
             if not received:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -363,6 +371,15 @@ class LocalHost:
                 task = asyncio.create_task(self._run_one(fn, qm))
                 self._running.add(task)
                 task.add_done_callback(self._finished)
+
+    async def _health_problem(self) -> str | None:
+        if self._queue_error is not None:
+            return self._queue_error
+        try:
+            await asyncio.to_thread(self.queue.check_readable)
+        except QueueUnavailableError as exc:
+            return str(exc)
+        return None
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
@@ -531,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except QueueUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except OSError as exc:
         print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1

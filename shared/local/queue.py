@@ -27,6 +27,7 @@ engine: one SQLite file, one writer at a time.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -41,21 +42,32 @@ from typing import Any, Literal
 
 from ..settings import Settings
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "CORRUPT_MESSAGE",
     "DEFAULT_BUSY_TIMEOUT",
+    "INITIALISED_MARKER",
     "MAX_DELIVERY_COUNT_EXCEEDED",
     "MAX_MESSAGE_ID_LENGTH",
     "SCHEMA_VERSION",
     "LocalQueue",
     "LockLostError",
+    "QueueDamagedError",
     "QueueUnavailableError",
     "QueuedMessage",
+    "open_local_queue",
+    "open_state_queue",
+    "recovery_advice",
 ]
 
 #: Version of the on-disk schema, stored in ``PRAGMA user_version``.
 SCHEMA_VERSION = 1
 #: Dead-letter reason Service Bus uses when the delivery count is exhausted.
 MAX_DELIVERY_COUNT_EXCEEDED = "MaxDeliveryCountExceeded"
+#: Dead-letter reason for a stored row that cannot be decoded (a damaged file): it is moved
+#: aside alone, so the rest of the queue keeps flowing.
+CORRUPT_MESSAGE = "CorruptMessage"
 #: Service Bus rejects longer message ids; so does the local queue, so the mistake shows locally.
 MAX_MESSAGE_ID_LENGTH = 128
 #: Seconds a connection waits for another process's write transaction before giving up.
@@ -122,6 +134,13 @@ class QueueUnavailableError(RuntimeError):
     """
 
 
+class QueueDamagedError(QueueUnavailableError):
+    """The queue file is damaged, missing or emptied: the host refuses to start on it.
+
+    The message names the file and how to recover (see `recovery_advice`).
+    """
+
+
 class LockLostError(RuntimeError):
     """The lock token is unknown or its lock has expired: the message may be redelivered."""
 
@@ -138,13 +157,32 @@ def _to_datetime(timestamp: float | None) -> datetime | None:
     return None if timestamp is None else _utc(timestamp)
 
 
+#: What decoding a damaged row can raise (bad JSON, wrong column types, absurd timestamps).
+_UNDECODABLE = (ValueError, TypeError, OverflowError, OSError)
+
+
+def _properties(raw: Any) -> dict[str, str]:
+    decoded = json.loads(raw)
+    if not isinstance(decoded, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in decoded.items()
+    ):
+        raise ValueError("the application properties are not an object of strings")
+    return decoded
+
+
 def _row_to_message(row: tuple[Any, ...]) -> QueuedMessage:
+    """Decode a row; raises one of `_UNDECODABLE` when the stored values are damaged."""
     seq, msg_id, body, props, enqueued, scheduled, count, token, until, reason, desc, state = row
+    if not isinstance(body, bytes) or not isinstance(msg_id, str):
+        raise TypeError(
+            f"body is {type(body).__name__} and message_id {type(msg_id).__name__}, "
+            "expected bytes and str"
+        )
     return QueuedMessage(
         sequence_number=int(seq),
-        message_id=str(msg_id),
-        body=bytes(body),
-        application_properties=dict(json.loads(props)),
+        message_id=msg_id,
+        body=body,
+        application_properties=_properties(props),
         enqueued_time=_utc(enqueued),
         scheduled_enqueue_time=_to_datetime(scheduled),
         delivery_count=int(count),
@@ -153,6 +191,48 @@ def _row_to_message(row: tuple[Any, ...]) -> QueuedMessage:
         dead_letter_reason=reason,
         dead_letter_description=desc,
         state=str(state),
+    )
+
+
+def _row_to_dead_letter(row: tuple[Any, ...]) -> QueuedMessage:
+    """A dead letter as far as it can be read: a `CorruptMessage` row must still be listed,
+    shown and purged, so damaged values are replaced by empty ones instead of raising."""
+    try:
+        return _row_to_message(row)
+    except _UNDECODABLE:
+        pass
+    seq, msg_id, body, props, enqueued, scheduled, count, _, _, reason, desc, _ = row
+
+    def safely(decode: Callable[[], Any], default: Any) -> Any:
+        try:
+            return decode()
+        except _UNDECODABLE:
+            return default
+
+    return QueuedMessage(
+        sequence_number=int(seq),
+        message_id=msg_id if isinstance(msg_id, str) else "",
+        body=body if isinstance(body, bytes) else b"",
+        application_properties=safely(lambda: _properties(props), {}),
+        enqueued_time=safely(lambda: _utc(enqueued), _utc(0)),
+        scheduled_enqueue_time=safely(lambda: _to_datetime(scheduled), None),
+        delivery_count=safely(lambda: int(count), 0),
+        lock_token=None,
+        locked_until=None,
+        dead_letter_reason=reason if isinstance(reason, str) else CORRUPT_MESSAGE,
+        dead_letter_description=desc if isinstance(desc, str) else None,
+        state=_DEADLETTERED,
+    )
+
+
+def _undecodable_description(exc: BaseException) -> str:
+    # The exception text may quote stored values (vehicle data): name its type and position.
+    where = ""
+    if isinstance(exc, json.JSONDecodeError):
+        where = f" at character {exc.pos}"
+    return (
+        f"The stored message cannot be decoded ({type(exc).__name__}{where}): the queue file "
+        "was damaged. Inspect it with `dlq show`; purge it, or replay it once repaired."
     )
 
 
@@ -234,10 +314,52 @@ class LocalQueue:
             self._migrate(conn)
         except sqlite3.Error as exc:
             conn.close()
+            if _is_damage(exc):
+                raise QueueDamagedError(
+                    f"local queue {self.path} is damaged: {exc}. {recovery_advice(self.path)}"
+                ) from exc
             raise QueueUnavailableError(
                 f"local queue {self.path}: cannot initialise the database: {exc}"
             ) from exc
         self._conn = conn
+
+    def check_integrity(self) -> None:
+        """`PRAGMA quick_check` of the whole file; `QueueDamagedError` naming what it found.
+
+        The local host runs it at start: a damaged file is refused rather than served, since
+        receives would fail (or skip rows) while webhooks were still acknowledged.
+        """
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise QueueUnavailableError(f"local queue {self.path}: check after close()")
+            try:
+                found = [str(row[0]) for row in conn.execute("PRAGMA quick_check")]
+            except sqlite3.DatabaseError as exc:
+                if not _is_damage(exc):
+                    raise QueueUnavailableError(
+                        f"local queue {self.path}: integrity check failed: {exc}"
+                    ) from exc
+                found = [str(exc)]
+        problems = [line for line in found if line != "ok"]
+        if problems:
+            shown = "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)"
+                                               if len(problems) > 3 else "")
+            raise QueueDamagedError(
+                f"local queue {self.path} is damaged: PRAGMA quick_check found: {shown}. "
+                f"{recovery_advice(self.path)}"
+            )
+
+    def check_readable(self) -> None:
+        """A cheap read of the next message the receiver would take; raises
+        `QueueUnavailableError` when the file cannot be read (the health check)."""
+        now = self._now()
+        with self._transaction("health check", write=False) as conn:
+            conn.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE state = ? AND visible_at <= ? "  # noqa: S608
+                "ORDER BY sequence_number LIMIT 1",
+                (_ACTIVE, now),
+            ).fetchall()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -444,6 +566,7 @@ class LocalQueue:
         now = self._now()
         locked_until = now + duration
         received: list[QueuedMessage] = []
+        corrupt: list[int] = []
         with self._transaction("receive") as conn:
             self._sweep_expired_locks(conn, now)
             seqs = [
@@ -465,7 +588,19 @@ class LocalQueue:
                     f"SELECT {_COLUMNS} FROM messages WHERE sequence_number = ?",  # noqa: S608
                     (seq,),
                 ).fetchone()
-                received.append(_row_to_message(row))
+                try:
+                    received.append(_row_to_message(row))
+                except _UNDECODABLE as exc:
+                    # One damaged row must not block every receive after it.
+                    self._dead_letter_row(
+                        conn, seq, CORRUPT_MESSAGE, _undecodable_description(exc), now
+                    )
+                    corrupt.append(seq)
+        if corrupt:
+            logger.error(
+                "local queue %s: message(s) %s cannot be decoded (the file was damaged); "
+                "dead-lettered as %s", self.path, ", ".join(map(str, corrupt)), CORRUPT_MESSAGE,
+            )
         return received
 
     def renew_lock(self, lock_token: str, *, lock_duration: float | None = None) -> datetime:
@@ -604,7 +739,7 @@ class LocalQueue:
                 "ORDER BY sequence_number LIMIT ?",
                 (_DEADLETTERED, max(limit, 0)),
             ).fetchall()
-        return [_row_to_message(r) for r in rows]
+        return [_row_to_dead_letter(r) for r in rows]
 
     def get_dead_letter(self, sequence_number: int) -> QueuedMessage | None:
         """One dead-lettered message by sequence number, or None."""
@@ -616,7 +751,7 @@ class LocalQueue:
                 "WHERE sequence_number = ? AND state = ?",
                 (sequence_number, _DEADLETTERED),
             ).fetchone()
-        return None if row is None else _row_to_message(row)
+        return None if row is None else _row_to_dead_letter(row)
 
     def replay_dead_letter(self, sequence_number: int) -> QueuedMessage | None:
         """Move a dead-lettered message back as a new active message, atomically.
@@ -636,7 +771,10 @@ class LocalQueue:
             if row is None:
                 return None
             message_id, body, props_json = row
-            properties: dict[str, str] = dict(json.loads(props_json))
+            try:
+                properties = _properties(props_json)
+            except _UNDECODABLE:
+                properties = {}  # a CorruptMessage: what can be replayed is the body
             try:
                 replay_count = int(properties.get("replayCount", "0"))
             except ValueError:
@@ -657,7 +795,7 @@ class LocalQueue:
         with self._sent:
             self._sent_generation += 1
             self._sent.notify_all()
-        return _row_to_message(new_row)
+        return _row_to_dead_letter(new_row)
 
     def purge_dead_letters(self, sequence_numbers: Iterable[int] | None = None) -> int:
         """Delete the named dead letters (all when None); how many were removed."""
@@ -694,10 +832,89 @@ class LocalQueue:
 
 
 QUEUE_FILE = "queue.sqlite3"
+#: Written next to the queue file once it exists: from then on a missing or emptied queue
+#: file is an error (acknowledged events are gone), not a fresh start.
+INITIALISED_MARKER = "initialised"
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    """SQLITE_CORRUPT and SQLITE_NOTADB (and their extended codes): the file, not a lock."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or (
+        not name and "malformed" in str(exc)
+    )
+
+
+def recovery_advice(path: Path) -> str:
+    """How to get going again after a damaged queue file, for the error that refuses it."""
+    aside = path.with_name(path.name + ".damaged")
+    marker = path.parent / INITIALISED_MARKER
+    return (
+        "Acknowledged events may be in it, so the host does not start on it. To recover: stop "
+        f"every process using it, move it aside with its write-ahead log (`mv {path} {aside}`; "
+        f"`mv {path}-wal {aside}-wal` if present; delete {path}-shm), then either salvage "
+        f"what can still be read with `sqlite3 {aside} .recover | sqlite3 {path}` (rows on "
+        "intact pages come back with their delivery counts; rows on destroyed pages are lost; "
+        "a row that comes back damaged is dead-lettered as CorruptMessage when received; "
+        "`.recover` needs a sqlite3 shell built with the dbpage virtual table, as the "
+        f"sqlite.org downloads are), or start with an empty queue by also deleting {marker}."
+    )
+
+
+def _write_marker(marker: Path, queue_path: Path) -> None:
+    text = (
+        f"This directory holds the local queue {queue_path.name}, initialised "
+        f"{datetime.now(UTC).isoformat()}. While this file exists, a missing or empty "
+        f"{queue_path.name} is reported as an error instead of starting with an empty queue.\n"
+    )
+    tmp = marker.with_name(marker.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, marker)
+    dir_fd = os.open(marker.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def open_state_queue(state_dir: Path, *, max_delivery_count: int = 5) -> LocalQueue:
+    """The queue of a state directory; `QueueDamagedError` when a directory that was
+    initialised has lost its queue file or had it emptied."""
+    path = state_dir / QUEUE_FILE
+    marker = state_dir / INITIALISED_MARKER
+    if marker.exists():
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise QueueDamagedError(
+                f"local queue {path} is missing, but {marker} says this state directory was "
+                "initialised: the events it held are not there. Restore the file (with its -wal "
+                f"file), or start with an empty queue by deleting {marker}."
+            ) from None
+        if size == 0:
+            raise QueueDamagedError(
+                f"local queue {path} is empty (0 bytes), but {marker} says this state directory "
+                f"was initialised: the file was truncated. {recovery_advice(path)}"
+            )
+    queue = LocalQueue(path, max_delivery_count=max_delivery_count)
+    if not marker.exists():
+        try:
+            _write_marker(marker, path)
+        except OSError as exc:
+            queue.close()
+            raise QueueUnavailableError(
+                f"local queue {path}: cannot write {marker}: {exc}"
+            ) from exc
+    return queue
 
 
 def open_local_queue(settings: Settings) -> LocalQueue:
     """The embedded queue in `LOCAL_STATE_DIR`, as the settings configure it."""
-    return LocalQueue(
-        settings.local_state_dir / QUEUE_FILE, max_delivery_count=settings.max_delivery_count
+    return open_state_queue(
+        settings.local_state_dir, max_delivery_count=settings.max_delivery_count
     )

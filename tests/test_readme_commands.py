@@ -1,0 +1,230 @@
+"""The README's commands are run, and print what the README shows beside them.
+
+Every local command in a README code block (`make ...`, `python -m shared.cli ...`, `curl`
+against the local host) must sit in a ```console transcript, and every such transcript is run
+here: against a real `make run` on a free port with a fresh LOCAL_STATE_DIR, each command in
+one bash session, and its output compared with the lines shown after it (after `normalise`:
+ids, times, hashes and ports may differ; `...` stands for any lines). Commands for Azure and
+for the tools this machine does not have (`az`, `azd`, `func`, `devtunnel`, `ngrok`, any
+https:// URL) are not run.
+
+To run one transcript: `pytest tests/test_readme_commands.py -k <README line>`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.local.queue import QUEUE_FILE, LocalQueue
+
+from .support import http_request, wait_until
+from .transcripts import Block, TranscriptShell, blocks, commands_of, matches, normalise
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+VENV_BIN = Path(sys.executable).parent
+
+# Tools that are not on this machine or that reach Azure: their lines are documentation only.
+NOT_LOCAL_TOOLS = ("az", "azd", "func", "devtunnel", "ngrok")
+LOCAL_COMMAND = re.compile(
+    r"^(?:[A-Z_]+=\S*\s+)*"  # environment assignments, e.g. PORT=abc
+    r"(?:make\b|(?:\S*/)?python3?\s+-m\s+shared\.cli\b|curl\b)"
+)
+# Local commands that no transcript runs, and why.
+NOT_RUN = {
+    "make test": "the suite this test is part of",
+}
+BANNER_END = "Press Ctrl-C to stop."
+
+
+def first_word(command: str) -> str:
+    words = [w for w in command.split() if not re.match(r"^[A-Z_]+=", w)]
+    return words[0] if words else ""
+
+
+def is_remote(command: str) -> bool:
+    return first_word(command) in NOT_LOCAL_TOOLS or "https://" in command
+
+
+def is_local(command: str) -> bool:
+    return bool(LOCAL_COMMAND.match(command.strip())) and not is_remote(command)
+
+
+def runnable(block: Block) -> bool:
+    return block.lang == "console" and not any(is_remote(c) for _, c in commands_of(block))
+
+
+def transcripts() -> list[Block]:
+    return [b for b in blocks(README) if runnable(b)]
+
+
+class TestEveryLocalCommandIsRun:
+    def test_local_commands_appear_only_in_transcripts_that_are_run(self) -> None:
+        stray = [
+            f"README.md:{line}: {command.splitlines()[0]}"
+            for block in blocks(README) if not runnable(block)
+            for line, command in commands_of(block)
+            if is_local(command) and command.strip() not in NOT_RUN
+        ]
+        assert stray == [], (
+            "local commands outside a ```console transcript (or in one that also reaches "
+            "Azure) are never run by this test; write them as `$ command` lines with their "
+            "output in a transcript of their own"
+        )
+
+    def test_the_readme_has_transcripts_and_they_hold_local_commands(self) -> None:
+        run = [c for b in transcripts() for _, c in commands_of(b) if is_local(c)]
+        assert any(c.startswith("make run") for c in run)
+        assert any("python -m shared.cli dlq" in c for c in run)
+        assert any(c.startswith("curl") for c in run)
+
+
+# -- running a transcript ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def transcript_env(state: Path, port: int) -> dict[str, str]:
+    """A newcomer's shell: no Azure settings, no token (the development token), the venv that
+    `make run` made on PATH; only the port and the state directory are the test's."""
+    drop = ("SMARTCAR_", "ServiceBusConnection", "KEY_VAULT", "APPLICATIONINSIGHTS", "MAKE",
+            "MFLAGS", "LOCAL_STATE_DIR", "PORT", "HOST", "LOG_LEVEL", "INSPECTOR_PORT",
+            "AzureWebJobsStorage", "PYTEST_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        VIRTUAL_ENV=str(VENV_BIN.parent),
+        PORT=str(port),
+        LOCAL_STATE_DIR=str(state),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class Host:
+    """`make run` in the background; its output is drained by a thread so it never blocks."""
+
+    def __init__(self, command: str, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            ["bash", "-c", command], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def banner(self, timeout: float = 120.0) -> list[str]:
+        """The output up to the banner's last line, or everything if the host exited."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if BANNER_END in self.lines:
+                return self.lines[: self.lines.index(BANNER_END) + 1]
+            if self.proc.poll() is not None:
+                self._reader.join(10)
+                return list(self.lines)
+            time.sleep(0.05)
+        raise AssertionError("make run printed no banner in time:\n" + "\n".join(self.lines))
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.running:
+            os.killpg(self.proc.pid, signal.SIGINT)  # Ctrl-C
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self._reader.join(10)
+
+
+def wait_for_idle(state: Path, port: int) -> None:
+    """Wait until the host has settled every message: a person reads the previous output
+    before typing the next command, and the processor answers in milliseconds."""
+    wait_until(lambda: http_request(port, "GET", "/api/health").status == 200, timeout=60)
+    queue = LocalQueue(state / QUEUE_FILE)
+    try:
+        wait_until(lambda: queue.stats()["active"] == 0, timeout=60, interval=0.05)
+    finally:
+        queue.close()
+
+
+def localise(command: str, port: int) -> str:
+    """The README's command on this test's port and state directory."""
+    return (command.replace("127.0.0.1:7071", f"127.0.0.1:{port}")
+            .replace(".local/", '"$LOCAL_STATE_DIR"/'))
+
+
+def mismatch(block: Block, line: int, command: str, expected: list[str], actual: list[str],
+             status: int | None = None) -> str:
+    return (
+        f"{block.where}, README line {line}: `{command}`"
+        + (f" (exit status {status})" if status is not None else "")
+        + "\n--- README shows (normalised) ---\n" + "\n".join(expected)
+        + "\n--- it printed (normalised) ---\n" + "\n".join(actual)
+    )
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    yield tmp_path / "state", free_port()
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(),
+                    reason="the transcripts use the .venv that make test (or make run) created")
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("block", transcripts(), ids=lambda b: f"line{b.line}")
+def test_readme_transcript(block: Block, workspace: tuple[Path, int]) -> None:
+    state, port = workspace
+    env = transcript_env(state, port)
+    shown = {str(state): ".local"}
+    host: Host | None = None
+    shell = TranscriptShell(ROOT, env)
+    try:
+        for step in block.steps():
+            expected = [normalise(line) for line in step.expected]
+            command = localise(step.command, port)
+            if first_word(step.command) == "make" and re.search(r"\bmake run\b", step.command):
+                assert host is None or not host.running, f"{block.where}: two `make run`"
+                host = Host(command, env)
+                actual = [normalise(line, shown) for line in host.banner()]
+                assert matches(expected, actual), mismatch(block, step.line, step.command,
+                                                           expected, actual)
+                continue
+            if host is None or not host.running:
+                host = Host("make run", env)
+                banner = host.banner()
+                assert host.running, "make run exited:\n" + "\n".join(banner)
+            wait_for_idle(state, port)
+            output, status = shell.run(command)
+            actual = [normalise(line, shown) for line in output]
+            assert matches(expected, actual), mismatch(block, step.line, step.command,
+                                                       expected, actual, status)
+    finally:
+        shell.close()
+        if host is not None:
+            host.stop()
