@@ -159,6 +159,31 @@ class TestVerify:
         assert resp.json() == {"challenge": sign(TOKEN, allowed)}
 
 
+class TestSmartcarSdkOverHttp:
+    """What Smartcar's own Python SDK computes is what the receiver answers and accepts."""
+
+    def test_the_verify_answer_is_the_sdks_hash_challenge(self, host: RunningHost) -> None:
+        import smartcar
+
+        event = fixture_json("verify.json")
+        resp = host.post(WEBHOOK, encode(event))
+        assert resp.json() == {"challenge": smartcar.hash_challenge(TOKEN,
+                                                                    event["data"]["challenge"])}
+
+    @pytest.mark.parametrize("note", ["plain ascii", "Stra\u00dfe caf\u00e9 \U0001f697 \u4e2d\u6587"])
+    def test_a_body_signed_with_the_sdks_hash_is_accepted(self, host: RunningHost,
+                                                          note: str) -> None:
+        import smartcar
+
+        text = json.dumps(state_event(note=note), ensure_ascii=False)
+        body = text.encode("utf-8")
+        signature = smartcar.hash_challenge(TOKEN, text)
+        assert smartcar.verify_payload(TOKEN, signature, text)
+        assert host.post(WEBHOOK, body, {"SC-Signature": signature}).status == 200
+        assert host.post(WEBHOOK, body, {"SC-Signature": signature.upper()}).status == 401
+        assert not smartcar.verify_payload(TOKEN, signature.upper(), text)
+
+
 class TestOlderVerifyFormat:
     """Smartcar's older webhooks verify with `eventName` and `payload` (format "2.0")."""
 
