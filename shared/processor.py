@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
-from .events import Event, InvalidEventError, parse_event
+from .events import Event, InvalidEventError, parse_event, peek_envelope
 from .handlers import HandlerContext, HandlerRegistry
 from .publisher import (
     PROP_DEAD_LETTER_DESCRIPTION,
@@ -81,7 +81,7 @@ class DeadLetterer(Protocol):
 
 
 class OutcomeLog(Protocol):
-    """Where local mode records each processed event (`shared/local`'s `HandledLog`)."""
+    """Where local mode records each final outcome (`shared/local`'s `HandledLog`)."""
 
     def append(self, record: Mapping[str, Any]) -> None: ...
 
@@ -148,6 +148,40 @@ def staleness(event: Event, received: datetime | None, max_age_seconds: float) -
     return None
 
 
+def outcome_record(
+    message: InboundMessage,
+    outcome: str,
+    *,
+    event: Event | None = None,
+    reason: str | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
+    """One line of `handled.jsonl`: a final outcome of one message (README "What happens").
+
+    The ids come from the parsed event, or, for a payload that could not be parsed, from
+    whatever of them the body holds (None when absent)."""
+    ids: tuple[str | None, str | None, str | None]
+    if event is not None:
+        ids = (event.event_id, event.event_type, event.vehicle_id)
+    else:
+        envelope = peek_envelope(message.body)
+        ids = (envelope.event_id, envelope.event_type, envelope.vehicle_id)
+    event_id, event_type, vehicle_id = ids
+    record: dict[str, Any] = {
+        "eventId": event_id,
+        "eventType": event_type,
+        "vehicleId": vehicle_id,
+        "deliveryCount": message.delivery_count,
+        "messageId": message.message_id,
+        "outcome": outcome,
+        "handledAt": datetime.now(UTC).isoformat(),
+    }
+    if reason is not None:
+        record["reason"] = reason
+        record["description"] = description
+    return record
+
+
 def backoff_seconds(delivery_count: int, *, base: float, maximum: float) -> float:
     """Exponential backoff: base, 2*base, 4*base, ... capped at `maximum`."""
     exponent = max(delivery_count - 1, 0)
@@ -173,13 +207,17 @@ async def process_message(
         try:
             result = await _process(
                 message, settings=settings, registry=registry, dead_letterer=dead_letterer,
-                handled_log=handled_log, sleep=sleep,
+                sleep=sleep,
             )
         except HandlerFailedError as exc:
             last = message.delivery_count >= settings.max_delivery_count
             observed.outcome = PROCESS_DEAD_LETTERED if last else PROCESS_RETRIED
             observed.error_type = type(exc.__cause__ or exc).__name__
             raise
+        if handled_log is not None:
+            handled_log.append(outcome_record(
+                message, str(result.outcome), event=result.event, reason=result.reason,
+                description=result.description))
         observed.outcome = str(result.outcome)
         if result.outcome is Outcome.DEAD_LETTERED:
             observed.dead_letter_reason = result.reason or INVALID_PAYLOAD
@@ -197,7 +235,6 @@ async def _process(
     settings: Settings,
     registry: HandlerRegistry,
     dead_letterer: DeadLetterer,
-    handled_log: OutcomeLog | None,
     sleep: Callable[[float], Awaitable[None]],
 ) -> ProcessResult:
     if PROP_DEAD_LETTER_REASON in message.application_properties:
@@ -261,16 +298,4 @@ async def _process(
     outcome = Outcome.HANDLED if ran else Outcome.UNHANDLED
     if not ran:
         logger.info("no handler for event %s of type %s", event.event_id, event.event_type)
-    if handled_log is not None:
-        handled_log.append(
-            {
-                "eventId": event.event_id,
-                "eventType": event.event_type,
-                "vehicleId": event.vehicle_id,
-                "deliveryCount": message.delivery_count,
-                "messageId": message.message_id,
-                "outcome": str(outcome),
-                "handledAt": datetime.now(UTC).isoformat(),
-            }
-        )
     return ProcessResult(outcome, event=event)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -106,6 +108,52 @@ class Publisher(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+#: How many accepted message ids an instance remembers to answer a retry `duplicate`.
+RECENT_IDS_LIMIT = 100_000
+
+
+class RememberingPublisher:
+    """Answers a retry of an id this instance stored within `window` seconds as a duplicate.
+
+    Service Bus drops a duplicate `message_id` silently (the send succeeds), so the sender
+    cannot tell. This instance remembers the ids it stored (at most `limit`, oldest forgotten
+    first) and does not send them again: the first copy is durable already. A retry that
+    reaches another instance is sent, dropped by Service Bus, and answered `accepted`.
+    `window` must not exceed the queue's duplicate-detection window.
+    """
+
+    def __init__(
+        self,
+        inner: Publisher,
+        *,
+        window: float,
+        limit: int = RECENT_IDS_LIMIT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._inner = inner
+        self._window = window
+        self._limit = limit
+        self._clock = clock
+        self._stored: OrderedDict[str, float] = OrderedDict()
+
+    async def publish(self, message: OutboundMessage) -> bool:
+        now = self._clock()
+        while self._stored:  # forget what is out of the window, oldest first
+            oldest, at = next(iter(self._stored.items()))
+            if now - at < self._window and len(self._stored) <= self._limit:
+                break
+            del self._stored[oldest]
+        if message.message_id in self._stored:
+            return False
+        stored = await self._inner.publish(message)
+        if stored:
+            self._stored[message.message_id] = now
+        return stored
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 class ServiceBusPublisher:

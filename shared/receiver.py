@@ -158,9 +158,11 @@ async def _decide(
     except PublishError as exc:
         logger.error("event %s not stored: %s; answering 503", message.message_id, exc)
         return _error(503, UNAVAILABLE, "event could not be stored, retry later", **extra)
+    # Not stored means the queue already holds this eventId (within its duplicate window):
+    # still 200, so Smartcar stops retrying, but the sender can tell nothing new was stored.
     return Reply(
         status=200,
-        body={"status": "accepted", "eventId": envelope.event_id},
+        body={"status": ACCEPTED if stored else DUPLICATE, "eventId": envelope.event_id},
         outcome=ACCEPTED if stored else DUPLICATE,
         **extra,
     )

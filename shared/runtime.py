@@ -16,13 +16,16 @@ from typing import Any
 from .handlers import HandlerRegistry
 from .handlers import registry as default_registry
 from .processor import DeadLetterer, OutcomeLog, ServiceBusDeadLetterer
-from .publisher import Publisher, build_service_bus_publisher
+from .publisher import Publisher, RememberingPublisher, build_service_bus_publisher
 from .settings import Settings, load_settings
 from .spill import FileSpillStore, SpillingPublisher, SpillStore, build_blob_spill_store
 from .telemetry import configure as configure_telemetry
 from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
 
 HANDLED_FILE = "handled.jsonl"
+#: The queue's duplicate-detection window: the embedded queue's, and at most Service Bus's
+#: (`duplicateDetectionHistoryTimeWindow` in infra/modules/servicebus.bicep, checked by tests).
+DUPLICATE_WINDOW_SECONDS = 3600.0
 SPILL_DIR = "spill"
 
 
@@ -103,6 +106,9 @@ def build_runtime(
     spill = build_spill_store(settings)
     if publisher is None:
         publisher = SpillingPublisher(primary, spill)
+        if settings.queue_backend == "servicebus":
+            # The embedded queue reports duplicates itself; Service Bus drops them silently.
+            publisher = RememberingPublisher(publisher, window=DUPLICATE_WINDOW_SECONDS)
     else:
         primary = publisher
     return Runtime(

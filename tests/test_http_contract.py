@@ -391,7 +391,8 @@ class TestAuthenticPayloadsAreNeverRejectedForContent:
         assert dead.dead_letter_reason == "InvalidPayload"
         assert why in (dead.dead_letter_description or "")
         assert dead.body == body
-        assert host.handled() == []
+        (record,) = wait_until(host.handled)
+        assert (record["outcome"], record["reason"]) == ("dead_lettered", "InvalidPayload")
 
     def test_signed_json_without_event_type_is_dead_lettered_with_a_description(
         self, host: RunningHost
@@ -421,8 +422,13 @@ class TestDuplicates:
     def test_same_event_id_is_stored_and_processed_once(self, host: RunningHost) -> None:
         event = state_event()
         body = encode(event)
-        for _ in range(3):
-            assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+        answers = [host.post(WEBHOOK, body, signed_headers(body)) for _ in range(3)]
+        assert [a.status for a in answers] == [200, 200, 200]
+        assert [a.json() for a in answers] == [
+            {"status": "accepted", "eventId": event["eventId"]},
+            {"status": "duplicate", "eventId": event["eventId"]},
+            {"status": "duplicate", "eventId": event["eventId"]},
+        ]
         wait_until(host.handled)
         # Give a duplicate the chance to be processed before asserting it was not.
         marker = state_event()
@@ -438,8 +444,10 @@ class TestDuplicates:
         event["meta"]["deliveredAt"] += 25_000
         retry = encode(event)
         assert first != retry
-        assert host.post(WEBHOOK, first, signed_headers(first)).status == 200
-        assert host.post(WEBHOOK, retry, signed_headers(retry)).status == 200
+        assert host.post(WEBHOOK, first, signed_headers(first)).json()["status"] == "accepted"
+        answer = host.post(WEBHOOK, retry, signed_headers(retry))
+        assert (answer.status, answer.json()) == (
+            200, {"status": "duplicate", "eventId": event["eventId"]})
         marker = state_event()
         marker_body = encode(marker)
         host.post(WEBHOOK, marker_body, signed_headers(marker_body))
@@ -529,7 +537,9 @@ class TestProcessingFailures:
             assert dead.dead_letter_reason == "MaxDeliveryCountExceeded"
             assert dead.delivery_count == 3
             assert attempts == [1, 2, 3]
-            assert host.handled() == []
+            (record,) = wait_until(host.handled)
+            assert (record["outcome"], record["reason"]) == (
+                "dead_lettered", "MaxDeliveryCountExceeded")
 
     def test_handler_that_recovers_is_handled_once(self, tmp_path: Path) -> None:
         registry = HandlerRegistry()

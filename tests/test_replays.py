@@ -128,6 +128,9 @@ class TestStaleDeliveries:
         assert re.search(description, entry["description"]), entry["description"]
         assert stale["eventId"] not in recorder.seen
         assert not_handled(host, stale["eventId"])
+        # handled.jsonl records it as what it is: a final outcome, dead-lettered.
+        (record,) = [r for r in host.handled() if r["eventId"] == stale["eventId"]]
+        assert (record["outcome"], record["reason"]) == ("dead_lettered", "StaleDelivery")
         shown = cli_json(env, "dlq", "show", str(entry["sequenceNumber"]))
         assert shown["body"] == body.decode()
 

@@ -12,7 +12,7 @@ import pytest
 from shared import functions
 from shared.local.adapters import LocalDeadLetterer, LocalQueuePublisher
 from shared.processor import ServiceBusDeadLetterer
-from shared.publisher import ServiceBusPublisher
+from shared.publisher import RememberingPublisher, ServiceBusPublisher
 from shared.runtime import build_runtime, set_runtime
 from shared.settings import load_settings
 from shared.spill import BlobSpillStore, FileSpillStore, SpillingPublisher
@@ -28,7 +28,8 @@ def test_azure_settings_build_service_bus_and_key_vault_boundaries() -> None:
     })
     runtime = build_runtime(settings)  # constructs clients lazily: no network here
     assert isinstance(runtime.tokens, KeyVaultTokenProvider)
-    assert isinstance(runtime.publisher, SpillingPublisher)
+    assert isinstance(runtime.publisher, RememberingPublisher)
+    assert isinstance(runtime.publisher._inner, SpillingPublisher)
     assert isinstance(runtime.spill, BlobSpillStore)
     assert isinstance(runtime.redrive_publisher, ServiceBusPublisher)
     assert isinstance(runtime.dead_letterer, ServiceBusDeadLetterer)

@@ -164,8 +164,11 @@ class TranscriptShell:
     def run(self, command: str) -> tuple[list[str], int]:
         assert self._proc.stdin is not None and self._proc.stdout is not None
         # stdin from /dev/null: a command must not read the script that drives the shell.
-        script = (f"{{ {command}\n}} </dev/null 2>&1\n"
-                  f"printf '\\n{self._marker} %s\\n' \"$?\"\n")
+        # `$?` is restored before each command, so `echo $?` shows the previous one's status.
+        script = ("(exit ${__transcript_status:-0})\n"
+                  f"{{ {command}\n}} </dev/null 2>&1\n"
+                  "__transcript_status=$?\n"
+                  f"printf '\\n{self._marker} %s\\n' \"$__transcript_status\"\n")
         self._proc.stdin.write(script.encode())
         self._proc.stdin.flush()
         deadline = time.monotonic() + self._timeout

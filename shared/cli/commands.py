@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..events import peek_envelope
 from ..local.queue import QUEUE_FILE
 from ..settings import Settings, SettingsError, load_settings
 from .ops import DeadLetter, OpsError, QueueOps, as_ids, open_ops
@@ -113,7 +114,9 @@ def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
     else:
         body = build_event(args.event_type or "state")
     token = args.token
-    if token is None:
+    # Unsigned, a token is needed only to check a VERIFY answer.
+    needs_token = not args.unsigned or _is_verify(body)
+    if token is None and needs_token:
         settings = _settings()
         token = settings.management_token
         if token is None:
@@ -121,13 +124,18 @@ def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
                 "no management token: pass --token (in Azure the app reads it from Key Vault)"
             )
         if settings.using_dev_token:
-            print("note: signing with the development token "
+            use = "checking the VERIFY answer with" if args.unsigned else "signing with"
+            print(f"note: {use} the development token "
                   "(SMARTCAR_MANAGEMENT_TOKEN is unset)", file=err)
     try:
         delivery = deliver(args.url, body, token=token, signed=not args.unsigned)
     except DeliveryError as exc:
         raise Failure(str(exc), status=exc.status, body=exc.body) from None
     return delivery
+
+
+def _is_verify(body: bytes) -> bool:
+    return peek_envelope(body).event_type == "VERIFY"
 
 
 def _send_doc(d: Delivery) -> dict[str, Any]:
@@ -183,7 +191,20 @@ def _clip(text: str | None, width: int) -> str | None:
     return text[: width - 3] + "..."
 
 
-def _list_text(entries: list[DeadLetter]) -> str:
+def _listing(ops: QueueOps, limit: int) -> tuple[list[DeadLetter], int | None]:
+    """Up to `limit` dead letters, and how many there are when that is more (None when the
+    count cannot be read: the listing still works with a data role that cannot read it)."""
+    entries = ops.dead_letters(limit=limit + 1)
+    if len(entries) <= limit:
+        return entries, len(entries)
+    try:
+        total: int | None = max(ops.stats()["deadLettered"], limit + 1)
+    except OpsError:
+        total = None
+    return entries[:limit], total
+
+
+def _list_text(entries: list[DeadLetter], total: int | None = None) -> str:
     if not entries:
         return "The dead-letter queue is empty."
     rows = [
@@ -194,7 +215,12 @@ def _list_text(entries: list[DeadLetter]) -> str:
     ]
     table = _table(rows, ("ID", "EVENT TYPE", "EVENT ID", "REASON", "DELIVERIES", "ENQUEUED",
                           "DESCRIPTION"))
-    return f"{table}\n{len(entries)} dead-lettered. Details: dlq show ID"
+    if total == len(entries):
+        count = f"{len(entries)} dead-lettered."
+    else:
+        of = f"{total}" if total is not None else f"more than {len(entries)}"
+        count = f"{len(entries)} of {of} dead-lettered shown (raise --limit for more)."
+    return f"{table}\n{count} Details: dlq show ID"
 
 
 def _show_text(doc: dict[str, Any]) -> str:
@@ -251,8 +277,12 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if command == "list":
         if args.limit < 1:
             raise UsageError("--limit must be at least 1")
-        entries: list[DeadLetter] = _with_ops(lambda ops: ops.dead_letters(limit=args.limit), err)
-        emit([e.summary() for e in entries], _list_text(entries))
+        limit = args.limit
+        # One more than asked for tells whether --limit left some out.
+        listed: tuple[list[DeadLetter], int | None] = _with_ops(
+            lambda ops: _listing(ops, limit), err)
+        entries, total = listed
+        emit([e.summary() for e in entries], _list_text(entries, total))
         return EXIT_OK
 
     if command == "show":

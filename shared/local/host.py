@@ -31,13 +31,20 @@ from aiohttp import web
 from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 
+from ..processor import InboundMessage, Outcome, outcome_record
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
 from ..settings import Settings, SettingsError, load_settings
 from ..telemetry import configure as configure_telemetry
 from .batching import Batcher
 from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, serve_with_head_deadline
-from .queue import LocalQueue, LockLostError, QueuedMessage, QueueUnavailableError
+from .queue import (
+    MAX_DELIVERY_COUNT_EXCEEDED,
+    LocalQueue,
+    LockLostError,
+    QueuedMessage,
+    QueueUnavailableError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -407,12 +414,28 @@ class LocalHost:
                 exc_info=logger.isEnabledFor(logging.DEBUG),
             )
             await self._settle(self._abandon, qm.lock_token)
+            if qm.delivery_count >= self.queue.max_delivery_count:
+                self._record_dead_lettered(qm, exc)
         else:
             await self._settle(self._completer.submit, qm.lock_token)
         finally:
             renewer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
+
+    def _record_dead_lettered(self, qm: QueuedMessage, exc: BaseException) -> None:
+        """The last delivery failed, so the queue dead-letters the message: that is its final
+        outcome, and handled.jsonl records every final outcome."""
+        if self.runtime.handled_log is None:
+            return
+        self.runtime.handled_log.append(outcome_record(
+            InboundMessage(body=qm.body, message_id=qm.message_id,
+                           delivery_count=qm.delivery_count),
+            str(Outcome.DEAD_LETTERED),
+            reason=MAX_DELIVERY_COUNT_EXCEEDED,
+            description=f"{type(exc.__cause__ or exc).__name__} on the last of "
+                        f"{self.queue.max_delivery_count} deliveries",
+        ))
 
     async def _abandon(self, lock_token: str) -> None:
         await asyncio.to_thread(self.queue.abandon, lock_token)
@@ -519,11 +542,42 @@ async def serve(
         runtime.handled_log.close()
 
 
+def port_from_env(environ: Mapping[str, str]) -> int:
+    """`PORT`, checked like the app's settings: a clear error instead of a traceback."""
+    raw = environ.get("PORT", "").strip()
+    if not raw:
+        return DEFAULT_PORT
+    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise SettingsError(
+            f"PORT must be a TCP port number from 0 to 65535 (the local host's port), "
+            f"got {raw!r}; e.g. PORT=7072 make run"
+        )
+    return int(raw)
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level_from_env(environ: Mapping[str, str]) -> str:
+    level = environ.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in _LOG_LEVELS:
+        raise SettingsError(
+            f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {environ['LOG_LEVEL']!r}"
+        )
+    return level
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.local", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    try:
+        default_port = port_from_env(os.environ)
+        log_level = log_level_from_env(os.environ)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
+    parser.add_argument("--port", type=int, default=default_port)
     parser.add_argument("--workers", type=int, default=4,
                         help="queue messages processed concurrently (default 4)")
     parser.add_argument("--lock-duration", type=float, default=60.0,
@@ -537,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        level=log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
