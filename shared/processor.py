@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from .events import Event, InvalidEventError, parse_event, peek_envelope
 from .handlers import HandlerContext, HandlerRegistry
@@ -215,9 +215,15 @@ async def process_message(
             observed.error_type = type(exc.__cause__ or exc).__name__
             raise
         if handled_log is not None:
-            handled_log.append(outcome_record(
-                message, str(result.outcome), event=result.event, reason=result.reason,
-                description=result.description))
+            try:
+                handled_log.append(outcome_record(
+                    message, str(result.outcome), event=result.event, reason=result.reason,
+                    description=result.description))
+            except OSError as exc:
+                last = message.delivery_count >= settings.max_delivery_count
+                observed.outcome = PROCESS_DEAD_LETTERED if last else PROCESS_RETRIED
+                observed.error_type = type(exc).__name__
+                await _unrecorded(message, settings, sleep, exc, last=last)
         observed.outcome = str(result.outcome)
         if result.outcome is Outcome.DEAD_LETTERED:
             observed.dead_letter_reason = result.reason or INVALID_PAYLOAD
@@ -227,6 +233,33 @@ async def process_message(
             observed.vehicle_id = result.event.vehicle_id
             observed.delivered_at = result.event.meta.delivered_at
         return result
+
+
+async def _unrecorded(
+    message: InboundMessage,
+    settings: Settings,
+    sleep: Callable[[float], Awaitable[None]],
+    exc: OSError,
+    *,
+    last: bool,
+) -> NoReturn:
+    """The outcome could not be written to handled.jsonl (a full disk): a failed delivery like
+    a handler failure, retried after the same backoff, never at once."""
+    delay = 0.0 if last else backoff_seconds(
+        message.delivery_count,
+        base=settings.retry_backoff_base_seconds,
+        maximum=settings.retry_backoff_max_seconds,
+    )
+    logger.warning(
+        "cannot record message %s in handled.jsonl (delivery %d of %d): %s; %s",
+        message.message_id, message.delivery_count, settings.max_delivery_count, exc,
+        "it will be dead-lettered" if last else f"retrying in {delay:.1f}s",
+    )
+    if delay > 0:
+        await sleep(delay)
+    raise HandlerFailedError(
+        f"outcome of message {message.message_id} not recorded: {type(exc).__name__}"
+    ) from exc
 
 
 async def _process(

@@ -7,6 +7,7 @@ package reads `os.environ` for its own configuration.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -38,6 +39,12 @@ APPLICATIONINSIGHTS_CONNECTION_STRING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
 SPILL_CONTAINER_NAME = "SPILL_CONTAINER_NAME"
 # The host's storage account (identity-based AzureWebJobsStorage): also holds the spill container.
 STORAGE_ACCOUNT_NAME = "AzureWebJobsStorage__accountName"
+# Local host only: what host.json's functionTimeout is to the Functions host in Azure.
+FUNCTION_TIMEOUT_SECONDS = "FUNCTION_TIMEOUT_SECONDS"
+
+#: The app's host.json, deployed next to `shared/`; its `functionTimeout` is the default of
+#: FUNCTION_TIMEOUT_SECONDS, so the local bound and Azure's cannot drift apart.
+HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
 
 #: Every name `load_settings` reads.
 APP_SETTINGS: frozenset[str] = frozenset(
@@ -59,12 +66,18 @@ APP_SETTINGS: frozenset[str] = frozenset(
         APPLICATIONINSIGHTS_CONNECTION_STRING,
         SPILL_CONTAINER_NAME,
         STORAGE_ACCOUNT_NAME,
+        FUNCTION_TIMEOUT_SECONDS,
     }
 )
 
 #: Read only when running outside Azure; never set by the Bicep templates.
 LOCAL_ONLY_SETTINGS: frozenset[str] = frozenset(
-    {SMARTCAR_MANAGEMENT_TOKEN, SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN, LOCAL_STATE_DIR}
+    {
+        SMARTCAR_MANAGEMENT_TOKEN,
+        SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN,
+        LOCAL_STATE_DIR,
+        FUNCTION_TIMEOUT_SECONDS,
+    }
 )
 
 #: Read by the Functions host or the Azure SDKs, not by this module; Bicep sets them.
@@ -134,6 +147,8 @@ class Settings:
     spill_container_name: str = DEFAULTS[SPILL_CONTAINER_NAME]
     storage_account_name: str | None = None
     max_delivery_age_seconds: float = float(DEFAULTS[MAX_DELIVERY_AGE_SECONDS])
+    #: Bounds every delivery on the local host (host.json `functionTimeout` in Azure).
+    function_timeout_seconds: float = 300.0
 
     @property
     def token_source(self) -> str:
@@ -166,8 +181,37 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
     return value.strip()
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every setting; raise `SettingsError` naming all problems at once."""
+_TIMESPAN = re.compile(r"(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2}(?:\.\d+)?)")
+
+
+def function_timeout_from_host_json(path: Path = HOST_JSON) -> float:
+    """host.json's `functionTimeout` (a TimeSpan, `[d.]hh:mm:ss[.fff]`) in seconds.
+
+    ValueError says what was found; `-1` (unbounded, allowed on some plans) is refused here
+    because the local host always bounds a delivery.
+    """
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("functionTimeout")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"cannot read functionTimeout from {path}: {exc}") from None
+    match = _TIMESPAN.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(
+            f"functionTimeout in {path} must be a TimeSpan such as \"00:05:00\", got {value!r}"
+        )
+    days, hours, minutes, seconds = match.groups()
+    total = int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    if total <= 0:
+        raise ValueError(f"functionTimeout in {path} must be positive, got {value!r}")
+    return total
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, *, host_json: Path = HOST_JSON
+) -> Settings:
+    """Read and validate every setting; raise `SettingsError` naming all problems at once.
+
+    `host_json` gives FUNCTION_TIMEOUT_SECONDS its default (tests point it elsewhere)."""
     env = os.environ if environ is None else environ
     problems: list[str] = []
 
@@ -235,6 +279,24 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"got {_get(env, MAX_DELIVERY_AGE_SECONDS)!r}"
         )
 
+    function_timeout = 300.0
+    raw_timeout = _get(env, FUNCTION_TIMEOUT_SECONDS)
+    if raw_timeout is not None:
+        try:
+            function_timeout = float(raw_timeout)
+        except ValueError:
+            function_timeout = math.nan
+        if not function_timeout > 0 or math.isinf(function_timeout):
+            problems.append(
+                f"{FUNCTION_TIMEOUT_SECONDS} must be a positive number of seconds, "
+                f"got {raw_timeout!r}"
+            )
+    elif not in_azure:  # in Azure the Functions host reads host.json itself
+        try:
+            function_timeout = function_timeout_from_host_json(host_json)
+        except ValueError as exc:
+            problems.append(f"{FUNCTION_TIMEOUT_SECONDS} is unset and its default failed: {exc}")
+
     spill_container = _get(env, SPILL_CONTAINER_NAME) or DEFAULTS[SPILL_CONTAINER_NAME]
     if not _CONTAINER_NAME.fullmatch(spill_container) or "--" in spill_container:
         problems.append(
@@ -279,4 +341,5 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         spill_container_name=spill_container,
         storage_account_name=account,
         max_delivery_age_seconds=max_age,
+        function_timeout_seconds=function_timeout,
     )

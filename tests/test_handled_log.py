@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
+import pytest
+
+from shared.local import adapters
 from shared.local.adapters import HandledLog
 
 
@@ -38,3 +43,51 @@ def test_a_rotated_file_is_left_alone_and_a_new_one_started(tmp_path: Path) -> N
     assert log.read() == [{"eventId": "b"}]
     log.close()
     log.close()  # idempotent
+
+
+class TestWholeLinesOrNone:
+    """handled.jsonl never holds a torn line, whatever `os.write` does on a full disk."""
+
+    def test_short_writes_are_continued_until_the_line_is_whole(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real_write = os.write
+        sizes: list[int] = []
+
+        def seven_bytes_at_a_time(fd: int, data: bytes | memoryview) -> int:
+            written = real_write(fd, bytes(data[:7]))
+            sizes.append(written)
+            return written
+
+        log = HandledLog(tmp_path / "handled.jsonl")
+        monkeypatch.setattr(adapters.os, "write", seven_bytes_at_a_time)
+        log.append({"eventId": "a", "outcome": "handled"})
+        monkeypatch.undo()
+        assert len(sizes) > 3
+        assert log.read() == [{"eventId": "a", "outcome": "handled"}]
+        log.close()
+
+    def test_a_write_failing_after_part_of_the_line_leaves_the_file_as_it_was(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real_write = os.write
+        log = HandledLog(tmp_path / "handled.jsonl")
+        log.append({"eventId": "before"})
+        before = (tmp_path / "handled.jsonl").read_bytes()
+        calls = 0
+
+        def disk_fills_up(fd: int, data: bytes | memoryview) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return real_write(fd, bytes(data[:10]))  # what a nearly full disk does
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(adapters.os, "write", disk_fills_up)
+        with pytest.raises(OSError, match="No space left"):
+            log.append({"eventId": "after"})
+        monkeypatch.undo()
+        assert (tmp_path / "handled.jsonl").read_bytes() == before
+        log.append({"eventId": "later"})
+        assert log.read() == [{"eventId": "before"}, {"eventId": "later"}]
+        log.close()

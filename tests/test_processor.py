@@ -193,3 +193,27 @@ class TestFunctionAdapter:
             body=b'{"a":1}', message_id="e1", delivery_count=3, sequence_number=42,
             application_properties={"eventType": "VEHICLE_STATE"}, enqueued_time=None,
         )
+
+
+class UnwritableLog:
+    """A handled log on a full disk: every append fails as `HandledLog`'s does."""
+
+    def append(self, record: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    def close(self) -> None:
+        return None
+
+
+class TestUnrecordedOutcome:
+    def test_an_outcome_that_cannot_be_recorded_fails_the_delivery_after_the_backoff(
+        self,
+    ) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        sleeps = Sleeps()
+        for delivery in (1, 2, SETTINGS.max_delivery_count):
+            with pytest.raises(HandlerFailedError, match="not recorded: OSError"):
+                run(message(encode(state_event()), delivery), registry, sleep=sleeps,
+                    handled_log=UnwritableLog())
+        assert sleeps.delays == [2, 4]  # never at once; the last delivery does not wait

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from shared.settings import (
@@ -86,6 +89,45 @@ class TestMalformed:
         assert "MAX_BODY_BYTES" in str(err.value) and "MAX_DELIVERY_COUNT" in str(err.value)
 
 
+class TestFunctionTimeout:
+    """FUNCTION_TIMEOUT_SECONDS defaults to host.json's functionTimeout, read from the file."""
+
+    def test_the_default_is_the_functiontimeout_of_the_repositorys_host_json(self) -> None:
+        host_json = json.loads((Path(__file__).resolve().parent.parent / "host.json").read_text())
+        hours, minutes, seconds = (int(p) for p in host_json["functionTimeout"].split(":"))
+        assert load_settings({}).function_timeout_seconds == hours * 3600 + minutes * 60 + seconds
+
+    @pytest.mark.parametrize(("timespan", "seconds"), [
+        ("00:00:42", 42.0), ("01:30:00", 5400.0), ("1.00:00:00.5", 86400.5),
+    ])
+    def test_a_changed_host_json_changes_the_default(
+        self, tmp_path: Path, timespan: str, seconds: float
+    ) -> None:
+        host_json = tmp_path / "host.json"
+        host_json.write_text(json.dumps({"version": "2.0", "functionTimeout": timespan}))
+        assert load_settings({}, host_json=host_json).function_timeout_seconds == seconds
+
+    def test_the_setting_overrides_host_json(self) -> None:
+        assert load_settings({"FUNCTION_TIMEOUT_SECONDS": "2.5"}).function_timeout_seconds == 2.5
+
+    @pytest.mark.parametrize("value", ["soon", "0", "-1", "inf"])
+    def test_a_bad_value_is_named(self, value: str) -> None:
+        with pytest.raises(SettingsError, match=(
+            f"FUNCTION_TIMEOUT_SECONDS must be a positive number of seconds, got '{value}'"
+        )):
+            load_settings({"FUNCTION_TIMEOUT_SECONDS": value})
+
+    @pytest.mark.parametrize("content", ['{"version": "2.0"}', '{"functionTimeout": "-1"}', "{"])
+    def test_an_unusable_host_json_is_named_when_the_setting_is_unset(
+        self, tmp_path: Path, content: str
+    ) -> None:
+        host_json = tmp_path / "host.json"
+        host_json.write_text(content)
+        with pytest.raises(SettingsError, match="FUNCTION_TIMEOUT_SECONDS is unset and its "
+                           f"default failed: .*{host_json}"):
+            load_settings({}, host_json=host_json)
+
+
 class TestMaxDeliveryAge:
     def test_default_is_900_seconds(self) -> None:
         assert load_settings({}).max_delivery_age_seconds == 900
@@ -101,9 +143,6 @@ class TestMaxDeliveryAge:
                 and f"got {value!r}" in str(err.value))
 
     def test_the_local_example_sets_the_default(self) -> None:
-        import json
-        from pathlib import Path
-
         example = Path(__file__).resolve().parents[1] / "local.settings.json.example"
         values = json.loads(example.read_text())["Values"]
         assert values["MAX_DELIVERY_AGE_SECONDS"] == DEFAULTS["MAX_DELIVERY_AGE_SECONDS"]

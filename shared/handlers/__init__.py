@@ -13,9 +13,12 @@ Register a function for an `eventType`, or for a signal path ("Group.Name", e.g.
     def store_position(event, signal, context):
         ...
 
-Handlers may be plain or `async` functions. Plain ones run in a worker thread, so a blocking
-call (an HTTP client, a database driver) never stalls the event loop that also answers
-Smartcar's webhooks; `async` ones run on the loop and must not block. Raise to have the
+Handlers may be plain or `async` functions. Plain ones run in a thread of the registry's own
+pool (`blocking_threads`, default 32), so a blocking call (an HTTP client, a database driver)
+never stalls the event loop that also answers Smartcar's webhooks, and a hung one cannot take
+the threads the receiver needs; `async` ones run on the loop and must not block. A delivery is
+bounded by the function timeout (host.json `functionTimeout`; `FUNCTION_TIMEOUT_SECONDS`
+locally): a handler still running then is cancelled and the delivery fails. Raise to have the
 event retried with backoff
 (it is dead-lettered after `MAX_DELIVERY_COUNT` deliveries); return normally when done.
 Deliveries are at-least-once and unordered, so make handlers idempotent (key on
@@ -25,16 +28,17 @@ Import your module from `shared/handlers/__init__.py` (bottom) so it registers a
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ..events import Event, Signal
 from ..settings import Settings
+from .pool import BlockingPool
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,13 @@ class HandlerContext:
     delivery_count: int
 
 
+#: The handler a delivery is running (`module.qualname`), None once dispatch is done. Left
+#: set when the handler is cancelled, so the host can name it in the timeout warning.
+RUNNING_HANDLER: ContextVar[str | None] = ContextVar("RUNNING_HANDLER", default=None)
+
+#: Threads per registry for plain handlers: the Functions host's maxConcurrentCalls (host.json).
+BLOCKING_THREADS = 32
+
 EventHandler = Callable[[Event, HandlerContext], Awaitable[None] | None]
 SignalHandler = Callable[[Event, Signal, HandlerContext], Awaitable[None] | None]
 
@@ -60,9 +71,10 @@ SignalHandler = Callable[[Event, Signal, HandlerContext], Awaitable[None] | None
 class HandlerRegistry:
     """Maps event types and signal paths to handlers."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, blocking_threads: int = BLOCKING_THREADS) -> None:
         self._by_type: dict[str, list[EventHandler]] = defaultdict(list)
         self._by_signal: dict[str, list[SignalHandler]] = defaultdict(list)
+        self.pool = BlockingPool(blocking_threads)
 
     def on(self, event_type: str) -> Callable[[F], F]:
         """Decorator: call the handler for every event of `event_type`."""
@@ -87,27 +99,27 @@ class HandlerRegistry:
         """Run every matching handler; True when at least one ran. Handler errors propagate."""
         ran = False
         for handler in self._by_type.get(event.event_type, ()):
-            await _call(handler, event, context)
+            await self._call(handler, event, context)
             ran = True
-        if event.event_type != VEHICLE_STATE:
-            return ran
-        for signal in event.signals_by_recency():
-            if not signal.ok or signal.path is None:
-                continue
-            for signal_handler in self._by_signal.get(signal.path, ()):
-                await _call(signal_handler, event, signal, context)
-                ran = True
+        if event.event_type == VEHICLE_STATE:
+            for signal in event.signals_by_recency():
+                if not signal.ok or signal.path is None:
+                    continue
+                for signal_handler in self._by_signal.get(signal.path, ()):
+                    await self._call(signal_handler, event, signal, context)
+                    ran = True
+        RUNNING_HANDLER.set(None)
         return ran
 
-
-async def _call(handler: Callable[..., Awaitable[None] | None], *args: Any) -> None:
-    """Await a coroutine handler; run a plain one in a worker thread (it may block)."""
-    if inspect.iscoroutinefunction(handler):
-        await handler(*args)
-        return
-    result = await asyncio.to_thread(handler, *args)
-    if inspect.isawaitable(result):
-        await result
+    async def _call(self, handler: Callable[..., Awaitable[None] | None], *args: Any) -> None:
+        """Await a coroutine handler; run a plain one in the pool (it may block)."""
+        RUNNING_HANDLER.set(f"{handler.__module__}.{handler.__qualname__}")
+        if inspect.iscoroutinefunction(handler):
+            await handler(*args)
+            return
+        result = await self.pool.run(handler, *args)
+        if inspect.isawaitable(result):
+            await result
 
 
 #: The registry the app uses. Your handlers register here.

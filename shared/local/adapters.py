@@ -7,6 +7,7 @@ publisher with group commit, a dead-letterer by sequence number, and `handled.js
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import threading
@@ -61,6 +62,23 @@ class LocalDeadLetterer:
         )
 
 
+def _write_whole(fd: int, data: bytes) -> None:
+    """`os.write` may write part of the data (a nearly full disk): loop on the rest, and if a
+    write fails after part of the line is in, cut the file back so no torn line remains."""
+    start = os.lseek(fd, 0, os.SEEK_END)
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, "write made no progress", str(fd))
+            view = view[written:]
+    except OSError:
+        if len(view) < len(data):
+            os.ftruncate(fd, start)
+        raise
+
+
 class HandledLog:
     """Local mode: one JSON line per processed event in `${LOCAL_STATE_DIR}/handled.jsonl`."""
 
@@ -72,6 +90,8 @@ class HandledLog:
         self._inode: tuple[int, int] | None = None
 
     def append(self, record: Mapping[str, Any]) -> None:
+        """Append one line, whole or not at all: OSError (a full disk) leaves the file as it
+        was, and the caller fails the delivery (retried after the backoff)."""
         # Runs on the event loop: one O_APPEND write on a descriptor kept open, instead of
         # opening the file per line. The stat notices a deleted or rotated file and reopens.
         line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode("utf-8")
@@ -86,7 +106,7 @@ class HandledLog:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                 st = os.fstat(fd)
                 self._fd, self._inode = fd, (st.st_dev, st.st_ino)
-            os.write(self._fd, line)
+            _write_whole(self._fd, line)
 
     def _close(self) -> None:
         fd, self._fd, self._inode = self._fd, None, None

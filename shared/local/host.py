@@ -31,10 +31,11 @@ from aiohttp import web
 from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 
-from ..processor import InboundMessage, Outcome, outcome_record
+from ..handlers import RUNNING_HANDLER
+from ..processor import InboundMessage, Outcome, backoff_seconds, outcome_record
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
-from ..settings import Settings, SettingsError, load_settings
+from ..settings import FUNCTION_TIMEOUT_SECONDS, Settings, SettingsError, load_settings
 from ..telemetry import configure as configure_telemetry
 from .batching import Batcher
 from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, serve_with_head_deadline
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 ROUTE_PREFIX = "/api"
 DEFAULT_PORT = 7071
+#: Seconds `stop` waits for cancelled tasks and open requests; the whole stop stays well
+#: inside the 10 s a supervisor (or Ctrl-C) may wait before killing.
+STOP_GRACE_SECONDS = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +257,8 @@ class LocalHost:
         self._slot_free = asyncio.Event()
         self._completer: Batcher[str, None] = Batcher(self.queue.complete_many)
         self._stopping = False
+        # Locks of deliveries cancelled by `stop`, released there for a prompt redelivery.
+        self._interrupted: list[str] = []
         # The last receive's failure, until one succeeds: `/api/health` reports it.
         self._queue_error: str | None = None
         runtime.health_problem = self._health_problem
@@ -271,7 +277,10 @@ class LocalHost:
                 webapp.router.add_route(
                     method, f"{ROUTE_PREFIX}/{fn.route}", self._http_handler(fn)
                 )
-        self._runner = web.AppRunner(webapp, access_log=None, keepalive_timeout=self.idle_timeout)
+        # A request still running at stop gets a short grace, not aiohttp's 60 s; a kept-alive
+        # connection idle for `idle_timeout` is closed (connections.py).
+        self._runner = web.AppRunner(webapp, access_log=None, shutdown_timeout=STOP_GRACE_SECONDS,
+                                     keepalive_timeout=self.idle_timeout)
         await self._runner.setup()
         assert self._runner.server is not None
         self._server = await serve_with_head_deadline(
@@ -285,23 +294,40 @@ class LocalHost:
             self._tasks.append(asyncio.create_task(self._timer(tfn), name=tfn.name))
 
     async def stop(self) -> None:
+        """Stops in bounded time whatever the handlers do.
+
+        Deliveries in progress are cancelled and their locks released, so they are redelivered
+        on the next start (the delivery counts, as when a Functions host stops). A blocking
+        handler's thread cannot be interrupted: it is abandoned (a daemon thread).
+        """
         self._stopping = True
         self._wake.set()
-        # In-flight messages are not settled: their locks expire and they are redelivered,
-        # as when a Functions host stops.
         tasks = [*self._tasks, *self._running]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
+            for task in stuck:
+                logger.warning("task %s ignored cancellation; abandoning it", task.get_name())
         self._tasks.clear()
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._interrupted:
+            tokens, self._interrupted = self._interrupted, []
+            try:
+                await asyncio.to_thread(self._release, tokens)
+            except QueueUnavailableError as exc:
+                logger.warning("could not release %d lock(s) at stop (%s); they expire",
+                               len(tokens), exc)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    def _release(self, lock_tokens: list[str]) -> None:
+        for token in lock_tokens:
+            with contextlib.suppress(LockLostError):
+                self.queue.abandon(token)
 
     def _http_handler(self, fn: HttpFunction) -> Callable[[web.Request], Any]:
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -405,17 +431,24 @@ class LocalHost:
         assert qm.lock_token is not None
         message = to_function_message(qm)
         renewer = asyncio.create_task(self._renew_lock(qm.lock_token))
+        timeout = self.runtime.settings.function_timeout_seconds
         try:
-            await _call(fn.handler, message)
+            # The function timeout, as host.json's functionTimeout in Azure: the function
+            # (and whatever handler it is in) is cancelled and the delivery fails.
+            async with asyncio.timeout(timeout) as deadline:
+                await _call(fn.handler, message)
+        except asyncio.CancelledError:
+            if self._stopping:
+                self._interrupted.append(qm.lock_token)
+            raise
+        except TimeoutError as exc:
+            if deadline.expired():
+                renewer.cancel()
+                await self._timed_out(fn, qm, timeout)
+            else:  # the function's own TimeoutError: a failure like any other
+                await self._failed(fn, qm, exc)
         except Exception as exc:
-            logger.info(
-                "function %s raised %s for message %s (delivery %d); abandoning",
-                fn.name, type(exc).__name__, qm.message_id, qm.delivery_count,
-                exc_info=logger.isEnabledFor(logging.DEBUG),
-            )
-            await self._settle(self._abandon, qm.lock_token)
-            if qm.delivery_count >= self.queue.max_delivery_count:
-                self._record_dead_lettered(qm, exc)
+            await self._failed(fn, qm, exc)
         else:
             await self._settle(self._completer.submit, qm.lock_token)
         finally:
@@ -423,11 +456,60 @@ class LocalHost:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
 
+    async def _failed(self, fn: QueueFunction, qm: QueuedMessage, exc: Exception) -> None:
+        assert qm.lock_token is not None
+        logger.info(
+            "function %s raised %s for message %s (delivery %d); abandoning",
+            fn.name, type(exc).__name__, qm.message_id, qm.delivery_count,
+            exc_info=logger.isEnabledFor(logging.DEBUG),
+        )
+        await self._settle(self._abandon, qm.lock_token)
+        if qm.delivery_count >= self.queue.max_delivery_count:
+            self._record_dead_lettered(qm, exc)
+
+    async def _timed_out(self, fn: QueueFunction, qm: QueuedMessage, after: float) -> None:
+        """A failed delivery: warn, then release the message after the processor's backoff
+        (dead-letter it after its last delivery), without holding a worker meanwhile."""
+        assert qm.lock_token is not None
+        settings = self.runtime.settings
+        last = qm.delivery_count >= settings.max_delivery_count
+        delay = 0.0 if last else backoff_seconds(
+            qm.delivery_count, base=settings.retry_backoff_base_seconds,
+            maximum=settings.retry_backoff_max_seconds,
+        )
+        # The handler is code we ship; the message id is the eventId (or a hash of the body).
+        logger.warning(
+            "function %s timed out after %gs (%s) on event %s (eventType %s, delivery %d of "
+            "%d) in handler %s; cancelled, %s", fn.name, after, FUNCTION_TIMEOUT_SECONDS,
+            qm.message_id, qm.application_properties.get("eventType"), qm.delivery_count,
+            settings.max_delivery_count, RUNNING_HANDLER.get() or "(none)",
+            "it will be dead-lettered" if last else f"retrying in {delay:g}s",
+        )
+        if self.runtime.registry.pool.busy >= self.runtime.registry.pool.threads:
+            logger.warning(
+                "all %d threads for blocking handlers are stuck in handlers that timed out; "
+                "blocking handlers wait until one returns", self.runtime.registry.pool.threads,
+            )
+        try:
+            await asyncio.to_thread(self.queue.abandon, qm.lock_token, retry_after=delay)
+        except LockLostError:
+            logger.debug("lock %s no longer held after the timeout", qm.lock_token)
+        if last:
+            self._record_dead_lettered(qm, TimeoutError(f"{FUNCTION_TIMEOUT_SECONDS}={after:g}"))
+
     def _record_dead_lettered(self, qm: QueuedMessage, exc: BaseException) -> None:
         """The last delivery failed, so the queue dead-letters the message: that is its final
         outcome, and handled.jsonl records every final outcome."""
         if self.runtime.handled_log is None:
             return
+        try:
+            self._append_dead_lettered(qm, exc)
+        except OSError as error:  # a full disk: the dead letter itself is in the queue
+            logger.warning("cannot record dead-lettered message %s in handled.jsonl: %s",
+                           qm.message_id, error)
+
+    def _append_dead_lettered(self, qm: QueuedMessage, exc: BaseException) -> None:
+        assert self.runtime.handled_log is not None
         self.runtime.handled_log.append(outcome_record(
             InboundMessage(body=qm.body, message_id=qm.message_id,
                            delivery_count=qm.delivery_count),

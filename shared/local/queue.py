@@ -639,8 +639,12 @@ class LocalQueue:
                 results.append(None)
         return results
 
-    def abandon(self, lock_token: str) -> None:
-        """Release the lock for redelivery, or dead-letter once the delivery count is used up."""
+    def abandon(self, lock_token: str, *, retry_after: float = 0.0) -> None:
+        """Release the lock for redelivery, or dead-letter once the delivery count is used up.
+
+        `retry_after` seconds keep the message invisible first (the local host's backoff after
+        a function timeout; Service Bus has no such option, its processor sleeps instead).
+        """
         now = self._now()
         with self._transaction("abandon") as conn:
             seq, count = self._locked_row(conn, lock_token, now)
@@ -650,9 +654,9 @@ class LocalQueue:
                 )
             else:
                 conn.execute(
-                    "UPDATE messages SET lock_token = NULL, locked_until = NULL "
-                    "WHERE sequence_number = ?",
-                    (seq,),
+                    "UPDATE messages SET lock_token = NULL, locked_until = NULL, "
+                    "visible_at = MAX(visible_at, ?) WHERE sequence_number = ?",
+                    (now + max(retry_after, 0.0), seq),
                 )
 
     def dead_letter(self, lock_token: str, *, reason: str, description: str) -> None:
@@ -720,10 +724,11 @@ class LocalQueue:
         now = self._now()
         with self._transaction("stats") as conn:
             self._sweep_expired_locks(conn, now)
+            # A message waiting out a retry backoff is active; scheduled means scheduled.
             active, scheduled, dead = conn.execute(
                 "SELECT "
-                "COALESCE(SUM(state = ? AND visible_at <= ?), 0), "
-                "COALESCE(SUM(state = ? AND visible_at > ?), 0), "
+                "COALESCE(SUM(state = ? AND (scheduled_time IS NULL OR visible_at <= ?)), 0), "
+                "COALESCE(SUM(state = ? AND scheduled_time IS NOT NULL AND visible_at > ?), 0), "
                 "COALESCE(SUM(state = ?), 0) FROM messages",
                 (_ACTIVE, now, _ACTIVE, now, _DEADLETTERED),
             ).fetchone()
