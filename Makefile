@@ -14,7 +14,7 @@ URL ?= http://127.0.0.1:$(PORT)/api/webhooks/smartcar
 TYPE ?= state
 CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 
-.PHONY: run test lint bench clean send stats dlq dlq-show dlq-replay dlq-purge
+.PHONY: run test test-browser lint bench clean send stats dlq dlq-show dlq-replay dlq-purge
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ lint: $(STAMP)
 
 test: $(STAMP) $(NODE_STAMP) lint
 	$(PY) -m pytest
+
+# The inspector page in a headless Chromium (needs Debian's chromium and chromium-driver; it
+# says so and skips without them, except in CI). Screenshots land in test-artifacts/inspector/.
+test-browser: $(STAMP)
+	$(PY) -m pytest -rs tests/test_inspector_browser.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
@@ -57,4 +62,4 @@ dlq-purge: $(STAMP)
 	@$(CLI) dlq purge $(IDS)
 
 clean:
-	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache test-artifacts

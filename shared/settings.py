@@ -46,6 +46,9 @@ FUNCTION_TIMEOUT_SECONDS = "FUNCTION_TIMEOUT_SECONDS"
 #: FUNCTION_TIMEOUT_SECONDS, so the local bound and Azure's cannot drift apart.
 HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
 
+# The local inspector page's port (shared/local/inspector_server.py); default PORT + 1.
+INSPECTOR_PORT = "INSPECTOR_PORT"
+
 #: Every name `load_settings` reads.
 APP_SETTINGS: frozenset[str] = frozenset(
     {
@@ -66,6 +69,7 @@ APP_SETTINGS: frozenset[str] = frozenset(
         APPLICATIONINSIGHTS_CONNECTION_STRING,
         SPILL_CONTAINER_NAME,
         STORAGE_ACCOUNT_NAME,
+        INSPECTOR_PORT,
         FUNCTION_TIMEOUT_SECONDS,
     }
 )
@@ -77,6 +81,7 @@ LOCAL_ONLY_SETTINGS: frozenset[str] = frozenset(
         SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN,
         LOCAL_STATE_DIR,
         FUNCTION_TIMEOUT_SECONDS,
+        INSPECTOR_PORT,
     }
 )
 
@@ -147,6 +152,8 @@ class Settings:
     spill_container_name: str = DEFAULTS[SPILL_CONTAINER_NAME]
     storage_account_name: str | None = None
     max_delivery_age_seconds: float = float(DEFAULTS[MAX_DELIVERY_AGE_SECONDS])
+    #: None: the local host's PORT + 1.
+    inspector_port: int | None = None
     #: Bounds every delivery on the local host (host.json `functionTimeout` in Azure).
     function_timeout_seconds: float = 300.0
 
@@ -315,6 +322,17 @@ def load_settings(
             f"are spilled to the {spill_container!r} container of that storage account"
         )
 
+    inspector_port: int | None = None
+    raw_port = _get(env, INSPECTOR_PORT)
+    if raw_port is not None:
+        if not (raw_port.isascii() and raw_port.isdigit()) or int(raw_port) > 65535:
+            problems.append(
+                f"{INSPECTOR_PORT} must be a TCP port (0-65535, 0 for any free port), "
+                f"got {raw_port!r}; leave it unset for the local host's PORT + 1"
+            )
+        else:
+            inspector_port = int(raw_port)
+
     if problems:
         raise SettingsError(
             "Invalid configuration: "
@@ -341,5 +359,6 @@ def load_settings(
         spill_container_name=spill_container,
         storage_account_name=account,
         max_delivery_age_seconds=max_age,
+        inspector_port=inspector_port,
         function_timeout_seconds=function_timeout,
     )

@@ -42,6 +42,11 @@ def test_local_and_operator_packages_are_not_deployed() -> None:
         assert not path.startswith(("shared/local/", "shared/cli/", "tests/", "benchmarks/")), path
 
 
+def test_the_inspector_page_is_not_deployed() -> None:
+    page = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "shared/local/static").iterdir())
+    assert page and _ignored(page) == set(page)
+
+
 def test_no_deployed_module_imports_sqlite_or_aiohttp_web() -> None:
     offenders = []
     for path in deployed_python_files():

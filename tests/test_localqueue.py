@@ -686,15 +686,20 @@ class TestConcurrency:
         queues = [producer, producer] if shared_instance else [producer, LocalQueue(db_path)]
         got: list[list[int]] = [[], []]
         barrier = threading.Barrier(2)
+        # Each receiver holds its first batch locked until the other has received one too, so
+        # both take part however the threads are scheduled (no timing luck on a loaded machine).
+        holding = [threading.Event(), threading.Event()]
 
         def worker(index: int) -> None:
             q = queues[index]
             barrier.wait()
             while batch := q.receive(max_messages=3):
                 got[index].extend(m.sequence_number for m in batch)
-                time.sleep(0.001)  # "processing": lets the other receiver in between batches
+                holding[index].set()
+                holding[1 - index].wait(timeout=30)
                 for m in batch:
                     q.complete(m.lock_token or "")
+            holding[index].set()  # an empty queue must not keep the other waiting
 
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
         for t in threads:

@@ -39,6 +39,8 @@ from ..settings import FUNCTION_TIMEOUT_SECONDS, Settings, SettingsError, load_s
 from ..telemetry import configure as configure_telemetry
 from .batching import Batcher
 from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, serve_with_head_deadline
+from .inspector import Recorder
+from .inspector_server import start_inspector
 from .queue import (
     MAX_DELIVERY_COUNT_EXCEEDED,
     LocalQueue,
@@ -181,6 +183,16 @@ def invocation_context(name: str, headers: Mapping[str, str]) -> LocalContext:
     )
 
 
+#: Told of each HTTP request (route, method, headers, body) as it arrives; returns the callback
+#: told of its answer (status, body). The inspector (shared/local/inspector.py) is one.
+RequestObserver = Callable[[str, str, Mapping[str, str], bytes], Callable[[int, bytes], None]]
+
+
+def _unobserved(route: str, method: str, headers: Mapping[str, str], body: bytes,
+                ) -> Callable[[int, bytes], None]:
+    return lambda status, response: None
+
+
 class NotifyingPublisher:
     """Wakes the queue workers as soon as a message is stored in this process."""
 
@@ -231,6 +243,7 @@ class LocalHost:
         timer_interval: float = 60.0,
         header_timeout: float = HEADER_TIMEOUT_SECONDS,
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+        observer: RequestObserver | None = None,
     ) -> None:
         if runtime.queue is None:
             raise ValueError("the local host needs the embedded queue (no Service Bus namespace)")
@@ -247,6 +260,7 @@ class LocalHost:
         # Slow and idle clients are dropped (see connections.py).
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.observer: RequestObserver = observer or _unobserved
         self.http_functions, self.queue_functions, self.timer_functions = index_functions(app)
         self._wake = asyncio.Event()
         runtime.publisher = NotifyingPublisher(runtime.publisher, self._wake)
@@ -360,11 +374,14 @@ class LocalHost:
                 {"context": invocation_context(fn.name, request.headers)}
                 if fn.wants_context else {}
             )
+            answered = self.observer(fn.route, request.method, request.headers, body)
             try:
                 resp = await _call(fn.handler, req, **extra)
             except Exception:
                 logger.exception("function %s failed", fn.name)
+                answered(500, b"")
                 return web.json_response({"error": "internal error"}, status=500)
+            answered(resp.status_code, resp.get_body())
             headers = dict(resp.headers)
             if resp.mimetype and "Content-Type" not in headers:
                 headers["Content-Type"] = resp.mimetype
@@ -568,7 +585,7 @@ def load_function_app() -> func.FunctionApp:
     return app
 
 
-def banner(settings: Settings, base_url: str) -> str:
+def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -> str:
     token_line = (
         f"Signing token: the development token {settings.management_token!r} "
         "(SMARTCAR_MANAGEMENT_TOKEN is unset). Never register it with Smartcar."
@@ -589,6 +606,7 @@ def banner(settings: Settings, base_url: str) -> str:
             f"Vehicle data callback URI: {url}",
             f"Vehicle error callback URI: {url}/errors",
             f"Health: {base_url}{ROUTE_PREFIX}/health",
+            *([inspector] if inspector else []),
             "Send a signed test event (in another terminal):",
             f"  {python} -m shared.cli send --url {url} --type state{token_arg}",
             "Press Ctrl-C to stop.",
@@ -606,11 +624,17 @@ async def serve(
     set_runtime(runtime)
     # Spans to the console, or to Application Insights when a connection string is set.
     configure_telemetry(connection_string=settings.appinsights_connection_string, console=True)
+    recorder = Recorder()
+    recorder.attach()  # to the tracer provider set up just above
     local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers,
                       lock_duration=lock_duration, timer_interval=timer_interval,
-                      header_timeout=header_timeout, idle_timeout=idle_timeout)
+                      header_timeout=header_timeout, idle_timeout=idle_timeout,
+                      observer=recorder.http_request)
     await local.start()
-    print(banner(settings, local.base_url), flush=True)
+    inspector, inspector_line = await start_inspector(
+        settings, runtime.queue, webhook_port=port, recorder=recorder
+    )
+    print(banner(settings, local.base_url, inspector=inspector_line), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -619,6 +643,8 @@ async def serve(
     print("Stopping: messages in progress are abandoned and redelivered on the next start.",
           flush=True)
     await local.stop()
+    if inspector is not None:
+        await inspector.stop()
     runtime.queue.close()
     if runtime.handled_log is not None:
         runtime.handled_log.close()

@@ -1,0 +1,352 @@
+"""What the inspector page shows: recent deliveries, in memory only.
+
+The local host reports each HTTP request and its answer (`Recorder.http_request`); the
+receiver's and the processor's own OpenTelemetry spans (`shared/telemetry.py`) say what was
+decided (`outcome`, `eventType`, dead-letter reason, ...). A receive span is matched to its
+request through a context variable set while the function runs; a processing span to its
+delivery through the trace id that the message carries from the receive span.
+
+Bodies hold vehicle locations: they are kept in a bounded ring in memory (the last
+`RING_SIZE` deliveries) and never written anywhere by this module.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+
+from .. import telemetry_names as names
+from ..events import InvalidEventError, parse_event, peek_envelope
+
+logger = logging.getLogger(__name__)
+
+RING_SIZE = 500
+SIGNATURE_HEADER = "sc-signature"
+#: How much of a signature the page shows: enough to compare with the sender's logs.
+SIGNATURE_SHOWN = 8
+_SECRET_HEADERS = frozenset({"authorization", "cookie", "x-functions-key"})
+_HEX = re.compile(r"[0-9a-fA-F]*")
+
+_current: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
+    "inspector_delivery", default=None
+)
+
+
+def redact_header(name: str, value: str) -> str:
+    """`SC-Signature` cut to its first 8 hex digits; credentials hidden entirely."""
+    lowered = name.lower()
+    if lowered == SIGNATURE_HEADER:
+        shown = value[:SIGNATURE_SHOWN]
+        if not _HEX.fullmatch(shown):
+            return "[redacted: not a hex signature]"
+        return f"{shown}… (redacted, {len(value)} characters)"
+    if lowered in _SECRET_HEADERS:
+        return "[redacted]"
+    return value
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One processing of the message (one delivery from the queue), from its span."""
+
+    at: datetime
+    message_id: str | None
+    delivery_count: int | None
+    outcome: str | None
+    dead_letter_reason: str | None
+    error_type: str | None
+    duration_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat(),
+            "messageId": self.message_id,
+            "deliveryCount": self.delivery_count,
+            "outcome": self.outcome or "interrupted",
+            "deadLetterReason": self.dead_letter_reason,
+            "errorType": self.error_type,
+            "durationMs": round(self.duration_ms, 1),
+        }
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One webhook request as the host saw it, and what became of it."""
+
+    id: int
+    received_at: datetime
+    route: str | None
+    method: str | None
+    headers: list[tuple[str, str]]
+    body: bytes | None
+    status: int | None = None
+    response: bytes | None = None
+    latency_ms: float | None = None
+    outcome: str | None = None
+    trace_id: str | None = None
+    attempts: list[Attempt] = field(default_factory=list)
+    version: int = 0
+
+    def why(self) -> str | None:
+        """The error the sender was answered with, for a rejected request."""
+        if self.status is None or self.status < 300 or not self.response:
+            return None
+        try:
+            answer = json.loads(self.response)
+        except ValueError:
+            return None
+        error = answer.get("error") if isinstance(answer, dict) else None
+        return str(error) if error is not None else None
+
+    def summary(self) -> dict[str, Any]:
+        envelope = peek_envelope(self.body) if self.body is not None else None
+        last = self.attempts[-1] if self.attempts else None
+        return {
+            "id": self.id,
+            "version": self.version,
+            "receivedAt": self.received_at.isoformat(),
+            "route": self.route,
+            "status": self.status,
+            "outcome": self.outcome,
+            "why": self.why(),
+            "eventType": envelope.event_type if envelope else None,
+            "eventId": envelope.event_id if envelope else None,
+            "vehicleId": envelope.vehicle_id if envelope else None,
+            "latencyMs": None if self.latency_ms is None else round(self.latency_ms, 1),
+            "processing": None if last is None else last.to_json(),
+            "attempts": len(self.attempts),
+        }
+
+    def detail(self) -> dict[str, Any]:
+        doc = self.summary()
+        doc["traceId"] = self.trace_id
+        doc["headers"] = [[k, redact_header(k, v)] for k, v in self.headers]
+        doc["response"] = None if self.response is None else self.response.decode(
+            "utf-8", "replace"
+        )
+        doc["processingAttempts"] = [a.to_json() for a in self.attempts]
+        doc.update(describe_body(self.body))
+        return doc
+
+
+def _iso(value: datetime | None) -> str | None:
+    """UTC to the millisecond: what an `oemUpdatedAt` in epoch milliseconds can say."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def describe_body(body: bytes | None) -> dict[str, Any]:
+    """The body pretty-printed, and what the processor's parser reads from it."""
+    if body is None:
+        return {"body": None, "signals": [], "triggers": [], "errors": [], "parseError": None}
+    text = body.decode("utf-8", "replace")
+    try:
+        text = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+    except ValueError:
+        pass  # shown as it came: the processor will say why it cannot read it
+    doc: dict[str, Any] = {"body": text, "signals": [], "triggers": [], "errors": [],
+                           "parseError": None}
+    try:
+        event = parse_event(body)
+    except InvalidEventError as exc:
+        doc["parseError"] = str(exc)
+        return doc
+    doc["signals"] = [
+        {
+            "code": s.code,
+            "path": s.path,
+            "value": s.value,
+            "unit": s.unit,
+            "oemUpdatedAt": _iso(s.oem_updated_at),
+            "status": "ok" if s.ok else f"{s.status or 'ERROR'} {s.error_code or ''}".strip(),
+        }
+        for s in event.signals
+    ]
+    doc["triggers"] = [
+        {"type": t.type, "code": t.code, "path": t.path} for t in event.triggers
+    ]
+    doc["errors"] = [
+        {"type": e.type, "code": e.code, "state": e.state, "description": e.description}
+        for e in event.errors
+    ]
+    return doc
+
+
+class Recorder:
+    """The ring of recent deliveries; safe to call from any thread."""
+
+    def __init__(self, *, capacity: int = RING_SIZE,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        if capacity < 1:
+            raise ValueError(f"the ring holds at least one delivery, got capacity {capacity}")
+        self.capacity = capacity
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._deliveries: OrderedDict[int, Delivery] = OrderedDict()
+        self._by_trace: dict[str, int] = {}
+        self._next_id = 1
+        self._version = 0
+        self.span_processor = _SpanTap(self)
+
+    def attach(self, provider: Any = None) -> bool:
+        """Read the spans of `provider` (default: the global one). False when it is not the
+        OpenTelemetry SDK's (telemetry off): the page then lacks the decided outcomes."""
+        provider = provider if provider is not None else trace.get_tracer_provider()
+        if not isinstance(provider, TracerProvider):
+            logger.warning("inspector: no OpenTelemetry SDK tracer provider; outcomes not shown")
+            return False
+        provider.add_span_processor(self.span_processor)
+        return True
+
+    # -- fed by the host -------------------------------------------------------------------
+    def http_request(
+        self, route: str, method: str, headers: Mapping[str, str], body: bytes
+    ) -> Callable[[int, bytes], None]:
+        """Record a request as it arrives; the returned callback records the answer.
+
+        Call it in the task that runs the function: the receive span that ends in that task
+        is attributed to this request. Only POSTs (webhook deliveries) are kept."""
+        if method != "POST":
+            return _ignore
+        started = time.perf_counter()
+        with self._lock:
+            delivery = self._add(route=route, method=method,
+                                 headers=list(headers.items()), body=bytes(body))
+        _current.set(delivery)
+
+        def answered(status: int, response: bytes) -> None:
+            with self._lock:
+                delivery.status = status
+                delivery.response = bytes(response)
+                delivery.latency_ms = (time.perf_counter() - started) * 1000.0
+                self._touch(delivery)
+
+        return answered
+
+    # -- fed by the spans ------------------------------------------------------------------
+    def _receive_started(self, span: Span) -> None:
+        # At the start, not the end: the message may be processed before the receive span
+        # ends, and its processing must find this delivery by trace id.
+        delivery = _current.get()
+        if delivery is None:
+            return
+        with self._lock:
+            delivery.trace_id = format(span.context.trace_id, "032x")
+            if delivery.id in self._deliveries:
+                self._by_trace[delivery.trace_id] = delivery.id
+
+    def _receive_span(self, span: ReadableSpan) -> None:
+        delivery = _current.get()
+        if delivery is None:
+            return
+        attrs = span.attributes or {}
+        with self._lock:
+            delivery.outcome = str(attrs.get(names.ATTR_OUTCOME, "")) or None
+            self._touch(delivery)
+
+    def _process_span(self, span: ReadableSpan) -> None:
+        attrs = span.attributes or {}
+        trace_id = format(span.context.trace_id, "032x") if span.context else None
+        start, end = span.start_time or 0, span.end_time or 0
+        count = attrs.get(names.ATTR_DELIVERY_COUNT)
+        attempt = Attempt(
+            at=datetime.fromtimestamp(end / 1e9, UTC) if end else self._clock(),
+            message_id=_opt(attrs.get(names.ATTR_MESSAGE_ID)),
+            delivery_count=int(count) if isinstance(count, int) else None,
+            outcome=_opt(attrs.get(names.ATTR_OUTCOME)),
+            dead_letter_reason=_opt(attrs.get(names.ATTR_DEAD_LETTER_REASON)),
+            error_type=_opt(attrs.get(names.ATTR_ERROR_TYPE)),
+            duration_ms=(end - start) / 1e6,
+        )
+        with self._lock:
+            known = self._by_trace.get(trace_id) if trace_id else None
+            delivery = self._deliveries.get(known) if known is not None else None
+            if delivery is None:
+                # Received before this run (or dropped from the ring): the attempt still shows.
+                delivery = self._add(route=None, method=None, headers=[], body=None)
+                delivery.received_at = attempt.at
+                delivery.trace_id = trace_id
+                if trace_id:
+                    self._by_trace[trace_id] = delivery.id
+            delivery.attempts.append(attempt)
+            self._touch(delivery)
+
+    # -- read by the page ------------------------------------------------------------------
+    def changed_since(self, version: int) -> tuple[int, list[dict[str, Any]]]:
+        """The current version and the summaries of deliveries changed after `version`."""
+        with self._lock:
+            changed = [d for d in self._deliveries.values() if d.version > version]
+            current = self._version
+            return current, [d.summary() for d in reversed(changed)]
+
+    def ids(self) -> list[int]:
+        with self._lock:
+            return list(self._deliveries)
+
+    def detail(self, delivery_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            delivery = self._deliveries.get(delivery_id)
+            return None if delivery is None else delivery.detail()
+
+    # -- internals (lock held) --------------------------------------------------------------
+    def _add(self, *, route: str | None, method: str | None,
+             headers: list[tuple[str, str]], body: bytes | None) -> Delivery:
+        delivery = Delivery(id=self._next_id, received_at=self._clock(), route=route,
+                            method=method, headers=headers, body=body)
+        self._next_id += 1
+        self._deliveries[delivery.id] = delivery
+        while len(self._deliveries) > self.capacity:
+            _, dropped = self._deliveries.popitem(last=False)
+            if dropped.trace_id is not None and self._by_trace.get(dropped.trace_id) == dropped.id:
+                del self._by_trace[dropped.trace_id]
+        self._touch(delivery)
+        return delivery
+
+    def _touch(self, delivery: Delivery) -> None:
+        self._version += 1
+        delivery.version = self._version
+
+
+def _ignore(status: int, response: bytes) -> None:
+    return None
+
+
+def _opt(value: Any) -> str | None:
+    return None if value is None or value == "" else str(value)
+
+
+class _SpanTap(SpanProcessor):
+    """Reads the receiver's and processor's spans as they end; exports nothing."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self._recorder = recorder
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        if span.name == names.SPAN_RECEIVE:
+            self._recorder._receive_started(span)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.name == names.SPAN_RECEIVE:
+            self._recorder._receive_span(span)
+        elif span.name == names.SPAN_PROCESS:
+            self._recorder._process_span(span)
+
+    def shutdown(self) -> None:
+        return None
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True

@@ -1,0 +1,224 @@
+"""The inspector page's HTTP server: loopback only, behind a per-run token in the URL.
+
+It listens on 127.0.0.1 whatever address the webhook port uses, so a tunnel that exposes the
+webhook port never exposes it. Every path starts with the token
+(`http://127.0.0.1:7072/<token>/`, printed in the banner); anything else is answered 403,
+including a request whose `Host` is not this loopback address (a DNS-rebinding page). The
+dead-letter actions go through the same operations code as `python -m shared.cli dlq`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..cli.ops import LocalOps, OpsError
+from ..settings import INSPECTOR_PORT, Settings
+from .inspector import Recorder, describe_body
+
+logger = logging.getLogger(__name__)
+
+#: The only address the inspector ever binds: not configurable on purpose.
+LOOPBACK = "127.0.0.1"
+DLQ_LIMIT = 500
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+_STATIC = {
+    "": ("inspector.html", "text/html"),
+    "inspector.css": ("inspector.css", "text/css"),
+    "inspector.js": ("inspector.js", "text/javascript"),
+    "favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+_SECURITY_HEADERS = {
+    # Everything comes from this origin; a stranger's body rendered as text cannot run.
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    # The token is in the URL: never send it to another site.
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _forbidden(why: str) -> web.Response:
+    return web.Response(status=403, text=f"403 Forbidden: {why}\n",
+                        headers=dict(_SECURITY_HEADERS))
+
+
+class InspectorServer:
+    """Serves the page and its JSON API. Start with `await start()`, stop with `await stop()`."""
+
+    def __init__(self, recorder: Recorder, ops: LocalOps, *, port: int,
+                 token: str | None = None) -> None:
+        self.recorder = recorder
+        self.ops = ops
+        self.port = port
+        self.token = token or secrets.token_urlsafe(24)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/{self.token}/"
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._guard])
+        app.router.add_get("/{token}", self._slash)
+        app.router.add_get("/{token}/", self._static)
+        app.router.add_get("/{token}/static/{name}", self._static)
+        app.router.add_get("/{token}/api/deliveries", self._deliveries)
+        app.router.add_get("/{token}/api/deliveries/{id:\\d+}", self._delivery)
+        app.router.add_get("/{token}/api/dlq", self._dlq)
+        app.router.add_get("/{token}/api/dlq/{seq:\\d+}", self._dead_letter)
+        app.router.add_post("/{token}/api/dlq/{seq:\\d+}/replay", self._replay)
+        app.router.add_post("/{token}/api/dlq/{seq:\\d+}/purge", self._purge)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, LOOPBACK, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.host not in (f"{LOOPBACK}:{self.port}", f"localhost:{self.port}"):
+            return _forbidden(f"the inspector answers only to {LOOPBACK}:{self.port}")
+        first = request.path.split("/", 2)[1]
+        if not hmac.compare_digest(first.encode("utf-8"), self.token.encode("utf-8")):
+            return _forbidden(
+                "this URL lacks the inspector's token; open the URL the local host printed "
+                "at start-up (it changes on every run)"
+            )
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = exc
+        response.headers.update(_SECURITY_HEADERS)
+        return response
+
+    # -- page ------------------------------------------------------------------------------
+    async def _slash(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound(f"/{self.token}/")
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        entry = _STATIC.get(request.match_info.get("name", ""))
+        if entry is None:
+            raise web.HTTPNotFound()
+        filename, content_type = entry
+        text = (STATIC_DIR / filename).read_text("utf-8")
+        return web.Response(text=text, content_type=content_type, charset="utf-8")
+
+    # -- deliveries ------------------------------------------------------------------------
+    async def _deliveries(self, request: web.Request) -> web.StreamResponse:
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            raise web.HTTPBadRequest(text="since must be a whole number") from None
+        version, changed = self.recorder.changed_since(since)
+        stats: dict[str, Any] | None
+        try:
+            stats = await asyncio.to_thread(self.ops.stats)
+            stats_error = None
+        except OpsError as exc:
+            stats, stats_error = None, str(exc)
+        return web.json_response({
+            "version": version,
+            "capacity": self.recorder.capacity,
+            "ids": self.recorder.ids(),
+            "deliveries": changed,
+            "stats": stats,
+            "statsError": stats_error,
+        })
+
+    async def _delivery(self, request: web.Request) -> web.StreamResponse:
+        detail = self.recorder.detail(int(request.match_info["id"]))
+        if detail is None:
+            raise web.HTTPNotFound(
+                text=f"no delivery {request.match_info['id']}: only the last "
+                f"{self.recorder.capacity} are kept, in memory"
+            )
+        return web.json_response(detail)
+
+    # -- dead letters (the CLI's operations) ------------------------------------------------
+    async def _ops(self, call: Callable[[], Any]) -> Any:
+        try:
+            return await asyncio.to_thread(call)
+        except OpsError as exc:
+            raise web.HTTPServiceUnavailable(text=str(exc)) from None
+
+    async def _dlq(self, request: web.Request) -> web.StreamResponse:
+        letters = await self._ops(lambda: self.ops.dead_letters(limit=DLQ_LIMIT))
+        return web.json_response({"deadLetters": [dl.summary() for dl in letters],
+                                  "limit": DLQ_LIMIT})
+
+    async def _dead_letter(self, request: web.Request) -> web.StreamResponse:
+        seq = int(request.match_info["seq"])
+        letter = await self._ops(lambda: self.ops.dead_letter(seq))
+        if letter is None:
+            raise web.HTTPNotFound(text=f"no dead letter with sequence number {seq}")
+        doc = letter.summary()
+        doc["applicationProperties"] = {
+            str(k): str(v) for k, v in letter.application_properties.items()
+        }
+        doc.update(describe_body(letter.body))
+        return web.json_response(doc)
+
+    async def _replay(self, request: web.Request) -> web.StreamResponse:
+        seq = int(request.match_info["seq"])
+        result = await self._ops(lambda: self.ops.replay([seq]))
+        logger.info("inspector: replayed dead letter %d", seq)
+        return web.json_response({"replayed": result.replayed, "failed": result.failed,
+                                  "notFound": result.not_found})
+
+    async def _purge(self, request: web.Request) -> web.StreamResponse:
+        seq = int(request.match_info["seq"])
+        result = await self._ops(lambda: self.ops.purge([seq]))
+        logger.info("inspector: purged dead letter %d", seq)
+        return web.json_response({"purged": result.purged, "notFound": result.not_found})
+
+
+def inspector_port(settings: Settings, webhook_port: int) -> int:
+    """`INSPECTOR_PORT`, else the webhook port + 1 (any free port when that is not one)."""
+    if settings.inspector_port is not None:
+        return settings.inspector_port
+    return webhook_port + 1 if 0 < webhook_port < 65535 else 0
+
+
+async def start_inspector(
+    settings: Settings, queue: Any, *, webhook_port: int, recorder: Recorder
+) -> tuple[InspectorServer | None, str]:
+    """The running inspector (None if its port is taken) and the banner's line about it.
+
+    A taken port does not stop the local host: the webhook routes matter more than the page.
+    """
+    port = inspector_port(settings, webhook_port)
+    server = InspectorServer(recorder, LocalOps(queue), port=port)
+    try:
+        await server.start()
+    except OSError as exc:
+        return None, (
+            f"Inspector: not started, cannot listen on {LOOPBACK}:{port} ({exc.strerror}); "
+            f"set {INSPECTOR_PORT} to a free port"
+        )
+    return server, f"Inspector (loopback only; the URL holds this run's token): {server.url}"

@@ -1,0 +1,418 @@
+// The local inspector page: polls the host's JSON API once a second and renders it.
+// Plain JavaScript, no framework, nothing fetched from elsewhere. Every value from a
+// delivery is a stranger's text: it only ever goes into the page as textContent.
+"use strict";
+
+const POLL_MS = 1000;
+const OK = new Set(["accepted", "verify_answered", "handled"]);
+const WARN = new Set(["duplicate", "unhandled", "retried", "interrupted"]);
+const BAD = new Set(["signature_rejected", "unsigned_rejected", "oversize", "verify_refused",
+  "unavailable", "dead_lettered", "stale"]);
+
+const state = {
+  version: 0,
+  deliveries: new Map(),   // id -> summary
+  order: [],               // ids, newest first
+  selected: null,          // delivery id shown in the detail
+  deadLetters: [],
+  lettersSeen: "",
+  selectedLetter: null,    // sequence number shown in the detail
+  tab: "deliveries",
+};
+
+const $ = (id) => document.getElementById(id);
+
+function el(tag, props, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = String(value);
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function badge(word) {
+  if (!word) return el("span", { class: "muted", text: "—" });
+  const kind = OK.has(word) ? "ok" : WARN.has(word) ? "warn" : BAD.has(word) ? "bad" : "";
+  return el("span", { class: `badge ${kind}`, "data-value": word, text: word });
+}
+
+function time(iso) {
+  if (!iso) return "—";
+  const d = new Date(iso);
+  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.` +
+    pad(d.getMilliseconds(), 3);
+}
+
+function show(value) {
+  return value === null || value === undefined || value === "" ? "—" : String(value);
+}
+
+function setStatus(text, isError) {
+  const status = $("status");
+  status.textContent = text;
+  status.classList.toggle("error", Boolean(isError));
+}
+
+async function api(path, options) {
+  const response = await fetch(`api/${path}`, options);
+  const body = await response.text();
+  if (!response.ok) throw new Error(`${response.status}: ${body.trim()}`);
+  return JSON.parse(body);
+}
+
+// -- deliveries ------------------------------------------------------------------------------
+
+function processingCell(summary) {
+  const p = summary.processing;
+  if (!p) {
+    const queued = summary.outcome === "accepted";
+    return el("span", { class: "muted", text: queued ? "queued" : "—" });
+  }
+  const detail = p.deadLetterReason || p.errorType;
+  return el("span", {}, badge(p.outcome), detail ? ` ${detail}` : "",
+    summary.attempts > 1 ? el("span", { class: "muted", text: ` ×${summary.attempts}` }) : "");
+}
+
+function outcomeCell(summary) {
+  if (!summary.outcome && summary.status === null) return badge(null);
+  return el("span", {}, badge(summary.outcome || `HTTP ${summary.status}`),
+    summary.why ? el("span", { class: "why", text: summary.why }) : null);
+}
+
+function deliveryRow(summary) {
+  const row = el("tr", {
+    tabindex: 0, "data-id": summary.id, "data-event-id": summary.eventId || "",
+    "data-outcome": summary.outcome || "",
+    "data-processing": summary.processing ? summary.processing.outcome : "",
+    "aria-current": state.selected === summary.id ? "true" : null,
+    onclick: () => openDelivery(summary.id),
+    onkeydown: (event) => activate(event, () => openDelivery(summary.id)),
+  },
+  el("td", { class: "mono", text: time(summary.receivedAt) }),
+  el("td", { class: "mono wide-only",
+    text: summary.route ? `/api/${summary.route}` : "(earlier run)" }),
+  el("td", {}, outcomeCell(summary)),
+  el("td", { text: show(summary.eventType) }),
+  el("td", { class: "id mono wide-only", title: summary.vehicleId || null,
+    text: show(summary.vehicleId) }),
+  el("td", {}, processingCell(summary)),
+  el("td", { class: "num", text: summary.latencyMs === null ? "—" : `${summary.latencyMs} ms` }));
+  return row;
+}
+
+function activate(event, action) {
+  if (event.key === "Enter" || event.key === " ") {
+    event.preventDefault();
+    action();
+  }
+}
+
+function renderDeliveries() {
+  const body = $("deliveries").tBodies[0];
+  const focused = document.activeElement && document.activeElement.dataset
+    ? document.activeElement.dataset.id : undefined;
+  body.replaceChildren(...state.order.map((id) => deliveryRow(state.deliveries.get(id))));
+  $("deliveries-empty").hidden = state.order.length > 0;
+  $("count-deliveries").textContent = state.order.length ? `(${state.order.length})` : "";
+  if (focused !== undefined) {
+    const again = body.querySelector(`tr[data-id="${CSS.escape(focused)}"]`);
+    if (again) again.focus();
+  }
+}
+
+function table(caption, headers, rows) {
+  return el("table", {},
+    el("caption", { text: caption }),
+    el("thead", {}, el("tr", {}, headers.map((h) => el("th", { scope: "col", text: h })))),
+    el("tbody", {}, rows.map((cells) => el("tr", {}, cells.map((c) =>
+      c instanceof Node ? el("td", {}, c) : el("td", { text: show(c) }))))));
+}
+
+function facts(pairs) {
+  return el("dl", { class: "facts" },
+    pairs.map(([k, v]) => [el("dt", { text: k }), el("dd", {}, v instanceof Node ? v : show(v))]));
+}
+
+function detailHead(title, close) {
+  return el("div", { class: "detail-head" },
+    el("h2", { id: "detail-title", text: title }),
+    el("button", { type: "button", class: "close", onclick: close,
+      "aria-label": "Close the detail", text: "Close" }));
+}
+
+function bodySections(doc) {
+  const parts = [];
+  if (doc.parseError) {
+    parts.push(el("h3", { text: "Processor" }),
+      el("p", { class: "problem", text: `The processor cannot read this body: ${doc.parseError}` }));
+  }
+  if (doc.signals.length) {
+    parts.push(el("h3", { text: `Signals (${doc.signals.length})` }),
+      table("Signals, as the processor parses them", ["code", "value", "unit", "oemUpdatedAt",
+        "status"], doc.signals.map((s) => [s.code || s.path,
+        s.value === null || typeof s.value !== "object" ? s.value : JSON.stringify(s.value),
+        s.unit, s.oemUpdatedAt, s.status])));
+    parts[parts.length - 1].id = "signals";
+  }
+  if (doc.triggers.length) {
+    parts.push(el("h3", { text: "Triggers" }),
+      table("What triggered the delivery", ["type", "code", "signal"],
+        doc.triggers.map((t) => [t.type, t.code, t.path])));
+  }
+  if (doc.errors.length) {
+    parts.push(el("h3", { text: "Vehicle errors" }),
+      table("data.errors", ["type", "code", "state", "description"],
+        doc.errors.map((e) => [e.type, e.code, e.state, e.description])));
+  }
+  parts.push(el("h3", { text: "Body" }),
+    el("pre", { id: "body", tabindex: 0, text: doc.body === null ? "(not kept: received before this run)" : doc.body }));
+  return parts;
+}
+
+function renderDeliveryDetail(doc) {
+  const pane = $("delivery-detail");
+  const attempts = doc.processingAttempts.map((a) => [time(a.at), a.deliveryCount,
+    badge(a.outcome), a.deadLetterReason || a.errorType, `${a.durationMs} ms`]);
+  pane.replaceChildren(
+    detailHead(`Delivery #${doc.id}${doc.eventType ? ` · ${doc.eventType}` : ""}`, closeDelivery),
+    facts([
+      ["Received", new Date(doc.receivedAt).toLocaleString()],
+      ["Route", doc.route ? `POST /api/${doc.route}` : "(received before this run)"],
+      ["Answer", doc.status === null ? "—" : `HTTP ${doc.status}`],
+      ["Outcome", outcomeCell(doc)],
+      ["eventId", doc.eventId], ["vehicleId", doc.vehicleId],
+      ["Latency", doc.latencyMs === null ? null : `${doc.latencyMs} ms`],
+      ["Trace id", el("span", { class: "mono", id: "trace-id", text: show(doc.traceId) })],
+    ]),
+    el("h3", { text: "Processing" }),
+    attempts.length
+      ? table("Each delivery from the queue", ["at", "delivery", "outcome", "reason / error",
+        "duration"], attempts)
+      : el("p", { class: "muted", text: doc.outcome === "accepted" ? "Queued, not processed yet."
+        : "Not queued." }),
+    ...bodySections(doc),
+    el("h3", { text: "Request headers" }),
+    table("SC-Signature shows its first 8 hex digits only", ["name", "value"], doc.headers),
+    el("h3", { text: "Response" }),
+    el("pre", { tabindex: 0, text: show(doc.response) }));
+  pane.hidden = false;
+  pane.parentElement.classList.add("with-detail");
+}
+
+async function openDelivery(id) {
+  state.selected = id;
+  renderDeliveries();
+  try {
+    renderDeliveryDetail(await api(`deliveries/${id}`));
+    $("delivery-detail").focus();
+  } catch (err) {
+    setStatus(`Cannot show delivery #${id}: ${err.message}`, true);
+  }
+}
+
+function closeDelivery() {
+  const id = state.selected;
+  state.selected = null;
+  $("delivery-detail").hidden = true;
+  $("delivery-detail").replaceChildren();
+  $("view-deliveries").classList.remove("with-detail");
+  renderDeliveries();
+  const row = $("deliveries").querySelector(`tr[data-id="${id}"]`);
+  if (row) row.focus();
+}
+
+// -- dead letters ----------------------------------------------------------------------------
+
+function letterRow(letter) {
+  const seq = letter.sequenceNumber;
+  return el("tr", {
+    tabindex: 0, "data-seq": seq, "data-event-id": letter.eventId || "",
+    "aria-current": state.selectedLetter === seq ? "true" : null,
+    onclick: () => openLetter(seq),
+    onkeydown: (event) => activate(event, () => openLetter(seq)),
+  },
+  el("td", { class: "num", text: seq }),
+  el("td", { class: "id mono", title: letter.eventId || null, text: show(letter.eventId) }),
+  el("td", { text: show(letter.eventType) }),
+  el("td", {}, badge(letter.reason)),
+  el("td", { class: "wide-only", text: show(letter.description) }),
+  el("td", { class: "num", text: letter.deliveryCount }),
+  el("td", { class: "mono wide-only", text: time(letter.enqueuedTime) }));
+}
+
+function renderLetters() {
+  const body = $("dead-letters").tBodies[0];
+  const focused = document.activeElement && document.activeElement.dataset
+    ? document.activeElement.dataset.seq : undefined;
+  body.replaceChildren(...state.deadLetters.map(letterRow));
+  $("dlq-empty").hidden = state.deadLetters.length > 0;
+  if (focused !== undefined) {
+    const again = body.querySelector(`tr[data-seq="${CSS.escape(focused)}"]`);
+    if (again) again.focus();
+  }
+}
+
+async function refreshLetters() {
+  const doc = await api("dlq");
+  const seen = JSON.stringify(doc.deadLetters);
+  if (seen === state.lettersSeen) return;  // unchanged: keep the rows (and the focus)
+  state.lettersSeen = seen;
+  state.deadLetters = doc.deadLetters;
+  renderLetters();
+}
+
+async function openLetter(seq) {
+  state.selectedLetter = seq;
+  renderLetters();
+  let doc;
+  try {
+    doc = await api(`dlq/${seq}`);
+  } catch (err) {
+    setStatus(`Cannot show dead letter #${seq}: ${err.message}`, true);
+    return;
+  }
+  const pane = $("dlq-detail");
+  const props = Object.entries(doc.applicationProperties);
+  pane.replaceChildren(
+    detailHead(`Dead letter #${doc.sequenceNumber}${doc.eventType ? ` · ${doc.eventType}` : ""}`,
+      closeLetter),
+    facts([["Reason", badge(doc.reason)], ["Description", doc.description],
+      ["Delivery count", doc.deliveryCount], ["messageId", doc.messageId],
+      ["eventId", doc.eventId], ["Enqueued", doc.enqueuedTime]]),
+    el("div", { class: "actions" },
+      el("button", { type: "button", class: "primary", id: "replay",
+        onclick: () => replay(seq), text: "Replay" }),
+      el("button", { type: "button", class: "danger", id: "purge",
+        onclick: () => confirmPurge(seq), text: "Purge…" })),
+    ...bodySections(doc),
+    el("h3", { text: "Application properties" }),
+    table("As stored with the message", ["name", "value"], props));
+  pane.hidden = false;
+  pane.parentElement.classList.add("with-detail");
+  pane.focus();
+}
+
+function closeLetter() {
+  const seq = state.selectedLetter;
+  state.selectedLetter = null;
+  $("dlq-detail").hidden = true;
+  $("dlq-detail").replaceChildren();
+  $("view-dlq").classList.remove("with-detail");
+  renderLetters();
+  const row = $("dead-letters").querySelector(`tr[data-seq="${seq}"]`);
+  if (row) row.focus();
+  else $("tab-dlq").focus();
+}
+
+async function replay(seq) {
+  try {
+    const result = await api(`dlq/${seq}/replay`, { method: "POST" });
+    if (result.replayed.length) {
+      setStatus(`Replayed dead letter #${seq} as message ${result.replayed[0].messageId}.`);
+    } else if (result.failed.length) {
+      setStatus(`Replay of #${seq} failed: ${result.failed[0].error}`, true);
+    } else {
+      setStatus(`Dead letter #${seq} is no longer there (replayed or purged elsewhere).`, true);
+    }
+  } catch (err) {
+    setStatus(`Replay of #${seq} failed: ${err.message}`, true);
+  }
+  closeLetter();
+  await refreshLetters();
+}
+
+function confirmPurge(seq) {
+  const dialog = $("confirm-purge");
+  $("confirm-text").textContent =
+    `Dead letter #${seq} will be deleted from the queue for good. It cannot be replayed afterwards.`;
+  dialog.dataset.seq = String(seq);
+  dialog.showModal();
+  $("confirm-cancel").focus();
+}
+
+async function purgeConfirmed() {
+  const dialog = $("confirm-purge");
+  const seq = Number(dialog.dataset.seq);
+  dialog.close();
+  try {
+    const result = await api(`dlq/${seq}/purge`, { method: "POST" });
+    setStatus(result.purged ? `Purged dead letter #${seq}.`
+      : `Dead letter #${seq} was already gone.`, !result.purged);
+  } catch (err) {
+    setStatus(`Purge of #${seq} failed: ${err.message}`, true);
+  }
+  closeLetter();
+  await refreshLetters();
+}
+
+// -- tabs, polling ----------------------------------------------------------------------------
+
+function selectTab(name) {
+  state.tab = name;
+  for (const tab of ["deliveries", "dlq"]) {
+    const button = $(`tab-${tab}`);
+    const active = tab === name;
+    button.setAttribute("aria-selected", String(active));
+    button.tabIndex = active ? 0 : -1;
+    $(`view-${tab}`).hidden = !active;
+  }
+  if (name === "dlq") refreshLetters().catch((err) => setStatus(err.message, true));
+}
+
+function tabKeys(event) {
+  if (event.key !== "ArrowRight" && event.key !== "ArrowLeft") return;
+  const next = state.tab === "deliveries" ? "dlq" : "deliveries";
+  selectTab(next);
+  $(`tab-${next}`).focus();
+}
+
+async function poll() {
+  try {
+    const doc = await api(`deliveries?since=${state.version}`);
+    const kept = new Set(doc.ids);
+    for (const summary of doc.deliveries) state.deliveries.set(summary.id, summary);
+    for (const id of state.deliveries.keys()) if (!kept.has(id)) state.deliveries.delete(id);
+    const changed = doc.version !== state.version || state.order.length !== kept.size;
+    state.version = doc.version;
+    state.order = [...kept].sort((a, b) => b - a);
+    if (changed) renderDeliveries();
+    for (const key of ["active", "deadLettered", "scheduled"]) {
+      $(`stat-${key}`).textContent = doc.stats ? String(doc.stats[key]) : "?";
+    }
+    $("count-dlq").textContent = doc.stats ? `(${doc.stats.deadLettered})` : "";
+    if (doc.statsError) setStatus(doc.statsError, true);
+    if (state.tab === "dlq") await refreshLetters();
+    if (changed && state.selected !== null && doc.deliveries.some((d) => d.id === state.selected)) {
+      renderDeliveryDetail(await api(`deliveries/${state.selected}`));
+    }
+    document.body.dataset.version = String(state.version);
+  } catch (err) {
+    setStatus(`The local host does not answer (${err.message}); retrying.`, true);
+  } finally {
+    setTimeout(poll, POLL_MS);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("tab-deliveries").addEventListener("click", () => selectTab("deliveries"));
+  $("tab-dlq").addEventListener("click", () => selectTab("dlq"));
+  $("tab-deliveries").addEventListener("keydown", tabKeys);
+  $("tab-dlq").addEventListener("keydown", tabKeys);
+  $("confirm-cancel").addEventListener("click", () => $("confirm-purge").close());
+  $("confirm-ok").addEventListener("click", purgeConfirmed);
+  document.addEventListener("keydown", (event) => {
+    if (event.key !== "Escape" || $("confirm-purge").open) return;
+    if (state.tab === "deliveries" && state.selected !== null) closeDelivery();
+    else if (state.tab === "dlq" && state.selectedLetter !== null) closeLetter();
+  });
+  poll();
+});

@@ -1,0 +1,295 @@
+"""The inspector page in a real headless Chromium (Debian's chromium + chromium-driver).
+
+A real local host process receives signed events of each type, a forged one, a duplicate and
+a poison one; the page must show each with the outcome the receiver and the processor
+decided, open a delivery (by keyboard) on its parsed signals, and replay the poison message
+from the dead-letter tab until it comes back. A screenshot of each view goes to
+`test-artifacts/inspector/`; the browser's console must stay free of errors.
+
+Without chromium the test is skipped with the reason, except in CI (CI=true), where that is
+a failure: `.ci/run` installs chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.cli.simulate import build_event
+from shared.signature import sign
+
+from .inspector_host import REPO, HostProcess
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACTS = REPO / "test-artifacts" / "inspector"
+FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--disable-dev-shm-usage",
+)
+WAIT = 60.0
+
+
+def require_chromium() -> None:
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not Path(p).exists()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package (requirements-dev.txt)")
+    if not missing:
+        return
+    reason = (f"the inspector's browser test needs {', '.join(missing)}; install them with "
+              "`apt-get install chromium chromium-driver` (.ci/run does) and `make test`")
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the browser test: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    require_chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    # Both paths are given, so Selenium Manager has nothing to look up or download.
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    options.add_argument("--window-size=1280,800")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(WAIT)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def screenshot(driver: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"{name}.png"
+    assert driver.save_screenshot(str(path)), f"no screenshot saved at {path}"
+    return path
+
+
+def until(driver: Any, condition: Any, what: str) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # The page re-renders while it polls: an element found a moment ago may be replaced.
+    return WebDriverWait(driver, WAIT, poll_frequency=0.1,
+                         ignored_exceptions=(StaleElementReferenceException,)
+                         ).until(condition, message=what)
+
+
+def rows(driver: Any, table: str) -> list[dict[str, str]]:
+    """The rows of a table as one snapshot (data attributes and text): the page re-renders
+    its lists while it polls, so elements found one by one could go stale in between."""
+    found: list[dict[str, str]] = driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])]"
+        ".map(r => Object.assign({text: r.innerText}, r.dataset))",
+        f"#{table} tbody tr",
+    )
+    return found
+
+
+def text_of(driver: Any, element_id: str) -> str:
+    text: str = driver.execute_script(
+        "const e = document.getElementById(arguments[0]); return e ? e.innerText : ''",
+        element_id)
+    return text
+
+
+def cells(driver: Any, table_id: str) -> list[list[str]]:
+    found: list[list[str]] = driver.execute_script(
+        "const t = document.getElementById(arguments[0]); return t ? [...t.tBodies[0].rows]"
+        ".map(r => [...r.cells].map(c => c.innerText)) : []", table_id)
+    return found
+
+
+def row(driver: Any, table: str, event_id: str) -> dict[str, str] | None:
+    return next((r for r in rows(driver, table) if r["eventId"] == event_id), None)
+
+
+def click_row(driver: Any, table: str, event_id: str) -> None:
+    """Click the row once it is there; the list may re-render between find and click."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def clicked(d: Any) -> bool:
+        try:
+            found = d.find_elements(
+                By.CSS_SELECTOR, f'#{table} tbody tr[data-event-id="{event_id}"]')
+            if not found:
+                return False
+            found[0].click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    until(driver, clicked, f"a clickable row for {event_id} in #{table}")
+
+
+def event_id(body: bytes) -> str:
+    value: str = json.loads(body)["eventId"]
+    return value
+
+
+def poison_event() -> bytes:
+    """Signed and object-shaped, so accepted; `data` is not an object, so InvalidPayload."""
+    return json.dumps({
+        "eventId": f"poison-{uuid.uuid4()}", "eventType": "VEHICLE_STATE",
+        "vehicleId": "9af13248-3b73-4c9d-9a4b-d937ce6bc8e2", "data": "not an object",
+        "meta": {"version": "4.0", "mode": "TEST"},
+    }).encode()
+
+
+class TestInspectorInChromium:
+    def test_deliveries_detail_and_dead_letter_replay_as_a_developer_sees_them(
+        self, tmp_path: Path, browser: Any
+    ) -> None:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        with HostProcess(tmp_path) as host:
+            browser.get(host.url)
+            until(browser, lambda d: d.find_element(By.ID, "deliveries-empty").is_displayed(),
+                  "the empty deliveries list")
+
+            verify, state, error = (build_event(k) for k in ("verify", "state", "error"))
+            forged, poison = build_event("state"), poison_event()
+            assert host.post(verify).status == 200
+            assert host.post(state).status == 200
+            assert host.post(error, path="/api/webhooks/smartcar/errors").status == 200
+            assert host.post(forged, signature=sign("not-the-token", forged)).status == 401
+            assert host.post(poison).status == 200
+            assert host.post(state).status == 200  # Smartcar retried: a duplicate
+
+            expected = {  # eventId -> (receive outcome, processing outcome)
+                event_id(verify): ("verify_answered", ""),
+                event_id(error): ("accepted", "unhandled"),
+                event_id(forged): ("signature_rejected", ""),
+                event_id(poison): ("accepted", "dead_lettered"),
+            }
+
+            def shown(eid: str) -> tuple[str, str] | None:
+                r = row(browser, "deliveries", eid)
+                return None if r is None else (r["outcome"], r["processing"])
+
+            for eid, outcomes in expected.items():
+                until(browser, lambda d, eid=eid, o=outcomes: shown(eid) == o,
+                      f"row {eid} with outcomes {outcomes}, shown {shown(eid)}")
+            until(browser, lambda d: sorted(
+                (r["outcome"], r["processing"]) for r in rows(d, "deliveries")
+                if r["eventId"] == event_id(state)) == [("accepted", "handled"), ("duplicate", "")],
+                "the state event accepted and handled once, then its duplicate")
+
+            listed = rows(browser, "deliveries")
+            ids = [int(r["id"]) for r in listed]
+            assert ids == sorted(ids, reverse=True) and len(ids) == 6, "newest first"
+            forged_row = row(browser, "deliveries", event_id(forged))
+            assert forged_row is not None and "invalid signature" in forged_row["text"], "why"
+            poison_row = row(browser, "deliveries", event_id(poison))
+            assert poison_row is not None and "InvalidPayload" in poison_row["text"]
+            until(browser, lambda d: text_of(d, "stat-deadLettered") == "1",
+                  "one dead letter in the header")
+            screenshot(browser, "deliveries")
+
+            # Keyboard: focus the accepted state row, Enter opens it.
+            accepted = next(r for r in listed if r["eventId"] == event_id(state)
+                            and r["outcome"] == "accepted")
+            browser.execute_script(
+                "document.querySelector(arguments[0]).focus()",
+                f'#deliveries tbody tr[data-id="{accepted["id"]}"]')
+            browser.switch_to.active_element.send_keys(Keys.ENTER)
+            signals = until(browser, lambda d: cells(d, "signals"),
+                            "the signals table of the state event")
+            assert ["tractionbattery-stateofcharge", "78", "percent"] == signals[0][:3]
+            assert signals[0][3].startswith("20"), "oemUpdatedAt as an ISO time"
+            assert "tractionbattery-stateofcharge" in text_of(browser, "body")
+            assert len(text_of(browser, "trace-id")) == 32
+            signature = sign("amt", state)
+            detail = text_of(browser, "delivery-detail")
+            assert signature[:8] in detail and signature not in browser.page_source
+            screenshot(browser, "delivery-detail")
+            browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+            until(browser, lambda d: not d.find_element(By.ID, "delivery-detail").is_displayed(),
+                  "Escape closes the detail")
+
+            # Dead-letter tab: the poison message, its reason, replay; it comes back.
+            browser.find_element(By.ID, "tab-dlq").click()
+            letter = until(browser, lambda d: row(d, "dead-letters", event_id(poison)),
+                           "the poison message in the dead-letter list")
+            first_seq = letter["seq"]
+            assert "InvalidPayload" in letter["text"]
+            screenshot(browser, "dead-letters")
+            click_row(browser, "dead-letters", event_id(poison))
+            until(browser, lambda d: d.find_elements(By.ID, "replay"), "the dead-letter detail")
+            pane = text_of(browser, "dlq-detail")
+            assert "data must be an object, got str" in pane and "Delivery count" in pane
+            screenshot(browser, "dead-letter-detail")
+            until(browser, lambda d: d.find_element(By.ID, "replay").click() or True, "replay")
+            until(browser, lambda d: "Replayed dead letter" in text_of(d, "status"),
+                  "the replay confirmed")
+
+            def came_back(d: Any) -> Any:
+                r = row(d, "dead-letters", event_id(poison))
+                return r if r is not None and r["seq"] != first_seq else None
+
+            until(browser, came_back, "the replayed poison message dead-lettered again")
+            browser.find_element(By.ID, "tab-deliveries").click()
+            until(browser, lambda d: "\u00d72" in (row(d, "deliveries", event_id(poison))
+                                                    or {}).get("text", ""),
+                  "the poison delivery processed twice (x2)")
+
+            # Purge asks first: Cancel keeps it, confirming removes it.
+            browser.find_element(By.ID, "tab-dlq").click()
+            until(browser, came_back, "the poison message listed again")
+            click_row(browser, "dead-letters", event_id(poison))
+            until(browser, lambda d: d.find_element(By.ID, "purge").is_displayed(), "purge button")
+            until(browser, lambda d: d.find_element(By.ID, "purge").click() or True, "purge")
+            dialog = browser.find_element(By.ID, "confirm-purge")
+            until(browser, lambda d: dialog.is_displayed(), "the purge confirmation")
+            screenshot(browser, "purge-confirmation")
+            browser.find_element(By.ID, "confirm-cancel").click()
+            assert row(browser, "dead-letters", event_id(poison)) is not None
+            until(browser, lambda d: d.find_element(By.ID, "purge").click() or True, "purge")
+            until(browser, lambda d: dialog.is_displayed(), "the purge confirmation")
+            browser.find_element(By.ID, "confirm-ok").click()
+            until(browser, lambda d: row(d, "dead-letters", event_id(poison)) is None,
+                  "the purged dead letter gone")
+            until(browser, lambda d: text_of(d, "stat-deadLettered") == "0",
+                  "no dead letter in the header")
+
+            # A narrow window: everything fits its width.
+            browser.find_element(By.ID, "tab-deliveries").click()
+            browser.set_window_size(420, 800)
+            until(browser, lambda d: d.execute_script(
+                "return document.documentElement.scrollWidth <= window.innerWidth"),
+                "no horizontal scrolling at 420 px")
+            screenshot(browser, "narrow")
+
+            errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+            assert errors == [], errors
+
+
+def test_a_missing_browser_skips_locally_but_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Path, "exists", lambda self: False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must run the browser test"):
+        require_chromium()
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium chromium-driver"):
+        require_chromium()
+
