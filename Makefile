@@ -14,7 +14,7 @@ URL ?= http://127.0.0.1:$(PORT)/api/webhooks/smartcar
 TYPE ?= state
 CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 
-.PHONY: run test test-browser lint bench clean send stats dlq dlq-show dlq-replay dlq-purge
+.PHONY: run test test-browser lint bench mutate clean send stats dlq dlq-show dlq-replay dlq-purge
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,4 +62,9 @@ dlq-purge: $(STAMP)
 	@$(CLI) dlq purge $(IDS)
 
 clean:
-	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache test-artifacts mutants
+
+# Mutation testing (issue 15; not part of `make test`): JSON lines on stdout, see README.
+MUTATE_JOBS ?= 3
+mutate: $(STAMP)
+	$(PY) -m mutation --jobs $(MUTATE_JOBS)

@@ -30,6 +30,8 @@ class FakeSecretClient:
         self.versions: list[FakeSecret] = []
         self.get_calls = 0
         self.fail_with: Exception | None = None
+        #: Secret names asked for, by get_secret and list_properties_of_secret_versions.
+        self.names: list[str] = []
 
     def set_secret(self, value: str) -> None:
         created = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=len(self.versions))
@@ -43,6 +45,7 @@ class FakeSecretClient:
 
     async def get_secret(self, name: str, version: str | None = None) -> FakeSecret:
         self.get_calls += 1
+        self.names.append(name)
         if self.fail_with is not None:
             raise self.fail_with
         if version is None:
@@ -60,6 +63,7 @@ class FakeSecretClient:
             yield secret.properties
 
     def list_properties_of_secret_versions(self, name: str) -> AsyncIterator[FakeSecretProperties]:
+        self.names.append(name)
         if self.fail_with is not None:
             raise self.fail_with
         return self._props()

@@ -153,7 +153,6 @@ class TestSend:
         assert run("send", "--url", "http://x/", "--type", "state", "--file", "x.json")[0] == 2
         assert run("dlq", "replay")[0] == 2
         assert run("dlq", "purge", "--all", "3")[0] == 2
-        assert run("dlq", "show", "abc")[0] == 2
         assert run("frobnicate")[0] == 2
 
     def test_built_events_are_fresh(self) -> None:

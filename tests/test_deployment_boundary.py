@@ -39,7 +39,9 @@ def test_local_and_operator_packages_are_not_deployed() -> None:
     deployed = deployed_python_files()
     assert "function_app.py" in deployed and "shared/receiver.py" in deployed
     for path in deployed:
-        assert not path.startswith(("shared/local/", "shared/cli/", "tests/", "benchmarks/")), path
+        assert not path.startswith(
+            ("shared/local/", "shared/cli/", "tests/", "benchmarks/", "mutation/", "mutants/")
+        ), path
 
 
 def test_the_inspector_page_is_not_deployed() -> None:

@@ -7,8 +7,9 @@ import copy
 import dataclasses
 import json
 import re
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +483,13 @@ class TestInput:
 
 
 INVALID_DOCUMENTS: list[tuple[str, Any, str]] = [
+    ("signals a number", minimal(signals=5), "data.signals must be a list, got int"),
+    ("vehicle error null", minimal("VEHICLE_ERROR", errors=[None]),
+     "data.errors[0] must be an object, got null"),
+    ("eventId number of 24 characters", {"eventId": 10**23, "eventType": "X"},
+     f"eventId must be a non-empty string, got {10**23}"),
+    ("eventId number longer than 24 characters", {"eventId": 10**24, "eventType": "X"},
+     "eventId must be a non-empty string, got int"),
     ("top-level array", [], "body must be a JSON object, got list"),
     ("top-level number", 52.52, "body must be a JSON object, got float"),
     ("top-level string", "x", "body must be a JSON object, got str"),
@@ -732,6 +740,29 @@ class TestPeekEnvelope:
     def test_anything_unreadable_gives_all_none(self, body: bytes) -> None:
         assert peek_envelope(body) == Envelope()
 
+    @pytest.mark.parametrize("container", ["data", "meta"])
+    @pytest.mark.parametrize("value", [[1], "text", 7, True])
+    def test_a_container_of_the_wrong_type_does_not_hide_the_event_id(
+        self, container: str, value: Any
+    ) -> None:
+        # A signed body of the wrong shape is still stored under its eventId (deduplication).
+        body = json.dumps({"eventId": "e1", "eventType": "X", "vehicleId": "v1", container: value})
+        envelope = peek_envelope(body.encode())
+        assert (envelope.event_id, envelope.event_type, envelope.vehicle_id) == ("e1", "X", "v1")
+
+    @pytest.mark.parametrize("vehicle", [[1], "text", 7])
+    def test_a_vehicle_of_the_wrong_type_does_not_hide_the_event_id(self, vehicle: Any) -> None:
+        body = json.dumps({"eventId": "e1", "eventType": "X", "data": {"vehicle": vehicle}})
+        envelope = peek_envelope(body.encode())
+        assert (envelope.event_id, envelope.vehicle_id) == ("e1", None)
+
+    def test_a_top_level_vehicle_id_wins_over_data_vehicle(self) -> None:
+        body = {"eventId": "e1", "eventType": "X", "vehicleId": "top",
+                "data": {"vehicle": {"id": "nested"}}}
+        assert peek_envelope(json.dumps(body).encode()).vehicle_id == "top"
+        del body["vehicleId"]
+        assert peek_envelope(json.dumps(body).encode()).vehicle_id == "nested"
+
     def test_fields_that_are_not_strings_are_none(self) -> None:
         body = encode(
             {
@@ -834,8 +865,11 @@ def only_invalid_event_error(call: Callable[[], Any]) -> None:
         pass
 
 
+# differing_executors: `make mutate` runs these methods many times in one process.
 PROPERTY_SETTINGS = settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors],
 )
 
 
@@ -869,3 +903,44 @@ class TestProperties:
         # Whatever parses agrees with the cheap peek on what they both read.
         assert (envelope.event_id, envelope.event_type) == (event.event_id, event.event_type)
         assert envelope.vehicle_id == event.vehicle_id
+
+
+class TestSignalLookup:
+    """`Event.signal` finds a signal by `Group.Name` or code; signals that lack them are never
+    found by a name they do not have."""
+
+    def test_a_name_no_signal_has_is_not_found_even_among_nameless_signals(self) -> None:
+        event = parse(minimal(signals=[{"body": {"value": 1}}]))
+        assert event.signals[0].path is None and event.signals[0].code is None
+        for name in ("XXXX", "xxxx", "None.None"):
+            assert event.signal(name) is None
+
+    def test_a_path_needs_both_group_and_name(self) -> None:
+        event = parse(minimal(signals=[{"group": "Location"}, {"name": "IsAtHome"}]))
+        assert [s.path for s in event.signals] == [None, None]
+        assert event.signal("Location.None") is None
+        assert event.signal("None.IsAtHome") is None
+
+
+class TestFrozenArrays:
+    def test_arrays_nested_in_arrays_are_tuples_all_the_way_down(self) -> None:
+        event = parse(minimal(matrix=[[1, [2, 3]], []], signals=[]))
+        assert event.data["matrix"] == ((1, (2, 3)), ())
+        assert type(event.data["matrix"][0][1]) is tuple
+
+
+class TestTimestampsAreUtcWhateverTheMachine:
+    def test_an_offset_is_converted_to_utc_not_to_the_local_zone(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("TZ", "Asia/Tokyo")
+        time.tzset()
+        try:
+            event = parse({**minimal(), "meta": {"deliveredAt": "2026-01-01T01:00:00+01:00"}})
+        finally:
+            monkeypatch.undo()
+            time.tzset()
+        delivered = event.meta.delivered_at
+        assert delivered is not None
+        assert delivered.utcoffset() == timedelta(0)
+        assert (delivered.hour, delivered.minute) == (0, 0)

@@ -7,6 +7,7 @@ reads what it prints.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,33 @@ class TestMakeShortcutsExitStatus:
         assert result.returncode == 2  # ...and exits 2 itself, as the README says
         readme = (ROOT / "README.md").read_text()
         assert "`make` itself exits 2" in readme
+
+
+class TestTheBannerSaysLocalIsLocal:
+    @pytest.mark.skipif(not HAS_VENV, reason="make run uses the .venv that make test created")
+    def test_make_run_labels_its_urls_local_and_says_how_to_tunnel(self, tmp_path: Path) -> None:
+        from .test_local_host_process import free_port, host_process
+
+        port = free_port()
+        env = user_env(tmp_path, PORT=str(port))
+        with host_process(["make", "run"], env, port) as proc:
+            os.killpg(proc.pid, signal.SIGINT)
+            out = proc.communicate(timeout=30)[0].decode()
+        banner = out[: out.index("Press Ctrl-C to stop.")]
+        local = f"http://127.0.0.1:{port}/api/webhooks/smartcar"
+        assert "Local URLs (this machine only: Smartcar cannot reach them):" in banner
+        assert f"  vehicle data webhook:  {local}\n" in banner
+        assert "callback URI" not in banner  # nothing local is offered for registration
+        assert f"devtunnel host -p {port} --allow-anonymous   (or: ngrok http {port})" in banner
+        assert "register https://<tunnel>/api/webhooks/smartcar" in banner
+
+    def test_readme_walks_through_a_tunnel_to_a_real_delivery(self) -> None:
+        readme = (ROOT / "README.md").read_text()
+        start = readme.index("### Receive real deliveries on your machine")
+        section = readme[start: readme.index("\n### ", start + 1)]
+        for step in ("devtunnel host -p 7071 --allow-anonymous", "ngrok http 7071",
+                     "`https://<tunnel>/api/webhooks/smartcar`", "`VERIFY`",
+                     "Send a test event from the webhook's page in the Smartcar Dashboard",
+                     "?code=<function key>", "az functionapp function keys list",
+                     "SMARTCAR_MANAGEMENT_TOKEN"):
+            assert step in section, step

@@ -45,6 +45,33 @@ def test_a_rotated_file_is_left_alone_and_a_new_one_started(tmp_path: Path) -> N
     log.close()  # idempotent
 
 
+def open_descriptors_on(path: Path) -> list[str]:
+    """This process's file descriptors that point at `path` (Linux /proc)."""
+    fd_dir = Path("/proc/self/fd")
+    found = []
+    for entry in fd_dir.iterdir():
+        try:
+            if Path(os.readlink(entry)) == path:
+                found.append(entry.name)
+        except OSError:
+            continue  # the directory's own descriptor, gone by the time it is read
+    return found
+
+
+def test_close_releases_the_descriptor_kept_open_for_appends(tmp_path: Path) -> None:
+    # A leaked descriptor per host restart (or per test) ends in EMFILE; close must release it.
+    path = tmp_path / "handled.jsonl"
+    log = HandledLog(path)
+    log.append({"eventId": "a"})
+    assert len(open_descriptors_on(path)) == 1
+    log.close()
+    assert open_descriptors_on(path) == []
+    log.append({"eventId": "b"})  # a closed log reopens on the next append
+    assert log.read() == [{"eventId": "a"}, {"eventId": "b"}]
+    log.close()
+    assert open_descriptors_on(path) == []
+
+
 class TestWholeLinesOrNone:
     """handled.jsonl never holds a torn line, whatever `os.write` does on a full disk."""
 

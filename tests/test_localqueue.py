@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -423,6 +424,69 @@ class TestDeadLettering:
             queue.dead_letter_by_sequence(locked, reason="r", description="d")
         assert queue.stats()["deadLettered"] == 0
 
+    def test_dead_letter_by_sequence_without_a_lock_says_what_may_have_happened(
+        self, queue: LocalQueue
+    ) -> None:
+        with pytest.raises(LockLostError) as raised:
+            queue.dead_letter_by_sequence(9999, reason="r", description="d")
+        assert str(raised.value) == (
+            "message 9999 is not locked by a receiver (settled, expired, never received or "
+            "already dead-lettered)"
+        )
+
+    def test_a_lost_lock_says_whether_it_was_unknown_or_expired(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="first")
+        queue.complete(receive_one(queue).lock_token or "")
+        queue.send(b"y", message_id="second")
+        second = receive_one(queue)  # sequence number 2, delivery 1
+        clock.advance(30)
+        with pytest.raises(LockLostError) as expired:
+            queue.complete(second.lock_token or "")
+        assert str(expired.value) == (
+            f"the lock {second.lock_token!r} on message 2 expired; it will be redelivered"
+        )
+        with pytest.raises(LockLostError) as unknown:
+            queue.abandon("no-such-token")
+        assert str(unknown.value) == (
+            "lock token 'no-such-token' is unknown: the message was settled, or its lock "
+            "expired and it was redelivered or dead-lettered"
+        )
+
+    def test_a_lock_can_be_renewed_for_less_than_a_second(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        token = receive_one(queue).lock_token or ""
+        assert queue.renew_lock(token, lock_duration=0.5) == datetime.fromtimestamp(
+            T0 + 0.5, tz=UTC
+        )
+
+    def test_receive_arguments_are_checked_with_a_clear_message(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        with pytest.raises(ValueError) as raised:
+            queue.receive(max_messages=0)
+        assert str(raised.value) == "max_messages must be >= 1, got 0"
+        for duration in (0.0, -1.0):
+            with pytest.raises(ValueError) as raised:
+                queue.receive(lock_duration=duration)
+            assert str(raised.value) == f"lock_duration must be > 0 seconds, got {duration}"
+        (msg,) = queue.receive(lock_duration=0.5)  # nothing was locked by the refusals
+        assert msg.delivery_count == 1
+        assert msg.locked_until == datetime.fromtimestamp(T0 + 0.5, tz=UTC)
+
+    def test_renewing_for_no_time_is_refused(self, queue: LocalQueue) -> None:
+        queue.send(b"x", message_id="evt")
+        token = receive_one(queue).lock_token or ""
+        for duration in (0.0, -1.0):
+            with pytest.raises(ValueError) as raised:
+                queue.renew_lock(token, lock_duration=duration)
+            assert str(raised.value) == f"lock_duration must be > 0 seconds, got {duration}"
+        queue.complete(token)  # the lock was left as it was
+
     def test_dead_letter_by_sequence_rejects_an_already_dead_lettered_message(
         self, queue: LocalQueue
     ) -> None:
@@ -621,6 +685,24 @@ class TestStorage:
             queue.send(b"x", message_id="evt")
         with pytest.raises(QueueUnavailableError):
             queue.receive()
+
+    @pytest.mark.parametrize(("operation", "call"), [
+        ("receive", lambda q: q.receive()),
+        ("renew_lock", lambda q: q.renew_lock("t")),
+        ("complete", lambda q: q.complete("t")),
+        ("complete", lambda q: q.complete_many(["t"])),
+        ("abandon", lambda q: q.abandon("t")),
+        ("dead_letter", lambda q: q.dead_letter("t", reason="r", description="d")),
+        ("dead_letter_by_sequence",
+         lambda q: q.dead_letter_by_sequence(1, reason="r", description="d")),
+    ])
+    def test_a_settlement_after_close_names_the_queue_and_the_operation(
+        self, queue: LocalQueue, operation: str, call: Any
+    ) -> None:
+        queue.close()
+        with pytest.raises(QueueUnavailableError) as raised:
+            call(queue)
+        assert str(raised.value) == f"local queue {queue.path}: {operation} after close()"
 
     def test_send_while_another_process_holds_the_write_lock_raises_queue_unavailable(
         self, db_path: Path

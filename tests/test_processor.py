@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+import logging
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from azure.functions.servicebus import ServiceBusMessage
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared.functions import inbound_message
 from shared.handlers import HandlerRegistry
@@ -23,6 +29,7 @@ from shared.processor import (
     process_message,
 )
 from shared.settings import load_settings
+from shared.telemetry import Telemetry
 
 from .fakes import FakeSender
 from .support import encode, fixture_bytes, state_event
@@ -71,6 +78,16 @@ class TestBackoff:
     def test_huge_delivery_counts_do_not_overflow(self) -> None:
         assert backoff_seconds(10_000, base=2, maximum=60) == 60
 
+    def test_the_exponent_stops_at_30_whatever_the_cap(self) -> None:
+        uncapped = float("inf")
+        assert backoff_seconds(31, base=1, maximum=uncapped) == 2.0**30
+        assert backoff_seconds(10_000, base=1, maximum=uncapped) == 2.0**30
+        assert backoff_seconds(30, base=1, maximum=uncapped) == 2.0**29
+
+    def test_a_first_or_uncounted_delivery_waits_the_base(self) -> None:
+        assert backoff_seconds(0, base=3, maximum=60) == 3
+        assert backoff_seconds(1, base=3, maximum=60) == 3
+
 
 class TestOutcomes:
     def test_handled_event_is_logged(self, tmp_path: Path) -> None:
@@ -86,6 +103,17 @@ class TestOutcomes:
         assert record["deliveryCount"] == 2
         assert record["vehicleId"] == "9af13248-3b73-4c9d-9a4b-d937ce6bc8e2"
         assert record["outcome"] == "handled"
+
+    def test_handlers_are_told_which_message_and_delivery_they_handle(self) -> None:
+        registry = HandlerRegistry()
+        seen: list[tuple[str, int, int]] = []
+        registry.on("VEHICLE_STATE")(
+            lambda e, ctx: seen.append(
+                (ctx.message_id, ctx.delivery_count, ctx.settings.max_delivery_count)
+            )
+        )
+        run(message(encode(state_event()), 3), registry)
+        assert seen == [("m1", 3, SETTINGS.max_delivery_count)]
 
     def test_async_handlers_are_awaited(self) -> None:
         registry = HandlerRegistry()
@@ -131,6 +159,25 @@ class TestOutcomes:
             with pytest.raises(HandlerFailedError, match="ConnectionError"):
                 run(message(encode(state_event()), delivery), registry, sleep=sleeps)
         assert sleeps.delays == [2, 4, 8]
+
+    @pytest.mark.parametrize("base", ["1", "0.25"])
+    def test_a_backoff_of_one_second_or_less_is_still_waited(self, base: str) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
+        settings = load_settings({"RETRY_BACKOFF_BASE_SECONDS": base})
+        sleeps = Sleeps()
+        with pytest.raises(HandlerFailedError):
+            run(message(encode(state_event()), 1), registry, settings=settings, sleep=sleeps)
+        assert sleeps.delays == [float(base)]
+
+    def test_a_zero_backoff_does_not_sleep(self) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
+        settings = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "0"})
+        sleeps = Sleeps()
+        with pytest.raises(HandlerFailedError):
+            run(message(encode(state_event()), 1), registry, settings=settings, sleep=sleeps)
+        assert sleeps.delays == []
 
     def test_last_delivery_does_not_wait(self) -> None:
         registry = HandlerRegistry()
@@ -195,6 +242,167 @@ class TestFunctionAdapter:
         )
 
 
+class TestWhatOperatorsReadInTheLog:
+    """What the processor says about each outcome: enough to act on, never the body above
+    DEBUG (it can hold a vehicle's location)."""
+
+    def records(self, caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records
+                if r.name == "shared.processor"]
+
+    def test_handler_failure_names_event_delivery_error_and_next_step(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        registry = HandlerRegistry()
+
+        @registry.on("VEHICLE_STATE")
+        def boom(event: Any, ctx: Any) -> None:
+            raise ConnectionError("crm down")
+
+        event = state_event()
+        with caplog.at_level(logging.INFO, logger="shared.processor"):
+            for delivery in (2, SETTINGS.max_delivery_count):
+                with pytest.raises(HandlerFailedError):
+                    run(message(encode(event), delivery), registry, sleep=Sleeps())
+        prefix = f"handler failed for event {event['eventId']} (VEHICLE_STATE, delivery"
+        assert self.records(caplog) == [
+            (logging.WARNING, f"{prefix} 2 of 5): ConnectionError: crm down; retrying in 4.0s"),
+            (logging.WARNING,
+             f"{prefix} 5 of 5): ConnectionError: crm down; it will be dead-lettered"),
+        ]
+
+    def test_handler_failure_error_names_event_and_cause(self) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
+        event = state_event()
+        with pytest.raises(HandlerFailedError) as raised:
+            run(message(encode(event), 1), registry, sleep=Sleeps())
+        assert str(raised.value) == f"handler failed for event {event['eventId']}: ZeroDivisionError"
+        assert isinstance(raised.value.__cause__, ZeroDivisionError)
+
+    def test_unreadable_payload_is_a_warning_with_reason_and_no_body(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.DEBUG, logger="shared.processor"):
+            run(message(b'{"eventId": "e1", "secret-location": 1}'), HandlerRegistry())
+        assert self.records(caplog) == [(
+            logging.WARNING,
+            "message m1 is not a readable Smartcar event (eventType is missing); "
+            "dead-lettering it as InvalidPayload",
+        )]
+
+    def test_an_event_without_handler_is_reported_at_info(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        event = state_event(eventType="NEW_KIND")
+        with caplog.at_level(logging.INFO, logger="shared.processor"):
+            run(message(encode(event)), HandlerRegistry())
+        assert self.records(caplog) == [
+            (logging.INFO, f"no handler for event {event['eventId']} of type NEW_KIND")
+        ]
+
+    def test_the_body_is_logged_at_debug_only(self, caplog: pytest.LogCaptureFixture) -> None:
+        event = state_event()
+        body = encode(event)
+        with caplog.at_level(logging.DEBUG, logger="shared.processor"):
+            run(message(body), HandlerRegistry())
+        debug = [m for level, m in self.records(caplog) if level == logging.DEBUG]
+        assert debug == [f"processing event {event['eventId']} body={body!r}"]
+        assert all(level == logging.DEBUG or str(body) not in m
+                   for level, m in self.records(caplog))
+
+
+class TestHandledLogRecord:
+    def test_one_line_per_event_with_what_a_developer_needs(self, tmp_path: Path) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        log = HandledLog(tmp_path / "handled.jsonl")
+        before = datetime.now(UTC)
+        run(message(fixture_bytes("vehicle_state.json"), 3), registry, handled_log=log)
+        run(message(encode(state_event(eventType="NEW_KIND")), 1), registry, handled_log=log)
+        after = datetime.now(UTC)
+        first, second = log.read()
+        log.close()
+        handled_at = datetime.fromisoformat(first.pop("handledAt"))
+        assert handled_at.tzinfo is not None and before <= handled_at <= after
+        assert first == {
+            "eventId": "550e8400-e29b-41d4-a716-446655440000",
+            "eventType": "VEHICLE_STATE",
+            "vehicleId": "9af13248-3b73-4c9d-9a4b-d937ce6bc8e2",
+            "deliveryCount": 3,
+            "messageId": "m1",
+            "outcome": "handled",
+        }
+        assert (second["eventType"], second["outcome"]) == ("NEW_KIND", "unhandled")
+
+
+class TestWhatTheProcessSpanSays:
+    """The processing span is how one event is found in Application Insights: it names the
+    message, the event read from the body (not only what the sender put in the properties),
+    why it was dead-lettered, and feeds the delivery-lag histogram."""
+
+    @pytest.fixture
+    def captured(self) -> tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry]:
+        spans = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+        reader = InMemoryMetricReader()
+        telemetry = Telemetry(tracer_provider=tracer_provider,
+                              meter_provider=MeterProvider(metric_readers=[reader]))
+        return spans, reader, telemetry
+
+    def test_a_handled_event_without_envelope_properties_is_named_from_its_body(
+        self, captured: tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry]
+    ) -> None:
+        spans, reader, telemetry = captured
+        event = state_event()
+        event["meta"]["deliveredAt"] = int((datetime.now(UTC) - timedelta(seconds=5)).timestamp()
+                                           * 1000)
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        # No application properties: a message sent by another producer, or replayed by hand.
+        result = run(message(encode(event), 2), registry, telemetry=telemetry)
+        assert result.outcome is Outcome.HANDLED
+        (span,) = spans.get_finished_spans()
+        assert dict(span.attributes or {}) == {
+            "messageId": "m1",
+            "deliveryCount": 2,
+            "eventType": "VEHICLE_STATE",
+            "eventId": event["eventId"],
+            "vehicleId": event["vehicleId"],
+            "outcome": "handled",
+        }
+        lags = [point for rm in (reader.get_metrics_data() or MetricsData([])).resource_metrics
+                for sm in rm.scope_metrics for metric in sm.metrics
+                if metric.name == "smartcar.event.delivery_lag"
+                for point in metric.data.data_points]
+        (lag,) = lags
+        assert lag.count == 1 and 5000 <= lag.sum < 120_000
+
+    def test_an_unreadable_payload_names_the_dead_letter_reason(
+        self, captured: tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry]
+    ) -> None:
+        spans, _, telemetry = captured
+        dl = RecordingDeadLetterer()
+        result = run(message(b'{"eventId": "e1"}'), HandlerRegistry(), dead_letterer=dl,
+                     telemetry=telemetry)
+        assert (result.outcome, result.description) == (Outcome.DEAD_LETTERED,
+                                                        "eventType is missing")
+        (span,) = spans.get_finished_spans()
+        attributes = dict(span.attributes or {})
+        assert attributes["deadLetterReason"] == "InvalidPayload"
+        assert attributes["outcome"] == "dead_lettered"
+        assert attributes["messageId"] == "m1"
+
+
+class TestDeadLetterCopies:
+    def test_refusal_names_the_message(self) -> None:
+        copy = message(encode(state_event()), deadLetterReason="InvalidPayload")
+        with pytest.raises(DeadLetterCopyError) as raised:
+            run(copy, HandlerRegistry())
+        assert str(raised.value) == "message m1 is a dead-letter copy; refusing it so it expires"
+
+
 class UnwritableLog:
     """A handled log on a full disk: every append fails as `HandledLog`'s does."""
 
@@ -217,3 +425,80 @@ class TestUnrecordedOutcome:
                 run(message(encode(state_event()), delivery), registry, sleep=sleeps,
                     handled_log=UnwritableLog())
         assert sleeps.delays == [2, 4]  # never at once; the last delivery does not wait
+
+
+class TestOutcomeRecords:
+    """What handled.jsonl gets for each final outcome, in-process (the HTTP suite proves the
+    same through the local host)."""
+
+    def test_an_unreadable_payload_is_recorded_with_the_ids_its_body_holds(
+        self, tmp_path: Path
+    ) -> None:
+        log = HandledLog(tmp_path / "handled.jsonl")
+        body = b'{"eventId": "e1", "vehicleId": "v1", "data": "oops"}'
+        run(message(body, 2), HandlerRegistry(), handled_log=log)
+        (record,) = log.read()
+        log.close()
+        record.pop("handledAt")
+        assert record == {
+            "eventId": "e1", "eventType": None, "vehicleId": "v1", "deliveryCount": 2,
+            "messageId": "m1", "outcome": "dead_lettered", "reason": "InvalidPayload",
+            "description": "eventType is missing",
+        }
+
+    def test_a_handled_event_has_no_reason(self, tmp_path: Path) -> None:
+        log = HandledLog(tmp_path / "handled.jsonl")
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        run(message(encode(state_event())), registry, handled_log=log)
+        (record,) = log.read()
+        log.close()
+        assert record["outcome"] == "handled"
+        assert "reason" not in record and "description" not in record
+
+
+class TestUnrecordedOutcomeIsReported:
+    def handled_registry(self) -> HandlerRegistry:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        return registry
+
+    def test_the_log_says_which_message_which_delivery_and_what_next(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.INFO, logger="shared.processor"):
+            for delivery in (2, SETTINGS.max_delivery_count):
+                with pytest.raises(HandlerFailedError) as raised:
+                    run(message(encode(state_event()), delivery), self.handled_registry(),
+                        sleep=Sleeps(), handled_log=UnwritableLog())
+                assert str(raised.value) == "outcome of message m1 not recorded: OSError"
+                assert isinstance(raised.value.__cause__, OSError)
+        assert [(r.levelno, r.getMessage()) for r in caplog.records
+                if r.name == "shared.processor"] == [
+            (logging.WARNING, "cannot record message m1 in handled.jsonl (delivery 2 of 5): "
+                              "[Errno 28] No space left on device; retrying in 4.0s"),
+            (logging.WARNING, "cannot record message m1 in handled.jsonl (delivery 5 of 5): "
+                              "[Errno 28] No space left on device; it will be dead-lettered"),
+        ]
+
+    def test_a_sub_second_backoff_is_still_waited(self) -> None:
+        settings = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "0.25"})
+        sleeps = Sleeps()
+        with pytest.raises(HandlerFailedError):
+            run(message(encode(state_event()), 1), self.handled_registry(), settings=settings,
+                sleep=sleeps, handled_log=UnwritableLog())
+        assert sleeps.delays == [0.25]
+
+    def test_the_span_says_retried_or_dead_lettered_with_the_error_type(self) -> None:
+        spans = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+        telemetry = Telemetry(tracer_provider=tracer_provider, meter_provider=MeterProvider())
+        for delivery in (1, SETTINGS.max_delivery_count):
+            with pytest.raises(HandlerFailedError):
+                run(message(encode(state_event()), delivery), self.handled_registry(),
+                    sleep=Sleeps(), handled_log=UnwritableLog(), telemetry=telemetry)
+        assert [(dict(s.attributes or {})["outcome"], dict(s.attributes or {})["errorType"])
+                for s in spans.get_finished_spans()] == [
+            ("retried", "OSError"), ("dead_lettered", "OSError"),
+        ]

@@ -211,7 +211,7 @@ def test_readme_transcript(block: Block, workspace: tuple[Path, int]) -> None:
             if first_word(step.command) == "make" and re.search(r"\bmake run\b", step.command):
                 assert host is None or not host.running, f"{block.where}: two `make run`"
                 host = Host(command, env)
-                actual = [normalise(line, shown) for line in host.banner()]
+                actual = [normalise(line, shown, port=port) for line in host.banner()]
                 assert matches(expected, actual), mismatch(block, step.line, step.command,
                                                            expected, actual)
                 continue
@@ -221,7 +221,7 @@ def test_readme_transcript(block: Block, workspace: tuple[Path, int]) -> None:
                 assert host.running, "make run exited:\n" + "\n".join(banner)
             wait_for_idle(state, port)
             output, status = shell.run(command)
-            actual = [normalise(line, shown) for line in output]
+            actual = [normalise(line, shown, port=port) for line in output]
             assert matches(expected, actual), mismatch(block, step.line, step.command,
                                                        expected, actual, status)
     finally:

@@ -107,6 +107,15 @@ class TestChallengeGuard:
     def test_acceptable_challenges(self, challenge: str) -> None:
         assert challenge_problem(challenge) is None
 
+    def test_every_printable_ascii_character_outside_the_forbidden_six_is_answered(self) -> None:
+        # Contract: 0x21-0x7E except { } [ ] " \. Plain letters and digits above all: a guard
+        # that refused one of them would leave real Smartcar challenges unanswered.
+        allowed = [chr(c) for c in range(0x21, 0x7F) if chr(c) not in '{}[]"\\']
+        assert len(allowed) == 88
+        refused = [ch for ch in allowed if challenge_problem(ch) is not None]
+        assert refused == []
+        assert challenge_problem("".join(allowed)) is None
+
     @pytest.mark.parametrize(
         ("challenge", "message"),
         [
@@ -135,6 +144,18 @@ class TestChallengeGuard:
     ) -> None:
         problem = challenge_problem(challenge)
         assert problem is not None and message in problem
+
+    @pytest.mark.parametrize(("challenge", "reason"), [
+        (None, "data.challenge must be a string"),
+        ("", "data.challenge is empty"),
+        ("x" * 257, "data.challenge is longer than 256 characters"),
+        ("a{b", "data.challenge may hold only printable ASCII characters (0x21-0x7E) other "
+                "than { } [ ] \" \\, and has U+007B at position 1; a Smartcar challenge never "
+                "has one"),
+    ])
+    def test_each_refusal_says_exactly_what_is_wrong(self, challenge: object, reason: str) -> None:
+        # These texts reach Smartcar's dashboard in the 400 reply; they name the field.
+        assert challenge_problem(challenge) == reason
 
     def test_the_message_names_the_older_formats_path(self) -> None:
         assert challenge_problem(None, "payload.challenge") == "payload.challenge must be a string"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from typing import Any
 
 import pytest
 
@@ -11,7 +13,7 @@ from shared.receiver import receive
 from shared.signature import sign
 from shared.tokens import KeyVaultTokenProvider, StaticTokenProvider, TokenUnavailableError
 
-from .fakes import FakeSecretClient, ManualClock, RecordingPublisher
+from .fakes import FakeSecret, FakeSecretClient, ManualClock, RecordingPublisher
 from .support import encode, state_event
 
 
@@ -196,3 +198,259 @@ class TestRotationThroughTheReceiver:
         )
         assert reply.status == 200
         assert reply.body == {"challenge": sign("old-token", "abc")}
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+class TestStaticProviderNeverReReads:
+    def test_refresh_reports_that_nothing_was_re_read(self) -> None:
+        assert run(StaticTokenProvider("t").refresh()) is False
+
+
+class TestKeyVaultTimings:
+    """The cache's clock: TTL, the pause after a failure, the refresh rate limit. Each boundary
+    is exact: at the limit the provider goes back to Key Vault."""
+
+    def test_defaults_are_a_300_second_ttl_and_a_10_second_refresh_limit(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("t1")
+        clock = ManualClock(1000.0)
+        p = KeyVaultTokenProvider(client, "amt", clock=clock)
+
+        async def scenario() -> None:
+            await p.get_tokens()
+            reads = client.get_calls
+            clock.now = 1009.9
+            assert await p.refresh() is False
+            clock.now = 1010.0
+            assert await p.refresh() is True  # re-read at 1010: cached until 1310
+            reads = client.get_calls
+            clock.now = 1309.9
+            await p.get_tokens()
+            assert client.get_calls == reads
+            clock.now = 1310.0
+            await p.get_tokens()
+            assert client.get_calls > reads
+
+        run(scenario())
+
+    def test_concurrent_requests_after_expiry_read_key_vault_once(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("t1")
+        answer = client.get_secret
+
+        async def network_read(name: str, version: str | None = None) -> FakeSecret:
+            await asyncio.sleep(0)  # a real read suspends: other requests arrive meanwhile
+            return await answer(name, version)
+
+        client.get_secret = network_read  # type: ignore[method-assign]
+        clock = ManualClock(0.0)
+        p = provider(client, clock, ttl_seconds=300)
+
+        async def scenario() -> None:
+            await p.get_tokens()
+            clock.now = 400.0
+            reads = client.get_calls
+            results = await asyncio.gather(*(p.get_tokens() for _ in range(5)))
+            assert results == [("t1",)] * 5
+            assert client.get_calls - reads == 1  # one get_secret, no previous version
+
+        run(scenario())
+
+    def test_after_a_failure_with_nothing_cached_the_next_attempt_waits_exactly_the_limit(
+        self,
+    ) -> None:
+        client = FakeSecretClient()
+        client.fail_with = ConnectionError("vault unreachable")
+        clock = ManualClock(1000.0)
+        p = provider(client, clock, min_refresh_interval=10)
+
+        async def scenario() -> None:
+            with pytest.raises(TokenUnavailableError):
+                await p.get_tokens()
+            client.fail_with = None
+            client.set_secret("t1")
+            clock.now = 1010.0
+            assert await p.get_tokens() == ("t1",)
+
+        run(scenario())
+
+    def test_a_failed_re_read_keeps_the_cache_and_retries_after_the_refresh_limit(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("t1")
+        clock = ManualClock(1000.0)
+        p = provider(client, clock, ttl_seconds=300, min_refresh_interval=10)
+
+        async def scenario() -> None:
+            await p.get_tokens()
+            client.fail_with = ConnectionError("vault unreachable")
+            clock.now = 1300.0  # TTL over: the read fails, the cached token is kept
+            assert await p.get_tokens() == ("t1",)
+            failed_reads = client.get_calls
+            client.fail_with = None
+            client.set_secret("t2")
+            clock.now = 1309.9
+            assert await p.get_tokens() == ("t1",)
+            assert client.get_calls == failed_reads  # not on every request
+            clock.now = 1310.0
+            assert await p.get_tokens() == ("t2", "t1")  # nor a whole TTL later
+
+        run(scenario())
+
+    def test_refresh_during_an_outage_keeps_serving_the_cache_without_raising(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("t1")
+        clock = ManualClock(1000.0)
+        p = provider(client, clock, min_refresh_interval=10)
+
+        async def scenario() -> None:
+            await p.get_tokens()
+            client.fail_with = ConnectionError("vault unreachable")
+            clock.now += 10
+            assert await p.refresh() is True
+            assert await p.get_tokens() == ("t1",)
+
+        run(scenario())
+
+    def test_refresh_with_nothing_cached_during_an_outage_raises(self) -> None:
+        client = FakeSecretClient()
+        client.fail_with = ConnectionError("vault unreachable")
+        p = provider(client, ManualClock(1000.0))
+        with pytest.raises(TokenUnavailableError, match="ConnectionError"):
+            run(p.refresh())
+
+
+class TestKeyVaultReads:
+    def test_every_read_names_the_configured_secret(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("t1")
+        client.set_secret("t2")
+        assert run(provider(client, ManualClock(1000.0)).get_tokens()) == ("t2", "t1")
+        assert set(client.names) == {"smartcar-management-token"}
+        assert len(client.names) == 3  # current, the version list, the previous version
+
+    def test_a_newer_disabled_version_does_not_hide_the_previous_one(self) -> None:
+        # A rotation rolled back: v3 was added, then disabled; v2 is current again.
+        client = FakeSecretClient()
+        for token in ("t1", "t2", "t3"):
+            client.set_secret(token)
+        client.disable("v3")
+        assert run(provider(client, ManualClock(1000.0)).get_tokens()) == ("t2", "t1")
+
+    def test_a_previous_version_created_in_the_same_instant_is_accepted(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("t1")
+        client.set_secret("t2")
+        client.versions[0].properties.created_on = client.versions[1].properties.created_on
+        assert run(provider(client, ManualClock(1000.0)).get_tokens()) == ("t2", "t1")
+
+    def test_versions_without_creation_time_do_not_break_the_read(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("t1")
+        client.set_secret("t2")
+        for secret in client.versions:
+            secret.properties.created_on = None  # type: ignore[assignment]
+        assert run(provider(client, ManualClock(1000.0)).get_tokens())[0] == "t2"
+
+    def test_a_current_secret_without_version_metadata_is_still_read(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("t1")
+
+        class NoVersion:
+            pass
+
+        current = FakeSecret("t1", NoVersion())  # type: ignore[arg-type]
+
+        async def get_secret(name: str, version: str | None = None) -> FakeSecret:
+            client.names.append(name)
+            return current
+
+        client.get_secret = get_secret  # type: ignore[method-assign]
+        assert run(provider(client, ManualClock(1000.0)).get_tokens()) == ("t1",)
+
+    def test_an_empty_secret_is_no_token(self, caplog: pytest.LogCaptureFixture) -> None:
+        client = FakeSecretClient()
+        client.set_secret("")
+        with caplog.at_level(logging.ERROR, logger="shared.tokens"), pytest.raises(
+            TokenUnavailableError,
+            match="could not be read from Key Vault secret 'smartcar-management-token': "
+                  "TokenUnavailableError",
+        ):
+            run(provider(client, ManualClock(1000.0)).get_tokens())
+        assert [r.getMessage() for r in caplog.records] == [
+            "Key Vault read of secret 'smartcar-management-token' failed: TokenUnavailableError: "
+            "Key Vault secret 'smartcar-management-token' has no value"
+        ]
+
+
+class TestKeyVaultLog:
+    def test_a_failure_with_nothing_cached_is_an_error_with_the_cause(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        client = FakeSecretClient()
+        client.fail_with = ConnectionError("vault unreachable")
+        with caplog.at_level(logging.INFO, logger="shared.tokens"), pytest.raises(
+            TokenUnavailableError, match="smartcar-management-token': ConnectionError"
+        ):
+            run(provider(client, ManualClock(1000.0)).get_tokens())
+        assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(
+            logging.ERROR,
+            "Key Vault read of secret 'smartcar-management-token' failed: ConnectionError: "
+            "vault unreachable",
+        )]
+
+    def test_a_failure_with_a_cached_token_is_a_warning_saying_it_is_kept(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        client = FakeSecretClient()
+        client.set_secret("t1")
+        clock = ManualClock(1000.0)
+        p = provider(client, clock, ttl_seconds=300)
+        run(p.get_tokens())
+        client.fail_with = ConnectionError("vault unreachable")
+        clock.now += 300
+        with caplog.at_level(logging.INFO, logger="shared.tokens"):
+            run(p.get_tokens())
+        assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(
+            logging.WARNING,
+            "Key Vault read of secret 'smartcar-management-token' failed (ConnectionError); "
+            "keeping the cached token",
+        )]
+
+
+class TestProductionWiring:
+    def test_build_key_vault_provider_reads_the_named_secret_from_the_vault(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import azure.identity.aio
+        import azure.keyvault.secrets.aio
+
+        from shared.tokens import build_key_vault_provider
+
+        made: list[tuple[str, object]] = []
+        client = FakeSecretClient()
+        client.set_secret("t1")
+
+        def secret_client(*, vault_url: str, credential: object) -> FakeSecretClient:
+            made.append((vault_url, credential))
+            return client
+
+        class Credential:
+            pass
+
+        monkeypatch.setattr(azure.keyvault.secrets.aio, "SecretClient", secret_client)
+        monkeypatch.setattr(azure.identity.aio, "DefaultAzureCredential", Credential)
+        p = build_key_vault_provider("https://kv.vault.azure.net/", "amt-secret", ttl_seconds=0)
+
+        async def scenario() -> None:
+            assert await p.get_tokens() == ("t1",)
+            reads = client.get_calls
+            assert await p.get_tokens() == ("t1",)
+            assert client.get_calls > reads  # ttl_seconds=0 is passed on: no caching
+
+        run(scenario())
+        ((url, credential),) = made
+        assert url == "https://kv.vault.azure.net/" and isinstance(credential, Credential)
+        assert set(client.names) == {"amt-secret"}

@@ -119,12 +119,14 @@ _NORMALISE = [
 ]
 
 
-def normalise(line: str, replacements: Mapping[str, str] | None = None) -> str:
+def normalise(line: str, replacements: Mapping[str, str] | None = None, *,
+              port: int = 7071) -> str:
+    """`port` is the host's port wherever it stands alone (e.g. `devtunnel host -p 7071`)."""
     for literal, shown in (replacements or {}).items():
         line = line.replace(literal, shown)
     for pattern, repl in _NORMALISE:
         line = pattern.sub(repl, line)
-    return line.strip()
+    return re.sub(rf"\b{port}\b", "<port>", line).strip()
 
 
 def _trim(lines: list[str]) -> list[str]:

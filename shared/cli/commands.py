@@ -11,7 +11,8 @@
 Every command takes --json (one JSON document on stdout). The queue is the one the app uses
 with the same settings: the embedded queue in ${LOCAL_STATE_DIR}, or Azure Service Bus when
 ServiceBusConnection__fullyQualifiedNamespace is set (signed in through DefaultAzureCredential).
-ID is a dead letter's sequence number, as `dlq list` shows it.
+ID is a dead letter's sequence number (as `dlq list` shows it), its messageId or its eventId;
+an ID that names more than one dead letter is refused with the candidates listed.
 Exit status: 0 done, 1 failed, 2 usage or configuration error.
 """
 
@@ -22,12 +23,22 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from ..events import peek_envelope
 from ..local.queue import QUEUE_FILE
 from ..settings import Settings, SettingsError, load_settings
-from .ops import DeadLetter, OpsError, QueueOps, as_ids, open_ops
+from .ops import (
+    DeadLetter,
+    OpsError,
+    PurgeResult,
+    QueueOps,
+    ReplayResult,
+    Resolved,
+    describe_ambiguous,
+    open_ops,
+    resolve_ids,
+)
 from .simulate import EVENT_TYPES, Delivery, DeliveryError, build_event, check_url, deliver
 
 EXIT_OK = 0
@@ -81,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing = dlq_commands.add_parser("list", parents=[json_flag], help="list dead letters")
     listing.add_argument("--limit", type=int, default=1000, help="at most this many (1000)")
     show = dlq_commands.add_parser("show", parents=[json_flag], help="one dead letter in full")
-    show.add_argument("id", metavar="ID", help="sequence number from `dlq list`")
+    show.add_argument("id", metavar="ID",
+                      help="a sequence number from `dlq list`, a messageId or an eventId")
     for name, text in (("replay", "re-enqueue dead letters for processing"),
                        ("purge", "delete dead letters")):
         sub = dlq_commands.add_parser(name, parents=[json_flag], help=text)
-        sub.add_argument("ids", metavar="ID", nargs="*", help="sequence numbers")
+        sub.add_argument("ids", metavar="ID", nargs="*",
+                         help="sequence numbers from `dlq list`, messageIds or eventIds")
         sub.add_argument("--all", action="store_true", help="every dead letter")
     return parser
 
@@ -134,6 +147,21 @@ def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
     return delivery
 
 
+def printable(text: str, *, keep: str = "") -> str:
+    """`text` safe to print on a terminal: every character that is not printable (control
+    characters such as ESC and BEL, C1 controls, bidi overrides, unassigned code points, and
+    line breaks unless kept) is shown as a Python-style escape (\\x1b, \\u202e). Stored bodies
+    and ids are a stranger's bytes: printed raw they could rewrite what the operator sees."""
+    return "".join(ch if ch.isprintable() or ch in keep else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
 def _is_verify(body: bytes) -> bool:
     return peek_envelope(body).event_type == "VERIFY"
 
@@ -148,9 +176,9 @@ def _send_doc(d: Delivery) -> dict[str, Any]:
 
 
 def _send_text(d: Delivery) -> str:
-    what = f"{d.event_type or 'payload'} {d.event_id or ''}".strip()
-    lines = [f"sent {what} ({'signed' if d.signed else 'unsigned'}) to {d.url}",
-             f"answer: {d.status} {d.body}"]
+    what = printable(f"{d.event_type or 'payload'} {d.event_id or ''}".strip())
+    lines = [f"sent {what} ({'signed' if d.signed else 'unsigned'}) to {printable(d.url)}",
+             f"answer: {d.status} {printable(d.body)}"]
     if d.challenge_verified:
         lines.append("VERIFY challenge answered with the expected HMAC")
     return "\n".join(lines)
@@ -177,7 +205,9 @@ def _with_ops(action: Callable[[QueueOps], Any], err: TextIO) -> Any:
 
 
 def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    cells = [[str(c) for c in header]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    cells = [[str(c) for c in header]] + [
+        ["-" if c is None else printable(str(c)) for c in r] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -224,31 +254,42 @@ def _list_text(entries: list[DeadLetter], total: int | None = None) -> str:
 
 
 def _show_text(doc: dict[str, Any]) -> str:
-    lines = [f"{name}: {'-' if doc.get(name) is None else doc[name]}"
+    lines = [f"{name}: {'-' if doc.get(name) is None else printable(str(doc[name]))}"
              for name in ("sequenceNumber", "messageId", "eventId", "eventType", "reason",
                           "description", "deliveryCount", "enqueuedTime")]
-    lines.append("applicationProperties: "
-                 + json.dumps(doc["applicationProperties"], sort_keys=True, ensure_ascii=False))
+    lines.append("applicationProperties: " + printable(
+        json.dumps(doc["applicationProperties"], sort_keys=True, ensure_ascii=False)))
     if "body" in doc:
         lines.append("body:")
-        lines.append(doc["body"])
+        lines.append(printable(doc["body"], keep="\n\t"))
     else:
         lines.append(f"body (base64, not UTF-8): {doc['bodyBase64']}")
     return "\n".join(lines)
 
 
-def _targets(args: argparse.Namespace) -> list[int] | None:
+def _check_targets(args: argparse.Namespace) -> None:
     if args.all and args.ids:
         raise UsageError(f"dlq {args.dlq_command}: give --all or IDs, not both")
     if not args.all and not args.ids:
         raise UsageError(f"dlq {args.dlq_command}: give --all or at least one ID "
-                         "(sequence numbers from `dlq list`)")
-    if args.all:
-        return None
-    try:
-        return as_ids(args.ids)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+                         "(a sequence number from `dlq list`, a messageId or an eventId)")
+
+
+def _resolve(ops: QueueOps, ids: Sequence[str]) -> Resolved:
+    resolved = resolve_ids(ops, ids)
+    if resolved.ambiguous:
+        raise UsageError("; ".join(describe_ambiguous(value, found)
+                                   for value, found in resolved.ambiguous.items()))
+    return resolved
+
+
+_R = TypeVar("_R", ReplayResult, PurgeResult)
+
+
+def _with_not_found(result: _R, resolved: Resolved) -> _R:
+    """IDs that named no dead letter, then any that went away between snapshot and action."""
+    result.not_found = [*resolved.not_found, *result.not_found]
+    return result
 
 
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -259,7 +300,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if as_json:
             out.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         else:
-            out.write(text + "\n")
+            out.write(printable(text, keep="\n\t") + "\n")
 
     if args.command == "send":
         delivery = cmd_send(args, out, err)
@@ -286,26 +327,31 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_OK
 
     if command == "show":
-        try:
-            (seq,) = as_ids([args.id])
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        entry: DeadLetter | None = _with_ops(lambda ops: ops.dead_letter(seq), err)
-        if entry is None:
-            raise Failure(f"no dead letter with ID {seq} (see `dlq list`)")
-        doc = entry.detail()
+        resolved: Resolved = _with_ops(lambda ops: _resolve(ops, [args.id]), err)
+        if args.id not in resolved.matches:
+            raise Failure(f"no dead letter with ID {args.id} (a sequence number, messageId or "
+                          "eventId; see `dlq list`)")
+        doc = resolved.matches[args.id].dead_letter.detail()
         emit(doc, _show_text(doc))
         return EXIT_OK
 
-    targets = _targets(args)
+    _check_targets(args)
     if command == "replay":
-        result = _with_ops(lambda ops: ops.replay(targets), err)
+        def replay(ops: QueueOps) -> Any:
+            if args.all:
+                return ops.replay(None)
+            resolved = _resolve(ops, args.ids)
+            done = ops.replay(resolved.sequence_numbers) if resolved.sequence_numbers else None
+            return _with_not_found(done or ReplayResult(), resolved)
+
+        result = _with_ops(replay, err)
         doc = {"replayed": result.replayed, "failed": result.failed,
                "notFound": result.not_found}
         lines = [f"replayed {len(result.replayed)} dead letter(s)"
                  + (": " + ", ".join(str(r["sequenceNumber"]) for r in result.replayed)
                     if result.replayed else "")]
-        lines += [f"failed {f['sequenceNumber']}: {f['error']}" for f in result.failed]
+        lines += [f"failed {f['sequenceNumber']}: {printable(f['error'])}"
+                  for f in result.failed]
         if result.not_found:
             lines.append("not found: " + ", ".join(map(str, result.not_found)))
         emit(doc, "\n".join(lines))
@@ -318,7 +364,14 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_OK
 
     if command == "purge":
-        purged = _with_ops(lambda ops: ops.purge(targets), err)
+        def purge(ops: QueueOps) -> Any:
+            if args.all:
+                return ops.purge(None)
+            resolved = _resolve(ops, args.ids)
+            done = ops.purge(resolved.sequence_numbers) if resolved.sequence_numbers else None
+            return _with_not_found(done or PurgeResult(), resolved)
+
+        purged = _with_ops(purge, err)
         doc = {"purged": purged.purged, "notFound": purged.not_found}
         text = f"purged {purged.purged} dead letter(s)"
         if purged.not_found:
@@ -341,10 +394,10 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         args = build_parser().parse_args(args_list)
         return run(args, out, err)
     except UsageError as exc:
-        print(f"error: {exc}", file=err)
+        print(f"error: {printable(str(exc), keep=chr(10))}", file=err)
         return EXIT_USAGE
     except Failure as exc:
-        print(f"error: {exc}", file=err)
+        print(f"error: {printable(str(exc), keep=chr(10))}", file=err)
         if as_json:
             doc = {"error": str(exc), **{k: v for k, v in exc.extra.items() if v is not None}}
             out.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")

@@ -78,13 +78,13 @@ class DeadLetter:
 class ReplayResult:
     replayed: list[dict[str, Any]] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
-    not_found: list[int] = field(default_factory=list)
+    not_found: list[int | str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class PurgeResult:
     purged: int = 0
-    not_found: list[int] = field(default_factory=list)
+    not_found: list[int | str] = field(default_factory=list)
 
 
 class QueueOps(Protocol):
@@ -514,7 +514,7 @@ class ServiceBusOps:
                         return
                     result.replayed.append({"sequenceNumber": seq, "messageId": copy.message_id})
 
-                result.not_found = self._settle_each(receiver, sequence_numbers, act)
+                result.not_found.extend(self._settle_each(receiver, sequence_numbers, act))
         return result
 
     def _replay_message(self, message: Any) -> Any:
@@ -541,7 +541,7 @@ class ServiceBusOps:
                 receiver.complete_message(message)
                 result.purged += 1
 
-            result.not_found = self._settle_each(receiver, sequence_numbers, act)
+            result.not_found.extend(self._settle_each(receiver, sequence_numbers, act))
         return result
 
     def close(self) -> None:
@@ -575,17 +575,61 @@ def open_ops(settings: Settings) -> QueueOps:
         raise OpsError(str(exc)) from None
 
 
-def as_ids(values: Iterable[str]) -> list[int]:
-    """Sequence numbers from the command line; ValueError names the first bad one."""
-    ids: list[int] = []
-    for value in values:
-        try:
-            number = int(value)
-        except ValueError:
-            raise ValueError(
-                f"ID must be a sequence number (a whole number), got {value!r}"
-            ) from None
-        if number < 0:
-            raise ValueError(f"ID must be a sequence number (>= 0), got {value!r}")
-        ids.append(number)
-    return ids
+#: Enough to take every dead letter into a snapshot when resolving IDs.
+ALL_DEAD_LETTERS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class IdMatch:
+    """A dead letter that an ID given on the command line names, and by which field."""
+
+    dead_letter: DeadLetter
+    field: str  # "sequenceNumber", "eventId" or "messageId"
+
+
+@dataclass(slots=True)
+class Resolved:
+    """IDs from the command line resolved against a snapshot of the DLQ."""
+
+    sequence_numbers: list[int] = field(default_factory=list)
+    matches: dict[str, IdMatch] = field(default_factory=dict)
+    not_found: list[int | str] = field(default_factory=list)
+    ambiguous: dict[str, list[IdMatch]] = field(default_factory=dict)
+
+
+def id_matches(entries: Iterable[DeadLetter], given: str) -> list[IdMatch]:
+    """The dead letters `given` names: as a sequence number, an eventId or a messageId."""
+    found: list[IdMatch] = []
+    for entry in entries:
+        if given.isdigit() and int(given) == entry.sequence_number:
+            found.append(IdMatch(entry, "sequenceNumber"))
+        elif given == entry.event_id:
+            found.append(IdMatch(entry, "eventId"))
+        elif given == entry.message_id:
+            found.append(IdMatch(entry, "messageId"))
+    return found
+
+
+def resolve_ids(ops: QueueOps, given: Sequence[str]) -> Resolved:
+    """Each ID to the one dead letter it names. An ID naming several (a sequence number that
+    is also another's eventId, or an eventId dead-lettered twice) is `ambiguous`, never
+    guessed: replay and purge act on exactly what the operator meant."""
+    entries = ops.dead_letters(limit=ALL_DEAD_LETTERS)
+    resolved = Resolved()
+    for value in dict.fromkeys(given):
+        found = id_matches(entries, value)
+        if not found:
+            resolved.not_found.append(int(value) if value.isdigit() else value)
+        elif len(found) > 1:
+            resolved.ambiguous[value] = found
+        else:
+            resolved.matches[value] = found[0]
+            if found[0].dead_letter.sequence_number not in resolved.sequence_numbers:
+                resolved.sequence_numbers.append(found[0].dead_letter.sequence_number)
+    return resolved
+
+
+def describe_ambiguous(value: str, found: Sequence[IdMatch]) -> str:
+    which = ", ".join(f"{m.dead_letter.sequence_number} (by its {m.field})" for m in found)
+    return (f"ID {value!r} matches {len(found)} dead letters: {which}; "
+            "give the sequence number (the ID column of `dlq list`)")

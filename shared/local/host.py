@@ -597,16 +597,22 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -
     token_arg = "" if settings.using_dev_token else ' --token "$SMARTCAR_MANAGEMENT_TOKEN"'
 
     url = f"{base_url}{ROUTE_PREFIX}/webhooks/smartcar"
+    port = base_url.rsplit(":", 1)[-1]
     return "\n".join(
         [
             f"Smartcar webhook receiver (local host) listening on {base_url}",
             token_line,
             f"Queue: embedded SQLite in {settings.local_state_dir}/ "
             f"(handled events: {settings.local_state_dir}/handled.jsonl)",
-            f"Vehicle data callback URI: {url}",
-            f"Vehicle error callback URI: {url}/errors",
-            f"Health: {base_url}{ROUTE_PREFIX}/health",
+            "Local URLs (this machine only: Smartcar cannot reach them):",
+            f"  vehicle data webhook:  {url}",
+            f"  vehicle error webhook: {url}/errors",
+            f"  health:                {base_url}{ROUTE_PREFIX}/health",
             *([inspector] if inspector else []),
+            "To receive real Smartcar deliveries, tunnel the port to public HTTPS, e.g.",
+            f"  devtunnel host -p {port} --allow-anonymous   (or: ngrok http {port})",
+            "  and register https://<tunnel>/api/webhooks/smartcar (README: \"Receive real "
+            "deliveries on your machine\").",
             "Send a signed test event (in another terminal):",
             f"  {python} -m shared.cli send --url {url} --type state{token_arg}",
             "Press Ctrl-C to stop.",

@@ -1,0 +1,211 @@
+"""Reads mutmut's results (mutants/) into one score per module, minus the reviewed equivalents.
+
+mutmut 3 writes, per mutated file, `mutants/<path>.meta` (JSON: `exit_code_by_key` maps each
+mutant, e.g. `shared.tokens.xǁKeyVaultTokenProviderǁ_load__mutmut_7`, to the exit code of its
+test run) and the mutated source `mutants/<path>`, where every mutant is a copy of its function
+named after the key next to the original (`..._load__mutmut_orig`). The mutation itself is the
+difference between the two, which is how `equivalent.toml` names a mutant: numbers change
+whenever the code does, the changed line does not.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import fnmatch
+import json
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MUTATED_SUFFIX = "__mutmut_"
+ORIGINAL = "__mutmut_orig"
+
+# mutmut's exit codes (mutmut/stats.py): 1 and 3 are failing test runs, the timeouts count as
+# killed too (mutmut's own score does the same); 0 survived; 5/33 no test reached the code.
+KILLED_CODES = frozenset({1, 3, 36, 24, -24, 152, 255, 37})
+SURVIVED_CODES = frozenset({0})
+NO_TESTS_CODES = frozenset({5, 33})
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    """One mutant: where it is and what it changes (stripped source lines)."""
+
+    key: str
+    module: str
+    function: str
+    before: str
+    after: str
+
+
+@dataclass(frozen=True, slots=True)
+class Equivalent:
+    module: str
+    function: str
+    before: str
+    after: str
+    why: str
+
+    def matches(self, m: Mutation) -> bool:
+        return (self.module, self.function, self.before, self.after) == (
+            m.module, m.function, m.before, m.after
+        )
+
+
+@dataclass
+class ModuleScore:
+    module: str
+    mutants: int = 0
+    killed: int = 0
+    survived: int = 0
+    equivalent: int = 0
+    not_checked: int = 0
+    survivors: list[Mutation] = field(default_factory=list)
+    killed_equivalents: list[Mutation] = field(default_factory=list)
+
+    @property
+    def score(self) -> float:
+        meaningful = self.mutants - self.equivalent
+        return round(self.killed / meaningful, 4) if meaningful else 1.0
+
+    def line(self) -> dict[str, Any]:
+        return {
+            "module": self.module,
+            "mutants": self.mutants,
+            "killed": self.killed,
+            "survived": self.survived,
+            "equivalent": self.equivalent,
+            "score": self.score,
+        }
+
+
+def module_name(path: str) -> str:
+    """`shared/local/queue.py` -> `shared.local.queue`."""
+    return path.removesuffix(".py").replace("/", ".")
+
+
+def function_name(key: str, module: str) -> str:
+    """`shared.tokens.xǁKeyVaultTokenProviderǁ_load__mutmut_7` -> `KeyVaultTokenProvider._load`."""
+    local = key.removeprefix(module + ".").rsplit(MUTATED_SUFFIX, 1)[0]
+    if local.startswith("xǁ"):
+        return ".".join(part for part in local[2:].split("ǁ") if part)
+    return local.removeprefix("x_")
+
+
+def mutant_glob(module: str, function: str) -> str:
+    """The mutmut name pattern of one function's mutants (the inverse of `function_name`)."""
+    if "." in function:
+        cls, name = function.split(".", 1)
+        return f"{module}.xǁ{cls}ǁ{name}{MUTATED_SUFFIX}*"
+    return f"{module}.x_{function}{MUTATED_SUFFIX}*"
+
+
+def _functions(source: str) -> dict[str, str]:
+    """Source text of every function in the mutated file, by its (mangled) name."""
+    found: dict[str, str] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            lines = source.splitlines()[node.lineno - 1:node.end_lineno]
+            # Copies differ in their names; defaults in the signature may be mutated too.
+            lines[0] = lines[0].replace(node.name, "_", 1)
+            found[node.name] = "\n".join(lines)
+    return found
+
+
+def describe(original: str, mutated: str) -> tuple[str, str]:
+    """The lines a mutant removed and added, stripped, each group joined by newlines."""
+    before: list[str] = []
+    after: list[str] = []
+    for line in difflib.ndiff(original.splitlines(), mutated.splitlines()):
+        if line.startswith("- "):
+            before.append(line[2:].strip())
+        elif line.startswith("+ "):
+            after.append(line[2:].strip())
+    return "\n".join(before), "\n".join(after)
+
+
+def mutations(mutated_source: str, keys: Iterable[str], module: str) -> dict[str, Mutation]:
+    functions = _functions(mutated_source)
+    result: dict[str, Mutation] = {}
+    for key in keys:
+        local = key.removeprefix(module + ".")
+        original = functions.get(local.rsplit(MUTATED_SUFFIX, 1)[0] + ORIGINAL)
+        mutated = functions.get(local)
+        if original is None or mutated is None:
+            raise ValueError(f"mutant {key} is not in the mutated source of {module}; "
+                             "delete mutants/ and run `make mutate` again")
+        before, after = describe(original, mutated)
+        result[key] = Mutation(key, module, function_name(key, module), before, after)
+    return result
+
+
+def load_equivalents(path: Path) -> list[Equivalent]:
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    entries = []
+    for i, raw in enumerate(data.get("equivalent", [])):
+        missing = {"module", "function", "before", "after", "why"} - set(raw)
+        if missing or not str(raw.get("why", "")).strip():
+            raise ValueError(f"{path}: entry {i + 1} needs module, function, before, after "
+                             f"and a non-empty why; missing {sorted(missing) or ['why']}")
+        entries.append(Equivalent(raw["module"], raw["function"], raw["before"].strip(),
+                                  raw["after"].strip(), raw["why"]))
+    return entries
+
+
+def score_module(
+    module: str,
+    exit_codes: Mapping[str, int | None],
+    found: Mapping[str, Mutation],
+    equivalents: Sequence[Equivalent],
+) -> ModuleScore:
+    result = ModuleScore(module)
+    for key, code in exit_codes.items():
+        mutation = found[key]
+        result.mutants += 1
+        equivalent = any(e.matches(mutation) for e in equivalents)
+        if code is None:
+            result.not_checked += 1
+            result.survived += 1
+            result.survivors.append(mutation)
+        elif code in KILLED_CODES:
+            result.killed += 1
+            if equivalent:
+                result.killed_equivalents.append(mutation)
+        elif equivalent:
+            result.equivalent += 1
+        else:
+            # Survived, no test reached it, or anything mutmut could not classify.
+            result.survived += 1
+            result.survivors.append(mutation)
+    return result
+
+
+def summarise(root: Path, paths: Sequence[str], equivalents: Sequence[Equivalent],
+              scope: Sequence[str] = ("*",)) -> list[ModuleScore]:
+    """Scores for each mutated file (repository-relative path), from `root/mutants/`, over the
+    mutants whose names match `scope` (the globs `mutmut run` was given)."""
+    scores = []
+    for path in paths:
+        module = module_name(path)
+        meta_path = root / "mutants" / (path + ".meta")
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} is missing: run `make mutate` (mutmut run) "
+                                    "first")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        exit_codes: dict[str, int | None] = {
+            key: code for key, code in meta["exit_code_by_key"].items()
+            if any(fnmatch.fnmatchcase(key, pattern) for pattern in scope)
+        }
+        source = (root / "mutants" / path).read_text(encoding="utf-8")
+        found = mutations(source, exit_codes, module)
+        scores.append(score_module(module, exit_codes, found, equivalents))
+    return scores
+
+
+def mutated_paths(pyproject: Path) -> list[str]:
+    """The files `[tool.mutmut] only_mutate` names: the one list of what is mutated."""
+    config = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    return list(config["tool"]["mutmut"]["only_mutate"])

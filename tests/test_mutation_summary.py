@@ -1,0 +1,151 @@
+"""`make mutate`'s summariser: mutmut's result files in, one honest score per module out.
+
+The mutants/ tree here is laid out as mutmut 3 writes it (a `.meta` JSON of exit codes per
+mutant, the mutated source with each mutant a copy of its function); mutmut itself runs only in
+`make mutate`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mutation.summary import (
+    Equivalent,
+    function_name,
+    load_equivalents,
+    mutant_glob,
+    summarise,
+)
+
+MUTATED_SOURCE = '''
+def x_limit__mutmut_orig(n):
+    if n > 10:
+        return "big"
+    return "small"
+
+def x_limit__mutmut_1(n):
+    if n >= 10:
+        return "big"
+    return "small"
+
+def x_limit__mutmut_2(n):
+    if n > 11:
+        return "big"
+    return "small"
+
+def x_limit__mutmut_3(n):
+    if n > 10:
+        return "XXbigXX"
+    return "small"
+
+class Box:
+    def xǁBoxǁopen__mutmut_orig(self, force=False):
+        return force
+
+    def xǁBoxǁopen__mutmut_1(self, force=True):
+        return force
+'''
+
+
+def lay_out(root: Path, exit_codes: dict[str, int | None]) -> None:
+    mutants = root / "mutants" / "pkg"
+    mutants.mkdir(parents=True)
+    (mutants / "demo.py").write_text(MUTATED_SOURCE, encoding="utf-8")
+    meta = {"exit_code_by_key": exit_codes, "hash_by_function_name": {},
+            "type_check_error_by_key": {}, "durations_by_key": {},
+            "estimated_durations_by_key": {}}
+    (mutants / "demo.py.meta").write_text(json.dumps(meta), encoding="utf-8")
+
+
+ALL_KILLED_BUT_ONE = {
+    "pkg.demo.x_limit__mutmut_1": 1,      # killed
+    "pkg.demo.x_limit__mutmut_2": 0,      # survived
+    "pkg.demo.x_limit__mutmut_3": 36,     # timeout: killed
+    "pkg.demo.xǁBoxǁopen__mutmut_1": 33,  # no test reached it: a survivor
+}
+
+
+class TestScores:
+    def test_counts_and_score_per_module(self, tmp_path: Path) -> None:
+        lay_out(tmp_path, ALL_KILLED_BUT_ONE)
+        (score,) = summarise(tmp_path, ["pkg/demo.py"], [])
+        assert score.line() == {"module": "pkg.demo", "mutants": 4, "killed": 2, "survived": 2,
+                                "equivalent": 0, "score": 0.5}
+        assert json.loads(json.dumps(score.line())) == score.line()
+
+    def test_survivors_are_named_by_function_and_changed_line(self, tmp_path: Path) -> None:
+        lay_out(tmp_path, ALL_KILLED_BUT_ONE)
+        (score,) = summarise(tmp_path, ["pkg/demo.py"], [])
+        assert [(m.function, m.before, m.after) for m in score.survivors] == [
+            ("limit", "if n > 10:", "if n > 11:"),
+            ("Box.open", "def _(self, force=False):", "def _(self, force=True):"),
+        ]
+
+    def test_a_listed_equivalent_leaves_the_denominator(self, tmp_path: Path) -> None:
+        lay_out(tmp_path, ALL_KILLED_BUT_ONE)
+        equivalent = Equivalent("pkg.demo", "limit", "if n > 10:", "if n > 11:", "n is even")
+        (score,) = summarise(tmp_path, ["pkg/demo.py"], [equivalent])
+        assert (score.equivalent, score.survived, score.score) == (1, 1, round(2 / 3, 4))
+
+    def test_an_equivalent_that_was_killed_is_not_subtracted_and_is_reported(
+        self, tmp_path: Path
+    ) -> None:
+        lay_out(tmp_path, ALL_KILLED_BUT_ONE)
+        wrong = Equivalent("pkg.demo", "limit", "if n > 10:", "if n >= 10:", "mistaken")
+        (score,) = summarise(tmp_path, ["pkg/demo.py"], [wrong])
+        assert (score.equivalent, score.killed) == (0, 2)
+        assert [m.after for m in score.killed_equivalents] == ["if n >= 10:"]
+
+    def test_an_equivalent_elsewhere_does_not_match(self, tmp_path: Path) -> None:
+        lay_out(tmp_path, ALL_KILLED_BUT_ONE)
+        other = Equivalent("pkg.other", "limit", "if n > 10:", "if n > 11:", "another module")
+        (score,) = summarise(tmp_path, ["pkg/demo.py"], [other])
+        assert score.equivalent == 0
+
+    def test_a_mutant_not_checked_counts_as_survived(self, tmp_path: Path) -> None:
+        lay_out(tmp_path, {"pkg.demo.x_limit__mutmut_1": None})
+        (score,) = summarise(tmp_path, ["pkg/demo.py"], [])
+        assert (score.survived, score.not_checked, score.score) == (1, 1, 0.0)
+
+    def test_only_mutants_in_scope_are_counted(self, tmp_path: Path) -> None:
+        lay_out(tmp_path, ALL_KILLED_BUT_ONE)
+        (score,) = summarise(tmp_path, ["pkg/demo.py"], [],
+                             scope=[mutant_glob("pkg.demo", "Box.open")])
+        assert (score.mutants, score.survived) == (1, 1)
+
+    def test_missing_results_say_to_run_make_mutate(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError, match="make mutate"):
+            summarise(tmp_path, ["pkg/demo.py"], [])
+
+
+class TestNames:
+    @pytest.mark.parametrize(("key", "expected"), [
+        ("shared.receiver.x__decide__mutmut_12", "_decide"),
+        ("shared.tokens.xǁKeyVaultTokenProviderǁ_load__mutmut_7", "KeyVaultTokenProvider._load"),
+        ("shared.tokens.xǁStaticTokenProviderǁ__init____mutmut_1", "StaticTokenProvider.__init__"),
+    ])
+    def test_function_names_from_mutant_keys(self, key: str, expected: str) -> None:
+        module = key.rsplit(".", 1)[0]
+        assert function_name(key, module) == expected
+
+    def test_glob_matches_only_that_functions_mutants(self) -> None:
+        assert mutant_glob("shared.local.queue", "LocalQueue.complete") == (
+            "shared.local.queue.xǁLocalQueueǁcomplete__mutmut_*"
+        )
+
+
+class TestEquivalentsFile:
+    def test_the_reviewed_file_loads_and_every_entry_says_why(self) -> None:
+        path = Path(__file__).resolve().parents[1] / "mutation" / "equivalent.toml"
+        for entry in load_equivalents(path):
+            assert entry.why.strip() and entry.module.startswith("shared.")
+
+    def test_an_entry_without_a_reason_is_refused(self, tmp_path: Path) -> None:
+        path = tmp_path / "equivalent.toml"
+        path.write_text('[[equivalent]]\nmodule = "m"\nfunction = "f"\nbefore = "a"\n'
+                        'after = "b"\nwhy = " "\n', encoding="utf-8")
+        with pytest.raises(ValueError, match="why"):
+            load_equivalents(path)
