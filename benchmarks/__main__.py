@@ -8,12 +8,13 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import end_to_end, receiver
+from . import end_to_end, processor, receiver
 from .common import note
 
 BENCHMARKS: dict[str, Callable[..., None]] = {
     receiver.HOT_PATH: receiver.hot_path,
     receiver.CONCURRENCY: receiver.concurrency,
+    processor.NAME: processor.run,
     end_to_end.NAME: end_to_end.run,
 }
 

@@ -121,3 +121,32 @@ class TestServiceBus:
         assert code == 0, err
         assert json.loads(out) == {"purged": 1, "notFound": []}
         assert ns.seqs() == [11]
+
+
+class TestServiceBusListLimit:
+    def test_limit_says_how_many_of_the_queues_count_are_shown(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from .cli_fakes import FakeAdminClient
+
+        ns = FakeNamespace(dlq=[poison(11), poison(12), poison(13)])
+        ops = make_ops(ns, FakeAdminClient(dead=3))
+        code, out, err = run_cli(monkeypatch, ops, "dlq", "list", "--limit", "1")
+        assert code == 0, err
+        assert out.splitlines()[-1] == (
+            "1 of 3 dead-lettered shown (raise --limit for more). Details: dlq show ID")
+
+    def test_without_the_role_to_count_it_still_says_some_were_left_out(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from azure.core.exceptions import ClientAuthenticationError
+
+        from .cli_fakes import FakeAdminClient
+
+        ns = FakeNamespace(dlq=[poison(11), poison(12), poison(13)])
+        admin = FakeAdminClient(fail_with=ClientAuthenticationError("no Manage claim"))
+        code, out, err = run_cli(monkeypatch, make_ops(ns, admin), "dlq", "list", "--limit", "2")
+        assert code == 0, err
+        assert out.splitlines()[-1] == (
+            "2 of more than 2 dead-lettered shown (raise --limit for more). "
+            "Details: dlq show ID")

@@ -101,7 +101,7 @@ class HandlerRegistry:
         for handler in self._by_type.get(event.event_type, ()):
             await self._call(handler, event, context)
             ran = True
-        if event.event_type == VEHICLE_STATE:
+        if event.event_type == VEHICLE_STATE and self._by_signal:
             for signal in event.signals_by_recency():
                 if not signal.ok or signal.path is None:
                     continue

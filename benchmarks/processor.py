@@ -1,0 +1,73 @@
+"""The queue-triggered processing of one event, in-process: `process_message` end to end.
+
+One signed-shape 5 KB `VEHICLE_STATE` goes through `shared.processor.process_message` (parse,
+telemetry, dispatch to a no-op handler) and, in the same run, through `json.loads` alone, the
+floor any processing of the body pays. Timed in CPU seconds of this process, which a shared
+machine disturbs less than wall-clock time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from shared.events import Event
+from shared.handlers import HandlerContext, HandlerRegistry
+from shared.processor import InboundMessage, process_message
+from shared.settings import load_settings
+
+from .common import TOKEN, emit, median, state_payload
+
+NAME = "processor_hot_path"
+SIZE = 5 * 1024
+
+
+class NoDeadLetters:
+    async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
+        raise RuntimeError(f"the benchmark event was dead-lettered: {reason}: {description}")
+
+
+async def _time_process(message: InboundMessage, registry: HandlerRegistry,
+                        iterations: int) -> float:
+    settings = load_settings({"SMARTCAR_MANAGEMENT_TOKEN": TOKEN})
+    dead_letterer = NoDeadLetters()
+    start = time.process_time()
+    for _ in range(iterations):
+        await process_message(message, settings=settings, registry=registry,
+                              dead_letterer=dead_letterer)
+    return (time.process_time() - start) / iterations
+
+
+def _time_json(body: bytes, iterations: int) -> float:
+    start = time.process_time()
+    for _ in range(iterations):
+        json.loads(body)
+    return (time.process_time() - start) / iterations
+
+
+def run(*, quick: bool) -> None:
+    registry = HandlerRegistry()
+
+    @registry.on("VEHICLE_STATE")
+    async def no_op(event: Event, context: HandlerContext) -> None:
+        return None
+
+    body = state_payload(SIZE)
+    message = InboundMessage(body=body, message_id="bench", delivery_count=1,
+                             sequence_number=1,
+                             application_properties={"eventType": "VEHICLE_STATE"})
+    rounds = 3 if quick else 7
+    iterations = 200 if quick else 2000
+    asyncio.run(_time_process(message, registry, iterations // 4))  # warm up
+    _time_json(body, iterations // 4)
+    processed: list[float] = []
+    baseline: list[float] = []
+    ratios: list[float] = []
+    for _ in range(rounds):
+        processed.append(asyncio.run(_time_process(message, registry, iterations)) * 1e6)
+        baseline.append(_time_json(body, iterations) * 1e6)
+        ratios.append(processed[-1] / baseline[-1])
+    emit(NAME, "us_per_message_5kb", median(processed), "us")
+    emit(NAME, "baseline_us_5kb", median(baseline), "us")
+    emit(NAME, "overhead_ratio_5kb", median(ratios), "ratio")
