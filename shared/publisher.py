@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .credentials import ProcessCredential
 from .events import Envelope
 
 logger = logging.getLogger(__name__)
@@ -233,13 +234,14 @@ class ServiceBusPublisher:
             await client.close()
 
 
-def build_service_bus_publisher(namespace: str, queue_name: str) -> ServiceBusPublisher:
-    """The production publisher: managed identity through DefaultAzureCredential."""
+def build_service_bus_publisher(
+    namespace: str, queue_name: str, credential: ProcessCredential
+) -> ServiceBusPublisher:
+    """The production publisher: the process's shared credential (shared/credentials.py)."""
 
     def factory() -> Any:
-        from azure.identity.aio import DefaultAzureCredential
         from azure.servicebus.aio import ServiceBusClient
 
-        return ServiceBusClient(namespace, credential=DefaultAzureCredential())
+        return ServiceBusClient(namespace, credential=credential.get())
 
     return ServiceBusPublisher(factory, queue_name)

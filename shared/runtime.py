@@ -7,20 +7,30 @@ install their own with `set_runtime()`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .credentials import ProcessCredential
 from .handlers import HandlerRegistry
 from .handlers import registry as default_registry
 from .processor import DeadLetterer, OutcomeLog, ServiceBusDeadLetterer
 from .publisher import Publisher, RememberingPublisher, build_service_bus_publisher
 from .settings import Settings, load_settings
-from .spill import FileSpillStore, SpillingPublisher, SpillStore, build_blob_spill_store
+from .spill import (
+    FileSpillStore,
+    SpillingPublisher,
+    SpillStore,
+    build_blob_spill_store,
+    build_connection_string_spill_store,
+)
 from .telemetry import configure as configure_telemetry
 from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
+
+logger = logging.getLogger(__name__)
 
 HANDLED_FILE = "handled.jsonl"
 #: The queue's duplicate-detection window: the embedded queue's, and at most Service Bus's
@@ -42,32 +52,57 @@ class Runtime:
     # queue publisher the re-drive timer sends them back to.
     spill: SpillStore | None = None
     redrive_publisher: Publisher | None = None
+    # The one Azure credential the clients above share (shared/credentials.py).
+    credential: ProcessCredential | None = None
     # Local host only: what keeps the app from working although its settings are valid (the
     # queue file cannot be read), or None; `/api/health` answers 503 while there is one.
     health_problem: Callable[[], Awaitable[str | None]] | None = None
     #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
     clock: Callable[[], float] = time.time
 
+    async def close(self) -> None:
+        """Close the Azure clients, then the credential they share (the local host's stop).
+
+        The queue and the handled log are the local host's to close. The Python worker has no
+        shutdown hook for app code, so in Azure the process exit releases them.
+        """
+        for part in (self.publisher, self.redrive_publisher, self.spill, self.tokens):
+            close = getattr(part, "close", None)
+            if close is None:
+                continue
+            try:
+                await close()
+            except Exception:  # shutting down: close the rest regardless
+                logger.warning("closing %s failed", type(part).__name__, exc_info=True)
+        if self.credential is not None:
+            await self.credential.close()
+
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
 
 
-def build_tokens(settings: Settings) -> TokenProvider:
+def build_tokens(settings: Settings, credential: ProcessCredential) -> TokenProvider:
     if settings.key_vault_uri:
         return build_key_vault_provider(
             settings.key_vault_uri,
             settings.token_secret_name,
             ttl_seconds=settings.token_cache_seconds,
+            credential=credential,
         )
     assert settings.management_token is not None  # guaranteed by load_settings
     return StaticTokenProvider(settings.management_token, settings.previous_management_token)
 
 
-def build_spill_store(settings: Settings) -> SpillStore:
+def build_spill_store(settings: Settings, credential: ProcessCredential) -> SpillStore:
+    # The host's precedence: a connection string (local development) before the identity.
+    if settings.storage_connection_string:
+        return build_connection_string_spill_store(
+            settings.storage_connection_string, settings.spill_container_name
+        )
     if settings.spill_blob_account_url:
         return build_blob_spill_store(
-            settings.spill_blob_account_url, settings.spill_container_name
+            settings.spill_blob_account_url, settings.spill_container_name, credential
         )
     return FileSpillStore(settings.local_state_dir / SPILL_DIR)
 
@@ -79,18 +114,22 @@ def build_runtime(
     tokens: TokenProvider | None = None,
     publisher: Publisher | None = None,
     dead_letterer: DeadLetterer | None = None,
+    credential: ProcessCredential | None = None,
 ) -> Runtime:
     """Everything the functions need, for the queue backend the settings choose.
 
     The default publisher is the queue behind a spill store; a `publisher` passed in is used
     as it is (and re-drive sends to it).
     """
+    credential = credential or ProcessCredential(settings.azure_client_id)
     queue = None
     handled_log = None
     primary: Publisher
     if settings.queue_backend == "servicebus":
         assert settings.servicebus_namespace is not None
-        sb = build_service_bus_publisher(settings.servicebus_namespace, settings.queue_name)
+        sb = build_service_bus_publisher(
+            settings.servicebus_namespace, settings.queue_name, credential
+        )
         primary = sb
         dead_letterer = dead_letterer or ServiceBusDeadLetterer(sb.send_raw)
     else:
@@ -103,7 +142,7 @@ def build_runtime(
         primary = LocalQueuePublisher(queue)
         dead_letterer = dead_letterer or LocalDeadLetterer(queue)
         handled_log = HandledLog(settings.local_state_dir / HANDLED_FILE)
-    spill = build_spill_store(settings)
+    spill = build_spill_store(settings, credential)
     if publisher is None:
         publisher = SpillingPublisher(primary, spill)
         if settings.queue_backend == "servicebus":
@@ -113,7 +152,7 @@ def build_runtime(
         primary = publisher
     return Runtime(
         settings=settings,
-        tokens=tokens or build_tokens(settings),
+        tokens=tokens or build_tokens(settings, credential),
         publisher=publisher,
         dead_letterer=dead_letterer,
         registry=registry or default_registry,
@@ -121,6 +160,7 @@ def build_runtime(
         queue=queue,
         spill=spill,
         redrive_publisher=primary,
+        credential=credential,
     )
 
 

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -37,8 +37,14 @@ LOW_BATTERY_PERCENT = "LOW_BATTERY_PERCENT"
 LOCAL_STATE_DIR = "LOCAL_STATE_DIR"
 APPLICATIONINSIGHTS_CONNECTION_STRING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
 SPILL_CONTAINER_NAME = "SPILL_CONTAINER_NAME"
-# The host's storage account (identity-based AzureWebJobsStorage): also holds the spill container.
+# The host's storage connection, `AzureWebJobsStorage`, read by the Functions host's own rules:
+# a connection string in the setting itself (an exact match wins), else the identity-based
+# `__blobServiceUri`, else `__accountName` (public cloud only). It also holds the spill container.
+STORAGE_CONNECTION_STRING = "AzureWebJobsStorage"
+STORAGE_BLOB_SERVICE_URI = "AzureWebJobsStorage__blobServiceUri"
 STORAGE_ACCOUNT_NAME = "AzureWebJobsStorage__accountName"
+# The app's user-assigned identity: with it, one ManagedIdentityCredential per process.
+AZURE_CLIENT_ID = "AZURE_CLIENT_ID"
 # Local host only: what host.json's functionTimeout is to the Functions host in Azure.
 FUNCTION_TIMEOUT_SECONDS = "FUNCTION_TIMEOUT_SECONDS"
 
@@ -68,7 +74,10 @@ APP_SETTINGS: frozenset[str] = frozenset(
         LOCAL_STATE_DIR,
         APPLICATIONINSIGHTS_CONNECTION_STRING,
         SPILL_CONTAINER_NAME,
+        STORAGE_CONNECTION_STRING,
+        STORAGE_BLOB_SERVICE_URI,
         STORAGE_ACCOUNT_NAME,
+        AZURE_CLIENT_ID,
         INSPECTOR_PORT,
         FUNCTION_TIMEOUT_SECONDS,
     }
@@ -80,6 +89,7 @@ LOCAL_ONLY_SETTINGS: frozenset[str] = frozenset(
         SMARTCAR_MANAGEMENT_TOKEN,
         SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN,
         LOCAL_STATE_DIR,
+        STORAGE_CONNECTION_STRING,
         FUNCTION_TIMEOUT_SECONDS,
         INSPECTOR_PORT,
     }
@@ -92,7 +102,6 @@ HOST_SETTINGS: frozenset[str] = frozenset(
         "AzureWebJobsStorage__clientId",
         "ServiceBusConnection__credential",
         "ServiceBusConnection__clientId",
-        "AZURE_CLIENT_ID",
         "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
         # The Functions host's own bound on a request body, read before any code runs.
         "FUNCTIONS_REQUEST_BODY_SIZE_LIMIT",
@@ -152,6 +161,10 @@ class Settings:
     spill_container_name: str = DEFAULTS[SPILL_CONTAINER_NAME]
     storage_account_name: str | None = None
     max_delivery_age_seconds: float = float(DEFAULTS[MAX_DELIVERY_AGE_SECONDS])
+    storage_blob_service_uri: str | None = None
+    # May hold an account key: kept out of repr (and so out of logs and tracebacks).
+    storage_connection_string: str | None = field(default=None, repr=False)
+    azure_client_id: str | None = None
     #: None: the local host's PORT + 1.
     inspector_port: int | None = None
     #: Bounds every delivery on the local host (host.json `functionTimeout` in Azure).
@@ -169,7 +182,10 @@ class Settings:
 
     @property
     def spill_blob_account_url(self) -> str | None:
-        """The blob endpoint of the host's storage account, when one is configured."""
+        """The identity-based blob endpoint of the host's storage account, when configured:
+        `__blobServiceUri` as given, else the public-cloud endpoint of `__accountName`."""
+        if self.storage_blob_service_uri:
+            return self.storage_blob_service_uri
         if not self.storage_account_name:
             return None
         return f"https://{self.storage_account_name}.blob.core.windows.net/"
@@ -177,7 +193,9 @@ class Settings:
     @property
     def spill_backend(self) -> str:
         """`blob` (container in the storage account) or `local` (LOCAL_STATE_DIR/spill)."""
-        return "blob" if self.spill_blob_account_url else "local"
+        if self.storage_connection_string or self.spill_blob_account_url:
+            return "blob"
+        return "local"
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -316,10 +334,35 @@ def load_settings(
             f"{STORAGE_ACCOUNT_NAME} must be a storage account name (3-24 lowercase letters "
             f"and digits), got {account!r}"
         )
-    if account is None and in_azure:
+    blob_uri = _get(env, STORAGE_BLOB_SERVICE_URI)
+    if blob_uri is not None:
+        parsed_blob = urlparse(blob_uri)
+        if parsed_blob.scheme != "https" or not parsed_blob.netloc or parsed_blob.query:
+            problems.append(
+                f"{STORAGE_BLOB_SERVICE_URI} must be the https blob endpoint of the storage "
+                f"account (https://<account>.blob.core.windows.net, or your cloud's), "
+                f"got {blob_uri!r}"
+            )
+    connection_string = _get(env, STORAGE_CONNECTION_STRING)
+    if connection_string is not None:
+        if in_azure:
+            problems.append(
+                f"{STORAGE_CONNECTION_STRING} holds a connection string, which is for local "
+                f"development only: in Azure the app reaches storage with its identity "
+                f"(remove it; set {STORAGE_ACCOUNT_NAME} or {STORAGE_BLOB_SERVICE_URI})"
+            )
+        elif not _is_storage_connection_string(connection_string):
+            # The value may hold an account key: never echo it.
+            problems.append(
+                f"{STORAGE_CONNECTION_STRING} is not a storage connection string: expected "
+                f"UseDevelopmentStorage=true (Azurite) or key=value pairs with AccountName or "
+                f"BlobEndpoint and AccountKey or SharedAccessSignature"
+            )
+    if account is None and blob_uri is None and in_azure:
         problems.append(
-            f"{STORAGE_ACCOUNT_NAME} is not set: in Azure events that Service Bus cannot take "
-            f"are spilled to the {spill_container!r} container of that storage account"
+            f"{STORAGE_ACCOUNT_NAME} (or {STORAGE_BLOB_SERVICE_URI}) is not set: in Azure "
+            f"events that Service Bus cannot take are spilled to the {spill_container!r} "
+            f"container of that storage account"
         )
 
     inspector_port: int | None = None
@@ -359,6 +402,23 @@ def load_settings(
         spill_container_name=spill_container,
         storage_account_name=account,
         max_delivery_age_seconds=max_age,
+        storage_blob_service_uri=blob_uri,
+        storage_connection_string=connection_string,
+        azure_client_id=_get(env, AZURE_CLIENT_ID),
         inspector_port=inspector_port,
         function_timeout_seconds=function_timeout,
     )
+
+
+def _is_storage_connection_string(value: str) -> bool:
+    """The shape the Storage SDK accepts: `;`-separated key=value pairs naming an endpoint and
+    a credential, or the Azurite shortcut."""
+    pairs = [part.split("=", 1) for part in value.strip().rstrip(";").split(";")]
+    if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+        return False
+    keys = {key.strip().lower(): val.strip() for key, val in pairs}
+    if keys.get("usedevelopmentstorage") == "true":  # the SDK matches it case-sensitively
+        return True
+    has_endpoint = bool(keys.get("accountname") or keys.get("blobendpoint"))
+    has_credential = bool(keys.get("accountkey") or keys.get("sharedaccesssignature"))
+    return has_endpoint and has_credential

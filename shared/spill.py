@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from .credentials import ProcessCredential
 from .publisher import OutboundMessage, Publisher, PublishError
 from .telemetry import get_telemetry
 
@@ -181,38 +182,104 @@ class FileSpillStore:
         return None
 
 
+# The Blob SDK's own retries must fit inside the spill budget (SpillingPublisher's 5 s): its
+# default policy waits ~15 s before the first retry, so one transient error became a 503.
+# Three quick retries a few hundred milliseconds apart, and per-attempt socket timeouts short
+# enough that one stalled attempt still leaves time for the next.
+BLOB_RETRY_TOTAL = 3
+BLOB_RETRY_BACKOFF_SECONDS = 0.25
+BLOB_RETRY_JITTER_SECONDS = 0.1
+BLOB_CONNECTION_TIMEOUT_SECONDS = 2
+BLOB_READ_TIMEOUT_SECONDS = 3
+#: Listing spilled records (one re-drive run) gives up after this long.
+BLOB_LIST_TIMEOUT_SECONDS = 30.0
+
+
+def blob_client_options() -> dict[str, Any]:
+    """Keyword arguments for an `azure.storage.blob.aio` client that fit the spill budget."""
+    from azure.storage.blob.aio import LinearRetry
+
+    # Annotated `int` in the SDK, but used as seconds in random.uniform: fractions work.
+    seconds: dict[str, Any] = {
+        "backoff": BLOB_RETRY_BACKOFF_SECONDS,
+        "random_jitter_range": BLOB_RETRY_JITTER_SECONDS,
+    }
+    return {
+        "retry_policy": LinearRetry(retry_total=BLOB_RETRY_TOTAL, **seconds),
+        "connection_timeout": BLOB_CONNECTION_TIMEOUT_SECONDS,
+        "read_timeout": BLOB_READ_TIMEOUT_SECONDS,
+    }
+
+
+def _is_missing_container(exc: BaseException) -> bool:
+    return getattr(exc, "error_code", None) == "ContainerNotFound"
+
+
 class BlobSpillStore:
     """A Blob container in the app's storage account, through `azure.storage.blob.aio`.
 
     `client_factory` returns a `ContainerClient` (identity-based in production, see
-    `build_blob_spill_store`); it is created lazily, once per process, and reused.
+    `build_blob_spill_store`); it is created lazily, once per process, and reused. The
+    container is created on the first write that finds it missing.
     """
 
-    def __init__(self, client_factory: Callable[[], Any], *, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        client_factory: Callable[[], Any],
+        *,
+        timeout: float = 5.0,
+        list_timeout: float = BLOB_LIST_TIMEOUT_SECONDS,
+    ) -> None:
         self._client_factory = client_factory
         self._client: Any = None
         self._timeout = timeout
+        self._list_timeout = list_timeout
 
     def _container(self) -> Any:
         if self._client is None:
             self._client = self._client_factory()
         return self._client
 
+    async def _upload(self, message: OutboundMessage) -> None:
+        from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+
+        name, data = spill_name(message.message_id), encode_record(message)
+        try:
+            await self._container().upload_blob(name, data, overwrite=True)
+        except ResourceNotFoundError as exc:
+            if not _is_missing_container(exc):
+                raise
+            logger.warning("spill container missing; creating it")
+            try:
+                await self._container().create_container()
+            except ResourceExistsError:  # another instance created it meanwhile
+                pass
+            await self._container().upload_blob(name, data, overwrite=True)
+
     async def put(self, message: OutboundMessage) -> None:
         try:
-            await asyncio.wait_for(
-                self._container().upload_blob(
-                    spill_name(message.message_id), encode_record(message), overwrite=True
-                ),
-                self._timeout,
-            )
+            await asyncio.wait_for(self._upload(message), self._timeout)
         except Exception as exc:
             raise SpillError(f"spill upload failed: {type(exc).__name__}") from exc
 
-    async def names(self, *, limit: int) -> Sequence[str]:
+    async def _list(self) -> list[tuple[Any, str]]:
+        from azure.core.exceptions import ResourceNotFoundError
+
         found: list[tuple[Any, str]] = []
-        async for blob in self._container().list_blobs():
-            found.append((blob.last_modified, blob.name))
+        try:
+            async for blob in self._container().list_blobs():
+                found.append((blob.last_modified, blob.name))
+        except ResourceNotFoundError as exc:
+            if not _is_missing_container(exc):
+                raise
+            return []  # nothing was ever spilled
+        return found
+
+    async def names(self, *, limit: int) -> Sequence[str]:
+        try:
+            found = await asyncio.wait_for(self._list(), self._list_timeout)
+        except Exception as exc:
+            raise SpillError(f"listing spilled records failed: {type(exc).__name__}") from exc
         found.sort(key=lambda item: (item[0] is None, item[0] or 0, item[1]))
         return [name for _, name in found[:limit]]
 
@@ -234,7 +301,7 @@ class BlobSpillStore:
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            await self._container().delete_blob(name)
+            await asyncio.wait_for(self._container().delete_blob(name), self._timeout)
         except ResourceNotFoundError:
             logger.debug("spilled blob %s was already deleted (another re-drive)", name)
 
@@ -244,14 +311,32 @@ class BlobSpillStore:
             await client.close()
 
 
-def build_blob_spill_store(account_url: str, container_name: str) -> BlobSpillStore:
-    """The production store: managed identity through DefaultAzureCredential."""
+def build_blob_spill_store(
+    account_url: str, container_name: str, credential: ProcessCredential
+) -> BlobSpillStore:
+    """The production store: the blob endpoint with the process's shared credential."""
 
     def factory() -> Any:
-        from azure.identity.aio import DefaultAzureCredential
         from azure.storage.blob.aio import ContainerClient
 
-        return ContainerClient(account_url, container_name, credential=DefaultAzureCredential())
+        return ContainerClient(
+            account_url, container_name, credential=credential.get(), **blob_client_options()
+        )
+
+    return BlobSpillStore(factory)
+
+
+def build_connection_string_spill_store(
+    connection_string: str, container_name: str
+) -> BlobSpillStore:
+    """Local development only: Azurite (`UseDevelopmentStorage=true`) or an account's key."""
+
+    def factory() -> Any:
+        from azure.storage.blob.aio import ContainerClient
+
+        return ContainerClient.from_connection_string(
+            connection_string, container_name, **blob_client_options()
+        )
 
     return BlobSpillStore(factory)
 

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
+from .credentials import ProcessCredential
+
 logger = logging.getLogger(__name__)
 
 
@@ -160,6 +162,12 @@ class KeyVaultTokenProvider:
         self._tokens = tokens
         self._loaded_at = self._clock()
 
+    async def close(self) -> None:
+        """Close the Key Vault client (its HTTP session); the credential is the process's."""
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            await close()
+
     async def _read(self) -> tuple[str, ...]:
         current = await self._client.get_secret(self._name)
         current_value = current.value
@@ -202,11 +210,10 @@ class KeyVaultTokenProvider:
 
 
 def build_key_vault_provider(
-    vault_uri: str, secret_name: str, *, ttl_seconds: float
+    vault_uri: str, secret_name: str, *, ttl_seconds: float, credential: ProcessCredential
 ) -> KeyVaultTokenProvider:
-    """The production provider: async SecretClient with DefaultAzureCredential."""
-    from azure.identity.aio import DefaultAzureCredential
+    """The production provider: async SecretClient with the process's shared credential."""
     from azure.keyvault.secrets.aio import SecretClient
 
-    client: Any = SecretClient(vault_url=vault_uri, credential=DefaultAzureCredential())
+    client: Any = SecretClient(vault_url=vault_uri, credential=credential.get())
     return KeyVaultTokenProvider(client, secret_name, ttl_seconds=ttl_seconds)

@@ -49,6 +49,9 @@ class FakeNamespace:
     events: list[str] = field(default_factory=list)
     # Plays the app's part after a send, e.g. dead-lettering the replayed message again.
     on_send: Callable[[Any], None] | None = None
+    # Sequence numbers a peek *by that number* lands past (the dead-letter sub-queue need not
+    # browse in sequence-number order); a scan that pages forward still meets them.
+    peek_lands_past: set[int] = field(default_factory=set)
 
     def seqs(self) -> list[int]:
         return [m.sequence_number for m in self.dlq]
@@ -67,8 +70,11 @@ class FakeDeadLetterReceiver:
         self.closed = True
 
     def peek_messages(self, max_message_count: int = 1, *, sequence_number: int = 0) -> list[FakeReceivedMessage]:
+        # Like the SDK: 0 (the default) continues after the last message this receiver peeked.
         start = sequence_number if sequence_number else self._cursor + 1
         page = [m for m in sorted(self.ns.dlq, key=lambda m: m.sequence_number) if m.sequence_number >= start]
+        if sequence_number in self.ns.peek_lands_past:
+            page = [m for m in page if m.sequence_number != sequence_number]
         page = page[:max_message_count]
         if page:
             self._cursor = page[-1].sequence_number

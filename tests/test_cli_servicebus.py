@@ -144,6 +144,24 @@ class TestListAndShow:
         assert json.loads(doc["body"])["eventId"] == "evt-13"
         assert doc["applicationProperties"]["eventId"] == "evt-13"
 
+    def test_show_falls_back_to_a_scan_from_the_lowest_sequence_number(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Incident: the peek by sequence number 12 came back with 13 (the DLQ browses in its
+        # own order). The fallback scan resumed after 13, never looked below it, and `dlq show
+        # 12` said "not found" for a dead letter that `dlq list` showed. The scan must start at
+        # the lowest sequence number and page forward.
+        lands_past = FakeNamespace(dlq=[poison(11), poison(12), poison(13), poison(14)],
+                                   peek_lands_past={12})
+        code, out, err = run_cli(monkeypatch, make_ops(lands_past), "dlq", "show", "12", "--json")
+        assert code == 0, err
+        assert json.loads(out)["sequenceNumber"] == 12
+
+    def test_show_scans_every_page_from_the_start(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        many = FakeNamespace(dlq=[poison(n) for n in range(1, 131)], peek_lands_past={7, 120})
+        for seq in (7, 120):
+            code, out, err = run_cli(monkeypatch, make_ops(many), "dlq", "show", str(seq), "--json")
+            assert code == 0, err
+            assert json.loads(out)["sequenceNumber"] == seq
+
     def test_show_of_an_unknown_id_fails(self, monkeypatch: pytest.MonkeyPatch, ns: FakeNamespace) -> None:
         code, _, err = run_cli(monkeypatch, make_ops(ns), "dlq", "show", "12345")
         assert code == 1

@@ -699,6 +699,8 @@ class TestAppSettings:
         assert values["ServiceBusConnection__clientId"] == Expr("identityClientId")
         assert values["AzureWebJobsStorage__clientId"] == Expr("identityClientId")
         assert values["AZURE_CLIENT_ID"] == Expr("identityClientId")
+        # The endpoint the account reports, so the spill store is right in every cloud.
+        assert values["AzureWebJobsStorage__blobServiceUri"] == Expr("storageBlobEndpoint")
         assert values["APPLICATIONINSIGHTS_AUTHENTICATION_STRING"] == Expr(
             "'ClientId=${identityClientId};Authorization=AAD'"
         )

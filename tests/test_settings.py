@@ -58,7 +58,7 @@ class TestAzure:
         message = str(err.value)
         assert "KEY_VAULT_URI is not set" in message
         assert "ServiceBusConnection__fullyQualifiedNamespace is not set" in message
-        assert "AzureWebJobsStorage__accountName is not set" in message
+        assert "AzureWebJobsStorage__accountName (or AzureWebJobsStorage__blobServiceUri) is not set" in message
 
 
 class TestMalformed:
@@ -87,6 +87,96 @@ class TestMalformed:
         with pytest.raises(SettingsError) as err:
             load_settings({"MAX_BODY_BYTES": "x", "MAX_DELIVERY_COUNT": "y"})
         assert "MAX_BODY_BYTES" in str(err.value) and "MAX_DELIVERY_COUNT" in str(err.value)
+
+
+AZURE = {
+    "WEBSITE_SITE_NAME": "app",
+    "KEY_VAULT_URI": "https://kv.vault.azure.net/",
+    "ServiceBusConnection__fullyQualifiedNamespace": "ns.servicebus.windows.net",
+}
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+class TestHostStorageConventions:
+    """`AzureWebJobsStorage` is read the way the Functions host reads it: a connection string
+    in the setting itself wins; else `__blobServiceUri`; else `__accountName` (public cloud)."""
+
+    def test_blob_service_uri_serves_sovereign_clouds_and_wins_over_the_account_name(self) -> None:
+        s = load_settings({
+            **AZURE,
+            "AzureWebJobsStorage__accountName": "stabc123",
+            "AzureWebJobsStorage__blobServiceUri": "https://stabc123.blob.core.chinacloudapi.cn/",
+        })
+        assert s.spill_backend == "blob"
+        assert s.spill_blob_account_url == "https://stabc123.blob.core.chinacloudapi.cn/"
+
+    def test_blob_service_uri_alone_is_enough_in_azure(self) -> None:
+        s = load_settings({**AZURE, "AzureWebJobsStorage__blobServiceUri": "https://st.example.net"})
+        assert s.spill_blob_account_url == "https://st.example.net"
+
+    def test_the_account_name_alone_means_the_public_cloud_endpoint(self) -> None:
+        s = load_settings({**AZURE, "AzureWebJobsStorage__accountName": "stabc123"})
+        assert s.spill_blob_account_url == "https://stabc123.blob.core.windows.net/"
+
+    def test_azurite_connection_string_selects_blob_locally(self) -> None:
+        s = load_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
+        assert s.spill_backend == "blob"
+        assert s.storage_connection_string == "UseDevelopmentStorage=true"
+        assert s.spill_blob_account_url is None
+
+    def test_a_full_connection_string_is_accepted_locally_and_kept_out_of_repr(self) -> None:
+        conn = (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+                f"AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;")
+        s = load_settings({"AzureWebJobsStorage": conn})
+        assert s.storage_connection_string == conn
+        assert AZURITE_KEY not in repr(s)
+
+    def test_a_connection_string_in_azure_is_refused(self) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings({**AZURE, "AzureWebJobsStorage__accountName": "stabc123",
+                           "AzureWebJobsStorage": f"AccountName=st;AccountKey={AZURITE_KEY}"})
+        message = str(err.value)
+        assert "AzureWebJobsStorage holds a connection string, which is for local development only" in message
+        assert AZURITE_KEY not in message
+
+    @pytest.mark.parametrize("value", [
+        "not a connection string",
+        f"AccountKey={AZURITE_KEY}",  # no account, no endpoint
+        "AccountName=st",  # no credential
+        "UseDevelopmentStorage=True",  # the SDK only knows lower-case true
+    ])
+    def test_a_malformed_connection_string_is_named_without_echoing_it(self, value: str) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings({"AzureWebJobsStorage": value})
+        message = str(err.value)
+        assert "AzureWebJobsStorage is not a storage connection string" in message
+        assert value not in message
+
+    @pytest.mark.parametrize("uri", ["http://st.blob.core.windows.net", "st.blob.core.windows.net",
+                                     "https://st.blob.core.windows.net/?sv=2024&sig=x"])
+    def test_blob_service_uri_must_be_an_https_endpoint(self, uri: str) -> None:
+        with pytest.raises(SettingsError, match="AzureWebJobsStorage__blobServiceUri must be the https blob endpoint"):
+            load_settings({"AzureWebJobsStorage__blobServiceUri": uri})
+
+    def test_in_azure_without_storage_both_identity_settings_are_named(self) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings(AZURE)
+        assert ("AzureWebJobsStorage__accountName (or AzureWebJobsStorage__blobServiceUri) "
+                "is not set") in str(err.value)
+
+    def test_the_connection_string_is_local_only_and_the_identity_settings_are_not(self) -> None:
+        assert "AzureWebJobsStorage" in LOCAL_ONLY_SETTINGS
+        assert {"AzureWebJobsStorage__blobServiceUri", "AzureWebJobsStorage__accountName"} <= (
+            APP_SETTINGS - LOCAL_ONLY_SETTINGS
+        )
+
+
+class TestClientId:
+    def test_azure_client_id_is_read(self) -> None:
+        s = load_settings({"AZURE_CLIENT_ID": "00000000-0000-0000-0000-0000000000aa"})
+        assert s.azure_client_id == "00000000-0000-0000-0000-0000000000aa"
+        assert "AZURE_CLIENT_ID" in APP_SETTINGS
+        assert load_settings({}).azure_client_id is None
 
 
 class TestFunctionTimeout:

@@ -427,6 +427,7 @@ class TestProductionWiring:
         import azure.identity.aio
         import azure.keyvault.secrets.aio
 
+        from shared.credentials import ProcessCredential
         from shared.tokens import build_key_vault_provider
 
         made: list[tuple[str, object]] = []
@@ -442,7 +443,8 @@ class TestProductionWiring:
 
         monkeypatch.setattr(azure.keyvault.secrets.aio, "SecretClient", secret_client)
         monkeypatch.setattr(azure.identity.aio, "DefaultAzureCredential", Credential)
-        p = build_key_vault_provider("https://kv.vault.azure.net/", "amt-secret", ttl_seconds=0)
+        p = build_key_vault_provider("https://kv.vault.azure.net/", "amt-secret", ttl_seconds=0,
+                                     credential=ProcessCredential(None))
 
         async def scenario() -> None:
             assert await p.get_tokens() == ("t1",)

@@ -174,6 +174,8 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     SPILL_CONTAINER_NAME: spillContainerName
     // Read by the host and by shared/settings.py (the spill container lives in this account).
     AzureWebJobsStorage__accountName: storageAccountName
+    // The blob endpoint as the account reports it: right in every cloud; the spill store uses it.
+    AzureWebJobsStorage__blobServiceUri: storageBlobEndpoint
     // Read by the Functions host and the Azure SDKs: identity-based connections.
     AzureWebJobsStorage__credential: 'managedidentity'
     AzureWebJobsStorage__clientId: identityClientId

@@ -291,6 +291,8 @@ class LocalOps:
 #: How long one receive waits for more dead letters before concluding there are none.
 RECEIVE_WAIT_SECONDS = 5.0
 _BATCH = 50
+# Service Bus numbers messages from 1; the SDK treats 0 as "continue after the last peek".
+_FIRST_SEQUENCE_NUMBER = 1
 
 
 def _body_bytes(message: Any) -> bytes:
@@ -406,13 +408,22 @@ class ServiceBusOps:
         }
 
     def _peek_all(self, receiver: Any, limit: int) -> list[Any]:
+        """Every message from the lowest sequence number up, paging forward.
+
+        Each page names where it starts: without `sequence_number` a peek resumes after the
+        last message this receiver peeked, so a scan that follows another peek would skip
+        everything below it.
+        """
         found: list[Any] = []
+        start = _FIRST_SEQUENCE_NUMBER
         while len(found) < limit:
-            # Without sequence_number, each peek continues after the last one peeked.
-            page = receiver.peek_messages(max_message_count=min(_BATCH, limit - len(found)))
+            page = receiver.peek_messages(
+                max_message_count=min(_BATCH, limit - len(found)), sequence_number=start
+            )
             if not page:
                 break
             found.extend(page)
+            start = max(int(m.sequence_number) for m in page) + 1
         return found
 
     def dead_letters(self, *, limit: int) -> list[DeadLetter]:

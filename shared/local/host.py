@@ -337,6 +337,7 @@ class LocalHost:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        await self.runtime.close()
 
     def _release(self, lock_tokens: list[str]) -> None:
         for token in lock_tokens:
