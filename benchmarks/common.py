@@ -6,6 +6,7 @@ import json
 import math
 import statistics
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -53,6 +54,8 @@ def state_payload(size: int, event_id: str | None = None) -> bytes:
     event = json.loads(json.dumps(_BASE))
     event["eventId"] = event_id or str(uuid.uuid4())
     event["meta"]["deliveryId"] = str(uuid.uuid4())
+    # Delivered now (13 digits, as the template's): an old deliveredAt is a stale delivery.
+    event["meta"]["deliveredAt"] = int(time.time() * 1000)
     signals = event["data"]["signals"]
     index = 0
     while len(json.dumps(event)) < size - 200:

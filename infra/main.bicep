@@ -48,6 +48,11 @@ param smartcarManagementToken string = ''
 @minValue(1024)
 param maxBodyBytes int = 196608
 
+@description('A delivery whose meta.deliveredAt is older than this at receipt is dead-lettered as StaleDelivery, never processed (MAX_DELIVERY_AGE_SECONDS). At most the queue\'s one-hour duplicate-detection window, so a replay is always a duplicate or stale.')
+@minValue(300)
+@maxValue(3600)
+param maxDeliveryAgeSeconds int = 900
+
 @description('Seconds the signing token is cached in memory (TOKEN_CACHE_SECONDS).')
 @minValue(1)
 param tokenCacheSeconds int = 300
@@ -193,6 +198,7 @@ module functionApp 'modules/functionapp.bicep' = {
     queueName: serviceBus.outputs.queueName
     maxDeliveryCount: maxDeliveryCount
     maxBodyBytes: maxBodyBytes
+    maxDeliveryAgeSeconds: maxDeliveryAgeSeconds
     tokenCacheSeconds: tokenCacheSeconds
     retryBackoffBaseSeconds: retryBackoffBaseSeconds
     retryBackoffMaxSeconds: retryBackoffMaxSeconds

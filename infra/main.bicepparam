@@ -13,6 +13,7 @@ param tokenSecretName = 'smartcar-management-token'
 param keyVaultCreateMode = readEnvironmentVariable('KEY_VAULT_CREATE_MODE', 'default')
 param keyVaultNameSuffix = readEnvironmentVariable('KEY_VAULT_NAME_SUFFIX', '')
 param maxBodyBytes = 196608
+param maxDeliveryAgeSeconds = 900
 param httpPerInstanceConcurrency = 64
 param maximumInstanceCount = 100
 param instanceMemoryMB = 2048

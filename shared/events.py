@@ -247,6 +247,8 @@ class Envelope:
     delivery_id: str | None = None
     mode: str | None = None
     challenge: str | None = None
+    #: Where `challenge` was read: `payload.challenge` in Smartcar's older VERIFY format.
+    challenge_path: str = "data.challenge"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -636,6 +638,8 @@ def peek_envelope(body: bytes) -> Envelope:
         meta = meta if isinstance(meta, dict) else {}
         vehicle = data.get("vehicle")
         vehicle = vehicle if isinstance(vehicle, dict) else {}
+        if "eventType" not in root and root.get("eventName") == "verify":
+            return _legacy_verify(root)
         return Envelope(
             event_id=_text(root, "eventId"),
             event_type=_text(root, "eventType"),
@@ -649,3 +653,16 @@ def peek_envelope(body: bytes) -> Envelope:
         # The receiver must answer Smartcar whatever arrives: bad UTF-8, bad JSON, nesting
         # deeper than the recursion limit, or a caller passing the wrong type.
         return Envelope()
+
+
+def _legacy_verify(root: Mapping[str, Any]) -> Envelope:
+    """Smartcar's older VERIFY, `{"version": "2.0", "webhookId": ..., "eventName": "verify",
+    "payload": {"challenge": ...}}`: answered by the same rules as `eventType` VERIFY."""
+    payload = root.get("payload")
+    payload = payload if isinstance(payload, dict) else {}
+    return Envelope(
+        event_type=VERIFY,
+        webhook_id=_text(root, "webhookId"),
+        challenge=_text(payload, "challenge"),
+        challenge_path="payload.challenge",
+    )

@@ -55,6 +55,7 @@ async def handle_webhook(
         publisher=runtime.publisher,
         max_body_bytes=runtime.settings.max_body_bytes,
         trace_parent=invocation_trace_parent(context),
+        clock=runtime.clock,
     )
     if reply.authenticated:
         logger.info(

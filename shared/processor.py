@@ -4,7 +4,8 @@ Settlement follows the Functions host's built-in behaviour: returning completes 
 raising abandons it, and the queue's `maxDeliveryCount` moves it to the dead-letter queue.
 Abandon redelivers at once, so a handler failure waits (asynchronously, with exponential
 backoff on the delivery count) before re-raising. Unreadable payloads are dead-lettered at once
-with reason `InvalidPayload` through a `DeadLetterer`.
+with reason `InvalidPayload`, and stale deliveries with reason `StaleDelivery`, through a
+`DeadLetterer`; handlers never see either.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .handlers import HandlerContext, HandlerRegistry
 from .publisher import (
     PROP_DEAD_LETTER_DESCRIPTION,
     PROP_DEAD_LETTER_REASON,
+    PROP_RECEIVED_AT,
     dead_letter_copy_id,
 )
 from .settings import Settings
@@ -31,6 +33,10 @@ from .telemetry_names import PROCESS_DEAD_LETTERED, PROCESS_RETRIED
 logger = logging.getLogger(__name__)
 
 INVALID_PAYLOAD = "InvalidPayload"
+STALE_DELIVERY = "StaleDelivery"
+#: How far `meta.deliveredAt` may be ahead of the time of receipt (clocks differ) before the
+#: delivery counts as stale.
+MAX_DELIVERY_AHEAD_SECONDS = 300.0
 
 
 class Outcome(StrEnum):
@@ -109,6 +115,37 @@ class ServiceBusDeadLetterer:
             time_to_live=timedelta(seconds=1),
         )
         await self._send(copy)
+
+
+def received_at(properties: Mapping[str, Any]) -> datetime | None:
+    """The receiver's `receivedAt` stamp; None when absent or unreadable (a message queued by
+    a version that did not stamp it is not checked for staleness)."""
+    raw = properties.get(PROP_RECEIVED_AT)
+    try:
+        return datetime.fromtimestamp(int(str(raw)) / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def staleness(event: Event, received: datetime | None, max_age_seconds: float) -> str | None:
+    """Why the delivery is stale, or None: its age at receipt (`received` minus
+    `meta.deliveredAt`) is over `max_age_seconds`, or it is more than 300 s in the future."""
+    delivered = event.meta.delivered_at
+    if delivered is None or received is None:
+        return None
+    age = (received - delivered).total_seconds()
+    if age > max_age_seconds:
+        return (
+            f"meta.deliveredAt {delivered.isoformat()} was {age:.0f} s old when received at "
+            f"{received.isoformat()}, over MAX_DELIVERY_AGE_SECONDS ({max_age_seconds:.0f} s): "
+            "a replay, or a delivery held back"
+        )
+    if age < -MAX_DELIVERY_AHEAD_SECONDS:
+        return (
+            f"meta.deliveredAt {delivered.isoformat()} was {-age:.0f} s in the future when "
+            f"received at {received.isoformat()}, over {MAX_DELIVERY_AHEAD_SECONDS:.0f} s ahead"
+        )
+    return None
 
 
 def outcome_record(
@@ -250,6 +287,17 @@ async def _process(
         await dead_letterer.dead_letter(message, reason=INVALID_PAYLOAD, description=description)
         return ProcessResult(Outcome.DEAD_LETTERED, description=description,
                              reason=INVALID_PAYLOAD)
+
+    stale = staleness(event, received_at(message.application_properties),
+                      settings.max_delivery_age_seconds)
+    if stale is not None:
+        logger.warning(
+            "event %s (message %s) is a stale delivery (%s); dead-lettering it as %s",
+            event.event_id, message.message_id, stale, STALE_DELIVERY,
+        )
+        await dead_letterer.dead_letter(message, reason=STALE_DELIVERY, description=stale)
+        return ProcessResult(Outcome.DEAD_LETTERED, event=event, description=stale,
+                             reason=STALE_DELIVERY)
 
     logger.debug("processing event %s body=%r", event.event_id, message.body)
     context = HandlerContext(

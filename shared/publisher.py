@@ -32,6 +32,9 @@ PROP_WEBHOOK_ID = "webhookId"
 PROP_DELIVERY_ID = "deliveryId"
 PROP_MODE = "mode"
 PROP_EVENT_ID = "eventId"
+# When the receiver accepted the message, epoch milliseconds (a decimal string): the processor
+# measures a delivery's age from `meta.deliveredAt` to this, not to when it processes it.
+PROP_RECEIVED_AT = "receivedAt"
 # Set on a copy that the processor routes to the dead-letter queue (see ServiceBusDeadLetterer).
 PROP_DEAD_LETTER_REASON = "deadLetterReason"
 PROP_DEAD_LETTER_DESCRIPTION = "deadLetterDescription"
@@ -75,8 +78,13 @@ def dead_letter_copy_id(message_id: str) -> str:
     return f"sha256:{digest}{DEAD_LETTER_COPY_SUFFIX}"
 
 
-def outbound_message(body: bytes, envelope: Envelope) -> OutboundMessage:
+def outbound_message(
+    body: bytes, envelope: Envelope, *, received_at: float | None = None
+) -> OutboundMessage:
+    """The message to store; `received_at` (epoch seconds) becomes `receivedAt`."""
     props: dict[str, str] = {}
+    if received_at is not None:
+        props[PROP_RECEIVED_AT] = str(round(received_at * 1000))
     for name, value in (
         (PROP_EVENT_ID, envelope.event_id),
         (PROP_EVENT_TYPE, envelope.event_type),

@@ -1,21 +1,24 @@
 """The receive decision: raw bytes and headers in, a reply out. No Azure objects here.
 
-Order of checks (contract.md): size → signature → VERIFY challenge → unsigned → enqueue.
-A signed payload is authentic and is never rejected for its content: whatever it holds is
-stored, and the processor dead-letters what it cannot read.
+Order of checks (contract.md): size → signature → VERIFY challenge → unsigned → JSON object
+→ enqueue. A signed JSON object is authentic and is never rejected for its content: whatever
+it holds is stored, and the processor dead-letters what it cannot read. A signed body that is
+not a JSON object is refused (Smartcar never sends one): with the challenge rules this closes
+the signing oracle by construction (see shared/signature.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .events import peek_envelope
 from .publisher import Publisher, PublishError, outbound_message
-from .signature import challenge_problem, get_signature, matching_token, sign
+from .signature import challenge_problem, get_signature, matching_token, sign, storable_body
 from .telemetry import Telemetry, get_telemetry, with_trace_context
 from .tokens import TokenProvider, TokenUnavailableError
 
@@ -28,6 +31,7 @@ VERIFY_ANSWERED = "verify_answered"
 VERIFY_REFUSED = "verify_refused"
 SIGNATURE_REJECTED = "signature_rejected"
 UNSIGNED_REJECTED = "unsigned_rejected"
+NOT_AN_OBJECT = "not_an_object"
 OVERSIZE = "oversize"
 UNAVAILABLE = "unavailable"
 
@@ -63,13 +67,15 @@ async def receive(
     max_body_bytes: int,
     telemetry: Telemetry | None = None,
     trace_parent: Mapping[str, str] | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Reply:
     """Decide and act on one webhook POST. Never raises for any input.
 
-    `trace_parent` is the invocation's trace context (`traceparent`, `tracestate`)."""
+    `trace_parent` is the invocation's trace context (`traceparent`, `tracestate`); `clock`
+    (epoch seconds) stamps the time of receipt on the stored message."""
     return await (telemetry or get_telemetry()).observe_receive(
         lambda: _decide(body, headers, tokens=tokens, publisher=publisher,
-                        max_body_bytes=max_body_bytes),
+                        max_body_bytes=max_body_bytes, clock=clock),
         parent=trace_parent,
     )
 
@@ -81,6 +87,7 @@ async def _decide(
     tokens: TokenProvider,
     publisher: Publisher,
     max_body_bytes: int,
+    clock: Callable[[], float],
 ) -> Reply:
     if len(body) > max_body_bytes:
         return _error(413, OVERSIZE, f"body exceeds the {max_body_bytes}-byte limit")
@@ -120,7 +127,7 @@ async def _decide(
         extra["authenticated"] = True
 
     if envelope.event_type == "VERIFY":
-        problem = challenge_problem(envelope.challenge)
+        problem = challenge_problem(envelope.challenge, envelope.challenge_path)
         if problem is not None:
             return _error(400, VERIFY_REFUSED, f"VERIFY refused: {problem}", **extra)
         assert envelope.challenge is not None
@@ -135,8 +142,17 @@ async def _decide(
     if signature is None:
         return _error(401, UNSIGNED_REJECTED, "missing SC-Signature header", **extra)
 
-    # The receive span is current: its trace context travels with the message.
-    message = with_trace_context(outbound_message(body, envelope))
+    if not storable_body(body):
+        return _error(
+            400, NOT_AN_OBJECT,
+            "signed body is not a JSON object (its first byte after whitespace must be '{'); "
+            "nothing was stored",
+            **extra,
+        )
+
+    # The receive span is current: its trace context travels with the message. The time of
+    # receipt travels too: a delivery's age is measured at receipt, never at processing.
+    message = with_trace_context(outbound_message(body, envelope, received_at=clock()))
     try:
         stored = await publisher.publish(message)
     except PublishError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,8 @@ class Runtime:
     # Local host only: what keeps the app from working although its settings are valid (the
     # queue file cannot be read), or None; `/api/health` answers 503 while there is one.
     health_problem: Callable[[], Awaitable[str | None]] | None = None
+    #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
+    clock: Callable[[], float] = time.time
 
     async def close(self) -> None:
         """Close the Azure clients, then the credential they share (the local host's stop).

@@ -30,6 +30,7 @@ SERVICEBUS_NAMESPACE = "ServiceBusConnection__fullyQualifiedNamespace"
 SERVICEBUS_QUEUE_NAME = "SERVICEBUS_QUEUE_NAME"
 MAX_DELIVERY_COUNT = "MAX_DELIVERY_COUNT"
 MAX_BODY_BYTES = "MAX_BODY_BYTES"
+MAX_DELIVERY_AGE_SECONDS = "MAX_DELIVERY_AGE_SECONDS"
 RETRY_BACKOFF_BASE_SECONDS = "RETRY_BACKOFF_BASE_SECONDS"
 RETRY_BACKOFF_MAX_SECONDS = "RETRY_BACKOFF_MAX_SECONDS"
 LOW_BATTERY_PERCENT = "LOW_BATTERY_PERCENT"
@@ -66,6 +67,7 @@ APP_SETTINGS: frozenset[str] = frozenset(
         SERVICEBUS_QUEUE_NAME,
         MAX_DELIVERY_COUNT,
         MAX_BODY_BYTES,
+        MAX_DELIVERY_AGE_SECONDS,
         RETRY_BACKOFF_BASE_SECONDS,
         RETRY_BACKOFF_MAX_SECONDS,
         LOW_BATTERY_PERCENT,
@@ -112,6 +114,7 @@ DEFAULTS: Mapping[str, str] = {
     SERVICEBUS_QUEUE_NAME: "smartcar-events",
     MAX_DELIVERY_COUNT: "5",
     MAX_BODY_BYTES: "196608",
+    MAX_DELIVERY_AGE_SECONDS: "900",
     RETRY_BACKOFF_BASE_SECONDS: "2",
     RETRY_BACKOFF_MAX_SECONDS: "60",
     LOW_BATTERY_PERCENT: "20",
@@ -121,6 +124,13 @@ DEFAULTS: Mapping[str, str] = {
 
 _CONTAINER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]")
 _ACCOUNT_NAME = re.compile(r"[a-z0-9]{3,24}")
+
+# A delivery older than MAX_DELIVERY_AGE_SECONDS at receipt is dead-lettered, never processed.
+# At least Smartcar's retry schedule (about 3 minutes) with margin, so no genuine retry is
+# stale; at most the queue's duplicate-detection window (one hour, Service Bus and local), so
+# every replay is either a duplicate or stale.
+MIN_DELIVERY_AGE_SECONDS = 300
+MAX_DELIVERY_AGE_LIMIT_SECONDS = 3600
 
 # Set by App Service / Functions on every Azure instance; its presence means "in Azure".
 _AZURE_MARKER = "WEBSITE_SITE_NAME"
@@ -150,6 +160,7 @@ class Settings:
     appinsights_connection_string: str | None
     spill_container_name: str = DEFAULTS[SPILL_CONTAINER_NAME]
     storage_account_name: str | None = None
+    max_delivery_age_seconds: float = float(DEFAULTS[MAX_DELIVERY_AGE_SECONDS])
     storage_blob_service_uri: str | None = None
     # May hold an account key: kept out of repr (and so out of logs and tracebacks).
     storage_connection_string: str | None = field(default=None, repr=False)
@@ -283,6 +294,15 @@ def load_settings(
     backoff_max = number(RETRY_BACKOFF_MAX_SECONDS, kind=float, minimum=0)
     token_cache = number(TOKEN_CACHE_SECONDS, kind=float, minimum=1)
     low_battery = number(LOW_BATTERY_PERCENT, kind=float, minimum=0)
+    max_age = number(MAX_DELIVERY_AGE_SECONDS, kind=float, minimum=-math.inf)
+    if not MIN_DELIVERY_AGE_SECONDS <= max_age <= MAX_DELIVERY_AGE_LIMIT_SECONDS:  # NaN too
+        problems.append(
+            f"{MAX_DELIVERY_AGE_SECONDS} must be between {MIN_DELIVERY_AGE_SECONDS} and "
+            f"{MAX_DELIVERY_AGE_LIMIT_SECONDS} seconds (at least Smartcar's ~3-minute retry "
+            "schedule, so no genuine retry is stale; at most the queue's one-hour duplicate-"
+            f"detection window, so a replay is a duplicate or stale), "
+            f"got {_get(env, MAX_DELIVERY_AGE_SECONDS)!r}"
+        )
 
     function_timeout = 300.0
     raw_timeout = _get(env, FUNCTION_TIMEOUT_SECONDS)
@@ -381,6 +401,7 @@ def load_settings(
         appinsights_connection_string=_get(env, APPLICATIONINSIGHTS_CONNECTION_STRING),
         spill_container_name=spill_container,
         storage_account_name=account,
+        max_delivery_age_seconds=max_age,
         storage_blob_service_uri=blob_uri,
         storage_connection_string=connection_string,
         azure_client_id=_get(env, AZURE_CLIENT_ID),

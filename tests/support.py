@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import re
 import threading
 import time
 import uuid
@@ -29,16 +30,30 @@ def fixture_bytes(name: str) -> bytes:
     return (FIXTURES / name).read_bytes()
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def delivered_now(name: str) -> bytes:
+    """A fixture's bytes, unchanged but for `meta.deliveredAt`, which is now: the fixtures'
+    own dates are long past, and a delivery that old at receipt is dead-lettered as stale."""
+    body, count = re.subn(rb'"deliveredAt": *\d+', b'"deliveredAt": %d' % now_ms(),
+                          fixture_bytes(name))
+    assert count == 1, name
+    return body
+
+
 def fixture_json(name: str) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(fixture_bytes(name))
     return data
 
 
 def state_event(**overrides: Any) -> dict[str, Any]:
-    """A VEHICLE_STATE event with a fresh eventId and deliveryId."""
+    """A VEHICLE_STATE event with a fresh eventId and deliveryId, delivered now."""
     event = fixture_json("vehicle_state.json")
     event["eventId"] = str(uuid.uuid4())
     event["meta"]["deliveryId"] = str(uuid.uuid4())
+    event["meta"]["deliveredAt"] = now_ms()
     event.update(overrides)
     return event
 

@@ -8,6 +8,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def poison_state(host: RunningHost) -> str:
 
 
 def poison_invalid(host: RunningHost) -> None:
-    body = b"this is not JSON"
+    body = b"{this is not JSON"
     assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
     wait_until(lambda: any(d.dead_letter_reason == "InvalidPayload" for d in host.dead_letters()))
 
@@ -127,7 +128,8 @@ class TestSend:
     def test_a_file_is_signed_byte_for_byte(self, host: RunningHost, tmp_path: Path, switch: Switch) -> None:
         switch.broken = False
         payload = tmp_path / "event.json"
-        payload.write_bytes(b'{ "eventId": "file-1",\n  "eventType": "VEHICLE_STATE", "data": {"signals": []}, "meta": {"deliveredAt": 1.0} }')
+        delivered = int(time.time() * 1000)  # a float literal: re-serialized, it would change
+        payload.write_bytes(b'{ "eventId": "file-1",\n  "eventType": "VEHICLE_STATE", "data": {"signals": []}, "meta": {"deliveredAt": %d.0} }' % delivered)
         doc = run_json("send", "--url", url(host), "--file", str(payload))
         assert doc["eventId"] == "file-1"
         wait_until(lambda: "file-1" in [r["eventId"] for r in host.handled()])
@@ -194,7 +196,7 @@ class TestDeadLetters:
         poison_invalid(host)
         [entry] = run_json("dlq", "list")
         doc = run_json("dlq", "show", str(entry["sequenceNumber"]))
-        assert doc["body"] == "this is not JSON"
+        assert doc["body"] == "{this is not JSON"
         assert run("dlq", "show", "999999")[0] == 1
 
     def test_replay_of_a_still_poison_message_brings_it_back(self, host: RunningHost) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from .support import (
     TOKEN,
     WEBHOOK,
     RunningHost,
+    delivered_now,
     encode,
     fixture_bytes,
     fixture_json,
@@ -113,6 +115,111 @@ class TestVerify:
         resp = host.post(WEBHOOK, encode(event))
         assert resp.status == 400
 
+    def test_lone_surrogate_challenge_is_refused_not_a_crash(self, host: RunningHost) -> None:
+        # Incident: the JSON escape "\ud800" decodes to a lone surrogate, which has no UTF-8
+        # form; hashing it raised UnicodeEncodeError and the host answered 500.
+        body = b'{"eventId":"v1","eventType":"VERIFY","data":{"challenge":"\\ud800"}}'
+        resp = host.post(WEBHOOK, body)
+        assert resp.status == 400
+        assert resp.json() == {"error": "VERIFY refused: data.challenge may hold only printable "
+                               "ASCII characters (0x21-0x7E) other than { } [ ] \" \\, and has "
+                               "U+D800 at position 0; a Smartcar challenge never has one"}
+
+    @pytest.mark.parametrize(
+        "challenge",
+        [
+            r"\u001bc\u0007FAKE", r"nul\u0000", "del\x7f", r"caf\u00e9", r"nbsp\u00a0x",
+            r"car\ud83d\ude97", "car\U0001f697", "{", "}", "[", "]", r"\"", "\\\\", r"tab\t",
+            "space here",
+        ],
+        ids=["escape-sequence", "nul", "del", "latin-1", "nbsp", "non-bmp-escaped", "non-bmp-raw",
+             "open-brace", "close-brace", "open-bracket", "close-bracket", "quote", "backslash",
+             "tab", "space"],
+    )
+    def test_control_non_ascii_and_forbidden_characters_are_refused(
+        self, host: RunningHost, challenge: str
+    ) -> None:
+        # `challenge` is JSON text inside the string literal, escapes and all.
+        body = b'{"eventId":"v1","eventType":"VERIFY","data":{"challenge":"%s"}}' % (
+            challenge.encode())
+        decoded = json.loads(body)["data"]["challenge"]
+        resp = host.post(WEBHOOK, body)
+        assert resp.status == 400
+        assert "VERIFY refused" in resp.json()["error"]
+        assert sign(TOKEN, decoded.encode("utf-8", "surrogatepass")).encode() not in resp.body
+
+    def test_every_printable_ascii_challenge_character_but_the_forbidden_is_answered(
+        self, host: RunningHost
+    ) -> None:
+        allowed = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '{}[]"\\')
+        event = fixture_json("verify.json")
+        event["data"]["challenge"] = allowed
+        resp = host.post(WEBHOOK, encode(event))
+        assert resp.status == 200
+        assert resp.json() == {"challenge": sign(TOKEN, allowed)}
+
+
+class TestSmartcarSdkOverHttp:
+    """What Smartcar's own Python SDK computes is what the receiver answers and accepts."""
+
+    def test_the_verify_answer_is_the_sdks_hash_challenge(self, host: RunningHost) -> None:
+        import smartcar
+
+        event = fixture_json("verify.json")
+        resp = host.post(WEBHOOK, encode(event))
+        assert resp.json() == {"challenge": smartcar.hash_challenge(TOKEN,
+                                                                    event["data"]["challenge"])}
+
+    @pytest.mark.parametrize("note", ["plain ascii", "Stra\u00dfe caf\u00e9 \U0001f697 \u4e2d\u6587"])
+    def test_a_body_signed_with_the_sdks_hash_is_accepted(self, host: RunningHost,
+                                                          note: str) -> None:
+        import smartcar
+
+        text = json.dumps(state_event(note=note), ensure_ascii=False)
+        body = text.encode("utf-8")
+        signature = smartcar.hash_challenge(TOKEN, text)
+        assert smartcar.verify_payload(TOKEN, signature, text)
+        assert host.post(WEBHOOK, body, {"SC-Signature": signature}).status == 200
+        assert host.post(WEBHOOK, body, {"SC-Signature": signature.upper()}).status == 401
+        assert not smartcar.verify_payload(TOKEN, signature.upper(), text)
+
+
+class TestOlderVerifyFormat:
+    """Smartcar's older webhooks verify with `eventName` and `payload` (format "2.0")."""
+
+    @staticmethod
+    def older_verify(challenge: object) -> bytes:
+        return json.dumps({"version": "2.0", "webhookId": "5a8e5e38-1e12-4011-a36d-56f120053f9e",
+                           "eventName": "verify", "payload": {"challenge": challenge}}).encode()
+
+    def test_older_verify_is_answered_with_the_challenges_hmac(self, host: RunningHost) -> None:
+        resp = host.post(WEBHOOK, self.older_verify("3a5c8f72-e6d9-4b1a-9f2e-8c7d6a5b4e3f"))
+        assert resp.status == 200
+        assert resp.headers["content-type"].startswith("application/json")
+        assert resp.json() == {
+            "challenge": "2f0e63b32f2dca91ae5c5f9c10e8647463d58288734aa8bb84fa3ede78b9b50d"
+        }
+        assert host.runtime.queue.stats()["active"] == 0
+
+    def test_signed_older_verify_is_answered(self, host: RunningHost) -> None:
+        body = self.older_verify("abc")
+        resp = host.post(WEBHOOK, body, signed_headers(body))
+        assert resp.json() == {"challenge": sign(TOKEN, "abc")}
+
+    def test_older_verify_with_a_wrong_signature_is_rejected(self, host: RunningHost) -> None:
+        body = self.older_verify("abc")
+        assert host.post(WEBHOOK, body, signed_headers(body, "not-the-token")).status == 401
+
+    @pytest.mark.parametrize("challenge", ['{"eventId":"x"}', "a b", "caf\u00e9", "", None, 42])
+    def test_older_verify_follows_the_same_challenge_rules(
+        self, host: RunningHost, challenge: object
+    ) -> None:
+        resp = host.post(WEBHOOK, self.older_verify(challenge))
+        assert resp.status == 400
+        assert "payload.challenge" in resp.json()["error"]
+        if isinstance(challenge, str):
+            assert sign(TOKEN, challenge).encode() not in resp.body
+
 
 class TestSignedEvents:
     @pytest.mark.parametrize("route", [WEBHOOK, ERRORS_WEBHOOK])
@@ -121,7 +228,7 @@ class TestSignedEvents:
     def test_signed_event_is_accepted_and_processed(
         self, host: RunningHost, route: str, fixture: str
     ) -> None:
-        body = fixture_bytes(fixture)
+        body = delivered_now(fixture)
         event_id = json.loads(body)["eventId"]
         resp = host.post(route, body, signed_headers(body))
         assert resp.status == 200
@@ -140,20 +247,29 @@ class TestSignedEvents:
         resp = host.post(WEBHOOK, body, signed_headers(body, header=header))
         assert resp.status == 200
 
-    def test_uppercase_hex_signature_is_accepted(self, host: RunningHost) -> None:
+    def test_uppercase_hex_signature_is_refused_as_smartcars_sdk_refuses_it(
+        self, host: RunningHost
+    ) -> None:
+        # Smartcar sends lowercase hex, and its SDK's verify_payload compares with ==.
         body = encode(state_event())
         resp = host.post(WEBHOOK, body, {"SC-Signature": sign(TOKEN, body).upper()})
-        assert resp.status == 200
+        assert resp.status == 401
+        assert host.runtime.queue.stats()["active"] == 0
 
     def test_queued_message_carries_raw_body_id_and_properties(self, tmp_path: Path) -> None:
         with RunningHost(local_env(tmp_path), workers=0) as idle:  # nothing consumes
             event = state_event()
             body = json.dumps(event, indent=4, ensure_ascii=False).encode()
+            before = int(time.time() * 1000)
             resp = idle.post(WEBHOOK, body, signed_headers(body))
+            after = int(time.time() * 1000)
             assert resp.status == 200
             (stored,) = idle.runtime.queue.receive(max_messages=10)
             assert stored.body == body
             assert stored.message_id == event["eventId"]
+            # The time of receipt, from which the processor measures the delivery's age.
+            received = stored.application_properties.pop("receivedAt")
+            assert before <= int(received) <= after
             assert stored.application_properties == {
                 "eventId": event["eventId"],
                 "eventType": "VEHICLE_STATE",
@@ -224,10 +340,46 @@ class TestRejections:
             assert small.post(WEBHOOK, bigger, signed_headers(bigger)).status == 413
 
 
+class TestSignedNonObjects:
+    """A signed body that is not a JSON object is refused: Smartcar never sends one, and a
+    VERIFY answer could otherwise sign it (contract: 400, nothing stored)."""
+
+    @pytest.mark.parametrize("body", [b"true", b"12345", b'"x"', b"[]", b"abc", b"", b" \r\n\t",
+                                      b"\xef\xbb\xbf{}", b"oracle-50df0cd1"])
+    def test_signed_non_object_gets_400_and_nothing_is_stored(
+        self, host: RunningHost, body: bytes
+    ) -> None:
+        resp = host.post(WEBHOOK, body, signed_headers(body))
+        assert resp.status == 400
+        assert resp.json() == {"error": "signed body is not a JSON object (its first byte after "
+                               "whitespace must be '{'); nothing was stored"}
+        assert host.runtime.queue.stats() == {"active": 0, "deadLettered": 0, "scheduled": 0}
+
+    def test_a_verify_answer_replayed_as_a_signature_stores_nothing(
+        self, host: RunningHost
+    ) -> None:
+        # Incident: the attacker asked VERIFY to hash `true`, then posted `true` with that
+        # hash as SC-Signature; it was accepted and dead-lettered, filling the DLQ at will.
+        for forged in ("true", "12345", "oracle-50df0cd1"):
+            verify = {"eventId": "v1", "eventType": "VERIFY", "data": {"challenge": forged}}
+            answer = host.post(WEBHOOK, encode(verify))
+            assert answer.status == 200
+            resp = host.post(WEBHOOK, forged.encode(),
+                             {"SC-Signature": answer.json()["challenge"]})
+            assert resp.status == 400
+        assert host.runtime.queue.stats() == {"active": 0, "deadLettered": 0, "scheduled": 0}
+
+    @pytest.mark.parametrize("body", [b'{"eventId":"e"}', b' \n\t\r{"eventId":"e"}'])
+    def test_an_object_after_json_whitespace_is_stored(self, host: RunningHost,
+                                                       body: bytes) -> None:
+        assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+        wait_until(lambda: host.runtime.queue.stats()["deadLettered"] == 1)
+
+
 class TestAuthenticPayloadsAreNeverRejectedForContent:
     @pytest.mark.parametrize(
         ("body", "why"),
-        [(b"this is not json", "not valid JSON"), (b'{"eventId": "\xff"}', "not valid UTF-8")],
+        [(b"{this is not json", "not valid JSON"), (b'{"eventId": "\xff"}', "not valid UTF-8")],
     )
     def test_signed_non_json_is_accepted_then_dead_lettered(
         self, host: RunningHost, body: bytes, why: str

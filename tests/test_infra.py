@@ -38,6 +38,20 @@ WORKFLOW = ROOT / ".github" / "workflows" / "deploy.yml"
 BICEP_FILES = sorted(INFRA.rglob("*.bicep")) + sorted(INFRA.rglob("*.bicepparam"))
 
 
+def iso_duration_seconds(duration: str) -> int:
+    """An ISO 8601 duration as Service Bus takes it (days, hours, minutes, seconds)."""
+    match = re.fullmatch(r"P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", duration)
+    assert match is not None and duration not in {"P", "PT"}, duration
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def signature_default(function: Any, name: str) -> Any:
+    import inspect
+
+    return inspect.signature(function).parameters[name].default
+
+
 def module(name: str) -> Template:
     return load(MODULES / f"{name}.bicep")
 
@@ -315,6 +329,39 @@ class TestResources:
         assert literal(sb.params()["lockDuration"].default) == "PT1M"
         assert p["deadLetteringOnMessageExpiration"] is True
         assert literal(sb.params()["defaultMessageTimeToLive"].default) == "P14D"
+
+    def test_a_replay_is_a_duplicate_or_stale_the_window_covers_max_delivery_age(self) -> None:
+        # SECURITY.md "Replayed payloads": a re-sent delivery inside the duplicate-detection
+        # window is dropped as a duplicate; outside it, its deliveredAt is older than
+        # MAX_DELIVERY_AGE_SECONDS. That holds only while the window is at least the max age,
+        # for the default, the parameters file, and every value the template accepts.
+        from shared.local.queue import LocalQueue
+
+        (queue,) = module("servicebus").resources_of_type("Microsoft.ServiceBus/namespaces/queues")
+        window = iso_duration_seconds(
+            literal(prop(queue.body, "properties.duplicateDetectionHistoryTimeWindow")))
+        param = load(MAIN).params()["maxDeliveryAgeSeconds"]
+        limits = {d.split("(")[0]: int(d.split("(")[1].rstrip(")")) for d in param.decorators
+                  if d.startswith(("@minValue", "@maxValue"))}
+        default = literal(param.default)
+        assigned = literal(load(PARAMS).variables()["maxDeliveryAgeSeconds"])
+        assert default == assigned == int(settings.DEFAULTS[settings.MAX_DELIVERY_AGE_SECONDS])
+        assert limits == {"@minValue": settings.MIN_DELIVERY_AGE_SECONDS,
+                          "@maxValue": settings.MAX_DELIVERY_AGE_LIMIT_SECONDS}
+        assert default <= limits["@maxValue"] <= window
+        # Locally the embedded queue's window bounds it the same way.
+        assert settings.MAX_DELIVERY_AGE_LIMIT_SECONDS <= signature_default(
+            LocalQueue.__init__, "duplicate_window")
+        # And the app reads the value the template was given.
+        assert text(prop(load(MAIN).module("functionApp").body,
+                         "params.maxDeliveryAgeSeconds")) == "maxDeliveryAgeSeconds"
+        assert text(prop(app_settings_object(), "MAX_DELIVERY_AGE_SECONDS")) == (
+            "string(maxDeliveryAgeSeconds)")
+
+    @pytest.mark.parametrize(("duration", "seconds"),
+                             [("PT1H", 3600), ("PT15M", 900), ("P1DT30S", 86430), ("PT20S", 20)])
+    def test_iso_durations_are_read_as_seconds(self, duration: str, seconds: int) -> None:
+        assert iso_duration_seconds(duration) == seconds
 
     def test_no_authorization_rules_anywhere(self) -> None:
         for t in all_templates():

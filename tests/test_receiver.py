@@ -165,8 +165,9 @@ class TestErrorReplies:
 
     def test_refused_verify_says_why(self) -> None:
         self.assert_error(decide(verify_body("a b"), {}), 400,
-                          "VERIFY refused: data.challenge contains characters that a challenge "
-                          "never has")
+                          "VERIFY refused: data.challenge may hold only printable ASCII "
+                          "characters (0x21-0x7E) other than { } [ ] \" \\, and has U+0020 at "
+                          "position 1; a Smartcar challenge never has one")
 
     def test_token_unavailable(self) -> None:
         tokens, _ = key_vault_down()

@@ -216,3 +216,23 @@ class TestFunctionTimeout:
         with pytest.raises(SettingsError, match="FUNCTION_TIMEOUT_SECONDS is unset and its "
                            f"default failed: .*{host_json}"):
             load_settings({}, host_json=host_json)
+
+
+class TestMaxDeliveryAge:
+    def test_default_is_900_seconds(self) -> None:
+        assert load_settings({}).max_delivery_age_seconds == 900
+        assert load_settings({"MAX_DELIVERY_AGE_SECONDS": "1800"}).max_delivery_age_seconds == 1800
+
+    @pytest.mark.parametrize("value", ["299", "3601", "-5", "nan", "inf"])
+    def test_values_outside_the_duplicate_window_are_refused(self, value: str) -> None:
+        # Below Smartcar's retry schedule genuine retries would be stale; above the queue's
+        # duplicate-detection window a replay could be neither a duplicate nor stale.
+        with pytest.raises(SettingsError) as err:
+            load_settings({"MAX_DELIVERY_AGE_SECONDS": value})
+        assert ("MAX_DELIVERY_AGE_SECONDS must be between 300 and 3600 seconds" in str(err.value)
+                and f"got {value!r}" in str(err.value))
+
+    def test_the_local_example_sets_the_default(self) -> None:
+        example = Path(__file__).resolve().parents[1] / "local.settings.json.example"
+        values = json.loads(example.read_text())["Values"]
+        assert values["MAX_DELIVERY_AGE_SECONDS"] == DEFAULTS["MAX_DELIVERY_AGE_SECONDS"]

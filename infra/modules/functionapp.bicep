@@ -55,6 +55,9 @@ param maxDeliveryCount int
 @description('Largest accepted webhook body in bytes.')
 param maxBodyBytes int
 
+@description('Oldest meta.deliveredAt, in seconds at receipt, that is still processed.')
+param maxDeliveryAgeSeconds int
+
 @description('Seconds the signing token is cached in memory.')
 param tokenCacheSeconds int
 
@@ -163,6 +166,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
     SERVICEBUS_QUEUE_NAME: queueName
     MAX_DELIVERY_COUNT: string(maxDeliveryCount)
     MAX_BODY_BYTES: string(maxBodyBytes)
+    MAX_DELIVERY_AGE_SECONDS: string(maxDeliveryAgeSeconds)
     RETRY_BACKOFF_BASE_SECONDS: string(retryBackoffBaseSeconds)
     RETRY_BACKOFF_MAX_SECONDS: string(retryBackoffMaxSeconds)
     LOW_BATTERY_PERCENT: string(lowBatteryPercent)

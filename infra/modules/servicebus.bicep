@@ -57,7 +57,9 @@ resource queue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' = {
   name: queueName
   properties: {
     // message_id is the Smartcar eventId: a retried delivery within the window is stored once.
-    // Smartcar retries for about 3 minutes; one hour is ample margin.
+    // Smartcar retries for about 3 minutes; one hour is ample margin. The window must be at
+    // least MAX_DELIVERY_AGE_SECONDS (main.bicep caps it at one hour): a replay is then either
+    // a duplicate or stale (tests/test_infra.py checks the two together).
     requiresDuplicateDetection: true
     duplicateDetectionHistoryTimeWindow: 'PT1H'
     maxDeliveryCount: maxDeliveryCount

@@ -38,6 +38,7 @@ from ..runtime import Runtime, build_runtime, set_runtime
 from ..settings import FUNCTION_TIMEOUT_SECONDS, Settings, SettingsError, load_settings
 from ..telemetry import configure as configure_telemetry
 from .batching import Batcher
+from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, serve_with_head_deadline
 from .inspector import Recorder
 from .inspector_server import start_inspector
 from .queue import (
@@ -240,6 +241,8 @@ class LocalHost:
         poll_interval: float = 0.25,
         lock_duration: float = 60.0,
         timer_interval: float = 60.0,
+        header_timeout: float = HEADER_TIMEOUT_SECONDS,
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
         observer: RequestObserver | None = None,
     ) -> None:
         if runtime.queue is None:
@@ -254,11 +257,15 @@ class LocalHost:
         # Timer functions run every `timer_interval` seconds, whatever their schedule says:
         # locally the point is that they run, tests make it short.
         self.timer_interval = timer_interval
+        # Slow and idle clients are dropped (see connections.py).
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
         self.observer: RequestObserver = observer or _unobserved
         self.http_functions, self.queue_functions, self.timer_functions = index_functions(app)
         self._wake = asyncio.Event()
         runtime.publisher = NotifyingPublisher(runtime.publisher, self._wake)
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
@@ -284,15 +291,17 @@ class LocalHost:
                 webapp.router.add_route(
                     method, f"{ROUTE_PREFIX}/{fn.route}", self._http_handler(fn)
                 )
-        # A request still running at stop gets a short grace, not aiohttp's 60 s.
-        self._runner = web.AppRunner(webapp, access_log=None, shutdown_timeout=STOP_GRACE_SECONDS)
+        # A request still running at stop gets a short grace, not aiohttp's 60 s; a kept-alive
+        # connection idle for `idle_timeout` is closed (connections.py).
+        self._runner = web.AppRunner(webapp, access_log=None, shutdown_timeout=STOP_GRACE_SECONDS,
+                                     keepalive_timeout=self.idle_timeout)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
+        assert self._runner.server is not None
+        self._server = await serve_with_head_deadline(
+            self._runner.server, self.host, self.port, header_timeout=self.header_timeout
+        )
         if self.port == 0:
-            server = site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+            self.port = self._server.sockets[0].getsockname()[1]
         for qfn in self.queue_functions:
             self._tasks.append(asyncio.create_task(self._fetch(qfn), name=qfn.name))
         for tfn in self.timer_functions:
@@ -315,6 +324,9 @@ class LocalHost:
             for task in stuck:
                 logger.warning("task %s ignored cancellation; abandoning it", task.get_name())
         self._tasks.clear()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         if self._interrupted:
             tokens, self._interrupted = self._interrupted, []
             try:
@@ -336,7 +348,21 @@ class LocalHost:
         async def handle(request: web.Request) -> web.StreamResponse:
             # One byte over the limit is enough for the function to answer 413 (through the
             # receiver, so it is counted and logged); the rest of a large body is never read.
-            body = await read_bounded(request, self.runtime.settings.max_body_bytes + 1)
+            try:
+                body = await read_bounded(request, self.runtime.settings.max_body_bytes + 1,
+                                          idle_timeout=self.idle_timeout)
+            except TimeoutError:
+                response = web.json_response(
+                    {"error": f"no request body bytes for {self.idle_timeout:.0f} s"},
+                    status=408)
+                response.force_close()
+                await response.prepare(request)
+                await response.write_eof()
+                # Closed now (after the answer is flushed), not after aiohttp's lingering read
+                # of a body the client has stopped sending.
+                if request.transport is not None:
+                    request.transport.close()
+                return response
             req = func.HttpRequest(
                 method=request.method,
                 url=str(request.url),
@@ -534,12 +560,15 @@ class LocalHost:
                 return
 
 
-async def read_bounded(request: web.Request, limit: int) -> bytes:
-    """At most `limit` bytes of the body: enough to tell that it is too large."""
+async def read_bounded(
+    request: web.Request, limit: int, *, idle_timeout: float | None = None
+) -> bytes:
+    """At most `limit` bytes of the body: enough to tell that it is too large. Raises
+    TimeoutError when `idle_timeout` seconds pass without a byte."""
     chunks: list[bytes] = []
     size = 0
     while size < limit:
-        chunk = await request.content.read(limit - size)
+        chunk = await asyncio.wait_for(request.content.read(limit - size), idle_timeout)
         if not chunk:
             break
         chunks.append(chunk)
@@ -594,7 +623,8 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -
 
 async def serve(
     host: str, port: int, workers: int, *, lock_duration: float = 60.0,
-    timer_interval: float = 60.0,
+    timer_interval: float = 60.0, header_timeout: float = HEADER_TIMEOUT_SECONDS,
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
 ) -> None:
     settings = load_settings()
     runtime = build_runtime(settings)
@@ -605,6 +635,7 @@ async def serve(
     recorder.attach()  # to the tracer provider set up just above
     local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers,
                       lock_duration=lock_duration, timer_interval=timer_interval,
+                      header_timeout=header_timeout, idle_timeout=idle_timeout,
                       observer=recorder.http_request)
     await local.start()
     inspector, inspector_line = await start_inspector(
@@ -668,6 +699,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds a received message stays locked (default 60)")
     parser.add_argument("--timer-interval", type=float, default=60.0,
                         help="seconds between runs of the timer functions (default 60)")
+    # The slow-client limits (connections.py); changed only by tests that cannot wait for them.
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_SECONDS,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_SECONDS,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=log_level,
@@ -676,7 +712,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
         asyncio.run(serve(args.host, args.port, args.workers,
-                          lock_duration=args.lock_duration, timer_interval=args.timer_interval))
+                          lock_duration=args.lock_duration, timer_interval=args.timer_interval,
+                          header_timeout=args.header_timeout, idle_timeout=args.idle_timeout))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
