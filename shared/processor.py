@@ -188,6 +188,18 @@ def backoff_seconds(delivery_count: int, *, base: float, maximum: float) -> floa
     return float(min(base * (2 ** min(exponent, 30)), maximum))
 
 
+def retry_delay(delivery_count: int, settings: Settings) -> float:
+    """How long a failed delivery waits before it is released for the next one: the backoff,
+    or nothing after the last delivery (the message is dead-lettered instead)."""
+    if delivery_count >= settings.max_delivery_count:
+        return 0.0
+    return backoff_seconds(
+        delivery_count,
+        base=settings.retry_backoff_base_seconds,
+        maximum=settings.retry_backoff_max_seconds,
+    )
+
+
 async def process_message(
     message: InboundMessage,
     *,
@@ -245,11 +257,7 @@ async def _unrecorded(
 ) -> NoReturn:
     """The outcome could not be written to handled.jsonl (a full disk): a failed delivery like
     a handler failure, retried after the same backoff, never at once."""
-    delay = 0.0 if last else backoff_seconds(
-        message.delivery_count,
-        base=settings.retry_backoff_base_seconds,
-        maximum=settings.retry_backoff_max_seconds,
-    )
+    delay = retry_delay(message.delivery_count, settings)
     logger.warning(
         "cannot record message %s in handled.jsonl (delivery %d of %d): %s; %s",
         message.message_id, message.delivery_count, settings.max_delivery_count, exc,
@@ -307,11 +315,7 @@ async def _process(
         ran = await registry.dispatch(event, context)
     except Exception as exc:
         last = message.delivery_count >= settings.max_delivery_count
-        delay = 0.0 if last else backoff_seconds(
-            message.delivery_count,
-            base=settings.retry_backoff_base_seconds,
-            maximum=settings.retry_backoff_max_seconds,
-        )
+        delay = retry_delay(message.delivery_count, settings)
         logger.warning(
             "handler failed for event %s (%s, delivery %d of %d): %s: %s; %s",
             event.event_id,

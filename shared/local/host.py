@@ -32,7 +32,7 @@ from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 
 from ..handlers import RUNNING_HANDLER
-from ..processor import InboundMessage, Outcome, backoff_seconds, outcome_record
+from ..processor import InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
 from ..settings import FUNCTION_TIMEOUT_SECONDS, Settings, SettingsError, load_settings
@@ -491,10 +491,7 @@ class LocalHost:
         assert qm.lock_token is not None
         settings = self.runtime.settings
         last = qm.delivery_count >= settings.max_delivery_count
-        delay = 0.0 if last else backoff_seconds(
-            qm.delivery_count, base=settings.retry_backoff_base_seconds,
-            maximum=settings.retry_backoff_max_seconds,
-        )
+        delay = retry_delay(qm.delivery_count, settings)
         # The handler is code we ship; the message id is the eventId (or a hash of the body).
         logger.warning(
             "function %s timed out after %gs (%s) on event %s (eventType %s, delivery %d of "
