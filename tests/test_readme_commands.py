@@ -92,18 +92,25 @@ class TestEveryLocalCommandIsRun:
 # -- running a transcript ----------------------------------------------------------------------
 
 
-def free_port() -> int:
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports, held together while chosen so none is picked twice."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
-def transcript_env(state: Path, port: int) -> dict[str, str]:
+def transcript_env(state: Path, port: int, inspector_port: int) -> dict[str, str]:
     """A newcomer's shell: no Azure settings, no token (the development token), the venv that
-    `make run` made on PATH; only the port and the state directory are the test's."""
+    `make run` made on PATH; only the ports and the state directory are the test's. The
+    inspector gets a port of its own: its default, PORT+1, may belong to another process on a
+    busy CI machine, and the banner would then (rightly) say it did not start."""
     drop = ("SMARTCAR_", "ServiceBusConnection", "KEY_VAULT", "APPLICATIONINSIGHTS", "MAKE",
             "MFLAGS", "LOCAL_STATE_DIR", "PORT", "HOST", "LOG_LEVEL", "INSPECTOR_PORT",
             "AzureWebJobsStorage", "PYTEST_")
@@ -112,6 +119,7 @@ def transcript_env(state: Path, port: int) -> dict[str, str]:
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         VIRTUAL_ENV=str(VENV_BIN.parent),
         PORT=str(port),
+        INSPECTOR_PORT=str(inspector_port),
         LOCAL_STATE_DIR=str(state),
         PYTHONUNBUFFERED="1",
     )
@@ -190,17 +198,18 @@ def mismatch(block: Block, line: int, command: str, expected: list[str], actual:
 
 
 @pytest.fixture
-def workspace(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    yield tmp_path / "state", free_port()
+def workspace(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
+    port, inspector = free_ports(2)
+    yield tmp_path / "state", port, inspector
 
 
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(),
                     reason="the transcripts use the .venv that make test (or make run) created")
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("block", transcripts(), ids=lambda b: f"line{b.line}")
-def test_readme_transcript(block: Block, workspace: tuple[Path, int]) -> None:
-    state, port = workspace
-    env = transcript_env(state, port)
+def test_readme_transcript(block: Block, workspace: tuple[Path, int, int]) -> None:
+    state, port, inspector = workspace
+    env = transcript_env(state, port, inspector)
     shown = {str(state): ".local"}
     host: Host | None = None
     shell = TranscriptShell(ROOT, env)
