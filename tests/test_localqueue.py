@@ -911,6 +911,116 @@ class TestDurability:
             assert stored.get(f"evt-{i}") == b"body-%d" % i
 
 
+    def test_settlements_survive_sigkill_of_the_settler(self, db_path: Path) -> None:
+        """Locks and completions commit without an fsync of their own (module docstring): they
+        must still survive the process being killed the moment the call returned."""
+        with LocalQueue(db_path) as q:
+            for i in range(40):
+                q.send(b"body-%d" % i, message_id=f"evt-{i}")
+        child = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                textwrap.dedent(
+                    """
+                    import sys
+                    from shared.local.queue import LocalQueue
+                    q = LocalQueue(sys.argv[1])
+                    for m in q.receive(max_messages=10):  # locked, delivery 1, not settled
+                        pass
+                    while True:  # until killed
+                        (m,) = q.receive()
+                        q.complete(m.lock_token)
+                        print(m.message_id, flush=True)
+                    """
+                ),
+                str(db_path),
+            ],
+            cwd=REPO_ROOT,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert child.stdout is not None
+        completed: list[str] = []
+        try:
+            for line in child.stdout:
+                completed.append(line.strip())
+                if len(completed) >= 20:
+                    break
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=10)
+        assert len(completed) == 20
+        with LocalQueue(db_path, lock_duration=60.0) as q:
+            stats = q.stats()
+            # The ten locks taken first are still held (their 60 s lock has not expired):
+            # the lock and its delivery count survived the kill too.
+            available = {m.message_id for m in q.receive(max_messages=100)}
+        assert stats["active"] == 40 - 20
+        assert not available & set(completed)  # every completion that returned is kept
+        assert len(available) == 40 - 20 - 10
+
+    def test_sends_commit_at_the_configured_level_and_settlements_at_normal(
+        self, queue: LocalQueue
+    ) -> None:
+        """A 200 means stored: the send's commit is fsynced (FULL); settlements skip the fsync
+        (NORMAL), as the module docstring says, and never leave the next send at NORMAL."""
+        level = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+        def current() -> str:
+            assert queue._conn is not None
+            return level[queue._conn.execute("PRAGMA synchronous").fetchone()[0]]
+
+        queue.send(b"a", message_id="a")
+        assert current() == "FULL"
+        (message,) = queue.receive()
+        assert current() == "NORMAL"
+        queue.send(b"b", message_id="b")
+        assert current() == "FULL"
+        queue.complete(message.lock_token or "")
+        assert current() == "NORMAL"
+        queue.abandon(receive_one(queue).lock_token or "")
+        assert current() == "NORMAL"
+        queue.dead_letter(receive_one(queue).lock_token or "", reason="r", description="d")
+        assert current() == "FULL"
+
+
+class TestReceiveDoesNotReadTheBacklog:
+    """Receiving costs the same with 20 or 2,000 messages waiting: counted in SQLite virtual
+    machine steps (a progress handler), not in time. The lock-expiry sweep once went through
+    the `state` index and read every active message on every receive."""
+
+    @staticmethod
+    def steps_to_receive(queue: LocalQueue, backlog: int) -> int:
+        queue.send_many(
+            [(b"x" * 5000, f"m{i}", {"eventType": "T"}) for i in range(backlog)]
+        )
+        for _ in range(3):  # some locks held, as under load
+            queue.receive(max_messages=4)
+        steps = 0
+
+        def count() -> int:
+            nonlocal steps
+            steps += 1
+            return 0
+
+        assert queue._conn is not None
+        queue._conn.set_progress_handler(count, 10)
+        try:
+            assert len(queue.receive(max_messages=4)) == 4
+        finally:
+            queue._conn.set_progress_handler(None, 10)
+        return steps
+
+    def test_receive_steps_do_not_grow_with_the_backlog(self, tmp_path: Path) -> None:
+        with LocalQueue(tmp_path / "small.sqlite3") as small:
+            few = self.steps_to_receive(small, 20)
+        with LocalQueue(tmp_path / "large.sqlite3") as large:
+            many = self.steps_to_receive(large, 2000)
+        assert many < few * 2, (few, many)
+
+
 class TestDamagedRowOnReceive:
     """A row whose stored values cannot be decoded is dead-lettered by the receive that finds
     it (reason CorruptMessage), with a description that says what to do and quotes nothing

@@ -4,7 +4,13 @@ Production queues events in Azure Service Bus. Locally (the `make run` host and 
 this module stands in for it, with the behaviour the receiver and processor depend on:
 
 * **Durable send.** `send` commits before it returns (WAL journal, ``synchronous=FULL`` by
-  default), so a message that was acknowledged survives ``kill -9`` of the process.
+  default), so a message that was acknowledged survives ``kill -9`` of the process and a power
+  cut. Locks and settlements (`receive`, `renew_lock`, `complete`, `abandon`) commit without
+  an fsync of their own (``synchronous=NORMAL`` for those transactions): they survive the
+  process being killed, and are made durable by the next `send`'s fsync. A power cut can lose
+  only the last of them, and the queue then redelivers (at least once, as Service Bus) and may
+  count one delivery fewer; it never loses a message. Most of the queue's commits are these,
+  so this is what lets a 2-core machine settle thousands of messages a second.
 * **Duplicate detection** on ``message_id`` within a window measured from the time the id was
   first accepted; a duplicate is dropped and `send` returns False (the receiver still answers
   200: the event is stored once).
@@ -322,6 +328,10 @@ class LocalQueue:
                 f"local queue {self.path}: cannot initialise the database: {exc}"
             ) from exc
         self._conn = conn
+        self._synchronous = synchronous
+        # The level the connection is at now: settlements switch to NORMAL (see the module
+        # docstring), sends and every other write switch back to `synchronous`.
+        self._sync_level = synchronous
 
     def check_integrity(self) -> None:
         """`PRAGMA quick_check` of the whole file; `QueueDamagedError` naming what it found.
@@ -386,10 +396,14 @@ class LocalQueue:
             raise
 
     @contextmanager
-    def _transaction(self, operation: str, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+    def _transaction(
+        self, operation: str, *, write: bool = True, settlement: bool = False
+    ) -> Iterator[sqlite3.Connection]:
         """Hold the instance lock and, for writes, a ``BEGIN IMMEDIATE`` transaction.
 
-        sqlite errors become `QueueUnavailableError`; any exception rolls back.
+        A `settlement` (a lock taken, renewed or released, a message completed) commits without
+        its own fsync; see the module docstring. sqlite errors become `QueueUnavailableError`;
+        any exception rolls back.
         """
         with self._lock:
             conn = self._conn
@@ -399,6 +413,10 @@ class LocalQueue:
                 if not write:
                     yield conn
                     return
+                level = "NORMAL" if settlement else self._synchronous
+                if level != self._sync_level:
+                    conn.execute(f"PRAGMA synchronous = {level}")
+                    self._sync_level = level
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -418,7 +436,9 @@ class LocalQueue:
     def _sweep_expired_locks(self, conn: sqlite3.Connection, now: float) -> None:
         """An expired lock is a failed delivery: dead-letter those that used their last one."""
         conn.execute(
-            "UPDATE messages SET state = ?, dl_reason = ?, "
+            # Through the expiry index, named: on `state` alone (what the planner picks
+            # without it) every receive would read every active message.
+            "UPDATE messages INDEXED BY messages_by_lock_expiry SET state = ?, dl_reason = ?, "
             "dl_description = 'Message could not be processed after ' || delivery_count "
             "|| ' delivery attempts.', dead_lettered_at = ?, lock_token = NULL, "
             "locked_until = NULL "
@@ -567,7 +587,7 @@ class LocalQueue:
         locked_until = now + duration
         received: list[QueuedMessage] = []
         corrupt: list[int] = []
-        with self._transaction("receive") as conn:
+        with self._transaction("receive", settlement=True) as conn:
             self._sweep_expired_locks(conn, now)
             seqs = [
                 int(r[0])
@@ -610,7 +630,7 @@ class LocalQueue:
         if duration <= 0:
             raise ValueError(f"lock_duration must be > 0 seconds, got {duration}")
         now = self._now()
-        with self._transaction("renew_lock") as conn:
+        with self._transaction("renew_lock", settlement=True) as conn:
             seq, _ = self._locked_row(conn, lock_token, now)
             until = now + duration
             conn.execute(
@@ -628,7 +648,7 @@ class LocalQueue:
         """`complete` for several locks in one commit; per token None or its `LockLostError`."""
         now = self._now()
         results: list[LockLostError | None] = []
-        with self._transaction("complete") as conn:
+        with self._transaction("complete", settlement=True) as conn:
             for lock_token in lock_tokens:
                 try:
                     seq, _ = self._locked_row(conn, lock_token, now)
@@ -646,7 +666,7 @@ class LocalQueue:
         a function timeout; Service Bus has no such option, its processor sleeps instead).
         """
         now = self._now()
-        with self._transaction("abandon") as conn:
+        with self._transaction("abandon", settlement=True) as conn:
             seq, count = self._locked_row(conn, lock_token, now)
             if count >= self.max_delivery_count:
                 self._dead_letter_row(
