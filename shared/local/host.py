@@ -37,7 +37,6 @@ from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
 from ..settings import FUNCTION_TIMEOUT_SECONDS, Settings, SettingsError, load_settings
 from ..telemetry import configure as configure_telemetry
-from .batching import Batcher
 from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, serve_with_head_deadline
 from .inspector import Recorder
 from .inspector_server import start_inspector
@@ -169,16 +168,19 @@ class LocalContext:
     thread_local_storage: None = None
 
 
+#: Where the worker's `context.function_directory` points: the app's root.
+FUNCTION_DIRECTORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def invocation_context(name: str, headers: Mapping[str, str]) -> LocalContext:
     lowered = {k.lower(): v for k, v in headers.items()}
+    trace_parent, trace_state = lowered.get("traceparent", ""), lowered.get("tracestate", "")
     return LocalContext(
         invocation_id=str(uuid.uuid4()),
         function_name=name,
-        function_directory=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        function_directory=FUNCTION_DIRECTORY,
         trace_context=LocalTraceContext(
-            trace_parent=lowered.get("traceparent", ""),
-            trace_state=lowered.get("tracestate", ""),
-            attributes={},
+            trace_parent=trace_parent, trace_state=trace_state, attributes={}
         ),
     )
 
@@ -269,8 +271,13 @@ class LocalHost:
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
-        self._completer: Batcher[str, None] = Batcher(self.queue.complete_many)
+        # Locks of messages processed successfully, completed by the fetcher's next
+        # transaction together with its receive (one commit and one thread hop for both).
+        self._to_complete: list[str] = []
+        # Locks held by running functions -> loop time they were taken or last renewed.
+        self._held: dict[str, float] = {}
         self._stopping = False
+        self._stopped = False
         # Locks of deliveries cancelled by `stop`, released there for a prompt redelivery.
         self._interrupted: list[str] = []
         # The last receive's failure, until one succeeds: `/api/health` reports it.
@@ -304,6 +311,8 @@ class LocalHost:
             self.port = self._server.sockets[0].getsockname()[1]
         for qfn in self.queue_functions:
             self._tasks.append(asyncio.create_task(self._fetch(qfn), name=qfn.name))
+        if self.queue_functions:
+            self._tasks.append(asyncio.create_task(self._renew_locks(), name="lock renewal"))
         for tfn in self.timer_functions:
             self._tasks.append(asyncio.create_task(self._timer(tfn), name=tfn.name))
 
@@ -314,6 +323,9 @@ class LocalHost:
         on the next start (the delivery counts, as when a Functions host stops). A blocking
         handler's thread cannot be interrupted: it is abandoned (a daemon thread).
         """
+        if self._stopped:
+            return
+        self._stopped = True
         self._stopping = True
         self._wake.set()
         tasks = [*self._tasks, *self._running]
@@ -324,6 +336,13 @@ class LocalHost:
             for task in stuck:
                 logger.warning("task %s ignored cancellation; abandoning it", task.get_name())
         self._tasks.clear()
+        if self._to_complete:
+            tokens, self._to_complete = self._to_complete, []
+            try:
+                await asyncio.to_thread(self.queue.complete_many, tokens)
+            except QueueUnavailableError as exc:
+                logger.warning("could not complete %d processed message(s) at stop (%s); "
+                               "they are redelivered when their locks expire", len(tokens), exc)
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -402,18 +421,34 @@ class LocalHost:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
+            completing, self._to_complete = self._to_complete, []
             try:
-                received = await asyncio.to_thread(
-                    self.queue.receive, max_messages=free, lock_duration=self.lock_duration
+                completed, received = await asyncio.to_thread(
+                    self.queue.complete_and_receive, completing, max_messages=free,
+                    lock_duration=self.lock_duration,
                 )
+            except asyncio.CancelledError:
+                # Stopping: the call may never have started in its thread, so `stop` completes
+                # them (a second completion of one that was completed is a harmless no-op).
+                self._to_complete[:0] = completing
+                raise
             except Exception as exc:
+                self._to_complete[:0] = completing  # not completed: the next try takes them
                 if self._queue_error is None:
                     logger.exception("local queue receive failed; retrying")
                 self._queue_error = f"local queue receive failed: {exc}"
                 await asyncio.sleep(self.poll_interval)
                 continue
             self._queue_error = None
+            for token, lost in zip(completing, completed, strict=True):
+                if lost is not None:
+                    # The lock expired while the function ran: the queue owns the message
+                    # again, as Service Bus would, and redelivers it.
+                    logger.debug("lock %s no longer held at settlement", token)
             if not received:
+                if self._to_complete:
+                    continue  # finished meanwhile: complete them now, not after a poll
+
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
@@ -448,7 +483,7 @@ class LocalHost:
     async def _run_one(self, fn: QueueFunction, qm: QueuedMessage) -> None:
         assert qm.lock_token is not None
         message = to_function_message(qm)
-        renewer = asyncio.create_task(self._renew_lock(qm.lock_token))
+        self._held[qm.lock_token] = asyncio.get_running_loop().time()
         timeout = self.runtime.settings.function_timeout_seconds
         try:
             # The function timeout, as host.json's functionTimeout in Azure: the function
@@ -461,18 +496,17 @@ class LocalHost:
             raise
         except TimeoutError as exc:
             if deadline.expired():
-                renewer.cancel()
+                self._held.pop(qm.lock_token, None)  # no longer renewed
                 await self._timed_out(fn, qm, timeout)
             else:  # the function's own TimeoutError: a failure like any other
                 await self._failed(fn, qm, exc)
         except Exception as exc:
             await self._failed(fn, qm, exc)
         else:
-            await self._settle(self._completer.submit, qm.lock_token)
+            self._to_complete.append(qm.lock_token)
+            self._wake.set()  # the fetcher completes it in its next transaction
         finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
+            self._held.pop(qm.lock_token, None)
 
     async def _failed(self, fn: QueueFunction, qm: QueuedMessage, exc: Exception) -> None:
         assert qm.lock_token is not None
@@ -545,16 +579,37 @@ class LocalHost:
             # cases the queue owns the message again, as Service Bus would.
             logger.debug("lock %s no longer held at settlement", lock_token)
 
-    async def _renew_lock(self, lock_token: str) -> None:
-        """Like the Functions host's auto lock renewal, while the function runs."""
+    async def _renew_locks(self) -> None:
+        """Like the Functions host's auto lock renewal: the lock of every running function is
+        renewed once a third of its duration has passed, by one task for all of them."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.lock_duration / 2)
+            await asyncio.sleep(self.lock_duration / 6)
+            due = [token for token, at in self._held.items()
+                   if loop.time() - at >= self.lock_duration / 3]
+            if not due:
+                continue
+            started = loop.time()
             try:
-                await asyncio.to_thread(
-                    self.queue.renew_lock, lock_token, lock_duration=self.lock_duration
-                )
+                lost = await asyncio.to_thread(self._renew_many, due)
+            except QueueUnavailableError as exc:
+                logger.warning("could not renew %d lock(s) (%s); retrying", len(due), exc)
+                continue
+            for token in due:
+                if token in self._held:
+                    if token in lost:
+                        del self._held[token]  # settled meanwhile, or expired
+                    else:
+                        self._held[token] = started
+
+    def _renew_many(self, lock_tokens: list[str]) -> set[str]:
+        lost: set[str] = set()
+        for token in lock_tokens:
+            try:
+                self.queue.renew_lock(token, lock_duration=self.lock_duration)
             except LockLostError:
-                return
+                lost.add(token)
+        return lost
 
 
 async def read_bounded(
@@ -562,15 +617,23 @@ async def read_bounded(
 ) -> bytes:
     """At most `limit` bytes of the body: enough to tell that it is too large. Raises
     TimeoutError when `idle_timeout` seconds pass without a byte."""
+    content = request.content
     chunks: list[bytes] = []
     size = 0
     while size < limit:
-        chunk = await asyncio.wait_for(request.content.read(limit - size), idle_timeout)
+        # What has arrived is taken without waiting (a webhook body usually came with its
+        # head); only a read that has to wait for bytes is bounded by the idle timeout.
+        chunk = content.read_nowait(limit - size)
         if not chunk:
-            break
+            if content.at_eof():
+                break
+            async with asyncio.timeout(idle_timeout):
+                chunk = await content.read(limit - size)
+            if not chunk:
+                break
         chunks.append(chunk)
         size += len(chunk)
-    return b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def load_function_app() -> func.FunctionApp:

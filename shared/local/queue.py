@@ -578,6 +578,19 @@ class LocalQueue:
         self, *, max_messages: int = 1, lock_duration: float | None = None
     ) -> list[QueuedMessage]:
         """Peek-lock up to ``max_messages`` available messages, oldest sequence number first."""
+        return self.complete_and_receive((), max_messages=max_messages,
+                                         lock_duration=lock_duration)[1]
+
+    def complete_and_receive(
+        self,
+        lock_tokens: Sequence[str],
+        *,
+        max_messages: int = 1,
+        lock_duration: float | None = None,
+    ) -> tuple[list[LockLostError | None], list[QueuedMessage]]:
+        """`complete_many(lock_tokens)`, then `receive(...)`, in one transaction: what a
+        consumer that just finished some messages does next, for one commit instead of two
+        (the local host's fetcher)."""
         if max_messages < 1:
             raise ValueError(f"max_messages must be >= 1, got {max_messages}")
         duration = self.lock_duration if lock_duration is None else float(lock_duration)
@@ -588,6 +601,7 @@ class LocalQueue:
         received: list[QueuedMessage] = []
         corrupt: list[int] = []
         with self._transaction("receive", settlement=True) as conn:
+            completed = self._complete_rows(conn, lock_tokens, now)
             self._sweep_expired_locks(conn, now)
             seqs = [
                 int(r[0])
@@ -621,7 +635,7 @@ class LocalQueue:
                 "local queue %s: message(s) %s cannot be decoded (the file was damaged); "
                 "dead-lettered as %s", self.path, ", ".join(map(str, corrupt)), CORRUPT_MESSAGE,
             )
-        return received
+        return completed, received
 
     def renew_lock(self, lock_token: str, *, lock_duration: float | None = None) -> datetime:
         """Extend a live lock from now by ``lock_duration`` (default: the queue's); the new
@@ -647,16 +661,21 @@ class LocalQueue:
     def complete_many(self, lock_tokens: Sequence[str]) -> list[LockLostError | None]:
         """`complete` for several locks in one commit; per token None or its `LockLostError`."""
         now = self._now()
-        results: list[LockLostError | None] = []
         with self._transaction("complete", settlement=True) as conn:
-            for lock_token in lock_tokens:
-                try:
-                    seq, _ = self._locked_row(conn, lock_token, now)
-                except LockLostError as exc:
-                    results.append(exc)
-                    continue
-                conn.execute("DELETE FROM messages WHERE sequence_number = ?", (seq,))
-                results.append(None)
+            return self._complete_rows(conn, lock_tokens, now)
+
+    def _complete_rows(
+        self, conn: sqlite3.Connection, lock_tokens: Sequence[str], now: float
+    ) -> list[LockLostError | None]:
+        results: list[LockLostError | None] = []
+        for lock_token in lock_tokens:
+            try:
+                seq, _ = self._locked_row(conn, lock_token, now)
+            except LockLostError as exc:
+                results.append(exc)
+                continue
+            conn.execute("DELETE FROM messages WHERE sequence_number = ?", (seq,))
+            results.append(None)
         return results
 
     def abandon(self, lock_token: str, *, retry_after: float = 0.0) -> None:
