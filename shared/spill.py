@@ -366,7 +366,9 @@ class SpillingPublisher:
 
     async def publish(self, message: OutboundMessage) -> bool:
         try:
-            return await asyncio.wait_for(self.primary.publish(message), self._primary_timeout)
+            # A timeout scope, not wait_for: no extra task per webhook on the hot path.
+            async with asyncio.timeout(self._primary_timeout):
+                return await self.primary.publish(message)
         except (PublishError, TimeoutError) as exc:
             primary_error = exc
         try:

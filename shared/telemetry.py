@@ -118,7 +118,10 @@ def trace_context_properties() -> dict[str, str]:
 
 def context_from_properties(properties: Mapping[Any, Any]) -> otel_context.Context | None:
     """The trace context a message carries (`traceparent`, else `Diagnostic-Id`), or None."""
-    props = _string_properties(properties)
+    return _context_from_strings(_string_properties(properties))
+
+
+def _context_from_strings(props: Mapping[str, str]) -> otel_context.Context | None:
     carrier: dict[str, str] = {}
     parent = props.get(names.PROP_TRACEPARENT) or props.get(names.PROP_DIAGNOSTIC_ID)
     if not parent:
@@ -250,7 +253,7 @@ class Telemetry:
             event_id=props.get(names.ATTR_EVENT_ID),
             vehicle_id=props.get(names.ATTR_VEHICLE_ID),
         )
-        parent = context_from_properties(application_properties)
+        parent = _context_from_strings(props)
         start = time.perf_counter()
         with self._tracer.start_as_current_span(
             names.SPAN_PROCESS, context=parent, kind=SpanKind.CONSUMER,

@@ -537,16 +537,17 @@ class LocalQueue:
         results: list[bool] = []
         with self._transaction("send") as conn:
             for body_bytes, message_id, properties in rows:
-                row = conn.execute(
-                    "SELECT accepted_at FROM duplicates WHERE message_id = ?", (message_id,)
-                ).fetchone()
-                if row is not None and now - row[0] < self.duplicate_window:
+                # New, or last accepted a window ago: (re)stamped and stored. Within the
+                # window the upsert changes nothing: a duplicate, dropped. One statement.
+                stamped = conn.execute(
+                    "INSERT INTO duplicates (message_id, accepted_at) VALUES (?, ?) "
+                    "ON CONFLICT (message_id) DO UPDATE SET accepted_at = excluded.accepted_at "
+                    "WHERE excluded.accepted_at - duplicates.accepted_at >= ?",
+                    (message_id, now, self.duplicate_window),
+                ).rowcount
+                if not stamped:
                     results.append(False)
                     continue
-                conn.execute(
-                    "INSERT OR REPLACE INTO duplicates (message_id, accepted_at) VALUES (?, ?)",
-                    (message_id, now),
-                )
                 conn.execute(
                     "INSERT INTO messages (message_id, body, properties, enqueued_time, "
                     "scheduled_time, visible_at, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
