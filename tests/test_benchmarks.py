@@ -19,7 +19,8 @@ REQUIRED = {
         for size in ("1kb", "5kb", "50kb")
     },
     "receiver_concurrency": {"requests_per_s", "p50_ms", "p99_ms", "sync_baseline_requests_per_s"},
-    "processor_hot_path": {"us_per_message_5kb", "baseline_us_5kb", "overhead_ratio_5kb"},
+    "processor_hot_path": {"us_per_message_5kb", "baseline_us_5kb", "overhead_ratio_5kb",
+                           "us_per_message_5kb_signals_read", "us_per_message_5kb_data_read"},
     "local_end_to_end": {"events_per_s", "ack_p50_ms", "ack_p99_ms", "lost",
                          "duplicates_processed"},
 }

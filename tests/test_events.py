@@ -7,10 +7,13 @@ import copy
 import dataclasses
 import json
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -564,6 +567,20 @@ INVALID_DOCUMENTS: list[tuple[str, Any, str]] = [
      "data.signals[0].meta.fetchedAt must be epoch milliseconds or an ISO-8601 string, got list"),
     ("signal retrievedAt out of range", minimal(signals=[{"meta": {"retrievedAt": -1e20}}]),
      "data.signals[0].meta.retrievedAt is out of range for a timestamp in epoch milliseconds"),
+    ("signal oemUpdatedAt bool", minimal(signals=[{"meta": {"oemUpdatedAt": True}}]),
+     "data.signals[0].meta.oemUpdatedAt must be epoch milliseconds or an ISO-8601 string, got true"),
+    ("signal oemUpdatedAt integer after year 9999",
+     minimal(signals=[{"meta": {"oemUpdatedAt": 253_402_300_800_000}}]),
+     "data.signals[0].meta.oemUpdatedAt is out of range for a timestamp in epoch milliseconds"),
+    ("signal fetchedAt integer before year 1",
+     minimal(signals=[{}, {"meta": {"fetchedAt": -62_135_596_800_001}}]),
+     "data.signals[1].meta.fetchedAt is out of range for a timestamp in epoch milliseconds"),
+    ("signal retrievedAt bool", minimal(signals=[{"meta": {"retrievedAt": False}}]),
+     "data.signals[0].meta.retrievedAt must be epoch milliseconds or an ISO-8601 string, got false"),
+    ("signal fetchedAt unparsable", minimal(signals=[{"meta": {"fetchedAt": "later"}}]),
+     "data.signals[0].meta.fetchedAt is not an ISO-8601 timestamp"),
+    ("signal after a valid one not object", minimal(signals=[signal_with(), "x"]),
+     "data.signals[1] must be an object, got str"),
     ("errors not list", minimal("VEHICLE_ERROR", errors={}),
      "data.errors must be a list, got dict"),
     ("error element string", minimal("VEHICLE_ERROR", errors=["VEHICLE_NOT_CAPABLE"]),
@@ -591,6 +608,15 @@ INVALID_BODIES: list[tuple[str, bytes, str]] = [
      "body is not valid JSON: NaN is not a JSON number"),
     ("Infinity", b'{"x": -Infinity}', "body is not valid JSON: -Infinity is not a JSON number"),
     ("float overflow", b'{"x": 1e400}',
+     "body is not valid JSON: a number is too large for a float"),
+    ("float overflow in a signal value",
+     b'{"eventId": "e", "eventType": "X", "data": {"signals": [{"body": {"value": -1E+400}}]}}',
+     "body is not valid JSON: a number is too large for a float"),
+    ("float overflow in an array of arrays", b'{"x": [[1.5, 2e308]]}',
+     "body is not valid JSON: a number is too large for a float"),
+    ("float overflow from 310 integer digits", b'{"x": ' + b"9" * 310 + b'.5}',
+     "body is not valid JSON: a number is too large for a float"),
+    ("float overflow at the top level", b"1e400",
      "body is not valid JSON: a number is too large for a float"),
     ("huge integer", b'{"x": ' + b"9" * 5000 + b"}",
      "body is not valid JSON: a number has more than 4300 digits"),
@@ -915,6 +941,11 @@ class TestSignalLookup:
         for name in ("XXXX", "xxxx", "None.None"):
             assert event.signal(name) is None
 
+    def test_an_empty_name_finds_nothing_even_among_nameless_signals(self) -> None:
+        event = parse(minimal(signals=[{"body": {"value": 1}}, {"code": "", "name": ""}]))
+
+        assert event.signal("") is None
+
     def test_a_path_needs_both_group_and_name(self) -> None:
         event = parse(minimal(signals=[{"group": "Location"}, {"name": "IsAtHome"}]))
         assert [s.path for s in event.signals] == [None, None]
@@ -944,3 +975,201 @@ class TestTimestampsAreUtcWhateverTheMachine:
         assert delivered is not None
         assert delivered.utcoffset() == timedelta(0)
         assert (delivered.hour, delivered.minute) == (0, 0)
+
+
+class TestNumbers:
+    """Only a number literal that overflows is refused, wherever it is; the same text in a
+    string is just text."""
+
+    def test_an_overflowing_literal_inside_a_string_is_text(self) -> None:
+        document = minimal(signals=[signal_with(body={"value": "1e400", "unit": "9" * 400})])
+        document["meta"] = {"webhookName": "e999 1E+400 -1e400"}
+
+        event = parse(document)
+
+        assert event.signals[0].value == "1e400"
+        assert event.meta.webhook_name == "e999 1E+400 -1e400"
+
+    def test_literals_that_only_look_large_are_numbers(self) -> None:
+        body = (b'{"eventId": "e", "eventType": "X", "data": {"tiny": 1e-400, "max": 1.7e308, '
+                b'"long": ' + b"1" * 400 + b', "exp": 5E+10}}')
+
+        event = parse_event(body)
+
+        assert event.data["tiny"] == 0.0
+        assert event.data["max"] == 1.7e308
+        assert event.data["long"] == int("1" * 400)
+        assert event.data["exp"] == 5e10
+
+
+class TestTimestampRange:
+    """Integer epoch milliseconds are accepted from year 1 to year 9999 (datetime's range)."""
+
+    @pytest.mark.parametrize(
+        ("milliseconds", "expected"),
+        [
+            (-62_135_596_800_000, datetime(1, 1, 1, tzinfo=UTC)),
+            (253_402_300_799_999, datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)),
+            (1_731_940_328_000, utc("2024-11-18T14:32:08")),
+        ],
+    )
+    def test_the_first_and_last_millisecond_datetime_can_hold(
+        self, milliseconds: int, expected: datetime
+    ) -> None:
+        meta = {"oemUpdatedAt": milliseconds, "fetchedAt": milliseconds}
+
+        (signal,) = parse(minimal(signals=[signal_with(meta=meta)])).signals
+
+        assert signal.oem_updated_at == signal.retrieved_at == expected
+
+    def test_fractional_milliseconds_and_iso_strings_are_read_too(self) -> None:
+        meta = {"oemUpdatedAt": 1_731_940_328_000.5, "retrievedAt": "2024-11-18T15:32:10+01:00"}
+
+        (signal,) = parse(minimal(signals=[signal_with(meta=meta)])).signals
+
+        assert signal.oem_updated_at == utc("2024-11-18T14:32:08.000500")
+        assert signal.retrieved_at == utc("2024-11-18T14:32:10")
+
+
+class TestLazyViews:
+    """`Event.signals` and `Event.data` are built on first access from what `parse_event`
+    checked; an event behaves the same whether or not they have been read."""
+
+    RAW = (FIXTURES / "vehicle_state.json").read_bytes()
+
+    def test_views_are_built_once_and_kept(self) -> None:
+        event = parse_event(self.RAW)
+
+        assert event.signals is event.signals
+        assert event.data is event.data
+        assert event.signals[0].body == event.data["signals"][0]["body"]
+
+    def test_signal_bodies_and_values_are_frozen_all_the_way_down(self) -> None:
+        body = {"value": {"points": [[52.5, 13.4], {"alt": [1]}]}, "unit": "deg"}
+
+        (signal,) = parse(minimal(signals=[signal_with(body=body)])).signals
+
+        assert signal.body == {"value": {"points": ((52.5, 13.4), {"alt": (1,)})}, "unit": "deg"}
+        assert type(signal.body) is MappingProxyType and type(signal.value) is MappingProxyType
+        points = signal.value["points"]
+        assert type(points) is tuple and type(points[0]) is tuple
+        assert type(points[1]) is MappingProxyType and type(points[1]["alt"]) is tuple
+        with pytest.raises(TypeError):
+            signal.value["points"] = ()
+
+    def test_reading_the_views_changes_neither_equality_nor_hash(self) -> None:
+        read, unread = parse_event(self.RAW), parse_event(self.RAW)
+        assert read.signals and read.data
+
+        assert read == unread and hash(read) == hash(unread)
+        assert unread == read
+
+    def test_events_that_differ_only_in_a_signal_value_are_unequal(self) -> None:
+        document = fixture("vehicle_state")
+        first = parse(document)
+        document["data"]["signals"][0]["body"]["value"] = 79
+        second = parse(document)
+
+        assert first != second
+        assert first.signals != second.signals
+
+    def test_events_that_differ_only_in_an_unknown_data_key_are_unequal(self) -> None:
+        document = fixture("vehicle_state")
+        first = parse(document)
+        document["data"]["extra"] = 1
+
+        assert first != parse(document)
+
+    def test_reading_the_views_leaves_the_decoded_payload_as_it_was(self) -> None:
+        event = parse_event(self.RAW)
+        frozen = event.data
+
+        assert json.loads(json.dumps(frozen, default=dict)) == fixture("vehicle_state")["data"]
+        assert event == parse_event(self.RAW)  # equality compares the decoded payload
+
+    def test_an_absent_or_null_data_is_an_empty_mapping_and_no_signals(self) -> None:
+        for document in ({"eventId": "e", "eventType": "X"},
+                         {"eventId": "e", "eventType": "X", "data": None}):
+            event = parse(document)
+            assert (event.data, event.signals) == ({}, ())
+            assert isinstance(event.data, MappingProxyType)
+
+    def test_repr_shows_every_attribute_as_a_dataclass_repr_would(self) -> None:
+        event = parse_event(self.RAW)
+
+        text = repr(event)
+
+        assert text.startswith(
+            "Event(event_id='550e8400-e29b-41d4-a716-446655440000', "
+            "event_type='VEHICLE_STATE', vehicle_id='9af13248-3b73-4c9d-9a4b-d937ce6bc8e2', "
+            f"meta={event.meta!r}, triggers={event.triggers!r}, signals=(Signal(code="
+        )
+        assert text.endswith(
+            f"errors=(), challenge=None, data={event.data!r})"
+        )
+        assert f"signals={event.signals!r}, " in text
+
+    def test_the_lazy_attributes_cannot_be_assigned_either(self) -> None:
+        event = parse_event(self.RAW)
+
+        for name in ("signals", "data", "_raw_data", "_signals", "_data"):
+            with pytest.raises(dataclasses.FrozenInstanceError, match=f"^cannot assign to field '{name}'$"):
+                setattr(event, name, ())
+            with pytest.raises(dataclasses.FrozenInstanceError, match=f"^cannot delete field '{name}'$"):
+                delattr(event, name)
+        assert (event.signals, event.data) == (parse_event(self.RAW).signals, parse_event(self.RAW).data)
+
+    def test_threads_reading_at_once_see_equal_values(self) -> None:
+        events = [parse_event(self.RAW) for _ in range(20)]
+        start = threading.Barrier(4)
+        seen: list[tuple[Any, Any]] = []
+        lock = threading.Lock()
+
+        def read() -> None:
+            start.wait(timeout=60)
+            for event in events:
+                found = (event.signals, event.data)
+                with lock:
+                    seen.append(found)
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+
+        assert len(seen) == 80
+        expected = (events[0].signals, events[0].data)
+        assert all(found == expected for found in seen)
+
+
+class TestFrozenCopy:
+    def test_mixed_nesting_is_frozen_at_every_level(self) -> None:
+        event = parse(minimal(mixed=[[{"a": [1, [2, {"b": []}]]}], {"c": [[{}]]}], signals=[]))
+
+        outer = event.data["mixed"]
+        assert outer == (({"a": (1, (2, {"b": ()}))},), {"c": (({},),)})
+        inner = outer[0][0]["a"][1]
+        assert type(outer) is tuple and type(outer[0]) is tuple and type(inner) is tuple
+        assert type(outer[0][0]) is MappingProxyType and type(inner[1]) is MappingProxyType
+        assert type(inner[1]["b"]) is tuple
+        assert type(outer[1]["c"][0][0]) is MappingProxyType
+
+    def test_nesting_the_decoder_accepted_is_frozen_even_from_a_deep_call_stack(self) -> None:
+        # About as deep as the decoder reads within the recursion limit: a recursive freeze
+        # started from a deep stack (a handler several frames down) would overflow it.
+        depth = sys.getrecursionlimit() // 4  # an object and an array per step
+        nested = '{"a": [' * depth + "1" + "]}" * depth
+        body = '{"eventId": "e", "eventType": "X", "data": ' + nested + "}"
+        event = parse_event(body)
+
+        def read_from_depth(frames: int) -> Any:
+            return read_from_depth(frames - 1) if frames else event.data
+
+        value: Any = read_from_depth(sys.getrecursionlimit() - depth - 100)
+        for _ in range(depth):
+            assert type(value) is MappingProxyType
+            value = value["a"]
+            assert type(value) is tuple
+            value = value[0]
+        assert value == 1

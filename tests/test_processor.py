@@ -147,6 +147,32 @@ class TestOutcomes:
         assert result.outcome is Outcome.DEAD_LETTERED
         assert dl.calls == [("m1", "InvalidPayload", "eventType is missing")]
 
+    @pytest.mark.parametrize(
+        ("signal", "description"),
+        [
+            ("TractionBattery.StateOfCharge", "data.signals[1] must be an object, got str"),
+            ({"body": [78]}, "data.signals[1].body must be an object, got list"),
+            ({"meta": {"oemUpdatedAt": "soon"}},
+             "data.signals[1].meta.oemUpdatedAt is not an ISO-8601 timestamp"),
+        ],
+    )
+    def test_a_bad_signal_is_dead_lettered_before_a_handler_that_never_reads_signals(
+        self, signal: Any, description: str
+    ) -> None:
+        # Signals are built lazily; the checks that refuse them are not, so a handler that
+        # reads only the envelope never runs on an event that would fail when read further.
+        document = state_event()
+        document["data"]["signals"].insert(1, signal)
+        registry = HandlerRegistry()
+        ran: list[str] = []
+        registry.on("VEHICLE_STATE")(lambda event, ctx: ran.append(event.event_id))
+        dl = RecordingDeadLetterer()
+
+        result = run(message(encode(document)), registry, dead_letterer=dl)
+
+        assert (result.outcome, ran) == (Outcome.DEAD_LETTERED, [])
+        assert dl.calls == [("m1", "InvalidPayload", description)]
+
     def test_failing_handler_waits_with_backoff_then_raises(self) -> None:
         registry = HandlerRegistry()
 
