@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import FrozenInstanceError, dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -263,11 +263,18 @@ class Event:
 
         Smartcar does not guarantee the order of `data.signals`.
         """
-        dated = [s for s in self.signals if s.oem_updated_at is not None]
-        undated = [s for s in self.signals if s.oem_updated_at is None]
-        # sort() stays stable with reverse=True, so equal timestamps keep payload order.
-        dated.sort(key=lambda s: s.oem_updated_at or _EPOCH, reverse=True)
-        return (*dated, *undated)
+        return _by_recency(self.signals)
+
+    def signals_at(self, paths: Collection[str]) -> tuple[Signal, ...]:
+        """The signals whose `Group.Name` is one of `paths` (exactly), in `signals_by_recency`
+        order. Only those are built when `signals` has not been read: a handler registry
+        looks up the few signals it has handlers for, not the ~20 of a delivery."""
+        if self._signals is not None:
+            return _by_recency([s for s in self._signals if s.path in paths])
+        return _by_recency([
+            _signal(item) for item in self._raw_data.get("signals") or ()
+            if _path(_str_or_none(item.get("group")), _str_or_none(item.get("name"))) in paths
+        ])
 
     def __repr__(self) -> str:
         # The dataclass repr of the public attributes, lazy ones included.
@@ -277,6 +284,14 @@ class Event:
             f"signals={self.signals!r}, errors={self.errors!r}, challenge={self.challenge!r}, "
             f"data={self.data!r})"
         )
+
+
+def _by_recency(signals: Sequence[Signal]) -> tuple[Signal, ...]:
+    dated = [s for s in signals if s.oem_updated_at is not None]
+    undated = [s for s in signals if s.oem_updated_at is None]
+    # sort() stays stable with reverse=True, so equal timestamps keep payload order.
+    dated.sort(key=lambda s: s.oem_updated_at or _EPOCH, reverse=True)
+    return (*dated, *undated)
 
 
 def _refuse_assignment(self: Event, name: str, value: object) -> None:

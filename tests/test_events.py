@@ -1031,6 +1031,50 @@ class TestTimestampRange:
         assert signal.retrieved_at == utc("2024-11-18T14:32:10")
 
 
+class TestSignalsAt:
+    """`Event.signals_at(paths)`: what a handler registry asks for, the named signals newest
+    first, exactly as filtering `signals_by_recency()` would give them."""
+
+    SIGNALS: tuple[dict[str, Any], ...] = (
+        signal_with(meta={"oemUpdatedAt": 1_700_000_001_000}),
+        signal_with(group="Location", name="PreciseLocation", code="location-preciselocation",
+                    meta={"oemUpdatedAt": 1_700_000_005_000}),
+        signal_with(meta={"oemUpdatedAt": 1_700_000_009_000}, body={"value": 80}),
+        signal_with(group="", name="StateOfCharge"),  # no Group.Name: never matched
+        signal_with(meta={}),  # undated: after the dated ones
+        signal_with(group="Odometer", name="TraveledDistance"),
+    )
+
+    @pytest.mark.parametrize("read_signals_first", [False, True])
+    @pytest.mark.parametrize("paths", [
+        {"TractionBattery.StateOfCharge"},
+        {"TractionBattery.StateOfCharge", "Location.PreciseLocation"},
+        {"Odometer.TraveledDistance", "Nothing.Here"},
+        {"tractionbattery-stateofcharge", ".StateOfCharge", "StateOfCharge"},
+        set(),
+    ])
+    def test_is_signals_by_recency_filtered_by_path(
+        self, paths: set[str], read_signals_first: bool
+    ) -> None:
+        event = parse(minimal(signals=list(self.SIGNALS)))
+        if read_signals_first:
+            assert len(event.signals) == len(self.SIGNALS)
+        expected = tuple(s for s in event.signals_by_recency() if s.path in paths)
+
+        assert event.signals_at(paths) == expected
+
+    def test_newest_first_then_the_undated_in_payload_order(self) -> None:
+        event = parse(minimal(signals=list(self.SIGNALS)))
+
+        found = event.signals_at({"TractionBattery.StateOfCharge"})
+
+        assert [s.value for s in found] == [80, None, None]
+        assert [s.oem_updated_at is None for s in found] == [False, False, True]
+
+    def test_an_event_without_signals_has_none_at_any_path(self) -> None:
+        assert parse(minimal()).signals_at({"TractionBattery.StateOfCharge"}) == ()
+
+
 class TestLazyViews:
     """`Event.signals` and `Event.data` are built on first access from what `parse_event`
     checked; an event behaves the same whether or not they have been read."""

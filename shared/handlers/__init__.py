@@ -102,7 +102,8 @@ class HandlerRegistry:
             await self._call(handler, event, context)
             ran = True
         if event.event_type == VEHICLE_STATE and self._by_signal:
-            for signal in event.signals_by_recency():
+            # Only the signals that have handlers (newest first): a delivery holds ~20.
+            for signal in event.signals_at(self._by_signal.keys()):
                 if not signal.ok or signal.path is None:
                     continue
                 for signal_handler in self._by_signal.get(signal.path, ()):
