@@ -117,6 +117,39 @@ class TestBoundedConcurrency:
             wait_until(lambda: len(host.handled()) == 15)
         assert 1 <= peak <= 3
 
+    def test_the_local_host_processes_as_many_at_once_as_host_json_says(
+        self, tmp_path: Path
+    ) -> None:
+        from shared.local.host import LocalHost, load_function_app
+        from shared.runtime import build_runtime
+        from shared.settings import load_settings
+
+        calls = json.loads((ROOT / "host.json").read_text())["extensions"]["serviceBus"][
+            "maxConcurrentCalls"]
+        runtime = build_runtime(load_settings(local_env(tmp_path)))
+        try:
+            assert LocalHost(load_function_app(), runtime).workers == calls
+            assert LocalHost(load_function_app(), runtime, workers=2).workers == 2
+        finally:
+            assert runtime.queue is not None
+            runtime.queue.close()
+
+    @pytest.mark.parametrize("service_bus, found", [
+        ({"maxConcurrentCalls": 0}, "got 0"),
+        ({"maxConcurrentCalls": "16"}, "got '16'"),
+        ({}, "KeyError"),
+    ])
+    def test_a_host_json_without_a_usable_max_concurrent_calls_is_named(
+        self, tmp_path: Path, service_bus: dict[str, object], found: str
+    ) -> None:
+        from shared.local.host import max_concurrent_calls_from_host_json
+
+        path = tmp_path / "host.json"
+        path.write_text(json.dumps({"extensions": {"serviceBus": service_bus}}))
+        with pytest.raises(ValueError, match=r"extensions\.serviceBus\.maxConcurrentCalls") as err:
+            max_concurrent_calls_from_host_json(path)
+        assert str(path) in str(err.value) and found in str(err.value)
+
     def test_host_json_bounds_service_bus_concurrency_explicitly(self) -> None:
         host = json.loads((ROOT / "host.json").read_text())
         calls = host["extensions"]["serviceBus"]["maxConcurrentCalls"]

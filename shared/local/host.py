@@ -6,8 +6,11 @@ settlement: return completes, raise abandons, `maxDeliveryCount` dead-letters.
 
 It also runs the app's timer functions (the spill re-drive) every `--timer-interval` seconds.
 
-    python -m shared.local [--host 127.0.0.1] [--port 7071] [--workers 4]
+    python -m shared.local [--host 127.0.0.1] [--port 7071] [--workers N]
                                [--lock-duration 60] [--timer-interval 60]
+
+`--workers` defaults to host.json's `extensions.serviceBus.maxConcurrentCalls`, the number of
+messages the Functions host processes at once in Azure, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import importlib
 import inspect
+import json
 import logging
 import os
 import signal
@@ -24,6 +28,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import azure.functions as func
@@ -35,7 +40,13 @@ from ..handlers import RUNNING_HANDLER
 from ..processor import InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
-from ..settings import FUNCTION_TIMEOUT_SECONDS, Settings, SettingsError, load_settings
+from ..settings import (
+    FUNCTION_TIMEOUT_SECONDS,
+    HOST_JSON,
+    Settings,
+    SettingsError,
+    load_settings,
+)
 from ..telemetry import configure as configure_telemetry
 from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, serve_with_head_deadline
 from .inspector import Recorder
@@ -123,6 +134,24 @@ def _index(
         else:
             raise RuntimeError(f"the local host cannot run {kind} function {name}")
     return http, queues, timers
+
+
+def max_concurrent_calls_from_host_json(path: Path = HOST_JSON) -> int:
+    """host.json's `extensions.serviceBus.maxConcurrentCalls`: the local host's default number
+    of queue workers. ValueError says what was found."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))["extensions"]["serviceBus"][
+            "maxConcurrentCalls"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"cannot read extensions.serviceBus.maxConcurrentCalls from {path}: {exc!r}"
+        ) from None
+    if type(value) is not int or value < 1:
+        raise ValueError(
+            f"extensions.serviceBus.maxConcurrentCalls in {path} must be a positive integer, "
+            f"got {value!r}"
+        )
+    return value
 
 
 def resolve_app_setting(value: str, environ: dict[str, str] | None = None) -> str:
@@ -239,7 +268,7 @@ class LocalHost:
         *,
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
-        workers: int = 4,
+        workers: int | None = None,
         poll_interval: float = 0.25,
         lock_duration: float = 60.0,
         timer_interval: float = 60.0,
@@ -253,7 +282,8 @@ class LocalHost:
         self.queue: LocalQueue = runtime.queue
         self.host = host
         self.port = port
-        self.workers = workers
+        # As many messages at once as the Functions host would (host.json).
+        self.workers = max_concurrent_calls_from_host_json() if workers is None else workers
         self.poll_interval = poll_interval
         self.lock_duration = lock_duration
         # Timer functions run every `timer_interval` seconds, whatever their schedule says:
@@ -682,7 +712,7 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -
 
 
 async def serve(
-    host: str, port: int, workers: int, *, lock_duration: float = 60.0,
+    host: str, port: int, workers: int | None, *, lock_duration: float = 60.0,
     timer_interval: float = 60.0, header_timeout: float = HEADER_TIMEOUT_SECONDS,
     idle_timeout: float = IDLE_TIMEOUT_SECONDS,
 ) -> None:
@@ -753,8 +783,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=default_port)
-    parser.add_argument("--workers", type=int, default=4,
-                        help="queue messages processed concurrently (default 4)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="queue messages processed concurrently (default: host.json's "
+                             "extensions.serviceBus.maxConcurrentCalls)")
     parser.add_argument("--lock-duration", type=float, default=60.0,
                         help="seconds a received message stays locked (default 60)")
     parser.add_argument("--timer-interval", type=float, default=60.0,
