@@ -403,8 +403,7 @@ def _frozen_copy(root: dict[str, Any]) -> Mapping[str, Any]:
                 copy: Any = dict(value)
                 container[key] = MappingProxyType(copy)  # replacing a value, not resizing
             elif kind is list:
-                copy = list(value)
-                container[key] = copy
+                copy = list(value)  # replaced by its tuple below, once its contents are final
                 arrays.append((container, key, copy))
             else:
                 continue
@@ -584,16 +583,14 @@ def _check_signals(items: list[Any]) -> None:
         if type(meta) is not dict:
             raise _not_object(meta, f"data.signals[{index}].meta")
         # Integer epoch milliseconds in range (what Smartcar sends) are known good without a
-        # conversion; anything else is checked by converting it.
+        # conversion; anything else, null included, is checked by `_timestamp`.
         oem = meta.get("oemUpdatedAt")
-        if oem is not None and (type(oem) is not int or not low <= oem <= high):
+        if type(oem) is not int or not low <= oem <= high:
             _timestamp(oem, f"data.signals[{index}].meta.oemUpdatedAt")
         # Smartcar's docs say retrievedAt, real deliveries say fetchedAt.
         retrieved_key = "retrievedAt" if meta.get("retrievedAt") is not None else "fetchedAt"
         retrieved = meta.get(retrieved_key)
-        if retrieved is not None and (
-            type(retrieved) is not int or not low <= retrieved <= high
-        ):
+        if type(retrieved) is not int or not low <= retrieved <= high:
             _timestamp(retrieved, f"data.signals[{index}].meta.{retrieved_key}")
 
 

@@ -336,6 +336,16 @@ class TestSignals:
         ]  # fmt: skip
         assert event.signals[0].code == "undated-1"  # the payload order itself is kept
 
+    def test_text_fields_of_the_wrong_type_read_as_none(self) -> None:
+        odd = {"code": 5, "name": ["N"], "group": {"g": 1}, "body": {"value": 1, "unit": 3},
+               "status": {"value": 0, "error": {"code": False, "type": 2.5}}}
+
+        (signal,) = parse(minimal(signals=[odd])).signals
+
+        assert (signal.code, signal.name, signal.group, signal.unit) == (None, None, None, None)
+        assert (signal.status, signal.error_code, signal.error_type) == (None, None, None)
+        assert (signal.value, signal.ok) == (1, True)
+
     def test_json_null_is_read_as_absent(self) -> None:
         bare = {"code": "c", "body": None, "status": None, "meta": None, "unit": None}
 
@@ -724,6 +734,34 @@ class TestImmutability:
         event = parse_event((FIXTURES / "vehicle_state.json").read_bytes())
 
         assert json.loads(json.dumps(event.data, default=dict)) == fixture("vehicle_state")["data"]
+
+
+class TestPeekLegacyVerify:
+    """Smartcar's older VERIFY, `{"webhookId", "eventName": "verify", "payload": {"challenge"}}`,
+    is read as a VERIFY; an `eventType` means the current format whatever `eventName` says."""
+
+    def test_reads_the_webhook_and_the_challenge_of_the_older_format(self) -> None:
+        body = {"version": "2.0", "webhookId": "wh-1", "eventName": "verify",
+                "payload": {"challenge": "c-1"}}
+
+        assert peek_envelope(encode(body)) == Envelope(
+            event_type="VERIFY", webhook_id="wh-1", challenge="c-1",
+            challenge_path="payload.challenge",
+        )
+
+    @pytest.mark.parametrize("payload", ["c-1", ["c-1"], 5, None])
+    def test_a_payload_that_is_not_an_object_has_no_challenge(self, payload: Any) -> None:
+        body = {"webhookId": "wh-1", "eventName": "verify", "payload": payload}
+
+        assert peek_envelope(encode(body)) == Envelope(
+            event_type="VERIFY", webhook_id="wh-1", challenge_path="payload.challenge",
+        )
+
+    def test_an_event_type_wins_over_the_older_event_name(self) -> None:
+        body = {"eventId": "e1", "eventType": "VEHICLE_STATE", "eventName": "verify",
+                "payload": {"challenge": "c-1"}}
+
+        assert peek_envelope(encode(body)) == Envelope(event_id="e1", event_type="VEHICLE_STATE")
 
 
 class TestPeekEnvelope:
