@@ -285,4 +285,4 @@ class TestLoad:
             assert set(counts) == {e["eventId"] for e in events}
             assert all(n == 1 for n in counts.values())
             assert host.dead_letters() == []
-            assert host.runtime.queue.stats()["active"] == 0
+            wait_until(lambda: host.runtime.queue.stats()["active"] == 0)
