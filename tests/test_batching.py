@@ -72,6 +72,47 @@ class TestBatcher:
         assert calls == [["a", "boom"], ["c"]]
 
 
+class TestInlineBatches:
+    """With `try_inline`, a batch runs on the loop's thread; declined (None), in a worker."""
+
+    def test_inline_batches_run_on_the_loop_and_a_declined_one_in_a_worker_thread(self) -> None:
+        threads: dict[str, list[int]] = {"inline": [], "worker": []}
+
+        def operation(items: Sequence[int]) -> list[int | BaseException]:
+            threads["worker"].append(threading.get_ident())
+            return [i * 10 for i in items]
+
+        def try_inline(items: Sequence[int]) -> list[int | BaseException] | None:
+            if 7 in items:
+                return None  # "would have to wait"
+            threads["inline"].append(threading.get_ident())
+            return [i * 2 for i in items]
+
+        batcher: Batcher[int, int] = Batcher(operation, try_inline=try_inline)
+
+        async def scenario() -> tuple[list[int], int, int]:
+            first = await asyncio.gather(*(batcher.submit(i) for i in range(5)))
+            declined = await batcher.submit(7)
+            return first, declined, threading.get_ident()
+
+        first, declined, loop_thread = asyncio.run(scenario())
+        assert first == [0, 2, 4, 6, 8]  # one inline batch, on the loop's thread
+        assert threads["inline"] == [loop_thread]
+        assert declined == 70 and threads["worker"] and loop_thread not in threads["worker"]
+
+    def test_an_inline_failure_reaches_every_caller_of_the_batch(self) -> None:
+        def try_inline(items: Sequence[int]) -> list[int | BaseException] | None:
+            raise OSError("disk full")
+
+        batcher: Batcher[int, int] = Batcher(lambda items: list(items), try_inline=try_inline)
+
+        async def scenario() -> list[int | BaseException]:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(3)),
+                                        return_exceptions=True)
+
+        assert all(isinstance(r, OSError) for r in asyncio.run(scenario()))
+
+
 class TestQueueBatches:
     def test_send_many_detects_duplicates_within_and_across_batches(self, tmp_path: Path) -> None:
         queue = LocalQueue(tmp_path / "q.sqlite3")
@@ -112,9 +153,11 @@ class CountingQueue:
         self.inner = inner
         self.calls = 0
 
-    def send_many(self, messages: Sequence[tuple[bytes, str, dict[str, str]]]) -> list[bool]:
+    def send_many(
+        self, messages: Sequence[tuple[bytes, str, dict[str, str]]], *, wait: bool = True
+    ) -> list[bool]:
         self.calls += 1
-        return self.inner.send_many(messages)
+        return self.inner.send_many(messages, wait=wait)
 
 
 class TestLocalQueuePublisher:
@@ -137,7 +180,7 @@ class TestLocalQueuePublisher:
 
     def test_a_failed_commit_is_a_publish_error_for_each_caller(self) -> None:
         class Broken:
-            def send_many(self, messages: object) -> list[bool]:
+            def send_many(self, messages: object, *, wait: bool = True) -> list[bool]:
                 raise OSError("database is locked")
 
         publisher = LocalQueuePublisher(Broken())

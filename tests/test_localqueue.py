@@ -29,6 +29,7 @@ from shared.local.queue import (
     SCHEMA_VERSION,
     LocalQueue,
     LockLostError,
+    QueueBusyError,
     QueuedMessage,
     QueueUnavailableError,
 )
@@ -65,6 +66,13 @@ def queue(db_path: Path, clock: FakeClock) -> Iterator[LocalQueue]:
     )
     yield q
     q.close()
+
+
+def wait_for(predicate: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
 
 
 def receive_one(queue: LocalQueue) -> QueuedMessage:
@@ -1009,6 +1017,42 @@ class TestDurability:
         assert current() == "NORMAL"
         queue.dead_letter(receive_one(queue).lock_token or "", reason="r", description="d")
         assert current() == "FULL"
+
+
+class TestNoWait:
+    """`wait=False` (what the local host calls on its event loop) never waits for a busy queue:
+    it raises `QueueBusyError` having done nothing, and the caller retries from a thread."""
+
+    def test_another_connection_holding_the_write_lock_makes_it_busy_at_once(
+        self, db_path: Path
+    ) -> None:
+        with LocalQueue(db_path, busy_timeout=30.0) as queue:
+            queue.send(b"old", message_id="old")
+            other = sqlite3.connect(db_path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # as `dlq purge` in another process would
+            try:
+                with pytest.raises(QueueBusyError, match="another process holds the write lock"):
+                    queue.send_many([(b"new", "new", None)], wait=False)
+                with pytest.raises(QueueBusyError):
+                    queue.complete_and_receive([], max_messages=5, wait=False)
+                waited: list[list[bool]] = []
+                sender = threading.Thread(
+                    target=lambda: waited.append(queue.send_many([(b"new", "new", None)])))
+                sender.start()
+                # The waiting sender holds the instance: a no-wait call from another thread
+                # does not queue up behind it either.
+                wait_for(lambda: queue._lock.locked())
+                with pytest.raises(QueueBusyError, match="in use by another thread"):
+                    queue.complete_and_receive([], max_messages=5, wait=False)
+            finally:
+                other.execute("COMMIT")
+                other.close()
+            sender.join(30)
+            assert waited == [[True]]  # wait=True waited for the lock, then sent
+            # Nothing was received by the refused calls: both messages are still available.
+            _, received = queue.complete_and_receive([], max_messages=5, wait=False)
+            assert [m.message_id for m in received] == ["old", "new"]
+            assert all(m.delivery_count == 1 for m in received)
 
 
 class TestReceiveDoesNotReadTheBacklog:

@@ -55,6 +55,7 @@ from .queue import (
     MAX_DELIVERY_COUNT_EXCEEDED,
     LocalQueue,
     LockLostError,
+    QueueBusyError,
     QueuedMessage,
     QueueUnavailableError,
 )
@@ -453,10 +454,15 @@ class LocalHost:
                 continue
             completing, self._to_complete = self._to_complete, []
             try:
-                completed, received = await asyncio.to_thread(
-                    self.queue.complete_and_receive, completing, max_messages=free,
-                    lock_duration=self.lock_duration,
-                )
+                try:  # on the loop (see batching.py), in a thread only if it has to wait
+                    completed, received = self.queue.complete_and_receive(
+                        completing, max_messages=free, lock_duration=self.lock_duration,
+                        wait=False)
+                except QueueBusyError:
+                    completed, received = await asyncio.to_thread(
+                        self.queue.complete_and_receive, completing, max_messages=free,
+                        lock_duration=self.lock_duration,
+                    )
             except asyncio.CancelledError:
                 # Stopping: the call may never have started in its thread, so `stop` completes
                 # them (a second completion of one that was completed is a harmless no-op).

@@ -59,6 +59,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "LocalQueue",
     "LockLostError",
+    "QueueBusyError",
     "QueueDamagedError",
     "QueueUnavailableError",
     "QueuedMessage",
@@ -145,6 +146,12 @@ class QueueDamagedError(QueueUnavailableError):
 
     The message names the file and how to recover (see `recovery_advice`).
     """
+
+
+class QueueBusyError(QueueUnavailableError):
+    """A call made with ``wait=False`` found the queue busy (another thread of this process in a
+    call, or another process holding SQLite's write lock) and did nothing; call again with
+    ``wait=True`` (from a thread: it may wait up to the busy timeout)."""
 
 
 class LockLostError(RuntimeError):
@@ -312,7 +319,8 @@ class LocalQueue:
                 f"local queue {self.path}: cannot open the database: {exc}"
             ) from exc
         try:
-            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            self._busy_ms = int(busy_timeout * 1000)
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
@@ -332,6 +340,8 @@ class LocalQueue:
         # The level the connection is at now: settlements switch to NORMAL (see the module
         # docstring), sends and every other write switch back to `synchronous`.
         self._sync_level = synchronous
+        # The busy timeout the connection is at now: 0 during a call made with wait=False.
+        self._busy_level = self._busy_ms
 
     def check_integrity(self) -> None:
         """`PRAGMA quick_check` of the whole file; `QueueDamagedError` naming what it found.
@@ -397,15 +407,18 @@ class LocalQueue:
 
     @contextmanager
     def _transaction(
-        self, operation: str, *, write: bool = True, settlement: bool = False
+        self, operation: str, *, write: bool = True, settlement: bool = False, wait: bool = True
     ) -> Iterator[sqlite3.Connection]:
         """Hold the instance lock and, for writes, a ``BEGIN IMMEDIATE`` transaction.
 
         A `settlement` (a lock taken, renewed or released, a message completed) commits without
-        its own fsync; see the module docstring. sqlite errors become `QueueUnavailableError`;
-        any exception rolls back.
+        its own fsync; see the module docstring. Without `wait`, a busy instance lock or SQLite
+        write lock raises `QueueBusyError` at once, before anything is written. sqlite errors
+        become `QueueUnavailableError`; any exception rolls back.
         """
-        with self._lock:
+        if not self._lock.acquire(blocking=wait):
+            raise QueueBusyError(f"local queue {self.path}: {operation}: in use by another thread")
+        try:
             conn = self._conn
             if conn is None:
                 raise QueueUnavailableError(f"local queue {self.path}: {operation} after close()")
@@ -417,7 +430,18 @@ class LocalQueue:
                 if level != self._sync_level:
                     conn.execute(f"PRAGMA synchronous = {level}")
                     self._sync_level = level
-                conn.execute("BEGIN IMMEDIATE")
+                busy = self._busy_ms if wait else 0
+                if busy != self._busy_level:
+                    conn.execute(f"PRAGMA busy_timeout = {busy}")
+                    self._busy_level = busy
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if not wait and exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                        raise QueueBusyError(
+                            f"local queue {self.path}: {operation}: another process holds "
+                            "the write lock") from exc
+                    raise
                 try:
                     yield conn
                     conn.execute("COMMIT")
@@ -429,6 +453,8 @@ class LocalQueue:
                 raise QueueUnavailableError(
                     f"local queue {self.path}: {operation} failed: {exc}"
                 ) from exc
+        finally:
+            self._lock.release()
 
     def _now(self) -> float:
         return float(self._clock())
@@ -508,12 +534,14 @@ class LocalQueue:
         messages: Sequence[tuple[bytes, str, Mapping[str, str] | None]],
         *,
         scheduled_enqueue_time: datetime | None = None,
+        wait: bool = True,
     ) -> list[bool]:
         """`send` for several ``(body, message_id, application_properties)`` in one commit.
 
         All or nothing: one transaction and one fsync for the lot (group commit), which is
         what lets the local host acknowledge hundreds of events a second with ``FULL`` sync.
         Each result is `send`'s: False for a duplicate, also of an earlier one in the batch.
+        Without `wait`, `QueueBusyError` instead of waiting for a busy queue (nothing sent).
         """
         rows: list[tuple[bytes, str, str]] = []
         for body, message_id, application_properties in messages:
@@ -535,7 +563,7 @@ class LocalQueue:
             scheduled = scheduled_enqueue_time.timestamp()
         now = self._now()
         results: list[bool] = []
-        with self._transaction("send") as conn:
+        with self._transaction("send", wait=wait) as conn:
             for body_bytes, message_id, properties in rows:
                 # New, or last accepted a window ago: (re)stamped and stored. Within the
                 # window the upsert changes nothing: a duplicate, dropped. One statement.
@@ -588,10 +616,12 @@ class LocalQueue:
         *,
         max_messages: int = 1,
         lock_duration: float | None = None,
+        wait: bool = True,
     ) -> tuple[list[LockLostError | None], list[QueuedMessage]]:
         """`complete_many(lock_tokens)`, then `receive(...)`, in one transaction: what a
         consumer that just finished some messages does next, for one commit instead of two
-        (the local host's fetcher)."""
+        (the local host's fetcher). Without `wait`, `QueueBusyError` instead of waiting for a
+        busy queue (nothing completed or received)."""
         if max_messages < 1:
             raise ValueError(f"max_messages must be >= 1, got {max_messages}")
         duration = self.lock_duration if lock_duration is None else float(lock_duration)
@@ -601,7 +631,7 @@ class LocalQueue:
         locked_until = now + duration
         received: list[QueuedMessage] = []
         corrupt: list[int] = []
-        with self._transaction("receive", settlement=True) as conn:
+        with self._transaction("receive", settlement=True, wait=wait) as conn:
             completed = self._complete_rows(conn, lock_tokens, now)
             self._sweep_expired_locks(conn, now)
             seqs = [
