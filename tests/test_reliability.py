@@ -55,12 +55,12 @@ class FlakyQueue:
         self.failed_sends = 0
         self._lock = threading.Lock()
 
-    def send_many(self, messages: Any) -> list[bool]:
+    def send_many(self, messages: Any, *, wait: bool = True) -> list[bool]:
         if self._clock() < self.down_until:
             with self._lock:
                 self.failed_sends += len(messages)
             raise OSError("Service Bus unavailable (simulated outage)")
-        result: list[bool] = self._inner.send_many(messages)
+        result: list[bool] = self._inner.send_many(messages, wait=wait)
         return result
 
 
