@@ -38,6 +38,8 @@ SCOPE = {
         "LocalQueue._locked_row",
         "LocalQueue._dead_letter_row",
         "LocalQueue.receive",
+        "LocalQueue.complete_and_receive",
+        "LocalQueue._complete_rows",
         "LocalQueue.renew_lock",
         "LocalQueue.complete",
         "LocalQueue.complete_many",

@@ -154,6 +154,25 @@ class TestSendReceiveComplete:
         assert (lost, received) == ([None, None], [])
         assert queue.stats() == {"active": 0, "deadLettered": 0, "scheduled": 0}
 
+    def test_complete_and_receive_takes_one_message_unless_told_otherwise(
+        self, queue: LocalQueue
+    ) -> None:
+        for i in range(3):
+            queue.send(f"m{i}".encode(), message_id=f"evt-{i}")
+        _, received = queue.complete_and_receive([])
+        assert [m.body for m in received] == [b"m0"]
+
+    def test_abandon_with_retry_after_keeps_the_message_invisible_that_long(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt-1")
+        queue.abandon(receive_one(queue).lock_token or "", retry_after=10.0)
+        assert queue.receive() == []  # the backoff: not redelivered at once
+        clock.advance(9.9)
+        assert queue.receive() == []
+        clock.advance(0.1)
+        assert receive_one(queue).delivery_count == 2
+
     def test_sequence_numbers_are_never_reused_after_removal(self, queue: LocalQueue) -> None:
         queue.send(b"a", message_id="a")
         first = receive_one(queue)
@@ -1017,6 +1036,9 @@ class TestDurability:
         assert current() == "NORMAL"
         queue.dead_letter(receive_one(queue).lock_token or "", reason="r", description="d")
         assert current() == "FULL"
+        queue.send(b"c", message_id="c")
+        queue.renew_lock(receive_one(queue).lock_token or "")
+        assert current() == "NORMAL"
 
 
 class TestNoWait:
