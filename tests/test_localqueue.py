@@ -93,6 +93,31 @@ def run_child(code: str, *args: str, timeout: float = 30.0) -> subprocess.Comple
     )
 
 
+def lines_then_sigkill(code: str, db_path: Path, count: int) -> list[str]:
+    """Run `code` in a child process on `db_path`, read `count` lines it prints, then kill it
+    with SIGKILL: no cleanup, no close(), no checkpoint."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), str(db_path)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    lines: list[str] = []
+    try:
+        for line in child.stdout:
+            lines.append(line.strip())
+            if len(lines) >= count:
+                break
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=10)
+    assert child.returncode == -signal.SIGKILL
+    assert len(lines) == count
+    return lines
+
+
 # --- send, receive, complete --------------------------------------------------------------
 
 
@@ -917,46 +942,24 @@ class TestConcurrency:
 class TestDurability:
     def test_every_send_that_returned_survives_sigkill_of_the_sender(self, db_path: Path) -> None:
         LocalQueue(db_path).close()
-        child = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                textwrap.dedent(
-                    """
-                    import sys
-                    from shared.local.queue import LocalQueue
-                    q = LocalQueue(sys.argv[1])
-                    i = 0
-                    while True:  # until killed
-                        q.send(b"body-%d" % i, message_id="evt-%d" % i)
-                        print(i, flush=True)
-                        i += 1
-                    """
-                ),
-                str(db_path),
-            ],
-            cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-            stdout=subprocess.PIPE,
-            text=True,
+        acknowledged = lines_then_sigkill(
+            """
+            import sys
+            from shared.local.queue import LocalQueue
+            q = LocalQueue(sys.argv[1])
+            i = 0
+            while True:  # until killed, mid-send
+                q.send(b"body-%d" % i, message_id="evt-%d" % i)
+                print(i, flush=True)
+                i += 1
+            """,
+            db_path,
+            150,
         )
-        assert child.stdout is not None
-        acknowledged: list[int] = []
-        try:
-            for line in child.stdout:
-                acknowledged.append(int(line))
-                if len(acknowledged) >= 150:
-                    break
-        finally:
-            child.send_signal(signal.SIGKILL)  # mid-send, no cleanup, no close()
-            child.wait(timeout=10)
-        assert child.returncode == -signal.SIGKILL
         with LocalQueue(db_path) as q:
             stored = {m.message_id: m.body for m in q.receive(max_messages=100_000)}
-        assert len(acknowledged) == 150
-        for i in acknowledged:
+        for i in map(int, acknowledged):
             assert stored.get(f"evt-{i}") == b"body-%d" % i
-
 
     def test_settlements_survive_sigkill_of_the_settler(self, db_path: Path) -> None:
         """Locks and completions commit without an fsync of their own (module docstring): they
@@ -964,49 +967,25 @@ class TestDurability:
         with LocalQueue(db_path) as q:
             for i in range(40):
                 q.send(b"body-%d" % i, message_id=f"evt-{i}")
-        child = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                textwrap.dedent(
-                    """
-                    import sys
-                    from shared.local.queue import LocalQueue
-                    q = LocalQueue(sys.argv[1])
-                    import time
-                    from shared.local.queue import LocalQueue
-                    q = LocalQueue(sys.argv[1])
-                    for m in q.receive(max_messages=10):  # locked, delivery 1, not settled
-                        pass
-                    for _ in range(20):
-                        (m,) = q.receive()
-                        q.complete(m.lock_token)
-                        print(m.message_id, flush=True)
-                    time.sleep(600)  # killed here: no close(), no checkpoint
-                    """
-                ),
-                str(db_path),
-            ],
-            cwd=REPO_ROOT,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-            stdout=subprocess.PIPE,
-            text=True,
+        completed = lines_then_sigkill(
+            """
+            import sys
+            import time
+            from shared.local.queue import LocalQueue
+            q = LocalQueue(sys.argv[1])
+            for m in q.receive(max_messages=10):  # locked, delivery 1, not settled
+                pass
+            for _ in range(20):
+                (m,) = q.receive()
+                q.complete(m.lock_token)
+                print(m.message_id, flush=True)
+            time.sleep(600)  # killed here
+            """,
+            db_path,
+            20,
         )
-        assert child.stdout is not None
-        completed: list[str] = []
-        try:
-            for line in child.stdout:
-                completed.append(line.strip())
-                if len(completed) >= 20:
-                    break
-        finally:
-            child.send_signal(signal.SIGKILL)
-            child.wait(timeout=10)
-        assert len(completed) == 20
         with LocalQueue(db_path, lock_duration=60.0) as q:
             stats = q.stats()
-            # The ten locks taken first are still held (their 60 s lock has not expired):
-            # the lock and its delivery count survived the kill too.
             available = {m.message_id for m in q.receive(max_messages=100)}
         assert stats["active"] == 40 - 20
         assert not available & set(completed)  # every completion that returned is kept
