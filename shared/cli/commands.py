@@ -292,6 +292,25 @@ def _with_not_found(result: _R, resolved: Resolved) -> _R:
     return result
 
 
+def _on_targets(
+    args: argparse.Namespace,
+    err: TextIO,
+    act: Callable[[QueueOps, list[int] | None], _R],
+    nothing: Callable[[], _R],
+) -> _R:
+    """`act` on every dead letter (`--all`, None) or on those the IDs name; IDs that name none
+    are reported, and `nothing()` stands for the action when none was named."""
+    def run(ops: QueueOps) -> _R:
+        if args.all:
+            return act(ops, None)
+        resolved = _resolve(ops, args.ids)
+        done = act(ops, resolved.sequence_numbers) if resolved.sequence_numbers else None
+        return _with_not_found(done or nothing(), resolved)
+
+    result: _R = _with_ops(run, err)
+    return result
+
+
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run one parsed command; raises UsageError / Failure for exit 2 / 1."""
     as_json = bool(getattr(args, "json", False))
@@ -337,14 +356,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     _check_targets(args)
     if command == "replay":
-        def replay(ops: QueueOps) -> Any:
-            if args.all:
-                return ops.replay(None)
-            resolved = _resolve(ops, args.ids)
-            done = ops.replay(resolved.sequence_numbers) if resolved.sequence_numbers else None
-            return _with_not_found(done or ReplayResult(), resolved)
-
-        result = _with_ops(replay, err)
+        result = _on_targets(args, err, lambda ops, targets: ops.replay(targets), ReplayResult)
         doc = {"replayed": result.replayed, "failed": result.failed,
                "notFound": result.not_found}
         lines = [f"replayed {len(result.replayed)} dead letter(s)"
@@ -364,14 +376,7 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_OK
 
     if command == "purge":
-        def purge(ops: QueueOps) -> Any:
-            if args.all:
-                return ops.purge(None)
-            resolved = _resolve(ops, args.ids)
-            done = ops.purge(resolved.sequence_numbers) if resolved.sequence_numbers else None
-            return _with_not_found(done or PurgeResult(), resolved)
-
-        purged = _with_ops(purge, err)
+        purged = _on_targets(args, err, lambda ops, targets: ops.purge(targets), PurgeResult)
         doc = {"purged": purged.purged, "notFound": purged.not_found}
         text = f"purged {purged.purged} dead letter(s)"
         if purged.not_found:
