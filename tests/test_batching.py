@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from shared.local.adapters import LocalQueuePublisher
-from shared.local.batching import Batcher
-from shared.local.queue import LocalQueue, LockLostError
+from shared.local.batching import Batcher, on_loop_unless_busy
+from shared.local.queue import LocalQueue, LockLostError, QueueBusyError
 from shared.publisher import OutboundMessage, PublishError
 
 
@@ -28,10 +29,15 @@ class SlowDouble:
         return [ValueError(f"negative {i}") if i < 0 else i * 2 for i in items]
 
 
+def in_a_thread(op: Callable[[Sequence[Any]], Any]) -> Callable[[Sequence[Any]], Any]:
+    """A blocking operation as the batcher awaits it: in a worker thread."""
+    return lambda items: asyncio.to_thread(op, items)
+
+
 class TestBatcher:
     def test_callers_during_a_commit_share_the_next_one(self) -> None:
         op = SlowDouble()
-        batcher: Batcher[int, int] = Batcher(op)
+        batcher: Batcher[int, int] = Batcher(in_a_thread(op))
 
         async def scenario() -> list[int]:
             return await asyncio.gather(*(batcher.submit(i) for i in range(50)))
@@ -41,7 +47,7 @@ class TestBatcher:
         assert len(op.batches) < 50
 
     def test_an_item_error_reaches_only_its_caller(self) -> None:
-        batcher: Batcher[int, int] = Batcher(SlowDouble())
+        batcher: Batcher[int, int] = Batcher(in_a_thread(SlowDouble()))
 
         async def scenario() -> list[int | BaseException]:
             return await asyncio.gather(*(batcher.submit(i) for i in (12, -1, 14)),
@@ -60,7 +66,7 @@ class TestBatcher:
                 raise OSError("disk full")
             return [i.upper() for i in items]
 
-        batcher: Batcher[str, str] = Batcher(op, max_batch=2)
+        batcher: Batcher[str, str] = Batcher(in_a_thread(op), max_batch=2)
 
         async def scenario() -> list[str | BaseException]:
             return await asyncio.gather(*(batcher.submit(i) for i in ("a", "boom", "c")),
@@ -72,39 +78,35 @@ class TestBatcher:
         assert calls == [["a", "boom"], ["c"]]
 
 
-class TestInlineBatches:
-    """With `try_inline`, a batch runs on the loop's thread; declined (None), in a worker."""
+class TestOnLoopUnlessBusy:
+    """`on_loop_unless_busy`: the call runs on the loop's thread with `wait=False`; when the queue
+    says it is busy (having done nothing), again in a worker thread, allowed to wait."""
 
-    def test_inline_batches_run_on_the_loop_and_a_declined_one_in_a_worker_thread(self) -> None:
-        threads: dict[str, list[int]] = {"inline": [], "worker": []}
+    def test_a_call_runs_on_the_loop_and_a_busy_one_again_in_a_worker_thread(self) -> None:
+        calls: list[tuple[int, bool]] = []
 
-        def operation(items: Sequence[int]) -> list[int | BaseException]:
-            threads["worker"].append(threading.get_ident())
-            return [i * 10 for i in items]
+        def call(x: int, *, wait: bool = True) -> int:
+            calls.append((threading.get_ident(), wait))
+            if x == 7 and not wait:
+                raise QueueBusyError("would have to wait")
+            return x * 2
 
-        def try_inline(items: Sequence[int]) -> list[int | BaseException] | None:
-            if 7 in items:
-                return None  # "would have to wait"
-            threads["inline"].append(threading.get_ident())
-            return [i * 2 for i in items]
+        async def scenario() -> tuple[int, int, int]:
+            return (await on_loop_unless_busy(call, 3), await on_loop_unless_busy(call, 7),
+                    threading.get_ident())
 
-        batcher: Batcher[int, int] = Batcher(operation, try_inline=try_inline)
+        free, busy, loop_thread = asyncio.run(scenario())
+        assert (free, busy) == (6, 14)
+        (first, wait1), (second, wait2), (third, wait3) = calls
+        assert (first, wait1) == (loop_thread, False)  # on the loop, never waiting
+        assert (second, wait2) == (loop_thread, False)  # refused: busy
+        assert third != loop_thread and wait3 is True  # retried in a worker, may wait
 
-        async def scenario() -> tuple[list[int], int, int]:
-            first = await asyncio.gather(*(batcher.submit(i) for i in range(5)))
-            declined = await batcher.submit(7)
-            return first, declined, threading.get_ident()
-
-        first, declined, loop_thread = asyncio.run(scenario())
-        assert first == [0, 2, 4, 6, 8]  # one inline batch, on the loop's thread
-        assert threads["inline"] == [loop_thread]
-        assert declined == 70 and threads["worker"] and loop_thread not in threads["worker"]
-
-    def test_an_inline_failure_reaches_every_caller_of_the_batch(self) -> None:
-        def try_inline(items: Sequence[int]) -> list[int | BaseException] | None:
+    def test_a_failed_batch_reaches_every_caller_of_it(self) -> None:
+        async def failing(items: Sequence[int]) -> list[int | BaseException]:
             raise OSError("disk full")
 
-        batcher: Batcher[int, int] = Batcher(lambda items: list(items), try_inline=try_inline)
+        batcher: Batcher[int, int] = Batcher(failing)
 
         async def scenario() -> list[int | BaseException]:
             return await asyncio.gather(*(batcher.submit(i) for i in range(3)),

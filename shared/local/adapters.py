@@ -11,14 +11,13 @@ import errno
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..processor import InboundMessage
 from ..publisher import OutboundMessage, PublishError
-from .batching import Batcher
-from .queue import QueueBusyError
+from .batching import Batcher, on_loop_unless_busy
 
 
 class LocalQueuePublisher:
@@ -31,16 +30,8 @@ class LocalQueuePublisher:
     def __init__(self, queue: Any) -> None:
         self._queue = queue
         self._batcher: Batcher[tuple[bytes, str, dict[str, str]], bool] = Batcher(
-            lambda items: self._queue.send_many(items), try_inline=self._send_now
+            lambda items: on_loop_unless_busy(self._queue.send_many, items)
         )
-
-    def _send_now(self, items: Sequence[tuple[bytes, str, dict[str, str]]]) -> list[bool] | None:
-        """On the loop, unless the queue is busy (then None: a worker thread waits for it)."""
-        try:
-            sent: list[bool] = self._queue.send_many(items, wait=False)
-        except QueueBusyError:
-            return None
-        return sent
 
     async def publish(self, message: OutboundMessage) -> bool:
         try:

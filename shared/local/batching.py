@@ -1,29 +1,40 @@
-"""Group commit for the embedded queue: many awaiting callers, one blocking call per batch.
+"""Group commit for the embedded queue, and how the event loop calls the queue.
 
 Each SQLite commit costs an fsync. Under load, callers that arrive while a batch is being
 written wait for the next one, so the number of commits grows with time, not with traffic, and
 every caller still resumes only after *its* item was committed.
 
-With `try_inline`, a batch is first tried on the event loop's own thread, and goes to a worker
-thread only when that would have to wait (the callable returns None). On a small virtual
-machine a trip to a worker thread and back costs about 100 us of CPU (thread and loop
-wake-ups), more than the SQLite work itself; an fsync of a few hundred microseconds holds the
-loop, and the requests that arrive meanwhile make the next batch.
+`on_loop_unless_busy` makes a queue call on the event loop's own thread, and in a worker thread
+only when the queue is busy and the call would have to wait. On a small virtual machine a trip
+to a worker thread and back costs about 100 us of CPU (thread and loop wake-ups), more than the
+SQLite work itself; an fsync of a few hundred microseconds holds the loop, and the requests
+that arrive meanwhile make the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from .queue import QueueBusyError
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
+async def on_loop_unless_busy(call: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """`call(*args, wait=False, **kwargs)` here, on the loop; if the queue is busy (it raised
+    `QueueBusyError` having done nothing), `call(*args, **kwargs)` in a worker thread, which
+    may wait for it."""
+    try:
+        return call(*args, wait=False, **kwargs)
+    except QueueBusyError:
+        return await asyncio.to_thread(call, *args, **kwargs)
+
+
 class Batcher(Generic[T, R]):
-    """Runs `operation(items)` in a worker thread for everything submitted meanwhile, or
-    `try_inline(items)` on the loop when given and it does not return None.
+    """Awaits `operation(items)` for everything submitted meanwhile.
 
     `operation` returns one result per item, in order; a result that is an exception is
     raised to that item's caller. If `operation` itself raises, every caller of the batch gets
@@ -32,14 +43,12 @@ class Batcher(Generic[T, R]):
 
     def __init__(
         self,
-        operation: Callable[[Sequence[T]], Sequence[R | BaseException]],
+        operation: Callable[[Sequence[T]], Awaitable[Sequence[R | BaseException]]],
         *,
         max_batch: int = 256,
-        try_inline: Callable[[Sequence[T]], Sequence[R | BaseException] | None] | None = None,
     ) -> None:
         self._operation = operation
         self._max_batch = max_batch
-        self._try_inline = try_inline
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._drainer: asyncio.Task[None] | None = None
 
@@ -51,16 +60,12 @@ class Batcher(Generic[T, R]):
         return await future
 
     async def _drain(self) -> None:
-        if self._try_inline is not None:
-            await asyncio.sleep(0)  # callers resumed in this turn of the loop join the batch
+        await asyncio.sleep(0)  # callers resumed in this turn of the loop join the batch
         while self._pending:
             batch = self._pending[: self._max_batch]
             del self._pending[: self._max_batch]
-            items = [item for item, _ in batch]
             try:
-                results = self._try_inline(items) if self._try_inline is not None else None
-                if results is None:
-                    results = await asyncio.to_thread(self._operation, items)
+                results = await self._operation([item for item, _ in batch])
             except BaseException as exc:  # the whole batch failed: tell every caller
                 for _, future in batch:
                     if not future.done():

@@ -48,6 +48,7 @@ from ..settings import (
     load_settings,
 )
 from ..telemetry import configure as configure_telemetry
+from .batching import on_loop_unless_busy
 from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS, serve_with_head_deadline
 from .inspector import Recorder
 from .inspector_server import start_inspector
@@ -55,7 +56,6 @@ from .queue import (
     MAX_DELIVERY_COUNT_EXCEEDED,
     LocalQueue,
     LockLostError,
-    QueueBusyError,
     QueuedMessage,
     QueueUnavailableError,
 )
@@ -454,15 +454,10 @@ class LocalHost:
                 continue
             completing, self._to_complete = self._to_complete, []
             try:
-                try:  # on the loop (see batching.py), in a thread only if it has to wait
-                    completed, received = self.queue.complete_and_receive(
-                        completing, max_messages=free, lock_duration=self.lock_duration,
-                        wait=False)
-                except QueueBusyError:
-                    completed, received = await asyncio.to_thread(
-                        self.queue.complete_and_receive, completing, max_messages=free,
-                        lock_duration=self.lock_duration,
-                    )
+                completed, received = await on_loop_unless_busy(
+                    self.queue.complete_and_receive, completing, max_messages=free,
+                    lock_duration=self.lock_duration,
+                )
             except asyncio.CancelledError:
                 # Stopping: the call may never have started in its thread, so `stop` completes
                 # them (a second completion of one that was completed is a harmless no-op).
