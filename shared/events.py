@@ -54,6 +54,8 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Final
 
+from .fastjson import DECLINED, loads_or_declined
+
 __all__ = [
     "Envelope",
     "Event",
@@ -363,6 +365,11 @@ _DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=
 
 
 def _load(body: bytes | bytearray | memoryview | str) -> Any:
+    # orjson refuses NaN, Infinity and literals that overflow to infinity, as the hooks do, so
+    # what it returns needs no check; whatever it declines is decoded here as before.
+    decoded = loads_or_declined(body)
+    if decoded is not DECLINED:
+        return decoded
     text = _text_of(body)
     try:
         return _DECODER.decode(text)
@@ -723,7 +730,9 @@ def peek_envelope(body: bytes) -> Envelope:
     `eventId` for de-duplication.
     """
     try:
-        root = json.loads(_text_of(body))
+        root = loads_or_declined(body)
+        if root is DECLINED:
+            root = json.loads(_text_of(body))
         if not isinstance(root, dict):
             return Envelope()
         data = root.get("data")
