@@ -1081,6 +1081,11 @@ class TestSignalsAt:
         signal_with(group="", name="StateOfCharge"),  # no Group.Name: never matched
         signal_with(meta={}),  # undated: after the dated ones
         signal_with(group="Odometer", name="TraveledDistance"),
+        # Dots inside a name or a group: the path is still Group.Name.
+        signal_with(group="Climate", name="Cabin.Temperature"),
+        signal_with(group="Charge.Port", name="IsOpen"),
+        signal_with(group="Odometer", name=["TraveledDistance"]),  # not a name: never matched
+        signal_with(group="Odometer", name=7),
     )
 
     @pytest.mark.parametrize("read_signals_first", [False, True])
@@ -1089,6 +1094,8 @@ class TestSignalsAt:
         {"TractionBattery.StateOfCharge", "Location.PreciseLocation"},
         {"Odometer.TraveledDistance", "Nothing.Here"},
         {"tractionbattery-stateofcharge", ".StateOfCharge", "StateOfCharge"},
+        {"Climate.Cabin.Temperature", "Charge.Port.IsOpen"},
+        {"Climate.Cabin", "Cabin.Temperature", "Port.IsOpen", "Charge.Port"},
         set(),
     ])
     def test_is_signals_by_recency_filtered_by_path(
@@ -1097,9 +1104,11 @@ class TestSignalsAt:
         event = parse(minimal(signals=list(self.SIGNALS)))
         if read_signals_first:
             assert len(event.signals) == len(self.SIGNALS)
+        # Asked before `expected` reads every signal, so the raw path is the one asked.
+        found = event.signals_at(paths)
         expected = tuple(s for s in event.signals_by_recency() if s.path in paths)
 
-        assert event.signals_at(paths) == expected
+        assert found == expected
 
     def test_newest_first_then_the_undated_in_payload_order(self) -> None:
         event = parse(minimal(signals=list(self.SIGNALS)))
