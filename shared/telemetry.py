@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -79,8 +80,10 @@ R = TypeVar("R", bound=ReplyLike)
 _AUTHENTICATED_OUTCOMES = frozenset({"accepted", "duplicate", "verify_answered"})
 
 
+@lru_cache(maxsize=256)
 def metric_event_type(event_type: str | None) -> str:
-    """A bounded, printable eventType for a metric dimension."""
+    """A bounded, printable eventType for a metric dimension (cached: a handful of types
+    arrive over and over; the cache is bounded whatever a sender makes up)."""
     if not event_type or len(event_type) > _MAX_EVENT_TYPE_LENGTH:
         return names.UNKNOWN_EVENT_TYPE
     if not all(c.isalnum() or c in "_-." for c in event_type):
@@ -269,19 +272,20 @@ class Telemetry:
 
     def _finish_process(self, span: trace.Span, obs: ProcessObservation, ms: float) -> None:
         event_type = metric_event_type(obs.event_type)
-        for key, value in (
-            (names.ATTR_EVENT_TYPE, event_type),
-            (names.ATTR_EVENT_ID, obs.event_id),
-            (names.ATTR_VEHICLE_ID, obs.vehicle_id),
-            (names.ATTR_OUTCOME, obs.outcome),
-            (names.ATTR_DEAD_LETTER_REASON, obs.dead_letter_reason),
-            (names.ATTR_ERROR_TYPE, obs.error_type),
-            *obs.extra.items(),
-        ):
-            if value is not None:
-                span.set_attribute(key, value)
-        if obs.outcome in (names.PROCESS_RETRIED, names.PROCESS_DEAD_LETTERED):
-            span.set_status(Status(StatusCode.ERROR, obs.error_type or obs.outcome))
+        if span.is_recording():  # not for a span that is dropped anyway (sampled out, no SDK)
+            for key, value in (
+                (names.ATTR_EVENT_TYPE, event_type),
+                (names.ATTR_EVENT_ID, obs.event_id),
+                (names.ATTR_VEHICLE_ID, obs.vehicle_id),
+                (names.ATTR_OUTCOME, obs.outcome),
+                (names.ATTR_DEAD_LETTER_REASON, obs.dead_letter_reason),
+                (names.ATTR_ERROR_TYPE, obs.error_type),
+                *obs.extra.items(),
+            ):
+                if value is not None:
+                    span.set_attribute(key, value)
+            if obs.outcome in (names.PROCESS_RETRIED, names.PROCESS_DEAD_LETTERED):
+                span.set_status(Status(StatusCode.ERROR, obs.error_type or obs.outcome))
         if obs.outcome is None:
             return
         attributes: dict[str, AttributeValue] = {
