@@ -310,8 +310,11 @@ class Telemetry:
 
 def with_trace_context(message: OutboundMessage) -> OutboundMessage:
     """`message` with the current span's trace context added to its application properties."""
+    carrier = trace_context_properties()
+    if not carrier:  # no valid current span (no SDK, or not sampled): nothing to carry
+        return message
     props = dict(message.application_properties)
-    props.update(trace_context_properties())
+    props.update(carrier)
     return replace(message, application_properties=props)
 
 

@@ -415,7 +415,8 @@ class LocalHost:
                 return response
             req = func.HttpRequest(
                 method=request.method,
-                url=str(request.url),
+                # The URL as the request named it (aiohttp's `request.url` builds a yarl URL).
+                url=f"http://{request.host}{request.raw_path}",
                 headers=dict(request.headers),
                 params=dict(request.query),
                 route_params=dict(request.match_info),
