@@ -8,9 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shared.local import adapters
-from shared.local.adapters import HandledLog
+from shared.local.adapters import HandledLog, json_line
 
 
 def test_lines_are_appended_and_readable_at_once(tmp_path: Path) -> None:
@@ -118,3 +120,25 @@ class TestWholeLinesOrNone:
         log.append({"eventId": "later"})
         assert log.read() == [{"eventId": "before"}, {"eventId": "later"}]
         log.close()
+
+
+_values = st.one_of(
+    st.text(), st.text(st.characters(min_codepoint=0, max_codepoint=0x7F)), st.integers(),
+    st.none(), st.booleans(),
+    st.sampled_from(["\ud800", "a\u2028b", "\x85", "\x7f", "\x1f", "é", "\U0001f697"]),
+)
+
+
+class TestLineBytes:
+    """`json_line` is json.dumps's line, byte for byte, whichever encoder writes it."""
+
+    @settings(max_examples=1000, deadline=None)
+    @given(st.dictionaries(st.one_of(st.text(), st.sampled_from(["eventId", "é"])), _values,
+                           max_size=8))
+    def test_is_the_standard_librarys_line(self, record: dict[str, object]) -> None:
+        expected = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode()
+        assert json_line(record) == expected
+
+    def test_is_ascii_whatever_the_text(self) -> None:
+        line = json_line({"eventId": "a\u2028b\x85é", "n": 2**70})
+        assert line.isascii() and len(line.splitlines()) == 1

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from ..processor import InboundMessage
 from ..publisher import OutboundMessage, PublishError
 from .batching import Batcher, on_loop_unless_busy
@@ -79,6 +81,23 @@ def _write_whole(fd: int, data: bytes) -> None:
         raise
 
 
+def json_line(record: Mapping[str, Any]) -> bytes:
+    """`json.dumps(record, separators=(",", ":"), sort_keys=True)` and a line feed, in bytes.
+
+    ASCII only, as json writes it (non-ASCII and DEL escaped), so that no line splitter can find a
+    line end inside a record (U+2028, NEL). orjson writes the same bytes about five times
+    faster when the result is ASCII; otherwise (orjson leaves non-ASCII unescaped, and refuses
+    lone surrogates and integers beyond 64 bits) json's own path is taken.
+    """
+    try:
+        line = orjson.dumps(record, option=orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # orjson.JSONEncodeError
+        line = b""
+    if line and line.isascii() and b"\x7f" not in line:  # json escapes DEL too
+        return line
+    return (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode("ascii")
+
+
 class HandledLog:
     """Local mode: one JSON line per processed event in `${LOCAL_STATE_DIR}/handled.jsonl`."""
 
@@ -94,7 +113,7 @@ class HandledLog:
         was, and the caller fails the delivery (retried after the backoff)."""
         # Runs on the event loop: one O_APPEND write on a descriptor kept open, instead of
         # opening the file per line. The stat notices a deleted or rotated file and reopens.
-        line = (json.dumps(record, separators=(",", ":"), sort_keys=True) + "\n").encode("utf-8")
+        line = json_line(record)
         with self._lock:
             try:
                 st = os.stat(self.path)
