@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from shared.local.host import LocalHost, load_function_app
+from shared.local.host import LocalHost, load_function_app, run_event_loop
 from shared.runtime import HANDLED_FILE, build_runtime, set_runtime
 from shared.settings import load_settings
 
@@ -101,7 +101,7 @@ def run(*, quick: bool) -> None:
     events = 300 if quick else 2000
     results = []
     for _ in range(rounds):
-        result = asyncio.run(one_round(events, CLIENTS))
+        result = run_event_loop(one_round(events, CLIENTS))  # as `make run` runs the host
         note(f"{NAME}: {result}")
         results.append(result)
     emit(NAME, "events", events, "count")

@@ -1,0 +1,346 @@
+"""The local host's HTTP/1.1 server (shared/local/http.py), over real loopback sockets.
+
+Well-formed traffic is sent by the standard library's `http.client`, which we did not write;
+what a client must not send (smuggling, folding, oversized heads) by raw sockets. The host's
+own suites (test_http_contract, test_hardening, test_slow_clients) cover it end to end too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shared.local.http import (
+    MAX_HEAD_BYTES,
+    BadRequest,
+    HttpServer,
+    Request,
+    Response,
+    parse_head,
+)
+
+LIMIT = 1000
+
+
+class Server:
+    """An HttpServer on its own loop in a thread: echo at POST /echo, a slow route, a failing
+    route and a hanging one."""
+
+    def __init__(self, *, header_timeout: float = 5.0, idle_timeout: float = 5.0) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.seen: list[Request] = []
+        self.release = threading.Event()
+
+        async def echo(request: Request) -> Response:
+            self.seen.append(request)
+            headers = {"Content-Type": "application/octet-stream",
+                       "X-Truncated": str(request.truncated),
+                       "X-Query": repr(sorted(request.query.items()))}
+            return Response(200, request.body, headers)
+
+        async def fail(request: Request) -> Response:
+            raise RuntimeError("boom")
+
+        async def hang(request: Request) -> Response:
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+        async def slow(request: Request) -> Response:
+            await asyncio.sleep(0.3)
+            return Response(200, b"slow")
+
+        self.server = HttpServer(
+            {("POST", "/echo"): echo, ("GET", "/echo"): echo, ("GET", "/fail"): fail,
+             ("GET", "/hang"): hang, ("GET", "/slow"): slow},
+            body_limit=LIMIT, header_timeout=header_timeout, idle_timeout=idle_timeout,
+        )
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port = self.call(self.server.start("127.0.0.1", 0))
+
+    def call(self, coro: object, timeout: float = 30) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.call(self.server.stop(grace))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    def client(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+
+    def raw(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+        return sock
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    s = Server()
+    try:
+        yield s
+    finally:
+        s.stop()
+        s.close()
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def response_of(raw: bytes) -> http.client.HTTPResponse:
+    class FakeSocket:
+        def makefile(self, *args: object, **kwargs: object) -> object:
+            import io
+            return io.BytesIO(raw)
+
+    resp = http.client.HTTPResponse(FakeSocket())  # type: ignore[arg-type]
+    resp.begin()
+    return resp
+
+
+class TestWellFormedTraffic:
+    def test_a_body_by_content_length_reaches_the_route_whole(self, server: Server) -> None:
+        conn = server.client()
+        conn.request("POST", "/echo?a=1&b=&a=2", body=b"x" * 700)
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"x" * 700)
+        assert resp.getheader("X-Truncated") == "False"
+        assert resp.getheader("X-Query") == repr([("a", "2"), ("b", "")])
+        assert resp.getheader("Date")
+
+    def test_a_kept_alive_connection_answers_request_after_request(self, server: Server) -> None:
+        conn = server.client()
+        for i in range(5):
+            conn.request("POST", "/echo", body=str(i).encode())
+            assert conn.getresponse().read() == str(i).encode()
+        assert len(server.server.connections) == 1
+
+    def test_a_chunked_body_is_decoded(self, server: Server) -> None:
+        conn = server.client()
+        conn.request("POST", "/echo", body=iter([b"abc", b"", b"defgh"]),
+                     encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+        assert conn.getresponse().read() == b"abcdefgh"
+
+    def test_chunk_extensions_trailers_and_bare_line_feeds_are_read(self, server: Server) -> None:
+        sock = server.raw()
+        sock.sendall(b"POST /echo HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n"
+                     b"Connection: close\n\n3;ext=1\nabc\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n")
+        resp = response_of(read_all(sock))
+        assert (resp.status, resp.read()) == (200, b"abcde")
+
+    def test_pipelined_requests_are_answered_in_order(self, server: Server) -> None:
+        sock = server.raw()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\n\r\none"
+                     b"GET /slow HTTP/1.1\r\n\r\n"
+                     b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nthree")
+        data = read_all(sock)
+        assert data.index(b"one") < data.index(b"slow") < data.index(b"three")
+        assert data.count(b"HTTP/1.1 200 OK") == 3
+
+    def test_expect_100_continue_is_answered_before_the_body(self, server: Server) -> None:
+        sock = server.raw()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b"body")
+        assert b"\r\n\r\nbody" in sock.recv(1000)
+
+    def test_http_1_0_closes_unless_kept_alive(self, server: Server) -> None:
+        sock = server.raw()
+        sock.sendall(b"GET /echo HTTP/1.0\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 200 OK")  # and then closed
+        sock = server.raw()
+        sock.sendall(b"GET /echo HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"GET /echo HTTP/1.0\r\n\r\n")
+        assert read_all(sock).count(b"HTTP/1.1 200 OK") == 2
+
+    def test_connection_close_is_honoured(self, server: Server) -> None:
+        sock = server.raw()
+        sock.sendall(b"GET /echo HTTP/1.1\r\nConnection: close\r\n\r\n")
+        data = read_all(sock)
+        assert b"Connection: close\r\n" in data
+
+    def test_head_gets_the_head_only(self, server: Server) -> None:
+        sock = server.raw()
+        sock.sendall(b"HEAD /echo HTTP/1.1\r\nConnection: close\r\n\r\n")
+        data = read_all(sock)
+        assert data.startswith(b"HTTP/1.1 405") and data.endswith(b"\r\n\r\n")
+
+
+class TestAnswersWithoutARoute:
+    def test_unknown_path_is_404(self, server: Server) -> None:
+        conn = server.client()
+        conn.request("GET", "/nothing")
+        assert conn.getresponse().status == 404
+
+    def test_another_method_is_405_with_allow(self, server: Server) -> None:
+        conn = server.client()
+        conn.request("DELETE", "/echo")
+        resp = conn.getresponse()
+        assert resp.status == 405
+        assert resp.getheader("Allow") == "GET, POST"
+
+    def test_a_route_that_raises_is_500_and_the_connection_goes_on(self, server: Server) -> None:
+        conn = server.client()
+        conn.request("GET", "/fail")
+        resp = conn.getresponse()
+        assert resp.status == 500
+        resp.read()
+        conn.request("GET", "/echo")
+        assert conn.getresponse().status == 200
+
+
+class TestRefused:
+    @pytest.mark.parametrize("head, status", [
+        (b"GARBAGE", 400),
+        (b"GET /echo HTTP/2.0", 505),
+        (b"GET echo HTTP/1.1", 400),
+        (b"GET /e\x01cho HTTP/1.1", 400),
+        (b"GET /echo HTTP/1.1\r\nX: 1\r\n folded", 400),
+        (b"GET /echo HTTP/1.1\r\nBad Name: 1", 400),
+        (b"GET /echo HTTP/1.1\r\nX: a\x00b", 400),
+        (b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked", 400),
+        (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: gzip, chunked", 501),
+        (b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked", 400),
+        (b"POST /echo HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4", 400),
+        (b"POST /echo HTTP/1.1\r\nContent-Length: +3", 400),
+        (b"POST /echo HTTP/1.1\r\nContent-Length: -1", 400),
+        (b"POST /echo HTTP/1.1\r\nContent-Length: \xef\xbc\x93", 400),
+    ])
+    def test_a_malformed_or_ambiguous_head(self, head: bytes, status: int) -> None:
+        with pytest.raises(BadRequest) as caught:
+            parse_head(head)
+        assert caught.value.status == status
+
+    def test_repeated_equal_lengths_are_one_length(self) -> None:
+        assert parse_head(b"POST / HTTP/1.1\r\nContent-Length: 3, 3").length == 3
+
+    def test_smuggling_attempt_is_refused_and_the_connection_closed(self, server: Server) -> None:
+        sock = server.raw()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 6\r\nTransfer-Encoding: chunked"
+                     b"\r\n\r\n0\r\n\r\nGET /fail HTTP/1.1\r\n\r\n")
+        data = read_all(sock)
+        assert data.startswith(b"HTTP/1.1 400") and data.count(b"HTTP/1.1") == 1
+        assert server.seen == []
+
+    def test_an_oversized_head_is_431(self, server: Server) -> None:
+        sock = server.raw()
+        sock.sendall(b"GET /echo HTTP/1.1\r\nX: " + b"a" * MAX_HEAD_BYTES)
+        assert read_all(sock).startswith(b"HTTP/1.1 431")
+
+    def test_a_bad_chunk_size_is_400(self, server: Server) -> None:
+        sock = server.raw()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 400")
+
+
+class TestBodyLimit:
+    @pytest.mark.parametrize("chunked", [False, True])
+    def test_a_long_body_is_cut_one_byte_past_the_limit_and_answered_early(
+        self, server: Server, chunked: bool
+    ) -> None:
+        sock = server.raw()
+        total = 64 * 1024 * 1024
+        if chunked:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        else:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % total)
+        sock.settimeout(0.01)
+        answer = b""
+        sent = 0
+        while sent < total and not answer:
+            piece = b"y" * 65536
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            sent += len(piece)
+            try:
+                answer = sock.recv(65536)
+            except TimeoutError:
+                pass
+        assert sent < total, "the answer came only after the whole body"
+        sock.settimeout(10)
+        answer += read_all(sock)  # closed after the answer: no reset before it is read
+        resp = response_of(answer)
+        assert resp.getheader("X-Truncated") == "True"
+        assert resp.read() == b"y" * (LIMIT + 1)
+        assert resp.getheader("Connection") == "close"
+
+    def test_the_answer_survives_a_client_that_keeps_sending(self, server: Server) -> None:
+        """Closing with the rest of the body still arriving would send a reset, and a reset
+        discards the answer waiting in the client's buffer: the server reads on a while."""
+        sock = server.raw()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (64 << 20))
+        for _ in range(32):
+            sock.sendall(b"w" * 65536)  # long after the answer was sent
+        time.sleep(0.2)
+        resp = response_of(read_all(sock))
+        assert (resp.status, resp.getheader("X-Truncated")) == (200, "True")
+
+    def test_a_body_at_the_limit_is_whole(self, server: Server) -> None:
+        conn = server.client()
+        conn.request("POST", "/echo", body=b"z" * LIMIT)
+        resp = conn.getresponse()
+        assert resp.getheader("X-Truncated") == "False" and resp.read() == b"z" * LIMIT
+
+
+class TestTimeouts:
+    def test_slow_head_idle_connection_and_stalled_body(self) -> None:
+        s = Server(header_timeout=0.3, idle_timeout=0.3)
+        try:
+            slow = s.raw()
+            slow.sendall(b"GET /echo HTTP/1.1\r\n")
+            assert read_all(slow) == b""  # closed without an answer
+            idle = s.raw()
+            idle.sendall(b"GET /echo HTTP/1.1\r\n\r\n")
+            assert read_all(idle).startswith(b"HTTP/1.1 200")  # then closed when idle
+            stalled = s.raw()
+            stalled.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            assert read_all(stalled).startswith(b"HTTP/1.1 408")
+        finally:
+            s.stop()
+            s.close()
+
+
+class TestStop:
+    def test_idle_connections_close_and_a_request_in_progress_finishes(self) -> None:
+        s = Server()
+        try:
+            idle = s.raw()
+            busy = s.raw()
+            busy.sendall(b"GET /slow HTTP/1.1\r\n\r\n")
+            time.sleep(0.1)
+            s.stop(grace=5)
+            assert read_all(idle) == b""
+            data = read_all(busy)
+            assert data.startswith(b"HTTP/1.1 200") and b"Connection: close" in data
+        finally:
+            s.close()
+
+    def test_a_hanging_route_is_cancelled_after_the_grace(self) -> None:
+        s = Server()
+        try:
+            hung = s.raw()
+            hung.sendall(b"GET /hang HTTP/1.1\r\n\r\n")
+            time.sleep(0.1)
+            started = time.monotonic()
+            s.stop(grace=0.3)
+            assert time.monotonic() - started < 3
+            assert not s.server.tasks
+            try:
+                assert read_all(hung) == b""
+            except ConnectionResetError:
+                pass  # aborted: a reset is what an abort sends
+        finally:
+            s.close()
