@@ -313,6 +313,28 @@ class TestTimeouts:
             s.close()
 
 
+class TestLoopsWithoutReadinessCallbacks:
+    def test_a_loop_without_add_reader_serves_through_its_own_server(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Windows' proactor loop has no add_reader: the server hands its sockets to
+        loop.create_server instead, and answers the same."""
+        def unsupported(*args: object) -> None:
+            raise NotImplementedError
+
+        monkeypatch.setattr(asyncio.BaseEventLoop, "add_reader", unsupported, raising=False)
+        monkeypatch.setattr(asyncio.SelectorEventLoop, "add_reader", unsupported)
+        s = Server()
+        try:
+            assert s.server._servers
+            conn = s.client()
+            conn.request("POST", "/echo", body=b"proactor")
+            assert conn.getresponse().read() == b"proactor"
+        finally:
+            s.stop()
+            s.close()
+
+
 class TestStop:
     def test_idle_connections_close_and_a_request_in_progress_finishes(self) -> None:
         s = Server()

@@ -465,6 +465,7 @@ class HttpServer:
         self.stopping = False
         self._all_closed = asyncio.Event()
         self._listeners: list[socket.socket] = []
+        self._servers: list[asyncio.Server] = []
 
     async def start(self, host: str, port: int, *, backlog: int = 128) -> int:
         """Listen on every address `host` resolves to; the port (the one chosen when `port`
@@ -490,7 +491,13 @@ class HttpServer:
             self._close_listeners()
             raise
         for sock in self._listeners:
-            loop.add_reader(sock.fileno(), self._accept, sock, backlog)
+            try:
+                loop.add_reader(sock.fileno(), self._accept, sock, backlog)
+            except NotImplementedError:
+                # A loop without readiness callbacks (Windows' proactor) accepts for us; it
+                # has no descriptor limit to wait out.
+                self._servers.append(await loop.create_server(
+                    lambda: _Connection(self), sock=sock, backlog=backlog))
         return int(self._listeners[0].getsockname()[1])
 
     def _accept(self, sock: socket.socket, backlog: int) -> None:
@@ -532,9 +539,13 @@ class HttpServer:
 
     def _close_listeners(self) -> None:
         loop = asyncio.get_running_loop()
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
         for sock in self._listeners:
             if sock.fileno() >= 0:
-                loop.remove_reader(sock.fileno())
+                with contextlib.suppress(NotImplementedError):
+                    loop.remove_reader(sock.fileno())
                 sock.close()
         self._listeners.clear()
 
