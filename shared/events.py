@@ -734,7 +734,8 @@ def peek_envelope(body: bytes) -> Envelope:
     `eventId` for de-duplication.
     """
     try:
-        root = loads_or_declined(body)
+        # Only strings are read here, so orjson's reading of huge integers does not matter.
+        root = loads_or_declined(body, exact_numbers=False)
         if root is DECLINED:
             root = json.loads(_text_of(body))
         if not isinstance(root, dict):

@@ -29,10 +29,15 @@ _DIGITS: Final = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x2E for byte in range(
 _LONG_NUMBER: Final = b"0" * 19
 
 
-def loads_or_declined(data: object) -> Any:
+def loads_or_declined(data: object, *, exact_numbers: bool = True) -> Any:
     """The decoded value of `data` (bytes), equal to `json.loads(data.decode("utf-8"))`, or
-    `DECLINED` when orjson cannot promise that (then decode with `json`). Never raises."""
-    if type(data) is not bytes or _LONG_NUMBER in data.translate(_DIGITS):
+    `DECLINED` when orjson cannot promise that (then decode with `json`). Never raises.
+
+    A caller that reads only strings (the receiver's envelope) passes `exact_numbers=False`
+    and skips the digit check: an integer beyond 64 bits may then come back as a float."""
+    if type(data) is not bytes:
+        return DECLINED
+    if exact_numbers and _LONG_NUMBER in data.translate(_DIGITS):
         return DECLINED
     try:
         return orjson.loads(data)

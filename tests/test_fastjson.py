@@ -110,6 +110,14 @@ class TestLoadsOrDeclined:
         assert loads_or_declined(b'{"n": 999999999999999999}') == {"n": 10**18 - 1}
 
 
+    def test_without_exact_numbers_huge_integers_skip_the_digit_check(self) -> None:
+        """For callers that read only strings: no 19-digit scan, orjson's reading kept."""
+        body = b'{"eventId": "e", "n": 18446744073709551616}'
+        assert loads_or_declined(body) is DECLINED
+        assert loads_or_declined(body, exact_numbers=False) == {"eventId": "e", "n": 2.0**64}
+        assert loads_or_declined(b"NaN", exact_numbers=False) is DECLINED
+
+
 class TestCallersMatchTheirStandardLibraryPath:
     @MANY
     @given(st.one_of(written, dumped, numbers))
