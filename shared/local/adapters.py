@@ -66,8 +66,10 @@ class LocalDeadLetterer:
 
 def _write_whole(fd: int, data: bytes) -> None:
     """`os.write` may write part of the data (a nearly full disk): loop on the rest, and if a
-    write fails after part of the line is in, cut the file back so no torn line remains."""
-    start = os.lseek(fd, 0, os.SEEK_END)
+    write fails after part of the line is in, cut the file back so no torn line remains.
+
+    The descriptor appends (O_APPEND) and its writer holds the log's lock, so the part written
+    is the file's tail: its start is found only when it must be cut, not before every line."""
     view = memoryview(data)
     try:
         while view:
@@ -77,7 +79,7 @@ def _write_whole(fd: int, data: bytes) -> None:
             view = view[written:]
     except OSError:
         if len(view) < len(data):
-            os.ftruncate(fd, start)
+            os.ftruncate(fd, os.fstat(fd).st_size - (len(data) - len(view)))
         raise
 
 
