@@ -208,6 +208,8 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._on_deadline: Callable[[], None] = self._close
         self._head: _Head | None = None
         self._body = bytearray()
         self._chunk_left = -1  # chunked: bytes left in the current chunk (-1: a size line next)
@@ -243,6 +245,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._server.closed(self)
         self._transport = None
         # A request being answered runs to its end (as with aiohttp's default): a webhook
@@ -384,7 +389,6 @@ class _Connection(asyncio.Protocol):
         self._linger()
 
     def _body_stalled(self) -> None:
-        self._timer = None
         seconds = self._server.idle_timeout
         self._write(encode_response(
             json_response(408, {"error": f"no request body bytes for {seconds:.0f} s"}),
@@ -416,7 +420,6 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
     def _close_silently(self) -> None:
-        self._timer = None
         logger.debug("closing a connection without a complete request head in time")
         self._close()
 
@@ -432,14 +435,28 @@ class _Connection(asyncio.Protocol):
             self._transport.abort()
 
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(seconds, callback)
+        """Call `callback` in `seconds` unless re-armed or cancelled first. One timer handle
+        serves a connection's successive deadlines: a later deadline only moves a number, and
+        the handle, when it fires early, waits on for the rest."""
+        deadline = self._loop.time() + seconds
+        self._deadline, self._on_deadline = deadline, callback
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self._deadline is None:
+            return
+        if self._loop.time() < self._deadline:
+            self._timer = self._loop.call_at(self._deadline, self._tick)
+            return
+        callback, self._deadline = self._on_deadline, None
+        callback()
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None  # a pending handle finds no deadline and does nothing
 
 
 class HttpServer:
