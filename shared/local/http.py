@@ -293,24 +293,16 @@ class _Connection(asyncio.Protocol):
             if len(self._body) > limit:
                 return True
             if self._in_trailer:
-                end = self._buffer.find(b"\n")
-                if end < 0:
-                    if len(self._buffer) > MAX_TRAILER_BYTES:
-                        raise BadRequest(400, "chunked trailer too large")
+                line = self._take_line(MAX_TRAILER_BYTES, "chunked trailer too large")
+                if line is None:
                     return False
-                line = bytes(self._buffer[:end]).removesuffix(b"\r")
-                del self._buffer[: end + 1]
                 if not line:
                     return True
                 continue
             if self._chunk_left < 0:
-                end = self._buffer.find(b"\n")
-                if end < 0:
-                    if len(self._buffer) > MAX_CHUNK_LINE_BYTES:
-                        raise BadRequest(400, "chunk size line too long")
+                line = self._take_line(MAX_CHUNK_LINE_BYTES, "chunk size line too long")
+                if line is None:
                     return False
-                line = bytes(self._buffer[:end]).removesuffix(b"\r")
-                del self._buffer[: end + 1]
                 size = line.split(b";", 1)[0].strip(b" \t")
                 if not size or len(size) > 16 or any(c not in b"0123456789abcdefABCDEF"
                                                      for c in size):
@@ -337,6 +329,17 @@ class _Connection(asyncio.Protocol):
             else:
                 raise BadRequest(400, "chunk data not followed by a line end")
             self._chunk_left = -1
+
+    def _take_line(self, limit: int, too_long: str) -> bytes | None:
+        """The next line of the buffer without its line end; None until it is complete."""
+        end = self._buffer.find(b"\n")
+        if end < 0:
+            if len(self._buffer) > limit:
+                raise BadRequest(400, too_long)
+            return None
+        line = bytes(self._buffer[:end]).removesuffix(b"\r")
+        del self._buffer[: end + 1]
+        return line
 
     # -- answering --------------------------------------------------------------------------
     def _start(self, head: _Head) -> None:
