@@ -139,6 +139,22 @@ class TestCallersMatchTheirStandardLibraryPath:
         else:
             assert identical(got, expected), (body[:200], got, expected)
 
+    def test_the_receivers_envelope_takes_orjson_even_past_64_bit_integers(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Its speed is the point: an event, and one with a huge integer the envelope never
+        reads, are decoded without the json path (which would answer the same, slower)."""
+        import shared.events
+
+        def no_json(*args: object, **kwargs: object) -> object:
+            raise AssertionError("the json path was taken")
+
+        bodies = (state_payload(2048, event_id="e-1"),
+                  b'{"eventId": "e-1", "data": {"n": 123456789012345678901234567890}}')
+        monkeypatch.setattr(shared.events.json, "loads", no_json)
+        for body in bodies:
+            assert peek_envelope(body).event_id == "e-1"
+
     @MANY
     @given(st.one_of(written, dumped))
     def test_the_receivers_envelope_is_the_standard_librarys(self, body: bytes) -> None:
