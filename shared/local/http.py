@@ -37,11 +37,11 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -96,9 +96,9 @@ class BadRequest(Exception):
         self.status = status
 
 
-def json_response(status: int, body: object) -> Response:
+def json_response(status: int, body: object, **headers: str) -> Response:
     return Response(status, json.dumps(body, separators=(",", ":")).encode(),
-                    {"Content-Type": "application/json"})
+                    {"Content-Type": "application/json", **headers})
 
 
 _date_cache: tuple[int, bytes] = (0, b"")
@@ -148,6 +148,12 @@ class _Head:
     length: int
 
 
+def _elements(headers: CIMultiDict[str], name: str) -> list[str]:
+    """The comma-separated elements of every `name` field, stripped; [] when there is none."""
+    values = headers.getall(name, ())
+    return [e.strip() for e in ",".join(values).split(",")] if values else []
+
+
 def parse_head(raw: bytes) -> _Head:
     """The request line and fields of one head (without its blank line); BadRequest if bad."""
     lines = raw.split(b"\n")
@@ -173,10 +179,10 @@ def parse_head(raw: bytes) -> _Head:
         if _FIELD_VALUE.fullmatch(value) is None:
             raise BadRequest(400, "invalid character in a header field value")
         headers.add(name.decode("ascii"), value.decode("latin-1"))
-    connection = {t.strip().lower() for t in ",".join(headers.getall("Connection", ())).split(",")}
+    connection = {t.lower() for t in _elements(headers, "Connection")}
     keep_alive = "close" not in connection and (version == (1, 1) or "keep-alive" in connection)
-    encodings = headers.getall("Transfer-Encoding", ())
-    lengths = headers.getall("Content-Length", ())
+    encodings = _elements(headers, "Transfer-Encoding")
+    lengths = _elements(headers, "Content-Length")
     chunked = False
     length = 0
     if encodings:
@@ -184,11 +190,11 @@ def parse_head(raw: bytes) -> _Head:
             raise BadRequest(400, "both Content-Length and Transfer-Encoding")
         if version == (1, 0):
             raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if [e.strip().lower() for e in ",".join(encodings).split(",")] != ["chunked"]:
+        if [e.lower() for e in encodings] != ["chunked"]:
             raise BadRequest(501, "only the chunked transfer coding is supported")
         chunked = True
     elif lengths:
-        values = {v.strip() for v in ",".join(lengths).split(",")}
+        values = set(lengths)
         if len(values) != 1:
             raise BadRequest(400, "differing Content-Length values")
         (declared,) = values
@@ -268,11 +274,10 @@ class _Connection(asyncio.Protocol):
                 head = parse_head(bytes(self._buffer[: found.start()]))
                 del self._buffer[: found.end()]
                 self._head = head
-                if head.chunked or head.length:
-                    self._arm(self._server.idle_timeout, self._body_stalled)
-                    if (not self._buffer and head.version == (1, 1)
-                            and head.headers.get("Expect", "").lower() == "100-continue"):
-                        self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if ((head.chunked or head.length) and not self._buffer
+                        and head.version == (1, 1)
+                        and head.headers.get("Expect", "").lower() == "100-continue"):
+                    self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
             if self._read_body(self._head):
                 self._start(self._head)
             elif self._head.chunked or self._head.length:
@@ -357,15 +362,11 @@ class _Connection(asyncio.Protocol):
             headers=CIMultiDictProxy(head.headers), body=body, truncated=truncated,
         )
         close = not head.keep_alive or truncated or self._server.stopping
-        self._handling = task = self._loop.create_task(self._answer(request, close=close))
-        self._server.tasks.add(task)
-        task.add_done_callback(self._server.tasks.discard)
+        self._handling = self._server.track(self._answer(request, close=close))
 
     async def _answer(self, request: Request, *, close: bool) -> None:
         try:
             response = await self._server.dispatch(request)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             logger.exception("%s %s failed", request.method, request.path)
             response = json_response(500, {"error": "internal error"})
@@ -423,15 +424,13 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
     def _close_silently(self) -> None:
-        logger.debug("closing a connection without a complete request head in time")
+        logger.debug("closing a connection idle, or without a complete request head, too long")
         self._close()
 
-    def close_if_idle(self) -> bool:
+    def close_if_idle(self) -> None:
         """At stop: close now unless a request is being answered (or half-read)."""
         if self._handling is None and self._head is None and not self._buffer:
             self._close()
-            return True
-        return False
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -541,9 +540,14 @@ class HttpServer:
             conn.setblocking(False)
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self._connect(conn))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.track(self._connect(conn))
+
+    def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """A task `stop` waits for, then cancels after its grace."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
@@ -576,9 +580,8 @@ class HttpServer:
         allowed = self._methods.get(request.path)
         if allowed is None:
             return json_response(404, {"error": "not found"})
-        response = json_response(405, {"error": "method not allowed"})
-        return Response(response.status, response.body,
-                        {**(response.headers or {}), "Allow": ", ".join(sorted(allowed))})
+        return json_response(405, {"error": "method not allowed"},
+                             Allow=", ".join(sorted(allowed)))
 
     def closed(self, connection: _Connection) -> None:
         self.connections.discard(connection)
