@@ -32,8 +32,8 @@ IDLE_TIMEOUT = 3.0
 # Generous: the machine is shared and loaded; the limits above are what is being tested.
 PATIENCE = 90.0
 HEAD_START = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-# Slowloris sends one byte of a header value at a time: aiohttp's own limits on the number and
-# size of header lines never end such a connection (8,190 bytes take over an hour).
+# Slowloris sends one byte of a header value at a time: the server's limit on the size of a
+# request head never ends such a connection (32 KB take hours).
 SLOW_HEADER = b"X-Slow: "
 
 
