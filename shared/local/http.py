@@ -9,9 +9,10 @@ What it implements (RFC 9110 and 9112):
 
 - request line and header fields; a head larger than `MAX_HEAD_BYTES` is refused (431); a bare
   LF ends a line as well as CRLF; obsolete line folding, a malformed field or request line is
-  refused (400); a version other than HTTP/1.0 and HTTP/1.1 gets 505;
+  refused (400), and so is a version other than HTTP/1.0 and HTTP/1.1 (the contract allows no
+  5xx but the 503 of an unavailable queue, so not 505);
 - a body by `Content-Length` or by the chunked transfer coding. Both at once, a list of
-  differing lengths, or another transfer coding is refused (400, 501): the ambiguity request
+  differing lengths, or another transfer coding is refused (400, not 501): the ambiguity request
   smuggling relies on never reaches a route;
 - at most `body_limit` bytes of a body are read. A longer one is cut there and handed over as
   it is, so the function answers 413 itself (counted and logged by the receiver); the rest is
@@ -164,7 +165,7 @@ def parse_head(raw: bytes) -> _Head:
     method, target, major, minor = match.groups()
     version = (int(major), int(minor))
     if version not in ((1, 0), (1, 1)):
-        raise BadRequest(505, "HTTP version not supported")
+        raise BadRequest(400, "HTTP version not supported")
     if not target.startswith(b"/"):
         raise BadRequest(400, "the request target must be a path")
     headers: CIMultiDict[str] = CIMultiDict()
@@ -191,7 +192,7 @@ def parse_head(raw: bytes) -> _Head:
         if version == (1, 0):
             raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
         if [e.lower() for e in encodings] != ["chunked"]:
-            raise BadRequest(501, "only the chunked transfer coding is supported")
+            raise BadRequest(400, "only the chunked transfer coding is supported")
         chunked = True
     elif lengths:
         values = set(lengths)
