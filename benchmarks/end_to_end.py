@@ -54,7 +54,6 @@ async def one_round(events: int, clients: int) -> dict[str, Any]:
         host = LocalHost(load_function_app(), runtime, port=0, poll_interval=0.05)
         await host.start()
         handled_path = Path(state_dir) / HANDLED_FILE
-        cpu_before = _cpu_seconds()
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "benchmarks.loadgen",
@@ -62,17 +61,22 @@ async def one_round(events: int, clients: int) -> dict[str, Any]:
                 "--events", str(events), "--clients", str(clients), "--size", str(EVENT_SIZE),
                 stdout=asyncio.subprocess.PIPE,
             )
-            out, _ = await proc.communicate()
-            if proc.returncode != 0:
+            assert proc.stdout is not None
+            # From the moment the load generator has built its events and opened its
+            # connections (seconds, during which this host only idles) to the last one handled.
+            ready = await proc.stdout.readline()
+            cpu_before = _cpu_seconds()
+            out = await proc.stdout.read()
+            if await proc.wait() != 0 or ready != b"ready\n":
                 raise RuntimeError(f"load generator exited with {proc.returncode}")
             load = json.loads(out)
             for _ in range(int(DRAIN_TIMEOUT / 0.05)):
                 if _count_lines(handled_path) >= len(load["acked"]):
                     break
                 await asyncio.sleep(0.05)
+            cpu = _cpu_seconds() - cpu_before
             await asyncio.sleep(0.2)  # let a late duplicate show, if there were one
             stats = runtime.queue.stats()
-            cpu = _cpu_seconds() - cpu_before
         finally:
             await host.stop()
             runtime.queue.close()
