@@ -206,6 +206,141 @@ class TestSendReceiveComplete:
         assert receive_one(queue).sequence_number > first.sequence_number
 
 
+class TestSendAndLock:
+    """`send_and_lock`: the local host's workers take what it stores without a receive."""
+
+    @staticmethod
+    def _comparable(message: QueuedMessage) -> dict[str, Any]:
+        fields = {name: getattr(message, name) for name in QueuedMessage.__slots__}
+        token = fields.pop("lock_token")
+        assert isinstance(token, str) and len(token) == 32 and int(token, 16) >= 0
+        return fields
+
+    def test_the_locked_messages_are_what_a_receive_right_after_would_return(
+        self, tmp_path: Path, clock: FakeClock
+    ) -> None:
+        batch = [(b"m0", "evt-0", {"eventType": "VEHICLE_STATE"}), (b"m1", "evt-1", None),
+                 (b"m2", "evt-2", {"k": "\u00e9"})]
+        sent = LocalQueue(tmp_path / "a.db", lock_duration=30.0, clock=clock)
+        assert sent.send_many(batch) == [True, True, True]
+        received = sent.receive(max_messages=5, lock_duration=12.5)
+        locking = LocalQueue(tmp_path / "b.db", lock_duration=30.0, clock=clock)
+        results, locked = locking.send_and_lock(batch, max_locked=5, lock_duration=12.5)
+        assert results == [True, True, True]
+        assert [self._comparable(m) for m in locked] == [self._comparable(m) for m in received]
+        assert locked[0].locked_until == datetime.fromtimestamp(T0 + 12.5, tz=UTC)
+        assert locked[0].delivery_count == 1
+        # Locked in the queue too: no receive gets them, the tokens settle them.
+        assert locking.receive(max_messages=5) == []
+        assert locking.stats() == {"active": 3, "deadLettered": 0, "scheduled": 0}
+        assert locking.complete_many([m.lock_token or "" for m in locked]) == [None] * 3
+        assert locking.stats()["active"] == 0
+        sent.close()
+        locking.close()
+
+    def test_the_queue_lock_duration_is_the_default(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        _, (locked,) = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1)
+        assert locked.locked_until == datetime.fromtimestamp(T0 + 30.0, tz=UTC)
+
+    def test_at_most_max_locked_and_the_rest_wait_in_order(self, queue: LocalQueue) -> None:
+        batch = [(f"m{i}".encode(), f"evt-{i}", None) for i in range(5)]
+        results, locked = queue.send_and_lock(batch, max_locked=2)
+        assert results == [True] * 5
+        assert [m.body for m in locked] == [b"m0", b"m1"]
+        assert [m.body for m in queue.receive(max_messages=5)] == [b"m2", b"m3", b"m4"]
+
+    def test_nothing_is_locked_while_an_older_message_is_available(
+        self, queue: LocalQueue
+    ) -> None:
+        queue.send(b"old", message_id="evt-old")
+        results, locked = queue.send_and_lock([(b"new", "evt-new", None)], max_locked=4)
+        assert (results, locked) == ([True], [])
+        # The consumer's receive takes the oldest first, as always.
+        assert [m.body for m in queue.receive(max_messages=4)] == [b"old", b"new"]
+
+    def test_an_older_message_whose_lock_expired_is_available_too(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"old", message_id="evt-old")
+        receive_one(queue)
+        clock.advance(30.0)  # the lock expired: the next receive would redeliver it
+        assert queue.send_and_lock([(b"new", "evt-new", None)], max_locked=4)[1] == []
+        assert [m.body for m in queue.receive(max_messages=4)] == [b"old", b"new"]
+
+    def test_older_messages_in_flight_or_scheduled_do_not_hold_the_new_ones_back(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"in flight", message_id="evt-1")
+        receive_one(queue)
+        queue.send(b"later", message_id="evt-2",
+                   scheduled_enqueue_time=datetime.fromtimestamp(T0 + 60, tz=UTC))
+        _, locked = queue.send_and_lock([(b"new", "evt-3", None)], max_locked=1)
+        assert [m.body for m in locked] == [b"new"]
+
+    def test_duplicates_are_neither_stored_nor_locked_nor_take_a_slot(
+        self, queue: LocalQueue
+    ) -> None:
+        queue.complete(queue.send_and_lock([(b"a", "evt-a", None)], max_locked=1)[1][0]
+                       .lock_token or "")
+        results, locked = queue.send_and_lock(
+            [(b"a", "evt-a", None), (b"b", "evt-b", None), (b"b", "evt-b", None)], max_locked=1)
+        assert results == [False, True, False]
+        assert [m.message_id for m in locked] == ["evt-b"]
+        assert queue.stats()["active"] == 1
+
+    def test_with_no_slot_it_is_a_plain_send(self, queue: LocalQueue) -> None:
+        assert queue.send_and_lock([(b"x", "evt-1", None)], max_locked=0) == ([True], [])
+        assert receive_one(queue).delivery_count == 1
+
+    def test_a_lock_taken_at_send_expires_and_is_redelivered_like_any_other(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        _, (locked,) = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1)
+        clock.advance(29.9)
+        assert queue.receive() == []
+        clock.advance(0.1)
+        again = receive_one(queue)
+        assert (again.sequence_number, again.delivery_count) == (locked.sequence_number, 2)
+        with pytest.raises(LockLostError):
+            queue.complete(locked.lock_token or "")
+
+    def test_arguments_are_checked_before_anything_is_stored(self, queue: LocalQueue) -> None:
+        with pytest.raises(ValueError, match=r"max_locked must be >= 0, got -1"):
+            queue.send_and_lock([(b"x", "evt-1", None)], max_locked=-1)
+        with pytest.raises(ValueError, match=r"lock_duration must be > 0 seconds, got 0\.0"):
+            queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1, lock_duration=0)
+        assert queue.stats()["active"] == 0
+
+    def test_without_wait_a_busy_queue_raises_at_once_and_stores_nothing(
+        self, queue: LocalQueue
+    ) -> None:
+        with queue._lock:  # another thread of this process is in a call
+            with pytest.raises(QueueBusyError):
+                queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1, wait=False)
+        assert queue.stats()["active"] == 0
+
+    def test_what_was_locked_at_send_survives_sigkill_and_is_redelivered(
+        self, db_path: Path
+    ) -> None:
+        code = """
+            import sys
+            from shared.local.queue import LocalQueue
+            q = LocalQueue(sys.argv[1], lock_duration=30.0)
+            results, locked = q.send_and_lock([(b"kept", "evt-1", None)], max_locked=1)
+            print(locked[0].lock_token, flush=True)
+            import time
+            time.sleep(60)
+        """
+        (token,) = lines_then_sigkill(code, db_path, 1)
+        reopened = LocalQueue(db_path, clock=FakeClock(time.time() + 31.0))
+        (message,) = reopened.receive()
+        assert (message.body, message.delivery_count) == (b"kept", 2)
+        assert message.lock_token != token
+        reopened.close()
+
+
 class TestPayloadRoundTrip:
     @pytest.mark.parametrize(
         "body",

@@ -9,17 +9,34 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from ..processor import InboundMessage
 from ..publisher import OutboundMessage, PublishError
 from .batching import Batcher, on_loop_unless_busy
+from .queue import QueuedMessage
+
+logger = logging.getLogger(__name__)
+
+
+class Consumer(Protocol):
+    """A consumer of the queue in this process that takes messages as they are stored (the
+    local host): see `LocalQueuePublisher.consumer`."""
+
+    lock_duration: float
+
+    def free_workers(self) -> int:
+        """How many messages it can start processing now (0: none, receive as usual)."""
+
+    def deliver(self, messages: list[QueuedMessage]) -> None:
+        """Start processing these messages, each locked for it; must not block."""
 
 
 class LocalQueuePublisher:
@@ -27,13 +44,38 @@ class LocalQueuePublisher:
 
     Concurrent publishes share commits (`Batcher`): each still returns only after its own
     message is committed. A batch is written on the event loop unless the queue is busy.
+
+    With a `consumer` (the local host sets itself), a batch written on the event loop also
+    locks up to `consumer.free_workers()` of its new messages in the same transaction and hands
+    them over (`LocalQueue.send_and_lock`): an idle worker starts on an event without a
+    receive of its own. Only when no older message waits, so the order is the queue's.
     """
 
     def __init__(self, queue: Any) -> None:
-        self._queue = queue
+        self.queue = queue
+        self.consumer: Consumer | None = None
         self._batcher: Batcher[tuple[bytes, str, dict[str, str]], bool] = Batcher(
-            lambda items: on_loop_unless_busy(self._queue.send_many, items)
+            lambda items: on_loop_unless_busy(self._send, items)
         )
+
+    def _send(self, items: list[tuple[bytes, str, dict[str, str]]], *,
+              wait: bool = True) -> list[bool]:
+        consumer = self.consumer
+        # In a worker thread (`wait`: the queue was busy) nothing is handed over: `deliver`
+        # belongs on the event loop.
+        free = 0 if wait or consumer is None else consumer.free_workers()
+        if free <= 0:
+            return list(self.queue.send_many(items, wait=wait))
+        assert consumer is not None
+        results, locked = self.queue.send_and_lock(
+            items, max_locked=free, lock_duration=consumer.lock_duration, wait=wait)
+        if locked:
+            try:
+                consumer.deliver(locked)
+            except Exception:  # stored all the same: redelivered once their locks expire
+                logger.exception("handing %d stored message(s) to the consumer failed; they "
+                                 "are delivered again when their locks expire", len(locked))
+        return list(results)
 
     async def publish(self, message: OutboundMessage) -> bool:
         try:

@@ -47,6 +47,7 @@ from ..settings import (
     load_settings,
 )
 from ..telemetry import configure as configure_telemetry
+from .adapters import LocalQueuePublisher
 from .batching import on_loop_unless_busy
 from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS
 from .http import Handler, HttpServer, Request, Response, json_response
@@ -298,6 +299,13 @@ class LocalHost:
         self.http_functions, self.queue_functions, self.timer_functions = index_functions(app)
         self._wake = asyncio.Event()
         runtime.publisher = NotifyingPublisher(runtime.publisher, self._wake)
+        # The queue's own publisher (the one re-drive also sends to) hands this host what it
+        # stores while workers are free; its consumer is set in `start`, cleared in `stop`.
+        self._queue_publisher = (
+            runtime.redrive_publisher
+            if isinstance(runtime.redrive_publisher, LocalQueuePublisher)
+            and runtime.redrive_publisher.queue is self.queue else None
+        )
         self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
@@ -334,6 +342,8 @@ class LocalHost:
         self.port = await self._http.start(self.host, self.port)
         for qfn in self.queue_functions:
             self._tasks.append(asyncio.create_task(self._fetch(qfn), name=qfn.name))
+        if self._queue_publisher is not None:
+            self._queue_publisher.consumer = self
         if self.queue_functions:
             self._tasks.append(asyncio.create_task(self._renew_locks(), name="lock renewal"))
         for tfn in self.timer_functions:
@@ -350,6 +360,8 @@ class LocalHost:
             return
         self._stopped = True
         self._stopping = True
+        if self._queue_publisher is not None and self._queue_publisher.consumer is self:
+            self._queue_publisher.consumer = None
         self._wake.set()
         tasks = [*self._tasks, *self._running]
         for task in tasks:
@@ -460,9 +472,25 @@ class LocalHost:
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
                 continue
             for qm in received:
-                task = asyncio.create_task(self._run_one(fn, qm))
-                self._running.add(task)
-                task.add_done_callback(self._finished)
+                self._start_one(fn, qm)
+
+    def _start_one(self, fn: QueueFunction, qm: QueuedMessage) -> None:
+        task = asyncio.create_task(self._run_one(fn, qm))
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+
+    # The queue publisher's consumer (`LocalQueuePublisher.consumer`): events stored while
+    # workers are free are locked in the send's own transaction and start here at once.
+
+    def free_workers(self) -> int:
+        if self._stopping or len(self.queue_functions) != 1:
+            return 0
+        return self.workers - len(self._running)
+
+    def deliver(self, messages: list[QueuedMessage]) -> None:
+        (fn,) = self.queue_functions
+        for qm in messages:
+            self._start_one(fn, qm)
 
     async def _health_problem(self) -> str | None:
         if self._queue_error is not None:

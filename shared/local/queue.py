@@ -542,7 +542,42 @@ class LocalQueue:
         Each result is `send`'s: False for a duplicate, also of an earlier one in the batch.
         Without `wait`, `QueueBusyError` instead of waiting for a busy queue (nothing sent).
         """
-        rows: list[tuple[bytes, str, str]] = []
+        return self._send(messages, scheduled_enqueue_time=scheduled_enqueue_time, wait=wait,
+                          max_locked=0, lock_duration=None)[0]
+
+    def send_and_lock(
+        self,
+        messages: Sequence[tuple[bytes, str, Mapping[str, str] | None]],
+        *,
+        max_locked: int,
+        lock_duration: float | None = None,
+        wait: bool = True,
+    ) -> tuple[list[bool], list[QueuedMessage]]:
+        """`send_many`, and up to `max_locked` of the new messages peek-locked for the caller
+        in the same transaction: exactly what a `receive` right after the commit would have
+        returned (oldest first, delivery count 1), without its transaction.
+
+        Only when no older message is available: then the new ones are the oldest, and the
+        order `receive` promises holds. Otherwise nothing is locked and the consumer's next
+        `receive` takes the oldest as always. What this saves is the receive's statements, its
+        re-read of every body, and a commit: a consumer in the same process with free workers
+        (the local host) gets the messages it just stored.
+        """
+        if max_locked < 0:
+            raise ValueError(f"max_locked must be >= 0, got {max_locked}")
+        return self._send(messages, scheduled_enqueue_time=None, wait=wait,
+                          max_locked=max_locked, lock_duration=lock_duration)
+
+    def _send(
+        self,
+        messages: Sequence[tuple[bytes, str, Mapping[str, str] | None]],
+        *,
+        scheduled_enqueue_time: datetime | None,
+        wait: bool,
+        max_locked: int,
+        lock_duration: float | None,
+    ) -> tuple[list[bool], list[QueuedMessage]]:
+        rows: list[tuple[bytes, str, str, dict[str, str]]] = []
         for body, message_id, application_properties in messages:
             if not isinstance(body, bytes | bytearray | memoryview):
                 raise TypeError(f"body must be bytes, got {type(body).__name__}")
@@ -553,17 +588,25 @@ class LocalQueue:
                     f"message_id is {len(message_id)} characters; Service Bus allows at most "
                     f"{MAX_MESSAGE_ID_LENGTH}"
                 )
-            properties = json.dumps(_check_properties(application_properties), ensure_ascii=False)
-            rows.append((bytes(body), message_id, properties))
+            checked = _check_properties(application_properties)
+            properties = json.dumps(checked, ensure_ascii=False)
+            rows.append((bytes(body), message_id, properties, checked))
+        duration = self.lock_duration if lock_duration is None else float(lock_duration)
+        if max_locked and duration <= 0:
+            raise ValueError(f"lock_duration must be > 0 seconds, got {duration}")
         scheduled: float | None = None
         if scheduled_enqueue_time is not None:
             if scheduled_enqueue_time.tzinfo is None:
                 raise ValueError("scheduled_enqueue_time must be timezone-aware (UTC)")
             scheduled = scheduled_enqueue_time.timestamp()
         now = self._now()
+        locked_until = now + duration
         results: list[bool] = []
+        locked: list[QueuedMessage] = []
         with self._transaction("send", wait=wait) as conn:
-            for body_bytes, message_id, properties in rows:
+            if max_locked and self._any_available(conn, now):
+                max_locked = 0  # older messages first: the consumer's receive takes them
+            for body_bytes, message_id, properties, checked in rows:
                 # New, or last accepted a window ago: (re)stamped and stored. Within the
                 # window the upsert changes nothing: a duplicate, dropped. One statement.
                 stamped = conn.execute(
@@ -575,9 +618,12 @@ class LocalQueue:
                 if not stamped:
                     results.append(False)
                     continue
-                conn.execute(
+                lock = len(locked) < max_locked
+                token = os.urandom(16).hex() if lock else None
+                seq = conn.execute(
                     "INSERT INTO messages (message_id, body, properties, enqueued_time, "
-                    "scheduled_time, visible_at, state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "scheduled_time, visible_at, state, delivery_count, lock_token, "
+                    "locked_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         message_id,
                         body_bytes,
@@ -586,9 +632,28 @@ class LocalQueue:
                         scheduled,
                         now if scheduled is None else scheduled,
                         _ACTIVE,
+                        1 if lock else 0,
+                        token,
+                        locked_until if lock else None,
                     ),
-                )
+                ).lastrowid
                 results.append(True)
+                if lock:
+                    assert seq is not None
+                    locked.append(QueuedMessage(
+                        sequence_number=seq,
+                        message_id=message_id,
+                        body=body_bytes,
+                        application_properties=dict(checked),
+                        enqueued_time=_utc(now),
+                        scheduled_enqueue_time=None,
+                        delivery_count=1,
+                        lock_token=token,
+                        locked_until=_utc(locked_until),
+                        dead_letter_reason=None,
+                        dead_letter_description=None,
+                        state=_ACTIVE,
+                    ))
             if now >= self._next_prune:
                 conn.execute(
                     "DELETE FROM duplicates WHERE accepted_at <= ?", (now - self.duplicate_window,)
@@ -598,7 +663,17 @@ class LocalQueue:
             with self._sent:
                 self._sent_generation += 1
                 self._sent.notify_all()
-        return results
+        return results, locked
+
+    @staticmethod
+    def _any_available(conn: sqlite3.Connection, now: float) -> bool:
+        """Whether a receive now would find a message (one visible, unlocked or whose lock
+        expired)."""
+        return conn.execute(
+            "SELECT 1 FROM messages WHERE state = ? AND visible_at <= ? "
+            "AND (lock_token IS NULL OR locked_until <= ?) LIMIT 1",
+            (_ACTIVE, now, now),
+        ).fetchone() is not None
 
     # -- receiving and settling -----------------------------------------------------------
 
@@ -784,12 +859,7 @@ class LocalQueue:
     def _has_available(self) -> bool:
         now = self._now()
         with self._transaction("wait_for_message", write=False) as conn:
-            row = conn.execute(
-                "SELECT 1 FROM messages WHERE state = ? AND visible_at <= ? "
-                "AND (lock_token IS NULL OR locked_until <= ?) LIMIT 1",
-                (_ACTIVE, now, now),
-            ).fetchone()
-        return row is not None
+            return self._any_available(conn, now)
 
     # -- operations (CLI) -----------------------------------------------------------------
 
