@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 import azure.functions as func
 from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
+from multidict import CIMultiDictProxy
 
 from ..handlers import RUNNING_HANDLER
 from ..processor import InboundMessage, Outcome, outcome_record, retry_delay
@@ -204,15 +205,17 @@ class LocalContext:
 FUNCTION_DIRECTORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def invocation_context(name: str, headers: Mapping[str, str]) -> LocalContext:
-    lowered = {k.lower(): v for k, v in headers.items()}
-    trace_parent, trace_state = lowered.get("traceparent", ""), lowered.get("tracestate", "")
+def invocation_context(name: str, headers: CIMultiDictProxy[str]) -> LocalContext:
+    """What the worker passes as `context`: a fresh invocation id, and the request's W3C trace
+    context (`headers`: the request's, read case-insensitively)."""
     return LocalContext(
         invocation_id=str(uuid.uuid4()),
         function_name=name,
         function_directory=FUNCTION_DIRECTORY,
         trace_context=LocalTraceContext(
-            trace_parent=trace_parent, trace_state=trace_state, attributes={}
+            trace_parent=headers.get("traceparent", ""),
+            trace_state=headers.get("tracestate", ""),
+            attributes={},
         ),
     )
 

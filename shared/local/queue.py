@@ -45,6 +45,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+
 from ..settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -258,6 +260,16 @@ def _check_properties(properties: Mapping[str, str] | None) -> dict[str, str]:
             )
         result[key] = value
     return result
+
+
+def _properties_text(properties: dict[str, str]) -> str:
+    """The stored form of checked properties: a JSON object of strings, written by orjson
+    (about 15 times faster than `json`); a lone surrogate, which orjson refuses, goes through
+    `json`, as all did before (and SQLite then refuses the text, as it always did)."""
+    try:
+        return orjson.dumps(properties).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(properties, ensure_ascii=False)
 
 
 class LocalQueue:
@@ -589,7 +601,7 @@ class LocalQueue:
                     f"{MAX_MESSAGE_ID_LENGTH}"
                 )
             checked = _check_properties(application_properties)
-            properties = json.dumps(checked, ensure_ascii=False)
+            properties = _properties_text(checked)
             rows.append((bytes(body), message_id, properties, checked))
         duration = self.lock_duration if lock_duration is None else float(lock_duration)
         if max_locked and duration <= 0:
