@@ -101,7 +101,7 @@ async def one_round(events: int, clients: int) -> dict[str, Any]:
 
 
 def run(*, quick: bool) -> None:
-    rounds = 1 if quick else 3
+    rounds = 1 if quick else 5
     events = 300 if quick else 2000
     results = []
     for _ in range(rounds):

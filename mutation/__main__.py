@@ -27,14 +27,18 @@ EQUIVALENTS = Path(__file__).with_name("equivalent.toml")
 TARGETS = {"shared.signature": 0.95, "shared.receiver": 0.95, "shared.processor": 0.95}
 DEFAULT_TARGET = 0.90
 #: The local queue is tested for its settlement code (peek-lock, complete, abandon, dead-letter,
-#: lock expiry, a damaged row dead-lettered on receive), the semantics the processor relies on;
-#: its storage set-up and CLI operations are not in scope.
+#: lock expiry, a damaged row dead-lettered on receive, messages locked at send for the local
+#: host's free workers), the semantics the processor relies on; its storage set-up and CLI
+#: operations are not in scope.
 SCOPE = {
     "shared.local.queue": [
         "_max_delivery_description",
         "_undecodable_description",
         "LocalQueue._transaction",
         "LocalQueue._sweep_expired_locks",
+        "LocalQueue.send_and_lock",
+        "LocalQueue._send",
+        "LocalQueue._any_available",
         "LocalQueue._locked_row",
         "LocalQueue._dead_letter_row",
         "LocalQueue.receive",
