@@ -244,6 +244,23 @@ class TestSendAndLock:
         _, (locked,) = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1)
         assert locked.locked_until == datetime.fromtimestamp(T0 + 30.0, tz=UTC)
 
+    def test_a_lock_may_be_shorter_than_a_second(self, queue: LocalQueue) -> None:
+        _, (locked,) = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1,
+                                           lock_duration=0.5)
+        assert locked.locked_until == datetime.fromtimestamp(T0 + 0.5, tz=UTC)
+
+    def test_by_default_it_waits_for_a_queue_another_thread_is_using(
+        self, queue: LocalQueue
+    ) -> None:
+        queue._lock.acquire()  # another thread is in a call, and leaves it soon
+        releaser = threading.Timer(0.2, queue._lock.release)
+        releaser.start()
+        try:
+            results, locked = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1)
+        finally:
+            releaser.join()
+        assert (results, [m.message_id for m in locked]) == ([True], ["evt-1"])
+
     def test_at_most_max_locked_and_the_rest_wait_in_order(self, queue: LocalQueue) -> None:
         batch = [(f"m{i}".encode(), f"evt-{i}", None) for i in range(5)]
         results, locked = queue.send_and_lock(batch, max_locked=2)
@@ -373,6 +390,11 @@ class TestPayloadRoundTrip:
         queue.abandon(msg.lock_token or "")
         assert receive_one(queue).application_properties == props
 
+    def test_a_body_that_is_not_bytes_is_rejected_by_its_type(self, queue: LocalQueue) -> None:
+        with pytest.raises(TypeError, match=r"^body must be bytes, got str$"):
+            queue.send("x", message_id="evt")  # type: ignore[arg-type]
+        assert queue.stats()["active"] == 0
+
     def test_non_string_property_values_are_rejected(self, queue: LocalQueue) -> None:
         with pytest.raises(TypeError, match="must be str"):
             queue.send(b"x", message_id="evt", application_properties={"n": 1})  # type: ignore[dict-item]
@@ -380,7 +402,7 @@ class TestPayloadRoundTrip:
     def test_message_id_must_be_non_empty_and_at_most_128_chars_like_service_bus(
         self, queue: LocalQueue
     ) -> None:
-        with pytest.raises(ValueError, match="non-empty"):
+        with pytest.raises(ValueError, match=r"^message_id must be a non-empty string$"):
             queue.send(b"x", message_id="")
         with pytest.raises(ValueError, match="128"):
             queue.send(b"x", message_id="a" * 129)
@@ -442,6 +464,26 @@ class TestDuplicateDetection:
         with sqlite3.connect(db_path) as conn:
             ids = [r[0] for r in conn.execute("SELECT message_id FROM duplicates")]
         assert ids == ["new"]
+
+
+    def test_pruning_runs_at_most_once_per_interval_and_as_soon_as_it_is_due(
+        self, db_path: Path, clock: FakeClock
+    ) -> None:
+        # A 30 s window: pruning (a scan of the expired ids) runs on a send at most every 30 s.
+        def ids() -> list[str]:
+            with sqlite3.connect(db_path) as conn:
+                return sorted(r[0] for r in conn.execute("SELECT message_id FROM duplicates"))
+
+        with LocalQueue(db_path, duplicate_window=30.0, clock=clock) as queue:
+            queue.send(b"x", message_id="a")  # T0: pruned now, next due at T0 + 30
+            clock.advance(29)
+            queue.send(b"x", message_id="b")  # not due
+            clock.advance(1)
+            queue.send(b"x", message_id="c")  # due exactly now: "a" (T0) has expired
+            assert ids() == ["b", "c"]
+            clock.advance(29)
+            queue.send(b"x", message_id="d")  # T0 + 59: "b" has expired, but no prune is due
+            assert ids() == ["b", "c", "d"]
 
 
 # --- peek-lock, lock expiry, abandon ------------------------------------------------------
@@ -750,7 +792,8 @@ class TestScheduledAndStats:
         assert receive_one(queue).body == b"x"
 
     def test_scheduled_time_must_be_timezone_aware(self, queue: LocalQueue) -> None:
-        with pytest.raises(ValueError, match="timezone-aware"):
+        with pytest.raises(ValueError,
+                           match=r"^scheduled_enqueue_time must be timezone-aware \(UTC\)$"):
             queue.send(b"x", message_id="evt", scheduled_enqueue_time=datetime(2030, 1, 1))
 
     def test_stats_counts_locked_and_unlocked_active_scheduled_and_dead_lettered(

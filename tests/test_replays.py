@@ -128,8 +128,10 @@ class TestStaleDeliveries:
         assert re.search(description, entry["description"]), entry["description"]
         assert stale["eventId"] not in recorder.seen
         assert not_handled(host, stale["eventId"])
-        # handled.jsonl records it as what it is: a final outcome, dead-lettered.
-        (record,) = [r for r in host.handled() if r["eventId"] == stale["eventId"]]
+        # handled.jsonl records it as what it is: a final outcome, dead-lettered (the line
+        # follows the dead-lettering).
+        (record,) = wait_until(
+            lambda: [r for r in host.handled() if r["eventId"] == stale["eventId"]])
         assert (record["outcome"], record["reason"]) == ("dead_lettered", "StaleDelivery")
         shown = cli_json(env, "dlq", "show", str(entry["sequenceNumber"]))
         assert shown["body"] == body.decode()
@@ -218,6 +220,8 @@ class TestAgeIsMeasuredAtReceipt:
             assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
             wait_until(lambda: event["eventId"] in recorder.seen, timeout=60)
             assert host.dead_letters() == []
-            (record,) = [r for r in host.handled() if r["eventId"] == event["eventId"]]
+            # The handler has run; its outcome line follows once it returned.
+            (record,) = wait_until(
+                lambda: [r for r in host.handled() if r["eventId"] == event["eventId"]])
             assert record["outcome"] == "handled"
         assert list((tmp_path / "spill").glob("*.json")) == []
