@@ -104,6 +104,9 @@ def _string_properties(properties: Mapping[Any, Any]) -> dict[str, str]:
     """Application properties as str -> str (Service Bus may hand over bytes)."""
     out: dict[str, str] = {}
     for key, value in properties.items():
+        if type(key) is str and type(value) is str:  # the common case, without two calls
+            out[key] = value
+            continue
         k, v = _text(key), _text(value)
         if k is not None and v is not None:
             out[k] = v

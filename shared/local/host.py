@@ -225,9 +225,13 @@ def invocation_context(name: str, headers: CIMultiDictProxy[str]) -> LocalContex
 RequestObserver = Callable[[str, str, Mapping[str, str], bytes], Callable[[int, bytes], None]]
 
 
+def _ignore_answer(status: int, response: bytes) -> None:
+    return None
+
+
 def _unobserved(route: str, method: str, headers: Mapping[str, str], body: bytes,
                 ) -> Callable[[int, bytes], None]:
-    return lambda status, response: None
+    return _ignore_answer
 
 
 class NotifyingPublisher:
