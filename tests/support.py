@@ -122,6 +122,7 @@ class RunningHost:
         workers: int = 4,
         timer_interval: float = 60.0,
         lock_duration: float = 60.0,
+        poll_interval: float = 0.05,
     ) -> None:
         self.settings = load_settings(env)
         self.runtime = build_runtime(self.settings, registry=registry)
@@ -130,6 +131,7 @@ class RunningHost:
         self._workers = workers
         self._timer_interval = timer_interval
         self._lock_duration = lock_duration
+        self._poll_interval = poll_interval
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.host: LocalHost | None = None
@@ -140,7 +142,8 @@ class RunningHost:
 
         async def start() -> LocalHost:
             host = LocalHost(load_function_app(), self.runtime, port=0, workers=self._workers,
-                             poll_interval=0.05, timer_interval=self._timer_interval,
+                             poll_interval=self._poll_interval,
+                             timer_interval=self._timer_interval,
                              lock_duration=self._lock_duration)
             await host.start()
             return host

@@ -17,7 +17,7 @@ from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
 from shared.local.adapters import LocalQueuePublisher
 from shared.local.queue import LocalQueue, QueuedMessage
-from shared.publisher import OutboundMessage
+from shared.publisher import OutboundMessage, PublishError
 from shared.runtime import Runtime
 
 from .support import RunningHost, encode, local_env, signed_headers, state_event, wait_until
@@ -111,12 +111,24 @@ class _Consumer:
         self.free = free
         self.lock_duration = 45.0
         self.delivered: list[QueuedMessage] = []
+        self.finished: list[str] = []
+        self.woken = 0
 
     def free_workers(self) -> int:
         return self.free
 
     def deliver(self, messages: list[QueuedMessage]) -> None:
         self.delivered.extend(messages)
+
+    def completions(self) -> list[str]:
+        taken, self.finished = self.finished, []
+        return taken
+
+    def not_completed(self, lock_tokens: list[str]) -> None:
+        self.finished[:0] = lock_tokens
+
+    def wake(self) -> None:
+        self.woken += 1
 
 
 def _message(event_id: str) -> OutboundMessage:
@@ -138,6 +150,7 @@ def test_the_publisher_hands_over_at_most_the_free_workers(tmp_path: Path, free:
         assert asyncio.run(publish_two()) == [True, True]
         handed = [m.message_id for m in consumer.delivered]
         assert handed == ["evt-1", "evt-2"][:free]
+        assert consumer.woken == (1 if free < 2 else 0)  # woken for what it was not handed
         for message in consumer.delivered:
             assert (message.locked_until - message.enqueued_time).total_seconds() == 45.0
         assert [m.message_id for m in queue.receive(max_messages=5)] == ["evt-1", "evt-2"][free:]
@@ -160,4 +173,61 @@ def test_a_send_that_waited_in_a_thread_hands_nothing_over(tmp_path: Path) -> No
 
         assert asyncio.run(publish_while_busy()) is True
         assert consumer.delivered == []  # `deliver` belongs on the event loop
+        assert consumer.woken == 1  # back on the loop: receive what was stored
         assert [m.message_id for m in queue.receive()] == ["evt-1"]
+
+
+def test_what_the_consumer_finished_is_completed_by_the_next_send(tmp_path: Path) -> None:
+    with LocalQueue(tmp_path / "q.db") as queue:
+        publisher = LocalQueuePublisher(queue)
+        consumer = _Consumer(1)
+        publisher.consumer = consumer
+        asyncio.run(publisher.publish(_message("evt-1")))
+        (first,) = consumer.delivered
+        consumer.finished = [first.lock_token or ""]
+        asyncio.run(publisher.publish(_message("evt-2")))
+        assert consumer.finished == []
+        assert queue.stats()["active"] == 1  # evt-1 completed, evt-2 handed over
+        assert queue.peek_dead_letters() == []
+
+
+def test_a_send_that_fails_gives_the_finished_locks_back(tmp_path: Path) -> None:
+    with LocalQueue(tmp_path / "q.db") as queue:
+        publisher = LocalQueuePublisher(queue)
+        consumer = _Consumer(1)
+        publisher.consumer = consumer
+        asyncio.run(publisher.publish(_message("evt-1")))
+        token = consumer.delivered[0].lock_token or ""
+        consumer.finished = [token]
+        queue.close()  # every call now fails
+        with pytest.raises(PublishError):
+            asyncio.run(publisher.publish(_message("evt-2")))
+        assert consumer.finished == [token]  # kept, for the next send or the fetcher
+
+
+def test_the_host_completes_with_its_next_send_without_a_commit_of_its_own(
+    tmp_path: Path,
+) -> None:
+    calls: list[list[str]] = []
+
+    def record_completions(runtime: Runtime) -> None:
+        queue = runtime.queue
+        original = queue.complete_and_receive
+
+        def complete_and_receive(lock_tokens: Any, **kwargs: Any) -> Any:
+            calls.append(list(lock_tokens))
+            return original(lock_tokens, **kwargs)
+
+        queue.complete_and_receive = complete_and_receive
+
+    # The fetcher polls once a minute here: only a send can complete evt-1 in time.
+    with RunningHost(local_env(tmp_path), customize=record_completions,
+                     poll_interval=60.0) as running:
+        _post(running, "evt-1")
+        wait_until(lambda: len(running.handled()) == 1)
+        assert running.runtime.queue.stats()["active"] == 1  # processed, not yet completed
+        _post(running, "evt-2")
+        wait_until(lambda: len(running.handled()) == 2)
+        with LocalQueue(tmp_path / "queue.sqlite3") as other:
+            assert other.stats()["active"] == 1  # evt-2's send completed evt-1: evt-2 is left
+    assert all(tokens == [] for tokens in calls)  # never by a fetcher transaction

@@ -225,7 +225,7 @@ class TestSendAndLock:
         assert sent.send_many(batch) == [True, True, True]
         received = sent.receive(max_messages=5, lock_duration=12.5)
         locking = LocalQueue(tmp_path / "b.db", lock_duration=30.0, clock=clock)
-        results, locked = locking.send_and_lock(batch, max_locked=5, lock_duration=12.5)
+        results, locked, _ = locking.send_and_lock(batch, max_locked=5, lock_duration=12.5)
         assert results == [True, True, True]
         assert [self._comparable(m) for m in locked] == [self._comparable(m) for m in received]
         assert locked[0].locked_until == datetime.fromtimestamp(T0 + 12.5, tz=UTC)
@@ -241,11 +241,11 @@ class TestSendAndLock:
     def test_the_queue_lock_duration_is_the_default(
         self, queue: LocalQueue, clock: FakeClock
     ) -> None:
-        _, (locked,) = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1)
+        _, (locked,), _ = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1)
         assert locked.locked_until == datetime.fromtimestamp(T0 + 30.0, tz=UTC)
 
     def test_a_lock_may_be_shorter_than_a_second(self, queue: LocalQueue) -> None:
-        _, (locked,) = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1,
+        _, (locked,), _ = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1,
                                            lock_duration=0.5)
         assert locked.locked_until == datetime.fromtimestamp(T0 + 0.5, tz=UTC)
 
@@ -256,14 +256,14 @@ class TestSendAndLock:
         releaser = threading.Timer(0.2, queue._lock.release)
         releaser.start()
         try:
-            results, locked = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1)
+            results, locked, _ = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1)
         finally:
             releaser.join()
         assert (results, [m.message_id for m in locked]) == ([True], ["evt-1"])
 
     def test_at_most_max_locked_and_the_rest_wait_in_order(self, queue: LocalQueue) -> None:
         batch = [(f"m{i}".encode(), f"evt-{i}", None) for i in range(5)]
-        results, locked = queue.send_and_lock(batch, max_locked=2)
+        results, locked, _ = queue.send_and_lock(batch, max_locked=2)
         assert results == [True] * 5
         assert [m.body for m in locked] == [b"m0", b"m1"]
         assert [m.body for m in queue.receive(max_messages=5)] == [b"m2", b"m3", b"m4"]
@@ -272,7 +272,7 @@ class TestSendAndLock:
         self, queue: LocalQueue
     ) -> None:
         queue.send(b"old", message_id="evt-old")
-        results, locked = queue.send_and_lock([(b"new", "evt-new", None)], max_locked=4)
+        results, locked, _ = queue.send_and_lock([(b"new", "evt-new", None)], max_locked=4)
         assert (results, locked) == ([True], [])
         # The consumer's receive takes the oldest first, as always.
         assert [m.body for m in queue.receive(max_messages=4)] == [b"old", b"new"]
@@ -293,7 +293,7 @@ class TestSendAndLock:
         receive_one(queue)
         queue.send(b"later", message_id="evt-2",
                    scheduled_enqueue_time=datetime.fromtimestamp(T0 + 60, tz=UTC))
-        _, locked = queue.send_and_lock([(b"new", "evt-3", None)], max_locked=1)
+        _, locked, _ = queue.send_and_lock([(b"new", "evt-3", None)], max_locked=1)
         assert [m.body for m in locked] == [b"new"]
 
     def test_duplicates_are_neither_stored_nor_locked_nor_take_a_slot(
@@ -301,20 +301,20 @@ class TestSendAndLock:
     ) -> None:
         queue.complete(queue.send_and_lock([(b"a", "evt-a", None)], max_locked=1)[1][0]
                        .lock_token or "")
-        results, locked = queue.send_and_lock(
+        results, locked, _ = queue.send_and_lock(
             [(b"a", "evt-a", None), (b"b", "evt-b", None), (b"b", "evt-b", None)], max_locked=1)
         assert results == [False, True, False]
         assert [m.message_id for m in locked] == ["evt-b"]
         assert queue.stats()["active"] == 1
 
     def test_with_no_slot_it_is_a_plain_send(self, queue: LocalQueue) -> None:
-        assert queue.send_and_lock([(b"x", "evt-1", None)], max_locked=0) == ([True], [])
+        assert queue.send_and_lock([(b"x", "evt-1", None)], max_locked=0) == ([True], [], [])
         assert receive_one(queue).delivery_count == 1
 
     def test_a_lock_taken_at_send_expires_and_is_redelivered_like_any_other(
         self, queue: LocalQueue, clock: FakeClock
     ) -> None:
-        _, (locked,) = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1)
+        _, (locked,), _ = queue.send_and_lock([(b"x", "evt-1", None)], max_locked=1)
         clock.advance(29.9)
         assert queue.receive() == []
         clock.advance(0.1)
@@ -322,6 +322,42 @@ class TestSendAndLock:
         assert (again.sequence_number, again.delivery_count) == (locked.sequence_number, 2)
         with pytest.raises(LockLostError):
             queue.complete(locked.lock_token or "")
+
+    def test_locks_passed_in_are_completed_in_the_same_transaction(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        _, done, _ = queue.send_and_lock([(b"a", "evt-a", None), (b"b", "evt-b", None)],
+                                         max_locked=2)
+        queue.complete(done[1].lock_token or "")  # settled already: its lock is gone
+        results, locked, completed = queue.send_and_lock(
+            [(b"c", "evt-c", None)], max_locked=1,
+            complete=[done[0].lock_token or "", done[1].lock_token or ""])
+        assert results == [True] and [m.message_id for m in locked] == ["evt-c"]
+        assert completed[0] is None and isinstance(completed[1], LockLostError)
+        assert queue.stats()["active"] == 1  # only evt-c, locked
+
+    def test_a_send_that_fails_completes_nothing(self, queue: LocalQueue) -> None:
+        _, (done,), _ = queue.send_and_lock([(b"a", "evt-a", None)], max_locked=1)
+        with queue._lock, pytest.raises(QueueBusyError):
+            queue.send_and_lock([(b"b", "evt-b", None)], max_locked=1, wait=False,
+                                complete=[done.lock_token or ""])
+        assert queue.complete_many([done.lock_token or ""]) == [None]  # still held
+
+    def test_a_send_that_fails_after_completing_rolls_the_completions_back(
+        self, queue: LocalQueue, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        _, (done,), _ = queue.send_and_lock([(b"a", "evt-a", None)], max_locked=1)
+
+        def disk_error(conn: sqlite3.Connection, now: float) -> bool:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(queue, "_any_available", disk_error)  # after the completion ran
+        with pytest.raises(QueueUnavailableError, match="disk I/O error"):
+            queue.send_and_lock([(b"b", "evt-b", None)], max_locked=1,
+                                complete=[done.lock_token or ""])
+        monkeypatch.undo()
+        assert queue.stats()["active"] == 1  # evt-a only, and still locked by its holder
+        assert queue.complete_many([done.lock_token or ""]) == [None]
 
     def test_arguments_are_checked_before_anything_is_stored(self, queue: LocalQueue) -> None:
         with pytest.raises(ValueError, match=r"max_locked must be >= 0, got -1"):
@@ -345,7 +381,7 @@ class TestSendAndLock:
             import sys
             from shared.local.queue import LocalQueue
             q = LocalQueue(sys.argv[1], lock_duration=30.0)
-            results, locked = q.send_and_lock([(b"kept", "evt-1", None)], max_locked=1)
+            results, locked, _ = q.send_and_lock([(b"kept", "evt-1", None)], max_locked=1)
             print(locked[0].lock_token, flush=True)
             import time
             time.sleep(60)

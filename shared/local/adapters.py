@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,6 +38,15 @@ class Consumer(Protocol):
     def deliver(self, messages: list[QueuedMessage]) -> None:
         """Start processing these messages, each locked for it; must not block."""
 
+    def completions(self) -> list[str]:
+        """Take the lock tokens of messages it finished, to complete with the send."""
+
+    def not_completed(self, lock_tokens: list[str]) -> None:
+        """The send failed: these (from `completions`) were not completed; keep them."""
+
+    def wake(self) -> None:
+        """Messages were stored that it was not handed: receive them."""
+
 
 class LocalQueuePublisher:
     """Publishes to the embedded SQLite queue (local host and tests).
@@ -46,36 +55,53 @@ class LocalQueuePublisher:
     message is committed. A batch is written on the event loop unless the queue is busy.
 
     With a `consumer` (the local host sets itself), a batch written on the event loop also
-    locks up to `consumer.free_workers()` of its new messages in the same transaction and hands
-    them over (`LocalQueue.send_and_lock`): an idle worker starts on an event without a
-    receive of its own. Only when no older message waits, so the order is the queue's.
+    completes what the consumer finished and locks up to `consumer.free_workers()` of its new
+    messages for it, in the same transaction (`LocalQueue.send_and_lock`), then hands them
+    over: an idle worker starts on an event without a receive of its own, and completions
+    need no commit of their own while events arrive. New messages are locked only when no
+    older message waits, so the order is the queue's; the consumer is woken for any message
+    stored without a lock.
     """
 
     def __init__(self, queue: Any) -> None:
         self.queue = queue
         self.consumer: Consumer | None = None
-        self._batcher: Batcher[tuple[bytes, str, dict[str, str]], bool] = Batcher(
-            lambda items: on_loop_unless_busy(self._send, items)
-        )
+        self._batcher: Batcher[tuple[bytes, str, dict[str, str]], bool] = Batcher(self._write)
 
-    def _send(self, items: list[tuple[bytes, str, dict[str, str]]], *,
-              wait: bool = True) -> list[bool]:
+    async def _write(
+        self, items: Sequence[tuple[bytes, str, dict[str, str]]]
+    ) -> Sequence[bool | BaseException]:
+        results, unlocked = await on_loop_unless_busy(self._send, items)
         consumer = self.consumer
-        # In a worker thread (`wait`: the queue was busy) nothing is handed over: `deliver`
-        # belongs on the event loop.
-        free = 0 if wait or consumer is None else consumer.free_workers()
-        if free <= 0:
-            return list(self.queue.send_many(items, wait=wait))
-        assert consumer is not None
-        results, locked = self.queue.send_and_lock(
-            items, max_locked=free, lock_duration=consumer.lock_duration, wait=wait)
+        if unlocked and consumer is not None:
+            consumer.wake()
+        return results
+
+    def _send(self, items: Sequence[tuple[bytes, str, dict[str, str]]], *,
+              wait: bool = True) -> tuple[list[bool], int]:
+        """The batch's results, and how many messages were stored without a lock."""
+        consumer = self.consumer
+        if wait or consumer is None:
+            # In a worker thread (`wait`: the queue was busy) nothing is handed over or taken
+            # from the consumer: its methods belong on the event loop.
+            results = list(self.queue.send_many(items, wait=wait))
+            return results, sum(results)
+        done = consumer.completions()
+        try:
+            results, locked, _ = self.queue.send_and_lock(
+                items, max_locked=max(consumer.free_workers(), 0),
+                lock_duration=consumer.lock_duration, complete=done, wait=False)
+        except BaseException:
+            if done:
+                consumer.not_completed(done)
+            raise
         if locked:
             try:
                 consumer.deliver(locked)
             except Exception:  # stored all the same: redelivered once their locks expire
                 logger.exception("handing %d stored message(s) to the consumer failed; they "
                                  "are delivered again when their locks expire", len(locked))
-        return list(results)
+        return list(results), sum(results) - len(locked)
 
     async def publish(self, message: OutboundMessage) -> bool:
         try:

@@ -305,14 +305,17 @@ class LocalHost:
         self.observer: RequestObserver = observer or _unobserved
         self.http_functions, self.queue_functions, self.timer_functions = index_functions(app)
         self._wake = asyncio.Event()
-        runtime.publisher = NotifyingPublisher(runtime.publisher, self._wake)
         # The queue's own publisher (the one re-drive also sends to) hands this host what it
-        # stores while workers are free; its consumer is set in `start`, cleared in `stop`.
+        # stores while workers are free, completes what the host finished with each send, and
+        # wakes the fetcher for the rest; its consumer is set in `start`, cleared in `stop`.
+        # Any other publisher is wrapped to wake the fetcher after each publish.
         self._queue_publisher = (
             runtime.redrive_publisher
             if isinstance(runtime.redrive_publisher, LocalQueuePublisher)
             and runtime.redrive_publisher.queue is self.queue else None
         )
+        if self._queue_publisher is None:
+            runtime.publisher = NotifyingPublisher(runtime.publisher, self._wake)
         self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
@@ -499,6 +502,16 @@ class LocalHost:
         for qm in messages:
             self._start_one(fn, qm)
 
+    def completions(self) -> list[str]:
+        tokens, self._to_complete = self._to_complete, []
+        return tokens
+
+    def not_completed(self, lock_tokens: list[str]) -> None:
+        self._to_complete[:0] = lock_tokens
+
+    def wake(self) -> None:
+        self._wake.set()
+
     async def _health_problem(self) -> str | None:
         if self._queue_error is not None:
             return self._queue_error
@@ -544,8 +557,11 @@ class LocalHost:
         except Exception as exc:
             await self._failed(fn, qm, exc)
         else:
+            # Completed by the next send's transaction (the queue publisher takes it), or by
+            # the fetcher's next receive (a wake-up or its poll) when no event comes first.
             self._to_complete.append(qm.lock_token)
-            self._wake.set()  # the fetcher completes it in its next transaction
+            if self._queue_publisher is None:
+                self._wake.set()
         finally:
             self._held.pop(qm.lock_token, None)
 

@@ -555,7 +555,7 @@ class LocalQueue:
         Without `wait`, `QueueBusyError` instead of waiting for a busy queue (nothing sent).
         """
         return self._send(messages, scheduled_enqueue_time=scheduled_enqueue_time, wait=wait,
-                          max_locked=0, lock_duration=None)[0]
+                          max_locked=0, lock_duration=None, complete=())[0]
 
     def send_and_lock(
         self,
@@ -563,8 +563,9 @@ class LocalQueue:
         *,
         max_locked: int,
         lock_duration: float | None = None,
+        complete: Sequence[str] = (),
         wait: bool = True,
-    ) -> tuple[list[bool], list[QueuedMessage]]:
+    ) -> tuple[list[bool], list[QueuedMessage], list[LockLostError | None]]:
         """`send_many`, and up to `max_locked` of the new messages peek-locked for the caller
         in the same transaction: exactly what a `receive` right after the commit would have
         returned (oldest first, delivery count 1), without its transaction.
@@ -574,11 +575,15 @@ class LocalQueue:
         `receive` takes the oldest as always. What this saves is the receive's statements, its
         re-read of every body, and a commit: a consumer in the same process with free workers
         (the local host) gets the messages it just stored.
+
+        `complete` are lock tokens of messages the caller has finished: they are completed in
+        the same transaction, with `complete_many`'s results third, which saves a consumer that
+        also sends a commit of its own. If the call raises, none of them was completed.
         """
         if max_locked < 0:
             raise ValueError(f"max_locked must be >= 0, got {max_locked}")
         return self._send(messages, scheduled_enqueue_time=None, wait=wait,
-                          max_locked=max_locked, lock_duration=lock_duration)
+                          max_locked=max_locked, lock_duration=lock_duration, complete=complete)
 
     def _send(
         self,
@@ -588,7 +593,8 @@ class LocalQueue:
         wait: bool,
         max_locked: int,
         lock_duration: float | None,
-    ) -> tuple[list[bool], list[QueuedMessage]]:
+        complete: Sequence[str],
+    ) -> tuple[list[bool], list[QueuedMessage], list[LockLostError | None]]:
         rows: list[tuple[bytes, str, str, dict[str, str]]] = []
         for body, message_id, application_properties in messages:
             if not isinstance(body, bytes | bytearray | memoryview):
@@ -616,6 +622,7 @@ class LocalQueue:
         results: list[bool] = []
         locked: list[QueuedMessage] = []
         with self._transaction("send", wait=wait) as conn:
+            completed = self._complete_rows(conn, complete, now)
             if max_locked and self._any_available(conn, now):
                 max_locked = 0  # older messages first: the consumer's receive takes them
             for body_bytes, message_id, properties, checked in rows:
@@ -675,7 +682,7 @@ class LocalQueue:
             with self._sent:
                 self._sent_generation += 1
                 self._sent.notify_all()
-        return results, locked
+        return results, locked, completed
 
     @staticmethod
     def _any_available(conn: sqlite3.Connection, now: float) -> bool:
