@@ -155,6 +155,21 @@ class TestCallersMatchTheirStandardLibraryPath:
         for body in bodies:
             assert peek_envelope(body).event_id == "e-1"
 
+    def test_the_processor_decodes_an_event_without_the_json_path(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """As for the envelope: a usual event is decoded by orjson; the json path (which
+        would give the same event) is for what orjson cannot promise."""
+        import shared.events
+
+        def no_json(*args: object, **kwargs: object) -> object:
+            raise AssertionError("the json path was taken")
+
+        body = state_payload(2048, event_id="e-1")
+        monkeypatch.setattr(shared.events.json, "loads", no_json)
+        monkeypatch.setattr(_DECODER, "decode", no_json)
+        assert _load(body)["eventId"] == "e-1"
+
     @MANY
     @given(st.one_of(written, dumped))
     def test_the_receivers_envelope_is_the_standard_librarys(self, body: bytes) -> None:
