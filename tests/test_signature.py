@@ -78,6 +78,12 @@ class TestMatchingToken:
         # RFC 9110 5.5: servers strip it before the value reaches us; the local host too.
         assert matching_token(b"x", " \t" + sign("amt", b"x") + " ", ["amt"]) == 0
 
+    @pytest.mark.parametrize("other", ["\n", "\r", "\x0b", "\x0c", "\u00a0"])
+    def test_only_space_and_tab_are_optional_whitespace(self, other: str) -> None:
+        # Anything else around the digest is part of the value, and so not our signature.
+        assert matching_token(b"x", sign("amt", b"x") + other, ["amt"]) is None
+        assert matching_token(b"x", other + sign("amt", b"x"), ["amt"]) is None
+
     @pytest.mark.parametrize("bad", ["", "zz", "\u00e9" * 64, sign("amt", b"x")[:-1]])
     def test_malformed_signature_never_matches_nor_raises(self, bad: str) -> None:
         assert matching_token(b"x", bad, ["amt"]) is None
