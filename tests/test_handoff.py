@@ -131,6 +131,14 @@ class _Consumer:
         self.woken += 1
 
 
+def _consumed(queue: LocalQueue, *, free: int) -> tuple[LocalQueuePublisher, _Consumer]:
+    """A queue publisher with a consumer that has `free` workers."""
+    publisher = LocalQueuePublisher(queue)
+    consumer = _Consumer(free)
+    publisher.consumer = consumer
+    return publisher, consumer
+
+
 def _message(event_id: str) -> OutboundMessage:
     return OutboundMessage(body=b"{}", message_id=event_id,
                            application_properties={"eventType": "VEHICLE_STATE"})
@@ -139,9 +147,7 @@ def _message(event_id: str) -> OutboundMessage:
 @pytest.mark.parametrize("free", [0, 1, 3])
 def test_the_publisher_hands_over_at_most_the_free_workers(tmp_path: Path, free: int) -> None:
     with LocalQueue(tmp_path / "q.db") as queue:
-        publisher = LocalQueuePublisher(queue)
-        consumer = _Consumer(free)
-        publisher.consumer = consumer
+        publisher, consumer = _consumed(queue, free=free)
 
         async def publish_two() -> list[bool]:
             return list(await asyncio.gather(publisher.publish(_message("evt-1")),
@@ -158,9 +164,7 @@ def test_the_publisher_hands_over_at_most_the_free_workers(tmp_path: Path, free:
 
 def test_a_send_that_waited_in_a_thread_hands_nothing_over(tmp_path: Path) -> None:
     with LocalQueue(tmp_path / "q.db") as queue:
-        publisher = LocalQueuePublisher(queue)
-        consumer = _Consumer(4)
-        publisher.consumer = consumer
+        publisher, consumer = _consumed(queue, free=4)
 
         async def publish_while_busy() -> bool:
             # Another thread is in a queue call: the send goes to a worker thread and waits.
@@ -179,9 +183,7 @@ def test_a_send_that_waited_in_a_thread_hands_nothing_over(tmp_path: Path) -> No
 
 def test_what_the_consumer_finished_is_completed_by_the_next_send(tmp_path: Path) -> None:
     with LocalQueue(tmp_path / "q.db") as queue:
-        publisher = LocalQueuePublisher(queue)
-        consumer = _Consumer(1)
-        publisher.consumer = consumer
+        publisher, consumer = _consumed(queue, free=1)
         asyncio.run(publisher.publish(_message("evt-1")))
         (first,) = consumer.delivered
         consumer.finished = [first.lock_token or ""]
@@ -193,9 +195,7 @@ def test_what_the_consumer_finished_is_completed_by_the_next_send(tmp_path: Path
 
 def test_a_send_that_fails_gives_the_finished_locks_back(tmp_path: Path) -> None:
     with LocalQueue(tmp_path / "q.db") as queue:
-        publisher = LocalQueuePublisher(queue)
-        consumer = _Consumer(1)
-        publisher.consumer = consumer
+        publisher, consumer = _consumed(queue, free=1)
         asyncio.run(publisher.publish(_message("evt-1")))
         token = consumer.delivered[0].lock_token or ""
         consumer.finished = [token]

@@ -320,8 +320,8 @@ class LocalHost:
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
-        # Locks of messages processed successfully, completed by the fetcher's next
-        # transaction together with its receive (one commit and one thread hop for both).
+        # Locks of messages processed successfully, completed by the queue publisher's next
+        # send (`completions`) or else by the fetcher's next receive, in the same transaction.
         self._to_complete: list[str] = []
         # Locks held by running functions -> loop time they were taken or last renewed.
         self._held: dict[str, float] = {}
@@ -382,7 +382,7 @@ class LocalHost:
                 logger.warning("task %s ignored cancellation; abandoning it", task.get_name())
         self._tasks.clear()
         if self._to_complete:
-            tokens, self._to_complete = self._to_complete, []
+            tokens = self.completions()
             try:
                 await asyncio.to_thread(self.queue.complete_many, tokens)
             except QueueUnavailableError as exc:
@@ -449,7 +449,7 @@ class LocalHost:
                 self._slot_free.clear()
                 await self._slot_free.wait()
                 continue
-            completing, self._to_complete = self._to_complete, []
+            completing = self.completions()
             try:
                 completed, received = await on_loop_unless_busy(
                     self.queue.complete_and_receive, completing, max_messages=free,
@@ -458,10 +458,10 @@ class LocalHost:
             except asyncio.CancelledError:
                 # Stopping: the call may never have started in its thread, so `stop` completes
                 # them (a second completion of one that was completed is a harmless no-op).
-                self._to_complete[:0] = completing
+                self.not_completed(completing)
                 raise
             except Exception as exc:
-                self._to_complete[:0] = completing  # not completed: the next try takes them
+                self.not_completed(completing)  # the next try takes them
                 if self._queue_error is None:
                     logger.exception("local queue receive failed; retrying")
                 self._queue_error = f"local queue receive failed: {exc}"
