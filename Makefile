@@ -1,5 +1,8 @@
 # The two commands: `make run` and `make test`. Both create .venv and install on first use.
-PYTHON ?= python3
+# The app runs on Python 3.13 in Azure, and azure-functions 2.x needs it: find a python3.13 on
+# PATH or in pyenv's versions (a pyenv shim whose version is not selected fails the check).
+PYTHON ?= $(shell for p in python3.13 $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13); do \
+  $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' >/dev/null 2>&1 && { echo $$p; break; }; done)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -17,7 +20,13 @@ CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 .PHONY: run test test-browser lint bench mutate clean send stats dlq dlq-show dlq-replay dlq-purge
 
 $(STAMP): requirements.txt requirements-dev.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if [ -z "$(PYTHON)" ]; then \
+	  echo "Python 3.13 is required (the version the app runs on in Azure) and was not found." >&2; \
+	  echo "Install it (python.org, 'pyenv install 3.13', 'uv python install 3.13' or your package manager)," >&2; \
+	  echo "or point to it: make $(firstword $(MAKECMDGOALS) run) PYTHON=/path/to/python3.13" >&2; \
+	  exit 1; fi
+	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || \
+	  { test ! -e $(VENV) || echo "Recreating $(VENV) with Python 3.13"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
 	@touch $(STAMP)
 

@@ -472,7 +472,7 @@ class TestResources:
         (site,) = fa.resources_of_type("Microsoft.Web/sites")
         config = prop(site.body, "properties.functionAppConfig")
         assert config is not None
-        assert literal(prop(config, "runtime")) == {"name": "python", "version": "3.11"}
+        assert literal(prop(config, "runtime")) == {"name": "python", "version": "3.13"}
         storage = literal(prop(config, "deployment.storage"))
         assert storage["type"] == "blobContainer"
         assert storage["authentication"] == {
@@ -807,7 +807,7 @@ class TestDelivery:
         publish = workflow.index("func azure functionapp publish")
         assert deploy < publish
         assert "-f infra/main.bicep" in workflow and "-p infra/main.bicepparam" in workflow
-        assert "python-version: '3.11'" in workflow
+        assert "python-version: '3.13'" in workflow
 
     def test_readme_deploy_section(self) -> None:
         readme = (ROOT / "README.md").read_text()
@@ -815,7 +815,7 @@ class TestDelivery:
         section = readme.split("\n## Deploy\n", 1)[1].split("\n## ", 1)[0]
         for needle in (
             "Functions Core Tools",
-            "Python 3.11",
+            "Python 3.13",
             "az group create",
             "az deployment group create -g",
             "-f infra/main.bicep -p infra/main.bicepparam",

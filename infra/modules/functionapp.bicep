@@ -1,4 +1,4 @@
-// Function app on the Flex Consumption plan (FC1), Python 3.11, running as the user-assigned
+// Function app on the Flex Consumption plan (FC1), Python 3.13, running as the user-assigned
 // identity. Every connection is identity-based; the app settings are exactly the names that
 // shared/settings.py reads (APP_SETTINGS minus LOCAL_ONLY_SETTINGS) plus the names the host and
 // the Azure SDKs read (HOST_SETTINGS). tests/test_infra.py keeps the two in step.
@@ -148,7 +148,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
       }
       runtime: {
         name: 'python'
-        version: '3.11'
+        version: '3.13'
       }
     }
   }

@@ -23,7 +23,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 from ..events import peek_envelope
 from ..local.queue import QUEUE_FILE
@@ -283,31 +283,28 @@ def _resolve(ops: QueueOps, ids: Sequence[str]) -> Resolved:
     return resolved
 
 
-_R = TypeVar("_R", ReplayResult, PurgeResult)
-
-
-def _with_not_found(result: _R, resolved: Resolved) -> _R:
+def _with_not_found[R: (ReplayResult, PurgeResult)](result: R, resolved: Resolved) -> R:
     """IDs that named no dead letter, then any that went away between snapshot and action."""
     result.not_found = [*resolved.not_found, *result.not_found]
     return result
 
 
-def _on_targets(
+def _on_targets[R: (ReplayResult, PurgeResult)](
     args: argparse.Namespace,
     err: TextIO,
-    act: Callable[[QueueOps, list[int] | None], _R],
-    nothing: Callable[[], _R],
-) -> _R:
+    act: Callable[[QueueOps, list[int] | None], R],
+    nothing: Callable[[], R],
+) -> R:
     """`act` on every dead letter (`--all`, None) or on those the IDs name; IDs that name none
     are reported, and `nothing()` stands for the action when none was named."""
-    def run(ops: QueueOps) -> _R:
+    def run(ops: QueueOps) -> R:
         if args.all:
             return act(ops, None)
         resolved = _resolve(ops, args.ids)
         done = act(ops, resolved.sequence_numbers) if resolved.sequence_numbers else None
         return _with_not_found(done or nothing(), resolved)
 
-    result: _R = _with_ops(run, err)
+    result: R = _with_ops(run, err)
     return result
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 from .queue import QueueBusyError
 
@@ -23,7 +23,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-async def on_loop_unless_busy(call: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+async def on_loop_unless_busy[R](call: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     """`call(*args, wait=False, **kwargs)` here, on the loop; if the queue is busy (it raised
     `QueueBusyError` having done nothing), `call(*args, **kwargs)` in a worker thread, which
     may wait for it."""
@@ -33,7 +33,7 @@ async def on_loop_unless_busy(call: Callable[..., R], *args: Any, **kwargs: Any)
         return await asyncio.to_thread(call, *args, **kwargs)
 
 
-class Batcher(Generic[T, R]):
+class Batcher[T, R]:
     """Awaits `operation(items)` for everything submitted meanwhile.
 
     `operation` returns one result per item, in order; a result that is an exception is

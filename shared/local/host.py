@@ -669,7 +669,7 @@ class LocalHost:
         return lost
 
 
-def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+def run_event_loop[T](main: Coroutine[Any, Any, T]) -> T:
     """Run `main` as the local host runs: on uvloop where it is installed (requirements-dev.txt,
     not on Windows), whose C transports cut the host's CPU per event by a few per cent (README,
     Performance); on asyncio's own loop otherwise, with the same behaviour."""
