@@ -12,16 +12,16 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
-from ..processor import InboundMessage
+from ..processor import InboundMessage, Outcome, outcome_record
 from ..publisher import OutboundMessage, PublishError
 from .batching import Batcher, on_loop_unless_busy
-from .queue import QueuedMessage
+from .queue import MAX_DELIVERY_COUNT_EXCEEDED, ExpiredMessage, QueuedMessage
 
 logger = logging.getLogger(__name__)
 
@@ -211,3 +211,26 @@ class HandledLog:
             return []
         with self.path.open(encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
+
+
+def expired_recorder(
+    log: HandledLog, max_delivery_count: int
+) -> Callable[[list[ExpiredMessage]], None]:
+    """`LocalQueue.on_expired`: a line in handled.jsonl for each message dead-lettered because
+    the lock of its last delivery expired (the process that held it died or hung), since no
+    settlement records that final outcome. A full disk loses the line, not the dead letter."""
+
+    def record(messages: list[ExpiredMessage]) -> None:
+        for expired in messages:
+            message = InboundMessage(body=expired.body, message_id=expired.message_id,
+                                     delivery_count=expired.delivery_count)
+            try:
+                log.append(outcome_record(
+                    message, str(Outcome.DEAD_LETTERED), reason=MAX_DELIVERY_COUNT_EXCEEDED,
+                    description=f"the lock of the last of {max_delivery_count} deliveries "
+                                "expired before the message was settled"))
+            except OSError as exc:
+                logger.warning("cannot record dead-lettered message %s in handled.jsonl: %s",
+                               expired.message_id, exc)
+
+    return record

@@ -43,6 +43,7 @@ from ..runtime import Runtime, build_runtime, set_runtime
 from ..settings import (
     FUNCTION_TIMEOUT_SECONDS,
     HOST_JSON,
+    SERVICEBUS_NAMESPACE,
     Settings,
     SettingsError,
     load_settings,
@@ -731,6 +732,12 @@ async def serve(
     idle_timeout: float = IDLE_TIMEOUT_SECONDS,
 ) -> None:
     settings = load_settings()
+    if settings.queue_backend != "local":
+        # Checked before anything is built: a one-line error, like every other setting's.
+        raise SettingsError(
+            f"{SERVICEBUS_NAMESPACE} is set: the local host runs on the embedded queue only; "
+            "unset it to run locally (the operations CLI uses it to reach Service Bus)"
+        )
     runtime = build_runtime(settings)
     set_runtime(runtime)
     # Spans to the console, or to Application Insights when a connection string is set.

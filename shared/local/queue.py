@@ -58,6 +58,7 @@ __all__ = [
     "MAX_DELIVERY_COUNT_EXCEEDED",
     "MAX_MESSAGE_ID_LENGTH",
     "SCHEMA_VERSION",
+    "ExpiredMessage",
     "LocalQueue",
     "LockLostError",
     "QueueBusyError",
@@ -133,6 +134,15 @@ class QueuedMessage:
     dead_letter_reason: str | None
     dead_letter_description: str | None
     state: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredMessage:
+    """A message the lock-expiry sweep dead-lettered (`LocalQueue.on_expired`)."""
+
+    message_id: str
+    body: bytes
+    delivery_count: int
 
 
 class QueueUnavailableError(RuntimeError):
@@ -347,6 +357,11 @@ class LocalQueue:
                 f"local queue {self.path}: cannot initialise the database: {exc}"
             ) from exc
         self._conn = conn
+        #: Told, after the commit, of messages the lock-expiry sweep dead-lettered (their
+        #: last delivery's lock expired: no settlement records them); `open_state_queue` sets
+        #: it to append them to handled.jsonl. Called outside the queue's lock; must not raise.
+        self.on_expired: Callable[[list[ExpiredMessage]], None] | None = None
+        self._expired: list[ExpiredMessage] = []
         self._synchronous = synchronous
         # The level the connection is at now: settlements switch to NORMAL (see the module
         # docstring), sends and every other write switch back to `synchronous`.
@@ -429,6 +444,7 @@ class LocalQueue:
         """
         if not self._lock.acquire(blocking=wait):
             raise QueueBusyError(f"local queue {self.path}: {operation}: in use by another thread")
+        expired: list[ExpiredMessage] = []
         try:
             conn = self._conn
             if conn is None:
@@ -456,7 +472,9 @@ class LocalQueue:
                 try:
                     yield conn
                     conn.execute("COMMIT")
+                    expired, self._expired = self._expired, []
                 except BaseException:
+                    self._expired = []
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
@@ -466,13 +484,15 @@ class LocalQueue:
                 ) from exc
         finally:
             self._lock.release()
+        if expired and self.on_expired is not None:
+            self.on_expired(expired)
 
     def _now(self) -> float:
         return float(self._clock())
 
     def _sweep_expired_locks(self, conn: sqlite3.Connection, now: float) -> None:
         """An expired lock is a failed delivery: dead-letter those that used their last one."""
-        conn.execute(
+        cursor = conn.execute(
             # Through the expiry index, named: on `state` alone (what the planner picks
             # without it) every receive would read every active message.
             "UPDATE messages INDEXED BY messages_by_lock_expiry SET state = ?, dl_reason = ?, "
@@ -480,7 +500,7 @@ class LocalQueue:
             "|| ' delivery attempts.', dead_lettered_at = ?, lock_token = NULL, "
             "locked_until = NULL "
             "WHERE lock_token IS NOT NULL AND locked_until <= ? AND state = ? "
-            "AND delivery_count >= ?",
+            "AND delivery_count >= ? RETURNING message_id, body, delivery_count",
             (
                 _DEADLETTERED,
                 MAX_DELIVERY_COUNT_EXCEEDED,
@@ -489,6 +509,12 @@ class LocalQueue:
                 _ACTIVE,
                 self.max_delivery_count,
             ),
+        )
+        self._expired.extend(
+            # A damaged row still gets its line: whatever of it can be read.
+            ExpiredMessage(str(m), b if isinstance(b, bytes) else b"",
+                           c if isinstance(c, int) else 0)
+            for m, b, c in cursor
         )
 
     def _locked_row(self, conn: sqlite3.Connection, lock_token: str, now: float) -> tuple[int, int]:
@@ -1074,6 +1100,12 @@ def open_state_queue(state_dir: Path, *, max_delivery_count: int = 5) -> LocalQu
                 f"was initialised: the file was truncated. {recovery_advice(path)}"
             )
     queue = LocalQueue(path, max_delivery_count=max_delivery_count)
+    # Imported here: adapters imports this module.
+    from ..runtime import HANDLED_FILE
+    from .adapters import HandledLog, expired_recorder
+
+    queue.on_expired = expired_recorder(HandledLog(state_dir / HANDLED_FILE),
+                                        max_delivery_count)
     if not marker.exists():
         try:
             _write_marker(marker, path)
