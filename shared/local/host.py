@@ -71,6 +71,10 @@ DEFAULT_PORT = 7071
 #: Seconds `stop` waits for cancelled tasks and open requests; the whole stop stays well
 #: inside the 10 s a supervisor (or Ctrl-C) may wait before killing.
 STOP_GRACE_SECONDS = 3.0
+#: Longest a successful delivery waits for a send's transaction to complete it (one commit for
+#: both) before the fetcher completes it alone. Bounds the window in which a crash makes the
+#: event be handled twice (well under 10 ms with the commit).
+COMPLETION_DELAY_SECONDS = 0.002
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,6 +328,8 @@ class LocalHost:
         # Locks of messages processed successfully, completed by the queue publisher's next
         # send (`completions`) or else by the fetcher's next receive, in the same transaction.
         self._to_complete: list[str] = []
+        # Wakes the fetcher to complete what no send completed within COMPLETION_DELAY_SECONDS.
+        self._completion_timer: asyncio.TimerHandle | None = None
         # Locks held by running functions -> loop time they were taken or last renewed.
         self._held: dict[str, float] = {}
         self._stopping = False
@@ -503,6 +509,11 @@ class LocalHost:
         for qm in messages:
             self._start_one(fn, qm)
 
+    def _completion_due(self) -> None:
+        self._completion_timer = None
+        if self._to_complete:
+            self._wake.set()
+
     def completions(self) -> list[str]:
         tokens, self._to_complete = self._to_complete, []
         return tokens
@@ -558,11 +569,16 @@ class LocalHost:
         except Exception as exc:
             await self._failed(fn, qm, exc)
         else:
-            # Completed by the next send's transaction (the queue publisher takes it), or by
-            # the fetcher's next receive (a wake-up or its poll) when no event comes first.
+            # Completed by the next send's transaction (the queue publisher takes it) when one
+            # comes within COMPLETION_DELAY_SECONDS, else by the fetcher, woken for it then:
+            # a crash between handling and completion hands the event to a handler again, so
+            # that window stays a few milliseconds even when no event arrives.
             self._to_complete.append(qm.lock_token)
             if self._queue_publisher is None:
                 self._wake.set()
+            elif self._completion_timer is None:
+                self._completion_timer = asyncio.get_running_loop().call_later(
+                    COMPLETION_DELAY_SECONDS, self._completion_due)
         finally:
             self._held.pop(qm.lock_token, None)
 
