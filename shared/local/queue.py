@@ -1080,9 +1080,41 @@ def _write_marker(marker: Path, queue_path: Path) -> None:
         os.close(dir_fd)
 
 
+@contextmanager
+def _opening(state_dir: Path) -> Iterator[None]:
+    """Holds an exclusive `flock` on the state directory while a process opens its queue.
+
+    Two hosts (or a host and the CLI) starting at once on a fresh directory raced: SQLite's
+    switch to WAL and the schema creation can fail with "database is locked" without waiting,
+    and both wrote the marker. Serialised, the second simply finds the queue ready. The lock
+    is released when the queue is open (a second host then shares the queue, as designed).
+    """
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QueueUnavailableError(
+            f"cannot create the state directory {state_dir}: {exc}") from exc
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; SQLite's own locking is all there is
+        yield
+        return
+    fd = os.open(state_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def open_state_queue(state_dir: Path, *, max_delivery_count: int = 5) -> LocalQueue:
     """The queue of a state directory; `QueueDamagedError` when a directory that was
     initialised has lost its queue file or had it emptied."""
+    with _opening(state_dir):
+        return _open_state_queue(state_dir, max_delivery_count=max_delivery_count)
+
+
+def _open_state_queue(state_dir: Path, *, max_delivery_count: int) -> LocalQueue:
     path = state_dir / QUEUE_FILE
     marker = state_dir / INITIALISED_MARKER
     if marker.exists():
