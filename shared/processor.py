@@ -18,12 +18,14 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, NoReturn, Protocol
 
+from .clockcheck import CLOCK_WATCH, SKEW_WARNING_SECONDS
 from .events import Event, InvalidEventError, parse_event, peek_envelope
 from .handlers import HandlerContext, HandlerRegistry
 from .publisher import (
     PROP_DEAD_LETTER_DESCRIPTION,
     PROP_DEAD_LETTER_REASON,
     PROP_RECEIVED_AT,
+    PROP_REPLAY_COUNT,
     dead_letter_copy_id,
 )
 from .settings import Settings
@@ -34,9 +36,6 @@ logger = logging.getLogger(__name__)
 
 INVALID_PAYLOAD = "InvalidPayload"
 STALE_DELIVERY = "StaleDelivery"
-#: How far `meta.deliveredAt` may be ahead of the time of receipt (clocks differ) before the
-#: delivery counts as stale.
-MAX_DELIVERY_AHEAD_SECONDS = 300.0
 
 
 class Outcome(StrEnum):
@@ -127,25 +126,55 @@ def received_at(properties: Mapping[str, Any]) -> datetime | None:
         return None
 
 
-def staleness(event: Event, received: datetime | None, max_age_seconds: float) -> str | None:
-    """Why the delivery is stale, or None: its age at receipt (`received` minus
-    `meta.deliveredAt`) is over `max_age_seconds`, or it is more than 300 s in the future."""
+def delivery_age(event: Event, received: datetime | None) -> float | None:
+    """Seconds from `meta.deliveredAt` to the time of receipt (negative: deliveredAt is ahead
+    of this host's clock); None when either is unknown."""
     delivered = event.meta.delivered_at
     if delivered is None or received is None:
         return None
-    age = (received - delivered).total_seconds()
-    if age > max_age_seconds:
-        return (
-            f"meta.deliveredAt {delivered.isoformat()} was {age:.0f} s old when received at "
-            f"{received.isoformat()}, over MAX_DELIVERY_AGE_SECONDS ({max_age_seconds:.0f} s): "
-            "a replay, or a delivery held back"
+    return (received - delivered).total_seconds()
+
+
+def staleness(event: Event, received: datetime | None, max_age_seconds: float) -> str | None:
+    """Why the delivery is stale, or None: its age at receipt (`received` minus
+    `meta.deliveredAt`) is over `max_age_seconds`.
+
+    Only an old deliveredAt is stale: that is what a captured delivery sent again looks like.
+    One in the future cannot be a replay (Smartcar signed it), so it is this host's clock
+    that is behind: the event is processed, and the skew is counted and warned about.
+    """
+    age = delivery_age(event, received)
+    if age is None or age <= max_age_seconds:
+        return None
+    delivered, at = event.meta.delivered_at, received
+    assert delivered is not None and at is not None
+    return (
+        f"meta.deliveredAt {delivered.isoformat()} was {age:.0f} s old when received at "
+        f"{at.isoformat()}, over MAX_DELIVERY_AGE_SECONDS ({max_age_seconds:.0f} s): "
+        "a replay, or a delivery held back (or this host's clock is ahead)"
+    )
+
+
+def _check_age(message: InboundMessage, event: Event, settings: Settings) -> str | None:
+    """The staleness verdict for a delivery (None: process it); feeds the clock watch.
+
+    A replayed dead letter (`replayCount`, set by `dlq replay`) is not checked: replaying a
+    StaleDelivery is the operator's decision that the event should be processed."""
+    if PROP_REPLAY_COUNT in message.application_properties:
+        return None
+    received = received_at(message.application_properties)
+    age = delivery_age(event, received)
+    if age is None:
+        return None
+    stale = staleness(event, received, settings.max_delivery_age_seconds)
+    CLOCK_WATCH.record(age, stale=stale is not None)
+    if age < -SKEW_WARNING_SECONDS:
+        logger.warning(
+            "event %s: meta.deliveredAt is %.0f s ahead of this host's clock at receipt; "
+            "processing it, but this host's clock is probably behind (check NTP)",
+            event.event_id, -age,
         )
-    if age < -MAX_DELIVERY_AHEAD_SECONDS:
-        return (
-            f"meta.deliveredAt {delivered.isoformat()} was {-age:.0f} s in the future when "
-            f"received at {received.isoformat()}, over {MAX_DELIVERY_AHEAD_SECONDS:.0f} s ahead"
-        )
-    return None
+    return stale
 
 
 def outcome_record(
@@ -296,8 +325,7 @@ async def _process(
         return ProcessResult(Outcome.DEAD_LETTERED, description=description,
                              reason=INVALID_PAYLOAD)
 
-    stale = staleness(event, received_at(message.application_properties),
-                      settings.max_delivery_age_seconds)
+    stale = _check_age(message, event, settings)
     if stale is not None:
         logger.warning(
             "event %s (message %s) is a stale delivery (%s); dead-lettering it as %s",

@@ -57,6 +57,9 @@ class Runtime:
     # Local host only: what keeps the app from working although its settings are valid (the
     # queue file cannot be read), or None; `/api/health` answers 503 while there is one.
     health_problem: Callable[[], Awaitable[str | None]] | None = None
+    # Local host only: what works but needs the operator (messages left in the queue because
+    # every handler thread is stuck): `/api/health` answers 200 "degraded" naming each.
+    health_warnings: Callable[[], list[str]] | None = None
     #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
     clock: Callable[[], float] = time.time
 

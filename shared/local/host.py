@@ -36,6 +36,7 @@ from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 from multidict import CIMultiDictProxy
 
+from ..clockcheck import CLOCK_WATCH
 from ..handlers import RUNNING_HANDLER
 from ..processor import InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
@@ -51,6 +52,7 @@ from ..settings import (
 from ..telemetry import configure as configure_telemetry
 from .adapters import LocalQueuePublisher
 from .batching import on_loop_unless_busy
+from .clockstate import judge_stored_deliveries
 from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS
 from .http import Handler, HttpServer, Request, Response, json_response
 from .inspector import Recorder
@@ -707,7 +709,8 @@ def load_function_app() -> func.FunctionApp:
     return app
 
 
-def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -> str:
+def banner(settings: Settings, base_url: str, *, inspector: str | None = None,
+           warnings: list[str] | None = None) -> str:
     token_line = (
         f"Signing token: the development token {settings.management_token!r} "
         "(SMARTCAR_MANAGEMENT_TOKEN is unset). Never register it with Smartcar."
@@ -738,6 +741,7 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -
             "Send a signed test event (in another terminal):",
             f"  {python} -m shared.cli send --url {url} --type state{token_arg}",
             "Press Ctrl-C to stop.",
+            *(f"WARNING: {warning}" for warning in warnings or ()),
         ]
     )
 
@@ -768,7 +772,10 @@ async def serve(
     inspector, inspector_line = await start_inspector(
         settings, runtime.queue, webhook_port=port, recorder=recorder
     )
-    print(banner(settings, local.base_url, inspector=inspector_line), flush=True)
+    judge_stored_deliveries(runtime.queue, settings.max_delivery_age_seconds)
+    clock = CLOCK_WATCH.problem()
+    print(banner(settings, local.base_url, inspector=inspector_line,
+                 warnings=[clock] if clock else None), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

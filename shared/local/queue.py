@@ -407,6 +407,23 @@ class LocalQueue:
                 (_ACTIVE, now),
             ).fetchall()
 
+    def recent(self, limit: int = 20) -> list[tuple[bytes, dict[str, str]]]:
+        """Body and properties of the newest `limit` messages (active or dead-lettered), newest
+        first; rows that cannot be decoded are skipped. For judging the clock at start."""
+        with self._transaction("recent", write=False) as conn:
+            rows = conn.execute(
+                "SELECT body, properties FROM messages ORDER BY sequence_number DESC LIMIT ?",
+                (max(limit, 0),),
+            ).fetchall()
+        found: list[tuple[bytes, dict[str, str]]] = []
+        for body, props in rows:
+            try:
+                if isinstance(body, bytes):
+                    found.append((body, _properties(props)))
+            except _UNDECODABLE:
+                continue
+        return found
+
     # -- plumbing -------------------------------------------------------------------------
 
     @staticmethod
