@@ -48,6 +48,7 @@ from typing import Any, Literal
 import orjson
 
 from ..settings import Settings
+from .ackmark import ACK_MARK_FILE, AckMark
 
 logger = logging.getLogger(__name__)
 
@@ -361,6 +362,8 @@ class LocalQueue:
         #: last delivery's lock expired: no settlement records them); `open_state_queue` sets
         #: it to append them to handled.jsonl. Called outside the queue's lock; must not raise.
         self.on_expired: Callable[[list[ExpiredMessage]], None] | None = None
+        #: Raised after each send that stored something (`open_state_queue` sets it).
+        self.ack_mark: AckMark | None = None
         self._expired: list[ExpiredMessage] = []
         self._synchronous = synchronous
         # The level the connection is at now: settlements switch to NORMAL (see the module
@@ -406,6 +409,13 @@ class LocalQueue:
                 "ORDER BY sequence_number LIMIT 1",
                 (_ACTIVE, now),
             ).fetchall()
+
+    def highest_sequence_number(self) -> int:
+        """The highest sequence number ever assigned (deletes do not lower it); 0 if none."""
+        with self._transaction("highest sequence number", write=False) as conn:
+            row = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        return int(row[0]) if row is not None else 0
 
     def recent(self, limit: int = 20) -> list[tuple[bytes, dict[str, str]]]:
         """Body and properties of the newest `limit` messages (active or dead-lettered), newest
@@ -664,6 +674,7 @@ class LocalQueue:
         locked_until = now + duration
         results: list[bool] = []
         locked: list[QueuedMessage] = []
+        highest = 0
         with self._transaction("send", wait=wait) as conn:
             completed = self._complete_rows(conn, complete, now)
             if max_locked and self._any_available(conn, now):
@@ -699,6 +710,7 @@ class LocalQueue:
                         locked_until if lock else None,
                     ),
                 ).lastrowid
+                highest = max(highest, seq or 0)
                 results.append(True)
                 if lock:
                     assert seq is not None
@@ -721,6 +733,12 @@ class LocalQueue:
                     "DELETE FROM duplicates WHERE accepted_at <= ?", (now - self.duplicate_window,)
                 )
                 self._next_prune = now + self._prune_interval
+        if highest and self.ack_mark is not None:
+            try:
+                self.ack_mark.record(highest)
+            except OSError as exc:  # stored and committed all the same; the check is weaker
+                logger.warning("local queue %s: cannot record the acknowledged mark: %s",
+                               self.path, exc)
         if any(results):
             with self._sent:
                 self._sent_generation += 1
@@ -1035,6 +1053,8 @@ class LocalQueue:
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        if self.ack_mark is not None:
+            self.ack_mark.close()
 
     def __enter__(self) -> LocalQueue:
         return self
@@ -1149,6 +1169,16 @@ def _open_state_queue(state_dir: Path, *, max_delivery_count: int) -> LocalQueue
                 f"was initialised: the file was truncated. {recovery_advice(path)}"
             )
     queue = LocalQueue(path, max_delivery_count=max_delivery_count)
+    mark = AckMark(state_dir / ACK_MARK_FILE)
+    if marker.exists():
+        try:
+            _check_ack_mark(queue, mark)
+        except BaseException:
+            queue.close()
+            raise
+    else:
+        mark.reset()  # a fresh queue: marks of an earlier one mean nothing
+    queue.ack_mark = mark
     # Imported here: adapters imports this module.
     from ..runtime import HANDLED_FILE
     from .adapters import HandledLog, expired_recorder
@@ -1164,6 +1194,26 @@ def _open_state_queue(state_dir: Path, *, max_delivery_count: int) -> LocalQueue
                 f"local queue {path}: cannot write {marker}: {exc}"
             ) from exc
     return queue
+
+
+def _check_ack_mark(queue: LocalQueue, mark: AckMark) -> None:
+    """`QueueDamagedError` when the queue holds fewer messages than were acknowledged."""
+    acknowledged = mark.read()
+    highest = queue.highest_sequence_number()
+    if acknowledged is None or highest >= acknowledged:
+        return
+    path = queue.path
+    raise QueueDamagedError(
+        f"local queue {path} has lost acknowledged events: the highest sequence number it "
+        f"holds is {highest}, but events up to {acknowledged} were acknowledged (recorded in "
+        f"{mark.path}). Its write-ahead log ({path}-wal) was deleted, truncated or damaged "
+        "after the host stopped abnormally, and SQLite started without the lost part. The "
+        f"lost events (sequence numbers {highest + 1} to {acknowledged}) were answered 200, "
+        "so Smartcar will not send them again. To recover: stop every process using the "
+        f"queue; if a copy of the -wal file exists (a backup, a snapshot), put it back as "
+        f"{path}-wal, delete {path}-shm, and start again. Otherwise, to go on with what the "
+        f"queue still holds and accept the loss, delete {mark.path}."
+    )
 
 
 def open_local_queue(settings: Settings) -> LocalQueue:
