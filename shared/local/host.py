@@ -77,6 +77,9 @@ STOP_GRACE_SECONDS = 3.0
 #: both) before the fetcher completes it alone. Bounds the window in which a crash makes the
 #: event be handled twice (well under 10 ms with the commit).
 COMPLETION_DELAY_SECONDS = 0.002
+#: How often, at most, an idle host checkpoints the queue's write-ahead log (see
+#: `LocalHost._checkpoint_when_idle`).
+IDLE_CHECKPOINT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +341,7 @@ class LocalHost:
         self._stopped = False
         # Locks of deliveries cancelled by `stop`, released there for a prompt redelivery.
         self._interrupted: list[str] = []
+        self._last_checkpoint = float("-inf")
         # The last receive's failure, until one succeeds: `/api/health` reports it.
         self._queue_error: str | None = None
         runtime.health_problem = self._health_problem
@@ -485,6 +489,7 @@ class LocalHost:
             if not received:
                 if self._to_complete:
                     continue  # finished meanwhile: complete them now, not after a poll
+                await self._checkpoint_when_idle()
 
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -492,6 +497,19 @@ class LocalHost:
                 continue
             for qm in received:
                 self._start_one(fn, qm)
+
+    async def _checkpoint_when_idle(self) -> None:
+        """With nothing to receive, every IDLE_CHECKPOINT_SECONDS: the write-ahead log is
+        copied into the database file and cut to nothing, so it never keeps a small disk full
+        (SQLite's automatic checkpoint waits for 1,000 pages, 4 MB)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_checkpoint < IDLE_CHECKPOINT_SECONDS:
+            return
+        self._last_checkpoint = now
+        try:
+            await asyncio.to_thread(self.queue.checkpoint)
+        except QueueUnavailableError as exc:
+            logger.warning("idle checkpoint of the local queue failed: %s", exc)
 
     def _start_one(self, fn: QueueFunction, qm: QueuedMessage) -> None:
         task = asyncio.create_task(self._run_one(fn, qm))
@@ -527,6 +545,8 @@ class LocalHost:
         self._wake.set()
 
     async def _health_problem(self) -> str | None:
+        if self.queue.store_failure is not None:  # webhooks are answered 503 meanwhile
+            return f"events cannot be stored: {self.queue.store_failure}"
         if self._queue_error is not None:
             return self._queue_error
         try:

@@ -64,6 +64,7 @@ __all__ = [
     "LockLostError",
     "QueueBusyError",
     "QueueDamagedError",
+    "QueueFullError",
     "QueueUnavailableError",
     "QueuedMessage",
     "open_local_queue",
@@ -82,6 +83,12 @@ CORRUPT_MESSAGE = "CorruptMessage"
 MAX_MESSAGE_ID_LENGTH = 128
 #: Seconds a connection waits for another process's write transaction before giving up.
 DEFAULT_BUSY_TIMEOUT = 10.0
+#: Bytes the write-ahead log is cut back to when a checkpoint resets it (at most).
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: Pages in the WAL that trigger the automatic checkpoint: SQLite's default, less on a small
+#: disk (see `LocalQueue._bound_wal`).
+DEFAULT_WAL_PAGES = 1000
+MIN_WAL_PAGES = 16
 
 _ACTIVE = "active"
 _DEADLETTERED = "deadlettered"
@@ -151,6 +158,15 @@ class QueueUnavailableError(RuntimeError):
 
     The receiver answers 503 on this: nothing is acknowledged that is not stored.
     """
+
+
+class QueueFullError(QueueUnavailableError):
+    """A write failed with SQLITE_FULL (the disk is full); nothing of it was stored.
+
+    `checkpointed` says whether the write-ahead log was then checkpointed and truncated,
+    which gives its space back: a retry may succeed at once."""
+
+    checkpointed: bool = False
 
 
 class QueueDamagedError(QueueUnavailableError):
@@ -347,6 +363,7 @@ class LocalQueue:
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            self._bound_wal(conn)
             self._migrate(conn)
         except sqlite3.Error as exc:
             conn.close()
@@ -362,6 +379,9 @@ class LocalQueue:
         #: last delivery's lock expired: no settlement records them); `open_state_queue` sets
         #: it to append them to handled.jsonl. Called outside the queue's lock; must not raise.
         self.on_expired: Callable[[list[ExpiredMessage]], None] | None = None
+        #: Why the last send failed (the disk is full...), None once one succeeds: the
+        #: local host's health check reports it.
+        self.store_failure: str | None = None
         #: Raised after each send that stored something (`open_state_queue` sets it).
         self.ack_mark: AckMark | None = None
         self._expired: list[ExpiredMessage] = []
@@ -398,6 +418,43 @@ class LocalQueue:
                 f"local queue {self.path} is damaged: PRAGMA quick_check found: {shown}. "
                 f"{recovery_advice(self.path)}"
             )
+
+    def _bound_wal(self, conn: sqlite3.Connection) -> None:
+        """Keep the write-ahead log a small part of its disk.
+
+        SQLite checkpoints once the WAL holds 1,000 pages (4 MB): on a small disk the WAL
+        filled it first, and with no space left the checkpoint (which grows the database
+        file) could never run. So the automatic checkpoint comes after at most an eighth of
+        the disk, and a checkpoint that resets the WAL cuts the file back to that size.
+        """
+        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        try:
+            disk = os.statvfs(self.path.parent)
+            total = disk.f_blocks * disk.f_frsize
+        except (OSError, AttributeError):  # no statvfs (Windows): SQLite's defaults
+            total = 0
+        pages = DEFAULT_WAL_PAGES if total <= 0 else max(
+            MIN_WAL_PAGES, min(DEFAULT_WAL_PAGES, total // (8 * page)))
+        conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
+        conn.execute(f"PRAGMA journal_size_limit = {min(JOURNAL_SIZE_LIMIT, pages * page)}")
+
+    def checkpoint(self) -> bool:
+        """Copy the write-ahead log into the database file and truncate it to 0 bytes
+        (``wal_checkpoint(TRUNCATE)``); False when a reader in another process kept it from
+        completing. The local host runs it when idle and after a write found the disk full."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise QueueUnavailableError(f"local queue {self.path}: checkpoint after close()")
+            return self._checkpoint_locked(conn)
+
+    def _checkpoint_locked(self, conn: sqlite3.Connection) -> bool:
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            logger.warning("local queue %s: checkpoint failed: %s", self.path, exc)
+            return False
+        return int(busy) == 0
 
     def check_readable(self) -> None:
         """A cheap read of the next message the receiver would take; raises
@@ -506,6 +563,13 @@ class LocalQueue:
                         conn.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
+                if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+                    full = QueueFullError(f"local queue {self.path}: {operation} failed: {exc} "
+                                          "(the disk is full)")
+                    # The WAL may be what filled the disk (its automatic checkpoint waits for
+                    # 1,000 pages): move it into the database file and cut it to nothing.
+                    full.checkpointed = self._checkpoint_locked(conn)
+                    raise full from exc
                 raise QueueUnavailableError(
                     f"local queue {self.path}: {operation} failed: {exc}"
                 ) from exc
@@ -639,6 +703,36 @@ class LocalQueue:
                           max_locked=max_locked, lock_duration=lock_duration, complete=complete)
 
     def _send(
+        self,
+        messages: Sequence[tuple[bytes, str, Mapping[str, str] | None]],
+        *,
+        scheduled_enqueue_time: datetime | None,
+        wait: bool,
+        max_locked: int,
+        lock_duration: float | None,
+        complete: Sequence[str],
+    ) -> tuple[list[bool], list[QueuedMessage], list[LockLostError | None]]:
+        try:
+            try:
+                result = self._send_once(
+                    messages, scheduled_enqueue_time=scheduled_enqueue_time, wait=wait,
+                    max_locked=max_locked, lock_duration=lock_duration, complete=complete)
+            except QueueFullError as exc:
+                if not exc.checkpointed:
+                    raise
+                # The checkpoint gave the WAL's space back: once more, before a 503.
+                result = self._send_once(
+                    messages, scheduled_enqueue_time=scheduled_enqueue_time, wait=wait,
+                    max_locked=max_locked, lock_duration=lock_duration, complete=complete)
+        except QueueBusyError:
+            raise
+        except QueueUnavailableError as exc:
+            self.store_failure = str(exc)
+            raise
+        self.store_failure = None
+        return result
+
+    def _send_once(
         self,
         messages: Sequence[tuple[bytes, str, Mapping[str, str] | None]],
         *,
