@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,10 @@ from .batching import Batcher, on_loop_unless_busy
 from .queue import MAX_DELIVERY_COUNT_EXCEEDED, ExpiredMessage, QueuedMessage
 
 logger = logging.getLogger(__name__)
+
+#: `stored_late` asks the queue this often, until its busy timeout and this margin have passed.
+LATE_STORE_POLL_SECONDS = 0.2
+LATE_STORE_MARGIN_SECONDS = 2.0
 
 
 class Consumer(Protocol):
@@ -110,6 +115,17 @@ class LocalQueuePublisher:
             )
         except Exception as exc:
             raise PublishError(f"local queue send failed: {type(exc).__name__}: {exc}") from exc
+
+    async def stored_late(self, message_id: str) -> bool:
+        """`LateStoreCheck`: whether the queue accepted `message_id` (within its duplicate
+        window), asked until a send that waits for a busy write lock must have ended."""
+        deadline = time.monotonic() + self.queue.busy_timeout + LATE_STORE_MARGIN_SECONDS
+        while True:
+            if await asyncio.to_thread(self.queue.accepted, message_id):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(LATE_STORE_POLL_SECONDS)
 
     async def close(self) -> None:
         return None

@@ -332,6 +332,7 @@ class LocalQueue:
         if busy_timeout < 0:
             raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
         self.path = Path(path)
+        self.busy_timeout = float(busy_timeout)
         self.max_delivery_count = max_delivery_count
         self.lock_duration = float(lock_duration)
         self.duplicate_window = float(duplicate_window)
@@ -466,6 +467,16 @@ class LocalQueue:
                 "ORDER BY sequence_number LIMIT 1",
                 (_ACTIVE, now),
             ).fetchall()
+
+    def accepted(self, message_id: str) -> bool:
+        """Whether a send of `message_id` was accepted within the duplicate window (a read:
+        it does not wait for another process's write lock)."""
+        now = self._now()
+        with self._transaction("accepted", write=False) as conn:
+            row = conn.execute(
+                "SELECT accepted_at FROM duplicates WHERE message_id = ?", (message_id,)
+            ).fetchone()
+        return row is not None and now - float(row[0]) < self.duplicate_window
 
     def highest_sequence_number(self) -> int:
         """The highest sequence number ever assigned (deletes do not lower it); 0 if none."""
