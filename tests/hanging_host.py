@@ -6,6 +6,8 @@ An event whose `eventId` starts with `hang-blocking-` blocks its handler's threa
 Both only while `TEST_HANG` is set, so a restarted host without it processes them normally.
 Each call appends `{"eventId", "handler", "at"}` to `$TEST_CALLS` (when set) before hanging;
 so does every call for an event whose `eventId` starts with `record-` (it then returns).
+`TEST_POOL_THREADS` (when set) makes the pool for plain handlers that small, with twice as many
+threads in all for replacing stuck ones.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 
 from shared.events import Event
 from shared.handlers import HandlerContext, registry
+from shared.handlers.pool import BlockingPool
 from shared.local.host import main
 
 
@@ -53,4 +56,6 @@ async def hang_async(event: Event, context: HandlerContext) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("TEST_POOL_THREADS"):
+        registry.pool = BlockingPool(int(os.environ["TEST_POOL_THREADS"]))
     sys.exit(main())

@@ -38,6 +38,7 @@ from multidict import CIMultiDictProxy
 
 from ..clockcheck import CLOCK_WATCH
 from ..handlers import RUNNING_HANDLER
+from ..handlers.pool import CURRENT_DELIVERY, DeliveryJobs
 from ..processor import InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
@@ -345,6 +346,8 @@ class LocalHost:
         # The last receive's failure, until one succeeds: `/api/health` reports it.
         self._queue_error: str | None = None
         runtime.health_problem = self._health_problem
+        runtime.health_warnings = self._health_warnings
+        self._exhausted_logged = False
 
     @property
     def base_url(self) -> str:
@@ -457,6 +460,11 @@ class LocalHost:
         `maxConcurrentCalls`), and none is locked without a worker ready for it.
         """
         while not self._stopping:
+            if self._pool_exhausted():
+                # Messages stay in the queue (not received, not counted) until a thread
+                # returns: receiving them would only fail them.
+                await asyncio.sleep(self.poll_interval)
+                continue
             free = self.workers - len(self._running)
             if free <= 0:
                 self._slot_free.clear()
@@ -519,8 +527,27 @@ class LocalHost:
     # The queue publisher's consumer (`LocalQueuePublisher.consumer`): events stored while
     # workers are free are locked in the send's own transaction and start here at once.
 
+    def _pool_exhausted(self) -> bool:
+        exhausted = self.runtime.registry.pool.exhausted
+        if exhausted != self._exhausted_logged:
+            self._exhausted_logged = exhausted
+            if exhausted:
+                logger.error("%s", self._exhausted_message())
+            else:
+                logger.warning("a stuck handler thread returned; taking messages again")
+        return exhausted
+
+    def _exhausted_message(self) -> str:
+        pool = self.runtime.registry.pool
+        return (f"all {pool.limit} handler threads are stuck in handlers that timed out: not "
+                "taking messages (they stay in the queue) until one returns or the host "
+                "restarts; find the hanging handler in the timeout warnings")
+
+    def _health_warnings(self) -> list[str]:
+        return [self._exhausted_message()] if self.runtime.registry.pool.exhausted else []
+
     def free_workers(self) -> int:
-        if self._stopping or len(self.queue_functions) != 1:
+        if self._stopping or len(self.queue_functions) != 1 or self._pool_exhausted():
             return 0
         return self.workers - len(self._running)
 
@@ -573,6 +600,8 @@ class LocalHost:
         message = to_function_message(qm)
         self._held[qm.lock_token] = asyncio.get_running_loop().time()
         timeout = self.runtime.settings.function_timeout_seconds
+        jobs = DeliveryJobs()  # this task's context only: its calls into the handler pool
+        CURRENT_DELIVERY.set(jobs)
         try:
             # The function timeout, as host.json's functionTimeout in Azure: the function
             # (and whatever handler it is in) is cancelled and the delivery fails.
@@ -585,7 +614,10 @@ class LocalHost:
         except TimeoutError as exc:
             if deadline.expired():
                 self._held.pop(qm.lock_token, None)  # no longer renewed
-                await self._timed_out(fn, qm, timeout)
+                if jobs.waiting:
+                    await self._never_started(fn, qm, timeout)
+                else:
+                    await self._timed_out(fn, qm, timeout)
             else:  # the function's own TimeoutError: a failure like any other
                 await self._failed(fn, qm, exc)
         except Exception as exc:
@@ -615,6 +647,23 @@ class LocalHost:
         if qm.delivery_count >= self.queue.max_delivery_count:
             self._record_dead_lettered(qm, exc)
 
+    async def _never_started(self, fn: QueueFunction, qm: QueuedMessage, after: float) -> None:
+        """The delivery timed out waiting for a handler thread (all busy or stuck): its
+        handler never ran, so the delivery does not count; released after the backoff."""
+        assert qm.lock_token is not None
+        delay = retry_delay(1, self.runtime.settings)
+        logger.warning(
+            "function %s timed out after %gs on event %s before its handler %s could start "
+            "(every handler thread busy or stuck, %d stuck); released without counting the "
+            "delivery, retrying in %gs", fn.name, after, qm.message_id,
+            RUNNING_HANDLER.get() or "(none)", self.runtime.registry.pool.stuck, delay,
+        )
+        try:
+            await asyncio.to_thread(self.queue.abandon, qm.lock_token, retry_after=delay,
+                                    uncount=True)
+        except LockLostError:
+            logger.debug("lock %s no longer held after the timeout", qm.lock_token)
+
     async def _timed_out(self, fn: QueueFunction, qm: QueuedMessage, after: float) -> None:
         """A failed delivery: warn, then release the message after the processor's backoff
         (dead-letter it after its last delivery), without holding a worker meanwhile."""
@@ -630,10 +679,11 @@ class LocalHost:
             settings.max_delivery_count, RUNNING_HANDLER.get() or "(none)",
             "it will be dead-lettered" if last else f"retrying in {delay:g}s",
         )
-        if self.runtime.registry.pool.busy >= self.runtime.registry.pool.threads:
+        pool = self.runtime.registry.pool
+        if pool.stuck:
             logger.warning(
-                "all %d threads for blocking handlers are stuck in handlers that timed out; "
-                "blocking handlers wait until one returns", self.runtime.registry.pool.threads,
+                "%d handler thread(s) stuck in handlers that timed out; replaced up to %d "
+                "threads in all", pool.stuck, pool.limit,
             )
         try:
             await asyncio.to_thread(self.queue.abandon, qm.lock_token, retry_after=delay)

@@ -977,16 +977,27 @@ class LocalQueue:
                 raise AssertionError(f"lock {lock_token!r} is live but was not completed")
         return results
 
-    def abandon(self, lock_token: str, *, retry_after: float = 0.0) -> None:
+    def abandon(self, lock_token: str, *, retry_after: float = 0.0,
+                uncount: bool = False) -> None:
         """Release the lock for redelivery, or dead-letter once the delivery count is used up.
 
         `retry_after` seconds keep the message invisible first (the local host's backoff after
         a function timeout; Service Bus has no such option, its processor sleeps instead).
+        `uncount`: the delivery never reached its handler (the local host's handler threads
+        were all stuck), so it does not count: the delivery count goes back down and the
+        message is never dead-lettered for it.
         """
         now = self._now()
         with self._transaction("abandon", settlement=True) as conn:
             seq, count = self._locked_row(conn, lock_token, now)
-            if count >= self.max_delivery_count:
+            if uncount:
+                conn.execute(
+                    "UPDATE messages SET lock_token = NULL, locked_until = NULL, "
+                    "delivery_count = MAX(delivery_count - 1, 0), "
+                    "visible_at = MAX(visible_at, ?) WHERE sequence_number = ?",
+                    (now + max(retry_after, 0.0), seq),
+                )
+            elif count >= self.max_delivery_count:
                 self._dead_letter_row(
                     conn, seq, MAX_DELIVERY_COUNT_EXCEEDED, _max_delivery_description(count), now
                 )
