@@ -356,6 +356,9 @@ class LocalHost:
     async def start(self) -> None:
         """Checks the queue file (`QueueDamagedError` if damaged), then serves."""
         await asyncio.to_thread(self.queue.check_integrity)
+        settings = self.runtime.settings
+        await asyncio.to_thread(self.queue.clamp_future_times, lock_seconds=self.lock_duration,
+                                backoff_seconds=settings.retry_backoff_max_seconds)
         routes = {
             (method, f"{ROUTE_PREFIX}/{fn.route}"): self._http_handler(fn)
             for fn in self.http_functions for method in fn.methods
@@ -366,6 +369,7 @@ class LocalHost:
                                 header_timeout=self.header_timeout,
                                 idle_timeout=self.idle_timeout)
         self.port = await self._http.start(self.host, self.port)
+        self._last_checkpoint = asyncio.get_running_loop().time()  # idle a while first
         for qfn in self.queue_functions:
             self._tasks.append(asyncio.create_task(self._fetch(qfn), name=qfn.name))
         if self._queue_publisher is not None:

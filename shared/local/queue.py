@@ -72,8 +72,9 @@ __all__ = [
     "recovery_advice",
 ]
 
-#: Version of the on-disk schema, stored in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+#: Version of the on-disk schema, stored in ``PRAGMA user_version``. 2 added the clock
+#: reference (`LocalQueue._follow_clock`).
+SCHEMA_VERSION = 2
 #: Dead-letter reason Service Bus uses when the delivery count is exhausted.
 MAX_DELIVERY_COUNT_EXCEEDED = "MaxDeliveryCountExceeded"
 #: Dead-letter reason for a stored row that cannot be decoded (a damaged file): it is moved
@@ -119,6 +120,29 @@ CREATE TABLE duplicates (
 ) WITHOUT ROWID;
 CREATE INDEX duplicates_by_time ON duplicates (accepted_at);
 """
+
+#: Version 2: where the wall clock stood against the system's monotonic clock when the stored
+#: times were last written (see `LocalQueue._follow_clock`).
+_SCHEMA_V2 = """
+CREATE TABLE clock_reference (
+    id                    INTEGER PRIMARY KEY CHECK (id = 1),
+    boot_id               TEXT NOT NULL,
+    wall_minus_monotonic  REAL NOT NULL
+);
+"""
+
+#: A change of the wall clock against the monotonic one larger than this is a step. NTP slews
+#: far slower. A suspend counts as one too (CLOCK_MONOTONIC stops meanwhile): the handlers
+#: holding locks were suspended with it, so their locks keep what was left of them.
+CLOCK_STEP_SECONDS = 1.0
+
+
+def _boot_id() -> str:
+    """This boot's id (Linux): CLOCK_MONOTONIC is shared by every process of one boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
 
 _COLUMNS = (
     "sequence_number, message_id, body, properties, enqueued_time, scheduled_time, "
@@ -345,6 +369,9 @@ class LocalQueue:
         self._prune_interval = min(max(self.duplicate_window, 1.0), 60.0)
         self._next_prune = float("-inf")
         self._conn: sqlite3.Connection | None = None
+        # The wall clock's offset from the monotonic clock as this process last stored it.
+        self._clock_offset: float | None = None
+        self._boot = _boot_id()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
@@ -511,10 +538,12 @@ class LocalQueue:
         conn.execute("BEGIN IMMEDIATE")  # two processes opening a new file: one creates it
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+            if version < SCHEMA_VERSION:
+                scripts = [_SCHEMA, _SCHEMA_V2][version:]
+                for script in scripts:
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version > SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(
@@ -565,6 +594,7 @@ class LocalQueue:
                             "the write lock") from exc
                     raise
                 try:
+                    self._follow_clock(conn)
                     yield conn
                     conn.execute("COMMIT")
                     expired, self._expired = self._expired, []
@@ -591,6 +621,81 @@ class LocalQueue:
 
     def _now(self) -> float:
         return float(self._clock())
+
+    def _follow_clock(self, conn: sqlite3.Connection) -> None:
+        """Move every stored time with a step of the wall clock, inside the write transaction.
+
+        Locks, retry backoffs and the duplicate window are stored as wall-clock times. A step
+        of the clock (+2 h: NTP after a suspend, a VM resumed) expired every lock at once, so
+        in-flight messages were delivered a second time concurrently, and the duplicate
+        window with them; -2 h hid the backlog behind `visible_at` for two hours. The wall
+        clock's offset from the monotonic clock (the same for every process of one boot) is
+        kept with the times; a write that finds it changed by over CLOCK_STEP_SECONDS shifts
+        them by the step first, so what they measure (seconds from now) is kept. One
+        transaction: of several processes, the first to see a step applies it, once.
+        """
+        if self._clock is not time.time:  # an injected clock (tests) has no steps to follow
+            return
+        offset = time.time() - time.monotonic()
+        if self._clock_offset is not None and abs(offset - self._clock_offset) < CLOCK_STEP_SECONDS:
+            return
+        boot = self._boot
+        row = conn.execute(
+            "SELECT boot_id, wall_minus_monotonic FROM clock_reference WHERE id = 1").fetchone()
+        if row is not None and boot and row[0] == boot:
+            step = offset - float(row[1])
+            if abs(step) >= CLOCK_STEP_SECONDS:
+                self._shift_times(conn, step)
+        conn.execute(
+            "INSERT INTO clock_reference (id, boot_id, wall_minus_monotonic) VALUES (1, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, "
+            "wall_minus_monotonic = excluded.wall_minus_monotonic",
+            (boot, offset),
+        )
+        self._clock_offset = offset
+
+    def _shift_times(self, conn: sqlite3.Connection, step: float) -> None:
+        conn.execute(
+            "UPDATE messages SET visible_at = visible_at + ?, "
+            "locked_until = locked_until + ?, "
+            "scheduled_time = scheduled_time + ? WHERE state = ?",
+            (step, step, step, _ACTIVE),
+        )
+        conn.execute("UPDATE duplicates SET accepted_at = accepted_at + ?", (step,))
+        self._next_prune = float("-inf")
+        logger.warning(
+            "local queue %s: the wall clock stepped by %+.0f s; locks, retry delays, scheduled "
+            "times and the duplicate window moved with it (they measure time from now)",
+            self.path, step,
+        )
+
+    def clamp_future_times(self, *, lock_seconds: float, backoff_seconds: float) -> int:
+        """At start: times further ahead than any lock or backoff could have set them (the
+        clock went back while no process was running, or across a reboot, which
+        `_follow_clock` cannot see) are wrong by an unknown amount: such a message becomes
+        visible now (a retry a little early is harmless), such a lock lasts `lock_seconds`
+        from now. How many rows changed.
+
+        Scheduled messages keep their times: a schedule may lie far ahead on purpose."""
+        now = self._now()
+        with self._transaction("clamp future times") as conn:
+            changed = conn.execute(
+                "UPDATE messages SET visible_at = ? WHERE state = ? AND scheduled_time IS NULL "
+                "AND visible_at > ?",
+                (now, _ACTIVE, now + backoff_seconds),
+            ).rowcount
+            changed += conn.execute(
+                "UPDATE messages SET locked_until = ? WHERE state = ? AND lock_token IS NOT NULL "
+                "AND locked_until > ?",
+                (now + lock_seconds, _ACTIVE, now + lock_seconds),
+            ).rowcount
+            conn.execute("UPDATE duplicates SET accepted_at = ? WHERE accepted_at > ?",
+                         (now, now))
+        if changed:
+            logger.warning("local queue %s: %d stored time(s) lay further ahead than any lock "
+                           "or retry delay could set them (the clock went back); brought back",
+                           self.path, changed)
+        return changed
 
     def _sweep_expired_locks(self, conn: sqlite3.Connection, now: float) -> None:
         """An expired lock is a failed delivery: dead-letter those that used their last one."""
