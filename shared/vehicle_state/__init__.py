@@ -1,0 +1,240 @@
+"""The vehicle state store: the latest value of every signal and every open error per vehicle.
+
+Smartcar delivers unordered and at least once, so the store never trusts arrival order: a
+signal's stored value changes only for a newer `oemUpdatedAt`, and an error opens and resolves
+by the rules in docs/vehicle-state.md. The processor applies each authenticated VEHICLE_STATE
+and VEHICLE_ERROR before the handlers run; `registry.on_change` handlers are driven by what the
+store accepted, never by what arrived.
+
+This module is the one interface that the processor, the read route (`GET /api/vehicles/{id}`),
+the CLI and the inspector use; the backends (Azure Table Storage in Azure, SQLite locally)
+implement `VehicleStateStore`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from ..events import Event
+
+#: What a vehicleId may be for the read route and the CLI: Smartcar's ids are UUIDs; this
+#: admits them and any other id of letters, digits, `-`, `_`, `.` and `:` up to 128
+#: characters. Anything else (too long, `/`, `#`, `?`, `\\`, control characters) is refused
+#: with 400 before it reaches a backend. The processor stores any vehicleId an authentic
+#: event carries (escaped by the backend as its keys require).
+VEHICLE_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def valid_vehicle_id(vehicle_id: str) -> bool:
+    """True when `vehicle_id` may be asked for through the read route and the CLI."""
+    return VEHICLE_ID_PATTERN.fullmatch(vehicle_id) is not None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignalState:
+    """The stored state of one signal of one vehicle."""
+
+    code: str
+    #: `Group.Name` when the delivery named both, e.g. `TractionBattery.StateOfCharge`.
+    path: str | None = None
+    value: Any = None
+    unit: str | None = None
+    oem_updated_at: datetime | None = None
+    retrieved_at: datetime | None = None
+    #: The eventId of the delivery that set this state.
+    event_id: str | None = None
+    #: "ok", or "error" for a signal that carried an error (then `error_type`/`error_code`).
+    status: str = "ok"
+    error_type: str | None = None
+    error_code: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON shape of the read route, the CLI and the inspector."""
+        body: dict[str, Any] = {
+            "value": self.value,
+            "unit": self.unit,
+            "oemUpdatedAt": _iso(self.oem_updated_at),
+            "retrievedAt": _iso(self.retrieved_at),
+            "eventId": self.event_id,
+            "status": self.status,
+        }
+        if self.path is not None:
+            body["path"] = self.path
+        if self.status != "ok":
+            body["error"] = {"type": self.error_type, "code": self.error_code}
+        return body
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorState:
+    """One vehicle error, keyed by (vehicleId, type, code)."""
+
+    type: str
+    code: str | None
+    #: "OPEN" or "RESOLVED".
+    state: str
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+    count: int = 0
+    description: str | None = None
+    resolution_type: str | None = None
+    signals: tuple[str, ...] = ()
+    #: The eventId of the delivery that last changed this error.
+    event_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "code": self.code,
+            "state": self.state,
+            "firstSeen": _iso(self.first_seen),
+            "lastSeen": _iso(self.last_seen),
+            "count": self.count,
+            "description": self.description,
+            "resolutionType": self.resolution_type,
+            "signals": list(self.signals),
+            "eventId": self.event_id,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignalChange:
+    """A change the store accepted: what `registry.on_change` handlers receive."""
+
+    vehicle_id: str
+    code: str
+    path: str | None
+    #: The state before this change; None for a signal the store had never seen.
+    previous: SignalState | None
+    current: SignalState
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vehicleId": self.vehicle_id,
+            "code": self.code,
+            "path": self.path,
+            "previous": None if self.previous is None else self.previous.to_json(),
+            "current": self.current.to_json(),
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SkippedSignal:
+    """A signal of an authentic event that the store could not keep, and why (documented)."""
+
+    code: str | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApplyResult:
+    """What applying one event did. Applying the same event again yields no `changes`."""
+
+    #: Signals whose stored state this event changed (in payload order).
+    changes: tuple[SignalChange, ...] = ()
+    #: Codes of signals left alone because the store holds a newer (or the same) reading.
+    stale: tuple[str, ...] = ()
+    #: Signals recorded or skipped as documented (no usable timestamp, too large, ...).
+    skipped: tuple[SkippedSignal, ...] = ()
+    #: Errors this event opened or updated, and errors it resolved.
+    errors_opened: tuple[ErrorState, ...] = ()
+    errors_resolved: tuple[ErrorState, ...] = ()
+    #: Conditional writes that lost a race with another instance and were retried.
+    conflicts_retried: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "changed": [c.code for c in self.changes],
+            "stale": list(self.stale),
+            "skipped": [{"code": s.code, "reason": s.reason} for s in self.skipped],
+            "errorsOpened": [e.to_json() for e in self.errors_opened],
+            "errorsResolved": [e.to_json() for e in self.errors_resolved],
+            "conflictsRetried": self.conflicts_retried,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VehicleView:
+    """One vehicle as the read route shows it."""
+
+    vehicle_id: str
+    signals: Mapping[str, SignalState] = field(default_factory=dict)
+    #: Open errors only.
+    errors: Sequence[ErrorState] = ()
+    updated_at: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """`GET /api/vehicles/{vehicleId}`'s body (contract.md)."""
+        return {
+            "vehicleId": self.vehicle_id,
+            "updatedAt": _iso(self.updated_at),
+            "signals": {code: s.to_json() for code, s in sorted(self.signals.items())},
+            "errors": [e.to_json() for e in self.errors],
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VehicleSummary:
+    """One row of `vehicles list`: most recently updated first."""
+
+    vehicle_id: str
+    updated_at: datetime | None
+    signal_count: int
+    open_errors: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "vehicleId": self.vehicle_id,
+            "updatedAt": _iso(self.updated_at),
+            "signals": self.signal_count,
+            "openErrors": self.open_errors,
+        }
+
+
+class VehicleStateStore(Protocol):
+    """What both backends (Azure Table Storage, local SQLite) provide.
+
+    Every method is safe to call from several processes/instances at once: writes are
+    conditional (ETag / If-Match, or a SQLite transaction) and retried on conflict, and a
+    stored value never goes back in time.
+    """
+
+    async def apply(self, event: Event) -> ApplyResult:
+        """Apply one authenticated VEHICLE_STATE or VEHICLE_ERROR (other types: no-op).
+
+        Idempotent and order-free: applying an event twice changes nothing, and any order of
+        a set of events ends in the same state. The accepted changes are also kept as this
+        event's pending changes (the outbox), in the same write, until `mark_processed`.
+        """
+        ...
+
+    async def pending_changes(self, vehicle_id: str, event_id: str) -> tuple[SignalChange, ...]:
+        """The changes this event's apply accepted and whose handlers have not completed
+        (so a crash between storing and handling still fires `on_change` on redelivery)."""
+        ...
+
+    async def is_processed(self, vehicle_id: str | None, event_id: str) -> bool:
+        """True when this eventId's handlers completed within the inbox retention (≥ 7 days)."""
+        ...
+
+    async def mark_processed(self, vehicle_id: str | None, event_id: str) -> None:
+        """Record that this eventId's handlers completed, and drop its pending changes."""
+        ...
+
+    async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:
+        """The vehicle's signals and open errors; None for a vehicle never seen."""
+        ...
+
+    async def list_vehicles(self, *, limit: int = 100) -> list[VehicleSummary]:
+        """Vehicles, most recently updated first, with their count of open errors."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
