@@ -1313,7 +1313,9 @@ def recovery_advice(path: Path) -> str:
         "intact pages come back with their delivery counts; rows on destroyed pages are lost; "
         "a row that comes back damaged is dead-lettered as CorruptMessage when received; "
         "`.recover` needs a sqlite3 shell built with the dbpage virtual table, as the "
-        f"sqlite.org downloads are), or start with an empty queue by also deleting {marker}."
+        f"sqlite.org downloads are; if rows were lost, the host then says so, and deleting "
+        f"{path.parent / ACK_MARK_FILE} accepts the loss), or start with an empty queue by "
+        f"also deleting {marker}."
     )
 
 
