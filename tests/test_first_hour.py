@@ -77,9 +77,10 @@ class TestDlqListSaysWhatTheLimitLeftOut:
         result = cli(tmp_path, "dlq", "list", "--limit", "1")
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
-        assert len(lines) == 3  # header, one row, the count
-        assert "e-1" in lines[1]
-        assert lines[2] == ("1 of 3 dead-lettered shown (raise --limit for more). "
+        assert len(lines) == 4  # which queue, header, one row, the count
+        assert lines[0] == f"Dead letters of the local queue {tmp_path / 'queue.sqlite3'}:"
+        assert "e-1" in lines[2]
+        assert lines[3] == ("1 of 3 dead-lettered shown (raise --limit for more). "
                             "Details: dlq show ID")
 
     def test_without_a_limit_reached_it_says_how_many(self, tmp_path: Path) -> None:

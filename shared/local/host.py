@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import azure.functions as func
 from azure.functions.servicebus import ServiceBusMessage
@@ -691,11 +692,12 @@ def load_function_app() -> func.FunctionApp:
 
 
 def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -> str:
+    # The host only verifies: the CLI (and Smartcar) sign.
     token_line = (
-        f"Signing token: the development token {settings.management_token!r} "
+        f"Verifies signatures with the development token {settings.management_token!r} "
         "(SMARTCAR_MANAGEMENT_TOKEN is unset). Never register it with Smartcar."
         if settings.using_dev_token
-        else "Signing token: from SMARTCAR_MANAGEMENT_TOKEN."
+        else "Verifies signatures with the token in SMARTCAR_MANAGEMENT_TOKEN."
     )
     python = os.path.relpath(sys.executable) if sys.executable else "python"
     # Pasted into another terminal, the command must sign with the token this host uses.
@@ -703,13 +705,23 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -
 
     url = f"{base_url}{ROUTE_PREFIX}/webhooks/smartcar"
     port = base_url.rsplit(":", 1)[-1]
+    listening_on = urlsplit(base_url).hostname or ""
+    reach = (
+        "Local URLs (this machine only: Smartcar cannot reach them):"
+        if listening_on in ("127.0.0.1", "localhost", "::1")
+        else "URLs (listening on every interface: reachable from your network, not by "
+             "Smartcar, which needs public HTTPS):"
+        if listening_on in ("0.0.0.0", "::")  # noqa: S104 - naming it, not binding it
+        else f"URLs (listening on {listening_on}: not reachable by Smartcar, which needs "
+             "public HTTPS):"
+    )
     return "\n".join(
         [
             f"Smartcar webhook receiver (local host) listening on {base_url}",
             token_line,
             f"Queue: embedded SQLite in {settings.local_state_dir}/ "
             f"(handled events: {settings.local_state_dir}/handled.jsonl)",
-            "Local URLs (this machine only: Smartcar cannot reach them):",
+            reach,
             f"  vehicle data webhook:  {url}",
             f"  vehicle error webhook: {url}/errors",
             f"  health:                {base_url}{ROUTE_PREFIX}/health",
