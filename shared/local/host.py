@@ -671,9 +671,9 @@ class LocalHost:
 
 
 def run_event_loop[T](main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` as the local host runs: on uvloop where it is installed (requirements-dev.txt,
-    not on Windows), whose C transports cut the host's CPU per event by a few per cent (README,
-    Performance); on asyncio's own loop otherwise, with the same behaviour."""
+    """Run `main` as the local host runs: on uvloop where it is installed (requirements-local.txt,
+    not on Windows), whose C transports cut the host's CPU per event by a few per cent
+    (docs/performance.md); on asyncio's own loop otherwise, with the same behaviour."""
     try:
         import uvloop
     except ImportError:
