@@ -25,6 +25,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 	  echo "Install it (python.org, 'pyenv install 3.13', 'uv python install 3.13' or your package manager)," >&2; \
 	  echo "or point to it: make $(firstword $(MAKECMDGOALS) run) PYTHON=/path/to/python3.13" >&2; \
 	  exit 1; fi
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || { \
+	  echo "PYTHON=$(PYTHON) is not Python 3.13 ($$($(PYTHON) -V 2>&1)); the app needs 3.13." >&2; \
+	  echo "Point to a 3.13 interpreter (make $(firstword $(MAKECMDGOALS) run) PYTHON=/path/to/python3.13)," >&2; \
+	  echo "or leave PYTHON unset to have python3.13 found on PATH or in pyenv." >&2; \
+	  exit 1; }
 	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || \
 	  { test ! -e $(VENV) || echo "Recreating $(VENV) with Python 3.13"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
