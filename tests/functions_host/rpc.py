@@ -23,7 +23,15 @@ class Protos:
     services: Any  # function_rpc_pb2_grpc
 
 
+_generated: Protos | None = None
+
+
 def generate(directory: Path) -> Protos:
+    """Generate into `directory` and import; once per process (a module imports once), so a
+    later call returns the first call's classes."""
+    global _generated
+    if _generated is not None:
+        return _generated
     import grpc_tools
     from grpc_tools import protoc
 
@@ -39,4 +47,5 @@ def generate(directory: Path) -> Protos:
     messages = importlib.import_module("function_rpc_pb2")
     services = importlib.import_module("function_rpc_pb2_grpc")
     assert Path(messages.__file__).parent == directory, "another function_rpc_pb2 was imported"
-    return Protos(directory, messages, services)
+    _generated = Protos(directory, messages, services)
+    return _generated

@@ -71,10 +71,6 @@ class RuntimeSession:
         self.host.stop()
 
 
-def cache_dir(pytest_cache: Path) -> Path:
-    return pytest_cache / "functions-host"
-
-
 def dependencies(cache: Path) -> tuple[Path, Path]:
     """(the app's requirements.txt installed, the worker's gRPC packages installed), cached."""
     app = package.pip_target(cache, package.app_requirements(), label="app")
