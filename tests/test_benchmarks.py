@@ -23,6 +23,9 @@ REQUIRED = {
                            "us_per_message_5kb_signals_read", "us_per_message_5kb_data_read"},
     "local_end_to_end": {"events_per_s", "ack_p50_ms", "ack_p99_ms", "lost",
                          "duplicates_processed"},
+    "runtime_invocation": {f"{host}_{figure}" for host in ("in_process", "local_host", "runtime")
+                           for figure in ("us", "p99_us")}
+    | {"local_host_overhead_us", "runtime_overhead_us"},
 }
 
 
