@@ -77,12 +77,20 @@ class TestTheWorkerRunsTheDeployedPackage:
             assert not any(p.startswith(prefix) for p in shipped), prefix
         assert not (runtime.host.app_dir / "shared" / "local").exists()
 
-    def test_dev_only_packages_are_not_importable_in_the_worker(
+    def test_the_worker_imports_the_package_and_nothing_else_of_ours(
         self, runtime: RuntimeSession
     ) -> None:
-        site_packages = runtime.host.app_dir / package.SITE_PACKAGES
-        for dev_only in ("pytest", "hypothesis", "uvloop", "grpc_tools", "smartcar"):
-            assert not (site_packages / dev_only).exists(), dev_only
+        app_dir = str(runtime.host.app_dir)
+        found = runtime.worker_imports()["found"]
+        for module in ("function_app", "shared", "azure.functions", "azure_functions_runtime"):
+            assert found[module] and found[module].startswith(app_dir), (module, found[module])
+        # Not deployed, or development-only: not importable where the app runs.
+        for module in ("shared.local", "shared.cli", "tests", "pytest", "hypothesis", "uvloop",
+                       "grpc_tools", "smartcar", "selenium", "mutmut"):
+            assert found[module] is None, (module, found[module])
+        checkout = str(package.ROOT)
+        assert [p for p in runtime.worker_imports()["sysPath"]
+                if p == checkout or p.startswith(f"{checkout}/.venv")] == []
 
 
 class TestIndexing:
@@ -173,14 +181,27 @@ class TestHttpTrigger:
         body = encode(state_event())
         assert post(runtime, body, signed_headers(body, "local-dev-management-token"))[0] == 401
 
-    def test_no_signature_or_token_reaches_the_logs(self, runtime: RuntimeSession) -> None:
-        body = encode(state_event())
+    def test_no_payload_or_signature_reaches_the_logs_above_debug(
+        self, runtime: RuntimeSession
+    ) -> None:
+        """The worker forwards INFO and above to the host (Application Insights in Azure):
+        none of it may hold a location or a signature, whichever function logged."""
+        event = state_event()
+        where = {"latitude": 37.774912345, "longitude": -122.419445678}
+        event["data"]["signals"].append({
+            "code": "location-preciselocation", "name": "PreciseLocation", "group": "Location",
+            "body": where, "meta": {"oemUpdatedAt": 1731940328000}})
+        body = encode(event)
         signature = signed_headers(body, TOKEN)["SC-Signature"]
-        post(runtime, body, signed_headers(body, TOKEN))
-        post(runtime, body, {"SC-Signature": signature[::-1]})
+        assert post(runtime, body, signed_headers(body, TOKEN))[0] == 200
+        assert post(runtime, body, {"SC-Signature": signature[::-1]})[0] == 401
+        assert runtime.host.deliver(body, message_id=event["eventId"]).succeeded
+        failing = encode({**event, "eventType": FAILING_EVENT_TYPE})
+        assert not runtime.host.deliver(failing, message_id=str(uuid.uuid4())).succeeded
         messages = [log.message for log in runtime.host.logs]
-        assert any("webhook" in m for m in messages), "the app's log records reach the host"
-        assert not [m for m in messages if signature in m or signature[::-1] in m]
+        assert any(event["eventId"] in m for m in messages), "the app's records reach the host"
+        secrets = ("37.774912345", "122.419445678", signature, signature[::-1], TOKEN + '"')
+        assert [m for m in messages if any(secret in m for secret in secrets)] == []
 
 
 def copies_of(runtime: RuntimeSession, event_id: str) -> list[Sent]:

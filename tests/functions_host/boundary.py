@@ -11,6 +11,9 @@ The test process reads what happened from files in the fakes' directory:
 - `servicebus.jsonl` (written here): one line per message the app sent or scheduled, with its
   namespace, queue, id, body (base64), application properties, time to live and scheduled
   enqueue time.
+- `worker.json` (written here): the worker's `sys.path`, and where each module of
+  `PROBED_MODULES` would be imported from (null: not importable), so the tests see what the
+  deployed code can and cannot import in that process;
 - `handlers.json` (written by the test): `{"failing": [eventType, ...]}`, event types whose
   handler raises, registered on the app's registry the way a user's handler module does.
 """
@@ -30,6 +33,11 @@ FAKES = Path(__file__).resolve().parent.parent / "fakes.py"
 SERVICE_BUS_LOG = "servicebus.jsonl"
 KEY_VAULT = "keyvault.json"
 HANDLERS = "handlers.json"
+WORKER_STATE = "worker.json"
+#: The app's own modules and its runtime, and development-only packages that must not be there.
+PROBED_MODULES = ("function_app", "shared", "shared.local", "shared.cli", "azure.functions",
+                  "azure_functions_runtime", "pytest", "hypothesis", "uvloop", "grpc_tools",
+                  "smartcar", "selenium", "mutmut", "tests")
 
 
 class HandlerFailure(RuntimeError):
@@ -146,6 +154,18 @@ def install(directory: Path) -> None:
     service_bus.ServiceBusClient = RecordingServiceBusClient  # type: ignore[misc, assignment]
     key_vault.SecretClient = SecretClientBySecretName  # type: ignore[misc, assignment]
     _register_failing_handlers(directory / HANDLERS)
+    _record_imports(directory / WORKER_STATE)
+
+
+def _record_imports(path: Path) -> None:
+    found: dict[str, str | None] = {}
+    for name in PROBED_MODULES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # a parent package is missing
+            spec = None
+        found[name] = None if spec is None else str(spec.origin or spec.submodule_search_locations)
+    path.write_text(json.dumps({"sysPath": sys.path, "found": found}), encoding="utf-8")
 
 
 def _register_failing_handlers(path: Path) -> None:

@@ -67,6 +67,12 @@ class RuntimeSession:
     def sent_with_id(self, message_id: str) -> list[Sent]:
         return [s for s in self.sent() if s.message_id == message_id]
 
+    def worker_imports(self) -> dict[str, Any]:
+        """The worker's `sys.path` and where it finds each probed module (boundary.py)."""
+        state: dict[str, Any] = json.loads(
+            (self.fakes_dir / boundary.WORKER_STATE).read_text(encoding="utf-8"))
+        return state
+
     def close(self) -> None:
         self.host.stop()
 
