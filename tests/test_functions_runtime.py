@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import uuid
 from importlib.metadata import Distribution
 from pathlib import Path
 
+import pathspec
 import pytest
 from packaging.requirements import Requirement
 
@@ -41,6 +43,13 @@ def post(runtime: RuntimeSession, body: bytes, headers: dict[str, str] | None = 
          route: str = WEBHOOK) -> tuple[int, dict[str, object]]:
     response = runtime.host.http("POST", route, body, {**KEY, **(headers or {})})
     return response.status, response.json()
+
+
+def git_candidates(root: Path) -> list[str]:
+    """The checkout's tracked files and untracked ones git does not ignore."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=root, capture_output=True, text=True, check=True)
+    return [p for p in listed.stdout.splitlines() if (root / p).is_file()]
 
 
 class TestTheWorkerRunsTheDeployedPackage:
@@ -76,6 +85,32 @@ class TestTheWorkerRunsTheDeployedPackage:
         for prefix in ("shared/local/", "shared/cli/", "tests/", "benchmarks/", "infra/"):
             assert not any(p.startswith(prefix) for p in shipped), prefix
         assert not (runtime.host.app_dir / "shared" / "local").exists()
+
+    def test_funcignore_is_read_as_git_reads_it(self, tmp_path: Path) -> None:
+        """pathspec's reading of .funcignore and git's own matcher keep the same files, for
+        the file as it is and with every directory pattern written with a trailing slash."""
+        candidates = git_candidates(package.ROOT)
+        kept: dict[str, list[str]] = {}
+        for variant in ("as it is", "trailing slashes"):
+            lines = (package.ROOT / ".funcignore").read_text(encoding="utf-8").splitlines()
+            if variant == "trailing slashes":
+                lines = [f"{line}/" if (package.ROOT / line).is_dir() else line
+                         for line in lines]
+            (tmp_path / ".funcignore").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            ignored = subprocess.run(
+                ["git", "-c", f"core.excludesFile={tmp_path / '.funcignore'}", "check-ignore",
+                 "--no-index", "--stdin"], cwd=package.ROOT, input="\n".join(candidates),
+                capture_output=True, text=True, check=False)
+            assert ignored.returncode in (0, 1), ignored.stderr
+            by_git = sorted(set(candidates) - set(ignored.stdout.split()))
+            spec = pathspec.GitIgnoreSpec.from_lines(lines)
+            by_pathspec = sorted(p for p in candidates if not spec.match_file(p))
+            assert by_pathspec == by_git, variant
+            assert "function_app.py" in by_git and "shared/local/host.py" not in by_git
+            kept[variant] = by_git
+        assert kept["as it is"] == kept["trailing slashes"]
+        # The package builder's walk (which never enters an excluded directory) agrees too.
+        assert sorted(set(package.package_files()) & set(candidates)) == kept["as it is"]
 
     def test_the_worker_imports_the_package_and_nothing_else_of_ours(
         self, runtime: RuntimeSession
