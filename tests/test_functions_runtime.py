@@ -36,6 +36,8 @@ from .functions_host.session import (
 )
 from .support import WEBHOOK, encode, signed_headers, state_event
 
+# The first test also waits for the session's installs and start; only the test is bounded.
+pytestmark = pytest.mark.timeout(120, func_only=True)
 KEY = {"x-functions-key": FUNCTION_KEY}
 
 

@@ -39,6 +39,8 @@ from .support import (
 
 #: Sent to both hosts: the runtime's host checks it on `function` routes, the local host (like
 #: `func start`) ignores it.
+# The first test also waits for the session's installs and start; only the test is bounded.
+pytestmark = pytest.mark.timeout(120, func_only=True)
 KEY = {"x-functions-key": FUNCTION_KEY}
 OLDER_VERIFY_CHALLENGE = "3a5c8f72-e6d9-4b1a-9f2e-8c7d6a5b4e3f"
 
