@@ -205,6 +205,21 @@ class TestHttpTrigger:
         assert sent.application_properties["eventType"] == "VEHICLE_STATE"
         assert sent.application_properties["vehicleId"] == event["data"]["vehicle"]["id"]
 
+    def test_the_invocations_trace_context_travels_with_the_message(
+        self, runtime: RuntimeSession
+    ) -> None:
+        trace_id = uuid.uuid4().hex
+        event = state_event()
+        body = encode(event)
+        response = runtime.host.http("POST", WEBHOOK, body, {**KEY, **signed_headers(body, TOKEN)},
+                                     trace_parent=f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01")
+        assert response.status == 200
+        (sent,) = runtime.sent_with_id(event["eventId"])
+        # The processor continues the receiver's trace from these properties.
+        assert sent.application_properties["traceparent"].split("-")[1] == trace_id
+        assert sent.application_properties["Diagnostic-Id"] == sent.application_properties[
+            "traceparent"]
+
     def test_function_routes_need_the_key_and_health_does_not(
         self, runtime: RuntimeSession
     ) -> None:

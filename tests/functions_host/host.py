@@ -215,7 +215,10 @@ class FunctionsHost:
     # --- invocations ------------------------------------------------------------------------
 
     def invoke(self, name: str, inputs: Mapping[str, Any],
-               trigger_metadata: Mapping[str, Any]) -> Invocation:
+               trigger_metadata: Mapping[str, Any], *,
+               trace_parent: str | None = None) -> Invocation:
+        """One InvocationRequest; `trace_parent` is the host's W3C trace context for it (a
+        new one by default, as the host starts an activity per invocation)."""
         pb = self.pb
         fn = self.functions[name]
         invocation_id = str(uuid.uuid4())
@@ -226,7 +229,7 @@ class FunctionsHost:
                 "MethodName": name, "UtcNow": _dotnet_time(datetime.now(UTC)),
                 "RandGuid": str(uuid.uuid4())})},
             trace_context=pb.RpcTraceContext(
-                trace_parent=f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01",
+                trace_parent=trace_parent or f"00-{uuid.uuid4().hex}-{uuid.uuid4().hex[:16]}-01",
                 attributes={"ProcessId": str(os.getpid())}),
         )
         response = self._call(f"invocation:{invocation_id}",
@@ -235,7 +238,8 @@ class FunctionsHost:
         return Invocation(response, ok, "" if ok else response.result.exception.message)
 
     def http(self, method: str, path: str, body: bytes = b"",
-             headers: Mapping[str, str] | None = None) -> Response:
+             headers: Mapping[str, str] | None = None, *,
+             trace_parent: str | None = None) -> Response:
         """One HTTP request as the host's front door hands it over: routed by the functions'
         routes and methods under the `api` prefix, the key checked for `function` routes, the
         request sent as `RpcHttp` (raw body bytes, lower-case header names), the function's
@@ -262,7 +266,8 @@ class FunctionsHost:
         http = self.pb.RpcHttp(
             method=method.upper(), url=f"http://127.0.0.1{path}", headers=headers, query=query,
             body=self.pb.TypedData(bytes=body) if body else None)
-        result = self.invoke(fn.name, {fn.trigger["name"]: self.pb.TypedData(http=http)}, {})
+        result = self.invoke(fn.name, {fn.trigger["name"]: self.pb.TypedData(http=http)}, {},
+                             trace_parent=trace_parent)
         if not result.succeeded:
             return Response(500, {}, b"")
         returned = result.response.return_value.http

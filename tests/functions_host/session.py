@@ -90,7 +90,7 @@ def start_session(tmp: Path, cache: Path, *, protos: rpc.Protos | None = None,
                   root: Path = package.ROOT) -> RuntimeSession:
     """Build the package from `root` and start the real runtime on it. `settings` replace the
     defaults above (a value of "" drops the setting)."""
-    app_deps, worker_deps = dependencies(cache)
+    app_deps, worker_deps = dependencies(cache.resolve())  # the worker runs elsewhere
     protos = protos or rpc.generate(_mkdir(tmp / "protos"))
     app_dir = package.build_package(tmp / "wwwroot", app_deps, root=root)
     fakes_dir = _mkdir(tmp / "fakes")
