@@ -122,6 +122,8 @@ class FunctionsHost:
         self.fakes_dir = fakes_dir
         self.log_file = log_file
         self.functions: dict[str, Function] = {}
+        #: Each function's trigger with its %SETTING% expressions resolved (what listens).
+        self.listeners: dict[str, dict[str, Any]] = {}
         self.init_response: Any = None
         self.metadata_response: Any = None
         self._stream = _Stream()
@@ -337,11 +339,9 @@ class FunctionsHost:
                 f"{self.worker_output()}") from None
 
     def _call(self, key: str, message: Any) -> Any:
-        kind = key.split(":", 1)[0]
-        if kind in ("load", "invocation"):
-            future = self._stream.expect(key)
-        else:
-            future = self._stream.expect(kind)
+        """Send `message` and wait for the answer `key` names: the response kind, or
+        `load:<function id>` / `invocation:<invocation id>`."""
+        future = self._stream.expect(key)
         message.request_id = self._request_id
         self._stream.outbox.put(message)
         return self._wait(future, key)
