@@ -8,3 +8,11 @@
 
 None of it is deployed (`.funcignore` leaves out `tests/`). docs/runtime-tests.md explains it.
 """
+
+import os
+
+# The test host keeps a gRPC server and channel alive in the pytest process, and other tests
+# fork from it (`subprocess` with `preexec_fn`). With gRPC's fork handlers on, about one such
+# child in ten crashed before its exec (SIGSEGV). Nothing here forks while using gRPC, so the
+# handlers are turned off; gRPC reads this when it is first imported, which is after this line.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
