@@ -4,7 +4,7 @@ One session per run (tests/conftest.py `runtime`): the package that a publish sh
 `.funcignore` with only requirements.txt installed, loaded by the runtime in a worker process
 that our minimal host (tests/functions_host) started. Service Bus and Key Vault are the fakes
 of tests/fakes.py, installed in that process; everything between the gRPC messages and those
-fakes is the runtime's and the app's own code. See docs/runtime-tests.md.
+fakes is the runtime's and the app's own code. See docs/testing.md ("The real Functions runtime").
 """
 
 from __future__ import annotations
@@ -91,13 +91,15 @@ class TestTheWorkerRunsTheDeployedPackage:
 
     def test_funcignore_is_read_as_git_reads_it(self, tmp_path: Path) -> None:
         """pathspec's reading of .funcignore and git's own matcher keep the same files, for
-        the file as it is and with every directory pattern written with a trailing slash."""
+        the file as it is and with its directory patterns written with and without a trailing
+        slash."""
         candidates = git_candidates(package.ROOT)
         kept: dict[str, list[str]] = {}
-        for variant in ("as it is", "trailing slashes"):
+        for variant in ("as it is", "trailing slashes", "no trailing slashes"):
             lines = (package.ROOT / ".funcignore").read_text(encoding="utf-8").splitlines()
-            if variant == "trailing slashes":
-                lines = [f"{line}/" if (package.ROOT / line).is_dir() else line
+            if variant != "as it is":
+                slash = "/" if variant == "trailing slashes" else ""
+                lines = [line.rstrip("/") + slash if (package.ROOT / line).is_dir() else line
                          for line in lines]
             (tmp_path / ".funcignore").write_text("\n".join(lines) + "\n", encoding="utf-8")
             ignored = subprocess.run(
@@ -111,7 +113,7 @@ class TestTheWorkerRunsTheDeployedPackage:
             assert by_pathspec == by_git, variant
             assert "function_app.py" in by_git and "shared/local/host.py" not in by_git
             kept[variant] = by_git
-        assert kept["as it is"] == kept["trailing slashes"]
+        assert kept["as it is"] == kept["trailing slashes"] == kept["no trailing slashes"]
         # The package builder's walk (which never enters an excluded directory) agrees too.
         assert sorted(set(package.package_files()) & set(candidates)) == kept["as it is"]
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_run(tmp_path: Path, *args: str, path: str) -> subprocess.CompletedProcess[str]:
-    for name in ("Makefile", "requirements.txt", "requirements-dev.txt"):
+    for name in ("Makefile", *(p.name for p in ROOT.glob("requirements*.txt"))):
         shutil.copy(ROOT / name, tmp_path / name)
     make = shutil.which("make")
     assert make is not None

@@ -6,7 +6,7 @@
 - `worker.py`: the worker process the host starts, which hands each request to the runtime;
 - `boundary.py`: the Service Bus and Key Vault fakes, installed in that process.
 
-None of it is deployed (`.funcignore` leaves out `tests/`). docs/runtime-tests.md explains it.
+None of it is deployed (`.funcignore` leaves out `tests/`). docs/testing.md ("The real Functions runtime") explains it.
 """
 
 import os
