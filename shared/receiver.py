@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .delivery_signals import DeliverySignals, default_signals
 from .events import peek_envelope
 from .publisher import Publisher, PublishError, outbound_message
 from .signature import challenge_problem, get_signature, matching_token, sign, storable_body
@@ -68,16 +69,24 @@ async def receive(
     telemetry: Telemetry | None = None,
     trace_parent: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.time,
+    signals: DeliverySignals | None = None,
 ) -> Reply:
     """Decide and act on one webhook POST. Never raises for any input.
 
     `trace_parent` is the invocation's trace context (`traceparent`, `tracestate`); `clock`
-    (epoch seconds) stamps the time of receipt on the stored message."""
-    return await (telemetry or get_telemetry()).observe_receive(
-        lambda: _decide(body, headers, tokens=tokens, publisher=publisher,
-                        max_body_bytes=max_body_bytes, clock=clock),
-        parent=trace_parent,
-    )
+    (epoch seconds) stamps the time of receipt on the stored message. `signals` (default: the
+    process's) records what an authenticated delivery says: retries, latency, shape."""
+    recorder = telemetry or get_telemetry()
+
+    async def decide_and_observe() -> Reply:
+        reply = await _decide(body, headers, tokens=tokens, publisher=publisher,
+                              max_body_bytes=max_body_bytes, clock=clock)
+        # Inside the receive span, so the signals land on it too.
+        (signals or default_signals()).observe(body, reply, answered_at=clock(),
+                                               recorder=recorder)
+        return reply
+
+    return await recorder.observe_receive(decide_and_observe, parent=trace_parent)
 
 
 async def _decide(
