@@ -377,8 +377,9 @@ class TestQueriesUseEmittedNames:
     def test_each_log_alert_runs_its_query_file(self) -> None:
         alerts = load(MODULES / "alerts.bicep")
         rules = alerts.resources_of_type("Microsoft.Insights/scheduledQueryRules")
-        # success rate, signature failures, processing lag, receive latency (Smartcar's 5 s)
-        assert len(rules) == 4
+        # success rate, signature failures, processing lag, receive latency (Smartcar's 5 s),
+        # Smartcar retries, delivery-to-answer latency, new payload shape
+        assert len(rules) == 7
         for rule in rules:
             (call,) = find_calls(rule.body, "loadTextContent")
             assert "../queries/" in text(call), rule.symbol
