@@ -58,12 +58,14 @@ class RedeliveryMemory:
     def is_redelivery(self, event_id: str, delivery_id: str | None) -> bool:
         """Remember this delivery; True when the eventId was seen with another deliveryId."""
         now = self._clock()
-        while self._seen:  # forget what is out of the window, oldest first
+        previous = self._seen.pop(event_id, None)
+        if previous is not None and now - previous[1] >= self._window:
+            previous = None
+        while self._seen:  # forget what is out of the window, oldest first, and make room
             oldest, (_, at) = next(iter(self._seen.items()))
             if now - at < self._window and len(self._seen) < self._limit:
                 break
             del self._seen[oldest]
-        previous = self._seen.pop(event_id, None)
         self._seen[event_id] = (delivery_id, now)
         if previous is None:
             return False
@@ -169,3 +171,10 @@ def default_signals() -> DeliverySignals:
     if _default is None:
         _default = DeliverySignals()
     return _default
+
+
+def set_default_signals(signals: DeliverySignals | None) -> None:
+    """Install the process's instance (tests start from an empty memory); None: a new one
+    on next use."""
+    global _default
+    _default = signals

@@ -87,7 +87,8 @@ class Shape:
             parts.append(f"eventType {self.event_type!r}")
         if self.version not in KNOWN_VERSIONS:
             parts.append(f"meta.version {self.version!r}")
-        extra = sorted(set(self.top_level_keys) - KNOWN_TOP_LEVEL_KEYS)
+        # A top-level `signals` is reported by where signals sit, below.
+        extra = sorted(set(self.top_level_keys) - KNOWN_TOP_LEVEL_KEYS - {"signals"})
         if extra:
             parts.append(f"top-level keys {extra}")
         extra = sorted(set(self.meta_keys) - KNOWN_META_KEYS)
