@@ -484,7 +484,8 @@ class Explanation:
                          "characters): it is not a whole SC-Signature value (cut or padded "
                          "when copied?). ")
             return (shape + "No match with the current or the previous token, as given, "
-                    "re-serialised, with newline changes or with the signature's case and whitespace fixed. "
+                    "re-serialised, with newline changes or with the signature's case and "
+                    "whitespace fixed. "
                     "Most likely the sender signs with another Application Management Token "
                     "(compare the token in Smartcar's Dashboard with the one the receiver "
                     "reads), or the signature was made for another body.")
