@@ -9,7 +9,6 @@ milliseconds an answer took.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,11 @@ from shared import telemetry_names as names
 from .test_readme_commands import (
     ROOT,
     Host,
-    free_ports,
     localise,
     mismatch,
     transcript_env,
     wait_for_idle,
+    workspace,  # noqa: F401 - the fixture: free ports and a state directory
 )
 from .transcripts import Block, TranscriptShell, blocks, matches, normalise
 
@@ -60,17 +59,13 @@ class TestContent:
             assert f"\n{heading}\n" in text, heading
 
 
-@pytest.fixture
-def workspace(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
-    port, inspector = free_ports(2)
-    yield tmp_path / "state", port, inspector
-
-
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(),
                     reason="the transcripts use the .venv that make test (or make run) created")
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("block", transcripts(), ids=lambda b: f"line{b.line}")
-def test_troubleshooting_transcript(block: Block, workspace: tuple[Path, int, int]) -> None:
+def test_troubleshooting_transcript(
+    block: Block, workspace: tuple[Path, int, int]  # noqa: F811
+) -> None:
     state, port, inspector = workspace
     env = transcript_env(state, port, inspector)
     shown = {str(state): ".local"}
