@@ -204,6 +204,24 @@ class TestCheckEndpointOnTheLocalHost:
         assert "answered 404: nothing at /api/webhook; the data callback route is " \
                "/api/webhooks/smartcar" in err
 
+    @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(),
+                        reason="make uses the .venv that make test (or make run) created")
+    def test_the_make_target_checks_with_a_test_event_and_shows_no_token(
+        self, env: dict[str, str]
+    ) -> None:
+        with RunningHost(env) as host:
+            url = f"http://127.0.0.1:{host.port}{WEBHOOK}"
+            done = subprocess.run(
+                ["make", "-s", "check-endpoint", f"URL={url}", f"TOKEN={TOKEN}", "TEST_EVENT=1",
+                 "JSON=1"], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+            wrong = subprocess.run(
+                ["make", "-s", "check-endpoint", f"URL={url}", f"TOKEN={OTHER_TOKEN}"],
+                cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        assert [c["passed"] for c in json.loads(done.stdout)["checks"]] == [True, True, True]
+        assert wrong.returncode != 0 and "different management token" in wrong.stderr
+        assert OTHER_TOKEN not in wrong.stdout + wrong.stderr
+
     def test_the_key_vault_token_is_read_through_the_apps_provider(
         self, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
