@@ -29,7 +29,6 @@ from typing import Any, Final, Protocol
 from opentelemetry import trace
 
 from . import telemetry_names as names
-from .events import peek_envelope
 from .shapes import Shape, ShapeTracker, decode_object, shape_of
 
 logger = logging.getLogger(__name__)
@@ -132,17 +131,19 @@ class DeliverySignals:
 
     def _observe(self, body: bytes, reply: ReplyLike, answered_at: float,
                  recorder: Recorder) -> None:
+        root = decode_object(body)  # the receiver stores only JSON objects: nothing else
+        if root is None:
+            return
         span = trace.get_current_span()  # the receive span, when called inside it
-        envelope = peek_envelope(body)
-        if envelope.event_id is not None and self.redeliveries.is_redelivery(
-            envelope.event_id, envelope.delivery_id
+        meta = root.get("meta")
+        meta = meta if isinstance(meta, dict) else {}
+        event_id, delivery_id = root.get("eventId"), meta.get("deliveryId")
+        if isinstance(event_id, str) and self.redeliveries.is_redelivery(
+            event_id, delivery_id if isinstance(delivery_id, str) else None
         ):
             recorder.record_redelivery(reply.event_type)
             span.set_attribute(names.ATTR_REDELIVERY, True)
-        root = decode_object(body)
-        if root is None:
-            return
-        delivered = _delivered_at_ms(root.get("meta"))
+        delivered = _delivered_at_ms(meta)
         if delivered is not None:
             ms = max(answered_at * 1000.0 - delivered, 0.0)
             recorder.record_delivery_to_answer(ms, reply.event_type)
