@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Final
 
 from .fastjson import DECLINED, loads_or_declined
@@ -57,6 +59,8 @@ _MAX_KEYS = 64
 _MAX_KEY_LENGTH = 64
 _MAX_NEW_CODES = 16
 _MAX_VERSION_LENGTH = 16
+# Printable ASCII but the quote and the backslash: written as it is, within the length bound.
+_PLAIN = re.compile(rf'[ !#-\[\]-~]{{0,{_MAX_KEY_LENGTH}}}')
 #: How many shapes an instance remembers; the oldest is forgotten first.
 SHAPES_REMEMBERED: Final = 1024
 
@@ -74,11 +78,16 @@ class Shape:
     delivered_at_type: str  # number, string, null, absent, object, array, boolean
     new_signal_codes: tuple[str, ...]  # codes outside SIGNAL_GROUPS, sorted, bounded
 
-    @property
-    def id(self) -> str:
-        """12 hex digits naming the shape: the same shape gets the same id on every instance."""
-        canonical = json.dumps(self.describe(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12]
+    #: 12 hex digits naming the shape: the same shape gets the same id on every instance.
+    id: str = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Computed once: the receiver reads it for the span, the metric and the tracker.
+        parts = (self.event_type or "", self.version or "", *self.top_level_keys, "",
+                 *self.meta_keys, "", self.triggers_at, self.signals_at,
+                 self.delivered_at_type, *self.new_signal_codes)
+        digest = hashlib.sha256("\x1f".join(parts).encode("utf-8", "surrogatepass"))
+        object.__setattr__(self, "id", digest.hexdigest()[:12])
 
     def unknown_parts(self) -> list[str]:
         """What in this shape the project does not read; empty for a known shape."""
@@ -133,10 +142,15 @@ def _json_type(value: Any) -> str:
     return "array" if isinstance(value, list) else "object"
 
 
+def _escaped(key: str) -> str:
+    """`key` as JSON writes it inside quotes, bounded: it can never break a log line."""
+    if _PLAIN.fullmatch(key):  # the usual case, without an encoder call
+        return key
+    return json.dumps(key)[1:-1][:_MAX_KEY_LENGTH]
+
+
 def _keys(obj: Mapping[str, Any]) -> tuple[str, ...]:
-    # Escaped so that a key can never break the log line it is written to.
-    shown = sorted(json.dumps(k)[1:-1][:_MAX_KEY_LENGTH] for k in obj)
-    return tuple(shown[:_MAX_KEYS])
+    return tuple(sorted(map(_escaped, obj))[:_MAX_KEYS])
 
 
 def _object(value: Any) -> Mapping[str, Any]:
@@ -156,11 +170,16 @@ def _new_codes(root: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[str, .
         signals = container.get("signals")
         if not isinstance(signals, list):
             continue
-        for signal in signals:
-            code = signal.get("code") if isinstance(signal, dict) else None
-            if isinstance(code, str) and code.split("-", 1)[0].lower() not in SIGNAL_GROUPS:
-                found.add(json.dumps(code)[1:-1][:_MAX_KEY_LENGTH])
+        # Every subscribed signal comes on every delivery: classify each distinct code once.
+        codes = {s.get("code") for s in signals if type(s) is dict}
+        found.update(_escaped(c) for c in codes if isinstance(c, str) and not _known_code(c))
     return tuple(sorted(found)[:_MAX_NEW_CODES])
+
+
+@lru_cache(maxsize=4096)
+def _known_code(code: str) -> bool:
+    """Its group (before the first `-`) is one of Smartcar's signal groups."""
+    return code.partition("-")[0].lower() in SIGNAL_GROUPS
 
 
 def _version(meta: Mapping[str, Any]) -> str | None:
