@@ -22,14 +22,14 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
 from opentelemetry import trace
 
 from . import telemetry_names as names
-from .shapes import Shape, ShapeTracker, decode_object, shape_of
+from .shapes import Shape, ShapeTracker, shape_of
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +118,20 @@ class DeliverySignals:
         self.redeliveries = redeliveries or RedeliveryMemory()
         self.shapes = shapes or ShapeTracker()
 
-    def observe(self, body: bytes, reply: ReplyLike, *, answered_at: float,
-                recorder: Recorder) -> None:
-        """Record what an answered POST says; `answered_at` is epoch seconds. Never raises:
-        the answer to Smartcar must not depend on its bookkeeping."""
-        if not reply.authenticated or reply.event_type == "VERIFY":
+    def observe(self, root: Mapping[str, Any] | None, reply: ReplyLike, *,
+                answered_at: float, recorder: Recorder) -> None:
+        """Record what an answered POST says. `root` is its body as the receiver decoded it
+        (None: not a JSON object, nothing to record); `answered_at` is epoch seconds. Never
+        raises: the answer to Smartcar must not depend on its bookkeeping."""
+        if root is None or not reply.authenticated or reply.event_type == "VERIFY":
             return
         try:
-            self._observe(body, reply, answered_at, recorder)
+            self._observe(root, reply, answered_at, recorder)
         except Exception:  # a telemetry fault must never fail a delivery
             logger.warning("recording the delivery signals failed", exc_info=True)
 
-    def _observe(self, body: bytes, reply: ReplyLike, answered_at: float,
+    def _observe(self, root: Mapping[str, Any], reply: ReplyLike, answered_at: float,
                  recorder: Recorder) -> None:
-        root = decode_object(body)  # the receiver stores only JSON objects: nothing else
-        if root is None:
-            return
         span = trace.get_current_span()  # the receive span, when called inside it
         meta = root.get("meta")
         meta = meta if isinstance(meta, dict) else {}

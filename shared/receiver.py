@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .delivery_signals import DeliverySignals, default_signals
-from .events import peek_envelope
+from .events import Envelope, peek
 from .publisher import Publisher, PublishError, outbound_message
 from .signature import challenge_problem, get_signature, matching_token, sign, storable_body
 from .telemetry import Telemetry, get_telemetry, with_trace_context
@@ -79,10 +79,12 @@ async def receive(
     recorder = telemetry or get_telemetry()
 
     async def decide_and_observe() -> Reply:
-        reply = await _decide(body, headers, tokens=tokens, publisher=publisher,
-                              max_body_bytes=max_body_bytes, clock=clock)
+        # An oversize body is answered without being read: never decode it.
+        envelope, root = peek(body) if len(body) <= max_body_bytes else (Envelope(), None)
+        reply = await _decide(body, headers, envelope=envelope, tokens=tokens,
+                              publisher=publisher, max_body_bytes=max_body_bytes, clock=clock)
         # Inside the receive span, so the signals land on it too.
-        (signals or default_signals()).observe(body, reply, answered_at=clock(),
+        (signals or default_signals()).observe(root, reply, answered_at=clock(),
                                                recorder=recorder)
         return reply
 
@@ -93,6 +95,7 @@ async def _decide(
     body: bytes,
     headers: Mapping[str, str],
     *,
+    envelope: Envelope,
     tokens: TokenProvider,
     publisher: Publisher,
     max_body_bytes: int,
@@ -101,7 +104,6 @@ async def _decide(
     if len(body) > max_body_bytes:
         return _error(413, OVERSIZE, f"body exceeds the {max_body_bytes}-byte limit")
 
-    envelope = peek_envelope(body)
     extra: dict[str, Any] = {"event_id": envelope.event_id, "event_type": envelope.event_type}
     signature = get_signature(headers)
 

@@ -304,3 +304,24 @@ class TestOverHttp:
         for metric in (names.PAYLOAD_SHAPE_FIRST_SEEN, names.WEBHOOK_DELIVERY_TO_ANSWER,
                        names.WEBHOOK_REDELIVERED):
             assert metric not in points
+
+
+class TestBookkeepingNeverFailsADelivery:
+    def test_a_recorder_that_raises_is_logged_and_swallowed(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        class Broken:
+            def record_redelivery(self, event_type: str | None) -> None:
+                raise RuntimeError("exporter down")
+
+            record_delivery_to_answer = record_new_shape = record_redelivery  # type: ignore[assignment]
+
+        class Authenticated:
+            authenticated = True
+            event_type = "VEHICLE_STATE"
+
+        caplog.set_level(logging.WARNING, logger="shared.delivery_signals")
+        DeliverySignals().observe(state_event(), Authenticated(), answered_at=0.0,
+                                  recorder=Broken())  # type: ignore[arg-type]
+        assert [r.getMessage() for r in caplog.records] == [
+            "recording the delivery signals failed"]
