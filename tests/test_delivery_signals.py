@@ -9,6 +9,7 @@ and read the metrics, spans and log lines with the OpenTelemetry SDK's in-memory
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import uuid
@@ -25,10 +26,15 @@ from shared.delivery_signals import (
     RedeliveryMemory,
     set_default_signals,
 )
+from shared.publisher import RememberingPublisher, ServiceBusPublisher
+from shared.receiver import receive
 from shared.shapes import SIGNAL_GROUPS, ShapeTracker, fingerprint
 from shared.telemetry import set_telemetry
+from shared.tokens import StaticTokenProvider
 
+from .fakes import FakeServiceBusClient
 from .support import (
+    TOKEN,
     WEBHOOK,
     RunningHost,
     encode,
@@ -325,3 +331,37 @@ class TestBookkeepingNeverFailsADelivery:
                                   recorder=Broken())  # type: ignore[arg-type]
         assert [r.getMessage() for r in caplog.records] == [
             "recording the delivery signals failed"]
+
+
+class TestOnServiceBus:
+    """With Service Bus (faked at its sender), a retry reaching another instance is sent,
+    dropped by the queue's duplicate detection and answered `accepted`: that instance has not
+    seen the eventId, so it does not count it. The count is a lower bound, as documented."""
+
+    @staticmethod
+    def instance(client: FakeServiceBusClient) -> tuple[RememberingPublisher, DeliverySignals]:
+        inner = ServiceBusPublisher(lambda: client, "smartcar-events", send_timeout=1.0)
+        return RememberingPublisher(inner, window=3600), DeliverySignals()
+
+    @staticmethod
+    def post(instance: tuple[RememberingPublisher, DeliverySignals], event: dict[str, Any],
+             otel: Captured) -> str:  # noqa: F811
+        publisher, signals = instance
+        body = encode(event)
+        reply = asyncio.run(receive(body, signed_headers(body), tokens=StaticTokenProvider(TOKEN),
+                                    publisher=publisher, max_body_bytes=196608,
+                                    telemetry=otel.telemetry, signals=signals))
+        return str(reply.body["status"])
+
+    def test_a_retry_is_counted_by_the_instance_that_saw_the_first_attempt_only(
+        self, otel: Captured  # noqa: F811
+    ) -> None:
+        client = FakeServiceBusClient()
+        a, b = self.instance(client), self.instance(client)
+        event = state_event()
+        assert self.post(a, event, otel) == "accepted"
+        assert self.post(a, retry_of(event), otel) == "duplicate"
+        assert total(otel, names.WEBHOOK_REDELIVERED) == 1
+        assert self.post(b, retry_of(event), otel) == "accepted"  # Service Bus drops it
+        assert total(otel, names.WEBHOOK_REDELIVERED) == 1
+        assert [m.message_id for s in client.senders for m in s.sent] == [event["eventId"]] * 2
