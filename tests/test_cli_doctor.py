@@ -222,6 +222,16 @@ class TestCheckEndpointOnTheLocalHost:
         assert wrong.returncode != 0 and "different management token" in wrong.stderr
         assert OTHER_TOKEN not in wrong.stdout + wrong.stderr
 
+    def test_a_receiver_still_on_the_previous_token_passes_with_a_note(
+        self, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        with RunningHost(env) as host:  # the host answers with its token, TOKEN
+            monkeypatch.setenv("SMARTCAR_MANAGEMENT_TOKEN", OTHER_TOKEN)
+            monkeypatch.setenv("SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN", TOKEN)
+            code, out, _ = run("check-endpoint", f"http://127.0.0.1:{host.port}{WEBHOOK}")
+        assert code == 0
+        assert "challenge HMAC matches; with the previous token (environment)" in out
+
     def test_the_key_vault_token_is_read_through_the_apps_provider(
         self, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -253,10 +263,11 @@ class TestCheckEndpointFailures:
         self, env: dict[str, str], server: Callable[[Behaviour], str]
     ) -> None:
         url = server(hashing(delay=0.4))
-        code, out, _ = run("check-endpoint", url, "--max-seconds", "0.1", "--json")
+        code, out, _ = run("check-endpoint", url, "--max-seconds", "0.1", "--json",
+                           "--send-test-event")
         assert code == 1
         reasons = [c["reason"] for c in json.loads(out)["checks"]]
-        assert len(reasons) == 2
+        assert len(reasons) == 3  # an answer came: the test event is still sent
         assert all(r.startswith("answered in ") and "slower than 0.1 s" in r for r in reasons)
         code, _, _ = run("check-endpoint", url, "--max-seconds", "5")
         assert code == 0
@@ -269,6 +280,27 @@ class TestCheckEndpointFailures:
         assert current["passed"] and not older["passed"]
         assert older["reason"] == 'answered 400: {"error":"unknown format"}'
         assert err.startswith('error: VERIFY (older eventName "verify"): answered 400')
+
+    def test_a_connection_closed_without_an_answer(self, env: dict[str, str]) -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+
+        def close_each() -> None:
+            for _ in range(2):
+                conn, _ = listener.accept()
+                conn.recv(65536)
+                conn.close()
+
+        closer = threading.Thread(target=close_each, daemon=True)
+        closer.start()
+        try:
+            code, _, err = run("check-endpoint", f"http://127.0.0.1:{port}{WEBHOOK}")
+        finally:
+            listener.close()
+        assert code == 1
+        assert f"127.0.0.1:{port} closed the connection without an answer" in err
 
     def test_a_redirect_names_its_target_without_the_function_key(
         self, env: dict[str, str], server: Callable[[Behaviour], str]
