@@ -1,4 +1,4 @@
-"""The command-line side of the endpoint doctor (shared/cli/doctor.py): parsers and output."""
+"""The command line of the endpoint doctor (shared/cli/doctor.py): parsers and output."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from .doctor import (
-    DEFAULT_MAX_SECONDS,
-    SMARTCAR_TIMEOUT_SECONDS,
-    TokenError,
-    check_endpoint,
-    explain_signature,
-    resolve_tokens,
-)
+from .doctor import TokenError, resolve_tokens
+from .endpoint_check import DEFAULT_MAX_SECONDS, SMARTCAR_TIMEOUT_SECONDS, check_endpoint
+from .signature_explain import explain_signature
 from .simulate import check_url
 
 COMMANDS = frozenset({"check-endpoint", "explain-signature"})
