@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .delivery_signals import DeliverySignals, default_signals
-from .events import Envelope, peek
+from .events import peek
 from .publisher import Publisher, PublishError, outbound_message
 from .signature import challenge_problem, get_signature, matching_token, sign, storable_body
 from .telemetry import Telemetry, get_telemetry, with_trace_context
@@ -50,6 +50,9 @@ class Reply:
     #: enough to log (otherwise they are whatever a stranger sent).
     authenticated: bool = False
     headers: Mapping[str, str] = field(default_factory=lambda: JSON_HEADERS)
+    #: The body as decoded for the envelope (None: not a JSON object), for the delivery
+    #: signals (shared/delivery_signals.py): read it, never change it.
+    decoded: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def body_bytes(self) -> bytes:
         return json.dumps(self.body, separators=(",", ":")).encode("utf-8")
@@ -79,12 +82,10 @@ async def receive(
     recorder = telemetry or get_telemetry()
 
     async def decide_and_observe() -> Reply:
-        # An oversize body is answered without being read: never decode it.
-        envelope, root = peek(body) if len(body) <= max_body_bytes else (Envelope(), None)
-        reply = await _decide(body, headers, envelope=envelope, tokens=tokens,
-                              publisher=publisher, max_body_bytes=max_body_bytes, clock=clock)
+        reply = await _decide(body, headers, tokens=tokens, publisher=publisher,
+                              max_body_bytes=max_body_bytes, clock=clock)
         # Inside the receive span, so the signals land on it too.
-        (signals or default_signals()).observe(root, reply, answered_at=clock(),
+        (signals or default_signals()).observe(reply.decoded, reply, answered_at=clock(),
                                                recorder=recorder)
         return reply
 
@@ -95,7 +96,6 @@ async def _decide(
     body: bytes,
     headers: Mapping[str, str],
     *,
-    envelope: Envelope,
     tokens: TokenProvider,
     publisher: Publisher,
     max_body_bytes: int,
@@ -104,7 +104,9 @@ async def _decide(
     if len(body) > max_body_bytes:
         return _error(413, OVERSIZE, f"body exceeds the {max_body_bytes}-byte limit")
 
-    extra: dict[str, Any] = {"event_id": envelope.event_id, "event_type": envelope.event_type}
+    envelope, decoded = peek(body)  # one decode, shared with the delivery signals
+    extra: dict[str, Any] = {"event_id": envelope.event_id, "event_type": envelope.event_type,
+                             "decoded": decoded}
     signature = get_signature(headers)
 
     if signature is not None or envelope.event_type == "VERIFY":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from shared import telemetry_names as names
 from shared.delivery_signals import (
     DeliverySignals,
     RedeliveryMemory,
+    _delivered_at_ms,
     set_default_signals,
 )
 from shared.publisher import RememberingPublisher, ServiceBusPublisher
@@ -365,3 +367,27 @@ class TestOnServiceBus:
         assert self.post(b, retry_of(event), otel) == "accepted"  # Service Bus drops it
         assert total(otel, names.WEBHOOK_REDELIVERED) == 1
         assert [m.message_id for s in client.senders for m in s.sent] == [event["eventId"]] * 2
+
+
+class TestDeliveredAt:
+    @pytest.mark.parametrize(
+        ("value", "ms"),
+        [(1704067200000, 1704067200000.0), (1704067200000.5, 1704067200000.5),
+         ("2024-01-01T00:00:00Z", 1704067200000.0),
+         ("2024-01-01T01:00:00+01:00", 1704067200000.0),
+         ("2024-01-01T00:00:00", 1704067200000.0),  # no offset: UTC, as Smartcar means it
+         ("yesterday", None), (True, None), (None, None), ({"ms": 1}, None)],
+    )
+    def test_epoch_milliseconds_or_iso_8601_in_utc_whatever_the_local_zone(
+        self, value: Any, ms: float | None, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("TZ", "America/New_York")
+        time.tzset()
+        try:
+            assert _delivered_at_ms({"deliveredAt": value}) == ms
+        finally:
+            monkeypatch.undo()
+            time.tzset()
+
+    def test_no_meta_object_means_no_time(self) -> None:
+        assert _delivered_at_ms(None) is None and _delivered_at_ms([1]) is None
