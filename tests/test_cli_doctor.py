@@ -13,7 +13,9 @@ import hashlib
 import hmac
 import io
 import json
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -94,7 +96,7 @@ def hashing(token: str = TOKEN, *, older_format: bool = True, delay: float = 0.0
 def server() -> Iterator[Callable[[Behaviour], str]]:
     servers: list[ThreadingHTTPServer] = []
 
-    def start(behave: Behaviour) -> str:
+    def start(behave: Behaviour, tls: tuple[Path, Path] | None = None) -> str:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -115,6 +117,10 @@ def server() -> Iterator[Callable[[Behaviour], str]]:
 
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         httpd.daemon_threads = True
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
         servers.append(httpd)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         return f"http://127.0.0.1:{httpd.server_address[1]}{WEBHOOK}"
@@ -280,6 +286,21 @@ class TestCheckEndpointFailures:
         assert current["passed"] and not older["passed"]
         assert older["reason"] == 'answered 400: {"error":"unknown format"}'
         assert err.startswith('error: VERIFY (older eventName "verify"): answered 400')
+
+    @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+    def test_an_untrusted_certificate_is_explained_as_tls(
+        self, env: dict[str, str], server: Callable[[Behaviour], str], tmp_path: Path
+    ) -> None:
+        key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                        str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+                       check=True, capture_output=True, timeout=60)
+        url = server(hashing(), tls=(cert, key)).replace("http://", "https://")
+        code, _, err = run("check-endpoint", url)
+        assert code == 1
+        assert "TLS error: the certificate of 127.0.0.1:" in err
+        assert "self-signed certificate" in err
+        assert "Smartcar needs a publicly trusted certificate" in err
 
     def test_a_connection_closed_without_an_answer(self, env: dict[str, str]) -> None:
         listener = socket.socket()
