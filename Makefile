@@ -25,11 +25,11 @@ CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 
 # $(call install,FILE,STAMP): a .venv on Python 3.13 (made or remade), then FILE installed.
 define install
-	@if [ -z "$(PYTHON)" ]; then \
-	  echo "Python 3.13 is required (the version the app runs on in Azure) and was not found." >&2; \
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || { if [ -n "$(PYTHON)" ]; \
+	  then echo "PYTHON=$(PYTHON) is not Python 3.13 ($$($(PYTHON) -V 2>&1)); the app needs 3.13." >&2; \
+	  else echo "Python 3.13 is required (the version the app runs on in Azure) and was not found." >&2; fi; \
 	  echo "Install it (python.org, 'pyenv install 3.13', 'uv python install 3.13' or your package manager)," >&2; \
-	  echo "or point to it: make $(firstword $(MAKECMDGOALS) run) PYTHON=/path/to/python3.13" >&2; \
-	  exit 1; fi
+	  echo "or point to it: make $(firstword $(MAKECMDGOALS) run) PYTHON=/path/to/python3.13" >&2; exit 1; }
 	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || \
 	  { test ! -e $(VENV) || echo "Recreating $(VENV) with Python 3.13"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	@if [ -e $(2) ]; then echo "$(1) changed: updating $(VENV)"; \
