@@ -20,11 +20,9 @@ from hypothesis import strategies as st
 
 from shared.local.http import (
     MAX_HEAD_BYTES,
-    BadRequest,
     HttpServer,
     Request,
     Response,
-    parse_head,
 )
 
 LIMIT = 1000
@@ -136,12 +134,21 @@ class TestWellFormedTraffic:
                      encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
         assert conn.getresponse().read() == b"abcdefgh"
 
-    def test_chunk_extensions_trailers_and_bare_line_feeds_are_read(self, server: Server) -> None:
+    def test_chunk_extensions_and_trailers_are_read(self, server: Server) -> None:
         sock = server.raw()
-        sock.sendall(b"POST /echo HTTP/1.1\nHost: x\nTransfer-Encoding: chunked\n"
-                     b"Connection: close\n\n3;ext=1\nabc\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n")
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                     b"Connection: close\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\n"
+                     b"X-Trailer: 1\r\n\r\n")
         resp = response_of(read_all(sock))
         assert (resp.status, resp.read()) == (200, b"abcde")
+        assert "X-Trailer" not in server.seen[0].headers  # trailers are not header fields
+
+    def test_a_bare_line_feed_is_refused(self, server: Server) -> None:
+        """llhttp in its strict mode, as h11 would not: one line-end rule for every hop."""
+        sock = server.raw()
+        sock.sendall(b"POST /echo HTTP/1.1\nHost: x\nContent-Length: 1\n\nA")
+        assert read_all(sock).startswith(b"HTTP/1.1 400")
+        assert server.seen == []
 
     def test_pipelined_requests_are_answered_in_order(self, server: Server) -> None:
         sock = server.raw()
@@ -221,11 +228,23 @@ class TestRefused:
         (b"POST /echo HTTP/1.1\r\nContent-Length: +3", 400),
         (b"POST /echo HTTP/1.1\r\nContent-Length: -1", 400),
         (b"POST /echo HTTP/1.1\r\nContent-Length: \xef\xbc\x93", 400),
+        (b"POST /echo HTTP/1.1\r\nContent-Length: 3, 3", 400),
+        # What llhttp leaves to its user: the non-breaking space and NEL that str.strip()
+        # would remove, an upgrade, an absolute target.
+        (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\xa0", 400),
+        (b"POST /echo HTTP/1.1\r\nContent-Length: 3\x85", 400),
+        (b"GET /echo HTTP/1.1\r\nConnection: close\xa0", 400),
+        (b"GET /echo HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade", 400),
+        (b"CONNECT 127.0.0.1:1 HTTP/1.1", 400),
+        (b"GET http://127.0.0.1/echo HTTP/1.1", 400),
+        (b"GET /echo HTTP/1.1\r\nX: a\rb", 400),
     ])
-    def test_a_malformed_or_ambiguous_head(self, head: bytes, status: int) -> None:
-        with pytest.raises(BadRequest) as caught:
-            parse_head(head)
-        assert caught.value.status == status
+    def test_a_malformed_or_ambiguous_head(self, server: Server, head: bytes, status: int,
+                                           ) -> None:
+        sock = server.raw()
+        sock.sendall(head + b"\r\n\r\n" + b"abc")
+        assert read_all(sock).startswith(b"HTTP/1.1 %d " % status)
+        assert server.seen == []
 
     @settings(max_examples=150, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -253,9 +272,6 @@ class TestRefused:
         statuses = [int(s.split()[1]) for s in read_all(sock).split(b"\r\n")
                     if s.startswith(b"HTTP/1.1 ") and len(s.split()) > 1]
         assert all(status < 500 for status in statuses), (head, statuses)
-
-    def test_repeated_equal_lengths_are_one_length(self) -> None:
-        assert parse_head(b"POST / HTTP/1.1\r\nContent-Length: 3, 3").length == 3
 
     def test_smuggling_attempt_is_refused_and_the_connection_closed(self, server: Server) -> None:
         sock = server.raw()
