@@ -322,6 +322,41 @@ class TestBodyLimit:
         assert resp.read() == b"y" * (LIMIT + 1)
         assert resp.getheader("Connection") == "close"
 
+    @pytest.mark.parametrize("framing", ["extensions", "trailers"])
+    def test_10_mb_of_chunk_extensions_or_trailers_is_413_long_before_its_end(
+        self, server: Server, framing: str
+    ) -> None:
+        """Every byte of a request counts: not only its data (one byte per chunk here)."""
+        sock = server.raw()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        if framing == "extensions":
+            piece = b"".join(b"1;ext=%s\r\nx\r\n" % (b"v" * 1000) for _ in range(64))
+        else:
+            sock.sendall(b"1\r\nx\r\n0\r\n")
+            piece = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"v" * 1000) for i in range(64))
+        total = 10 * 1024 * 1024
+        sock.settimeout(0.01)
+        answer = b""
+        sent = 0
+        while sent < total and not answer:
+            try:
+                sock.sendall(piece)
+            except OSError:  # closed after the answer
+                break
+            sent += len(piece)
+            try:
+                answer = sock.recv(65536)
+            except TimeoutError:
+                pass
+        assert sent < total / 4, "the answer came only after most of the framing"
+        sock.settimeout(10)
+        try:
+            answer += read_all(sock)
+        except ConnectionResetError:
+            pass
+        assert answer.startswith(b"HTTP/1.1 413 ")
+        assert server.seen == []
+
     def test_the_answer_survives_a_client_that_keeps_sending(self, server: Server) -> None:
         """Closing with the rest of the body still arriving would send a reset, and a reset
         discards the answer waiting in the client's buffer: the server reads on a while."""

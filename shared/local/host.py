@@ -59,6 +59,7 @@ from .connections import (
 from .http import Handler, HttpServer, Request, Response, json_response
 from .inspector import Recorder
 from .inspector_server import start_inspector
+from .private import make_private
 from .queue import (
     MAX_DELIVERY_COUNT_EXCEEDED,
     LocalQueue,
@@ -740,6 +741,7 @@ async def serve(
     idle_timeout: float = IDLE_TIMEOUT_SECONDS, body_timeout: float = BODY_TIMEOUT_SECONDS,
 ) -> None:
     settings = load_settings()
+    make_private(settings.local_state_dir)  # before anything in it is created or opened
     runtime = build_runtime(settings)
     set_runtime(runtime)
     # Spans to the console, or to Application Insights when a connection string is set.

@@ -458,8 +458,9 @@ class _Connection(asyncio.Protocol):
         else:
             self._server.move(self, "idle")
             self._arm(self._server.idle_timeout, self._close_silently)
-        self._resume("unparsed")
         self._feed()
+        if len(self._unparsed) <= MAX_UNPARSED_BYTES:
+            self._resume("unparsed")
         if self._eof and not self._busy and not self._lingering:
             self._close()  # what the client sent before it finished is answered
 
