@@ -20,9 +20,9 @@ from pathlib import Path
 
 from shared.local.connections import RESERVED_DESCRIPTORS, connection_limit
 
+from .support import wait_until
 from .test_local_host_process import REPO, base_env, free_port, healthy
 from .test_slow_clients import limit_open_files
-from .support import wait_until
 
 SLOW_BODIES = 1000
 #: How long the never-reading client pipelines (the issue's figure).
