@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.local import http as http_module
 from shared.local.http import (
     MAX_HEAD_BYTES,
     HttpServer,
@@ -32,7 +33,8 @@ class Server:
     """An HttpServer on its own loop in a thread: echo at POST /echo, a slow route, a failing
     route and a hanging one."""
 
-    def __init__(self, *, header_timeout: float = 5.0, idle_timeout: float = 5.0) -> None:
+    def __init__(self, *, header_timeout: float = 5.0, idle_timeout: float = 5.0,
+                 body_timeout: float = 5.0, max_connections: int = 1000) -> None:
         self.loop = asyncio.new_event_loop()
         self.seen: list[Request] = []
         self.release = threading.Event()
@@ -59,6 +61,7 @@ class Server:
             {("POST", "/echo"): echo, ("GET", "/echo"): echo, ("GET", "/fail"): fail,
              ("GET", "/hang"): hang, ("GET", "/slow"): slow},
             body_limit=LIMIT, header_timeout=header_timeout, idle_timeout=idle_timeout,
+            body_timeout=body_timeout, max_connections=max_connections,
         )
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -376,8 +379,39 @@ class TestBodyLimit:
 
 
 class TestTimeouts:
+    def test_a_body_trickling_below_the_minimum_rate_is_408_before_its_total_deadline(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Each byte does not buy more time: a body must keep MIN_BODY_RATE once its grace
+        is over, whatever its total deadline (60 s here)."""
+        monkeypatch.setattr(http_module, "BODY_RATE_GRACE_SECONDS", 0.3)
+        s = Server(body_timeout=60)
+        try:
+            prompt = s.raw()
+            prompt.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 900\r\n"
+                           b"Connection: close\r\n\r\n")
+            time.sleep(0.2)
+            prompt.sendall(b"p" * 900)
+            assert read_all(prompt).startswith(b"HTTP/1.1 200")
+            slow = s.raw()
+            slow.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 900\r\n\r\n")
+            started = time.monotonic()
+            slow.settimeout(0.1)
+            received = b""
+            while not received and time.monotonic() - started < 10:
+                slow.sendall(b"s")  # 10 bytes a second, each one on time
+                try:
+                    received = slow.recv(1000)
+                except TimeoutError:
+                    pass
+            assert received.startswith(b"HTTP/1.1 408 ")
+            assert time.monotonic() - started < 5
+        finally:
+            s.stop()
+            s.close()
+
     def test_slow_head_idle_connection_and_stalled_body(self) -> None:
-        s = Server(header_timeout=0.3, idle_timeout=0.3)
+        s = Server(header_timeout=0.3, idle_timeout=0.3, body_timeout=0.3)
         try:
             slow = s.raw()
             slow.sendall(b"GET /echo HTTP/1.1\r\n")
@@ -388,6 +422,29 @@ class TestTimeouts:
             stalled = s.raw()
             stalled.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
             assert read_all(stalled).startswith(b"HTTP/1.1 408")
+        finally:
+            s.stop()
+            s.close()
+
+
+class TestConnectionCap:
+    def test_a_new_connection_closes_the_oldest_idle_one_never_one_being_answered(
+        self,
+    ) -> None:
+        s = Server(max_connections=2)
+        try:
+            idle = s.raw()
+            idle.sendall(b"GET /echo HTTP/1.1\r\n\r\n")
+            assert idle.recv(1000).startswith(b"HTTP/1.1 200")  # then kept alive, idle
+            busy = s.raw()
+            busy.sendall(b"GET /slow HTTP/1.1\r\n\r\n")
+            time.sleep(0.1)
+            newcomer = s.client()
+            newcomer.request("GET", "/echo")
+            assert newcomer.getresponse().status == 200
+            assert read_all(idle) == b""  # closed to make room
+            assert b"slow" in busy.recv(1000)  # answered all the same
+            assert len(s.server.connections) == 2
         finally:
             s.stop()
             s.close()
