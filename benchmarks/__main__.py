@@ -16,7 +16,6 @@ BENCHMARKS: dict[str, Callable[..., None]] = {
     receiver.CONCURRENCY: receiver.concurrency,
     processor.NAME: processor.run,
     end_to_end.NAME: end_to_end.run,
-    end_to_end.SERVERS: end_to_end.compare_servers,
 }
 
 

@@ -44,20 +44,7 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def one_round(events: int, clients: int, server: str = "llhttp") -> dict[str, Any]:
-    # TEMPORARY (side-by-side measurement before the hand-written server is removed).
-    import shared.local.host as host_module
-    import shared.local.http as llhttp_module
-    import shared.local.http_handwritten as handwritten
-
-    class Handwritten(handwritten.HttpServer):
-        def __init__(self, routes: Any, *, body_limit: int, header_timeout: float,
-                     idle_timeout: float, **_: Any) -> None:
-            super().__init__(routes, body_limit=body_limit, header_timeout=header_timeout,
-                             idle_timeout=idle_timeout)
-
-    host_module.HttpServer = (  # type: ignore[misc]
-        Handwritten if server == "handwritten" else llhttp_module.HttpServer)
+async def one_round(events: int, clients: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as state_dir:
         settings = load_settings(
             {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "LOCAL_STATE_DIR": state_dir}
@@ -132,22 +119,3 @@ def run(*, quick: bool) -> None:
     # Correctness figures are totals over every round, not medians.
     for metric in ("lost", "duplicates_processed", "refused", "left_in_queue"):
         emit(NAME, metric, sum(r[metric] for r in results), "count")
-
-
-SERVERS = "local_end_to_end_servers"
-
-
-def compare_servers(*, quick: bool) -> None:
-    """TEMPORARY: the two HTTP servers in alternate rounds of one run, on a shared machine."""
-    rounds = 1 if quick else 5
-    events = 300 if quick else 2000
-    by_server: dict[str, list[float]] = {"handwritten": [], "llhttp": []}
-    for _ in range(rounds):
-        for server in ("handwritten", "llhttp"):
-            result = run_event_loop(one_round(events, CLIENTS, server))
-            note(f"{SERVERS} {server}: {result}")
-            by_server[server].append(result["host_cpu_us_per_event"])
-    for server, figures in by_server.items():
-        emit(SERVERS, f"{server}_host_cpu_us_per_event", median(figures), "us")
-        emit(SERVERS, f"{server}_host_cpu_us_per_event_min", min(figures), "us")
-        emit(SERVERS, f"{server}_host_cpu_us_per_event_max", max(figures), "us")
