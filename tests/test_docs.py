@@ -1,4 +1,5 @@
-"""The README's Configure table names every setting the settings module reads."""
+"""Every setting the settings module reads is documented: in the README's Configure table, or
+under a "## Settings" heading of a page in docs/."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 
 from shared.settings import APP_SETTINGS
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def configure_section() -> str:
@@ -16,8 +18,17 @@ def configure_section() -> str:
     return match.group(1)
 
 
+def docs_settings_sections() -> str:
+    sections = []
+    for page in sorted((ROOT / "docs").glob("*.md")):
+        match = re.search(r"^## Settings\n(.*?)(?=^## |\Z)", page.read_text(), re.S | re.M)
+        if match is not None:
+            sections.append(match.group(1))
+    return "\n".join(sections)
+
+
 def test_every_setting_is_documented_in_configure() -> None:
-    section = configure_section()
+    section = configure_section() + docs_settings_sections()
     missing = sorted(name for name in APP_SETTINGS if f"`{name}`" not in section)
     assert missing == []
 
