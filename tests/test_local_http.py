@@ -8,6 +8,7 @@ own suites (test_http_contract, test_hardening, test_slow_clients) cover it end 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import socket
 import threading
@@ -445,6 +446,39 @@ class TestConnectionCap:
             assert read_all(idle) == b""  # closed to make room
             assert b"slow" in busy.recv(1000)  # answered all the same
             assert len(s.server.connections) == 2
+        finally:
+            s.stop()
+            s.close()
+
+
+class TestUnreadAnswers:
+    def test_a_client_that_never_reads_its_answers_is_dropped_after_the_idle_timeout(
+        self,
+    ) -> None:
+        """Its answers pile up, reading from it pauses, and it cannot hold its connection
+        (which is never evicted while it is being answered) for ever."""
+        s = Server(idle_timeout=0.5)
+        try:
+            sock = socket.create_connection(("127.0.0.1", s.port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            request = b"POST /echo HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" + b"e" * 1000
+            sock.settimeout(2)
+            sent = 0
+            with contextlib.suppress(TimeoutError, ConnectionResetError, BrokenPipeError):
+                while sent < 200_000:
+                    sock.sendall(request * 10)
+                    sent += 10
+            assert sent < 200_000, "the server never stopped reading"
+            sock.settimeout(10)
+            received = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    received += chunk.count(b"HTTP/1.1 200")
+            assert received < sent  # dropped with requests unanswered
+            deadline = time.monotonic() + 5
+            while s.server.connections and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(s.server.connections) == 0
         finally:
             s.stop()
             s.close()

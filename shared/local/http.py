@@ -219,6 +219,7 @@ class _Connection(asyncio.Protocol):
         self._lingering = False
         self._closing = False
         self._paused_for: set[str] = set()
+        self._stalled: asyncio.TimerHandle | None = None  # answers unread (pause_writing)
         self._eof = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -243,15 +244,32 @@ class _Connection(asyncio.Protocol):
         return True  # keep the write side open for the answer being made
 
     def pause_writing(self) -> None:
+        """The client does not read its answers: stop reading and answering, and give it
+        `idle_timeout` to read them. Meanwhile it is the first to close to make room."""
         self._pause("writing")
+        self._stalled = self._loop.call_later(self._server.idle_timeout, self._write_stalled)
+        if self._handling is None:
+            self._server.move(self, "idle")
 
     def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
         self._resume("writing")
+        if self._busy:
+            self._server.move(self, "busy")
         if self._handling is None and self._pending:
             self._next()
 
+    def _write_stalled(self) -> None:
+        logger.debug("dropping a connection whose answers were not read for %g s",
+                     self._server.idle_timeout)
+        self.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._deadline = None
+        if self._stalled is not None:
+            self._stalled.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -540,7 +558,7 @@ class _Connection(asyncio.Protocol):
 
     def close_if_idle(self) -> None:
         """At stop: close now unless a request is being answered (or half-read)."""
-        if self._handling is None and not self._pending and self.phase == "idle":
+        if not self._busy and not self._in_head and not self._in_body:
             self._close()
 
     def abort(self) -> None:
