@@ -543,7 +543,8 @@ class _Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._closing = True
-        self._cancel_timer()
+        # Closing waits for unsent answers; a client that never reads them gets a reset.
+        self._arm(self._server.idle_timeout, self.abort)
         if self._transport is not None:
             self._transport.close()
 
