@@ -9,7 +9,7 @@ a tenth of the local host's whole budget per event (docs/performance.md).
 The host may sit behind a public tunnel, so every byte comes from a stranger. What parses it is
 a maintained parser (llhttp, in its strict mode: the one uvicorn also runs), fed in slices of at
 most `FEED_BYTES`; this module keeps only the rules llhttp leaves to its user (the user's view:
-docs/local-host-security.md):
+docs/how-it-works.md, "The local host's front door"):
 
 - the request target is a path; the version is HTTP/1.0 or HTTP/1.1; an upgrade or CONNECT
   is refused. The framing fields (`Transfer-Encoding`, `Content-Length`, `Connection`) hold
