@@ -15,8 +15,8 @@ NODE_STAMP := node_modules/.installed-stamp
 PORT ?= 7071
 # Operations CLI shortcuts: make send URL=... [TYPE=state|verify|error] [TOKEN=...],
 # make stats, make dlq, make dlq-show ID=..., make dlq-replay IDS="3 4" (or IDS=--all),
-# make dlq-purge IDS=...; JSON=1 for machine-readable output. Recipes are not echoed, so a
-# URL with ?code= (the function key) or a TOKEN never appears in the output.
+# make dlq-purge IDS=..., make check-endpoint [TEST_EVENT=1]; JSON=1: machine-readable output.
+# Recipes are not echoed: a URL with ?code= (the function key) or a TOKEN never appears.
 URL ?= http://127.0.0.1:$(PORT)/api/webhooks/smartcar
 TYPE ?= state
 CLI := $(PY) -m shared.cli $(if $(JSON),--json)
@@ -85,6 +85,10 @@ dlq-replay: $(RUN_STAMP)
 
 dlq-purge: $(RUN_STAMP)
 	@$(CLI) dlq purge $(IDS)
+
+.PHONY: check-endpoint
+check-endpoint: $(RUN_STAMP)
+	@$(CLI) check-endpoint '$(URL)' $(if $(TEST_EVENT),--send-test-event) $(if $(TOKEN),--token '$(TOKEN)')
 
 clean:
 	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache test-artifacts mutants
