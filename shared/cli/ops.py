@@ -25,11 +25,15 @@ from ..publisher import (
     PROP_EVENT_ID,
     PROP_EVENT_TYPE,
 )
+from ..retry import RETRY_PROPS
 from ..settings import Settings
 
 PROP_REPLAYED_FROM = "replayedFrom"
 PROP_REPLAY_COUNT = "replayCount"
 _DEAD_LETTER_COPY_PROPS = (PROP_DEAD_LETTER_REASON, PROP_DEAD_LETTER_DESCRIPTION)
+# Also removed on replay: the replayed event starts again at attempt 1 (its copies' ids carry
+# the replay count, so they are not duplicates of the earlier retries).
+_REPLAY_DROPS = (*_DEAD_LETTER_COPY_PROPS, *RETRY_PROPS)
 _REPLAY_MARK = ":replay:"
 
 
@@ -155,8 +159,9 @@ def _opt_str(value: Any) -> str | None:
 
 def replay_properties(properties: Mapping[str, Any], sequence_number: int) -> dict[str, Any]:
     """Properties for the replayed message: the dead-letter copy markers removed (else the
-    processor refuses it as a copy), `replayedFrom` and an incremented `replayCount` added."""
-    props = {k: v for k, v in properties.items() if k not in _DEAD_LETTER_COPY_PROPS}
+    processor refuses it as a copy) and the retry attempt and history removed (it starts again
+    at attempt 1), `replayedFrom` and an incremented `replayCount` added."""
+    props = {k: v for k, v in properties.items() if k not in _REPLAY_DROPS}
     try:
         count = int(props.get(PROP_REPLAY_COUNT, 0))
     except (TypeError, ValueError):

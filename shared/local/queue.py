@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 import orjson
 
+from ..retry import RETRY_PROPS
 from ..settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -953,6 +954,8 @@ class LocalQueue:
                 replay_count = 0
             properties["replayedFrom"] = str(sequence_number)
             properties["replayCount"] = str(replay_count + 1)
+            for name in RETRY_PROPS:  # a replayed event starts again at attempt 1
+                properties.pop(name, None)
             cursor = conn.execute(
                 "INSERT INTO messages (message_id, body, properties, enqueued_time, "
                 "scheduled_time, visible_at, state) VALUES (?, ?, ?, ?, NULL, ?, ?)",
