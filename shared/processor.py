@@ -34,6 +34,7 @@ from .retry import (
     RetrySender,
     attempt_of,
     backoff_seconds,
+    event_delivery_count,
     retry_copy,
     with_failure,
 )
@@ -186,7 +187,8 @@ def outcome_record(
         "eventId": event_id,
         "eventType": event_type,
         "vehicleId": vehicle_id,
-        "deliveryCount": message.delivery_count,
+        "deliveryCount": event_delivery_count(message.application_properties,
+                                              message.delivery_count),
         "messageId": message.message_id,
         "outcome": outcome,
         "handledAt": datetime.now(UTC).isoformat(),
@@ -329,7 +331,9 @@ async def _process(
 
     logger.debug("processing event %s body=%r", event.event_id, message.body)
     context = HandlerContext(
-        settings=settings, message_id=message.message_id, delivery_count=message.delivery_count
+        settings=settings, message_id=message.message_id,
+        delivery_count=event_delivery_count(message.application_properties,
+                                            message.delivery_count),
     )
     try:
         ran = await registry.dispatch(event, context)
@@ -364,7 +368,7 @@ async def _handler_failed(
         if last:
             props, history = with_failure(message.application_properties, attempt, exc, now)
             description = (
-                f"handler failed on all {attempt} attempts "
+                f"handler failed in {attempt} delivery attempts "
                 f"(MAX_DELIVERY_COUNT={settings.max_delivery_count}): "
                 + ", ".join(f"{h.get('attempt')} {h.get('error')} at {h.get('failedAt')}"
                             for h in history)

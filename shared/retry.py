@@ -56,6 +56,13 @@ def attempt_of(properties: Mapping[str, Any]) -> int:
     return max(attempt, 1)
 
 
+def event_delivery_count(properties: Mapping[str, Any], delivery_count: int) -> int:
+    """How many times handlers have been given this event, counting this time: the earlier
+    attempts (one delivery each) plus this message's deliveries. What `HandlerContext`
+    reports as `delivery_count`, so a handler sees the count grow across scheduled copies."""
+    return attempt_of(properties) - 1 + max(delivery_count, 1)
+
+
 def history_of(properties: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The failed attempts recorded so far; an unreadable history is started afresh (it is
     information for people, never a decision input)."""

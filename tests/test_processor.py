@@ -262,7 +262,7 @@ class TestOutcomes:
                      registry, retry_sender=sender, dead_letterer=dl)
         assert sender.copies == []
         description = (
-            "handler failed on all 5 attempts (MAX_DELIVERY_COUNT=5): 1 KeyError at t1, "
+            "handler failed in 5 delivery attempts (MAX_DELIVERY_COUNT=5): 1 KeyError at t1, "
             "2 KeyError at t2, 3 KeyError at t3, 4 KeyError at t4, "
             "5 ZeroDivisionError at 2027-01-15T08:00:00.000+00:00"
         )

@@ -315,7 +315,7 @@ def test_failures_are_retried_on_schedule_without_holding_the_invocation(
     assert sorted(d.properties["eventId"] for d in dead) == sorted(handler.failures)
     for letter in dead:
         assert letter.reason == "MaxDeliveryCountExceeded"
-        assert letter.description.startswith(f"handler failed on all {ATTEMPTS} attempts")
+        assert letter.description.startswith(f"handler failed in {ATTEMPTS} delivery attempts")
         assert letter.description.count("ConnectionError") == ATTEMPTS
         history = json.loads(letter.properties[PROP_ATTEMPT_HISTORY])
         assert [h["attempt"] for h in history][: ATTEMPTS - 1] == list(range(1, ATTEMPTS))

@@ -25,7 +25,7 @@ from ..publisher import (
     PROP_EVENT_ID,
     PROP_EVENT_TYPE,
 )
-from ..retry import RETRY_PROPS
+from ..retry import PROP_ATTEMPT, RETRY_PROPS, event_delivery_count
 from ..settings import Settings
 
 PROP_REPLAYED_FROM = "replayedFrom"
@@ -146,7 +146,9 @@ def _describe(
         event_type=_opt_str(properties.get(PROP_EVENT_TYPE)) or envelope.event_type,
         reason=reason,
         description=description,
-        delivery_count=delivery_count,
+        # A retried event's copies start their delivery count afresh: count the event's.
+        delivery_count=(event_delivery_count(properties, delivery_count)
+                        if PROP_ATTEMPT in properties else delivery_count),
         enqueued_time=enqueued_time,
         application_properties=properties,
         body=body,

@@ -54,6 +54,8 @@ class HandlerContext:
 
     settings: Settings
     message_id: str
+    #: How many times this event has been given to handlers, this time included: 1 on the
+    #: first try, and it grows across the retries the queue schedules (shared/retry.py).
     delivery_count: int
 
 

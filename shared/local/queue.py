@@ -930,7 +930,8 @@ class LocalQueue:
         """Move a dead-lettered message back as a new active message, atomically.
 
         The new message has a new sequence number, delivery count 0, the same body and
-        properties plus ``replayedFrom`` (the original sequence number) and ``replayCount``
+        properties (less the retry attempt and history: it starts again at attempt 1) plus
+        ``replayedFrom`` (the original sequence number) and ``replayCount``
         (incremented). It bypasses duplicate detection: its ``message_id`` is unchanged and is
         usually still inside the window. None when there is no such dead letter.
         """
