@@ -17,7 +17,7 @@ URL ?= http://127.0.0.1:$(PORT)/api/webhooks/smartcar
 TYPE ?= state
 CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 
-.PHONY: run test test-browser lint bench mutate clean send stats dlq dlq-show dlq-replay dlq-purge
+.PHONY: run test test-browser lint bench measure-memory mutate clean send stats dlq dlq-show dlq-replay dlq-purge
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@if [ -z "$(PYTHON)" ]; then \
@@ -51,6 +51,11 @@ test-browser: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# The worker's resident memory, CPU and telemetry bytes per event under load, as deployed
+# (docs/cost.md is built on it): one JSON document.
+measure-memory: $(STAMP)
+	@$(PY) -m benchmarks.memory
 
 send: $(STAMP)
 	@$(CLI) send --url '$(URL)' --type $(TYPE) $(if $(TOKEN),--token '$(TOKEN)')

@@ -23,6 +23,8 @@ REQUIRED = {
                            "us_per_message_5kb_signals_read", "us_per_message_5kb_data_read"},
     "local_end_to_end": {"events_per_s", "ack_p50_ms", "ack_p99_ms", "lost",
                          "duplicates_processed"},
+    "worker_memory": {"rssAfterImportMB", "peakRssMB", "cpuMsPerWebhook",
+                      "cpuMsPerProcessedEvent", "spanBytesPerEvent", "logBytesPerEvent"},
 }
 
 
