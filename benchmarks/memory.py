@@ -121,7 +121,6 @@ def worker(events: int, http_concurrency: int) -> dict[str, Any]:
     os.environ["APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL"] = "true"
     sys.path.insert(0, str(ROOT))
     import function_app
-
     from shared import telemetry
     from shared.handlers import registry
     from shared.local.host import max_concurrent_calls_from_host_json
@@ -221,11 +220,10 @@ def _telemetry_sample(run: Any, count: int) -> tuple[int, int]:
     from opentelemetry.instrumentation.logging.handler import LoggingHandler
     from opentelemetry.sdk._logs import LoggerProvider
     from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter, SimpleLogRecordProcessor
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     from shared.telemetry import Telemetry, set_telemetry
 
