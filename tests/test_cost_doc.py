@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .bicep_tree import load, literal
+from .bicep_tree import literal, load
 
 ROOT = Path(__file__).resolve().parent.parent
 COST = (ROOT / "docs" / "cost.md").read_text(encoding="utf-8")
