@@ -68,11 +68,6 @@ test-browser: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(PY) -m benchmarks
 
-# The worker's resident memory, CPU and telemetry bytes per event under load, as deployed
-# (docs/cost.md is built on it): one JSON document.
-measure-memory: $(DEV_STAMP)
-	@$(PY) -m benchmarks.memory
-
 send: $(RUN_STAMP)
 	@$(CLI) send --url '$(URL)' --type $(TYPE) $(if $(TOKEN),--token '$(TOKEN)')
 
@@ -98,3 +93,8 @@ clean:
 MUTATE_JOBS ?= 3
 mutate: $(DEV_STAMP)
 	$(PY) -m mutation --jobs $(MUTATE_JOBS)
+
+# The worker's resident memory, CPU and telemetry bytes per event under load, as deployed
+# (docs/cost.md is built on it): one JSON document.
+measure-memory: $(DEV_STAMP)
+	@$(PY) -m benchmarks.memory

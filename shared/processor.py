@@ -257,9 +257,12 @@ async def process_message(
                 await _unrecorded(message, settings, sleep, exc, last=last)
         observed.outcome = str(result.outcome)
         if result.outcome is Outcome.DEAD_LETTERED:
-            observed.dead_letter_reason = result.reason or INVALID_PAYLOAD
             if result.reason == MAX_DELIVERY_COUNT_EXCEEDED:
+                # A handler's last failure: named by its error, as every failed attempt is
+                # (the queries and the inspector tell it from an unreadable payload so).
                 observed.error_type = result.error_type
+            else:
+                observed.dead_letter_reason = result.reason or INVALID_PAYLOAD
         if result.event is not None:
             observed.event_type = result.event.event_type
             observed.event_id = result.event.event_id

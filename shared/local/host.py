@@ -37,7 +37,7 @@ from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 from multidict import CIMultiDictProxy
 
-from ..handlers import HANDLER_SECONDS, RUNNING_HANDLER
+from ..handlers import HANDLER_ERROR, HANDLER_SECONDS, RUNNING_HANDLER
 from ..processor import InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
@@ -546,6 +546,7 @@ class LocalHost:
         self._held[qm.lock_token] = asyncio.get_running_loop().time()
         timeout = self.runtime.settings.function_timeout_seconds
         HANDLER_SECONDS.set(None)  # this task's own measure, not its creator's
+        HANDLER_ERROR.set(None)
         try:
             # The function timeout, as host.json's functionTimeout in Azure: the function
             # (and whatever handler it is in) is cancelled and the delivery fails.
@@ -569,7 +570,8 @@ class LocalHost:
             self._observe_attempt(qm, exc)
             await self._failed(fn, qm, exc)
         else:
-            self._observe_attempt(qm, None)
+            # Returned: handled, or a handler failed and its retry is scheduled on the queue.
+            self._observe_attempt(qm, HANDLER_ERROR.get())
             # Completed by the next send's transaction (the queue publisher takes it), or by
             # the fetcher's next receive (a wake-up or its poll) when no event comes first.
             self._to_complete.append(qm.lock_token)
