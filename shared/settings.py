@@ -54,6 +54,8 @@ HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
 
 # The local inspector page's port (shared/local/inspector_server.py); default PORT + 1.
 INSPECTOR_PORT = "INSPECTOR_PORT"
+# The local host's cap on open client connections (shared/local/connections.py).
+LOCAL_MAX_CONNECTIONS = "LOCAL_MAX_CONNECTIONS"
 
 #: Every name `load_settings` reads.
 APP_SETTINGS: frozenset[str] = frozenset(
@@ -80,6 +82,7 @@ APP_SETTINGS: frozenset[str] = frozenset(
         AZURE_CLIENT_ID,
         INSPECTOR_PORT,
         FUNCTION_TIMEOUT_SECONDS,
+        LOCAL_MAX_CONNECTIONS,
     }
 )
 
@@ -92,6 +95,7 @@ LOCAL_ONLY_SETTINGS: frozenset[str] = frozenset(
         STORAGE_CONNECTION_STRING,
         FUNCTION_TIMEOUT_SECONDS,
         INSPECTOR_PORT,
+        LOCAL_MAX_CONNECTIONS,
     }
 )
 
@@ -120,6 +124,7 @@ DEFAULTS: Mapping[str, str] = {
     LOW_BATTERY_PERCENT: "20",
     LOCAL_STATE_DIR: ".local",
     SPILL_CONTAINER_NAME: "spill",
+    LOCAL_MAX_CONNECTIONS: "1000",
 }
 
 _CONTAINER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]")
@@ -169,6 +174,8 @@ class Settings:
     inspector_port: int | None = None
     #: Bounds every delivery on the local host (host.json `functionTimeout` in Azure).
     function_timeout_seconds: float = 300.0
+    #: The local host's open client connections at most (fewer under a low descriptor limit).
+    local_max_connections: int = int(DEFAULTS[LOCAL_MAX_CONNECTIONS])
 
     @property
     def token_source(self) -> str:
@@ -290,6 +297,7 @@ def load_settings(
     queue_name = _get(env, SERVICEBUS_QUEUE_NAME) or DEFAULTS[SERVICEBUS_QUEUE_NAME]
     max_delivery_count = int(number(MAX_DELIVERY_COUNT, kind=int, minimum=1))
     max_body_bytes = int(number(MAX_BODY_BYTES, kind=int, minimum=1024))
+    max_connections = int(number(LOCAL_MAX_CONNECTIONS, kind=int, minimum=1))
     backoff_base = number(RETRY_BACKOFF_BASE_SECONDS, kind=float, minimum=0)
     backoff_max = number(RETRY_BACKOFF_MAX_SECONDS, kind=float, minimum=0)
     token_cache = number(TOKEN_CACHE_SECONDS, kind=float, minimum=1)
@@ -407,6 +415,7 @@ def load_settings(
         azure_client_id=_get(env, AZURE_CLIENT_ID),
         inspector_port=inspector_port,
         function_timeout_seconds=function_timeout,
+        local_max_connections=max_connections,
     )
 
 

@@ -31,6 +31,16 @@ EVENT_DELIVERY_LAG: Final = "smartcar.event.delivery_lag"
 WEBHOOK_SPILLED: Final = "smartcar.webhook.spilled"
 #: Counter: spilled webhooks re-driven from blob storage to the queue (the timer function).
 SPILL_REDRIVEN: Final = "smartcar.spill.redriven"
+#: Counter: authenticated deliveries that repeat an eventId with a new meta.deliveryId, i.e.
+#: Smartcar retrying because it did not get our 2xx in time (per instance: a lower bound;
+#: shared/delivery_signals.py); attribute `eventType`.
+WEBHOOK_REDELIVERED: Final = "smartcar.webhook.redelivered"
+#: Histogram (ms): our answer's time minus meta.deliveredAt (Smartcar's clock, not ours;
+#: negative counts as 0); `eventType`. Also the receive span's `deliveryToAnswerMs`.
+WEBHOOK_DELIVERY_TO_ANSWER: Final = "smartcar.webhook.delivery_to_answer"
+#: Counter: a payload shape seen for the first time by an instance (shared/shapes.py);
+#: attributes `shapeId`, `shapeKnown` ("true"/"false"), `eventType`, `metaVersion`.
+PAYLOAD_SHAPE_FIRST_SEEN: Final = "smartcar.payload.shape.first_seen"
 
 METRICS: Final = frozenset(
     {
@@ -41,6 +51,9 @@ METRICS: Final = frozenset(
         EVENT_DELIVERY_LAG,
         WEBHOOK_SPILLED,
         SPILL_REDRIVEN,
+        WEBHOOK_REDELIVERED,
+        WEBHOOK_DELIVERY_TO_ANSWER,
+        PAYLOAD_SHAPE_FIRST_SEEN,
     }
 )
 
@@ -65,6 +78,11 @@ ATTR_MODE: Final = "mode"  # spans only: LIVE or TEST
 ATTR_HTTP_STATUS: Final = "httpStatus"
 ATTR_DEAD_LETTER_REASON: Final = "deadLetterReason"  # spans only, when dead-lettered
 ATTR_ERROR_TYPE: Final = "errorType"  # spans only: the exception class name, never its text
+ATTR_SHAPE_ID: Final = "shapeId"  # the payload shape's fingerprint (shared/shapes.py)
+ATTR_SHAPE_KNOWN: Final = "shapeKnown"  # true when the project reads every part of the shape
+ATTR_META_VERSION: Final = "metaVersion"  # metric PAYLOAD_SHAPE_FIRST_SEEN only
+ATTR_DELIVERY_TO_ANSWER_MS: Final = "deliveryToAnswerMs"  # receive span: answer - deliveredAt
+ATTR_REDELIVERY: Final = "redelivery"  # receive span: true for a Smartcar retry
 
 ATTRIBUTES: Final = frozenset(
     {
@@ -78,6 +96,11 @@ ATTRIBUTES: Final = frozenset(
         ATTR_HTTP_STATUS,
         ATTR_DEAD_LETTER_REASON,
         ATTR_ERROR_TYPE,
+        ATTR_SHAPE_ID,
+        ATTR_SHAPE_KNOWN,
+        ATTR_META_VERSION,
+        ATTR_DELIVERY_TO_ANSWER_MS,
+        ATTR_REDELIVERY,
     }
 )
 

@@ -210,7 +210,7 @@ class HandledLog:
                 current = None
             if self._fd is None or current != self._inode:
                 self._close()
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 st = os.fstat(fd)
                 self._fd, self._inode = fd, (st.st_dev, st.st_ino)
             _write_whole(self._fd, line)

@@ -51,10 +51,16 @@ from ..settings import (
 from ..telemetry import configure as configure_telemetry
 from .adapters import LocalQueuePublisher
 from .batching import on_loop_unless_busy
-from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS
+from .connections import (
+    BODY_TIMEOUT_SECONDS,
+    HEADER_TIMEOUT_SECONDS,
+    IDLE_TIMEOUT_SECONDS,
+    connection_limit,
+)
 from .http import Handler, HttpServer, Request, Response, json_response
 from .inspector import Recorder
 from .inspector_server import start_inspector
+from .private import make_private
 from .queue import (
     MAX_DELIVERY_COUNT_EXCEEDED,
     LocalQueue,
@@ -288,6 +294,7 @@ class LocalHost:
         timer_interval: float = 60.0,
         header_timeout: float = HEADER_TIMEOUT_SECONDS,
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
         observer: RequestObserver | None = None,
         attempt_observer: AttemptObserver | None = None,
     ) -> None:
@@ -307,6 +314,7 @@ class LocalHost:
         # Slow and idle clients are dropped (see connections.py).
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
         self.observer: RequestObserver = observer or _unobserved
         self.attempt_observer = attempt_observer
         self.http_functions, self.queue_functions, self.timer_functions = index_functions(app)
@@ -354,7 +362,9 @@ class LocalHost:
         # the receiver, so it is counted and logged); the rest of a large body never is.
         self._http = HttpServer(routes, body_limit=self.runtime.settings.max_body_bytes,
                                 header_timeout=self.header_timeout,
-                                idle_timeout=self.idle_timeout)
+                                idle_timeout=self.idle_timeout, body_timeout=self.body_timeout,
+                                max_connections=connection_limit(
+                                    self.runtime.settings.local_max_connections))
         self.port = await self._http.start(self.host, self.port)
         for qfn in self.queue_functions:
             self._tasks.append(asyncio.create_task(self._fetch(qfn), name=qfn.name))
@@ -767,9 +777,10 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -
 async def serve(
     host: str, port: int, workers: int | None, *, lock_duration: float = 60.0,
     timer_interval: float = 60.0, header_timeout: float = HEADER_TIMEOUT_SECONDS,
-    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS, body_timeout: float = BODY_TIMEOUT_SECONDS,
 ) -> None:
     settings = load_settings()
+    make_private(settings.local_state_dir)  # before anything in it is created or opened
     runtime = build_runtime(settings)
     set_runtime(runtime)
     # Spans to the console, or to Application Insights when a connection string is set.
@@ -779,7 +790,7 @@ async def serve(
     local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers,
                       lock_duration=lock_duration, timer_interval=timer_interval,
                       header_timeout=header_timeout, idle_timeout=idle_timeout,
-                      observer=recorder.http_request,
+                      body_timeout=body_timeout, observer=recorder.http_request,
                       attempt_observer=recorder.attempt_finished)
     await local.start()
     # A host listening on every interface is reached on loopback, as the page itself is.
@@ -852,6 +863,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=argparse.SUPPRESS)
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_SECONDS,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_SECONDS,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=log_level,
@@ -860,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_event_loop(serve(args.host, args.port, args.workers,
                           lock_duration=args.lock_duration, timer_interval=args.timer_interval,
-                          header_timeout=args.header_timeout, idle_timeout=args.idle_timeout))
+                          header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+                          body_timeout=args.body_timeout))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
