@@ -111,5 +111,7 @@ async def handle_queue_message(msg: func.ServiceBusMessage) -> None:
         settings=runtime.settings,
         registry=runtime.registry,
         dead_letterer=runtime.dead_letterer,
+        retry_sender=runtime.retry_sender,
         handled_log=runtime.handled_log,
+        clock=runtime.clock,
     )

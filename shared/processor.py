@@ -2,8 +2,9 @@
 
 Settlement follows the Functions host's built-in behaviour: returning completes the message,
 raising abandons it, and the queue's `maxDeliveryCount` moves it to the dead-letter queue.
-Abandon redelivers at once, so a handler failure waits (asynchronously, with exponential
-backoff on the delivery count) before re-raising. Unreadable payloads are dead-lettered at once
+A handler failure is retried by a scheduled copy on the queue (shared/retry.py) and the
+invocation returns: no backoff is waited out inside it. After `MAX_DELIVERY_COUNT` attempts
+the event is dead-lettered with its attempt history. Unreadable payloads are dead-lettered at once
 with reason `InvalidPayload`, and stale deliveries with reason `StaleDelivery`, through a
 `DeadLetterer`; handlers never see either.
 """
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, NoReturn, Protocol
@@ -27,6 +29,16 @@ from .publisher import (
     PROP_RECEIVED_AT,
     PROP_REPLAY_COUNT,
     dead_letter_copy_id,
+    message_id_for,
+)
+from .retry import (
+    MAX_DELIVERY_COUNT_EXCEEDED,
+    RetrySender,
+    attempt_of,
+    backoff_seconds,
+    event_delivery_count,
+    retry_copy,
+    with_failure,
 )
 from .settings import Settings
 from .telemetry import Telemetry, get_telemetry
@@ -42,6 +54,8 @@ class Outcome(StrEnum):
     HANDLED = "handled"
     UNHANDLED = "unhandled"
     DEAD_LETTERED = "dead_lettered"
+    #: A handler failed and a scheduled copy will try again: not a final outcome.
+    RETRIED = "retried"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +77,8 @@ class ProcessResult:
     description: str | None = None
     #: The dead-letter reason, when the outcome is DEAD_LETTERED.
     reason: str | None = None
+    #: The handler's exception class, when the outcome is RETRIED or a last failed attempt.
+    error_type: str | None = None
 
 
 class HandlerFailedError(RuntimeError):
@@ -200,7 +216,8 @@ def outcome_record(
         "eventId": event_id,
         "eventType": event_type,
         "vehicleId": vehicle_id,
-        "deliveryCount": message.delivery_count,
+        "deliveryCount": event_delivery_count(message.application_properties,
+                                              message.delivery_count),
         "messageId": message.message_id,
         "outcome": outcome,
         "handledAt": datetime.now(UTC).isoformat(),
@@ -209,12 +226,6 @@ def outcome_record(
         record["reason"] = reason
         record["description"] = description
     return record
-
-
-def backoff_seconds(delivery_count: int, *, base: float, maximum: float) -> float:
-    """Exponential backoff: base, 2*base, 4*base, ... capped at `maximum`."""
-    exponent = max(delivery_count - 1, 0)
-    return float(min(base * (2 ** min(exponent, 30)), maximum))
 
 
 def retry_delay(delivery_count: int, settings: Settings) -> float:
@@ -235,11 +246,14 @@ async def process_message(
     settings: Settings,
     registry: HandlerRegistry,
     dead_letterer: DeadLetterer,
+    retry_sender: RetrySender,
     handled_log: OutcomeLog | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     telemetry: Telemetry | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> ProcessResult:
-    """Process one message. Returns on completion; raises to have the message abandoned."""
+    """Process one message. Returns on completion (also when a handler failed and its retry
+    is scheduled); raises to have the message abandoned."""
     with (telemetry or get_telemetry()).observe_process(
         message.application_properties,
         message_id=message.message_id,
@@ -248,13 +262,18 @@ async def process_message(
         try:
             result = await _process(
                 message, settings=settings, registry=registry, dead_letterer=dead_letterer,
-                sleep=sleep,
+                retry_sender=retry_sender, clock=clock,
             )
         except HandlerFailedError as exc:
-            last = message.delivery_count >= settings.max_delivery_count
-            observed.outcome = PROCESS_DEAD_LETTERED if last else PROCESS_RETRIED
+            # The retry (or dead letter) could not be sent: the original is abandoned and
+            # delivered again, which tries again.
+            observed.outcome = PROCESS_RETRIED
             observed.error_type = type(exc.__cause__ or exc).__name__
             raise
+        if result.outcome is Outcome.RETRIED:  # not final: handled.jsonl waits for the end
+            observed.outcome = PROCESS_RETRIED
+            observed.error_type = result.error_type
+            return result
         if handled_log is not None:
             try:
                 handled_log.append(outcome_record(
@@ -267,7 +286,12 @@ async def process_message(
                 await _unrecorded(message, settings, sleep, exc, last=last)
         observed.outcome = str(result.outcome)
         if result.outcome is Outcome.DEAD_LETTERED:
-            observed.dead_letter_reason = result.reason or INVALID_PAYLOAD
+            if result.reason == MAX_DELIVERY_COUNT_EXCEEDED:
+                # A handler's last failure: named by its error, as every failed attempt is
+                # (the queries and the inspector tell it from an unreadable payload so).
+                observed.error_type = result.error_type
+            else:
+                observed.dead_letter_reason = result.reason or INVALID_PAYLOAD
         if result.event is not None:
             observed.event_type = result.event.event_type
             observed.event_id = result.event.event_id
@@ -305,7 +329,8 @@ async def _process(
     settings: Settings,
     registry: HandlerRegistry,
     dead_letterer: DeadLetterer,
-    sleep: Callable[[float], Awaitable[None]],
+    retry_sender: RetrySender,
+    clock: Callable[[], float],
 ) -> ProcessResult:
     if PROP_DEAD_LETTER_REASON in message.application_properties:
         raise DeadLetterCopyError(
@@ -337,30 +362,79 @@ async def _process(
 
     logger.debug("processing event %s body=%r", event.event_id, message.body)
     context = HandlerContext(
-        settings=settings, message_id=message.message_id, delivery_count=message.delivery_count
+        settings=settings, message_id=message.message_id,
+        delivery_count=event_delivery_count(message.application_properties,
+                                            message.delivery_count),
     )
     try:
         ran = await registry.dispatch(event, context)
     except Exception as exc:
-        last = message.delivery_count >= settings.max_delivery_count
-        delay = retry_delay(message.delivery_count, settings)
-        logger.warning(
-            "handler failed for event %s (%s, delivery %d of %d): %s: %s; %s",
-            event.event_id,
-            event.event_type,
-            message.delivery_count,
-            settings.max_delivery_count,
-            type(exc).__name__,
-            exc,
-            "it will be dead-lettered" if last else f"retrying in {delay:.1f}s",
-        )
-        if delay > 0:
-            await sleep(delay)
-        raise HandlerFailedError(
-            f"handler failed for event {event.event_id}: {type(exc).__name__}"
-        ) from exc
+        return await _handler_failed(message, event, exc, settings=settings,
+                                     dead_letterer=dead_letterer, retry_sender=retry_sender,
+                                     now=clock())
 
     outcome = Outcome.HANDLED if ran else Outcome.UNHANDLED
     if not ran:
         logger.info("no handler for event %s of type %s", event.event_id, event.event_type)
     return ProcessResult(outcome, event=event)
+
+
+async def _handler_failed(
+    message: InboundMessage,
+    event: Event,
+    exc: Exception,
+    *,
+    settings: Settings,
+    dead_letterer: DeadLetterer,
+    retry_sender: RetrySender,
+    now: float,
+) -> ProcessResult:
+    """A handler raised: schedule the next attempt as a copy on the queue, or after the last
+    attempt dead-letter the event with its history. Raises HandlerFailedError only when that
+    send fails (the original is then abandoned and redelivered, and tries the send again)."""
+    attempt = attempt_of(message.application_properties)
+    error_type = type(exc).__name__
+    last = attempt >= settings.max_delivery_count
+    try:
+        if last:
+            props, history = with_failure(message.application_properties, attempt, exc, now)
+            description = (
+                f"handler failed in {attempt} delivery attempts "
+                f"(MAX_DELIVERY_COUNT={settings.max_delivery_count}): "
+                + ", ".join(f"{h.get('attempt')} {h.get('error')} at {h.get('failedAt')}"
+                            for h in history)
+            )
+            logger.warning(
+                "handler failed for event %s (%s, attempt %d of %d): %s: %s; dead-lettering "
+                "it as %s", event.event_id, event.event_type, attempt,
+                settings.max_delivery_count, error_type, exc, MAX_DELIVERY_COUNT_EXCEEDED,
+            )
+            await dead_letterer.dead_letter(
+                replace(message, application_properties=props),
+                reason=MAX_DELIVERY_COUNT_EXCEEDED, description=description,
+            )
+            return ProcessResult(Outcome.DEAD_LETTERED, event=event, description=description,
+                                 reason=MAX_DELIVERY_COUNT_EXCEEDED, error_type=error_type)
+        copy = retry_copy(
+            message.body, message.application_properties,
+            event_key=message_id_for(message.body, event.event_id), error=exc, now=now,
+            base=settings.retry_backoff_base_seconds,
+            maximum=settings.retry_backoff_max_seconds,
+        )
+        logger.warning(
+            "handler failed for event %s (%s, attempt %d of %d): %s: %s; retrying in %.1fs "
+            "as message %s", event.event_id, event.event_type, attempt,
+            settings.max_delivery_count, error_type, exc, copy.delay_seconds, copy.message_id,
+        )
+        await retry_sender.schedule(copy)
+    except Exception as send_exc:
+        logger.warning(
+            "cannot %s event %s after its handler failed: %s; the message is abandoned and "
+            "delivered again", "dead-letter" if last else "schedule the retry of",
+            event.event_id, type(send_exc).__name__,
+        )
+        raise HandlerFailedError(
+            f"handler failed for event {event.event_id}: {error_type}"
+        ) from exc
+    return ProcessResult(Outcome.RETRIED, event=event, description=str(exc),
+                         error_type=error_type)

@@ -19,6 +19,7 @@ from .handlers import HandlerRegistry
 from .handlers import registry as default_registry
 from .processor import DeadLetterer, OutcomeLog, ServiceBusDeadLetterer
 from .publisher import Publisher, RememberingPublisher, build_service_bus_publisher
+from .retry import RetrySender, ServiceBusRetrySender
 from .settings import Settings, load_settings
 from .spill import (
     FileSpillStore,
@@ -46,6 +47,8 @@ class Runtime:
     publisher: Publisher
     dead_letterer: DeadLetterer
     registry: HandlerRegistry
+    #: Where a failed event's next attempt is scheduled (shared/retry.py).
+    retry_sender: RetrySender
     handled_log: OutcomeLog | None = None
     queue: Any = None  # the LocalQueue in local mode
     # Spill-over (shared/spill.py): where events wait while the queue is down, and the
@@ -117,6 +120,7 @@ def build_runtime(
     tokens: TokenProvider | None = None,
     publisher: Publisher | None = None,
     dead_letterer: DeadLetterer | None = None,
+    retry_sender: RetrySender | None = None,
     credential: ProcessCredential | None = None,
 ) -> Runtime:
     """Everything the functions need, for the queue backend the settings choose.
@@ -135,15 +139,22 @@ def build_runtime(
         )
         primary = sb
         dead_letterer = dead_letterer or ServiceBusDeadLetterer(sb.send_raw)
+        retry_sender = retry_sender or ServiceBusRetrySender(sb.send_raw)
     else:
         # Local only: shared/local is not deployed (.funcignore), and Azure always has a
         # Service Bus namespace, so this import never runs there.
-        from .local.adapters import HandledLog, LocalDeadLetterer, LocalQueuePublisher
+        from .local.adapters import (
+            HandledLog,
+            LocalDeadLetterer,
+            LocalQueuePublisher,
+            LocalRetrySender,
+        )
         from .local.queue import open_local_queue
 
         queue = open_local_queue(settings)
         primary = LocalQueuePublisher(queue)
         dead_letterer = dead_letterer or LocalDeadLetterer(queue)
+        retry_sender = retry_sender or LocalRetrySender(queue)
         handled_log = HandledLog(settings.local_state_dir / HANDLED_FILE)
     spill = build_spill_store(settings, credential)
     if publisher is None:
@@ -159,6 +170,7 @@ def build_runtime(
         publisher=publisher,
         dead_letterer=dead_letterer,
         registry=registry or default_registry,
+        retry_sender=retry_sender,
         handled_log=handled_log,
         queue=queue,
         spill=spill,

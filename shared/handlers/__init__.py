@@ -55,6 +55,8 @@ class HandlerContext:
 
     settings: Settings
     message_id: str
+    #: How many times this event has been given to handlers, this time included: 1 on the
+    #: first try, and it grows across the retries the queue schedules (shared/retry.py).
     delivery_count: int
 
 
@@ -66,6 +68,11 @@ RUNNING_HANDLER: ContextVar[str | None] = ContextVar("RUNNING_HANDLER", default=
 #: handler calls alone (whether they returned, raised or were cancelled): parsing, settlement
 #: and a retry's backoff are never in it. The local inspector shows it per attempt.
 HANDLER_SECONDS: ContextVar[float | None] = ContextVar("HANDLER_SECONDS", default=None)
+
+#: What a handler raised in the last `dispatch` in this context, None when none did. A failed
+#: handler's retry is scheduled and the function returns (shared/retry.py), so the host
+#: learns the failure here, not from the function: the local inspector shows it per attempt.
+HANDLER_ERROR: ContextVar[BaseException | None] = ContextVar("HANDLER_ERROR", default=None)
 
 #: Threads per registry for plain handlers: the Functions host's maxConcurrentCalls (host.json).
 BLOCKING_THREADS = 32
@@ -104,6 +111,7 @@ class HandlerRegistry:
     async def dispatch(self, event: Event, context: HandlerContext) -> bool:
         """Run every matching handler; True when at least one ran. Handler errors propagate."""
         started = time.perf_counter()
+        HANDLER_ERROR.set(None)
         try:
             ran = False
             for handler in self._by_type.get(event.event_type, ()):
@@ -119,6 +127,9 @@ class HandlerRegistry:
                         ran = True
             RUNNING_HANDLER.set(None)
             return ran
+        except Exception as exc:
+            HANDLER_ERROR.set(exc)
+            raise
         finally:
             HANDLER_SECONDS.set(time.perf_counter() - started)
 

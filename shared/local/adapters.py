@@ -21,6 +21,7 @@ import orjson
 
 from ..processor import InboundMessage, Outcome, outcome_record
 from ..publisher import OutboundMessage, PublishError
+from ..retry import RetryCopy
 from .batching import Batcher, on_loop_unless_busy
 from .queue import MAX_DELIVERY_COUNT_EXCEEDED, ExpiredMessage, QueuedMessage
 
@@ -145,6 +146,23 @@ class LocalDeadLetterer:
             message.sequence_number,
             reason=reason,
             description=description,
+        )
+
+
+class LocalRetrySender:
+    """Schedules a failed event's next attempt on the embedded queue, as Service Bus would:
+    invisible until its time, dropped when its id was seen (duplicate detection)."""
+
+    def __init__(self, queue: Any) -> None:
+        self._queue = queue
+
+    async def schedule(self, copy: RetryCopy) -> None:
+        await asyncio.to_thread(
+            self._queue.send,
+            copy.body,
+            message_id=copy.message_id,
+            application_properties=copy.application_properties,
+            scheduled_enqueue_time=copy.scheduled_enqueue_time,
         )
 
 

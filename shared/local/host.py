@@ -38,7 +38,7 @@ from azure.functions.timer import TimerRequest
 from multidict import CIMultiDictProxy
 
 from ..clockcheck import CLOCK_WATCH
-from ..handlers import HANDLER_SECONDS, RUNNING_HANDLER
+from ..handlers import HANDLER_ERROR, HANDLER_SECONDS, RUNNING_HANDLER
 from ..handlers.pool import CURRENT_DELIVERY, DeliveryJobs
 from ..processor import InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
@@ -621,6 +621,7 @@ class LocalHost:
         self._held[qm.lock_token] = asyncio.get_running_loop().time()
         timeout = self.runtime.settings.function_timeout_seconds
         HANDLER_SECONDS.set(None)  # this task's own measure, not its creator's
+        HANDLER_ERROR.set(None)
         jobs = DeliveryJobs()  # this task's context only: its calls into the handler pool
         CURRENT_DELIVERY.set(jobs)
         try:
@@ -649,7 +650,8 @@ class LocalHost:
             self._observe_attempt(qm, exc)
             await self._failed(fn, qm, exc)
         else:
-            self._observe_attempt(qm, None)
+            # Returned: handled, or a handler failed and its retry is scheduled on the queue.
+            self._observe_attempt(qm, HANDLER_ERROR.get())
             # Completed by the next send's transaction (the queue publisher takes it) when one
             # comes within COMPLETION_DELAY_SECONDS, else by the fetcher, woken for it then:
             # a crash between handling and completion hands the event to a handler again, so

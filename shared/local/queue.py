@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 import orjson
 
+from ..retry import RETRY_PROPS
 from ..settings import Settings
 from .ackmark import ACK_MARK_FILE, AckMark
 
@@ -1211,7 +1212,8 @@ class LocalQueue:
         """Move a dead-lettered message back as a new active message, atomically.
 
         The new message has a new sequence number, delivery count 0, the same body and
-        properties plus ``replayedFrom`` (the original sequence number) and ``replayCount``
+        properties (less the retry attempt and history: it starts again at attempt 1) plus
+        ``replayedFrom`` (the original sequence number) and ``replayCount``
         (incremented). It bypasses duplicate detection: its ``message_id`` is unchanged and is
         usually still inside the window. None when there is no such dead letter.
         """
@@ -1235,6 +1237,8 @@ class LocalQueue:
                 replay_count = 0
             properties["replayedFrom"] = str(sequence_number)
             properties["replayCount"] = str(replay_count + 1)
+            for name in RETRY_PROPS:  # a replayed event starts again at attempt 1
+                properties.pop(name, None)
             cursor = conn.execute(
                 "INSERT INTO messages (message_id, body, properties, enqueued_time, "
                 "scheduled_time, visible_at, state) VALUES (?, ?, ?, ?, NULL, ?, ?)",
