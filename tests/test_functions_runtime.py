@@ -14,8 +14,10 @@ import json
 import shutil
 import subprocess
 import uuid
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import Distribution
 from pathlib import Path
+from typing import Any
 
 import pathspec
 import pytest
@@ -30,6 +32,7 @@ from .functions_host.host import FUNCTION_KEY, HostStartError
 from .functions_host.session import (
     NAMESPACE,
     QUEUE,
+    SETTINGS,
     TOKEN,
     RuntimeSession,
     Sent,
@@ -252,7 +255,8 @@ class TestHttpTrigger:
         assert post(runtime, body, {"SC-Signature": signature[::-1]})[0] == 401
         assert runtime.host.deliver(body, message_id=event["eventId"]).succeeded
         failing = encode({**event, "eventType": FAILING_EVENT_TYPE})
-        assert not runtime.host.deliver(failing, message_id=str(uuid.uuid4())).succeeded
+        assert runtime.host.deliver(failing, message_id=str(uuid.uuid4())).succeeded
+        (_retry,) = runtime.sent_with_id(f"{event['eventId']}:retry:2")  # its failure was logged
         messages = [log.message for log in runtime.host.logs]
         assert any(event["eventId"] in m for m in messages), "the app's records reach the host"
         secrets = ("37.774912345", "122.419445678", signature, signature[::-1], TOKEN + '"')
@@ -265,6 +269,40 @@ def copies_of(runtime: RuntimeSession, event_id: str) -> list[Sent]:
     return [s for s in runtime.sent() if s.message_id.startswith(event_id)]
 
 
+#: The session's MAX_DELIVERY_COUNT, and the backoff after each failed attempt that its
+#: RETRY_BACKOFF_BASE_SECONDS (0.01) and RETRY_BACKOFF_MAX_SECONDS (0.05) give: doubling, capped.
+MAX_DELIVERY_COUNT = int(SETTINGS["MAX_DELIVERY_COUNT"])
+BACKOFF = {1: 0.01, 2: 0.02, 3: 0.04, 4: 0.05}
+
+
+def history(sent: Sent) -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = json.loads(sent.application_properties["attemptHistory"])
+    return entries
+
+
+def scheduled_at(sent: Sent) -> datetime:
+    assert sent.scheduled_enqueue_time_utc is not None, sent.message_id
+    return datetime.fromisoformat(sent.scheduled_enqueue_time_utc)
+
+
+def failed_at(entry: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(entry["failedAt"])
+
+
+def assert_retry_copy(copy: Sent, event_id: str, *, attempt: int, body: bytes) -> None:
+    """`copy` is the scheduled copy that is attempt `attempt` of the event: the same body on
+    the same queue, its id derived from the eventId and the attempt, due later, not a
+    dead-letter copy."""
+    assert copy.message_id == f"{event_id}:retry:{attempt}"
+    assert (copy.body, copy.queue, copy.namespace) == (body, QUEUE, NAMESPACE)
+    assert copy.content_type == "application/json"
+    assert copy.application_properties["attempt"] == str(attempt)
+    assert len(history(copy)) == attempt - 1
+    assert scheduled_at(copy).utcoffset() == timedelta(0)
+    assert copy.time_to_live_seconds is None
+    assert "deadLetterReason" not in copy.application_properties
+
+
 class TestServiceBusTrigger:
     def test_a_handled_event_completes_and_sends_nothing(self, runtime: RuntimeSession) -> None:
         event = state_event()
@@ -273,27 +311,98 @@ class TestServiceBusTrigger:
         assert result.succeeded, result.error  # the host completes the message
         assert copies_of(runtime, event["eventId"]) == []
 
-    def test_a_handler_failure_is_retried_through_the_queue(
+    def test_a_handler_failure_schedules_one_copy_and_the_original_completes(
         self, runtime: RuntimeSession
     ) -> None:
-        """The retry is the queue's: what the processor did through Service Bus is checked,
-        not how long it waited. Today it abandons (the invocation fails, so the host abandons
-        the message and Service Bus redelivers it) and sends nothing."""
+        """The retry is the queue's: the invocation succeeds (the host completes the original)
+        and the next attempt is one copy sent through Service Bus, scheduled for after the
+        backoff. What was sent is checked, not how long anything waited."""
         event = state_event(eventType=FAILING_EVENT_TYPE)
-        result = runtime.host.deliver(encode(event), message_id=event["eventId"],
-                                      delivery_count=2)
-        assert not result.succeeded  # abandoned: Service Bus delivers it again
-        assert "handler failed" in result.error
-        assert copies_of(runtime, event["eventId"]) == []
+        body = encode(event)
+        before = datetime.now(UTC)
+        result = runtime.host.deliver(body, message_id=event["eventId"],
+                                      properties={"eventType": FAILING_EVENT_TYPE})
+        after = datetime.now(UTC)
+        assert result.succeeded, result.error  # completed, not abandoned
+        (copy,) = copies_of(runtime, event["eventId"])
+        assert_retry_copy(copy, event["eventId"], attempt=2, body=body)
+        assert copy.application_properties["eventType"] == FAILING_EVENT_TYPE  # carried over
+        (failed,) = history(copy)
+        assert failed["attempt"] == 1 and failed["error"] == "HandlerFailure"
+        due = scheduled_at(copy)
+        assert before + timedelta(seconds=BACKOFF[1]) <= due
+        assert due <= after + timedelta(seconds=BACKOFF[1])
 
-    def test_a_handler_failure_on_the_last_delivery_is_left_to_max_delivery_count(
+    def test_each_failed_copy_schedules_the_next_and_the_last_is_dead_lettered_with_history(
         self, runtime: RuntimeSession
     ) -> None:
+        """Each copy is delivered again as the broker would once it is due (a new message:
+        delivery count 1); the handler still fails, so attempt n schedules attempt n + 1 with
+        a longer backoff, until attempt MAX_DELIVERY_COUNT (5 here) is dead-lettered."""
         event = state_event(eventType=FAILING_EVENT_TYPE)
-        result = runtime.host.deliver(encode(event), message_id=event["eventId"],
-                                      delivery_count=5)
-        assert not result.succeeded  # the fifth abandon moves it to the dead-letter queue
-        assert copies_of(runtime, event["eventId"]) == []
+        body = encode(event)
+        message_id, properties = event["eventId"], {}
+        for attempt in range(1, MAX_DELIVERY_COUNT):
+            result = runtime.host.deliver(body, message_id=message_id, properties=properties)
+            assert result.succeeded, (attempt, result.error)
+            (copy,) = [c for c in copies_of(runtime, event["eventId"])
+                       if c.message_id == f"{event['eventId']}:retry:{attempt + 1}"]
+            assert_retry_copy(copy, event["eventId"], attempt=attempt + 1, body=body)
+            entries = history(copy)
+            assert [e["attempt"] for e in entries] == list(range(1, attempt + 1))
+            # Due the backoff of this attempt after it failed (failedAt is in milliseconds).
+            delay = (scheduled_at(copy) - failed_at(entries[-1])).total_seconds()
+            assert delay == pytest.approx(BACKOFF[attempt], abs=0.0011), attempt
+            message_id, properties = copy.message_id, copy.application_properties
+        result = runtime.host.deliver(body, message_id=message_id, properties=properties)
+        assert result.succeeded, result.error  # the last copy is completed too ...
+        copies = copies_of(runtime, event["eventId"])
+        assert [c.message_id for c in copies] == [
+            *(f"{event['eventId']}:retry:{n}" for n in range(2, MAX_DELIVERY_COUNT + 1)),
+            f"{event['eventId']}:retry:{MAX_DELIVERY_COUNT}:dead-letter"]
+        # ... and its dead-letter copy (expiring into the dead-letter queue) carries the reason
+        # and every failed attempt.
+        dead = copies[-1]
+        assert dead.body == body and dead.queue == QUEUE
+        assert dead.scheduled_enqueue_time_utc is None
+        assert dead.time_to_live_seconds == 1.0
+        assert dead.application_properties["deadLetterReason"] == "MaxDeliveryCountExceeded"
+        entries = history(dead)
+        assert [e["attempt"] for e in entries] == list(range(1, MAX_DELIVERY_COUNT + 1))
+        assert {e["error"] for e in entries} == {"HandlerFailure"}
+        description = dead.application_properties["deadLetterDescription"]
+        assert f"{MAX_DELIVERY_COUNT} delivery attempts" in description
+        assert all(e["failedAt"] in description for e in entries)
+
+    def test_a_redelivered_original_schedules_a_copy_with_the_same_id(
+        self, runtime: RuntimeSession
+    ) -> None:
+        """A crash between the copy's send and the original's completion: Service Bus delivers
+        the original again. Its copy has the same messageId, so the queue's duplicate
+        detection drops it and the event is retried once, not twice."""
+        event = state_event(eventType=FAILING_EVENT_TYPE)
+        body = encode(event)
+        for delivery_count in (1, 2):
+            result = runtime.host.deliver(body, message_id=event["eventId"],
+                                          delivery_count=delivery_count)
+            assert result.succeeded, result.error
+        first, second = copies_of(runtime, event["eventId"])
+        assert first.message_id == second.message_id == f"{event['eventId']}:retry:2"
+        for copy in (first, second):
+            assert_retry_copy(copy, event["eventId"], attempt=2, body=body)
+
+    def test_the_attempt_is_the_messages_own_not_the_brokers_delivery_count(
+        self, runtime: RuntimeSession
+    ) -> None:
+        """An original delivered for the fifth time (its earlier invocations crashed before
+        settling) has had one handler failure recorded: it is retried, not dead-lettered."""
+        event = state_event(eventType=FAILING_EVENT_TYPE)
+        body = encode(event)
+        result = runtime.host.deliver(body, message_id=event["eventId"],
+                                      delivery_count=MAX_DELIVERY_COUNT)
+        assert result.succeeded, result.error
+        (copy,) = copies_of(runtime, event["eventId"])
+        assert_retry_copy(copy, event["eventId"], attempt=2, body=body)
 
     def test_a_poison_message_is_dead_lettered_through_service_bus(
         self, runtime: RuntimeSession
