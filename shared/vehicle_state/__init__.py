@@ -85,6 +85,8 @@ class ErrorState:
     signals: tuple[str, ...] = ()
     #: The eventId of the delivery that last changed this error.
     event_id: str | None = None
+    #: When RESOLVED: the `meta.deliveredAt` of the RESOLVED that closed it.
+    resolved_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +100,7 @@ class ErrorState:
             "resolutionType": self.resolution_type,
             "signals": list(self.signals),
             "eventId": self.event_id,
+            "resolvedAt": _iso(self.resolved_at),
         }
 
 
@@ -145,6 +148,9 @@ class ApplyResult:
     errors_resolved: tuple[ErrorState, ...] = ()
     #: Conditional writes that lost a race with another instance and were retried.
     conflicts_retried: int = 0
+    #: Every change of this event whose handlers have not completed: `changes`, and those an
+    #: earlier delivery stored before it was cut short (what `on_change` handlers run for).
+    pending: tuple[SignalChange, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
