@@ -103,4 +103,5 @@ async def handle_queue_message(msg: func.ServiceBusMessage) -> None:
         registry=runtime.registry,
         dead_letterer=runtime.dead_letterer,
         handled_log=runtime.handled_log,
+        store=runtime.vehicle_state,
     )

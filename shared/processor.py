@@ -6,6 +6,12 @@ Abandon redelivers at once, so a handler failure waits (asynchronously, with exp
 backoff on the delivery count) before re-raising. Unreadable payloads are dead-lettered at once
 with reason `InvalidPayload`, and stale deliveries with reason `StaleDelivery`, through a
 `DeadLetterer`; handlers never see either.
+
+With the vehicle state store on (`store`), a readable, current event first meets the inbox:
+an eventId whose handlers completed before is not handled again (counted as a duplicate).
+Otherwise the store applies it, the handlers run (`on_change` ones with the changes the store
+accepted, including those an earlier, interrupted delivery stored), and only then is the
+eventId recorded as processed. A failure anywhere in that sequence takes the failure path.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, NoReturn, Protocol
@@ -28,7 +34,8 @@ from .publisher import (
 )
 from .settings import Settings
 from .telemetry import Telemetry, get_telemetry
-from .telemetry_names import PROCESS_DEAD_LETTERED, PROCESS_RETRIED
+from .telemetry_names import ATTR_VEHICLE_ERRORS, PROCESS_DEAD_LETTERED, PROCESS_RETRIED
+from .vehicle_state import ApplyResult, VehicleStateStore
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,10 @@ class ProcessResult:
     description: str | None = None
     #: The dead-letter reason, when the outcome is DEAD_LETTERED.
     reason: str | None = None
+    #: What the vehicle state store did with the event (None: store off, or not applied).
+    vehicle_state: ApplyResult | None = None
+    #: The eventId's handlers had completed before: they did not run again (the inbox).
+    duplicate: bool = False
 
 
 class HandlerFailedError(RuntimeError):
@@ -155,6 +166,8 @@ def outcome_record(
     event: Event | None = None,
     reason: str | None = None,
     description: str | None = None,
+    vehicle_state: ApplyResult | None = None,
+    duplicate: bool = False,
 ) -> dict[str, Any]:
     """One line of `handled.jsonl`: a final outcome of one message (README "What happens").
 
@@ -179,6 +192,10 @@ def outcome_record(
     if reason is not None:
         record["reason"] = reason
         record["description"] = description
+    if vehicle_state is not None:
+        record["vehicleState"] = vehicle_state.to_json()
+    if duplicate:
+        record["duplicate"] = True
     return record
 
 
@@ -209,9 +226,11 @@ async def process_message(
     handled_log: OutcomeLog | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     telemetry: Telemetry | None = None,
+    store: VehicleStateStore | None = None,
 ) -> ProcessResult:
     """Process one message. Returns on completion; raises to have the message abandoned."""
-    with (telemetry or get_telemetry()).observe_process(
+    telemetry = telemetry or get_telemetry()
+    with telemetry.observe_process(
         message.application_properties,
         message_id=message.message_id,
         delivery_count=message.delivery_count,
@@ -219,7 +238,7 @@ async def process_message(
         try:
             result = await _process(
                 message, settings=settings, registry=registry, dead_letterer=dead_letterer,
-                sleep=sleep,
+                sleep=sleep, store=store, telemetry=telemetry,
             )
         except HandlerFailedError as exc:
             last = message.delivery_count >= settings.max_delivery_count
@@ -230,7 +249,8 @@ async def process_message(
             try:
                 handled_log.append(outcome_record(
                     message, str(result.outcome), event=result.event, reason=result.reason,
-                    description=result.description))
+                    description=result.description, vehicle_state=result.vehicle_state,
+                    duplicate=result.duplicate))
             except OSError as exc:
                 last = message.delivery_count >= settings.max_delivery_count
                 observed.outcome = PROCESS_DEAD_LETTERED if last else PROCESS_RETRIED
@@ -244,7 +264,20 @@ async def process_message(
             observed.event_id = result.event.event_id
             observed.vehicle_id = result.event.vehicle_id
             observed.delivered_at = result.event.meta.delivered_at
+        if result.vehicle_state is not None:
+            errors = error_summary(result.vehicle_state)
+            if errors:
+                observed.extra[ATTR_VEHICLE_ERRORS] = errors
         return result
+
+
+def error_summary(state: ApplyResult) -> str:
+    """The span attribute the open-errors query reads: each error the event touched, with the
+    state the store now holds for it (`OPEN TYPE:CODE;RESOLVED TYPE:CODE`)."""
+    return ";".join(
+        f"{error.state} {error.type}:{error.code or ''}"
+        for error in (*state.errors_opened, *state.errors_resolved)
+    )
 
 
 async def _unrecorded(
@@ -277,6 +310,8 @@ async def _process(
     registry: HandlerRegistry,
     dead_letterer: DeadLetterer,
     sleep: Callable[[float], Awaitable[None]],
+    store: VehicleStateStore | None = None,
+    telemetry: Telemetry | None = None,
 ) -> ProcessResult:
     if PROP_DEAD_LETTER_REASON in message.application_properties:
         raise DeadLetterCopyError(
@@ -312,7 +347,8 @@ async def _process(
         settings=settings, message_id=message.message_id, delivery_count=message.delivery_count
     )
     try:
-        ran = await registry.dispatch(event, context)
+        handled = await run_handlers(event, context, registry, store,
+                                     telemetry or get_telemetry())
     except Exception as exc:
         last = message.delivery_count >= settings.max_delivery_count
         delay = retry_delay(message.delivery_count, settings)
@@ -332,7 +368,42 @@ async def _process(
             f"handler failed for event {event.event_id}: {type(exc).__name__}"
         ) from exc
 
-    outcome = Outcome.HANDLED if ran else Outcome.UNHANDLED
-    if not ran:
+    if handled.duplicate:
+        logger.info("event %s was processed before (its eventId is in the inbox); its handlers "
+                    "do not run again", event.event_id)
+        return ProcessResult(Outcome.HANDLED, event=event, duplicate=True,
+                             description="eventId processed before")
+    outcome = Outcome.HANDLED if handled.ran else Outcome.UNHANDLED
+    if not handled.ran:
         logger.info("no handler for event %s of type %s", event.event_id, event.event_type)
-    return ProcessResult(outcome, event=event)
+    return ProcessResult(outcome, event=event, vehicle_state=handled.state)
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    ran: bool
+    duplicate: bool = False
+    state: ApplyResult | None = None
+
+
+async def run_handlers(
+    event: Event,
+    context: HandlerContext,
+    registry: HandlerRegistry,
+    store: VehicleStateStore | None,
+    telemetry: Telemetry,
+) -> Handled:
+    """The inbox check, the store, the handlers, the inbox record: in this order, so a crash
+    anywhere before the record runs the handlers again on redelivery, with the changes the
+    store kept for them."""
+    if store is None:
+        return Handled(ran=await registry.dispatch(event, context))
+    if await store.is_processed(event.vehicle_id, event.event_id):
+        telemetry.record_inbox_duplicate()
+        return Handled(ran=False, duplicate=True)
+    state = await store.apply(event)
+    telemetry.record_vehicle_state(state)
+    ran = await registry.dispatch(event, replace(context, vehicle_state=state),
+                                  changes=state.pending)
+    await store.mark_processed(event.vehicle_id, event.event_id)
+    return Handled(ran=ran, state=state)

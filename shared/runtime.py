@@ -29,6 +29,8 @@ from .spill import (
 )
 from .telemetry import configure as configure_telemetry
 from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
+from .vehicle_state import VehicleStateStore
+from .vehicle_state.factory import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,8 @@ class Runtime:
     health_problem: Callable[[], Awaitable[str | None]] | None = None
     #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
     clock: Callable[[], float] = time.time
+    #: The vehicle state store (shared/vehicle_state); None with VEHICLE_STATE_STORE=off.
+    vehicle_state: VehicleStateStore | None = None
 
     async def close(self) -> None:
         """Close the Azure clients, then the credential they share (the local host's stop).
@@ -66,7 +70,8 @@ class Runtime:
         The queue and the handled log are the local host's to close. The Python worker has no
         shutdown hook for app code, so in Azure the process exit releases them.
         """
-        for part in (self.publisher, self.redrive_publisher, self.spill, self.tokens):
+        for part in (self.publisher, self.redrive_publisher, self.spill, self.tokens,
+                     self.vehicle_state):
             close = getattr(part, "close", None)
             if close is None:
                 continue
@@ -115,6 +120,7 @@ def build_runtime(
     publisher: Publisher | None = None,
     dead_letterer: DeadLetterer | None = None,
     credential: ProcessCredential | None = None,
+    vehicle_state: VehicleStateStore | None = None,
 ) -> Runtime:
     """Everything the functions need, for the queue backend the settings choose.
 
@@ -161,6 +167,7 @@ def build_runtime(
         spill=spill,
         redrive_publisher=primary,
         credential=credential,
+        vehicle_state=vehicle_state or open_store(settings, credential=credential),
     )
 
 

@@ -32,8 +32,24 @@ WEBHOOK_SPILLED: Final = "smartcar.webhook.spilled"
 #: Counter: spilled webhooks re-driven from blob storage to the queue (the timer function).
 SPILL_REDRIVEN: Final = "smartcar.spill.redriven"
 
+#: Counters of the vehicle state store (shared/vehicle_state), per applied event:
+#: signal readings stored, readings left alone because the store held a newer or the same
+#: one, signals recorded with a caveat or skipped (attribute `reason`), conditional writes
+#: that lost a race with another instance and were retried, and deliveries of an eventId
+#: whose handlers had already completed (the inbox; handlers did not run again).
+VEHICLE_STATE_APPLIED: Final = "smartcar.vehicle_state.applied"
+VEHICLE_STATE_STALE: Final = "smartcar.vehicle_state.stale"
+VEHICLE_STATE_SKIPPED: Final = "smartcar.vehicle_state.skipped"
+VEHICLE_STATE_CONFLICTS: Final = "smartcar.vehicle_state.conflicts_retried"
+VEHICLE_STATE_DUPLICATES: Final = "smartcar.vehicle_state.inbox_duplicates"
+
 METRICS: Final = frozenset(
     {
+        VEHICLE_STATE_APPLIED,
+        VEHICLE_STATE_STALE,
+        VEHICLE_STATE_SKIPPED,
+        VEHICLE_STATE_CONFLICTS,
+        VEHICLE_STATE_DUPLICATES,
         WEBHOOK_RECEIVED,
         WEBHOOK_RECEIVE_DURATION,
         EVENT_PROCESSED,
@@ -65,6 +81,11 @@ ATTR_MODE: Final = "mode"  # spans only: LIVE or TEST
 ATTR_HTTP_STATUS: Final = "httpStatus"
 ATTR_DEAD_LETTER_REASON: Final = "deadLetterReason"  # spans only, when dead-lettered
 ATTR_ERROR_TYPE: Final = "errorType"  # spans only: the exception class name, never its text
+#: VEHICLE_STATE_SKIPPED only: why (shared/vehicle_state/rules.py: undated, too-large, ...).
+ATTR_REASON: Final = "reason"
+#: Spans only, VEHICLE_ERROR events: each error the event touched with the state the store
+#: now holds for it, `OPEN TYPE:CODE;RESOLVED TYPE:CODE` (infra/queries/open_vehicle_errors.kql).
+ATTR_VEHICLE_ERRORS: Final = "vehicleErrors"
 
 ATTRIBUTES: Final = frozenset(
     {
@@ -78,6 +99,8 @@ ATTRIBUTES: Final = frozenset(
         ATTR_HTTP_STATUS,
         ATTR_DEAD_LETTER_REASON,
         ATTR_ERROR_TYPE,
+        ATTR_REASON,
+        ATTR_VEHICLE_ERRORS,
     }
 )
 

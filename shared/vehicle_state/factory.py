@@ -34,7 +34,9 @@ def open_store(
     if backend == "off":
         return None
     if backend == "sqlite":
-        from .sqlite_store import FILE_NAME, SqliteVehicleStateStore
+        # Local only: shared/local is not deployed (.funcignore), and in Azure the settings
+        # always name a storage account, so this import never runs there.
+        from ..local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
 
         return SqliteVehicleStateStore(settings.local_state_dir / FILE_NAME)
     from azure.data.tables.aio import TableClient

@@ -1,4 +1,6 @@
-"""The local backend: one SQLite file in LOCAL_STATE_DIR (`vehicle_state.sqlite3`).
+"""The vehicle state store's local backend: one SQLite file in LOCAL_STATE_DIR
+(`vehicle_state.sqlite3`). Local only, like the embedded queue: Azure uses Table Storage
+(shared/vehicle_state/table_store.py), and both run the same rules (shared/vehicle_state/rules.py).
 
 Each apply is one `BEGIN IMMEDIATE` transaction: it reads the rows the event touches, runs
 the shared rules (`rules.plan`), and writes the new state together with the event's pending
@@ -23,8 +25,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from ..events import Event
-from . import ApplyResult, SignalChange, VehicleSummary, VehicleView
-from .codec import (
+from ..vehicle_state import ApplyResult, SignalChange, VehicleSummary, VehicleView
+from ..vehicle_state.codec import (
     changes_from_text,
     changes_text,
     error_from_row,
@@ -32,7 +34,7 @@ from .codec import (
     signal_from_row,
     signal_row,
 )
-from .rules import OPEN, STORED_TYPES, Plan, Snapshot, codes_of, error_keys_of, plan
+from ..vehicle_state.rules import OPEN, STORED_TYPES, Plan, Snapshot, codes_of, error_keys_of, plan
 
 FILE_NAME: Final = "vehicle_state.sqlite3"
 #: Processed eventIds are kept at least 7 days (Smartcar's advice); pruned after 8.
