@@ -29,8 +29,10 @@ from ..vehicle_state import ApplyResult, SignalChange, VehicleSummary, VehicleVi
 from ..vehicle_state.codec import (
     changes_from_text,
     changes_text,
+    dumps,
     error_from_row,
     error_row,
+    loads,
     signal_from_row,
     signal_row,
 )
@@ -132,7 +134,7 @@ class SqliteVehicleStateStore:
                 "AND code IN (SELECT value FROM json_each(?))",
                 (vehicle_id, json.dumps(codes)),
             ):
-                signals[code] = signal_from_row(json.loads(row))
+                signals[code] = signal_from_row(loads(row))
         errors = {}
         for error_type, code in error_keys_of(event):
             found = db.execute(
@@ -140,7 +142,7 @@ class SqliteVehicleStateStore:
                 (vehicle_id, error_type, code),
             ).fetchone()
             if found is not None:
-                errors[(error_type, code)] = error_from_row(json.loads(found[0]))
+                errors[(error_type, code)] = error_from_row(loads(found[0]))
         marker = db.execute(
             "SELECT errors_applied, pending FROM events WHERE vehicle_id = ? AND event_id = ?",
             (vehicle_id, event.event_id),
@@ -161,14 +163,14 @@ class SqliteVehicleStateStore:
         db.executemany(
             "INSERT INTO signals (vehicle_id, code, row) VALUES (?, ?, ?) "
             "ON CONFLICT (vehicle_id, code) DO UPDATE SET row = excluded.row",
-            [(vehicle_id, code, json.dumps(signal_row(state)))
+            [(vehicle_id, code, dumps(signal_row(state)))
              for code, state in result.signals.items()],
         )
         db.executemany(
             "INSERT INTO errors (vehicle_id, type, code, state, row) VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT (vehicle_id, type, code) DO UPDATE SET state = excluded.state, "
             "row = excluded.row",
-            [(vehicle_id, key[0], key[1], record.state.state, json.dumps(error_row(record)))
+            [(vehicle_id, key[0], key[1], record.state.state, dumps(error_row(record)))
              for key, record in result.errors.items()],
         )
         all_pending = [*pending, *result.changes]
@@ -244,8 +246,8 @@ class SqliteVehicleStateStore:
             ).fetchall()
         return VehicleView(
             vehicle_id=vehicle_id,
-            signals={code: signal_from_row(json.loads(row)) for code, row in signals},
-            errors=[error_from_row(json.loads(row)).state for (row,) in errors],
+            signals={code: signal_from_row(loads(row)) for code, row in signals},
+            errors=[error_from_row(loads(row)).state for (row,) in errors],
             updated_at=datetime.fromisoformat(vehicle[0]) if vehicle[0] else None,
         )
 

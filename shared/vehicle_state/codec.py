@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import string
 from datetime import datetime
 from typing import Any, Final
+
+import orjson
 
 from . import ErrorState, SignalChange, SignalState
 from .rules import ErrorRecord, Observation, canonical_json
@@ -61,7 +64,7 @@ def signal_from_row(row: Row) -> SignalState:
     raw = row.get("value")
     return SignalState(
         code=str(row["code"]), path=row.get("path"),
-        value=json.loads(raw) if isinstance(raw, str) else None, unit=row.get("unit"),
+        value=loads(raw) if isinstance(raw, str) else None, unit=row.get("unit"),
         oem_updated_at=_time(row.get("oemUpdatedAt")),
         retrieved_at=_time(row.get("retrievedAt")), event_id=row.get("eventId"),
         status=str(row.get("status") or "ok"), error_type=row.get("errorType"),
@@ -98,7 +101,7 @@ def error_from_row(row: Row) -> ErrorRecord:
         first_seen=_time(row.get("firstSeen")), last_seen=_time(row.get("lastSeen")),
         count=int(row.get("count") or 0), description=row.get("description"),
         resolution_type=row.get("resolutionType"),
-        signals=tuple(json.loads(signals)) if isinstance(signals, str) else (),
+        signals=tuple(loads(signals)) if isinstance(signals, str) else (),
         event_id=row.get("eventId"), resolved_at=_time(row.get("resolvedAt")),
     )
     return ErrorRecord(
@@ -126,11 +129,33 @@ def change_from_json(data: dict[str, Any]) -> SignalChange:
     )
 
 
-def changes_text(changes: tuple[SignalChange, ...] | list[SignalChange]) -> str:
-    """Pending changes as ASCII JSON (so its length is its size in a Table property)."""
-    return json.dumps([change_to_json(c) for c in changes], separators=(",", ":"),
-                      ensure_ascii=True)
+# orjson reads an integer beyond 64 bits as a float; the standard library keeps it exact.
+_LONG_NUMBER: Final = re.compile(r"\d{19}")
+
+
+def loads(text: str) -> Any:
+    """JSON text back to values, exactly as they were written."""
+    if _LONG_NUMBER.search(text):
+        return json.loads(text)
+    return orjson.loads(text)
+
+
+def dumps(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def changes_text(changes: tuple[SignalChange, ...] | list[SignalChange], *,
+                 ascii_only: bool = False) -> str:
+    """Pending changes as JSON; ASCII only where its length in characters must be its size
+    (a Table property counts UTF-16 units)."""
+    items = [change_to_json(c) for c in changes]
+    if ascii_only:
+        return json.dumps(items, separators=(",", ":"), ensure_ascii=True)
+    return dumps(items)
 
 
 def changes_from_text(text: str) -> list[SignalChange]:
-    return [change_from_json(item) for item in json.loads(text)]
+    return [change_from_json(item) for item in loads(text)]

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+import orjson
+
 from ..events import Event, Signal, VehicleError
 from . import ErrorState, SignalChange, SignalState, SkippedSignal
 
@@ -75,9 +77,25 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def canonical_json(value: Any) -> str:
-    """One spelling per value: sorted keys, ASCII only, frozen mappings as objects."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      default=dict, allow_nan=False)
+    """One spelling per value: sorted keys, no spaces, frozen mappings as objects (orjson; the
+    standard library for what orjson refuses: integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(value, default=dict, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          default=dict, allow_nan=False)
+
+
+def thawed(value: Any) -> Any:
+    """A parsed value with its read-only mappings and tuples as plain dicts and lists, as it
+    reads back from storage."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {k: thawed(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [thawed(v) for v in value]
+    return value
 
 
 def signal_code(signal: Signal) -> str | None:
@@ -102,14 +120,29 @@ def usable_oem(signal: Signal) -> datetime | None:
 
 def signal_rank(state: SignalState) -> tuple[bool, datetime, datetime, str, str]:
     """The total order readings of one signal are kept by: the greatest is stored."""
+    return (*_time_rank(state), _content_rank(state))
+
+
+def _time_rank(state: SignalState) -> tuple[bool, datetime, datetime, str]:
     return (
         state.oem_updated_at is not None,
         state.oem_updated_at or _EPOCH,
         state.retrieved_at or _EPOCH,
         state.event_id or "",
-        canonical_json([state.value, state.unit, state.status, state.error_type,
-                        state.error_code, state.path]),
     )
+
+
+def _content_rank(state: SignalState) -> str:
+    return canonical_json([state.value, state.unit, state.status, state.error_type,
+                           state.error_code, state.path])
+
+
+def outranks(a: SignalState, b: SignalState) -> bool:
+    """`signal_rank(a) > signal_rank(b)`, with the content compared only on a full tie."""
+    ta, tb = _time_rank(a), _time_rank(b)
+    if ta != tb:
+        return ta > tb
+    return _content_rank(a) > _content_rank(b)
 
 
 def reading(signal: Signal, event_id: str) -> SignalState:
@@ -117,7 +150,7 @@ def reading(signal: Signal, event_id: str) -> SignalState:
     return SignalState(
         code=signal_code(signal) or "",
         path=signal.path,
-        value=json.loads(canonical_json(signal.value)) if signal.ok else None,
+        value=thawed(signal.value) if signal.ok else None,
         unit=signal.unit if signal.ok else None,
         oem_updated_at=usable_oem(signal),
         retrieved_at=signal.retrieved_at,
@@ -129,7 +162,9 @@ def reading(signal: Signal, event_id: str) -> SignalState:
 
 
 def value_fits(signal: Signal) -> bool:
-    return len(canonical_json(signal.value)) <= MAX_VALUE_CHARS
+    """The value's JSON fits MAX_VALUE_CHARS in UTF-8 bytes (so at most twice that in UTF-16,
+    which is how Table Storage counts)."""
+    return len(canonical_json(signal.value).encode()) <= MAX_VALUE_CHARS
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -239,7 +274,7 @@ def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
         if state.oem_updated_at is None:
             skipped.append(SkippedSignal(code=code, reason=UNDATED))
         held = best.get(code)
-        if held is None or signal_rank(state) > signal_rank(held):
+        if held is None or outranks(state, held):
             if held is not None:
                 stale.append(code)
             best[code] = state
@@ -250,7 +285,7 @@ def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
     updated_at = snapshot.updated_at
     for code, state in best.items():
         stored = snapshot.signals.get(code)
-        if stored is not None and signal_rank(stored) >= signal_rank(state):
+        if stored is not None and not outranks(state, stored):
             stale.append(code)
             continue
         writes[code] = state

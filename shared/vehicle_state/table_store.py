@@ -243,7 +243,7 @@ class TableVehicleStateStore:
             if changes:
                 ops.append(("create", {"PartitionKey": pk,
                                        "RowKey": f"{_outbox_prefix(event.event_id)}{chunks:05d}",
-                                       **_split(changes_text(changes))}))
+                                       **_split(changes_text(changes, ascii_only=True))}))
                 chunks += 1
             # Marked with the last of its errors, so a crash before then re-applies them all.
             errors_applied = errors_applied or (result.marks_errors and number == len(batches))
