@@ -401,7 +401,7 @@ async def run_handlers(
     if await store.is_processed(event.vehicle_id, event.event_id):
         telemetry.record_inbox_duplicate()
         return Handled(ran=False, duplicate=True)
-    state = await store.apply(event)
+    state = await store.apply(event, outbox=registry.wants_change)
     telemetry.record_vehicle_state(state)
     ran = await registry.dispatch(event, replace(context, vehicle_state=state),
                                   changes=state.pending)

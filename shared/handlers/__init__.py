@@ -119,9 +119,11 @@ class HandlerRegistry:
 
         return register
 
-    @property
-    def has_change_handlers(self) -> bool:
-        return bool(self._by_change)
+    def wants_change(self, change: SignalChange) -> bool:
+        """True when an `on_change` handler is registered for this change's signal: the store
+        keeps only those pending for the handlers (the outbox)."""
+        by_change = self._by_change
+        return bool(by_change) and (change.path in by_change or change.code in by_change)
 
     async def dispatch(self, event: Event, context: HandlerContext,
                        changes: tuple[SignalChange, ...] = ()) -> bool:

@@ -15,20 +15,27 @@ before a power loss may not, which is what the local queue promises too.
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 from ..events import Event
-from ..vehicle_state import ApplyResult, SignalChange, VehicleSummary, VehicleView
+from ..vehicle_state import (
+    ApplyResult,
+    Outbox,
+    SignalChange,
+    SignalState,
+    VehicleSummary,
+    VehicleView,
+)
 from ..vehicle_state.codec import (
+    change_text,
     changes_from_text,
-    changes_text,
     dumps,
     error_from_row,
     error_row,
@@ -42,6 +49,8 @@ FILE_NAME: Final = "vehicle_state.sqlite3"
 #: Processed eventIds are kept at least 7 days (Smartcar's advice); pruned after 8.
 INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
 _PRUNE_EVERY: Final = 1000
+#: Vehicles whose signals are kept in memory between applies (least recently used dropped).
+_CACHED_VEHICLES: Final = 1024
 _NO_VEHICLE: Final = ""
 
 _SCHEMA: Final = """
@@ -68,7 +77,7 @@ CREATE TABLE IF NOT EXISTS events (
     pending TEXT,
     processed_at REAL,
     PRIMARY KEY (vehicle_id, event_id)
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS events_by_processed ON events (processed_at);
 """
 
@@ -82,6 +91,14 @@ def _create_private(path: Path) -> None:
     except FileExistsError:
         return
     os.close(fd)
+
+
+@dataclass(slots=True)
+class _Vehicle:
+    """One vehicle's stored signals (state and row text by code) and `updatedAt`."""
+
+    signals: dict[str, tuple[SignalState, str]] = field(default_factory=dict)
+    updated_at: datetime | None = None
 
 
 class SqliteVehicleStateStore:
@@ -98,43 +115,70 @@ class SqliteVehicleStateStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._marks = 0
+        self._cache: dict[str, _Vehicle] = {}
+        self._version = -1
 
     # --- writing ------------------------------------------------------------------------------
-    async def apply(self, event: Event) -> ApplyResult:
+    async def apply(self, event: Event, *, outbox: Outbox | None = None) -> ApplyResult:
         if event.vehicle_id is None or event.event_type not in STORED_TYPES:
             return ApplyResult()
         with self._lock:
-            return self._apply(event, event.vehicle_id)
+            return self._apply(event, event.vehicle_id, outbox)
 
-    def _apply(self, event: Event, vehicle_id: str) -> ApplyResult:
+    def _apply(self, event: Event, vehicle_id: str, outbox: Outbox | None) -> ApplyResult:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            snapshot, pending = self._snapshot(event, vehicle_id)
+            cached = self._cached(vehicle_id)
+            snapshot, pending_text = self._snapshot(event, vehicle_id, cached)
             result = plan(snapshot, event)
+            kept = [c for c in result.changes if outbox is None or outbox(c)]
+            texts: dict[str, str] = {}
             if result.writes_anything:
-                self._write(event, vehicle_id, snapshot, result, pending)
+                texts = self._write(event, vehicle_id, snapshot, result, pending_text, cached,
+                                    kept)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
+            self._cache.pop(vehicle_id, None)
             raise
+        cached.updated_at = result.updated_at
+        for code, state in result.signals.items():
+            cached.signals[code] = (state, texts[code])
+        earlier = tuple(changes_from_text(pending_text)) if pending_text else ()
         return ApplyResult(
             changes=result.changes, stale=result.stale, skipped=result.skipped,
             errors_opened=result.errors_opened, errors_resolved=result.errors_resolved,
-            pending=(*pending, *result.changes),
+            pending=(*earlier, *kept),
         )
 
-    def _snapshot(self, event: Event, vehicle_id: str) -> tuple[Snapshot, list[SignalChange]]:
-        db = self._db
-        codes = codes_of(event)
-        signals = {}
-        if codes:
-            for code, row in db.execute(
-                "SELECT code, row FROM signals WHERE vehicle_id = ? "
-                "AND code IN (SELECT value FROM json_each(?))",
-                (vehicle_id, json.dumps(codes)),
+    def _cached(self, vehicle_id: str) -> _Vehicle:
+        """The vehicle's signals as stored, from memory while no other connection has written
+        (`PRAGMA data_version` moves only for other connections' commits); read inside the
+        write transaction, so nothing can change it before the commit."""
+        version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._version:
+            self._cache.clear()
+            self._version = version
+        cached = self._cache.pop(vehicle_id, None)
+        if cached is None:
+            cached = _Vehicle()
+            for code, row in self._db.execute(
+                "SELECT code, row FROM signals WHERE vehicle_id = ?", (vehicle_id,)
             ):
-                signals[code] = signal_from_row(loads(row))
+                cached.signals[code] = (signal_from_row(loads(row)), row)
+            vehicle = self._db.execute(
+                "SELECT updated_at FROM vehicles WHERE vehicle_id = ?", (vehicle_id,)).fetchone()
+            if vehicle is not None and vehicle[0]:
+                cached.updated_at = datetime.fromisoformat(vehicle[0])
+        self._cache[vehicle_id] = cached  # most recently used last
+        if len(self._cache) > _CACHED_VEHICLES:
+            del self._cache[next(iter(self._cache))]
+        return cached
+
+    def _snapshot(self, event: Event, vehicle_id: str,
+                  cached: _Vehicle) -> tuple[Snapshot, str | None]:
+        db = self._db
         errors = {}
         for error_type, code in error_keys_of(event):
             found = db.execute(
@@ -147,42 +191,52 @@ class SqliteVehicleStateStore:
             "SELECT errors_applied, pending FROM events WHERE vehicle_id = ? AND event_id = ?",
             (vehicle_id, event.event_id),
         ).fetchone()
-        vehicle = db.execute("SELECT updated_at FROM vehicles WHERE vehicle_id = ?",
-                             (vehicle_id,)).fetchone()
-        pending = changes_from_text(marker[1]) if marker and marker[1] else []
+        signals = {code: cached.signals[code][0] for code in codes_of(event)
+                   if code in cached.signals}
         snapshot = Snapshot(
             vehicle_id=vehicle_id, signals=signals, errors=errors,
-            errors_applied=bool(marker and marker[0]),
-            updated_at=datetime.fromisoformat(vehicle[0]) if vehicle and vehicle[0] else None,
+            errors_applied=bool(marker and marker[0]), updated_at=cached.updated_at,
         )
-        return snapshot, pending
+        return snapshot, (marker[1] if marker and marker[1] else None)
 
     def _write(self, event: Event, vehicle_id: str, snapshot: Snapshot, result: Plan,
-               pending: list[SignalChange]) -> None:
+               pending_text: str | None, cached: _Vehicle,
+               kept: list[SignalChange]) -> dict[str, str]:
+        """Write the plan; the signals' new row texts by code (for the cache)."""
         db = self._db
+        texts = {code: dumps(signal_row(state)) for code, state in result.signals.items()}
         db.executemany(
             "INSERT INTO signals (vehicle_id, code, row) VALUES (?, ?, ?) "
             "ON CONFLICT (vehicle_id, code) DO UPDATE SET row = excluded.row",
-            [(vehicle_id, code, dumps(signal_row(state)))
-             for code, state in result.signals.items()],
+            [(vehicle_id, code, text) for code, text in texts.items()],
         )
-        db.executemany(
-            "INSERT INTO errors (vehicle_id, type, code, state, row) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (vehicle_id, type, code) DO UPDATE SET state = excluded.state, "
-            "row = excluded.row",
-            [(vehicle_id, key[0], key[1], record.state.state, dumps(error_row(record)))
-             for key, record in result.errors.items()],
-        )
-        all_pending = [*pending, *result.changes]
-        db.execute(
-            "INSERT INTO events (vehicle_id, event_id, errors_applied, pending) "
-            "VALUES (?, ?, ?, ?) ON CONFLICT (vehicle_id, event_id) DO UPDATE SET "
-            "errors_applied = max(errors_applied, excluded.errors_applied), "
-            "pending = excluded.pending",
-            (vehicle_id, event.event_id, int(result.marks_errors),
-             changes_text(all_pending) if all_pending else None),
-        )
-        new_signals = sum(1 for code in result.signals if code not in snapshot.signals)
+        if result.errors:
+            db.executemany(
+                "INSERT INTO errors (vehicle_id, type, code, state, row) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (vehicle_id, type, code) DO UPDATE SET state = excluded.state, "
+                "row = excluded.row",
+                [(vehicle_id, key[0], key[1], record.state.state, dumps(error_row(record)))
+                 for key, record in result.errors.items()],
+            )
+        # The outbox from the row texts at hand: nothing is serialised twice.
+        items = [
+            change_text(change, None if change.previous is None
+                        else cached.signals[change.code][1], texts[change.code])
+            for change in kept
+        ]
+        if pending_text and items:
+            pending_text = pending_text[:-1] + "," + ",".join(items) + "]"
+        elif items:
+            pending_text = "[" + ",".join(items) + "]"
+        if items or result.marks_errors:
+            db.execute(
+                "INSERT INTO events (vehicle_id, event_id, errors_applied, pending) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (vehicle_id, event_id) DO UPDATE SET "
+                "errors_applied = max(errors_applied, excluded.errors_applied), "
+                "pending = excluded.pending",
+                (vehicle_id, event.event_id, int(result.marks_errors), pending_text),
+            )
+        new_signals = sum(1 for code in result.signals if code not in cached.signals)
         updated = result.updated_at
         db.execute(
             "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch, signal_count, "
@@ -198,6 +252,7 @@ class SqliteVehicleStateStore:
                 "WHERE vehicle_id = ? AND state = ?) WHERE vehicle_id = ?",
                 (vehicle_id, OPEN, vehicle_id),
             )
+        return texts
 
     async def pending_changes(self, vehicle_id: str, event_id: str) -> tuple[SignalChange, ...]:
         with self._lock:

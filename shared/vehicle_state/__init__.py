@@ -14,7 +14,7 @@ implement `VehicleStateStore`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -201,6 +201,11 @@ class VehicleSummary:
         }
 
 
+#: Which accepted changes an apply keeps pending for the handlers (the processor passes its
+#: registry's `wants_change`: only changes some `on_change` handler is registered for).
+Outbox = Callable[[SignalChange], bool]
+
+
 class VehicleStateStore(Protocol):
     """What both backends (Azure Table Storage, local SQLite) provide.
 
@@ -209,12 +214,13 @@ class VehicleStateStore(Protocol):
     stored value never goes back in time.
     """
 
-    async def apply(self, event: Event) -> ApplyResult:
+    async def apply(self, event: Event, *, outbox: Outbox | None = None) -> ApplyResult:
         """Apply one authenticated VEHICLE_STATE or VEHICLE_ERROR (other types: no-op).
 
         Idempotent and order-free: applying an event twice changes nothing, and any order of
-        a set of events ends in the same state. The accepted changes are also kept as this
-        event's pending changes (the outbox), in the same write, until `mark_processed`.
+        a set of events ends in the same state. The accepted changes (those `outbox` selects;
+        all without it) are also kept as this event's pending changes (the outbox), in the
+        same write, until `mark_processed`.
         """
         ...
 

@@ -133,6 +133,13 @@ def change_from_json(data: dict[str, Any]) -> SignalChange:
 _LONG_NUMBER: Final = re.compile(r"\d{19}")
 
 
+def change_text(change: SignalChange, previous_row: str | None, current_row: str) -> str:
+    """One change as `change_to_json` spells it, from the two rows' JSON texts."""
+    return (f'{{"vehicleId":{dumps(change.vehicle_id)},"code":{dumps(change.code)},'
+            f'"path":{dumps(change.path)},"previous":{previous_row or "null"},'
+            f'"current":{current_row}}}')
+
+
 def loads(text: str) -> Any:
     """JSON text back to values, exactly as they were written."""
     if _LONG_NUMBER.search(text):

@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from ..events import Event
-from . import ApplyResult, SignalChange, VehicleSummary, VehicleView
+from . import ApplyResult, Outbox, SignalChange, VehicleSummary, VehicleView
 from .codec import (
     Row,
     changes_from_text,
@@ -146,7 +146,7 @@ class TableVehicleStateStore:
             _range(prefix), parameters={"pk": pk})]
 
     # --- writing ------------------------------------------------------------------------------
-    async def apply(self, event: Event) -> ApplyResult:
+    async def apply(self, event: Event, *, outbox: Outbox | None = None) -> ApplyResult:
         if event.vehicle_id is None or event.event_type not in STORED_TYPES:
             return ApplyResult()
         await self._ready()
@@ -159,7 +159,8 @@ class TableVehicleStateStore:
             result = plan(snapshot, event)
             try:
                 if result.writes_anything:
-                    await self._write(pk, vehicle_id, event, snapshot, state, result, committed)
+                    await self._write(pk, vehicle_id, event, snapshot, state, result, committed,
+                                      outbox)
             except Exception as exc:
                 if not _is_conflict(exc):
                     raise
@@ -170,7 +171,8 @@ class TableVehicleStateStore:
             done = tuple(committed)
             earlier = state["event"] is not None and int(state["event"].get("chunks") or 0)
             # Without earlier chunks (the usual case) the outbox holds exactly this apply's.
-            pending = await self._pending(pk, event.event_id, None) if earlier else done
+            pending = await self._pending(pk, event.event_id, None) if earlier else tuple(
+                c for c in done if outbox is None or outbox(c))
             return ApplyResult(
                 changes=done, stale=tuple(c for c in result.stale
                                           if c not in {d.code for d in done}),
@@ -205,7 +207,8 @@ class TableVehicleStateStore:
                           "errors": by_key}
 
     async def _write(self, pk: str, vehicle_id: str, event: Event, snapshot: Snapshot,
-                     state: dict[str, Any], result: Plan, committed: list[SignalChange]) -> None:
+                     state: dict[str, Any], result: Plan, committed: list[SignalChange],
+                     outbox: Outbox | None) -> None:
         from azure.core import MatchConditions
         from azure.data.tables import UpdateMode
 
@@ -240,10 +243,11 @@ class TableVehicleStateStore:
             changes = [change for _, _, change in batch if change is not None]
             signal_count += sum(1 for c in changes if c.code not in snapshot.signals)
             ops = [op for op, _, _ in batch]
-            if changes:
+            kept = [c for c in changes if outbox is None or outbox(c)]
+            if kept:
                 ops.append(("create", {"PartitionKey": pk,
                                        "RowKey": f"{_outbox_prefix(event.event_id)}{chunks:05d}",
-                                       **_split(changes_text(changes, ascii_only=True))}))
+                                       **_split(changes_text(kept, ascii_only=True))}))
                 chunks += 1
             # Marked with the last of its errors, so a crash before then re-applies them all.
             errors_applied = errors_applied or (result.marks_errors and number == len(batches))
