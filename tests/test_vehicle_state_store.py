@@ -333,6 +333,17 @@ class TestOutboxAndInbox:
         assert redelivered.changes == () and redelivered.pending == pending
         assert (before, after, processed) == (False, (), True)
 
+    def test_only_the_changes_the_outbox_selects_stay_pending(self, backend: Backend) -> None:
+        event = state_event("e1", signal(value=50), signal("charge-ischarging", True))
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            applied = await store.apply(event, outbox=lambda change: change.code == SOC)
+            return applied, await store.pending_changes(VEHICLE, "e1")
+
+        applied, pending = backend.run(scenario)
+        assert sorted(c.code for c in applied.changes) == ["charge-ischarging", SOC]
+        assert [c.code for c in applied.pending] == [SOC] == [c.code for c in pending]
+
     def test_the_inbox_keeps_an_event_id_at_least_7_days(self, backend: Backend) -> None:
         assert backend.clock is not None
         clock = backend.clock
@@ -379,6 +390,27 @@ class TestSqliteOnly:
             os.umask(old)
         mode = stat.S_IMODE((tmp_path / "deep" / FILE_NAME).stat().st_mode)
         assert mode == 0o600
+
+    def test_a_write_by_another_connection_is_seen_before_the_next_apply(
+        self, tmp_path: Path
+    ) -> None:
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> Any:
+            first, second = SqliteVehicleStateStore(path), SqliteVehicleStateStore(path)
+            await first.apply(state_event("e1", signal(value=50, oem=T0 + 1000)))
+            await second.apply(state_event("e2", signal(value=40, oem=T0 + 2000)))
+            # `first` held 50 from T0+1000 in memory; 45 from T0+1500 is older than what
+            # `second` stored, so it must be stale, not a step back in time.
+            late = await first.apply(state_event("e3", signal(value=45, oem=T0 + 1500)))
+            view = await first.get_vehicle(VEHICLE)
+            await first.close()
+            await second.close()
+            return late, view
+
+        late, view = asyncio.run(scenario())
+        assert late.changes == () and late.stale == (SOC,)
+        assert view.signals[SOC].value == 40
 
     @settings(max_examples=40, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])
