@@ -61,6 +61,19 @@ def error_body(event_id: str, *errors: dict[str, Any], delivered: int = T0) -> d
             "data": {"errors": list(errors)}, "meta": {"deliveredAt": delivered}}
 
 
+class Records:
+    """handled.jsonl's lines, in memory (the OutcomeLog protocol)."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+
+    def append(self, record: Any) -> None:
+        self.lines.append(dict(record))
+
+    def close(self) -> None:
+        return None
+
+
 class Harness:
     """One store, one registry with a recording on_change handler that fails on demand."""
 
@@ -70,6 +83,7 @@ class Harness:
         self.registry = HandlerRegistry()
         self.changes: list[tuple[str, SignalChange]] = []
         self.fail_next = 0
+        self.log = Records()
 
         @self.registry.on_change("TractionBattery.StateOfCharge")
         async def on_charge(event: Event, change: SignalChange, context: HandlerContext) -> None:
@@ -82,7 +96,7 @@ class Harness:
         return await process_message(
             message(body, delivery), settings=SETTINGS, registry=self.registry,
             dead_letterer=NoDeadLetters(), sleep=no_sleep, telemetry=self.telemetry,
-            store=self.store)
+            store=self.store, handled_log=self.log)
 
 
 def run(tmp_path: Path, scenario: Any, telemetry: Telemetry | None = None) -> Any:
@@ -105,9 +119,13 @@ class TestOnChange:
             stale = await h.deliver(state_body("e0", signal(value=60, oem=T0)))
             duplicate = await h.deliver(state_body("e1", signal(value=50, oem=T0 + 1000)), 2)
             newer = await h.deliver(state_body("e2", signal(value=40, oem=T0 + 2000)))
-            return first, stale, duplicate, newer, h.changes
+            return first, stale, duplicate, newer, h.changes, h.log.lines
 
-        first, stale, duplicate, newer, changes = run(tmp_path, scenario)
+        first, stale, duplicate, newer, changes, lines = run(tmp_path, scenario)
+        assert [(r["eventId"], r.get("duplicate"), r.get("vehicleState", {}).get("changed"))
+                for r in lines] == [("e1", None, [SOC]), ("e0", None, []), ("e1", True, None),
+                                    ("e2", None, [SOC])]
+        assert lines[1]["vehicleState"]["stale"] == [SOC]
         assert [(eid, c.previous.value if c.previous else None, c.current.value)
                 for eid, c in changes] == [("e1", None, 50), ("e2", 50, 40)]
         assert first.outcome is Outcome.HANDLED and stale.outcome is Outcome.UNHANDLED
