@@ -15,8 +15,8 @@ NODE_STAMP := node_modules/.installed-stamp
 PORT ?= 7071
 # Operations CLI shortcuts: make send URL=... [TYPE=state|verify|error] [TOKEN=...],
 # make stats, make dlq, make dlq-show ID=..., make dlq-replay IDS="3 4" (or IDS=--all),
-# make dlq-purge IDS=...; JSON=1 for machine-readable output. Recipes are not echoed, so a
-# URL with ?code= (the function key) or a TOKEN never appears in the output.
+# make dlq-purge IDS=..., make check-endpoint [TEST_EVENT=1]; JSON=1: machine-readable output.
+# Recipes are not echoed: a URL with ?code= (the function key) or a TOKEN never appears.
 URL ?= http://127.0.0.1:$(PORT)/api/webhooks/smartcar
 TYPE ?= state
 CLI := $(PY) -m shared.cli $(if $(JSON),--json)
@@ -25,11 +25,11 @@ CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 
 # $(call install,FILE,STAMP): a .venv on Python 3.13 (made or remade), then FILE installed.
 define install
-	@if [ -z "$(PYTHON)" ]; then \
-	  echo "Python 3.13 is required (the version the app runs on in Azure) and was not found." >&2; \
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || { if [ -n "$(PYTHON)" ]; \
+	  then echo "PYTHON=$(PYTHON) is not Python 3.13 ($$($(PYTHON) -V 2>&1)); the app needs 3.13." >&2; \
+	  else echo "Python 3.13 is required (the version the app runs on in Azure) and was not found." >&2; fi; \
 	  echo "Install it (python.org, 'pyenv install 3.13', 'uv python install 3.13' or your package manager)," >&2; \
-	  echo "or point to it: make $(firstword $(MAKECMDGOALS) run) PYTHON=/path/to/python3.13" >&2; \
-	  exit 1; fi
+	  echo "or point to it: make $(firstword $(MAKECMDGOALS) run) PYTHON=/path/to/python3.13" >&2; exit 1; }
 	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || \
 	  { test ! -e $(VENV) || echo "Recreating $(VENV) with Python 3.13"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
 	@if [ -e $(2) ]; then echo "$(1) changed: updating $(VENV)"; \
@@ -85,6 +85,10 @@ dlq-replay: $(RUN_STAMP)
 
 dlq-purge: $(RUN_STAMP)
 	@$(CLI) dlq purge $(IDS)
+
+.PHONY: check-endpoint
+check-endpoint: $(RUN_STAMP)
+	@$(CLI) check-endpoint '$(URL)' $(if $(TEST_EVENT),--send-test-event) $(if $(TOKEN),--token '$(TOKEN)')
 
 clean:
 	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache test-artifacts mutants

@@ -733,34 +733,45 @@ def peek_envelope(body: bytes) -> Envelope:
     `parse_event` it accepts NaN/Infinity, so a body that will be dead-lettered still gets its
     `eventId` for de-duplication.
     """
+    return peek(body)[0]
+
+
+def peek(body: bytes) -> tuple[Envelope, dict[str, Any] | None]:
+    """`peek_envelope`, and the JSON object it decoded (None when the body is not one), so
+    the receiver decodes a body once for its envelope and its delivery signals. The object
+    is the decoder's own: read it, never change it. Never raises."""
     try:
         # Only strings are read here, so orjson's reading of huge integers does not matter.
         root = loads_or_declined(body, exact_numbers=False)
         if root is DECLINED:
             root = json.loads(_text_of(body))
         if not isinstance(root, dict):
-            return Envelope()
-        data = root.get("data")
-        data = data if isinstance(data, dict) else {}
-        meta = root.get("meta")
-        meta = meta if isinstance(meta, dict) else {}
-        vehicle = data.get("vehicle")
-        vehicle = vehicle if isinstance(vehicle, dict) else {}
-        if "eventType" not in root and root.get("eventName") == "verify":
-            return _legacy_verify(root)
-        return Envelope(
-            event_id=_text(root, "eventId"),
-            event_type=_text(root, "eventType"),
-            vehicle_id=_text(root, "vehicleId") or _text(vehicle, "id"),
-            webhook_id=_text(meta, "webhookId"),
-            delivery_id=_text(meta, "deliveryId"),
-            mode=_text(meta, "mode"),
-            challenge=_text(data, "challenge"),
-        )
+            return Envelope(), None
+        return _envelope_of(root), root
     except Exception:
         # The receiver must answer Smartcar whatever arrives: bad UTF-8, bad JSON, nesting
         # deeper than the recursion limit, or a caller passing the wrong type.
-        return Envelope()
+        return Envelope(), None
+
+
+def _envelope_of(root: dict[str, Any]) -> Envelope:
+    data = root.get("data")
+    data = data if isinstance(data, dict) else {}
+    meta = root.get("meta")
+    meta = meta if isinstance(meta, dict) else {}
+    vehicle = data.get("vehicle")
+    vehicle = vehicle if isinstance(vehicle, dict) else {}
+    if "eventType" not in root and root.get("eventName") == "verify":
+        return _legacy_verify(root)
+    return Envelope(
+        event_id=_text(root, "eventId"),
+        event_type=_text(root, "eventType"),
+        vehicle_id=_text(root, "vehicleId") or _text(vehicle, "id"),
+        webhook_id=_text(meta, "webhookId"),
+        delivery_id=_text(meta, "deliveryId"),
+        mode=_text(meta, "mode"),
+        challenge=_text(data, "challenge"),
+    )
 
 
 def _legacy_verify(root: Mapping[str, Any]) -> Envelope:

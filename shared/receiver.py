@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .events import peek_envelope
+from .delivery_signals import DeliverySignals, default_signals
+from .events import peek
 from .publisher import Publisher, PublishError, outbound_message
 from .signature import challenge_problem, get_signature, matching_token, sign, storable_body
 from .telemetry import Telemetry, get_telemetry, with_trace_context
@@ -49,6 +50,9 @@ class Reply:
     #: enough to log (otherwise they are whatever a stranger sent).
     authenticated: bool = False
     headers: Mapping[str, str] = field(default_factory=lambda: JSON_HEADERS)
+    #: The body as decoded for the envelope (None: not a JSON object), for the delivery
+    #: signals (shared/delivery_signals.py): read it, never change it.
+    decoded: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def body_bytes(self) -> bytes:
         return json.dumps(self.body, separators=(",", ":")).encode("utf-8")
@@ -68,16 +72,24 @@ async def receive(
     telemetry: Telemetry | None = None,
     trace_parent: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.time,
+    signals: DeliverySignals | None = None,
 ) -> Reply:
     """Decide and act on one webhook POST. Never raises for any input.
 
     `trace_parent` is the invocation's trace context (`traceparent`, `tracestate`); `clock`
-    (epoch seconds) stamps the time of receipt on the stored message."""
-    return await (telemetry or get_telemetry()).observe_receive(
-        lambda: _decide(body, headers, tokens=tokens, publisher=publisher,
-                        max_body_bytes=max_body_bytes, clock=clock),
-        parent=trace_parent,
-    )
+    (epoch seconds) stamps the time of receipt on the stored message. `signals` (default: the
+    process's) records what an authenticated delivery says: retries, latency, shape."""
+    recorder = telemetry or get_telemetry()
+
+    async def decide_and_observe() -> Reply:
+        reply = await _decide(body, headers, tokens=tokens, publisher=publisher,
+                              max_body_bytes=max_body_bytes, clock=clock)
+        # Inside the receive span, so the signals land on it too.
+        (signals or default_signals()).observe(reply.decoded, reply, answered_at=clock(),
+                                               recorder=recorder)
+        return reply
+
+    return await recorder.observe_receive(decide_and_observe, parent=trace_parent)
 
 
 async def _decide(
@@ -92,8 +104,9 @@ async def _decide(
     if len(body) > max_body_bytes:
         return _error(413, OVERSIZE, f"body exceeds the {max_body_bytes}-byte limit")
 
-    envelope = peek_envelope(body)
-    extra: dict[str, Any] = {"event_id": envelope.event_id, "event_type": envelope.event_type}
+    envelope, decoded = peek(body)  # one decode, shared with the delivery signals
+    extra: dict[str, Any] = {"event_id": envelope.event_id, "event_type": envelope.event_type,
+                             "decoded": decoded}
     signature = get_signature(headers)
 
     if signature is not None or envelope.event_type == "VERIFY":

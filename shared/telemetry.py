@@ -76,6 +76,19 @@ class ReplyLike(Protocol):
 R = TypeVar("R", bound=ReplyLike)
 
 
+class ShapeLike(Protocol):
+    """What the shape metric reads of a `shared.shapes.Shape`."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def known(self) -> bool: ...
+    @property
+    def event_type(self) -> str | None: ...
+    @property
+    def version(self) -> str | None: ...
+
+
 # Outcomes after which the request is known to be signed by Smartcar (or a VERIFY that was
 # answered): only then is its eventType trusted as a metric dimension.
 _AUTHENTICATED_OUTCOMES = frozenset({"accepted", "duplicate", "verify_answered"})
@@ -218,6 +231,20 @@ class Telemetry:
             names.VEHICLE_STATE_DUPLICATES, unit="{event}",
             description="Deliveries of an eventId whose handlers had completed",
         )
+        self.redelivered = meter.create_counter(
+            names.WEBHOOK_REDELIVERED, unit="{webhook}",
+            description="Deliveries repeating an eventId with a new deliveryId (Smartcar retries)",
+        )
+        self.delivery_to_answer = meter.create_histogram(
+            names.WEBHOOK_DELIVERY_TO_ANSWER,
+            unit="ms",
+            description="Our answer's time minus meta.deliveredAt (Smartcar's clock)",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS_MS,
+        )
+        self.shape_first_seen = meter.create_counter(
+            names.PAYLOAD_SHAPE_FIRST_SEEN, unit="{shape}",
+            description="Payload shapes seen for the first time by this instance",
+        )
 
     # -- receive ----------------------------------------------------------------------------
     async def observe_receive(
@@ -322,6 +349,21 @@ class Telemetry:
         ):
             lag_ms = (self._clock() - obs.delivered_at).total_seconds() * 1000.0
             self.delivery_lag.record(max(lag_ms, 0.0), {names.ATTR_EVENT_TYPE: event_type})
+
+    # -- delivery signals (shared/delivery_signals.py) --------------------------------------
+    def record_redelivery(self, event_type: str | None) -> None:
+        self.redelivered.add(1, {names.ATTR_EVENT_TYPE: metric_event_type(event_type)})
+
+    def record_delivery_to_answer(self, ms: float, event_type: str | None) -> None:
+        self.delivery_to_answer.record(ms, {names.ATTR_EVENT_TYPE: metric_event_type(event_type)})
+
+    def record_new_shape(self, shape: ShapeLike) -> None:
+        self.shape_first_seen.add(1, {
+            names.ATTR_SHAPE_ID: shape.id,
+            names.ATTR_SHAPE_KNOWN: "true" if shape.known else "false",
+            names.ATTR_EVENT_TYPE: metric_event_type(shape.event_type),
+            names.ATTR_META_VERSION: shape.version or "absent",
+        })
 
     # -- spill-over (recorded by the reliability work) -------------------------------------
     def record_spilled(self, count: int = 1) -> None:

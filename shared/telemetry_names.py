@@ -31,6 +31,16 @@ EVENT_DELIVERY_LAG: Final = "smartcar.event.delivery_lag"
 WEBHOOK_SPILLED: Final = "smartcar.webhook.spilled"
 #: Counter: spilled webhooks re-driven from blob storage to the queue (the timer function).
 SPILL_REDRIVEN: Final = "smartcar.spill.redriven"
+#: Counter: authenticated deliveries that repeat an eventId with a new meta.deliveryId, i.e.
+#: Smartcar retrying because it did not get our 2xx in time (per instance: a lower bound;
+#: shared/delivery_signals.py); attribute `eventType`.
+WEBHOOK_REDELIVERED: Final = "smartcar.webhook.redelivered"
+#: Histogram (ms): our answer's time minus meta.deliveredAt (Smartcar's clock, not ours;
+#: negative counts as 0); `eventType`. Also the receive span's `deliveryToAnswerMs`.
+WEBHOOK_DELIVERY_TO_ANSWER: Final = "smartcar.webhook.delivery_to_answer"
+#: Counter: a payload shape seen for the first time by an instance (shared/shapes.py);
+#: attributes `shapeId`, `shapeKnown` ("true"/"false"), `eventType`, `metaVersion`.
+PAYLOAD_SHAPE_FIRST_SEEN: Final = "smartcar.payload.shape.first_seen"
 
 #: Counters of the vehicle state store (shared/vehicle_state), per applied event:
 #: signal readings stored, readings left alone because the store held a newer or the same
@@ -57,6 +67,9 @@ METRICS: Final = frozenset(
         EVENT_DELIVERY_LAG,
         WEBHOOK_SPILLED,
         SPILL_REDRIVEN,
+        WEBHOOK_REDELIVERED,
+        WEBHOOK_DELIVERY_TO_ANSWER,
+        PAYLOAD_SHAPE_FIRST_SEEN,
     }
 )
 
@@ -86,6 +99,11 @@ ATTR_REASON: Final = "reason"
 #: Spans only, VEHICLE_ERROR events: each error the event touched with the state the store
 #: now holds for it, `OPEN TYPE:CODE;RESOLVED TYPE:CODE` (infra/queries/open_vehicle_errors.kql).
 ATTR_VEHICLE_ERRORS: Final = "vehicleErrors"
+ATTR_SHAPE_ID: Final = "shapeId"  # the payload shape's fingerprint (shared/shapes.py)
+ATTR_SHAPE_KNOWN: Final = "shapeKnown"  # true when the project reads every part of the shape
+ATTR_META_VERSION: Final = "metaVersion"  # metric PAYLOAD_SHAPE_FIRST_SEEN only
+ATTR_DELIVERY_TO_ANSWER_MS: Final = "deliveryToAnswerMs"  # receive span: answer - deliveredAt
+ATTR_REDELIVERY: Final = "redelivery"  # receive span: true for a Smartcar retry
 
 ATTRIBUTES: Final = frozenset(
     {
@@ -101,6 +119,11 @@ ATTRIBUTES: Final = frozenset(
         ATTR_ERROR_TYPE,
         ATTR_REASON,
         ATTR_VEHICLE_ERRORS,
+        ATTR_SHAPE_ID,
+        ATTR_SHAPE_KNOWN,
+        ATTR_META_VERSION,
+        ATTR_DELIVERY_TO_ANSWER_MS,
+        ATTR_REDELIVERY,
     }
 )
 

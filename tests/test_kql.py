@@ -169,6 +169,19 @@ PANEL_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("vehicleId", "string"), ("processingFailures", "long"),
         ("vehicleErrorEvents", "long"), ("lastSeen", "datetime"),
     ],
+    "smartcar_retries.kql": [
+        ("timestamp", "datetime"), ("deliveries", "real"), ("redeliveries", "real"),
+        ("redeliveryRate", "real"),
+    ],
+    "delivery_to_answer_latency.kql": [
+        ("timestamp", "datetime"), ("deliveries", "long"), ("p50Ms", "real"), ("p95Ms", "real"),
+        ("maxMs", "real"),
+    ],
+    "payload_shapes.kql": [
+        ("shapeId", "string"), ("shapeKnown", "string"), ("eventType", "string"),
+        ("metaVersion", "string"), ("firstSeen", "datetime"), ("lastSeen", "datetime"),
+        ("instances", "long"), ("sightings", "real"),
+    ],
 }
 
 # The columns each alert's threshold line compares, and the line as deployed with the defaults.
@@ -179,8 +192,17 @@ ALERT_THRESHOLDS: dict[str, tuple[set[str], str]] = {
     "signatureFailureAlert": ({"failures"}, "| where failures > 20"),
     "processingLagAlert": ({"avgLagMs"}, "| where avgLagMs > 300000"),
     "receiveLatencyAlert": ({"p99"}, "| where p99 > 5000"),
+    "smartcarRetriesAlert": (
+        {"deliveries", "redeliveryRate"}, "| where deliveries >= 100 and redeliveryRate > 1"
+    ),
+    "deliveryToAnswerAlert": (
+        {"deliveries", "p95Ms"}, "| where deliveries >= 10 and p95Ms > 5000"
+    ),
+    "newPayloadShapeAlert": ({"shapeKnown"}, "| where shapeKnown == 'false'"),
 }
 NUMERIC = {"int", "long", "real", "decimal"}
+#: Alerts whose threshold is a string comparison rather than a number.
+STRING_THRESHOLDS = {"newPayloadShapeAlert": {"shapeKnown"}}
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +264,9 @@ class TestAlertQueries:
         returned = dict(columns(reports[alert.query_file]))
         compared, _ = ALERT_THRESHOLDS[rule]
         assert compared <= set(returned), compared - set(returned)
-        assert {returned[c] for c in compared} <= NUMERIC
+        strings = STRING_THRESHOLDS.get(rule, set())
+        assert {returned[c] for c in compared - strings} <= NUMERIC
+        assert {returned[c] for c in strings} <= {"string"}
         # A where clause keeps the columns: the alert returns the panel's rows, filtered.
         assert columns(reports[rule]) == columns(reports[alert.query_file])
 

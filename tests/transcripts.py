@@ -114,6 +114,8 @@ _NORMALISE = [
     (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?"), "<time>"),
     (re.compile(r"\b1\d{12}\b"), "<epoch-ms>"),  # meta.deliveredAt and friends
     (re.compile(r"token=[A-Za-z0-9_-]{16,}"), "token=<token>"),
+    # How long an answer took (check-endpoint's "200 in 3 ms"): differs on every run.
+    (re.compile(r"\b\d+ ms\b"), "<n> ms"),
     # The inspector's per-run token, the first segment of its URL's path.
     (re.compile(r"(:<port>)/[A-Za-z0-9_-]{32}/"), r"\1/<token>/"),
     (re.compile(r"\s+"), " "),

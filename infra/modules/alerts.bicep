@@ -40,6 +40,18 @@ param processingLagThresholdMs int = 300000
 @description('Receive latency alert: fire when the 99th percentile answer time exceeds this (ms; Smartcar alerts its users above 5 s and gives up at 15 s).')
 param receiveLatencyThresholdMs int = 5000
 
+@description('Smartcar retries alert: fire when more than this percentage of deliveries in 15 minutes repeat an eventId with a new deliveryId.')
+param redeliveryRateThreshold int = 1
+
+@description('Smartcar retries alert: ignore 15-minute bins with fewer authenticated deliveries than this.')
+param redeliveryMinimumDeliveries int = 100
+
+@description('Delivery-to-answer latency alert: fire when the 95th percentile of answer time minus meta.deliveredAt exceeds this (ms; Smartcar alerts its users above 5 s).')
+param deliveryToAnswerThresholdMs int = 5000
+
+@description('Delivery-to-answer latency alert: ignore 15-minute bins with fewer deliveries than this.')
+param deliveryToAnswerMinimumDeliveries int = 10
+
 param tags object = {}
 
 var actionGroups = empty(alertEmail) ? [] : [actionGroup.id]
@@ -237,6 +249,93 @@ resource receiveLatencyAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01'
   }
 }
 
+resource smartcarRetriesAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-smartcar-retries'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Smartcar is retrying more than ${redeliveryRateThreshold} % of deliveries'
+    description: 'More than ${redeliveryRateThreshold} % of authenticated deliveries in 15 minutes repeated an eventId with a new deliveryId: Smartcar did not get our 2xx in time for an earlier attempt, and drops an event after 4 attempts. Run infra/queries/smartcar_retries.kql, then receive_latency.kql and delivery_success_rate.kql (slow answers, cold starts, 503s). Check the endpoint the way Smartcar does: python -m shared.cli check-endpoint URL.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        union(logAlertCriterion, {
+          query: '${loadTextContent('../queries/smartcar_retries.kql')}\n| where deliveries >= ${redeliveryMinimumDeliveries} and redeliveryRate > ${redeliveryRateThreshold}\n'
+        })
+      ]
+    }
+    actions: {
+      actionGroups: actionGroups
+    }
+  }
+}
+
+resource deliveryToAnswerAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-delivery-to-answer-latency'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Smartcar deliveries answered more than ${deliveryToAnswerThresholdMs} ms after deliveredAt (p95)'
+    description: 'The 95th percentile of our answer time minus meta.deliveredAt exceeded ${deliveryToAnswerThresholdMs} ms in 15 minutes. deliveredAt is Smartcar\'s clock: compare with receive_latency.kql (our own answer time). If ours is fast, the time is spent before the request reaches us (Smartcar, network, the Functions front end, cold starts). Run infra/queries/delivery_to_answer_latency.kql.'
+    severity: 2
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        union(logAlertCriterion, {
+          query: '${loadTextContent('../queries/delivery_to_answer_latency.kql')}\n| where deliveries >= ${deliveryToAnswerMinimumDeliveries} and p95Ms > ${deliveryToAnswerThresholdMs}\n'
+        })
+      ]
+    }
+    actions: {
+      actionGroups: actionGroups
+    }
+  }
+}
+
+resource newPayloadShapeAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+  name: '${namePrefix}-new-payload-shape'
+  location: location
+  tags: tags
+  kind: 'LogAlert'
+  properties: {
+    displayName: 'Smartcar sent a payload shape the receiver does not know'
+    description: 'An authenticated delivery had a shape (meta.version, keys, where triggers or signals sit, the type of deliveredAt, or signal codes) that the project does not read. It was stored; check that the processor reads what it needs. Run infra/queries/payload_shapes.kql; the log line "payload shape <shapeId> first seen" says which part is new.'
+    severity: 3
+    enabled: true
+    scopes: [
+      appInsightsId
+    ]
+    evaluationFrequency: 'PT15M'
+    windowSize: 'PT15M'
+    autoMitigate: true
+    criteria: {
+      allOf: [
+        union(logAlertCriterion, {
+          query: '${loadTextContent('../queries/payload_shapes.kql')}\n| where shapeKnown == \'false\'\n'
+        })
+      ]
+    }
+    actions: {
+      actionGroups: actionGroups
+    }
+  }
+}
+
 output actionGroupId string = empty(alertEmail) ? '' : actionGroup.id
 output deadLetterAlertId string = deadLetterAlert.id
 output logAlertIds array = [
@@ -244,4 +343,7 @@ output logAlertIds array = [
   signatureFailureAlert.id
   processingLagAlert.id
   receiveLatencyAlert.id
+  smartcarRetriesAlert.id
+  deliveryToAnswerAlert.id
+  newPayloadShapeAlert.id
 ]

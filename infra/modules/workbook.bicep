@@ -132,6 +132,48 @@ var workbook = {
         size: 0
       }
     }
+    {
+      type: 3
+      name: 'smartcar-retries'
+      content: {
+        version: 'KqlItem/1.0'
+        title: 'Smartcar retries (redeliveries, % of deliveries)'
+        query: loadTextContent('../queries/smartcar_retries.kql')
+        queryType: 0
+        resourceType: 'microsoft.insights/components'
+        timeContext: last24h
+        visualization: 'table'
+        size: 0
+      }
+    }
+    {
+      type: 3
+      name: 'delivery-to-answer-latency'
+      content: {
+        version: 'KqlItem/1.0'
+        title: 'Delivery-to-answer latency (ms, from meta.deliveredAt)'
+        query: loadTextContent('../queries/delivery_to_answer_latency.kql')
+        queryType: 0
+        resourceType: 'microsoft.insights/components'
+        timeContext: last24h
+        visualization: 'table'
+        size: 0
+      }
+    }
+    {
+      type: 3
+      name: 'payload-shapes'
+      content: {
+        version: 'KqlItem/1.0'
+        title: 'Payload shapes first seen (shapeKnown false: new to the project)'
+        query: loadTextContent('../queries/payload_shapes.kql')
+        queryType: 0
+        resourceType: 'microsoft.insights/components'
+        timeContext: last24h
+        visualization: 'table'
+        size: 0
+      }
+    }
   ]
 }
 

@@ -9,6 +9,8 @@
     python -m shared.cli dlq show ID
     python -m shared.cli dlq replay (--all | ID...)
     python -m shared.cli dlq purge (--all | ID...)
+    python -m shared.cli check-endpoint URL [--send-test-event] [--token T]
+    python -m shared.cli explain-signature --body FILE --signature HEX [--token T]
 
 Every command takes --json (one JSON document on stdout). The queue is the one the app uses
 with the same settings: the embedded queue in ${LOCAL_STATE_DIR}, or Azure Service Bus when
@@ -30,6 +32,7 @@ from typing import Any, TextIO
 from ..events import peek_envelope
 from ..local.queue import QUEUE_FILE
 from ..settings import Settings, SettingsError, load_settings
+from . import doctor_cli
 from .ops import (
     DeadLetter,
     OpsError,
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("ids", metavar="ID", nargs="*",
                          help="sequence numbers from `dlq list`, messageIds or eventIds")
         sub.add_argument("--all", action="store_true", help="every dead letter")
+    doctor_cli.add_parsers(commands, json_flag, _Parser)
     return parser
 
 
@@ -366,6 +370,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         delivery = cmd_send(args, out, err)
         emit(_send_doc(delivery), _send_text(delivery))
         return EXIT_OK
+
+    if args.command in doctor_cli.COMMANDS:
+        return doctor_cli.run(args, emit, err)
 
     if args.command == "stats":
         counts = _with_ops(lambda ops: (ops.where, ops.stats()), err)

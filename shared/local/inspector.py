@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 
 from .. import telemetry_names as names
 from ..events import InvalidEventError, parse_event, peek_envelope
+from ..shapes import fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ class Delivery:
     trace_id: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
     version: int = 0
+    #: The payload shape's fingerprint and whether the project knows it, from the receive
+    #: span (set only for authenticated deliveries: shared/delivery_signals.py).
+    shape_id: str | None = None
+    shape_known: bool | None = None
 
     @property
     def signature(self) -> str | None:
@@ -152,6 +157,8 @@ class Delivery:
             "processing": None if last is None else last.to_json(),
             "attempts": len(self.attempts),
             "replayable": self.replayable,
+            "shape": None if self.shape_id is None else {
+                "id": self.shape_id, "known": bool(self.shape_known)},
         }
 
     def detail(self) -> dict[str, Any]:
@@ -163,6 +170,9 @@ class Delivery:
         )
         doc["processingAttempts"] = [a.to_json() for a in self.attempts]
         doc.update(describe_body(self.body))
+        if doc["shape"] is not None and self.body is not None:
+            shape = fingerprint(self.body)
+            doc["shape"]["newParts"] = [] if shape is None else shape.unknown_parts()
         return doc
 
 
@@ -297,8 +307,11 @@ class Recorder:
         if delivery is None:
             return
         attrs = span.attributes or {}
+        shape_id, known = attrs.get(names.ATTR_SHAPE_ID), attrs.get(names.ATTR_SHAPE_KNOWN)
         with self._lock:
             delivery.outcome = str(attrs.get(names.ATTR_OUTCOME, "")) or None
+            if isinstance(shape_id, str) and isinstance(known, bool):
+                delivery.shape_id, delivery.shape_known = shape_id, known
             self._touch(delivery)
 
     def _process_span(self, span: ReadableSpan) -> None:

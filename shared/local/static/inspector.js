@@ -98,7 +98,15 @@ function processingCell(summary) {
 function outcomeCell(summary) {
   if (!summary.outcome && summary.status === null) return badge(null);
   return el("span", {}, badge(summary.outcome || `HTTP ${summary.status}`),
-    summary.why ? el("span", { class: "why" }, prose(summary.why)) : null);
+    summary.why ? el("span", { class: "why" }, prose(summary.why)) : null,
+    shapeMark(summary.shape));
+}
+
+// A delivery whose payload shape the project does not read (shared/shapes.py).
+function shapeMark(shape) {
+  if (!shape || shape.known) return null;
+  return el("span", { class: "badge warn new-shape", "data-shape": shape.id,
+    title: `Payload shape ${shape.id} is new to this project`, text: "new shape" });
 }
 
 function deliveryRow(summary) {
@@ -309,6 +317,9 @@ function renderDeliveryDetail(doc) {
       ["Outcome", outcomeCell(doc)],
       ["eventId", doc.eventId], ["vehicleId", doc.vehicleId],
       ["Latency", doc.latencyMs === null ? null : `${doc.latencyMs} ms`],
+      ["Payload shape", doc.shape ? el("span", { id: "shape" }, el("span", { class: "mono",
+        text: doc.shape.id }), doc.shape.known ? " (known)"
+        : ` (new to the project: ${doc.shape.newParts.join("; ")})`) : null],
       ["Trace id", el("span", { class: "mono", id: "trace-id", text: show(doc.traceId) })],
     ]),
     ...replayActions(doc),

@@ -1,0 +1,75 @@
+"""Endpoint doctor: check a receiver the way Smartcar does, and explain a signature.
+
+    python -m shared.cli check-endpoint URL [--send-test-event] [--token T]
+    python -m shared.cli explain-signature --body FILE --signature HEX [--token T]
+
+This module finds the token both commands use: `--token`, else the app's own settings:
+SMARTCAR_MANAGEMENT_TOKEN (and SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN), else the Key Vault secret
+named by KEY_VAULT_URI and SMARTCAR_TOKEN_SECRET_NAME, read by the app's token provider
+(shared/tokens.py). The checks live in `endpoint_check.py` and `signature_explain.py`; the
+command line in `doctor_cli.py`. No token is ever printed: only where it came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from ..settings import Settings
+from ..tokens import KeyVaultTokenProvider, SecretReader, TokenUnavailableError
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """The accepted tokens (current first) and where they came from; never printed."""
+
+    values: tuple[str, ...]
+    source: str  # "--token", "environment", "Key Vault secret <name>", "development token"
+
+    def label(self, index: int) -> str:
+        return f"{'current' if index == 0 else 'previous'} token ({self.source})"
+
+
+class TokenError(RuntimeError):
+    """No token could be had: the message says from where and what to do."""
+
+
+def secret_client(vault_uri: str, settings: Settings) -> SecretReader:
+    """The app's Key Vault client (tests replace this boundary with a fake)."""
+    from azure.keyvault.secrets.aio import SecretClient
+
+    from ..credentials import ProcessCredential
+
+    credential = ProcessCredential(settings.azure_client_id)
+    client: Any = SecretClient(vault_url=vault_uri, credential=credential.get())
+    return cast(SecretReader, client)  # the credential lives as long as the command
+
+
+def resolve_tokens(token: str | None, settings_loader: Callable[[], Settings]) -> Tokens:
+    """`--token`, else the environment, else Key Vault through the app's token provider."""
+    if token is not None:
+        return Tokens((token,), "--token")
+    settings = settings_loader()
+    if settings.management_token is not None:
+        values: tuple[str, ...] = (settings.management_token,)
+        if settings.previous_management_token:
+            values += (settings.previous_management_token,)
+        return Tokens(values, "development token" if settings.using_dev_token else "environment")
+    assert settings.key_vault_uri is not None  # load_settings: a token or a vault
+    client = secret_client(settings.key_vault_uri, settings)
+    provider = KeyVaultTokenProvider(client, settings.token_secret_name)
+
+    async def read() -> tuple[str, ...]:
+        try:
+            return tuple(await provider.get_tokens())
+        finally:
+            await provider.close()
+
+    try:
+        values = asyncio.run(read())
+    except TokenUnavailableError as exc:
+        raise TokenError(f"{exc}; pass --token, or check KEY_VAULT_URI and your access "
+                         "(az login; the Key Vault Secrets User role)") from None
+    return Tokens(values, f"Key Vault secret {settings.token_secret_name}")

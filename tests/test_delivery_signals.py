@@ -1,0 +1,393 @@
+"""What each authenticated delivery tells us about Smartcar's view of the receiver.
+
+Smartcar keeps an `eventId` across its retries and gives each attempt a new `deliveryId`, so a
+repeated eventId with a new deliveryId is a retry: Smartcar did not get our 2xx in time. The
+time from `meta.deliveredAt` to our answer, and the payload's shape, are recorded too. The
+unit tests pin the pure parts; the HTTP tests post real signed deliveries to the local host
+and read the metrics, spans and log lines with the OpenTelemetry SDK's in-memory readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared import telemetry_names as names
+from shared.delivery_signals import (
+    DeliverySignals,
+    RedeliveryMemory,
+    _delivered_at_ms,
+    set_default_signals,
+)
+from shared.publisher import RememberingPublisher, ServiceBusPublisher
+from shared.receiver import receive
+from shared.shapes import SIGNAL_GROUPS, ShapeTracker, fingerprint
+from shared.telemetry import set_telemetry
+from shared.tokens import StaticTokenProvider
+
+from .fakes import FakeServiceBusClient
+from .support import (
+    TOKEN,
+    WEBHOOK,
+    RunningHost,
+    encode,
+    fixture_json,
+    local_env,
+    now_ms,
+    signed_headers,
+    state_event,
+)
+from .test_observability import Captured, otel  # noqa: F401 - the fixture
+
+# ---------------------------------------------------------------------------------------------
+# 1. Shapes: names and types, never values.
+# ---------------------------------------------------------------------------------------------
+STATE = fixture_json("vehicle_state.json")
+
+
+def shape_of(event: dict[str, Any]) -> Any:
+    shape = fingerprint(encode(event))
+    assert shape is not None
+    return shape
+
+
+class TestShapes:
+    def test_the_documented_payloads_are_known(self) -> None:
+        for name in ("vehicle_state.json", "vehicle_state_top_level_triggers.json",
+                     "vehicle_error.json"):
+            shape = shape_of(fixture_json(name))
+            assert shape.known, (name, shape.unknown_parts())
+
+    def test_values_do_not_change_the_shape_but_names_and_types_do(self) -> None:
+        other_values = copy.deepcopy(STATE)
+        other_values["eventId"] = str(uuid.uuid4())
+        other_values["data"]["signals"][0]["body"]["value"] = 12
+        other_values["meta"]["deliveredAt"] = now_ms()
+        assert shape_of(other_values).id == shape_of(STATE).id
+        iso = copy.deepcopy(STATE)
+        iso["meta"]["deliveredAt"] = "2024-11-18T14:32:08Z"
+        assert shape_of(iso).id != shape_of(STATE).id
+        assert shape_of(iso).known and shape_of(iso).delivered_at_type == "string"
+
+    def test_where_triggers_sit_is_part_of_the_shape(self) -> None:
+        nested = shape_of(STATE)
+        top = shape_of(fixture_json("vehicle_state_top_level_triggers.json"))
+        assert (nested.triggers_at, top.triggers_at) == ("data.triggers", "triggers")
+        assert nested.id != top.id
+
+    @pytest.mark.parametrize(
+        ("change", "part"),
+        [
+            (lambda e: e["meta"].update(version="5.0"), "meta.version '5.0'"),
+            (lambda e: e.update(schemaVersion=2), "top-level keys ['schemaVersion']"),
+            (lambda e: e["meta"].update(attempt=2), "meta keys ['attempt']"),
+            (lambda e: e.update(signals=e["data"].pop("signals")), "signals at signals"),
+            (lambda e: e["meta"].update(deliveredAt=None), "meta.deliveredAt is null"),
+            (lambda e: e["meta"].pop("deliveredAt"), "meta.deliveredAt is absent"),
+            (lambda e: e["data"]["signals"][0].update(code="batterypack-health"),
+             "signal codes ['batterypack-health']"),
+            (lambda e: e.update(eventType="VEHICLE_COMMAND"), "eventType 'VEHICLE_COMMAND'"),
+        ],
+    )
+    def test_each_part_the_project_does_not_read_makes_the_shape_unknown(
+        self, change: Any, part: str
+    ) -> None:
+        event = copy.deepcopy(STATE)
+        change(event)
+        shape = shape_of(event)
+        assert shape.unknown_parts() == [part]
+        assert not shape.known
+
+    def test_a_test_mode_delivery_without_version_is_known(self) -> None:
+        event = copy.deepcopy(STATE)
+        del event["meta"]["version"], event["meta"]["webhookId"]
+        assert shape_of(event).known and shape_of(event).version is None
+
+    def test_signal_codes_of_every_documented_group_are_known(self) -> None:
+        event = copy.deepcopy(STATE)
+        template = event["data"]["signals"][0]
+        event["data"]["signals"] = [dict(template, code=f"{g}-anything") for g in SIGNAL_GROUPS]
+        assert shape_of(event).new_signal_codes == ()
+
+    def test_keys_are_escaped_and_bounded(self) -> None:
+        event = copy.deepcopy(STATE)
+        event["x\x1b[31m\n"] = 1
+        for i in range(200):
+            event["meta"][f"k{i:03}"] = i
+        shape = shape_of(event)
+        assert "x\\u001b[31m\\n" in shape.top_level_keys
+        assert len(shape.meta_keys) == 64
+        assert all("\x1b" not in k and "\n" not in k for k in shape.top_level_keys)
+
+    @pytest.mark.parametrize("body", [b"[1, 2]", b"not json", b'"text"', b"\xff\xfe", b""])
+    def test_not_an_object_has_no_shape(self, body: bytes) -> None:
+        assert fingerprint(body) is None
+
+    def test_the_tracker_reports_a_shape_once_and_forgets_the_oldest(self) -> None:
+        tracker = ShapeTracker(limit=2)
+        a, b, c = (shape_of(dict(copy.deepcopy(STATE), **{k: 1})) for k in "abc")
+        assert tracker.first_sighting(a) and not tracker.first_sighting(a)
+        assert tracker.first_sighting(b)
+        assert not tracker.first_sighting(a)  # seen again: now the most recent
+        assert tracker.first_sighting(c)  # b is forgotten, not a
+        assert not tracker.first_sighting(a)
+        assert tracker.first_sighting(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The redelivery memory.
+# ---------------------------------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TestRedeliveryMemory:
+    def test_a_new_delivery_id_for_a_known_event_is_a_redelivery(self) -> None:
+        memory = RedeliveryMemory()
+        assert not memory.is_redelivery("evt", "d1")
+        assert memory.is_redelivery("evt", "d2")
+        assert memory.is_redelivery("evt", "d3")
+        assert not memory.is_redelivery("other", "d1")
+
+    def test_the_same_delivery_again_is_not_smartcar_retrying(self) -> None:
+        memory = RedeliveryMemory()
+        assert not memory.is_redelivery("evt", "d1")
+        assert not memory.is_redelivery("evt", "d1")
+
+    def test_without_delivery_ids_nothing_is_counted(self) -> None:
+        memory = RedeliveryMemory()
+        assert not memory.is_redelivery("evt", None)
+        assert not memory.is_redelivery("evt", "d1")
+        assert not memory.is_redelivery("evt", None)
+
+    def test_an_event_is_forgotten_after_the_window(self) -> None:
+        clock = Clock()
+        memory = RedeliveryMemory(window=60, clock=clock)
+        memory.is_redelivery("evt", "d1")
+        clock.now += 59
+        assert memory.is_redelivery("evt", "d2")
+        clock.now += 60  # 60 s after d2, the last sighting
+        assert not memory.is_redelivery("evt", "d3")
+
+    def test_the_memory_is_bounded_oldest_out_first(self) -> None:
+        memory = RedeliveryMemory(limit=2)
+        memory.is_redelivery("a", "1")
+        memory.is_redelivery("b", "1")
+        memory.is_redelivery("c", "1")
+        assert not memory.is_redelivery("a", "2")  # forgotten
+        assert memory.is_redelivery("c", "2")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Over HTTP, on the local host: metrics, span attributes, one log line per new shape.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_signals() -> Iterator[DeliverySignals]:
+    signals = DeliverySignals()
+    set_default_signals(signals)
+    yield signals
+    set_default_signals(None)
+
+
+@pytest.fixture
+def host(otel: Captured, fresh_signals: DeliverySignals,  # noqa: F811
+         tmp_path: Path) -> Iterator[RunningHost]:
+    set_telemetry(otel.telemetry)
+    try:
+        with RunningHost(local_env(tmp_path)) as running:
+            yield running
+    finally:
+        set_telemetry(None)
+
+
+def post(host: RunningHost, event: dict[str, Any]) -> dict[str, Any]:
+    body = encode(event)
+    response = host.post(WEBHOOK, body, signed_headers(body))
+    assert response.status == 200, response.body
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def retry_of(event: dict[str, Any]) -> dict[str, Any]:
+    again = copy.deepcopy(event)
+    again["meta"]["deliveryId"] = str(uuid.uuid4())
+    again["meta"]["deliveredAt"] = now_ms()
+    return again
+
+
+def total(otel: Captured, metric: str) -> float:  # noqa: F811
+    return sum(point.value for _, point in otel.points().get(metric, []))
+
+
+class TestOverHttp:
+    def test_a_retry_with_a_new_delivery_id_is_counted_once_per_attempt(
+        self, host: RunningHost, otel: Captured  # noqa: F811
+    ) -> None:
+        event = state_event()
+        assert post(host, event)["status"] == "accepted"
+        assert total(otel, names.WEBHOOK_REDELIVERED) == 0
+        retry = retry_of(event)
+        assert post(host, retry)["status"] == "duplicate"
+        assert post(host, retry)["status"] == "duplicate"  # the same attempt again: not a retry
+        assert post(host, retry_of(event))["status"] == "duplicate"
+        assert total(otel, names.WEBHOOK_REDELIVERED) == 2
+        (attrs, _), = otel.points()[names.WEBHOOK_REDELIVERED]
+        assert attrs == {names.ATTR_EVENT_TYPE: "VEHICLE_STATE"}
+        flagged = [s for s in otel.finished(names.SPAN_RECEIVE)
+                   if (s.attributes or {}).get(names.ATTR_REDELIVERY)]
+        assert len(flagged) == 2
+
+    def test_delivered_at_to_answer_is_measured_from_smartcars_stamp(
+        self, host: RunningHost, otel: Captured  # noqa: F811
+    ) -> None:
+        event = state_event()
+        event["meta"]["deliveredAt"] = now_ms() - 3000
+        post(host, event)
+        iso = state_event()
+        iso["meta"]["deliveredAt"] = (datetime.now(UTC) - timedelta(seconds=20)).isoformat()
+        post(host, iso)
+        ahead = state_event()
+        ahead["meta"]["deliveredAt"] = now_ms() + 60_000  # Smartcar's clock ahead of ours
+        post(host, ahead)
+        spans = {(s.attributes or {}).get(names.ATTR_EVENT_ID):
+                 (s.attributes or {}).get(names.ATTR_DELIVERY_TO_ANSWER_MS)
+                 for s in otel.finished(names.SPAN_RECEIVE)}
+        assert 3000 <= spans[event["eventId"]] < 13000
+        assert 20_000 <= spans[iso["eventId"]] < 30_000
+        assert spans[ahead["eventId"]] == 0
+        (_, point), = otel.points()[names.WEBHOOK_DELIVERY_TO_ANSWER]
+        assert point.count == 3 and point.min == 0
+        assert point.max == pytest.approx(spans[iso["eventId"]], abs=0.1)
+        assert point.sum - point.max == pytest.approx(spans[event["eventId"]], abs=0.1)
+
+    def test_a_shape_is_reported_once_and_an_unknown_one_as_a_warning(
+        self, host: RunningHost, otel: Captured,  # noqa: F811
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        caplog.set_level(logging.INFO, logger="shared.delivery_signals")
+        post(host, state_event())
+        post(host, state_event())
+        drifted = state_event()
+        drifted["meta"]["version"] = "5.0"
+        post(host, drifted)
+        post(host, state_event())
+        points = otel.points()[names.PAYLOAD_SHAPE_FIRST_SEEN]
+        assert sorted((a[names.ATTR_SHAPE_KNOWN], a[names.ATTR_META_VERSION], p.value)
+                      for a, p in points) == [("false", "5.0", 1), ("true", "4.0", 1)]
+        lines = [r for r in caplog.records if "first seen" in r.getMessage()]
+        assert [r.levelno for r in lines] == [logging.INFO, logging.WARNING]
+        known_id = fingerprint(encode(state_event())).id  # type: ignore[union-attr]
+        assert lines[0].getMessage().startswith(f"payload shape {known_id} first seen by this "
+                                                "instance (known): {")
+        assert "unknown to the project: meta.version '5.0'" in lines[1].getMessage()
+        for record in lines:  # names and types only: no value of the body
+            assert drifted["vehicleId"] not in record.getMessage()
+            assert drifted["eventId"] not in record.getMessage()
+        marks = [(s.attributes or {}).get(names.ATTR_SHAPE_KNOWN)
+                 for s in otel.finished(names.SPAN_RECEIVE)]
+        assert marks == [True, True, False, True]
+
+    def test_verify_and_rejected_posts_are_not_observed(
+        self, host: RunningHost, otel: Captured  # noqa: F811
+    ) -> None:
+        verify = encode({"eventType": "VERIFY", "eventId": "v", "data": {"challenge": "abc"},
+                         "meta": {"deliveryId": "d", "deliveredAt": now_ms()}})
+        assert host.post(WEBHOOK, verify, {}).status == 200
+        forged = encode(state_event())
+        assert host.post(WEBHOOK, forged, {"SC-Signature": "0" * 64}).status == 401
+        points = otel.points()
+        for metric in (names.PAYLOAD_SHAPE_FIRST_SEEN, names.WEBHOOK_DELIVERY_TO_ANSWER,
+                       names.WEBHOOK_REDELIVERED):
+            assert metric not in points
+
+
+class TestBookkeepingNeverFailsADelivery:
+    def test_a_recorder_that_raises_is_logged_and_swallowed(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        class Broken:
+            def record_redelivery(self, event_type: str | None) -> None:
+                raise RuntimeError("exporter down")
+
+            record_delivery_to_answer = record_new_shape = record_redelivery  # type: ignore[assignment]
+
+        class Authenticated:
+            authenticated = True
+            event_type = "VEHICLE_STATE"
+
+        caplog.set_level(logging.WARNING, logger="shared.delivery_signals")
+        DeliverySignals().observe(state_event(), Authenticated(), answered_at=0.0,
+                                  recorder=Broken())  # type: ignore[arg-type]
+        assert [r.getMessage() for r in caplog.records] == [
+            "recording the delivery signals failed"]
+
+
+class TestOnServiceBus:
+    """With Service Bus (faked at its sender), a retry reaching another instance is sent,
+    dropped by the queue's duplicate detection and answered `accepted`: that instance has not
+    seen the eventId, so it does not count it. The count is a lower bound, as documented."""
+
+    @staticmethod
+    def instance(client: FakeServiceBusClient) -> tuple[RememberingPublisher, DeliverySignals]:
+        inner = ServiceBusPublisher(lambda: client, "smartcar-events", send_timeout=1.0)
+        return RememberingPublisher(inner, window=3600), DeliverySignals()
+
+    @staticmethod
+    def post(instance: tuple[RememberingPublisher, DeliverySignals], event: dict[str, Any],
+             otel: Captured) -> str:  # noqa: F811
+        publisher, signals = instance
+        body = encode(event)
+        reply = asyncio.run(receive(body, signed_headers(body), tokens=StaticTokenProvider(TOKEN),
+                                    publisher=publisher, max_body_bytes=196608,
+                                    telemetry=otel.telemetry, signals=signals))
+        return str(reply.body["status"])
+
+    def test_a_retry_is_counted_by_the_instance_that_saw_the_first_attempt_only(
+        self, otel: Captured  # noqa: F811
+    ) -> None:
+        client = FakeServiceBusClient()
+        a, b = self.instance(client), self.instance(client)
+        event = state_event()
+        assert self.post(a, event, otel) == "accepted"
+        assert self.post(a, retry_of(event), otel) == "duplicate"
+        assert total(otel, names.WEBHOOK_REDELIVERED) == 1
+        assert self.post(b, retry_of(event), otel) == "accepted"  # Service Bus drops it
+        assert total(otel, names.WEBHOOK_REDELIVERED) == 1
+        assert [m.message_id for s in client.senders for m in s.sent] == [event["eventId"]] * 2
+
+
+class TestDeliveredAt:
+    @pytest.mark.parametrize(
+        ("value", "ms"),
+        [(1704067200000, 1704067200000.0), (1704067200000.5, 1704067200000.5),
+         ("2024-01-01T00:00:00Z", 1704067200000.0),
+         ("2024-01-01T01:00:00+01:00", 1704067200000.0),
+         ("2024-01-01T00:00:00", 1704067200000.0),  # no offset: UTC, as Smartcar means it
+         ("yesterday", None), (True, None), (None, None), ({"ms": 1}, None)],
+    )
+    def test_epoch_milliseconds_or_iso_8601_in_utc_whatever_the_local_zone(
+        self, value: Any, ms: float | None, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setenv("TZ", "America/New_York")
+        time.tzset()
+        try:
+            assert _delivered_at_ms({"deliveredAt": value}) == ms
+        finally:
+            monkeypatch.undo()
+            time.tzset()
+
+    def test_no_meta_object_means_no_time(self) -> None:
+        assert _delivered_at_ms(None) is None and _delivered_at_ms([1]) is None
