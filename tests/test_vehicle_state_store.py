@@ -457,6 +457,20 @@ class TestFactory:
         assert url.startswith("https://acct123.table.core.windows.net")
 
 
+    def test_without_the_local_package_and_a_storage_account_it_says_what_to_set(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import sys
+
+        from shared.settings import SettingsError
+
+        # As in the deployed package: shared/local is not there.
+        monkeypatch.setitem(sys.modules, "shared.local.vehicle_state", None)
+        with pytest.raises(SettingsError, match=r"AzureWebJobsStorage__accountName .* "
+                           r"or set VEHICLE_STATE_STORE=off"):
+            open_store(load_settings({"LOCAL_STATE_DIR": str(tmp_path)}))
+
+
 # ---------------------------------------------------------------------------------------------
 class TestConcurrentWritersOnAzurite:
     WRITERS = 10

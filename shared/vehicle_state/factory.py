@@ -16,7 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 from ..credentials import ProcessCredential
-from ..settings import Settings
+from ..settings import (
+    STORAGE_ACCOUNT_NAME,
+    STORAGE_TABLE_SERVICE_URI,
+    VEHICLE_STATE_STORE,
+    Settings,
+    SettingsError,
+)
 from . import VehicleStateStore
 
 
@@ -36,8 +42,15 @@ def open_store(
     if backend == "sqlite":
         # Local only: shared/local is not deployed (.funcignore), and in Azure the settings
         # always name a storage account, so this import never runs there.
-        from ..local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
-
+        try:
+            from ..local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
+        except ImportError:
+            raise SettingsError(
+                f"{VEHICLE_STATE_STORE} is on but no storage account is configured, and the "
+                f"local SQLite backend is not part of the deployed package: set "
+                f"{STORAGE_ACCOUNT_NAME} (or {STORAGE_TABLE_SERVICE_URI}), or set "
+                f"{VEHICLE_STATE_STORE}=off"
+            ) from None
         return SqliteVehicleStateStore(settings.local_state_dir / FILE_NAME)
     from azure.data.tables.aio import TableClient
 

@@ -32,6 +32,9 @@ SETTINGS = {
     "AZURE_CLIENT_ID": "00000000-0000-0000-0000-0000000000aa",
     "RETRY_BACKOFF_BASE_SECONDS": "0.01",
     "RETRY_BACKOFF_MAX_SECONDS": "0.05",
+    # No storage account here, and the store's SQLite backend is local-only (not deployed):
+    # the store runs on both its backends in tests/test_vehicle_state_store.py.
+    "VEHICLE_STATE_STORE": "off",
 }
 
 
