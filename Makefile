@@ -21,7 +21,7 @@ URL ?= http://127.0.0.1:$(PORT)/api/webhooks/smartcar
 TYPE ?= state
 CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 
-.PHONY: run test test-browser lint bench mutate clean send stats dlq dlq-show dlq-replay dlq-purge
+.PHONY: run test test-browser lint bench measure-memory mutate clean send stats dlq dlq-show dlq-replay dlq-purge
 
 # $(call install,FILE,STAMP): a .venv on Python 3.13 (made or remade), then FILE installed.
 define install
@@ -97,3 +97,8 @@ clean:
 MUTATE_JOBS ?= 3
 mutate: $(DEV_STAMP)
 	$(PY) -m mutation --jobs $(MUTATE_JOBS)
+
+# The worker's resident memory, CPU and telemetry bytes per event under load, as deployed
+# (docs/cost.md is built on it): one JSON document.
+measure-memory: $(DEV_STAMP)
+	@$(PY) -m benchmarks.memory

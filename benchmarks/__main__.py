@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import end_to_end, processor, receiver, runtime_host, vehicle_state
+from . import end_to_end, memory, processor, receiver, runtime_host, vehicle_state
 from .common import note
 
 BENCHMARKS: dict[str, Callable[..., None]] = {
@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, Callable[..., None]] = {
     end_to_end.NAME: end_to_end.run,
     vehicle_state.NAME: vehicle_state.run,
     runtime_host.NAME: runtime_host.run,
+    memory.NAME: memory.run,
 }
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
 from shared.processor import InboundMessage, process_message
+from shared.retry import RetryCopy
 from shared.settings import load_settings
 
 from .common import TOKEN, emit, median, state_payload
@@ -32,6 +33,9 @@ class NoDeadLetters:
     async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
         raise RuntimeError(f"the benchmark event was dead-lettered: {reason}: {description}")
 
+    async def schedule(self, copy: RetryCopy) -> None:
+        raise RuntimeError(f"the benchmark event's handler failed: retry {copy.message_id}")
+
 
 async def _time_process(message: InboundMessage, registry: HandlerRegistry,
                         iterations: int) -> float:
@@ -40,7 +44,7 @@ async def _time_process(message: InboundMessage, registry: HandlerRegistry,
     start = time.process_time()
     for _ in range(iterations):
         await process_message(message, settings=settings, registry=registry,
-                              dead_letterer=dead_letterer)
+                              dead_letterer=dead_letterer, retry_sender=dead_letterer)
     return (time.process_time() - start) / iterations
 
 

@@ -21,7 +21,7 @@ import azure.functions as func
 
 from shared.functions import handle_webhook
 from shared.handlers import registry
-from shared.local.adapters import LocalDeadLetterer
+from shared.local.adapters import LocalDeadLetterer, LocalRetrySender
 from shared.publisher import OutboundMessage
 from shared.runtime import Runtime, set_runtime
 from shared.settings import load_settings
@@ -75,6 +75,7 @@ def install_runtime(publisher: Any) -> None:
             publisher=publisher,
             dead_letterer=LocalDeadLetterer(None),  # never used by the receiver
             registry=registry,
+            retry_sender=LocalRetrySender(None),  # never used by the receiver
         )
     )
 

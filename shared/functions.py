@@ -11,6 +11,7 @@ import logging
 
 import azure.functions as func
 
+from .clockcheck import CLOCK_WATCH
 from .processor import InboundMessage, process_message
 from .receiver import receive
 from .runtime import get_runtime
@@ -80,6 +81,14 @@ async def handle_health(req: func.HttpRequest) -> func.HttpResponse:
         if problem is not None:
             logger.error("health check: %s", problem)
             return _json(503, {"status": "unavailable"})
+    # Working, but something needs the operator: said only then, never a setting's value.
+    problems = [p for p in (CLOCK_WATCH.problem(),) if p]
+    if runtime.health_warnings is not None:
+        problems += runtime.health_warnings()
+    if problems:
+        for problem in problems:
+            logger.warning("health check: %s", problem)
+        return _json(200, {"status": "degraded", "problems": problems})
     return _json(200, {"status": "ok"})
 
 
@@ -102,6 +111,8 @@ async def handle_queue_message(msg: func.ServiceBusMessage) -> None:
         settings=runtime.settings,
         registry=runtime.registry,
         dead_letterer=runtime.dead_letterer,
+        retry_sender=runtime.retry_sender,
         handled_log=runtime.handled_log,
         store=runtime.vehicle_state,
+        clock=runtime.clock,
     )

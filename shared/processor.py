@@ -2,35 +2,49 @@
 
 Settlement follows the Functions host's built-in behaviour: returning completes the message,
 raising abandons it, and the queue's `maxDeliveryCount` moves it to the dead-letter queue.
-Abandon redelivers at once, so a handler failure waits (asynchronously, with exponential
-backoff on the delivery count) before re-raising. Unreadable payloads are dead-lettered at once
+A handler failure is retried by a scheduled copy on the queue (shared/retry.py) and the
+invocation returns: no backoff is waited out inside it. After `MAX_DELIVERY_COUNT` attempts
+the event is dead-lettered with its attempt history. Unreadable payloads are dead-lettered at once
 with reason `InvalidPayload`, and stale deliveries with reason `StaleDelivery`, through a
 `DeadLetterer`; handlers never see either.
 
 With the vehicle state store on (`store`), a readable, current event first meets the inbox:
 an eventId whose handlers completed before is not handled again (counted as a duplicate).
 Otherwise the store applies it, the handlers run (`on_change` ones with the changes the store
-accepted, including those an earlier, interrupted delivery stored), and only then is the
-eventId recorded as processed. A failure anywhere in that sequence takes the failure path.
+accepted, including those an earlier, interrupted or failed attempt stored), and only then is
+the eventId recorded as processed. A failure anywhere in that sequence takes the failure path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, NoReturn, Protocol
 
+from .clockcheck import CLOCK_WATCH, SKEW_WARNING_SECONDS
 from .events import Event, InvalidEventError, parse_event, peek_envelope
 from .handlers import HandlerContext, HandlerRegistry
 from .publisher import (
     PROP_DEAD_LETTER_DESCRIPTION,
     PROP_DEAD_LETTER_REASON,
     PROP_RECEIVED_AT,
+    PROP_REPLAY_COUNT,
     dead_letter_copy_id,
+    message_id_for,
+)
+from .retry import (
+    MAX_DELIVERY_COUNT_EXCEEDED,
+    RetrySender,
+    attempt_of,
+    backoff_seconds,
+    event_delivery_count,
+    retry_copy,
+    with_failure,
 )
 from .settings import Settings
 from .telemetry import Telemetry, get_telemetry
@@ -41,15 +55,14 @@ logger = logging.getLogger(__name__)
 
 INVALID_PAYLOAD = "InvalidPayload"
 STALE_DELIVERY = "StaleDelivery"
-#: How far `meta.deliveredAt` may be ahead of the time of receipt (clocks differ) before the
-#: delivery counts as stale.
-MAX_DELIVERY_AHEAD_SECONDS = 300.0
 
 
 class Outcome(StrEnum):
     HANDLED = "handled"
     UNHANDLED = "unhandled"
     DEAD_LETTERED = "dead_lettered"
+    #: A handler failed and a scheduled copy will try again: not a final outcome.
+    RETRIED = "retried"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +84,8 @@ class ProcessResult:
     description: str | None = None
     #: The dead-letter reason, when the outcome is DEAD_LETTERED.
     reason: str | None = None
+    #: The handler's exception class, when the outcome is RETRIED or a last failed attempt.
+    error_type: str | None = None
     #: What the vehicle state store did with the event (None: store off, or not applied).
     vehicle_state: ApplyResult | None = None
     #: The eventId's handlers had completed before: they did not run again (the inbox).
@@ -138,25 +153,55 @@ def received_at(properties: Mapping[str, Any]) -> datetime | None:
         return None
 
 
-def staleness(event: Event, received: datetime | None, max_age_seconds: float) -> str | None:
-    """Why the delivery is stale, or None: its age at receipt (`received` minus
-    `meta.deliveredAt`) is over `max_age_seconds`, or it is more than 300 s in the future."""
+def delivery_age(event: Event, received: datetime | None) -> float | None:
+    """Seconds from `meta.deliveredAt` to the time of receipt (negative: deliveredAt is ahead
+    of this host's clock); None when either is unknown."""
     delivered = event.meta.delivered_at
     if delivered is None or received is None:
         return None
-    age = (received - delivered).total_seconds()
-    if age > max_age_seconds:
-        return (
-            f"meta.deliveredAt {delivered.isoformat()} was {age:.0f} s old when received at "
-            f"{received.isoformat()}, over MAX_DELIVERY_AGE_SECONDS ({max_age_seconds:.0f} s): "
-            "a replay, or a delivery held back"
+    return (received - delivered).total_seconds()
+
+
+def staleness(event: Event, received: datetime | None, max_age_seconds: float) -> str | None:
+    """Why the delivery is stale, or None: its age at receipt (`received` minus
+    `meta.deliveredAt`) is over `max_age_seconds`.
+
+    Only an old deliveredAt is stale: that is what a captured delivery sent again looks like.
+    One in the future cannot be a replay (Smartcar signed it), so it is this host's clock
+    that is behind: the event is processed, and the skew is counted and warned about.
+    """
+    age = delivery_age(event, received)
+    if age is None or age <= max_age_seconds:
+        return None
+    delivered, at = event.meta.delivered_at, received
+    assert delivered is not None and at is not None
+    return (
+        f"meta.deliveredAt {delivered.isoformat()} was {age:.0f} s old when received at "
+        f"{at.isoformat()}, over MAX_DELIVERY_AGE_SECONDS ({max_age_seconds:.0f} s): "
+        "a replay, or a delivery held back (or this host's clock is ahead)"
+    )
+
+
+def _check_age(message: InboundMessage, event: Event, settings: Settings) -> str | None:
+    """The staleness verdict for a delivery (None: process it); feeds the clock watch.
+
+    A replayed dead letter (`replayCount`, set by `dlq replay`) is not checked: replaying a
+    StaleDelivery is the operator's decision that the event should be processed."""
+    if PROP_REPLAY_COUNT in message.application_properties:
+        return None
+    received = received_at(message.application_properties)
+    age = delivery_age(event, received)
+    if age is None:
+        return None
+    stale = staleness(event, received, settings.max_delivery_age_seconds)
+    CLOCK_WATCH.record(age, stale=stale is not None)
+    if age < -SKEW_WARNING_SECONDS:
+        logger.warning(
+            "event %s: meta.deliveredAt is %.0f s ahead of this host's clock at receipt; "
+            "processing it, but this host's clock is probably behind (check NTP)",
+            event.event_id, -age,
         )
-    if age < -MAX_DELIVERY_AHEAD_SECONDS:
-        return (
-            f"meta.deliveredAt {delivered.isoformat()} was {-age:.0f} s in the future when "
-            f"received at {received.isoformat()}, over {MAX_DELIVERY_AHEAD_SECONDS:.0f} s ahead"
-        )
-    return None
+    return stale
 
 
 def outcome_record(
@@ -184,7 +229,8 @@ def outcome_record(
         "eventId": event_id,
         "eventType": event_type,
         "vehicleId": vehicle_id,
-        "deliveryCount": message.delivery_count,
+        "deliveryCount": event_delivery_count(message.application_properties,
+                                              message.delivery_count),
         "messageId": message.message_id,
         "outcome": outcome,
         "handledAt": datetime.now(UTC).isoformat(),
@@ -197,12 +243,6 @@ def outcome_record(
     if duplicate:
         record["duplicate"] = True
     return record
-
-
-def backoff_seconds(delivery_count: int, *, base: float, maximum: float) -> float:
-    """Exponential backoff: base, 2*base, 4*base, ... capped at `maximum`."""
-    exponent = max(delivery_count - 1, 0)
-    return float(min(base * (2 ** min(exponent, 30)), maximum))
 
 
 def retry_delay(delivery_count: int, settings: Settings) -> float:
@@ -223,12 +263,15 @@ async def process_message(
     settings: Settings,
     registry: HandlerRegistry,
     dead_letterer: DeadLetterer,
+    retry_sender: RetrySender,
     handled_log: OutcomeLog | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     telemetry: Telemetry | None = None,
+    clock: Callable[[], float] = time.time,
     store: VehicleStateStore | None = None,
 ) -> ProcessResult:
-    """Process one message. Returns on completion; raises to have the message abandoned."""
+    """Process one message. Returns on completion (also when a handler failed and its retry
+    is scheduled); raises to have the message abandoned."""
     telemetry = telemetry or get_telemetry()
     with telemetry.observe_process(
         message.application_properties,
@@ -238,13 +281,18 @@ async def process_message(
         try:
             result = await _process(
                 message, settings=settings, registry=registry, dead_letterer=dead_letterer,
-                sleep=sleep, store=store, telemetry=telemetry,
+                retry_sender=retry_sender, clock=clock, store=store, telemetry=telemetry,
             )
         except HandlerFailedError as exc:
-            last = message.delivery_count >= settings.max_delivery_count
-            observed.outcome = PROCESS_DEAD_LETTERED if last else PROCESS_RETRIED
+            # The retry (or dead letter) could not be sent: the original is abandoned and
+            # delivered again, which tries again.
+            observed.outcome = PROCESS_RETRIED
             observed.error_type = type(exc.__cause__ or exc).__name__
             raise
+        if result.outcome is Outcome.RETRIED:  # not final: handled.jsonl waits for the end
+            observed.outcome = PROCESS_RETRIED
+            observed.error_type = result.error_type
+            return result
         if handled_log is not None:
             try:
                 handled_log.append(outcome_record(
@@ -258,7 +306,12 @@ async def process_message(
                 await _unrecorded(message, settings, sleep, exc, last=last)
         observed.outcome = str(result.outcome)
         if result.outcome is Outcome.DEAD_LETTERED:
-            observed.dead_letter_reason = result.reason or INVALID_PAYLOAD
+            if result.reason == MAX_DELIVERY_COUNT_EXCEEDED:
+                # A handler's last failure: named by its error, as every failed attempt is
+                # (the queries and the inspector tell it from an unreadable payload so).
+                observed.error_type = result.error_type
+            else:
+                observed.dead_letter_reason = result.reason or INVALID_PAYLOAD
         if result.event is not None:
             observed.event_type = result.event.event_type
             observed.event_id = result.event.event_id
@@ -309,7 +362,8 @@ async def _process(
     settings: Settings,
     registry: HandlerRegistry,
     dead_letterer: DeadLetterer,
-    sleep: Callable[[float], Awaitable[None]],
+    retry_sender: RetrySender,
+    clock: Callable[[], float],
     store: VehicleStateStore | None = None,
     telemetry: Telemetry | None = None,
 ) -> ProcessResult:
@@ -331,8 +385,7 @@ async def _process(
         return ProcessResult(Outcome.DEAD_LETTERED, description=description,
                              reason=INVALID_PAYLOAD)
 
-    stale = staleness(event, received_at(message.application_properties),
-                      settings.max_delivery_age_seconds)
+    stale = _check_age(message, event, settings)
     if stale is not None:
         logger.warning(
             "event %s (message %s) is a stale delivery (%s); dead-lettering it as %s",
@@ -344,29 +397,17 @@ async def _process(
 
     logger.debug("processing event %s body=%r", event.event_id, message.body)
     context = HandlerContext(
-        settings=settings, message_id=message.message_id, delivery_count=message.delivery_count
+        settings=settings, message_id=message.message_id,
+        delivery_count=event_delivery_count(message.application_properties,
+                                            message.delivery_count),
     )
     try:
         handled = await run_handlers(event, context, registry, store,
                                      telemetry or get_telemetry())
     except Exception as exc:
-        last = message.delivery_count >= settings.max_delivery_count
-        delay = retry_delay(message.delivery_count, settings)
-        logger.warning(
-            "handler failed for event %s (%s, delivery %d of %d): %s: %s; %s",
-            event.event_id,
-            event.event_type,
-            message.delivery_count,
-            settings.max_delivery_count,
-            type(exc).__name__,
-            exc,
-            "it will be dead-lettered" if last else f"retrying in {delay:.1f}s",
-        )
-        if delay > 0:
-            await sleep(delay)
-        raise HandlerFailedError(
-            f"handler failed for event {event.event_id}: {type(exc).__name__}"
-        ) from exc
+        return await _handler_failed(message, event, exc, settings=settings,
+                                     dead_letterer=dead_letterer, retry_sender=retry_sender,
+                                     now=clock())
 
     if handled.duplicate:
         logger.info("event %s was processed before (its eventId is in the inbox); its handlers "
@@ -394,8 +435,8 @@ async def run_handlers(
     telemetry: Telemetry,
 ) -> Handled:
     """The inbox check, the store, the handlers, the inbox record: in this order, so a crash
-    anywhere before the record runs the handlers again on redelivery, with the changes the
-    store kept for them."""
+    or a failure anywhere before the record runs the handlers again on the next attempt, with
+    the changes the store kept for them."""
     if store is None:
         return Handled(ran=await registry.dispatch(event, context))
     if await store.is_processed(event.vehicle_id, event.event_id):
@@ -407,3 +448,64 @@ async def run_handlers(
                                   changes=state.pending)
     await store.mark_processed(event.vehicle_id, event.event_id)
     return Handled(ran=ran, state=state)
+
+
+async def _handler_failed(
+    message: InboundMessage,
+    event: Event,
+    exc: Exception,
+    *,
+    settings: Settings,
+    dead_letterer: DeadLetterer,
+    retry_sender: RetrySender,
+    now: float,
+) -> ProcessResult:
+    """A handler raised: schedule the next attempt as a copy on the queue, or after the last
+    attempt dead-letter the event with its history. Raises HandlerFailedError only when that
+    send fails (the original is then abandoned and redelivered, and tries the send again)."""
+    attempt = attempt_of(message.application_properties)
+    error_type = type(exc).__name__
+    last = attempt >= settings.max_delivery_count
+    try:
+        if last:
+            props, history = with_failure(message.application_properties, attempt, exc, now)
+            description = (
+                f"handler failed in {attempt} delivery attempts "
+                f"(MAX_DELIVERY_COUNT={settings.max_delivery_count}): "
+                + ", ".join(f"{h.get('attempt')} {h.get('error')} at {h.get('failedAt')}"
+                            for h in history)
+            )
+            logger.warning(
+                "handler failed for event %s (%s, attempt %d of %d): %s: %s; dead-lettering "
+                "it as %s", event.event_id, event.event_type, attempt,
+                settings.max_delivery_count, error_type, exc, MAX_DELIVERY_COUNT_EXCEEDED,
+            )
+            await dead_letterer.dead_letter(
+                replace(message, application_properties=props),
+                reason=MAX_DELIVERY_COUNT_EXCEEDED, description=description,
+            )
+            return ProcessResult(Outcome.DEAD_LETTERED, event=event, description=description,
+                                 reason=MAX_DELIVERY_COUNT_EXCEEDED, error_type=error_type)
+        copy = retry_copy(
+            message.body, message.application_properties,
+            event_key=message_id_for(message.body, event.event_id), error=exc, now=now,
+            base=settings.retry_backoff_base_seconds,
+            maximum=settings.retry_backoff_max_seconds,
+        )
+        logger.warning(
+            "handler failed for event %s (%s, attempt %d of %d): %s: %s; retrying in %.1fs "
+            "as message %s", event.event_id, event.event_type, attempt,
+            settings.max_delivery_count, error_type, exc, copy.delay_seconds, copy.message_id,
+        )
+        await retry_sender.schedule(copy)
+    except Exception as send_exc:
+        logger.warning(
+            "cannot %s event %s after its handler failed: %s; the message is abandoned and "
+            "delivered again", "dead-letter" if last else "schedule the retry of",
+            event.event_id, type(send_exc).__name__,
+        )
+        raise HandlerFailedError(
+            f"handler failed for event {event.event_id}: {error_type}"
+        ) from exc
+    return ProcessResult(Outcome.RETRIED, event=event, description=str(exc),
+                         error_type=error_type)

@@ -35,6 +35,8 @@ PROP_EVENT_ID = "eventId"
 # When the receiver accepted the message, epoch milliseconds (a decimal string): the processor
 # measures a delivery's age from `meta.deliveredAt` to this, not to when it processes it.
 PROP_RECEIVED_AT = "receivedAt"
+#: Set by `dlq replay` (an operator's decision): how many times the message was replayed.
+PROP_REPLAY_COUNT = "replayCount"
 # Set on a copy that the processor routes to the dead-letter queue (see ServiceBusDeadLetterer).
 PROP_DEAD_LETTER_REASON = "deadLetterReason"
 PROP_DEAD_LETTER_DESCRIPTION = "deadLetterDescription"

@@ -19,6 +19,7 @@ from .handlers import HandlerRegistry
 from .handlers import registry as default_registry
 from .processor import DeadLetterer, OutcomeLog, ServiceBusDeadLetterer
 from .publisher import Publisher, RememberingPublisher, build_service_bus_publisher
+from .retry import RetrySender, ServiceBusRetrySender
 from .settings import Settings, load_settings
 from .spill import (
     FileSpillStore,
@@ -48,6 +49,8 @@ class Runtime:
     publisher: Publisher
     dead_letterer: DeadLetterer
     registry: HandlerRegistry
+    #: Where a failed event's next attempt is scheduled (shared/retry.py).
+    retry_sender: RetrySender
     handled_log: OutcomeLog | None = None
     queue: Any = None  # the LocalQueue in local mode
     # Spill-over (shared/spill.py): where events wait while the queue is down, and the
@@ -59,6 +62,9 @@ class Runtime:
     # Local host only: what keeps the app from working although its settings are valid (the
     # queue file cannot be read), or None; `/api/health` answers 503 while there is one.
     health_problem: Callable[[], Awaitable[str | None]] | None = None
+    # Local host only: what works but needs the operator (messages left in the queue because
+    # every handler thread is stuck): `/api/health` answers 200 "degraded" naming each.
+    health_warnings: Callable[[], list[str]] | None = None
     #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
     clock: Callable[[], float] = time.time
     #: The vehicle state store (shared/vehicle_state); None with VEHICLE_STATE_STORE=off.
@@ -119,6 +125,7 @@ def build_runtime(
     tokens: TokenProvider | None = None,
     publisher: Publisher | None = None,
     dead_letterer: DeadLetterer | None = None,
+    retry_sender: RetrySender | None = None,
     credential: ProcessCredential | None = None,
     vehicle_state: VehicleStateStore | None = None,
 ) -> Runtime:
@@ -138,15 +145,22 @@ def build_runtime(
         )
         primary = sb
         dead_letterer = dead_letterer or ServiceBusDeadLetterer(sb.send_raw)
+        retry_sender = retry_sender or ServiceBusRetrySender(sb.send_raw)
     else:
         # Local only: shared/local is not deployed (.funcignore), and Azure always has a
         # Service Bus namespace, so this import never runs there.
-        from .local.adapters import HandledLog, LocalDeadLetterer, LocalQueuePublisher
+        from .local.adapters import (
+            HandledLog,
+            LocalDeadLetterer,
+            LocalQueuePublisher,
+            LocalRetrySender,
+        )
         from .local.queue import open_local_queue
 
         queue = open_local_queue(settings)
         primary = LocalQueuePublisher(queue)
         dead_letterer = dead_letterer or LocalDeadLetterer(queue)
+        retry_sender = retry_sender or LocalRetrySender(queue)
         handled_log = HandledLog(settings.local_state_dir / HANDLED_FILE)
     spill = build_spill_store(settings, credential)
     if publisher is None:
@@ -162,6 +176,7 @@ def build_runtime(
         publisher=publisher,
         dead_letterer=dead_letterer,
         registry=registry or default_registry,
+        retry_sender=retry_sender,
         handled_log=handled_log,
         queue=queue,
         spill=spill,

@@ -60,6 +60,8 @@ HOST_JSON = Path(__file__).resolve().parent.parent / "host.json"
 
 # The local inspector page's port (shared/local/inspector_server.py); default PORT + 1.
 INSPECTOR_PORT = "INSPECTOR_PORT"
+# The local host's cap on open client connections (shared/local/connections.py).
+LOCAL_MAX_CONNECTIONS = "LOCAL_MAX_CONNECTIONS"
 
 #: Every name `load_settings` reads.
 APP_SETTINGS: frozenset[str] = frozenset(
@@ -89,6 +91,7 @@ APP_SETTINGS: frozenset[str] = frozenset(
         AZURE_CLIENT_ID,
         INSPECTOR_PORT,
         FUNCTION_TIMEOUT_SECONDS,
+        LOCAL_MAX_CONNECTIONS,
     }
 )
 
@@ -101,6 +104,7 @@ LOCAL_ONLY_SETTINGS: frozenset[str] = frozenset(
         STORAGE_CONNECTION_STRING,
         FUNCTION_TIMEOUT_SECONDS,
         INSPECTOR_PORT,
+        LOCAL_MAX_CONNECTIONS,
     }
 )
 
@@ -131,6 +135,7 @@ DEFAULTS: Mapping[str, str] = {
     SPILL_CONTAINER_NAME: "spill",
     VEHICLE_STATE_STORE: "on",
     VEHICLE_STATE_TABLE: "vehiclestate",
+    LOCAL_MAX_CONNECTIONS: "1000",
 }
 
 _CONTAINER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]")
@@ -185,6 +190,8 @@ class Settings:
     vehicle_state_store: bool = True
     vehicle_state_table: str = DEFAULTS[VEHICLE_STATE_TABLE]
     storage_table_service_uri: str | None = None
+    #: The local host's open client connections at most (fewer under a low descriptor limit).
+    local_max_connections: int = int(DEFAULTS[LOCAL_MAX_CONNECTIONS])
 
     @property
     def token_source(self) -> str:
@@ -326,6 +333,7 @@ def load_settings(
     queue_name = _get(env, SERVICEBUS_QUEUE_NAME) or DEFAULTS[SERVICEBUS_QUEUE_NAME]
     max_delivery_count = int(number(MAX_DELIVERY_COUNT, kind=int, minimum=1))
     max_body_bytes = int(number(MAX_BODY_BYTES, kind=int, minimum=1024))
+    max_connections = int(number(LOCAL_MAX_CONNECTIONS, kind=int, minimum=1))
     backoff_base = number(RETRY_BACKOFF_BASE_SECONDS, kind=float, minimum=0)
     backoff_max = number(RETRY_BACKOFF_MAX_SECONDS, kind=float, minimum=0)
     token_cache = number(TOKEN_CACHE_SECONDS, kind=float, minimum=1)
@@ -467,6 +475,7 @@ def load_settings(
         vehicle_state_store=store_switch != "off",
         vehicle_state_table=table_name,
         storage_table_service_uri=table_uri,
+        local_max_connections=max_connections,
     )
 
 

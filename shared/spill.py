@@ -345,10 +345,26 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+class LateStoreCheck(Protocol):
+    """What a primary publisher may offer: whether a send that outlived the time budget was
+    stored after all (the local queue's send keeps waiting for a busy write lock, and may
+    commit after the event was spilled)."""
+
+    async def stored_late(self, message_id: str) -> bool:
+        """True once the message is known to be in the queue; False when, by the time the
+        send must have ended, it is not."""
+        ...
+
+
 class SpillingPublisher:
     """A `Publisher`: the queue first, within `primary_timeout` seconds; the spill store next.
 
     The two budgets together stay well inside Smartcar's 15-second response timeout.
+
+    A send that timed out may still commit (it was waiting, not failing). When the primary can
+    tell (`LateStoreCheck`), the spilled copy of a message that was stored after all is deleted
+    as soon as that is known, so no re-drive, however late (past the duplicate window), stores
+    it a second time.
     """
 
     def __init__(
@@ -363,6 +379,7 @@ class SpillingPublisher:
         self.spill = spill
         self._primary_timeout = primary_timeout
         self._spill_timeout = spill_timeout
+        self._followups: set[asyncio.Task[None]] = set()
 
     async def publish(self, message: OutboundMessage) -> bool:
         try:
@@ -386,9 +403,30 @@ class SpillingPublisher:
             type(primary_error).__name__, message.message_id,
         )
         get_telemetry().record_spilled()
+        check = getattr(self.primary, "stored_late", None)
+        if isinstance(primary_error, TimeoutError) and check is not None:
+            task = asyncio.create_task(self._drop_if_stored_late(message.message_id, check))
+            self._followups.add(task)
+            task.add_done_callback(self._followups.discard)
         return True
 
+    async def _drop_if_stored_late(
+        self, message_id: str, stored_late: Callable[[str], Any]
+    ) -> None:
+        try:
+            if not await stored_late(message_id):
+                return
+            await self.spill.delete(spill_name(message_id))
+        except Exception as exc:  # the copy stays: a re-drive in the window drops it
+            logger.warning("could not check whether spilled message %s was stored late: %s",
+                           message_id, type(exc).__name__)
+            return
+        logger.info("message %s was stored after its send timed out; its spilled copy is "
+                    "deleted", message_id)
+
     async def close(self) -> None:
+        for task in list(self._followups):
+            task.cancel()
         await self.primary.close()
         await self.spill.close()
 

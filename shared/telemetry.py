@@ -25,6 +25,7 @@ exception class names. Tests pass a `Telemetry` built on their own (in-memory) p
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -433,6 +434,10 @@ def _sdk_provider_installed() -> bool:
     return isinstance(trace.get_tracer_provider(), SdkTracerProvider)
 
 
+#: The OpenTelemetry SDK's switch for the log exporter, read by the Azure Monitor distro.
+OTEL_LOGS_EXPORTER = "OTEL_LOGS_EXPORTER"
+
+
 def configure(*, connection_string: str | None, console: bool = False) -> str:
     """Set up export once per process; returns the mode chosen (MODE_*)."""
     global _mode
@@ -444,7 +449,11 @@ def configure(*, connection_string: str | None, console: bool = False) -> str:
         elif connection_string:
             from azure.monitor.opentelemetry import configure_azure_monitor
 
-            # Logs: exported by the Functions host (telemetryMode OpenTelemetry), not here.
+            # Logs: exported by the Functions host (telemetryMode OpenTelemetry), not here, or
+            # each line is ingested (and billed) twice. The distro (1.8.x) ignores the
+            # `disable_logging` argument: it overwrites it from OTEL_LOGS_EXPORTER, so that is
+            # the switch it honours.
+            os.environ[OTEL_LOGS_EXPORTER] = "none"
             configure_azure_monitor(connection_string=connection_string, disable_logging=True)
             _mode = MODE_AZURE_MONITOR
         elif console:

@@ -188,3 +188,89 @@ class RecordingPublisher:
 
     async def close(self) -> None:
         return None
+
+
+@dataclass
+class BrokerMessage:
+    sequence_number: int
+    body: bytes
+    message_id: str
+    application_properties: dict[str, str]
+    visible_at: float
+    expires_at: float | None
+    delivery_count: int = 0
+    locked: bool = False
+
+
+class FakeServiceBusQueue:
+    """The Service Bus queue behaviour the retry path relies on, behind the SDK surface the
+    app uses (`get_queue_sender().send_messages(ServiceBusMessage)`): duplicate detection on
+    `message_id`, `scheduled_enqueue_time_utc`, `time_to_live` with dead-lettering on expiry,
+    peek-lock with `maxDeliveryCount`. Time is the test's `clock` (epoch seconds)."""
+
+    def __init__(self, clock: ManualClock, *, max_delivery_count: int = 10,
+                 duplicate_window: float = 3600.0) -> None:
+        self.clock = clock
+        self.max_delivery_count = max_delivery_count
+        self.duplicate_window = duplicate_window
+        self.active: dict[int, BrokerMessage] = {}
+        self.dead_letters: list[tuple[BrokerMessage, str]] = []
+        self.duplicates_dropped: list[str] = []
+        self._seen: dict[str, float] = {}
+        self._next_sequence = 1
+
+    # The client and sender surface (ServiceBusPublisher's client_factory returns this).
+    def get_queue_sender(self, queue_name: str) -> FakeServiceBusQueue:
+        return self
+
+    async def send_messages(self, message: Any) -> None:
+        self.accept(message)
+
+    async def close(self) -> None:
+        return None
+
+    def accept(self, message: Any) -> None:
+        now = self.clock()
+        body = b"".join(message.body)
+        message_id = str(message.message_id)
+        first = self._seen.get(message_id)
+        if first is not None and now - first < self.duplicate_window:
+            self.duplicates_dropped.append(message_id)
+            return
+        self._seen[message_id] = now
+        scheduled = message.scheduled_enqueue_time_utc
+        visible = scheduled.timestamp() if scheduled is not None else now
+        ttl = message.time_to_live
+        props = {str(k): str(v) for k, v in (message.application_properties or {}).items()}
+        self.active[self._next_sequence] = BrokerMessage(
+            self._next_sequence, body, message_id, props, visible,
+            None if ttl is None else visible + ttl.total_seconds())
+        self._next_sequence += 1
+
+    def receive(self) -> list[BrokerMessage]:
+        """Lock every message due now, oldest first; expired ones are dead-lettered."""
+        now = self.clock()
+        due = []
+        for seq, msg in sorted(self.active.items()):
+            if msg.expires_at is not None and msg.expires_at <= now:
+                del self.active[seq]
+                self.dead_letters.append((msg, "TTLExpiredException"))
+            elif not msg.locked and msg.visible_at <= now:
+                msg.locked = True
+                msg.delivery_count += 1
+                due.append(msg)
+        return due
+
+    def complete(self, msg: BrokerMessage) -> None:
+        del self.active[msg.sequence_number]
+
+    def abandon(self, msg: BrokerMessage) -> None:
+        msg.locked = False
+        if msg.delivery_count >= self.max_delivery_count:
+            del self.active[msg.sequence_number]
+            self.dead_letters.append((msg, "MaxDeliveryCountExceeded"))
+
+    def next_due(self) -> float | None:
+        times = [m.expires_at if m.expires_at is not None else m.visible_at
+                 for m in self.active.values() if not m.locked]
+        return min(times, default=None)

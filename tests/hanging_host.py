@@ -6,6 +6,10 @@ An event whose `eventId` starts with `hang-blocking-` blocks its handler's threa
 Both only while `TEST_HANG` is set, so a restarted host without it processes them normally.
 Each call appends `{"eventId", "handler", "at"}` to `$TEST_CALLS` (when set) before hanging;
 so does every call for an event whose `eventId` starts with `record-` (it then returns).
+An event starting with `slow-` is recorded, then its handler sleeps `TEST_SLOW_SECONDS`
+(default 1) and returns.
+`TEST_POOL_THREADS` (when set) makes the pool for plain handlers that small, with twice as many
+threads in all for replacing stuck ones.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 
 from shared.events import Event
 from shared.handlers import HandlerContext, registry
+from shared.handlers.pool import BlockingPool
 from shared.local.host import main
 
 
@@ -34,6 +39,13 @@ def _record(event: Event, handler: str) -> None:
 async def record(event: Event, context: HandlerContext) -> None:
     if event.event_id.startswith("record-"):
         _record(event, "record")
+
+
+@registry.on("VEHICLE_STATE")
+async def slow(event: Event, context: HandlerContext) -> None:
+    if event.event_id.startswith("slow-"):
+        _record(event, "slow")
+        await asyncio.sleep(float(os.environ.get("TEST_SLOW_SECONDS", "1")))
 
 
 @registry.on("VEHICLE_STATE")
@@ -53,4 +65,6 @@ async def hang_async(event: Event, context: HandlerContext) -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("TEST_POOL_THREADS"):
+        registry.pool = BlockingPool(int(os.environ["TEST_POOL_THREADS"]))
     sys.exit(main())

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.clockcheck import CLOCK_WATCH
 from shared.handlers import HandlerRegistry
 from shared.local.host import LocalHost, load_function_app
 from shared.runtime import Runtime, build_runtime, set_runtime
@@ -137,6 +138,7 @@ class RunningHost:
         self.host: LocalHost | None = None
 
     def __enter__(self) -> RunningHost:
+        CLOCK_WATCH.reset()  # one per process: the verdicts of an earlier test's deliveries
         self._thread.start()
         set_runtime(self.runtime)
 

@@ -29,6 +29,8 @@ REQUIRED = {
     "runtime_invocation": {f"{host}_{figure}" for host in ("in_process", "local_host", "runtime")
                            for figure in ("us", "p99_us")}
     | {"local_host_overhead_us", "runtime_overhead_us"},
+    "worker_memory": {"rssAfterImportMB", "peakRssMB", "cpuMsPerWebhook",
+                      "cpuMsPerProcessedEvent", "spanBytesPerEvent", "logBytesPerEvent"},
 }
 
 

@@ -89,7 +89,8 @@ def poison_state(host: RunningHost) -> str:
     event = state_event()
     body = encode(event)
     assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
-    wait_until(lambda: any(d.message_id == event["eventId"] for d in host.dead_letters()))
+    wait_until(lambda: any(d.application_properties.get("eventId") == event["eventId"]
+                           for d in host.dead_letters()))
     return str(event["eventId"])
 
 

@@ -89,8 +89,12 @@ class TestEveryFinalOutcomeIsRecorded:
         record = record_of(host, "poison-1")
         assert record["outcome"] == "dead_lettered"
         assert record["reason"] == "MaxDeliveryCountExceeded"
-        assert record["description"] == "RuntimeError on the last of 2 deliveries"
+        assert re.fullmatch(
+            r"handler failed in 2 delivery attempts \(MAX_DELIVERY_COUNT=2\): "
+            r"1 RuntimeError at \S+, 2 RuntimeError at \S+", record["description"])
+        # The second attempt is a scheduled copy: the event's second delivery.
         assert record["deliveryCount"] == 2
+        assert record["messageId"] == "poison-1:retry:2"
         (dead,) = wait_until(host.dead_letters)
         assert dead.dead_letter_reason == "MaxDeliveryCountExceeded"
         # The first, retried delivery is not a final outcome: one line only.

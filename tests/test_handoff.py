@@ -15,6 +15,7 @@ import pytest
 
 from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
+from shared.local import host as host_module
 from shared.local.adapters import LocalQueuePublisher
 from shared.local.queue import LocalQueue, QueuedMessage
 from shared.publisher import OutboundMessage, PublishError
@@ -206,8 +207,11 @@ def test_a_send_that_fails_gives_the_finished_locks_back(tmp_path: Path) -> None
 
 
 def test_the_host_completes_with_its_next_send_without_a_commit_of_its_own(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # A send arriving within the completion delay carries the completion; the delay is made
+    # long here so that the second send surely comes within it.
+    monkeypatch.setattr(host_module, "COMPLETION_DELAY_SECONDS", 60.0)
     calls: list[list[str]] = []
 
     def record_completions(runtime: Runtime) -> None:
@@ -231,3 +235,11 @@ def test_the_host_completes_with_its_next_send_without_a_commit_of_its_own(
         with LocalQueue(tmp_path / "queue.sqlite3") as other:
             assert other.stats()["active"] == 1  # evt-2's send completed evt-1: evt-2 is left
     assert all(tokens == [] for tokens in calls)  # never by a fetcher transaction
+
+
+def test_with_no_send_the_fetcher_completes_within_the_completion_delay(tmp_path: Path) -> None:
+    # The fetcher polls once a minute: only the completion timer can wake it.
+    with RunningHost(local_env(tmp_path), poll_interval=60.0) as running:
+        _post(running, "evt-1")
+        wait_until(lambda: len(running.handled()) == 1)
+        wait_until(lambda: running.runtime.queue.stats()["active"] == 0, timeout=5)

@@ -537,7 +537,9 @@ class TestProcessingFailures:
             assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
             (dead,) = wait_until(host.dead_letters)
             assert dead.dead_letter_reason == "MaxDeliveryCountExceeded"
-            assert dead.delivery_count == 3
+            # The third attempt is the second scheduled copy, dead-lettered with the history.
+            assert dead.application_properties["attempt"] == "3"
+            assert dead.dead_letter_description.count("RuntimeError") == 3
             assert attempts == [1, 2, 3]
             (record,) = wait_until(host.handled)
             assert (record["outcome"], record["reason"]) == (

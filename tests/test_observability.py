@@ -8,12 +8,14 @@ passed to the code as a `Telemetry` (no global provider is touched).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,10 +35,9 @@ from shared import receiver
 from shared import telemetry_names as names
 from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
-from shared.local.adapters import LocalDeadLetterer, LocalQueuePublisher
-from shared.local.queue import LocalQueue
+from shared.local.adapters import LocalDeadLetterer, LocalQueuePublisher, LocalRetrySender
+from shared.local.queue import LocalQueue, LockLostError
 from shared.processor import (
-    HandlerFailedError,
     InboundMessage,
     Outcome,
     process_message,
@@ -52,6 +53,7 @@ from shared.telemetry import (
 from shared.tokens import StaticTokenProvider
 
 from .bicep_tree import find_calls, load, text
+from .fakes import ManualClock
 from .support import (
     ERRORS_WEBHOOK,
     WEBHOOK,
@@ -129,10 +131,6 @@ def _inbound(queue: LocalQueue) -> InboundMessage:
     )
 
 
-async def _no_sleep(_: float) -> None:
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. One webhook, received and processed: metrics, attributes, one trace.
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +154,8 @@ class TestOneWebhookEndToEnd:
             assert reply.outcome == receiver.ACCEPTED
             return await process_message(
                 _inbound(queue), settings=settings, registry=_registry(),
-                dead_letterer=LocalDeadLetterer(queue), telemetry=otel.telemetry,
+                dead_letterer=LocalDeadLetterer(queue), retry_sender=LocalRetrySender(queue),
+                telemetry=otel.telemetry,
             )
 
         result = asyncio.run(flow())
@@ -223,24 +222,26 @@ class TestOneWebhookEndToEnd:
         self, otel: Captured, tmp_path: Path
     ) -> None:
         settings = load_settings(local_env(tmp_path, MAX_DELIVERY_COUNT="2"))
-        queue = LocalQueue(tmp_path / "q.sqlite3", max_delivery_count=2)
+        clock = ManualClock(time.time())
+        queue = LocalQueue(tmp_path / "q.sqlite3", max_delivery_count=2, clock=clock)
         body = encode(state_event())
         queue.send(body, message_id="m1", application_properties={"eventType": "VEHICLE_STATE"})
 
         async def attempt() -> None:
+            clock.now += settings.retry_backoff_max_seconds  # the scheduled copy is due
             (qm,) = queue.receive(max_messages=1, lock_duration=30)
             assert qm.lock_token is not None
             message = InboundMessage(body=qm.body, message_id=qm.message_id,
                                      delivery_count=qm.delivery_count,
                                      sequence_number=qm.sequence_number,
                                      application_properties=dict(qm.application_properties))
-            with pytest.raises(HandlerFailedError):
-                await process_message(
-                    message, settings=settings, registry=_registry(fail=True),
-                    dead_letterer=LocalDeadLetterer(queue), sleep=_no_sleep,
-                    telemetry=otel.telemetry,
-                )
-            queue.abandon(qm.lock_token)  # what the host does when the function raises
+            await process_message(
+                message, settings=settings, registry=_registry(fail=True),
+                dead_letterer=LocalDeadLetterer(queue), retry_sender=LocalRetrySender(queue),
+                telemetry=otel.telemetry, clock=clock,
+            )
+            with contextlib.suppress(LockLostError):  # dead-lettered already
+                queue.complete(qm.lock_token)  # what the host does when the function returns
 
         for _ in range(2):
             asyncio.run(attempt())
@@ -264,7 +265,8 @@ class TestOneWebhookEndToEnd:
         queue.send(b"not json", message_id="m2", application_properties={})
         result = asyncio.run(process_message(
             _inbound(queue), settings=settings, registry=_registry(),
-            dead_letterer=LocalDeadLetterer(queue), telemetry=otel.telemetry,
+            dead_letterer=LocalDeadLetterer(queue), retry_sender=LocalRetrySender(queue),
+            telemetry=otel.telemetry,
         ))
         queue.close()
         assert result.outcome is Outcome.DEAD_LETTERED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,6 +29,7 @@ from shared.processor import (
     backoff_seconds,
     process_message,
 )
+from shared.retry import RetryCopy
 from shared.settings import load_settings
 from shared.telemetry import Telemetry
 
@@ -38,11 +40,32 @@ SETTINGS = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "2", "RETRY_BACKOFF_MAX_
 
 
 class RecordingDeadLetterer:
-    def __init__(self) -> None:
+    def __init__(self, fail_with: Exception | None = None) -> None:
         self.calls: list[tuple[str, str, str]] = []
+        self.messages: list[InboundMessage] = []
+        self.fail_with = fail_with
 
     async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
         self.calls.append((message.message_id, reason, description))
+        self.messages.append(message)
+
+
+class RecordingRetrySender:
+    """The retry boundary: records the copies the processor schedules."""
+
+    def __init__(self, fail_with: Exception | None = None) -> None:
+        self.copies: list[RetryCopy] = []
+        self.fail_with = fail_with
+
+    async def schedule(self, copy: RetryCopy) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.copies.append(copy)
+
+
+NOW = 1_800_000_000.0
 
 
 class Sleeps:
@@ -60,6 +83,8 @@ def run(message: InboundMessage, registry: HandlerRegistry, **kw: Any) -> Any:
             settings=kw.pop("settings", SETTINGS),
             registry=registry,
             dead_letterer=kw.pop("dead_letterer", RecordingDeadLetterer()),
+            retry_sender=kw.pop("retry_sender", RecordingRetrySender()),
+            clock=kw.pop("clock", lambda: NOW),
             **kw,
         )
     )
@@ -173,45 +198,93 @@ class TestOutcomes:
         assert (result.outcome, ran) == (Outcome.DEAD_LETTERED, [])
         assert dl.calls == [("m1", "InvalidPayload", description)]
 
-    def test_failing_handler_waits_with_backoff_then_raises(self) -> None:
+    def test_failing_handler_schedules_the_next_attempt_and_returns(self) -> None:
         registry = HandlerRegistry()
 
         @registry.on("VEHICLE_STATE")
         def boom(event: Any, ctx: Any) -> None:
             raise ConnectionError("crm down")
 
-        sleeps = Sleeps()
-        for delivery in (1, 2, 3):
-            with pytest.raises(HandlerFailedError, match="ConnectionError"):
-                run(message(encode(state_event()), delivery), registry, sleep=sleeps)
-        assert sleeps.delays == [2, 4, 8]
+        event = state_event()
+        sender, sleeps = RecordingRetrySender(), Sleeps()
+        props: dict[str, str] = {"eventId": event["eventId"], "eventType": "VEHICLE_STATE"}
+        for _ in range(3):  # each copy is delivered in turn, as the queue would
+            result = run(message(encode(event), 1, **props), registry, retry_sender=sender,
+                         sleep=sleeps)
+            assert (result.outcome, result.error_type) == (Outcome.RETRIED, "ConnectionError")
+            props = sender.copies[-1].application_properties
+        assert sleeps.delays == []  # nothing waited inside the invocation
+        assert [(c.attempt, c.delay_seconds, c.scheduled_enqueue_time, c.message_id)
+                for c in sender.copies] == [
+            (n + 1, delay, datetime.fromtimestamp(NOW + delay, UTC),
+             f"{event['eventId']}:retry:{n + 1}")
+            for n, delay in ((1, 2.0), (2, 4.0), (3, 8.0))
+        ]
+        last = sender.copies[-1]
+        assert last.body == encode(event)
+        assert last.application_properties["attempt"] == "4"
+        assert last.application_properties["eventType"] == "VEHICLE_STATE"
+        assert json.loads(last.application_properties["attemptHistory"]) == [
+            {"attempt": n, "failedAt": "2027-01-15T08:00:00.000+00:00", "error": "ConnectionError"}
+            for n in (1, 2, 3)
+        ]
 
-    @pytest.mark.parametrize("base", ["1", "0.25"])
-    def test_a_backoff_of_one_second_or_less_is_still_waited(self, base: str) -> None:
+    def test_the_attempt_comes_from_the_message_not_the_delivery_count(self) -> None:
+        # A crash after the copy was sent and before the original was completed: the broker
+        # redelivers the original (delivery count 2). It must build the same copy, whose id
+        # duplicate detection then drops.
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
+        sender = RecordingRetrySender()
+        event = state_event()
+        for delivery in (1, 2, 4):
+            run(message(encode(event), delivery), registry, retry_sender=sender)
+        assert {(c.message_id, c.attempt, c.delay_seconds) for c in sender.copies} == {
+            (f"{event['eventId']}:retry:2", 2, 2.0)}
+
+    @pytest.mark.parametrize("base", ["1", "0.25", "0"])
+    def test_a_short_backoff_is_scheduled_as_set(self, base: str) -> None:
         registry = HandlerRegistry()
         registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
         settings = load_settings({"RETRY_BACKOFF_BASE_SECONDS": base})
-        sleeps = Sleeps()
-        with pytest.raises(HandlerFailedError):
-            run(message(encode(state_event()), 1), registry, settings=settings, sleep=sleeps)
-        assert sleeps.delays == [float(base)]
+        sender = RecordingRetrySender()
+        run(message(encode(state_event()), 1), registry, settings=settings, retry_sender=sender)
+        (copy,) = sender.copies
+        assert copy.scheduled_enqueue_time == datetime.fromtimestamp(NOW + float(base), UTC)
 
-    def test_a_zero_backoff_does_not_sleep(self) -> None:
+    def test_the_last_attempt_is_dead_lettered_with_its_history(self) -> None:
         registry = HandlerRegistry()
         registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
-        settings = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "0"})
-        sleeps = Sleeps()
-        with pytest.raises(HandlerFailedError):
-            run(message(encode(state_event()), 1), registry, settings=settings, sleep=sleeps)
-        assert sleeps.delays == []
+        sender, dl = RecordingRetrySender(), RecordingDeadLetterer()
+        history = json.dumps([{"attempt": n, "failedAt": f"t{n}", "error": "KeyError"}
+                              for n in (1, 2, 3, 4)])
+        result = run(message(encode(state_event()), 1, attempt="5", attemptHistory=history),
+                     registry, retry_sender=sender, dead_letterer=dl)
+        assert sender.copies == []
+        description = (
+            "handler failed in 5 delivery attempts (MAX_DELIVERY_COUNT=5): 1 KeyError at t1, "
+            "2 KeyError at t2, 3 KeyError at t3, 4 KeyError at t4, "
+            "5 ZeroDivisionError at 2027-01-15T08:00:00.000+00:00"
+        )
+        assert dl.calls == [("m1", "MaxDeliveryCountExceeded", description)]
+        (sent,) = dl.messages
+        assert json.loads(sent.application_properties["attemptHistory"])[-1] == {
+            "attempt": 5, "failedAt": "2027-01-15T08:00:00.000+00:00",
+            "error": "ZeroDivisionError"}
+        assert (result.outcome, result.reason, result.error_type) == (
+            Outcome.DEAD_LETTERED, "MaxDeliveryCountExceeded", "ZeroDivisionError")
 
-    def test_last_delivery_does_not_wait(self) -> None:
+    @pytest.mark.parametrize("attempt", ["1", "5"])
+    def test_a_retry_or_dead_letter_that_cannot_be_sent_abandons_the_original(
+        self, attempt: str
+    ) -> None:
         registry = HandlerRegistry()
         registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
-        sleeps = Sleeps()
-        with pytest.raises(HandlerFailedError):
-            run(message(encode(state_event()), SETTINGS.max_delivery_count), registry, sleep=sleeps)
-        assert sleeps.delays == []
+        failing = RecordingRetrySender(fail_with=ConnectionError("bus down"))
+        dl = RecordingDeadLetterer(fail_with=ConnectionError("bus down"))
+        with pytest.raises(HandlerFailedError, match="ZeroDivisionError"):
+            run(message(encode(state_event()), 1, attempt=attempt), registry,
+                retry_sender=failing, dead_letterer=dl)
 
     def test_dead_letter_copy_is_refused_without_processing(self) -> None:
         registry = HandlerRegistry()
@@ -276,7 +349,7 @@ class TestWhatOperatorsReadInTheLog:
         return [(r.levelno, r.getMessage()) for r in caplog.records
                 if r.name == "shared.processor"]
 
-    def test_handler_failure_names_event_delivery_error_and_next_step(
+    def test_handler_failure_names_event_attempt_error_and_next_step(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
         registry = HandlerRegistry()
@@ -287,14 +360,22 @@ class TestWhatOperatorsReadInTheLog:
 
         event = state_event()
         with caplog.at_level(logging.INFO, logger="shared.processor"):
-            for delivery in (2, SETTINGS.max_delivery_count):
-                with pytest.raises(HandlerFailedError):
-                    run(message(encode(event), delivery), registry, sleep=Sleeps())
-        prefix = f"handler failed for event {event['eventId']} (VEHICLE_STATE, delivery"
+            for attempt in (2, SETTINGS.max_delivery_count):
+                run(message(encode(event), 1, attempt=str(attempt)), registry)
+            with pytest.raises(HandlerFailedError):
+                run(message(encode(event), 1), registry,
+                    retry_sender=RecordingRetrySender(fail_with=TimeoutError()))
+        prefix = f"handler failed for event {event['eventId']} (VEHICLE_STATE, attempt"
         assert self.records(caplog) == [
-            (logging.WARNING, f"{prefix} 2 of 5): ConnectionError: crm down; retrying in 4.0s"),
-            (logging.WARNING,
-             f"{prefix} 5 of 5): ConnectionError: crm down; it will be dead-lettered"),
+            (logging.WARNING, f"{prefix} 2 of 5): ConnectionError: crm down; retrying in 4.0s "
+                              f"as message {event['eventId']}:retry:3"),
+            (logging.WARNING, f"{prefix} 5 of 5): ConnectionError: crm down; dead-lettering it "
+                              "as MaxDeliveryCountExceeded"),
+            (logging.WARNING, f"{prefix} 1 of 5): ConnectionError: crm down; retrying in 2.0s "
+                              f"as message {event['eventId']}:retry:2"),
+            (logging.WARNING, f"cannot schedule the retry of event {event['eventId']} after "
+                              "its handler failed: TimeoutError; the message is abandoned and "
+                              "delivered again"),
         ]
 
     def test_handler_failure_error_names_event_and_cause(self) -> None:
@@ -302,7 +383,8 @@ class TestWhatOperatorsReadInTheLog:
         registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
         event = state_event()
         with pytest.raises(HandlerFailedError) as raised:
-            run(message(encode(event), 1), registry, sleep=Sleeps())
+            run(message(encode(event), 1), registry,
+                retry_sender=RecordingRetrySender(fail_with=ConnectionError()))
         assert str(raised.value) == f"handler failed for event {event['eventId']}: ZeroDivisionError"
         assert isinstance(raised.value.__cause__, ZeroDivisionError)
 

@@ -231,9 +231,10 @@ def workspace(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
 
 
 def run_block(block: Block, env: dict[str, str], state: Path, port: int,
-              host: Host | None) -> Host | None:
+              host: Host | None, started: list[Host]) -> Host | None:
     """Run one transcript against the workspace's host (starting it at a `make run`, or
-    when none runs yet); returns the host, still running."""
+    when none runs yet); returns the host, still running. Every host it starts is also put
+    in `started`, so a failed assertion cannot leave one running behind the test."""
     shown = {str(state): ".local"}
     shell = TranscriptShell(ROOT, env)
     try:
@@ -243,12 +244,14 @@ def run_block(block: Block, env: dict[str, str], state: Path, port: int,
             if first_word(step.command) == "make" and re.search(r"\bmake run\b", step.command):
                 assert host is None or not host.running, f"{block.where}: two `make run`"
                 host = Host(command, env)
+                started.append(host)
                 actual = [normalise(line, shown, port=port) for line in host.banner()]
                 assert matches(expected, actual), mismatch(block, step.line, step.command,
                                                            expected, actual)
                 continue
             if host is None or not host.running:
                 host = Host("make run", env)
+                started.append(host)
                 banner = host.banner()
                 assert host.running, "make run exited:\n" + "\n".join(banner)
             wait_for_idle(state, port)
@@ -270,9 +273,10 @@ def test_every_transcript_in_reading_order_in_one_workspace(
     state, port, inspector = workspace
     env = transcript_env(state, port, inspector)
     host: Host | None = None
+    started: list[Host] = []
     try:
         for block in transcripts():
-            host = run_block(block, env, state, port, host)
+            host = run_block(block, env, state, port, host, started)
     finally:
-        if host is not None:
-            host.stop()
+        for each in started:
+            each.stop()

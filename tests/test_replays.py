@@ -101,9 +101,8 @@ class TestStaleDeliveries:
         [(-2 * HOUR_MS, False, r"was 720\d s old when received at .*, over "
                                r"MAX_DELIVERY_AGE_SECONDS \(900 s\)"),
          (-2 * HOUR_MS, True, r"was 720\d s old when received at .*, over "
-                              r"MAX_DELIVERY_AGE_SECONDS \(900 s\)"),
-         (HOUR_MS, False, r"was 3[56]\d\d s in the future when received at .*, over 300 s ahead")],
-        ids=["two-hours-old-epoch-ms", "two-hours-old-iso-8601", "one-hour-ahead"],
+                              r"MAX_DELIVERY_AGE_SECONDS \(900 s\)")],
+        ids=["two-hours-old-epoch-ms", "two-hours-old-iso-8601"],
     )
     def test_stale_delivery_is_answered_200_dead_lettered_and_never_handled(
         self, host: RunningHost, env: dict[str, str], recorder: Recorder, offset_ms: int,
@@ -138,8 +137,10 @@ class TestStaleDeliveries:
 
     @pytest.mark.parametrize(
         ("offset_ms", "iso"),
-        [(-14 * 60 * 1000, False), (4 * 60 * 1000, False), (-60 * 1000, True)],
-        ids=["fourteen-minutes-old", "four-minutes-ahead", "a-minute-old-iso-8601"],
+        [(-14 * 60 * 1000, False), (4 * 60 * 1000, False), (-60 * 1000, True),
+         (HOUR_MS, False), (30 * 24 * HOUR_MS, True)],
+        ids=["fourteen-minutes-old", "four-minutes-ahead", "a-minute-old-iso-8601",
+             "one-hour-ahead", "thirty-days-ahead-iso-8601"],
     )
     def test_a_delivery_within_the_limits_is_handled(
         self, host: RunningHost, recorder: Recorder, offset_ms: int, iso: bool
@@ -171,19 +172,21 @@ class TestStaleDeliveries:
             assert "MAX_DELIVERY_AGE_SECONDS (300 s)" in (dead.dead_letter_description or "")
             assert recorder.seen == []
 
-    def test_a_replayed_stale_dead_letter_is_dead_lettered_again(
+    def test_a_replayed_stale_dead_letter_is_processed(
         self, host: RunningHost, env: dict[str, str], recorder: Recorder
     ) -> None:
-        # `dlq replay` keeps the receipt time: a stale delivery stays stale, whoever re-sends it.
+        # Replaying is the operator's decision (after a wrong clock, say): the event is handled,
+        # although `dlq replay` keeps the receipt time that made it stale. A captured delivery
+        # re-sent over HTTP is still stale: only the operator's replay skips the check.
         event = delivered(-2 * HOUR_MS)
         body = encode(event)
         assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
         (entry,) = wait_until(lambda: cli_json(env, "dlq", "list"))
+        assert entry["reason"] == "StaleDelivery" and recorder.seen == []
         cli_json(env, "dlq", "replay", str(entry["sequenceNumber"]))
-        (again,) = wait_until(lambda: [e for e in cli_json(env, "dlq", "list")
-                                       if e["sequenceNumber"] != entry["sequenceNumber"]])
-        assert again["reason"] == "StaleDelivery" and again["eventId"] == event["eventId"]
-        assert recorder.seen == []
+        wait_until(lambda: event["eventId"] in recorder.seen)
+        assert cli_json(env, "dlq", "list") == []
+        assert host.post(WEBHOOK, body, signed_headers(body)).json()["status"] == "duplicate"
 
 
 class _BrokenQueue:

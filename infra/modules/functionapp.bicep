@@ -88,12 +88,13 @@ param lowBatteryPercent int
 @maxValue(1000)
 param maximumInstanceCount int = 100
 
-@description('Memory per instance in MB (the 2024-04-01 API accepts only 2048 and 4096).')
+@description('Memory per instance in MB (512, 2048 or 4096). 512: the measured worker peaks near 82 MB under load, see docs/cost.md for the headroom.')
 @allowed([
+  512
   2048
   4096
 ])
-param instanceMemoryMB int = 2048
+param instanceMemoryMB int = 512
 
 @description('Concurrent HTTP invocations per instance. The receiver is async and mostly waits on Service Bus and Key Vault, so it can take far more than the Python default.')
 @minValue(1)
@@ -103,7 +104,7 @@ param httpPerInstanceConcurrency int = 64
 @description('Always-ready instances, e.g. [{ name: \'http\', instanceCount: 1 }]. Empty: scale to zero (cold starts, lowest cost).')
 param alwaysReady array = []
 
-resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
+resource plan 'Microsoft.Web/serverfarms@2025-03-01' = {
   name: planName
   location: location
   tags: tags
@@ -117,7 +118,7 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   }
 }
 
-resource site 'Microsoft.Web/sites@2024-04-01' = {
+resource site 'Microsoft.Web/sites@2025-03-01' = {
   name: name
   location: location
   // azd finds the app to deploy to through this tag (azure.yaml service "api").
@@ -167,7 +168,7 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
   }
 }
 
-resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
+resource appSettings 'Microsoft.Web/sites/config@2025-03-01' = {
   parent: site
   name: 'appsettings'
   properties: {
@@ -208,7 +209,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
 
 // No basic (user name + password) publishing: deployments authenticate with Entra ID. The 'ftp'
 // policy is what keeps FTP off on Flex Consumption, which has no ftpsState.
-resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2025-03-01' = {
   parent: site
   name: 'ftp'
   properties: {
@@ -216,7 +217,7 @@ resource ftpPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2
   }
 }
 
-resource scmPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2024-04-01' = {
+resource scmPublishing 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@2025-03-01' = {
   parent: site
   name: 'scm'
   properties: {

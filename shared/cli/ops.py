@@ -25,11 +25,15 @@ from ..publisher import (
     PROP_EVENT_ID,
     PROP_EVENT_TYPE,
 )
+from ..retry import PROP_ATTEMPT, RETRY_PROPS, event_delivery_count
 from ..settings import Settings
 
 PROP_REPLAYED_FROM = "replayedFrom"
 PROP_REPLAY_COUNT = "replayCount"
 _DEAD_LETTER_COPY_PROPS = (PROP_DEAD_LETTER_REASON, PROP_DEAD_LETTER_DESCRIPTION)
+# Also removed on replay: the replayed event starts again at attempt 1 (its copies' ids carry
+# the replay count, so they are not duplicates of the earlier retries).
+_REPLAY_DROPS = (*_DEAD_LETTER_COPY_PROPS, *RETRY_PROPS)
 _REPLAY_MARK = ":replay:"
 
 
@@ -147,7 +151,9 @@ def _describe(
         event_type=_opt_str(properties.get(PROP_EVENT_TYPE)) or envelope.event_type,
         reason=reason,
         description=description,
-        delivery_count=delivery_count,
+        # A retried event's copies start their delivery count afresh: count the event's.
+        delivery_count=(event_delivery_count(properties, delivery_count)
+                        if PROP_ATTEMPT in properties else delivery_count),
         enqueued_time=enqueued_time,
         application_properties=properties,
         body=body,
@@ -160,8 +166,9 @@ def _opt_str(value: Any) -> str | None:
 
 def replay_properties(properties: Mapping[str, Any], sequence_number: int) -> dict[str, Any]:
     """Properties for the replayed message: the dead-letter copy markers removed (else the
-    processor refuses it as a copy), `replayedFrom` and an incremented `replayCount` added."""
-    props = {k: v for k, v in properties.items() if k not in _DEAD_LETTER_COPY_PROPS}
+    processor refuses it as a copy) and the retry attempt and history removed (it starts again
+    at attempt 1), `replayedFrom` and an incremented `replayCount` added."""
+    props = {k: v for k, v in properties.items() if k not in _REPLAY_DROPS}
     try:
         count = int(props.get(PROP_REPLAY_COUNT, 0))
     except (TypeError, ValueError):

@@ -65,6 +65,8 @@ class HandlerContext:
 
     settings: Settings
     message_id: str
+    #: How many times this event has been given to handlers, this time included: 1 on the
+    #: first try, and it grows across the retries the queue schedules (shared/retry.py).
     delivery_count: int
     #: What the vehicle state store did with this event (None when the store is off).
     vehicle_state: ApplyResult | None = None
@@ -78,6 +80,11 @@ RUNNING_HANDLER: ContextVar[str | None] = ContextVar("RUNNING_HANDLER", default=
 #: handler calls alone (whether they returned, raised or were cancelled): parsing, settlement
 #: and a retry's backoff are never in it. The local inspector shows it per attempt.
 HANDLER_SECONDS: ContextVar[float | None] = ContextVar("HANDLER_SECONDS", default=None)
+
+#: What a handler raised in the last `dispatch` in this context, None when none did. A failed
+#: handler's retry is scheduled and the function returns (shared/retry.py), so the host
+#: learns the failure here, not from the function: the local inspector shows it per attempt.
+HANDLER_ERROR: ContextVar[BaseException | None] = ContextVar("HANDLER_ERROR", default=None)
 
 #: Threads per registry for plain handlers: the Functions host's maxConcurrentCalls (host.json).
 BLOCKING_THREADS = 32
@@ -137,6 +144,7 @@ class HandlerRegistry:
 
         `changes` are the store's accepted changes for this event (ApplyResult.pending)."""
         started = time.perf_counter()
+        HANDLER_ERROR.set(None)
         try:
             ran = False
             for handler in self._by_type.get(event.event_type, ()):
@@ -157,6 +165,9 @@ class HandlerRegistry:
                         ran = True
             RUNNING_HANDLER.set(None)
             return ran
+        except Exception as exc:
+            HANDLER_ERROR.set(exc)
+            raise
         finally:
             HANDLER_SECONDS.set(time.perf_counter() - started)
 

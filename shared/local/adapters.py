@@ -12,18 +12,24 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
-from ..processor import InboundMessage
+from ..processor import InboundMessage, Outcome, outcome_record
 from ..publisher import OutboundMessage, PublishError
+from ..retry import RetryCopy
 from .batching import Batcher, on_loop_unless_busy
-from .queue import QueuedMessage
+from .queue import MAX_DELIVERY_COUNT_EXCEEDED, ExpiredMessage, QueuedMessage
 
 logger = logging.getLogger(__name__)
+
+#: `stored_late` asks the queue this often, until its busy timeout and this margin have passed.
+LATE_STORE_POLL_SECONDS = 0.2
+LATE_STORE_MARGIN_SECONDS = 2.0
 
 
 class Consumer(Protocol):
@@ -111,6 +117,17 @@ class LocalQueuePublisher:
         except Exception as exc:
             raise PublishError(f"local queue send failed: {type(exc).__name__}: {exc}") from exc
 
+    async def stored_late(self, message_id: str) -> bool:
+        """`LateStoreCheck`: whether the queue accepted `message_id` (within its duplicate
+        window), asked until a send that waits for a busy write lock must have ended."""
+        deadline = time.monotonic() + self.queue.busy_timeout + LATE_STORE_MARGIN_SECONDS
+        while True:
+            if await asyncio.to_thread(self.queue.accepted, message_id):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(LATE_STORE_POLL_SECONDS)
+
     async def close(self) -> None:
         return None
 
@@ -129,6 +146,23 @@ class LocalDeadLetterer:
             message.sequence_number,
             reason=reason,
             description=description,
+        )
+
+
+class LocalRetrySender:
+    """Schedules a failed event's next attempt on the embedded queue, as Service Bus would:
+    invisible until its time, dropped when its id was seen (duplicate detection)."""
+
+    def __init__(self, queue: Any) -> None:
+        self._queue = queue
+
+    async def schedule(self, copy: RetryCopy) -> None:
+        await asyncio.to_thread(
+            self._queue.send,
+            copy.body,
+            message_id=copy.message_id,
+            application_properties=copy.application_properties,
+            scheduled_enqueue_time=copy.scheduled_enqueue_time,
         )
 
 
@@ -192,7 +226,7 @@ class HandledLog:
                 current = None
             if self._fd is None or current != self._inode:
                 self._close()
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 st = os.fstat(fd)
                 self._fd, self._inode = fd, (st.st_dev, st.st_ino)
             _write_whole(self._fd, line)
@@ -211,3 +245,26 @@ class HandledLog:
             return []
         with self.path.open(encoding="utf-8") as fh:
             return [json.loads(line) for line in fh if line.strip()]
+
+
+def expired_recorder(
+    log: HandledLog, max_delivery_count: int
+) -> Callable[[list[ExpiredMessage]], None]:
+    """`LocalQueue.on_expired`: a line in handled.jsonl for each message dead-lettered because
+    the lock of its last delivery expired (the process that held it died or hung), since no
+    settlement records that final outcome. A full disk loses the line, not the dead letter."""
+
+    def record(messages: list[ExpiredMessage]) -> None:
+        for expired in messages:
+            message = InboundMessage(body=expired.body, message_id=expired.message_id,
+                                     delivery_count=expired.delivery_count)
+            try:
+                log.append(outcome_record(
+                    message, str(Outcome.DEAD_LETTERED), reason=MAX_DELIVERY_COUNT_EXCEEDED,
+                    description=f"the lock of the last of {max_delivery_count} deliveries "
+                                "expired before the message was settled"))
+            except OSError as exc:
+                logger.warning("cannot record dead-lettered message %s in handled.jsonl: %s",
+                               expired.message_id, exc)
+
+    return record

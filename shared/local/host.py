@@ -37,13 +37,16 @@ from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 from multidict import CIMultiDictProxy
 
-from ..handlers import HANDLER_SECONDS, RUNNING_HANDLER
+from ..clockcheck import CLOCK_WATCH
+from ..handlers import HANDLER_ERROR, HANDLER_SECONDS, RUNNING_HANDLER
+from ..handlers.pool import CURRENT_DELIVERY, DeliveryJobs
 from ..processor import InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
 from ..settings import (
     FUNCTION_TIMEOUT_SECONDS,
     HOST_JSON,
+    SERVICEBUS_NAMESPACE,
     Settings,
     SettingsError,
     load_settings,
@@ -51,10 +54,17 @@ from ..settings import (
 from ..telemetry import configure as configure_telemetry
 from .adapters import LocalQueuePublisher
 from .batching import on_loop_unless_busy
-from .connections import HEADER_TIMEOUT_SECONDS, IDLE_TIMEOUT_SECONDS
+from .clockstate import judge_stored_deliveries
+from .connections import (
+    BODY_TIMEOUT_SECONDS,
+    HEADER_TIMEOUT_SECONDS,
+    IDLE_TIMEOUT_SECONDS,
+    connection_limit,
+)
 from .http import Handler, HttpServer, Request, Response, json_response
 from .inspector import Recorder
 from .inspector_server import start_inspector
+from .private import make_private
 from .queue import (
     MAX_DELIVERY_COUNT_EXCEEDED,
     LocalQueue,
@@ -71,6 +81,13 @@ DEFAULT_PORT = 7071
 #: Seconds `stop` waits for cancelled tasks and open requests; the whole stop stays well
 #: inside the 10 s a supervisor (or Ctrl-C) may wait before killing.
 STOP_GRACE_SECONDS = 3.0
+#: Longest a successful delivery waits for a send's transaction to complete it (one commit for
+#: both) before the fetcher completes it alone. Bounds the window in which a crash makes the
+#: event be handled twice (well under 10 ms with the commit).
+COMPLETION_DELAY_SECONDS = 0.002
+#: How often, at most, an idle host checkpoints the queue's write-ahead log (see
+#: `LocalHost._checkpoint_when_idle`).
+IDLE_CHECKPOINT_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +305,7 @@ class LocalHost:
         timer_interval: float = 60.0,
         header_timeout: float = HEADER_TIMEOUT_SECONDS,
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
         observer: RequestObserver | None = None,
         attempt_observer: AttemptObserver | None = None,
     ) -> None:
@@ -307,6 +325,7 @@ class LocalHost:
         # Slow and idle clients are dropped (see connections.py).
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
         self.observer: RequestObserver = observer or _unobserved
         self.attempt_observer = attempt_observer
         self.http_functions, self.queue_functions, self.timer_functions = index_functions(app)
@@ -329,15 +348,20 @@ class LocalHost:
         # Locks of messages processed successfully, completed by the queue publisher's next
         # send (`completions`) or else by the fetcher's next receive, in the same transaction.
         self._to_complete: list[str] = []
+        # Wakes the fetcher to complete what no send completed within COMPLETION_DELAY_SECONDS.
+        self._completion_timer: asyncio.TimerHandle | None = None
         # Locks held by running functions -> loop time they were taken or last renewed.
         self._held: dict[str, float] = {}
         self._stopping = False
         self._stopped = False
         # Locks of deliveries cancelled by `stop`, released there for a prompt redelivery.
         self._interrupted: list[str] = []
+        self._last_checkpoint = float("-inf")
         # The last receive's failure, until one succeeds: `/api/health` reports it.
         self._queue_error: str | None = None
         runtime.health_problem = self._health_problem
+        runtime.health_warnings = self._health_warnings
+        self._exhausted_logged = False
 
     @property
     def base_url(self) -> str:
@@ -346,6 +370,9 @@ class LocalHost:
     async def start(self) -> None:
         """Checks the queue file (`QueueDamagedError` if damaged), then serves."""
         await asyncio.to_thread(self.queue.check_integrity)
+        settings = self.runtime.settings
+        await asyncio.to_thread(self.queue.clamp_future_times, lock_seconds=self.lock_duration,
+                                backoff_seconds=settings.retry_backoff_max_seconds)
         routes = {
             (method, f"{ROUTE_PREFIX}/{fn.route}"): self._http_handler(fn)
             for fn in self.http_functions for method in fn.methods
@@ -354,8 +381,11 @@ class LocalHost:
         # the receiver, so it is counted and logged); the rest of a large body never is.
         self._http = HttpServer(routes, body_limit=self.runtime.settings.max_body_bytes,
                                 header_timeout=self.header_timeout,
-                                idle_timeout=self.idle_timeout)
+                                idle_timeout=self.idle_timeout, body_timeout=self.body_timeout,
+                                max_connections=connection_limit(
+                                    self.runtime.settings.local_max_connections))
         self.port = await self._http.start(self.host, self.port)
+        self._last_checkpoint = asyncio.get_running_loop().time()  # idle a while first
         for qfn in self.queue_functions:
             self._tasks.append(asyncio.create_task(self._fetch(qfn), name=qfn.name))
         if self._queue_publisher is not None:
@@ -450,6 +480,11 @@ class LocalHost:
         `maxConcurrentCalls`), and none is locked without a worker ready for it.
         """
         while not self._stopping:
+            if self._pool_exhausted():
+                # Messages stay in the queue (not received, not counted) until a thread
+                # returns: receiving them would only fail them.
+                await asyncio.sleep(self.poll_interval)
+                continue
             free = self.workers - len(self._running)
             if free <= 0:
                 self._slot_free.clear()
@@ -482,6 +517,7 @@ class LocalHost:
             if not received:
                 if self._to_complete:
                     continue  # finished meanwhile: complete them now, not after a poll
+                await self._checkpoint_when_idle()
 
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -489,6 +525,19 @@ class LocalHost:
                 continue
             for qm in received:
                 self._start_one(fn, qm)
+
+    async def _checkpoint_when_idle(self) -> None:
+        """With nothing to receive, every IDLE_CHECKPOINT_SECONDS: the write-ahead log is
+        copied into the database file and cut to nothing, so it never keeps a small disk full
+        (SQLite's automatic checkpoint waits for 1,000 pages, 4 MB)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_checkpoint < IDLE_CHECKPOINT_SECONDS:
+            return
+        self._last_checkpoint = now
+        try:
+            await asyncio.to_thread(self.queue.checkpoint)
+        except QueueUnavailableError as exc:
+            logger.warning("idle checkpoint of the local queue failed: %s", exc)
 
     def _start_one(self, fn: QueueFunction, qm: QueuedMessage) -> None:
         task = asyncio.create_task(self._run_one(fn, qm))
@@ -498,8 +547,27 @@ class LocalHost:
     # The queue publisher's consumer (`LocalQueuePublisher.consumer`): events stored while
     # workers are free are locked in the send's own transaction and start here at once.
 
+    def _pool_exhausted(self) -> bool:
+        exhausted = self.runtime.registry.pool.exhausted
+        if exhausted != self._exhausted_logged:
+            self._exhausted_logged = exhausted
+            if exhausted:
+                logger.error("%s", self._exhausted_message())
+            else:
+                logger.warning("a stuck handler thread returned; taking messages again")
+        return exhausted
+
+    def _exhausted_message(self) -> str:
+        pool = self.runtime.registry.pool
+        return (f"all {pool.limit} handler threads are stuck in handlers that timed out: not "
+                "taking messages (they stay in the queue) until one returns or the host "
+                "restarts; find the hanging handler in the timeout warnings")
+
+    def _health_warnings(self) -> list[str]:
+        return [self._exhausted_message()] if self.runtime.registry.pool.exhausted else []
+
     def free_workers(self) -> int:
-        if self._stopping or len(self.queue_functions) != 1:
+        if self._stopping or len(self.queue_functions) != 1 or self._pool_exhausted():
             return 0
         return self.workers - len(self._running)
 
@@ -507,6 +575,11 @@ class LocalHost:
         (fn,) = self.queue_functions
         for qm in messages:
             self._start_one(fn, qm)
+
+    def _completion_due(self) -> None:
+        self._completion_timer = None
+        if self._to_complete:
+            self._wake.set()
 
     def completions(self) -> list[str]:
         tokens, self._to_complete = self._to_complete, []
@@ -519,6 +592,8 @@ class LocalHost:
         self._wake.set()
 
     async def _health_problem(self) -> str | None:
+        if self.queue.store_failure is not None:  # webhooks are answered 503 meanwhile
+            return f"events cannot be stored: {self.queue.store_failure}"
         if self._queue_error is not None:
             return self._queue_error
         try:
@@ -546,6 +621,9 @@ class LocalHost:
         self._held[qm.lock_token] = asyncio.get_running_loop().time()
         timeout = self.runtime.settings.function_timeout_seconds
         HANDLER_SECONDS.set(None)  # this task's own measure, not its creator's
+        HANDLER_ERROR.set(None)
+        jobs = DeliveryJobs()  # this task's context only: its calls into the handler pool
+        CURRENT_DELIVERY.set(jobs)
         try:
             # The function timeout, as host.json's functionTimeout in Azure: the function
             # (and whatever handler it is in) is cancelled and the delivery fails.
@@ -561,7 +639,10 @@ class LocalHost:
                 error = TimeoutError(f"the function timeout ({timeout:g} s) expired in handler "
                                      f"{RUNNING_HANDLER.get() or '(none)'}")
                 self._observe_attempt(qm, error)
-                await self._timed_out(fn, qm, timeout)
+                if jobs.waiting:
+                    await self._never_started(fn, qm, timeout)
+                else:
+                    await self._timed_out(fn, qm, timeout)
             else:  # the function's own TimeoutError: a failure like any other
                 self._observe_attempt(qm, exc)
                 await self._failed(fn, qm, exc)
@@ -569,12 +650,18 @@ class LocalHost:
             self._observe_attempt(qm, exc)
             await self._failed(fn, qm, exc)
         else:
-            self._observe_attempt(qm, None)
-            # Completed by the next send's transaction (the queue publisher takes it), or by
-            # the fetcher's next receive (a wake-up or its poll) when no event comes first.
+            # Returned: handled, or a handler failed and its retry is scheduled on the queue.
+            self._observe_attempt(qm, HANDLER_ERROR.get())
+            # Completed by the next send's transaction (the queue publisher takes it) when one
+            # comes within COMPLETION_DELAY_SECONDS, else by the fetcher, woken for it then:
+            # a crash between handling and completion hands the event to a handler again, so
+            # that window stays a few milliseconds even when no event arrives.
             self._to_complete.append(qm.lock_token)
             if self._queue_publisher is None:
                 self._wake.set()
+            elif self._completion_timer is None:
+                self._completion_timer = asyncio.get_running_loop().call_later(
+                    COMPLETION_DELAY_SECONDS, self._completion_due)
         finally:
             self._held.pop(qm.lock_token, None)
 
@@ -602,6 +689,23 @@ class LocalHost:
         if qm.delivery_count >= self.queue.max_delivery_count:
             self._record_dead_lettered(qm, exc)
 
+    async def _never_started(self, fn: QueueFunction, qm: QueuedMessage, after: float) -> None:
+        """The delivery timed out waiting for a handler thread (all busy or stuck): its
+        handler never ran, so the delivery does not count; released after the backoff."""
+        assert qm.lock_token is not None
+        delay = retry_delay(1, self.runtime.settings)
+        logger.warning(
+            "function %s timed out after %gs on event %s before its handler %s could start "
+            "(every handler thread busy or stuck, %d stuck); released without counting the "
+            "delivery, retrying in %gs", fn.name, after, qm.message_id,
+            RUNNING_HANDLER.get() or "(none)", self.runtime.registry.pool.stuck, delay,
+        )
+        try:
+            await asyncio.to_thread(self.queue.abandon, qm.lock_token, retry_after=delay,
+                                    uncount=True)
+        except LockLostError:
+            logger.debug("lock %s no longer held after the timeout", qm.lock_token)
+
     async def _timed_out(self, fn: QueueFunction, qm: QueuedMessage, after: float) -> None:
         """A failed delivery: warn, then release the message after the processor's backoff
         (dead-letter it after its last delivery), without holding a worker meanwhile."""
@@ -617,10 +721,11 @@ class LocalHost:
             settings.max_delivery_count, RUNNING_HANDLER.get() or "(none)",
             "it will be dead-lettered" if last else f"retrying in {delay:g}s",
         )
-        if self.runtime.registry.pool.busy >= self.runtime.registry.pool.threads:
+        pool = self.runtime.registry.pool
+        if pool.stuck:
             logger.warning(
-                "all %d threads for blocking handlers are stuck in handlers that timed out; "
-                "blocking handlers wait until one returns", self.runtime.registry.pool.threads,
+                "%d handler thread(s) stuck in handlers that timed out; replaced up to %d "
+                "threads in all", pool.stuck, pool.limit,
             )
         try:
             await asyncio.to_thread(self.queue.abandon, qm.lock_token, retry_after=delay)
@@ -716,7 +821,8 @@ def load_function_app() -> func.FunctionApp:
     return app
 
 
-def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -> str:
+def banner(settings: Settings, base_url: str, *, inspector: str | None = None,
+           warnings: list[str] | None = None) -> str:
     # The host only verifies: the CLI (and Smartcar) sign.
     token_line = (
         f"Verifies signatures with the development token {settings.management_token!r} "
@@ -758,6 +864,7 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -
             "Send a signed test event (in another terminal):",
             f"  {python} -m shared.cli send --url {url} --type state{token_arg}",
             "Press Ctrl-C to stop.",
+            *(f"WARNING: {warning}" for warning in warnings or ()),
         ]
     )
 
@@ -765,9 +872,16 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None) -
 async def serve(
     host: str, port: int, workers: int | None, *, lock_duration: float = 60.0,
     timer_interval: float = 60.0, header_timeout: float = HEADER_TIMEOUT_SECONDS,
-    idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+    idle_timeout: float = IDLE_TIMEOUT_SECONDS, body_timeout: float = BODY_TIMEOUT_SECONDS,
 ) -> None:
     settings = load_settings()
+    if settings.queue_backend != "local":
+        # Checked before anything is built: a one-line error, like every other setting's.
+        raise SettingsError(
+            f"{SERVICEBUS_NAMESPACE} is set: the local host runs on the embedded queue only; "
+            "unset it to run locally (the operations CLI uses it to reach Service Bus)"
+        )
+    make_private(settings.local_state_dir)  # before anything in it is created or opened
     runtime = build_runtime(settings)
     set_runtime(runtime)
     # Spans to the console, or to Application Insights when a connection string is set.
@@ -777,7 +891,7 @@ async def serve(
     local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers,
                       lock_duration=lock_duration, timer_interval=timer_interval,
                       header_timeout=header_timeout, idle_timeout=idle_timeout,
-                      observer=recorder.http_request,
+                      body_timeout=body_timeout, observer=recorder.http_request,
                       attempt_observer=recorder.attempt_finished)
     await local.start()
     # A host listening on every interface is reached on loopback, as the page itself is.
@@ -786,7 +900,10 @@ async def serve(
         settings, runtime.queue, webhook_port=port, recorder=recorder,
         webhook_base=f"http://{reach}:{local.port}{ROUTE_PREFIX}",
     )
-    print(banner(settings, local.base_url, inspector=inspector_line), flush=True)
+    judge_stored_deliveries(runtime.queue, settings.max_delivery_age_seconds)
+    clock = CLOCK_WATCH.problem()
+    print(banner(settings, local.base_url, inspector=inspector_line,
+                 warnings=[clock] if clock else None), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -850,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=argparse.SUPPRESS)
     parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_SECONDS,
                         help=argparse.SUPPRESS)
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_SECONDS,
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=log_level,
@@ -858,7 +977,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_event_loop(serve(args.host, args.port, args.workers,
                           lock_duration=args.lock_duration, timer_interval=args.timer_interval,
-                          header_timeout=args.header_timeout, idle_timeout=args.idle_timeout))
+                          header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
+                          body_timeout=args.body_timeout))
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

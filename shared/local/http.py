@@ -1,29 +1,44 @@
-"""The local host's HTTP/1.1 server: what its function routes need, and no more.
+"""The local host's HTTP/1.1 server: llhttp (Node's parser, through `httptools`) under an
+asyncio protocol, bounded so that no client can exhaust the host.
 
 Why not aiohttp's server (the inspector still uses it): per request, on a 2-vCPU machine, its
 server side costs 120 to 160 µs of CPU where a plain asyncio protocol costs about 65 (measured
 with the benchmark's load generator against a handler that does nothing). That difference was
 a tenth of the local host's whole budget per event (docs/performance.md).
 
-What it implements (RFC 9110 and 9112):
+The host may sit behind a public tunnel, so every byte comes from a stranger. What parses it is
+a maintained parser (llhttp, in its strict mode: the one uvicorn also runs), fed in slices of at
+most `FEED_BYTES`; this module keeps only the rules llhttp leaves to its user (the user's view:
+docs/how-it-works.md, "The local host's front door"):
 
-- request line and header fields; a head larger than `MAX_HEAD_BYTES` is refused (431); a bare
-  LF ends a line as well as CRLF; obsolete line folding, a malformed field or request line is
-  refused (400), and so is a version other than HTTP/1.0 and HTTP/1.1 (the contract allows no
-  5xx but the 503 of an unavailable queue, so not 505);
-- a body by `Content-Length` or by the chunked transfer coding. Both at once, a list of
-  differing lengths, or another transfer coding is refused (400, not 501): the ambiguity request
-  smuggling relies on never reaches a route;
-- at most `body_limit` bytes of a body are read. A longer one is cut there and handed over as
-  it is, so the function answers 413 itself (counted and logged by the receiver); the rest is
-  read and discarded for a short while (`LINGER_SECONDS`, so the client reads the answer
-  instead of a connection reset), then the connection is closed;
-- `Expect: 100-continue` is answered before the body is read;
-- persistent connections (HTTP/1.1 unless `Connection: close`; HTTP/1.0 with
-  `Connection: keep-alive`), pipelined requests answered one at a time, in order;
-- the slow-client limits of connections.py: the first head within `header_timeout` of the
-  connection, each later head within `idle_timeout`, and no body byte for `idle_timeout`
-  gets 408; each closes the connection;
+- the request target is a path; the version is HTTP/1.0 or HTTP/1.1; an upgrade or CONNECT
+  is refused. The framing fields (`Transfer-Encoding`, `Content-Length`, `Connection`) hold
+  visible ASCII only: `chunked\\xa0` is neither chunked nor anything else. The only transfer
+  coding is `chunked`, alone, in HTTP/1.1. Each of these is answered 400 (the contract allows
+  no 5xx but the 503 of an unavailable queue), the connection then closed;
+- limits on what one request may make the host read or hold: its head (`MAX_HEAD_BYTES`,
+  431), its body's data (`body_limit`: the body is cut one byte past it and handed over as it
+  is, so the function answers 413 itself, counted and logged by the receiver), and its body's
+  framing, chunk-size lines with their extensions and the trailer section
+  (`MAX_FRAMING_BYTES`, 413 here). A refused or cut request's connection reads on and
+  discards for `LINGER_SECONDS` (so the client reads the answer rather than a reset), then
+  closes;
+- deadlines (connections.py): a new connection's first head within `header_timeout`; a
+  kept-alive connection's next request begun within `idle_timeout`; each head complete within
+  `header_timeout` of its first byte; each body within `body_timeout` in total, and at no less
+  than `MIN_BODY_RATE` bytes a second once `BODY_RATE_GRACE_SECONDS` have passed. A late head
+  closes the connection; a late body is answered 408. All of them are one timer handle per
+  connection (`_arm`);
+- back-pressure: requests are answered one at a time, in order (pipelining); bytes that arrive
+  meanwhile wait unparsed, and reading pauses while more than `MAX_UNPARSED_BYTES` wait or
+  while the connection's unsent answers are over the transport's high-water mark
+  (`WRITE_HIGH_WATER`), so a client that never reads holds a bounded amount of memory;
+- at most `max_connections` connections (connections.py derives it from the descriptor
+  limit): one more closes the one that matters least, kept-alive idle connections first, then
+  those still without a complete head, then those sending a body, each the oldest first (a
+  newcomer is the youngest); never one being answered;
+- `Expect: 100-continue` is answered before the body is read; persistent connections as
+  llhttp decides them (HTTP/1.1 unless `Connection: close`, HTTP/1.0 with keep-alive);
 - 404 for a path with no route, 405 (with `Allow`) for a route and another method, 500 when a
   route raises.
 """
@@ -35,36 +50,52 @@ import contextlib
 import errno
 import json
 import logging
-import re
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, unquote
 
+import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from .connections import (
+    BODY_RATE_GRACE_SECONDS,
+    BODY_TIMEOUT_SECONDS,
+    HEADER_TIMEOUT_SECONDS,
+    IDLE_TIMEOUT_SECONDS,
+    MIN_BODY_RATE,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Request line and header fields together (aiohttp's limit for one line is 8190 bytes).
 MAX_HEAD_BYTES = 32 * 1024
-#: A chunk-size line (size, extensions) and the trailer section.
-MAX_CHUNK_LINE_BYTES = 4096
-MAX_TRAILER_BYTES = 8192
-#: After a body was cut at the limit, how long its rest is read and thrown away before closing.
+#: A chunked body's bytes that are not data: size lines, extensions, line ends, trailers.
+MAX_FRAMING_BYTES = 64 * 1024
+#: Bytes handed to llhttp at once. Limits are checked between slices, so a count may include
+#: up to one slice of the request before it (never more).
+FEED_BYTES = 8 * 1024
+#: Received bytes waiting for their turn (pipelined requests) before reading pauses.
+MAX_UNPARSED_BYTES = 256 * 1024
+#: Unsent answers before reading pauses (until the client has read them down to a quarter).
+WRITE_HIGH_WATER = 256 * 1024
+#: After a request was refused or its body cut, how long the rest is read and thrown away.
 LINGER_SECONDS = 2.0
 #: Out of file descriptors, accepting resumes after this long (asyncio's own loop waits 1 s).
 ACCEPT_RETRY_SECONDS = 1.0
-#: Reading pauses while this much is buffered (pipelined requests waiting for their turn).
-_MAX_BUFFERED = 256 * 1024
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/(\d)\.(\d)")
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-_FIELD_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+#: The fields that decide where a request ends and whether another follows.
+_FRAMING_FIELDS = frozenset({b"transfer-encoding", b"content-length", b"connection"})
+_VISIBLE_ASCII = frozenset(range(0x21, 0x7F)) | {0x20, 0x09}
+
+Phase = Literal["idle", "head", "body", "busy"]
+#: The order in which connections are closed to make room for a new one.
+_EVICTION_ORDER: tuple[Phase, ...] = ("idle", "head", "body")
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +123,15 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class BadRequest(Exception):
+    """A request refused before any route sees it: `status` and why."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+class _BodyCut(Exception):
+    """Raised in llhttp's body callback to stop it at the limit (the parser is done)."""
 
 
 def json_response(status: int, body: object, **headers: str) -> Response:
@@ -142,120 +179,103 @@ def encode_response(response: Response, *, close: bool, head: bool = False) -> b
     return b"".join(lines)
 
 
+def _elements(values: list[bytes]) -> list[bytes]:
+    """The comma-separated elements of a field's values, lower-cased and stripped."""
+    return [e.strip(b" \t").lower() for e in b",".join(values).split(b",")]
+
+
 @dataclass(frozen=True, slots=True)
-class _Head:
-    method: str
-    target: str
-    version: tuple[int, int]
-    headers: CIMultiDict[str]
-    keep_alive: bool
-    chunked: bool
-    length: int
+class _Pending:
+    """A complete request waiting for its turn, or (`refusal`) the answer to a refused one."""
 
-
-def _elements(headers: CIMultiDict[str], name: str) -> list[str]:
-    """The comma-separated elements of every `name` field, stripped; [] when there is none."""
-    values = headers.getall(name, ())
-    return [e.strip() for e in ",".join(values).split(",")] if values else []
-
-
-def parse_head(raw: bytes) -> _Head:
-    """The request line and fields of one head (without its blank line); BadRequest if bad."""
-    lines = raw.split(b"\n")
-    first = lines[0].removesuffix(b"\r")
-    match = _REQUEST_LINE.fullmatch(first)
-    if match is None:
-        raise BadRequest(400, "malformed request line")
-    method, target, major, minor = match.groups()
-    version = (int(major), int(minor))
-    if version not in ((1, 0), (1, 1)):
-        raise BadRequest(400, "HTTP version not supported")
-    if not target.startswith(b"/"):
-        raise BadRequest(400, "the request target must be a path")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
-        line = line.removesuffix(b"\r")
-        if line[:1] in (b" ", b"\t"):
-            raise BadRequest(400, "obsolete line folding")
-        name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None:
-            raise BadRequest(400, "malformed header field")
-        value = value.strip(b" \t")
-        if _FIELD_VALUE.fullmatch(value) is None:
-            raise BadRequest(400, "invalid character in a header field value")
-        headers.add(name.decode("ascii"), value.decode("latin-1"))
-    connection = {t.lower() for t in _elements(headers, "Connection")}
-    keep_alive = "close" not in connection and (version == (1, 1) or "keep-alive" in connection)
-    encodings = _elements(headers, "Transfer-Encoding")
-    lengths = _elements(headers, "Content-Length")
-    chunked = False
-    length = 0
-    if encodings:
-        if lengths:
-            raise BadRequest(400, "both Content-Length and Transfer-Encoding")
-        if version == (1, 0):
-            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
-        if [e.lower() for e in encodings] != ["chunked"]:
-            raise BadRequest(400, "only the chunked transfer coding is supported")
-        chunked = True
-    elif lengths:
-        values = set(lengths)
-        if len(values) != 1:
-            raise BadRequest(400, "differing Content-Length values")
-        (declared,) = values
-        if not declared.isdigit() or not declared.isascii() or len(declared) > 18:
-            raise BadRequest(400, "invalid Content-Length")
-        length = int(declared)
-    return _Head(method.decode("ascii"), target.decode("latin-1"), version, headers,
-                 keep_alive, chunked, length)
+    request: Request | None
+    keep_alive: bool = False
+    refusal: bytes = b""
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: heads and bodies parsed as bytes arrive, one request at a time."""
+    """One client connection: llhttp is fed what arrives, requests are answered in turn."""
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
-        self._loop = asyncio.get_running_loop()
+        self._loop = server.loop
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
+        self._parser = httptools.HttpRequestParser(self)
+        self._unparsed = bytearray()
+        self._pending: deque[_Pending] = deque()
+        self._handling: asyncio.Task[None] | None = None
+        # A new connection awaits its first head: it goes with the slow heads, the youngest.
+        self.phase: Phase = "head"
+        # The message being parsed.
+        self._url = b""
+        self._fields: list[tuple[bytes, bytes]] = []
+        self._body = bytearray()
+        self._in_head = False
+        self._in_body = False
+        self._has_body = False
+        self._expect_continue = False
+        self._counted = 0  # head: its bytes; body: its framing bytes (see FEED_BYTES)
+        self._data_in_slice = 0
+        self._body_started = 0.0
+        # Timer: one handle, one deadline, one callback.
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self._on_deadline: Callable[[], None] = self._close
-        self._head: _Head | None = None
-        self._body = bytearray()
-        self._chunk_left = -1  # chunked: bytes left in the current chunk (-1: a size line next)
-        self._in_trailer = False
-        self._handling: asyncio.Task[None] | None = None
+        self._dead = False  # the parser stopped (an error, a cut body): nothing more is parsed
         self._lingering = False
         self._closing = False
-        self._paused = False
+        self._paused_for: set[str] = set()
+        self._stalled: asyncio.TimerHandle | None = None  # answers unread (pause_writing)
         self._eof = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        self._server.connections.add(self)
+        self._transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._server.opened(self)
         self._arm(self._server.header_timeout, self._close_silently)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering or self._closing:
-            return  # the rest of a body that was cut: read and thrown away
-        self._buffer += data
-        if self._handling is None:
-            self._advance()
-        elif len(self._buffer) > _MAX_BUFFERED and not self._paused:
-            self._paused = True
-            assert self._transport is not None
-            self._transport.pause_reading()
+            return  # the rest of a refused or cut request: read and thrown away
+        self._unparsed += data
+        self._feed()
+        if len(self._unparsed) > MAX_UNPARSED_BYTES:
+            self._pause("unparsed")
 
     def eof_received(self) -> bool:
         self._eof = True
-        if self._handling is None:
+        if self._handling is None and not self._pending:
             self._close()  # nothing more will come: no request to wait for, nothing to linger on
         return True  # keep the write side open for the answer being made
 
+    def pause_writing(self) -> None:
+        """The client does not read its answers: stop reading and answering, and give it
+        `idle_timeout` to read them. Meanwhile it is the first to close to make room."""
+        self._pause("writing")
+        self._stalled = self._loop.call_later(self._server.idle_timeout, self._write_stalled)
+        if self._handling is None:
+            self._server.move(self, "idle")
+
+    def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+        self._resume("writing")
+        if self._busy:
+            self._server.move(self, "busy")
+        if self._handling is None and self._pending:
+            self._next()
+
+    def _write_stalled(self) -> None:
+        logger.debug("dropping a connection whose answers were not read for %g s",
+                     self._server.idle_timeout)
+        self.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
+        self._deadline = None
+        if self._stalled is not None:
+            self._stalled.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -264,110 +284,170 @@ class _Connection(asyncio.Protocol):
         # A request being answered runs to its end (as with aiohttp's default): a webhook
         # whose client went away may still be stored, and is then simply a duplicate later.
 
+    # -- llhttp's callbacks (httptools.HttpRequestParser) -----------------------------------
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._counted = 0
+        self._url = b""
+        self._fields = []
+        self._body = bytearray()
+        if not self._busy:  # else timed once the requests before it are answered
+            self._server.move(self, "head")
+            self._arm(self._server.header_timeout, self._close_silently)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:
+            self._fields.append((name, value))
+        # After the head, a trailer field: counted as framing, otherwise ignored.
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._check_head()
+        if self._has_body:
+            self._in_body = True
+            self._counted = 0
+            self._body_started = self._loop.time()
+            if not self._busy:
+                self._server.move(self, "body")
+                self._arm_body()
+
+    def on_body(self, body: bytes) -> None:
+        self._data_in_slice += len(body)
+        room = self._server.body_limit + 1 - len(self._body)
+        if len(body) >= room:
+            self._body += body[:room]
+            self._complete(truncated=True)
+            raise _BodyCut
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        self._complete(truncated=False)
+
     # -- parsing ----------------------------------------------------------------------------
-    def _advance(self) -> None:
-        """Parse what is buffered as far as it goes; start a request when one is complete."""
-        try:
-            if self._head is None:
-                found = _HEAD_END.search(self._buffer)
-                if found is None:
-                    if len(self._buffer) > MAX_HEAD_BYTES:
-                        raise BadRequest(431, "request head too large")
+    def _feed(self) -> None:
+        """Hand llhttp what is waiting, a slice at a time, until a request is complete."""
+        while (self._unparsed and not self._dead and self._handling is None
+               and not self._pending):
+            piece = bytes(self._unparsed[:FEED_BYTES])
+            del self._unparsed[:FEED_BYTES]
+            self._data_in_slice = 0
+            try:
+                self._parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                self._refuse(BadRequest(400, "protocol upgrades and CONNECT are not supported"))
+                return
+            except httptools.HttpParserError as exc:
+                cause = exc.__context__
+                if isinstance(cause, _BodyCut):
+                    self._dead = True
+                elif isinstance(cause, BadRequest):
+                    self._refuse(cause)
                     return
-                if found.start() > MAX_HEAD_BYTES:
-                    raise BadRequest(431, "request head too large")
-                head = parse_head(bytes(self._buffer[: found.start()]))
-                del self._buffer[: found.end()]
-                self._head = head
-                if ((head.chunked or head.length) and not self._buffer
-                        and head.version == (1, 1)
-                        and head.headers.get("Expect", "").lower() == "100-continue"):
-                    self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            if self._read_body(self._head):
-                self._start(self._head)
-            elif self._head.chunked or self._head.length:
-                self._arm(self._server.idle_timeout, self._body_stalled)
-        except BadRequest as exc:
-            self._refuse(exc)
+                else:
+                    self._refuse(BadRequest(400, f"malformed request: {exc}"))
+                    return
+            if self._dead:
+                break
+            try:
+                self._count(len(piece) - self._data_in_slice)
+            except BadRequest as exc:
+                self._refuse(exc)
+                return
+        if self._handling is None and self._pending:
+            self._next()
+        elif (not self._busy and self._in_body and self._expect_continue and not self._body
+              and not self._unparsed):
+            self._expect_continue = False
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def _read_body(self, head: _Head) -> bool:
-        """Move body bytes from the buffer; True when the body is complete (or cut)."""
-        limit = self._server.body_limit
-        if not head.chunked:
-            want = min(head.length, limit + 1) - len(self._body)
-            take = min(want, len(self._buffer))
-            self._body += self._buffer[:take]
-            del self._buffer[:take]
-            return len(self._body) >= min(head.length, limit + 1)
-        while True:
-            if len(self._body) > limit:
-                return True
-            if self._in_trailer:
-                line = self._take_line(MAX_TRAILER_BYTES, "chunked trailer too large")
-                if line is None:
-                    return False
-                if not line:
-                    return True
-                continue
-            if self._chunk_left < 0:
-                line = self._take_line(MAX_CHUNK_LINE_BYTES, "chunk size line too long")
-                if line is None:
-                    return False
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or len(size) > 16 or any(c not in b"0123456789abcdefABCDEF"
-                                                     for c in size):
-                    raise BadRequest(400, "malformed chunk size")
-                self._chunk_left = int(size, 16)
-                if self._chunk_left == 0:
-                    self._in_trailer = True
-                continue
-            if self._chunk_left > 0:
-                take = min(self._chunk_left, len(self._buffer), limit + 1 - len(self._body))
-                if take == 0:
-                    return len(self._body) > limit
-                self._body += self._buffer[:take]
-                del self._buffer[:take]
-                self._chunk_left -= take
-                continue
-            # The CRLF after a chunk's data.
-            if len(self._buffer) < 2 and self._buffer[:1] != b"\n":
-                return False
-            if self._buffer[:2] == b"\r\n":
-                del self._buffer[:2]
-            elif self._buffer[:1] == b"\n":
-                del self._buffer[:1]
-            else:
-                raise BadRequest(400, "chunk data not followed by a line end")
-            self._chunk_left = -1
+    @property
+    def _busy(self) -> bool:
+        """A request is being answered or waits for its turn."""
+        return self._handling is not None or bool(self._pending)
 
-    def _take_line(self, limit: int, too_long: str) -> bytes | None:
-        """The next line of the buffer without its line end; None until it is complete."""
-        end = self._buffer.find(b"\n")
-        if end < 0:
-            if len(self._buffer) > limit:
-                raise BadRequest(400, too_long)
-            return None
-        line = bytes(self._buffer[:end]).removesuffix(b"\r")
-        del self._buffer[: end + 1]
-        return line
+    def _count(self, framing: int) -> None:
+        """Count a slice's bytes that were not body data against the message in progress."""
+        if self._in_head:
+            self._counted += framing
+            if self._counted > MAX_HEAD_BYTES:
+                raise BadRequest(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+        elif self._in_body:
+            self._counted += framing
+            if self._counted > MAX_FRAMING_BYTES:
+                raise BadRequest(413, "chunk-size lines, extensions and trailers larger than "
+                                      f"{MAX_FRAMING_BYTES} bytes")
+            if not self._busy:
+                self._arm_body()
+
+    def _check_head(self) -> None:
+        """What llhttp leaves to its user (the module's docstring); BadRequest if broken."""
+        version = self._parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise BadRequest(400, f"HTTP/{version} is not supported (HTTP/1.1 or HTTP/1.0)")
+        if self._parser.should_upgrade():
+            raise BadRequest(400, "protocol upgrades and CONNECT are not supported")
+        if not self._url.startswith(b"/"):
+            raise BadRequest(400, "the request target must be a path")
+        encodings: list[bytes] = []
+        length = b""
+        expect = b""
+        for name, value in self._fields:
+            lowered = name.lower()
+            if lowered in _FRAMING_FIELDS:
+                if not _VISIBLE_ASCII.issuperset(value):
+                    raise BadRequest(400, f"invalid character in the {name.decode()} field")
+                if lowered == b"transfer-encoding":
+                    encodings.append(value)
+                elif lowered == b"content-length":
+                    length = value
+            elif lowered == b"expect":
+                expect = value
+        chunked = False
+        if encodings:
+            if _elements(encodings) != [b"chunked"]:
+                raise BadRequest(400, "only the chunked transfer coding is supported")
+            if version == "1.0":
+                raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+            chunked = True
+        self._has_body = chunked or length.strip(b" \t").lstrip(b"0") != b""
+        self._expect_continue = (version == "1.1" and self._has_body
+                                 and expect.strip(b" \t").lower() == b"100-continue")
+
+    def _complete(self, *, truncated: bool) -> None:
+        """A request is complete (or cut at the limit): queue it for its turn."""
+        self._in_head = self._in_body = False
+        self._expect_continue = False
+        target = self._url.decode("latin-1")
+        path, _, query = target.partition("?")
+        headers: CIMultiDict[str] = CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in self._fields)
+        request = Request(
+            method=self._parser.get_method().decode("ascii"), target=target,
+            path=unquote(path), query=dict(parse_qsl(query, keep_blank_values=True)),
+            headers=CIMultiDictProxy(headers), body=bytes(self._body), truncated=truncated,
+        )
+        keep_alive = self._parser.should_keep_alive() and not truncated
+        self._body = bytearray()
+        self._fields = []
+        self._pending.append(_Pending(request, keep_alive))
+        self._server.move(self, "busy")
+        self._cancel_timer()
 
     # -- answering --------------------------------------------------------------------------
-    def _start(self, head: _Head) -> None:
-        self._cancel_timer()
-        body = bytes(self._body)
-        truncated = len(body) > self._server.body_limit
-        self._body = bytearray()
-        self._head = None
-        self._chunk_left = -1
-        self._in_trailer = False
-        path, _, query = head.target.partition("?")
-        request = Request(
-            method=head.method, target=head.target, path=unquote(path),
-            query=dict(parse_qsl(query, keep_blank_values=True)),
-            headers=CIMultiDictProxy(head.headers), body=body, truncated=truncated,
-        )
-        close = not head.keep_alive or truncated or self._server.stopping
-        self._handling = self._server.track(self._answer(request, close=close))
+    def _next(self) -> None:
+        """Answer the next complete request, unless the client is not reading its answers."""
+        if "writing" in self._paused_for or not self._pending:
+            return
+        pending = self._pending.popleft()
+        if pending.request is None:
+            self._write(pending.refusal)
+            self._linger()
+            return
+        close = not pending.keep_alive or self._server.stopping
+        self._handling = self._server.track(self._answer(pending.request, close=close))
 
     async def _answer(self, request: Request, *, close: bool) -> None:
         try:
@@ -378,45 +458,90 @@ class _Connection(asyncio.Protocol):
         self._handling = None
         if self._transport is None:
             return
-        close = close or self._eof or self._server.stopping
+        close = (close or self._server.stopping
+                 or (self._eof and not self._pending and not self._unparsed))
         self._write(encode_response(response, close=close, head=request.method == "HEAD"))
         if request.truncated:
             self._linger()
         elif close:
             self._close()
+        elif self._pending:
+            self._next()
         else:
-            if self._paused:
-                self._paused = False
-                self._transport.resume_reading()
+            self._await_next()
+
+    def _await_next(self) -> None:
+        """After an answer: time the next request from where its bytes got, and parse on."""
+        if self._in_head:
+            self._server.move(self, "head")
+            self._arm(self._server.header_timeout, self._close_silently)
+        elif self._in_body:
+            self._body_started = self._loop.time()
+            self._server.move(self, "body")
+            self._arm_body()
+        else:
+            self._server.move(self, "idle")
             self._arm(self._server.idle_timeout, self._close_silently)
-            if self._buffer:
-                self._advance()
+        self._feed()
+        if len(self._unparsed) <= MAX_UNPARSED_BYTES:
+            self._resume("unparsed")
+        if self._eof and not self._busy and not self._lingering:
+            self._close()  # what the client sent before it finished is answered
 
     def _refuse(self, exc: BadRequest) -> None:
+        """Answer what came before in turn; then this refusal, and close."""
         logger.debug("refusing a request: %s", exc)
-        self._write(encode_response(json_response(exc.status, {"error": str(exc)}), close=True))
-        self._linger()
+        self._dead = True
+        self._in_head = self._in_body = False
+        self._unparsed.clear()
+        answer = encode_response(json_response(exc.status, {"error": str(exc)}), close=True)
+        if self._handling is None and not self._pending:
+            self._write(answer)
+            self._linger()
+            return
+        # Pipelined requests before the refused one are still answered first.
+        self._pending.append(_Pending(None, refusal=answer))
+        if self._handling is None:
+            self._next()
 
-    def _body_stalled(self) -> None:
-        seconds = self._server.idle_timeout
-        self._write(encode_response(
-            json_response(408, {"error": f"no request body bytes for {seconds:.0f} s"}),
-            close=True))
+    def _body_late(self) -> None:
+        limit = self._server.body_timeout
+        self._write(encode_response(json_response(408, {
+            "error": f"request body not received in time (at most {limit:g} s, and at least "
+                     f"{MIN_BODY_RATE} bytes a second after the first "
+                     f"{BODY_RATE_GRACE_SECONDS:g} s)"}), close=True))
         self._close()
+
+    def _arm_body(self) -> None:
+        """The body's deadline: its total limit, or sooner while it trickles below the rate."""
+        total = self._body_started + self._server.body_timeout
+        grace = min(BODY_RATE_GRACE_SECONDS, self._server.body_timeout)
+        by_rate = self._body_started + grace + len(self._body) / MIN_BODY_RATE
+        self._arm(min(total, by_rate) - self._loop.time(), self._body_late)
 
     # -- connection -------------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
+    def _pause(self, why: str) -> None:
+        if not self._paused_for and self._transport is not None:
+            self._transport.pause_reading()
+        self._paused_for.add(why)
+
+    def _resume(self, why: str) -> None:
+        if why in self._paused_for:
+            self._paused_for.discard(why)
+            if not self._paused_for and self._transport is not None:
+                self._transport.resume_reading()
+
     def _linger(self) -> None:
         """Read and discard for a while before closing: closing with unread bytes would send a
         reset, which can destroy the answer before the client reads it."""
         self._lingering = True
-        self._buffer.clear()
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
+        self._unparsed.clear()
+        self._resume("unparsed")
+        self._server.move(self, "idle")  # its answer is written: the first to make room
         if self._eof:
             self._close()
         else:
@@ -424,7 +549,8 @@ class _Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._closing = True
-        self._cancel_timer()
+        # Closing waits for unsent answers; a client that never reads them gets a reset.
+        self._arm(self._server.idle_timeout, self.abort)
         if self._transport is not None:
             self._transport.close()
 
@@ -432,9 +558,14 @@ class _Connection(asyncio.Protocol):
         logger.debug("closing a connection idle, or without a complete request head, too long")
         self._close()
 
+    def evict(self) -> None:
+        """Closed to make room for a new connection."""
+        logger.debug("closing a %s connection: the connection limit is reached", self.phase)
+        self._close()
+
     def close_if_idle(self) -> None:
         """At stop: close now unless a request is being answered (or half-read)."""
-        if self._handling is None and self._head is None and not self._buffer:
+        if not self._busy and not self._in_head and not self._in_body:
             self._close()
 
     def abort(self) -> None:
@@ -474,8 +605,10 @@ class HttpServer:
         routes: Mapping[tuple[str, str], Handler],
         *,
         body_limit: int,
-        header_timeout: float,
-        idle_timeout: float,
+        header_timeout: float = HEADER_TIMEOUT_SECONDS,
+        idle_timeout: float = IDLE_TIMEOUT_SECONDS,
+        body_timeout: float = BODY_TIMEOUT_SECONDS,
+        max_connections: int = 1000,
     ) -> None:
         self._routes = dict(routes)
         self._methods: dict[str, list[str]] = {}
@@ -484,7 +617,13 @@ class HttpServer:
         self.body_limit = body_limit
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = max_connections
+        self.loop: asyncio.AbstractEventLoop  # set by start
         self.connections: set[_Connection] = set()
+        # Connections by phase, each in the order it entered that phase (the oldest first).
+        self._phases: dict[Phase, dict[_Connection, None]] = {
+            "idle": {}, "head": {}, "body": {}, "busy": {}}
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self._all_closed = asyncio.Event()
@@ -494,7 +633,7 @@ class HttpServer:
     async def start(self, host: str, port: int, *, backlog: int = 128) -> int:
         """Listen on every address `host` resolves to; the port (the one chosen when `port`
         is 0). OSError when it cannot listen."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
         seen: set[tuple[int, object]] = set()
@@ -528,7 +667,6 @@ class HttpServer:
         """Accept what is waiting. Out of descriptors, stop accepting for a moment: the clients
         wait in the listen backlog until a slow or idle connection is closed, instead of being
         accepted and dropped (what libuv's event loop would do on its own)."""
-        loop = asyncio.get_running_loop()
         for _ in range(backlog):
             try:
                 conn, _ = sock.accept()
@@ -539,8 +677,9 @@ class HttpServer:
                     raise
                 logger.warning("cannot accept a connection (%s); retrying in %g s",
                                exc.strerror, ACCEPT_RETRY_SECONDS)
-                loop.remove_reader(sock.fileno())
-                loop.call_later(ACCEPT_RETRY_SECONDS, self._resume_accepting, sock, backlog)
+                self.loop.remove_reader(sock.fileno())
+                self.loop.call_later(ACCEPT_RETRY_SECONDS, self._resume_accepting, sock,
+                                     backlog)
                 return
             conn.setblocking(False)
             if conn.family in (socket.AF_INET, socket.AF_INET6):
@@ -549,32 +688,30 @@ class HttpServer:
 
     def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """A task `stop` waits for, then cancels after its grace."""
-        task = asyncio.get_running_loop().create_task(work)
+        task = self.loop.create_task(work)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
 
     async def _connect(self, conn: socket.socket) -> None:
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: _Connection(self), conn)
+            await self.loop.connect_accepted_socket(lambda: _Connection(self), conn)
         except OSError as exc:
             logger.debug("dropping a connection that could not be set up: %s", exc)
             conn.close()
 
     def _resume_accepting(self, sock: socket.socket, backlog: int) -> None:
         if not self.stopping and sock.fileno() >= 0:
-            asyncio.get_running_loop().add_reader(sock.fileno(), self._accept, sock, backlog)
+            self.loop.add_reader(sock.fileno(), self._accept, sock, backlog)
 
     def _close_listeners(self) -> None:
-        loop = asyncio.get_running_loop()
         for server in self._servers:
             server.close()
         self._servers.clear()
         for sock in self._listeners:
             if sock.fileno() >= 0:
                 with contextlib.suppress(NotImplementedError):
-                    loop.remove_reader(sock.fileno())
+                    self.loop.remove_reader(sock.fileno())
                 sock.close()
         self._listeners.clear()
 
@@ -588,8 +725,27 @@ class HttpServer:
         return json_response(405, {"error": "method not allowed"},
                              Allow=", ".join(sorted(allowed)))
 
+    # -- the connection limit ---------------------------------------------------------------
+    def opened(self, connection: _Connection) -> None:
+        self.connections.add(connection)
+        self._phases[connection.phase][connection] = None
+        if len(self.connections) > self.max_connections:
+            for phase in _EVICTION_ORDER:
+                if self._phases[phase]:
+                    victim = next(iter(self._phases[phase]))
+                    self._phases[phase].pop(victim)
+                    victim.evict()
+                    return
+
+    def move(self, connection: _Connection, phase: Phase) -> None:
+        if connection.phase != phase and connection in self.connections:
+            self._phases[connection.phase].pop(connection, None)
+            self._phases[phase][connection] = None
+        connection.phase = phase
+
     def closed(self, connection: _Connection) -> None:
         self.connections.discard(connection)
+        self._phases[connection.phase].pop(connection, None)
         if not self.connections:
             self._all_closed.set()
 

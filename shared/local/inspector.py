@@ -36,6 +36,8 @@ from ..shapes import fingerprint
 logger = logging.getLogger(__name__)
 
 RING_SIZE = 500
+#: Bodies, answers and headers kept at most, whatever the number of deliveries.
+RING_BYTES = 32 * 1024 * 1024
 #: A failed handler's message as the page shows it, at most this many characters.
 ERROR_MESSAGE_SHOWN = 500
 SIGNATURE_HEADER = "sc-signature"
@@ -113,6 +115,11 @@ class Delivery:
     #: span (set only for authenticated deliveries: shared/delivery_signals.py).
     shape_id: str | None = None
     shape_known: bool | None = None
+
+    def trusted(self) -> bool:
+        """Accepted by the receiver (2xx: a valid signature, or a VERIFY answered), or seen
+        being processed: not something any stranger can add."""
+        return (self.status is not None and 200 <= self.status < 300) or bool(self.attempts)
 
     @property
     def signature(self) -> str | None:
@@ -209,14 +216,14 @@ def describe_body(body: bytes | None) -> dict[str, Any]:
     text = body.decode("utf-8", "replace")
     try:
         text = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
-    except ValueError:
-        pass  # shown as it came: the processor will say why it cannot read it
+    except (ValueError, RecursionError):
+        pass  # shown as it came (too deeply nested, too): the processor will say what it reads
     doc: dict[str, Any] = {"body": text, "signals": [], "triggers": [], "errors": [],
                            "parseError": None}
     try:
         event = parse_event(body)
-    except InvalidEventError as exc:
-        doc["parseError"] = str(exc)
+    except (InvalidEventError, RecursionError) as exc:
+        doc["parseError"] = str(exc) or type(exc).__name__
         return doc
     doc["signals"] = [
         {
@@ -242,11 +249,13 @@ def describe_body(body: bytes | None) -> dict[str, Any]:
 class Recorder:
     """The ring of recent deliveries; safe to call from any thread."""
 
-    def __init__(self, *, capacity: int = RING_SIZE,
+    def __init__(self, *, capacity: int = RING_SIZE, max_bytes: int = RING_BYTES,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         if capacity < 1:
             raise ValueError(f"the ring holds at least one delivery, got capacity {capacity}")
         self.capacity = capacity
+        self.max_bytes = max_bytes
+        self._bytes = 0
         self._clock = clock
         self._lock = threading.Lock()
         self._deliveries: OrderedDict[int, Delivery] = OrderedDict()
@@ -286,6 +295,9 @@ class Recorder:
                 delivery.status = status
                 delivery.response = bytes(response)
                 delivery.latency_ms = (time.perf_counter() - started) * 1000.0
+                if delivery.id in self._deliveries:
+                    self._bytes += len(delivery.response)
+                    self._trim(for_trusted=delivery.trusted())
                 self._touch(delivery)
 
         return answered
@@ -396,12 +408,28 @@ class Recorder:
                             method=method, headers=headers, body=body)
         self._next_id += 1
         self._deliveries[delivery.id] = delivery
-        while len(self._deliveries) > self.capacity:
-            _, dropped = self._deliveries.popitem(last=False)
-            if dropped.trace_id is not None and self._by_trace.get(dropped.trace_id) == dropped.id:
-                del self._by_trace[dropped.trace_id]
+        self._bytes += _size(delivery)
+        self._trim(for_trusted=method is None)  # a processing seen: accepted before
         self._touch(delivery)
         return delivery
+
+    def _trim(self, *, for_trusted: bool = False) -> None:
+        """Over the count or the bytes, drop the oldest answered request that was not accepted
+        (anyone can send those: a flood of them must not push real deliveries out). Only to
+        make room for an accepted one (`for_trusted`) does the oldest accepted one go; a
+        request still being answered waits until its answer says which it is."""
+        while len(self._deliveries) > 1 and (len(self._deliveries) > self.capacity
+                                             or self._bytes > self.max_bytes):
+            victim = next((d for d in self._deliveries.values()
+                           if d.status is not None and not d.trusted()), None)
+            if victim is None and for_trusted:
+                victim = next(iter(self._deliveries.values()))
+            if victim is None:
+                return
+            del self._deliveries[victim.id]
+            self._bytes -= _size(victim)
+            if victim.trace_id is not None and self._by_trace.get(victim.trace_id) == victim.id:
+                del self._by_trace[victim.trace_id]
 
     def _touch(self, delivery: Delivery) -> None:
         self._version += 1
@@ -410,6 +438,11 @@ class Recorder:
 
 def _ignore(status: int, response: bytes) -> None:
     return None
+
+
+def _size(delivery: Delivery) -> int:
+    return (len(delivery.body or b"") + len(delivery.response or b"")
+            + sum(len(k) + len(v) for k, v in delivery.headers))
 
 
 def _opt(value: Any) -> str | None:

@@ -117,6 +117,12 @@ class InspectorServer:
                 "this URL lacks the inspector's token; open the URL the local host printed "
                 "at start-up (it changes on every run)"
             )
+        origin = request.headers.get("Origin")
+        if request.method != "GET" and origin is not None and origin not in (
+                f"http://{LOOPBACK}:{self.port}", f"http://localhost:{self.port}"):
+            # A page on another site (or a sandboxed one, Origin: null) that learnt the URL
+            # must not replay or purge: browsers send Origin with every such request.
+            return _forbidden(f"requests from {origin} may not change anything here")
         try:
             response = await handler(request)
         except web.HTTPException as exc:

@@ -47,7 +47,9 @@ from typing import Any, Literal
 
 import orjson
 
+from ..retry import RETRY_PROPS
 from ..settings import Settings
+from .ackmark import ACK_MARK_FILE, AckMark
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +60,12 @@ __all__ = [
     "MAX_DELIVERY_COUNT_EXCEEDED",
     "MAX_MESSAGE_ID_LENGTH",
     "SCHEMA_VERSION",
+    "ExpiredMessage",
     "LocalQueue",
     "LockLostError",
     "QueueBusyError",
     "QueueDamagedError",
+    "QueueFullError",
     "QueueUnavailableError",
     "QueuedMessage",
     "open_local_queue",
@@ -69,8 +73,9 @@ __all__ = [
     "recovery_advice",
 ]
 
-#: Version of the on-disk schema, stored in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+#: Version of the on-disk schema, stored in ``PRAGMA user_version``. 2 added the clock
+#: reference (`LocalQueue._follow_clock`).
+SCHEMA_VERSION = 2
 #: Dead-letter reason Service Bus uses when the delivery count is exhausted.
 MAX_DELIVERY_COUNT_EXCEEDED = "MaxDeliveryCountExceeded"
 #: Dead-letter reason for a stored row that cannot be decoded (a damaged file): it is moved
@@ -80,6 +85,12 @@ CORRUPT_MESSAGE = "CorruptMessage"
 MAX_MESSAGE_ID_LENGTH = 128
 #: Seconds a connection waits for another process's write transaction before giving up.
 DEFAULT_BUSY_TIMEOUT = 10.0
+#: Bytes the write-ahead log is cut back to when a checkpoint resets it (at most).
+JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
+#: Pages in the WAL that trigger the automatic checkpoint: SQLite's default, less on a small
+#: disk (see `LocalQueue._bound_wal`).
+DEFAULT_WAL_PAGES = 1000
+MIN_WAL_PAGES = 16
 
 _ACTIVE = "active"
 _DEADLETTERED = "deadlettered"
@@ -111,6 +122,29 @@ CREATE TABLE duplicates (
 CREATE INDEX duplicates_by_time ON duplicates (accepted_at);
 """
 
+#: Version 2: where the wall clock stood against the system's monotonic clock when the stored
+#: times were last written (see `LocalQueue._follow_clock`).
+_SCHEMA_V2 = """
+CREATE TABLE clock_reference (
+    id                    INTEGER PRIMARY KEY CHECK (id = 1),
+    boot_id               TEXT NOT NULL,
+    wall_minus_monotonic  REAL NOT NULL
+);
+"""
+
+#: A change of the wall clock against the monotonic one larger than this is a step. NTP slews
+#: far slower. A suspend counts as one too (CLOCK_MONOTONIC stops meanwhile): the handlers
+#: holding locks were suspended with it, so their locks keep what was left of them.
+CLOCK_STEP_SECONDS = 1.0
+
+
+def _boot_id() -> str:
+    """This boot's id (Linux): CLOCK_MONOTONIC is shared by every process of one boot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+
 _COLUMNS = (
     "sequence_number, message_id, body, properties, enqueued_time, scheduled_time, "
     "delivery_count, lock_token, locked_until, dl_reason, dl_description, state"
@@ -135,11 +169,29 @@ class QueuedMessage:
     state: str
 
 
+@dataclass(frozen=True, slots=True)
+class ExpiredMessage:
+    """A message the lock-expiry sweep dead-lettered (`LocalQueue.on_expired`)."""
+
+    message_id: str
+    body: bytes
+    delivery_count: int
+
+
 class QueueUnavailableError(RuntimeError):
     """The queue database cannot be used (locked too long, unreadable, disk full, closed...).
 
     The receiver answers 503 on this: nothing is acknowledged that is not stored.
     """
+
+
+class QueueFullError(QueueUnavailableError):
+    """A write failed with SQLITE_FULL (the disk is full); nothing of it was stored.
+
+    `checkpointed` says whether the write-ahead log was then checkpointed and truncated,
+    which gives its space back: a retry may succeed at once."""
+
+    checkpointed: bool = False
 
 
 class QueueDamagedError(QueueUnavailableError):
@@ -305,6 +357,7 @@ class LocalQueue:
         if busy_timeout < 0:
             raise ValueError(f"busy_timeout must be >= 0 seconds, got {busy_timeout}")
         self.path = Path(path)
+        self.busy_timeout = float(busy_timeout)
         self.max_delivery_count = max_delivery_count
         self.lock_duration = float(lock_duration)
         self.duplicate_window = float(duplicate_window)
@@ -317,6 +370,9 @@ class LocalQueue:
         self._prune_interval = min(max(self.duplicate_window, 1.0), 60.0)
         self._next_prune = float("-inf")
         self._conn: sqlite3.Connection | None = None
+        # The wall clock's offset from the monotonic clock as this process last stored it.
+        self._clock_offset: float | None = None
+        self._boot = _boot_id()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
@@ -336,6 +392,7 @@ class LocalQueue:
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            self._bound_wal(conn)
             self._migrate(conn)
         except sqlite3.Error as exc:
             conn.close()
@@ -347,6 +404,16 @@ class LocalQueue:
                 f"local queue {self.path}: cannot initialise the database: {exc}"
             ) from exc
         self._conn = conn
+        #: Told, after the commit, of messages the lock-expiry sweep dead-lettered (their
+        #: last delivery's lock expired: no settlement records them); `open_state_queue` sets
+        #: it to append them to handled.jsonl. Called outside the queue's lock; must not raise.
+        self.on_expired: Callable[[list[ExpiredMessage]], None] | None = None
+        #: Why the last send failed (the disk is full...), None once one succeeds: the
+        #: local host's health check reports it.
+        self.store_failure: str | None = None
+        #: Raised after each send that stored something (`open_state_queue` sets it).
+        self.ack_mark: AckMark | None = None
+        self._expired: list[ExpiredMessage] = []
         self._synchronous = synchronous
         # The level the connection is at now: settlements switch to NORMAL (see the module
         # docstring), sends and every other write switch back to `synchronous`.
@@ -381,6 +448,43 @@ class LocalQueue:
                 f"{recovery_advice(self.path)}"
             )
 
+    def _bound_wal(self, conn: sqlite3.Connection) -> None:
+        """Keep the write-ahead log a small part of its disk.
+
+        SQLite checkpoints once the WAL holds 1,000 pages (4 MB): on a small disk the WAL
+        filled it first, and with no space left the checkpoint (which grows the database
+        file) could never run. So the automatic checkpoint comes after at most an eighth of
+        the disk, and a checkpoint that resets the WAL cuts the file back to that size.
+        """
+        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        try:
+            disk = os.statvfs(self.path.parent)
+            total = disk.f_blocks * disk.f_frsize
+        except (OSError, AttributeError):  # no statvfs (Windows): SQLite's defaults
+            total = 0
+        pages = DEFAULT_WAL_PAGES if total <= 0 else max(
+            MIN_WAL_PAGES, min(DEFAULT_WAL_PAGES, total // (8 * page)))
+        conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
+        conn.execute(f"PRAGMA journal_size_limit = {min(JOURNAL_SIZE_LIMIT, pages * page)}")
+
+    def checkpoint(self) -> bool:
+        """Copy the write-ahead log into the database file and truncate it to 0 bytes
+        (``wal_checkpoint(TRUNCATE)``); False when a reader in another process kept it from
+        completing. The local host runs it when idle and after a write found the disk full."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise QueueUnavailableError(f"local queue {self.path}: checkpoint after close()")
+            return self._checkpoint_locked(conn)
+
+    def _checkpoint_locked(self, conn: sqlite3.Connection) -> bool:
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            logger.warning("local queue %s: checkpoint failed: %s", self.path, exc)
+            return False
+        return int(busy) == 0
+
     def check_readable(self) -> None:
         """A cheap read of the next message the receiver would take; raises
         `QueueUnavailableError` when the file cannot be read (the health check)."""
@@ -392,6 +496,40 @@ class LocalQueue:
                 (_ACTIVE, now),
             ).fetchall()
 
+    def accepted(self, message_id: str) -> bool:
+        """Whether a send of `message_id` was accepted within the duplicate window (a read:
+        it does not wait for another process's write lock)."""
+        now = self._now()
+        with self._transaction("accepted", write=False) as conn:
+            row = conn.execute(
+                "SELECT accepted_at FROM duplicates WHERE message_id = ?", (message_id,)
+            ).fetchone()
+        return row is not None and now - float(row[0]) < self.duplicate_window
+
+    def highest_sequence_number(self) -> int:
+        """The highest sequence number ever assigned (deletes do not lower it); 0 if none."""
+        with self._transaction("highest sequence number", write=False) as conn:
+            row = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        return int(row[0]) if row is not None else 0
+
+    def recent(self, limit: int = 20) -> list[tuple[bytes, dict[str, str]]]:
+        """Body and properties of the newest `limit` messages (active or dead-lettered), newest
+        first; rows that cannot be decoded are skipped. For judging the clock at start."""
+        with self._transaction("recent", write=False) as conn:
+            rows = conn.execute(
+                "SELECT body, properties FROM messages ORDER BY sequence_number DESC LIMIT ?",
+                (max(limit, 0),),
+            ).fetchall()
+        found: list[tuple[bytes, dict[str, str]]] = []
+        for body, props in rows:
+            try:
+                if isinstance(body, bytes):
+                    found.append((body, _properties(props)))
+            except _UNDECODABLE:
+                continue
+        return found
+
     # -- plumbing -------------------------------------------------------------------------
 
     @staticmethod
@@ -401,10 +539,12 @@ class LocalQueue:
         conn.execute("BEGIN IMMEDIATE")  # two processes opening a new file: one creates it
         try:
             version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+            if version < SCHEMA_VERSION:
+                scripts = [_SCHEMA, _SCHEMA_V2][version:]
+                for script in scripts:
+                    for statement in script.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             elif version > SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(
@@ -429,6 +569,7 @@ class LocalQueue:
         """
         if not self._lock.acquire(blocking=wait):
             raise QueueBusyError(f"local queue {self.path}: {operation}: in use by another thread")
+        expired: list[ExpiredMessage] = []
         try:
             conn = self._conn
             if conn is None:
@@ -454,25 +595,112 @@ class LocalQueue:
                             "the write lock") from exc
                     raise
                 try:
+                    self._follow_clock(conn)
                     yield conn
                     conn.execute("COMMIT")
+                    expired, self._expired = self._expired, []
                 except BaseException:
+                    self._expired = []
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
+                if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL":
+                    full = QueueFullError(f"local queue {self.path}: {operation} failed: {exc} "
+                                          "(the disk is full)")
+                    # The WAL may be what filled the disk (its automatic checkpoint waits for
+                    # 1,000 pages): move it into the database file and cut it to nothing.
+                    full.checkpointed = self._checkpoint_locked(conn)
+                    raise full from exc
                 raise QueueUnavailableError(
                     f"local queue {self.path}: {operation} failed: {exc}"
                 ) from exc
         finally:
             self._lock.release()
+        if expired and self.on_expired is not None:
+            self.on_expired(expired)
 
     def _now(self) -> float:
         return float(self._clock())
 
+    def _follow_clock(self, conn: sqlite3.Connection) -> None:
+        """Move every stored time with a step of the wall clock, inside the write transaction.
+
+        Locks, retry backoffs and the duplicate window are stored as wall-clock times. A step
+        of the clock (+2 h: NTP after a suspend, a VM resumed) expired every lock at once, so
+        in-flight messages were delivered a second time concurrently, and the duplicate
+        window with them; -2 h hid the backlog behind `visible_at` for two hours. The wall
+        clock's offset from the monotonic clock (the same for every process of one boot) is
+        kept with the times; a write that finds it changed by over CLOCK_STEP_SECONDS shifts
+        them by the step first, so what they measure (seconds from now) is kept. One
+        transaction: of several processes, the first to see a step applies it, once.
+        """
+        if self._clock is not time.time:  # an injected clock (tests) has no steps to follow
+            return
+        offset = time.time() - time.monotonic()
+        if self._clock_offset is not None and abs(offset - self._clock_offset) < CLOCK_STEP_SECONDS:
+            return
+        boot = self._boot
+        row = conn.execute(
+            "SELECT boot_id, wall_minus_monotonic FROM clock_reference WHERE id = 1").fetchone()
+        if row is not None and boot and row[0] == boot:
+            step = offset - float(row[1])
+            if abs(step) >= CLOCK_STEP_SECONDS:
+                self._shift_times(conn, step)
+        conn.execute(
+            "INSERT INTO clock_reference (id, boot_id, wall_minus_monotonic) VALUES (1, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET boot_id = excluded.boot_id, "
+            "wall_minus_monotonic = excluded.wall_minus_monotonic",
+            (boot, offset),
+        )
+        self._clock_offset = offset
+
+    def _shift_times(self, conn: sqlite3.Connection, step: float) -> None:
+        conn.execute(
+            "UPDATE messages SET visible_at = visible_at + ?, "
+            "locked_until = locked_until + ?, "
+            "scheduled_time = scheduled_time + ? WHERE state = ?",
+            (step, step, step, _ACTIVE),
+        )
+        conn.execute("UPDATE duplicates SET accepted_at = accepted_at + ?", (step,))
+        self._next_prune = float("-inf")
+        logger.warning(
+            "local queue %s: the wall clock stepped by %+.0f s; locks, retry delays, scheduled "
+            "times and the duplicate window moved with it (they measure time from now)",
+            self.path, step,
+        )
+
+    def clamp_future_times(self, *, lock_seconds: float, backoff_seconds: float) -> int:
+        """At start: times further ahead than any lock or backoff could have set them (the
+        clock went back while no process was running, or across a reboot, which
+        `_follow_clock` cannot see) are wrong by an unknown amount: such a message becomes
+        visible now (a retry a little early is harmless), such a lock lasts `lock_seconds`
+        from now. How many rows changed.
+
+        Scheduled messages keep their times: a schedule may lie far ahead on purpose."""
+        now = self._now()
+        with self._transaction("clamp future times") as conn:
+            changed = conn.execute(
+                "UPDATE messages SET visible_at = ? WHERE state = ? AND scheduled_time IS NULL "
+                "AND visible_at > ?",
+                (now, _ACTIVE, now + backoff_seconds),
+            ).rowcount
+            changed += conn.execute(
+                "UPDATE messages SET locked_until = ? WHERE state = ? AND lock_token IS NOT NULL "
+                "AND locked_until > ?",
+                (now + lock_seconds, _ACTIVE, now + lock_seconds),
+            ).rowcount
+            conn.execute("UPDATE duplicates SET accepted_at = ? WHERE accepted_at > ?",
+                         (now, now))
+        if changed:
+            logger.warning("local queue %s: %d stored time(s) lay further ahead than any lock "
+                           "or retry delay could set them (the clock went back); brought back",
+                           self.path, changed)
+        return changed
+
     def _sweep_expired_locks(self, conn: sqlite3.Connection, now: float) -> None:
         """An expired lock is a failed delivery: dead-letter those that used their last one."""
-        conn.execute(
+        cursor = conn.execute(
             # Through the expiry index, named: on `state` alone (what the planner picks
             # without it) every receive would read every active message.
             "UPDATE messages INDEXED BY messages_by_lock_expiry SET state = ?, dl_reason = ?, "
@@ -480,7 +708,7 @@ class LocalQueue:
             "|| ' delivery attempts.', dead_lettered_at = ?, lock_token = NULL, "
             "locked_until = NULL "
             "WHERE lock_token IS NOT NULL AND locked_until <= ? AND state = ? "
-            "AND delivery_count >= ?",
+            "AND delivery_count >= ? RETURNING message_id, body, delivery_count",
             (
                 _DEADLETTERED,
                 MAX_DELIVERY_COUNT_EXCEEDED,
@@ -489,6 +717,12 @@ class LocalQueue:
                 _ACTIVE,
                 self.max_delivery_count,
             ),
+        )
+        self._expired.extend(
+            # A damaged row still gets its line: whatever of it can be read.
+            ExpiredMessage(str(m), b if isinstance(b, bytes) else b"",
+                           c if isinstance(c, int) else 0)
+            for m, b, c in cursor
         )
 
     def _locked_row(self, conn: sqlite3.Connection, lock_token: str, now: float) -> tuple[int, int]:
@@ -595,6 +829,36 @@ class LocalQueue:
         lock_duration: float | None,
         complete: Sequence[str],
     ) -> tuple[list[bool], list[QueuedMessage], list[LockLostError | None]]:
+        try:
+            try:
+                result = self._send_once(
+                    messages, scheduled_enqueue_time=scheduled_enqueue_time, wait=wait,
+                    max_locked=max_locked, lock_duration=lock_duration, complete=complete)
+            except QueueFullError as exc:
+                if not exc.checkpointed:
+                    raise
+                # The checkpoint gave the WAL's space back: once more, before a 503.
+                result = self._send_once(
+                    messages, scheduled_enqueue_time=scheduled_enqueue_time, wait=wait,
+                    max_locked=max_locked, lock_duration=lock_duration, complete=complete)
+        except QueueBusyError:
+            raise
+        except QueueUnavailableError as exc:
+            self.store_failure = str(exc)
+            raise
+        self.store_failure = None
+        return result
+
+    def _send_once(
+        self,
+        messages: Sequence[tuple[bytes, str, Mapping[str, str] | None]],
+        *,
+        scheduled_enqueue_time: datetime | None,
+        wait: bool,
+        max_locked: int,
+        lock_duration: float | None,
+        complete: Sequence[str],
+    ) -> tuple[list[bool], list[QueuedMessage], list[LockLostError | None]]:
         rows: list[tuple[bytes, str, str, dict[str, str]]] = []
         for body, message_id, application_properties in messages:
             if not isinstance(body, bytes | bytearray | memoryview):
@@ -621,6 +885,7 @@ class LocalQueue:
         locked_until = now + duration
         results: list[bool] = []
         locked: list[QueuedMessage] = []
+        highest = 0
         with self._transaction("send", wait=wait) as conn:
             completed = self._complete_rows(conn, complete, now)
             if max_locked and self._any_available(conn, now):
@@ -656,6 +921,7 @@ class LocalQueue:
                         locked_until if lock else None,
                     ),
                 ).lastrowid
+                highest = max(highest, seq or 0)
                 results.append(True)
                 if lock:
                     assert seq is not None
@@ -678,6 +944,12 @@ class LocalQueue:
                     "DELETE FROM duplicates WHERE accepted_at <= ?", (now - self.duplicate_window,)
                 )
                 self._next_prune = now + self._prune_interval
+        if highest and self.ack_mark is not None:
+            try:
+                self.ack_mark.record(highest)
+            except OSError as exc:  # stored and committed all the same; the check is weaker
+                logger.warning("local queue %s: cannot record the acknowledged mark: %s",
+                               self.path, exc)
         if any(results):
             with self._sent:
                 self._sent_generation += 1
@@ -811,16 +1083,27 @@ class LocalQueue:
                 raise AssertionError(f"lock {lock_token!r} is live but was not completed")
         return results
 
-    def abandon(self, lock_token: str, *, retry_after: float = 0.0) -> None:
+    def abandon(self, lock_token: str, *, retry_after: float = 0.0,
+                uncount: bool = False) -> None:
         """Release the lock for redelivery, or dead-letter once the delivery count is used up.
 
         `retry_after` seconds keep the message invisible first (the local host's backoff after
         a function timeout; Service Bus has no such option, its processor sleeps instead).
+        `uncount`: the delivery never reached its handler (the local host's handler threads
+        were all stuck), so it does not count: the delivery count goes back down and the
+        message is never dead-lettered for it.
         """
         now = self._now()
         with self._transaction("abandon", settlement=True) as conn:
             seq, count = self._locked_row(conn, lock_token, now)
-            if count >= self.max_delivery_count:
+            if uncount:
+                conn.execute(
+                    "UPDATE messages SET lock_token = NULL, locked_until = NULL, "
+                    "delivery_count = MAX(delivery_count - 1, 0), "
+                    "visible_at = MAX(visible_at, ?) WHERE sequence_number = ?",
+                    (now + max(retry_after, 0.0), seq),
+                )
+            elif count >= self.max_delivery_count:
                 self._dead_letter_row(
                     conn, seq, MAX_DELIVERY_COUNT_EXCEEDED, _max_delivery_description(count), now
                 )
@@ -929,7 +1212,8 @@ class LocalQueue:
         """Move a dead-lettered message back as a new active message, atomically.
 
         The new message has a new sequence number, delivery count 0, the same body and
-        properties plus ``replayedFrom`` (the original sequence number) and ``replayCount``
+        properties (less the retry attempt and history: it starts again at attempt 1) plus
+        ``replayedFrom`` (the original sequence number) and ``replayCount``
         (incremented). It bypasses duplicate detection: its ``message_id`` is unchanged and is
         usually still inside the window. None when there is no such dead letter.
         """
@@ -953,6 +1237,8 @@ class LocalQueue:
                 replay_count = 0
             properties["replayedFrom"] = str(sequence_number)
             properties["replayCount"] = str(replay_count + 1)
+            for name in RETRY_PROPS:  # a replayed event starts again at attempt 1
+                properties.pop(name, None)
             cursor = conn.execute(
                 "INSERT INTO messages (message_id, body, properties, enqueued_time, "
                 "scheduled_time, visible_at, state) VALUES (?, ?, ?, ?, NULL, ?, ?)",
@@ -992,6 +1278,8 @@ class LocalQueue:
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+        if self.ack_mark is not None:
+            self.ack_mark.close()
 
     def __enter__(self) -> LocalQueue:
         return self
@@ -1029,7 +1317,9 @@ def recovery_advice(path: Path) -> str:
         "intact pages come back with their delivery counts; rows on destroyed pages are lost; "
         "a row that comes back damaged is dead-lettered as CorruptMessage when received; "
         "`.recover` needs a sqlite3 shell built with the dbpage virtual table, as the "
-        f"sqlite.org downloads are), or start with an empty queue by also deleting {marker}."
+        f"sqlite.org downloads are; if rows were lost, the host then says so, and deleting "
+        f"{path.parent / ACK_MARK_FILE} accepts the loss), or start with an empty queue by "
+        f"also deleting {marker}."
     )
 
 
@@ -1054,9 +1344,41 @@ def _write_marker(marker: Path, queue_path: Path) -> None:
         os.close(dir_fd)
 
 
+@contextmanager
+def _opening(state_dir: Path) -> Iterator[None]:
+    """Holds an exclusive `flock` on the state directory while a process opens its queue.
+
+    Two hosts (or a host and the CLI) starting at once on a fresh directory raced: SQLite's
+    switch to WAL and the schema creation can fail with "database is locked" without waiting,
+    and both wrote the marker. Serialised, the second simply finds the queue ready. The lock
+    is released when the queue is open (a second host then shares the queue, as designed).
+    """
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise QueueUnavailableError(
+            f"cannot create the state directory {state_dir}: {exc}") from exc
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; SQLite's own locking is all there is
+        yield
+        return
+    fd = os.open(state_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def open_state_queue(state_dir: Path, *, max_delivery_count: int = 5) -> LocalQueue:
     """The queue of a state directory; `QueueDamagedError` when a directory that was
     initialised has lost its queue file or had it emptied."""
+    with _opening(state_dir):
+        return _open_state_queue(state_dir, max_delivery_count=max_delivery_count)
+
+
+def _open_state_queue(state_dir: Path, *, max_delivery_count: int) -> LocalQueue:
     path = state_dir / QUEUE_FILE
     marker = state_dir / INITIALISED_MARKER
     if marker.exists():
@@ -1074,6 +1396,22 @@ def open_state_queue(state_dir: Path, *, max_delivery_count: int = 5) -> LocalQu
                 f"was initialised: the file was truncated. {recovery_advice(path)}"
             )
     queue = LocalQueue(path, max_delivery_count=max_delivery_count)
+    mark = AckMark(state_dir / ACK_MARK_FILE)
+    if marker.exists():
+        try:
+            _check_ack_mark(queue, mark)
+        except BaseException:
+            queue.close()
+            raise
+    else:
+        mark.reset()  # a fresh queue: marks of an earlier one mean nothing
+    queue.ack_mark = mark
+    # Imported here: adapters imports this module.
+    from ..runtime import HANDLED_FILE
+    from .adapters import HandledLog, expired_recorder
+
+    queue.on_expired = expired_recorder(HandledLog(state_dir / HANDLED_FILE),
+                                        max_delivery_count)
     if not marker.exists():
         try:
             _write_marker(marker, path)
@@ -1083,6 +1421,26 @@ def open_state_queue(state_dir: Path, *, max_delivery_count: int = 5) -> LocalQu
                 f"local queue {path}: cannot write {marker}: {exc}"
             ) from exc
     return queue
+
+
+def _check_ack_mark(queue: LocalQueue, mark: AckMark) -> None:
+    """`QueueDamagedError` when the queue holds fewer messages than were acknowledged."""
+    acknowledged = mark.read()
+    highest = queue.highest_sequence_number()
+    if acknowledged is None or highest >= acknowledged:
+        return
+    path = queue.path
+    raise QueueDamagedError(
+        f"local queue {path} has lost acknowledged events: the highest sequence number it "
+        f"holds is {highest}, but events up to {acknowledged} were acknowledged (recorded in "
+        f"{mark.path}). Its write-ahead log ({path}-wal) was deleted, truncated or damaged "
+        "after the host stopped abnormally, and SQLite started without the lost part. The "
+        f"lost events (sequence numbers {highest + 1} to {acknowledged}) were answered 200, "
+        "so Smartcar will not send them again. To recover: stop every process using the "
+        f"queue; if a copy of the -wal file exists (a backup, a snapshot), put it back as "
+        f"{path}-wal, delete {path}-shm, and start again. Otherwise, to go on with what the "
+        f"queue still holds and accept the loss, delete {mark.path}."
+    )
 
 
 def open_local_queue(settings: Settings) -> LocalQueue:

@@ -1,0 +1,116 @@
+"""Fault tests: the wall clock steps by two hours under a running host (libfaketime reads the
+offset from a file at every call, so the test steps the real host process's clock; its
+monotonic clock keeps running, as a stepped system clock leaves it).
+
++2 h used to expire every in-flight lock at once (each message was delivered a second time
+while its first delivery still ran) and the duplicate window with them; -2 h hid the whole
+backlog for two hours behind `visible_at`. Stored times now move with a step.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from shared.local.queue import QUEUE_FILE, LocalQueue
+
+from . import faketime
+from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
+from .test_function_timeout import HOST
+from .test_local_host_process import base_env, free_port, host_process
+
+
+def calls(tmp_path: Path) -> Counter[str]:
+    path = tmp_path / "calls.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return Counter(json.loads(line)["eventId"] for line in text.splitlines())
+
+
+def handled(state: Path) -> Counter[str]:
+    path = state / "handled.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return Counter(json.loads(line)["eventId"] for line in text.splitlines())
+
+
+def post(port: int, event: dict[str, object]) -> str:
+    body = encode(event)
+    resp = http_request(port, "POST", WEBHOOK, body, signed_headers(body))
+    assert resp.status == 200
+    status: str = resp.json()["status"]
+    return status
+
+
+def env_for(tmp_path: Path, port: int, control: Path) -> dict[str, str]:
+    env = base_env(tmp_path, port)
+    env.update(TEST_CALLS=str(tmp_path / "calls.jsonl"), LOG_LEVEL="WARNING",
+               **faketime.stepping_env(control))
+    return env
+
+
+class TestAForwardStep:
+    def test_in_flight_messages_are_not_delivered_again_and_duplicates_still_dropped(
+        self, tmp_path: Path
+    ) -> None:
+        port = free_port()
+        control = tmp_path / "faketime"
+        env = env_for(tmp_path, port, control)
+        env["TEST_SLOW_SECONDS"] = "3"
+        state = tmp_path / "state"
+        events = [state_event(eventId=f"slow-{i}") for i in range(4)]
+        with host_process([*HOST, "--workers", "8", "--lock-duration", "60"], env, port) as proc:
+            for event in events:
+                assert post(port, event) == "accepted"
+            wait_until(lambda: len(calls(tmp_path)) == len(events), timeout=10)
+            control.write_text("+2h")  # while every handler is still running
+            wait_until(lambda: len(handled(state)) == len(events), timeout=20)
+            time.sleep(1)  # a second delivery, if any, would have started by now
+            # The window counts from acceptance, seconds ago, whatever the clock says now.
+            assert post(port, events[0]) == "duplicate"
+            proc.kill()
+        assert calls(tmp_path) == dict.fromkeys((e["eventId"] for e in events), 1)
+
+
+class TestABackwardStep:
+    def test_the_backlog_stays_visible(self, tmp_path: Path) -> None:
+        port = free_port()
+        control = tmp_path / "faketime"
+        env = env_for(tmp_path, port, control)
+        env["TEST_SLOW_SECONDS"] = "0.3"
+        state = tmp_path / "state"
+        events = [state_event(eventId=f"slow-{i}") for i in range(12)]
+        with host_process([*HOST, "--workers", "1"], env, port):
+            for event in events:
+                assert post(port, event) == "accepted"
+            wait_until(lambda: len(calls(tmp_path)) >= 2, timeout=10)
+            control.write_text("-2h")  # with a backlog of about ten
+            wait_until(lambda: len(handled(state)) == len(events), timeout=20)
+        assert handled(state) == dict.fromkeys((e["eventId"] for e in events), 1)
+
+
+class TestAStepWhileNoHostRuns:
+    @pytest.mark.parametrize("reboot", [False, True], ids=["same-boot", "after-a-reboot"])
+    def test_a_clock_set_back_between_runs_does_not_hide_the_backlog(
+        self, tmp_path: Path, reboot: bool
+    ) -> None:
+        port = free_port()
+        control = tmp_path / "faketime"
+        env = env_for(tmp_path, port, control)
+        state = tmp_path / "state"
+        events = [state_event() for _ in range(5)]
+        with host_process([*HOST, "--workers", "0"], env, port):
+            for event in events:
+                assert post(port, event) == "accepted"
+        with LocalQueue(state / QUEUE_FILE) as queue:
+            assert queue.stats()["active"] == len(events)
+        if reboot:  # the monotonic clock restarted: no step can be measured, times are clamped
+            with sqlite3.connect(state / QUEUE_FILE) as conn:
+                conn.execute("UPDATE clock_reference SET boot_id = 'an earlier boot'")
+            conn.close()
+        control.write_text("-2h")
+        with host_process(HOST, env, port):
+            wait_until(lambda: len(handled(state)) == len(events), timeout=20)

@@ -1,0 +1,59 @@
+"""Payloads (vehicle locations) on disk are the user's alone: after a real run of the local host
+and the CLI, the state directory is 0700 and every file in it 0600, whatever created it (our
+code, SQLite's -wal and -shm, or a store added later). The test lists the directory rather than
+naming files, so a new file is checked the day it appears.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from .support import encode, http_request, signed_headers, state_event, wait_until
+from .test_local_host_process import REPO, base_env, free_port, handled_ids, host_process
+
+WEBHOOK = "/api/webhooks/smartcar"
+
+
+def modes(state: Path) -> dict[str, str]:
+    """Every entry under `state` (itself included) with its permission bits."""
+    found = {".": oct(stat.S_IMODE(state.stat().st_mode))}
+    for path in state.rglob("*"):
+        found[str(path.relative_to(state))] = oct(stat.S_IMODE(path.lstat().st_mode))
+    return found
+
+
+def wrong(state: Path) -> dict[str, str]:
+    return {name: mode for name, mode in modes(state).items()
+            if mode != ("0o700" if (state / name).is_dir() else "0o600")}
+
+
+def test_the_state_directory_and_every_file_in_it_are_private(tmp_path: Path) -> None:
+    port = free_port()
+    env = base_env(tmp_path, port)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)  # left open to others by an earlier run
+    os.chmod(state, 0o755)
+    events = [state_event() for _ in range(5)]
+    with host_process([sys.executable, "-m", "shared.local"], env, port) as proc:
+        for event in events:
+            body = encode(event)
+            assert http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status == 200
+        body = b'{"eventType": "VEHICLE_STATE", not json'  # signed, then dead-lettered
+        assert http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status == 200
+        wait_until(lambda: len(handled_ids(state)) >= len(events), timeout=30)
+        cli = subprocess.run([sys.executable, "-m", "shared.cli", "dlq", "list"], cwd=REPO,
+                             env=env, capture_output=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        running = modes(state)
+        # While the host runs, SQLite's write-ahead log and shared memory are there too.
+        assert {"queue.sqlite3", "queue.sqlite3-wal", "queue.sqlite3-shm",
+                "handled.jsonl"} <= set(running), running
+        assert wrong(state) == {}, running
+        proc.send_signal(signal.SIGINT)
+        proc.wait(30)
+    assert wrong(state) == {}, modes(state)

@@ -1,0 +1,97 @@
+"""The inspector against strangers: any stored body is shown (never a 5xx), a flood of unsigned
+requests cannot push real deliveries out of its memory, which is bounded in bytes, and a page
+on another site cannot replay or purge dead letters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.local.inspector import Recorder, describe_body
+from shared.signature import sign
+
+from .inspector_host import HostProcess
+
+DEEP = b"[" * 50_000
+
+
+def _record(recorder: Recorder, body: bytes, status: int) -> None:
+    answered = recorder.http_request("webhooks/smartcar", "POST",
+                                     {"SC-Signature": sign("amt", body)}, body)
+    answered(status, b'{"error":"x"}' if status >= 300 else b'{"status":"accepted"}')
+
+
+class TestAnyBody:
+    def test_a_deeply_nested_body_is_shown_as_it_came(self) -> None:
+        doc = describe_body(DEEP)
+        assert doc["body"] == DEEP.decode()
+        assert doc["parseError"]
+
+    @settings(max_examples=200, deadline=None)
+    @given(body=st.one_of(st.binary(max_size=300),
+                          st.integers(1, 100_000).map(lambda n: b"{" * n),
+                          st.recursive(st.none() | st.integers() | st.text(max_size=5),
+                                       lambda inner: st.lists(inner, max_size=3)
+                                       | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+                                       ).map(lambda v: json.dumps({"data": v}).encode())))
+    def test_every_body_has_a_detail(self, body: bytes) -> None:
+        recorder = Recorder()
+        _record(recorder, body, 401)
+        (delivery_id,) = recorder.ids()
+        detail = recorder.detail(delivery_id)
+        assert detail is not None and json.dumps(detail)
+
+
+class TestBoundedRing:
+    def test_unsigned_requests_cannot_evict_accepted_deliveries(self) -> None:
+        recorder = Recorder(capacity=50)
+        for i in range(20):
+            _record(recorder, b'{"eventId":"real-%d"}' % i, 200)
+        for i in range(2000):
+            _record(recorder, b'{"eventId":"flood-%d"}' % i, 401)
+        kept = [recorder.detail(i) for i in recorder.ids()]
+        real = [d for d in kept if d is not None and d["status"] == 200]
+        assert len(real) == 20
+        assert len(recorder.ids()) <= 50
+        # Accepted deliveries still take turns among themselves: the oldest goes first.
+        for i in range(60):
+            _record(recorder, b'{"eventId":"later-%d"}' % i, 200)
+        assert len(recorder.ids()) == 50
+        assert all(recorder.detail(i)["status"] == 200 for i in recorder.ids())  # type: ignore[index]
+
+    def test_memory_is_bounded_in_bytes_not_only_in_entries(self) -> None:
+        recorder = Recorder(capacity=500, max_bytes=1_000_000)
+        body = b"x" * 100_000
+        for _ in range(100):
+            _record(recorder, body, 200)
+        kept = len(recorder.ids())
+        assert 5 <= kept <= 10  # 10 bodies of 100 KB fit in 1 MB with their answers
+
+
+class TestForeignOrigin:
+    def test_replay_and_purge_from_another_origin_are_refused(self, tmp_path: Path) -> None:
+        with HostProcess(tmp_path) as host:
+            own = f"http://127.0.0.1:{host.inspector_port}"
+            for action in ("replay", "purge"):
+                for origin in ("https://attacker.example", "null",
+                               f"http://127.0.0.1:{host.port}"):
+                    answer = host.inspector(f"api/dlq/1/{action}", method="POST",
+                                            headers={"Origin": origin})
+                    assert answer.status == 403, (action, origin)
+                    assert b"may not change anything" in answer.body
+                # The page itself (same origin) and a client without Origin (curl) may.
+                assert host.inspector(f"api/dlq/1/{action}", method="POST",
+                                      headers={"Origin": own}).status == 200
+                assert host.inspector(f"api/dlq/1/{action}", method="POST").status == 200
+
+    def test_the_detail_of_a_deeply_nested_body_is_answered(self, tmp_path: Path) -> None:
+        with HostProcess(tmp_path) as host:
+            assert host.post(DEEP, signed=False).status == 401
+            (delivery,) = host.wait_for(lambda: host.deliveries() or None)
+            detail = host.inspector(f"api/deliveries/{delivery['id']}")
+            assert detail.status == 200
+            assert json.loads(detail.body)["body"] == DEEP.decode()

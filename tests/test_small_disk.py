@@ -1,0 +1,118 @@
+"""Fault tests: the state directory on a 2 MB disk (a real tmpfs), with a real host process.
+
+The write-ahead log used to fill such a disk before SQLite's automatic checkpoint (1,000 pages,
+4 MB) ever ran: after about fifty events every POST got 503, for good, while /api/health said
+ok. Now the WAL is bounded to a part of its disk, a full disk shows in /api/health, and once
+space is freed the host stores again without a restart.
+
+Mounting needs root and mount permission: without them the tests are skipped, saying so.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
+from .test_local_host_process import base_env, free_port, handled_ids, host_process
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a 2 MB tmpfs is not permitted here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def post(port: int) -> tuple[int, str]:
+    event = state_event()
+    body = encode(event)
+    return http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status, event["eventId"]
+
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until the disk is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def env_on(disk: Path, tmp_path: Path, port: int) -> dict[str, str]:
+    env = base_env(tmp_path, port)
+    env.update(LOCAL_STATE_DIR=str(disk / "state"), LOG_LEVEL="CRITICAL",
+               RETRY_BACKOFF_BASE_SECONDS="0.05", RETRY_BACKOFF_MAX_SECONDS="0.2",
+               MAX_DELIVERY_COUNT="100")
+    return env
+
+
+class TestATwoMegabyteStateDisk:
+    def test_the_wal_never_fills_it(self, tmp_path: Path, small_disk: Path) -> None:
+        port = free_port()
+        accepted = []
+        with host_process([sys.executable, "-m", "shared.local"],
+                          env_on(small_disk, tmp_path, port), port):
+            for _ in range(800):
+                status, event_id = post(port)
+                assert status == 200, f"503 after {len(accepted)} events"
+                accepted.append(event_id)
+            wait_until(lambda: len(handled_ids(small_disk / "state")) == len(accepted),
+                       timeout=60)
+            assert http_request(port, "GET", "/api/health").json() == {"status": "ok"}
+        wal = small_disk / "state" / "queue.sqlite3-wal"
+        assert wal.stat().st_size < 1024 * 1024
+
+    def test_a_full_disk_shows_in_health_and_the_host_recovers_once_space_is_freed(
+        self, tmp_path: Path, small_disk: Path
+    ) -> None:
+        port = free_port()
+        state = small_disk / "state"
+        accepted = []
+        with host_process([sys.executable, "-m", "shared.local"],
+                          env_on(small_disk, tmp_path, port), port):
+            for _ in range(20):
+                status, event_id = post(port)
+                assert status == 200
+                accepted.append(event_id)
+            filler = small_disk / "filler"
+            fill(filler)
+            statuses = []
+            for _ in range(200):
+                status, event_id = post(port)
+                statuses.append(status)
+                if status == 200:
+                    accepted.append(event_id)
+                if status == 503:
+                    break
+            assert statuses[-1] == 503, "the full disk never refused a store"
+            health = http_request(port, "GET", "/api/health")
+            assert (health.status, health.json()) == (503, {"status": "unavailable"})
+
+            filler.unlink()  # space is back: no restart
+            status, event_id = post(port)
+            assert status == 200
+            accepted.append(event_id)
+            # The queue workers' next receive succeeds too (they retry every poll).
+            wait_until(lambda: http_request(port, "GET", "/api/health").status == 200,
+                       timeout=10)
+            wait_until(lambda: set(accepted) <= set(handled_ids(state)), timeout=60)
+        handled = [json.loads(line) for line in (state / "handled.jsonl").read_text().splitlines()]
+        assert {r["outcome"] for r in handled} == {"handled"}
