@@ -27,12 +27,12 @@ from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry, low_battery
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
 from shared.processor import (
-    HandlerFailedError,
     InboundMessage,
     Outcome,
     outcome_record,
     process_message,
 )
+from shared.retry import RetryCopy
 from shared.settings import load_settings
 from shared.telemetry import Telemetry
 from shared.vehicle_state import SignalChange, VehicleStateStore
@@ -45,6 +45,29 @@ SETTINGS = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "0", "MAX_DELIVERY_COUNT
 class NoDeadLetters:
     async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
         raise AssertionError(f"unexpected dead-letter: {reason} {description}")
+
+
+class DeadLetters:
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
+        self.reasons.append(reason)
+
+
+class Retries:
+    """The retry boundary: the copies the processor schedules after a handler failure."""
+
+    def __init__(self) -> None:
+        self.copies: list[RetryCopy] = []
+
+    async def schedule(self, copy: RetryCopy) -> None:
+        self.copies.append(copy)
+
+    def last(self) -> InboundMessage:
+        copy = self.copies[-1]
+        return InboundMessage(body=copy.body, message_id=copy.message_id, delivery_count=1,
+                              application_properties=copy.application_properties)
 
 
 async def no_sleep(delay: float) -> None:
@@ -84,6 +107,8 @@ class Harness:
         self.changes: list[tuple[str, SignalChange]] = []
         self.fail_next = 0
         self.log = Records()
+        self.retries = Retries()
+        self.dead_letters = DeadLetters()
 
         @self.registry.on_change("TractionBattery.StateOfCharge")
         async def on_charge(event: Event, change: SignalChange, context: HandlerContext) -> None:
@@ -92,11 +117,12 @@ class Harness:
                 self.fail_next -= 1
                 raise RuntimeError("handler crashed after the store kept the change")
 
-    async def deliver(self, body: dict[str, Any], delivery: int = 1) -> Any:
+    async def deliver(self, body: dict[str, Any] | InboundMessage, delivery: int = 1) -> Any:
+        inbound = body if isinstance(body, InboundMessage) else message(body, delivery)
         return await process_message(
-            message(body, delivery), settings=SETTINGS, registry=self.registry,
-            dead_letterer=NoDeadLetters(), sleep=no_sleep, telemetry=self.telemetry,
-            store=self.store, handled_log=self.log)
+            inbound, settings=SETTINGS, registry=self.registry,
+            dead_letterer=self.dead_letters, retry_sender=self.retries, sleep=no_sleep,
+            telemetry=self.telemetry, store=self.store, handled_log=self.log)
 
 
 def run(tmp_path: Path, scenario: Any, telemetry: Telemetry | None = None) -> Any:
@@ -140,10 +166,10 @@ class TestOnChange:
 
         async def scenario(h: Harness) -> Any:
             h.fail_next = 1
-            with pytest.raises(HandlerFailedError):
-                await h.deliver(body, 1)
+            failed = await h.deliver(body, 1)
+            assert failed.outcome is Outcome.RETRIED
             kept = await h.store.pending_changes(VEHICLE, "e1")
-            again = await h.deliver(body, 2)
+            again = await h.deliver(h.retries.last())  # the scheduled retry copy
             after = await h.store.pending_changes(VEHICLE, "e1")
             return kept, again, after, h.changes
 
@@ -161,15 +187,16 @@ class TestOnChange:
 
         async def scenario(h: Harness) -> Any:
             h.fail_next = 3
-            for delivery in (1, 2, 3):  # the last one: the host dead-letters it
-                with pytest.raises(HandlerFailedError):
-                    await h.deliver(body, delivery)
+            outcomes = [(await h.deliver(body, 1)).outcome]
+            for _ in (2, 3):  # the retry copies; the last failure dead-letters the event
+                outcomes.append((await h.deliver(h.retries.last())).outcome)
             processed = await h.store.is_processed(VEHICLE, "e1")
             replay = await h.deliver(body, 1)  # `dlq replay` sends it back
-            return processed, replay, len(h.changes)
+            return outcomes, h.dead_letters.reasons, processed, replay, len(h.changes)
 
-        processed, replay, calls = run(tmp_path, scenario)
-        assert processed is False
+        outcomes, reasons, processed, replay, calls = run(tmp_path, scenario)
+        assert outcomes == [Outcome.RETRIED, Outcome.RETRIED, Outcome.DEAD_LETTERED]
+        assert len(reasons) == 1 and processed is False
         assert replay.outcome is Outcome.HANDLED and not replay.duplicate and calls == 4
 
     def test_other_handlers_also_do_not_run_again_for_a_processed_event(
@@ -206,7 +233,8 @@ class TestOnChange:
             body = state_body("e1", signal(value=50))
             results = [await process_message(message(body, n), settings=SETTINGS,
                                              registry=registry, dead_letterer=NoDeadLetters(),
-                                             sleep=no_sleep, store=None) for n in (1, 2)]
+                                             retry_sender=Retries(), sleep=no_sleep,
+                                             store=None) for n in (1, 2)]
             return results
 
         results = asyncio.run(scenario())
@@ -271,7 +299,7 @@ class TestLowBattery:
                 await process_message(
                     message(state_body(event_id, signal(value=value, oem=T0 + second * 1000))),
                     settings=SETTINGS, registry=app_registry, dead_letterer=NoDeadLetters(),
-                    sleep=no_sleep, store=store)
+                    retry_sender=Retries(), sleep=no_sleep, store=store)
             await store.close()
 
         asyncio.run(scenario())
