@@ -30,6 +30,7 @@ SETTINGS = {
     "ServiceBusConnection__fullyQualifiedNamespace": NAMESPACE,
     "SERVICEBUS_QUEUE_NAME": QUEUE,
     "AZURE_CLIENT_ID": "00000000-0000-0000-0000-0000000000aa",
+    "MAX_DELIVERY_COUNT": "5",
     "RETRY_BACKOFF_BASE_SECONDS": "0.01",
     "RETRY_BACKOFF_MAX_SECONDS": "0.05",
     # No storage account here, and the store's SQLite backend is local-only (not deployed):
