@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from . import end_to_end, memory, processor, receiver, runtime_host
+from . import end_to_end, memory, processor, receiver, runtime_host, vehicle_state
 from .common import note
 
 BENCHMARKS: dict[str, Callable[..., None]] = {
@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, Callable[..., None]] = {
     receiver.CONCURRENCY: receiver.concurrency,
     processor.NAME: processor.run,
     end_to_end.NAME: end_to_end.run,
+    vehicle_state.NAME: vehicle_state.run,
     runtime_host.NAME: runtime_host.run,
     memory.NAME: memory.run,
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import statistics
@@ -49,9 +50,18 @@ _BASE: dict[str, Any] = {
 }
 
 
-def state_payload(size: int, event_id: str | None = None) -> bytes:
+#: Each payload's signals are read one second after the previous payload's, so the vehicle
+#: state store keeps (writes) them rather than ignoring them as stale.
+_READINGS = itertools.count()
+
+
+def state_payload(size: int, event_id: str | None = None, *,
+                  vehicle_id: str | None = None) -> bytes:
     """A VEHICLE_STATE body of exactly `size` bytes: signals added, then the name padded."""
     event = json.loads(json.dumps(_BASE))
+    oem = 1731940328000 + next(_READINGS) * 1000
+    if vehicle_id is not None:
+        event["vehicleId"] = vehicle_id
     event["eventId"] = event_id or str(uuid.uuid4())
     event["meta"]["deliveryId"] = str(uuid.uuid4())
     # Delivered now (13 digits, as the template's): an old deliveredAt is a stale delivery.
@@ -62,11 +72,12 @@ def state_payload(size: int, event_id: str | None = None) -> bytes:
         signals.append(
             {"code": f"odometer-traveleddistance{index}", "name": f"TraveledDistance{index}",
              "group": "Odometer", "body": {"unit": "km", "value": 12345.6 + index},
-             "meta": {"oemUpdatedAt": 1731940328000, "fetchedAt": 1731940330000}}
+             "meta": {"oemUpdatedAt": oem, "fetchedAt": oem + 2000}}
         )
         index += 1
     if len(json.dumps(event)) >= size:
         signals.pop()
+    signals[0]["meta"] = {"oemUpdatedAt": oem, "fetchedAt": oem + 2000}
     event["meta"]["signalCount"] = len(signals)
     event["meta"]["webhookName"] = "x" * (size - len(json.dumps(event)))
     body = json.dumps(event).encode("utf-8")

@@ -1,5 +1,9 @@
 """The local host end to end: real aiohttp over loopback, the real SQLite queue, real workers.
 
+Rounds alternate between the vehicle state store on (the default) and off
+(`VEHICLE_STATE_STORE=off`), so both see the same machine load, and the host's CPU per event
+of the two is reported as a ratio.
+
 The host (HTTP routes plus queue workers) runs in this process; the load generator
 (`benchmarks.loadgen`) in another, so the two share the machine's cores but not an interpreter.
 An event counts as handled when the processor wrote its line to `handled.jsonl`.
@@ -44,10 +48,11 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def one_round(events: int, clients: int) -> dict[str, Any]:
+async def one_round(events: int, clients: int, *, store: bool = True) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as state_dir:
         settings = load_settings(
-            {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "LOCAL_STATE_DIR": state_dir}
+            {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "LOCAL_STATE_DIR": state_dir,
+             "VEHICLE_STATE_STORE": "on" if store else "off"}
         )
         runtime = build_runtime(settings)
         set_runtime(runtime)
@@ -82,6 +87,8 @@ async def one_round(events: int, clients: int) -> dict[str, Any]:
             runtime.queue.close()
             if runtime.handled_log is not None:
                 runtime.handled_log.close()
+            if runtime.vehicle_state is not None:
+                await runtime.vehicle_state.close()
             set_runtime(None)
         records = [json.loads(line) for line in handled_path.read_text().splitlines() if line]
     handled_ids = Counter(r["eventId"] for r in records)
@@ -104,18 +111,27 @@ def run(*, quick: bool) -> None:
     rounds = 1 if quick else 5
     events = 300 if quick else 2000
     results = []
+    off = []
     for _ in range(rounds):
+        # Alternate: the machine is shared, so on and off see the same neighbours.
         result = run_event_loop(one_round(events, CLIENTS))  # as `make run` runs the host
-        note(f"{NAME}: {result}")
+        note(f"{NAME} (store on): {result}")
         results.append(result)
+        result = run_event_loop(one_round(events, CLIENTS, store=False))
+        note(f"{NAME} (store off): {result}")
+        off.append(result)
     emit(NAME, "events", events, "count")
     emit(NAME, "concurrent_clients", CLIENTS, "count")
     emit(NAME, "events_per_s", median([r["events_per_s"] for r in results]), "events/s")
     emit(NAME, "acks_per_s", median([r["acks_per_s"] for r in results]), "requests/s")
     emit(NAME, "ack_p50_ms", median([r["ack_p50_ms"] for r in results]), "ms")
     emit(NAME, "ack_p99_ms", median([r["ack_p99_ms"] for r in results]), "ms")
-    emit(NAME, "host_cpu_us_per_event", median([r["host_cpu_us_per_event"] for r in results]),
-         "us")
+    cpu_on = median([r["host_cpu_us_per_event"] for r in results])
+    cpu_off = median([r["host_cpu_us_per_event"] for r in off])
+    emit(NAME, "host_cpu_us_per_event", cpu_on, "us")
+    emit(NAME, "host_cpu_us_per_event_store_off", cpu_off, "us")
+    emit(NAME, "host_cpu_ratio_store_on_off", cpu_on / max(cpu_off, 1e-9), "ratio")
+    emit(NAME, "events_per_s_store_off", median([r["events_per_s"] for r in off]), "events/s")
     # Correctness figures are totals over every round, not medians.
     for metric in ("lost", "duplicates_processed", "refused", "left_in_queue"):
-        emit(NAME, metric, sum(r[metric] for r in results), "count")
+        emit(NAME, metric, sum(r[metric] for r in results + off), "count")

@@ -63,6 +63,13 @@ param retryBackoffBaseSeconds int = 2
 @description('Processor retry backoff ceiling in seconds (RETRY_BACKOFF_MAX_SECONDS).')
 param retryBackoffMaxSeconds int = 60
 
+@description('The vehicle state store (VEHICLE_STATE_STORE): on, or off.')
+@allowed([
+  'on'
+  'off'
+])
+param vehicleStateStore string = 'on'
+
 @description('Low-battery threshold of the example handler, percent (LOW_BATTERY_PERCENT).')
 param lowBatteryPercent int = 20
 
@@ -175,6 +182,7 @@ module roles 'modules/roles.bicep' = {
     queueName: serviceBus.outputs.queueName
     keyVaultName: keyVault.outputs.name
     storageAccountName: storage.outputs.name
+    vehicleStateTableName: storage.outputs.vehicleStateTableName
     appInsightsName: monitoring.outputs.appInsightsName
   }
 }
@@ -192,6 +200,9 @@ module functionApp 'modules/functionapp.bicep' = {
     storageBlobEndpoint: storage.outputs.blobEndpoint
     deploymentContainerName: storage.outputs.deploymentContainerName
     spillContainerName: storage.outputs.spillContainerName
+    storageTableEndpoint: storage.outputs.tableEndpoint
+    vehicleStateTableName: storage.outputs.vehicleStateTableName
+    vehicleStateStore: vehicleStateStore
     appInsightsConnectionString: monitoring.outputs.connectionString
     keyVaultUri: keyVault.outputs.uri
     tokenSecretName: keyVault.outputs.tokenSecretName

@@ -113,5 +113,6 @@ async def handle_queue_message(msg: func.ServiceBusMessage) -> None:
         dead_letterer=runtime.dead_letterer,
         retry_sender=runtime.retry_sender,
         handled_log=runtime.handled_log,
+        store=runtime.vehicle_state,
         clock=runtime.clock,
     )

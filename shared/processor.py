@@ -7,6 +7,12 @@ invocation returns: no backoff is waited out inside it. After `MAX_DELIVERY_COUN
 the event is dead-lettered with its attempt history. Unreadable payloads are dead-lettered at once
 with reason `InvalidPayload`, and stale deliveries with reason `StaleDelivery`, through a
 `DeadLetterer`; handlers never see either.
+
+With the vehicle state store on (`store`), a readable, current event first meets the inbox:
+an eventId whose handlers completed before is not handled again (counted as a duplicate).
+Otherwise the store applies it, the handlers run (`on_change` ones with the changes the store
+accepted, including those an earlier, interrupted or failed attempt stored), and only then is
+the eventId recorded as processed. A failure anywhere in that sequence takes the failure path.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from .retry import (
 )
 from .settings import Settings
 from .telemetry import Telemetry, get_telemetry
-from .telemetry_names import PROCESS_DEAD_LETTERED, PROCESS_RETRIED
+from .telemetry_names import ATTR_VEHICLE_ERRORS, PROCESS_DEAD_LETTERED, PROCESS_RETRIED
+from .vehicle_state import ApplyResult, VehicleStateStore
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +86,10 @@ class ProcessResult:
     reason: str | None = None
     #: The handler's exception class, when the outcome is RETRIED or a last failed attempt.
     error_type: str | None = None
+    #: What the vehicle state store did with the event (None: store off, or not applied).
+    vehicle_state: ApplyResult | None = None
+    #: The eventId's handlers had completed before: they did not run again (the inbox).
+    duplicate: bool = False
 
 
 class HandlerFailedError(RuntimeError):
@@ -200,6 +211,8 @@ def outcome_record(
     event: Event | None = None,
     reason: str | None = None,
     description: str | None = None,
+    vehicle_state: ApplyResult | None = None,
+    duplicate: bool = False,
 ) -> dict[str, Any]:
     """One line of `handled.jsonl`: a final outcome of one message (docs/how-it-works.md).
 
@@ -225,6 +238,10 @@ def outcome_record(
     if reason is not None:
         record["reason"] = reason
         record["description"] = description
+    if vehicle_state is not None:
+        record["vehicleState"] = vehicle_state.to_json()
+    if duplicate:
+        record["duplicate"] = True
     return record
 
 
@@ -251,10 +268,12 @@ async def process_message(
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     telemetry: Telemetry | None = None,
     clock: Callable[[], float] = time.time,
+    store: VehicleStateStore | None = None,
 ) -> ProcessResult:
     """Process one message. Returns on completion (also when a handler failed and its retry
     is scheduled); raises to have the message abandoned."""
-    with (telemetry or get_telemetry()).observe_process(
+    telemetry = telemetry or get_telemetry()
+    with telemetry.observe_process(
         message.application_properties,
         message_id=message.message_id,
         delivery_count=message.delivery_count,
@@ -262,7 +281,7 @@ async def process_message(
         try:
             result = await _process(
                 message, settings=settings, registry=registry, dead_letterer=dead_letterer,
-                retry_sender=retry_sender, clock=clock,
+                retry_sender=retry_sender, clock=clock, store=store, telemetry=telemetry,
             )
         except HandlerFailedError as exc:
             # The retry (or dead letter) could not be sent: the original is abandoned and
@@ -278,7 +297,8 @@ async def process_message(
             try:
                 handled_log.append(outcome_record(
                     message, str(result.outcome), event=result.event, reason=result.reason,
-                    description=result.description))
+                    description=result.description, vehicle_state=result.vehicle_state,
+                    duplicate=result.duplicate))
             except OSError as exc:
                 last = message.delivery_count >= settings.max_delivery_count
                 observed.outcome = PROCESS_DEAD_LETTERED if last else PROCESS_RETRIED
@@ -297,7 +317,20 @@ async def process_message(
             observed.event_id = result.event.event_id
             observed.vehicle_id = result.event.vehicle_id
             observed.delivered_at = result.event.meta.delivered_at
+        if result.vehicle_state is not None:
+            errors = error_summary(result.vehicle_state)
+            if errors:
+                observed.extra[ATTR_VEHICLE_ERRORS] = errors
         return result
+
+
+def error_summary(state: ApplyResult) -> str:
+    """The span attribute the open-errors query reads: each error the event touched, with the
+    state the store now holds for it (`OPEN TYPE:CODE;RESOLVED TYPE:CODE`)."""
+    return ";".join(
+        f"{error.state} {error.type}:{error.code or ''}"
+        for error in (*state.errors_opened, *state.errors_resolved)
+    )
 
 
 async def _unrecorded(
@@ -331,6 +364,8 @@ async def _process(
     dead_letterer: DeadLetterer,
     retry_sender: RetrySender,
     clock: Callable[[], float],
+    store: VehicleStateStore | None = None,
+    telemetry: Telemetry | None = None,
 ) -> ProcessResult:
     if PROP_DEAD_LETTER_REASON in message.application_properties:
         raise DeadLetterCopyError(
@@ -367,16 +402,52 @@ async def _process(
                                             message.delivery_count),
     )
     try:
-        ran = await registry.dispatch(event, context)
+        handled = await run_handlers(event, context, registry, store,
+                                     telemetry or get_telemetry())
     except Exception as exc:
         return await _handler_failed(message, event, exc, settings=settings,
                                      dead_letterer=dead_letterer, retry_sender=retry_sender,
                                      now=clock())
 
-    outcome = Outcome.HANDLED if ran else Outcome.UNHANDLED
-    if not ran:
+    if handled.duplicate:
+        logger.info("event %s was processed before (its eventId is in the inbox); its handlers "
+                    "do not run again", event.event_id)
+        return ProcessResult(Outcome.HANDLED, event=event, duplicate=True,
+                             description="eventId processed before")
+    outcome = Outcome.HANDLED if handled.ran else Outcome.UNHANDLED
+    if not handled.ran:
         logger.info("no handler for event %s of type %s", event.event_id, event.event_type)
-    return ProcessResult(outcome, event=event)
+    return ProcessResult(outcome, event=event, vehicle_state=handled.state)
+
+
+@dataclass(frozen=True, slots=True)
+class Handled:
+    ran: bool
+    duplicate: bool = False
+    state: ApplyResult | None = None
+
+
+async def run_handlers(
+    event: Event,
+    context: HandlerContext,
+    registry: HandlerRegistry,
+    store: VehicleStateStore | None,
+    telemetry: Telemetry,
+) -> Handled:
+    """The inbox check, the store, the handlers, the inbox record: in this order, so a crash
+    or a failure anywhere before the record runs the handlers again on the next attempt, with
+    the changes the store kept for them."""
+    if store is None:
+        return Handled(ran=await registry.dispatch(event, context))
+    if await store.is_processed(event.vehicle_id, event.event_id):
+        telemetry.record_inbox_duplicate()
+        return Handled(ran=False, duplicate=True)
+    state = await store.apply(event, outbox=registry.wants_change)
+    telemetry.record_vehicle_state(state)
+    ran = await registry.dispatch(event, replace(context, vehicle_state=state),
+                                  changes=state.pending)
+    await store.mark_processed(event.vehicle_id, event.event_id)
+    return Handled(ran=ran, state=state)
 
 
 async def _handler_failed(

@@ -30,6 +30,8 @@ from .spill import (
 )
 from .telemetry import configure as configure_telemetry
 from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
+from .vehicle_state import VehicleStateStore
+from .vehicle_state.factory import open_store
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class Runtime:
     health_warnings: Callable[[], list[str]] | None = None
     #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
     clock: Callable[[], float] = time.time
+    #: The vehicle state store (shared/vehicle_state); None with VEHICLE_STATE_STORE=off.
+    vehicle_state: VehicleStateStore | None = None
 
     async def close(self) -> None:
         """Close the Azure clients, then the credential they share (the local host's stop).
@@ -72,7 +76,8 @@ class Runtime:
         The queue and the handled log are the local host's to close. The Python worker has no
         shutdown hook for app code, so in Azure the process exit releases them.
         """
-        for part in (self.publisher, self.redrive_publisher, self.spill, self.tokens):
+        for part in (self.publisher, self.redrive_publisher, self.spill, self.tokens,
+                     self.vehicle_state):
             close = getattr(part, "close", None)
             if close is None:
                 continue
@@ -122,6 +127,7 @@ def build_runtime(
     dead_letterer: DeadLetterer | None = None,
     retry_sender: RetrySender | None = None,
     credential: ProcessCredential | None = None,
+    vehicle_state: VehicleStateStore | None = None,
 ) -> Runtime:
     """Everything the functions need, for the queue backend the settings choose.
 
@@ -176,6 +182,7 @@ def build_runtime(
         spill=spill,
         redrive_publisher=primary,
         credential=credential,
+        vehicle_state=vehicle_state or open_store(settings, credential=credential),
     )
 
 

@@ -43,6 +43,12 @@ SPILL_CONTAINER_NAME = "SPILL_CONTAINER_NAME"
 STORAGE_CONNECTION_STRING = "AzureWebJobsStorage"
 STORAGE_BLOB_SERVICE_URI = "AzureWebJobsStorage__blobServiceUri"
 STORAGE_ACCOUNT_NAME = "AzureWebJobsStorage__accountName"
+# The identity-based table endpoint of the same account (the vehicle state store); without it,
+# the public-cloud endpoint of `__accountName`.
+STORAGE_TABLE_SERVICE_URI = "AzureWebJobsStorage__tableServiceUri"
+# The vehicle state store (shared/vehicle_state): `on` (default) or `off`, and its table.
+VEHICLE_STATE_STORE = "VEHICLE_STATE_STORE"
+VEHICLE_STATE_TABLE = "VEHICLE_STATE_TABLE"
 # The app's user-assigned identity: with it, one ManagedIdentityCredential per process.
 AZURE_CLIENT_ID = "AZURE_CLIENT_ID"
 # Local host only: what host.json's functionTimeout is to the Functions host in Azure.
@@ -79,6 +85,9 @@ APP_SETTINGS: frozenset[str] = frozenset(
         STORAGE_CONNECTION_STRING,
         STORAGE_BLOB_SERVICE_URI,
         STORAGE_ACCOUNT_NAME,
+        STORAGE_TABLE_SERVICE_URI,
+        VEHICLE_STATE_STORE,
+        VEHICLE_STATE_TABLE,
         AZURE_CLIENT_ID,
         INSPECTOR_PORT,
         FUNCTION_TIMEOUT_SECONDS,
@@ -124,11 +133,14 @@ DEFAULTS: Mapping[str, str] = {
     LOW_BATTERY_PERCENT: "20",
     LOCAL_STATE_DIR: ".local",
     SPILL_CONTAINER_NAME: "spill",
+    VEHICLE_STATE_STORE: "on",
+    VEHICLE_STATE_TABLE: "vehiclestate",
     LOCAL_MAX_CONNECTIONS: "1000",
 }
 
 _CONTAINER_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{1,61})[a-z0-9]")
 _ACCOUNT_NAME = re.compile(r"[a-z0-9]{3,24}")
+_TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{2,62}")
 
 # A delivery older than MAX_DELIVERY_AGE_SECONDS at receipt is dead-lettered, never processed.
 # At least Smartcar's retry schedule (about 3 minutes) with margin, so no genuine retry is
@@ -174,6 +186,10 @@ class Settings:
     inspector_port: int | None = None
     #: Bounds every delivery on the local host (host.json `functionTimeout` in Azure).
     function_timeout_seconds: float = 300.0
+    #: VEHICLE_STATE_STORE: False when `off`.
+    vehicle_state_store: bool = True
+    vehicle_state_table: str = DEFAULTS[VEHICLE_STATE_TABLE]
+    storage_table_service_uri: str | None = None
     #: The local host's open client connections at most (fewer under a low descriptor limit).
     local_max_connections: int = int(DEFAULTS[LOCAL_MAX_CONNECTIONS])
 
@@ -196,6 +212,26 @@ class Settings:
         if not self.storage_account_name:
             return None
         return f"https://{self.storage_account_name}.blob.core.windows.net/"
+
+    @property
+    def table_account_url(self) -> str | None:
+        """The identity-based table endpoint of the host's storage account, when configured:
+        `__tableServiceUri` as given, else the public-cloud endpoint of `__accountName`."""
+        if self.storage_table_service_uri:
+            return self.storage_table_service_uri
+        if not self.storage_account_name:
+            return None
+        return f"https://{self.storage_account_name}.table.core.windows.net/"
+
+    @property
+    def vehicle_state_backend(self) -> str:
+        """`off`, `table` (the storage account's, as for the spill store) or `sqlite`
+        (LOCAL_STATE_DIR/vehicle_state.sqlite3)."""
+        if not self.vehicle_state_store:
+            return "off"
+        if self.storage_connection_string or self.table_account_url:
+            return "table"
+        return "sqlite"
 
     @property
     def spill_backend(self) -> str:
@@ -373,6 +409,27 @@ def load_settings(
             f"container of that storage account"
         )
 
+    store_switch = (_get(env, VEHICLE_STATE_STORE) or "on").lower()
+    if store_switch not in ("on", "off"):
+        problems.append(
+            f"{VEHICLE_STATE_STORE} must be on or off, got {_get(env, VEHICLE_STATE_STORE)!r}"
+        )
+    table_name = _get(env, VEHICLE_STATE_TABLE) or DEFAULTS[VEHICLE_STATE_TABLE]
+    if not _TABLE_NAME.fullmatch(table_name):
+        problems.append(
+            f"{VEHICLE_STATE_TABLE} must be a table name (3-63 letters and digits, starting "
+            f"with a letter), got {table_name!r}"
+        )
+    table_uri = _get(env, STORAGE_TABLE_SERVICE_URI)
+    if table_uri is not None:
+        parsed_table = urlparse(table_uri)
+        if parsed_table.scheme != "https" or not parsed_table.netloc or parsed_table.query:
+            problems.append(
+                f"{STORAGE_TABLE_SERVICE_URI} must be the https table endpoint of the storage "
+                f"account (https://<account>.table.core.windows.net, or your cloud's), "
+                f"got {table_uri!r}"
+            )
+
     inspector_port: int | None = None
     raw_port = _get(env, INSPECTOR_PORT)
     if raw_port is not None:
@@ -415,6 +472,9 @@ def load_settings(
         azure_client_id=_get(env, AZURE_CLIENT_ID),
         inspector_port=inspector_port,
         function_timeout_seconds=function_timeout,
+        vehicle_state_store=store_switch != "off",
+        vehicle_state_table=table_name,
+        storage_table_service_uri=table_uri,
         local_max_connections=max_connections,
     )
 

@@ -43,6 +43,7 @@ from opentelemetry.util.types import AttributeValue
 
 from . import telemetry_names as names
 from .publisher import OutboundMessage
+from .vehicle_state import ApplyResult
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +213,25 @@ class Telemetry:
         self.redriven = meter.create_counter(
             names.SPILL_REDRIVEN, unit="{webhook}", description="Spilled webhooks re-driven"
         )
+        self.state_applied = meter.create_counter(
+            names.VEHICLE_STATE_APPLIED, unit="{signal}", description="Signal readings stored"
+        )
+        self.state_stale = meter.create_counter(
+            names.VEHICLE_STATE_STALE, unit="{signal}",
+            description="Signal readings left alone: the store held a newer or the same one",
+        )
+        self.state_skipped = meter.create_counter(
+            names.VEHICLE_STATE_SKIPPED, unit="{signal}",
+            description="Signals recorded with a caveat or skipped, by reason",
+        )
+        self.state_conflicts = meter.create_counter(
+            names.VEHICLE_STATE_CONFLICTS, unit="{write}",
+            description="Conditional store writes that lost a race and were retried",
+        )
+        self.inbox_duplicates = meter.create_counter(
+            names.VEHICLE_STATE_DUPLICATES, unit="{event}",
+            description="Deliveries of an eventId whose handlers had completed",
+        )
         self.redelivered = meter.create_counter(
             names.WEBHOOK_REDELIVERED, unit="{webhook}",
             description="Deliveries repeating an eventId with a new deliveryId (Smartcar retries)",
@@ -352,6 +372,20 @@ class Telemetry:
 
     def record_redriven(self, count: int = 1) -> None:
         self.redriven.add(count)
+
+    # -- vehicle state store ----------------------------------------------------------------
+    def record_vehicle_state(self, result: ApplyResult) -> None:
+        if result.changes:
+            self.state_applied.add(len(result.changes))
+        if result.stale:
+            self.state_stale.add(len(result.stale))
+        for skipped in result.skipped:
+            self.state_skipped.add(1, {names.ATTR_REASON: skipped.reason})
+        if result.conflicts_retried:
+            self.state_conflicts.add(result.conflicts_retried)
+
+    def record_inbox_duplicate(self) -> None:
+        self.inbox_duplicates.add(1)
 
 
 def with_trace_context(message: OutboundMessage) -> OutboundMessage:

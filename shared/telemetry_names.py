@@ -42,8 +42,24 @@ WEBHOOK_DELIVERY_TO_ANSWER: Final = "smartcar.webhook.delivery_to_answer"
 #: attributes `shapeId`, `shapeKnown` ("true"/"false"), `eventType`, `metaVersion`.
 PAYLOAD_SHAPE_FIRST_SEEN: Final = "smartcar.payload.shape.first_seen"
 
+#: Counters of the vehicle state store (shared/vehicle_state), per applied event:
+#: signal readings stored, readings left alone because the store held a newer or the same
+#: one, signals recorded with a caveat or skipped (attribute `reason`), conditional writes
+#: that lost a race with another instance and were retried, and deliveries of an eventId
+#: whose handlers had already completed (the inbox; handlers did not run again).
+VEHICLE_STATE_APPLIED: Final = "smartcar.vehicle_state.applied"
+VEHICLE_STATE_STALE: Final = "smartcar.vehicle_state.stale"
+VEHICLE_STATE_SKIPPED: Final = "smartcar.vehicle_state.skipped"
+VEHICLE_STATE_CONFLICTS: Final = "smartcar.vehicle_state.conflicts_retried"
+VEHICLE_STATE_DUPLICATES: Final = "smartcar.vehicle_state.inbox_duplicates"
+
 METRICS: Final = frozenset(
     {
+        VEHICLE_STATE_APPLIED,
+        VEHICLE_STATE_STALE,
+        VEHICLE_STATE_SKIPPED,
+        VEHICLE_STATE_CONFLICTS,
+        VEHICLE_STATE_DUPLICATES,
         WEBHOOK_RECEIVED,
         WEBHOOK_RECEIVE_DURATION,
         EVENT_PROCESSED,
@@ -78,6 +94,11 @@ ATTR_MODE: Final = "mode"  # spans only: LIVE or TEST
 ATTR_HTTP_STATUS: Final = "httpStatus"
 ATTR_DEAD_LETTER_REASON: Final = "deadLetterReason"  # spans only, when dead-lettered
 ATTR_ERROR_TYPE: Final = "errorType"  # spans only: the exception class name, never its text
+#: VEHICLE_STATE_SKIPPED only: why (shared/vehicle_state/rules.py: undated, too-large, ...).
+ATTR_REASON: Final = "reason"
+#: Spans only, VEHICLE_ERROR events: each error the event touched with the state the store
+#: now holds for it, `OPEN TYPE:CODE;RESOLVED TYPE:CODE` (infra/queries/open_vehicle_errors.kql).
+ATTR_VEHICLE_ERRORS: Final = "vehicleErrors"
 ATTR_SHAPE_ID: Final = "shapeId"  # the payload shape's fingerprint (shared/shapes.py)
 ATTR_SHAPE_KNOWN: Final = "shapeKnown"  # true when the project reads every part of the shape
 ATTR_META_VERSION: Final = "metaVersion"  # metric PAYLOAD_SHAPE_FIRST_SEEN only
@@ -96,6 +117,8 @@ ATTRIBUTES: Final = frozenset(
         ATTR_HTTP_STATUS,
         ATTR_DEAD_LETTER_REASON,
         ATTR_ERROR_TYPE,
+        ATTR_REASON,
+        ATTR_VEHICLE_ERRORS,
         ATTR_SHAPE_ID,
         ATTR_SHAPE_KNOWN,
         ATTR_META_VERSION,

@@ -95,9 +95,11 @@ class TestOnARealFullDisk:
         (state / "handled.jsonl").symlink_to(tmpfs / "handled.jsonl")
         port = free_port()
         env = base_env(tmp_path, port)
+        # The handler calls show the retries; with the vehicle state store on, the inbox would
+        # (rightly) not run a completed handler again (test_vehicle_state_processing.py).
         env.update(TEST_CALLS=str(tmp_path / "calls.jsonl"), LOG_LEVEL="WARNING",
                    MAX_DELIVERY_COUNT="50", RETRY_BACKOFF_BASE_SECONDS=str(BACKOFF),
-                   RETRY_BACKOFF_MAX_SECONDS=str(BACKOFF))
+                   RETRY_BACKOFF_MAX_SECONDS=str(BACKOFF), VEHICLE_STATE_STORE="off")
         calls_path = tmp_path / "calls.jsonl"
 
         def calls() -> list[tuple[str, float]]:
@@ -135,9 +137,10 @@ class TestWithAFaultAtTheWrite:
         async def record(event: Event, context: HandlerContext) -> None:
             calls.append((event.event_id, time.monotonic()))
 
+        # As above: the handler calls show the retries, so no inbox.
         env = local_env(tmp_path / "state", MAX_DELIVERY_COUNT="50",
                         RETRY_BACKOFF_BASE_SECONDS=str(BACKOFF),
-                        RETRY_BACKOFF_MAX_SECONDS=str(BACKOFF))
+                        RETRY_BACKOFF_MAX_SECONDS=str(BACKOFF), VEHICLE_STATE_STORE="off")
         events = [state_event() for _ in range(20)]
         with RunningHost(env, registry=registry) as host:
             log = host.runtime.handled_log

@@ -19,7 +19,7 @@ PAGES = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob(
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # Settings that only make sense in Azure, set there by the Bicep (docs/configuration.md says so).
 AZURE_ONLY = {"AZURE_CLIENT_ID", "AzureWebJobsStorage__accountName",
-              "AzureWebJobsStorage__blobServiceUri"}
+              "AzureWebJobsStorage__blobServiceUri", "AzureWebJobsStorage__tableServiceUri"}
 
 
 def section(text: str, heading: str) -> str:

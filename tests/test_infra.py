@@ -123,6 +123,10 @@ VERIFIED_API_VERSIONS: dict[str, str] = {
     "Microsoft.Web/sites/basicPublishingCredentialsPolicies": "2025-03-01",
     # .../microsoft.authorization/2022-04-01/roleassignments
     "Microsoft.Authorization/roleAssignments": "2022-04-01",
+    # .../microsoft.storage/2023-05-01/storageaccounts/tableservices/tables (the account's
+    # version; Azure/bicep-types-az generated/storage/microsoft.storage/2023-05-01)
+    "Microsoft.Storage/storageAccounts/tableServices": "2023-05-01",
+    "Microsoft.Storage/storageAccounts/tableServices/tables": "2023-05-01",
 }
 
 
@@ -310,6 +314,40 @@ class TestResources:
         }
         for container in containers:
             assert literal(prop(container.body, "properties.publicAccess")) == "None"
+
+    def test_the_vehicle_state_table_is_created_and_named_as_the_settings_module_expects(
+        self,
+    ) -> None:
+        storage = module("storage")
+        (table,) = storage.resources_of_type(
+            "Microsoft.Storage/storageAccounts/tableServices/tables")
+        assert text(prop(table.body, "name")) == "vehicleStateTableName"
+        default = literal(storage.params()["vehicleStateTableName"].default)
+        assert default == settings.DEFAULTS[settings.VEHICLE_STATE_TABLE]
+        main = load(MAIN)
+        fa_params = main.module("functionApp").body
+        assert text(prop(fa_params, "params.vehicleStateTableName")) == (
+            "storage.outputs.vehicleStateTableName")
+        assert text(prop(fa_params, "params.storageTableEndpoint")) == (
+            "storage.outputs.tableEndpoint")
+        assert text(prop(main.module("roles").body, "params.vehicleStateTableName")) == (
+            "storage.outputs.vehicleStateTableName")
+        app = app_settings_object()
+        assert text(prop(app, "VEHICLE_STATE_TABLE")) == "vehicleStateTableName"
+        assert text(prop(app, "VEHICLE_STATE_STORE")) == "vehicleStateStore"
+        assert text(prop(app, "AzureWebJobsStorage__tableServiceUri")) == "storageTableEndpoint"
+        assert literal(main.params()["vehicleStateStore"].default) == (
+            settings.DEFAULTS[settings.VEHICLE_STATE_STORE])
+
+    def test_the_vehicle_state_table_role_is_scoped_to_that_one_table(self) -> None:
+        roles = module("roles")
+        table = roles.resource("vehicleStateTable")
+        assert table.existing
+        assert table.type == "Microsoft.Storage/storageAccounts/tableServices/tables"
+        assert text(prop(table.body, "name")) == "vehicleStateTableName"
+        assert text(prop(table.body, "parent")) == "tableService"
+        assert ("vehicleStateTable", "storageTableDataContributor", "appPrincipalId") in {
+            (s, r, p) for s, r, p, _, _ in role_assignments()}
 
     def test_spill_container_default_and_app_setting_agree_with_the_settings_module(
         self,
@@ -568,6 +606,8 @@ EXPECTED_ASSIGNMENTS = {
     ("vault", "keyVaultSecretsUser", "appPrincipalId"),
     ("storage", "storageBlobDataOwner", "appPrincipalId"),
     ("storage", "storageTableDataContributor", "appPrincipalId"),
+    # The vehicle state store: its one table (test_the_vehicle_state_table_...).
+    ("vehicleStateTable", "storageTableDataContributor", "appPrincipalId"),
     ("appInsights", "monitoringMetricsPublisher", "appPrincipalId"),
     ("queue", "serviceBusDataOwner", "deployerPrincipalId"),
     ("vault", "keyVaultSecretsOfficer", "deployerPrincipalId"),

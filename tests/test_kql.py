@@ -161,6 +161,10 @@ PANEL_COLUMNS: dict[str, list[tuple[str, str]]] = {
         ("timestamp", "datetime"), ("failures", "real"), ("signatureRejected", "real"),
         ("unsignedRejected", "real"),
     ],
+    "open_vehicle_errors.kql": [
+        ("errorType", "string"), ("errorCode", "string"), ("vehicles", "long"),
+        ("sampleVehicleIds", "dynamic"), ("lastReported", "datetime"),
+    ],
     "top_vehicles_by_errors.kql": [
         ("vehicleId", "string"), ("processingFailures", "long"),
         ("vehicleErrorEvents", "long"), ("lastSeen", "datetime"),

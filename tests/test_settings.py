@@ -236,3 +236,41 @@ class TestMaxDeliveryAge:
         example = Path(__file__).resolve().parents[1] / "local.settings.json.example"
         values = json.loads(example.read_text())["Values"]
         assert values["MAX_DELIVERY_AGE_SECONDS"] == DEFAULTS["MAX_DELIVERY_AGE_SECONDS"]
+
+
+class TestVehicleStateSettings:
+    def test_the_store_is_on_by_default_and_local_is_sqlite(self) -> None:
+        s = load_settings({})
+        assert s.vehicle_state_store and s.vehicle_state_backend == "sqlite"
+        assert s.vehicle_state_table == "vehiclestate"
+
+    @pytest.mark.parametrize("value", ["off", "OFF", " off "])
+    def test_off_turns_it_off(self, value: str) -> None:
+        s = load_settings({"VEHICLE_STATE_STORE": value})
+        assert not s.vehicle_state_store and s.vehicle_state_backend == "off"
+
+    @pytest.mark.parametrize(("env", "url"), [
+        ({"AzureWebJobsStorage__accountName": "acct1"}, "https://acct1.table.core.windows.net/"),
+        ({"AzureWebJobsStorage__accountName": "acct1",
+          "AzureWebJobsStorage__tableServiceUri": "https://acct1.table.core.chinacloudapi.cn/"},
+         "https://acct1.table.core.chinacloudapi.cn/"),
+    ])
+    def test_the_storage_account_makes_it_table(self, env: dict[str, str], url: str) -> None:
+        s = load_settings(env)
+        assert s.vehicle_state_backend == "table" and s.table_account_url == url
+
+    def test_a_connection_string_makes_it_table_too(self) -> None:
+        s = load_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true"})
+        assert s.vehicle_state_backend == "table" and s.table_account_url is None
+
+    @pytest.mark.parametrize(("name", "value", "message"), [
+        ("VEHICLE_STATE_STORE", "maybe", "VEHICLE_STATE_STORE must be on or off, got 'maybe'"),
+        ("VEHICLE_STATE_TABLE", "vehicle-state", "VEHICLE_STATE_TABLE must be a table name"),
+        ("VEHICLE_STATE_TABLE", "1abc", "VEHICLE_STATE_TABLE must be a table name"),
+        ("AzureWebJobsStorage__tableServiceUri", "http://a.table.core.windows.net",
+         "AzureWebJobsStorage__tableServiceUri must be the https table endpoint"),
+    ])
+    def test_malformed_values_are_refused(self, name: str, value: str, message: str) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings({name: value})
+        assert message in str(err.value)

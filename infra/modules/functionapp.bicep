@@ -28,6 +28,19 @@ param storageAccountName string
 @description('Blob endpoint of that account, e.g. https://<account>.blob.core.windows.net/.')
 param storageBlobEndpoint string
 
+@description('Table endpoint of that account, e.g. https://<account>.table.core.windows.net/.')
+param storageTableEndpoint string
+
+@description('Table in that account for the vehicle state store.')
+param vehicleStateTableName string
+
+@description('The vehicle state store: on, or off to run handlers without it.')
+@allowed([
+  'on'
+  'off'
+])
+param vehicleStateStore string
+
 @description('Container that holds the deployment package.')
 param deploymentContainerName string
 
@@ -173,10 +186,14 @@ resource appSettings 'Microsoft.Web/sites/config@2025-03-01' = {
     LOW_BATTERY_PERCENT: string(lowBatteryPercent)
     APPLICATIONINSIGHTS_CONNECTION_STRING: appInsightsConnectionString
     SPILL_CONTAINER_NAME: spillContainerName
+    VEHICLE_STATE_STORE: vehicleStateStore
+    VEHICLE_STATE_TABLE: vehicleStateTableName
     // Read by the host and by shared/settings.py (the spill container lives in this account).
     AzureWebJobsStorage__accountName: storageAccountName
     // The blob endpoint as the account reports it: right in every cloud; the spill store uses it.
     AzureWebJobsStorage__blobServiceUri: storageBlobEndpoint
+    // Likewise the table endpoint: the vehicle state store uses it.
+    AzureWebJobsStorage__tableServiceUri: storageTableEndpoint
     // Read by the Functions host and the Azure SDKs: identity-based connections.
     AzureWebJobsStorage__credential: 'managedidentity'
     AzureWebJobsStorage__clientId: identityClientId

@@ -13,6 +13,10 @@
 //                                                 in blobs; the deployment package and the
 //                                                 spilled events (read, write, delete) too
 //   storage    Storage Table Data Contributor     the host writes its diagnostic events to tables
+//   vehicle-   Storage Table Data Contributor     the vehicle state store reads and writes its
+//   state                                         entities; scoped to its one table, so the
+//   table                                         store's access does not rest on the host's
+//                                                 account-wide grant
 //   appi       Monitoring Metrics Publisher       telemetry with Entra ID (DisableLocalAuth)
 // Storage Queue Data Contributor is not granted: no queue or blob trigger uses storage queues.
 //
@@ -38,6 +42,7 @@ param serviceBusNamespaceName string
 param queueName string
 param keyVaultName string
 param storageAccountName string
+param vehicleStateTableName string
 param appInsightsName string
 
 // Built-in role definition ids (the same in every tenant).
@@ -72,6 +77,16 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
+}
+
+resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' existing = {
+  parent: storage
+  name: 'default'
+}
+
+resource vehicleStateTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' existing = {
+  parent: tableService
+  name: vehicleStateTableName
 }
 
 resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
@@ -116,6 +131,18 @@ resource appBlobOwner 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
 resource appTableContributor 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   name: guid(storage.id, appPrincipalId, tableContributorRoleId)
   scope: storage
+  properties: {
+    roleDefinitionId: tableContributorRoleId
+    principalId: appPrincipalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// Entity reads and writes (queries, transactions) on the vehicle state table only: a table is
+// the narrowest scope Azure RBAC offers for table data.
+resource appVehicleStateTable 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
+  name: guid(vehicleStateTable.id, appPrincipalId, tableContributorRoleId)
+  scope: vehicleStateTable
   properties: {
     roleDefinitionId: tableContributorRoleId
     principalId: appPrincipalId

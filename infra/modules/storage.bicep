@@ -3,6 +3,8 @@
 // The spill container holds events the receiver acknowledged while Service Bus was unavailable,
 // until the re-drive timer sends them to the queue (shared/spill.py). The app identity reaches
 // it through Storage Blob Data Owner on the account (modules/roles.bicep).
+// The vehicle state table holds the latest signals and errors per vehicle (shared/vehicle_state);
+// the app identity reaches it through Storage Table Data Contributor on that table.
 
 @description('Storage account name: 3-24 lowercase letters and digits, globally unique.')
 @minLength(3)
@@ -17,6 +19,11 @@ param deploymentContainerName string
 
 @description('Blob container for events spilled while Service Bus is unavailable (SPILL_CONTAINER_NAME).')
 param spillContainerName string = 'spill'
+
+@description('Table for the vehicle state store (VEHICLE_STATE_TABLE): 3-63 letters and digits.')
+@minLength(3)
+@maxLength(63)
+param vehicleStateTableName string = 'vehiclestate'
 
 param tags object = {}
 
@@ -64,8 +71,20 @@ resource spillContainer 'Microsoft.Storage/storageAccounts/blobServices/containe
   }
 }
 
+resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {
+  parent: storage
+  name: 'default'
+}
+
+resource vehicleStateTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' = {
+  parent: tableService
+  name: vehicleStateTableName
+}
+
 output id string = storage.id
 output name string = storage.name
 output blobEndpoint string = storage.properties.primaryEndpoints.blob
 output deploymentContainerName string = deploymentContainer.name
 output spillContainerName string = spillContainer.name
+output tableEndpoint string = storage.properties.primaryEndpoints.table
+output vehicleStateTableName string = vehicleStateTable.name

@@ -117,6 +117,23 @@ var workbook = {
     }
     {
       type: 3
+      name: 'open-vehicle-errors'
+      content: {
+        version: 'KqlItem/1.0'
+        title: 'Open vehicle errors by code'
+        query: loadTextContent('../queries/open_vehicle_errors.kql')
+        queryType: 0
+        resourceType: 'microsoft.insights/components'
+        // Errors stay open for days: look back a week for the last report of each.
+        timeContext: {
+          durationMs: 604800000
+        }
+        visualization: 'table'
+        size: 0
+      }
+    }
+    {
+      type: 3
       name: 'smartcar-retries'
       content: {
         version: 'KqlItem/1.0'

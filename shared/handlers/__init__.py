@@ -13,6 +13,15 @@ Register a function for an `eventType`, or for a signal path ("Group.Name", e.g.
     def store_position(event, signal, context):
         ...
 
+    @registry.on_change("TractionBattery.StateOfCharge")
+    async def charge_moved(event, change, context):
+        ...  # change.previous (None if never seen) and change.current: SignalState
+
+`on_change` handlers run for what the vehicle state store accepted (docs/vehicle-state.md):
+at least once for every change it stored, never for a duplicate delivery or a reading older
+than the one it holds; a change stored by a delivery that crashed before its handlers
+completed is handed to them again on the redelivery.
+
 Handlers may be plain or `async` functions. Plain ones run in a thread of the registry's own
 pool (`blocking_threads`, default 32), so a blocking call (an HTTP client, a database driver)
 never stalls the event loop that also answers Smartcar's webhooks, and a hung one cannot take
@@ -39,6 +48,7 @@ from typing import Any, TypeVar
 
 from ..events import Event, Signal
 from ..settings import Settings
+from ..vehicle_state import ApplyResult, SignalChange
 from .pool import BlockingPool
 
 logger = logging.getLogger(__name__)
@@ -58,6 +68,8 @@ class HandlerContext:
     #: How many times this event has been given to handlers, this time included: 1 on the
     #: first try, and it grows across the retries the queue schedules (shared/retry.py).
     delivery_count: int
+    #: What the vehicle state store did with this event (None when the store is off).
+    vehicle_state: ApplyResult | None = None
 
 
 #: The handler a delivery is running (`module.qualname`), None once dispatch is done. Left
@@ -79,6 +91,7 @@ BLOCKING_THREADS = 32
 
 EventHandler = Callable[[Event, HandlerContext], Awaitable[None] | None]
 SignalHandler = Callable[[Event, Signal, HandlerContext], Awaitable[None] | None]
+ChangeHandler = Callable[[Event, SignalChange, HandlerContext], Awaitable[None] | None]
 
 
 class HandlerRegistry:
@@ -87,6 +100,7 @@ class HandlerRegistry:
     def __init__(self, *, blocking_threads: int = BLOCKING_THREADS) -> None:
         self._by_type: dict[str, list[EventHandler]] = defaultdict(list)
         self._by_signal: dict[str, list[SignalHandler]] = defaultdict(list)
+        self._by_change: dict[str, list[ChangeHandler]] = defaultdict(list)
         self.pool = BlockingPool(blocking_threads)
 
     def on(self, event_type: str) -> Callable[[F], F]:
@@ -108,8 +122,27 @@ class HandlerRegistry:
 
         return register
 
-    async def dispatch(self, event: Event, context: HandlerContext) -> bool:
-        """Run every matching handler; True when at least one ran. Handler errors propagate."""
+    def on_change(self, path: str) -> Callable[[F], F]:
+        """Decorator: call the handler with each change the vehicle state store accepted for
+        the signal `path` ("Group.Name", or the signal's code), as (event, change, context)."""
+
+        def register(handler: F) -> F:
+            self._by_change[path].append(handler)
+            return handler
+
+        return register
+
+    def wants_change(self, change: SignalChange) -> bool:
+        """True when an `on_change` handler is registered for this change's signal: the store
+        keeps only those pending for the handlers (the outbox)."""
+        by_change = self._by_change
+        return bool(by_change) and (change.path in by_change or change.code in by_change)
+
+    async def dispatch(self, event: Event, context: HandlerContext,
+                       changes: tuple[SignalChange, ...] = ()) -> bool:
+        """Run every matching handler; True when at least one ran. Handler errors propagate.
+
+        `changes` are the store's accepted changes for this event (ApplyResult.pending)."""
         started = time.perf_counter()
         HANDLER_ERROR.set(None)
         try:
@@ -124,6 +157,11 @@ class HandlerRegistry:
                         continue
                     for signal_handler in self._by_signal.get(signal.path, ()):
                         await self._call(signal_handler, event, signal, context)
+                        ran = True
+            for change in changes if self._by_change else ():
+                for key in (change.path, change.code):
+                    for change_handler in self._by_change.get(key or "", ()):
+                        await self._call(change_handler, event, change, context)
                         ran = True
             RUNNING_HANDLER.set(None)
             return ran

@@ -14,7 +14,7 @@ implement `VehicleStateStore`.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -85,6 +85,8 @@ class ErrorState:
     signals: tuple[str, ...] = ()
     #: The eventId of the delivery that last changed this error.
     event_id: str | None = None
+    #: When RESOLVED: the `meta.deliveredAt` of the RESOLVED that closed it.
+    resolved_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +100,7 @@ class ErrorState:
             "resolutionType": self.resolution_type,
             "signals": list(self.signals),
             "eventId": self.event_id,
+            "resolvedAt": _iso(self.resolved_at),
         }
 
 
@@ -145,6 +148,9 @@ class ApplyResult:
     errors_resolved: tuple[ErrorState, ...] = ()
     #: Conditional writes that lost a race with another instance and were retried.
     conflicts_retried: int = 0
+    #: Every change of this event whose handlers have not completed: `changes`, and those an
+    #: earlier delivery stored before it was cut short (what `on_change` handlers run for).
+    pending: tuple[SignalChange, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -195,6 +201,11 @@ class VehicleSummary:
         }
 
 
+#: Which accepted changes an apply keeps pending for the handlers (the processor passes its
+#: registry's `wants_change`: only changes some `on_change` handler is registered for).
+Outbox = Callable[[SignalChange], bool]
+
+
 class VehicleStateStore(Protocol):
     """What both backends (Azure Table Storage, local SQLite) provide.
 
@@ -203,12 +214,13 @@ class VehicleStateStore(Protocol):
     stored value never goes back in time.
     """
 
-    async def apply(self, event: Event) -> ApplyResult:
+    async def apply(self, event: Event, *, outbox: Outbox | None = None) -> ApplyResult:
         """Apply one authenticated VEHICLE_STATE or VEHICLE_ERROR (other types: no-op).
 
         Idempotent and order-free: applying an event twice changes nothing, and any order of
-        a set of events ends in the same state. The accepted changes are also kept as this
-        event's pending changes (the outbox), in the same write, until `mark_processed`.
+        a set of events ends in the same state. The accepted changes (those `outbox` selects;
+        all without it) are also kept as this event's pending changes (the outbox), in the
+        same write, until `mark_processed`.
         """
         ...
 

@@ -33,6 +33,9 @@ SETTINGS = {
     "MAX_DELIVERY_COUNT": "5",
     "RETRY_BACKOFF_BASE_SECONDS": "0.01",
     "RETRY_BACKOFF_MAX_SECONDS": "0.05",
+    # No storage account here, and the store's SQLite backend is local-only (not deployed):
+    # the store runs on both its backends in tests/test_vehicle_state_store.py.
+    "VEHICLE_STATE_STORE": "off",
 }
 
 

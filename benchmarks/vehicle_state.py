@@ -1,0 +1,144 @@
+"""The vehicle state store's cost per event, on both backends: SQLite (a file in a temporary
+directory) and Azure Table Storage on Azurite (started here on a free loopback port).
+
+Per event the processor makes three store calls: `is_processed` (the inbox), `apply` and, after
+the handlers, `mark_processed`. Each event is a 5 KB VEHICLE_STATE (22 signals) whose readings
+are newer than the last, spread over a few vehicles, so every apply writes. Figures are
+wall-clock per call, one call at a time: on Azurite they are mostly HTTP round trips to a
+local emulator (Node.js, on the same cores), not Azure's latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.events import parse_event
+from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
+from shared.vehicle_state import VehicleStateStore
+
+from .common import emit, note, percentile, state_payload
+
+NAME = "vehicle_state_store"
+SIZE = 5 * 1024
+VEHICLES = 4
+ROOT = Path(__file__).resolve().parent.parent
+AZURITE_TABLE = ROOT / "node_modules" / ".bin" / "azurite-table"
+# Azurite's well-known development account (published in its README; not a secret).
+ACCOUNT = "devstoreaccount1"
+ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+
+async def measure(store: VehicleStateStore, events: int) -> dict[str, list[float]]:
+    bodies = [parse_event(state_payload(SIZE, vehicle_id=f"bench-vehicle-{i % VEHICLES}"))
+              for i in range(events)]
+    apply_ms: list[float] = []
+    event_ms: list[float] = []
+    for event in bodies:
+        assert event.vehicle_id is not None
+        start = time.perf_counter()
+        await store.is_processed(event.vehicle_id, event.event_id)
+        applied = time.perf_counter()
+        result = await store.apply(event)
+        done = time.perf_counter()
+        await store.mark_processed(event.vehicle_id, event.event_id)
+        end = time.perf_counter()
+        assert result.changes, "every benchmark event carries newer readings"
+        apply_ms.append((done - applied) * 1000)
+        event_ms.append((end - start) * 1000)
+    return {"apply": apply_ms, "event": event_ms}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _start_azurite(log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = _free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(AZURITE_TABLE), "--tableHost", "127.0.0.1", "--tablePort", str(port),
+             "--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck", "--loose"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, port
+        except OSError:
+            if process.poll() is not None:
+                break
+            time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGKILL)
+    raise RuntimeError(f"Azurite (table) did not start:\n{log.read_text(errors='replace')}")
+
+
+def _report(backend: str, figures: dict[str, list[float]]) -> None:
+    emit(NAME, f"{backend}_apply_p50_ms", percentile(figures["apply"], 50), "ms")
+    emit(NAME, f"{backend}_apply_p99_ms", percentile(figures["apply"], 99), "ms")
+    emit(NAME, f"{backend}_event_p50_ms", percentile(figures["event"], 50), "ms")
+    emit(NAME, f"{backend}_event_p99_ms", percentile(figures["event"], 99), "ms")
+
+
+def run(*, quick: bool) -> None:
+    events = 100 if quick else 1000
+    # Azurite answers in tens of milliseconds: fewer events keep the run to a minute or two.
+    table_events = 50 if quick else 300
+    emit(NAME, "events", events, "count")
+    emit(NAME, "table_azurite_events", table_events, "count")
+    with tempfile.TemporaryDirectory(prefix="bench-vs-") as tmp:
+        async def sqlite() -> dict[str, list[float]]:
+            store = SqliteVehicleStateStore(Path(tmp) / FILE_NAME)
+            try:
+                return await measure(store, events)
+            finally:
+                await store.close()
+
+        figures = asyncio.run(sqlite())
+        note(f"{NAME}: sqlite apply p50 {percentile(figures['apply'], 50):.3f} ms")
+        _report("sqlite", figures)
+
+        if not os.access(AZURITE_TABLE, os.X_OK):
+            note(f"{NAME}: {AZURITE_TABLE} missing (run `npm ci`); no Table figures")
+            return
+        process, port = _start_azurite(Path(tmp) / "azurite.log")
+        try:
+            figures = asyncio.run(_table(port, table_events))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        note(f"{NAME}: table apply p50 {percentile(figures['apply'], 50):.3f} ms")
+        _report("table_azurite", figures)
+
+
+async def _table(port: int, events: int) -> dict[str, Any]:
+    from azure.data.tables.aio import TableClient
+
+    from shared.vehicle_state.table_store import TableVehicleStateStore
+
+    connection = (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+                  f"TableEndpoint=http://127.0.0.1:{port}/{ACCOUNT};")
+    store = TableVehicleStateStore(TableClient.from_connection_string(connection, "bench"),
+                                   create_table=True)
+    try:
+        await measure(store, 5)  # the table's creation and the client's first connection
+        return await measure(store, events)
+    finally:
+        await store.close()

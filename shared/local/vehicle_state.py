@@ -1,0 +1,325 @@
+"""The vehicle state store's local backend: one SQLite file in LOCAL_STATE_DIR
+(`vehicle_state.sqlite3`). Local only, like the embedded queue: Azure uses Table Storage
+(shared/vehicle_state/table_store.py), and both run the same rules (shared/vehicle_state/rules.py).
+
+Each apply is one `BEGIN IMMEDIATE` transaction: it reads the rows the event touches, runs
+the shared rules (`rules.plan`), and writes the new state together with the event's pending
+changes (the outbox), so no crash can separate them. SQLite serialises writers, also across
+processes (the local host and the CLI), so there are no write conflicts to retry here.
+
+The calls run on the caller's thread: each is a few indexed reads and writes in WAL mode
+without an fsync per commit (`synchronous=NORMAL`), well under a millisecond, which costs less
+than handing it to a thread. A commit survives a crash of the process; the last commits
+before a power loss may not, which is what the local queue promises too.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+from ..events import Event
+from ..vehicle_state import (
+    ApplyResult,
+    Outbox,
+    SignalChange,
+    SignalState,
+    VehicleSummary,
+    VehicleView,
+)
+from ..vehicle_state.codec import (
+    change_text,
+    changes_from_text,
+    dumps,
+    error_from_row,
+    error_row,
+    loads,
+    signal_from_row,
+    signal_row,
+)
+from ..vehicle_state.rules import OPEN, STORED_TYPES, Plan, Snapshot, codes_of, error_keys_of, plan
+
+FILE_NAME: Final = "vehicle_state.sqlite3"
+#: Processed eventIds are kept at least 7 days (Smartcar's advice); pruned after 8.
+INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
+_PRUNE_EVERY: Final = 1000
+#: Vehicles whose signals are kept in memory between applies (least recently used dropped).
+_CACHED_VEHICLES: Final = 1024
+_NO_VEHICLE: Final = ""
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS vehicles (
+    vehicle_id TEXT PRIMARY KEY,
+    updated_at TEXT,
+    updated_epoch REAL,
+    signal_count INTEGER NOT NULL DEFAULT 0,
+    open_errors INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS vehicles_by_update ON vehicles (updated_epoch);
+CREATE TABLE IF NOT EXISTS signals (
+    vehicle_id TEXT NOT NULL, code TEXT NOT NULL, row TEXT NOT NULL,
+    PRIMARY KEY (vehicle_id, code)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS errors (
+    vehicle_id TEXT NOT NULL, type TEXT NOT NULL, code TEXT NOT NULL, state TEXT NOT NULL,
+    row TEXT NOT NULL,
+    PRIMARY KEY (vehicle_id, type, code)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    vehicle_id TEXT NOT NULL, event_id TEXT NOT NULL,
+    errors_applied INTEGER NOT NULL DEFAULT 0,
+    pending TEXT,
+    processed_at REAL,
+    PRIMARY KEY (vehicle_id, event_id)
+);
+CREATE INDEX IF NOT EXISTS events_by_processed ON events (processed_at);
+"""
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only (it holds vehicle data), whatever
+    the process umask."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
+
+
+@dataclass(slots=True)
+class _Vehicle:
+    """One vehicle's stored signals (state and row text by code) and `updatedAt`."""
+
+    signals: dict[str, tuple[SignalState, str]] = field(default_factory=dict)
+    updated_at: datetime | None = None
+
+
+class SqliteVehicleStateStore:
+    """`VehicleStateStore` on a local SQLite file."""
+
+    def __init__(self, path: Path, *, clock: Any = time.time) -> None:
+        _create_private(path)
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                   timeout=10.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._marks = 0
+        self._cache: dict[str, _Vehicle] = {}
+        self._version = -1
+
+    # --- writing ------------------------------------------------------------------------------
+    async def apply(self, event: Event, *, outbox: Outbox | None = None) -> ApplyResult:
+        if event.vehicle_id is None or event.event_type not in STORED_TYPES:
+            return ApplyResult()
+        with self._lock:
+            return self._apply(event, event.vehicle_id, outbox)
+
+    def _apply(self, event: Event, vehicle_id: str, outbox: Outbox | None) -> ApplyResult:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cached = self._cached(vehicle_id)
+            snapshot, pending_text = self._snapshot(event, vehicle_id, cached)
+            result = plan(snapshot, event)
+            kept = [c for c in result.changes if outbox is None or outbox(c)]
+            texts: dict[str, str] = {}
+            if result.writes_anything:
+                texts = self._write(event, vehicle_id, snapshot, result, pending_text, cached,
+                                    kept)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            self._cache.pop(vehicle_id, None)
+            raise
+        cached.updated_at = result.updated_at
+        for code, state in result.signals.items():
+            cached.signals[code] = (state, texts[code])
+        earlier = tuple(changes_from_text(pending_text)) if pending_text else ()
+        return ApplyResult(
+            changes=result.changes, stale=result.stale, skipped=result.skipped,
+            errors_opened=result.errors_opened, errors_resolved=result.errors_resolved,
+            pending=(*earlier, *kept),
+        )
+
+    def _cached(self, vehicle_id: str) -> _Vehicle:
+        """The vehicle's signals as stored, from memory while no other connection has written
+        (`PRAGMA data_version` moves only for other connections' commits); read inside the
+        write transaction, so nothing can change it before the commit."""
+        version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._version:
+            self._cache.clear()
+            self._version = version
+        cached = self._cache.pop(vehicle_id, None)
+        if cached is None:
+            cached = _Vehicle()
+            for code, row in self._db.execute(
+                "SELECT code, row FROM signals WHERE vehicle_id = ?", (vehicle_id,)
+            ):
+                cached.signals[code] = (signal_from_row(loads(row)), row)
+            vehicle = self._db.execute(
+                "SELECT updated_at FROM vehicles WHERE vehicle_id = ?", (vehicle_id,)).fetchone()
+            if vehicle is not None and vehicle[0]:
+                cached.updated_at = datetime.fromisoformat(vehicle[0])
+        self._cache[vehicle_id] = cached  # most recently used last
+        if len(self._cache) > _CACHED_VEHICLES:
+            del self._cache[next(iter(self._cache))]
+        return cached
+
+    def _snapshot(self, event: Event, vehicle_id: str,
+                  cached: _Vehicle) -> tuple[Snapshot, str | None]:
+        db = self._db
+        errors = {}
+        for error_type, code in error_keys_of(event):
+            found = db.execute(
+                "SELECT row FROM errors WHERE vehicle_id = ? AND type = ? AND code = ?",
+                (vehicle_id, error_type, code),
+            ).fetchone()
+            if found is not None:
+                errors[(error_type, code)] = error_from_row(loads(found[0]))
+        marker = db.execute(
+            "SELECT errors_applied, pending FROM events WHERE vehicle_id = ? AND event_id = ?",
+            (vehicle_id, event.event_id),
+        ).fetchone()
+        signals = {code: cached.signals[code][0] for code in codes_of(event)
+                   if code in cached.signals}
+        snapshot = Snapshot(
+            vehicle_id=vehicle_id, signals=signals, errors=errors,
+            errors_applied=bool(marker and marker[0]), updated_at=cached.updated_at,
+        )
+        return snapshot, (marker[1] if marker and marker[1] else None)
+
+    def _write(self, event: Event, vehicle_id: str, snapshot: Snapshot, result: Plan,
+               pending_text: str | None, cached: _Vehicle,
+               kept: list[SignalChange]) -> dict[str, str]:
+        """Write the plan; the signals' new row texts by code (for the cache)."""
+        db = self._db
+        texts = {code: dumps(signal_row(state)) for code, state in result.signals.items()}
+        db.executemany(
+            "INSERT INTO signals (vehicle_id, code, row) VALUES (?, ?, ?) "
+            "ON CONFLICT (vehicle_id, code) DO UPDATE SET row = excluded.row",
+            [(vehicle_id, code, text) for code, text in texts.items()],
+        )
+        if result.errors:
+            db.executemany(
+                "INSERT INTO errors (vehicle_id, type, code, state, row) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (vehicle_id, type, code) DO UPDATE SET state = excluded.state, "
+                "row = excluded.row",
+                [(vehicle_id, key[0], key[1], record.state.state, dumps(error_row(record)))
+                 for key, record in result.errors.items()],
+            )
+        # The outbox from the row texts at hand: nothing is serialised twice.
+        items = [
+            change_text(change, None if change.previous is None
+                        else cached.signals[change.code][1], texts[change.code])
+            for change in kept
+        ]
+        if pending_text and items:
+            pending_text = pending_text[:-1] + "," + ",".join(items) + "]"
+        elif items:
+            pending_text = "[" + ",".join(items) + "]"
+        if items or result.marks_errors:
+            db.execute(
+                "INSERT INTO events (vehicle_id, event_id, errors_applied, pending) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (vehicle_id, event_id) DO UPDATE SET "
+                "errors_applied = max(errors_applied, excluded.errors_applied), "
+                "pending = excluded.pending",
+                (vehicle_id, event.event_id, int(result.marks_errors), pending_text),
+            )
+        new_signals = sum(1 for code in result.signals if code not in cached.signals)
+        updated = result.updated_at
+        db.execute(
+            "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch, signal_count, "
+            "open_errors) VALUES (?, ?, ?, ?, 0) ON CONFLICT (vehicle_id) DO UPDATE SET "
+            "updated_at = excluded.updated_at, updated_epoch = excluded.updated_epoch, "
+            "signal_count = signal_count + excluded.signal_count",
+            (vehicle_id, updated.isoformat() if updated else None,
+             updated.timestamp() if updated else None, new_signals),
+        )
+        if result.errors:
+            db.execute(
+                "UPDATE vehicles SET open_errors = (SELECT count(*) FROM errors "
+                "WHERE vehicle_id = ? AND state = ?) WHERE vehicle_id = ?",
+                (vehicle_id, OPEN, vehicle_id),
+            )
+        return texts
+
+    async def pending_changes(self, vehicle_id: str, event_id: str) -> tuple[SignalChange, ...]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT pending FROM events WHERE vehicle_id = ? AND event_id = ? "
+                "AND processed_at IS NULL", (vehicle_id, event_id),
+            ).fetchone()
+        return tuple(changes_from_text(row[0])) if row and row[0] else ()
+
+    async def is_processed(self, vehicle_id: str | None, event_id: str) -> bool:
+        since = self._clock() - INBOX_RETENTION_SECONDS
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM events WHERE vehicle_id = ? AND event_id = ? "
+                "AND processed_at >= ?", (vehicle_id or _NO_VEHICLE, event_id, since),
+            ).fetchone()
+        return row is not None
+
+    async def mark_processed(self, vehicle_id: str | None, event_id: str) -> None:
+        now = self._clock()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO events (vehicle_id, event_id, processed_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (vehicle_id, event_id) DO UPDATE SET "
+                "processed_at = excluded.processed_at, pending = NULL",
+                (vehicle_id or _NO_VEHICLE, event_id, now),
+            )
+            self._marks += 1
+            if self._marks % _PRUNE_EVERY == 1:
+                self._db.execute("DELETE FROM events WHERE processed_at < ?",
+                                 (now - INBOX_RETENTION_SECONDS,))
+
+    # --- reading ------------------------------------------------------------------------------
+    async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:
+        with self._lock:
+            vehicle = self._db.execute(
+                "SELECT updated_at FROM vehicles WHERE vehicle_id = ?", (vehicle_id,)
+            ).fetchone()
+            if vehicle is None:
+                return None
+            signals = self._db.execute(
+                "SELECT code, row FROM signals WHERE vehicle_id = ?", (vehicle_id,)).fetchall()
+            errors = self._db.execute(
+                "SELECT row FROM errors WHERE vehicle_id = ? AND state = ? ORDER BY type, code",
+                (vehicle_id, OPEN),
+            ).fetchall()
+        return VehicleView(
+            vehicle_id=vehicle_id,
+            signals={code: signal_from_row(loads(row)) for code, row in signals},
+            errors=[error_from_row(loads(row)).state for (row,) in errors],
+            updated_at=datetime.fromisoformat(vehicle[0]) if vehicle[0] else None,
+        )
+
+    async def list_vehicles(self, *, limit: int = 100) -> list[VehicleSummary]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT vehicle_id, updated_at, signal_count, open_errors FROM vehicles "
+                "ORDER BY updated_epoch IS NULL, updated_epoch DESC, vehicle_id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            VehicleSummary(vehicle_id=vid,
+                           updated_at=datetime.fromisoformat(at) if at else None,
+                           signal_count=count, open_errors=open_errors)
+            for vid, at, count, open_errors in rows
+        ]
+
+    async def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,381 @@
+"""The store's rules, with no I/O: what one event does to a vehicle's stored state.
+
+Both backends read the part of a vehicle's state an event touches (a `Snapshot`), call
+`plan(snapshot, event)`, and write the `Plan` back conditionally, so the rules are written and
+tested once (tests/test_vehicle_state_rules.py, by Hypothesis over permutations).
+
+Why the result does not depend on arrival order: every stored value is the maximum, under one
+total order, of the readings that arrived for it (signals), or is built from maxima, minima and
+a count of distinct events (errors). A maximum does not care about order or repetition.
+
+Signals (keyed by vehicleId and signal code) are ordered by `signal_rank`:
+    (has a usable oemUpdatedAt, oemUpdatedAt, retrievedAt, eventId, the reading's canonical JSON)
+so a newer `oemUpdatedAt` wins; a tie goes to the later `retrievedAt`, then to the greater
+eventId, then to the greater canonical JSON (only readings of one event can get that far). A
+reading without a usable `oemUpdatedAt` ranks below every dated one: it is recorded for a
+signal the store knows nothing newer of, and never hides a dated value.
+
+Errors (keyed by vehicleId, error type, error code) keep the latest ERROR and the latest
+RESOLVED observation, each as (meta.deliveredAt, eventId). The error is RESOLVED when its
+latest RESOLVED is not older than its latest ERROR, where "older" means delivered more than
+`RETRY_ALLOWANCE` before it: Smartcar restamps `meta.deliveredAt` on each of its retries
+(about 3 minutes in all), so an ERROR whose first attempts did not reach us can carry a
+`deliveredAt` later than a RESOLVED that was sent after it. `count` is the number of distinct
+ERROR events; an event applied once is never counted again (the backends keep its eventId).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import orjson
+
+from ..events import Event, Signal, VehicleError
+from . import ErrorState, SignalChange, SignalState, SkippedSignal
+
+VEHICLE_STATE: Final = "VEHICLE_STATE"
+VEHICLE_ERROR: Final = "VEHICLE_ERROR"
+STORED_TYPES: Final = frozenset({VEHICLE_STATE, VEHICLE_ERROR})
+
+OPEN: Final = "OPEN"
+RESOLVED: Final = "RESOLVED"
+
+#: Smartcar's retries of one delivery span about 3 minutes (0, 25, 50, 100 s); a RESOLVED
+#: delivered up to this long before an ERROR may have been sent after it.
+RETRY_ALLOWANCE: Final = timedelta(minutes=3)
+#: An `oemUpdatedAt` before this, or more than `MAX_OEM_AHEAD` after the signal's own
+#: `retrievedAt`, is not a usable reading time (an unset OEM clock reports 1970; a reading
+#: cannot have been taken a day after Smartcar fetched it).
+MIN_OEM_UPDATED_AT: Final = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_OEM_AHEAD: Final = timedelta(days=1)
+#: The largest value the store keeps, as canonical JSON (ASCII): what one Azure Table string
+#: property holds (64 KiB of UTF-16) with room to spare. Both backends use the same bound so
+#: they keep the same things.
+MAX_VALUE_CHARS: Final = 30_000
+#: A signal code or error type/code longer than this is not one Smartcar sends.
+MAX_CODE_CHARS: Final = 200
+#: An error's description and its list of affected signals are cut to these.
+MAX_TEXT_CHARS: Final = 4000
+MAX_ERROR_SIGNALS: Final = 100
+
+# Why a signal or error was recorded with a caveat or skipped (`SkippedSignal.reason`).
+#: Recorded: no usable oemUpdatedAt, so it ranks below every dated reading.
+UNDATED: Final = "undated"
+#: Skipped: the value's JSON is longer than MAX_VALUE_CHARS.
+TOO_LARGE: Final = "too-large"
+#: Skipped: neither a code nor a group and name, or a code over MAX_CODE_CHARS.
+NO_CODE: Final = "no-code"
+#: Skipped (an error entry): no usable `type`, or a `state` other than ERROR or RESOLVED.
+BAD_ERROR: Final = "bad-error"
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def canonical_json(value: Any) -> str:
+    """One spelling per value: sorted keys, no spaces, frozen mappings as objects (orjson; the
+    standard library for what orjson refuses: integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(value, default=dict, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          default=dict, allow_nan=False)
+
+
+def thawed(value: Any) -> Any:
+    """A parsed value with its read-only mappings and tuples as plain dicts and lists, as it
+    reads back from storage."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {k: thawed(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [thawed(v) for v in value]
+    return value
+
+
+def signal_code(signal: Signal) -> str | None:
+    """The signal's key: its code, else Smartcar's spelling of one (`group-name`, lowercase)."""
+    if signal.code:
+        code = signal.code
+    elif signal.group and signal.name:
+        code = f"{signal.group}-{signal.name}".lower()
+    else:
+        return None
+    return code if len(code) <= MAX_CODE_CHARS else None
+
+
+def usable_oem(signal: Signal) -> datetime | None:
+    oem = signal.oem_updated_at
+    if oem is None or oem < MIN_OEM_UPDATED_AT:
+        return None
+    if signal.retrieved_at is not None and oem > signal.retrieved_at + MAX_OEM_AHEAD:
+        return None
+    return oem
+
+
+def signal_rank(state: SignalState) -> tuple[bool, datetime, datetime, str, str]:
+    """The total order readings of one signal are kept by: the greatest is stored."""
+    return (*_time_rank(state), _content_rank(state))
+
+
+def _time_rank(state: SignalState) -> tuple[bool, datetime, datetime, str]:
+    return (
+        state.oem_updated_at is not None,
+        state.oem_updated_at or _EPOCH,
+        state.retrieved_at or _EPOCH,
+        state.event_id or "",
+    )
+
+
+def _content_rank(state: SignalState) -> str:
+    return canonical_json([state.value, state.unit, state.status, state.error_type,
+                           state.error_code, state.path])
+
+
+def outranks(a: SignalState, b: SignalState) -> bool:
+    """`signal_rank(a) > signal_rank(b)`, with the content compared only on a full tie."""
+    ta, tb = _time_rank(a), _time_rank(b)
+    if ta != tb:
+        return ta > tb
+    return _content_rank(a) > _content_rank(b)
+
+
+def reading(signal: Signal, event_id: str) -> SignalState:
+    """What the store would keep of one signal (check `value_fits` first)."""
+    return SignalState(
+        code=signal_code(signal) or "",
+        path=signal.path,
+        value=thawed(signal.value) if signal.ok else None,
+        unit=signal.unit if signal.ok else None,
+        oem_updated_at=usable_oem(signal),
+        retrieved_at=signal.retrieved_at,
+        event_id=event_id,
+        status="ok" if signal.ok else "error",
+        error_type=None if signal.ok else signal.error_type,
+        error_code=None if signal.ok else signal.error_code,
+    )
+
+
+def value_fits(signal: Signal) -> bool:
+    """The value's JSON fits MAX_VALUE_CHARS in UTF-8 bytes (so at most twice that in UTF-16,
+    which is how Table Storage counts)."""
+    return len(canonical_json(signal.value).encode()) <= MAX_VALUE_CHARS
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Observation:
+    """When an error was reported: the (deliveredAt, eventId) of the delivery that applied."""
+
+    at: datetime
+    event_id: str
+
+    def key(self) -> tuple[datetime, str]:
+        return (self.at, self.event_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorRecord:
+    """Everything the store keeps of one error; `state` is what the read side shows."""
+
+    state: ErrorState
+    last_error: Observation | None = None
+    last_resolved: Observation | None = None
+    #: The canonical JSON of the observation the descriptive fields came from (tie-break).
+    detail_rank: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return error_key(self.state.type, self.state.code)
+
+
+def error_key(error_type: str, code: str | None) -> tuple[str, str]:
+    return (error_type, code or "")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Snapshot:
+    """The part of one vehicle's stored state an event touches."""
+
+    vehicle_id: str
+    signals: Mapping[str, SignalState] = field(default_factory=dict)
+    errors: Mapping[tuple[str, str], ErrorRecord] = field(default_factory=dict)
+    #: This eventId's errors were applied already (counts must not grow twice).
+    errors_applied: bool = False
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Plan:
+    """What to write for one event, and what to report."""
+
+    signals: dict[str, SignalState] = field(default_factory=dict)
+    errors: dict[tuple[str, str], ErrorRecord] = field(default_factory=dict)
+    changes: tuple[SignalChange, ...] = ()
+    stale: tuple[str, ...] = ()
+    skipped: tuple[SkippedSignal, ...] = ()
+    errors_opened: tuple[ErrorState, ...] = ()
+    errors_resolved: tuple[ErrorState, ...] = ()
+    #: The vehicle's `updatedAt` after this event (the newest reading time it holds).
+    updated_at: datetime | None = None
+    #: The event's errors must be recorded as applied with the writes.
+    marks_errors: bool = False
+
+    @property
+    def writes_anything(self) -> bool:
+        return bool(self.signals or self.errors or self.marks_errors)
+
+
+def codes_of(event: Event) -> list[str]:
+    """The signal codes an event may write (what a backend reads before `plan`)."""
+    if event.event_type != VEHICLE_STATE:
+        return []
+    return sorted({c for s in event.signals if (c := signal_code(s)) is not None})
+
+
+def error_keys_of(event: Event) -> list[tuple[str, str]]:
+    if event.event_type != VEHICLE_ERROR:
+        return []
+    return sorted({error_key(e.type or "", e.code) for e in event.errors if _usable_error(e)})
+
+
+def plan(snapshot: Snapshot, event: Event) -> Plan:
+    """What `event` does to `snapshot`. Pure: the same inputs give the same plan."""
+    if event.vehicle_id is None or event.event_type not in STORED_TYPES:
+        return Plan(updated_at=snapshot.updated_at)
+    if event.event_type == VEHICLE_STATE:
+        return _plan_signals(snapshot, event)
+    return _plan_errors(snapshot, event)
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    return a if b is None or a >= b else b
+
+
+def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
+    best: dict[str, SignalState] = {}
+    skipped: list[SkippedSignal] = []
+    stale: list[str] = []
+    for signal in event.signals:
+        code = signal_code(signal)
+        if code is None:
+            skipped.append(SkippedSignal(code=signal.code, reason=NO_CODE))
+            continue
+        if signal.ok and not value_fits(signal):
+            skipped.append(SkippedSignal(code=code, reason=TOO_LARGE))
+            continue
+        state = reading(signal, event.event_id)
+        if state.oem_updated_at is None:
+            skipped.append(SkippedSignal(code=code, reason=UNDATED))
+        held = best.get(code)
+        if held is None or outranks(state, held):
+            if held is not None:
+                stale.append(code)
+            best[code] = state
+        else:
+            stale.append(code)
+    writes: dict[str, SignalState] = {}
+    changes: list[SignalChange] = []
+    updated_at = snapshot.updated_at
+    for code, state in best.items():
+        stored = snapshot.signals.get(code)
+        if stored is not None and not outranks(state, stored):
+            stale.append(code)
+            continue
+        writes[code] = state
+        changes.append(SignalChange(vehicle_id=snapshot.vehicle_id, code=code, path=state.path,
+                                    previous=stored, current=state))
+        updated_at = _latest(updated_at, state.oem_updated_at)
+    return Plan(signals=writes, changes=tuple(changes), stale=tuple(stale),
+                skipped=tuple(skipped), updated_at=updated_at)
+
+
+def _usable_error(error: VehicleError) -> bool:
+    return (bool(error.type) and len(error.type or "") <= MAX_CODE_CHARS
+            and len(error.code or "") <= MAX_CODE_CHARS and error.state in (OPEN_STATES))
+
+
+# What a VEHICLE_ERROR's `state` may be: ERROR opens (or repeats) an error, RESOLVED closes it.
+OPEN_STATES: Final = ("ERROR", RESOLVED)
+
+
+def _detail_rank(error: VehicleError, observed: Observation) -> str:
+    """Orders observations by (deliveredAt, eventId), then by content (a digest: fixed size)."""
+    content = hashlib.sha256(canonical_json([
+        error.state, error.description, error.resolution_type,
+        [ref.code or ref.path for ref in error.signals]]).encode()).hexdigest()
+    return f"{observed.at.isoformat()}|{observed.event_id}|{content}"
+
+
+def _plan_errors(snapshot: Snapshot, event: Event) -> Plan:
+    skipped = [SkippedSignal(code=e.code, reason=BAD_ERROR)
+               for e in event.errors if not _usable_error(e)]
+    if snapshot.errors_applied:
+        return Plan(skipped=tuple(skipped), updated_at=snapshot.updated_at)
+    observed = Observation(at=event.meta.delivered_at or _EPOCH, event_id=event.event_id)
+    records: dict[tuple[str, str], ErrorRecord] = {}
+    counted: set[tuple[str, str]] = set()
+    for error in event.errors:
+        if not _usable_error(error):
+            continue
+        assert error.type is not None
+        key = error_key(error.type, error.code)
+        record = records.get(key) or snapshot.errors.get(key) or ErrorRecord(
+            state=ErrorState(type=error.type, code=error.code, state=OPEN))
+        records[key] = _observe(record, error, observed, count=key not in counted)
+        if error.state != RESOLVED:
+            counted.add(key)
+    opened: list[ErrorState] = []
+    resolved: list[ErrorState] = []
+    for key, record in records.items():
+        before = snapshot.errors.get(key)
+        if record.state.state == OPEN:
+            opened.append(record.state)
+        elif before is None or before.state.state != RESOLVED:
+            resolved.append(record.state)
+    updated_at = _latest(snapshot.updated_at, observed.at if records else None)
+    return Plan(errors=records, skipped=tuple(skipped), errors_opened=tuple(opened),
+                errors_resolved=tuple(resolved), updated_at=updated_at, marks_errors=True)
+
+
+def _observe(record: ErrorRecord, error: VehicleError, observed: Observation, *,
+             count: bool) -> ErrorRecord:
+    """`record` after one more observation of it (order-free: maxima, minima, a count)."""
+    state = record.state
+    last_error, last_resolved = record.last_error, record.last_resolved
+    first_seen, last_seen, total = state.first_seen, state.last_seen, state.count
+    if error.state == RESOLVED:
+        if last_resolved is None or observed.key() > last_resolved.key():
+            last_resolved = observed
+    else:
+        if last_error is None or observed.key() > last_error.key():
+            last_error = observed
+        first_seen = observed.at if first_seen is None else min(first_seen, observed.at)
+        last_seen = observed.at if last_seen is None else max(last_seen, observed.at)
+        total += 1 if count else 0
+    rank = _detail_rank(error, observed)
+    if rank > record.detail_rank:
+        state = replace(
+            state,
+            description=(error.description or "")[:MAX_TEXT_CHARS] or None,
+            resolution_type=error.resolution_type,
+            signals=tuple((ref.code or ref.path or "")[:MAX_CODE_CHARS]
+                          for ref in error.signals[:MAX_ERROR_SIGNALS]),
+            event_id=observed.event_id,
+        )
+        detail_rank = rank
+    else:
+        detail_rank = record.detail_rank
+    closed = last_resolved is not None and (
+        last_error is None or last_resolved.at >= last_error.at - RETRY_ALLOWANCE)
+    state = replace(state, state=RESOLVED if closed else OPEN, first_seen=first_seen,
+                    last_seen=last_seen, count=total,
+                    resolved_at=last_resolved.at if closed and last_resolved else None)
+    return ErrorRecord(state=state, last_error=last_error, last_resolved=last_resolved,
+                       detail_rank=detail_rank)

@@ -1,0 +1,400 @@
+"""The Azure backend: one Table Storage table, one partition per vehicle.
+
+Rows of a vehicle's partition (`PartitionKey` = the escaped vehicleId, codec.escape_key):
+
+    v                     the vehicle: vehicleId, updatedAt, signalCount, openErrors
+    s:<code>              one signal (one entity per signal: a vehicle may report hundreds,
+                          and an entity holds at most 252 properties)
+    e:<type>:<code>       one error
+    i:<eventId>           the event: its errors were applied (`errorsApplied`), how many outbox
+                          chunks it wrote (`chunks`), and once its handlers completed,
+                          `processedAt` (the inbox, kept at least 7 days)
+    o:<eventId>:<n>       the event's pending changes (the outbox), in chunks
+
+Every write of an apply goes in an entity-group transaction that also replaces the `v` row
+and the `i:` row with If-Match on the ETags read before planning. So a transaction commits only
+if nothing in the partition changed since the read it was planned from; when another instance
+wrote first, the whole transaction fails, and the apply reads again and plans again (counted
+in `conflicts_retried`). A stored value therefore never goes back in time.
+
+A transaction holds at most 100 operations and 4 MiB, so an event that changes more (500
+signals) is written in several, each a consistent step: the signals it holds, the outbox chunk
+of their changes, and the event row counting the chunk. A crash between two leaves the rest to
+the redelivery, which finds the first part already stored (no change) and writes the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+from ..events import Event
+from . import ApplyResult, Outbox, SignalChange, VehicleSummary, VehicleView
+from .codec import (
+    Row,
+    changes_from_text,
+    changes_text,
+    error_from_row,
+    error_row,
+    escape_key,
+    signal_from_row,
+    signal_row,
+)
+from .rules import OPEN, STORED_TYPES, ErrorRecord, Plan, Snapshot, plan
+
+logger = logging.getLogger(__name__)
+
+VEHICLE_ROW: Final = "v"
+_NO_VEHICLE: Final = "!none"
+#: At least 7 days (Smartcar's advice for de-duplicating on eventId); pruned after 8.
+INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
+#: An entity-group transaction holds at most 100 operations; two are the `v` and `i:` rows
+#: and one the outbox chunk.
+MAX_OPERATIONS: Final = 100
+_ENTITY_WRITES_PER_TXN: Final = MAX_OPERATIONS - 3
+#: A transaction's payload is at most 4 MiB and an entity's 1 MiB; strings count as UTF-16
+#: in the service's accounting, so sizes below are in characters times two. A chunk's writes
+#: and outbox entry stay under this (the outbox entity under 1 MiB, the transaction far under
+#: 4 MiB).
+_CHUNK_BUDGET_BYTES: Final = 800 * 1024
+#: One string property holds 64 KiB (32 Ki UTF-16 units); outbox text is ASCII.
+_PROPERTY_CHARS: Final = 30_000
+MAX_ATTEMPTS: Final = 40
+_CONFLICT_STATUSES: Final = frozenset({409, 412})
+
+
+class StoreConflictError(RuntimeError):
+    """The vehicle's partition kept changing under every attempt: the delivery is retried."""
+
+
+def _size(row: Row) -> int:
+    return 2 * sum(len(str(k)) + len(str(v)) for k, v in row.items()) + 64
+
+
+def _signal_key(code: str) -> str:
+    return "s:" + escape_key(code)
+
+
+def _error_key(key: tuple[str, str]) -> str:
+    return f"e:{escape_key(key[0])}:{escape_key(key[1])}"
+
+
+def _event_key(event_id: str) -> str:
+    return "i:" + escape_key(event_id)
+
+
+def _outbox_prefix(event_id: str) -> str:
+    return f"o:{escape_key(event_id)}:"
+
+
+def _partition(vehicle_id: str | None) -> str:
+    return _NO_VEHICLE if vehicle_id is None else escape_key(vehicle_id)
+
+
+def _range(prefix: str) -> str:
+    # Everything whose RowKey starts with `prefix`: prefix <= RowKey < prefix with its last
+    # character incremented (":" -> ";").
+    return (f"PartitionKey eq @pk and RowKey ge '{prefix}' and "
+            f"RowKey lt '{prefix[:-1]}{chr(ord(prefix[-1]) + 1)}'")
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    return getattr(exc, "status_code", None) in _CONFLICT_STATUSES
+
+
+class TableVehicleStateStore:
+    """`VehicleStateStore` on an Azure Table (or Azurite's)."""
+
+    def __init__(self, table: Any, *, create_table: bool = False,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], Any] = asyncio.sleep) -> None:
+        #: An `azure.data.tables.aio.TableClient`.
+        self._table = table
+        self._create_table = create_table
+        self._created = not create_table
+        self._clock = clock
+        self._sleep = sleep
+        self._marks = 0
+
+    async def _ready(self) -> None:
+        if self._created:
+            return
+        from azure.core.exceptions import ResourceExistsError
+
+        try:
+            await self._table.create_table()
+        except ResourceExistsError:
+            pass
+        self._created = True
+
+    # --- reading helpers ------------------------------------------------------------------------
+    async def _get(self, pk: str, rk: str) -> Any:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            return await self._table.get_entity(pk, rk)
+        except ResourceNotFoundError:
+            return None
+
+    async def _rows(self, pk: str, prefix: str) -> list[Any]:
+        return [entity async for entity in self._table.query_entities(
+            _range(prefix), parameters={"pk": pk})]
+
+    # --- writing ------------------------------------------------------------------------------
+    async def apply(self, event: Event, *, outbox: Outbox | None = None) -> ApplyResult:
+        if event.vehicle_id is None or event.event_type not in STORED_TYPES:
+            return ApplyResult()
+        await self._ready()
+        vehicle_id = event.vehicle_id
+        pk = _partition(vehicle_id)
+        committed: list[SignalChange] = []
+        conflicts = 0
+        for attempt in range(MAX_ATTEMPTS):
+            snapshot, state = await self._read(pk, vehicle_id, event)
+            result = plan(snapshot, event)
+            try:
+                if result.writes_anything:
+                    await self._write(pk, vehicle_id, event, snapshot, state, result, committed,
+                                      outbox)
+            except Exception as exc:
+                if not _is_conflict(exc):
+                    raise
+                conflicts += 1
+                # Full jitter: the writers that collided spread out instead of colliding again.
+                await self._sleep(random.uniform(0, min(0.005 * 2 ** attempt, 0.5)))  # noqa: S311
+                continue
+            done = tuple(committed)
+            earlier = state["event"] is not None and int(state["event"].get("chunks") or 0)
+            # Without earlier chunks (the usual case) the outbox holds exactly this apply's.
+            pending = await self._pending(pk, event.event_id, None) if earlier else tuple(
+                c for c in done if outbox is None or outbox(c))
+            return ApplyResult(
+                changes=done, stale=tuple(c for c in result.stale
+                                          if c not in {d.code for d in done}),
+                skipped=result.skipped, errors_opened=result.errors_opened,
+                errors_resolved=result.errors_resolved, conflicts_retried=conflicts,
+                pending=pending,
+            )
+        raise StoreConflictError(
+            f"vehicle {vehicle_id!r}: the state changed under each of {MAX_ATTEMPTS} attempts "
+            f"to apply event {event.event_id}; the delivery will be retried")
+
+    async def _read(self, pk: str, vehicle_id: str,
+                    event: Event) -> tuple[Snapshot, dict[str, Any]]:
+        errors_wanted = event.event_type == "VEHICLE_ERROR"
+        vehicle, event_row, signals, errors = await asyncio.gather(
+            self._get(pk, VEHICLE_ROW),
+            self._get(pk, _event_key(event.event_id)),
+            self._rows(pk, "s:") if not errors_wanted else _nothing(),
+            self._rows(pk, "e:") if errors_wanted else _nothing(),
+        )
+        by_code = {str(e["code"]): e for e in signals}
+        by_key = {error_from_row(e).key: e for e in errors}
+        updated = vehicle.get("updatedAt") if vehicle is not None else None
+        snapshot = Snapshot(
+            vehicle_id=vehicle_id,
+            signals={code: signal_from_row(e) for code, e in by_code.items()},
+            errors={key: error_from_row(e) for key, e in by_key.items()},
+            errors_applied=bool(event_row is not None and event_row.get("errorsApplied")),
+            updated_at=datetime.fromisoformat(updated) if isinstance(updated, str) else None,
+        )
+        return snapshot, {"vehicle": vehicle, "event": event_row, "signals": by_code,
+                          "errors": by_key}
+
+    async def _write(self, pk: str, vehicle_id: str, event: Event, snapshot: Snapshot,
+                     state: dict[str, Any], result: Plan, committed: list[SignalChange],
+                     outbox: Outbox | None) -> None:
+        from azure.core import MatchConditions
+        from azure.data.tables import UpdateMode
+
+        def put(rk: str, row: Row, found: Any) -> tuple[Any, ...]:
+            entity = {"PartitionKey": pk, "RowKey": rk, **row}
+            if found is None:
+                return ("create", entity)
+            return ("update", entity, {"mode": UpdateMode.REPLACE, "etag": found.metadata["etag"],
+                                       "match_condition": MatchConditions.IfNotModified})
+
+        writes: list[tuple[tuple[Any, ...], int, SignalChange | None]] = []
+        for change in result.changes:
+            row = signal_row(change.current)
+            writes.append((put(_signal_key(change.code), row, state["signals"].get(change.code)),
+                           _size(row), change))
+        errors: dict[tuple[str, str], ErrorRecord] = {
+            **snapshot.errors, **result.errors}
+        for key, record in result.errors.items():
+            row = error_row(record)
+            writes.append((put(_error_key(key), row, state["errors"].get(key)), _size(row), None))
+
+        vehicle = state["vehicle"]
+        event_row = state["event"]
+        signal_count = int(vehicle.get("signalCount") or 0) if vehicle is not None else 0
+        open_errors = (sum(1 for r in errors.values() if r.state.state == OPEN)
+                       if result.errors else
+                       int(vehicle.get("openErrors") or 0) if vehicle is not None else 0)
+        chunks = int(event_row.get("chunks") or 0) if event_row is not None else 0
+        errors_applied = bool(event_row is not None and event_row.get("errorsApplied"))
+        batches = _batches(writes)
+        for number, batch in enumerate(batches, start=1):
+            changes = [change for _, _, change in batch if change is not None]
+            signal_count += sum(1 for c in changes if c.code not in snapshot.signals)
+            ops = [op for op, _, _ in batch]
+            kept = [c for c in changes if outbox is None or outbox(c)]
+            if kept:
+                ops.append(("create", {"PartitionKey": pk,
+                                       "RowKey": f"{_outbox_prefix(event.event_id)}{chunks:05d}",
+                                       **_split(changes_text(kept, ascii_only=True))}))
+                chunks += 1
+            # Marked with the last of its errors, so a crash before then re-applies them all.
+            errors_applied = errors_applied or (result.marks_errors and number == len(batches))
+            event_props = {"eventId": event.event_id, "errorsApplied": errors_applied,
+                           "chunks": chunks}
+            vehicle_props: Row = {"vehicleId": vehicle_id, "signalCount": signal_count,
+                                  "openErrors": open_errors}
+            if result.updated_at is not None:
+                vehicle_props["updatedAt"] = result.updated_at.isoformat()
+            ops.append(put(_event_key(event.event_id), event_props, event_row))
+            ops.append(put(VEHICLE_ROW, vehicle_props, vehicle))
+            answers: Sequence[Any] = await self._table.submit_transaction(ops)
+            committed.extend(changes)
+            # The next transaction of this apply replaces what this one wrote.
+            event_row = _Written(answers[-2]["etag"], event_props)
+            vehicle = _Written(answers[-1]["etag"], vehicle_props)
+        if not batches and result.marks_errors:  # only unusable errors: still mark the event
+            await self._table.submit_transaction([put(_event_key(event.event_id), {
+                "eventId": event.event_id, "errorsApplied": True, "chunks": chunks}, event_row)])
+
+    async def _pending(self, pk: str, event_id: str, event_row: Any) -> tuple[SignalChange, ...]:
+        if event_row is None:
+            event_row = await self._get(pk, _event_key(event_id))
+        if event_row is None or event_row.get("processedAt") is not None:
+            return ()
+        if not int(event_row.get("chunks") or 0):
+            return ()
+        rows = await self._rows(pk, _outbox_prefix(event_id))
+        changes: list[SignalChange] = []
+        for row in sorted(rows, key=lambda r: str(r["RowKey"])):
+            changes.extend(changes_from_text(_join(row)))
+        return tuple(changes)
+
+    async def pending_changes(self, vehicle_id: str, event_id: str) -> tuple[SignalChange, ...]:
+        return await self._pending(_partition(vehicle_id), event_id, None)
+
+    async def is_processed(self, vehicle_id: str | None, event_id: str) -> bool:
+        await self._ready()
+        row = await self._get(_partition(vehicle_id), _event_key(event_id))
+        at = row.get("processedAt") if row is not None else None
+        return isinstance(at, int | float) and at >= self._clock() - INBOX_RETENTION_SECONDS
+
+    async def mark_processed(self, vehicle_id: str | None, event_id: str) -> None:
+        from azure.data.tables import UpdateMode
+
+        await self._ready()
+        pk = _partition(vehicle_id)
+        outbox = await self._rows(pk, _outbox_prefix(event_id))
+        ops: list[tuple[Any, ...]] = [
+            ("upsert", {"PartitionKey": pk, "RowKey": _event_key(event_id),
+                        "eventId": event_id, "processedAt": float(self._clock()), "chunks": 0},
+             {"mode": UpdateMode.MERGE}),
+            *(("delete", {"PartitionKey": pk, "RowKey": row["RowKey"]}) for row in outbox),
+        ]
+        for start in range(0, len(ops), MAX_OPERATIONS):
+            await self._table.submit_transaction(ops[start:start + MAX_OPERATIONS])
+        self._marks += 1
+        if self._marks % 1000 == 1:
+            await self._prune(pk)
+
+    async def _prune(self, pk: str) -> None:
+        """Forget processed eventIds past the retention (Table has no expiry of its own)."""
+        cutoff = self._clock() - INBOX_RETENTION_SECONDS
+        old = [row for row in await self._rows(pk, "i:")
+               if isinstance(row.get("processedAt"), int | float)
+               and row["processedAt"] < cutoff]
+        for start in range(0, len(old), MAX_OPERATIONS):
+            await self._table.submit_transaction(
+                [("delete", {"PartitionKey": pk, "RowKey": r["RowKey"]})
+                 for r in old[start:start + MAX_OPERATIONS]])
+
+    # --- reading ------------------------------------------------------------------------------
+    async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:
+        await self._ready()
+        pk = _partition(vehicle_id)
+        vehicle, signals, errors = await asyncio.gather(
+            self._get(pk, VEHICLE_ROW), self._rows(pk, "s:"), self._rows(pk, "e:"))
+        if vehicle is None:
+            return None
+        updated = vehicle.get("updatedAt")
+        records = sorted((error_from_row(e) for e in errors), key=lambda r: r.key)
+        return VehicleView(
+            vehicle_id=vehicle_id,
+            signals={str(e["code"]): signal_from_row(e) for e in signals},
+            errors=[r.state for r in records if r.state.state == OPEN],
+            updated_at=datetime.fromisoformat(updated) if isinstance(updated, str) else None,
+        )
+
+    async def list_vehicles(self, *, limit: int = 100) -> list[VehicleSummary]:
+        await self._ready()
+        rows = [e async for e in self._table.query_entities(
+            "RowKey eq @rk", parameters={"rk": VEHICLE_ROW})]
+        summaries = [
+            VehicleSummary(
+                vehicle_id=str(e["vehicleId"]),
+                updated_at=(datetime.fromisoformat(e["updatedAt"])
+                            if isinstance(e.get("updatedAt"), str) else None),
+                signal_count=int(e.get("signalCount") or 0),
+                open_errors=int(e.get("openErrors") or 0),
+            )
+            for e in rows
+        ]
+        summaries.sort(key=lambda s: (s.updated_at is None,
+                                      -(s.updated_at.timestamp() if s.updated_at else 0),
+                                      s.vehicle_id))
+        return summaries[:limit]
+
+    async def close(self) -> None:
+        await self._table.close()
+
+
+class _Written(dict[str, Any]):
+    """A row this apply has just written: what the next transaction's If-Match needs."""
+
+    def __init__(self, etag: str, previous: Any) -> None:
+        super().__init__(previous or {})
+        self.metadata = {"etag": etag}
+
+
+async def _nothing() -> list[Any]:
+    return []
+
+
+def _batches(writes: list[tuple[tuple[Any, ...], int, SignalChange | None]],
+             ) -> list[list[tuple[tuple[Any, ...], int, SignalChange | None]]]:
+    """Writes grouped into transactions within the operation count and the size limits."""
+    batches: list[list[tuple[tuple[Any, ...], int, SignalChange | None]]] = []
+    current: list[tuple[tuple[Any, ...], int, SignalChange | None]] = []
+    size = 0
+    for write in writes:
+        # The change travels twice: the signal's entity and its outbox entry (about 2x).
+        cost = write[1] * 3
+        full = len(current) >= _ENTITY_WRITES_PER_TXN or size + cost > _CHUNK_BUDGET_BYTES
+        if current and full:
+            batches.append(current)
+            current, size = [], 0
+        current.append(write)
+        size += cost
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _split(text: str) -> Row:
+    parts = [text[i:i + _PROPERTY_CHARS] for i in range(0, len(text), _PROPERTY_CHARS)] or [""]
+    return {"parts": len(parts), **{f"c{i}": part for i, part in enumerate(parts)}}
+
+
+def _join(row: Any) -> str:
+    return "".join(str(row[f"c{i}"]) for i in range(int(row.get("parts") or 0)))

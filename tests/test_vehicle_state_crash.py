@@ -1,0 +1,80 @@
+"""Incident: the process dies between the store's write and the end of the handlers.
+
+Fault: the local host (a real process, `tests.crash_host`) receives a signed VEHICLE_STATE
+over loopback HTTP; the store applies it; the `on_change` handler starts and the process is
+killed with SIGKILL (no finally blocks, no lock release, no flush). What must hold after a
+restart: the change is in the store, still pending for its event, and the restarted host
+hands the same change to `on_change` again (the outbox), then records the event as processed
+and keeps nothing pending.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.local.vehicle_state import FILE_NAME
+
+from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
+from .test_function_timeout import processed_ids
+from .test_local_host_process import base_env, free_port, host_process
+
+HOST = [sys.executable, "-m", "tests.crash_host", "--lock-duration", "2"]
+
+
+def calls(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def store_rows(state: Path, event_id: str) -> tuple[Any, Any]:
+    with sqlite3.connect(f"file:{state / FILE_NAME}?mode=ro", uri=True) as conn:
+        signal_row = conn.execute(
+            "SELECT row FROM signals WHERE code = 'tractionbattery-stateofcharge'").fetchone()
+        event_row = conn.execute(
+            "SELECT pending IS NOT NULL, processed_at FROM events WHERE event_id = ?",
+            (event_id,)).fetchone()
+    conn.close()
+    return signal_row, event_row
+
+
+def test_a_kill_between_store_and_handler_fires_on_change_after_restart(tmp_path: Path) -> None:
+    port = free_port()
+    state = tmp_path / "state"
+    env = base_env(tmp_path, port)
+    env.update(TEST_CALLS=str(tmp_path / "calls.jsonl"), TEST_CRASH="1", LOG_LEVEL="WARNING")
+    event = state_event()
+    body = encode(event)
+
+    with host_process(HOST, env, port) as proc:
+        # The host hands a stored event straight to a free worker, so the kill can beat the
+        # 200 out of the door (Smartcar would retry then); the queue had committed it either
+        # way, as the restart below shows.
+        try:
+            status = http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status
+        except ConnectionError:
+            status = 200
+        assert status == 200
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    (first,) = calls(tmp_path / "calls.jsonl")
+    assert (first["eventId"], first["previous"], first["current"]) == (event["eventId"], None, 78)
+    stored, event_row = store_rows(state, event["eventId"])
+    assert json.loads(stored[0])["value"] == "78"  # canonical JSON text of the value
+    assert event_row == (1, None)  # changes pending, not processed
+    assert processed_ids(state) == []
+
+    del env["TEST_CRASH"]
+    with host_process(HOST, env, port) as proc:
+        wait_until(lambda: processed_ids(state) == [event["eventId"]], timeout=60)
+        second = calls(tmp_path / "calls.jsonl")[1]
+        assert second["pid"] == proc.pid != first["pid"]
+    assert (second["eventId"], second["previous"], second["current"]) == (
+        event["eventId"], None, 78)
+    assert len(calls(tmp_path / "calls.jsonl")) == 2
+    _, event_row = store_rows(state, event["eventId"])
+    assert event_row[0] == 0 and event_row[1] is not None  # processed, nothing pending

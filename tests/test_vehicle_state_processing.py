@@ -1,0 +1,330 @@
+"""The store in processing: the processor applies each event before the handlers, `on_change`
+runs for what the store accepted, the inbox ends duplicates, the outbox survives a crash, and
+the low-battery example warns once per crossing.
+
+Real processor, real registry, real SQLite store; only the dead-letterer is a recording fake
+(the boundary). The crash between storing and handling with a real SIGKILL is in
+tests/test_vehicle_state_crash.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from shared import telemetry_names as names
+from shared.events import Event
+from shared.handlers import HandlerContext, HandlerRegistry, low_battery
+from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
+from shared.processor import (
+    InboundMessage,
+    Outcome,
+    outcome_record,
+    process_message,
+)
+from shared.retry import RetryCopy
+from shared.settings import load_settings
+from shared.telemetry import Telemetry
+from shared.vehicle_state import SignalChange, VehicleStateStore
+
+from .vehicle_events import SOC, T0, VEHICLE, error, signal, state_body
+
+SETTINGS = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "0", "MAX_DELIVERY_COUNT": "3"})
+
+
+class NoDeadLetters:
+    async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
+        raise AssertionError(f"unexpected dead-letter: {reason} {description}")
+
+
+class DeadLetters:
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    async def dead_letter(self, message: InboundMessage, *, reason: str, description: str) -> None:
+        self.reasons.append(reason)
+
+
+class Retries:
+    """The retry boundary: the copies the processor schedules after a handler failure."""
+
+    def __init__(self) -> None:
+        self.copies: list[RetryCopy] = []
+
+    async def schedule(self, copy: RetryCopy) -> None:
+        self.copies.append(copy)
+
+    def last(self) -> InboundMessage:
+        copy = self.copies[-1]
+        return InboundMessage(body=copy.body, message_id=copy.message_id, delivery_count=1,
+                              application_properties=copy.application_properties)
+
+
+async def no_sleep(delay: float) -> None:
+    return None
+
+
+def message(body: dict[str, Any], delivery: int = 1) -> InboundMessage:
+    return InboundMessage(body=json.dumps(body).encode(), message_id=body["eventId"],
+                          delivery_count=delivery)
+
+
+def error_body(event_id: str, *errors: dict[str, Any], delivered: int = T0) -> dict[str, Any]:
+    return {"eventId": event_id, "eventType": "VEHICLE_ERROR", "vehicleId": VEHICLE,
+            "data": {"errors": list(errors)}, "meta": {"deliveredAt": delivered}}
+
+
+class Records:
+    """handled.jsonl's lines, in memory (the OutcomeLog protocol)."""
+
+    def __init__(self) -> None:
+        self.lines: list[dict[str, Any]] = []
+
+    def append(self, record: Any) -> None:
+        self.lines.append(dict(record))
+
+    def close(self) -> None:
+        return None
+
+
+class Harness:
+    """One store, one registry with a recording on_change handler that fails on demand."""
+
+    def __init__(self, store: VehicleStateStore, telemetry: Telemetry | None = None) -> None:
+        self.store = store
+        self.telemetry = telemetry
+        self.registry = HandlerRegistry()
+        self.changes: list[tuple[str, SignalChange]] = []
+        self.fail_next = 0
+        self.log = Records()
+        self.retries = Retries()
+        self.dead_letters = DeadLetters()
+
+        @self.registry.on_change("TractionBattery.StateOfCharge")
+        async def on_charge(event: Event, change: SignalChange, context: HandlerContext) -> None:
+            self.changes.append((event.event_id, change))
+            if self.fail_next:
+                self.fail_next -= 1
+                raise RuntimeError("handler crashed after the store kept the change")
+
+    async def deliver(self, body: dict[str, Any] | InboundMessage, delivery: int = 1) -> Any:
+        inbound = body if isinstance(body, InboundMessage) else message(body, delivery)
+        return await process_message(
+            inbound, settings=SETTINGS, registry=self.registry,
+            dead_letterer=self.dead_letters, retry_sender=self.retries, sleep=no_sleep,
+            telemetry=self.telemetry, store=self.store, handled_log=self.log)
+
+
+def run(tmp_path: Path, scenario: Any, telemetry: Telemetry | None = None) -> Any:
+    async def main() -> Any:
+        store = SqliteVehicleStateStore(tmp_path / FILE_NAME)
+        try:
+            return await scenario(Harness(store, telemetry))
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+class TestOnChange:
+    def test_runs_once_per_accepted_change_and_never_for_stale_or_duplicate(
+        self, tmp_path: Path
+    ) -> None:
+        async def scenario(h: Harness) -> Any:
+            first = await h.deliver(state_body("e1", signal(value=50, oem=T0 + 1000)))
+            stale = await h.deliver(state_body("e0", signal(value=60, oem=T0)))
+            duplicate = await h.deliver(state_body("e1", signal(value=50, oem=T0 + 1000)), 2)
+            newer = await h.deliver(state_body("e2", signal(value=40, oem=T0 + 2000)))
+            return first, stale, duplicate, newer, h.changes, h.log.lines
+
+        first, stale, duplicate, newer, changes, lines = run(tmp_path, scenario)
+        assert [(r["eventId"], r.get("duplicate"), r.get("vehicleState", {}).get("changed"))
+                for r in lines] == [("e1", None, [SOC]), ("e0", None, []), ("e1", True, None),
+                                    ("e2", None, [SOC])]
+        assert lines[1]["vehicleState"]["stale"] == [SOC]
+        assert [(eid, c.previous.value if c.previous else None, c.current.value)
+                for eid, c in changes] == [("e1", None, 50), ("e2", 50, 40)]
+        assert first.outcome is Outcome.HANDLED and stale.outcome is Outcome.UNHANDLED
+        assert stale.vehicle_state.stale == (SOC,)
+        assert duplicate.outcome is Outcome.HANDLED and duplicate.duplicate
+        assert newer.vehicle_state.changes[0].current.event_id == "e2"
+
+    def test_a_handler_crash_after_the_store_wrote_fires_again_on_redelivery(
+        self, tmp_path: Path
+    ) -> None:
+        body = state_body("e1", signal(value=50))
+
+        async def scenario(h: Harness) -> Any:
+            h.fail_next = 1
+            failed = await h.deliver(body, 1)
+            assert failed.outcome is Outcome.RETRIED
+            kept = await h.store.pending_changes(VEHICLE, "e1")
+            again = await h.deliver(h.retries.last())  # the scheduled retry copy
+            after = await h.store.pending_changes(VEHICLE, "e1")
+            return kept, again, after, h.changes
+
+        kept, again, after, changes = run(tmp_path, scenario)
+        assert [c.current.value for c in kept] == [50]
+        # The redelivery stored nothing new, yet the handler got the change the crash cut off.
+        assert again.vehicle_state.changes == () and again.outcome is Outcome.HANDLED
+        assert [(eid, c.current.value) for eid, c in changes] == [("e1", 50), ("e1", 50)]
+        assert after == ()
+
+    def test_a_dead_lettered_event_is_not_in_the_inbox_so_its_replay_runs_handlers(
+        self, tmp_path: Path
+    ) -> None:
+        body = state_body("e1", signal(value=50))
+
+        async def scenario(h: Harness) -> Any:
+            h.fail_next = 3
+            outcomes = [(await h.deliver(body, 1)).outcome]
+            for _ in (2, 3):  # the retry copies; the last failure dead-letters the event
+                outcomes.append((await h.deliver(h.retries.last())).outcome)
+            processed = await h.store.is_processed(VEHICLE, "e1")
+            replay = await h.deliver(body, 1)  # `dlq replay` sends it back
+            return outcomes, h.dead_letters.reasons, processed, replay, len(h.changes)
+
+        outcomes, reasons, processed, replay, calls = run(tmp_path, scenario)
+        assert outcomes == [Outcome.RETRIED, Outcome.RETRIED, Outcome.DEAD_LETTERED]
+        assert len(reasons) == 1 and processed is False
+        assert replay.outcome is Outcome.HANDLED and not replay.duplicate and calls == 4
+
+    def test_other_handlers_also_do_not_run_again_for_a_processed_event(
+        self, tmp_path: Path
+    ) -> None:
+        seen: list[str] = []
+
+        async def scenario(h: Harness) -> Any:
+            @h.registry.on("VEHICLE_ERROR")
+            async def page(event: Event, context: HandlerContext) -> None:
+                seen.append(event.event_id)
+
+            body = error_body("x1", error())
+            first = await h.deliver(body)
+            second = await h.deliver(body, 2)
+            return first, second
+
+        first, second = run(tmp_path, scenario)
+        assert seen == ["x1"] and second.duplicate
+        assert [e.state for e in first.vehicle_state.errors_opened] == ["OPEN"]
+
+    def test_with_the_store_off_handlers_run_as_before_and_nothing_is_kept(
+        self, tmp_path: Path
+    ) -> None:
+        registry = HandlerRegistry()
+        seen: list[str] = []
+
+        @registry.on("VEHICLE_STATE")
+        async def handle(event: Event, context: HandlerContext) -> None:
+            seen.append(event.event_id)
+            assert context.vehicle_state is None
+
+        async def scenario() -> Any:
+            body = state_body("e1", signal(value=50))
+            results = [await process_message(message(body, n), settings=SETTINGS,
+                                             registry=registry, dead_letterer=NoDeadLetters(),
+                                             retry_sender=Retries(), sleep=no_sleep,
+                                             store=None) for n in (1, 2)]
+            return results
+
+        results = asyncio.run(scenario())
+        assert seen == ["e1", "e1"] and all(r.vehicle_state is None for r in results)
+        assert not (tmp_path / FILE_NAME).exists()
+
+
+class TestTelemetryAndRecords:
+    def test_counters_span_attribute_and_handled_record(self, tmp_path: Path) -> None:
+        spans = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+        reader = InMemoryMetricReader()
+        telemetry = Telemetry(tracer_provider=tracer_provider,
+                              meter_provider=MeterProvider(metric_readers=[reader]))
+
+        async def scenario(h: Harness) -> Any:
+            applied = await h.deliver(state_body(
+                "e1", signal(value=50, oem=T0 + 1000), signal("x-undated", 1, oem=None)))
+            await h.deliver(state_body("e0", signal(value=60, oem=T0)))
+            await h.deliver(state_body("e0", signal(value=60, oem=T0)), 2)
+            errors = await h.deliver(error_body(
+                "x1", error(), error("PERMISSION", "DENIED", state="RESOLVED")))
+            return applied, errors
+
+        applied, errors = run(tmp_path, scenario, telemetry)
+        points: dict[str, list[tuple[dict[str, Any], Any]]] = {}
+        for rm in reader.get_metrics_data().resource_metrics:  # type: ignore[union-attr]
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for point in metric.data.data_points:
+                        points.setdefault(metric.name, []).append(
+                            (dict(point.attributes or {}), getattr(point, "value", None)))
+        assert points[names.VEHICLE_STATE_APPLIED] == [({}, 2)]
+        assert points[names.VEHICLE_STATE_STALE] == [({}, 1)]
+        assert points[names.VEHICLE_STATE_SKIPPED] == [({"reason": "undated"}, 1)]
+        assert points[names.VEHICLE_STATE_DUPLICATES] == [({}, 1)]
+        process_spans = [s for s in spans.get_finished_spans() if s.name == names.SPAN_PROCESS]
+        assert process_spans[-1].attributes[names.ATTR_VEHICLE_ERRORS] == (
+            "OPEN COMPATIBILITY:VEHICLE_NOT_CAPABLE;RESOLVED PERMISSION:DENIED")
+        assert all(names.ATTR_VEHICLE_ERRORS not in (s.attributes or {})
+                   for s in process_spans[:-1])
+        record = outcome_record(message(state_body("e1")), "handled", event=applied.event,
+                                vehicle_state=applied.vehicle_state)
+        assert record["vehicleState"]["changed"] == [SOC, "x-undated"]
+        assert errors.vehicle_state.errors_resolved[0].code == "DENIED"
+
+
+class TestLowBattery:
+    def test_warns_once_per_crossing_below_the_threshold(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        from shared.handlers import registry as app_registry
+
+        caplog.set_level(logging.WARNING, logger=low_battery.__name__)
+        readings = [("a", 50, 1), ("b", 15, 2), ("c", 10, 3), ("old", 5, 0), ("d", 30, 4),
+                    ("e", 12, 5), ("f", 20, 6), ("g", 19.9, 7)]
+
+        async def scenario() -> None:
+            store = SqliteVehicleStateStore(tmp_path / FILE_NAME)
+            for event_id, value, second in readings:
+                await process_message(
+                    message(state_body(event_id, signal(value=value, oem=T0 + second * 1000))),
+                    settings=SETTINGS, registry=app_registry, dead_letterer=NoDeadLetters(),
+                    retry_sender=Retries(), sleep=no_sleep, store=store)
+            await store.close()
+
+        asyncio.run(scenario())
+        warned = [r.getMessage() for r in caplog.records if r.name == low_battery.__name__]
+        # 50 -> 15 crosses; 10 stays low; the older 5 is stale; 30 -> 12 crosses; 20 -> 19.9.
+        assert [m.split(" fell to ")[1].split("%")[0] for m in warned] == ["15", "12", "19.9"]
+        assert all("threshold 20.0%" in m for m in warned)
+
+    @pytest.mark.parametrize(("previous", "current", "warns"), [
+        (None, 10, True), (20, 19, True), (19, 18, False), ("n/a", 5, True), (25, 20, False),
+        (30, True, False),
+    ])
+    def test_the_crossing_rule(self, previous: Any, current: Any, warns: bool) -> None:
+        from shared.vehicle_state import SignalState
+
+        before = None if previous is None else SignalState(code=SOC, value=previous)
+        change = SignalChange(vehicle_id=VEHICLE, code=SOC, path=None, previous=before,
+                              current=SignalState(code=SOC, value=current))
+        assert low_battery.crossed_below(change, 20.0) is warns
+
+    def test_a_signal_error_before_counts_as_unknown(self) -> None:
+        from shared.vehicle_state import SignalState
+
+        change = SignalChange(
+            vehicle_id=VEHICLE, code=SOC, path=None,
+            previous=SignalState(code=SOC, status="error", error_type="T"),
+            current=SignalState(code=SOC, value=3))
+        assert low_battery.crossed_below(change, 20.0)

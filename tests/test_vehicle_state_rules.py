@@ -1,0 +1,229 @@
+"""The store's rules (shared/vehicle_state/rules.py) as properties: order-free, idempotent,
+never back in time, newest oemUpdatedAt wins.
+
+`MemoryStore` does what both backends do around the pure rules (read what the event touches,
+plan, write the plan), without I/O; tests/test_vehicle_state_store.py runs the same permutation
+property against the real SQLite backend, and the behaviour tests against both backends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.events import Event, parse_event
+from shared.vehicle_state import SignalState
+from shared.vehicle_state.rules import (
+    OPEN,
+    RESOLVED,
+    ErrorRecord,
+    Snapshot,
+    codes_of,
+    error_keys_of,
+    plan,
+    signal_rank,
+)
+
+from .vehicle_events import T0, VEHICLE
+
+
+class MemoryStore:
+    """The backends' apply, in memory: the reference the properties run on."""
+
+    def __init__(self) -> None:
+        self.signals: dict[str, SignalState] = {}
+        self.errors: dict[tuple[str, str], ErrorRecord] = {}
+        self.errors_applied: set[str] = set()
+
+    def apply(self, event: Event) -> Any:
+        snapshot = Snapshot(
+            vehicle_id=VEHICLE,
+            signals={c: self.signals[c] for c in codes_of(event) if c in self.signals},
+            errors={k: self.errors[k] for k in error_keys_of(event) if k in self.errors},
+            errors_applied=event.event_id in self.errors_applied,
+        )
+        result = plan(snapshot, event)
+        self.signals.update(result.signals)
+        self.errors.update(result.errors)
+        if result.marks_errors:
+            self.errors_applied.add(event.event_id)
+        return result
+
+    def state(self) -> tuple[dict[str, SignalState], dict[tuple[str, str], ErrorRecord]]:
+        return dict(self.signals), dict(self.errors)
+
+
+# --- strategies ------------------------------------------------------------------------------
+CODES = ["tractionbattery-stateofcharge", "charge-ischarging", "odometer-traveleddistance"]
+OEMS = [None, T0, T0 + 1000, T0 + 2000]
+ERROR_KEYS = [("COMPATIBILITY", "VEHICLE_NOT_CAPABLE"), ("COMPATIBILITY", None),
+              ("PERMISSION", "DENIED")]
+DELIVERIES = [T0, T0 + 60_000, T0 + 600_000]  # 0, 1 min (within the retry allowance), 10 min
+
+
+@st.composite
+def signal_items(draw: st.DrawFn) -> dict[str, Any]:
+    code = draw(st.sampled_from(CODES))
+    meta: dict[str, Any] = {}
+    oem = draw(st.sampled_from(OEMS))
+    if oem is not None:
+        meta["oemUpdatedAt"] = oem
+    if draw(st.booleans()):
+        meta["retrievedAt"] = T0 + 5000
+    item: dict[str, Any] = {"code": code, "meta": meta}
+    if draw(st.integers(0, 5)) == 0:
+        item["status"] = {"value": "ERROR", "error": {"type": "COMPATIBILITY",
+                                                       "code": "VEHICLE_NOT_CAPABLE"}}
+    else:
+        item["body"] = {"value": draw(st.integers(0, 3)), "unit": "percent"}
+    return item
+
+
+@st.composite
+def error_items(draw: st.DrawFn) -> dict[str, Any]:
+    error_type, code = draw(st.sampled_from(ERROR_KEYS))
+    return {"type": error_type, "code": code,
+            "state": draw(st.sampled_from(["ERROR", "RESOLVED"])),
+            "description": draw(st.sampled_from(["a", "b"])),
+            "signals": [{"code": c} for c in draw(st.lists(st.sampled_from(CODES), max_size=2))]}
+
+
+@st.composite
+def event_sets(draw: st.DrawFn) -> list[Event]:
+    count = draw(st.integers(1, 6))
+    events = []
+    for index in range(count):
+        delivered = draw(st.sampled_from(DELIVERIES))
+        if draw(st.booleans()):
+            body: dict[str, Any] = {
+                "eventId": f"e{index}", "eventType": "VEHICLE_STATE", "vehicleId": VEHICLE,
+                "data": {"signals": draw(st.lists(signal_items(), min_size=1, max_size=3))},
+                "meta": {"deliveredAt": delivered}}
+        else:
+            body = {
+                "eventId": f"e{index}", "eventType": "VEHICLE_ERROR", "vehicleId": VEHICLE,
+                "data": {"errors": draw(st.lists(error_items(), min_size=1, max_size=3))},
+                "meta": {"deliveredAt": delivered}}
+        events.append(parse_event(json.dumps(body)))
+    return events
+
+
+@st.composite
+def orders(draw: st.DrawFn, size: int) -> list[int]:
+    """Every index at least once, some twice or more, in any order."""
+    extra = draw(st.lists(st.integers(0, size - 1), max_size=size * 2))
+    return draw(st.permutations([*range(size), *extra]))
+
+
+def run(events: list[Event], order: list[int]) -> MemoryStore:
+    store = MemoryStore()
+    for index in order:
+        store.apply(events[index])
+    return store
+
+
+# --- properties ------------------------------------------------------------------------------
+class TestOrderFree:
+    @settings(max_examples=400, deadline=None)
+    @given(data=st.data())
+    def test_any_order_with_duplicates_ends_in_the_same_state(self, data: st.DataObject) -> None:
+        events = data.draw(event_sets())
+        first = data.draw(orders(len(events)))
+        second = data.draw(orders(len(events)))
+        assert run(events, first).state() == run(events, second).state()
+
+    @settings(max_examples=200, deadline=None)
+    @given(data=st.data())
+    def test_applying_an_event_again_changes_nothing(self, data: st.DataObject) -> None:
+        events = data.draw(event_sets())
+        store = run(events, list(range(len(events))))
+        before = store.state()
+        again = store.apply(events[data.draw(st.integers(0, len(events) - 1))])
+        assert again.changes == () and again.signals == {} and again.errors == {}
+        assert store.state() == before
+
+    @settings(max_examples=200, deadline=None)
+    @given(data=st.data())
+    def test_a_stored_reading_never_goes_back_in_time(self, data: st.DataObject) -> None:
+        events = data.draw(event_sets())
+        store = MemoryStore()
+        for index in data.draw(orders(len(events))):
+            before = dict(store.signals)
+            store.apply(events[index])
+            for code, state in before.items():
+                assert signal_rank(store.signals[code]) >= signal_rank(state)
+
+    @settings(max_examples=200, deadline=None)
+    @given(data=st.data())
+    def test_the_newest_oem_updated_at_wins(self, data: st.DataObject) -> None:
+        # An oracle that does not use the rules: among dated readings with distinct times, the
+        # stored value is the one with the greatest oemUpdatedAt.
+        times = data.draw(st.lists(st.integers(0, 10**6), min_size=1, max_size=8, unique=True))
+        values = {t: data.draw(st.integers()) for t in times}
+        events = [parse_event(json.dumps({
+            "eventId": f"e{i}", "eventType": "VEHICLE_STATE", "vehicleId": VEHICLE,
+            "data": {"signals": [{"code": CODES[0], "body": {"value": values[t]},
+                                  "meta": {"oemUpdatedAt": T0 + t}}]}}))
+            for i, t in enumerate(times)]
+        store = run(events, data.draw(orders(len(events))))
+        assert store.signals[CODES[0]].value == values[max(times)]
+
+
+class TestErrorRules:
+    def test_resolved_closes_an_error_it_follows_and_not_one_it_precedes(self) -> None:
+        def make(event_id: str, state: str, at: int) -> Event:
+            return parse_event(json.dumps({
+                "eventId": event_id, "eventType": "VEHICLE_ERROR", "vehicleId": VEHICLE,
+                "data": {"errors": [{"type": "T", "code": "C", "state": state}]},
+                "meta": {"deliveredAt": at}}))
+
+        key = ("T", "C")
+        late_resolve = run([make("a", "ERROR", T0), make("b", "RESOLVED", T0 + 600_000)], [1, 0])
+        assert late_resolve.errors[key].state.state == RESOLVED
+        early_resolve = run([make("a", "ERROR", T0 + 600_000), make("b", "RESOLVED", T0)], [0, 1])
+        assert early_resolve.errors[key].state.state == OPEN
+        # An ERROR restamped by Smartcar's retries (up to ~3 minutes later) does not reopen it.
+        retried = run([make("a", "ERROR", T0 + 170_000), make("b", "RESOLVED", T0)], [1, 0])
+        assert retried.errors[key].state.state == RESOLVED
+        assert retried.errors[key].state.resolved_at == datetime.fromtimestamp(T0 / 1000, UTC)
+
+
+def test_memory_store_matches_the_sqlite_backend(tmp_path: Path) -> None:
+    # The reference above is what the backends do: one fixed sequence through both.
+    from shared.local.vehicle_state import SqliteVehicleStateStore
+
+    events = _fixed_events()
+    memory = run(events, list(range(len(events))))
+    store = SqliteVehicleStateStore(tmp_path / "v.sqlite3")
+
+    async def apply_all() -> Any:
+        for event in events:
+            await store.apply(event)
+        return await store.get_vehicle(VEHICLE)
+
+    view = asyncio.run(apply_all())
+    assert view is not None
+    assert dict(view.signals) == memory.signals
+    assert list(view.errors) == [r.state for _, r in sorted(memory.errors.items())
+                                 if r.state.state == OPEN]
+
+
+def _fixed_events() -> list[Event]:
+    return [
+        parse_event(json.dumps({
+            "eventId": "s1", "eventType": "VEHICLE_STATE", "vehicleId": VEHICLE,
+            "data": {"signals": [{"code": CODES[0], "body": {"value": 1},
+                                  "meta": {"oemUpdatedAt": T0}},
+                                 {"code": CODES[1], "body": {"value": True}}]}})),
+        parse_event(json.dumps({
+            "eventId": "x1", "eventType": "VEHICLE_ERROR", "vehicleId": VEHICLE,
+            "data": {"errors": [{"type": "T", "code": "C", "state": "ERROR"},
+                                {"type": "U", "code": None, "state": "ERROR"}]},
+            "meta": {"deliveredAt": T0}})),
+    ]
