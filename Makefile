@@ -11,13 +11,15 @@ NODE_STAMP := node_modules/.installed-stamp
 PORT ?= 7071
 # Operations CLI shortcuts: make send URL=... [TYPE=state|verify|error] [TOKEN=...],
 # make stats, make dlq, make dlq-show ID=..., make dlq-replay IDS="3 4" (or IDS=--all),
-# make dlq-purge IDS=...; JSON=1 for machine-readable output. Recipes are not echoed, so a
-# URL with ?code= (the function key) or a TOKEN never appears in the output.
+# make dlq-purge IDS=..., make vehicles, make vehicles-show ID=...; JSON=1 for machine-readable
+# output. Recipes are not echoed, so a URL with ?code= (the function key) or a TOKEN never
+# appears in the output.
 URL ?= http://127.0.0.1:$(PORT)/api/webhooks/smartcar
 TYPE ?= state
 CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 
-.PHONY: run test test-browser lint bench mutate clean send stats dlq dlq-show dlq-replay dlq-purge
+.PHONY: run test test-browser lint bench mutate clean send stats dlq dlq-show dlq-replay dlq-purge \
+	vehicles vehicles-show
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@if [ -z "$(PYTHON)" ]; then \
@@ -69,6 +71,12 @@ dlq-replay: $(STAMP)
 
 dlq-purge: $(STAMP)
 	@$(CLI) dlq purge $(IDS)
+
+vehicles: $(STAMP)
+	@$(CLI) vehicles list
+
+vehicles-show: $(STAMP)
+	@$(CLI) vehicles show '$(ID)'
 
 clean:
 	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache test-artifacts mutants

@@ -29,6 +29,7 @@ from .publisher import (
 from .settings import Settings
 from .telemetry import Telemetry, get_telemetry
 from .telemetry_names import PROCESS_DEAD_LETTERED, PROCESS_RETRIED
+from .vehicle_state import ApplyResult
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class ProcessResult:
     description: str | None = None
     #: The dead-letter reason, when the outcome is DEAD_LETTERED.
     reason: str | None = None
+    #: What applying the event to the vehicle state store did (None: not applied, e.g. the
+    #: store is off, or the event is dead-lettered). The local inspector shows it per delivery.
+    state: ApplyResult | None = None
 
 
 class HandlerFailedError(RuntimeError):

@@ -17,7 +17,13 @@ from typing import Any
 from .credentials import ProcessCredential
 from .handlers import HandlerRegistry
 from .handlers import registry as default_registry
-from .processor import DeadLetterer, OutcomeLog, ServiceBusDeadLetterer
+from .processor import (
+    DeadLetterer,
+    InboundMessage,
+    OutcomeLog,
+    ProcessResult,
+    ServiceBusDeadLetterer,
+)
 from .publisher import Publisher, RememberingPublisher, build_service_bus_publisher
 from .settings import Settings, load_settings
 from .spill import (
@@ -29,6 +35,7 @@ from .spill import (
 )
 from .telemetry import configure as configure_telemetry
 from .tokens import StaticTokenProvider, TokenProvider, build_key_vault_provider
+from .vehicle_state import VehicleStateStore
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,13 @@ class Runtime:
     health_problem: Callable[[], Awaitable[str | None]] | None = None
     #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
     clock: Callable[[], float] = time.time
+    #: The vehicle state store (shared/vehicle_state) that the processor applies events to and
+    #: `GET /api/vehicles/{vehicleId}` reads; None when it is turned off.
+    vehicle_state: VehicleStateStore | None = None
+    #: Local host only: told of each message the queue function processed and its result (the
+    #: inspector shows what each delivery did to the vehicle state). Called on the event loop;
+    #: it must be quick and must not raise.
+    on_processed: Callable[[InboundMessage, ProcessResult], None] | None = None
 
     async def close(self) -> None:
         """Close the Azure clients, then the credential they share (the local host's stop).
@@ -66,7 +80,9 @@ class Runtime:
         The queue and the handled log are the local host's to close. The Python worker has no
         shutdown hook for app code, so in Azure the process exit releases them.
         """
-        for part in (self.publisher, self.redrive_publisher, self.spill, self.tokens):
+        parts = (self.publisher, self.redrive_publisher, self.spill, self.tokens,
+                 self.vehicle_state)
+        for part in parts:
             close = getattr(part, "close", None)
             if close is None:
                 continue

@@ -7,6 +7,8 @@
     python -m shared.cli dlq show ID
     python -m shared.cli dlq replay (--all | ID...)
     python -m shared.cli dlq purge (--all | ID...)
+    python -m shared.cli vehicles list [--limit N]
+    python -m shared.cli vehicles show VEHICLE_ID
 
 Every command takes --json (one JSON document on stdout). The queue is the one the app uses
 with the same settings: the embedded queue in ${LOCAL_STATE_DIR}, or Azure Service Bus when
@@ -28,6 +30,7 @@ from typing import Any, TextIO
 from ..events import peek_envelope
 from ..local.queue import QUEUE_FILE
 from ..settings import Settings, SettingsError, load_settings
+from . import vehicles_cli
 from .ops import (
     DeadLetter,
     OpsError,
@@ -100,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("ids", metavar="ID", nargs="*",
                          help="sequence numbers from `dlq list`, messageIds or eventIds")
         sub.add_argument("--all", action="store_true", help="every dead letter")
+    vehicles_cli.add_parsers(commands, json_flag, _Parser)
     return parser
 
 
@@ -322,6 +326,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         delivery = cmd_send(args, out, err)
         emit(_send_doc(delivery), _send_text(delivery))
         return EXIT_OK
+
+    if args.command in vehicles_cli.COMMANDS:
+        return vehicles_cli.run(args, emit, err, _table)
 
     if args.command == "stats":
         counts = _with_ops(lambda ops: (ops.backend, ops.stats()), err)

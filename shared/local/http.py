@@ -25,7 +25,7 @@ What it implements (RFC 9110 and 9112):
   connection, each later head within `idle_timeout`, and no body byte for `idle_timeout`
   gets 408; each closes the connection;
 - 404 for a path with no route, 405 (with `Allow`) for a route and another method, 500 when a
-  route raises.
+  route raises; routes with parameters (`/api/vehicles/{vehicleId}`) as routes.py matches them.
 """
 
 from __future__ import annotations
@@ -39,13 +39,15 @@ import re
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import parse_qsl, unquote
 
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from .routes import RouteTemplate, route_template
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +81,8 @@ class Request:
     body: bytes
     #: True when the body was longer than the limit and cut there.
     truncated: bool
+    #: The parameters of the route template that matched (routes.py), else empty.
+    route_params: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -477,10 +481,18 @@ class HttpServer:
         header_timeout: float,
         idle_timeout: float,
     ) -> None:
-        self._routes = dict(routes)
+        # Paths without parameters are one dict lookup (the webhook routes); templates such
+        # as `/api/vehicles/{vehicleId}` are tried after them, in declaration order.
+        self._routes: dict[tuple[str, str], Handler] = {}
         self._methods: dict[str, list[str]] = {}
-        for method, path in self._routes:
-            self._methods.setdefault(path, []).append(method)
+        self._templates: dict[str, tuple[RouteTemplate, dict[str, Handler]]] = {}
+        for (method, path), handler in routes.items():
+            template = route_template(path)
+            if template is None:
+                self._routes[method, path] = handler
+                self._methods.setdefault(path, []).append(method)
+            else:
+                self._templates.setdefault(path, (template, {}))[1][method] = handler
         self.body_limit = body_limit
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
@@ -583,6 +595,17 @@ class HttpServer:
         if handler is not None:
             return await handler(request)
         allowed = self._methods.get(request.path)
+        if allowed is None and self._templates:
+            raw_path = request.target.partition("?")[0]
+            for template, handlers in self._templates.values():
+                params = template.match(raw_path)
+                if params is None:
+                    continue
+                handler = handlers.get(request.method)
+                if handler is not None:
+                    return await handler(replace(request, route_params=params))
+                allowed = list(handlers)
+                break
         if allowed is None:
             return json_response(404, {"error": "not found"})
         return json_response(405, {"error": "method not allowed"},

@@ -4,7 +4,10 @@ The local host reports each HTTP request and its answer (`Recorder.http_request`
 receiver's and the processor's own OpenTelemetry spans (`shared/telemetry.py`) say what was
 decided (`outcome`, `eventType`, dead-letter reason, ...). A receive span is matched to its
 request through a context variable set while the function runs; a processing span to its
-delivery through the trace id that the message carries from the receive span.
+delivery through the trace id that the message carries from the receive span. What applying
+the event did to the vehicle state store (`ProcessResult.state`) comes through the runtime's
+`on_processed` hook, after the processing span ended, and joins that span's attempt by message
+id and delivery count.
 
 Bodies hold vehicle locations: they are kept in a bounded ring in memory (the last
 `RING_SIZE` deliveries) and never written anywhere by this module.
@@ -30,6 +33,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 
 from .. import telemetry_names as names
 from ..events import InvalidEventError, parse_event, peek_envelope
+from ..processor import InboundMessage, ProcessResult
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,9 @@ class Attempt:
     dead_letter_reason: str | None
     error_type: str | None
     duration_ms: float
+    #: `ApplyResult.to_json()` of this processing: the signals it changed, left alone as
+    #: stale or skipped, the errors it opened and resolved (None: not applied).
+    vehicle_state: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -79,6 +86,7 @@ class Attempt:
             "deadLetterReason": self.dead_letter_reason,
             "errorType": self.error_type,
             "durationMs": round(self.duration_ms, 1),
+            "vehicleState": self.vehicle_state,
         }
 
 
@@ -138,6 +146,9 @@ class Delivery:
             "utf-8", "replace"
         )
         doc["processingAttempts"] = [a.to_json() for a in self.attempts]
+        # The latest processing that applied the event: what it did to the stored state.
+        doc["vehicleState"] = next((a.vehicle_state for a in reversed(self.attempts)
+                                    if a.vehicle_state is not None), None)
         doc.update(describe_body(self.body))
         return doc
 
@@ -198,6 +209,8 @@ class Recorder:
         self._lock = threading.Lock()
         self._deliveries: OrderedDict[int, Delivery] = OrderedDict()
         self._by_trace: dict[str, int] = {}
+        # Message id -> delivery, for the vehicle state results that follow a processing span.
+        self._by_message: dict[str, int] = {}
         self._next_id = 1
         self._version = 0
         self.span_processor = _SpanTap(self)
@@ -283,7 +296,28 @@ class Recorder:
                 if trace_id:
                     self._by_trace[trace_id] = delivery.id
             delivery.attempts.append(attempt)
+            if attempt.message_id is not None:
+                self._by_message[attempt.message_id] = delivery.id
             self._touch(delivery)
+
+    # -- fed by the runtime's `on_processed` hook -------------------------------------------
+    def processed(self, message: InboundMessage, result: ProcessResult) -> None:
+        """Keep what applying the event did to the vehicle state, on the attempt (its span
+        ended just before) of this message id and delivery count; nothing to keep without."""
+        if result.state is None:
+            return
+        state = result.state.to_json()
+        with self._lock:
+            known = self._by_message.get(message.message_id)
+            delivery = self._deliveries.get(known) if known is not None else None
+            if delivery is None:
+                return
+            for attempt in reversed(delivery.attempts):
+                if (attempt.message_id == message.message_id
+                        and attempt.delivery_count == message.delivery_count):
+                    attempt.vehicle_state = state
+                    self._touch(delivery)
+                    return
 
     # -- read by the page ------------------------------------------------------------------
     def changed_since(self, version: int) -> tuple[int, list[dict[str, Any]]]:
@@ -313,6 +347,10 @@ class Recorder:
             _, dropped = self._deliveries.popitem(last=False)
             if dropped.trace_id is not None and self._by_trace.get(dropped.trace_id) == dropped.id:
                 del self._by_trace[dropped.trace_id]
+            for attempt in dropped.attempts:
+                if (attempt.message_id is not None
+                        and self._by_message.get(attempt.message_id) == dropped.id):
+                    del self._by_message[attempt.message_id]
         self._touch(delivery)
         return delivery
 
