@@ -117,9 +117,10 @@ def list_text(summaries: Sequence[VehicleSummary], limit: int, table: Table) -> 
 
 
 def _value(value: Any) -> Any:
-    if isinstance(value, dict | list):
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    return value
+    """A signal's value as JSON writes it (`true`, `{"lat":...}`); text as it is."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def show_text(view: VehicleView, table: Table) -> str:
