@@ -131,11 +131,13 @@ def build_runtime(
     publisher: Publisher | None = None,
     dead_letterer: DeadLetterer | None = None,
     credential: ProcessCredential | None = None,
+    vehicle_state: VehicleStateStore | None = None,
 ) -> Runtime:
     """Everything the functions need, for the queue backend the settings choose.
 
     The default publisher is the queue behind a spill store; a `publisher` passed in is used
-    as it is (and re-drive sends to it).
+    as it is (and re-drive sends to it). `vehicle_state` is the store the processor applies
+    events to and the read route reads.
     """
     credential = credential or ProcessCredential(settings.azure_client_id)
     queue = None
@@ -177,6 +179,7 @@ def build_runtime(
         spill=spill,
         redrive_publisher=primary,
         credential=credential,
+        vehicle_state=vehicle_state,
     )
 
 

@@ -319,6 +319,21 @@ class TestServiceBusTrigger:
         assert [r["eventId"] for r in runtime.handled_log.read()] == [event["eventId"]]
 
 
+    def test_each_result_goes_to_the_runtimes_on_processed_hook(self, runtime: Runtime) -> None:
+        # The local inspector's hook: what the processing did, per message and delivery.
+        seen: list[tuple[Any, Any]] = []
+        runtime.on_processed = lambda message, result: seen.append((message, result))
+        event = state_event()
+        metadata = service_bus_metadata(message_id=event["eventId"], delivery_count=3,
+                                        properties={})
+        asyncio.run(invoke("process_event", convert("process_event",
+                                                     meta.Datum(encode(event), "bytes"),
+                                                     metadata)))
+        ((message, result),) = seen
+        assert (message.message_id, message.delivery_count) == (event["eventId"], 3)
+        assert result.outcome == "handled" and result.event.event_id == event["eventId"]
+
+
 class TestTimerTrigger:
     def test_the_timer_redrives_what_was_spilled(self, runtime: Runtime) -> None:
         event = state_event()
