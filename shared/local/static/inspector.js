@@ -387,6 +387,10 @@ async function purgeConfirmed() {
 
 // -- vehicles (the vehicle state store) -------------------------------------------------------
 
+function localTime(iso) {
+  return iso ? new Date(iso).toLocaleString() : null;
+}
+
 function vehicleRow(summary) {
   const id = summary.vehicleId;
   return el("tr", {
@@ -396,8 +400,7 @@ function vehicleRow(summary) {
     onkeydown: (event) => activate(event, () => openVehicle(id)),
   },
   el("td", { class: "id mono", title: id, text: id }),
-  el("td", { class: "mono", text: summary.updatedAt ? new Date(summary.updatedAt).toLocaleString()
-    : "—" }),
+  el("td", { class: "mono", text: show(localTime(summary.updatedAt)) }),
   el("td", { class: "num", text: summary.signals }),
   el("td", { class: "num" }, summary.openErrors
     ? el("span", { class: "badge bad", text: summary.openErrors }) : "0"));
@@ -436,13 +439,13 @@ function renderVehicleDetail(doc) {
     ["signal", "value", "unit", "oemUpdatedAt", "status", "eventId"], signals);
   signalTable.id = "vehicle-signals";
   const errorTable = table("Open errors", ["type", "code", "count", "first seen", "last seen",
-    "description"], doc.errors.map((e) => [e.type, e.code, e.count, e.firstSeen, e.lastSeen,
-    e.description]));
+    "description"], doc.errors.map((e) => [e.type, e.code, e.count, localTime(e.firstSeen),
+    localTime(e.lastSeen), e.description]));
   errorTable.id = "vehicle-errors";
   pane.replaceChildren(
     detailHead(`Vehicle ${doc.vehicleId}`, closeVehicle),
     facts([["vehicleId", el("span", { class: "mono", text: doc.vehicleId })],
-      ["Updated", doc.updatedAt ? new Date(doc.updatedAt).toLocaleString() : null],
+      ["Updated", localTime(doc.updatedAt)],
       ["Signals", signals.length], ["Open errors", doc.errors.length]]),
     el("h3", { text: `Signals (${signals.length})` }),
     signals.length ? signalTable : el("p", { class: "muted", text: "No signal stored." }),
