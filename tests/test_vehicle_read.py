@@ -256,7 +256,7 @@ class TestLocalHostOverHttp:
         assert host.store.reads == []
 
     def test_the_store_off_is_503(self, tmp_path: Path) -> None:
-        with RunningHost(local_env(tmp_path)) as running:  # no store: VEHICLE_STATE_STORE=off
+        with RunningHost(local_env(tmp_path, VEHICLE_STATE_STORE="off")) as running:
             response = http_request(running.port, "GET",
                                     f"/api/vehicles/{VEHICLE}?code={key_of(running)}")
         assert response.status == 503
