@@ -65,9 +65,8 @@ class ProcessResult:
     description: str | None = None
     #: The dead-letter reason, when the outcome is DEAD_LETTERED.
     reason: str | None = None
-    #: What applying the event to the vehicle state store did (None: not applied, e.g. the
-    #: store is off, or the event is dead-lettered). The local inspector shows it per delivery.
-    state: ApplyResult | None = None
+    #: What the vehicle state store did with the event (None: store off, or not applied).
+    vehicle_state: ApplyResult | None = None
 
 
 class HandlerFailedError(RuntimeError):

@@ -64,15 +64,14 @@ class Runtime:
     # Local host only: what keeps the app from working although its settings are valid (the
     # queue file cannot be read), or None; `/api/health` answers 503 while there is one.
     health_problem: Callable[[], Awaitable[str | None]] | None = None
+    # Local host only: told of each message the queue function processed and its result (the
+    # inspector shows what each delivery did to the vehicle state). Called on the event loop;
+    # it must be quick and must not raise.
+    on_processed: Callable[[InboundMessage, ProcessResult], None] | None = None
     #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
     clock: Callable[[], float] = time.time
-    #: The vehicle state store (shared/vehicle_state) that the processor applies events to and
-    #: `GET /api/vehicles/{vehicleId}` reads; None when it is turned off.
+    #: The vehicle state store (shared/vehicle_state); None with VEHICLE_STATE_STORE=off.
     vehicle_state: VehicleStateStore | None = None
-    #: Local host only: told of each message the queue function processed and its result (the
-    #: inspector shows what each delivery did to the vehicle state). Called on the event loop;
-    #: it must be quick and must not raise.
-    on_processed: Callable[[InboundMessage, ProcessResult], None] | None = None
 
     async def close(self) -> None:
         """Close the Azure clients, then the credential they share (the local host's stop).
@@ -80,9 +79,8 @@ class Runtime:
         The queue and the handled log are the local host's to close. The Python worker has no
         shutdown hook for app code, so in Azure the process exit releases them.
         """
-        parts = (self.publisher, self.redrive_publisher, self.spill, self.tokens,
-                 self.vehicle_state)
-        for part in parts:
+        for part in (self.publisher, self.redrive_publisher, self.spill, self.tokens,
+                     self.vehicle_state):
             close = getattr(part, "close", None)
             if close is None:
                 continue

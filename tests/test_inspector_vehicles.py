@@ -1,5 +1,6 @@
 """The inspector's vehicle state: the Vehicles API behind its tab, and per delivery what
-processing it did to the store (`ProcessResult.state`, through the runtime's `on_processed`).
+processing it did to the store (`ProcessResult.vehicle_state`, through the runtime's
+`on_processed`).
 
 The recorder's joining is tested with the processor's real spans; the API and the hook's wiring
 with a real host process (`tests.vehicle_host`: the local host with a `MemoryVehicleStore` where
@@ -73,7 +74,7 @@ class TestTheRecorderKeepsWhatEachProcessingDid:
         older = state_body(oem_ms=OEM_MS)
         message, result = processed(older, tmp_path, telemetry)
         state = asyncio.run(store.apply(result.event))  # type: ignore[arg-type]
-        recorder.processed(message, dataclasses.replace(result, state=state))
+        recorder.processed(message, dataclasses.replace(result, vehicle_state=state))
         detail = recorder.detail(1)
         assert detail is not None
         assert detail["vehicleState"] == state.to_json()
@@ -92,7 +93,7 @@ class TestTheRecorderKeepsWhatEachProcessingDid:
         for count in (1, 2):
             message, result = processed(body, tmp_path, telemetry, delivery_count=count)
             state = asyncio.run(store.apply(result.event))  # type: ignore[arg-type]
-            recorder.processed(message, dataclasses.replace(result, state=state))
+            recorder.processed(message, dataclasses.replace(result, vehicle_state=state))
         detail = recorder.detail(1)
         assert detail is not None
         first, second = detail["processingAttempts"]
@@ -108,12 +109,11 @@ class TestTheRecorderKeepsWhatEachProcessingDid:
         message, result = processed(state_body(oem_ms=OEM_MS), tmp_path, telemetry)
         before = recorder.changed_since(0)[0]
         recorder.processed(message, result)  # the store is off: no state
-        recorder.processed(dataclasses.replace(message, delivery_count=7),
-                           dataclasses.replace(result, state=asyncio.run(
-                               MemoryVehicleStore().apply(result.event))))  # type: ignore[arg-type]
-        stranger = dataclasses.replace(message, message_id="never-processed")
-        recorder.processed(stranger, dataclasses.replace(
-            result, state=asyncio.run(MemoryVehicleStore().apply(result.event))))  # type: ignore[arg-type]
+        assert result.event is not None
+        applied = dataclasses.replace(
+            result, vehicle_state=asyncio.run(MemoryVehicleStore().apply(result.event)))
+        recorder.processed(dataclasses.replace(message, delivery_count=7), applied)
+        recorder.processed(dataclasses.replace(message, message_id="never-processed"), applied)
         assert recorder.changed_since(0)[0] == before
         detail = recorder.detail(1)
         assert detail is not None and detail["vehicleState"] is None
@@ -130,7 +130,7 @@ class TestTheRecorderKeepsWhatEachProcessingDid:
         assert recorder.ids() == [2]
         assert first[0].message_id not in recorder._by_message
         state = asyncio.run(MemoryVehicleStore().apply(first[1].event))  # type: ignore[arg-type]
-        recorder.processed(first[0], dataclasses.replace(first[1], state=state))
+        recorder.processed(first[0], dataclasses.replace(first[1], vehicle_state=state))
         detail = recorder.detail(2)
         assert detail is not None and detail["vehicleState"] is None
 

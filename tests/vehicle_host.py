@@ -6,9 +6,9 @@ Vehicles tab in Chromium). The store goes where the app's store goes: `build_run
 use.
 
 The processor applies each event to the store before its handlers (another part of the app).
-Where a build's processor has not applied it (`ProcessResult.state` is None), this host does it
-right after processing, so each delivery's `ProcessResult.state` is what this store did with it:
-that is all the inspector reads.
+Where a build's processor has not applied it (`ProcessResult.vehicle_state` is None), this host
+does it right after processing, so each delivery's `ProcessResult.vehicle_state` is what this
+store did with it: that is all the inspector reads.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ _process_message = shared.functions.process_message
 
 async def process_then_apply(message: InboundMessage, **kwargs: Any) -> ProcessResult:
     result = await _process_message(message, **kwargs)
-    if result.state is None and result.event is not None \
+    if result.vehicle_state is None and result.event is not None \
             and result.outcome is not Outcome.DEAD_LETTERED:
-        result = dataclasses.replace(result, state=await STORE.apply(result.event))
+        result = dataclasses.replace(result, vehicle_state=await STORE.apply(result.event))
     return result
 
 

@@ -5,9 +5,9 @@ receiver's and the processor's own OpenTelemetry spans (`shared/telemetry.py`) s
 decided (`outcome`, `eventType`, dead-letter reason, ...). A receive span is matched to its
 request through a context variable set while the function runs; a processing span to its
 delivery through the trace id that the message carries from the receive span. What applying
-the event did to the vehicle state store (`ProcessResult.state`) comes through the runtime's
-`on_processed` hook, after the processing span ended, and joins that span's attempt by message
-id and delivery count.
+the event did to the vehicle state store (`ProcessResult.vehicle_state`) comes through the
+runtime's `on_processed` hook, after the processing span ended, and joins that span's attempt
+by message id and delivery count.
 
 Bodies hold vehicle locations: they are kept in a bounded ring in memory (the last
 `RING_SIZE` deliveries) and never written anywhere by this module.
@@ -304,9 +304,9 @@ class Recorder:
     def processed(self, message: InboundMessage, result: ProcessResult) -> None:
         """Keep what applying the event did to the vehicle state, on the attempt (its span
         ended just before) of this message id and delivery count; nothing to keep without."""
-        if result.state is None:
+        if result.vehicle_state is None:
             return
-        state = result.state.to_json()
+        state = result.vehicle_state.to_json()
         with self._lock:
             known = self._by_message.get(message.message_id)
             delivery = self._deliveries.get(known) if known is not None else None
