@@ -302,6 +302,18 @@ class TestTheKeyInTheBanner:
         assert "x-functions-key" in process.output()
 
 
+    def test_readme_transcripts_show_the_key_as_a_placeholder(self) -> None:
+        from shared.local.host import banner
+        from shared.settings import load_settings
+
+        from .transcripts import normalise
+
+        text = banner(load_settings(local_env(Path("/tmp/unused"))), "http://127.0.0.1:7071",
+                      function_key="k" * 32)
+        lines = [normalise(line) for line in text.splitlines()]
+        assert "vehicle state: http://127.0.0.1:<port>/api/vehicles/<vehicleId>?code=<key>" in lines
+
+
 def test_the_cli_entry_point_lists_the_vehicles_command() -> None:
     result = subprocess.run([sys.executable, "-m", "shared.cli", "vehicles", "--help"],
                             capture_output=True, text=True, timeout=60,

@@ -113,6 +113,8 @@ _NORMALISE = [
     (re.compile(r"\b1\d{12}\b"), "<epoch-ms>"),  # meta.deliveredAt and friends
     (re.compile(r"Makefile:\d+"), "Makefile:<line>"),
     (re.compile(r"token=[A-Za-z0-9_-]{16,}"), "token=<token>"),
+    # The local host's per-run key for the vehicle state route (`?code=`, in its banner).
+    (re.compile(r"code=[A-Za-z0-9_-]{32}\b"), "code=<key>"),
     # The inspector's per-run token, the first segment of its URL's path.
     (re.compile(r"(:<port>)/[A-Za-z0-9_-]{32}/"), r"\1/<token>/"),
     (re.compile(r"\s+"), " "),
