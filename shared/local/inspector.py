@@ -34,6 +34,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from .. import telemetry_names as names
 from ..events import InvalidEventError, parse_event, peek_envelope
 from ..processor import InboundMessage, ProcessResult
+from ..vehicle_state import ApplyResult
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,10 @@ class Attempt:
     dead_letter_reason: str | None
     error_type: str | None
     duration_ms: float
-    #: `ApplyResult.to_json()` of this processing: the signals it changed, left alone as
-    #: stale or skipped, the errors it opened and resolved (None: not applied).
-    vehicle_state: dict[str, Any] | None = None
+    #: What this processing did to the vehicle state store: the signals it changed, left
+    #: alone as stale or skipped, the errors it opened and resolved (None: not applied). Kept
+    #: as it came (immutable) and turned into JSON only when the page asks.
+    vehicle_state: ApplyResult | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -86,7 +88,7 @@ class Attempt:
             "deadLetterReason": self.dead_letter_reason,
             "errorType": self.error_type,
             "durationMs": round(self.duration_ms, 1),
-            "vehicleState": self.vehicle_state,
+            "vehicleState": None if self.vehicle_state is None else self.vehicle_state.to_json(),
         }
 
 
@@ -147,8 +149,8 @@ class Delivery:
         )
         doc["processingAttempts"] = [a.to_json() for a in self.attempts]
         # The latest processing that applied the event: what it did to the stored state.
-        doc["vehicleState"] = next((a.vehicle_state for a in reversed(self.attempts)
-                                    if a.vehicle_state is not None), None)
+        doc["vehicleState"] = next((a["vehicleState"] for a in reversed(doc["processingAttempts"])
+                                    if a["vehicleState"] is not None), None)
         doc.update(describe_body(self.body))
         return doc
 
@@ -304,9 +306,9 @@ class Recorder:
     def processed(self, message: InboundMessage, result: ProcessResult) -> None:
         """Keep what applying the event did to the vehicle state, on the attempt (its span
         ended just before) of this message id and delivery count; nothing to keep without."""
-        if result.vehicle_state is None:
+        state = result.vehicle_state
+        if state is None:
             return
-        state = result.vehicle_state.to_json()
         with self._lock:
             known = self._by_message.get(message.message_id)
             delivery = self._deliveries.get(known) if known is not None else None
