@@ -20,6 +20,7 @@ import pytest
 
 from shared.cli import vehicles_cli
 from shared.cli.commands import main
+from shared.credentials import ProcessCredential
 from shared.settings import Settings
 
 from .support import local_env
@@ -57,9 +58,12 @@ class Factory:
     def __init__(self, store: MemoryVehicleStore | None) -> None:
         self.store = store
         self.settings: list[Settings] = []
+        self.credentials: list[ProcessCredential] = []
 
-    def __call__(self, settings: Settings) -> MemoryVehicleStore | None:
+    def __call__(self, settings: Settings, credential: ProcessCredential
+                 ) -> MemoryVehicleStore | None:
         self.settings.append(settings)
+        self.credentials.append(credential)
         return self.store
 
 
@@ -172,11 +176,17 @@ class TestTheStoreTheAppUses:
         }.items():
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("SMARTCAR_MANAGEMENT_TOKEN", raising=False)
+        monkeypatch.delenv("AZURE_CLIENT_ID", raising=False)
         factory = Factory(MemoryVehicleStore())
         monkeypatch.setattr(vehicles_cli, "open_store", factory)
         assert cli("vehicles", "list")[0] == 0
         (settings,) = factory.settings
         assert settings.queue_backend == "servicebus"
+        (credential,) = factory.credentials
+        assert credential.kind == "default"  # the operator's own sign-in, no client id set
+        monkeypatch.setenv("AZURE_CLIENT_ID", "0d9f2b4e-4d8e-4c1b-9d55-3f1b7d2a6c11")
+        assert cli("vehicles", "list")[0] == 0
+        assert factory.credentials[1].client_id == "0d9f2b4e-4d8e-4c1b-9d55-3f1b7d2a6c11"
 
     def test_store_off_fails_and_says_so(self, env: dict[str, str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,7 +208,7 @@ class TestTheStoreTheAppUses:
 
     def test_a_store_that_cannot_be_opened(self, env: dict[str, str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-        def broken(settings: Settings) -> Any:
+        def broken(settings: Settings, credential: ProcessCredential) -> Any:
             raise PermissionError("no access to the table")
 
         monkeypatch.setattr(vehicles_cli, "open_store", broken)

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
+from ..credentials import ProcessCredential
 from ..settings import Settings
 from ..vehicle_read import vehicle_id_problem
 from ..vehicle_state import VehicleStateStore, VehicleSummary, VehicleView
@@ -30,11 +31,11 @@ DEFAULT_LIMIT = 100
 Table = Callable[[Sequence[Sequence[Any]], Sequence[str]], str]
 
 
-def open_store(settings: Settings) -> VehicleStateStore | None:
-    """The store the app's settings choose; None when it is turned off."""
+def open_store(settings: Settings, credential: ProcessCredential) -> VehicleStateStore | None:
+    """The store the app's settings choose (the app's own factory); None when it is off."""
     from ..vehicle_state.factory import open_store as factory
 
-    store: VehicleStateStore | None = factory(settings)
+    store: VehicleStateStore | None = factory(settings, credential=credential)
     return store
 
 
@@ -59,15 +60,20 @@ def _with_store[T](settings: Settings,
     from .commands import Failure
 
     async def run() -> T:
-        # Opened inside the loop: the Table backend's async client belongs to it.
-        store = open_store(settings)
-        if store is None:
-            raise Failure("the vehicle state store is turned off (VEHICLE_STATE_STORE=off): "
-                          "nothing is kept to show")
+        # Opened inside the loop: the Table backend's async client belongs to it. The
+        # credential is the app's kind (its managed identity, else `az login`), closed here.
+        credential = ProcessCredential(settings.azure_client_id)
         try:
-            return await action(store)
+            store = open_store(settings, credential)
+            if store is None:
+                raise Failure("the vehicle state store is turned off (VEHICLE_STATE_STORE=off): "
+                              "nothing is kept to show")
+            try:
+                return await action(store)
+            finally:
+                await store.close()
         finally:
-            await store.close()
+            await credential.close()
 
     try:
         return asyncio.run(run())
