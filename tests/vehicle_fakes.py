@@ -56,7 +56,9 @@ class MemoryVehicleStore:
         return asyncio.run(self.apply(parse_event(body)))
 
     # -- VehicleStateStore -------------------------------------------------------------------
-    async def apply(self, event: Event) -> ApplyResult:
+    async def apply(self, event: Event, *, outbox: Any = None) -> ApplyResult:
+        """`outbox` (a `SignalChange -> bool` filter of what stays pending for the handlers)
+        as the store's branch of the interface adds it; all changes without it."""
         if event.vehicle_id is None or event.event_type not in ("VEHICLE_STATE", "VEHICLE_ERROR"):
             return ApplyResult()
         vehicle = self._vehicles.setdefault(event.vehicle_id, _Vehicle())
@@ -107,7 +109,8 @@ class MemoryVehicleStore:
             opened.append(vehicle.errors[key])
         if changes or opened or resolved:
             vehicle.updated_at = now
-        self._pending[event.vehicle_id, event.event_id] = tuple(changes)
+        self._pending[event.vehicle_id, event.event_id] = tuple(
+            c for c in changes if outbox is None or outbox(c))
         return ApplyResult(changes=tuple(changes), stale=tuple(stale), skipped=tuple(skipped),
                            errors_opened=tuple(opened), errors_resolved=tuple(resolved))
 
