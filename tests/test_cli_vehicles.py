@@ -109,7 +109,10 @@ class TestList:
         code, out, _ = cli("vehicles", "list", "--limit", "1", "--json")
         assert code == 0 and [v["vehicleId"] for v in json.loads(out)] == [OTHER]
         code, out, _ = cli("vehicles", "list", "--limit", "1")
-        assert code == 0 and "raise it for more" in out
+        assert code == 0 and "the 1 most recently updated (raise --limit for more)" in out
+        code, out, _ = cli("vehicles", "list", "--limit", "2")
+        assert code == 0 and "2 vehicle(s), most recently updated first." in out
+        assert "raise --limit" not in out
         code, _, err = cli("vehicles", "list", "--limit", "0")
         assert code == 2 and "--limit must be at least 1" in err
 

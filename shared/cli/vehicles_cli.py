@@ -92,8 +92,11 @@ def run(args: argparse.Namespace, emit: Callable[[Any, str], None], err: TextIO,
         if args.limit < 1:
             raise UsageError("--limit must be at least 1")
         limit = args.limit
-        summaries = _with_store(_settings(), lambda store: store.list_vehicles(limit=limit))
-        emit([s.to_json() for s in summaries], list_text(summaries, limit, table))
+        # One more than asked for tells whether --limit left some out.
+        found = _with_store(_settings(), lambda store: store.list_vehicles(limit=limit + 1))
+        summaries = found[:limit]
+        emit([s.to_json() for s in summaries],
+             list_text(summaries, table, more=len(found) > limit))
         return EXIT_OK
 
     problem = vehicle_id_problem(args.vehicle_id)
@@ -111,15 +114,15 @@ def _time(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds")
 
 
-def list_text(summaries: Sequence[VehicleSummary], limit: int, table: Table) -> str:
+def list_text(summaries: Sequence[VehicleSummary], table: Table, *, more: bool) -> str:
     if not summaries:
         return "No vehicle state yet: no VEHICLE_STATE or VEHICLE_ERROR has been processed."
     rows = [(s.vehicle_id, _time(s.updated_at), s.signal_count, s.open_errors)
             for s in summaries]
     text = table(rows, ("VEHICLE ID", "UPDATED", "SIGNALS", "OPEN ERRORS"))
-    more = " (the first --limit; raise it for more)" if len(summaries) >= limit else ""
-    return f"{text}\n{len(summaries)} vehicle(s), most recently updated first{more}. " \
-           "Details: vehicles show VEHICLE_ID"
+    shown = f"the {len(summaries)} most recently updated (raise --limit for more)" if more \
+        else f"{len(summaries)} vehicle(s), most recently updated first"
+    return f"{text}\n{shown}. Details: vehicles show VEHICLE_ID"
 
 
 def _value(value: Any) -> Any:
