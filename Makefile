@@ -1,11 +1,15 @@
-# The two commands: `make run` and `make test`. Both create .venv and install on first use.
+# The two commands: `make run` and `make test`. Both create .venv on first use; `make run`
+# installs what running needs, `make test` the development tools too.
 # The app runs on Python 3.13 in Azure, and azure-functions 2.x needs it: find a python3.13 on
 # PATH or in pyenv's versions (a pyenv shim whose version is not selected fails the check).
 PYTHON ?= $(shell for p in python3.13 $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3.13); do \
   $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' >/dev/null 2>&1 && { echo $$p; break; }; done)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+# Two installs: what running needs (`make run` and the operations CLI: requirements-local.txt),
+# and the development tools on top (`make test`, lint, bench: requirements-dev.txt).
+RUN_STAMP := $(VENV)/.installed-run
+DEV_STAMP := $(VENV)/.installed-dev
 # Test-only tools from npm (Azurite, Microsoft's Kusto.Language), pinned by package-lock.json.
 NODE_STAMP := node_modules/.installed-stamp
 PORT ?= 7071
@@ -21,7 +25,8 @@ CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 .PHONY: run test test-browser lint bench mutate clean send stats dlq dlq-show dlq-replay dlq-purge \
 	vehicles vehicles-show
 
-$(STAMP): requirements.txt requirements-dev.txt
+# $(call install,FILE,STAMP): a .venv on Python 3.13 (made or remade), then FILE installed.
+define install
 	@if [ -z "$(PYTHON)" ]; then \
 	  echo "Python 3.13 is required (the version the app runs on in Azure) and was not found." >&2; \
 	  echo "Install it (python.org, 'pyenv install 3.13', 'uv python install 3.13' or your package manager)," >&2; \
@@ -29,47 +34,58 @@ $(STAMP): requirements.txt requirements-dev.txt
 	  exit 1; fi
 	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null || \
 	  { test ! -e $(VENV) || echo "Recreating $(VENV) with Python 3.13"; rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
-	@touch $(STAMP)
+	@if [ -e $(2) ]; then echo "$(1) changed: updating $(VENV)"; \
+	  else echo "first run: installing dependencies into $(VENV) ($(1)); this takes a minute"; fi
+	@$(PY) -m pip install --disable-pip-version-check -q -r $(1)
+endef
+
+$(RUN_STAMP): requirements.txt requirements-local.txt
+	$(call install,requirements-local.txt,$(RUN_STAMP))
+	@touch $(RUN_STAMP)
+
+# The development install includes the running one, so it satisfies both.
+$(DEV_STAMP): requirements.txt requirements-local.txt requirements-dev.txt
+	$(call install,requirements-dev.txt,$(DEV_STAMP))
+	@touch $(DEV_STAMP) $(RUN_STAMP)
 
 $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $(NODE_STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	@PORT=$(PORT) $(PY) -m shared.local
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy shared
 
-test: $(STAMP) $(NODE_STAMP) lint
+test: $(DEV_STAMP) $(NODE_STAMP) lint
 	$(PY) -m pytest
 
 # The inspector page in a headless Chromium (needs Debian's chromium and chromium-driver; it
 # says so and skips without them, except in CI). Screenshots land in test-artifacts/inspector/.
-test-browser: $(STAMP)
+test-browser: $(DEV_STAMP)
 	$(PY) -m pytest -rs tests/test_inspector_browser.py
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(PY) -m benchmarks
 
-send: $(STAMP)
+send: $(RUN_STAMP)
 	@$(CLI) send --url '$(URL)' --type $(TYPE) $(if $(TOKEN),--token '$(TOKEN)')
 
-stats: $(STAMP)
+stats: $(RUN_STAMP)
 	@$(CLI) stats
 
-dlq: $(STAMP)
+dlq: $(RUN_STAMP)
 	@$(CLI) dlq list
 
-dlq-show: $(STAMP)
+dlq-show: $(RUN_STAMP)
 	@$(CLI) dlq show $(ID)
 
-dlq-replay: $(STAMP)
+dlq-replay: $(RUN_STAMP)
 	@$(CLI) dlq replay $(IDS)
 
-dlq-purge: $(STAMP)
+dlq-purge: $(RUN_STAMP)
 	@$(CLI) dlq purge $(IDS)
 
 vehicles: $(STAMP)
@@ -81,7 +97,7 @@ vehicles-show: $(STAMP)
 clean:
 	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache test-artifacts mutants
 
-# Mutation testing (issue 15; not part of `make test`): JSON lines on stdout, see README.
+# Mutation testing (not part of `make test`): JSON lines on stdout, see docs/testing.md.
 MUTATE_JOBS ?= 3
-mutate: $(STAMP)
+mutate: $(DEV_STAMP)
 	$(PY) -m mutation --jobs $(MUTATE_JOBS)

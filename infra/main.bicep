@@ -29,7 +29,7 @@ param maxDeliveryCount int = 5
 @description('Key Vault secret that holds the Smartcar management token (SMARTCAR_TOKEN_SECRET_NAME).')
 param tokenSecretName string = 'smartcar-management-token'
 
-@description('Key Vault create mode. After a teardown (azd down, or deleting the resource group) the vault stays soft-deleted for 90 days under its name and blocks a redeployment: \'recover\' brings it back with its secrets (for that one redeployment; README "Deploy").')
+@description('Key Vault create mode. After a teardown (azd down, or deleting the resource group) the vault stays soft-deleted for 90 days under its name and blocks a redeployment: \'recover\' brings it back with its secrets (for that one redeployment; docs/deploy.md).')
 @allowed([
   'default'
   'recover'
@@ -236,6 +236,9 @@ module workbook 'modules/workbook.bicep' = {
   }
 }
 
+// Every name the runbook (docs/operations.md) and the deploy steps use: `azd env get-values`
+// shows them, as does `az deployment group show -n smartcar-webhooks --query properties.outputs`.
+output AZURE_RESOURCE_GROUP string = resourceGroup().name
 output FUNCTION_APP_NAME string = functionApp.outputs.name
 @description('Vehicle data callback URI without the function key; add ?code=<key> when registering it with Smartcar.')
 output WEBHOOK_URL string = 'https://${functionApp.outputs.defaultHostName}/api/webhooks/smartcar'
@@ -243,6 +246,12 @@ output ERROR_WEBHOOK_URL string = 'https://${functionApp.outputs.defaultHostName
 output KEY_VAULT_NAME string = keyVault.outputs.name
 output KEY_VAULT_URI string = keyVault.outputs.uri
 output SMARTCAR_TOKEN_SECRET_NAME string = keyVault.outputs.tokenSecretName
+output SERVICEBUS_NAMESPACE_NAME string = serviceBus.outputs.name
 output SERVICEBUS_NAMESPACE_FQDN string = serviceBus.outputs.fullyQualifiedNamespace
 output SERVICEBUS_QUEUE_NAME string = serviceBus.outputs.queueName
-output AZURE_RESOURCE_GROUP string = resourceGroup().name
+@description('The Application Insights resource the queries in infra/queries/ run against (az monitor app-insights query --app).')
+output APPLICATION_INSIGHTS_NAME string = monitoring.outputs.appInsightsName
+output LOG_ANALYTICS_WORKSPACE_NAME string = monitoring.outputs.workspaceName
+output STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output SPILL_CONTAINER_NAME string = storage.outputs.spillContainerName
+output MANAGED_IDENTITY_NAME string = identity.outputs.name

@@ -9,7 +9,7 @@ param queueName = 'smartcar-events'
 param maxDeliveryCount = 5
 param tokenSecretName = 'smartcar-management-token'
 // After a teardown, redeploying into the same name: KEY_VAULT_CREATE_MODE=recover (once), or a
-// new vault name with KEY_VAULT_NAME_SUFFIX (README "Deploy").
+// new vault name with KEY_VAULT_NAME_SUFFIX (docs/deploy.md).
 param keyVaultCreateMode = readEnvironmentVariable('KEY_VAULT_CREATE_MODE', 'default')
 param keyVaultNameSuffix = readEnvironmentVariable('KEY_VAULT_NAME_SUFFIX', '')
 param maxBodyBytes = 196608

@@ -159,7 +159,7 @@ def outcome_record(
     reason: str | None = None,
     description: str | None = None,
 ) -> dict[str, Any]:
-    """One line of `handled.jsonl`: a final outcome of one message (README "What happens").
+    """One line of `handled.jsonl`: a final outcome of one message (docs/how-it-works.md).
 
     The ids come from the parsed event, or, for a payload that could not be parsed, from
     whatever of them the body holds (None when absent)."""

@@ -380,7 +380,7 @@ def load_settings(
         raise SettingsError(
             "Invalid configuration: "
             + "; ".join(problems)
-            + ". See README 'Configure' and local.settings.json.example."
+            + ". See docs/configuration.md and local.settings.json.example."
         )
     return Settings(
         in_azure=in_azure,

@@ -247,5 +247,6 @@ class TestPurge:
     def test_purge_all(self, monkeypatch: pytest.MonkeyPatch, ns: FakeNamespace) -> None:
         code, out, _ = run_cli(monkeypatch, make_ops(ns), "dlq", "purge", "--all")
         assert code == 0
-        assert out.strip() == "purged 3 dead letter(s)"
+        assert out.strip() == ("purged 3 dead letter(s) of the Service Bus queue smartcar-events "
+                               "on sb-test.servicebus.windows.net")
         assert ns.dlq == []

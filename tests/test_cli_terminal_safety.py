@@ -68,8 +68,9 @@ class TestHumanOutputEscapesWhatIsStored:
         assert result.returncode == 0, result.stderr
         assert unsafe_characters(result.stdout) == []
         lines = result.stdout.decode().splitlines()
-        assert len(lines) == 3  # header, the one row, the count: the id's newline is escaped
-        assert "evt\\x1b[2J\\x0a99" in lines[1]
+        # which queue, the header, the one row, the count: the id's newline is escaped
+        assert len(lines) == 4
+        assert "evt\\x1b[2J\\x0a99" in lines[2]
 
     def test_error_messages_escape_the_id_the_operator_pasted(self, state: Path) -> None:
         result = cli(state, "dlq", "show", "nope\x1b[2J")

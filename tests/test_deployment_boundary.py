@@ -98,3 +98,20 @@ def test_the_app_indexes_and_builds_its_azure_runtime_without_local_packages() -
                             text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) == 6
+
+
+def test_funcignore_names_directories_with_a_trailing_slash() -> None:
+    # Without the slash, a matcher that compares prefixes (and some do) would also leave out
+    # a future shared/localization.py or tests_helpers.py that the app imports.
+    patterns = [line.strip() for line in (ROOT / ".funcignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    directories = [p for p in patterns if (ROOT / p.rstrip("/")).is_dir() or p.endswith("/")]
+    assert "shared/local/" in directories and "shared/cli/" in directories
+    assert [p for p in directories if not p.endswith("/")] == []
+    assert [p for p in patterns if not p.endswith("/") and (ROOT / p).is_dir()] == []
+
+
+def test_a_module_named_like_an_ignored_directory_still_ships() -> None:
+    ignored = _ignored(["shared/localization.py", "shared/cli_helpers.py", "testsuite.py",
+                        "shared/local/host.py", "shared/cli/commands.py", "docs/deploy.md"])
+    assert ignored == {"shared/local/host.py", "shared/cli/commands.py", "docs/deploy.md"}

@@ -90,8 +90,8 @@ class TestLocalQueue:
         assert json.loads(result.stdout)["notFound"] == ["nope", 99]
         missing = cli(state, "dlq", "show", "nope")
         assert missing.returncode == 1
-        assert "no dead letter with ID nope (a sequence number, messageId or eventId" in (
-            missing.stderr)
+        assert (f"no dead letter with ID nope in the local queue {state / 'queue.sqlite3'} "
+                "(a sequence number, messageId or eventId") in missing.stderr
 
 
 class TestServiceBus:

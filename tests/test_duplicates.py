@@ -23,7 +23,7 @@ from .fakes import FakeServiceBusClient, ManualClock
 from .support import TOKEN, encode, state_event
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+HOW_IT_WORKS = (ROOT / "docs" / "how-it-works.md").read_text()
 SERVICEBUS_BICEP = (ROOT / "infra" / "modules" / "servicebus.bicep").read_text()
 
 
@@ -47,16 +47,16 @@ def human(seconds: float) -> str:
 
 
 class TestTheDocumentedWindow:
-    def test_readme_gives_the_embedded_queues_window(self, tmp_path: Path) -> None:
+    def test_the_docs_give_the_embedded_queues_window(self, tmp_path: Path) -> None:
         queue = open_local_queue(load_settings({"LOCAL_STATE_DIR": str(tmp_path)}))
         try:
             assert queue.duplicate_window == DUPLICATE_WINDOW_SECONDS
         finally:
             queue.close()
-        assert f"window: {human(DUPLICATE_WINDOW_SECONDS)} locally" in README
+        assert f"window: {human(DUPLICATE_WINDOW_SECONDS)} locally" in HOW_IT_WORKS
 
-    def test_readme_quotes_the_service_bus_window_from_the_bicep(self) -> None:
-        assert f"`{bicep_window()}` on Service Bus" in README
+    def test_the_docs_quote_the_service_bus_window_from_the_bicep(self) -> None:
+        assert f"`{bicep_window()}` on Service Bus" in HOW_IT_WORKS
 
     def test_an_instance_remembers_no_longer_than_service_bus_does(self) -> None:
         # Longer, and it would answer `duplicate` for a copy Service Bus would have taken.

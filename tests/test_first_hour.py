@@ -77,9 +77,10 @@ class TestDlqListSaysWhatTheLimitLeftOut:
         result = cli(tmp_path, "dlq", "list", "--limit", "1")
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
-        assert len(lines) == 3  # header, one row, the count
-        assert "e-1" in lines[1]
-        assert lines[2] == ("1 of 3 dead-lettered shown (raise --limit for more). "
+        assert len(lines) == 4  # which queue, header, one row, the count
+        assert lines[0] == f"Dead letters of the local queue {tmp_path / 'queue.sqlite3'}:"
+        assert "e-1" in lines[2]
+        assert lines[3] == ("1 of 3 dead-lettered shown (raise --limit for more). "
                             "Details: dlq show ID")
 
     def test_without_a_limit_reached_it_says_how_many(self, tmp_path: Path) -> None:
@@ -122,9 +123,9 @@ class TestMakeShortcutsExitStatus:
                                 capture_output=True, text=True, timeout=120)
         assert "error: no dead letter with ID 999" in result.stderr
         assert "] Error 1" in result.stderr  # make reports the CLI's status...
-        assert result.returncode == 2  # ...and exits 2 itself, as the README says
-        readme = (ROOT / "README.md").read_text()
-        assert "`make` itself exits 2" in readme
+        assert result.returncode == 2  # ...and exits 2 itself, as the runbook says
+        runbook = (ROOT / "docs" / "operations.md").read_text()
+        assert "`make` itself exits 2" in runbook
 
 
 class TestTheBannerSaysLocalIsLocal:
@@ -147,8 +148,8 @@ class TestTheBannerSaysLocalIsLocal:
 
     def test_readme_walks_through_a_tunnel_to_a_real_delivery(self) -> None:
         readme = (ROOT / "README.md").read_text()
-        start = readme.index("### Receive real deliveries on your machine")
-        section = readme[start: readme.index("\n### ", start + 1)]
+        start = readme.index("\n## Receive real deliveries on your machine\n")
+        section = readme[start: readme.index("\n## ", start + 1)]
         for step in ("devtunnel host -p 7071 --allow-anonymous", "ngrok http 7071",
                      "`https://<tunnel>/api/webhooks/smartcar`", "`VERIFY`",
                      "Send a test event from the webhook's page in the Smartcar Dashboard",

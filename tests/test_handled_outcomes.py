@@ -25,7 +25,7 @@ from .support import (
     wait_until,
 )
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+HOW_IT_WORKS = (Path(__file__).resolve().parent.parent / "docs" / "how-it-works.md").read_text()
 CONTRACT_FIELDS = {"eventId", "eventType", "vehicleId", "deliveryCount"}
 
 
@@ -97,10 +97,10 @@ class TestEveryFinalOutcomeIsRecorded:
         assert [r["eventId"] for r in host.handled()].count("poison-1") == 1
 
 
-class TestTheReadmeSaysWhatIsRecorded:
-    def test_readme_names_each_outcome_and_the_fields(self, host: RunningHost) -> None:
-        section = re.search(r"Locally, every final outcome.*?\n\n", README, re.S)
-        assert section is not None, "README no longer explains handled.jsonl"
+class TestTheDocsSayWhatIsRecorded:
+    def test_the_docs_name_each_outcome_and_the_fields(self, host: RunningHost) -> None:
+        section = re.search(r"Locally, every final outcome.*?\n\n", HOW_IT_WORKS, re.S)
+        assert section is not None, "docs/how-it-works.md no longer explains handled.jsonl"
         text = section.group(0)
         for outcome in ("handled", "unhandled", "dead_lettered"):
             assert f"`{outcome}`" in text
@@ -109,4 +109,4 @@ class TestTheReadmeSaysWhatIsRecorded:
         event = state_event(data="oops")
         post(host, event)
         for field in record_of(host, event["eventId"]):
-            assert f"`{field}`" in text, f"README does not name the field {field}"
+            assert f"`{field}`" in text, f"docs/how-it-works.md does not name the field {field}"

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
+import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +25,11 @@ from typing import Any
 
 import pytest
 
-from shared.cli.simulate import build_event
+from shared.cli.simulate import Shape, build_event
 from shared.signature import sign
 
 from .inspector_host import REPO, HostProcess
+from .support import TOKEN
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -369,6 +374,178 @@ class TestVehiclesInChromium:
                 "no horizontal scrolling at 420 px")
             errors_logged = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
             assert errors_logged == [], errors_logged
+
+
+# The app's own handlers, plus one that takes 0.3 s and then fails for one vehicle: the page
+# must show its exception and its own run time, apart from the 1 s backoff between attempts.
+FAILING_VEHICLE = "car-that-fails"
+FAILING_HOST = textwrap.dedent(
+    f"""
+    import runpy, sys, time
+    from shared.handlers import registry
+
+    @registry.on_signal("Charge.IsCharging")
+    def refuse_while_charging(event, signal, context):
+        if event.vehicle_id == "{FAILING_VEHICLE}":
+            time.sleep(0.3)
+            raise ValueError(f"charging state rejected for {{event.vehicle_id}}")
+
+    sys.argv = ["shared.local"]
+    runpy.run_module("shared.local", run_name="__main__", alter_sys=True)
+    """
+)
+BACKOFF_MS = 1000
+
+# Every word of every visible table cell, checked for being laid out on more than one line.
+BROKEN_TOKENS = """
+const broken = [];
+for (const td of document.querySelectorAll("td")) {
+  if (!td.getClientRects().length) continue;
+  const walker = document.createTreeWalker(td, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    for (const m of node.data.matchAll(/\\S+/g)) {
+      const range = document.createRange();
+      range.setStart(node, m.index);
+      range.setEnd(node, m.index + m[0].length);
+      const tops = new Set([...range.getClientRects()].filter((r) => r.width > 0)
+        .map((r) => Math.round(r.top)));
+      if (tops.size > 1) broken.push(m[0]);
+    }
+  }
+}
+return broken;
+"""
+
+
+def milliseconds(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+) ms", text.strip())
+    assert match is not None, f"not a duration: {text!r}"
+    return float(match.group(1))
+
+
+def select(driver: Any, element_id: str, value: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    until(driver, lambda d: value in [o.get_attribute("value") for o in
+                                      Select(d.find_element("id", element_id)).options],
+          f"the option {value!r} in #{element_id}")
+    Select(driver.find_element("id", element_id)).select_by_value(value)
+
+
+def type_into(driver: Any, element_id: str, text: str) -> None:
+    field = driver.find_element("id", element_id)
+    field.clear()
+    if text:
+        field.send_keys(text)
+    else:  # clear() fires no input event
+        driver.execute_script(
+            "arguments[0].dispatchEvent(new Event('input', {bubbles: true}))", field)
+
+
+def shown_event_ids(driver: Any) -> list[str]:
+    return [r["eventId"] for r in rows(driver, "deliveries")]
+
+
+class TestInspectorAdditionsInChromium:
+    def test_errors_handler_time_copy_as_curl_resend_filter_and_unbroken_words(
+        self, tmp_path: Path, browser: Any
+    ) -> None:
+        from selenium.webdriver.common.by import By
+
+        host = HostProcess(tmp_path, python=[sys.executable, "-c", FAILING_HOST], extra_env={
+            "MAX_DELIVERY_COUNT": "2", "RETRY_BACKOFF_BASE_SECONDS": str(BACKOFF_MS / 1000),
+            "RETRY_BACKOFF_MAX_SECONDS": str(BACKOFF_MS / 1000)})
+        with host:
+            browser.get(host.url)
+            failing = build_event("state", shape=Shape(vehicle_id=FAILING_VEHICLE))
+            state, error, forged = build_event("state"), build_event("error"), build_event("state")
+            assert host.post(failing).status == 200
+            assert host.post(state).status == 200
+            assert host.post(error, path="/api/webhooks/smartcar/errors").status == 200
+            assert host.post(forged, signature=sign("not-the-token", forged)).status == 401
+            until(browser, lambda d: (row(d, "deliveries", event_id(failing)) or {}).get(
+                "processing") == "dead_lettered", "the failing event dead-lettered")
+            until(browser, lambda d: (row(d, "deliveries", event_id(state)) or {}).get(
+                "processing") == "handled", "the state event handled")
+
+            # A failed attempt: its exception type and message, and the handler's own time.
+            click_row(browser, "deliveries", event_id(failing))
+            attempts = until(browser, lambda d: (lambda a: a if len(a) == 2 else None)(
+                cells(d, "attempts")), "two attempts of the failing event")
+            for attempt in attempts:
+                assert f"ValueError: charging state rejected for {FAILING_VEHICLE}" in attempt[3]
+                handler_ms, function_ms = milliseconds(attempt[4]), milliseconds(attempt[5])
+                assert 250 <= handler_ms < BACKOFF_MS, f"the handler ran ~300 ms: {attempt}"
+                assert handler_ms <= function_ms
+            listed = row(browser, "deliveries", event_id(failing))
+            assert listed is not None and re.search(r"\b\d{3}(\.\d)? ms\b", listed["text"])
+            assert "ValueError" in listed["text"]
+            screenshot(browser, "failed-attempts")
+
+            # No replay of what did not verify.
+            click_row(browser, "deliveries", event_id(forged))
+            until(browser, lambda d: "signature_rejected" in text_of(d, "delivery-detail"),
+                  "the forged delivery's detail")
+            assert browser.find_elements(By.ID, "copy-curl") == []
+            assert browser.find_elements(By.ID, "resend") == []
+
+            # Copy as curl: the original bytes and signature, so the copy still verifies.
+            click_row(browser, "deliveries", event_id(state))
+            until(browser, lambda d: d.find_elements(By.ID, "copy-curl"), "Copy as curl")
+            browser.find_element(By.ID, "copy-curl").click()
+            command = until(browser, lambda d: text_of(d, "curl-command"), "the curl command")
+            assert sign(TOKEN, state) in command
+            sent = subprocess.run(["bash", "-c", command], capture_output=True, text=True,
+                                  timeout=30, check=True)
+            assert json.loads(sent.stdout) == {"status": "duplicate",
+                                               "eventId": event_id(state)}
+            screenshot(browser, "copy-as-curl")
+
+            # Resend from the page: the same bytes and signature, answered duplicate.
+            browser.find_element(By.ID, "resend").click()
+            until(browser, lambda d: "HTTP 200" in text_of(d, "status")
+                  and '"duplicate"' in text_of(d, "status"), "the resend's answer")
+            until(browser, lambda d: sorted(r["outcome"] for r in rows(d, "deliveries")
+                                            if r["eventId"] == event_id(state))
+                  == ["accepted", "duplicate", "duplicate"], "the curl copy and the resend")
+
+            # The filter: by outcome, eventType, vehicleId and any text.
+            select(browser, "filter-outcome", "dead_lettered")
+            until(browser, lambda d: shown_event_ids(d) == [event_id(failing)],
+                  "only the dead-lettered delivery")
+            select(browser, "filter-outcome", "")
+            select(browser, "filter-eventType", "VEHICLE_ERROR")
+            until(browser, lambda d: shown_event_ids(d) == [event_id(error)],
+                  "only the VEHICLE_ERROR delivery")
+            assert "(1 of 6)" in text_of(browser, "count-deliveries")
+            select(browser, "filter-eventType", "")
+            type_into(browser, "filter-vehicleId", "that-fails")
+            until(browser, lambda d: shown_event_ids(d) == [event_id(failing)],
+                  "only the failing vehicle")
+            type_into(browser, "filter-vehicleId", "")
+            type_into(browser, "filter-text", "charging state REJECTED")
+            until(browser, lambda d: shown_event_ids(d) == [event_id(failing)],
+                  "the error message found by text")
+            type_into(browser, "filter-text", event_id(forged)[:13])
+            until(browser, lambda d: shown_event_ids(d) == [event_id(forged)],
+                  "the forged delivery found by its eventId")
+            type_into(browser, "filter-text", "no such delivery")
+            until(browser, lambda d: d.find_element(By.ID, "deliveries-filtered").is_displayed(),
+                  "says nothing matches")
+            type_into(browser, "filter-text", "")
+            until(browser, lambda d: len(rows(d, "deliveries")) == 6, "all six again")
+            screenshot(browser, "filtered")
+
+            # No word broken mid-token in any table cell, wide, beside a detail, and narrow.
+            click_row(browser, "deliveries", event_id(failing))
+            until(browser, lambda d: cells(d, "attempts"), "the failing event's detail")
+            for width in (1280, 900, 700, 420):
+                browser.set_window_size(width, 800)
+                assert browser.execute_script(BROKEN_TOKENS) == [], f"at {width} px"
+            screenshot(browser, "narrow-detail")
+
+            errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+            assert errors == [], errors
 
 
 def test_a_missing_browser_skips_locally_but_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -138,7 +138,7 @@ def workbook_panels(path: Path = WORKBOOK) -> dict[str, str]:
 # What the workbook panels and the alerts read from each query's result.
 # ---------------------------------------------------------------------------------------------
 # The workbook shows each query as a table: these are its columns, in order, as Kusto types
-# them. README "Observe" names the ones an operator reads (unavailable, rejected, p99, ...).
+# them. docs/operations.md "Observe" names the ones an operator reads (unavailable, rejected, p99, ...).
 PANEL_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "delivery_success_rate.kql": [
         ("timestamp", "datetime"), ("total", "real"), ("succeeded", "real"),

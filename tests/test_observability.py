@@ -519,11 +519,11 @@ def _no_leftover_telemetry() -> Iterator[None]:
     set_telemetry(None)
 
 
-class TestReadme:
+class TestRunbook:
     def test_observe_section_follows_its_marker_and_covers_queries_and_alerts(self) -> None:
-        readme = (ROOT / "README.md").read_text()
-        assert "<!-- section: observe -->\n\n## Observe\n" in readme
-        section = readme.split("\n## Observe\n", 1)[1].split("\n## ", 1)[0]
+        runbook = (ROOT / "docs" / "operations.md").read_text()
+        assert "<!-- section: observe -->\n\n## Observe\n" in runbook
+        section = runbook.split("\n## Observe\n", 1)[1].split("\n## ", 1)[0]
         assert "az monitor app-insights query --app" in section
         assert '--analytics-query "$(cat infra/queries/' in section
         for path in QUERY_FILES:

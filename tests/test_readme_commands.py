@@ -1,14 +1,15 @@
-"""The README's commands are run, and print what the README shows beside them.
+"""The README's and docs' commands are run, and print what the pages show beside them.
 
-Every local command in a README code block (`make ...`, `python -m shared.cli ...`, `curl`
-against the local host) must sit in a ```console transcript, and every such transcript is run
-here: against a real `make run` on a free port with a fresh LOCAL_STATE_DIR, each command in
-one bash session, and its output compared with the lines shown after it (after `normalise`:
-ids, times, hashes and ports may differ; `...` stands for any lines). Commands for Azure and
-for the tools this machine does not have (`az`, `azd`, `func`, `devtunnel`, `ngrok`, any
-https:// URL) are not run.
-
-To run one transcript: `pytest tests/test_readme_commands.py -k <README line>`.
+Every local command in a code block of the README or of a page in docs/ (`make ...`,
+`python -m shared.cli ...`, `curl` against the local host) must sit in a ```console
+transcript, and every such transcript is run here, in the order a reader meets them: the
+README first, then the pages in the order its "More documentation" table lists them. All of
+them run in ONE workspace: one real `make run` on a free port, one LOCAL_STATE_DIR, so an
+example that only works on a fresh queue (a sequence number, an empty dead-letter queue)
+fails. Each transcript's commands run in one bash session, and their output is compared with
+the lines shown after them (after `normalise`: ids, times, hashes and ports may differ; `...`
+stands for any lines). Commands for Azure and for the tools this machine does not have (`az`,
+`azd`, `func`, `devtunnel`, `ngrok`, any https:// URL) are not run.
 """
 
 from __future__ import annotations
@@ -43,8 +44,24 @@ LOCAL_COMMAND = re.compile(
 # Local commands that no transcript runs, and why.
 NOT_RUN = {
     "make test": "the suite this test is part of",
+    "make test-browser": "a test of its own (tests/test_inspector_browser.py)",
+    "make bench": "the benchmarks: tests/test_benchmarks.py runs them in --quick mode",
 }
 BANNER_END = "Press Ctrl-C to stop."
+
+
+def reading_order() -> list[str]:
+    """README.md, then each docs page in the order the README's table links it."""
+    table = README.split("\n## More documentation\n", 1)[1].split("\n## ", 1)[0]
+    pages = list(dict.fromkeys(re.findall(r"^\| \[[^\]]+\]\((docs/[\w.-]+\.md)\)", table,
+                                          re.M)))
+    unlisted = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")
+                      if str(p.relative_to(ROOT)) not in pages)
+    return ["README.md", *pages, *unlisted]
+
+
+def page_blocks() -> list[Block]:
+    return [b for page in reading_order() for b in blocks((ROOT / page).read_text(), page)]
 
 
 def first_word(command: str) -> str:
@@ -65,14 +82,14 @@ def runnable(block: Block) -> bool:
 
 
 def transcripts() -> list[Block]:
-    return [b for b in blocks(README) if runnable(b)]
+    return [b for b in page_blocks() if runnable(b)]
 
 
 class TestEveryLocalCommandIsRun:
     def test_local_commands_appear_only_in_transcripts_that_are_run(self) -> None:
         stray = [
-            f"README.md:{line}: {command.splitlines()[0]}"
-            for block in blocks(README) if not runnable(block)
+            f"{block.source}:{line}: {command.splitlines()[0]}"
+            for block in page_blocks() if not runnable(block)
             for line, command in commands_of(block)
             if is_local(command) and command.strip() not in NOT_RUN
         ]
@@ -82,11 +99,21 @@ class TestEveryLocalCommandIsRun:
             "output in a transcript of their own"
         )
 
-    def test_the_readme_has_transcripts_and_they_hold_local_commands(self) -> None:
+    def test_the_pages_have_transcripts_and_they_hold_local_commands(self) -> None:
         run = [c for b in transcripts() for _, c in commands_of(b) if is_local(c)]
         assert any(c.startswith("make run") for c in run)
         assert any("python -m shared.cli dlq" in c for c in run)
         assert any(c.startswith("curl") for c in run)
+        assert {b.source for b in transcripts()} >= {"README.md", "docs/operations.md"}
+
+    def test_the_readme_comes_first_then_its_table_of_pages(self) -> None:
+        order = reading_order()
+        assert order[0] == "README.md"
+        assert set(order[1:]) == {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
+        assert order.index("docs/how-it-works.md") < order.index("docs/operations.md")
+        # The host starts in the README's first transcript, before anything is sent to it.
+        first = transcripts()[0]
+        assert (first.source, commands_of(first)[0][1]) == ("README.md", "make run")
 
 
 # -- running a transcript ----------------------------------------------------------------------
@@ -190,9 +217,9 @@ def localise(command: str, port: int) -> str:
 def mismatch(block: Block, line: int, command: str, expected: list[str], actual: list[str],
              status: int | None = None) -> str:
     return (
-        f"{block.where}, README line {line}: `{command}`"
+        f"{block.where}, line {line}: `{command}`"
         + (f" (exit status {status})" if status is not None else "")
-        + "\n--- README shows (normalised) ---\n" + "\n".join(expected)
+        + f"\n--- {block.source} shows (normalised) ---\n" + "\n".join(expected)
         + "\n--- it printed (normalised) ---\n" + "\n".join(actual)
     )
 
@@ -203,15 +230,11 @@ def workspace(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
     yield tmp_path / "state", port, inspector
 
 
-@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(),
-                    reason="the transcripts use the .venv that make test (or make run) created")
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize("block", transcripts(), ids=lambda b: f"line{b.line}")
-def test_readme_transcript(block: Block, workspace: tuple[Path, int, int]) -> None:
-    state, port, inspector = workspace
-    env = transcript_env(state, port, inspector)
+def run_block(block: Block, env: dict[str, str], state: Path, port: int,
+              host: Host | None) -> Host | None:
+    """Run one transcript against the workspace's host (starting it at a `make run`, or
+    when none runs yet); returns the host, still running."""
     shown = {str(state): ".local"}
-    host: Host | None = None
     shell = TranscriptShell(ROOT, env)
     try:
         for step in block.steps():
@@ -235,5 +258,21 @@ def test_readme_transcript(block: Block, workspace: tuple[Path, int, int]) -> No
                                                        expected, actual, status)
     finally:
         shell.close()
+    return host
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "python").exists(),
+                    reason="the transcripts use the .venv that make test (or make run) created")
+@pytest.mark.timeout(900)
+def test_every_transcript_in_reading_order_in_one_workspace(
+        workspace: tuple[Path, int, int]) -> None:
+    """As a reader would: README first, then each page, one `make run`, one queue."""
+    state, port, inspector = workspace
+    env = transcript_env(state, port, inspector)
+    host: Host | None = None
+    try:
+        for block in transcripts():
+            host = run_block(block, env, state, port, host)
+    finally:
         if host is not None:
             host.stop()

@@ -1,4 +1,4 @@
-"""README transcripts: the ```console blocks, parsed into commands and the output shown.
+"""Transcripts in the README and docs/: the ```console blocks, parsed into commands and output.
 
 A transcript is a fenced block with the info string `console`. A line starting with `$ ` is a
 command (a line ending in a backslash continues on the next line); every other line until the
@@ -38,6 +38,7 @@ class Block:
     line: int  # 1-based line of the opening fence
     heading: str
     lines: list[str]
+    source: str = "README.md"  # the page, relative to the repository
 
     def steps(self) -> list[Step]:
         steps: list[Step] = []
@@ -48,7 +49,8 @@ class Block:
             elif text.startswith("$ "):
                 steps.append(Step(text[2:], offset))
             elif not steps:
-                raise ValueError(f"README line {offset}: transcript output before any `$ ` command")
+                raise ValueError(f"{self.source} line {offset}: transcript output before any "
+                                 "`$ ` command")
             else:
                 steps[-1].expected.append(text)
             continuing = (continuing or text.startswith("$ ")) and text.endswith("\\")
@@ -56,10 +58,10 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"README.md:{self.line} ({self.heading})"
+        return f"{self.source}:{self.line} ({self.heading})"
 
 
-def blocks(markdown: str) -> list[Block]:
+def blocks(markdown: str, source: str = "README.md") -> list[Block]:
     found: list[Block] = []
     heading = ""
     current: Block | None = None
@@ -69,14 +71,14 @@ def blocks(markdown: str) -> list[Block]:
             if text.startswith("#"):
                 heading = text.lstrip("#").strip()
             elif fence:
-                current = Block(fence.group(1), number, heading, [])
+                current = Block(fence.group(1), number, heading, [], source)
         elif text.startswith("```"):
             found.append(current)
             current = None
         else:
             current.lines.append(text)
     if current is not None:
-        raise ValueError(f"README line {current.line}: code block never closed")
+        raise ValueError(f"{source} line {current.line}: code block never closed")
     return found
 
 
@@ -111,7 +113,6 @@ _NORMALISE = [
     (re.compile(r"\b[0-9a-f]{64}\b"), "<hex>"),
     (re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)?"), "<time>"),
     (re.compile(r"\b1\d{12}\b"), "<epoch-ms>"),  # meta.deliveredAt and friends
-    (re.compile(r"Makefile:\d+"), "Makefile:<line>"),
     (re.compile(r"token=[A-Za-z0-9_-]{16,}"), "token=<token>"),
     # The local host's per-run key for the vehicle state route (`?code=`, in its banner).
     (re.compile(r"code=[A-Za-z0-9_-]{32}\b"), "code=<key>"),

@@ -1,6 +1,6 @@
 // Alert rules and where they notify: any dead-lettered event on the queue (a metric alert), and
 // log alerts over Application Insights that run the ops queries in infra/queries/*.kql: the same
-// files an operator runs by hand (README "Observe"). Each rule loads its file and appends only
+// files an operator runs by hand (docs/operations.md). Each rule loads its file and appends only
 // its threshold, so the query and the alert cannot drift apart.
 
 @description('Name prefix for alert resources.')

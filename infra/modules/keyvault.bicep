@@ -1,6 +1,6 @@
 // Key Vault for the Smartcar management token (the webhook signing secret). RBAC only, soft
 // delete and purge protection on. The secret's VALUE is normally set after deployment
-// (README "Deploy"); it is created here only when the optional secure parameter is given.
+// (docs/deploy.md); it is created here only when the optional secure parameter is given.
 //
 // Purge protection means a deleted vault (resource group deleted, `azd down`) stays soft-deleted
 // under its name for softDeleteRetentionInDays and cannot be purged early, so a redeployment with

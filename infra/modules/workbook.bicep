@@ -28,7 +28,7 @@ var workbook = {
       type: 1
       name: 'intro'
       content: {
-        json: 'Are we receiving, are we processing, what failed and why. The queries are the files in infra/queries/ (README "Observe").'
+        json: 'Are we receiving, are we processing, what failed and why. The queries are the files in infra/queries/ (docs/operations.md).'
       }
     }
     {

@@ -1,7 +1,9 @@
 """Operations CLI: smoke-test a deployment and work the dead-letter queue.
 
     python -m shared.cli send --url URL [--token T] [--type verify|state|error]
-                              [--file PAYLOAD.json] [--unsigned]
+                              [--file PAYLOAD.json] [--unsigned] [--event-id ID]
+                              [--vehicle-id ID] [--set Group.Name=value ...]
+                              [--oem-updated-at TIME]
     python -m shared.cli stats
     python -m shared.cli dlq list [--limit N]
     python -m shared.cli dlq show ID
@@ -42,7 +44,17 @@ from .ops import (
     open_ops,
     resolve_ids,
 )
-from .simulate import EVENT_TYPES, Delivery, DeliveryError, build_event, check_url, deliver
+from .simulate import (
+    EVENT_TYPES,
+    Delivery,
+    DeliveryError,
+    Shape,
+    build_event,
+    check_url,
+    deliver,
+    parse_signal_setting,
+    parse_timestamp_ms,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -87,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--file", type=Path,
                       help="send this payload, signed byte for byte ('-': standard input)")
     send.add_argument("--unsigned", action="store_true", help="send without SC-Signature")
+    send.add_argument("--event-id", help="the event's eventId (default: a new UUID); the same "
+                      "id twice within the duplicate window is answered `duplicate`")
+    send.add_argument("--vehicle-id", help="the vehicleId (default: the template's vehicle)")
+    send.add_argument("--set", action="append", default=[], dest="signals",
+                      metavar="Group.Name=value",
+                      help="set a signal of --type state, e.g. TractionBattery.StateOfCharge=12 "
+                           "(value read as JSON when it is JSON, else a string); repeatable")
+    send.add_argument("--oem-updated-at", metavar="TIME",
+                      help="every signal's oemUpdatedAt: epoch ms or ISO-8601 with offset "
+                           "(default: 2 s before now); an older time than the vehicle's "
+                           "last update tries an out-of-order delivery")
 
     commands.add_parser("stats", parents=[json_flag], help="message counts of the queue")
 
@@ -123,13 +146,20 @@ def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
         raise UsageError(problem)
     if args.file is not None and args.event_type is not None:
         raise UsageError("use --type or --file, not both")
+    shape = _shape(args)
+    if args.file is not None and not shape.empty:
+        raise UsageError("--file sends its bytes as they are: --event-id, --vehicle-id, --set "
+                         "and --oem-updated-at shape a built event (--type)")
     if args.file is not None:
         try:
             body = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
         except OSError as exc:
             raise UsageError(f"cannot read --file {args.file}: {exc.strerror or exc}") from None
     else:
-        body = build_event(args.event_type or "state")
+        try:
+            body = build_event(args.event_type or "state", shape=shape)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     token = args.token
     # Unsigned, a token is needed only to check a VERIFY answer.
     needs_token = not args.unsigned or _is_verify(body)
@@ -149,6 +179,19 @@ def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
     except DeliveryError as exc:
         raise Failure(str(exc), status=exc.status, body=exc.body) from None
     return delivery
+
+
+def _shape(args: argparse.Namespace) -> Shape:
+    try:
+        signals = tuple(parse_signal_setting(text) for text in args.signals)
+        oem = None if args.oem_updated_at is None else parse_timestamp_ms(args.oem_updated_at)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for name, value in (("--event-id", args.event_id), ("--vehicle-id", args.vehicle_id)):
+        if value is not None and not value.strip():
+            raise UsageError(f"{name} must not be empty")
+    return Shape(event_id=args.event_id, vehicle_id=args.vehicle_id, signals=signals,
+                 oem_updated_at_ms=oem)
 
 
 def printable(text: str, *, keep: str = "") -> str:
@@ -238,9 +281,9 @@ def _listing(ops: QueueOps, limit: int) -> tuple[list[DeadLetter], int | None]:
     return entries[:limit], total
 
 
-def _list_text(entries: list[DeadLetter], total: int | None = None) -> str:
+def _list_text(where: str, entries: list[DeadLetter], total: int | None = None) -> str:
     if not entries:
-        return "The dead-letter queue is empty."
+        return f"The dead-letter queue of {where} is empty."
     rows = [
         (e.sequence_number, e.event_type, e.event_id, e.reason, e.delivery_count,
          e.enqueued_time.isoformat(timespec="seconds") if e.enqueued_time else None,
@@ -254,7 +297,7 @@ def _list_text(entries: list[DeadLetter], total: int | None = None) -> str:
     else:
         of = f"{total}" if total is not None else f"more than {len(entries)}"
         count = f"{len(entries)} of {of} dead-lettered shown (raise --limit for more)."
-    return f"{table}\n{count} Details: dlq show ID"
+    return f"Dead letters of {where}:\n{table}\n{count} Details: dlq show ID"
 
 
 def _show_text(doc: dict[str, Any]) -> str:
@@ -298,17 +341,18 @@ def _on_targets[R: (ReplayResult, PurgeResult)](
     err: TextIO,
     act: Callable[[QueueOps, list[int] | None], R],
     nothing: Callable[[], R],
-) -> R:
+) -> tuple[str, R]:
     """`act` on every dead letter (`--all`, None) or on those the IDs name; IDs that name none
-    are reported, and `nothing()` stands for the action when none was named."""
-    def run(ops: QueueOps) -> R:
+    are reported, and `nothing()` stands for the action when none was named. Returns which
+    queue it acted on, and the result."""
+    def run(ops: QueueOps) -> tuple[str, R]:
         if args.all:
-            return act(ops, None)
+            return ops.where, act(ops, None)
         resolved = _resolve(ops, args.ids)
         done = act(ops, resolved.sequence_numbers) if resolved.sequence_numbers else None
-        return _with_not_found(done or nothing(), resolved)
+        return ops.where, _with_not_found(done or nothing(), resolved)
 
-    result: R = _with_ops(run, err)
+    result: tuple[str, R] = _with_ops(run, err)
     return result
 
 
@@ -331,9 +375,9 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return vehicles_cli.run(args, emit, err, _table)
 
     if args.command == "stats":
-        counts = _with_ops(lambda ops: (ops.backend, ops.stats()), err)
-        backend, stats = counts
-        emit(stats, f"queue ({backend}): active {stats['active']}, "
+        counts = _with_ops(lambda ops: (ops.where, ops.stats()), err)
+        where, stats = counts
+        emit(stats, f"{where}: active {stats['active']}, "
                     f"dead-lettered {stats['deadLettered']}, scheduled {stats['scheduled']}")
         return EXIT_OK
 
@@ -343,27 +387,28 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             raise UsageError("--limit must be at least 1")
         limit = args.limit
         # One more than asked for tells whether --limit left some out.
-        listed: tuple[list[DeadLetter], int | None] = _with_ops(
-            lambda ops: _listing(ops, limit), err)
-        entries, total = listed
-        emit([e.summary() for e in entries], _list_text(entries, total))
+        listed: tuple[str, list[DeadLetter], int | None] = _with_ops(
+            lambda ops: (ops.where, *_listing(ops, limit)), err)
+        where, entries, total = listed
+        emit([e.summary() for e in entries], _list_text(where, entries, total))
         return EXIT_OK
 
     if command == "show":
-        resolved: Resolved = _with_ops(lambda ops: _resolve(ops, [args.id]), err)
+        where, resolved = _with_ops(lambda ops: (ops.where, _resolve(ops, [args.id])), err)
         if args.id not in resolved.matches:
-            raise Failure(f"no dead letter with ID {args.id} (a sequence number, messageId or "
-                          "eventId; see `dlq list`)")
+            raise Failure(f"no dead letter with ID {args.id} in {where} (a sequence number, "
+                          "messageId or eventId; see `dlq list`)")
         doc = resolved.matches[args.id].dead_letter.detail()
         emit(doc, _show_text(doc))
         return EXIT_OK
 
     _check_targets(args)
     if command == "replay":
-        result = _on_targets(args, err, lambda ops, targets: ops.replay(targets), ReplayResult)
+        where, result = _on_targets(args, err, lambda ops, targets: ops.replay(targets),
+                                    ReplayResult)
         doc = {"replayed": result.replayed, "failed": result.failed,
                "notFound": result.not_found}
-        lines = [f"replayed {len(result.replayed)} dead letter(s)"
+        lines = [f"replayed {len(result.replayed)} dead letter(s) of {where}"
                  + (": " + ", ".join(str(r["sequenceNumber"]) for r in result.replayed)
                     if result.replayed else "")]
         lines += [f"failed {f['sequenceNumber']}: {printable(f['error'])}"
@@ -380,9 +425,10 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_OK
 
     if command == "purge":
-        purged = _on_targets(args, err, lambda ops, targets: ops.purge(targets), PurgeResult)
+        where, purged = _on_targets(args, err, lambda ops, targets: ops.purge(targets),
+                                    PurgeResult)
         doc = {"purged": purged.purged, "notFound": purged.not_found}
-        text = f"purged {purged.purged} dead letter(s)"
+        text = f"purged {purged.purged} dead letter(s) of {where}"
         if purged.not_found:
             text += "\nnot found: " + ", ".join(map(str, purged.not_found))
         emit(doc, text)

@@ -90,6 +90,11 @@ class PurgeResult:
 class QueueOps(Protocol):
     backend: str
 
+    @property
+    def where(self) -> str:
+        """Which queue this is, for the operator: "the local queue .local/queue.sqlite3"."""
+        ...
+
     def stats(self) -> dict[str, int]:
         """`{"active", "deadLettered", "scheduled"}`."""
         ...
@@ -196,6 +201,10 @@ class LocalOps:
 
     def __init__(self, queue: Any) -> None:
         self._queue = queue
+
+    @property
+    def where(self) -> str:
+        return f"the local queue {self._queue.path}"
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
@@ -324,6 +333,7 @@ class ServiceBusOps:
     ) -> None:
         self.namespace = namespace
         self.queue_name = queue_name
+        self.where = f"the Service Bus queue {queue_name} on {namespace}"
         self._admin_factory = admin_factory or self._real_admin
         self._client_factory = client_factory or self._real_client
         self._receive_wait = receive_wait

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import copy
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -139,21 +141,95 @@ class Delivery:
     challenge_verified: bool | None  # None when the event was not a VERIFY
 
 
-def build_event(kind: str, *, now_ms: int | None = None) -> bytes:
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What `send` changes in the template: ids, signal values and their `oemUpdatedAt`, so an
+    out-of-order update or a handler's own case can be tried without writing JSON."""
+
+    event_id: str | None = None
+    vehicle_id: str | None = None
+    signals: tuple[tuple[str, str, Any], ...] = ()  # (group, name, value)
+    oem_updated_at_ms: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self == Shape()
+
+
+def parse_signal_setting(text: str) -> tuple[str, str, Any]:
+    """`Group.Name=value` as (group, name, value). The value is read as JSON when it is JSON
+    (`12`, `true`, `null`, `{"value": 1}`), else kept as the string given (`Parked`)."""
+    path, sep, raw = text.partition("=")
+    group, dot, name = path.partition(".")
+    if not sep or not dot or not group or not name or "." in name:
+        raise ValueError(f"--set expects Group.Name=value (e.g. TractionBattery.StateOfCharge=12),"
+                         f" got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except ValueError:
+        value = raw
+    return group, name, value
+
+
+def parse_timestamp_ms(text: str) -> int:
+    """Epoch milliseconds, or an ISO-8601 time (with an offset, or `Z`), as epoch ms."""
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--oem-updated-at expects epoch milliseconds or an ISO-8601 time "
+                         f"such as 2026-01-31T08:00:00Z, got {text!r}") from None
+    if parsed.tzinfo is None:
+        raise ValueError(f"--oem-updated-at {text!r} has no UTC offset: add Z or +HH:MM")
+    return int(parsed.timestamp() * 1000)
+
+
+def build_event(kind: str, *, now_ms: int | None = None, shape: Shape | None = None) -> bytes:
     """A fresh event of `kind` (verify, state or error), serialized as Smartcar sends it."""
     if kind not in _TEMPLATES:
         raise ValueError(f"unknown event type {kind!r}; expected one of {', '.join(EVENT_TYPES)}")
+    shape = shape or Shape()
+    if kind == "verify" and (shape.vehicle_id or shape.signals or shape.oem_updated_at_ms):
+        raise ValueError("a VERIFY event has no vehicle or signals: --vehicle-id, --set and "
+                         "--oem-updated-at apply to --type state (and --vehicle-id to error)")
+    if kind == "error" and (shape.signals or shape.oem_updated_at_ms is not None):
+        raise ValueError("--set and --oem-updated-at shape the signals of --type state")
     now = int(time.time() * 1000) if now_ms is None else now_ms
     event = copy.deepcopy(_TEMPLATES[kind])
-    event = {"eventId": str(uuid.uuid4()), **event}
+    event = {"eventId": shape.event_id or str(uuid.uuid4()), **event}
     event["meta"]["deliveryId"] = str(uuid.uuid4())
     event["meta"]["deliveredAt"] = now
     if kind == "verify":
         event["data"]["challenge"] = str(uuid.uuid4())
-    for signal in event["data"].get("signals", []):
+    if shape.vehicle_id is not None:
+        event["vehicleId"] = shape.vehicle_id
+        event["data"]["vehicle"]["id"] = shape.vehicle_id
+    signals = event["data"].get("signals", [])
+    for group, name, value in shape.signals:
+        _set_signal(signals, group, name, value)
+    if signals:
+        event["meta"]["signalCount"] = len(signals)
+    oem = now - 2000 if shape.oem_updated_at_ms is None else shape.oem_updated_at_ms
+    for signal in signals:
         if "meta" in signal:
-            signal["meta"] = {"oemUpdatedAt": now - 2000, "fetchedAt": now - 500}
+            signal["meta"] = {"oemUpdatedAt": oem, "fetchedAt": now - 500}
     return json.dumps(event, separators=(",", ":")).encode("utf-8")
+
+
+def _set_signal(signals: list[dict[str, Any]], group: str, name: str, value: Any) -> None:
+    """Set the signal's value (a JSON object is its whole body), adding the signal when the
+    template has none of that name. A signal that was an error becomes a value."""
+    body = value if isinstance(value, dict) else {"value": value}
+    for signal in signals:
+        if signal["group"].lower() == group.lower() and signal["name"].lower() == name.lower():
+            unit = signal.get("body", {}).get("unit")
+            signal.pop("status", None)
+            signal["body"] = {"unit": unit, **body} if unit and "unit" not in body else body
+            signal.setdefault("meta", {})
+            return
+    signals.append({"code": f"{group}-{name}".lower(), "name": name, "group": group,
+                    "body": body, "meta": {}})
 
 
 def redact_url(url: str) -> str:
@@ -177,6 +253,35 @@ def check_url(url: str) -> str | None:
             f"http://127.0.0.1:7071/api/webhooks/smartcar, got {redact_url(url)!r}"
         )
     return None
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def unreachable(url: str, reason: object) -> str:
+    """Why `url` could not be reached, with what to do: the two first-run mistakes are a host
+    that is not running (or runs on another port) and https sent to the local host's plain
+    HTTP port."""
+    parts = urlsplit(url)
+    shown = redact_url(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = None
+    local = host in _LOOPBACK
+    if isinstance(reason, ConnectionRefusedError):
+        hint = (f" Is `make run` running, and on port {port}? It listens on PORT (default "
+                "7071) and prints its URLs when it starts." if local else "")
+        return f"cannot reach {shown}: connection refused (nothing listens on {host}:{port}).{hint}"
+    if isinstance(reason, ssl.SSLError) and parts.scheme == "https":
+        plain = urlunsplit(parts._replace(scheme="http"))
+        if local:
+            return (f"cannot reach {shown}: TLS failed ({reason.reason or reason}). The local "
+                    f"host speaks plain HTTP: use {redact_url(plain)}")
+        return (f"cannot reach {shown}: TLS failed ({reason.reason or reason}); does that port "
+                "serve plain HTTP?")
+    return f"cannot reach {shown}: {reason}"
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -224,11 +329,11 @@ def deliver(
             body=text,
         ) from None
     except urllib.error.URLError as exc:
-        raise DeliveryError(f"cannot reach {shown_url}: {exc.reason}") from None
+        raise DeliveryError(unreachable(url, exc.reason)) from None
     except TimeoutError:
         raise DeliveryError(f"no answer from {shown_url} within {timeout:g}s") from None
     except OSError as exc:
-        raise DeliveryError(f"cannot reach {shown_url}: {exc}") from None
+        raise DeliveryError(unreachable(url, exc)) from None
     text = _shown(raw)
     if not 200 <= status < 300:
         raise DeliveryError(f"{shown_url} answered {status}: {text}", status=status, body=text)

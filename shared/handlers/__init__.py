@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -60,6 +61,11 @@ class HandlerContext:
 #: The handler a delivery is running (`module.qualname`), None once dispatch is done. Left
 #: set when the handler is cancelled, so the host can name it in the timeout warning.
 RUNNING_HANDLER: ContextVar[str | None] = ContextVar("RUNNING_HANDLER", default=None)
+
+#: Seconds the last `dispatch` in this context spent running handlers, measured around the
+#: handler calls alone (whether they returned, raised or were cancelled): parsing, settlement
+#: and a retry's backoff are never in it. The local inspector shows it per attempt.
+HANDLER_SECONDS: ContextVar[float | None] = ContextVar("HANDLER_SECONDS", default=None)
 
 #: Threads per registry for plain handlers: the Functions host's maxConcurrentCalls (host.json).
 BLOCKING_THREADS = 32
@@ -97,20 +103,24 @@ class HandlerRegistry:
 
     async def dispatch(self, event: Event, context: HandlerContext) -> bool:
         """Run every matching handler; True when at least one ran. Handler errors propagate."""
-        ran = False
-        for handler in self._by_type.get(event.event_type, ()):
-            await self._call(handler, event, context)
-            ran = True
-        if event.event_type == VEHICLE_STATE and self._by_signal:
-            # Only the signals that have handlers (newest first): a delivery holds ~20.
-            for signal in event.signals_at(self._by_signal.keys()):
-                if not signal.ok or signal.path is None:
-                    continue
-                for signal_handler in self._by_signal.get(signal.path, ()):
-                    await self._call(signal_handler, event, signal, context)
-                    ran = True
-        RUNNING_HANDLER.set(None)
-        return ran
+        started = time.perf_counter()
+        try:
+            ran = False
+            for handler in self._by_type.get(event.event_type, ()):
+                await self._call(handler, event, context)
+                ran = True
+            if event.event_type == VEHICLE_STATE and self._by_signal:
+                # Only the signals that have handlers (newest first): a delivery holds ~20.
+                for signal in event.signals_at(self._by_signal.keys()):
+                    if not signal.ok or signal.path is None:
+                        continue
+                    for signal_handler in self._by_signal.get(signal.path, ()):
+                        await self._call(signal_handler, event, signal, context)
+                        ran = True
+            RUNNING_HANDLER.set(None)
+            return ran
+        finally:
+            HANDLER_SECONDS.set(time.perf_counter() - started)
 
     async def _call(self, handler: Callable[..., Awaitable[None] | None], *args: Any) -> None:
         """Await a coroutine handler; run a plain one in the pool (it may block)."""

@@ -38,13 +38,14 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import azure.functions as func
 from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
 from multidict import CIMultiDictProxy
 
-from ..handlers import RUNNING_HANDLER
+from ..handlers import HANDLER_SECONDS, RUNNING_HANDLER
 from ..processor import InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
@@ -249,6 +250,9 @@ def invocation_context(name: str, headers: CIMultiDictProxy[str]) -> LocalContex
 #: Told of each HTTP request (route, method, headers, body) as it arrives; returns the callback
 #: told of its answer (status, body). The inspector (shared/local/inspector.py) is one.
 RequestObserver = Callable[[str, str, Mapping[str, str], bytes], Callable[[int, bytes], None]]
+#: (messageId, deliveryCount, handler milliseconds or None, the exception or None), after each
+#: attempt: what the inspector shows beside the processing span.
+AttemptObserver = Callable[[str, int, float | None, BaseException | None], None]
 
 
 def _ignore_answer(status: int, response: bytes) -> None:
@@ -312,6 +316,7 @@ class LocalHost:
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
         observer: RequestObserver | None = None,
         function_key: str | None = None,
+        attempt_observer: AttemptObserver | None = None,
     ) -> None:
         if runtime.queue is None:
             raise ValueError("the local host needs the embedded queue (no Service Bus namespace)")
@@ -332,6 +337,7 @@ class LocalHost:
         self.observer: RequestObserver = observer or _unobserved
         #: This run's key for the routes that need one (`needs_local_key`), in the banner.
         self.function_key = function_key or secrets.token_urlsafe(24)
+        self.attempt_observer = attempt_observer
         self.http_functions, self.queue_functions, self.timer_functions = index_functions(app)
         self._wake = asyncio.Event()
         # The queue's own publisher (the one re-drive also sends to) hands this host what it
@@ -574,6 +580,7 @@ class LocalHost:
         message = to_function_message(qm)
         self._held[qm.lock_token] = asyncio.get_running_loop().time()
         timeout = self.runtime.settings.function_timeout_seconds
+        HANDLER_SECONDS.set(None)  # this task's own measure, not its creator's
         try:
             # The function timeout, as host.json's functionTimeout in Azure: the function
             # (and whatever handler it is in) is cancelled and the delivery fails.
@@ -586,12 +593,18 @@ class LocalHost:
         except TimeoutError as exc:
             if deadline.expired():
                 self._held.pop(qm.lock_token, None)  # no longer renewed
+                error = TimeoutError(f"the function timeout ({timeout:g} s) expired in handler "
+                                     f"{RUNNING_HANDLER.get() or '(none)'}")
+                self._observe_attempt(qm, error)
                 await self._timed_out(fn, qm, timeout)
             else:  # the function's own TimeoutError: a failure like any other
+                self._observe_attempt(qm, exc)
                 await self._failed(fn, qm, exc)
         except Exception as exc:
+            self._observe_attempt(qm, exc)
             await self._failed(fn, qm, exc)
         else:
+            self._observe_attempt(qm, None)
             # Completed by the next send's transaction (the queue publisher takes it), or by
             # the fetcher's next receive (a wake-up or its poll) when no event comes first.
             self._to_complete.append(qm.lock_token)
@@ -599,6 +612,19 @@ class LocalHost:
                 self._wake.set()
         finally:
             self._held.pop(qm.lock_token, None)
+
+    def _observe_attempt(self, qm: QueuedMessage, error: BaseException | None) -> None:
+        """Tell the inspector how long this attempt's handlers ran and, when it failed, what
+        they raised (the processor wraps a handler's exception: its cause is the one)."""
+        if self.attempt_observer is None:
+            return
+        seconds = HANDLER_SECONDS.get()
+        cause = None if error is None else (error.__cause__ or error)
+        try:
+            self.attempt_observer(qm.message_id, qm.delivery_count,
+                                  None if seconds is None else seconds * 1000.0, cause)
+        except Exception:  # the page is a development aid: it never fails a delivery
+            logger.exception("inspector: cannot record the attempt of message %s", qm.message_id)
 
     async def _failed(self, fn: QueueFunction, qm: QueuedMessage, exc: Exception) -> None:
         assert qm.lock_token is not None
@@ -705,9 +731,9 @@ class LocalHost:
 
 
 def run_event_loop[T](main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` as the local host runs: on uvloop where it is installed (requirements-dev.txt,
-    not on Windows), whose C transports cut the host's CPU per event by a few per cent (README,
-    Performance); on asyncio's own loop otherwise, with the same behaviour."""
+    """Run `main` as the local host runs: on uvloop where it is installed (requirements-local.txt,
+    not on Windows), whose C transports cut the host's CPU per event by a few per cent
+    (docs/performance.md); on asyncio's own loop otherwise, with the same behaviour."""
     try:
         import uvloop
     except ImportError:
@@ -727,11 +753,12 @@ def load_function_app() -> func.FunctionApp:
 
 def banner(settings: Settings, base_url: str, *, inspector: str | None = None,
            function_key: str | None = None) -> str:
+    # The host only verifies: the CLI (and Smartcar) sign.
     token_line = (
-        f"Signing token: the development token {settings.management_token!r} "
+        f"Verifies signatures with the development token {settings.management_token!r} "
         "(SMARTCAR_MANAGEMENT_TOKEN is unset). Never register it with Smartcar."
         if settings.using_dev_token
-        else "Signing token: from SMARTCAR_MANAGEMENT_TOKEN."
+        else "Verifies signatures with the token in SMARTCAR_MANAGEMENT_TOKEN."
     )
     python = os.path.relpath(sys.executable) if sys.executable else "python"
     # Pasted into another terminal, the command must sign with the token this host uses.
@@ -739,13 +766,23 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None,
 
     url = f"{base_url}{ROUTE_PREFIX}/webhooks/smartcar"
     port = base_url.rsplit(":", 1)[-1]
+    listening_on = urlsplit(base_url).hostname or ""
+    reach = (
+        "Local URLs (this machine only: Smartcar cannot reach them):"
+        if listening_on in ("127.0.0.1", "localhost", "::1")
+        else "URLs (listening on every interface: reachable from your network, not by "
+             "Smartcar, which needs public HTTPS):"
+        if listening_on in ("0.0.0.0", "::")  # noqa: S104 - naming it, not binding it
+        else f"URLs (listening on {listening_on}: not reachable by Smartcar, which needs "
+             "public HTTPS):"
+    )
     return "\n".join(
         [
             f"Smartcar webhook receiver (local host) listening on {base_url}",
             token_line,
             f"Queue: embedded SQLite in {settings.local_state_dir}/ "
             f"(handled events: {settings.local_state_dir}/handled.jsonl)",
-            "Local URLs (this machine only: Smartcar cannot reach them):",
+            reach,
             f"  vehicle data webhook:  {url}",
             f"  vehicle error webhook: {url}/errors",
             f"  health:                {base_url}{ROUTE_PREFIX}/health",
@@ -781,11 +818,15 @@ async def serve(
     local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers,
                       lock_duration=lock_duration, timer_interval=timer_interval,
                       header_timeout=header_timeout, idle_timeout=idle_timeout,
-                      observer=recorder.http_request)
+                      observer=recorder.http_request,
+                      attempt_observer=recorder.attempt_finished)
     await local.start()
+    # A host listening on every interface is reached on loopback, as the page itself is.
+    reach = "127.0.0.1" if local.host in ("0.0.0.0", "::", "") else local.host  # noqa: S104
     inspector, inspector_line = await start_inspector(
         settings, runtime.queue, webhook_port=port, recorder=recorder,
         vehicles=runtime.vehicle_state,
+        webhook_base=f"http://{reach}:{local.port}{ROUTE_PREFIX}",
     )
     print(banner(settings, local.base_url, inspector=inspector_line,
                  function_key=local.function_key), flush=True)

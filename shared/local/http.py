@@ -3,7 +3,7 @@
 Why not aiohttp's server (the inspector still uses it): per request, on a 2-vCPU machine, its
 server side costs 120 to 160 µs of CPU where a plain asyncio protocol costs about 65 (measured
 with the benchmark's load generator against a handler that does nothing). That difference was
-a tenth of the local host's whole budget per event (README, Performance).
+a tenth of the local host's whole budget per event (docs/performance.md).
 
 What it implements (RFC 9110 and 9112):
 

@@ -19,6 +19,7 @@ import contextvars
 import json
 import logging
 import re
+import shlex
 import threading
 import time
 from collections import OrderedDict
@@ -39,6 +40,8 @@ from ..vehicle_state import ApplyResult
 logger = logging.getLogger(__name__)
 
 RING_SIZE = 500
+#: A failed handler's message as the page shows it, at most this many characters.
+ERROR_MESSAGE_SHOWN = 500
 SIGNATURE_HEADER = "sc-signature"
 #: How much of a signature the page shows: enough to compare with the sender's logs.
 SIGNATURE_SHOWN = 8
@@ -78,6 +81,10 @@ class Attempt:
     #: alone as stale or skipped, the errors it opened and resolved (None: not applied). Kept
     #: as it came (immutable) and turned into JSON only when the page asks.
     vehicle_state: ApplyResult | None = None
+    # From the host after the attempt (`Recorder.attempt_finished`): the handlers' own run
+    # time, apart from parsing, settlement and any backoff, and what a failed one raised.
+    handler_ms: float | None = None
+    error_message: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,6 +94,8 @@ class Attempt:
             "outcome": self.outcome or "interrupted",
             "deadLetterReason": self.dead_letter_reason,
             "errorType": self.error_type,
+            "errorMessage": self.error_message,
+            "handlerMs": None if self.handler_ms is None else round(self.handler_ms, 1),
             "durationMs": round(self.duration_ms, 1),
             "vehicleState": None if self.vehicle_state is None else self.vehicle_state.to_json(),
         }
@@ -109,6 +118,20 @@ class Delivery:
     trace_id: str | None = None
     attempts: list[Attempt] = field(default_factory=list)
     version: int = 0
+
+    @property
+    def signature(self) -> str | None:
+        """The `SC-Signature` it came with, whole (only ever sent back to this host)."""
+        for name, value in self.headers:
+            if name.lower() == SIGNATURE_HEADER:
+                return value
+        return None
+
+    @property
+    def replayable(self) -> bool:
+        """Signed, and the signature verified: its bytes and signature, sent again, verify."""
+        return (self.body is not None and self.route is not None and self.signature is not None
+                and self.status is not None and self.status != 401)
 
     def why(self) -> str | None:
         """The error the sender was answered with, for a rejected request."""
@@ -138,6 +161,7 @@ class Delivery:
             "latencyMs": None if self.latency_ms is None else round(self.latency_ms, 1),
             "processing": None if last is None else last.to_json(),
             "attempts": len(self.attempts),
+            "replayable": self.replayable,
         }
 
     def detail(self) -> dict[str, Any]:
@@ -153,6 +177,25 @@ class Delivery:
                                     if a["vehicleState"] is not None), None)
         doc.update(describe_body(self.body))
         return doc
+
+
+def curl_command(url: str, body: bytes, signature: str) -> str:
+    """A bash command that POSTs `body` byte for byte with its original `SC-Signature`.
+
+    The body goes through `printf '%s' $'...'` into `--data-binary @-`: ANSI-C quoting gives
+    every byte exactly (a quote, a backslash, a newline, non-ASCII as \\xHH) and the body is
+    never read as a curl option or an `@file`. A NUL byte cannot be passed in a shell word,
+    so such a body has no command (ValueError)."""
+    if b"\x00" in body:
+        raise ValueError("the body holds a NUL byte, which a shell command cannot pass on")
+    quoted = "".join(
+        "\\'" if byte == 0x27 else "\\\\" if byte == 0x5C
+        else chr(byte) if 0x20 <= byte < 0x7F else f"\\x{byte:02x}"
+        for byte in body
+    )
+    return (f"printf '%s' $'{quoted}' | curl -sS -X POST {shlex.quote(url)} "
+            f"-H 'Content-Type: application/json' -H {shlex.quote('SC-Signature: ' + signature)} "
+            "--data-binary @-")
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -320,6 +363,36 @@ class Recorder:
                     attempt.vehicle_state = state
                     self._touch(delivery)
                     return
+    def attempt_finished(self, message_id: str, delivery_count: int, handler_ms: float | None,
+                         error: BaseException | None) -> None:
+        """The host's account of an attempt whose processing span has ended: the handlers'
+        own run time and, for a failure, the exception's type and message."""
+        message = None
+        if error is not None:
+            text = str(error)
+            message = (text if len(text) <= ERROR_MESSAGE_SHOWN
+                       else text[: ERROR_MESSAGE_SHOWN - 1] + "…")
+        with self._lock:
+            for delivery in reversed(self._deliveries.values()):
+                for attempt in reversed(delivery.attempts):
+                    if (attempt.message_id == message_id
+                            and attempt.delivery_count == delivery_count):
+                        attempt.handler_ms = handler_ms
+                        if error is not None:
+                            attempt.error_type = type(error).__name__
+                            attempt.error_message = message
+                        self._touch(delivery)
+                        return
+
+    def original(self, delivery_id: int) -> tuple[str, bytes, str] | None:
+        """(route, body, SC-Signature) of a replayable delivery, else None."""
+        with self._lock:
+            delivery = self._deliveries.get(delivery_id)
+            if delivery is None or not delivery.replayable:
+                return None
+            assert delivery.route is not None and delivery.body is not None
+            assert delivery.signature is not None
+            return delivery.route, delivery.body, delivery.signature
 
     # -- read by the page ------------------------------------------------------------------
     def changed_since(self, version: int) -> tuple[int, list[dict[str, Any]]]:

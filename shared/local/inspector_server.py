@@ -19,13 +19,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from ..cli.ops import LocalOps, OpsError
 from ..settings import INSPECTOR_PORT, Settings
 from ..vehicle_read import vehicle_id_problem
 from ..vehicle_state import VehicleStateStore
-from .inspector import Recorder, describe_body
+from .inspector import Recorder, curl_command, describe_body
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 DLQ_LIMIT = 500
 VEHICLES_LIMIT = 500
+SIGNATURE_HEADER_NAME = "SC-Signature"
+RESEND_TIMEOUT_SECONDS = 15.0  # Smartcar's own limit for an answer
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 _STATIC = {
@@ -65,11 +67,15 @@ class InspectorServer:
     """Serves the page and its JSON API. Start with `await start()`, stop with `await stop()`."""
 
     def __init__(self, recorder: Recorder, ops: LocalOps, *, port: int,
-                 token: str | None = None, vehicles: VehicleStateStore | None = None) -> None:
+                 token: str | None = None, webhook_base: str | None = None,
+                 vehicles: VehicleStateStore | None = None) -> None:
         self.recorder = recorder
         self.ops = ops
         self.vehicles = vehicles
         self.port = port
+        # Where "Copy as curl" and "Resend" send a delivery again: this host's webhook routes
+        # (`http://127.0.0.1:7071/api`); None: they are not offered.
+        self.webhook_base = webhook_base
         self.token = token or secrets.token_urlsafe(24)
         self._runner: web.AppRunner | None = None
 
@@ -84,6 +90,8 @@ class InspectorServer:
         app.router.add_get("/{token}/static/{name}", self._static)
         app.router.add_get("/{token}/api/deliveries", self._deliveries)
         app.router.add_get("/{token}/api/deliveries/{id:\\d+}", self._delivery)
+        app.router.add_get("/{token}/api/deliveries/{id:\\d+}/curl", self._curl)
+        app.router.add_post("/{token}/api/deliveries/{id:\\d+}/resend", self._resend)
         app.router.add_get("/{token}/api/dlq", self._dlq)
         app.router.add_get("/{token}/api/dlq/{seq:\\d+}", self._dead_letter)
         app.router.add_post("/{token}/api/dlq/{seq:\\d+}/replay", self._replay)
@@ -168,6 +176,40 @@ class InspectorServer:
             )
         return web.json_response(detail)
 
+    def _original(self, request: web.Request) -> tuple[str, bytes, str]:
+        """The URL, body and signature of a delivery to send again (404 when it cannot be)."""
+        delivery_id = int(request.match_info["id"])
+        original = self.recorder.original(delivery_id)
+        if original is None or self.webhook_base is None:
+            raise web.HTTPNotFound(
+                text=f"delivery {delivery_id} cannot be sent again: only a signed delivery "
+                "whose signature verified, among the last "
+                f"{self.recorder.capacity} kept in memory, can")
+        route, body, signature = original
+        return f"{self.webhook_base}/{route}", body, signature
+
+    async def _curl(self, request: web.Request) -> web.StreamResponse:
+        url, body, signature = self._original(request)
+        try:
+            command = curl_command(url, body, signature)
+        except ValueError as exc:
+            raise web.HTTPUnprocessableEntity(text=str(exc)) from None
+        return web.json_response({"command": command})
+
+    async def _resend(self, request: web.Request) -> web.StreamResponse:
+        url, body, signature = self._original(request)
+        headers = {"Content-Type": "application/json", SIGNATURE_HEADER_NAME: signature}
+        timeout = ClientTimeout(total=RESEND_TIMEOUT_SECONDS)
+        try:
+            async with ClientSession(timeout=timeout) as session, \
+                    session.post(url, data=body, headers=headers) as response:
+                answer = await response.text(errors="replace")
+                status = response.status
+        except (ClientError, TimeoutError) as exc:
+            raise web.HTTPBadGateway(text=f"cannot send to {url}: {exc}") from None
+        logger.info("inspector: resent delivery %s (answer %d)", request.match_info["id"], status)
+        return web.json_response({"status": status, "body": answer})
+
     # -- dead letters (the CLI's operations) ------------------------------------------------
     async def _ops(self, call: Callable[[], Any]) -> Any:
         try:
@@ -249,13 +291,15 @@ def inspector_port(settings: Settings, webhook_port: int) -> int:
 async def start_inspector(
     settings: Settings, queue: Any, *, webhook_port: int, recorder: Recorder,
     vehicles: VehicleStateStore | None = None,
+    webhook_base: str | None = None,
 ) -> tuple[InspectorServer | None, str]:
     """The running inspector (None if its port is taken) and the banner's line about it.
 
     A taken port does not stop the local host: the webhook routes matter more than the page.
     """
     port = inspector_port(settings, webhook_port)
-    server = InspectorServer(recorder, LocalOps(queue), port=port, vehicles=vehicles)
+    server = InspectorServer(recorder, LocalOps(queue), port=port, webhook_base=webhook_base,
+                             vehicles=vehicles)
     try:
         await server.start()
     except OSError as exc:

@@ -21,6 +21,8 @@ const state = {
   vehiclesSeen: "",
   selectedVehicle: null,   // vehicleId shown in the detail
   tab: "deliveries",
+  curl: null,              // {id, command}: the last "Copy as curl" of the shown delivery
+  filter: { outcome: "", eventType: "", vehicleId: "", text: "" },
 };
 const TABS = ["deliveries", "dlq", "vehicles"];
 
@@ -46,6 +48,16 @@ function badge(word) {
   if (!word) return el("span", { class: "muted", text: "—" });
   const kind = OK.has(word) ? "ok" : WARN.has(word) ? "warn" : BAD.has(word) ? "bad" : "";
   return el("span", { class: `badge ${kind}`, "data-value": word, text: word });
+}
+
+// Prose (a reason, an error message) wraps only between words: each word is kept whole.
+function prose(text) {
+  return el("span", { class: "prose" }, String(text).split(/(\s+)/).map((part) =>
+    part === "" ? null : /^\s+$/.test(part) ? part : el("span", { class: "w", text: part })));
+}
+
+function ms(value) {
+  return value === null || value === undefined ? "—" : `${value} ms`;
 }
 
 function time(iso) {
@@ -82,14 +94,15 @@ function processingCell(summary) {
     return el("span", { class: "muted", text: queued ? "queued" : "—" });
   }
   const detail = p.deadLetterReason || p.errorType;
-  return el("span", {}, badge(p.outcome), detail ? ` ${detail}` : "",
+  return el("span", {}, badge(p.outcome), detail ? " " : "",
+    detail ? el("span", { class: "token", text: detail }) : null,
     summary.attempts > 1 ? el("span", { class: "muted", text: ` ×${summary.attempts}` }) : "");
 }
 
 function outcomeCell(summary) {
   if (!summary.outcome && summary.status === null) return badge(null);
   return el("span", {}, badge(summary.outcome || `HTTP ${summary.status}`),
-    summary.why ? el("span", { class: "why", text: summary.why }) : null);
+    summary.why ? el("span", { class: "why" }, prose(summary.why)) : null);
 }
 
 function deliveryRow(summary) {
@@ -109,8 +122,50 @@ function deliveryRow(summary) {
   el("td", { class: "id mono wide-only", title: summary.vehicleId || null,
     text: show(summary.vehicleId) }),
   el("td", {}, processingCell(summary)),
-  el("td", { class: "num", text: summary.latencyMs === null ? "—" : `${summary.latencyMs} ms` }));
+  el("td", { class: "num handler-ms", text: ms(summary.processing && summary.processing.handlerMs) }),
+  el("td", { class: "num", text: ms(summary.latencyMs) }));
   return row;
+}
+
+// -- filter ------------------------------------------------------------------------------------
+
+function outcomesOf(summary) {
+  return [summary.outcome, summary.processing && summary.processing.outcome].filter(Boolean);
+}
+
+function searchable(summary) {
+  const p = summary.processing || {};
+  return [summary.eventId, summary.eventType, summary.vehicleId, summary.route, summary.why,
+    summary.status, summary.outcome, p.outcome, p.deadLetterReason, p.errorType, p.errorMessage]
+    .filter((v) => v !== null && v !== undefined).join(" ").toLowerCase();
+}
+
+function matchesFilter(summary) {
+  const f = state.filter;
+  if (f.outcome && !outcomesOf(summary).includes(f.outcome)) return false;
+  if (f.eventType && summary.eventType !== f.eventType) return false;
+  if (f.vehicleId && !(summary.vehicleId || "").toLowerCase().includes(f.vehicleId.toLowerCase())) {
+    return false;
+  }
+  return !f.text || searchable(summary).includes(f.text.toLowerCase());
+}
+
+function fillOptions(select, values) {
+  const chosen = select.value;
+  const wanted = ["", ...[...new Set(values)].sort()];
+  if (chosen && !wanted.includes(chosen)) wanted.push(chosen);
+  const have = [...select.options].map((o) => o.value);
+  if (have.join("\n") === wanted.join("\n")) return;
+  select.replaceChildren(...wanted.map((v) => el("option", { value: v, text: v || "any" })));
+  select.value = chosen;
+}
+
+function readFilter() {
+  state.filter = {
+    outcome: $("filter-outcome").value, eventType: $("filter-eventType").value,
+    vehicleId: $("filter-vehicleId").value.trim(), text: $("filter-text").value.trim(),
+  };
+  renderDeliveries();
 }
 
 function activate(event, action) {
@@ -124,21 +179,30 @@ function renderDeliveries() {
   const body = $("deliveries").tBodies[0];
   const focused = document.activeElement && document.activeElement.dataset
     ? document.activeElement.dataset.id : undefined;
-  body.replaceChildren(...state.order.map((id) => deliveryRow(state.deliveries.get(id))));
-  $("deliveries-empty").hidden = state.order.length > 0;
-  $("count-deliveries").textContent = state.order.length ? `(${state.order.length})` : "";
+  const all = state.order.map((id) => state.deliveries.get(id));
+  fillOptions($("filter-outcome"), all.flatMap(outcomesOf));
+  fillOptions($("filter-eventType"), all.map((s) => s.eventType).filter(Boolean));
+  const shown = all.filter(matchesFilter);
+  body.replaceChildren(...shown.map(deliveryRow));
+  $("deliveries-empty").hidden = all.length > 0;
+  $("deliveries-filtered").hidden = !all.length || shown.length > 0;
+  $("count-deliveries").textContent = !all.length ? ""
+    : shown.length === all.length ? `(${all.length})` : `(${shown.length} of ${all.length})`;
   if (focused !== undefined) {
     const again = body.querySelector(`tr[data-id="${CSS.escape(focused)}"]`);
     if (again) again.focus();
   }
 }
 
-function table(caption, headers, rows) {
-  return el("table", {},
+// `proseColumns`: indexes of the columns that hold prose (wrapped between words).
+function table(caption, headers, rows, proseColumns = []) {
+  return el("div", { class: "scroll" }, el("table", {},
     el("caption", { text: caption }),
     el("thead", {}, el("tr", {}, headers.map((h) => el("th", { scope: "col", text: h })))),
-    el("tbody", {}, rows.map((cells) => el("tr", {}, cells.map((c) =>
-      c instanceof Node ? el("td", {}, c) : el("td", { text: show(c) }))))));
+    el("tbody", {}, rows.map((cells) => el("tr", {}, cells.map((c, i) =>
+      c instanceof Node ? el("td", {}, c)
+        : proseColumns.includes(i) && c ? el("td", {}, prose(show(c)))
+          : el("td", { text: show(c) })))))));
 }
 
 function facts(pairs) {
@@ -165,7 +229,7 @@ function bodySections(doc) {
         "status"], doc.signals.map((s) => [s.code || s.path,
         s.value === null || typeof s.value !== "object" ? s.value : JSON.stringify(s.value),
         s.unit, s.oemUpdatedAt, s.status])));
-    parts[parts.length - 1].id = "signals";
+    parts[parts.length - 1].querySelector("table").id = "signals";
   }
   if (doc.triggers.length) {
     parts.push(el("h3", { text: "Triggers" }),
@@ -175,17 +239,71 @@ function bodySections(doc) {
   if (doc.errors.length) {
     parts.push(el("h3", { text: "Vehicle errors" }),
       table("data.errors", ["type", "code", "state", "description"],
-        doc.errors.map((e) => [e.type, e.code, e.state, e.description])));
+        doc.errors.map((e) => [e.type, e.code, e.state, e.description]), [3]));
   }
   parts.push(el("h3", { text: "Body" }),
     el("pre", { id: "body", tabindex: 0, text: doc.body === null ? "(not kept: received before this run)" : doc.body }));
   return parts;
 }
 
+function withId(wrapper, id) {
+  wrapper.querySelector("table").id = id;
+  return wrapper;
+}
+
+function attemptError(a) {
+  if (a.errorType) return a.errorMessage ? `${a.errorType}: ${a.errorMessage}` : a.errorType;
+  return a.deadLetterReason;
+}
+
+function replayActions(doc) {
+  if (!doc.replayable) return [];
+  const shown = state.curl && state.curl.id === doc.id ? state.curl.command : null;
+  return [
+    el("div", { class: "actions" },
+      el("button", { type: "button", id: "copy-curl", onclick: () => copyCurl(doc.id),
+        text: "Copy as curl" }),
+      el("button", { type: "button", id: "resend", onclick: () => resend(doc.id),
+        text: "Resend" })),
+    ...(shown ? [el("pre", { class: "command", id: "curl-command", tabindex: 0, text: shown })] : []),
+  ];
+}
+
+async function copyCurl(id) {
+  let doc;
+  try {
+    doc = await api(`deliveries/${id}/curl`);
+  } catch (err) {
+    setStatus(`Cannot build a curl command for #${id}: ${err.message}`, true);
+    return;
+  }
+  state.curl = { id, command: doc.command };
+  let copied = false;
+  try {
+    await navigator.clipboard.writeText(doc.command);
+    copied = true;
+  } catch (err) {
+    copied = false;  // no clipboard access (a headless or locked-down browser): shown below
+  }
+  setStatus(copied ? `Copied a curl command for #${id}: the original bytes and signature.`
+    : `The curl command for #${id} is below (the clipboard was not available).`);
+  if (state.selected === id) renderDeliveryDetail(await api(`deliveries/${id}`));
+}
+
+async function resend(id) {
+  try {
+    const result = await api(`deliveries/${id}/resend`, { method: "POST" });
+    setStatus(`Resent #${id} with its original bytes and signature: HTTP ${result.status} ` +
+      `${result.body}`, result.status >= 300);
+  } catch (err) {
+    setStatus(`Resend of #${id} failed: ${err.message}`, true);
+  }
+}
+
 function renderDeliveryDetail(doc) {
   const pane = $("delivery-detail");
   const attempts = doc.processingAttempts.map((a) => [time(a.at), a.deliveryCount,
-    badge(a.outcome), a.deadLetterReason || a.errorType, `${a.durationMs} ms`]);
+    badge(a.outcome), attemptError(a), ms(a.handlerMs), ms(a.durationMs)]);
   pane.replaceChildren(
     detailHead(`Delivery #${doc.id}${doc.eventType ? ` · ${doc.eventType}` : ""}`, closeDelivery),
     facts([
@@ -197,10 +315,12 @@ function renderDeliveryDetail(doc) {
       ["Latency", doc.latencyMs === null ? null : `${doc.latencyMs} ms`],
       ["Trace id", el("span", { class: "mono", id: "trace-id", text: show(doc.traceId) })],
     ]),
+    ...replayActions(doc),
     el("h3", { text: "Processing" }),
     attempts.length
-      ? table("Each delivery from the queue", ["at", "delivery", "outcome", "reason / error",
-        "duration"], attempts)
+      ? withId(table("Each delivery from the queue: the handlers' own run time, and the whole "
+        + "function's", ["at", "delivery", "outcome", "reason / error", "handlers", "function"],
+        attempts, [3]), "attempts")
       : el("p", { class: "muted", text: doc.outcome === "accepted" ? "Queued, not processed yet."
         : "Not queued." }),
     ...stateSection(doc),
@@ -233,13 +353,13 @@ function stateSection(doc) {
     ["errors opened", errors(result.errorsOpened)],
     ["errors resolved", errors(result.errorsResolved)],
   ];
-  const shown = table("What the latest processing did to the stored state", ["signals", "codes"],
-    rows);
-  shown.id = "delivery-state";
-  return [el("h3", { text: "Vehicle state" }), shown];
+  return [el("h3", { text: "Vehicle state" }), withId(table(
+    "What the latest processing did to the stored state", ["signals", "codes"], rows),
+  "delivery-state")];
 }
 
 async function openDelivery(id) {
+  if (state.selected !== id) state.curl = null;
   state.selected = id;
   renderDeliveries();
   try {
@@ -435,13 +555,11 @@ function renderVehicleDetail(doc) {
     s.value === null || typeof s.value !== "object" ? s.value : JSON.stringify(s.value),
     s.unit, s.oemUpdatedAt, s.error ? `${s.status} ${s.error.type || ""} ${s.error.code || ""}`
       : s.status, s.eventId]);
-  const signalTable = table("The latest value of each signal (newest oemUpdatedAt wins)",
-    ["signal", "value", "unit", "oemUpdatedAt", "status", "eventId"], signals);
-  signalTable.id = "vehicle-signals";
-  const errorTable = table("Open errors", ["type", "code", "count", "first seen", "last seen",
-    "description"], doc.errors.map((e) => [e.type, e.code, e.count, localTime(e.firstSeen),
-    localTime(e.lastSeen), e.description]));
-  errorTable.id = "vehicle-errors";
+  const signalTable = withId(table("The latest value of each signal (newest oemUpdatedAt wins)",
+    ["signal", "value", "unit", "oemUpdatedAt", "status", "eventId"], signals), "vehicle-signals");
+  const errorTable = withId(table("Open errors", ["type", "code", "count", "first seen",
+    "last seen", "description"], doc.errors.map((e) => [e.type, e.code, e.count,
+    localTime(e.firstSeen), localTime(e.lastSeen), e.description]), [5]), "vehicle-errors");
   pane.replaceChildren(
     detailHead(`Vehicle ${doc.vehicleId}`, closeVehicle),
     facts([["vehicleId", el("span", { class: "mono", text: doc.vehicleId })],
@@ -543,6 +661,11 @@ document.addEventListener("DOMContentLoaded", () => {
   }
   $("confirm-cancel").addEventListener("click", () => $("confirm-purge").close());
   $("confirm-ok").addEventListener("click", purgeConfirmed);
+  for (const id of ["filter-outcome", "filter-eventType", "filter-vehicleId", "filter-text"]) {
+    $(id).addEventListener("input", readFilter);
+    $(id).addEventListener("change", readFilter);
+  }
+  $("filters").addEventListener("submit", (event) => event.preventDefault());
   document.addEventListener("keydown", (event) => {
     if (event.key !== "Escape" || $("confirm-purge").open) return;
     if (state.tab === "deliveries" && state.selected !== null) closeDelivery();
