@@ -15,13 +15,13 @@ NODE_STAMP := node_modules/.installed-stamp
 PORT ?= 7071
 # Operations CLI shortcuts: make send URL=... [TYPE=state|verify|error] [TOKEN=...],
 # make stats, make dlq, make dlq-show ID=..., make dlq-replay IDS="3 4" (or IDS=--all),
-# make dlq-purge IDS=..., make check-endpoint [TEST_EVENT=1]; JSON=1: machine-readable output.
-# Recipes are not echoed: a URL with ?code= (the function key) or a TOKEN never appears.
+# make dlq-purge IDS=..., make check-endpoint [TEST_EVENT=1], make vehicles [ID=...]; JSON=1:
+# machine-readable output. Recipes are not echoed: a URL with ?code= or a TOKEN never appears.
 URL ?= http://127.0.0.1:$(PORT)/api/webhooks/smartcar
 TYPE ?= state
 CLI := $(PY) -m shared.cli $(if $(JSON),--json)
 
-.PHONY: run test test-browser lint bench measure-memory mutate clean send stats dlq dlq-show dlq-replay dlq-purge
+.PHONY: run test test-browser lint bench measure-memory mutate clean send stats dlq dlq-show dlq-replay dlq-purge vehicles vehicles-show
 
 # $(call install,FILE,STAMP): a .venv on Python 3.13 (made or remade), then FILE installed.
 define install
@@ -89,6 +89,12 @@ dlq-purge: $(RUN_STAMP)
 .PHONY: check-endpoint
 check-endpoint: $(RUN_STAMP)
 	@$(CLI) check-endpoint '$(URL)' $(if $(TEST_EVENT),--send-test-event) $(if $(TOKEN),--token '$(TOKEN)')
+
+vehicles: $(RUN_STAMP)
+	@$(CLI) vehicles list
+
+vehicles-show: $(RUN_STAMP)
+	@$(CLI) vehicles show '$(ID)'
 
 clean:
 	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache test-artifacts mutants

@@ -30,6 +30,12 @@ async def health(req: func.HttpRequest) -> func.HttpResponse:
     return await functions.handle_health(req)
 
 
+@app.route(route="vehicles/{vehicleId}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+async def vehicle_state(req: func.HttpRequest) -> func.HttpResponse:
+    """A vehicle's latest signals and open errors from the vehicle state store; needs a key."""
+    return await functions.handle_vehicle(req)
+
+
 @app.service_bus_queue_trigger(
     arg_name="msg", queue_name="%SERVICEBUS_QUEUE_NAME%", connection="ServiceBusConnection"
 )

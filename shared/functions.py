@@ -16,6 +16,7 @@ from .processor import InboundMessage, process_message
 from .receiver import receive
 from .runtime import get_runtime
 from .settings import SettingsError
+from .vehicle_read import read_vehicle
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,19 @@ async def handle_health(req: func.HttpRequest) -> func.HttpResponse:
     return _json(200, {"status": "ok"})
 
 
+async def handle_vehicle(req: func.HttpRequest) -> func.HttpResponse:
+    """`GET /api/vehicles/{vehicleId}`: the key was checked by the host (shared/vehicle_read.py)."""
+    try:
+        runtime = get_runtime()
+    except SettingsError as exc:
+        logger.error("vehicle read: %s", exc)
+        return _json(503, {"error": "receiver is misconfigured, see its logs"})
+    reply = await read_vehicle(req.route_params.get("vehicleId", ""), runtime.vehicle_state)
+    return func.HttpResponse(
+        reply.body_bytes(), status_code=reply.status, headers=dict(reply.headers)
+    )
+
+
 def inbound_message(msg: func.ServiceBusMessage) -> InboundMessage:
     props = dict(msg.application_properties or {})
     return InboundMessage(
@@ -106,8 +120,9 @@ def inbound_message(msg: func.ServiceBusMessage) -> InboundMessage:
 
 async def handle_queue_message(msg: func.ServiceBusMessage) -> None:
     runtime = get_runtime()
-    await process_message(
-        inbound_message(msg),
+    message = inbound_message(msg)
+    result = await process_message(
+        message,
         settings=runtime.settings,
         registry=runtime.registry,
         dead_letterer=runtime.dead_letterer,
@@ -116,3 +131,5 @@ async def handle_queue_message(msg: func.ServiceBusMessage) -> None:
         store=runtime.vehicle_state,
         clock=runtime.clock,
     )
+    if runtime.on_processed is not None:
+        runtime.on_processed(message, result)

@@ -17,7 +17,13 @@ from typing import Any
 from .credentials import ProcessCredential
 from .handlers import HandlerRegistry
 from .handlers import registry as default_registry
-from .processor import DeadLetterer, OutcomeLog, ServiceBusDeadLetterer
+from .processor import (
+    DeadLetterer,
+    InboundMessage,
+    OutcomeLog,
+    ProcessResult,
+    ServiceBusDeadLetterer,
+)
 from .publisher import Publisher, RememberingPublisher, build_service_bus_publisher
 from .retry import RetrySender, ServiceBusRetrySender
 from .settings import Settings, load_settings
@@ -65,6 +71,10 @@ class Runtime:
     # Local host only: what works but needs the operator (messages left in the queue because
     # every handler thread is stuck): `/api/health` answers 200 "degraded" naming each.
     health_warnings: Callable[[], list[str]] | None = None
+    # Local host only: told of each message the queue function processed and its result (the
+    # inspector shows what each delivery did to the vehicle state). Called on the event loop;
+    # it must be quick and must not raise.
+    on_processed: Callable[[InboundMessage, ProcessResult], None] | None = None
     #: Wall clock (epoch seconds) the receiver stamps the time of receipt with.
     clock: Callable[[], float] = time.time
     #: The vehicle state store (shared/vehicle_state); None with VEHICLE_STATE_STORE=off.
@@ -132,7 +142,8 @@ def build_runtime(
     """Everything the functions need, for the queue backend the settings choose.
 
     The default publisher is the queue behind a spill store; a `publisher` passed in is used
-    as it is (and re-drive sends to it).
+    as it is (and re-drive sends to it). `vehicle_state` is the store the processor applies
+    events to and the read route reads.
     """
     credential = credential or ProcessCredential(settings.azure_client_id)
     queue = None

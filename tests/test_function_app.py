@@ -18,6 +18,7 @@ def test_http_routes_methods_and_auth_levels() -> None:
         ("webhooks/smartcar", ("POST",), "function"),
         ("webhooks/smartcar/errors", ("POST",), "function"),
         ("health", ("GET",), "anonymous"),
+        ("vehicles/{vehicleId}", ("GET",), "function"),
     }
 
 

@@ -215,4 +215,6 @@ class TestFunctionKeys:
             "'webhooks/smartcar'": "func.AuthLevel.FUNCTION",
             "'webhooks/smartcar/errors'": "func.AuthLevel.FUNCTION",
             "'health'": "func.AuthLevel.ANONYMOUS",
+            # Vehicle data: never without a key (locally too, tests/test_vehicle_read.py).
+            "'vehicles/{vehicleId}'": "func.AuthLevel.FUNCTION",
         }

@@ -289,6 +289,93 @@ class TestInspectorInChromium:
             assert errors == [], errors
 
 
+class TestVehiclesInChromium:
+    def test_the_vehicles_tab_and_what_each_delivery_did_to_the_state(
+        self, tmp_path: Path, browser: Any
+    ) -> None:
+        """A newer reading, then an older one of the same signals (Smartcar delivers unordered),
+        an error, and another vehicle: the Vehicles tab lists both vehicles with their open
+        errors and shows the newer value; each delivery's detail says what it changed and what
+        it left alone as stale."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+
+        from .test_inspector_vehicles import VEHICLE_HOST
+        from .vehicle_fakes import VEHICLE, error_body, state_body
+
+        other = "0b9ab6c1-2b1a-4b85-8f53-3d4c2f1e0a99"
+        oem_ms = 1_764_000_000_000
+        newer = state_body(oem_ms=oem_ms + 60_000, soc=80)
+        older = state_body(oem_ms=oem_ms, soc=50)
+        with HostProcess(tmp_path, python=VEHICLE_HOST) as host:
+            browser.get(host.url)
+            until(browser, lambda d: d.find_element(By.ID, "deliveries-empty").is_displayed(),
+                  "the empty deliveries list")
+            for body, path in ((newer, "/api/webhooks/smartcar"),
+                               (older, "/api/webhooks/smartcar"),
+                               (error_body(), "/api/webhooks/smartcar/errors"),
+                               (state_body(other, oem_ms=oem_ms), "/api/webhooks/smartcar")):
+                assert host.post(body, path=path).status == 200
+            for body in (newer, older):  # handled, or unhandled when no handler wants it
+                until(browser, lambda d, b=body: (row(d, "deliveries", event_id(b)) or {})
+                      .get("processing") in ("handled", "unhandled"), "the state events processed")
+
+            # The older reading's detail: nothing changed, both dated signals stale.
+            click_row(browser, "deliveries", event_id(older))
+            state_rows = until(browser, lambda d: cells(d, "delivery-state"),
+                               "the vehicle state section of the older delivery")
+            assert state_rows[0] == ["changed", "none"]
+            assert state_rows[1] == ["left alone as stale",
+                                     "tractionbattery-stateofcharge, charge-ischarging"]
+            assert state_rows[2] == ["skipped", "location-isathome (no oemUpdatedAt)"]
+            screenshot(browser, "delivery-vehicle-state")
+            click_row(browser, "deliveries", event_id(newer))
+            until(browser, lambda d: (cells(d, "delivery-state") or [[]])[0] == [
+                "changed", "tractionbattery-stateofcharge, charge-ischarging"],
+                "the newer delivery changed both dated signals")
+
+            # The Vehicles tab, reached from the dead-letter tab by keyboard.
+            browser.find_element(By.ID, "tab-dlq").click()
+            browser.find_element(By.ID, "tab-dlq").send_keys(Keys.ARROW_RIGHT)
+            until(browser, lambda d: d.find_element(By.ID, "view-vehicles").is_displayed(),
+                  "ArrowRight from Dead letters opens Vehicles")
+            assert browser.switch_to.active_element.get_attribute("id") == "tab-vehicles"
+
+            def listed(d: Any) -> list[dict[str, str]] | None:
+                found: list[dict[str, str]] = d.execute_script(
+                    "return [...document.querySelectorAll('#vehicles tbody tr')]"
+                    ".map(r => Object.assign({text: r.innerText}, r.dataset))")
+                return found if [r["openErrors"] for r in found] == ["0", "1"] else None
+
+            vehicles = until(browser, listed, "two vehicles, the one with an error second")
+            assert [r["vehicleId"] for r in vehicles] == [other, VEHICLE]
+            assert text_of(browser, "count-vehicles") == "(2)"
+            screenshot(browser, "vehicles")
+
+            browser.execute_script(
+                "document.querySelector(arguments[0]).focus()",
+                f'#vehicles tbody tr[data-vehicle-id="{VEHICLE}"]')
+            browser.switch_to.active_element.send_keys(Keys.ENTER)
+            signals = until(browser, lambda d: cells(d, "vehicle-signals"),
+                            "the vehicle's signals")
+            soc = next(r for r in signals if r[0] == "tractionbattery-stateofcharge")
+            assert soc[1:3] == ["80", "percent"], "the newer reading wins"
+            assert soc[5] == event_id(newer)
+            errors = cells(browser, "vehicle-errors")
+            assert [r[:3] for r in errors] == [["COMPATIBILITY", "VEHICLE_NOT_CAPABLE", "1"]]
+            screenshot(browser, "vehicle-detail")
+            browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+            until(browser, lambda d: not d.find_element(By.ID, "vehicle-detail").is_displayed(),
+                  "Escape closes the vehicle")
+
+            browser.set_window_size(420, 800)
+            until(browser, lambda d: d.execute_script(
+                "return document.documentElement.scrollWidth <= window.innerWidth"),
+                "no horizontal scrolling at 420 px")
+            errors_logged = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+            assert errors_logged == [], errors_logged
+
+
 # The app's own handlers, plus one that takes 0.3 s and then fails for one vehicle: the page
 # must show its exception and its own run time, apart from the 1 s backoff between attempts.
 FAILING_VEHICLE = "car-that-fails"

@@ -27,6 +27,7 @@ from shared.runtime import Runtime, build_runtime, set_runtime
 from shared.settings import load_settings
 
 from .support import encode, local_env, signed_headers, state_event
+from .vehicle_fakes import VEHICLE, MemoryVehicleStore, error_body, state_body
 
 
 def index_app() -> dict[str, Any]:
@@ -127,16 +128,18 @@ async def invoke(name: str, argument: Any, *, context: bool = False) -> Any:
     return await result if asyncio.iscoroutine(result) else result
 
 
-def http_datum(method: str, path: str, body: bytes, headers: dict[str, str]) -> meta.Datum:
+def http_datum(method: str, path: str, body: bytes, headers: dict[str, str],
+               route_params: dict[str, str] | None = None) -> meta.Datum:
     """An `http` datum as Datum.from_typed_data builds it from the host's RpcHttp; the worker
-    declares RawHttpBodyBytes, so the body arrives as bytes."""
+    declares RawHttpBodyBytes, so the body arrives as bytes. The host puts the route
+    template's values (`{vehicleId}`) in `params`."""
     url = f"https://app.azurewebsites.net/api/{path}?code=function-key"
     return meta.Datum(type="http", value={
         "method": meta.Datum(method, "string"),
         "url": meta.Datum(url, "string"),
         "headers": {k.lower(): meta.Datum(v, "string") for k, v in headers.items()},
         "body": meta.Datum(body, "bytes"),
-        "params": {},
+        "params": {k: meta.Datum(v, "string") for k, v in (route_params or {}).items()},
         "query": {"code": meta.Datum("function-key", "string")},
     })
 
@@ -179,11 +182,12 @@ def runtime(tmp_path: Path) -> Iterator[Runtime]:
 class TestIndexedMetadata:
     """What the host reads from the worker's index of function_app.py."""
 
-    def test_the_five_functions_and_their_triggers(self) -> None:
+    def test_the_six_functions_and_their_triggers(self) -> None:
         assert {name: trigger(name)["type"] for name in FUNCTIONS} == {
             "smartcar_webhook": "httpTrigger",
             "smartcar_error_webhook": "httpTrigger",
             "health": "httpTrigger",
+            "vehicle_state": "httpTrigger",
             "process_event": "serviceBusTrigger",
             "redrive_spilled": "timerTrigger",
         }
@@ -191,16 +195,18 @@ class TestIndexedMetadata:
     def test_http_routes_methods_and_auth_levels(self) -> None:
         declared = {
             name: (trigger(name)["route"], trigger(name)["methods"], trigger(name)["authLevel"])
-            for name in ("smartcar_webhook", "smartcar_error_webhook", "health")
+            for name in ("smartcar_webhook", "smartcar_error_webhook", "health", "vehicle_state")
         }
         assert declared == {
             "smartcar_webhook": ("webhooks/smartcar", ["POST"], "FUNCTION"),
             "smartcar_error_webhook": ("webhooks/smartcar/errors", ["POST"], "FUNCTION"),
             "health": ("health", ["GET"], "ANONYMOUS"),
+            # The Functions host checks the key before the worker sees the request.
+            "vehicle_state": ("vehicles/{vehicleId}", ["GET"], "FUNCTION"),
         }
 
     def test_http_functions_return_through_the_http_output(self) -> None:
-        for name in ("smartcar_webhook", "smartcar_error_webhook", "health"):
+        for name in ("smartcar_webhook", "smartcar_error_webhook", "health", "vehicle_state"):
             outputs = [b for b in bindings(name) if b["direction"] == "OUT"]
             assert outputs == [{"type": "http", "direction": "OUT", "name": "$return"}]
 
@@ -246,6 +252,42 @@ class TestHttpTrigger:
         assert json.loads(response.get_body()) == {"status": "ok"}
 
 
+class TestVehicleStateRoute:
+    """`GET /api/vehicles/{vehicleId}` as the worker hands it over: the host has checked the
+    key and put the route's value in `params`; the store is where the app's store goes."""
+
+    def get(self, runtime: Runtime, vehicle_id: str) -> func.HttpResponse:
+        req = convert("vehicle_state", http_datum("GET", f"vehicles/{vehicle_id}", b"", {},
+                                                  {"vehicleId": vehicle_id}), {})
+        assert isinstance(req, func.HttpRequest)
+        assert req.route_params == {"vehicleId": vehicle_id}
+        response = asyncio.run(invoke("vehicle_state", req))
+        assert isinstance(response, func.HttpResponse)
+        assert response.headers["Content-Type"] == "application/json"
+        return response
+
+    def test_200_with_the_vehicle(self, runtime: Runtime) -> None:
+        store = MemoryVehicleStore()
+        store.apply_body(state_body(oem_ms=1_764_000_000_000, soc=42))
+        store.apply_body(error_body())
+        runtime.vehicle_state = store
+        response = self.get(runtime, VEHICLE)
+        assert response.status_code == 200
+        body = json.loads(response.get_body())
+        assert body["vehicleId"] == VEHICLE
+        assert body["signals"]["tractionbattery-stateofcharge"]["value"] == 42
+        assert body["errors"][0]["state"] == "OPEN"
+
+    def test_404_400_and_503(self, runtime: Runtime) -> None:
+        runtime.vehicle_state = MemoryVehicleStore()
+        assert self.get(runtime, VEHICLE).status_code == 404
+        assert self.get(runtime, "a" * 129).status_code == 400
+        assert self.get(runtime, "a%2Fb").status_code == 400  # how the host leaves an encoded /
+        runtime.vehicle_state = None
+        off = self.get(runtime, VEHICLE)
+        assert off.status_code == 503 and json.loads(off.get_body())["store"] == "off"
+
+
 class TestServiceBusTrigger:
     def test_a_queued_event_is_processed_with_the_hosts_metadata(self, runtime: Runtime) -> None:
         event = state_event()
@@ -275,6 +317,21 @@ class TestServiceBusTrigger:
         asyncio.run(invoke("process_event", msg))
         assert runtime.handled_log is not None
         assert [r["eventId"] for r in runtime.handled_log.read()] == [event["eventId"]]
+
+
+    def test_each_result_goes_to_the_runtimes_on_processed_hook(self, runtime: Runtime) -> None:
+        # The local inspector's hook: what the processing did, per message and delivery.
+        seen: list[tuple[Any, Any]] = []
+        runtime.on_processed = lambda message, result: seen.append((message, result))
+        event = state_event()
+        metadata = service_bus_metadata(message_id=event["eventId"], delivery_count=3,
+                                        properties={})
+        asyncio.run(invoke("process_event", convert("process_event",
+                                                     meta.Datum(encode(event), "bytes"),
+                                                     metadata)))
+        ((message, result),) = seen
+        assert (message.message_id, message.delivery_count) == (event["eventId"], 3)
+        assert result.outcome == "handled" and result.event.event_id == event["eventId"]
 
 
 class TestTimerTrigger:

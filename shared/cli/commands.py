@@ -11,6 +11,8 @@
     python -m shared.cli dlq purge (--all | ID...)
     python -m shared.cli check-endpoint URL [--send-test-event] [--token T]
     python -m shared.cli explain-signature --body FILE --signature HEX [--token T]
+    python -m shared.cli vehicles list [--limit N]
+    python -m shared.cli vehicles show VEHICLE_ID
 
 Every command takes --json (one JSON document on stdout). The queue is the one the app uses
 with the same settings: the embedded queue in ${LOCAL_STATE_DIR}, or Azure Service Bus when
@@ -32,7 +34,7 @@ from typing import Any, TextIO
 from ..events import peek_envelope
 from ..local.queue import QUEUE_FILE
 from ..settings import Settings, SettingsError, load_settings
-from . import doctor_cli
+from . import doctor_cli, vehicles_cli
 from .ops import (
     DeadLetter,
     OpsError,
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sequence numbers from `dlq list`, messageIds or eventIds")
         sub.add_argument("--all", action="store_true", help="every dead letter")
     doctor_cli.add_parsers(commands, json_flag, _Parser)
+    vehicles_cli.add_parsers(commands, json_flag, _Parser)
     return parser
 
 
@@ -373,6 +376,8 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     if args.command in doctor_cli.COMMANDS:
         return doctor_cli.run(args, emit, err)
+    if args.command in vehicles_cli.COMMANDS:
+        return vehicles_cli.run(args, emit, err, _table)
 
     if args.command == "stats":
         counts = _with_ops(lambda ops: (ops.where, ops.stats()), err)

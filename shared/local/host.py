@@ -1,8 +1,14 @@
 """The local host: runs `function_app.py`'s functions without Azure tools.
 
-It serves the app's HTTP routes under `/api` (no function keys, like `func start`) and drives
-its Service Bus queue trigger from the embedded SQLite queue, with the host's built-in
-settlement: return completes, raise abandons, `maxDeliveryCount` dead-letters.
+It serves the app's HTTP routes under `/api` and drives its Service Bus queue trigger from the
+embedded SQLite queue, with the host's built-in settlement: return completes, raise abandons,
+`maxDeliveryCount` dead-letters.
+
+Keys: the webhook routes take none, like `func start` (contract.md). Every other route whose
+auth level is not anonymous (the vehicle state, `GET /api/vehicles/{vehicleId}`) needs this
+run's key, as `?code=` or `x-functions-key`: the port may be tunnelled to the internet for
+Smartcar's deliveries, and vehicle data must not go out through that tunnel to whoever finds
+it. The key is random per run and printed in the banner; anything else gets 401.
 
 It also runs the app's timer functions (the spill re-drive) every `--timer-interval` seconds.
 
@@ -18,11 +24,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import importlib
 import inspect
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import uuid
@@ -77,6 +85,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 ROUTE_PREFIX = "/api"
+#: Routes the local host serves without a key whatever their auth level: Smartcar's deliveries
+#: come keyless through a tunnel, as with `func start` (contract.md).
+KEYLESS_ROUTE_PREFIX = "webhooks/"
 DEFAULT_PORT = 7071
 #: Seconds `stop` waits for cancelled tasks and open requests; the whole stop stays well
 #: inside the 10 s a supervisor (or Ctrl-C) may wait before killing.
@@ -99,6 +110,21 @@ class HttpFunction:
     handler: Callable[..., Any]
     #: Declares a `context` parameter, which the worker fills (decided once, at indexing).
     wants_context: bool = False
+
+
+def needs_local_key(fn: HttpFunction) -> bool:
+    """True for the routes the local host serves only with its per-run key."""
+    return fn.auth_level.lower() != "anonymous" and not fn.route.startswith(KEYLESS_ROUTE_PREFIX)
+
+
+def has_key(key: str, query: Mapping[str, str], headers: Mapping[str, str]) -> bool:
+    """True when `?code=` or `x-functions-key` is `key`; both compared in constant time."""
+    expected = key.encode("utf-8")
+    matched = False
+    for given in (query.get("code"), headers.get("x-functions-key")):
+        if given is not None:
+            matched |= hmac.compare_digest(given.encode("utf-8", "replace"), expected)
+    return matched
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +333,7 @@ class LocalHost:
         idle_timeout: float = IDLE_TIMEOUT_SECONDS,
         body_timeout: float = BODY_TIMEOUT_SECONDS,
         observer: RequestObserver | None = None,
+        function_key: str | None = None,
         attempt_observer: AttemptObserver | None = None,
     ) -> None:
         if runtime.queue is None:
@@ -327,6 +354,8 @@ class LocalHost:
         self.idle_timeout = idle_timeout
         self.body_timeout = body_timeout
         self.observer: RequestObserver = observer or _unobserved
+        #: This run's key for the routes that need one (`needs_local_key`), in the banner.
+        self.function_key = function_key or secrets.token_urlsafe(24)
         self.attempt_observer = attempt_observer
         self.http_functions, self.queue_functions, self.timer_functions = index_functions(app)
         self._wake = asyncio.Event()
@@ -443,14 +472,20 @@ class LocalHost:
                 self.queue.abandon(token)
 
     def _http_handler(self, fn: HttpFunction) -> Handler:
+        keyed = needs_local_key(fn)
+
         async def handle(request: Request) -> Response:
+            if keyed and not has_key(self.function_key, request.query, request.headers):
+                return json_response(401, {"error": (
+                    "this route needs the local host's key, printed at start-up (it changes on "
+                    "every run): pass it as ?code=KEY or in an x-functions-key header")})
             authority = request.headers.get("Host") or f"{self.host}:{self.port}"
             req = func.HttpRequest(
                 method=request.method,
                 url=f"http://{authority}{request.target}",
                 headers=dict(request.headers),
                 params=request.query,
-                route_params={},
+                route_params=dict(request.route_params),
                 body=request.body,
             )
             extra = (
@@ -822,7 +857,8 @@ def load_function_app() -> func.FunctionApp:
 
 
 def banner(settings: Settings, base_url: str, *, inspector: str | None = None,
-           warnings: list[str] | None = None) -> str:
+           warnings: list[str] | None = None,
+           function_key: str | None = None) -> str:
     # The host only verifies: the CLI (and Smartcar) sign.
     token_line = (
         f"Verifies signatures with the development token {settings.management_token!r} "
@@ -856,6 +892,10 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None,
             f"  vehicle data webhook:  {url}",
             f"  vehicle error webhook: {url}/errors",
             f"  health:                {base_url}{ROUTE_PREFIX}/health",
+            *([f"  vehicle state:         {base_url}{ROUTE_PREFIX}/vehicles/<vehicleId>"
+               f"?code={function_key}",
+               "    (this run's key, also accepted as an x-functions-key header; the webhook "
+               "routes take none)"] if function_key else []),
             *([inspector] if inspector else []),
             "To receive real Smartcar deliveries, tunnel the port to public HTTPS, e.g.",
             f"  devtunnel host -p {port} --allow-anonymous   (or: ngrok http {port})",
@@ -888,6 +928,7 @@ async def serve(
     configure_telemetry(connection_string=settings.appinsights_connection_string, console=True)
     recorder = Recorder()
     recorder.attach()  # to the tracer provider set up just above
+    runtime.on_processed = recorder.processed  # what each delivery did to the vehicle state
     local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers,
                       lock_duration=lock_duration, timer_interval=timer_interval,
                       header_timeout=header_timeout, idle_timeout=idle_timeout,
@@ -898,12 +939,14 @@ async def serve(
     reach = "127.0.0.1" if local.host in ("0.0.0.0", "::", "") else local.host  # noqa: S104
     inspector, inspector_line = await start_inspector(
         settings, runtime.queue, webhook_port=port, recorder=recorder,
+        vehicles=runtime.vehicle_state,
         webhook_base=f"http://{reach}:{local.port}{ROUTE_PREFIX}",
     )
     judge_stored_deliveries(runtime.queue, settings.max_delivery_age_seconds)
     clock = CLOCK_WATCH.problem()
     print(banner(settings, local.base_url, inspector=inspector_line,
-                 warnings=[clock] if clock else None), flush=True)
+                 warnings=[clock] if clock else None, function_key=local.function_key),
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

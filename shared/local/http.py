@@ -40,7 +40,7 @@ docs/how-it-works.md, "The local host's front door"):
 - `Expect: 100-continue` is answered before the body is read; persistent connections as
   llhttp decides them (HTTP/1.1 unless `Connection: close`, HTTP/1.0 with keep-alive);
 - 404 for a path with no route, 405 (with `Allow`) for a route and another method, 500 when a
-  route raises.
+  route raises; routes with parameters (`/api/vehicles/{vehicleId}`) as routes.py matches them.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Literal, cast
@@ -70,6 +70,7 @@ from .connections import (
     IDLE_TIMEOUT_SECONDS,
     MIN_BODY_RATE,
 )
+from .routes import RouteTemplate, route_template
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,8 @@ class Request:
     body: bytes
     #: True when the body was longer than the limit and cut there.
     truncated: bool
+    #: The parameters of the route template that matched (routes.py), else empty.
+    route_params: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -610,10 +613,18 @@ class HttpServer:
         body_timeout: float = BODY_TIMEOUT_SECONDS,
         max_connections: int = 1000,
     ) -> None:
-        self._routes = dict(routes)
+        # Paths without parameters are one dict lookup (the webhook routes); templates such
+        # as `/api/vehicles/{vehicleId}` are tried after them, in declaration order.
+        self._routes: dict[tuple[str, str], Handler] = {}
         self._methods: dict[str, list[str]] = {}
-        for method, path in self._routes:
-            self._methods.setdefault(path, []).append(method)
+        self._templates: dict[str, tuple[RouteTemplate, dict[str, Handler]]] = {}
+        for (method, path), handler in routes.items():
+            template = route_template(path)
+            if template is None:
+                self._routes[method, path] = handler
+                self._methods.setdefault(path, []).append(method)
+            else:
+                self._templates.setdefault(path, (template, {}))[1][method] = handler
         self.body_limit = body_limit
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
@@ -720,6 +731,17 @@ class HttpServer:
         if handler is not None:
             return await handler(request)
         allowed = self._methods.get(request.path)
+        if allowed is None and self._templates:
+            raw_path = request.target.partition("?")[0]
+            for template, handlers in self._templates.values():
+                params = template.match(raw_path)
+                if params is None:
+                    continue
+                handler = handlers.get(request.method)
+                if handler is not None:
+                    return await handler(replace(request, route_params=params))
+                allowed = list(handlers)
+                break
         if allowed is None:
             return json_response(404, {"error": "not found"})
         return json_response(405, {"error": "method not allowed"},

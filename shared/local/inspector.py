@@ -4,7 +4,10 @@ The local host reports each HTTP request and its answer (`Recorder.http_request`
 receiver's and the processor's own OpenTelemetry spans (`shared/telemetry.py`) say what was
 decided (`outcome`, `eventType`, dead-letter reason, ...). A receive span is matched to its
 request through a context variable set while the function runs; a processing span to its
-delivery through the trace id that the message carries from the receive span.
+delivery through the trace id that the message carries from the receive span. What applying
+the event did to the vehicle state store (`ProcessResult.vehicle_state`) comes through the
+runtime's `on_processed` hook, after the processing span ended, and joins that span's attempt
+by message id and delivery count.
 
 Bodies hold vehicle locations: they are kept in a bounded ring in memory (the last
 `RING_SIZE` deliveries) and never written anywhere by this module.
@@ -31,7 +34,9 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 
 from .. import telemetry_names as names
 from ..events import InvalidEventError, parse_event, peek_envelope
+from ..processor import InboundMessage, ProcessResult
 from ..shapes import fingerprint
+from ..vehicle_state import ApplyResult
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +80,10 @@ class Attempt:
     dead_letter_reason: str | None
     error_type: str | None
     duration_ms: float
+    #: What this processing did to the vehicle state store: the signals it changed, left
+    #: alone as stale or skipped, the errors it opened and resolved (None: not applied). Kept
+    #: as it came (immutable) and turned into JSON only when the page asks.
+    vehicle_state: ApplyResult | None = None
     # From the host after the attempt (`Recorder.attempt_finished`): the handlers' own run
     # time, apart from parsing, settlement and any backoff, and what a failed one raised.
     handler_ms: float | None = None
@@ -91,6 +100,7 @@ class Attempt:
             "errorMessage": self.error_message,
             "handlerMs": None if self.handler_ms is None else round(self.handler_ms, 1),
             "durationMs": round(self.duration_ms, 1),
+            "vehicleState": None if self.vehicle_state is None else self.vehicle_state.to_json(),
         }
 
 
@@ -176,6 +186,9 @@ class Delivery:
             "utf-8", "replace"
         )
         doc["processingAttempts"] = [a.to_json() for a in self.attempts]
+        # The latest processing that applied the event: what it did to the stored state.
+        doc["vehicleState"] = next((a["vehicleState"] for a in reversed(doc["processingAttempts"])
+                                    if a["vehicleState"] is not None), None)
         doc.update(describe_body(self.body))
         if doc["shape"] is not None and self.body is not None:
             shape = fingerprint(self.body)
@@ -260,6 +273,8 @@ class Recorder:
         self._lock = threading.Lock()
         self._deliveries: OrderedDict[int, Delivery] = OrderedDict()
         self._by_trace: dict[str, int] = {}
+        # Message id -> delivery, for the vehicle state results that follow a processing span.
+        self._by_message: dict[str, int] = {}
         self._next_id = 1
         self._version = 0
         self.span_processor = _SpanTap(self)
@@ -351,7 +366,28 @@ class Recorder:
                 if trace_id:
                     self._by_trace[trace_id] = delivery.id
             delivery.attempts.append(attempt)
+            if attempt.message_id is not None:
+                self._by_message[attempt.message_id] = delivery.id
             self._touch(delivery)
+
+    # -- fed by the runtime's `on_processed` hook -------------------------------------------
+    def processed(self, message: InboundMessage, result: ProcessResult) -> None:
+        """Keep what applying the event did to the vehicle state, on the attempt (its span
+        ended just before) of this message id and delivery count; nothing to keep without."""
+        state = result.vehicle_state
+        if state is None:
+            return
+        with self._lock:
+            known = self._by_message.get(message.message_id)
+            delivery = self._deliveries.get(known) if known is not None else None
+            if delivery is None:
+                return
+            for attempt in reversed(delivery.attempts):
+                if (attempt.message_id == message.message_id
+                        and attempt.delivery_count == message.delivery_count):
+                    attempt.vehicle_state = state
+                    self._touch(delivery)
+                    return
 
     def attempt_finished(self, message_id: str, delivery_count: int, handler_ms: float | None,
                          error: BaseException | None) -> None:
@@ -430,6 +466,10 @@ class Recorder:
             self._bytes -= _size(victim)
             if victim.trace_id is not None and self._by_trace.get(victim.trace_id) == victim.id:
                 del self._by_trace[victim.trace_id]
+            for attempt in victim.attempts:
+                if (attempt.message_id is not None
+                        and self._by_message.get(attempt.message_id) == victim.id):
+                    del self._by_message[attempt.message_id]
 
     def _touch(self, delivery: Delivery) -> None:
         self._version += 1

@@ -4,7 +4,9 @@ It listens on 127.0.0.1 whatever address the webhook port uses, so a tunnel that
 webhook port never exposes it. Every path starts with the token
 (`http://127.0.0.1:7072/<token>/`, printed in the banner); anything else is answered 403,
 including a request whose `Host` is not this loopback address (a DNS-rebinding page). The
-dead-letter actions go through the same operations code as `python -m shared.cli dlq`.
+dead-letter actions go through the same operations code as `python -m shared.cli dlq`. The
+Vehicles tab reads the app's own vehicle state store (the runtime's), as the read route does,
+from this loopback port only: the page needs no function key, its token stands for one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from ..cli.ops import LocalOps, OpsError
 from ..settings import INSPECTOR_PORT, Settings
+from ..vehicle_read import vehicle_id_problem
+from ..vehicle_state import VehicleStateStore
 from .inspector import Recorder, curl_command, describe_body
 
 logger = logging.getLogger(__name__)
@@ -28,6 +32,7 @@ logger = logging.getLogger(__name__)
 #: The only address the inspector ever binds: not configurable on purpose.
 LOOPBACK = "127.0.0.1"
 DLQ_LIMIT = 500
+VEHICLES_LIMIT = 500
 SIGNATURE_HEADER_NAME = "SC-Signature"
 RESEND_TIMEOUT_SECONDS = 15.0  # Smartcar's own limit for an answer
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -62,9 +67,11 @@ class InspectorServer:
     """Serves the page and its JSON API. Start with `await start()`, stop with `await stop()`."""
 
     def __init__(self, recorder: Recorder, ops: LocalOps, *, port: int,
-                 token: str | None = None, webhook_base: str | None = None) -> None:
+                 token: str | None = None, webhook_base: str | None = None,
+                 vehicles: VehicleStateStore | None = None) -> None:
         self.recorder = recorder
         self.ops = ops
+        self.vehicles = vehicles
         self.port = port
         # Where "Copy as curl" and "Resend" send a delivery again: this host's webhook routes
         # (`http://127.0.0.1:7071/api`); None: they are not offered.
@@ -89,6 +96,8 @@ class InspectorServer:
         app.router.add_get("/{token}/api/dlq/{seq:\\d+}", self._dead_letter)
         app.router.add_post("/{token}/api/dlq/{seq:\\d+}/replay", self._replay)
         app.router.add_post("/{token}/api/dlq/{seq:\\d+}/purge", self._purge)
+        app.router.add_get("/{token}/api/vehicles", self._vehicle_list)
+        app.router.add_get("/{token}/api/vehicles/{vehicle_id}", self._vehicle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, LOOPBACK, self.port, reuse_address=True)
@@ -245,6 +254,39 @@ class InspectorServer:
         return web.json_response({"purged": result.purged, "notFound": result.not_found})
 
 
+    # -- vehicle state (the store the app's read route reads) --------------------------------
+    def _store(self) -> VehicleStateStore:
+        if self.vehicles is None:
+            raise web.HTTPServiceUnavailable(
+                text="the vehicle state store is turned off (VEHICLE_STATE_STORE=off)")
+        return self.vehicles
+
+    async def _vehicle_list(self, request: web.Request) -> web.StreamResponse:
+        store = self._store()
+        try:
+            summaries = await store.list_vehicles(limit=VEHICLES_LIMIT)
+        except Exception as exc:  # the store's failure is the page's message, not a 500
+            raise web.HTTPServiceUnavailable(
+                text=f"the vehicle state store failed: {type(exc).__name__}: {exc}") from None
+        return web.json_response({"vehicles": [s.to_json() for s in summaries],
+                                  "limit": VEHICLES_LIMIT})
+
+    async def _vehicle(self, request: web.Request) -> web.StreamResponse:
+        vehicle_id = request.match_info["vehicle_id"]
+        problem = vehicle_id_problem(vehicle_id)
+        if problem is not None:
+            raise web.HTTPBadRequest(text=problem)
+        store = self._store()
+        try:
+            view = await store.get_vehicle(vehicle_id)
+        except Exception as exc:
+            raise web.HTTPServiceUnavailable(
+                text=f"the vehicle state store failed: {type(exc).__name__}: {exc}") from None
+        if view is None:
+            raise web.HTTPNotFound(text=f"no state for vehicle {vehicle_id}")
+        return web.json_response(view.to_json())
+
+
 def inspector_port(settings: Settings, webhook_port: int) -> int:
     """`INSPECTOR_PORT`, else the webhook port + 1 (any free port when that is not one)."""
     if settings.inspector_port is not None:
@@ -254,6 +296,7 @@ def inspector_port(settings: Settings, webhook_port: int) -> int:
 
 async def start_inspector(
     settings: Settings, queue: Any, *, webhook_port: int, recorder: Recorder,
+    vehicles: VehicleStateStore | None = None,
     webhook_base: str | None = None,
 ) -> tuple[InspectorServer | None, str]:
     """The running inspector (None if its port is taken) and the banner's line about it.
@@ -261,7 +304,8 @@ async def start_inspector(
     A taken port does not stop the local host: the webhook routes matter more than the page.
     """
     port = inspector_port(settings, webhook_port)
-    server = InspectorServer(recorder, LocalOps(queue), port=port, webhook_base=webhook_base)
+    server = InspectorServer(recorder, LocalOps(queue), port=port, webhook_base=webhook_base,
+                             vehicles=vehicles)
     try:
         await server.start()
     except OSError as exc:

@@ -17,10 +17,14 @@ const state = {
   deadLetters: [],
   lettersSeen: "",
   selectedLetter: null,    // sequence number shown in the detail
+  vehicles: [],
+  vehiclesSeen: "",
+  selectedVehicle: null,   // vehicleId shown in the detail
   tab: "deliveries",
   curl: null,              // {id, command}: the last "Copy as curl" of the shown delivery
   filter: { outcome: "", eventType: "", vehicleId: "", text: "" },
 };
+const TABS = ["deliveries", "dlq", "vehicles"];
 
 const $ = (id) => document.getElementById(id);
 
@@ -330,6 +334,7 @@ function renderDeliveryDetail(doc) {
         attempts, [3]), "attempts")
       : el("p", { class: "muted", text: doc.outcome === "accepted" ? "Queued, not processed yet."
         : "Not queued." }),
+    ...stateSection(doc),
     ...bodySections(doc),
     el("h3", { text: "Request headers" }),
     table("SC-Signature shows its first 8 hex digits only", ["name", "value"], doc.headers),
@@ -337,6 +342,31 @@ function renderDeliveryDetail(doc) {
     el("pre", { tabindex: 0, text: show(doc.response) }));
   pane.hidden = false;
   pane.parentElement.classList.add("with-detail");
+}
+
+// What processing this delivery did to the vehicle state store (ApplyResult.to_json()).
+function stateSection(doc) {
+  const result = doc.vehicleState;
+  if (!result) {
+    if (!doc.processingAttempts.length ||
+        !["VEHICLE_STATE", "VEHICLE_ERROR"].includes(doc.eventType)) return [];
+    return [el("h3", { text: "Vehicle state" }), el("p", { class: "muted", id: "delivery-state",
+      text: "Not applied to the vehicle state store (it is off, or the event was not processed)." })];
+  }
+  const codes = (list) => (list.length ? list.join(", ") : "none");
+  const errors = (list) => (list.length ? list.map((e) => `${e.type} ${e.code || ""}`.trim())
+    .join(", ") : "none");
+  const rows = [
+    ["changed", codes(result.changed)],
+    ["left alone as stale", codes(result.stale)],
+    ["skipped", result.skipped.length ? result.skipped.map((k) => `${k.code || "(no code)"} ` +
+      `(${k.reason})`).join(", ") : "none"],
+    ["errors opened", errors(result.errorsOpened)],
+    ["errors resolved", errors(result.errorsResolved)],
+  ];
+  return [el("h3", { text: "Vehicle state" }), withId(table(
+    "What the latest processing did to the stored state", ["signals", "codes"], rows),
+  "delivery-state")];
 }
 
 async function openDelivery(id) {
@@ -486,11 +516,109 @@ async function purgeConfirmed() {
   await refreshLetters();
 }
 
+// -- vehicles (the vehicle state store) -------------------------------------------------------
+
+function localTime(iso) {
+  return iso ? new Date(iso).toLocaleString() : null;
+}
+
+function vehicleRow(summary) {
+  const id = summary.vehicleId;
+  return el("tr", {
+    tabindex: 0, "data-vehicle-id": id, "data-open-errors": summary.openErrors,
+    "aria-current": state.selectedVehicle === id ? "true" : null,
+    onclick: () => openVehicle(id),
+    onkeydown: (event) => activate(event, () => openVehicle(id)),
+  },
+  el("td", { class: "id mono", title: id, text: id }),
+  el("td", { class: "mono", text: show(localTime(summary.updatedAt)) }),
+  el("td", { class: "num", text: summary.signals }),
+  el("td", { class: "num" }, summary.openErrors
+    ? el("span", { class: "badge bad", text: summary.openErrors }) : "0"));
+}
+
+function renderVehicles() {
+  const body = $("vehicles").tBodies[0];
+  const focused = document.activeElement && document.activeElement.dataset
+    ? document.activeElement.dataset.vehicleId : undefined;
+  body.replaceChildren(...state.vehicles.map(vehicleRow));
+  $("vehicles-empty").hidden = state.vehicles.length > 0;
+  $("count-vehicles").textContent = state.vehicles.length ? `(${state.vehicles.length})` : "";
+  if (focused !== undefined) {
+    const again = body.querySelector(`tr[data-vehicle-id="${CSS.escape(focused)}"]`);
+    if (again) again.focus();
+  }
+}
+
+async function refreshVehicles() {
+  const doc = await api("vehicles");
+  const seen = JSON.stringify(doc.vehicles);
+  if (seen === state.vehiclesSeen) return false;  // unchanged: keep the rows (and the focus)
+  state.vehiclesSeen = seen;
+  state.vehicles = doc.vehicles;
+  renderVehicles();
+  return true;
+}
+
+function renderVehicleDetail(doc) {
+  const pane = $("vehicle-detail");
+  const signals = Object.entries(doc.signals).map(([code, s]) => [code,
+    s.value === null || typeof s.value !== "object" ? s.value : JSON.stringify(s.value),
+    s.unit, s.oemUpdatedAt, s.error ? `${s.status} ${s.error.type || ""} ${s.error.code || ""}`
+      : s.status, s.eventId]);
+  const signalTable = withId(table("The latest value of each signal (newest oemUpdatedAt wins)",
+    ["signal", "value", "unit", "oemUpdatedAt", "status", "eventId"], signals), "vehicle-signals");
+  const errorTable = withId(table("Open errors", ["type", "code", "count", "first seen",
+    "last seen", "description"], doc.errors.map((e) => [e.type, e.code, e.count,
+    localTime(e.firstSeen), localTime(e.lastSeen), e.description]), [5]), "vehicle-errors");
+  pane.replaceChildren(
+    detailHead(`Vehicle ${doc.vehicleId}`, closeVehicle),
+    facts([["vehicleId", el("span", { class: "mono", text: doc.vehicleId })],
+      ["Updated", localTime(doc.updatedAt)],
+      ["Signals", signals.length], ["Open errors", doc.errors.length]]),
+    el("h3", { text: `Signals (${signals.length})` }),
+    signals.length ? signalTable : el("p", { class: "muted", text: "No signal stored." }),
+    el("h3", { text: `Open errors (${doc.errors.length})` }),
+    doc.errors.length ? errorTable : el("p", { class: "muted", text: "No open error." }));
+  pane.hidden = false;
+  pane.parentElement.classList.add("with-detail");
+}
+
+async function openVehicle(id) {
+  state.selectedVehicle = id;
+  renderVehicles();
+  try {
+    renderVehicleDetail(await api(`vehicles/${encodeURIComponent(id)}`));
+    $("vehicle-detail").focus();
+  } catch (err) {
+    setStatus(`Cannot show vehicle ${id}: ${err.message}`, true);
+  }
+}
+
+function closeVehicle() {
+  const id = state.selectedVehicle;
+  state.selectedVehicle = null;
+  $("vehicle-detail").hidden = true;
+  $("vehicle-detail").replaceChildren();
+  $("view-vehicles").classList.remove("with-detail");
+  renderVehicles();
+  const row = $("vehicles").querySelector(`tr[data-vehicle-id="${CSS.escape(id)}"]`);
+  if (row) row.focus();
+  else $("tab-vehicles").focus();
+}
+
+async function pollVehicles() {
+  const changed = await refreshVehicles();
+  if (changed && state.selectedVehicle !== null) {
+    renderVehicleDetail(await api(`vehicles/${encodeURIComponent(state.selectedVehicle)}`));
+  }
+}
+
 // -- tabs, polling ----------------------------------------------------------------------------
 
 function selectTab(name) {
   state.tab = name;
-  for (const tab of ["deliveries", "dlq"]) {
+  for (const tab of TABS) {
     const button = $(`tab-${tab}`);
     const active = tab === name;
     button.setAttribute("aria-selected", String(active));
@@ -498,11 +626,13 @@ function selectTab(name) {
     $(`view-${tab}`).hidden = !active;
   }
   if (name === "dlq") refreshLetters().catch((err) => setStatus(err.message, true));
+  if (name === "vehicles") pollVehicles().catch((err) => setStatus(err.message, true));
 }
 
 function tabKeys(event) {
   if (event.key !== "ArrowRight" && event.key !== "ArrowLeft") return;
-  const next = state.tab === "deliveries" ? "dlq" : "deliveries";
+  const step = event.key === "ArrowRight" ? 1 : TABS.length - 1;
+  const next = TABS[(TABS.indexOf(state.tab) + step) % TABS.length];
   selectTab(next);
   $(`tab-${next}`).focus();
 }
@@ -523,6 +653,7 @@ async function poll() {
     $("count-dlq").textContent = doc.stats ? `(${doc.stats.deadLettered})` : "";
     if (doc.statsError) setStatus(doc.statsError, true);
     if (state.tab === "dlq") await refreshLetters();
+    if (state.tab === "vehicles") await pollVehicles();
     if (changed && state.selected !== null && doc.deliveries.some((d) => d.id === state.selected)) {
       renderDeliveryDetail(await api(`deliveries/${state.selected}`));
     }
@@ -535,10 +666,10 @@ async function poll() {
 }
 
 document.addEventListener("DOMContentLoaded", () => {
-  $("tab-deliveries").addEventListener("click", () => selectTab("deliveries"));
-  $("tab-dlq").addEventListener("click", () => selectTab("dlq"));
-  $("tab-deliveries").addEventListener("keydown", tabKeys);
-  $("tab-dlq").addEventListener("keydown", tabKeys);
+  for (const tab of TABS) {
+    $(`tab-${tab}`).addEventListener("click", () => selectTab(tab));
+    $(`tab-${tab}`).addEventListener("keydown", tabKeys);
+  }
   $("confirm-cancel").addEventListener("click", () => $("confirm-purge").close());
   $("confirm-ok").addEventListener("click", purgeConfirmed);
   for (const id of ["filter-outcome", "filter-eventType", "filter-vehicleId", "filter-text"]) {
@@ -550,6 +681,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (event.key !== "Escape" || $("confirm-purge").open) return;
     if (state.tab === "deliveries" && state.selected !== null) closeDelivery();
     else if (state.tab === "dlq" && state.selectedLetter !== null) closeLetter();
+    else if (state.tab === "vehicles" && state.selectedVehicle !== null) closeVehicle();
   });
   poll();
 });
