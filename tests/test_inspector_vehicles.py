@@ -42,6 +42,11 @@ class NoDeadLetters:
         raise AssertionError(f"dead-lettered: {reason}: {description}")
 
 
+class NoRetries:
+    async def schedule(self, copy: Any) -> None:
+        raise AssertionError(f"retry scheduled: {copy}")
+
+
 def processed(body: bytes, tmp_path: Path, telemetry: Telemetry, *,
               delivery_count: int = 1) -> tuple[InboundMessage, ProcessResult]:
     """The processor's own run, spans included, of `body` as a queued message that carries the
@@ -53,7 +58,7 @@ def processed(body: bytes, tmp_path: Path, telemetry: Telemetry, *,
         application_properties={names.PROP_TRACEPARENT: f"00-{trace_id}-b7ad6b7169203331-01"})
     result = asyncio.run(process_message(
         message, settings=load_settings(local_env(tmp_path)), registry=HandlerRegistry(),
-        dead_letterer=NoDeadLetters(), telemetry=telemetry))
+        dead_letterer=NoDeadLetters(), retry_sender=NoRetries(), telemetry=telemetry))
     return message, result
 
 
