@@ -451,6 +451,26 @@ class TestConnectionCap:
             s.close()
 
 
+    def test_a_newcomer_is_never_its_own_victim_when_every_other_connection_is_a_slow_body(
+        self,
+    ) -> None:
+        """A new connection starts idle; were it counted before room is made, it would be the
+        only idle one, and so the one closed, and nobody could get in past slow bodies."""
+        s = Server(max_connections=2)
+        try:
+            slow = [s.raw(), s.raw()]
+            for sock in slow:
+                sock.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 100\r\n\r\nab")
+            time.sleep(0.1)  # both heads read: they are bodies in progress
+            newcomer = s.client()
+            newcomer.request("GET", "/echo")
+            assert newcomer.getresponse().status == 200
+            assert read_all(slow[0]) == b""  # the oldest slow body made room
+        finally:
+            s.stop()
+            s.close()
+
+
 class TestUnreadAnswers:
     def test_a_client_that_never_reads_its_answers_is_dropped_after_the_idle_timeout(
         self,

@@ -749,15 +749,17 @@ class HttpServer:
 
     # -- the connection limit ---------------------------------------------------------------
     def opened(self, connection: _Connection) -> None:
-        self.connections.add(connection)
-        self._phases[connection.phase][connection] = None
-        if len(self.connections) > self.max_connections:
+        # Room is made among the connections already open: the new one is never its own
+        # victim (it starts idle, and would otherwise be the only idle one to close).
+        if len(self.connections) >= self.max_connections:
             for phase in _EVICTION_ORDER:
                 if self._phases[phase]:
                     victim = next(iter(self._phases[phase]))
                     self._phases[phase].pop(victim)
                     victim.evict()
-                    return
+                    break
+        self.connections.add(connection)
+        self._phases[connection.phase][connection] = None
 
     def move(self, connection: _Connection, phase: Phase) -> None:
         if connection.phase != phase and connection in self.connections:
