@@ -11,7 +11,8 @@ import hashlib
 import json
 import re
 import string
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Final
 
 import orjson
@@ -39,7 +40,17 @@ def escape_key(value: str) -> str:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+    if value is None:
+        return None
+    # The signals of one delivery mostly share their times, so most spellings are repeats.
+    # Only UTC times are cached: equal datetimes in other zones compare equal but spell
+    # differently.
+    return _utc_iso(value) if value.tzinfo is UTC else value.isoformat()
+
+
+@lru_cache(maxsize=256)
+def _utc_iso(value: datetime) -> str:
+    return value.isoformat()
 
 
 def _time(value: Any) -> datetime | None:
