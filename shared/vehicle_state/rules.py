@@ -145,11 +145,12 @@ def outranks(a: SignalState, b: SignalState) -> bool:
     return _content_rank(a) > _content_rank(b)
 
 
-def reading(signal: Signal, event_id: str) -> SignalState:
-    """What the store would keep of one signal (check `value_fits` first)."""
+def reading(signal: Signal, event_id: str, code: str | None = None) -> SignalState:
+    """What the store would keep of one signal (check `value_fits` first); `code` is its
+    `signal_code` when the caller has it already."""
     ok = signal.ok
     return _new_state(
-        signal_code(signal) or "",
+        code or signal_code(signal) or "",
         signal.path,
         thawed(signal.value) if ok else None,
         signal.unit if ok else None,
@@ -314,7 +315,7 @@ def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
         if signal.ok and not value_fits(signal):
             skipped.append(SkippedSignal(code=code, reason=TOO_LARGE))
             continue
-        state = reading(signal, event.event_id)
+        state = reading(signal, event.event_id, code)
         if state.oem_updated_at is None:
             skipped.append(SkippedSignal(code=code, reason=UNDATED))
         held = best.get(code)
