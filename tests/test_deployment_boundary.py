@@ -13,6 +13,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCAL_ONLY_IMPORTS = ("sqlite3", "aiohttp.web")
 
@@ -115,3 +117,17 @@ def test_a_module_named_like_an_ignored_directory_still_ships() -> None:
     ignored = _ignored(["shared/localization.py", "shared/cli_helpers.py", "testsuite.py",
                         "shared/local/host.py", "shared/cli/commands.py", "docs/deploy.md"])
     assert ignored == {"shared/local/host.py", "shared/cli/commands.py", "docs/deploy.md"}
+
+
+def test_no_virtual_environment_or_installed_tools_are_tracked() -> None:
+    """`.venv` and `node_modules` are made by `make` on each machine. A symlink to either is a
+    file to git (a `dir/` ignore pattern does not match it), and a tracked one sends a fresh
+    clone's installs to a path that exists only on the machine that committed it."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout (mutation testing runs the tests in a copy)")
+    tracked = subprocess.run(["git", "ls-files", "--", ".venv", "node_modules"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert tracked == []
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", ".venv", "node_modules"],
+                             cwd=ROOT, capture_output=True, text=True, check=False).stdout.split()
+    assert ignored == [".venv", "node_modules"]

@@ -139,11 +139,12 @@ class TestTheWorkerRunsTheDeployedPackage:
 class TestIndexing:
     """The metadata the runtime indexes from function_app.py, as the host receives it."""
 
-    def test_the_five_functions_and_their_triggers(self, runtime: RuntimeSession) -> None:
+    def test_the_six_functions_and_their_triggers(self, runtime: RuntimeSession) -> None:
         assert {name: fn.trigger["type"] for name, fn in runtime.host.functions.items()} == {
             "smartcar_webhook": "httpTrigger",
             "smartcar_error_webhook": "httpTrigger",
             "health": "httpTrigger",
+            "vehicle_state": "httpTrigger",
             "process_event": "serviceBusTrigger",
             "redrive_spilled": "timerTrigger",
         }
@@ -154,11 +155,13 @@ class TestIndexing:
         functions = runtime.host.functions
         declared = {name: (functions[name].trigger["route"], functions[name].trigger["methods"],
                            functions[name].trigger["authLevel"])
-                    for name in ("smartcar_webhook", "smartcar_error_webhook", "health")}
+                    for name in ("smartcar_webhook", "smartcar_error_webhook", "health",
+                                 "vehicle_state")}
         assert declared == {
             "smartcar_webhook": ("webhooks/smartcar", ["POST"], "FUNCTION"),
             "smartcar_error_webhook": ("webhooks/smartcar/errors", ["POST"], "FUNCTION"),
             "health": ("health", ["GET"], "ANONYMOUS"),
+            "vehicle_state": ("vehicles/{vehicleId}", ["GET"], "FUNCTION"),
         }
         for name in declared:
             bindings = functions[name].metadata.bindings
@@ -232,6 +235,18 @@ class TestHttpTrigger:
         body = encode(state_event())
         assert runtime.host.http("POST", WEBHOOK, body, signed_headers(body, TOKEN)).status == 401
         assert runtime.host.http("GET", "/api/health").status == 200
+
+    def test_the_vehicle_route_takes_its_id_from_the_route_and_needs_the_key(
+        self, runtime: RuntimeSession
+    ) -> None:
+        # The session runs with the store off (no storage account): a well-formed id reaches
+        # the store step and gets its 503; a malformed one is refused before it, as locally.
+        assert runtime.host.http("GET", "/api/vehicles/car-1").status == 401
+        off = runtime.host.http("GET", "/api/vehicles/car-1", headers=KEY)
+        assert (off.status, off.json().get("store")) == (503, "off")
+        bad = runtime.host.http("GET", "/api/vehicles/car%231", headers=KEY)
+        assert bad.status == 400
+        assert "car#1" not in bad.body.decode()
 
     def test_the_token_comes_from_key_vault_so_another_one_is_refused(
         self, runtime: RuntimeSession

@@ -115,4 +115,6 @@ class TestATwoMegabyteStateDisk:
                        timeout=10)
             wait_until(lambda: set(accepted) <= set(handled_ids(state)), timeout=60)
         handled = [json.loads(line) for line in (state / "handled.jsonl").read_text().splitlines()]
-        assert {r["outcome"] for r in handled} == {"handled"}
+        # Processed, none lost or dead-lettered ("unhandled": a reading no newer than the
+        # stored one fires no on_change handler).
+        assert {r["outcome"] for r in handled} <= {"handled", "unhandled"}

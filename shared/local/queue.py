@@ -324,6 +324,27 @@ def _properties_text(properties: dict[str, str]) -> str:
         return json.dumps(properties, ensure_ascii=False)
 
 
+def bound_wal(conn: sqlite3.Connection, directory: Path) -> None:
+    """Keep a database's write-ahead log a small part of the disk that holds `directory`.
+
+    SQLite checkpoints once the WAL holds 1,000 pages (4 MB): on a small disk the WAL
+    filled it first, and with no space left the checkpoint (which grows the database
+    file) could never run. So the automatic checkpoint comes after at most an eighth of
+    the disk, and a checkpoint that resets the WAL cuts the file back to that size. The
+    queue and the vehicle state store share the state directory, so both are bounded.
+    """
+    page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    try:
+        disk = os.statvfs(directory)
+        total = disk.f_blocks * disk.f_frsize
+    except (OSError, AttributeError):  # no statvfs (Windows): SQLite's defaults
+        total = 0
+    pages = DEFAULT_WAL_PAGES if total <= 0 else max(
+        MIN_WAL_PAGES, min(DEFAULT_WAL_PAGES, total // (8 * page)))
+    conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
+    conn.execute(f"PRAGMA journal_size_limit = {min(JOURNAL_SIZE_LIMIT, pages * page)}")
+
+
 class LocalQueue:
     """A durable peek-lock queue in one SQLite file, safe across threads and processes.
 
@@ -449,23 +470,7 @@ class LocalQueue:
             )
 
     def _bound_wal(self, conn: sqlite3.Connection) -> None:
-        """Keep the write-ahead log a small part of its disk.
-
-        SQLite checkpoints once the WAL holds 1,000 pages (4 MB): on a small disk the WAL
-        filled it first, and with no space left the checkpoint (which grows the database
-        file) could never run. So the automatic checkpoint comes after at most an eighth of
-        the disk, and a checkpoint that resets the WAL cuts the file back to that size.
-        """
-        page = int(conn.execute("PRAGMA page_size").fetchone()[0])
-        try:
-            disk = os.statvfs(self.path.parent)
-            total = disk.f_blocks * disk.f_frsize
-        except (OSError, AttributeError):  # no statvfs (Windows): SQLite's defaults
-            total = 0
-        pages = DEFAULT_WAL_PAGES if total <= 0 else max(
-            MIN_WAL_PAGES, min(DEFAULT_WAL_PAGES, total // (8 * page)))
-        conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
-        conn.execute(f"PRAGMA journal_size_limit = {min(JOURNAL_SIZE_LIMIT, pages * page)}")
+        bound_wal(conn, self.path.parent)
 
     def checkpoint(self) -> bool:
         """Copy the write-ahead log into the database file and truncate it to 0 bytes

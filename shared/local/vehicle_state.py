@@ -44,6 +44,7 @@ from ..vehicle_state.codec import (
     signal_row,
 )
 from ..vehicle_state.rules import OPEN, STORED_TYPES, Plan, Snapshot, codes_of, error_keys_of, plan
+from .queue import bound_wal
 
 FILE_NAME: Final = "vehicle_state.sqlite3"
 #: Processed eventIds are kept at least 7 days (Smartcar's advice); pruned after 8.
@@ -113,6 +114,7 @@ class SqliteVehicleStateStore:
                                    timeout=10.0)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        bound_wal(self._db, path.parent)  # it shares the state directory's disk with the queue
         self._db.executescript(_SCHEMA)
         self._marks = 0
         self._cache: dict[str, _Vehicle] = {}

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import grpc
 
@@ -250,8 +250,15 @@ class FunctionsHost:
         query = dict(parse_qsl(parts.query))
         headers = {k.lower(): v for k, v in (headers or {}).items()}
         route = parts.path.removeprefix("/api/")
-        matches = [fn for fn in self.functions.values()
-                   if fn.trigger["type"] == "httpTrigger" and fn.trigger.get("route") == route]
+        params: dict[str, str] = {}
+        matches = []
+        for candidate in self.functions.values():
+            if candidate.trigger["type"] != "httpTrigger":
+                continue
+            found = route_values(candidate.trigger.get("route", ""), route)
+            if found is not None:
+                matches.append(candidate)
+                params = params or found
         if not matches:
             return Response(404, {}, b"")
         allowed = [fn for fn in matches
@@ -267,7 +274,7 @@ class FunctionsHost:
             headers.setdefault("content-length", str(len(body)))
         http = self.pb.RpcHttp(
             method=method.upper(), url=f"http://127.0.0.1{path}", headers=headers, query=query,
-            body=self.pb.TypedData(bytes=body) if body else None)
+            params=params, body=self.pb.TypedData(bytes=body) if body else None)
         result = self.invoke(fn.name, {fn.trigger["name"]: self.pb.TypedData(http=http)}, {},
                              trace_parent=trace_parent)
         if not result.succeeded:
@@ -390,3 +397,21 @@ class _Servicer:
 def _dotnet_time(moment: datetime) -> str:
     """A UTC time as Json.NET writes a DateTime: seven fractional digits and a Z."""
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f") + "0Z"
+
+
+def route_values(template: str, path: str) -> dict[str, str] | None:
+    """The route values of `path` under a route template such as `vehicles/{vehicleId}`, as
+    the host's router gives them (each segment percent-decoded, `{name}` matching one
+    segment); None when the path does not match."""
+    wanted, given = template.split("/"), path.split("/")
+    if len(wanted) != len(given):
+        return None
+    values: dict[str, str] = {}
+    for pattern, segment in zip(wanted, given, strict=True):
+        if pattern.startswith("{") and pattern.endswith("}"):
+            if not segment:
+                return None
+            values[pattern[1:-1].split(":")[0]] = unquote(segment)
+        elif pattern != segment:
+            return None
+    return values
