@@ -10,24 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.events import Event, parse_event
+from shared.events import Event, Signal, parse_event
 from shared.vehicle_state import SignalState
+from shared.vehicle_state.codec import signal_row
 from shared.vehicle_state.rules import (
+    _SURELY_FITTING_TEXT,
+    MAX_VALUE_CHARS,
     OPEN,
     RESOLVED,
     ErrorRecord,
     Snapshot,
+    canonical_json,
     codes_of,
     error_keys_of,
     plan,
     signal_rank,
+    value_fits,
 )
 
 from .vehicle_events import T0, VEHICLE
@@ -227,3 +232,42 @@ def _fixed_events() -> list[Event]:
                                 {"type": "U", "code": None, "state": "ERROR"}]},
             "meta": {"deliveredAt": T0}})),
     ]
+
+
+# `value_fits` skips serialising values that cannot be too long; it must still agree with
+# measuring the canonical JSON, for every value, including strings near the shortcut's bound
+# made of the characters that grow most (controls escape to 6 bytes, astral ones take 4).
+_GROWING = st.sampled_from(["\x00", "\x1f", '"', "\\", "é", "€", "\U0001f600", "a"])
+
+
+@given(st.one_of(
+    st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(10 ** 60), max_value=10 ** 60),
+    st.text(_GROWING, min_size=_SURELY_FITTING_TEXT - 3, max_size=_SURELY_FITTING_TEXT + 3),
+    st.text(_GROWING, min_size=MAX_VALUE_CHARS // 6, max_size=MAX_VALUE_CHARS // 3),
+    st.lists(st.integers(), max_size=5),
+))
+@settings(max_examples=60, deadline=None)
+def test_value_fits_agrees_with_measuring_the_json(value: Any) -> None:
+    signal = Signal(code="c", value=value)
+    assert value_fits(signal) == (len(canonical_json(value).encode()) <= MAX_VALUE_CHARS)
+
+
+def test_value_fits_refuses_a_string_of_controls_just_past_the_shortcut() -> None:
+    # Short in characters but six bytes each once escaped: measured, not waved through.
+    value = "\x00" * (MAX_VALUE_CHARS // 6 + 1)
+    assert len(value) > _SURELY_FITTING_TEXT
+    assert not value_fits(Signal(code="c", value=value))
+    assert value_fits(Signal(code="c", value="\x00" * _SURELY_FITTING_TEXT))
+
+
+def test_stored_times_keep_their_own_offset() -> None:
+    # Equal instants in different zones compare equal; each row must still spell its own.
+    utc = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    plus_one = utc.astimezone(timezone(timedelta(hours=1)))
+    assert signal_row(SignalState(code="c", oem_updated_at=utc))["oemUpdatedAt"] == (
+        "2026-01-02T03:04:05+00:00")
+    assert signal_row(SignalState(code="c", oem_updated_at=plus_one))["oemUpdatedAt"] == (
+        "2026-01-02T04:04:05+01:00")
+    assert signal_row(SignalState(code="c", oem_updated_at=utc))["oemUpdatedAt"] == (
+        "2026-01-02T03:04:05+00:00")

@@ -10,7 +10,7 @@ processes (the local host and the CLI), so there are no write conflicts to retry
 The calls run on the caller's thread: each is a few indexed reads and writes in WAL mode
 without an fsync per commit (`synchronous=NORMAL`), well under a millisecond, which costs less
 than handing it to a thread. A commit survives a crash of the process; the last commits
-before a power loss may not, which is what the local queue promises too.
+before a power loss may not (docs/vehicle-state.md says what that can leave).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import hashlib
 import json
 import re
 import string
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Final
 
 import orjson
@@ -39,7 +40,17 @@ def escape_key(value: str) -> str:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+    if value is None:
+        return None
+    # The signals of one delivery mostly share their times, so most spellings are repeats.
+    # Only UTC times are cached: equal datetimes in other zones compare equal but spell
+    # differently.
+    return _utc_iso(value) if value.tzinfo is UTC else value.isoformat()
+
+
+@lru_cache(maxsize=256)
+def _utc_iso(value: datetime) -> str:
+    return value.isoformat()
 
 
 def _time(value: Any) -> datetime | None:
@@ -52,12 +63,25 @@ def _put(row: Row, **values: Any) -> Row:
 
 
 def signal_row(state: SignalState) -> Row:
-    return _put(
-        {}, code=state.code, path=state.path, value=canonical_json(state.value),
-        unit=state.unit, oemUpdatedAt=_iso(state.oem_updated_at),
-        retrievedAt=_iso(state.retrieved_at), eventId=state.event_id, status=state.status,
-        errorType=state.error_type, errorCode=state.error_code,
-    )
+    # Written out rather than through `_put`: this runs for every stored signal.
+    row: Row = {"code": state.code}
+    if state.path is not None:
+        row["path"] = state.path
+    row["value"] = canonical_json(state.value)
+    if state.unit is not None:
+        row["unit"] = state.unit
+    if state.oem_updated_at is not None:
+        row["oemUpdatedAt"] = _iso(state.oem_updated_at)
+    if state.retrieved_at is not None:
+        row["retrievedAt"] = _iso(state.retrieved_at)
+    if state.event_id is not None:
+        row["eventId"] = state.event_id
+    row["status"] = state.status
+    if state.error_type is not None:
+        row["errorType"] = state.error_type
+    if state.error_code is not None:
+        row["errorCode"] = state.error_code
+    return row
 
 
 def signal_from_row(row: Row) -> SignalState:
