@@ -380,8 +380,7 @@ def load_settings(
         )
     blob_uri = _get(env, STORAGE_BLOB_SERVICE_URI)
     if blob_uri is not None:
-        parsed_blob = urlparse(blob_uri)
-        if parsed_blob.scheme != "https" or not parsed_blob.netloc or parsed_blob.query:
+        if not _is_https_endpoint(blob_uri):
             problems.append(
                 f"{STORAGE_BLOB_SERVICE_URI} must be the https blob endpoint of the storage "
                 f"account (https://<account>.blob.core.windows.net, or your cloud's), "
@@ -422,8 +421,7 @@ def load_settings(
         )
     table_uri = _get(env, STORAGE_TABLE_SERVICE_URI)
     if table_uri is not None:
-        parsed_table = urlparse(table_uri)
-        if parsed_table.scheme != "https" or not parsed_table.netloc or parsed_table.query:
+        if not _is_https_endpoint(table_uri):
             problems.append(
                 f"{STORAGE_TABLE_SERVICE_URI} must be the https table endpoint of the storage "
                 f"account (https://<account>.table.core.windows.net, or your cloud's), "
@@ -477,6 +475,11 @@ def load_settings(
         storage_table_service_uri=table_uri,
         local_max_connections=max_connections,
     )
+
+def _is_https_endpoint(uri: str) -> bool:
+    """A storage service endpoint as Azure gives it: https, a host, no query (no SAS)."""
+    parsed = urlparse(uri)
+    return parsed.scheme == "https" and bool(parsed.netloc) and not parsed.query
 
 
 def _is_storage_connection_string(value: str) -> bool:
