@@ -243,6 +243,13 @@ class Event:
             object.__setattr__(self, "_signals", signals)
         return signals
 
+    def signal_items(self) -> tuple[dict[str, Any], ...]:
+        """`data.signals` as the JSON decoder returned them, in payload order: what `signals`
+        is built from, for readers that need a few fields of every signal (the vehicle state
+        store) without building them all. `parse_event` has checked every field `signals`
+        reads. The objects are the event's own: never mutate them."""
+        return tuple(self._raw_data.get("signals") or ())
+
     def signal(self, path: str) -> Signal | None:
         """The signal named `Group.Name` (e.g. `TractionBattery.StateOfCharge`) or by its code
         (e.g. `tractionbattery-stateofcharge`), case-insensitively; None when absent. An empty

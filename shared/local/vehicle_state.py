@@ -38,7 +38,6 @@ from ..vehicle_state import (
     ApplyResult,
     Outbox,
     SignalChange,
-    SignalState,
     VehicleSummary,
     VehicleView,
 )
@@ -52,7 +51,17 @@ from ..vehicle_state.codec import (
     signal_from_row,
     signal_row,
 )
-from ..vehicle_state.rules import OPEN, STORED_TYPES, Plan, Snapshot, codes_of, error_keys_of, plan
+from ..vehicle_state.quick import Held, held, quick_plan
+from ..vehicle_state.rules import (
+    OPEN,
+    STORED_TYPES,
+    VEHICLE_STATE,
+    Plan,
+    Snapshot,
+    codes_of,
+    error_keys_of,
+    plan,
+)
 from .queue import bound_wal
 
 logger = logging.getLogger(__name__)
@@ -107,9 +116,9 @@ def _create_private(path: Path) -> None:
 
 @dataclass(slots=True)
 class _Vehicle:
-    """One vehicle's stored signals (state and row text by code) and `updatedAt`."""
+    """One vehicle's stored signals (state, row text and rank key by code) and `updatedAt`."""
 
-    signals: dict[str, tuple[SignalState, str]] = field(default_factory=dict)
+    signals: dict[str, Held] = field(default_factory=dict)
     updated_at: datetime | None = None
 
 
@@ -198,13 +207,23 @@ class SqliteVehicleStateStore:
         db.execute("SAVEPOINT apply")
         try:
             cached = self._cached(vehicle_id)
-            snapshot, pending_text = self._snapshot(event, vehicle_id, cached)
-            result = plan(snapshot, event)
+            errors_applied, pending_text = self._marker(vehicle_id, event.event_id)
+            quick = None
+            if event.event_type == VEHICLE_STATE:
+                quick = quick_plan(vehicle_id, event.event_id, event.signal_items(),
+                                   cached.signals, cached.updated_at)
+            if quick is not None:
+                result = Plan(changes=quick.changes, stale=quick.stale,
+                              updated_at=quick.updated_at)
+                writes = quick.writes
+            else:
+                result = plan(self._snapshot(event, vehicle_id, cached, errors_applied), event)
+                writes = {code: held(state, dumps(signal_row(state)))
+                          for code, state in result.signals.items()}
             kept = [c for c in result.changes if outbox is None or outbox(c)]
-            texts: dict[str, str] = {}
-            if result.writes_anything:
-                texts = self._write(event, vehicle_id, snapshot, result, pending_text, cached,
-                                    kept)
+            if writes or result.errors or result.marks_errors:
+                self._write(event.event_id, vehicle_id, writes, result, pending_text, cached,
+                            kept)
             db.execute("RELEASE apply")
         except BaseException:
             # This apply's writes only: the others of this turn stay for the commit.
@@ -213,8 +232,7 @@ class SqliteVehicleStateStore:
             self._cache.pop(vehicle_id, None)
             raise
         cached.updated_at = result.updated_at
-        for code, state in result.signals.items():
-            cached.signals[code] = (state, texts[code])
+        cached.signals.update(writes)
         earlier = tuple(changes_from_text(pending_text)) if pending_text else ()
         return ApplyResult(
             changes=result.changes, stale=result.stale, skipped=result.skipped,
@@ -236,7 +254,7 @@ class SqliteVehicleStateStore:
             for code, row in self._db.execute(
                 "SELECT code, row FROM signals WHERE vehicle_id = ?", (vehicle_id,)
             ):
-                cached.signals[code] = (signal_from_row(loads(row)), row)
+                cached.signals[code] = held(signal_from_row(loads(row)), row)
             vehicle = self._db.execute(
                 "SELECT updated_at FROM vehicles WHERE vehicle_id = ?", (vehicle_id,)).fetchone()
             if vehicle is not None and vehicle[0]:
@@ -246,39 +264,42 @@ class SqliteVehicleStateStore:
             del self._cache[next(iter(self._cache))]
         return cached
 
-    def _snapshot(self, event: Event, vehicle_id: str,
-                  cached: _Vehicle) -> tuple[Snapshot, str | None]:
-        db = self._db
+    def _marker(self, vehicle_id: str, event_id: str) -> tuple[bool, str | None]:
+        """Whether this event's errors were applied, and the changes an earlier delivery of it
+        left pending (JSON text)."""
+        marker = self._db.execute(
+            "SELECT errors_applied, pending FROM events WHERE vehicle_id = ? AND event_id = ?",
+            (vehicle_id, event_id),
+        ).fetchone()
+        if marker is None:
+            return False, None
+        return bool(marker[0]), marker[1] or None
+
+    def _snapshot(self, event: Event, vehicle_id: str, cached: _Vehicle,
+                  errors_applied: bool) -> Snapshot:
         errors = {}
         for error_type, code in error_keys_of(event):
-            found = db.execute(
+            found = self._db.execute(
                 "SELECT row FROM errors WHERE vehicle_id = ? AND type = ? AND code = ?",
                 (vehicle_id, error_type, code),
             ).fetchone()
             if found is not None:
                 errors[(error_type, code)] = error_from_row(loads(found[0]))
-        marker = db.execute(
-            "SELECT errors_applied, pending FROM events WHERE vehicle_id = ? AND event_id = ?",
-            (vehicle_id, event.event_id),
-        ).fetchone()
-        signals = {code: cached.signals[code][0] for code in codes_of(event)
+        signals = {code: cached.signals[code].state for code in codes_of(event)
                    if code in cached.signals}
-        snapshot = Snapshot(
+        return Snapshot(
             vehicle_id=vehicle_id, signals=signals, errors=errors,
-            errors_applied=bool(marker and marker[0]), updated_at=cached.updated_at,
+            errors_applied=errors_applied, updated_at=cached.updated_at,
         )
-        return snapshot, (marker[1] if marker and marker[1] else None)
 
-    def _write(self, event: Event, vehicle_id: str, snapshot: Snapshot, result: Plan,
-               pending_text: str | None, cached: _Vehicle,
-               kept: list[SignalChange]) -> dict[str, str]:
-        """Write the plan; the signals' new row texts by code (for the cache)."""
+    def _write(self, event_id: str, vehicle_id: str, writes: dict[str, Held], result: Plan,
+               pending_text: str | None, cached: _Vehicle, kept: list[SignalChange]) -> None:
+        """Write the signals (`writes`: new row texts by code) and the rest of the plan."""
         db = self._db
-        texts = {code: dumps(signal_row(state)) for code, state in result.signals.items()}
         db.executemany(
             "INSERT INTO signals (vehicle_id, code, row) VALUES (?, ?, ?) "
             "ON CONFLICT (vehicle_id, code) DO UPDATE SET row = excluded.row",
-            [(vehicle_id, code, text) for code, text in texts.items()],
+            [(vehicle_id, code, h.text) for code, h in writes.items()],
         )
         if result.errors:
             db.executemany(
@@ -291,7 +312,7 @@ class SqliteVehicleStateStore:
         # The outbox from the row texts at hand: nothing is serialised twice.
         items = [
             change_text(change, None if change.previous is None
-                        else cached.signals[change.code][1], texts[change.code])
+                        else cached.signals[change.code].text, writes[change.code].text)
             for change in kept
         ]
         if pending_text and items:
@@ -304,9 +325,9 @@ class SqliteVehicleStateStore:
                 "VALUES (?, ?, ?, ?) ON CONFLICT (vehicle_id, event_id) DO UPDATE SET "
                 "errors_applied = max(errors_applied, excluded.errors_applied), "
                 "pending = excluded.pending",
-                (vehicle_id, event.event_id, int(result.marks_errors), pending_text),
+                (vehicle_id, event_id, int(result.marks_errors), pending_text),
             )
-        new_signals = sum(1 for code in result.signals if code not in cached.signals)
+        new_signals = sum(1 for code in writes if code not in cached.signals)
         updated = result.updated_at
         db.execute(
             "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch, signal_count, "
@@ -322,7 +343,6 @@ class SqliteVehicleStateStore:
                 "WHERE vehicle_id = ? AND state = ?) WHERE vehicle_id = ?",
                 (vehicle_id, OPEN, vehicle_id),
             )
-        return texts
 
     async def pending_changes(self, vehicle_id: str, event_id: str) -> tuple[SignalChange, ...]:
         with self._lock:

@@ -1,0 +1,249 @@
+"""The rules' fast path (shared/vehicle_state/quick.py) against the rules themselves.
+
+Whenever `quick_plan` answers, its writes, changes, stale codes and updatedAt must be what
+`rules.plan` answers for the same stored state and event, and each row text must be what
+`codec.signal_row` writes; whenever the event holds something only the rules handle, it must
+decline. Hypothesis draws stored states (built by the rules from earlier events) and events
+that mix the common shape with every way out of it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import hypothesis
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.common import state_payload
+from shared.events import Event, parse_event
+from shared.vehicle_state.codec import dumps, signal_row
+from shared.vehicle_state.quick import Held, held, quick_plan
+from shared.vehicle_state.rules import (
+    _SURELY_FITTING_TEXT,
+    MAX_CODE_CHARS,
+    Snapshot,
+    codes_of,
+    plan,
+)
+
+from .vehicle_events import T0, VEHICLE
+
+CODES = ["tractionbattery-stateofcharge", "charge-ischarging", "odometer-traveleddistance",
+         "location-preciselocation"]
+DAY_MS = 86_400_000
+#: Timestamps around the stored ones, and the edges of what is usable.
+TIMES = [T0, T0 + 1, T0 + 1000, T0 + 2000, 946_684_800_000, 946_684_799_999, 0, -1000]
+VALUES: list[Any] = [0, 1, -1, 2**63 - 1, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 1.5, -0.0,
+                     1e300, True, False, None, "", "km", "é✓", "a" * _SURELY_FITTING_TEXT,
+                     "a" * (_SURELY_FITTING_TEXT + 1), [1, 2], {"lat": 1.5, "lon": 2}]
+
+
+def mostly(common: Any, *others: Any) -> st.SearchStrategy[Any]:
+    """`common` four times in five, else one of `others`: most drawn events stay on the fast
+    path, so its answers get compared, and each way out of it still comes up."""
+    return st.sampled_from([common] * (4 * len(others)) + list(others))
+
+
+@st.composite
+def items(draw: st.DrawFn) -> dict[str, Any]:
+    """A `data.signals` entry: mostly the common shape, sometimes not."""
+    item: dict[str, Any] = {}
+    code = draw(st.sampled_from(CODES)) if draw(mostly(True, False)) else draw(st.sampled_from(
+        ["", None, 7, "x" * (MAX_CODE_CHARS + 1), "x" * MAX_CODE_CHARS]))
+    if code is not None:
+        item["code"] = code
+    group = draw(st.sampled_from(["TractionBattery", "Odometer", "", 3, None]))
+    if group is not None:
+        item["group"] = group
+    name = draw(st.sampled_from(["StateOfCharge", "", None]))
+    if name is not None:
+        item["name"] = name
+    status = draw(mostly(None, {}, {"value": "OK"},
+                         {"value": "ERROR", "error": {"type": "T", "code": "C"}}))
+    if status is not None:
+        item["status"] = status
+    body = draw(mostly("value", "none", "empty"))
+    if body == "value":
+        item["body"] = {"value": draw(st.sampled_from(VALUES))}
+        unit = draw(st.sampled_from(["percent", "km", None, 5, "missing"]))
+        if unit != "missing":
+            item["body"]["unit"] = unit
+    elif body == "empty":
+        item["body"] = {}
+    meta_kind = draw(mostly("meta", "none", "empty"))
+    if meta_kind == "meta":
+        meta: dict[str, Any] = {}
+        oem = draw(st.sampled_from(TIMES)) if draw(mostly(True, False)) else draw(
+            st.sampled_from([None, float(T0), "2024-11-18T14:32:08Z"]))
+        if oem is not None:
+            meta["oemUpdatedAt"] = oem
+        which = draw(st.sampled_from(["retrievedAt", "fetchedAt", "both", "none"]))
+        retrieved = draw(mostly(T0 + 5000, T0 + 1000, T0 - DAY_MS - 1, T0 - DAY_MS,
+                                T0 + 1000 - DAY_MS, float(T0 + 5000), None))
+        if which in ("retrievedAt", "both"):
+            meta["retrievedAt"] = retrieved
+        if which in ("fetchedAt", "both"):
+            meta["fetchedAt"] = draw(st.sampled_from([T0 + 6000, T0 + 2000]))
+        item["meta"] = meta
+    elif meta_kind == "empty":
+        item["meta"] = {}
+    return item
+
+
+def event_of(event_id: str, signals: list[dict[str, Any]]) -> Event | None:
+    body = {"eventId": event_id, "eventType": "VEHICLE_STATE", "vehicleId": VEHICLE,
+            "data": {"signals": signals}, "meta": {"deliveredAt": T0}}
+    try:
+        return parse_event(json.dumps(body))
+    except Exception:  # e.g. a timestamp the parser refuses: not an event the store sees
+        return None
+
+
+def stored_state(events: list[Event]) -> tuple[dict[str, Held], datetime | None]:
+    """What a backend holds after the rules applied `events` in order."""
+    stored: dict[str, Held] = {}
+    updated_at = None
+    for event in events:
+        snapshot = Snapshot(vehicle_id=VEHICLE, updated_at=updated_at,
+                            signals={c: stored[c].state for c in codes_of(event) if c in stored})
+        result = plan(snapshot, event)
+        for code, state in result.signals.items():
+            stored[code] = held(state, dumps(signal_row(state)))
+        updated_at = result.updated_at
+    return stored, updated_at
+
+
+def check_against_the_rules(stored: dict[str, Held], updated_at: datetime | None,
+                            event: Event) -> bool:
+    """Assert the fast path agrees with the rules; True when it answered."""
+    quick = quick_plan(VEHICLE, event.event_id, event.signal_items(), stored, updated_at)
+    snapshot = Snapshot(vehicle_id=VEHICLE, updated_at=updated_at,
+                        signals={c: stored[c].state for c in codes_of(event) if c in stored})
+    reference = plan(snapshot, event)
+    if quick is None:
+        return False
+    assert reference.skipped == () and reference.errors == {}
+    assert quick.changes == reference.changes
+    assert quick.stale == reference.stale
+    assert quick.updated_at == reference.updated_at
+    assert {code: h.state for code, h in quick.writes.items()} == reference.signals
+    assert list(quick.writes) == list(reference.signals)
+    for h in quick.writes.values():
+        assert h.text == dumps(signal_row(h.state))
+        assert h.key == held(h.state, h.text).key
+    return True
+
+
+@settings(max_examples=400, deadline=None)
+@given(earlier=st.lists(st.lists(items(), min_size=1, max_size=4), max_size=3),
+       latest=st.lists(items(), min_size=1, max_size=5), same_id=st.booleans())
+def test_whenever_the_fast_path_answers_it_answers_as_the_rules(
+    earlier: list[list[dict[str, Any]]], latest: list[dict[str, Any]], same_id: bool
+) -> None:
+    events = [e for i, signals in enumerate(earlier) if (e := event_of(f"e{i}", signals))]
+    event = event_of("e0" if same_id else "e-latest", latest)
+    if event is None:
+        return
+    stored, updated_at = stored_state(events)
+    answered = check_against_the_rules(stored, updated_at, event)
+    hypothesis.event("fast path answered" if answered else "fast path declined")
+
+
+def common(code: str, value: Any, oem: int, retrieved: int | None = None) -> dict[str, Any]:
+    item: dict[str, Any] = {"code": code, "group": "Odometer", "name": "TraveledDistance",
+                            "body": {"value": value, "unit": "km"},
+                            "meta": {"oemUpdatedAt": oem}}
+    if retrieved is not None:
+        item["meta"]["fetchedAt"] = retrieved
+    return item
+
+
+class TestItAnswersForTheCommonShape:
+    """Declining is always safe, so these pin down that the fast path is taken at all."""
+
+    def test_a_benchmark_delivery_new_then_newer_then_older(self) -> None:
+        first = parse_event(state_payload(5 * 1024, vehicle_id=VEHICLE))
+        second = parse_event(state_payload(5 * 1024, vehicle_id=VEHICLE))
+        assert len(first.signals) >= 20
+        stored: dict[str, Held] = {}
+        assert check_against_the_rules(stored, None, first)
+        stored, updated_at = stored_state([first])
+        assert check_against_the_rules(stored, updated_at, second)
+        stored, updated_at = stored_state([second])
+        assert check_against_the_rules(stored, updated_at, first)  # every signal stale
+
+    @pytest.mark.parametrize("value", [12.5, 7, 2**64 - 1, -(2**63), True, None, "on",
+                                       "a" * _SURELY_FITTING_TEXT, "é✓"])
+    def test_every_scalar_kind(self, value: Any) -> None:
+        event = event_of("e1", [common(CODES[0], value, T0, T0 + 10)])
+        assert event is not None
+        assert check_against_the_rules({}, None, event)
+
+    def test_the_edges_of_what_it_takes(self) -> None:
+        """A code of the longest length, a reading from the first usable moment, and one a
+        full day after its own retrieval are all on the fast path."""
+        event = event_of("e1", [common("x" * MAX_CODE_CHARS, 1, 946_684_800_000),
+                                common(CODES[0], 2, T0 + DAY_MS, T0)])
+        assert event is not None
+        assert check_against_the_rules({}, None, event)
+
+    def test_the_vehicle_takes_the_newest_reading_of_the_event(self) -> None:
+        event = event_of("e1", [common(CODES[0], 1, T0 + 5), common(CODES[1], 2, T0 + 9),
+                                common(CODES[2], 3, T0 + 7)])
+        assert event is not None
+        quick = quick_plan(VEHICLE, "e1", event.signal_items(), {}, None)
+        assert quick is not None and quick.updated_at is not None
+        assert int(quick.updated_at.timestamp() * 1000) == T0 + 9
+        assert check_against_the_rules({}, None, event)
+
+    def test_a_path_needs_both_a_group_and_a_name(self) -> None:
+        signals = [{**common(CODES[0], 1, T0), "name": ""},
+                   {**common(CODES[1], 1, T0), "group": ""}]
+        event = event_of("e1", signals)
+        assert event is not None
+        quick = quick_plan(VEHICLE, "e1", event.signal_items(), {}, None)
+        assert quick is not None
+        assert [h.state.path for h in quick.writes.values()] == [None, None]
+        assert check_against_the_rules({}, None, event)
+
+    def test_a_later_reading_of_the_same_time_wins_by_its_retrieval(self) -> None:
+        before = event_of("e1", [common(CODES[0], 1, T0, T0 + 10)])
+        after = event_of("e2", [common(CODES[0], 2, T0, T0 + 20)])
+        assert before is not None and after is not None
+        stored, updated_at = stored_state([before])
+        assert check_against_the_rules(stored, updated_at, after)
+
+
+class TestItDeclines:
+    @pytest.mark.parametrize("signals", [
+        [common(CODES[0], 1, T0), common(CODES[0], 2, T0 + 1)],  # a repeated code
+        [{**common(CODES[0], 1, T0), "status": {"value": "ERROR"}}],
+        [{**common(CODES[0], 1, T0), "code": ""}],
+        [{**common(CODES[0], 1, T0), "meta": {}}],  # undated
+        [common(CODES[0], 1, 946_684_799_999)],  # before 2000: not a usable time
+        [common(CODES[0], 1, T0 + DAY_MS + 1, T0)],  # a day after its own retrieval
+        [common(CODES[0], [1, 2], T0)],
+        [common(CODES[0], 2**64, T0)],
+        [common(CODES[0], "a" * (_SURELY_FITTING_TEXT + 1), T0)],
+    ])
+    def test_what_only_the_rules_handle(self, signals: list[dict[str, Any]]) -> None:
+        event = event_of("e1", signals)
+        assert event is not None
+        assert quick_plan(VEHICLE, "e1", event.signal_items(), {}, None) is None
+
+    def test_a_full_tie_with_the_stored_reading(self) -> None:
+        event = event_of("e1", [common(CODES[0], 1, T0, T0 + 10)])
+        assert event is not None
+        stored, updated_at = stored_state([event])
+        assert quick_plan(VEHICLE, "e1", event.signal_items(), stored, updated_at) is None
+
+    def test_text_orjson_refuses(self) -> None:
+        # The standard library's decoder keeps a lone surrogate; orjson will not write it.
+        event = parse_event('{"eventId":"e1","eventType":"VEHICLE_STATE","vehicleId":"v",'
+                            '"data":{"signals":[{"code":"c","body":{"value":"\\ud800"},'
+                            f'"meta":{{"oemUpdatedAt":{T0}}}}}]}},"meta":{{}}}}')
+        assert quick_plan("v", "e1", event.signal_items(), {}, None) is None
