@@ -35,7 +35,9 @@ def calls(path: Path) -> list[dict[str, Any]]:
 def store_rows(state: Path, event_id: str) -> tuple[Any, Any]:
     with sqlite3.connect(f"file:{state / FILE_NAME}?mode=ro", uri=True) as conn:
         signal_row = conn.execute(
-            "SELECT row FROM signals WHERE code = 'tractionbattery-stateofcharge'").fetchone()
+            "SELECT json_extract(signals, '$.\"tractionbattery-stateofcharge\"') FROM vehicles "
+            "WHERE json_extract(signals, '$.\"tractionbattery-stateofcharge\"') IS NOT NULL"
+        ).fetchone()
         event_row = conn.execute(
             "SELECT pending IS NOT NULL, processed_at FROM events WHERE event_id = ?",
             (event_id,)).fetchone()

@@ -9,6 +9,7 @@ commit is SQLite refusing it (an authorizer that denies COMMIT), so the error pa
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,12 @@ from .vehicle_events import SOC, T0, signal, state_event
 ODOMETER = "odometer-traveleddistance"
 
 
-def committed_signals(path: Path, vehicle: str) -> dict[str, str]:
+def committed_signals(path: Path, vehicle: str) -> dict[str, Any]:
     """What another connection sees of a vehicle's signals: committed rows only."""
     with sqlite3.connect(path) as other:
-        return dict(other.execute(
-            "SELECT code, row FROM signals WHERE vehicle_id = ?", (vehicle,)).fetchall())
+        row = other.execute(
+            "SELECT signals FROM vehicles WHERE vehicle_id = ?", (vehicle,)).fetchone()
+    return {} if row is None else dict(json.loads(row[0]))
 
 
 def committed_marks(path: Path) -> set[str]:

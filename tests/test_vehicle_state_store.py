@@ -9,6 +9,8 @@ retried; the result equals the sequential one), and the SQLite file's permission
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import stat
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,6 +41,21 @@ __all__ = ["azurite_table_port"]  # the fixture, used by name
 
 T = TypeVar("T")
 DAY = 86400.0
+#: The local store's first layout (one row per signal), as files written by it hold it.
+OLD_LAYOUT = """
+CREATE TABLE vehicles (vehicle_id TEXT PRIMARY KEY, updated_at TEXT, updated_epoch REAL,
+    signal_count INTEGER NOT NULL DEFAULT 0, open_errors INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX vehicles_by_update ON vehicles (updated_epoch);
+CREATE TABLE signals (vehicle_id TEXT NOT NULL, code TEXT NOT NULL, row TEXT NOT NULL,
+    PRIMARY KEY (vehicle_id, code)) WITHOUT ROWID;
+CREATE TABLE errors (vehicle_id TEXT NOT NULL, type TEXT NOT NULL, code TEXT NOT NULL,
+    state TEXT NOT NULL, row TEXT NOT NULL, PRIMARY KEY (vehicle_id, type, code)) WITHOUT ROWID;
+CREATE TABLE events (vehicle_id TEXT NOT NULL, event_id TEXT NOT NULL,
+    errors_applied INTEGER NOT NULL DEFAULT 0, pending TEXT, processed_at REAL,
+    PRIMARY KEY (vehicle_id, event_id));
+CREATE INDEX events_by_processed ON events (processed_at);
+"""
 
 
 class Clock:
@@ -411,6 +428,57 @@ class TestSqliteOnly:
         late, view = asyncio.run(scenario())
         assert late.changes == () and late.stale == (SOC,)
         assert view.signals[SOC].value == 40
+
+    def test_a_file_of_the_one_row_per_signal_layout_is_moved_over_and_kept(
+        self, tmp_path: Path
+    ) -> None:
+        """A state directory from before signals moved into the vehicle's row still reads the
+        same, and takes new events."""
+        path = tmp_path / FILE_NAME
+        with sqlite3.connect(path) as old:
+            old.executescript(OLD_LAYOUT)
+            old.execute("INSERT INTO vehicles VALUES (?, ?, ?, 2, 0)",
+                        (VEHICLE, "2024-11-18T14:32:09+00:00", 1731940329.0))
+            for code, value in ((SOC, "50"), ("charge-ischarging", "true")):
+                old.execute("INSERT INTO signals VALUES (?, ?, ?)", (VEHICLE, code, json.dumps(
+                    {"code": code, "value": value, "oemUpdatedAt": "2024-11-18T14:32:09+00:00",
+                     "eventId": "old", "status": "ok"})))
+            old.execute("INSERT INTO vehicles VALUES ('no-signals', NULL, NULL, 0, 0)")
+        old.close()
+
+        async def scenario() -> Any:
+            store = SqliteVehicleStateStore(path)
+            before = await store.get_vehicle(VEHICLE)
+            empty = await store.get_vehicle("no-signals")
+            older = await store.apply(state_event("e1", signal(value=40, oem=T0 - 5000)))
+            newer = await store.apply(state_event("e2", signal(value=45, oem=T0 + 5000)))
+            listed = await store.list_vehicles()
+            await store.close()
+            return before, empty, older, newer, listed
+
+        before, empty, older, newer, listed = asyncio.run(scenario())
+        assert before.signals[SOC].value == 50 and before.signals["charge-ischarging"].value
+        assert before.signals[SOC].event_id == "old"
+        assert empty is not None and empty.signals == {}
+        assert older.stale == (SOC,) and [c.code for c in newer.changes] == [SOC]
+        assert newer.changes[0].previous == before.signals[SOC]
+        assert {v.vehicle_id: v.signal_count for v in listed} == {VEHICLE: 2, "no-signals": 0}
+        with sqlite3.connect(path) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+            assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'signals'"
+                                ).fetchone() is None
+        conn.close()
+        # Opening it again changes nothing.
+        again = asyncio.run(self._view(path))
+        assert again is not None and again.signals[SOC].value == 45
+
+    @staticmethod
+    async def _view(path: Path) -> Any:
+        store = SqliteVehicleStateStore(path)
+        try:
+            return await store.get_vehicle(VEHICLE)
+        finally:
+            await store.close()
 
     @settings(max_examples=40, deadline=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -74,19 +74,24 @@ _PRUNE_EVERY: Final = 1000
 _CACHED_VEHICLES: Final = 1024
 _NO_VEHICLE: Final = ""
 
+#: `PRAGMA user_version` of the layout below. Version 0 kept one row per signal in a table
+#: `signals`; opening such a file moves those rows into `vehicles.signals` (`_migrate`).
+SCHEMA_VERSION: Final = 1
+
+# A vehicle's signals are one JSON object in its `vehicles` row (`signals`: code -> the row
+# `codec.signal_row` writes): an event rewrites one row, not one per signal, and the read route
+# reads one row. A delivery names every signal of its webhook, so most events rewrite most of
+# the object anyway.
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS vehicles (
     vehicle_id TEXT PRIMARY KEY,
     updated_at TEXT,
     updated_epoch REAL,
     signal_count INTEGER NOT NULL DEFAULT 0,
-    open_errors INTEGER NOT NULL DEFAULT 0
+    open_errors INTEGER NOT NULL DEFAULT 0,
+    signals TEXT NOT NULL DEFAULT '{}'
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS vehicles_by_update ON vehicles (updated_epoch);
-CREATE TABLE IF NOT EXISTS signals (
-    vehicle_id TEXT NOT NULL, code TEXT NOT NULL, row TEXT NOT NULL,
-    PRIMARY KEY (vehicle_id, code)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS errors (
     vehicle_id TEXT NOT NULL, type TEXT NOT NULL, code TEXT NOT NULL, state TEXT NOT NULL,
     row TEXT NOT NULL,
@@ -135,7 +140,7 @@ class SqliteVehicleStateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         bound_wal(self._db, path.parent)  # it shares the state directory's disk with the queue
-        self._db.executescript(_SCHEMA)
+        self._create_or_migrate()
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
                                        timeout=10.0)
         self._reader.execute("PRAGMA query_only=ON")
@@ -146,6 +151,31 @@ class SqliteVehicleStateStore:
         #: The calls waiting for the open transaction's commit (group commit).
         self._waiting: list[asyncio.Future[None]] = []
         self._closed = False
+
+    def _create_or_migrate(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            old_signals = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'signals'"
+            ).fetchone() is not None
+            if version == 0 and old_signals:
+                db.execute("ALTER TABLE vehicles ADD COLUMN signals TEXT NOT NULL DEFAULT '{}'")
+                db.execute(
+                    "UPDATE vehicles SET signals = coalesce((SELECT json_group_object("
+                    "s.code, json(s.row)) FROM signals AS s WHERE s.vehicle_id = "
+                    "vehicles.vehicle_id), '{}')")
+                db.execute("DROP TABLE signals")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     # --- group commit -------------------------------------------------------------------------
     def _join(self) -> None:
@@ -251,14 +281,14 @@ class SqliteVehicleStateStore:
         cached = self._cache.pop(vehicle_id, None)
         if cached is None:
             cached = _Vehicle()
-            for code, row in self._db.execute(
-                "SELECT code, row FROM signals WHERE vehicle_id = ?", (vehicle_id,)
-            ):
-                cached.signals[code] = held(signal_from_row(loads(row)), row)
             vehicle = self._db.execute(
-                "SELECT updated_at FROM vehicles WHERE vehicle_id = ?", (vehicle_id,)).fetchone()
-            if vehicle is not None and vehicle[0]:
-                cached.updated_at = datetime.fromisoformat(vehicle[0])
+                "SELECT updated_at, signals FROM vehicles WHERE vehicle_id = ?", (vehicle_id,)
+            ).fetchone()
+            if vehicle is not None:
+                if vehicle[0]:
+                    cached.updated_at = datetime.fromisoformat(vehicle[0])
+                for code, row in loads(vehicle[1]).items():
+                    cached.signals[code] = held(signal_from_row(row), dumps(row))
         self._cache[vehicle_id] = cached  # most recently used last
         if len(self._cache) > _CACHED_VEHICLES:
             del self._cache[next(iter(self._cache))]
@@ -296,11 +326,6 @@ class SqliteVehicleStateStore:
                pending_text: str | None, cached: _Vehicle, kept: list[SignalChange]) -> None:
         """Write the signals (`writes`: new row texts by code) and the rest of the plan."""
         db = self._db
-        db.executemany(
-            "INSERT INTO signals (vehicle_id, code, row) VALUES (?, ?, ?) "
-            "ON CONFLICT (vehicle_id, code) DO UPDATE SET row = excluded.row",
-            [(vehicle_id, code, h.text) for code, h in writes.items()],
-        )
         if result.errors:
             db.executemany(
                 "INSERT INTO errors (vehicle_id, type, code, state, row) VALUES (?, ?, ?, ?, ?) "
@@ -327,16 +352,28 @@ class SqliteVehicleStateStore:
                 "pending = excluded.pending",
                 (vehicle_id, event_id, int(result.marks_errors), pending_text),
             )
-        new_signals = sum(1 for code in writes if code not in cached.signals)
         updated = result.updated_at
-        db.execute(
-            "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch, signal_count, "
-            "open_errors) VALUES (?, ?, ?, ?, 0) ON CONFLICT (vehicle_id) DO UPDATE SET "
-            "updated_at = excluded.updated_at, updated_epoch = excluded.updated_epoch, "
-            "signal_count = signal_count + excluded.signal_count",
-            (vehicle_id, updated.isoformat() if updated else None,
-             updated.timestamp() if updated else None, new_signals),
-        )
+        if writes:
+            signals = {**{code: h.text for code, h in cached.signals.items()},
+                       **{code: h.text for code, h in writes.items()}}
+            db.execute(
+                "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch, signal_count, "
+                "signals) VALUES (?, ?, ?, ?, ?) ON CONFLICT (vehicle_id) DO UPDATE SET "
+                "updated_at = excluded.updated_at, updated_epoch = excluded.updated_epoch, "
+                "signal_count = excluded.signal_count, signals = excluded.signals",
+                (vehicle_id, updated.isoformat() if updated else None,
+                 updated.timestamp() if updated else None, len(signals),
+                 "{" + ",".join([f"{dumps(code)}:{text}" for code, text in signals.items()])
+                 + "}"),
+            )
+        else:
+            db.execute(
+                "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch) VALUES (?, ?, ?) "
+                "ON CONFLICT (vehicle_id) DO UPDATE SET updated_at = excluded.updated_at, "
+                "updated_epoch = excluded.updated_epoch",
+                (vehicle_id, updated.isoformat() if updated else None,
+                 updated.timestamp() if updated else None),
+            )
         if result.errors:
             db.execute(
                 "UPDATE vehicles SET open_errors = (SELECT count(*) FROM errors "
@@ -391,23 +428,22 @@ class SqliteVehicleStateStore:
             return None
         return VehicleView(
             vehicle_id=vehicle_id,
-            signals={code: signal_from_row(loads(row)) for code, row in signals},
+            signals={code: signal_from_row(row) for code, row in loads(signals).items()},
             errors=[error_from_row(loads(row)).state for (row,) in errors],
             updated_at=datetime.fromisoformat(vehicle[0]) if vehicle[0] else None,
         )
 
-    def _read_vehicle(self, vehicle_id: str) -> tuple[Any, list[Any], list[Any]]:
+    def _read_vehicle(self, vehicle_id: str) -> tuple[Any, str, list[Any]]:
         vehicle = self._reader.execute(
-            "SELECT updated_at FROM vehicles WHERE vehicle_id = ?", (vehicle_id,)).fetchone()
+            "SELECT updated_at, signals FROM vehicles WHERE vehicle_id = ?", (vehicle_id,)
+        ).fetchone()
         if vehicle is None:
-            return None, [], []
-        signals = self._reader.execute(
-            "SELECT code, row FROM signals WHERE vehicle_id = ?", (vehicle_id,)).fetchall()
+            return None, "{}", []
         errors = self._reader.execute(
             "SELECT row FROM errors WHERE vehicle_id = ? AND state = ? ORDER BY type, code",
             (vehicle_id, OPEN),
         ).fetchall()
-        return vehicle, signals, errors
+        return vehicle, vehicle[1], errors
 
     async def list_vehicles(self, *, limit: int = 100) -> list[VehicleSummary]:
         with self._read_lock:

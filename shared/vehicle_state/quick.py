@@ -96,21 +96,6 @@ def _change(vehicle_id: str, code: str, path: str | None, previous: SignalState 
     return change
 
 
-def _value_json(value: Any) -> str | None:
-    """The row's `value` field as JSON text (a JSON string holding the value's canonical
-    JSON), or None when the value is not one the fast path writes."""
-    kind = type(value)
-    if value is None or kind is bool or kind is float:
-        return f'"{orjson.dumps(value).decode()}"'
-    if kind is int:
-        if not _MIN_INT <= value <= _MAX_INT:
-            return None
-        return f'"{value}"'
-    if kind is str and len(value) <= _SURELY_FITTING_TEXT:
-        return orjson.dumps(orjson.dumps(value).decode()).decode()
-    return None
-
-
 def quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...],
                stored: Mapping[str, Held], updated_at: datetime | None) -> QuickPlan | None:
     """`rules.plan` for a VEHICLE_STATE whose signals all take the fast path; None otherwise.
@@ -126,79 +111,142 @@ def quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...]
 
 def _quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...],
                 stored: Mapping[str, Held], updated_at: datetime | None) -> QuickPlan | None:
-    times: dict[int, tuple[datetime, str]] = {}  # one conversion per distinct timestamp
-    event_json = orjson.dumps(event_id).decode()
+    # The parts of a row text that repeat: per (code, group, name, unit) its start and its
+    # path; per (oemUpdatedAt, retrievedAt) the times (a delivery's signals mostly share them).
+    times: dict[tuple[int, Any], _Times | None] = {}
+    event_tail = ',"eventId":' + orjson.dumps(event_id).decode() + ',"status":"ok"}'
     writes: dict[str, Held] = {}
     changes: list[SignalChange] = []
     stale: list[str] = []
+    newest: _Times | None = None
     seen: set[str] = set()
-    newest = None
     for item in items:
         get = item.get
         code = get("code")
-        if type(code) is not str or not code or len(code) > MAX_CODE_CHARS or code in seen:
+        if type(code) is not str or code in seen or get("status") is not None:
             return None
         seen.add(code)
-        meta, body = get("meta"), get("body")
-        if get("status") is not None or meta is None:
+        meta = get("meta")
+        if meta is None:
             return None
         oem = meta.get("oemUpdatedAt")
         retrieved = meta.get("retrievedAt")
         if retrieved is None:
             retrieved = meta.get("fetchedAt")
-        if type(oem) is not int or oem < _MIN_OEM_MS:
+        moments = times.get((oem, retrieved), _UNSEEN)
+        if moments is _UNSEEN:
+            moments = times[(oem, retrieved)] = _times(oem, retrieved)
+        if moments is None:
             return None
-        if retrieved is not None and (type(retrieved) is not int
-                                      or oem > retrieved + _MAX_AHEAD_MS):
-            return None
-        key = (True, oem * 1000, 0 if retrieved is None else retrieved * 1000, event_id)
+        key = (True, moments.oem_us, moments.retrieved_us, event_id)
         previous = stored.get(code)
         if previous is not None and key <= previous.key:
             if key == previous.key:
                 return None  # a full tie: the content decides (rules.outranks)
             stale.append(code)
             continue
+        body = get("body")
         if body is None:
-            value, unit = None, None
+            value = unit = None
         else:
             value, unit = body.get("value"), body.get("unit")
-            if type(unit) is not str:
-                unit = None
-        value_json = _value_json(value)
-        if value_json is None:
-            return None
+        kind = type(value)
+        if kind is float or (kind is int and _MIN_INT <= value <= _MAX_INT):
+            value_json = '"' + orjson.dumps(value).decode() + '"'
+        else:
+            value_json = _other_value_json(value)
+            if value_json is None:
+                return None
         group, name = get("group"), get("name")
-        path = f"{group}.{name}" if (type(group) is str and group and type(name) is str
-                                     and name) else None
-        oem_at = times.get(oem)
-        if oem_at is None:
-            moment = _EPOCH + timedelta(milliseconds=oem)
-            oem_at = times[oem] = (moment, moment.isoformat())
-        text = '{"code":' + orjson.dumps(code).decode()
-        if path is not None:
-            text += ',"path":' + orjson.dumps(path).decode()
-        text += ',"value":' + value_json
-        if unit is not None:
-            text += ',"unit":' + orjson.dumps(unit).decode()
-        text += ',"oemUpdatedAt":"' + oem_at[1] + '"'
-        retrieved_at = None
-        if retrieved is not None:
-            at = times.get(retrieved)
-            if at is None:
-                moment = _EPOCH + timedelta(milliseconds=retrieved)
-                at = times[retrieved] = (moment, moment.isoformat())
-            retrieved_at = at[0]
-            text += ',"retrievedAt":"' + at[1] + '"'
-        text += ',"eventId":' + event_json + ',"status":"ok"}'
-        state = _new_state(code, path, value, unit, oem_at[0], retrieved_at, event_id, "ok",
-                           None, None)
-        writes[code] = Held(state, text, key)
-        changes.append(_change(vehicle_id, code, path,
+        static = _STATIC.get((code, group, name, unit))
+        if static is None:
+            static = _static(code, group, name, unit)
+            if static is None:
+                return None
+        state = _new_state(code, static.path, value, static.unit, moments.oem_at,
+                           moments.retrieved_at, event_id, "ok", None, None)
+        writes[code] = Held(state, static.head + value_json + static.unit_json + moments.text
+                            + event_tail, key)
+        changes.append(_change(vehicle_id, code, static.path,
                                None if previous is None else previous.state, state))
-        if newest is None or oem > newest:
-            newest = oem
-    if newest is not None:
-        moment = times[newest][0]
-        if updated_at is None or moment > updated_at:
-            updated_at = moment
+        if newest is None or moments.oem_us > newest.oem_us:
+            newest = moments
+    if newest is not None and (updated_at is None or newest.oem_at > updated_at):
+        updated_at = newest.oem_at
     return QuickPlan(writes, tuple(changes), tuple(stale), updated_at)
+
+
+@dataclass(frozen=True, slots=True)
+class _Times:
+    """A reading's times: as the rank key orders them, as datetimes, as the row spells them."""
+
+    oem_us: int
+    retrieved_us: int
+    oem_at: datetime
+    retrieved_at: datetime | None
+    text: str
+
+
+_UNSEEN: Final[Any] = object()
+
+
+def _times(oem: Any, retrieved: Any) -> _Times | None:
+    """`oem`/`retrieved` as the fast path takes them, or None: integer milliseconds, and an
+    oemUpdatedAt that `rules.usable_oem` accepts (else the reading is undated)."""
+    if type(oem) is not int or oem < _MIN_OEM_MS:
+        return None
+    if retrieved is not None and (type(retrieved) is not int
+                                  or oem > retrieved + _MAX_AHEAD_MS):
+        return None
+    oem_at = _EPOCH + timedelta(milliseconds=oem)
+    text = ',"oemUpdatedAt":"' + oem_at.isoformat() + '"'
+    if retrieved is None:
+        return _Times(oem * 1000, 0, oem_at, None, text)
+    retrieved_at = _EPOCH + timedelta(milliseconds=retrieved)
+    return _Times(oem * 1000, retrieved * 1000, oem_at, retrieved_at,
+                  text + ',"retrievedAt":"' + retrieved_at.isoformat() + '"')
+
+
+@dataclass(frozen=True, slots=True)
+class _Static:
+    """What a signal's row text starts with (code and path) and its unit part, which stay
+    the same from one delivery to the next."""
+
+    head: str
+    path: str | None
+    unit: str | None
+    unit_json: str
+
+
+#: `_Static` by (code, group, name, unit) as the payload spells them; emptied when full.
+_STATIC: dict[tuple[Any, Any, Any, Any], _Static] = {}
+_STATIC_MAX: Final = 4096
+
+
+def _static(code: str, group: Any, name: Any, unit: Any) -> _Static | None:
+    if not code or len(code) > MAX_CODE_CHARS:
+        return None
+    path = f"{group}.{name}" if (type(group) is str and group and type(name) is str
+                                 and name) else None
+    unit_text = unit if type(unit) is str else None
+    head = '{"code":' + orjson.dumps(code).decode()
+    if path is not None:
+        head += ',"path":' + orjson.dumps(path).decode()
+    static = _Static(head + ',"value":', path, unit_text,
+                     "" if unit_text is None else ',"unit":' + orjson.dumps(unit_text).decode())
+    if len(_STATIC) >= _STATIC_MAX:
+        _STATIC.clear()
+    # An unhashable group, name or unit (a JSON array or object) made the lookup raise
+    # TypeError already: the event declines.
+    _STATIC[(code, group, name, unit)] = static
+    return static
+
+
+def _other_value_json(value: Any) -> str | None:
+    """The row's `value` field for what is not a float or a 64-bit int, or None when the
+    value is not one the fast path writes."""
+    if value is None or type(value) is bool:
+        return f'"{orjson.dumps(value).decode()}"'
+    if type(value) is str and len(value) <= _SURELY_FITTING_TEXT:
+        return orjson.dumps(orjson.dumps(value).decode()).decode()
+    return None
