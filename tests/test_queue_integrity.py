@@ -20,8 +20,16 @@ from pathlib import Path
 
 from shared.local.queue import CORRUPT_MESSAGE, INITIALISED_MARKER, QUEUE_FILE
 
-from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
-from .test_local_host_process import base_env, free_port, handled_ids, host_process
+from .host_process import base_env, handled_ids, host_process
+from .support import (
+    WEBHOOK,
+    encode,
+    free_port,
+    http_request,
+    signed_headers,
+    state_event,
+    wait_until,
+)
 
 HOST = [sys.executable, "-m", "shared.local"]
 

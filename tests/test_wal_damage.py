@@ -21,8 +21,16 @@ import pytest
 from shared.local.ackmark import ACK_MARK_FILE
 from shared.local.queue import QUEUE_FILE
 
-from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
-from .test_local_host_process import REPO, base_env, free_port, handled_ids, host_process
+from .host_process import REPO, base_env, handled_ids, host_process
+from .support import (
+    WEBHOOK,
+    encode,
+    free_port,
+    http_request,
+    signed_headers,
+    state_event,
+    wait_until,
+)
 
 HOST = [sys.executable, "-m", "shared.local"]
 WAL_HEADER = 32
