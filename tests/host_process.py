@@ -13,7 +13,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# free_port is here too: a host process test takes its port, env and process from this module.
 from .support import free_port, http_request, wait_until
+
+__all__ = [
+    "OPEN_FILES",
+    "REPO",
+    "base_env",
+    "free_port",
+    "handled_ids",
+    "healthy",
+    "host_process",
+    "limit_open_files",
+    "limited_host",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 #: The descriptor limit of the limited host (`ulimit -n 256`, macOS's default).

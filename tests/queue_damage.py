@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .host_process import REPO, base_env, host_process
-from .support import WEBHOOK, encode, free_port, http_request, signed_headers, state_event
+from .host_process import REPO, base_env, free_port, host_process
+from .support import WEBHOOK, encode, http_request, signed_headers, state_event
 
 HOST = [sys.executable, "-m", "shared.local"]
 

@@ -17,16 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import faketime
-from .host_process import REPO, base_env, host_process
-from .support import (
-    WEBHOOK,
-    encode,
-    free_port,
-    http_request,
-    signed_headers,
-    state_event,
-    wait_until,
-)
+from .host_process import REPO, base_env, free_port, host_process
+from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
 
 
 def records(state: Path) -> list[dict[str, Any]]:

@@ -29,12 +29,11 @@ from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
 from shared.local import adapters
 
-from .host_process import base_env, host_process
+from .host_process import base_env, free_port, host_process
 from .support import (
     WEBHOOK,
     RunningHost,
     encode,
-    free_port,
     http_request,
     local_env,
     signed_headers,

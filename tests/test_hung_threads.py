@@ -17,8 +17,8 @@ from pathlib import Path
 
 from shared.local.queue import QUEUE_FILE, LocalQueue
 
-from .host_process import host_process
-from .support import free_port, http_request, state_event, wait_until
+from .host_process import free_port, host_process
+from .support import http_request, state_event, wait_until
 from .test_function_timeout import (
     HOST,
     calls,

@@ -10,16 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .host_process import REPO, base_env, handled_ids, host_process
-from .support import (
-    WEBHOOK,
-    encode,
-    free_port,
-    http_request,
-    signed_headers,
-    state_event,
-    wait_until,
-)
+from .host_process import REPO, base_env, free_port, handled_ids, host_process
+from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
 
 
 class TestMakeRun:

@@ -20,13 +20,9 @@ from pathlib import Path
 
 from shared.local.queue import CORRUPT_MESSAGE, INITIALISED_MARKER, QUEUE_FILE
 
-from .host_process import REPO, base_env, handled_ids, host_process
+from .host_process import REPO, base_env, free_port, handled_ids, host_process
 from .queue_damage import HOST, acknowledge_events, overwrite, start_refused
-from .support import (
-    free_port,
-    http_request,
-    wait_until,
-)
+from .support import http_request, wait_until
 
 
 def accept_events(tmp_path: Path, count: int) -> tuple[dict[str, str], list[str]]:

@@ -19,16 +19,8 @@ from typing import Any
 
 from shared.local.vehicle_state import FILE_NAME
 
-from .host_process import base_env, host_process
-from .support import (
-    WEBHOOK,
-    encode,
-    free_port,
-    http_request,
-    signed_headers,
-    state_event,
-    wait_until,
-)
+from .host_process import base_env, free_port, host_process
+from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
 from .test_function_timeout import processed_ids
 
 HOST = [sys.executable, "-m", "tests.crash_host", "--lock-duration", "2"]

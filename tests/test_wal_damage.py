@@ -21,10 +21,7 @@ from shared.local.queue import QUEUE_FILE
 
 from .host_process import handled_ids, host_process
 from .queue_damage import HOST, acknowledge_events, overwrite, start_refused
-from .support import (
-    http_request,
-    wait_until,
-)
+from .support import http_request, wait_until
 
 WAL_HEADER = 32
 FRAME_HEADER = 24
