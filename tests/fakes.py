@@ -190,6 +190,20 @@ class RecordingPublisher:
         return None
 
 
+class FailingPublisher:
+    """The Publisher boundary with Service Bus down: every publish raises PublishError."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def publish(self, message: OutboundMessage) -> bool:
+        self.calls += 1
+        raise PublishError("Service Bus send failed: ServiceBusConnectionError")
+
+    async def close(self) -> None:
+        return None
+
+
 @dataclass
 class BrokerMessage:
     sequence_number: int

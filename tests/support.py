@@ -6,6 +6,7 @@ import asyncio
 import http.client
 import json
 import re
+import socket
 import threading
 import time
 import uuid
@@ -87,6 +88,14 @@ def http_request(
         return Response(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
     finally:
         conn.close()
+
+
+def free_port() -> int:
+    """A loopback TCP port free at this moment (the OS picks it) for a server to listen on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02) -> Any:

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from . import faketime
+from .host_process import REPO, base_env, free_port, host_process
 from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
-from .test_local_host_process import REPO, base_env, free_port, host_process
 
 
 def records(state: Path) -> list[dict[str, Any]]:

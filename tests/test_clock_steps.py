@@ -20,9 +20,9 @@ import pytest
 from shared.local.queue import QUEUE_FILE, LocalQueue
 
 from . import faketime
+from .host_process import base_env, free_port, host_process
 from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
 from .test_function_timeout import HOST
-from .test_local_host_process import base_env, free_port, host_process
 
 
 def calls(tmp_path: Path) -> Counter[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -30,6 +29,7 @@ from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
 from shared.local import adapters
 
+from .host_process import base_env, free_port, host_process
 from .support import (
     WEBHOOK,
     RunningHost,
@@ -40,7 +40,7 @@ from .support import (
     state_event,
     wait_until,
 )
-from .test_local_host_process import base_env, free_port, host_process
+from .tmpfs_mount import mounted_tmpfs
 
 BACKOFF = 0.5
 
@@ -70,16 +70,8 @@ def gaps(calls: list[tuple[str, float]]) -> list[float]:
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "64k") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 class TestOnARealFullDisk:

@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .host_process import REPO, base_env, free_port, handled_ids, host_process
 from .support import encode, http_request, signed_headers, state_event, wait_until
-from .test_local_host_process import REPO, base_env, free_port, handled_ids, host_process
 
 WEBHOOK = "/api/webhooks/smartcar"
 

@@ -131,7 +131,7 @@ class TestMakeShortcutsExitStatus:
 class TestTheBannerSaysLocalIsLocal:
     @pytest.mark.skipif(not HAS_VENV, reason="make run uses the .venv that make test created")
     def test_make_run_labels_its_urls_local_and_says_how_to_tunnel(self, tmp_path: Path) -> None:
-        from .test_local_host_process import free_port, host_process
+        from .host_process import free_port, host_process
 
         port = free_port()
         env = user_env(tmp_path, PORT=str(port))

@@ -8,21 +8,14 @@ only the connection cap can be what keeps it answering.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from shared.local.connections import RESERVED_DESCRIPTORS, connection_limit
 
-from .support import wait_until
-from .test_local_host_process import REPO, base_env, free_port, healthy
-from .test_slow_clients import limit_open_files
+from .host_process import healthy, limited_host
 
 SLOW_BODIES = 1000
 #: How long the never-reading client pipelines (the issue's figure).
@@ -35,26 +28,9 @@ HEALTH = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 NOT_FOUND = b"GET /x HTTP/1.1\r\n\r\n"
 
 
-@contextmanager
-def limited_host(tmp_path: Path) -> Iterator[tuple[int, int]]:
-    """(port, pid) of the host in its own process with 256 descriptors."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "shared.local", "--workers", "1", "--body-timeout", "120",
-           "--header-timeout", "60", "--idle-timeout", "60"]
-    log = tmp_path / "host.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=base_env(tmp_path, port), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=limit_open_files)
-    try:
-        wait_until(lambda: healthy(port) or proc.poll() is not None, timeout=60)
-        assert proc.poll() is None, f"host exited:\n{log.read_text()}"
-        yield port, proc.pid
-        assert proc.poll() is None, f"the host died:\n{log.read_text()}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+def front_door_host(tmp_path: Path) -> AbstractContextManager[tuple[int, int]]:
+    """(port, pid) of the host with 256 descriptors, its request limits far off."""
+    return limited_host(tmp_path, header_timeout=60, idle_timeout=60, body_timeout=120)
 
 
 def health_status(port: int, timeout: float) -> int:
@@ -82,7 +58,7 @@ class TestConnectionCap:
     def test_health_answers_within_a_second_with_1000_slow_bodies_open(
         self, tmp_path: Path
     ) -> None:
-        with limited_host(tmp_path) as (port, _):
+        with front_door_host(tmp_path) as (port, _):
             slow: list[socket.socket] = []
             try:
                 for _ in range(SLOW_BODIES):
@@ -122,7 +98,7 @@ class TestWriteBackPressure:
     def test_a_client_that_pipelines_and_never_reads_holds_bounded_memory(
         self, tmp_path: Path
     ) -> None:
-        with limited_host(tmp_path) as (port, pid):
+        with front_door_host(tmp_path) as (port, pid):
             before = rss_bytes(pid)
             peak = before
             sent = 0

@@ -21,8 +21,8 @@ from typing import Any
 
 from shared.local.queue import MAX_DELIVERY_COUNT_EXCEEDED, QUEUE_FILE
 
+from .host_process import base_env, free_port, host_process
 from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
-from .test_local_host_process import base_env, free_port, host_process
 
 HOST = [sys.executable, "-m", "tests.hanging_host"]
 

@@ -174,8 +174,7 @@ class RealRuntime:
         self._session = session
 
     def request(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> Response:
-        answer = self._session.host.http(method, path, body, headers)
-        return Response(answer.status, answer.headers, answer.body)
+        return self._session.host.http(method, path, body, headers)
 
     def stored(self, message_id: str) -> int:
         return len(self._session.sent_with_id(message_id))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from shared.local.queue import QUEUE_FILE, LocalQueue
 
+from .host_process import free_port, host_process
 from .support import http_request, state_event, wait_until
 from .test_function_timeout import (
     HOST,
@@ -27,7 +28,6 @@ from .test_function_timeout import (
     processed_ids,
     records,
 )
-from .test_local_host_process import free_port, host_process
 
 MAX_DELIVERIES = 3
 

@@ -887,6 +887,23 @@ class TestDelivery:
             assert re.search(rf"(?m)^\s+{name}: {re.escape(value)}$", workflow), name
             assert f"readEnvironmentVariable('{name}'" in params, name
 
+    def test_workflow_test_job_installs_what_ci_run_installs_before_make_test(self) -> None:
+        # The browser and clock tests fail under CI=true without Chromium, chromium-driver and
+        # faketime; .ci/run installs them as root, the workflow's test job on GitHub's runner
+        # with sudo (each one only if missing: the runner ships Chromium at /usr/bin).
+        ci_run = (ROOT / ".ci" / "run").read_text()
+        command = re.search(r"apt-get install((?:[^\n]*\\\n)*[^\n]*)", ci_run)
+        assert command is not None, ".ci/run no longer installs with apt-get"
+        ci_packages = {word for word in command.group(1).replace("\\", " ").split()
+                       if not word.startswith("-")}
+        assert {"chromium", "chromium-driver", "faketime"} <= ci_packages, ci_packages
+        workflow = WORKFLOW.read_text()
+        test_job = workflow[workflow.index("\n  test:\n"):workflow.index("\n  deploy:\n")]
+        assert set(re.findall(r"\|\| missing\+=\(([\w.-]+)\)", test_job)) == ci_packages
+        install = test_job.index("sudo DEBIAN_FRONTEND=noninteractive apt-get install -y")
+        assert test_job.index("sudo apt-get update") < install < test_job.index("run: make test")
+        assert '"${missing[@]}"' in test_job[install:]
+
     def test_one_deployment_name_in_the_workflow_and_the_docs(self) -> None:
         workflow = WORKFLOW.read_text()
         assert "--name smartcar-webhooks \\" in workflow

@@ -2,67 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from .host_process import REPO, base_env, free_port, handled_ids, host_process
 from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def healthy(port: int) -> bool:
-    try:
-        return http_request(port, "GET", "/api/health").status == 200
-    except OSError:
-        return False
-
-
-@contextmanager
-def host_process(cmd: list[str], env: dict[str, str], port: int) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        wait_until(lambda: healthy(port) or proc.poll() is not None, timeout=60)
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise AssertionError(f"host exited with {proc.returncode}:\n{out}")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-
-
-def base_env(tmp_path: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTCAR_", "LOCAL_STATE"))}
-    env.update(PORT=str(port), LOCAL_STATE_DIR=str(tmp_path / "state"),
-               SMARTCAR_MANAGEMENT_TOKEN="amt", PYTHONUNBUFFERED="1")
-    return env
-
-
-def handled_ids(state: Path) -> list[str]:
-    path = state / "handled.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["eventId"] for line in path.read_text().splitlines() if line]
 
 
 class TestMakeRun:

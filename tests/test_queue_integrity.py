@@ -20,37 +20,19 @@ from pathlib import Path
 
 from shared.local.queue import CORRUPT_MESSAGE, INITIALISED_MARKER, QUEUE_FILE
 
-from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
-from .test_local_host_process import base_env, free_port, handled_ids, host_process
-
-HOST = [sys.executable, "-m", "shared.local"]
+from .host_process import REPO, base_env, free_port, handled_ids, host_process
+from .queue_damage import HOST, acknowledge_events, overwrite, start_refused
+from .support import http_request, wait_until
 
 
 def accept_events(tmp_path: Path, count: int) -> tuple[dict[str, str], list[str]]:
     """Run a host that only accepts, have it acknowledge `count` events, stop it cleanly
     (the write-ahead log is checkpointed into the file). The environment and the eventIds."""
-    port = free_port()
-    env = base_env(tmp_path, port)
-    env["LOG_LEVEL"] = "WARNING"  # the host's stdout is a pipe nobody reads until the end
-    ids = []
-    with host_process([*HOST, "--workers", "0"], env, port) as proc:
-        for _ in range(count):
-            event = state_event()
-            body = encode(event)
-            assert http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status == 200
-            ids.append(event["eventId"])
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(30) == 0
+    env, ids, status = acknowledge_events(tmp_path, count, stop_with=signal.SIGINT)
+    assert status == 0
     queue = tmp_path / "state" / QUEUE_FILE
     assert not Path(f"{queue}-wal").exists() or Path(f"{queue}-wal").stat().st_size == 0
     return env, ids
-
-
-def start_refused(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([*HOST], env=env, capture_output=True, text=True, timeout=60,
-                            cwd=Path(__file__).resolve().parent.parent)
-    assert result.returncode == 3, result.stdout + result.stderr
-    return result
 
 
 class TestDamageFoundAtStart:
@@ -92,11 +74,7 @@ class TestDamageFoundAtStart:
         queue = tmp_path / "state" / QUEUE_FILE
         size = queue.stat().st_size
         assert size > 4 * 65536
-        fd = os.open(queue, os.O_WRONLY)
-        try:
-            os.pwrite(fd, os.urandom(65536), size // 2)
-        finally:
-            os.close(fd)
+        overwrite(queue, size // 2, os.urandom(65536))
 
         result = start_refused(env)
 
@@ -132,11 +110,7 @@ class TestDamageIsolatedToItsRow:
         raw = queue.read_bytes()
         offset = raw.find(properties.encode("utf-8"))
         assert offset > 0 and raw.count(properties.encode("utf-8")) == 1
-        fd = os.open(queue, os.O_WRONLY)
-        try:
-            os.pwrite(fd, b"\0" * 16, offset)  # what a zero-filled sector looks like
-        finally:
-            os.close(fd)
+        overwrite(queue, offset, b"\0" * 16)  # what a zero-filled sector looks like
 
         port = free_port()
         env["PORT"] = str(port)
@@ -148,7 +122,7 @@ class TestDamageIsolatedToItsRow:
         listing = subprocess.run(
             [sys.executable, "-m", "shared.cli", "--json", "dlq", "list"], env=env,
             capture_output=True, text=True, timeout=60, check=True,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=REPO,
         )
         (entry,) = json.loads(listing.stdout)
         assert entry["messageId"] == ids[10]

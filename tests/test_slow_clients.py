@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
-import resource
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,8 +19,8 @@ from pathlib import Path
 from shared.local import connections
 from shared.local.host import LocalHost, serve
 
-from .support import http_request, wait_until
-from .test_local_host_process import REPO, base_env, free_port, healthy
+from .host_process import limited_host
+from .support import http_request
 
 HEADER_TIMEOUT = 2.0
 IDLE_TIMEOUT = 3.0
@@ -38,32 +33,12 @@ HEAD_START = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 SLOW_HEADER = b"X-Slow: "
 
 
-def limit_open_files() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-
-
 @contextmanager
 def small_host(tmp_path: Path) -> Iterator[int]:
-    """The host in its own process with 256 descriptors; its output goes to a file (a pipe
-    nobody reads could fill up and block it)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "shared.local", "--workers", "1",
-           "--header-timeout", str(HEADER_TIMEOUT), "--idle-timeout", str(IDLE_TIMEOUT),
-           "--body-timeout", str(BODY_TIMEOUT)]
-    log = tmp_path / "host.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=base_env(tmp_path, port), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=limit_open_files)
-    try:
-        wait_until(lambda: healthy(port) or proc.poll() is not None, timeout=60)
-        assert proc.poll() is None, f"host exited:\n{log.read_text()}"
+    """The port of the host with 256 descriptors and the short limits above."""
+    with limited_host(tmp_path, header_timeout=HEADER_TIMEOUT, idle_timeout=IDLE_TIMEOUT,
+                      body_timeout=BODY_TIMEOUT) as (port, _):
         yield port
-        assert proc.poll() is None, f"the host died:\n{log.read_text()}"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 def closed_by_server(sock: socket.socket, *, trickle: bytes | None = None) -> bytes:

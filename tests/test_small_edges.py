@@ -12,8 +12,8 @@ from pathlib import Path
 
 from shared.local.queue import QUEUE_FILE, open_state_queue
 
+from .host_process import REPO, base_env, free_port
 from .support import encode, state_event
-from .test_local_host_process import REPO, base_env, free_port
 
 
 class TestServiceBusNamespaceLocally:

@@ -24,7 +24,7 @@ from shared.spill import (
     spill_name,
 )
 
-from .fakes import FakeContainerClient, RecordingPublisher
+from .fakes import FailingPublisher, FakeContainerClient, RecordingPublisher
 
 MESSAGE = OutboundMessage(
     body=b'{"eventId":"e1", "x": 1.0, "s": "\\u00e9"}',
@@ -36,18 +36,6 @@ MESSAGE = OutboundMessage(
 def message(n: int) -> OutboundMessage:
     return OutboundMessage(body=f'{{"eventId":"e{n}"}}'.encode(), message_id=f"e{n}",
                            application_properties={"eventId": f"e{n}"})
-
-
-class FailingPublisher:
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def publish(self, message: OutboundMessage) -> bool:
-        self.calls += 1
-        raise PublishError("Service Bus send failed: ServiceBusConnectionError")
-
-    async def close(self) -> None:
-        return None
 
 
 class HangingPublisher:

@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import socket
 import struct
-import subprocess
-import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from azure.storage.blob.aio import ContainerClient
@@ -32,74 +26,14 @@ from shared.spill import (
     redrive,
 )
 
-from .fakes import RecordingPublisher
-from .test_spill import FailingPublisher
+from .azurite import azurite_blob_port, connection_string
+from .fakes import FailingPublisher, RecordingPublisher
+from .support import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-AZURITE_BLOB = ROOT / "node_modules" / ".bin" / "azurite-blob"
-# Azurite's well-known development account (published in its README; not a secret).
-ACCOUNT = "devstoreaccount1"
-ACCOUNT_KEY = (
-    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-)
-# Generous: only a broken setup comes near these; they are not performance targets.
-STARTUP_SECONDS = 60.0
+__all__ = ["azurite_blob_port"]  # the fixture, used by name
+
+# Generous: only a broken setup comes near this; it is not a performance target.
 BOUND_SECONDS = 60.0
-
-
-def connection_string(port: int) -> str:
-    return (
-        f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
-        f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};"
-    )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def listening(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-        return True
-    return False
-
-
-@pytest.fixture(scope="module")
-def azurite_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    if not os.access(AZURITE_BLOB, os.X_OK):
-        pytest.fail(
-            f"{AZURITE_BLOB.relative_to(ROOT)} is missing: the Blob spill tests run against "
-            "Azurite from npm. Run `make test` (it runs `npm ci`) or `npm ci` first."
-        )
-    log_path = tmp_path_factory.mktemp("azurite") / "azurite.log"
-    port = free_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [str(AZURITE_BLOB), "--blobHost", "127.0.0.1", "--blobPort", str(port),
-             "--inMemoryPersistence", "--disableTelemetry", "--skipApiVersionCheck", "--loose"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while not listening(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"Azurite did not start listening on 127.0.0.1:{port} "
-                    f"(exit code {process.poll()}):\n{log_path.read_text(errors='replace')}"
-                )
-            time.sleep(0.1)
-        yield port
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
@@ -164,18 +98,19 @@ class ResettingProxy:
 
 
 async def container_exists(port: int, name: str) -> bool:
-    async with ContainerClient.from_connection_string(connection_string(port), name) as client:
+    cs = connection_string("blob", port)
+    async with ContainerClient.from_connection_string(cs, name) as client:
         exists: bool = await client.exists()
         return exists
 
 
 class TestSpillListRedriveDelete:
     def test_spilled_events_are_listed_oldest_first_redriven_and_deleted(
-        self, azurite_port: int, container_name: str
+        self, azurite_blob_port: int, container_name: str
     ) -> None:
         async def scenario() -> None:
             store = build_connection_string_spill_store(
-                connection_string(azurite_port), container_name
+                connection_string("blob", azurite_blob_port), container_name
             )
             queue = RecordingPublisher()
             try:
@@ -203,18 +138,18 @@ class TestSpillListRedriveDelete:
 
 class TestMissingContainer:
     def test_the_first_spill_creates_the_container(
-        self, azurite_port: int, container_name: str
+        self, azurite_blob_port: int, container_name: str
     ) -> None:
         async def scenario() -> None:
             store = build_connection_string_spill_store(
-                connection_string(azurite_port), container_name
+                connection_string("blob", azurite_blob_port), container_name
             )
             try:
-                assert not await container_exists(azurite_port, container_name)
+                assert not await container_exists(azurite_blob_port, container_name)
                 assert await store.names(limit=10) == []  # nothing spilled yet: not an error
                 assert await store.get("missing.json") is None
                 await store.put(message(7))
-                assert await container_exists(azurite_port, container_name)
+                assert await container_exists(azurite_blob_port, container_name)
                 (name,) = await store.names(limit=10)
                 assert await store.get(name) == message(7)
             finally:
@@ -225,7 +160,7 @@ class TestMissingContainer:
 
 class TestTransientFailure:
     def test_a_reset_connection_is_retried_within_the_spill_budget(
-        self, azurite_port: int, container_name: str
+        self, azurite_blob_port: int, container_name: str
     ) -> None:
         # Fault: the storage endpoint resets the first two connections of the upload (a proxy
         # in front of Azurite sends RST; aiohttp itself re-sends an idempotent request once, so
@@ -234,12 +169,12 @@ class TestTransientFailure:
         # spilled.
         async def scenario() -> None:
             async with ContainerClient.from_connection_string(
-                connection_string(azurite_port), container_name
+                connection_string("blob", azurite_blob_port), container_name
             ) as admin:
                 await admin.create_container()
-            async with ResettingProxy(azurite_port, resets=2) as proxy:
+            async with ResettingProxy(azurite_blob_port, resets=2) as proxy:
                 store = build_connection_string_spill_store(
-                    connection_string(proxy.port), container_name
+                    connection_string("blob", proxy.port), container_name
                 )
                 publisher = SpillingPublisher(FailingPublisher(), store)
                 try:
@@ -248,7 +183,7 @@ class TestTransientFailure:
                     await publisher.close()
                 assert proxy.reset == 2 and proxy.forwarded >= 1
             check = build_connection_string_spill_store(
-                connection_string(azurite_port), container_name
+                connection_string("blob", azurite_blob_port), container_name
             )
             try:
                 (name,) = await check.names(limit=10)
@@ -265,7 +200,7 @@ class TestUnreachableStorage:
     85 s to fail while the SDK retried the listing)."""
 
     def store(self) -> BlobSpillStore:
-        return build_connection_string_spill_store(connection_string(free_port()), "spill")
+        return build_connection_string_spill_store(connection_string("blob", free_port()), "spill")
 
     def test_spilling_fails_with_spill_error(self) -> None:
         async def scenario() -> None:
@@ -299,7 +234,7 @@ class TestUnreachableStorage:
 
             server = await asyncio.start_server(silent, "127.0.0.1", 0)
             port = server.sockets[0].getsockname()[1]
-            cs = connection_string(port)
+            cs = connection_string("blob", port)
             store = BlobSpillStore(
                 lambda: ContainerClient.from_connection_string(cs, "spill", **blob_client_options()),
                 list_timeout=1.0,  # the production bound (30 s) is for real listings

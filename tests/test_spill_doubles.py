@@ -19,8 +19,8 @@ from pathlib import Path
 from shared.local.queue import QUEUE_FILE, LocalQueue
 
 from . import faketime
+from .host_process import base_env, free_port, host_process
 from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
-from .test_local_host_process import base_env, free_port, host_process
 
 HOLD_LOCK = """
 import sqlite3, sys, time

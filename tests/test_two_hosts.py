@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .host_process import REPO, base_env, free_port, handled_ids, healthy
 from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
-from .test_local_host_process import REPO, base_env, free_port, handled_ids, healthy
 
 OPEN_AT = """
 import sys, time

@@ -19,9 +19,9 @@ from typing import Any
 
 from shared.local.vehicle_state import FILE_NAME
 
+from .host_process import base_env, free_port, host_process
 from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
 from .test_function_timeout import processed_ids
-from .test_local_host_process import base_env, free_port, host_process
 
 HOST = [sys.executable, "-m", "tests.crash_host", "--lock-duration", "2"]
 

@@ -32,7 +32,7 @@ from shared.vehicle_state.factory import open_store
 from shared.vehicle_state.rules import MAX_VALUE_CHARS, NO_CODE, TOO_LARGE, UNDATED
 from shared.vehicle_state.table_store import TableVehicleStateStore
 
-from .azurite_table import azurite_table_port, table_connection_string
+from .azurite import azurite_table_port, connection_string
 from .test_vehicle_state_rules import event_sets, orders
 from .test_vehicle_state_rules import run as run_in_memory
 from .vehicle_events import SOC, T0, VEHICLE, error, error_event, signal, state_event
@@ -96,7 +96,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "sqlite":
         return Backend("sqlite", str(tmp_path / FILE_NAME), clock=Clock())
     port = request.getfixturevalue("azurite_table_port")
-    return Backend("table", table_connection_string(port),
+    return Backend("table", connection_string("table", port),
                    table=f"vs{uuid.uuid4().hex[:16]}", clock=Clock())
 
 
@@ -546,7 +546,7 @@ class TestConcurrentWritersOnAzurite:
     def test_writers_racing_on_one_vehicle_end_in_the_sequential_state(
         self, azurite_table_port: int
     ) -> None:
-        connection = table_connection_string(azurite_table_port)
+        connection = connection_string("table", azurite_table_port)
         table = f"vs{uuid.uuid4().hex[:16]}"
         codes = [SOC, "charge-ischarging", "odometer-traveleddistance"]
         events = [

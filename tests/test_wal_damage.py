@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,10 +19,10 @@ import pytest
 from shared.local.ackmark import ACK_MARK_FILE
 from shared.local.queue import QUEUE_FILE
 
-from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
-from .test_local_host_process import REPO, base_env, free_port, handled_ids, host_process
+from .host_process import handled_ids, host_process
+from .queue_damage import HOST, acknowledge_events, overwrite, start_refused
+from .support import http_request, wait_until
 
-HOST = [sys.executable, "-m", "shared.local"]
 WAL_HEADER = 32
 FRAME_HEADER = 24
 
@@ -32,18 +30,7 @@ FRAME_HEADER = 24
 def accept_then_kill(tmp_path: Path, count: int) -> tuple[dict[str, str], list[str], Path]:
     """A host that only accepts acknowledges `count` events and is killed with SIGKILL: they
     are in the WAL, not yet in the database file. The environment, eventIds and WAL path."""
-    port = free_port()
-    env = base_env(tmp_path, port)
-    env["LOG_LEVEL"] = "WARNING"
-    ids = []
-    with host_process([*HOST, "--workers", "0"], env, port) as proc:
-        for _ in range(count):
-            event = state_event()
-            body = encode(event)
-            assert http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status == 200
-            ids.append(event["eventId"])
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+    env, ids, _ = acknowledge_events(tmp_path, count, stop_with=signal.SIGKILL)
     wal = tmp_path / "state" / f"{QUEUE_FILE}-wal"
     assert wal.stat().st_size > WAL_HEADER, "the events should be in the WAL"
     return env, ids, wal
@@ -65,14 +52,11 @@ def zero_a_middle_frame(wal: Path) -> None:
     size = page_size(wal)
     frames = (wal.stat().st_size - WAL_HEADER) // (FRAME_HEADER + size)
     at = WAL_HEADER + (frames // 2) * (FRAME_HEADER + size)
-    with wal.open("r+b") as fh:
-        fh.seek(at)
-        fh.write(b"\0" * (FRAME_HEADER + size))
+    overwrite(wal, at, b"\0" * (FRAME_HEADER + size))
 
 
 def random_header(wal: Path) -> None:
-    with wal.open("r+b") as fh:
-        fh.write(os.urandom(WAL_HEADER))
+    overwrite(wal, 0, os.urandom(WAL_HEADER))
 
 
 @pytest.mark.parametrize("damage", [delete, truncate_to_half, zero_a_middle_frame, random_header],
@@ -82,8 +66,7 @@ def test_a_lost_or_damaged_wal_after_kill_9_is_refused_with_recovery_advice(
 ) -> None:
     env, ids, wal = accept_then_kill(tmp_path, 30)
     damage(wal)
-    result = subprocess.run(HOST, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 3, result.stdout + result.stderr
+    result = start_refused(env)
     (line,) = result.stderr.strip().splitlines()
     assert "has lost acknowledged events" in line
     assert f"events up to {len(ids)} were acknowledged" in line

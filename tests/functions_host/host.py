@@ -36,6 +36,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import grpc
 
+from ..support import Response
 from .rpc import Protos
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
@@ -64,16 +65,6 @@ class Function:
     def trigger(self) -> dict[str, Any]:
         (binding,) = [b for b in self.bindings if b["type"].endswith("Trigger")]
         return binding
-
-
-@dataclass
-class Response:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 @dataclass
