@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
-from shared.vehicle_state import SignalChange
 
 from .vehicle_events import SOC, T0, signal, state_event
 
@@ -152,7 +151,7 @@ class TestFailures:
     def test_an_apply_that_fails_undoes_only_its_own_writes(self, tmp_path: Path) -> None:
         path = tmp_path / FILE_NAME
 
-        def refuse(change: SignalChange) -> bool:
+        def refuse(code: str, path: str | None) -> bool:
             raise RuntimeError("outbox selector failed")
 
         async def scenario() -> tuple[list[Any], dict[str, str], dict[str, str]]:

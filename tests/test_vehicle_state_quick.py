@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 from benchmarks.common import state_payload
 from shared.events import Event, parse_event
+from shared.vehicle_state import ApplyResult, Changes, SignalChange
 from shared.vehicle_state.codec import dumps, signal_row
-from shared.vehicle_state.quick import Held, held, quick_plan
+from shared.vehicle_state.quick import Held, change_of, held, quick_plan, state_of
 from shared.vehicle_state.rules import (
     _SURELY_FITTING_TEXT,
     MAX_CODE_CHARS,
@@ -109,7 +110,7 @@ def stored_state(events: list[Event]) -> tuple[dict[str, Held], datetime | None]
     updated_at = None
     for event in events:
         snapshot = Snapshot(vehicle_id=VEHICLE, updated_at=updated_at,
-                            signals={c: stored[c].state for c in codes_of(event) if c in stored})
+                            signals={c: state_of(stored[c]) for c in codes_of(event) if c in stored})
         result = plan(snapshot, event)
         for code, state in result.signals.items():
             stored[code] = held(state, dumps(signal_row(state)))
@@ -122,19 +123,22 @@ def check_against_the_rules(stored: dict[str, Held], updated_at: datetime | None
     """Assert the fast path agrees with the rules; True when it answered."""
     quick = quick_plan(VEHICLE, event.event_id, event.signal_items(), stored, updated_at)
     snapshot = Snapshot(vehicle_id=VEHICLE, updated_at=updated_at,
-                        signals={c: stored[c].state for c in codes_of(event) if c in stored})
+                        signals={c: state_of(stored[c]) for c in codes_of(event) if c in stored})
     reference = plan(snapshot, event)
     if quick is None:
         return False
     assert reference.skipped == () and reference.errors == {}
-    assert quick.changes == reference.changes
+    changes = quick.changes(VEHICLE)
+    assert changes.codes == tuple(c.code for c in reference.changes)
+    assert changes == reference.changes
     assert quick.stale == reference.stale
     assert quick.updated_at == reference.updated_at
-    assert {code: h.state for code, h in quick.writes.items()} == reference.signals
+    assert {code: state_of(h) for code, h in quick.writes.items()} == reference.signals
     assert list(quick.writes) == list(reference.signals)
-    for h in quick.writes.values():
-        assert h.text == dumps(signal_row(h.state))
-        assert h.key == held(h.state, h.text).key
+    for key, text, _ in quick.writes.values():
+        state = state_of((key, text, _))
+        assert text == dumps(signal_row(state))
+        assert key == held(state, text)[0]
     return True
 
 
@@ -207,7 +211,7 @@ class TestItAnswersForTheCommonShape:
         assert event is not None
         quick = quick_plan(VEHICLE, "e1", event.signal_items(), {}, None)
         assert quick is not None
-        assert [h.state.path for h in quick.writes.values()] == [None, None]
+        assert [state_of(h).path for h in quick.writes.values()] == [None, None]
         assert check_against_the_rules({}, None, event)
 
     def test_a_later_reading_of_the_same_time_wins_by_its_retrieval(self) -> None:
@@ -247,3 +251,43 @@ class TestItDeclines:
                             '"data":{"signals":[{"code":"c","body":{"value":"\\ud800"},'
                             f'"meta":{{"oemUpdatedAt":{T0}}}}}]}},"meta":{{}}}}')
         assert quick_plan("v", "e1", event.signal_items(), {}, None) is None
+
+
+class TestChanges:
+    """`ApplyResult.changes` built on first use: counted and named without building, equal to
+    the tuple of the same changes, built once."""
+
+    @staticmethod
+    def made(count: int) -> tuple[SignalChange, ...]:
+        event = event_of("e1", [common(code, i, T0 + i) for i, code in enumerate(CODES[:count])])
+        assert event is not None
+        quick = quick_plan(VEHICLE, "e1", event.signal_items(), {}, None)
+        assert quick is not None
+        return tuple(change_of(VEHICLE, c) for c in quick.changed)
+
+    def test_counted_and_named_without_building(self) -> None:
+        builds: list[int] = []
+        built = self.made(3)
+
+        def build() -> tuple[SignalChange, ...]:
+            builds.append(1)
+            return built
+
+        changes = Changes(codes=tuple(c.code for c in built), build=build)
+        assert len(changes) == 3 and changes.codes == tuple(CODES[:3]) and bool(changes)
+        assert ApplyResult(changes=changes).to_json()["changed"] == list(CODES[:3])
+        assert builds == []
+        assert changes == built and built == changes and changes[1] == built[1]
+        assert list(changes) == list(built) and changes[:2] == built[:2]
+        assert builds == [1]  # once, however often it is read
+
+    def test_equal_to_its_tuple_and_to_itself_however_made(self) -> None:
+        built = self.made(2)
+        lazy = Changes(codes=tuple(c.code for c in built), build=lambda: built)
+        assert lazy == Changes(built) == built and lazy == list(built)
+        assert hash(lazy) == hash(built)
+        assert lazy != built[:1] and lazy != () and Changes() == ()
+        assert lazy != "ab" and (lazy == 3) is False
+        assert ApplyResult(changes=built) == ApplyResult(changes=lazy)
+        assert isinstance(ApplyResult(changes=built).changes, Changes)
+        assert repr(lazy) == f"Changes({built!r})"

@@ -354,7 +354,7 @@ class TestOutboxAndInbox:
         event = state_event("e1", signal(value=50), signal("charge-ischarging", True))
 
         async def scenario(store: VehicleStateStore) -> Any:
-            applied = await store.apply(event, outbox=lambda change: change.code == SOC)
+            applied = await store.apply(event, outbox=lambda code, path: code == SOC)
             return applied, await store.pending_changes(VEHICLE, "e1")
 
         applied, pending = backend.run(scenario)

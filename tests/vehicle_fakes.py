@@ -57,8 +57,8 @@ class MemoryVehicleStore:
 
     # -- VehicleStateStore -------------------------------------------------------------------
     async def apply(self, event: Event, *, outbox: Any = None) -> ApplyResult:
-        """`outbox` (a `SignalChange -> bool` filter of what stays pending for the handlers)
-        as the store's branch of the interface adds it; all changes without it."""
+        """`outbox` (a `(code, path) -> bool` filter of what stays pending for the handlers)
+        as the store's interface has it; all changes without it."""
         if event.vehicle_id is None or event.event_type not in ("VEHICLE_STATE", "VEHICLE_ERROR"):
             return ApplyResult()
         vehicle = self._vehicles.setdefault(event.vehicle_id, _Vehicle())
@@ -110,7 +110,7 @@ class MemoryVehicleStore:
         if changes or opened or resolved:
             vehicle.updated_at = now
         self._pending[event.vehicle_id, event.event_id] = tuple(
-            c for c in changes if outbox is None or outbox(c))
+            c for c in changes if outbox is None or outbox(c.code, c.path))
         return ApplyResult(changes=tuple(changes), stale=tuple(stale), skipped=tuple(skipped),
                            errors_opened=tuple(opened), errors_resolved=tuple(resolved))
 

@@ -132,11 +132,12 @@ class HandlerRegistry:
 
         return register
 
-    def wants_change(self, change: SignalChange) -> bool:
-        """True when an `on_change` handler is registered for this change's signal: the store
-        keeps only those pending for the handlers (the outbox)."""
+    def wants_change(self, code: str, path: str | None) -> bool:
+        """True when an `on_change` handler is registered for the signal (by its code or its
+        `Group.Name` path): the store keeps only those changes pending for the handlers (the
+        outbox)."""
         by_change = self._by_change
-        return bool(by_change) and (change.path in by_change or change.code in by_change)
+        return bool(by_change) and (path in by_change or code in by_change)
 
     async def dispatch(self, event: Event, context: HandlerContext,
                        changes: tuple[SignalChange, ...] = ()) -> bool:

@@ -36,6 +36,7 @@ from typing import Any, Final
 from ..events import Event
 from ..vehicle_state import (
     ApplyResult,
+    Changes,
     Outbox,
     SignalChange,
     VehicleSummary,
@@ -51,7 +52,7 @@ from ..vehicle_state.codec import (
     signal_from_row,
     signal_row,
 )
-from ..vehicle_state.quick import Held, held, quick_plan
+from ..vehicle_state.quick import Held, change_of, held, quick_plan, state_of
 from ..vehicle_state.rules import (
     OPEN,
     STORED_TYPES,
@@ -243,14 +244,17 @@ class SqliteVehicleStateStore:
                 quick = quick_plan(vehicle_id, event.event_id, event.signal_items(),
                                    cached.signals, cached.updated_at)
             if quick is not None:
-                result = Plan(changes=quick.changes, stale=quick.stale,
-                              updated_at=quick.updated_at)
+                result = Plan(stale=quick.stale, updated_at=quick.updated_at)
                 writes = quick.writes
+                changes = quick.changes(vehicle_id)
+                kept = [change_of(vehicle_id, c) for c in quick.changed
+                        if outbox is None or outbox(c[0], c[1])]
             else:
                 result = plan(self._snapshot(event, vehicle_id, cached, errors_applied), event)
                 writes = {code: held(state, dumps(signal_row(state)))
                           for code, state in result.signals.items()}
-            kept = [c for c in result.changes if outbox is None or outbox(c)]
+                changes = Changes(result.changes)
+                kept = [c for c in result.changes if outbox is None or outbox(c.code, c.path)]
             if writes or result.errors or result.marks_errors:
                 self._write(event.event_id, vehicle_id, writes, result, pending_text, cached,
                             kept)
@@ -265,7 +269,7 @@ class SqliteVehicleStateStore:
         cached.signals.update(writes)
         earlier = tuple(changes_from_text(pending_text)) if pending_text else ()
         return ApplyResult(
-            changes=result.changes, stale=result.stale, skipped=result.skipped,
+            changes=changes, stale=result.stale, skipped=result.skipped,
             errors_opened=result.errors_opened, errors_resolved=result.errors_resolved,
             pending=(*earlier, *kept),
         )
@@ -315,7 +319,7 @@ class SqliteVehicleStateStore:
             ).fetchone()
             if found is not None:
                 errors[(error_type, code)] = error_from_row(loads(found[0]))
-        signals = {code: cached.signals[code].state for code in codes_of(event)
+        signals = {code: state_of(cached.signals[code]) for code in codes_of(event)
                    if code in cached.signals}
         return Snapshot(
             vehicle_id=vehicle_id, signals=signals, errors=errors,
@@ -337,7 +341,7 @@ class SqliteVehicleStateStore:
         # The outbox from the row texts at hand: nothing is serialised twice.
         items = [
             change_text(change, None if change.previous is None
-                        else cached.signals[change.code].text, writes[change.code].text)
+                        else cached.signals[change.code][1], writes[change.code][1])
             for change in kept
         ]
         if pending_text and items:
@@ -354,8 +358,8 @@ class SqliteVehicleStateStore:
             )
         updated = result.updated_at
         if writes:
-            signals = {**{code: h.text for code, h in cached.signals.items()},
-                       **{code: h.text for code, h in writes.items()}}
+            signals = {**{code: h[1] for code, h in cached.signals.items()},
+                       **{code: h[1] for code, h in writes.items()}}
             db.execute(
                 "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch, signal_count, "
                 "signals) VALUES (?, ?, ?, ?, ?) ON CONFLICT (vehicle_id) DO UPDATE SET "

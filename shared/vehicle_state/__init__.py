@@ -14,10 +14,10 @@ implement `VehicleStateStore`.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from ..events import Event
 
@@ -133,12 +133,71 @@ class SkippedSignal:
     reason: str
 
 
+class Changes(Sequence[SignalChange]):
+    """The changes of one apply, in payload order: a read-only sequence that equals the tuple
+    of the same changes.
+
+    An apply accepts ~20 changes per delivery, and most are only counted and named (telemetry,
+    handled.jsonl, the inspector). So a backend may give their codes and a way to build them,
+    and each `SignalChange` is built on first use of the sequence's items.
+    """
+
+    __slots__ = ("_build", "_built", "codes")
+
+    def __init__(self, changes: Iterable[SignalChange] = (), *,
+                 codes: tuple[str, ...] | None = None,
+                 build: Callable[[], tuple[SignalChange, ...]] | None = None) -> None:
+        self._build = build
+        if build is None:
+            self._built: tuple[SignalChange, ...] | None = tuple(changes)
+            #: The changed signals' codes, in payload order.
+            self.codes: tuple[str, ...] = tuple(c.code for c in self._built)
+        else:
+            assert codes is not None, "a built-on-use Changes needs its codes"
+            self._built = None
+            self.codes = codes
+
+    def _all(self) -> tuple[SignalChange, ...]:
+        built = self._built
+        if built is None:
+            assert self._build is not None
+            built = self._built = self._build()
+            self._build = None
+        return built
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @overload
+    def __getitem__(self, index: int) -> SignalChange: ...
+    @overload
+    def __getitem__(self, index: slice) -> tuple[SignalChange, ...]: ...
+
+    def __getitem__(self, index: int | slice) -> SignalChange | tuple[SignalChange, ...]:
+        return self._all()[index]
+
+    def __iter__(self) -> Iterator[SignalChange]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Changes | tuple | list):
+            return len(self) == len(other) and self._all() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._all())
+
+    def __repr__(self) -> str:
+        return f"Changes({self._all()!r})"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApplyResult:
     """What applying one event did. Applying the same event again yields no `changes`."""
 
-    #: Signals whose stored state this event changed (in payload order).
-    changes: tuple[SignalChange, ...] = ()
+    #: Signals whose stored state this event changed (in payload order); a tuple given here
+    #: is kept as `Changes`.
+    changes: Changes = field(default_factory=Changes)
     #: Codes of signals left alone because the store holds a newer (or the same) reading.
     stale: tuple[str, ...] = ()
     #: Signals recorded or skipped as documented (no usable timestamp, too large, ...).
@@ -152,9 +211,13 @@ class ApplyResult:
     #: earlier delivery stored before it was cut short (what `on_change` handlers run for).
     pending: tuple[SignalChange, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.changes, Changes):
+            object.__setattr__(self, "changes", Changes(self.changes))
+
     def to_json(self) -> dict[str, Any]:
         return {
-            "changed": [c.code for c in self.changes],
+            "changed": list(self.changes.codes),
             "stale": list(self.stale),
             "skipped": [{"code": s.code, "reason": s.reason} for s in self.skipped],
             "errorsOpened": [e.to_json() for e in self.errors_opened],
@@ -201,9 +264,10 @@ class VehicleSummary:
         }
 
 
-#: Which accepted changes an apply keeps pending for the handlers (the processor passes its
-#: registry's `wants_change`: only changes some `on_change` handler is registered for).
-Outbox = Callable[[SignalChange], bool]
+#: Which accepted changes an apply keeps pending for the handlers, by the signal's code and
+#: `Group.Name` path (the processor passes its registry's `wants_change`: only the signals
+#: some `on_change` handler is registered for).
+Outbox = Callable[[str, str | None], bool]
 
 
 class VehicleStateStore(Protocol):

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import orjson
 
-from . import SignalChange, SignalState
+from . import Changes, SignalChange, SignalState
 from .rules import (
     _EPOCH,
     _SURELY_FITTING_TEXT,
@@ -45,16 +45,13 @@ _MAX_INT: Final = (1 << 64) - 1
 #: A signal's rank without its content: (dated, oemUpdatedAt µs, retrievedAt µs, eventId).
 #: Equal keys are the rare tie that `rules.outranks` settles by content.
 Key = tuple[bool, int, int, str]
-
-
-@dataclass(slots=True)
-class Held:
-    """A stored signal as a backend keeps it at hand: its state, its row's JSON text (as
-    `codec.signal_row` spells it) and its rank key."""
-
-    state: SignalState
-    text: str
-    key: Key
+#: What `_new_state` needs besides the constant "ok" status: (code, path, value, unit,
+#: oemUpdatedAt, retrievedAt, eventId).
+Recipe = tuple[str, str | None, Any, str | None, datetime, datetime | None, str]
+#: A stored signal as a backend keeps it at hand: (rank key, the row's JSON text as
+#: `codec.signal_row` spells it, its state or the recipe of its state). A plain tuple: the
+#: fast path makes ~20 per delivery, and most states are never looked at.
+Held = tuple[Key, str, "SignalState | Recipe"]
 
 
 def _micros(value: datetime | None) -> int:
@@ -63,9 +60,30 @@ def _micros(value: datetime | None) -> int:
 
 def held(state: SignalState, text: str) -> Held:
     """`state` and its stored row text, with the key `rules.signal_rank` orders it by."""
-    return Held(state, text, (state.oem_updated_at is not None,
-                              _micros(state.oem_updated_at), _micros(state.retrieved_at),
-                              state.event_id or ""))
+    return ((state.oem_updated_at is not None, _micros(state.oem_updated_at),
+             _micros(state.retrieved_at), state.event_id or ""), text, state)
+
+
+def state_of(entry: Held) -> SignalState:
+    """The stored signal's state (built from its recipe when the fast path wrote it)."""
+    state = entry[2]
+    if type(state) is tuple:
+        code, path, value, unit, oem_at, retrieved_at, event_id = state
+        return _new_state(code, path, value, unit, oem_at, retrieved_at, event_id, "ok", None,
+                          None)
+    assert isinstance(state, SignalState)
+    return state
+
+
+#: One accepted change: (code, path, the stored signal before, the signal now).
+Changed = tuple[str, str | None, Held | None, Held]
+
+
+def change_of(vehicle_id: str, changed: Changed) -> SignalChange:
+    code, path, previous, current = changed
+    return SignalChange(vehicle_id=vehicle_id, code=code, path=path,
+                        previous=None if previous is None else state_of(previous),
+                        current=state_of(current))
 
 
 @dataclass(slots=True)
@@ -74,26 +92,15 @@ class QuickPlan:
     texts), the changes and the stale codes in payload order, the vehicle's new updatedAt."""
 
     writes: dict[str, Held]
-    changes: tuple[SignalChange, ...]
+    changed: list[Changed]
     stale: tuple[str, ...]
     updated_at: datetime | None
 
-
-_CHANGE_FIELDS: Final = ("vehicle_id", "code", "path", "previous", "current")
-(_set_vehicle, _set_code, _set_path, _set_previous, _set_current) = (
-    getattr(SignalChange, name).__set__ for name in _CHANGE_FIELDS)
-
-
-def _change(vehicle_id: str, code: str, path: str | None, previous: SignalState | None,
-            current: SignalState) -> SignalChange:
-    # As `rules._new_state`: a frozen dataclass's __init__ is three times slower.
-    change: SignalChange = object.__new__(SignalChange)
-    _set_vehicle(change, vehicle_id)
-    _set_code(change, code)
-    _set_path(change, path)
-    _set_previous(change, previous)
-    _set_current(change, current)
-    return change
+    def changes(self, vehicle_id: str) -> Changes:
+        """The changes as `ApplyResult.changes`: each built on first use."""
+        changed = self.changed
+        return Changes(codes=tuple(c[0] for c in changed),
+                       build=lambda: tuple(change_of(vehicle_id, c) for c in changed))
 
 
 def quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...],
@@ -116,7 +123,7 @@ def _quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...
     times: dict[tuple[int, Any], _Times | None] = {}
     event_tail = ',"eventId":' + orjson.dumps(event_id).decode() + ',"status":"ok"}'
     writes: dict[str, Held] = {}
-    changes: list[SignalChange] = []
+    changed: list[Changed] = []
     stale: list[str] = []
     newest: _Times | None = None
     seen: set[str] = set()
@@ -140,12 +147,14 @@ def _quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...
             return None
         key = (True, moments.oem_us, moments.retrieved_us, event_id)
         previous = stored.get(code)
-        if previous is not None and key <= previous.key:
-            if key == previous.key:
+        if previous is not None and key <= previous[0]:
+            if key == previous[0]:
                 return None  # a full tie: the content decides (rules.outranks)
             stale.append(code)
             continue
         body = get("body")
+        value: Any
+        unit: Any
         if body is None:
             value = unit = None
         else:
@@ -154,26 +163,26 @@ def _quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...
         if kind is float or (kind is int and _MIN_INT <= value <= _MAX_INT):
             value_json = '"' + orjson.dumps(value).decode() + '"'
         else:
-            value_json = _other_value_json(value)
-            if value_json is None:
+            other = _other_value_json(value)
+            if other is None:
                 return None
+            value_json = other
         group, name = get("group"), get("name")
         static = _STATIC.get((code, group, name, unit))
         if static is None:
             static = _static(code, group, name, unit)
             if static is None:
                 return None
-        state = _new_state(code, static.path, value, static.unit, moments.oem_at,
-                           moments.retrieved_at, event_id, "ok", None, None)
-        writes[code] = Held(state, static.head + value_json + static.unit_json + moments.text
-                            + event_tail, key)
-        changes.append(_change(vehicle_id, code, static.path,
-                               None if previous is None else previous.state, state))
+        entry = writes[code] = (
+            key, static.head + value_json + static.unit_json + moments.text + event_tail,
+            (code, static.path, value, static.unit, moments.oem_at, moments.retrieved_at,
+             event_id))
+        changed.append((code, static.path, previous, entry))
         if newest is None or moments.oem_us > newest.oem_us:
             newest = moments
     if newest is not None and (updated_at is None or newest.oem_at > updated_at):
         updated_at = newest.oem_at
-    return QuickPlan(writes, tuple(changes), tuple(stale), updated_at)
+    return QuickPlan(writes, changed, tuple(stale), updated_at)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from ..events import Event
-from . import ApplyResult, Outbox, SignalChange, VehicleSummary, VehicleView
+from . import ApplyResult, Changes, Outbox, SignalChange, VehicleSummary, VehicleView
 from .codec import (
     Row,
     changes_from_text,
@@ -172,9 +172,9 @@ class TableVehicleStateStore:
             earlier = state["event"] is not None and int(state["event"].get("chunks") or 0)
             # Without earlier chunks (the usual case) the outbox holds exactly this apply's.
             pending = await self._pending(pk, event.event_id, None) if earlier else tuple(
-                c for c in done if outbox is None or outbox(c))
+                c for c in done if outbox is None or outbox(c.code, c.path))
             return ApplyResult(
-                changes=done, stale=tuple(c for c in result.stale
+                changes=Changes(done), stale=tuple(c for c in result.stale
                                           if c not in {d.code for d in done}),
                 skipped=result.skipped, errors_opened=result.errors_opened,
                 errors_resolved=result.errors_resolved, conflicts_retried=conflicts,
@@ -243,7 +243,7 @@ class TableVehicleStateStore:
             changes = [change for _, _, change in batch if change is not None]
             signal_count += sum(1 for c in changes if c.code not in snapshot.signals)
             ops = [op for op, _, _ in batch]
-            kept = [c for c in changes if outbox is None or outbox(c)]
+            kept = [c for c in changes if outbox is None or outbox(c.code, c.path)]
             if kept:
                 ops.append(("create", {"PartitionKey": pk,
                                        "RowKey": f"{_outbox_prefix(event.event_id)}{chunks:05d}",
