@@ -148,7 +148,9 @@ class TestFailures:
         assert rows == {}
         assert [c.code for c in again.changes] == [SOC]
 
-    def test_an_apply_that_fails_undoes_only_its_own_writes(self, tmp_path: Path) -> None:
+    def test_an_apply_that_fails_before_writing_leaves_the_others_to_commit(
+        self, tmp_path: Path
+    ) -> None:
         path = tmp_path / FILE_NAME
 
         def refuse(code: str, path: str | None) -> bool:
@@ -171,6 +173,36 @@ class TestFailures:
         assert isinstance(outcomes[1], RuntimeError)
         assert SOC in a
         assert b == {}
+
+    def test_a_write_that_fails_takes_the_whole_turn_back(self, tmp_path: Path) -> None:
+        """Half an event is never committed: when SQLite refuses one of an apply's writes,
+        every call of the turn fails (and is tried again by its caller)."""
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> tuple[list[Any], set[str], dict[str, Any], Any]:
+            store = SqliteVehicleStateStore(path)
+            # The inbox mark (into `events`) is allowed; the apply's vehicle row is refused.
+            store._db.set_authorizer(lambda action, table, *_: (
+                sqlite3.SQLITE_DENY if action == sqlite3.SQLITE_INSERT and table == "vehicles"
+                else sqlite3.SQLITE_OK))
+            outcomes = await asyncio.gather(
+                store.mark_processed("v", "e0"),
+                store.apply(state_event("e1", signal(value=1, oem=T0 + 1000), vehicle="a")),
+                return_exceptions=True,
+            )
+            marks, rows = committed_marks(path), committed_signals(path, "a")
+            store._db.set_authorizer(None)
+            again = await store.apply(
+                state_event("e1", signal(value=1, oem=T0 + 1000), vehicle="a"))
+            await store.close()
+            return outcomes, marks, rows, again
+
+        outcomes, marks, rows, again = asyncio.run(scenario())
+        assert isinstance(outcomes[0], sqlite3.OperationalError)
+        assert "rolled back" in str(outcomes[0])
+        assert isinstance(outcomes[1], sqlite3.DatabaseError)
+        assert marks == set() and rows == {}
+        assert [c.code for c in again.changes] == [SOC]
 
     def test_a_cancelled_caller_leaves_the_others_committed(self, tmp_path: Path) -> None:
         path = tmp_path / FILE_NAME

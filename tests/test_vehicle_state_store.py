@@ -444,6 +444,10 @@ class TestSqliteOnly:
                     {"code": code, "value": value, "oemUpdatedAt": "2024-11-18T14:32:09+00:00",
                      "eventId": "old", "status": "ok"})))
             old.execute("INSERT INTO vehicles VALUES ('no-signals', NULL, NULL, 0, 0)")
+            old.execute("INSERT INTO events VALUES (?, 'done', 0, NULL, ?)", (VEHICLE, 1e12))
+            old.execute("INSERT INTO events VALUES (?, 'cut-short', 0, ?, NULL)", (VEHICLE, json.dumps(
+                [{"vehicleId": VEHICLE, "code": SOC, "path": None, "previous": None,
+                  "current": {"code": SOC, "value": "50", "status": "ok"}}])))
         old.close()
 
         async def scenario() -> Any:
@@ -453,10 +457,15 @@ class TestSqliteOnly:
             older = await store.apply(state_event("e1", signal(value=40, oem=T0 - 5000)))
             newer = await store.apply(state_event("e2", signal(value=45, oem=T0 + 5000)))
             listed = await store.list_vehicles()
+            inbox = (await store.is_processed(VEHICLE, "done"),
+                     await store.is_processed(VEHICLE, "cut-short"),
+                     await store.pending_changes(VEHICLE, "cut-short"))
             await store.close()
-            return before, empty, older, newer, listed
+            return before, empty, older, newer, listed, inbox
 
-        before, empty, older, newer, listed = asyncio.run(scenario())
+        before, empty, older, newer, listed, inbox = asyncio.run(scenario())
+        assert inbox[0] is True and inbox[1] is False
+        assert [(c.code, c.current.value) for c in inbox[2]] == [(SOC, 50)]
         assert before.signals[SOC].value == 50 and before.signals["charge-ischarging"].value
         assert before.signals[SOC].event_id == "old"
         assert empty is not None and empty.signals == {}
@@ -465,8 +474,14 @@ class TestSqliteOnly:
         assert {v.vehicle_id: v.signal_count for v in listed} == {VEHICLE: 2, "no-signals": 0}
         with sqlite3.connect(path) as conn:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
-            assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'signals'"
-                                ).fetchone() is None
+            assert conn.execute("SELECT name FROM sqlite_master WHERE name LIKE '%signals'"
+                                " OR name LIKE 'events_v%'").fetchone() is None
+            (events_sql,) = conn.execute(
+                "SELECT sql FROM sqlite_master WHERE name = 'events'").fetchone()
+            assert "WITHOUT ROWID" in events_sql
+            assert conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND "
+                                "name = 'events_by_processed' AND tbl_name = 'events'"
+                                ).fetchone() == (1,)
         conn.close()
         # Opening it again changes nothing.
         again = asyncio.run(self._view(path))

@@ -76,7 +76,8 @@ _CACHED_VEHICLES: Final = 1024
 _NO_VEHICLE: Final = ""
 
 #: `PRAGMA user_version` of the layout below. Version 0 kept one row per signal in a table
-#: `signals`; opening such a file moves those rows into `vehicles.signals` (`_migrate`).
+#: `signals` and `events` with a rowid; opening such a file moves it over
+#: (`_create_or_migrate`).
 SCHEMA_VERSION: Final = 1
 
 # A vehicle's signals are one JSON object in its `vehicles` row (`signals`: code -> the row
@@ -104,7 +105,7 @@ CREATE TABLE IF NOT EXISTS events (
     pending TEXT,
     processed_at REAL,
     PRIMARY KEY (vehicle_id, event_id)
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_by_processed ON events (processed_at);
 """
 
@@ -168,9 +169,16 @@ class SqliteVehicleStateStore:
                     "s.code, json(s.row)) FROM signals AS s WHERE s.vehicle_id = "
                     "vehicles.vehicle_id), '{}')")
                 db.execute("DROP TABLE signals")
+                # The events, clustered by their key (one B-tree to write, not three).
+                db.execute("DROP INDEX IF EXISTS events_by_processed")
+                db.execute("ALTER TABLE events RENAME TO events_v0")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            if version == 0 and old_signals:
+                db.execute("INSERT INTO events SELECT vehicle_id, event_id, errors_applied, "
+                           "pending, processed_at FROM events_v0")
+                db.execute("DROP TABLE events_v0")
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
@@ -185,6 +193,12 @@ class SqliteVehicleStateStore:
         if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")
             asyncio.get_running_loop().call_soon(self._commit)
+            # Another connection's commits move `data_version`; none can come while this
+            # transaction holds the write lock, so once per transaction is enough.
+            version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+            if version != self._version:
+                self._cache.clear()
+                self._version = version
 
     def _committed(self) -> asyncio.Future[None]:
         """A future the open transaction's commit resolves (or fails). With `_lock` held."""
@@ -213,6 +227,16 @@ class SqliteVehicleStateStore:
                 done.set_exception(sqlite3.OperationalError(
                     f"the vehicle state store could not commit: {failure}"))
 
+    def _fail_turn(self, cause: BaseException) -> None:
+        """Roll the open transaction back and fail the calls waiting for its commit."""
+        waiting, self._waiting = self._waiting, []
+        self._abort()
+        for done in waiting:
+            if not done.done():
+                done.set_exception(sqlite3.OperationalError(
+                    f"the vehicle state store could not write: {type(cause).__name__}: "
+                    f"{cause}; this turn's writes were rolled back"))
+
     def _abort(self) -> None:
         """Roll the open transaction back: the cache may hold what it wrote."""
         self._cache.clear()
@@ -234,37 +258,35 @@ class SqliteVehicleStateStore:
         return applied
 
     def _apply(self, event: Event, vehicle_id: str, outbox: Outbox | None) -> ApplyResult:
-        db = self._db
-        db.execute("SAVEPOINT apply")
-        try:
-            cached = self._cached(vehicle_id)
-            errors_applied, pending_text = self._marker(vehicle_id, event.event_id)
-            quick = None
-            if event.event_type == VEHICLE_STATE:
-                quick = quick_plan(vehicle_id, event.event_id, event.signal_items(),
-                                   cached.signals, cached.updated_at)
-            if quick is not None:
-                result = Plan(stale=quick.stale, updated_at=quick.updated_at)
-                writes = quick.writes
-                changes = quick.changes(vehicle_id)
-                kept = [change_of(vehicle_id, c) for c in quick.changed
-                        if outbox is None or outbox(c[0], c[1])]
-            else:
-                result = plan(self._snapshot(event, vehicle_id, cached, errors_applied), event)
-                writes = {code: held(state, dumps(signal_row(state)))
-                          for code, state in result.signals.items()}
-                changes = Changes(result.changes)
-                kept = [c for c in result.changes if outbox is None or outbox(c.code, c.path)]
-            if writes or result.errors or result.marks_errors:
+        # Everything is decided before the first write: a failure up to there leaves the
+        # transaction as the other calls of this turn left it.
+        cached = self._cached(vehicle_id)
+        errors_applied, pending_text = self._marker(vehicle_id, event.event_id)
+        quick = None
+        if event.event_type == VEHICLE_STATE:
+            quick = quick_plan(vehicle_id, event.event_id, event.signal_items(),
+                               cached.signals, cached.updated_at)
+        if quick is not None:
+            result = Plan(stale=quick.stale, updated_at=quick.updated_at)
+            writes = quick.writes
+            changes = quick.changes(vehicle_id)
+            kept = [change_of(vehicle_id, c) for c in quick.changed
+                    if outbox is None or outbox(c[0], c[1])]
+        else:
+            result = plan(self._snapshot(event, vehicle_id, cached, errors_applied), event)
+            writes = {code: held(state, dumps(signal_row(state)))
+                      for code, state in result.signals.items()}
+            changes = Changes(result.changes)
+            kept = [c for c in result.changes if outbox is None or outbox(c.code, c.path)]
+        if writes or result.errors or result.marks_errors:
+            try:
                 self._write(event.event_id, vehicle_id, writes, result, pending_text, cached,
                             kept)
-            db.execute("RELEASE apply")
-        except BaseException:
-            # This apply's writes only: the others of this turn stay for the commit.
-            db.execute("ROLLBACK TO apply")
-            db.execute("RELEASE apply")
-            self._cache.pop(vehicle_id, None)
-            raise
+            except BaseException as exc:
+                # Some of this apply's writes may be in: the whole turn goes (every call in
+                # it fails and is tried again), so no half-written event is ever committed.
+                self._fail_turn(exc)
+                raise
         cached.updated_at = result.updated_at
         cached.signals.update(writes)
         earlier = tuple(changes_from_text(pending_text)) if pending_text else ()
@@ -276,12 +298,8 @@ class SqliteVehicleStateStore:
 
     def _cached(self, vehicle_id: str) -> _Vehicle:
         """The vehicle's signals as stored, from memory while no other connection has written
-        (`PRAGMA data_version` moves only for other connections' commits); read inside the
-        write transaction, so nothing can change it before the commit."""
-        version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
-        if version != self._version:
-            self._cache.clear()
-            self._version = version
+        (`_join` checks that as it opens the write transaction); read inside that transaction,
+        so nothing can change it before the commit."""
         cached = self._cache.pop(vehicle_id, None)
         if cached is None:
             cached = _Vehicle()
