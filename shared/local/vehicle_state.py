@@ -126,6 +126,8 @@ class _Vehicle:
     """One vehicle's stored signals (state, row text and rank key by code) and `updatedAt`."""
 
     signals: dict[str, Held] = field(default_factory=dict)
+    #: Each signal's member of the stored JSON object (`"code":{row}`), by code.
+    members: dict[str, str] = field(default_factory=dict)
     updated_at: datetime | None = None
 
 
@@ -310,7 +312,9 @@ class SqliteVehicleStateStore:
                 if vehicle[0]:
                     cached.updated_at = datetime.fromisoformat(vehicle[0])
                 for code, row in loads(vehicle[1]).items():
-                    cached.signals[code] = held(signal_from_row(row), dumps(row))
+                    text = dumps(row)
+                    cached.signals[code] = held(signal_from_row(row), text)
+                    cached.members[code] = f"{dumps(code)}:{text}"
         self._cache[vehicle_id] = cached  # most recently used last
         if len(self._cache) > _CACHED_VEHICLES:
             del self._cache[next(iter(self._cache))]
@@ -376,17 +380,19 @@ class SqliteVehicleStateStore:
             )
         updated = result.updated_at
         if writes:
-            signals = {**{code: h[1] for code, h in cached.signals.items()},
-                       **{code: h[1] for code, h in writes.items()}}
+            # The cache's members change before the commit: a failed write fails the turn,
+            # which empties the cache.
+            members = cached.members
+            for code, entry in writes.items():
+                members[code] = f"{dumps(code)}:{entry[1]}"
             db.execute(
                 "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch, signal_count, "
                 "signals) VALUES (?, ?, ?, ?, ?) ON CONFLICT (vehicle_id) DO UPDATE SET "
                 "updated_at = excluded.updated_at, updated_epoch = excluded.updated_epoch, "
                 "signal_count = excluded.signal_count, signals = excluded.signals",
                 (vehicle_id, updated.isoformat() if updated else None,
-                 updated.timestamp() if updated else None, len(signals),
-                 "{" + ",".join([f"{dumps(code)}:{text}" for code, text in signals.items()])
-                 + "}"),
+                 updated.timestamp() if updated else None, len(members),
+                 "{" + ",".join(members.values()) + "}"),
             )
         else:
             db.execute(
