@@ -45,10 +45,7 @@ def test_a_message_whose_function_returned_just_before_stop_is_completed(
         loop.call_soon(lambda: stops.append(loop.create_task(box["host"].stop())))
 
     body = encode(state_event(eventId="evt-stop"))
-    # Without the vehicle state store the function returns in the handler's own turn of the
-    # loop (with it, the inbox record's commit takes one more turn before the return).
-    env = {**local_env(tmp_path), "VEHICLE_STATE_STORE": "off"}
-    with RunningHost(env, registry=registry) as running:
+    with RunningHost(local_env(tmp_path), registry=registry) as running:
         box["host"] = running.host
         assert running.post(WEBHOOK, body, signed_headers(body)).status == 200
         wait_until(lambda: stops and stops[0].done(), timeout=30)
@@ -85,38 +82,3 @@ def test_the_host_answers_while_another_process_holds_the_queue_write_lock(
         poster.join(30)
         assert [a.status for a in answers] == [200]
         wait_until(lambda: [r["eventId"] for r in running.handled()] == ["evt-held"], timeout=30)
-
-
-def test_a_stop_while_the_inbox_record_commits_never_runs_the_handler_twice(
-    tmp_path: Path,
-) -> None:
-    """With the vehicle state store on, the function returns one turn after its handler: the
-    inbox record's commit. A stop in that turn interrupts the delivery (it is redelivered on
-    the next start), but the record is committed, so the handler does not run again."""
-    registry = HandlerRegistry()
-    stops: list[asyncio.Task[None]] = []
-    calls: list[str] = []
-    box: dict[str, Any] = {}
-
-    @registry.on("VEHICLE_STATE")
-    async def stop_right_after_returning(event: Event, context: HandlerContext) -> None:
-        calls.append(event.event_id)
-        if len(calls) == 1:
-            loop = asyncio.get_running_loop()
-            loop.call_soon(lambda: stops.append(loop.create_task(box["host"].stop())))
-
-    body = encode(state_event(eventId="evt-stop"))
-    with RunningHost(local_env(tmp_path), registry=registry) as running:
-        box["host"] = running.host
-        assert running.post(WEBHOOK, body, signed_headers(body)).status == 200
-        wait_until(lambda: stops and stops[0].done(), timeout=30)
-        assert stops[0].exception() is None
-        assert running.handled() == []  # interrupted: the function had not returned
-    with RunningHost(local_env(tmp_path), registry=registry) as running:
-        wait_until(lambda: running.handled(), timeout=30)
-        (record,) = running.handled()
-    assert calls == ["evt-stop"]
-    assert record["eventId"] == "evt-stop" and record["outcome"] == "handled"
-    assert record["duplicate"] is True  # completed by the inbox record, not by the handler
-    with LocalQueue(tmp_path / "queue.sqlite3") as queue:
-        assert queue.stats()["active"] == 0

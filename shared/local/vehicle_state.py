@@ -2,17 +2,11 @@
 (`vehicle_state.sqlite3`). Local only, like the embedded queue: Azure uses Table Storage
 (shared/vehicle_state/table_store.py), and both run the same rules (shared/vehicle_state/rules.py).
 
-Each apply is one savepoint: it reads the rows the event touches, runs the shared rules
-(`rules.plan`), and writes the new state together with the event's pending changes (the
-outbox), so no crash can separate them. SQLite serialises writers, also across processes (the
-local host and the CLI), so there are no write conflicts to retry here.
-
-Group commit: the writes (`apply`, `mark_processed`) that the event loop's tasks make in one
-turn of the loop share one `BEGIN IMMEDIATE` transaction, committed on the next turn; each call
-returns only once that commit is done, so a call that returned is as durable as if it had its
-own transaction, and a failed commit fails every call in it. Under load the processor's
-concurrent invocations so pay for one commit between them instead of two each. Reads
-(`get_vehicle`, `list_vehicles`) use a connection of their own and see committed state only.
+Each apply is one `BEGIN IMMEDIATE` transaction: it reads the rows the event touches, decides
+(`quick.quick_plan` for the common delivery, else `rules.plan`), and writes the new state
+together with the event's pending changes (the outbox), so no crash can separate them. SQLite
+serialises writers, also across processes (the local host and the CLI), so there are no write
+conflicts to retry here.
 
 The calls run on the caller's thread: each is a few indexed reads and writes in WAL mode
 without an fsync per commit (`synchronous=NORMAL`), well under a millisecond, which costs less
@@ -22,8 +16,6 @@ before a power loss may not (docs/vehicle-state.md says what that can leave).
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import sqlite3
 import threading
@@ -64,8 +56,6 @@ from ..vehicle_state.rules import (
     plan,
 )
 from .queue import bound_wal
-
-logger = logging.getLogger(__name__)
 
 FILE_NAME: Final = "vehicle_state.sqlite3"
 #: Processed eventIds are kept at least 7 days (Smartcar's advice); pruned after 8.
@@ -145,16 +135,9 @@ class SqliteVehicleStateStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         bound_wal(self._db, path.parent)  # it shares the state directory's disk with the queue
         self._create_or_migrate()
-        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                       timeout=10.0)
-        self._reader.execute("PRAGMA query_only=ON")
-        self._read_lock = threading.Lock()
         self._marks = 0
         self._cache: dict[str, _Vehicle] = {}
         self._version = -1
-        #: The calls waiting for the open transaction's commit (group commit).
-        self._waiting: list[asyncio.Future[None]] = []
-        self._closed = False
 
     def _create_or_migrate(self) -> None:
         db = self._db
@@ -188,80 +171,34 @@ class SqliteVehicleStateStore:
             db.execute("ROLLBACK")
             raise
 
-    # --- group commit -------------------------------------------------------------------------
-    def _join(self) -> None:
-        """Open the loop turn's write transaction unless it is open; its commit is scheduled
-        for the next turn. Called with `_lock` held."""
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN IMMEDIATE")
-            asyncio.get_running_loop().call_soon(self._commit)
-            # Another connection's commits move `data_version`; none can come while this
-            # transaction holds the write lock, so once per transaction is enough.
-            version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
-            if version != self._version:
-                self._cache.clear()
-                self._version = version
-
-    def _committed(self) -> asyncio.Future[None]:
-        """A future the open transaction's commit resolves (or fails). With `_lock` held."""
-        done = asyncio.get_running_loop().create_future()
-        self._waiting.append(done)
-        return done
-
-    def _commit(self) -> None:
-        with self._lock:
-            waiting, self._waiting = self._waiting, []
-            if not self._db.in_transaction:  # committed by close()
-                failure: BaseException | None = None
-            else:
-                try:
-                    self._db.execute("COMMIT")
-                    failure = None
-                except sqlite3.Error as exc:
-                    failure = exc
-                    self._abort()
-        for done in waiting:
-            if done.done():  # its caller was cancelled; the write is committed (or not) anyway
-                continue
-            if failure is None:
-                done.set_result(None)
-            else:
-                done.set_exception(sqlite3.OperationalError(
-                    f"the vehicle state store could not commit: {failure}"))
-
-    def _fail_turn(self, cause: BaseException) -> None:
-        """Roll the open transaction back and fail the calls waiting for its commit."""
-        waiting, self._waiting = self._waiting, []
-        self._abort()
-        for done in waiting:
-            if not done.done():
-                done.set_exception(sqlite3.OperationalError(
-                    f"the vehicle state store could not write: {type(cause).__name__}: "
-                    f"{cause}; this turn's writes were rolled back"))
-
-    def _abort(self) -> None:
-        """Roll the open transaction back: the cache may hold what it wrote."""
-        self._cache.clear()
-        if self._db.in_transaction:
-            try:
-                self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                logger.exception("vehicle state store: rollback failed")
-
     # --- writing ------------------------------------------------------------------------------
+    def _begin(self) -> None:
+        """Open a write transaction, forgetting the cache if another connection committed
+        since the last one (`data_version` moves only for other connections' commits; none
+        can commit while this transaction holds the write lock). With `_lock` held."""
+        self._db.execute("BEGIN IMMEDIATE")
+        version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._version:
+            self._cache.clear()
+            self._version = version
+
     async def apply(self, event: Event, *, outbox: Outbox | None = None) -> ApplyResult:
         if event.vehicle_id is None or event.event_type not in STORED_TYPES:
             return ApplyResult()
         with self._lock:
-            self._join()
-            applied = self._apply(event, event.vehicle_id, outbox)
-            committed = self._committed()
-        await committed
+            self._begin()
+            try:
+                applied = self._apply(event, event.vehicle_id, outbox)
+                self._db.execute("COMMIT")
+            except BaseException:
+                # The cache may hold what this transaction wrote.
+                self._cache.clear()
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
         return applied
 
     def _apply(self, event: Event, vehicle_id: str, outbox: Outbox | None) -> ApplyResult:
-        # Everything is decided before the first write: a failure up to there leaves the
-        # transaction as the other calls of this turn left it.
         cached = self._cached(vehicle_id)
         errors_applied, pending_text = self._marker(vehicle_id, event.event_id)
         quick = None
@@ -281,14 +218,7 @@ class SqliteVehicleStateStore:
             changes = Changes(result.changes)
             kept = [c for c in result.changes if outbox is None or outbox(c.code, c.path)]
         if writes or result.errors or result.marks_errors:
-            try:
-                self._write(event.event_id, vehicle_id, writes, result, pending_text, cached,
-                            kept)
-            except BaseException as exc:
-                # Some of this apply's writes may be in: the whole turn goes (every call in
-                # it fails and is tried again), so no half-written event is ever committed.
-                self._fail_turn(exc)
-                raise
+            self._write(event.event_id, vehicle_id, writes, result, pending_text, cached, kept)
         cached.updated_at = result.updated_at
         cached.signals.update(writes)
         earlier = tuple(changes_from_text(pending_text)) if pending_text else ()
@@ -300,8 +230,8 @@ class SqliteVehicleStateStore:
 
     def _cached(self, vehicle_id: str) -> _Vehicle:
         """The vehicle's signals as stored, from memory while no other connection has written
-        (`_join` checks that as it opens the write transaction); read inside that transaction,
-        so nothing can change it before the commit."""
+        (`_begin` checks that as it opens the write transaction); read inside that
+        transaction, so nothing can change it before the commit."""
         cached = self._cache.pop(vehicle_id, None)
         if cached is None:
             cached = _Vehicle()
@@ -429,7 +359,6 @@ class SqliteVehicleStateStore:
     async def mark_processed(self, vehicle_id: str | None, event_id: str) -> None:
         now = self._clock()
         with self._lock:
-            self._join()
             self._db.execute(
                 "INSERT INTO events (vehicle_id, event_id, processed_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (vehicle_id, event_id) DO UPDATE SET "
@@ -440,18 +369,16 @@ class SqliteVehicleStateStore:
             if self._marks % _PRUNE_EVERY == 1:
                 self._db.execute("DELETE FROM events WHERE processed_at < ?",
                                  (now - INBOX_RETENTION_SECONDS,))
-            committed = self._committed()
-        await committed
 
     # --- reading ------------------------------------------------------------------------------
     async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:
-        with self._read_lock:
+        with self._lock:
             # One read transaction: the vehicle, its signals and its errors as of one commit.
-            self._reader.execute("BEGIN")
+            self._db.execute("BEGIN")
             try:
                 vehicle, signals, errors = self._read_vehicle(vehicle_id)
             finally:
-                self._reader.execute("COMMIT")
+                self._db.execute("COMMIT")
         if vehicle is None:
             return None
         return VehicleView(
@@ -462,20 +389,20 @@ class SqliteVehicleStateStore:
         )
 
     def _read_vehicle(self, vehicle_id: str) -> tuple[Any, str, list[Any]]:
-        vehicle = self._reader.execute(
+        vehicle = self._db.execute(
             "SELECT updated_at, signals FROM vehicles WHERE vehicle_id = ?", (vehicle_id,)
         ).fetchone()
         if vehicle is None:
             return None, "{}", []
-        errors = self._reader.execute(
+        errors = self._db.execute(
             "SELECT row FROM errors WHERE vehicle_id = ? AND state = ? ORDER BY type, code",
             (vehicle_id, OPEN),
         ).fetchall()
         return vehicle, vehicle[1], errors
 
     async def list_vehicles(self, *, limit: int = 100) -> list[VehicleSummary]:
-        with self._read_lock:
-            rows = self._reader.execute(
+        with self._lock:
+            rows = self._db.execute(
                 "SELECT vehicle_id, updated_at, signal_count, open_errors FROM vehicles "
                 "ORDER BY updated_epoch IS NULL, updated_epoch DESC, vehicle_id LIMIT ?",
                 (limit,),
@@ -488,13 +415,5 @@ class SqliteVehicleStateStore:
         ]
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        # The open transaction's calls are still waiting: commit it for them now.
-        if self._waiting or self._db.in_transaction:
-            self._commit()
         with self._lock:
             self._db.close()
-        with self._read_lock:
-            self._reader.close()
