@@ -112,7 +112,9 @@ def quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...]
     """
     try:
         return _quick_plan(vehicle_id, event_id, items, stored, updated_at)
-    except TypeError:  # text orjson refuses (a lone surrogate): codec's fallback spells it
+    except TypeError:
+        # Text orjson refuses (a lone surrogate), or a group, name or unit that is a JSON
+        # array or object (not a dictionary key): the rules decide such an event.
         return None
 
 
