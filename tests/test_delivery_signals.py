@@ -128,6 +128,33 @@ class TestShapes:
         assert len(shape.meta_keys) == 64
         assert all("\x1b" not in k and "\n" not in k for k in shape.top_level_keys)
 
+    def test_the_description_names_every_part_as_the_log_line_spells_it(self) -> None:
+        event = copy.deepcopy(STATE)
+        event["meta"] = {"version": "4.0", "deliveredAt": "2024-11-18T14:32:08Z"}
+        event["data"]["signals"] = [{"code": "batterypack-health", "body": {"value": 1}}]
+        assert shape_of(event).describe() == {
+            "eventType": "VEHICLE_STATE",
+            "metaVersion": "4.0",
+            "topLevelKeys": sorted(event),
+            "metaKeys": ["deliveredAt", "version"],
+            "triggersAt": "data.triggers",
+            "signalsAt": "data.signals",
+            "deliveredAtType": "string",
+            "newSignalCodes": ["batterypack-health"],
+        }
+
+    @pytest.mark.parametrize(("literal", "kind"), [
+        (b"NaN", "number"),  # json reads it, orjson refuses it
+        (b"1e999", "number"),  # overflows to infinity: json reads it, orjson refuses it
+        (b'"\\ud800"', "string"),  # a lone surrogate escape
+    ])
+    def test_a_body_only_the_standard_library_reads_still_has_a_shape(
+        self, literal: bytes, kind: str
+    ) -> None:
+        body = b'{"eventType": "VEHICLE_STATE", "meta": {"deliveredAt": ' + literal + b"}}"
+        shape = fingerprint(body)
+        assert shape is not None and shape.delivered_at_type == kind
+
     @pytest.mark.parametrize("body", [b"[1, 2]", b"not json", b'"text"', b"\xff\xfe", b""])
     def test_not_an_object_has_no_shape(self, body: bytes) -> None:
         assert fingerprint(body) is None

@@ -14,18 +14,22 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.events import Event, Signal, parse_event
-from shared.vehicle_state import SignalState
+from shared.vehicle_state import ErrorState, SignalState, SkippedSignal
 from shared.vehicle_state.codec import signal_row
 from shared.vehicle_state.rules import (
     _SURELY_FITTING_TEXT,
+    BAD_ERROR,
+    MAX_CODE_CHARS,
     MAX_VALUE_CHARS,
     OPEN,
     RESOLVED,
     ErrorRecord,
+    Plan,
     Snapshot,
     canonical_json,
     codes_of,
@@ -35,7 +39,7 @@ from shared.vehicle_state.rules import (
     value_fits,
 )
 
-from .vehicle_events import T0, VEHICLE
+from .vehicle_events import T0, VEHICLE, error, error_event
 
 
 class MemoryStore:
@@ -271,3 +275,139 @@ def test_stored_times_keep_their_own_offset() -> None:
         "2026-01-02T04:04:05+01:00")
     assert signal_row(SignalState(code="c", oem_updated_at=utc))["oemUpdatedAt"] == (
         "2026-01-02T03:04:05+00:00")
+
+
+# --- the error rules, example by example ------------------------------------------------------
+# The properties above compare whole runs with each other; these pin what one plan holds.
+def _at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _plan_error_event(*errors: dict[str, Any], snapshot: Snapshot | None = None,
+                      event_id: str = "x1", delivered: int = T0) -> Any:
+    return plan(snapshot or Snapshot(vehicle_id=VEHICLE),
+                error_event(event_id, *errors, delivered=delivered))
+
+
+class TestOneErrorEvent:
+    def test_an_error_opens_with_its_times_count_details_and_event(self) -> None:
+        result = _plan_error_event(error("T", "C", description="d", signals=("s1", "s2")),
+                                   delivered=T0 + 5000)
+        (record,) = result.errors.values()
+        assert record.state == ErrorState(
+            type="T", code="C", state=OPEN, first_seen=_at(T0 + 5000),
+            last_seen=_at(T0 + 5000), count=1, description="d",
+            resolution_type="CONTACT_SUPPORT", signals=("s1", "s2"), event_id="x1")
+        assert record.last_error is not None and record.last_resolved is None
+        assert record.last_error.key() == (_at(T0 + 5000), "x1")
+        assert result.errors_opened == (record.state,) and result.errors_resolved == ()
+        assert result.updated_at == _at(T0 + 5000) and result.marks_errors
+
+    def test_an_error_without_a_code_is_keyed_by_an_empty_code(self) -> None:
+        # The key both backends store an error under (SQLite's `code` column, the table's
+        # RowKey): rows already written hold "" for an error without a code.
+        event = error_event("x1", error("T", None))
+        assert error_keys_of(event) == [("T", "")]
+        assert list(plan(Snapshot(vehicle_id=VEHICLE), event).errors) == [("T", "")]
+
+    def test_a_repeated_entry_counts_once(self) -> None:
+        result = _plan_error_event(error("T", "C"), error("T", "C"))
+        assert result.errors[("T", "C")].state.count == 1
+
+    def test_error_then_resolved_in_one_event_keeps_both_observations(self) -> None:
+        result = _plan_error_event(error("T", "C"), error("T", "C", state="RESOLVED"))
+        record = result.errors[("T", "C")]
+        assert record.last_error is not None and record.last_resolved is not None
+        assert (record.state.state, record.state.count) == (RESOLVED, 1)
+        assert record.state.first_seen == record.state.last_seen == _at(T0)
+        assert record.state.resolved_at == _at(T0)
+        assert result.errors_opened == () and result.errors_resolved == (record.state,)
+
+    def test_a_resolved_alone_neither_counts_nor_sets_the_error_times(self) -> None:
+        record = _plan_error_event(error("T", "C", state="RESOLVED")).errors[("T", "C")]
+        assert (record.state.state, record.state.count) == (RESOLVED, 0)
+        assert (record.state.first_seen, record.state.last_seen) == (None, None)
+        assert record.last_error is None
+
+    @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+    def test_entries_of_one_event_that_differ_only_in_detail_agree_in_any_order(
+        self, order: tuple[int, int]
+    ) -> None:
+        # The tie-break on content makes the stored details independent of payload order.
+        pairs = [
+            (error("T", "C", description="first"), error("T", "C", description="second")),
+            (error("T", "C", signals=("s1",)), error("T", "C", signals=("s2",))),
+        ]
+        for pair in pairs:
+            expected = _plan_error_event(*pair).errors[("T", "C")].state
+            flipped = _plan_error_event(*(pair[i] for i in order)).errors[("T", "C")].state
+            assert flipped == expected
+
+    def test_bad_entries_are_skipped_with_their_code_and_the_rest_kept(self) -> None:
+        long = "x" * (MAX_CODE_CHARS + 1)
+        result = _plan_error_event(
+            error(None, "no-type"),  # type: ignore[arg-type]
+            error("T", "bad-state", state="PENDING"),
+            error(long, "long-type"),
+            error("T", long),
+            error("T", "C"),
+        )
+        assert result.skipped == tuple(
+            SkippedSignal(code=c, reason=BAD_ERROR)
+            for c in ("no-type", "bad-state", "long-type", long))
+        assert list(result.errors) == [("T", "C")]
+
+    def test_a_type_and_a_code_of_the_longest_length_are_kept(self) -> None:
+        longest = "x" * MAX_CODE_CHARS
+        result = _plan_error_event(error(longest, longest))
+        assert list(result.errors) == [(longest, longest)] and result.skipped == ()
+
+    def test_only_bad_entries_write_nothing_but_the_applied_mark(self) -> None:
+        later = _at(T0 + 3_600_000)
+        result = _plan_error_event(error("T", "C", state="PENDING"),
+                                   snapshot=Snapshot(vehicle_id=VEHICLE, updated_at=later))
+        assert result.errors == {} and result.updated_at == later and result.marks_errors
+        assert _plan_error_event(error("T", "C", state="PENDING")).updated_at is None
+
+
+class TestErrorEventOverStoredState:
+    def test_the_vehicles_updated_at_only_moves_forward(self) -> None:
+        later = _at(T0 + 3_600_000)
+        stored = Snapshot(vehicle_id=VEHICLE, updated_at=later)
+        assert _plan_error_event(error("T", "C"), snapshot=stored).updated_at == later
+        earlier = Snapshot(vehicle_id=VEHICLE, updated_at=_at(T0 - 1000))
+        assert _plan_error_event(error("T", "C"), snapshot=earlier).updated_at == _at(T0)
+
+    def test_an_event_whose_errors_were_applied_writes_nothing_and_reports_its_skips(
+        self
+    ) -> None:
+        stored = Snapshot(vehicle_id=VEHICLE, errors_applied=True, updated_at=_at(T0))
+        result = _plan_error_event(error("T", "C"), error("T", "x", state="PENDING"),
+                                   snapshot=stored)
+        assert result == Plan(skipped=(SkippedSignal(code="x", reason=BAD_ERROR),),
+                              updated_at=_at(T0))
+
+    def test_a_stored_error_counts_on_and_keeps_its_first_sighting(self) -> None:
+        first = _plan_error_event(error("T", "C"), event_id="x1", delivered=T0)
+        stored = Snapshot(vehicle_id=VEHICLE, errors=first.errors)
+        second = _plan_error_event(error("T", "C"), snapshot=stored, event_id="x2",
+                                   delivered=T0 + 60_000)
+        state = second.errors[("T", "C")].state
+        assert (state.count, state.first_seen, state.last_seen) == (2, _at(T0), _at(T0 + 60_000))
+        # An earlier delivery arriving last moves neither the last sighting nor the first.
+        third = _plan_error_event(error("T", "C"), snapshot=Snapshot(
+            vehicle_id=VEHICLE, errors=second.errors), event_id="x0", delivered=T0 + 30_000)
+        state = third.errors[("T", "C")].state
+        assert (state.count, state.first_seen, state.last_seen) == (3, _at(T0), _at(T0 + 60_000))
+        assert third.errors[("T", "C")].last_error == second.errors[("T", "C")].last_error
+
+    def test_resolving_is_reported_once(self) -> None:
+        opened = _plan_error_event(error("T", "C"), event_id="x1", delivered=T0)
+        resolved = _plan_error_event(error("T", "C", state="RESOLVED"), snapshot=Snapshot(
+            vehicle_id=VEHICLE, errors=opened.errors), event_id="x2", delivered=T0 + 600_000)
+        assert [s.state for s in resolved.errors_resolved] == [RESOLVED]
+        again = _plan_error_event(error("T", "C", state="RESOLVED"), snapshot=Snapshot(
+            vehicle_id=VEHICLE, errors=resolved.errors), event_id="x3", delivered=T0 + 700_000)
+        assert again.errors[("T", "C")].state.state == RESOLVED
+        assert again.errors_resolved == () and again.errors_opened == ()
+        assert again.errors[("T", "C")].state.resolved_at == _at(T0 + 700_000)
