@@ -25,9 +25,12 @@ from shared.vehicle_state.rules import (
     _SURELY_FITTING_TEXT,
     BAD_ERROR,
     MAX_CODE_CHARS,
+    MAX_ERROR_SIGNALS,
+    MAX_TEXT_CHARS,
     MAX_VALUE_CHARS,
     OPEN,
     RESOLVED,
+    RETRY_ALLOWANCE,
     ErrorRecord,
     Plan,
     Snapshot,
@@ -411,3 +414,60 @@ class TestErrorEventOverStoredState:
         assert again.errors[("T", "C")].state.state == RESOLVED
         assert again.errors_resolved == () and again.errors_opened == ()
         assert again.errors[("T", "C")].state.resolved_at == _at(T0 + 700_000)
+
+
+class TestErrorDetails:
+    def _state(self, entry: dict[str, Any]) -> ErrorState:
+        return _plan_error_event(entry).errors[(entry["type"], entry["code"] or "")].state
+
+    def test_signals_are_named_by_code_else_by_path_else_left_empty(self) -> None:
+        entry = error("T", "C")
+        entry["signals"] = [{"code": "c1"}, {"group": "TractionBattery", "name": "Range"},
+                            {"name": "OnlyAName"}]
+        assert self._state(entry).signals == ("c1", "TractionBattery.Range", "")
+
+    def test_description_signals_and_codes_are_cut_to_their_bounds(self) -> None:
+        entry = error("T", "C", description="d" * (MAX_TEXT_CHARS + 10))
+        entry["signals"] = [{"code": "s" * (MAX_CODE_CHARS + 10)}] + [
+            {"code": f"c{i}"} for i in range(MAX_ERROR_SIGNALS + 10)]
+        state = self._state(entry)
+        assert state.description == "d" * MAX_TEXT_CHARS
+        assert len(state.signals) == MAX_ERROR_SIGNALS
+        assert state.signals[0] == "s" * MAX_CODE_CHARS
+        assert state.signals[-1] == f"c{MAX_ERROR_SIGNALS - 2}"
+
+    def test_no_description_and_no_resolution_are_none(self) -> None:
+        entry = error("T", "C")
+        del entry["description"], entry["resolution"]
+        state = self._state(entry)
+        assert (state.description, state.resolution_type) == (None, None)
+        entry["description"] = ""
+        assert self._state(entry).description is None
+
+    def test_a_later_observation_replaces_the_details_an_earlier_one_does_not(self) -> None:
+        first = _plan_error_event(error("T", "C", description="old"), event_id="x1",
+                                  delivered=T0)
+        later = _plan_error_event(error("T", "C", description="new", signals=()),
+                                  snapshot=Snapshot(vehicle_id=VEHICLE, errors=first.errors),
+                                  event_id="x2", delivered=T0 + 1000)
+        state = later.errors[("T", "C")].state
+        assert (state.description, state.signals, state.event_id) == ("new", (), "x2")
+        earlier = _plan_error_event(error("T", "C", description="older"),
+                                    snapshot=Snapshot(vehicle_id=VEHICLE, errors=later.errors),
+                                    event_id="x0", delivered=T0 - 1000)
+        assert earlier.errors[("T", "C")].state.description == "new"
+        assert earlier.errors[("T", "C")].state.event_id == "x2"
+
+    def test_a_resolved_exactly_the_retry_allowance_before_the_error_closes_it(self) -> None:
+        allowance_ms = int(RETRY_ALLOWANCE.total_seconds() * 1000)
+        opened = _plan_error_event(error("T", "C"), event_id="x1", delivered=T0 + allowance_ms)
+        stored = Snapshot(vehicle_id=VEHICLE, errors=opened.errors)
+        closed = _plan_error_event(error("T", "C", state="RESOLVED"), snapshot=stored,
+                                   event_id="r1", delivered=T0)
+        state = closed.errors[("T", "C")].state
+        assert (state.state, state.resolved_at) == (RESOLVED, _at(T0))
+        still_open = _plan_error_event(error("T", "C", state="RESOLVED"), snapshot=stored,
+                                       event_id="r0", delivered=T0 - 1)
+        state = still_open.errors[("T", "C")].state
+        assert (state.state, state.resolved_at) == (OPEN, None)
+        assert still_open.errors_opened == (state,)
