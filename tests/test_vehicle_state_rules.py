@@ -12,6 +12,7 @@ import asyncio
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.events import Event, Signal, parse_event
-from shared.vehicle_state import ErrorState, SignalState, SkippedSignal
+from shared.vehicle_state import ErrorState, SignalChange, SignalState, SkippedSignal
 from shared.vehicle_state.codec import signal_row
 from shared.vehicle_state.rules import (
     _SURELY_FITTING_TEXT,
@@ -28,9 +29,13 @@ from shared.vehicle_state.rules import (
     MAX_ERROR_SIGNALS,
     MAX_TEXT_CHARS,
     MAX_VALUE_CHARS,
+    MIN_OEM_UPDATED_AT,
+    NO_CODE,
     OPEN,
     RESOLVED,
     RETRY_ALLOWANCE,
+    TOO_LARGE,
+    UNDATED,
     ErrorRecord,
     Plan,
     Snapshot,
@@ -42,7 +47,7 @@ from shared.vehicle_state.rules import (
     value_fits,
 )
 
-from .vehicle_events import T0, VEHICLE, error, error_event
+from .vehicle_events import SOC, T0, VEHICLE, error, error_event, signal, state_event
 
 
 class MemoryStore:
@@ -418,7 +423,8 @@ class TestErrorEventOverStoredState:
 
 class TestErrorDetails:
     def _state(self, entry: dict[str, Any]) -> ErrorState:
-        return _plan_error_event(entry).errors[(entry["type"], entry["code"] or "")].state
+        record: ErrorRecord = _plan_error_event(entry).errors[(entry["type"], entry["code"])]
+        return record.state
 
     def test_signals_are_named_by_code_else_by_path_else_left_empty(self) -> None:
         entry = error("T", "C")
@@ -471,3 +477,138 @@ class TestErrorDetails:
         state = still_open.errors[("T", "C")].state
         assert (state.state, state.resolved_at) == (OPEN, None)
         assert still_open.errors_opened == (state,)
+
+
+# --- the signal rules, example by example -----------------------------------------------------
+def _plan_state_event(*signals: dict[str, Any], snapshot: Snapshot | None = None,
+                      event_id: str = "s1") -> Any:
+    return plan(snapshot or Snapshot(vehicle_id=VEHICLE), state_event(event_id, *signals))
+
+
+class TestOneStateEvent:
+    def test_a_reading_is_stored_whole_and_reported_as_a_change(self) -> None:
+        result = _plan_state_event(signal(SOC, 81, oem=T0, retrieved=T0 + 500),
+                                   snapshot=Snapshot(vehicle_id=VEHICLE,
+                                                     updated_at=_at(T0 - 1000)))
+        expected = SignalState(code=SOC, path="TractionBattery.StateOfCharge", value=81,
+                               unit="percent", oem_updated_at=_at(T0),
+                               retrieved_at=_at(T0 + 500), event_id="s1")
+        assert result.signals == {SOC: expected}
+        assert result.changes == (SignalChange(vehicle_id=VEHICLE, code=SOC,
+                                               path=expected.path, previous=None,
+                                               current=expected),)
+        assert (result.stale, result.skipped, result.updated_at) == ((), (), _at(T0))
+        assert not result.marks_errors
+
+    def test_a_failed_signal_keeps_its_error_and_no_value(self) -> None:
+        result = _plan_state_event(signal(SOC, error=("COMPATIBILITY", "NOT_CAPABLE")))
+        state = result.signals[SOC]
+        assert (state.status, state.value, state.unit) == ("error", None, None)
+        assert (state.error_type, state.error_code) == ("COMPATIBILITY", "NOT_CAPABLE")
+
+    def test_a_value_is_stored_as_plain_lists_and_dicts(self) -> None:
+        result = _plan_state_event(signal("location-preciselocation",
+                                          {"a": [1, {"b": [2]}], "c": None}, unit=None))
+        value = result.signals["location-preciselocation"].value
+        assert value == {"a": [1, {"b": [2]}], "c": None}
+        assert type(value) is dict and type(value["a"]) is list and type(value["a"][1]) is dict
+
+    def test_a_code_is_made_from_group_and_name_when_missing(self) -> None:
+        item = signal("", 1, group="Charge", name="IsCharging")
+        del item["code"]
+        assert list(_plan_state_event(item).signals) == ["charge-ischarging"]
+
+    def test_a_signal_without_any_code_or_with_an_overlong_one_is_skipped(self) -> None:
+        no_code = {"body": {"value": 1}, "meta": {"oemUpdatedAt": T0}}
+        only_name = {"name": "IsCharging", "body": {"value": 1}}
+        too_long = signal("x" * (MAX_CODE_CHARS + 1), 1)
+        longest = signal("y" * MAX_CODE_CHARS, 1)
+        result = _plan_state_event(no_code, only_name, too_long, longest)
+        assert result.skipped == (SkippedSignal(code=None, reason=NO_CODE),
+                                  SkippedSignal(code=None, reason=NO_CODE),
+                                  SkippedSignal(code="x" * (MAX_CODE_CHARS + 1), reason=NO_CODE))
+        assert list(result.signals) == ["y" * MAX_CODE_CHARS]
+
+    def test_a_value_too_large_is_skipped_but_a_failed_signal_never_is(self) -> None:
+        big = "v" * MAX_VALUE_CHARS
+        result = _plan_state_event(signal("charge-big", big),
+                                   signal("charge-failed", big, error=("T", "C")))
+        assert result.skipped == (SkippedSignal(code="charge-big", reason=TOO_LARGE),)
+        assert list(result.signals) == ["charge-failed"]
+
+    @pytest.mark.parametrize(("oem", "retrieved", "usable"), [
+        (None, None, False),
+        (int(MIN_OEM_UPDATED_AT.timestamp() * 1000) - 1, None, False),
+        (int(MIN_OEM_UPDATED_AT.timestamp() * 1000), None, True),
+        (T0 + 86_400_000 + 1, T0, False),  # more than a day after its own retrieval
+        (T0 + 86_400_000, T0, True),
+        (T0 + 86_400_000 + 1, None, True),  # no retrievedAt to compare with
+    ])
+    def test_an_unusable_oem_updated_at_is_recorded_as_undated(
+        self, oem: int | None, retrieved: int | None, usable: bool
+    ) -> None:
+        result = _plan_state_event(signal(SOC, 1, oem=oem, retrieved=retrieved))
+        state = result.signals[SOC]
+        assert (state.oem_updated_at is not None) == usable
+        assert result.skipped == (() if usable else (SkippedSignal(code=SOC, reason=UNDATED),))
+        assert result.updated_at == (state.oem_updated_at if usable else None)
+
+    def test_of_two_readings_in_one_event_the_newer_is_kept_in_either_order(self) -> None:
+        old, new = signal(SOC, 1, oem=T0), signal(SOC, 2, oem=T0 + 1000)
+        for pair in ((old, new), (new, old)):
+            result = _plan_state_event(*pair)
+            assert result.signals[SOC].value == 2 and result.stale == (SOC,)
+            assert len(result.changes) == 1
+
+    def test_the_latest_reading_time_of_the_event_is_the_vehicles_updated_at(self) -> None:
+        result = _plan_state_event(signal(SOC, 1, oem=T0 + 5000), signal("charge-x", 1, oem=T0),
+                                   signal("charge-y", 1, oem=None))
+        assert result.updated_at == _at(T0 + 5000)
+
+
+class TestStateEventOverStoredState:
+    def test_an_older_or_equal_reading_is_stale_and_a_newer_replaces_it(self) -> None:
+        stored = _plan_state_event(signal(SOC, 1, oem=T0)).signals
+        snapshot = Snapshot(vehicle_id=VEHICLE, signals=stored, updated_at=_at(T0))
+        older = _plan_state_event(signal(SOC, 0, oem=T0 - 1000), snapshot=snapshot,
+                                  event_id="s0")
+        assert (older.signals, older.changes, older.stale) == ({}, (), (SOC,))
+        assert older.updated_at == _at(T0)
+        same = _plan_state_event(signal(SOC, 1, oem=T0), snapshot=snapshot)
+        assert (same.signals, same.stale) == ({}, (SOC,))
+        newer = _plan_state_event(signal(SOC, 2, oem=T0 + 1000), snapshot=snapshot,
+                                  event_id="s2")
+        (change,) = newer.changes
+        assert change.previous == stored[SOC] and change.current == newer.signals[SOC]
+        assert newer.stale == () and newer.updated_at == _at(T0 + 1000)
+
+    def test_a_stored_updated_at_later_than_the_reading_stays(self) -> None:
+        later = Snapshot(vehicle_id=VEHICLE, updated_at=_at(T0 + 9000))
+        assert _plan_state_event(signal(SOC, 1, oem=T0), snapshot=later).updated_at == (
+            _at(T0 + 9000))
+
+
+class TestWhatIsStored:
+    @pytest.mark.parametrize("body", [
+        {"eventId": "e", "eventType": "VEHICLE_STATE",  # no vehicleId
+         "data": {"signals": [{"code": SOC, "body": {"value": 1}}]}},
+        {"eventId": "e", "eventType": "VEHICLE_COMMAND", "vehicleId": VEHICLE},
+    ])
+    def test_an_event_without_a_vehicle_or_of_another_type_writes_nothing(
+        self, body: dict[str, Any]
+    ) -> None:
+        event = parse_event(json.dumps(body))
+        stored = Snapshot(vehicle_id=VEHICLE, updated_at=_at(T0))
+        assert plan(stored, event) == Plan(updated_at=_at(T0))
+
+    def test_an_event_names_only_its_own_kind_of_keys(self) -> None:
+        state = state_event("s1", signal(SOC, 1), signal(SOC, 2), signal("charge-x", 1))
+        errors = error_event("x1", error("T", "C"), error("T", "C"), error("A", None),
+                             error("T", "bad", state="PENDING"))
+        assert (codes_of(state), error_keys_of(state)) == (["charge-x", SOC], [])
+        assert (codes_of(errors), error_keys_of(errors)) == ([], [("A", ""), ("T", "C")])
+
+    def test_canonical_json_sorts_keys_and_reads_integers_beyond_64_bits(self) -> None:
+        assert canonical_json({"b": [1, "é"], "a": None}) == '{"a":null,"b":[1,"é"]}'
+        assert canonical_json({"b": 2**70, "a": "é", "c": MappingProxyType({"y": 1, "x": 2})}) == (
+            '{"a":"é","b":1180591620717411303424,"c":{"x":2,"y":1}}')
