@@ -78,6 +78,18 @@ class TestShapes:
         assert shape_of(iso).id != shape_of(STATE).id
         assert shape_of(iso).known and shape_of(iso).delivered_at_type == "string"
 
+    def test_the_id_of_a_shape_is_the_same_from_release_to_release(self) -> None:
+        # payload_shapes.kql tells since when a shapeId is seen, across instances and deploys:
+        # a change to how the id is computed would make every known shape look new.
+        assert shape_of(STATE).id == "69756b4c9afa"
+        assert fingerprint(b"{}").id == "b1f1c15ab445"  # no eventType, version or keys
+
+    def test_the_event_type_changes_the_id(self) -> None:
+        state = shape_of(STATE)
+        other_type = copy.deepcopy(STATE)
+        other_type["eventType"] = "VEHICLE_ERROR"
+        assert shape_of(other_type).id != state.id
+
     def test_where_triggers_sit_is_part_of_the_shape(self) -> None:
         nested = shape_of(STATE)
         top = shape_of(fixture_json("vehicle_state_top_level_triggers.json"))
@@ -96,6 +108,10 @@ class TestShapes:
             (lambda e: e["data"]["signals"][0].update(code="batterypack-health"),
              "signal codes ['batterypack-health']"),
             (lambda e: e.update(eventType="VEHICLE_COMMAND"), "eventType 'VEHICLE_COMMAND'"),
+            (lambda e: e.update(triggers=e["data"]["triggers"]), "triggers at both"),
+            (lambda e: e["meta"].update(deliveredAt=True), "meta.deliveredAt is boolean"),
+            (lambda e: e["meta"].update(deliveredAt=[1]), "meta.deliveredAt is array"),
+            (lambda e: e["meta"].update(deliveredAt={}), "meta.deliveredAt is object"),
         ],
     )
     def test_each_part_the_project_does_not_read_makes_the_shape_unknown(

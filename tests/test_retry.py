@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from azure.servicebus import ServiceBusMessage
 
 from shared.cli.ops import replay_properties
 from shared.local.queue import LocalQueue
 from shared.retry import (
+    ServiceBusRetrySender,
     attempt_of,
     event_delivery_count,
     history_of,
@@ -105,3 +108,25 @@ class TestReplay:
             assert replayed is not None
             assert dict(replayed.application_properties) == {
                 "eventId": "e1", "replayedFrom": str(qm.sequence_number), "replayCount": "1"}
+
+
+class TestServiceBusSender:
+    def test_the_copy_is_sent_as_a_scheduled_json_message_with_its_id_and_properties(
+        self
+    ) -> None:
+        sent: list[ServiceBusMessage] = []
+
+        async def send(message: ServiceBusMessage) -> None:
+            sent.append(message)
+
+        copy = retry_copy(b'{"eventId": "e1"}', {"eventId": "e1"}, event_key="e1",
+                          error=KeyError(), now=1000.0, base=2, maximum=10)
+        asyncio.run(ServiceBusRetrySender(send).schedule(copy))
+        (message,) = sent
+        assert b"".join(message.body) == b'{"eventId": "e1"}'
+        assert message.message_id == "e1:retry:2"
+        assert message.content_type == "application/json"  # as the receiver sends originals
+        assert message.scheduled_enqueue_time_utc == datetime.fromtimestamp(1002.0, UTC)
+        assert message.application_properties is not None
+        assert {k: v for k, v in message.application_properties.items()} == (
+            copy.application_properties)
