@@ -612,3 +612,23 @@ class TestWhatIsStored:
         assert canonical_json({"b": [1, "é"], "a": None}) == '{"a":null,"b":[1,"é"]}'
         assert canonical_json({"b": 2**70, "a": "é", "c": MappingProxyType({"y": 1, "x": 2})}) == (
             '{"a":"é","b":1180591620717411303424,"c":{"x":2,"y":1}}')
+
+
+class TestRanking:
+    def test_an_undated_reading_never_replaces_a_dated_one_and_yields_to_any(self) -> None:
+        dated = _plan_state_event(signal(SOC, 1, oem=T0), event_id="s1").signals
+        undated = _plan_state_event(signal(SOC, 2, oem=None), event_id="s9",
+                                    snapshot=Snapshot(vehicle_id=VEHICLE, signals=dated))
+        assert (undated.signals, undated.stale) == ({}, (SOC,))
+        first = _plan_state_event(signal(SOC, 2, oem=None), event_id="s9").signals
+        replaced = _plan_state_event(signal(SOC, 1, oem=T0), event_id="s1",
+                                     snapshot=Snapshot(vehicle_id=VEHICLE, signals=first))
+        assert replaced.signals[SOC].value == 1
+
+    def test_a_full_tie_goes_to_the_greater_content_in_either_order(self) -> None:
+        # Two readings of one signal in one event, same times: only the content tells them
+        # apart, and the result must not depend on their order in the payload.
+        low, high = signal(SOC, 10, oem=T0), signal(SOC, 9, oem=T0, unit="km")
+        kept = {_plan_state_event(*pair).signals[SOC].value for pair in ((low, high),
+                                                                          (high, low))}
+        assert len(kept) == 1
