@@ -123,6 +123,30 @@ class TestShapes:
         assert shape.unknown_parts() == [part]
         assert not shape.known
 
+    @pytest.mark.parametrize(("version", "seen"), [
+        ("x" * 16, "x" * 16),
+        ("x" * 17, "<string>"),  # longer than a version: not written into the log line
+        ("4.0\n", "<string>"),  # not printable
+        (4, "<number>"),
+        (None, "<null>"),
+    ])
+    def test_a_version_is_written_as_it_is_only_when_short_and_printable(
+        self, version: Any, seen: str
+    ) -> None:
+        event = copy.deepcopy(STATE)
+        event["meta"]["version"] = version
+        assert shape_of(event).version == seen
+
+    def test_signal_codes_at_the_top_level_are_classified_too(self) -> None:
+        event = copy.deepcopy(STATE)
+        del event["data"]["signals"]
+        event["signals"] = [{"code": "batterypack-health", "body": {"value": 1}}]
+        assert shape_of(event).new_signal_codes == ("batterypack-health",)
+
+    def test_a_lone_surrogate_in_the_event_type_still_gives_a_shape(self) -> None:
+        shape = fingerprint(b'{"eventType": "\\ud800", "meta": {}}')
+        assert shape is not None and shape.event_type == "\ud800" and len(shape.id) == 12
+
     def test_a_test_mode_delivery_without_version_is_known(self) -> None:
         event = copy.deepcopy(STATE)
         del event["meta"]["version"], event["meta"]["webhookId"]

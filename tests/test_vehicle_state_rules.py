@@ -43,6 +43,7 @@ from shared.vehicle_state.rules import (
     codes_of,
     error_keys_of,
     plan,
+    reading,
     signal_rank,
     value_fits,
 )
@@ -632,3 +633,23 @@ class TestRanking:
         kept = {_plan_state_event(*pair).signals[SOC].value for pair in ((low, high),
                                                                           (high, low))}
         assert len(kept) == 1
+
+
+class TestReadings:
+    def test_a_failed_signal_keeps_no_value_and_an_ok_one_no_error(self) -> None:
+        failed = signal(SOC, error=("T", "C"))
+        failed["body"] = {"value": 5, "unit": "percent"}  # sent alongside the error
+        ok = signal("charge-x", 1)
+        ok["status"] = {"value": "OK", "error": {"type": "T", "code": "C"}}
+        result = _plan_state_event(failed, ok)
+        assert (result.signals[SOC].value, result.signals[SOC].unit) == (None, None)
+        assert (result.signals[SOC].error_type, result.signals[SOC].error_code) == ("T", "C")
+        state = result.signals["charge-x"]
+        assert (state.status, state.value, state.error_type, state.error_code) == (
+            "ok", 1, None, None)
+
+    def test_a_reading_without_a_given_code_is_keyed_by_its_signal_code(self) -> None:
+        named = Signal(group="Charge", name="IsCharging", value=True)
+        assert reading(named, "e1").code == "charge-ischarging"
+        assert reading(Signal(code="c", value=1), "e1").code == "c"
+        assert reading(Signal(value=1), "e1").code == ""
