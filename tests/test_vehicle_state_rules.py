@@ -45,6 +45,7 @@ from shared.vehicle_state.rules import (
     plan,
     reading,
     signal_rank,
+    thawed,
     value_fits,
 )
 
@@ -653,3 +654,21 @@ class TestReadings:
         assert reading(named, "e1").code == "charge-ischarging"
         assert reading(Signal(code="c", value=1), "e1").code == "c"
         assert reading(Signal(value=1), "e1").code == ""
+
+
+class TestValueBounds:
+    def test_a_value_of_exactly_the_largest_size_fits_and_one_more_does_not(self) -> None:
+        exact = "a" * (MAX_VALUE_CHARS - 2)  # plus its two quotes
+        assert value_fits(Signal(code="c", value=exact))
+        assert not value_fits(Signal(code="c", value=exact + "a"))
+
+    def test_a_short_list_of_long_strings_is_measured(self) -> None:
+        value = ["x" * 1000] * 100  # 100 items, over 100 KB of JSON
+        assert not value_fits(Signal(code="c", value=value))
+
+    def test_a_frozen_mapping_is_spelled_as_the_same_plain_object(self) -> None:
+        # One spelling per value: an event's read-only mapping, and its float, as a dict's.
+        # (orjson writes 1e-7 where the standard library writes 1e-07.)
+        frozen = MappingProxyType({"x": 1e-7, "y": [MappingProxyType({"z": 0.1})]})
+        assert canonical_json(frozen) == canonical_json(thawed(frozen)) == (
+            '{"x":1e-7,"y":[{"z":0.1}]}')
