@@ -100,9 +100,11 @@ clean:
 	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache test-artifacts mutants
 
 # Mutation testing (not part of `make test`): JSON lines on stdout, see docs/testing.md.
+# MUTATE_MODULES="shared.retry shared.shapes" limits a run to those modules of only_mutate.
 MUTATE_JOBS ?= 3
+MUTATE_MODULES ?=
 mutate: $(DEV_STAMP)
-	$(PY) -m mutation --jobs $(MUTATE_JOBS)
+	$(PY) -m mutation --jobs $(MUTATE_JOBS) $(foreach m,$(MUTATE_MODULES),--module $(m))
 
 # The worker's resident memory, CPU and telemetry bytes per event under load, as deployed
 # (docs/cost.md is built on it): one JSON document.

@@ -5,7 +5,8 @@ equivalents; stdout has only the JSON lines. The exit status is 1 when a module 
 target score. `--summary-only` re-reads the results of the last run in mutants/ without running.
 
 What is mutated: the files `[tool.mutmut] only_mutate` names (pyproject.toml), every function,
-except where SCOPE narrows a module to some of its functions.
+except where SCOPE narrows a module to some of its functions. `--module` (repeatable) limits a run
+and its summary to some of those modules, e.g. after adding a module, without re-running the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from .summary import load_equivalents, module_name, mutant_glob, mutated_paths, summarise
@@ -54,9 +56,22 @@ SCOPE = {
 }
 
 
-def globs() -> list[str]:
+def paths(modules: Sequence[str] = ()) -> list[str]:
+    """The mutated files, or those of `modules` (dotted names) only."""
+    every = mutated_paths(ROOT / "pyproject.toml")
+    if not modules:
+        return every
+    unknown = sorted(set(modules) - {module_name(p) for p in every})
+    if unknown:
+        raise SystemExit(f"--module {', '.join(unknown)}: not in [tool.mutmut] only_mutate "
+                         f"(pyproject.toml); expected one of "
+                         f"{', '.join(module_name(p) for p in every)}")
+    return [p for p in every if module_name(p) in modules]
+
+
+def globs(modules: Sequence[str] = ()) -> list[str]:
     result = []
-    for path in mutated_paths(ROOT / "pyproject.toml"):
+    for path in paths(modules):
         module = module_name(path)
         functions = SCOPE.get(module)
         if functions is None:
@@ -66,7 +81,7 @@ def globs() -> list[str]:
     return result
 
 
-def run_mutmut(jobs: int) -> None:
+def run_mutmut(jobs: int, modules: Sequence[str]) -> None:
     # A fresh run: mutmut would otherwise keep earlier verdicts for unchanged functions, and a
     # score must reflect today's tests.
     shutil.rmtree(ROOT / "mutants", ignore_errors=True)
@@ -77,7 +92,7 @@ def run_mutmut(jobs: int) -> None:
         # on a busy disk would otherwise dominate each mutant's run.
         env["TMPDIR"] = "/dev/shm"  # noqa: S108
     subprocess.run(  # noqa: S603 - our own interpreter and fixed arguments
-        [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *globs()],
+        [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *globs(modules)],
         cwd=ROOT, stdout=sys.stderr, check=True, env=env,
     )
     print(f"mutmut run took {time.monotonic() - started:.0f}s with {jobs} workers",
@@ -89,11 +104,14 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=3, help="mutants tested in parallel")
     parser.add_argument("--summary-only", action="store_true",
                         help="summarise the last run in mutants/ without running mutmut")
+    parser.add_argument("--module", action="append", default=[], metavar="NAME",
+                        help="only this module of only_mutate, e.g. shared.retry (repeatable)")
     args = parser.parse_args()
+    paths(args.module)  # an unknown name stops here, before a run
     if not args.summary_only:
-        run_mutmut(args.jobs)
+        run_mutmut(args.jobs, args.module)
     equivalents = load_equivalents(EQUIVALENTS)
-    scores = summarise(ROOT, mutated_paths(ROOT / "pyproject.toml"), equivalents, globs())
+    scores = summarise(ROOT, paths(args.module), equivalents, globs(args.module))
     below = []
     for score in scores:
         print(json.dumps(score.line()), flush=True)

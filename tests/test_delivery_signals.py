@@ -78,6 +78,18 @@ class TestShapes:
         assert shape_of(iso).id != shape_of(STATE).id
         assert shape_of(iso).known and shape_of(iso).delivered_at_type == "string"
 
+    def test_the_id_of_a_shape_is_the_same_from_release_to_release(self) -> None:
+        # payload_shapes.kql tells since when a shapeId is seen, across instances and deploys:
+        # a change to how the id is computed would make every known shape look new.
+        assert shape_of(STATE).id == "69756b4c9afa"
+        assert fingerprint(b"{}").id == "b1f1c15ab445"  # no eventType, version or keys
+
+    def test_the_event_type_changes_the_id(self) -> None:
+        state = shape_of(STATE)
+        other_type = copy.deepcopy(STATE)
+        other_type["eventType"] = "VEHICLE_ERROR"
+        assert shape_of(other_type).id != state.id
+
     def test_where_triggers_sit_is_part_of_the_shape(self) -> None:
         nested = shape_of(STATE)
         top = shape_of(fixture_json("vehicle_state_top_level_triggers.json"))
@@ -96,6 +108,10 @@ class TestShapes:
             (lambda e: e["data"]["signals"][0].update(code="batterypack-health"),
              "signal codes ['batterypack-health']"),
             (lambda e: e.update(eventType="VEHICLE_COMMAND"), "eventType 'VEHICLE_COMMAND'"),
+            (lambda e: e.update(triggers=e["data"]["triggers"]), "triggers at both"),
+            (lambda e: e["meta"].update(deliveredAt=True), "meta.deliveredAt is boolean"),
+            (lambda e: e["meta"].update(deliveredAt=[1]), "meta.deliveredAt is array"),
+            (lambda e: e["meta"].update(deliveredAt={}), "meta.deliveredAt is object"),
         ],
     )
     def test_each_part_the_project_does_not_read_makes_the_shape_unknown(
@@ -106,6 +122,30 @@ class TestShapes:
         shape = shape_of(event)
         assert shape.unknown_parts() == [part]
         assert not shape.known
+
+    @pytest.mark.parametrize(("version", "seen"), [
+        ("x" * 16, "x" * 16),
+        ("x" * 17, "<string>"),  # longer than a version: not written into the log line
+        ("4.0\n", "<string>"),  # not printable
+        (4, "<number>"),
+        (None, "<null>"),
+    ])
+    def test_a_version_is_written_as_it_is_only_when_short_and_printable(
+        self, version: Any, seen: str
+    ) -> None:
+        event = copy.deepcopy(STATE)
+        event["meta"]["version"] = version
+        assert shape_of(event).version == seen
+
+    def test_signal_codes_at_the_top_level_are_classified_too(self) -> None:
+        event = copy.deepcopy(STATE)
+        del event["data"]["signals"]
+        event["signals"] = [{"code": "batterypack-health", "body": {"value": 1}}]
+        assert shape_of(event).new_signal_codes == ("batterypack-health",)
+
+    def test_a_lone_surrogate_in_the_event_type_still_gives_a_shape(self) -> None:
+        shape = fingerprint(b'{"eventType": "\\ud800", "meta": {}}')
+        assert shape is not None and shape.event_type == "\ud800" and len(shape.id) == 12
 
     def test_a_test_mode_delivery_without_version_is_known(self) -> None:
         event = copy.deepcopy(STATE)
@@ -127,6 +167,33 @@ class TestShapes:
         assert "x\\u001b[31m\\n" in shape.top_level_keys
         assert len(shape.meta_keys) == 64
         assert all("\x1b" not in k and "\n" not in k for k in shape.top_level_keys)
+
+    def test_the_description_names_every_part_as_the_log_line_spells_it(self) -> None:
+        event = copy.deepcopy(STATE)
+        event["meta"] = {"version": "4.0", "deliveredAt": "2024-11-18T14:32:08Z"}
+        event["data"]["signals"] = [{"code": "batterypack-health", "body": {"value": 1}}]
+        assert shape_of(event).describe() == {
+            "eventType": "VEHICLE_STATE",
+            "metaVersion": "4.0",
+            "topLevelKeys": sorted(event),
+            "metaKeys": ["deliveredAt", "version"],
+            "triggersAt": "data.triggers",
+            "signalsAt": "data.signals",
+            "deliveredAtType": "string",
+            "newSignalCodes": ["batterypack-health"],
+        }
+
+    @pytest.mark.parametrize(("literal", "kind"), [
+        (b"NaN", "number"),  # json reads it, orjson refuses it
+        (b"1e999", "number"),  # overflows to infinity: json reads it, orjson refuses it
+        (b'"\\ud800"', "string"),  # a lone surrogate escape
+    ])
+    def test_a_body_only_the_standard_library_reads_still_has_a_shape(
+        self, literal: bytes, kind: str
+    ) -> None:
+        body = b'{"eventType": "VEHICLE_STATE", "meta": {"deliveredAt": ' + literal + b"}}"
+        shape = fingerprint(body)
+        assert shape is not None and shape.delivered_at_type == kind
 
     @pytest.mark.parametrize("body", [b"[1, 2]", b"not json", b'"text"', b"\xff\xfe", b""])
     def test_not_an_object_has_no_shape(self, body: bytes) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mutation.__main__ import globs, paths
 from mutation.summary import (
     Equivalent,
     function_name,
@@ -149,3 +150,20 @@ class TestEquivalentsFile:
                         'after = "b"\nwhy = " "\n', encoding="utf-8")
         with pytest.raises(ValueError, match="why"):
             load_equivalents(path)
+
+
+class TestModuleSelection:
+    def test_every_module_by_default_and_only_the_named_ones_with_module(self) -> None:
+        every = paths()
+        assert "shared/receiver.py" in every and "shared/retry.py" in every
+        assert paths(["shared.retry", "shared.local.queue"]) == [
+            p for p in every if p in ("shared/retry.py", "shared/local/queue.py")]
+        assert globs(["shared.retry"]) == ["shared.retry.*"]
+        # A narrowed module keeps its function scope.
+        assert globs(["shared.local.queue"]) == [
+            g for g in globs() if g.startswith("shared.local.queue.")] != []
+
+    def test_a_module_that_is_not_mutated_is_refused_with_the_choices(self) -> None:
+        with pytest.raises(SystemExit, match=r"shared\.nope: not in .*only_mutate.*"
+                                              r"expected one of .*shared\.receiver"):
+            paths(["shared.nope"])

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from azure.servicebus import ServiceBusMessage
 
 from shared.cli.ops import replay_properties
 from shared.local.queue import LocalQueue
 from shared.retry import (
+    ServiceBusRetrySender,
     attempt_of,
     event_delivery_count,
     history_of,
@@ -105,3 +109,57 @@ class TestReplay:
             assert replayed is not None
             assert dict(replayed.application_properties) == {
                 "eventId": "e1", "replayedFrom": str(qm.sequence_number), "replayCount": "1"}
+
+
+class TestServiceBusSender:
+    def test_the_copy_is_sent_as_a_scheduled_json_message_with_its_id_and_properties(
+        self
+    ) -> None:
+        sent: list[ServiceBusMessage] = []
+
+        async def send(message: ServiceBusMessage) -> None:
+            sent.append(message)
+
+        copy = retry_copy(b'{"eventId": "e1"}', {"eventId": "e1"}, event_key="e1",
+                          error=KeyError(), now=1000.0, base=2, maximum=10)
+        asyncio.run(ServiceBusRetrySender(send).schedule(copy))
+        (message,) = sent
+        assert b"".join(message.body) == b'{"eventId": "e1"}'
+        assert message.message_id == "e1:retry:2"
+        assert message.content_type == "application/json"  # as the receiver sends originals
+        assert message.scheduled_enqueue_time_utc == datetime.fromtimestamp(1002.0, UTC)
+        assert message.application_properties is not None
+        assert {k: v for k, v in message.application_properties.items()} == (
+            copy.application_properties)
+
+
+class TestCopyIdBounds:
+    def test_an_id_of_exactly_128_characters_is_kept_as_it_is(self) -> None:
+        key = "e" * (128 - len(":retry:2"))
+        assert retry_copy_id(key, 2) == key + ":retry:2"
+
+    def test_a_longer_key_is_replaced_by_its_digest(self) -> None:
+        key = "e" * 121
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        assert retry_copy_id(key, 2) == f"sha256:{digest}:retry:2"
+
+    def test_a_hashed_id_of_exactly_128_characters_is_kept(self) -> None:
+        key, replay = "e" * 200, "9" * 41  # sha256:<64>:replay:<41>:retry:2 is 128 long
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        assert retry_copy_id(key, 2, replay) == f"sha256:{digest}:replay:{replay}:retry:2"
+        assert retry_copy_id(key, 2, replay + "9").startswith("sha256:")
+        assert len(retry_copy_id(key, 2, replay + "9")) == len("sha256:") + 64
+
+    def test_a_lone_surrogate_in_the_event_id_or_the_replay_count_is_hashed(self) -> None:
+        # JSON's \\ud800 escape decodes to a lone surrogate; an id must still come out.
+        key = "\ud800" * 200
+        assert retry_copy_id(key, 2) == "sha256:" + hashlib.sha256(
+            key.encode("utf-8", "surrogatepass")).hexdigest() + ":retry:2"
+        assert len(retry_copy_id("e", 2, replay="\ud800" * 200)) == len("sha256:") + 64
+
+
+def test_the_history_is_written_compactly() -> None:
+    # It travels as an application property, in the message's bounded header.
+    copy = retry_copy(b"{}", {}, event_key="e1", error=KeyError(), now=0.0, base=1, maximum=1)
+    assert copy.application_properties["attemptHistory"] == (
+        '[{"attempt":1,"failedAt":"1970-01-01T00:00:00.000+00:00","error":"KeyError"}]')

@@ -12,30 +12,44 @@ import asyncio
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shared.events import Event, Signal, parse_event
-from shared.vehicle_state import SignalState
+from shared.vehicle_state import ErrorState, SignalChange, SignalState, SkippedSignal
 from shared.vehicle_state.codec import signal_row
 from shared.vehicle_state.rules import (
     _SURELY_FITTING_TEXT,
+    BAD_ERROR,
+    MAX_CODE_CHARS,
+    MAX_ERROR_SIGNALS,
+    MAX_TEXT_CHARS,
     MAX_VALUE_CHARS,
+    MIN_OEM_UPDATED_AT,
+    NO_CODE,
     OPEN,
     RESOLVED,
+    RETRY_ALLOWANCE,
+    TOO_LARGE,
+    UNDATED,
     ErrorRecord,
+    Plan,
     Snapshot,
     canonical_json,
     codes_of,
     error_keys_of,
     plan,
+    reading,
     signal_rank,
+    thawed,
     value_fits,
 )
 
-from .vehicle_events import T0, VEHICLE
+from .vehicle_events import SOC, T0, VEHICLE, error, error_event, signal, state_event
 
 
 class MemoryStore:
@@ -271,3 +285,390 @@ def test_stored_times_keep_their_own_offset() -> None:
         "2026-01-02T04:04:05+01:00")
     assert signal_row(SignalState(code="c", oem_updated_at=utc))["oemUpdatedAt"] == (
         "2026-01-02T03:04:05+00:00")
+
+
+# --- the error rules, example by example ------------------------------------------------------
+# The properties above compare whole runs with each other; these pin what one plan holds.
+def _at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _plan_error_event(*errors: dict[str, Any], snapshot: Snapshot | None = None,
+                      event_id: str = "x1", delivered: int = T0) -> Any:
+    return plan(snapshot or Snapshot(vehicle_id=VEHICLE),
+                error_event(event_id, *errors, delivered=delivered))
+
+
+class TestOneErrorEvent:
+    def test_an_error_opens_with_its_times_count_details_and_event(self) -> None:
+        result = _plan_error_event(error("T", "C", description="d", signals=("s1", "s2")),
+                                   delivered=T0 + 5000)
+        (record,) = result.errors.values()
+        assert record.state == ErrorState(
+            type="T", code="C", state=OPEN, first_seen=_at(T0 + 5000),
+            last_seen=_at(T0 + 5000), count=1, description="d",
+            resolution_type="CONTACT_SUPPORT", signals=("s1", "s2"), event_id="x1")
+        assert record.last_error is not None and record.last_resolved is None
+        assert record.last_error.key() == (_at(T0 + 5000), "x1")
+        assert result.errors_opened == (record.state,) and result.errors_resolved == ()
+        assert result.updated_at == _at(T0 + 5000) and result.marks_errors
+
+    def test_an_error_without_a_code_is_keyed_by_an_empty_code(self) -> None:
+        # The key both backends store an error under (SQLite's `code` column, the table's
+        # RowKey): rows already written hold "" for an error without a code.
+        event = error_event("x1", error("T", None))
+        assert error_keys_of(event) == [("T", "")]
+        assert list(plan(Snapshot(vehicle_id=VEHICLE), event).errors) == [("T", "")]
+
+    def test_a_repeated_entry_counts_once(self) -> None:
+        result = _plan_error_event(error("T", "C"), error("T", "C"))
+        assert result.errors[("T", "C")].state.count == 1
+
+    def test_error_then_resolved_in_one_event_keeps_both_observations(self) -> None:
+        result = _plan_error_event(error("T", "C"), error("T", "C", state="RESOLVED"))
+        record = result.errors[("T", "C")]
+        assert record.last_error is not None and record.last_resolved is not None
+        assert (record.state.state, record.state.count) == (RESOLVED, 1)
+        assert record.state.first_seen == record.state.last_seen == _at(T0)
+        assert record.state.resolved_at == _at(T0)
+        assert result.errors_opened == () and result.errors_resolved == (record.state,)
+
+    def test_a_resolved_alone_neither_counts_nor_sets_the_error_times(self) -> None:
+        record = _plan_error_event(error("T", "C", state="RESOLVED")).errors[("T", "C")]
+        assert (record.state.state, record.state.count) == (RESOLVED, 0)
+        assert (record.state.first_seen, record.state.last_seen) == (None, None)
+        assert record.last_error is None
+
+    @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
+    def test_entries_of_one_event_that_differ_only_in_detail_agree_in_any_order(
+        self, order: tuple[int, int]
+    ) -> None:
+        # The tie-break on content makes the stored details independent of payload order.
+        pairs = [
+            (error("T", "C", description="first"), error("T", "C", description="second")),
+            (error("T", "C", signals=("s1",)), error("T", "C", signals=("s2",))),
+        ]
+        for pair in pairs:
+            expected = _plan_error_event(*pair).errors[("T", "C")].state
+            flipped = _plan_error_event(*(pair[i] for i in order)).errors[("T", "C")].state
+            assert flipped == expected
+
+    def test_bad_entries_are_skipped_with_their_code_and_the_rest_kept(self) -> None:
+        long = "x" * (MAX_CODE_CHARS + 1)
+        result = _plan_error_event(
+            error(None, "no-type"),  # type: ignore[arg-type]
+            error("T", "bad-state", state="PENDING"),
+            error(long, "long-type"),
+            error("T", long),
+            error("T", "C"),
+        )
+        assert result.skipped == tuple(
+            SkippedSignal(code=c, reason=BAD_ERROR)
+            for c in ("no-type", "bad-state", "long-type", long))
+        assert list(result.errors) == [("T", "C")]
+
+    def test_a_type_and_a_code_of_the_longest_length_are_kept(self) -> None:
+        longest = "x" * MAX_CODE_CHARS
+        result = _plan_error_event(error(longest, longest))
+        assert list(result.errors) == [(longest, longest)] and result.skipped == ()
+
+    def test_only_bad_entries_write_nothing_but_the_applied_mark(self) -> None:
+        later = _at(T0 + 3_600_000)
+        result = _plan_error_event(error("T", "C", state="PENDING"),
+                                   snapshot=Snapshot(vehicle_id=VEHICLE, updated_at=later))
+        assert result.errors == {} and result.updated_at == later and result.marks_errors
+        assert _plan_error_event(error("T", "C", state="PENDING")).updated_at is None
+
+
+class TestErrorEventOverStoredState:
+    def test_the_vehicles_updated_at_only_moves_forward(self) -> None:
+        later = _at(T0 + 3_600_000)
+        stored = Snapshot(vehicle_id=VEHICLE, updated_at=later)
+        assert _plan_error_event(error("T", "C"), snapshot=stored).updated_at == later
+        earlier = Snapshot(vehicle_id=VEHICLE, updated_at=_at(T0 - 1000))
+        assert _plan_error_event(error("T", "C"), snapshot=earlier).updated_at == _at(T0)
+
+    def test_an_event_whose_errors_were_applied_writes_nothing_and_reports_its_skips(
+        self
+    ) -> None:
+        stored = Snapshot(vehicle_id=VEHICLE, errors_applied=True, updated_at=_at(T0))
+        result = _plan_error_event(error("T", "C"), error("T", "x", state="PENDING"),
+                                   snapshot=stored)
+        assert result == Plan(skipped=(SkippedSignal(code="x", reason=BAD_ERROR),),
+                              updated_at=_at(T0))
+
+    def test_a_stored_error_counts_on_and_keeps_its_first_sighting(self) -> None:
+        first = _plan_error_event(error("T", "C"), event_id="x1", delivered=T0)
+        stored = Snapshot(vehicle_id=VEHICLE, errors=first.errors)
+        second = _plan_error_event(error("T", "C"), snapshot=stored, event_id="x2",
+                                   delivered=T0 + 60_000)
+        state = second.errors[("T", "C")].state
+        assert (state.count, state.first_seen, state.last_seen) == (2, _at(T0), _at(T0 + 60_000))
+        # An earlier delivery arriving last moves neither the last sighting nor the first.
+        third = _plan_error_event(error("T", "C"), snapshot=Snapshot(
+            vehicle_id=VEHICLE, errors=second.errors), event_id="x0", delivered=T0 + 30_000)
+        state = third.errors[("T", "C")].state
+        assert (state.count, state.first_seen, state.last_seen) == (3, _at(T0), _at(T0 + 60_000))
+        assert third.errors[("T", "C")].last_error == second.errors[("T", "C")].last_error
+
+    def test_resolving_is_reported_once(self) -> None:
+        opened = _plan_error_event(error("T", "C"), event_id="x1", delivered=T0)
+        resolved = _plan_error_event(error("T", "C", state="RESOLVED"), snapshot=Snapshot(
+            vehicle_id=VEHICLE, errors=opened.errors), event_id="x2", delivered=T0 + 600_000)
+        assert [s.state for s in resolved.errors_resolved] == [RESOLVED]
+        again = _plan_error_event(error("T", "C", state="RESOLVED"), snapshot=Snapshot(
+            vehicle_id=VEHICLE, errors=resolved.errors), event_id="x3", delivered=T0 + 700_000)
+        assert again.errors[("T", "C")].state.state == RESOLVED
+        assert again.errors_resolved == () and again.errors_opened == ()
+        assert again.errors[("T", "C")].state.resolved_at == _at(T0 + 700_000)
+
+
+class TestErrorDetails:
+    def _state(self, entry: dict[str, Any]) -> ErrorState:
+        record: ErrorRecord = _plan_error_event(entry).errors[(entry["type"], entry["code"])]
+        return record.state
+
+    def test_signals_are_named_by_code_else_by_path_else_left_empty(self) -> None:
+        entry = error("T", "C")
+        entry["signals"] = [{"code": "c1"}, {"group": "TractionBattery", "name": "Range"},
+                            {"name": "OnlyAName"}]
+        assert self._state(entry).signals == ("c1", "TractionBattery.Range", "")
+
+    def test_description_signals_and_codes_are_cut_to_their_bounds(self) -> None:
+        entry = error("T", "C", description="d" * (MAX_TEXT_CHARS + 10))
+        entry["signals"] = [{"code": "s" * (MAX_CODE_CHARS + 10)}] + [
+            {"code": f"c{i}"} for i in range(MAX_ERROR_SIGNALS + 10)]
+        state = self._state(entry)
+        assert state.description == "d" * MAX_TEXT_CHARS
+        assert len(state.signals) == MAX_ERROR_SIGNALS
+        assert state.signals[0] == "s" * MAX_CODE_CHARS
+        assert state.signals[-1] == f"c{MAX_ERROR_SIGNALS - 2}"
+
+    def test_no_description_and_no_resolution_are_none(self) -> None:
+        entry = error("T", "C")
+        del entry["description"], entry["resolution"]
+        state = self._state(entry)
+        assert (state.description, state.resolution_type) == (None, None)
+        entry["description"] = ""
+        assert self._state(entry).description is None
+
+    def test_a_later_observation_replaces_the_details_an_earlier_one_does_not(self) -> None:
+        first = _plan_error_event(error("T", "C", description="old"), event_id="x1",
+                                  delivered=T0)
+        later = _plan_error_event(error("T", "C", description="new", signals=()),
+                                  snapshot=Snapshot(vehicle_id=VEHICLE, errors=first.errors),
+                                  event_id="x2", delivered=T0 + 1000)
+        state = later.errors[("T", "C")].state
+        assert (state.description, state.signals, state.event_id) == ("new", (), "x2")
+        earlier = _plan_error_event(error("T", "C", description="older"),
+                                    snapshot=Snapshot(vehicle_id=VEHICLE, errors=later.errors),
+                                    event_id="x0", delivered=T0 - 1000)
+        assert earlier.errors[("T", "C")].state.description == "new"
+        assert earlier.errors[("T", "C")].state.event_id == "x2"
+
+    def test_a_resolved_exactly_the_retry_allowance_before_the_error_closes_it(self) -> None:
+        allowance_ms = int(RETRY_ALLOWANCE.total_seconds() * 1000)
+        opened = _plan_error_event(error("T", "C"), event_id="x1", delivered=T0 + allowance_ms)
+        stored = Snapshot(vehicle_id=VEHICLE, errors=opened.errors)
+        closed = _plan_error_event(error("T", "C", state="RESOLVED"), snapshot=stored,
+                                   event_id="r1", delivered=T0)
+        state = closed.errors[("T", "C")].state
+        assert (state.state, state.resolved_at) == (RESOLVED, _at(T0))
+        still_open = _plan_error_event(error("T", "C", state="RESOLVED"), snapshot=stored,
+                                       event_id="r0", delivered=T0 - 1)
+        state = still_open.errors[("T", "C")].state
+        assert (state.state, state.resolved_at) == (OPEN, None)
+        assert still_open.errors_opened == (state,)
+
+
+# --- the signal rules, example by example -----------------------------------------------------
+def _plan_state_event(*signals: dict[str, Any], snapshot: Snapshot | None = None,
+                      event_id: str = "s1") -> Any:
+    return plan(snapshot or Snapshot(vehicle_id=VEHICLE), state_event(event_id, *signals))
+
+
+class TestOneStateEvent:
+    def test_a_reading_is_stored_whole_and_reported_as_a_change(self) -> None:
+        result = _plan_state_event(signal(SOC, 81, oem=T0, retrieved=T0 + 500),
+                                   snapshot=Snapshot(vehicle_id=VEHICLE,
+                                                     updated_at=_at(T0 - 1000)))
+        expected = SignalState(code=SOC, path="TractionBattery.StateOfCharge", value=81,
+                               unit="percent", oem_updated_at=_at(T0),
+                               retrieved_at=_at(T0 + 500), event_id="s1")
+        assert result.signals == {SOC: expected}
+        assert result.changes == (SignalChange(vehicle_id=VEHICLE, code=SOC,
+                                               path=expected.path, previous=None,
+                                               current=expected),)
+        assert (result.stale, result.skipped, result.updated_at) == ((), (), _at(T0))
+        assert not result.marks_errors
+
+    def test_a_failed_signal_keeps_its_error_and_no_value(self) -> None:
+        result = _plan_state_event(signal(SOC, error=("COMPATIBILITY", "NOT_CAPABLE")))
+        state = result.signals[SOC]
+        assert (state.status, state.value, state.unit) == ("error", None, None)
+        assert (state.error_type, state.error_code) == ("COMPATIBILITY", "NOT_CAPABLE")
+
+    def test_a_value_is_stored_as_plain_lists_and_dicts(self) -> None:
+        result = _plan_state_event(signal("location-preciselocation",
+                                          {"a": [1, {"b": [2]}], "c": None}, unit=None))
+        value = result.signals["location-preciselocation"].value
+        assert value == {"a": [1, {"b": [2]}], "c": None}
+        assert type(value) is dict and type(value["a"]) is list and type(value["a"][1]) is dict
+
+    def test_a_code_is_made_from_group_and_name_when_missing(self) -> None:
+        item = signal("", 1, group="Charge", name="IsCharging")
+        del item["code"]
+        assert list(_plan_state_event(item).signals) == ["charge-ischarging"]
+
+    def test_a_signal_without_any_code_or_with_an_overlong_one_is_skipped(self) -> None:
+        no_code = {"body": {"value": 1}, "meta": {"oemUpdatedAt": T0}}
+        only_name = {"name": "IsCharging", "body": {"value": 1}}
+        too_long = signal("x" * (MAX_CODE_CHARS + 1), 1)
+        longest = signal("y" * MAX_CODE_CHARS, 1)
+        result = _plan_state_event(no_code, only_name, too_long, longest)
+        assert result.skipped == (SkippedSignal(code=None, reason=NO_CODE),
+                                  SkippedSignal(code=None, reason=NO_CODE),
+                                  SkippedSignal(code="x" * (MAX_CODE_CHARS + 1), reason=NO_CODE))
+        assert list(result.signals) == ["y" * MAX_CODE_CHARS]
+
+    def test_a_value_too_large_is_skipped_but_a_failed_signal_never_is(self) -> None:
+        big = "v" * MAX_VALUE_CHARS
+        result = _plan_state_event(signal("charge-big", big),
+                                   signal("charge-failed", big, error=("T", "C")))
+        assert result.skipped == (SkippedSignal(code="charge-big", reason=TOO_LARGE),)
+        assert list(result.signals) == ["charge-failed"]
+
+    @pytest.mark.parametrize(("oem", "retrieved", "usable"), [
+        (None, None, False),
+        (int(MIN_OEM_UPDATED_AT.timestamp() * 1000) - 1, None, False),
+        (int(MIN_OEM_UPDATED_AT.timestamp() * 1000), None, True),
+        (T0 + 86_400_000 + 1, T0, False),  # more than a day after its own retrieval
+        (T0 + 86_400_000, T0, True),
+        (T0 + 86_400_000 + 1, None, True),  # no retrievedAt to compare with
+    ])
+    def test_an_unusable_oem_updated_at_is_recorded_as_undated(
+        self, oem: int | None, retrieved: int | None, usable: bool
+    ) -> None:
+        result = _plan_state_event(signal(SOC, 1, oem=oem, retrieved=retrieved))
+        state = result.signals[SOC]
+        assert (state.oem_updated_at is not None) == usable
+        assert result.skipped == (() if usable else (SkippedSignal(code=SOC, reason=UNDATED),))
+        assert result.updated_at == (state.oem_updated_at if usable else None)
+
+    def test_of_two_readings_in_one_event_the_newer_is_kept_in_either_order(self) -> None:
+        old, new = signal(SOC, 1, oem=T0), signal(SOC, 2, oem=T0 + 1000)
+        for pair in ((old, new), (new, old)):
+            result = _plan_state_event(*pair)
+            assert result.signals[SOC].value == 2 and result.stale == (SOC,)
+            assert len(result.changes) == 1
+
+    def test_the_latest_reading_time_of_the_event_is_the_vehicles_updated_at(self) -> None:
+        result = _plan_state_event(signal(SOC, 1, oem=T0 + 5000), signal("charge-x", 1, oem=T0),
+                                   signal("charge-y", 1, oem=None))
+        assert result.updated_at == _at(T0 + 5000)
+
+
+class TestStateEventOverStoredState:
+    def test_an_older_or_equal_reading_is_stale_and_a_newer_replaces_it(self) -> None:
+        stored = _plan_state_event(signal(SOC, 1, oem=T0)).signals
+        snapshot = Snapshot(vehicle_id=VEHICLE, signals=stored, updated_at=_at(T0))
+        older = _plan_state_event(signal(SOC, 0, oem=T0 - 1000), snapshot=snapshot,
+                                  event_id="s0")
+        assert (older.signals, older.changes, older.stale) == ({}, (), (SOC,))
+        assert older.updated_at == _at(T0)
+        same = _plan_state_event(signal(SOC, 1, oem=T0), snapshot=snapshot)
+        assert (same.signals, same.stale) == ({}, (SOC,))
+        newer = _plan_state_event(signal(SOC, 2, oem=T0 + 1000), snapshot=snapshot,
+                                  event_id="s2")
+        (change,) = newer.changes
+        assert change.previous == stored[SOC] and change.current == newer.signals[SOC]
+        assert newer.stale == () and newer.updated_at == _at(T0 + 1000)
+
+    def test_a_stored_updated_at_later_than_the_reading_stays(self) -> None:
+        later = Snapshot(vehicle_id=VEHICLE, updated_at=_at(T0 + 9000))
+        assert _plan_state_event(signal(SOC, 1, oem=T0), snapshot=later).updated_at == (
+            _at(T0 + 9000))
+
+
+class TestWhatIsStored:
+    @pytest.mark.parametrize("body", [
+        {"eventId": "e", "eventType": "VEHICLE_STATE",  # no vehicleId
+         "data": {"signals": [{"code": SOC, "body": {"value": 1}}]}},
+        {"eventId": "e", "eventType": "VEHICLE_COMMAND", "vehicleId": VEHICLE},
+    ])
+    def test_an_event_without_a_vehicle_or_of_another_type_writes_nothing(
+        self, body: dict[str, Any]
+    ) -> None:
+        event = parse_event(json.dumps(body))
+        stored = Snapshot(vehicle_id=VEHICLE, updated_at=_at(T0))
+        assert plan(stored, event) == Plan(updated_at=_at(T0))
+
+    def test_an_event_names_only_its_own_kind_of_keys(self) -> None:
+        state = state_event("s1", signal(SOC, 1), signal(SOC, 2), signal("charge-x", 1))
+        errors = error_event("x1", error("T", "C"), error("T", "C"), error("A", None),
+                             error("T", "bad", state="PENDING"))
+        assert (codes_of(state), error_keys_of(state)) == (["charge-x", SOC], [])
+        assert (codes_of(errors), error_keys_of(errors)) == ([], [("A", ""), ("T", "C")])
+
+    def test_canonical_json_sorts_keys_and_reads_integers_beyond_64_bits(self) -> None:
+        assert canonical_json({"b": [1, "é"], "a": None}) == '{"a":null,"b":[1,"é"]}'
+        assert canonical_json({"b": 2**70, "a": "é", "c": MappingProxyType({"y": 1, "x": 2})}) == (
+            '{"a":"é","b":1180591620717411303424,"c":{"x":2,"y":1}}')
+
+
+class TestRanking:
+    def test_an_undated_reading_never_replaces_a_dated_one_and_yields_to_any(self) -> None:
+        dated = _plan_state_event(signal(SOC, 1, oem=T0), event_id="s1").signals
+        undated = _plan_state_event(signal(SOC, 2, oem=None), event_id="s9",
+                                    snapshot=Snapshot(vehicle_id=VEHICLE, signals=dated))
+        assert (undated.signals, undated.stale) == ({}, (SOC,))
+        first = _plan_state_event(signal(SOC, 2, oem=None), event_id="s9").signals
+        replaced = _plan_state_event(signal(SOC, 1, oem=T0), event_id="s1",
+                                     snapshot=Snapshot(vehicle_id=VEHICLE, signals=first))
+        assert replaced.signals[SOC].value == 1
+
+    def test_a_full_tie_goes_to_the_greater_content_in_either_order(self) -> None:
+        # Two readings of one signal in one event, same times: only the content tells them
+        # apart, and the result must not depend on their order in the payload.
+        low, high = signal(SOC, 10, oem=T0), signal(SOC, 9, oem=T0, unit="km")
+        kept = {_plan_state_event(*pair).signals[SOC].value for pair in ((low, high),
+                                                                          (high, low))}
+        assert len(kept) == 1
+
+
+class TestReadings:
+    def test_a_failed_signal_keeps_no_value_and_an_ok_one_no_error(self) -> None:
+        failed = signal(SOC, error=("T", "C"))
+        failed["body"] = {"value": 5, "unit": "percent"}  # sent alongside the error
+        ok = signal("charge-x", 1)
+        ok["status"] = {"value": "OK", "error": {"type": "T", "code": "C"}}
+        result = _plan_state_event(failed, ok)
+        assert (result.signals[SOC].value, result.signals[SOC].unit) == (None, None)
+        assert (result.signals[SOC].error_type, result.signals[SOC].error_code) == ("T", "C")
+        state = result.signals["charge-x"]
+        assert (state.status, state.value, state.error_type, state.error_code) == (
+            "ok", 1, None, None)
+
+    def test_a_reading_without_a_given_code_is_keyed_by_its_signal_code(self) -> None:
+        named = Signal(group="Charge", name="IsCharging", value=True)
+        assert reading(named, "e1").code == "charge-ischarging"
+        assert reading(Signal(code="c", value=1), "e1").code == "c"
+        assert reading(Signal(value=1), "e1").code == ""
+
+
+class TestValueBounds:
+    def test_a_value_of_exactly_the_largest_size_fits_and_one_more_does_not(self) -> None:
+        exact = "a" * (MAX_VALUE_CHARS - 2)  # plus its two quotes
+        assert value_fits(Signal(code="c", value=exact))
+        assert not value_fits(Signal(code="c", value=exact + "a"))
+
+    def test_a_short_list_of_long_strings_is_measured(self) -> None:
+        value = ["x" * 1000] * 100  # 100 items, over 100 KB of JSON
+        assert not value_fits(Signal(code="c", value=value))
+
+    def test_a_frozen_mapping_is_spelled_as_the_same_plain_object(self) -> None:
+        # One spelling per value: an event's read-only mapping, and its float, as a dict's.
+        # (orjson writes 1e-7 where the standard library writes 1e-07.)
+        frozen = MappingProxyType({"x": 1e-7, "y": [MappingProxyType({"z": 0.1})]})
+        assert canonical_json(frozen) == canonical_json(thawed(frozen)) == (
+            '{"x":1e-7,"y":[{"z":0.1}]}')
