@@ -10,17 +10,33 @@ Mounting needs root and mount permission: without them the tests are skipped, sa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from shared.events import Event
+from shared.handlers import HandlerContext, HandlerRegistry
+
 from .host_process import base_env, free_port, handled_ids, host_process
-from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until
+from .support import (
+    WEBHOOK,
+    RunningHost,
+    encode,
+    http_request,
+    local_env,
+    signed_headers,
+    state_event,
+    wait_until,
+)
 from .tmpfs_mount import mounted_tmpfs
 
 
@@ -110,3 +126,42 @@ class TestATwoMegabyteStateDisk:
         # Processed, none lost or dead-lettered ("unhandled": a reading no newer than the
         # stored one fires no on_change handler).
         assert {r["outcome"] for r in handled} <= {"handled", "unhandled"}
+
+
+def test_a_failed_delivery_that_cannot_be_abandoned_on_a_full_disk_is_not_held_for_its_lock(
+    tmp_path: Path, small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handler fails while the disk is full, so the queue cannot write the abandon either.
+    The host tries the abandon again until it goes through, once space is back: the event is
+    handled within seconds, not after its lock (here five minutes) expires."""
+    filler = small_disk / "filler"
+    stop_filling = threading.Event()
+
+    def keep_full() -> None:  # whatever SQLite frees (a checkpoint) is taken back at once
+        while not stop_filling.is_set():
+            with contextlib.suppress(OSError):
+                fill(filler)
+            time.sleep(0.001)
+        filler.unlink()
+
+    registry = HandlerRegistry()
+    calls: list[str] = []
+
+    @registry.on("VEHICLE_STATE")
+    def fail_once_on_a_full_disk(event: Event, context: HandlerContext) -> None:
+        calls.append(event.event_id)
+        if len(calls) == 1:
+            threading.Thread(target=keep_full, daemon=True).start()
+            threading.Timer(1.0, stop_filling.set).start()
+            time.sleep(0.05)
+            raise RuntimeError("handler failed while the disk was full")
+
+    body = encode(state_event(eventId="evt-full"))
+    env = local_env(small_disk / "state", VEHICLE_STATE_STORE="off", MAX_DELIVERY_COUNT="100")
+    caplog.set_level(logging.WARNING, logger="shared.local.host")
+    with RunningHost(env, registry=registry, lock_duration=300.0) as running:
+        assert running.post(WEBHOOK, body, signed_headers(body)).status == 200
+        wait_until(lambda: [r["eventId"] for r in running.handled()] == ["evt-full"],
+                   timeout=30)
+    assert calls == ["evt-full", "evt-full"]
+    assert any("cannot settle a delivery" in r.getMessage() for r in caplog.records)

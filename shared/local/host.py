@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hmac
 import importlib
 import inspect
@@ -96,6 +97,10 @@ STOP_GRACE_SECONDS = 3.0
 #: both) before the fetcher completes it alone. Bounds the window in which a crash makes the
 #: event be handled twice (well under 10 ms with the commit).
 COMPLETION_DELAY_SECONDS = 0.002
+#: A settlement (abandon) the queue could not write (a full disk) is tried again after these,
+#: doubling, until the message's lock expires.
+SETTLE_RETRY_FIRST_SECONDS = 0.05
+SETTLE_RETRY_MAX_SECONDS = 1.0
 #: How often, at most, an idle host checkpoints the queue's write-ahead log (see
 #: `LocalHost._checkpoint_when_idle`).
 IDLE_CHECKPOINT_SECONDS = 5.0
@@ -735,11 +740,8 @@ class LocalHost:
             "delivery, retrying in %gs", fn.name, after, qm.message_id,
             RUNNING_HANDLER.get() or "(none)", self.runtime.registry.pool.stuck, delay,
         )
-        try:
-            await asyncio.to_thread(self.queue.abandon, qm.lock_token, retry_after=delay,
-                                    uncount=True)
-        except LockLostError:
-            logger.debug("lock %s no longer held after the timeout", qm.lock_token)
+        await self._settle(functools.partial(self._abandon, retry_after=delay, uncount=True),
+                           qm.lock_token)
 
     async def _timed_out(self, fn: QueueFunction, qm: QueuedMessage, after: float) -> None:
         """A failed delivery: warn, then release the message after the processor's backoff
@@ -762,10 +764,7 @@ class LocalHost:
                 "%d handler thread(s) stuck in handlers that timed out; replaced up to %d "
                 "threads in all", pool.stuck, pool.limit,
             )
-        try:
-            await asyncio.to_thread(self.queue.abandon, qm.lock_token, retry_after=delay)
-        except LockLostError:
-            logger.debug("lock %s no longer held after the timeout", qm.lock_token)
+        await self._settle(functools.partial(self._abandon, retry_after=delay), qm.lock_token)
         if last:
             self._record_dead_lettered(qm, TimeoutError(f"{FUNCTION_TIMEOUT_SECONDS}={after:g}"))
 
@@ -791,16 +790,35 @@ class LocalHost:
                         f"{self.queue.max_delivery_count} deliveries",
         ))
 
-    async def _abandon(self, lock_token: str) -> None:
-        await asyncio.to_thread(self.queue.abandon, lock_token)
+    async def _abandon(self, lock_token: str, **options: Any) -> None:
+        await asyncio.to_thread(self.queue.abandon, lock_token, **options)
 
     async def _settle(self, action: Callable[[str], Awaitable[None]], lock_token: str) -> None:
-        try:
-            await action(lock_token)
-        except LockLostError:
-            # Already settled by the function (dead-lettered) or the lock expired: in both
-            # cases the queue owns the message again, as Service Bus would.
-            logger.debug("lock %s no longer held at settlement", lock_token)
+        """Settle a delivery, trying again while the queue cannot be written (a full disk):
+        given up, the message would stay locked until its lock expires (a minute by
+        default) before anyone could handle it again. Tries until the lock has expired,
+        when the queue owns the message again anyway."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lock_duration
+        delay = SETTLE_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                await action(lock_token)
+                return
+            except LockLostError:
+                # Already settled by the function (dead-lettered) or the lock expired: in
+                # both cases the queue owns the message again, as Service Bus would.
+                logger.debug("lock %s no longer held at settlement", lock_token)
+                return
+            except QueueUnavailableError as exc:
+                if self._stopping or loop.time() + delay > deadline:
+                    logger.warning("cannot settle a delivery (%s); its message is delivered "
+                                   "again when its lock expires", exc)
+                    return
+                logger.warning("cannot settle a delivery (%s); trying again in %gs", exc,
+                               delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, SETTLE_RETRY_MAX_SECONDS)
 
     async def _renew_locks(self) -> None:
         """Like the Functions host's auto lock renewal: the lock of every running function is
