@@ -291,3 +291,42 @@ class TestChanges:
         assert ApplyResult(changes=built) == ApplyResult(changes=lazy)
         assert isinstance(ApplyResult(changes=built).changes, Changes)
         assert repr(lazy) == f"Changes({built!r})"
+
+
+@st.composite
+def common_items(draw: st.DrawFn, code: str) -> dict[str, Any]:
+    """A signal of the common shape: every field in the form the fast path takes."""
+    oem = draw(st.integers(946_684_800_000, T0 + 10**9))
+    item: dict[str, Any] = {"code": code, "meta": {"oemUpdatedAt": oem}}
+    for key in ("group", "name"):
+        text = draw(st.sampled_from(["Odometer", "TraveledDistance", "", None, "é"]))
+        if text is not None:
+            item[key] = text
+    value = draw(st.one_of(
+        st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False, allow_infinity=False),
+        st.booleans(), st.none(), st.text(max_size=40),
+        st.text(min_size=_SURELY_FITTING_TEXT, max_size=_SURELY_FITTING_TEXT)))
+    body: dict[str, Any] = {"value": value}
+    unit = draw(st.sampled_from(["km", "percent", "", None, "missing"]))
+    if unit != "missing":
+        body["unit"] = unit
+    if draw(st.booleans()):
+        item["body"] = body
+    retrieved = draw(st.sampled_from(["retrievedAt", "fetchedAt", None]))
+    if retrieved is not None:
+        item["meta"][retrieved] = oem + draw(st.integers(-DAY_MS, DAY_MS))
+    return item
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_the_fast_path_takes_every_event_of_the_common_shape(data: st.DataObject) -> None:
+    """Declining is always correct, so only this catches a fast path that declines more than
+    it should (and so is slower than it should be)."""
+    codes = data.draw(st.lists(st.sampled_from(CODES), min_size=1, max_size=4, unique=True))
+    earlier = [e for i in range(data.draw(st.integers(0, 2)))
+               if (e := event_of(f"e{i}", data.draw(st.lists(items(), min_size=1, max_size=3))))]
+    event = event_of("e-latest", [data.draw(common_items(code)) for code in codes])
+    assert event is not None
+    stored, updated_at = stored_state(earlier)
+    assert check_against_the_rules(stored, updated_at, event)
