@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from benchmarks.common import state_payload
 from shared.events import Event, parse_event
-from shared.vehicle_state import ApplyResult, Changes, SignalChange
+from shared.vehicle_state import ApplyResult, Changes, SignalChange, quick
 from shared.vehicle_state.codec import dumps, signal_row
 from shared.vehicle_state.quick import Held, change_of, held, quick_plan, state_of
 from shared.vehicle_state.rules import (
@@ -32,6 +32,15 @@ from shared.vehicle_state.rules import (
 )
 
 from .vehicle_events import T0, VEHICLE
+
+
+@pytest.fixture(autouse=True)
+def cold_caches() -> None:
+    """Every test spells its row texts from scratch: the fast path keeps the parts that repeat
+    between deliveries in a module-level cache, which earlier tests (or a parent process)
+    would otherwise have filled."""
+    quick._STATIC.clear()
+
 
 CODES = ["tractionbattery-stateofcharge", "charge-ischarging", "odometer-traveleddistance",
          "location-preciselocation"]
