@@ -111,6 +111,11 @@ def _create_private(path: Path) -> None:
     os.close(fd)
 
 
+def _member(code: str, text: str) -> str:
+    """A signal's member of its vehicle's stored JSON object: `"code":{row}`."""
+    return f"{dumps(code)}:{text}"
+
+
 @dataclass(slots=True)
 class _Vehicle:
     """One vehicle's stored signals (state, row text and rank key by code) and `updatedAt`."""
@@ -244,7 +249,7 @@ class SqliteVehicleStateStore:
                 for code, row in loads(vehicle[1]).items():
                     text = dumps(row)
                     cached.signals[code] = held(signal_from_row(row), text)
-                    cached.members[code] = f"{dumps(code)}:{text}"
+                    cached.members[code] = _member(code, text)
         self._cache[vehicle_id] = cached  # most recently used last
         if len(self._cache) > _CACHED_VEHICLES:
             del self._cache[next(iter(self._cache))]
@@ -314,7 +319,7 @@ class SqliteVehicleStateStore:
             # which empties the cache.
             members = cached.members
             for code, entry in writes.items():
-                members[code] = f"{dumps(code)}:{entry[1]}"
+                members[code] = _member(code, entry[1])
             db.execute(
                 "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch, signal_count, "
                 "signals) VALUES (?, ?, ?, ?, ?) ON CONFLICT (vehicle_id) DO UPDATE SET "

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import orjson
 
+from ..events import _from_epoch_ms
 from . import Changes, SignalChange, SignalState
 from .rules import (
     _EPOCH,
@@ -209,11 +210,11 @@ def _times(oem: Any, retrieved: Any) -> _Times | None:
     if retrieved is not None and (type(retrieved) is not int
                                   or oem > retrieved + _MAX_AHEAD_MS):
         return None
-    oem_at = _EPOCH + timedelta(milliseconds=oem)
+    oem_at = _from_epoch_ms(oem)
     text = ',"oemUpdatedAt":"' + oem_at.isoformat() + '"'
     if retrieved is None:
         return _Times(oem * 1000, 0, oem_at, None, text)
-    retrieved_at = _EPOCH + timedelta(milliseconds=retrieved)
+    retrieved_at = _from_epoch_ms(retrieved)
     return _Times(oem * 1000, retrieved * 1000, oem_at, retrieved_at,
                   text + ',"retrievedAt":"' + retrieved_at.isoformat() + '"')
 
