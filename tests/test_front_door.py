@@ -92,6 +92,11 @@ class TestConnectionCap:
                     assert data == b"" or data.startswith(b"HTTP/1.1 408 "), data
                     closed += 1
                 assert closed >= SLOW_BODIES - 256
+                # Nor did the storm run the host out of descriptors: it never stopped
+                # accepting to wait for one (the clients waited in the listen backlog instead,
+                # and each was taken as an older connection let go of its descriptor).
+                log = (tmp_path / "host.log").read_text()
+                assert "cannot accept a connection" not in log, log[-2000:]
             finally:
                 for sock in slow:
                     sock.close()

@@ -36,7 +36,8 @@ docs/how-it-works.md, "The local host's front door"):
 - at most `max_connections` connections (connections.py derives it from the descriptor
   limit): one more closes the one that matters least, kept-alive idle connections first, then
   those still without a complete head, then those sending a body, each the oldest first (a
-  newcomer is the youngest); never one being answered;
+  newcomer is the youngest); never one being answered. Accepting waits while
+  `ACCEPT_HEADROOM` sockets beyond the limit are still closing, and resumes as each closes;
 - `Expect: 100-continue` is answered before the body is read; persistent connections as
   llhttp decides them (HTTP/1.1 unless `Connection: close`, HTTP/1.0 with keep-alive);
 - 404 for a path with no route, 405 (with `Allow`) for a route and another method, 500 when a
@@ -89,6 +90,12 @@ WRITE_HIGH_WATER = 256 * 1024
 LINGER_SECONDS = 2.0
 #: Out of file descriptors, accepting resumes after this long (asyncio's own loop waits 1 s).
 ACCEPT_RETRY_SECONDS = 1.0
+#: Accepted sockets held beyond `max_connections`: new connections whose arrival closed an
+#: older one that has not let go of its descriptor yet. Accepting waits while this many are
+#: outstanding (the clients wait in the listen backlog) and goes on as each closes, so a storm
+#: of connections never runs the process out of descriptors. Far below the descriptors
+#: connections.py keeps for the host's own files.
+ACCEPT_HEADROOM = 16
 
 #: The fields that decide where a request ends and whether another follows.
 _FRAMING_FIELDS = frozenset({b"transfer-encoding", b"content-length", b"connection"})
@@ -640,6 +647,10 @@ class HttpServer:
         self._all_closed = asyncio.Event()
         self._listeners: list[socket.socket] = []
         self._servers: list[asyncio.Server] = []
+        #: Accepted client sockets not yet closed (connections, and those being set up).
+        self._sockets = 0
+        #: Listeners not being read until a socket closes (`ACCEPT_HEADROOM`).
+        self._waiting_for_room: dict[socket.socket, int] = {}
 
     async def start(self, host: str, port: int, *, backlog: int = 128) -> int:
         """Listen on every address `host` resolves to; the port (the one chosen when `port`
@@ -679,6 +690,10 @@ class HttpServer:
         wait in the listen backlog until a slow or idle connection is closed, instead of being
         accepted and dropped (what libuv's event loop would do on its own)."""
         for _ in range(backlog):
+            if self._sockets >= self.max_connections + ACCEPT_HEADROOM:
+                self.loop.remove_reader(sock.fileno())
+                self._waiting_for_room[sock] = backlog
+                return
             try:
                 conn, _ = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -692,6 +707,7 @@ class HttpServer:
                 self.loop.call_later(ACCEPT_RETRY_SECONDS, self._resume_accepting, sock,
                                      backlog)
                 return
+            self._sockets += 1
             conn.setblocking(False)
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -710,12 +726,22 @@ class HttpServer:
         except OSError as exc:
             logger.debug("dropping a connection that could not be set up: %s", exc)
             conn.close()
+            self._released()
+
+    def _released(self) -> None:
+        """An accepted socket is closed: accept again if that was waiting for room."""
+        self._sockets -= 1
+        if self._waiting_for_room and self._sockets < self.max_connections + ACCEPT_HEADROOM:
+            waiting, self._waiting_for_room = self._waiting_for_room, {}
+            for sock, backlog in waiting.items():
+                self._resume_accepting(sock, backlog)
 
     def _resume_accepting(self, sock: socket.socket, backlog: int) -> None:
         if not self.stopping and sock.fileno() >= 0:
             self.loop.add_reader(sock.fileno(), self._accept, sock, backlog)
 
     def _close_listeners(self) -> None:
+        self._waiting_for_room.clear()
         for server in self._servers:
             server.close()
         self._servers.clear()
@@ -768,6 +794,7 @@ class HttpServer:
         connection.phase = phase
 
     def closed(self, connection: _Connection) -> None:
+        self._released()
         self.connections.discard(connection)
         self._phases[connection.phase].pop(connection, None)
         if not self.connections:
