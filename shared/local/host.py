@@ -33,6 +33,7 @@ import logging
 import os
 import secrets
 import signal
+import sqlite3
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -81,6 +82,7 @@ from .queue import (
     QueuedMessage,
     QueueUnavailableError,
 )
+from .vehicle_state import SqliteVehicleStateStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -396,6 +398,10 @@ class LocalHost:
         runtime.health_problem = self._health_problem
         runtime.health_warnings = self._health_warnings
         self._exhausted_logged = False
+        # The vehicle state store whose inbox records wait for `completions` (set in `start`),
+        # and why they could not be written, until they can.
+        self._inbox: SqliteVehicleStateStore | None = None
+        self._inbox_error: str | None = None
 
     @property
     def base_url(self) -> str:
@@ -420,6 +426,12 @@ class LocalHost:
                                     self.runtime.settings.local_max_connections))
         self.port = await self._http.start(self.host, self.port)
         self._last_checkpoint = asyncio.get_running_loop().time()  # idle a while first
+        store = self.runtime.vehicle_state
+        if isinstance(store, SqliteVehicleStateStore):
+            # Its inbox records ride in its next write, or are written by `completions` before
+            # their messages are completed: never a completed delivery without its record.
+            store.defer_inbox_records()
+            self._inbox = store
         for qfn in self.queue_functions:
             self._tasks.append(asyncio.create_task(self._fetch(qfn), name=qfn.name))
         if self._queue_publisher is not None:
@@ -555,7 +567,7 @@ class LocalHost:
                     # again, as Service Bus would, and redelivers it.
                     logger.debug("lock %s no longer held at settlement", token)
             if not received:
-                if self._to_complete:
+                if self._to_complete and self._inbox_error is None:
                     continue  # finished meanwhile: complete them now, not after a poll
                 await self._checkpoint_when_idle()
 
@@ -622,6 +634,21 @@ class LocalHost:
             self._wake.set()
 
     def completions(self) -> list[str]:
+        """The finished messages to complete now. Their inbox records are written first: a
+        message completed without its record could come back (a re-send by Smartcar) and run
+        its handlers again. When they cannot be written, none are completed yet."""
+        if not self._to_complete:
+            return []
+        if self._inbox is not None:
+            try:
+                self._inbox.record_inbox()
+            except sqlite3.Error as exc:
+                if self._inbox_error is None:
+                    logger.warning("cannot write the inbox records of processed events (%s); "
+                                   "their messages are completed once they are written", exc)
+                self._inbox_error = f"inbox records cannot be written: {exc}"
+                return []
+            self._inbox_error = None
         tokens, self._to_complete = self._to_complete, []
         return tokens
 
@@ -636,6 +663,8 @@ class LocalHost:
             return f"events cannot be stored: {self.queue.store_failure}"
         if self._queue_error is not None:
             return self._queue_error
+        if self._inbox_error is not None:
+            return self._inbox_error
         try:
             await asyncio.to_thread(self.queue.check_readable)
         except QueueUnavailableError as exc:

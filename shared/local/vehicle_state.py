@@ -16,6 +16,7 @@ before a power loss may not (docs/vehicle-state.md says what that can leave).
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -56,6 +57,8 @@ from ..vehicle_state.rules import (
     plan,
 )
 from .queue import bound_wal
+
+logger = logging.getLogger(__name__)
 
 FILE_NAME: Final = "vehicle_state.sqlite3"
 #: Processed eventIds are kept at least 7 days (Smartcar's advice); pruned after 8.
@@ -98,6 +101,13 @@ CREATE TABLE IF NOT EXISTS events (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS events_by_processed ON events (processed_at);
 """
+
+
+#: An inbox record: the eventId's handlers completed (its pending changes are done with).
+_RECORD: Final = (
+    "INSERT INTO events (vehicle_id, event_id, processed_at) VALUES (?, ?, ?) "
+    "ON CONFLICT (vehicle_id, event_id) DO UPDATE SET processed_at = excluded.processed_at, "
+    "pending = NULL")
 
 
 def _create_private(path: Path) -> None:
@@ -143,6 +153,9 @@ class SqliteVehicleStateStore:
         self._marks = 0
         self._cache: dict[str, _Vehicle] = {}
         self._version = -1
+        #: Inbox records not written yet, (vehicle key, eventId) -> processed at; None while
+        #: `mark_processed` writes each at once (`defer_inbox_records`).
+        self._unrecorded: dict[tuple[str, str], float] | None = None
 
     def _create_or_migrate(self) -> None:
         db = self._db
@@ -193,6 +206,7 @@ class SqliteVehicleStateStore:
         with self._lock:
             self._begin()
             try:
+                records = self._write_records()
                 applied = self._apply(event, event.vehicle_id, outbox)
                 self._db.execute("COMMIT")
             except BaseException:
@@ -201,7 +215,63 @@ class SqliteVehicleStateStore:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+            self._recorded(records)
         return applied
+
+    # --- the inbox's records, written later (the local host) -------------------------------------
+    def defer_inbox_records(self) -> None:
+        """From now on `mark_processed` keeps its record in memory (where `is_processed` sees
+        it at once) until the next write transaction takes it along, or `record_inbox`.
+
+        For a caller that calls `record_inbox` before it settles a delivery for good, as the
+        local host does before it completes messages: a record is then on disk before the
+        queue could stop redelivering its event, and most records cost no commit of their own.
+        A crash before that loses records whose deliveries were not completed either, so their
+        handlers run again on redelivery, as after a crash between handling and recording."""
+        with self._lock:
+            if self._unrecorded is None:
+                self._unrecorded = {}
+
+    def record_inbox(self) -> None:
+        """Write the deferred inbox records, in one transaction (nothing if none wait).
+        `sqlite3.Error` (a full disk, a locked file) when they could not be written: they
+        stay waiting."""
+        if not self._unrecorded:
+            return
+        with self._lock:
+            self._begin()
+            try:
+                records = self._write_records()
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._recorded(records)
+
+    def _write_records(self) -> dict[tuple[str, str], float] | None:
+        """Write the deferred inbox records in the open transaction; the records written."""
+        records = self._unrecorded
+        if not records:
+            return None
+        taken = dict(records)
+        self._db.executemany(_RECORD, [(vid, eid, at) for (vid, eid), at in taken.items()])
+        self._prune(len(taken), max(taken.values()))
+        return taken
+
+    def _recorded(self, records: dict[tuple[str, str], float] | None) -> None:
+        """`records` were committed: they wait no longer (unless marked again since)."""
+        if records and self._unrecorded is not None:
+            for key, at in records.items():
+                if self._unrecorded.get(key) == at:
+                    del self._unrecorded[key]
+
+    def _prune(self, marks: int, now: float) -> None:
+        """Every `_PRUNE_EVERY` records, drop those past the retention."""
+        before, self._marks = self._marks, self._marks + marks
+        if before // _PRUNE_EVERY != self._marks // _PRUNE_EVERY or before == 0:
+            self._db.execute("DELETE FROM events WHERE processed_at < ?",
+                             (now - INBOX_RETENTION_SECONDS,))
 
     def _apply(self, event: Event, vehicle_id: str, outbox: Outbox | None) -> ApplyResult:
         cached = self._cached(vehicle_id)
@@ -346,6 +416,8 @@ class SqliteVehicleStateStore:
 
     async def pending_changes(self, vehicle_id: str, event_id: str) -> tuple[SignalChange, ...]:
         with self._lock:
+            if self._unrecorded and (vehicle_id, event_id) in self._unrecorded:
+                return ()
             row = self._db.execute(
                 "SELECT pending FROM events WHERE vehicle_id = ? AND event_id = ? "
                 "AND processed_at IS NULL", (vehicle_id, event_id),
@@ -355,6 +427,8 @@ class SqliteVehicleStateStore:
     async def is_processed(self, vehicle_id: str | None, event_id: str) -> bool:
         since = self._clock() - INBOX_RETENTION_SECONDS
         with self._lock:
+            if self._unrecorded and (vehicle_id or _NO_VEHICLE, event_id) in self._unrecorded:
+                return True
             row = self._db.execute(
                 "SELECT 1 FROM events WHERE vehicle_id = ? AND event_id = ? "
                 "AND processed_at >= ?", (vehicle_id or _NO_VEHICLE, event_id, since),
@@ -363,17 +437,20 @@ class SqliteVehicleStateStore:
 
     async def mark_processed(self, vehicle_id: str | None, event_id: str) -> None:
         now = self._clock()
+        key = (vehicle_id or _NO_VEHICLE, event_id)
         with self._lock:
-            self._db.execute(
-                "INSERT INTO events (vehicle_id, event_id, processed_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (vehicle_id, event_id) DO UPDATE SET "
-                "processed_at = excluded.processed_at, pending = NULL",
-                (vehicle_id or _NO_VEHICLE, event_id, now),
-            )
-            self._marks += 1
-            if self._marks % _PRUNE_EVERY == 1:
-                self._db.execute("DELETE FROM events WHERE processed_at < ?",
-                                 (now - INBOX_RETENTION_SECONDS,))
+            if self._unrecorded is not None:
+                self._unrecorded[key] = now
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(_RECORD, (*key, now))
+                self._prune(1, now)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     # --- reading ------------------------------------------------------------------------------
     async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:
@@ -420,5 +497,13 @@ class SqliteVehicleStateStore:
         ]
 
     async def close(self) -> None:
+        """Write the deferred inbox records, then close. Records that cannot be written are
+        logged and lost: their deliveries were not completed (`defer_inbox_records`), so
+        their handlers run again on redelivery."""
+        try:
+            self.record_inbox()
+        except sqlite3.Error as exc:
+            logger.warning("vehicle state store %s: %d inbox record(s) could not be written "
+                           "at close (%s)", self.path, len(self._unrecorded or ()), exc)
         with self._lock:
             self._db.close()
