@@ -3,9 +3,13 @@
 Fault: the local host (a real process, `tests.crash_host`) receives a signed VEHICLE_STATE
 over loopback HTTP; the store applies it; the `on_change` handler starts and the process is
 killed with SIGKILL (no finally blocks, no lock release, no flush). What must hold after a
-restart: the change is in the store, still pending for its event, and the restarted host
-hands the same change to `on_change` again (the outbox), then records the event as processed
-and keeps nothing pending.
+restart: the restarted host hands the same change to `on_change` again, then records the event
+as processed and keeps nothing pending.
+
+The local host commits the store's writes shortly after they are made, and always before it
+completes a message. A kill after that commit finds the change in the store, pending for its
+event (the outbox hands it over again); a kill before it loses the write together with the
+delivery, which is redelivered and applied again. Both end the same way.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ def test_a_kill_between_store_and_handler_fires_on_change_after_restart(tmp_path
     port = free_port()
     state = tmp_path / "state"
     env = base_env(tmp_path, port)
+    # The handler dies a second after it started: the store has committed the change then.
     env.update(TEST_CALLS=str(tmp_path / "calls.jsonl"), TEST_CRASH="1", LOG_LEVEL="WARNING")
     event = state_event()
     body = encode(event)
@@ -73,10 +78,45 @@ def test_a_kill_between_store_and_handler_fires_on_change_after_restart(tmp_path
     del env["TEST_CRASH"]
     with host_process(HOST, env, port) as proc:
         wait_until(lambda: processed_ids(state) == [event["eventId"]], timeout=60)
+        # The inbox record is committed before the message is completed (the host is killed
+        # when this block ends).
+        wait_until(lambda: (store_rows(state, event["eventId"])[1] or (1,))[0] == 0, timeout=15)
         second = calls(tmp_path / "calls.jsonl")[1]
         assert second["pid"] == proc.pid != first["pid"]
     assert (second["eventId"], second["previous"], second["current"]) == (
         event["eventId"], None, 78)
     assert len(calls(tmp_path / "calls.jsonl")) == 2
     _, event_row = store_rows(state, event["eventId"])
+    assert event_row[0] == 0 and event_row[1] is not None  # processed, nothing pending
+
+
+def test_a_kill_before_the_stores_commit_fires_on_change_after_restart(tmp_path: Path) -> None:
+    port = free_port()
+    state = tmp_path / "state"
+    env = base_env(tmp_path, port)
+    # The handler dies at once, possibly before the store's write was committed.
+    env.update(TEST_CALLS=str(tmp_path / "calls.jsonl"), TEST_CRASH="0", LOG_LEVEL="WARNING")
+    event = state_event()
+    body = encode(event)
+
+    with host_process(HOST, env, port) as proc:
+        try:
+            status = http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status
+        except ConnectionError:
+            status = 200
+        assert status == 200
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert processed_ids(state) == []
+
+    del env["TEST_CRASH"]
+    with host_process(HOST, env, port):
+        wait_until(lambda: processed_ids(state) == [event["eventId"]], timeout=60)
+        wait_until(lambda: (store_rows(state, event["eventId"])[1] or (1,))[0] == 0, timeout=15)
+    first, second = calls(tmp_path / "calls.jsonl")
+    assert first["pid"] != second["pid"]
+    for call in (first, second):
+        assert (call["eventId"], call["previous"], call["current"]) == (
+            event["eventId"], None, 78)
+    stored, event_row = store_rows(state, event["eventId"])
+    assert json.loads(stored[0])["value"] == "78"
     assert event_row[0] == 0 and event_row[1] is not None  # processed, nothing pending

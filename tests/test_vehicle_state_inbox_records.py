@@ -1,6 +1,6 @@
-"""The local store's inbox records, written after the fact: `mark_processed` keeps a record in
-memory until the store's next write or `record_inbox`, and the local host writes them before
-it completes the messages they belong to.
+"""The local store's deferred commits: with `defer_commits` (the local host) the write calls
+share one transaction, committed by `flush` or soon after, and the host commits before it
+completes the messages whose state and inbox records it holds.
 
 What is on disk is read through separate connections (what another process, or the store after
 a crash, would find). Faults are SQLite's own (an authorizer that denies a statement).
@@ -9,15 +9,17 @@ a crash, would find). Faults are SQLite's own (an authorizer that denies a state
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 from shared.local.queue import LocalQueue
-from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
+from shared.local.vehicle_state import FILE_NAME, FLUSH_SECONDS, SqliteVehicleStateStore
 
 from .support import RunningHost, encode, local_env, signed_headers, wait_until
 from .support import state_event as webhook_event
+from .vehicle_events import SOC as SOC_CODE
 from .vehicle_events import T0, VEHICLE, signal, state_event
 
 
@@ -36,88 +38,112 @@ def refuse_commit(action: int, arg1: Any, *_: Any) -> int:
     return sqlite3.SQLITE_OK
 
 
-class TestTheStore:
-    def test_a_deferred_record_counts_at_once_and_reaches_the_disk_with_the_next_write(
+def vehicles_on_disk(path: Path) -> set[str]:
+    with sqlite3.connect(path) as other:
+        rows = other.execute("SELECT vehicle_id FROM vehicles").fetchall()
+    other.close()
+    return {vehicle_id for (vehicle_id,) in rows}
+
+
+class TestDeferredCommits:
+    def test_writes_are_the_stores_at_once_and_on_disk_after_flush(
         self, tmp_path: Path
     ) -> None:
         path = tmp_path / FILE_NAME
 
         async def scenario() -> list[Any]:
             store = SqliteVehicleStateStore(path)
-            store.defer_inbox_records()
+            store.defer_commits()
             seen = []
             await store.apply(state_event("e1", signal(value=50, oem=T0)))
             await store.mark_processed(VEHICLE, "e1")
             await store.mark_processed(None, "verify-1")
-            seen.append(records_on_disk(path))
+            seen.append((records_on_disk(path), vehicles_on_disk(path)))
+            # The store itself reads what it wrote.
             seen.append(await store.is_processed(VEHICLE, "e1"))
             seen.append(await store.is_processed(None, "verify-1"))
             seen.append(await store.pending_changes(VEHICLE, "e1"))
-            # The next apply takes them along, in its own transaction.
+            view = await store.get_vehicle(VEHICLE)
+            seen.append(None if view is None else view.signals[SOC_CODE].value)
+            store.flush()
+            seen.append((records_on_disk(path), vehicles_on_disk(path)))
             await store.apply(state_event("e2", signal(value=40, oem=T0 + 1000)))
-            seen.append(records_on_disk(path))
             await store.mark_processed(VEHICLE, "e2")
-            store.record_inbox()
-            seen.append(records_on_disk(path))
-            await store.mark_processed(VEHICLE, "e3")
             await store.close()
             seen.append(records_on_disk(path))
             return seen
 
-        before, e1, verify, pending, after_apply, after_record, after_close = asyncio.run(
-            scenario())
-        assert before == set()
+        before, e1, verify, pending, value, flushed, closed = asyncio.run(scenario())
+        assert before == (set(), set())
         assert e1 and verify
         assert pending == ()
-        assert after_apply == {"e1", "verify-1"}
-        assert after_record == {"e1", "verify-1", "e2"}
-        assert after_close == {"e1", "verify-1", "e2", "e3"}
+        assert value == 50
+        assert flushed == ({"e1", "verify-1"}, {VEHICLE})
+        assert closed == {"e1", "verify-1", "e2"}
 
-    def test_records_a_failed_write_could_not_take_wait_for_the_next(
-        self, tmp_path: Path
-    ) -> None:
+    def test_the_writes_are_committed_soon_without_a_flush(self, tmp_path: Path) -> None:
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> tuple[set[str], set[str]]:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            await store.mark_processed(VEHICLE, "e1")
+            at_once = records_on_disk(path)
+            await asyncio.sleep(FLUSH_SECONDS * 10)
+            later = records_on_disk(path)
+            await store.close()
+            return at_once, later
+
+        assert asyncio.run(scenario()) == (set(), {"e1"})
+
+    def test_a_failed_commit_loses_its_writes_and_says_so(self, tmp_path: Path) -> None:
         path = tmp_path / FILE_NAME
 
         async def scenario() -> list[Any]:
             store = SqliteVehicleStateStore(path)
-            store.defer_inbox_records()
+            store.defer_commits()
             await store.apply(state_event("e1", signal(value=50, oem=T0)))
-            await store.mark_processed(VEHICLE, "e1")
+            store.flush()
+            await store.apply(state_event("e2", signal(value=40, oem=T0 + 1000)))
+            await store.mark_processed(VEHICLE, "e2")
             store._db.set_authorizer(refuse_commit)
-            failures = []
+            seen: list[Any] = [store.failed_commits]
             try:
-                await store.apply(state_event("e2", signal(value=40, oem=T0 + 1000)))
-            except sqlite3.DatabaseError as exc:
-                failures.append(exc)
-            try:
-                store.record_inbox()
-            except sqlite3.DatabaseError as exc:
-                failures.append(exc)
-            seen: list[Any] = [len(failures), records_on_disk(path),
-                               await store.is_processed(VEHICLE, "e1")]
+                store.flush()
+            except sqlite3.DatabaseError:
+                seen.append("raised")
+            seen += [store.failed_commits, store.commit_error is not None,
+                     records_on_disk(path), await store.is_processed(VEHICLE, "e2")]
             store._db.set_authorizer(None)
-            store.record_inbox()
-            seen.append(records_on_disk(path))
+            # Decided against what is stored (e1's 50), not against the lost e2.
+            result = await store.apply(state_event("e3", signal(value=45, oem=T0 + 500)))
+            seen.append([(c.previous.value if c.previous else None, c.current.value)
+                         for c in result.changes])
+            store.flush()
+            seen.append(store.commit_error)
             await store.close()
             return seen
 
-        failures, during, still_counted, after = asyncio.run(scenario())
-        assert failures == 2
-        assert during == set()
-        assert still_counted
-        assert after == {"e1"}
+        before, raised, after, error, on_disk, e2, changes, cleared = asyncio.run(scenario())
+        assert (before, raised, after, error) == (0, "raised", 1, True)
+        assert on_disk == set()
+        assert not e2
+        assert changes == [(50, 45)]
+        assert cleared is None
 
-    def test_without_deferral_each_record_is_on_disk_when_marked(self, tmp_path: Path) -> None:
+    def test_without_deferral_each_call_commits(self, tmp_path: Path) -> None:
         path = tmp_path / FILE_NAME
 
-        async def scenario() -> set[str]:
+        async def scenario() -> tuple[set[str], set[str]]:
             store = SqliteVehicleStateStore(path)
+            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            vehicles = vehicles_on_disk(path)
             await store.mark_processed(VEHICLE, "e1")
             seen = records_on_disk(path)
             await store.close()
-            return seen
+            return vehicles, seen
 
-        assert asyncio.run(scenario()) == {"e1"}
+        assert asyncio.run(scenario()) == ({VEHICLE}, {"e1"})
 
 
 def other_signal_event() -> dict[str, Any]:
@@ -167,29 +193,34 @@ class TestTheLocalHost:
         assert all(records >= completed for completed, records in checks), checks
         assert records_on_disk(store_path) >= {e["eventId"] for e in events}
 
-    def test_while_records_cannot_be_written_nothing_is_completed_and_health_says_so(
+    def test_a_failed_commit_completes_nothing_and_the_event_is_handled_again(
         self, tmp_path: Path
     ) -> None:
         event = other_signal_event()
         body = encode(event)
-        with RunningHost(local_env(tmp_path)) as host:
+        handled = tmp_path / "handled.jsonl"
+
+        def attempts() -> int:
+            if not handled.exists():
+                return 0
+            return sum(json.loads(line)["eventId"] == event["eventId"]
+                       for line in handled.read_text().splitlines() if line)
+
+        with RunningHost(local_env(tmp_path), lock_duration=2.0) as host:
             store = host.runtime.vehicle_state
             assert isinstance(store, SqliteVehicleStateStore)
-
-            def refuse_records(action: int, arg1: Any, *_: Any) -> int:
-                if action == sqlite3.SQLITE_INSERT and arg1 == "events":
-                    return sqlite3.SQLITE_DENY
-                return sqlite3.SQLITE_OK
-
             with store._lock:
-                store._db.set_authorizer(refuse_records)
+                store._db.set_authorizer(refuse_commit)
             assert host.post("/api/webhooks/smartcar", body, signed_headers(body)).status == 200
             wait_until(lambda: host.get("/api/health").status == 503, timeout=15)
-            # Handled, but held: its message is still locked, not completed.
+            # Handled, but its writes were lost: its message is not completed.
+            assert attempts() == 1
             assert host.runtime.queue.stats()["active"] == 1
-            assert event["eventId"] not in records_on_disk(tmp_path / FILE_NAME)
+            assert records_on_disk(tmp_path / FILE_NAME) == set()
             with store._lock:
                 store._db.set_authorizer(None)
-            wait_until(lambda: host.runtime.queue.stats()["active"] == 0, timeout=15)
+            # Redelivered when its lock expires, handled again, and completed.
+            wait_until(lambda: host.runtime.queue.stats()["active"] == 0, timeout=30)
             assert host.get("/api/health").status == 200
+            assert attempts() == 2
         assert event["eventId"] in records_on_disk(tmp_path / FILE_NAME)

@@ -50,7 +50,7 @@ from multidict import CIMultiDictProxy
 from ..clockcheck import CLOCK_WATCH
 from ..handlers import HANDLER_ERROR, HANDLER_SECONDS, RUNNING_HANDLER
 from ..handlers.pool import CURRENT_DELIVERY, DeliveryJobs
-from ..processor import InboundMessage, Outcome, outcome_record, retry_delay
+from ..processor import DeadLetterer, InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
 from ..settings import (
@@ -322,6 +322,20 @@ def to_function_message(qm: QueuedMessage) -> func.ServiceBusMessage:
     )
 
 
+class _CommitFirst:
+    """A dead-letterer that commits the vehicle state store's deferred writes before each
+    dead-letter (`sqlite3.Error` when it cannot: the delivery fails and is redelivered)."""
+
+    def __init__(self, inner: DeadLetterer, store: SqliteVehicleStateStore) -> None:
+        self.inner = inner
+        self._store = store
+
+    async def dead_letter(self, message: InboundMessage, *, reason: str,
+                          description: str) -> None:
+        self._store.flush()
+        await self.inner.dead_letter(message, reason=reason, description=description)
+
+
 class LocalHost:
     """Serves the app's functions. Start with `await start()`, stop with `await stop()`."""
 
@@ -398,10 +412,10 @@ class LocalHost:
         runtime.health_problem = self._health_problem
         runtime.health_warnings = self._health_warnings
         self._exhausted_logged = False
-        # The vehicle state store whose inbox records wait for `completions` (set in `start`),
-        # and why they could not be written, until they can.
-        self._inbox: SqliteVehicleStateStore | None = None
-        self._inbox_error: str | None = None
+        # The vehicle state store whose writes `completions` commits (set in `start`), and its
+        # failed commits as of the last `completions`.
+        self._store: SqliteVehicleStateStore | None = None
+        self._store_failures = 0
 
     @property
     def base_url(self) -> str:
@@ -428,10 +442,14 @@ class LocalHost:
         self._last_checkpoint = asyncio.get_running_loop().time()  # idle a while first
         store = self.runtime.vehicle_state
         if isinstance(store, SqliteVehicleStateStore):
-            # Its inbox records ride in its next write, or are written by `completions` before
-            # their messages are completed: never a completed delivery without its record.
-            store.defer_inbox_records()
-            self._inbox = store
+            # The deliveries finished in between share a commit, made by `completions` before
+            # their messages are completed: never a completed delivery whose state or inbox
+            # record is not on disk.
+            store.defer_commits()
+            self._store = store
+            self._store_failures = store.failed_commits
+            # A dead-lettered event is not redelivered either: its writes are committed first.
+            self.runtime.dead_letterer = _CommitFirst(self.runtime.dead_letterer, store)
         for qfn in self.queue_functions:
             self._tasks.append(asyncio.create_task(self._fetch(qfn), name=qfn.name))
         if self._queue_publisher is not None:
@@ -567,7 +585,7 @@ class LocalHost:
                     # again, as Service Bus would, and redelivers it.
                     logger.debug("lock %s no longer held at settlement", token)
             if not received:
-                if self._to_complete and self._inbox_error is None:
+                if self._to_complete:
                     continue  # finished meanwhile: complete them now, not after a poll
                 await self._checkpoint_when_idle()
 
@@ -634,21 +652,24 @@ class LocalHost:
             self._wake.set()
 
     def completions(self) -> list[str]:
-        """The finished messages to complete now. Their inbox records are written first: a
-        message completed without its record could come back (a re-send by Smartcar) and run
-        its handlers again. When they cannot be written, none are completed yet."""
+        """The finished messages to complete now. The vehicle state store's writes are
+        committed first: a message completed before its state and inbox record are on disk
+        would never be redelivered to write them. When that commit fails, or failed since
+        these deliveries ran, their writes may be lost: they are not completed, and are
+        redelivered when their locks expire."""
         if not self._to_complete:
             return []
-        if self._inbox is not None:
-            try:
-                self._inbox.record_inbox()
-            except sqlite3.Error as exc:
-                if self._inbox_error is None:
-                    logger.warning("cannot write the inbox records of processed events (%s); "
-                                   "their messages are completed once they are written", exc)
-                self._inbox_error = f"inbox records cannot be written: {exc}"
+        store = self._store
+        if store is not None:
+            with contextlib.suppress(sqlite3.Error):  # counted in `failed_commits`
+                store.flush()
+            if store.failed_commits != self._store_failures:
+                self._store_failures = store.failed_commits
+                lost, self._to_complete = self._to_complete, []
+                logger.warning("%d processed message(s) are left to be redelivered when their "
+                               "locks expire: the vehicle state store could not commit their "
+                               "writes (%s)", len(lost), store.commit_error)
                 return []
-            self._inbox_error = None
         tokens, self._to_complete = self._to_complete, []
         return tokens
 
@@ -663,8 +684,8 @@ class LocalHost:
             return f"events cannot be stored: {self.queue.store_failure}"
         if self._queue_error is not None:
             return self._queue_error
-        if self._inbox_error is not None:
-            return self._inbox_error
+        if self._store is not None and self._store.commit_error is not None:
+            return f"the vehicle state store cannot commit: {self._store.commit_error}"
         try:
             await asyncio.to_thread(self.queue.check_readable)
         except QueueUnavailableError as exc:
@@ -693,6 +714,7 @@ class LocalHost:
         HANDLER_ERROR.set(None)
         jobs = DeliveryJobs()  # this task's context only: its calls into the handler pool
         CURRENT_DELIVERY.set(jobs)
+        store_failures = None if self._store is None else self._store.failed_commits
         try:
             # The function timeout, as host.json's functionTimeout in Azure: the function
             # (and whatever handler it is in) is cancelled and the delivery fails.
@@ -721,6 +743,11 @@ class LocalHost:
         else:
             # Returned: handled, or a handler failed and its retry is scheduled on the queue.
             self._observe_attempt(qm, HANDLER_ERROR.get())
+            if self._store is not None and self._store.failed_commits != store_failures:
+                logger.warning("message %s is left to be redelivered when its lock expires: "
+                               "the vehicle state store could not commit its writes",
+                               qm.message_id)
+                return
             # Completed by the next send's transaction (the queue publisher takes it) when one
             # comes within COMPLETION_DELAY_SECONDS, else by the fetcher, woken for it then:
             # a crash between handling and completion hands the event to a handler again, so

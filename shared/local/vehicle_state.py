@@ -16,6 +16,7 @@ before a power loss may not (docs/vehicle-state.md says what that can leave).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -64,6 +65,8 @@ FILE_NAME: Final = "vehicle_state.sqlite3"
 #: Processed eventIds are kept at least 7 days (Smartcar's advice); pruned after 8.
 INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
 _PRUNE_EVERY: Final = 1000
+#: Deferred writes (`defer_commits`) are committed at most this long after the first.
+FLUSH_SECONDS: Final = 0.02
 #: Vehicles whose signals are kept in memory between applies (least recently used dropped).
 _CACHED_VEHICLES: Final = 1024
 _NO_VEHICLE: Final = ""
@@ -153,9 +156,14 @@ class SqliteVehicleStateStore:
         self._marks = 0
         self._cache: dict[str, _Vehicle] = {}
         self._version = -1
-        #: Inbox records not written yet, (vehicle key, eventId) -> processed at; None while
-        #: `mark_processed` writes each at once (`defer_inbox_records`).
-        self._unrecorded: dict[tuple[str, str], float] | None = None
+        #: Whether the write calls share one transaction, committed by `flush`
+        #: (`defer_commits`), and the timer that commits it at the latest.
+        self._deferring = False
+        self._flush_timer: asyncio.TimerHandle | None = None
+        #: Deferred commits that failed (their writes were lost): see `defer_commits`; and
+        #: the last one's error, until a commit succeeds.
+        self.failed_commits = 0
+        self.commit_error: str | None = None
 
     def _create_or_migrate(self) -> None:
         db = self._db
@@ -204,67 +212,82 @@ class SqliteVehicleStateStore:
         if event.vehicle_id is None or event.event_type not in STORED_TYPES:
             return ApplyResult()
         with self._lock:
-            self._begin()
+            self._open()
             try:
-                records = self._write_records()
                 applied = self._apply(event, event.vehicle_id, outbox)
-                self._db.execute("COMMIT")
+                self._close_call()
             except BaseException:
-                # The cache may hold what this transaction wrote.
-                self._cache.clear()
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                self._failed()
                 raise
-            self._recorded(records)
         return applied
 
-    # --- the inbox's records, written later (the local host) -------------------------------------
-    def defer_inbox_records(self) -> None:
-        """From now on `mark_processed` keeps its record in memory (where `is_processed` sees
-        it at once) until the next write transaction takes it along, or `record_inbox`.
-
-        For a caller that calls `record_inbox` before it settles a delivery for good, as the
-        local host does before it completes messages: a record is then on disk before the
-        queue could stop redelivering its event, and most records cost no commit of their own.
-        A crash before that loses records whose deliveries were not completed either, so their
-        handlers run again on redelivery, as after a crash between handling and recording."""
-        with self._lock:
-            if self._unrecorded is None:
-                self._unrecorded = {}
-
-    def record_inbox(self) -> None:
-        """Write the deferred inbox records, in one transaction (nothing if none wait).
-        `sqlite3.Error` (a full disk, a locked file) when they could not be written: they
-        stay waiting."""
-        if not self._unrecorded:
+    def _open(self) -> None:
+        """The write transaction this call writes in: a new one, or (deferring) the one
+        open. With `_lock` held."""
+        if self._db.in_transaction:
             return
+        self._begin()
+        if self._deferring:
+            self._flush_timer = asyncio.get_running_loop().call_later(
+                FLUSH_SECONDS, self._flush_on_timer)
+
+    def _close_call(self) -> None:
+        """A call's writes are done: commit them, unless commits are deferred."""
+        if not self._deferring:
+            self._db.execute("COMMIT")
+
+    def _failed(self) -> None:
+        """A write or a commit failed: the transaction is rolled back, with whatever other
+        calls wrote in it (deferring), and the cache, which may hold it, is forgotten."""
+        self._cache.clear()
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if self._deferring:
+            self.failed_commits += 1
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    # --- deferred commits (the local host) ----------------------------------------------------
+    def defer_commits(self) -> None:
+        """From now on the write calls (`apply`, `mark_processed`) share one transaction,
+        committed by `flush`, or `FLUSH_SECONDS` after it was opened, whichever comes first.
+
+        For a caller that calls `flush` before it settles a delivery for good, as the local
+        host does before it completes messages: a delivery's state, pending changes and inbox
+        record are then on disk before the queue could stop redelivering its event, and the
+        deliveries finished in between share one commit. A crash before the commit loses the
+        writes of deliveries that were not completed either: they are redelivered, applied
+        again and their handlers run again, as after a crash between handling and recording.
+        A commit that fails loses every write in its transaction: `failed_commits` counts
+        those, and a delivery that was running meanwhile must not be completed."""
         with self._lock:
-            self._begin()
+            self._deferring = True
+
+    def flush(self) -> None:
+        """Commit the deferred writes (nothing if none wait). `sqlite3.Error` (a full disk, a
+        locked file) when the commit failed: its writes are lost (`failed_commits`)."""
+        with self._lock:
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
+            if not self._db.in_transaction:
+                return
             try:
-                records = self._write_records()
                 self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                self._failed()
+                self.commit_error = f"{type(exc).__name__}: {exc}"
                 raise
-            self._recorded(records)
+            self.commit_error = None
 
-    def _write_records(self) -> dict[tuple[str, str], float] | None:
-        """Write the deferred inbox records in the open transaction; the records written."""
-        records = self._unrecorded
-        if not records:
-            return None
-        taken = dict(records)
-        self._db.executemany(_RECORD, [(vid, eid, at) for (vid, eid), at in taken.items()])
-        self._prune(len(taken), max(taken.values()))
-        return taken
-
-    def _recorded(self, records: dict[tuple[str, str], float] | None) -> None:
-        """`records` were committed: they wait no longer (unless marked again since)."""
-        if records and self._unrecorded is not None:
-            for key, at in records.items():
-                if self._unrecorded.get(key) == at:
-                    del self._unrecorded[key]
+    def _flush_on_timer(self) -> None:
+        self._flush_timer = None
+        try:
+            self.flush()
+        except sqlite3.Error as exc:
+            logger.warning("vehicle state store %s: deferred writes could not be committed "
+                           "(%s); their deliveries are redelivered", self.path, exc)
 
     def _prune(self, marks: int, now: float) -> None:
         """Every `_PRUNE_EVERY` records, drop those past the retention."""
@@ -416,8 +439,6 @@ class SqliteVehicleStateStore:
 
     async def pending_changes(self, vehicle_id: str, event_id: str) -> tuple[SignalChange, ...]:
         with self._lock:
-            if self._unrecorded and (vehicle_id, event_id) in self._unrecorded:
-                return ()
             row = self._db.execute(
                 "SELECT pending FROM events WHERE vehicle_id = ? AND event_id = ? "
                 "AND processed_at IS NULL", (vehicle_id, event_id),
@@ -427,8 +448,6 @@ class SqliteVehicleStateStore:
     async def is_processed(self, vehicle_id: str | None, event_id: str) -> bool:
         since = self._clock() - INBOX_RETENTION_SECONDS
         with self._lock:
-            if self._unrecorded and (vehicle_id or _NO_VEHICLE, event_id) in self._unrecorded:
-                return True
             row = self._db.execute(
                 "SELECT 1 FROM events WHERE vehicle_id = ? AND event_id = ? "
                 "AND processed_at >= ?", (vehicle_id or _NO_VEHICLE, event_id, since),
@@ -437,30 +456,29 @@ class SqliteVehicleStateStore:
 
     async def mark_processed(self, vehicle_id: str | None, event_id: str) -> None:
         now = self._clock()
-        key = (vehicle_id or _NO_VEHICLE, event_id)
         with self._lock:
-            if self._unrecorded is not None:
-                self._unrecorded[key] = now
-                return
-            self._db.execute("BEGIN IMMEDIATE")
+            self._open()
             try:
-                self._db.execute(_RECORD, (*key, now))
+                self._db.execute(_RECORD, (vehicle_id or _NO_VEHICLE, event_id, now))
                 self._prune(1, now)
-                self._db.execute("COMMIT")
+                self._close_call()
             except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                self._failed()
                 raise
 
     # --- reading ------------------------------------------------------------------------------
     async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:
         with self._lock:
-            # One read transaction: the vehicle, its signals and its errors as of one commit.
-            self._db.execute("BEGIN")
-            try:
+            if self._db.in_transaction:  # deferred writes: read them too
                 vehicle, signals, errors = self._read_vehicle(vehicle_id)
-            finally:
-                self._db.execute("COMMIT")
+            else:
+                # One read transaction: the vehicle, its signals and its errors as of one
+                # commit.
+                self._db.execute("BEGIN")
+                try:
+                    vehicle, signals, errors = self._read_vehicle(vehicle_id)
+                finally:
+                    self._db.execute("COMMIT")
         if vehicle is None:
             return None
         return VehicleView(
@@ -497,13 +515,13 @@ class SqliteVehicleStateStore:
         ]
 
     async def close(self) -> None:
-        """Write the deferred inbox records, then close. Records that cannot be written are
-        logged and lost: their deliveries were not completed (`defer_inbox_records`), so
-        their handlers run again on redelivery."""
+        """Commit the deferred writes, then close. Writes that cannot be committed are logged
+        and lost: their deliveries were not completed (`defer_commits`), so they are
+        redelivered."""
         try:
-            self.record_inbox()
+            self.flush()
         except sqlite3.Error as exc:
-            logger.warning("vehicle state store %s: %d inbox record(s) could not be written "
-                           "at close (%s)", self.path, len(self._unrecorded or ()), exc)
+            logger.warning("vehicle state store %s: deferred writes could not be committed at "
+                           "close (%s)", self.path, exc)
         with self._lock:
             self._db.close()
