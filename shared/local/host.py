@@ -488,6 +488,17 @@ class LocalHost:
             except QueueUnavailableError as exc:
                 logger.warning("could not complete %d processed message(s) at stop (%s); "
                                "they are redelivered when their locks expire", len(tokens), exc)
+        if self._store is not None:
+            # Whatever ran since the last completion (a delivery cancelled above is
+            # redelivered and applied again either way).
+            if isinstance(self.runtime.dead_letterer, _CommitFirst):
+                self.runtime.dead_letterer = self.runtime.dead_letterer.inner
+            try:
+                self._store.commit_each_call()
+            except sqlite3.Error as exc:
+                logger.warning("the vehicle state store could not commit at stop (%s); the "
+                               "deliveries that wrote are redelivered", exc)
+            self._store = None
         if self._interrupted:
             tokens, self._interrupted = self._interrupted, []
             try:

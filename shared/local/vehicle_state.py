@@ -249,6 +249,15 @@ class SqliteVehicleStateStore:
             self._db.execute("ROLLBACK")
 
     # --- deferred commits (the local host) ----------------------------------------------------
+    def commit_each_call(self) -> None:
+        """Undo `defer_commits`: commit what waits (`sqlite3.Error` if that fails; the
+        writes are lost then), and commit each call again."""
+        try:
+            self.flush()
+        finally:
+            with self._lock:
+                self._deferring = False
+
     def defer_commits(self) -> None:
         """From now on the write calls (`apply`, `mark_processed`) share one transaction,
         committed by `flush`, or `FLUSH_SECONDS` after it was opened, whichever comes first.
