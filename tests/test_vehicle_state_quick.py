@@ -22,7 +22,7 @@ from benchmarks.common import state_payload
 from shared.events import Event, parse_event
 from shared.vehicle_state import ApplyResult, Changes, SignalChange, quick
 from shared.vehicle_state.codec import dumps, signal_row
-from shared.vehicle_state.quick import Held, change_of, held, quick_plan, state_of
+from shared.vehicle_state.quick import Held, change_of, held, quick_plan, state_of, text_of
 from shared.vehicle_state.rules import (
     _SURELY_FITTING_TEXT,
     MAX_CODE_CHARS,
@@ -144,10 +144,10 @@ def check_against_the_rules(stored: dict[str, Held], updated_at: datetime | None
     assert quick.updated_at == reference.updated_at
     assert {code: state_of(h) for code, h in quick.writes.items()} == reference.signals
     assert list(quick.writes) == list(reference.signals)
-    for key, text, _ in quick.writes.values():
-        state = state_of((key, text, _))
+    for entry in quick.writes.values():
+        state, text = state_of(entry), text_of(entry)
         assert text == dumps(signal_row(state))
-        assert key == held(state, text)[0]
+        assert entry[0] == held(state, text)[0]
     return True
 
 

@@ -22,10 +22,11 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from ..events import Event
 from ..vehicle_state import (
@@ -46,7 +47,7 @@ from ..vehicle_state.codec import (
     signal_from_row,
     signal_row,
 )
-from ..vehicle_state.quick import Held, change_of, held, quick_plan, state_of
+from ..vehicle_state.quick import Held, change_of, held, quick_plan, state_of, text_of
 from ..vehicle_state.rules import (
     OPEN,
     STORED_TYPES,
@@ -106,11 +107,20 @@ CREATE INDEX IF NOT EXISTS events_by_processed ON events (processed_at);
 """
 
 
-#: An inbox record: the eventId's handlers completed (its pending changes are done with).
-_RECORD: Final = (
-    "INSERT INTO events (vehicle_id, event_id, processed_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (vehicle_id, event_id) DO UPDATE SET processed_at = excluded.processed_at, "
-    "pending = NULL")
+#: An event row's writes (`_EventRow`): NULL `errors_applied` and `processed_at` keep what is
+#: stored; `pending` is replaced.
+_EVENT_WRITE: Final = (
+    "INSERT INTO events (vehicle_id, event_id, errors_applied, pending, processed_at) "
+    "VALUES (?, ?, coalesce(?, 0), ?, ?) ON CONFLICT (vehicle_id, event_id) DO UPDATE SET "
+    "errors_applied = max(errors_applied, excluded.errors_applied), "
+    "pending = excluded.pending, processed_at = coalesce(excluded.processed_at, processed_at)")
+#: A vehicle row; a NULL `signals` keeps the stored ones.
+_VEHICLE_WRITE: Final = (
+    "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch, signal_count, open_errors, "
+    "signals) VALUES (?, ?, ?, ?, ?, coalesce(?6, '{}')) ON CONFLICT (vehicle_id) DO UPDATE SET "
+    "updated_at = excluded.updated_at, updated_epoch = excluded.updated_epoch, "
+    "signal_count = excluded.signal_count, open_errors = excluded.open_errors, "
+    "signals = coalesce(?6, signals)")
 
 
 def _create_private(path: Path) -> None:
@@ -124,9 +134,19 @@ def _create_private(path: Path) -> None:
     os.close(fd)
 
 
+#: `"code":` by code (emptied when full): the start of a signal's member.
+_MEMBER_KEYS: dict[str, str] = {}
+_MEMBER_KEYS_MAX: Final = 4096
+
+
 def _member(code: str, text: str) -> str:
     """A signal's member of its vehicle's stored JSON object: `"code":{row}`."""
-    return f"{dumps(code)}:{text}"
+    start = _MEMBER_KEYS.get(code)
+    if start is None:
+        if len(_MEMBER_KEYS) >= _MEMBER_KEYS_MAX:
+            _MEMBER_KEYS.clear()
+        start = _MEMBER_KEYS[code] = dumps(code) + ":"
+    return start + text
 
 
 @dataclass(slots=True)
@@ -134,9 +154,33 @@ class _Vehicle:
     """One vehicle's stored signals (state, row text and rank key by code) and `updatedAt`."""
 
     signals: dict[str, Held] = field(default_factory=dict)
-    #: Each signal's member of the stored JSON object (`"code":{row}`), by code.
-    members: dict[str, str] = field(default_factory=dict)
+    #: Each signal's member of the stored JSON object (`"code":{row}`), by code; None for a
+    #: signal written since the row was (made by `_write_behind`).
+    members: dict[str, str | None] = field(default_factory=dict)
     updated_at: datetime | None = None
+    open_errors: int = 0
+    #: Whether a signal was written since the row was: its `signals` column is rewritten.
+    signals_changed: bool = False
+
+
+@dataclass(slots=True)
+class _EventRow:
+    """An `events` row's writes not yet made: `errors_applied` (None: as stored), `pending`
+    (the whole new value: None clears it) and `processed_at` (None: as stored)."""
+
+    errors_applied: bool | None
+    pending: str | None
+    processed_at: float | None
+
+
+def _signals_text(vehicle: _Vehicle) -> str:
+    """The vehicle's `signals` column: its members, those written since made now."""
+    members = vehicle.members
+    signals = vehicle.signals
+    for code, member in members.items():
+        if member is None:
+            members[code] = _member(code, text_of(signals[code]))
+    return "{" + ",".join(cast(Iterable[str], members.values())) + "}"
 
 
 class SqliteVehicleStateStore:
@@ -156,6 +200,14 @@ class SqliteVehicleStateStore:
         self._marks = 0
         self._cache: dict[str, _Vehicle] = {}
         self._version = -1
+        # Writes of the open transaction not yet made in SQLite: the vehicles whose rows
+        # change, and event rows (`_write_behind` makes them, at the latest before the
+        # commit). A vehicle's row is written once however many events changed it.
+        self._dirty: dict[str, _Vehicle] = {}
+        self._events: dict[tuple[str, str], _EventRow] = {}
+        # `is_processed`'s read of an event's row, for the `apply` that follows it:
+        # (vehicle key, eventId, errors_applied, pending), valid while `data_version` is.
+        self._peeked: tuple[str, str, bool, str | None] | None = None
         #: Whether the write calls share one transaction, committed by `flush`
         #: (`defer_commits`), and the timer that commits it at the latest.
         self._deferring = False
@@ -164,6 +216,7 @@ class SqliteVehicleStateStore:
         #: the last one's error, until a commit succeeds.
         self.failed_commits = 0
         self.commit_error: str | None = None
+        self._closed = False
 
     def _create_or_migrate(self) -> None:
         db = self._db
@@ -206,6 +259,7 @@ class SqliteVehicleStateStore:
         version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
         if version != self._version:
             self._cache.clear()
+            self._peeked = None
             self._version = version
 
     async def apply(self, event: Event, *, outbox: Outbox | None = None) -> ApplyResult:
@@ -232,14 +286,18 @@ class SqliteVehicleStateStore:
                 FLUSH_SECONDS, self._flush_on_timer)
 
     def _close_call(self) -> None:
-        """A call's writes are done: commit them, unless commits are deferred."""
+        """A call's writes are done: make and commit them, unless commits are deferred."""
         if not self._deferring:
+            self._write_behind()
             self._db.execute("COMMIT")
 
     def _failed(self) -> None:
         """A write or a commit failed: the transaction is rolled back, with whatever other
         calls wrote in it (deferring), and the cache, which may hold it, is forgotten."""
         self._cache.clear()
+        self._dirty.clear()
+        self._events.clear()
+        self._peeked = None
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
@@ -283,6 +341,7 @@ class SqliteVehicleStateStore:
             if not self._db.in_transaction:
                 return
             try:
+                self._write_behind()
                 self._db.execute("COMMIT")
             except BaseException as exc:
                 self._failed()
@@ -297,6 +356,42 @@ class SqliteVehicleStateStore:
         except sqlite3.Error as exc:
             logger.warning("vehicle state store %s: deferred writes could not be committed "
                            "(%s); their deliveries are redelivered", self.path, exc)
+
+    def _write_behind(self) -> None:
+        """Make the open transaction's writes that wait in memory (event rows first, then
+        vehicle rows). With `_lock` held, in the transaction."""
+        db = self._db
+        if self._events:
+            rows = [(vid, eid, None if e.errors_applied is None else int(e.errors_applied),
+                     e.pending, e.processed_at) for (vid, eid), e in self._events.items()]
+            self._events.clear()
+            db.executemany(_EVENT_WRITE, rows)
+            marks = sum(1 for row in rows if row[4] is not None)
+            if marks:
+                self._prune(marks, max(row[4] for row in rows if row[4] is not None))
+        if self._dirty:
+            vehicles: list[tuple[Any, ...]] = []
+            for vid, vehicle in self._dirty.items():
+                updated = vehicle.updated_at
+                vehicles.append((
+                    vid, updated.isoformat() if updated else None,
+                    updated.timestamp() if updated else None, len(vehicle.members),
+                    vehicle.open_errors,
+                    _signals_text(vehicle) if vehicle.signals_changed else None,
+                ))
+                vehicle.signals_changed = False
+            self._dirty.clear()
+            db.executemany(_VEHICLE_WRITE, vehicles)
+
+    def _write_waiting(self) -> None:
+        """Before a read in SQL: make the open transaction's writes (a failure rolls it back,
+        as a failed commit would). With `_lock` held."""
+        if self._dirty or self._events:
+            try:
+                self._write_behind()
+            except BaseException:
+                self._failed()
+                raise
 
     def _prune(self, marks: int, now: float) -> None:
         """Every `_PRUNE_EVERY` records, drop those past the retention."""
@@ -325,7 +420,8 @@ class SqliteVehicleStateStore:
             changes = Changes(result.changes)
             kept = [c for c in result.changes if outbox is None or outbox(c.code, c.path)]
         if writes or result.errors or result.marks_errors:
-            self._write(event.event_id, vehicle_id, writes, result, pending_text, cached, kept)
+            self._write(event.event_id, vehicle_id, writes, result, errors_applied,
+                        pending_text, cached, kept)
         cached.updated_at = result.updated_at
         cached.signals.update(writes)
         earlier = tuple(changes_from_text(pending_text)) if pending_text else ()
@@ -339,15 +435,17 @@ class SqliteVehicleStateStore:
         """The vehicle's signals as stored, from memory while no other connection has written
         (`_begin` checks that as it opens the write transaction); read inside that
         transaction, so nothing can change it before the commit."""
-        cached = self._cache.pop(vehicle_id, None)
+        cached = self._cache.pop(vehicle_id, None) or self._dirty.get(vehicle_id)
         if cached is None:
             cached = _Vehicle()
             vehicle = self._db.execute(
-                "SELECT updated_at, signals FROM vehicles WHERE vehicle_id = ?", (vehicle_id,)
+                "SELECT updated_at, signals, open_errors FROM vehicles WHERE vehicle_id = ?",
+                (vehicle_id,)
             ).fetchone()
             if vehicle is not None:
                 if vehicle[0]:
                     cached.updated_at = datetime.fromisoformat(vehicle[0])
+                cached.open_errors = int(vehicle[2])
                 for code, row in loads(vehicle[1]).items():
                     text = dumps(row)
                     cached.signals[code] = held(signal_from_row(row), text)
@@ -360,13 +458,21 @@ class SqliteVehicleStateStore:
     def _marker(self, vehicle_id: str, event_id: str) -> tuple[bool, str | None]:
         """Whether this event's errors were applied, and the changes an earlier delivery of it
         left pending (JSON text)."""
-        marker = self._db.execute(
-            "SELECT errors_applied, pending FROM events WHERE vehicle_id = ? AND event_id = ?",
-            (vehicle_id, event_id),
-        ).fetchone()
-        if marker is None:
-            return False, None
-        return bool(marker[0]), marker[1] or None
+        waiting = self._events.get((vehicle_id, event_id))
+        if waiting is not None and waiting.errors_applied is not None:
+            return waiting.errors_applied, waiting.pending
+        peeked, self._peeked = self._peeked, None
+        if peeked is not None and peeked[0] == vehicle_id and peeked[1] == event_id:
+            stored: tuple[bool, str | None] = (peeked[2], peeked[3])
+        else:
+            marker = self._db.execute(
+                "SELECT errors_applied, pending FROM events WHERE vehicle_id = ? "
+                "AND event_id = ?", (vehicle_id, event_id),
+            ).fetchone()
+            stored = (False, None) if marker is None else (bool(marker[0]), marker[1] or None)
+        if waiting is not None:  # processed meanwhile: its pending changes are done with
+            return stored[0], waiting.pending
+        return stored
 
     def _snapshot(self, event: Event, vehicle_id: str, cached: _Vehicle,
                   errors_applied: bool) -> Snapshot:
@@ -386,10 +492,12 @@ class SqliteVehicleStateStore:
         )
 
     def _write(self, event_id: str, vehicle_id: str, writes: dict[str, Held], result: Plan,
-               pending_text: str | None, cached: _Vehicle, kept: list[SignalChange]) -> None:
-        """Write the signals (`writes`: new row texts by code) and the rest of the plan."""
-        db = self._db
+               errors_applied: bool, pending_text: str | None, cached: _Vehicle,
+               kept: list[SignalChange]) -> None:
+        """Record the signals (`writes`: new row texts by code) and the rest of the plan: the
+        errors at once, the vehicle and event rows for `_write_behind`."""
         if result.errors:
+            db = self._db
             db.executemany(
                 "INSERT INTO errors (vehicle_id, type, code, state, row) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (vehicle_id, type, code) DO UPDATE SET state = excluded.state, "
@@ -397,10 +505,13 @@ class SqliteVehicleStateStore:
                 [(vehicle_id, key[0], key[1], record.state.state, dumps(error_row(record)))
                  for key, record in result.errors.items()],
             )
+            cached.open_errors = int(db.execute(
+                "SELECT count(*) FROM errors WHERE vehicle_id = ? AND state = ?",
+                (vehicle_id, OPEN)).fetchone()[0])
         # The outbox from the row texts at hand: nothing is serialised twice.
         items = [
             change_text(change, None if change.previous is None
-                        else cached.signals[change.code][1], writes[change.code][1])
+                        else text_of(cached.signals[change.code]), text_of(writes[change.code]))
             for change in kept
         ]
         if pending_text and items:
@@ -408,46 +519,23 @@ class SqliteVehicleStateStore:
         elif items:
             pending_text = "[" + ",".join(items) + "]"
         if items or result.marks_errors:
-            db.execute(
-                "INSERT INTO events (vehicle_id, event_id, errors_applied, pending) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (vehicle_id, event_id) DO UPDATE SET "
-                "errors_applied = max(errors_applied, excluded.errors_applied), "
-                "pending = excluded.pending",
-                (vehicle_id, event_id, int(result.marks_errors), pending_text),
-            )
-        updated = result.updated_at
+            key = (vehicle_id, event_id)
+            waiting = self._events.get(key)
+            self._events[key] = _EventRow(
+                errors_applied=errors_applied or result.marks_errors, pending=pending_text,
+                processed_at=None if waiting is None else waiting.processed_at)
         if writes:
             # The cache's members change before the commit: a failed write fails the turn,
-            # which empties the cache.
+            # which empties the cache. Their texts are made when the row is written.
             members = cached.members
-            for code, entry in writes.items():
-                members[code] = _member(code, entry[1])
-            db.execute(
-                "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch, signal_count, "
-                "signals) VALUES (?, ?, ?, ?, ?) ON CONFLICT (vehicle_id) DO UPDATE SET "
-                "updated_at = excluded.updated_at, updated_epoch = excluded.updated_epoch, "
-                "signal_count = excluded.signal_count, signals = excluded.signals",
-                (vehicle_id, updated.isoformat() if updated else None,
-                 updated.timestamp() if updated else None, len(members),
-                 "{" + ",".join(members.values()) + "}"),
-            )
-        else:
-            db.execute(
-                "INSERT INTO vehicles (vehicle_id, updated_at, updated_epoch) VALUES (?, ?, ?) "
-                "ON CONFLICT (vehicle_id) DO UPDATE SET updated_at = excluded.updated_at, "
-                "updated_epoch = excluded.updated_epoch",
-                (vehicle_id, updated.isoformat() if updated else None,
-                 updated.timestamp() if updated else None),
-            )
-        if result.errors:
-            db.execute(
-                "UPDATE vehicles SET open_errors = (SELECT count(*) FROM errors "
-                "WHERE vehicle_id = ? AND state = ?) WHERE vehicle_id = ?",
-                (vehicle_id, OPEN, vehicle_id),
-            )
+            for code in writes:
+                members[code] = None
+            cached.signals_changed = True
+        self._dirty[vehicle_id] = cached
 
     async def pending_changes(self, vehicle_id: str, event_id: str) -> tuple[SignalChange, ...]:
         with self._lock:
+            self._write_waiting()
             row = self._db.execute(
                 "SELECT pending FROM events WHERE vehicle_id = ? AND event_id = ? "
                 "AND processed_at IS NULL", (vehicle_id, event_id),
@@ -456,20 +544,35 @@ class SqliteVehicleStateStore:
 
     async def is_processed(self, vehicle_id: str | None, event_id: str) -> bool:
         since = self._clock() - INBOX_RETENTION_SECONDS
+        key = vehicle_id or _NO_VEHICLE
         with self._lock:
+            waiting = self._events.get((key, event_id))
+            if waiting is not None and waiting.processed_at is not None:
+                return bool(waiting.processed_at >= since)
             row = self._db.execute(
-                "SELECT 1 FROM events WHERE vehicle_id = ? AND event_id = ? "
-                "AND processed_at >= ?", (vehicle_id or _NO_VEHICLE, event_id, since),
+                "SELECT processed_at, errors_applied, pending FROM events "
+                "WHERE vehicle_id = ? AND event_id = ?", (key, event_id),
             ).fetchone()
-        return row is not None
+            if row is None:
+                self._peeked = (key, event_id, False, None)
+                return False
+            if row[0] is not None and float(row[0]) >= since:
+                return True
+            self._peeked = (key, event_id, bool(row[1]), row[2] or None)
+            return False
 
     async def mark_processed(self, vehicle_id: str | None, event_id: str) -> None:
         now = self._clock()
         with self._lock:
             self._open()
             try:
-                self._db.execute(_RECORD, (vehicle_id or _NO_VEHICLE, event_id, now))
-                self._prune(1, now)
+                key = (vehicle_id or _NO_VEHICLE, event_id)
+                waiting = self._events.get(key)
+                self._events[key] = _EventRow(
+                    errors_applied=None if waiting is None else waiting.errors_applied,
+                    pending=None, processed_at=now)
+                if self._peeked is not None and self._peeked[:2] == key:
+                    self._peeked = None
                 self._close_call()
             except BaseException:
                 self._failed()
@@ -479,6 +582,7 @@ class SqliteVehicleStateStore:
     async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:
         with self._lock:
             if self._db.in_transaction:  # deferred writes: read them too
+                self._write_waiting()
                 vehicle, signals, errors = self._read_vehicle(vehicle_id)
             else:
                 # One read transaction: the vehicle, its signals and its errors as of one
@@ -511,6 +615,7 @@ class SqliteVehicleStateStore:
 
     async def list_vehicles(self, *, limit: int = 100) -> list[VehicleSummary]:
         with self._lock:
+            self._write_waiting()
             rows = self._db.execute(
                 "SELECT vehicle_id, updated_at, signal_count, open_errors FROM vehicles "
                 "ORDER BY updated_epoch IS NULL, updated_epoch DESC, vehicle_id LIMIT ?",
@@ -527,10 +632,13 @@ class SqliteVehicleStateStore:
         """Commit the deferred writes, then close. Writes that cannot be committed are logged
         and lost: their deliveries were not completed (`defer_commits`), so they are
         redelivered."""
+        if self._closed:
+            return
         try:
             self.flush()
         except sqlite3.Error as exc:
             logger.warning("vehicle state store %s: deferred writes could not be committed at "
                            "close (%s)", self.path, exc)
         with self._lock:
+            self._closed = True
             self._db.close()

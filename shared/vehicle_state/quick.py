@@ -3,11 +3,12 @@ the decoded signals, without building a `Signal` per entry.
 
 Most deliveries are ~20 signals that each carry a code, a number or short string in `body`,
 and integer `oemUpdatedAt`/`retrievedAt` milliseconds, and most of them are newer than what
-is stored. For such an event `quick_plan` decides every signal from an integer key and writes
-each stored row's JSON text directly. Anything else in the event (a signal without a code or
-with an error status, a repeated code, a timestamp that is not integer milliseconds or is not
-usable, a value that may be too large, or a reading that ties with the stored one) makes it
-answer None, and the caller runs `rules.plan`, the one definition of the rules.
+is stored. For such an event `quick_plan` decides every signal from an integer key, and each
+stored row's JSON text is put together from its parts (`text_of`, when it is needed).
+Anything else in the event (a signal without a code or with an error status, a repeated code,
+a timestamp that is not integer milliseconds or is not usable, a value that may be too large,
+or a reading that ties with the stored one) makes it answer None, and the caller runs
+`rules.plan`, the one definition of the rules.
 
 tests/test_vehicle_state_quick.py checks, by Hypothesis over mixed events and stored states,
 that whenever `quick_plan` answers, its plan and its row texts are `rules.plan`'s and
@@ -46,13 +47,16 @@ _MAX_INT: Final = (1 << 64) - 1
 #: A signal's rank without its content: (dated, oemUpdatedAt µs, retrievedAt µs, eventId).
 #: Equal keys are the rare tie that `rules.outranks` settles by content.
 Key = tuple[bool, int, int, str]
-#: What `_new_state` needs besides the constant "ok" status: (code, path, value, unit,
-#: oemUpdatedAt, retrievedAt, eventId).
-Recipe = tuple[str, str | None, Any, str | None, datetime, datetime | None, str]
+#: What `_new_state` needs besides the constant "ok" status, and the row text's parts: (value,
+#: the signal's code, path and unit (`_Static`), its times (`_Times`), eventId, the row
+#: text's end after the times).
+Recipe = tuple[Any, "_Static", "_Times", str, str]
 #: A stored signal as a backend keeps it at hand: (rank key, the row's JSON text as
-#: `codec.signal_row` spells it, its state or the recipe of its state). A plain tuple: the
-#: fast path makes ~20 per delivery, and most states are never looked at.
-Held = tuple[Key, str, "SignalState | Recipe"]
+#: `codec.signal_row` spells it, or None until `text_of` makes it from the recipe; its state
+#: or the recipe of its state). A plain tuple: the fast path makes ~20 per delivery, and most
+#: states and many texts are never looked at (a signal written again before its vehicle's
+#: row is written needs no text).
+Held = tuple[Key, "str | None", "SignalState | Recipe"]
 
 
 def _micros(value: datetime | None) -> int:
@@ -69,11 +73,23 @@ def state_of(entry: Held) -> SignalState:
     """The stored signal's state (built from its recipe when the fast path wrote it)."""
     state = entry[2]
     if type(state) is tuple:
-        code, path, value, unit, oem_at, retrieved_at, event_id = state
-        return _new_state(code, path, value, unit, oem_at, retrieved_at, event_id, "ok", None,
-                          None)
+        value, static, moments, event_id, _ = state
+        return _new_state(static.code, static.path, value, static.unit, moments.oem_at,
+                          moments.retrieved_at, event_id, "ok", None, None)
     assert isinstance(state, SignalState)
     return state
+
+
+def text_of(entry: Held) -> str:
+    """The stored signal's row text (made from its recipe when the fast path left it for
+    later: a number's, which cannot fail)."""
+    text = entry[1]
+    if text is not None:
+        return text
+    recipe = entry[2]
+    assert type(recipe) is tuple
+    value, static, moments, _, tail = recipe
+    return f'{static.head}"{orjson.dumps(value).decode()}"{static.unit_json}{moments.text}{tail}'
 
 
 #: One accepted change: (code, path, the stored signal before, the signal now).
@@ -122,14 +138,19 @@ def quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...]
 def _quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...],
                 stored: Mapping[str, Held], updated_at: datetime | None) -> QuickPlan | None:
     # The parts of a row text that repeat: per (code, group, name, unit) its start and its
-    # path; per (oemUpdatedAt, retrievedAt) the times (a delivery's signals mostly share them).
-    times: dict[tuple[int, Any], _Times | None] = {}
+    # path; per (oemUpdatedAt, retrievedAt) the times and the rank key (a delivery's signals
+    # mostly share them, so most signals find the previous signal's at hand).
+    times: dict[tuple[int, int | None], tuple[_Times, Key]] = {}
     event_tail = ',"eventId":' + orjson.dumps(event_id).decode() + ',"status":"ok"}'
     writes: dict[str, Held] = {}
     changed: list[Changed] = []
     stale: list[str] = []
     newest: _Times | None = None
     seen: set[str] = set()
+    last_oem: Any = None
+    last_retrieved: Any = None
+    moments: _Times | None = None
+    key: Key = (False, 0, 0, "")  # set with `moments`, before its first use
     for item in items:
         get = item.get
         code = get("code")
@@ -143,12 +164,21 @@ def _quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...
         retrieved = meta.get("retrievedAt")
         if retrieved is None:
             retrieved = meta.get("fetchedAt")
-        moments = times.get((oem, retrieved), _UNSEEN)
-        if moments is _UNSEEN:
-            moments = times[(oem, retrieved)] = _times(oem, retrieved)
-        if moments is None:
+        # Integer milliseconds only (`type` rules out bool and float, which compare equal
+        # to an int and would otherwise share its times).
+        if type(oem) is not int or (retrieved is not None and type(retrieved) is not int):
             return None
-        key = (True, moments.oem_us, moments.retrieved_us, event_id)
+        if moments is None or oem != last_oem or retrieved != last_retrieved:
+            found = times.get((oem, retrieved))
+            if found is None:
+                made = _times(oem, retrieved)
+                if made is None:
+                    return None
+                found = times[(oem, retrieved)] = (
+                    made, (True, made.oem_us, made.retrieved_us, event_id))
+            moments, key = found
+            last_oem, last_retrieved = oem, retrieved
+        assert moments is not None
         previous = stored.get(code)
         if previous is not None and key <= previous[0]:
             if key == previous[0]:
@@ -163,25 +193,21 @@ def _quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...
         else:
             value, unit = body.get("value"), body.get("unit")
         kind = type(value)
-        if kind is float or (kind is int and _MIN_INT <= value <= _MAX_INT):
-            value_json = '"' + orjson.dumps(value).decode() + '"'
-        else:
-            other = _other_value_json(value)
-            if other is None:
-                return None
-            value_json = other
-        group, name = get("group"), get("name")
-        static = _STATIC.get((code, group, name, unit))
+        static = _STATIC.get((code, get("group"), get("name"), unit))
         if static is None:
-            static = _static(code, group, name, unit)
+            static = _static(code, get("group"), get("name"), unit)
             if static is None:
                 return None
-        entry = writes[code] = (
-            key, static.head + value_json + static.unit_json + moments.text + event_tail,
-            (code, static.path, value, static.unit, moments.oem_at, moments.retrieved_at,
-             event_id))
+        if kind is float or (kind is int and _MIN_INT <= value <= _MAX_INT):
+            text = None  # a number's text cannot fail: `text_of` makes it when needed
+        else:
+            value_json = _other_value_json(value)  # and whether the fast path takes it
+            if value_json is None:
+                return None
+            text = f"{static.head}{value_json}{static.unit_json}{moments.text}{event_tail}"
+        entry = writes[code] = (key, text, (value, static, moments, event_id, event_tail))
         changed.append((code, static.path, previous, entry))
-        if newest is None or moments.oem_us > newest.oem_us:
+        if moments is not newest and (newest is None or moments.oem_us > newest.oem_us):
             newest = moments
     if newest is not None and (updated_at is None or newest.oem_at > updated_at):
         updated_at = newest.oem_at
@@ -224,6 +250,7 @@ class _Static:
     """What a signal's row text starts with (code and path) and its unit part, which stay
     the same from one delivery to the next."""
 
+    code: str
     head: str
     path: str | None
     unit: str | None
@@ -244,7 +271,7 @@ def _static(code: str, group: Any, name: Any, unit: Any) -> _Static | None:
     head = '{"code":' + orjson.dumps(code).decode()
     if path is not None:
         head += ',"path":' + orjson.dumps(path).decode()
-    static = _Static(head + ',"value":', path, unit_text,
+    static = _Static(code, head + ',"value":', path, unit_text,
                      "" if unit_text is None else ',"unit":' + orjson.dumps(unit_text).decode())
     if len(_STATIC) >= _STATIC_MAX:
         _STATIC.clear()
