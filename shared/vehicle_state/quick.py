@@ -130,8 +130,7 @@ def quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...]
     try:
         return _quick_plan(vehicle_id, event_id, items, stored, updated_at)
     except TypeError:
-        # Text orjson refuses (a lone surrogate), or a group, name or unit that is a JSON
-        # array or object (not a dictionary key): the rules decide such an event.
+        # Text orjson refuses (a lone surrogate): the rules decide such an event.
         return None
 
 
@@ -193,9 +192,11 @@ def _quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...
         else:
             value, unit = body.get("value"), body.get("unit")
         kind = type(value)
-        static = _STATIC.get((code, get("group"), get("name"), unit))
-        if static is None:
-            static = _static(code, get("group"), get("name"), unit)
+        group, name = get("group"), get("name")
+        static = _STATIC.get(code)
+        if (static is None or static.group != group or static.name != name
+                or static.unit_given != unit):
+            static = _static(code, group, name, unit)
             if static is None:
                 return None
         if kind is float or (kind is int and _MIN_INT <= value <= _MAX_INT):
@@ -255,15 +256,24 @@ class _Static:
     path: str | None
     unit: str | None
     unit_json: str
+    #: The group, name and unit as the payload gave them (a signal whose are equal shares
+    #: these parts: equal values make the same parts).
+    group: Any
+    name: Any
+    unit_given: Any
 
 
-#: `_Static` by (code, group, name, unit) as the payload spells them; emptied when full.
-_STATIC: dict[tuple[Any, Any, Any, Any], _Static] = {}
+#: `_Static` by code, for the group, name and unit it holds; emptied when full.
+_STATIC: dict[str, _Static] = {}
 _STATIC_MAX: Final = 4096
+#: JSON arrays and objects: a group, name or unit that is one makes the event decline.
+_CONTAINERS: Final = (list, dict)
 
 
 def _static(code: str, group: Any, name: Any, unit: Any) -> _Static | None:
     if not code or len(code) > MAX_CODE_CHARS:
+        return None
+    if type(group) in _CONTAINERS or type(name) in _CONTAINERS or type(unit) in _CONTAINERS:
         return None
     path = f"{group}.{name}" if (type(group) is str and group and type(name) is str
                                  and name) else None
@@ -272,12 +282,11 @@ def _static(code: str, group: Any, name: Any, unit: Any) -> _Static | None:
     if path is not None:
         head += ',"path":' + orjson.dumps(path).decode()
     static = _Static(code, head + ',"value":', path, unit_text,
-                     "" if unit_text is None else ',"unit":' + orjson.dumps(unit_text).decode())
+                     "" if unit_text is None else ',"unit":' + orjson.dumps(unit_text).decode(),
+                     group, name, unit)
     if len(_STATIC) >= _STATIC_MAX:
         _STATIC.clear()
-    # An unhashable group, name or unit (a JSON array or object) made the lookup raise
-    # TypeError already: the event declines.
-    _STATIC[(code, group, name, unit)] = static
+    _STATIC[code] = static
     return static
 
 
