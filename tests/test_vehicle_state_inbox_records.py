@@ -14,6 +14,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from shared.events import Event
+from shared.handlers import HandlerContext, HandlerRegistry
 from shared.local.queue import LocalQueue
 from shared.local.vehicle_state import FILE_NAME, FLUSH_SECONDS, SqliteVehicleStateStore
 
@@ -21,6 +23,8 @@ from .support import RunningHost, encode, local_env, signed_headers, wait_until
 from .support import state_event as webhook_event
 from .vehicle_events import SOC as SOC_CODE
 from .vehicle_events import T0, VEHICLE, signal, state_event
+
+SLOW_VEHICLE = "4f6c2b1e-8d3a-4c5b-9e7f-0a1b2c3d4e5f"
 
 
 def records_on_disk(path: Path) -> set[str]:
@@ -224,3 +228,78 @@ class TestTheLocalHost:
             assert host.get("/api/health").status == 200
             assert attempts() == 2
         assert event["eventId"] in records_on_disk(tmp_path / FILE_NAME)
+
+    def test_an_event_is_dead_lettered_only_after_what_it_stored_is_on_disk(
+        self, tmp_path: Path
+    ) -> None:
+        registry = HandlerRegistry()
+
+        @registry.on("VEHICLE_STATE")
+        async def fail(event: Event, context: HandlerContext) -> None:
+            raise RuntimeError("this handler always fails")
+
+        found_at_dead_letter: list[set[str]] = []
+
+        def watch(runtime: Any) -> None:
+            queue: LocalQueue = runtime.queue
+            dead_letter = queue.dead_letter_by_sequence
+
+            def observed(*args: Any, **kwargs: Any) -> Any:
+                found_at_dead_letter.append(vehicles_on_disk(tmp_path / FILE_NAME))
+                return dead_letter(*args, **kwargs)
+
+            queue.dead_letter_by_sequence = observed  # type: ignore[method-assign]
+
+        event = other_signal_event()
+        body = encode(event)
+        with RunningHost(local_env(tmp_path, MAX_DELIVERY_COUNT="1"), registry=registry,
+                         customize=watch) as host:
+            assert host.post("/api/webhooks/smartcar", body, signed_headers(body)).status == 200
+            wait_until(lambda: host.runtime.queue.stats()["deadLettered"] == 1, timeout=30)
+        # The event's vehicle was on disk when the event was dead-lettered: it is not
+        # redelivered, so nothing would write it later.
+        assert found_at_dead_letter == [{event["vehicleId"]}]
+
+    def test_a_delivery_running_when_a_commit_failed_is_not_completed(
+        self, tmp_path: Path
+    ) -> None:
+        registry = HandlerRegistry()
+        slow_first = {"left": 1}
+
+        @registry.on("VEHICLE_STATE")
+        async def slow_once(event: Event, context: HandlerContext) -> None:
+            if event.vehicle_id == SLOW_VEHICLE and slow_first["left"]:
+                slow_first["left"] = 0
+                await asyncio.sleep(1.0)  # the commit of its writes fails meanwhile
+
+        slow = other_signal_event()
+        slow["vehicleId"] = SLOW_VEHICLE
+        fast = other_signal_event()
+        handled = tmp_path / "handled.jsonl"
+
+        def attempts(event_id: str) -> int:
+            if not handled.exists():
+                return 0
+            return sum(json.loads(line)["eventId"] == event_id
+                       for line in handled.read_text().splitlines() if line)
+
+        with RunningHost(local_env(tmp_path), registry=registry, lock_duration=2.0) as host:
+            store = host.runtime.vehicle_state
+            assert isinstance(store, SqliteVehicleStateStore)
+            with store._lock:
+                store._db.set_authorizer(refuse_commit)
+            body = encode(slow)
+            assert host.post("/api/webhooks/smartcar", body, signed_headers(body)).status == 200
+            wait_until(lambda: store.failed_commits >= 1, timeout=15)
+            with store._lock:
+                store._db.set_authorizer(None)
+            # Another delivery completes meanwhile (the host has seen the failure then).
+            body = encode(fast)
+            assert host.post("/api/webhooks/smartcar", body, signed_headers(body)).status == 200
+            wait_until(lambda: attempts(slow["eventId"]) >= 1, timeout=15)
+            # The slow one's writes were in the failed commit: it is redelivered when its
+            # lock expires, and handled again, not completed without them.
+            wait_until(lambda: attempts(slow["eventId"]) == 2, timeout=30)
+            wait_until(lambda: host.runtime.queue.stats()["active"] == 0, timeout=30)
+        assert SLOW_VEHICLE in vehicles_on_disk(tmp_path / FILE_NAME)
+        assert slow["eventId"] in records_on_disk(tmp_path / FILE_NAME)

@@ -66,6 +66,8 @@ FILE_NAME: Final = "vehicle_state.sqlite3"
 #: Processed eventIds are kept at least 7 days (Smartcar's advice); pruned after 8.
 INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
 _PRUNE_EVERY: Final = 1000
+#: Events whose writes a failed commit lost, remembered until applied again (at most).
+_LOST_KEPT: Final = 10_000
 #: Deferred writes (`defer_commits`) are committed at most this long after the first.
 FLUSH_SECONDS: Final = 0.02
 #: Vehicles whose signals are kept in memory between applies (least recently used dropped).
@@ -183,6 +185,12 @@ def _signals_text(vehicle: _Vehicle) -> str:
     return "{" + ",".join(cast(Iterable[str], members.values())) + "}"
 
 
+class WritesLostError(sqlite3.OperationalError):
+    """`mark_processed` for an event whose apply was in a deferred commit that failed: its
+    state and pending changes are not stored, so it must not be recorded as processed. The
+    delivery fails and is redelivered, and applied again."""
+
+
 class SqliteVehicleStateStore:
     """`VehicleStateStore` on a local SQLite file."""
 
@@ -208,6 +216,10 @@ class SqliteVehicleStateStore:
         # `is_processed`'s read of an event's row, for the `apply` that follows it:
         # (vehicle key, eventId, errors_applied, pending), valid while `data_version` is.
         self._peeked: tuple[str, str, bool, str | None] | None = None
+        # Events applied in the open transaction, and those whose transaction failed (until
+        # they are applied again): see `WritesLostError`.
+        self._applied: set[tuple[str, str]] = set()
+        self._lost: set[tuple[str, str]] = set()
         #: Whether the write calls share one transaction, committed by `flush`
         #: (`defer_commits`), and the timer that commits it at the latest.
         self._deferring = False
@@ -290,6 +302,7 @@ class SqliteVehicleStateStore:
         if not self._deferring:
             self._write_behind()
             self._db.execute("COMMIT")
+            self._applied.clear()
 
     def _failed(self) -> None:
         """A write or a commit failed: the transaction is rolled back, with whatever other
@@ -298,6 +311,10 @@ class SqliteVehicleStateStore:
         self._dirty.clear()
         self._events.clear()
         self._peeked = None
+        if len(self._lost) > _LOST_KEPT:  # events never delivered again: forget the oldest
+            self._lost.clear()
+        self._lost |= self._applied
+        self._applied.clear()
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
@@ -348,6 +365,7 @@ class SqliteVehicleStateStore:
                 self.commit_error = f"{type(exc).__name__}: {exc}"
                 raise
             self.commit_error = None
+            self._applied.clear()
 
     def _flush_on_timer(self) -> None:
         self._flush_timer = None
@@ -419,6 +437,9 @@ class SqliteVehicleStateStore:
                       for code, state in result.signals.items()}
             changes = Changes(result.changes)
             kept = [c for c in result.changes if outbox is None or outbox(c.code, c.path)]
+        key = (vehicle_id, event.event_id)
+        self._lost.discard(key)
+        self._applied.add(key)
         if writes or result.errors or result.marks_errors:
             self._write(event.event_id, vehicle_id, writes, result, errors_applied,
                         pending_text, cached, kept)
@@ -564,9 +585,14 @@ class SqliteVehicleStateStore:
     async def mark_processed(self, vehicle_id: str | None, event_id: str) -> None:
         now = self._clock()
         with self._lock:
+            key = (vehicle_id or _NO_VEHICLE, event_id)
+            if key in self._lost:
+                self._lost.discard(key)
+                raise WritesLostError(
+                    f"event {event_id}: what its apply stored was lost with a failed commit "
+                    f"({self.commit_error}); it is not recorded as processed")
             self._open()
             try:
-                key = (vehicle_id or _NO_VEHICLE, event_id)
                 waiting = self._events.get(key)
                 self._events[key] = _EventRow(
                     errors_applied=None if waiting is None else waiting.errors_applied,
