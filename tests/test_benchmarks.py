@@ -23,7 +23,8 @@ REQUIRED = {
                            "us_per_message_5kb_signals_read", "us_per_message_5kb_data_read"},
     "local_end_to_end": {"events_per_s", "ack_p50_ms", "ack_p99_ms", "lost",
                          "duplicates_processed", "host_cpu_us_per_event",
-                         "host_cpu_us_per_event_store_off", "host_cpu_ratio_store_on_off"},
+                         "host_cpu_us_per_event_store_off", "host_cpu_ratio_store_on_off",
+                         "host_cpu_ratio_of_medians"},
     "vehicle_state_store": {f"{backend}_{call}_{p}_ms" for backend in ("sqlite", "table_azurite")
                             for call in ("apply", "event") for p in ("p50", "p99")},
     "runtime_invocation": {f"{host}_{figure}" for host in ("in_process", "local_host", "runtime")
