@@ -26,7 +26,8 @@ REQUIRED = {
                          "host_cpu_us_per_event_store_off", "host_cpu_ratio_store_on_off",
                          "host_cpu_ratio_of_medians"},
     "vehicle_state_store": {f"{backend}_{call}_{p}_ms" for backend in ("sqlite", "table_azurite")
-                            for call in ("apply", "event") for p in ("p50", "p99")},
+                            for call in ("apply", "event") for p in ("p50", "p99")}
+    | {"sqlite_event_mean_ms", "sqlite_deferred_event_mean_ms", "sqlite_deferred_event_p99_ms"},
     "runtime_invocation": {f"{host}_{figure}" for host in ("in_process", "local_host", "runtime")
                            for figure in ("us", "p99_us")}
     | {"local_host_overhead_us", "runtime_overhead_us"},

@@ -2,11 +2,19 @@
 (`vehicle_state.sqlite3`). Local only, like the embedded queue: Azure uses Table Storage
 (shared/vehicle_state/table_store.py), and both run the same rules (shared/vehicle_state/rules.py).
 
-Each apply is one `BEGIN IMMEDIATE` transaction: it reads the rows the event touches, decides
-(`quick.quick_plan` for the common delivery, else `rules.plan`), and writes the new state
-together with the event's pending changes (the outbox), so no crash can separate them. SQLite
-serialises writers, also across processes (the local host and the CLI), so there are no write
-conflicts to retry here.
+An apply reads the rows the event touches (from memory while no other connection has
+written), decides (`quick.quick_plan` for the common delivery, else `rules.plan`), and writes
+the new state together with the event's pending changes (the outbox) in one `BEGIN IMMEDIATE`
+transaction, so no crash can separate them. The vehicle and event rows are kept in memory
+and written just before the commit (`_write_behind`), so a vehicle's row is written once per
+commit. SQLite serialises writers, also across processes (the local host and the CLI), so
+there are no write conflicts to retry here.
+
+By default each call commits. The local host calls `defer_commits`: the calls then share one
+transaction, which it commits (`flush`) before it completes or dead-letters the deliveries
+that wrote in it, and which is committed at most `FLUSH_SECONDS` after its first write. A
+commit that fails loses its writes with their deliveries' completions (`failed_commits`,
+`WritesLostError`).
 
 The calls run on the caller's thread: each is a few indexed reads and writes in WAL mode
 without an fsync per commit (`synchronous=NORMAL`), well under a millisecond, which costs less
