@@ -72,7 +72,9 @@ def items(draw: st.DrawFn) -> dict[str, Any]:
     name = draw(st.sampled_from(["StateOfCharge", "", None]))
     if name is not None:
         item["name"] = name
-    status = draw(mostly(None, {}, {"value": "OK"},
+    status = draw(mostly(None, {}, {"value": "OK"}, {"value": "SUCCESS"}, {"value": "success"},
+                         {"value": 5}, {"value": "Error"},
+                         {"value": "SUCCESS", "error": {"type": "T", "code": "C"}},
                          {"value": "ERROR", "error": {"type": "T", "code": "C"}}))
     if status is not None:
         item["status"] = status
@@ -223,6 +225,13 @@ class TestItAnswersForTheCommonShape:
         assert [state_of(h).path for h in quick.writes.values()] == [None, None]
         assert check_against_the_rules({}, None, event)
 
+    def test_signals_that_say_they_succeeded(self) -> None:
+        # As Smartcar may send them: a body and `"status":{"value":"SUCCESS"}`.
+        event = event_of("e1", [{**common(CODES[0], 1, T0), "status": {"value": "SUCCESS"}},
+                                {**common(CODES[1], 2, T0), "status": {"value": "success"}}])
+        assert event is not None
+        assert check_against_the_rules({}, None, event)
+
     def test_a_later_reading_of_the_same_time_wins_by_its_retrieval(self) -> None:
         before = event_of("e1", [common(CODES[0], 1, T0, T0 + 10)])
         after = event_of("e2", [common(CODES[0], 2, T0, T0 + 20)])
@@ -235,6 +244,7 @@ class TestItDeclines:
     @pytest.mark.parametrize("signals", [
         [common(CODES[0], 1, T0), common(CODES[0], 2, T0 + 1)],  # a repeated code
         [{**common(CODES[0], 1, T0), "status": {"value": "ERROR"}}],
+        [{**common(CODES[0], 1, T0), "status": {"value": "Error"}}],
         [{**common(CODES[0], 1, T0), "code": ""}],
         [{**common(CODES[0], 1, T0), "meta": {}}],  # undated
         [common(CODES[0], 1, 946_684_799_999)],  # before 2000: not a usable time

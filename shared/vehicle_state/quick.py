@@ -153,7 +153,10 @@ def _quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...
     for item in items:
         get = item.get
         code = get("code")
-        if type(code) is not str or code in seen or get("status") is not None:
+        if type(code) is not str or code in seen:
+            return None
+        status = get("status")
+        if status is not None and not _succeeded(status):
             return None
         seen.add(code)
         meta = get("meta")
@@ -288,6 +291,16 @@ def _static(code: str, group: Any, name: Any, unit: Any) -> _Static | None:
         _STATIC.clear()
     _STATIC[code] = static
     return static
+
+
+def _succeeded(status: Any) -> bool:
+    """Whether a signal's `status` is one the rules read as a success (`"SUCCESS"`, as
+    Smartcar may send with a body, or any value but "ERROR"): its stored state is the same as
+    without a status."""
+    if type(status) is not dict:
+        return False
+    value = status.get("value")
+    return not (type(value) is str and value.upper() == "ERROR")
 
 
 def _other_value_json(value: Any) -> str | None:
