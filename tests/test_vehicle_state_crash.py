@@ -49,25 +49,45 @@ def store_rows(state: Path, event_id: str) -> tuple[Any, Any]:
     return signal_row, event_row
 
 
-def test_a_kill_between_store_and_handler_fires_on_change_after_restart(tmp_path: Path) -> None:
+def killed_in_its_handler(tmp_path: Path, crash_after: str) -> tuple[int, dict[str, str],
+                                                                     dict[str, Any]]:
+    """Start the crash host, deliver one event with a charge, and wait until the `on_change`
+    handler has killed the host `crash_after` seconds into its call: (port, env, event)."""
     port = free_port()
-    state = tmp_path / "state"
     env = base_env(tmp_path, port)
-    # The handler dies a second after it started: the store has committed the change then.
-    env.update(TEST_CALLS=str(tmp_path / "calls.jsonl"), TEST_CRASH="1", LOG_LEVEL="WARNING")
+    env.update(TEST_CALLS=str(tmp_path / "calls.jsonl"), TEST_CRASH=crash_after,
+               LOG_LEVEL="WARNING")
     event = state_event()
     body = encode(event)
-
     with host_process(HOST, env, port) as proc:
         # The host hands a stored event straight to a free worker, so the kill can beat the
         # 200 out of the door (Smartcar would retry then); the queue had committed it either
-        # way, as the restart below shows.
+        # way, as the restart shows.
         try:
             status = http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status
         except ConnectionError:
             status = 200
         assert status == 200
         assert proc.wait(timeout=60) == -signal.SIGKILL
+    del env["TEST_CRASH"]
+    return port, env, event
+
+
+def restarted_until_processed(port: int, env: dict[str, str], state: Path,
+                              event_id: str) -> int:
+    """Restart the host until it has processed the event and committed its inbox record
+    (the record is committed before the message is completed; the host is killed when this
+    returns): the restarted host's pid."""
+    with host_process(HOST, env, port) as proc:
+        wait_until(lambda: processed_ids(state) == [event_id], timeout=60)
+        wait_until(lambda: (store_rows(state, event_id)[1] or (1,))[0] == 0, timeout=15)
+        return proc.pid
+
+
+def test_a_kill_between_store_and_handler_fires_on_change_after_restart(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    # The handler dies a second after it started: the store has committed the change then.
+    port, env, event = killed_in_its_handler(tmp_path, "1")
     (first,) = calls(tmp_path / "calls.jsonl")
     assert (first["eventId"], first["previous"], first["current"]) == (event["eventId"], None, 78)
     stored, event_row = store_rows(state, event["eventId"])
@@ -75,14 +95,9 @@ def test_a_kill_between_store_and_handler_fires_on_change_after_restart(tmp_path
     assert event_row == (1, None)  # changes pending, not processed
     assert processed_ids(state) == []
 
-    del env["TEST_CRASH"]
-    with host_process(HOST, env, port) as proc:
-        wait_until(lambda: processed_ids(state) == [event["eventId"]], timeout=60)
-        # The inbox record is committed before the message is completed (the host is killed
-        # when this block ends).
-        wait_until(lambda: (store_rows(state, event["eventId"])[1] or (1,))[0] == 0, timeout=15)
-        second = calls(tmp_path / "calls.jsonl")[1]
-        assert second["pid"] == proc.pid != first["pid"]
+    pid = restarted_until_processed(port, env, state, event["eventId"])
+    second = calls(tmp_path / "calls.jsonl")[1]
+    assert second["pid"] == pid != first["pid"]
     assert (second["eventId"], second["previous"], second["current"]) == (
         event["eventId"], None, 78)
     assert len(calls(tmp_path / "calls.jsonl")) == 2
@@ -91,27 +106,12 @@ def test_a_kill_between_store_and_handler_fires_on_change_after_restart(tmp_path
 
 
 def test_a_kill_before_the_stores_commit_fires_on_change_after_restart(tmp_path: Path) -> None:
-    port = free_port()
     state = tmp_path / "state"
-    env = base_env(tmp_path, port)
     # The handler dies at once, possibly before the store's write was committed.
-    env.update(TEST_CALLS=str(tmp_path / "calls.jsonl"), TEST_CRASH="0", LOG_LEVEL="WARNING")
-    event = state_event()
-    body = encode(event)
-
-    with host_process(HOST, env, port) as proc:
-        try:
-            status = http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status
-        except ConnectionError:
-            status = 200
-        assert status == 200
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+    port, env, event = killed_in_its_handler(tmp_path, "0")
     assert processed_ids(state) == []
 
-    del env["TEST_CRASH"]
-    with host_process(HOST, env, port):
-        wait_until(lambda: processed_ids(state) == [event["eventId"]], timeout=60)
-        wait_until(lambda: (store_rows(state, event["eventId"])[1] or (1,))[0] == 0, timeout=15)
+    restarted_until_processed(port, env, state, event["eventId"])
     first, second = calls(tmp_path / "calls.jsonl")
     assert first["pid"] != second["pid"]
     for call in (first, second):
