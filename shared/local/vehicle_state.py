@@ -74,7 +74,8 @@ FILE_NAME: Final = "vehicle_state.sqlite3"
 #: Processed eventIds are kept at least 7 days (Smartcar's advice); pruned after 8.
 INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
 _PRUNE_EVERY: Final = 1000
-#: Events whose writes a failed commit lost, remembered until applied again (at most).
+#: Events whose writes a failed commit lost are remembered until applied again; past this
+#: many, all are forgotten.
 _LOST_KEPT: Final = 10_000
 #: Deferred writes (`defer_commits`) are committed at most this long after the first.
 FLUSH_SECONDS: Final = 0.02
@@ -319,7 +320,7 @@ class SqliteVehicleStateStore:
         self._dirty.clear()
         self._events.clear()
         self._peeked = None
-        if len(self._lost) > _LOST_KEPT:  # events never delivered again: forget the oldest
+        if len(self._lost) > _LOST_KEPT:  # events never delivered again: forget them all
             self._lost.clear()
         self._lost |= self._applied
         self._applied.clear()

@@ -229,9 +229,6 @@ class _Times:
     text: str
 
 
-_UNSEEN: Final[Any] = object()
-
-
 def _times(oem: Any, retrieved: Any) -> _Times | None:
     """`oem`/`retrieved` as the fast path takes them, or None: integer milliseconds, and an
     oemUpdatedAt that `rules.usable_oem` accepts (else the reading is undated)."""
