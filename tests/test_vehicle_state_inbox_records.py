@@ -22,7 +22,7 @@ from shared.local.vehicle_state import FILE_NAME, FLUSH_SECONDS, SqliteVehicleSt
 from .support import RunningHost, encode, local_env, signed_headers, wait_until
 from .support import state_event as webhook_event
 from .vehicle_events import SOC as SOC_CODE
-from .vehicle_events import T0, VEHICLE, signal, state_event
+from .vehicle_events import T0, VEHICLE, error, error_event, signal, state_event
 
 SLOW_VEHICLE = "4f6c2b1e-8d3a-4c5b-9e7f-0a1b2c3d4e5f"
 
@@ -134,6 +134,40 @@ class TestDeferredCommits:
         assert not e2
         assert changes == [(50, 45)]
         assert cleared is None
+
+    def test_a_write_refused_inside_apply_loses_the_transaction_and_says_so(
+        self, tmp_path: Path
+    ) -> None:
+        path = tmp_path / FILE_NAME
+
+        def refuse_errors(action: int, arg1: Any, *_: Any) -> int:
+            if action == sqlite3.SQLITE_INSERT and arg1 == "errors":
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+
+        async def scenario() -> list[Any]:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            store._db.set_authorizer(refuse_errors)
+            seen: list[Any] = []
+            try:
+                await store.apply(error_event("e2", error()))
+            except sqlite3.DatabaseError:
+                seen.append("raised")
+            seen += [store.failed_commits, store.commit_error is not None]
+            store._db.set_authorizer(None)
+            await store.mark_processed(VEHICLE, "e3")
+            store.flush()
+            seen += [store.commit_error, vehicles_on_disk(path), records_on_disk(path)]
+            await store.close()
+            return seen
+
+        raised, failures, said, cleared, vehicles, records = asyncio.run(scenario())
+        assert (raised, failures, said) == ("raised", 1, True)
+        assert cleared is None
+        # e1's state was in the transaction the refused write rolled back.
+        assert vehicles == set() and records == {"e3"}
 
     def test_without_deferral_each_call_commits(self, tmp_path: Path) -> None:
         path = tmp_path / FILE_NAME

@@ -291,8 +291,8 @@ class SqliteVehicleStateStore:
             try:
                 applied = self._apply(event, event.vehicle_id, outbox)
                 self._close_call()
-            except BaseException:
-                self._failed()
+            except BaseException as exc:
+                self._failed(exc)
                 raise
         return applied
 
@@ -313,9 +313,10 @@ class SqliteVehicleStateStore:
             self._db.execute("COMMIT")
             self._applied.clear()
 
-    def _failed(self) -> None:
-        """A write or a commit failed: the transaction is rolled back, with whatever other
-        calls wrote in it (deferring), and the cache, which may hold it, is forgotten."""
+    def _failed(self, exc: BaseException) -> None:
+        """A write or a commit failed (`exc`): the transaction is rolled back, with whatever
+        other calls wrote in it (deferring: counted in `failed_commits`, and `commit_error`
+        says why until a commit succeeds), and the cache, which may hold it, is forgotten."""
         self._cache.clear()
         self._dirty.clear()
         self._events.clear()
@@ -329,6 +330,7 @@ class SqliteVehicleStateStore:
             self._flush_timer = None
         if self._deferring:
             self.failed_commits += 1
+            self.commit_error = f"{type(exc).__name__}: {exc}"
         if self._db.in_transaction:
             self._db.execute("ROLLBACK")
 
@@ -370,8 +372,7 @@ class SqliteVehicleStateStore:
                 self._write_behind()
                 self._db.execute("COMMIT")
             except BaseException as exc:
-                self._failed()
-                self.commit_error = f"{type(exc).__name__}: {exc}"
+                self._failed(exc)
                 raise
             self.commit_error = None
             self._applied.clear()
@@ -416,8 +417,8 @@ class SqliteVehicleStateStore:
         if self._dirty or self._events:
             try:
                 self._write_behind()
-            except BaseException:
-                self._failed()
+            except BaseException as exc:
+                self._failed(exc)
                 raise
 
     def _prune(self, marks: int, now: float) -> None:
@@ -609,8 +610,8 @@ class SqliteVehicleStateStore:
                 if self._peeked is not None and self._peeked[:2] == key:
                     self._peeked = None
                 self._close_call()
-            except BaseException:
-                self._failed()
+            except BaseException as exc:
+                self._failed(exc)
                 raise
 
     # --- reading ------------------------------------------------------------------------------
