@@ -80,6 +80,19 @@ class Backend:
         client = TableClient.from_connection_string(self.where, self.table)
         return TableVehicleStateStore(client, create_table=True, clock=clock)
 
+    def stored_event_ids(self) -> set[str]:
+        """The eventIds the inbox holds, read from the storage itself."""
+        if self.name == "sqlite":
+            with sqlite3.connect(self.where) as db:
+                return {row[0] for row in db.execute("SELECT event_id FROM events")}
+
+        async def rows() -> set[str]:
+            async with TableClient.from_connection_string(self.where, self.table) as client:
+                return {str(entity["eventId"]) async for entity in client.list_entities()
+                        if str(entity["RowKey"]).startswith("i:")}
+
+        return asyncio.run(rows())
+
     def run(self, scenario: Callable[[VehicleStateStore], Awaitable[T]]) -> T:
         async def main() -> T:
             store = self.open()
@@ -377,6 +390,28 @@ class TestOutboxAndInbox:
 
         kept, much_later = backend.run(scenario)
         assert kept == (True, True, False) and much_later is False
+
+    def test_event_ids_past_the_retention_are_pruned_and_recent_ones_kept(
+        self, backend: Backend
+    ) -> None:
+        """The inbox does not grow without end: a store's first record (and every 1000th
+        after) deletes the vehicle's records older than the retention (8 days), as stored."""
+        assert backend.clock is not None
+        clock = backend.clock
+
+        async def old(store: VehicleStateStore) -> None:
+            await store.mark_processed(VEHICLE, "old-1")
+            await store.mark_processed(VEHICLE, "old-2")
+            clock.now += 2 * DAY
+            await store.mark_processed(VEHICLE, "recent")
+
+        async def later(store: VehicleStateStore) -> None:
+            await store.mark_processed(VEHICLE, "trigger")
+
+        backend.run(old)
+        clock.now += 7 * DAY  # old-*: 9 days ago, recent: 7 days ago
+        backend.run(later)  # a new instance: its first record prunes
+        assert backend.stored_event_ids() == {"recent", "trigger"}
 
 
 class TestListing:

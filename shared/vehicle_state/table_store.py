@@ -53,6 +53,8 @@ VEHICLE_ROW: Final = "v"
 _NO_VEHICLE: Final = "!none"
 #: At least 7 days (Smartcar's advice for de-duplicating on eventId); pruned after 8.
 INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
+#: Each instance prunes the partition it records in at its first record and every this many.
+_PRUNE_EVERY: Final = 1000
 #: An entity-group transaction holds at most 100 operations; two are the `v` and `i:` rows
 #: and one the outbox chunk.
 MAX_OPERATIONS: Final = 100
@@ -305,7 +307,7 @@ class TableVehicleStateStore:
         for start in range(0, len(ops), MAX_OPERATIONS):
             await self._table.submit_transaction(ops[start:start + MAX_OPERATIONS])
         self._marks += 1
-        if self._marks % 1000 == 1:
+        if (self._marks - 1) % _PRUNE_EVERY == 0:
             await self._prune(pk)
 
     async def _prune(self, pk: str) -> None:
