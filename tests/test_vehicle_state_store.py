@@ -3,7 +3,8 @@ Azure Table Storage on Azurite, through the real azure-data-tables async client.
 
 Plus what only one backend has: Table's limits (transactions of 100, 64 KiB properties, keys
 without / \\ # ?), 8+ concurrent writers to one vehicle on Azurite (real ETag conflicts,
-retried; the result equals the sequential one), and the SQLite file's permissions.
+retried; the result equals the sequential one), a crash between two transactions of one
+event on Azurite, and the SQLite file's permissions.
 """
 
 from __future__ import annotations
@@ -644,3 +645,64 @@ class TestConcurrentWritersOnAzurite:
                               for r in results for c in r.changes if c.code == code)
             assert len(accepted) == len(set(accepted))
             assert accepted[-1][1] == raced.signals[code].event_id
+
+
+# ---------------------------------------------------------------------------------------------
+class _CrashOnTransaction:
+    """A TableClient whose `n`-th transaction does not happen: the process dies (the
+    exception stands for it) after the transactions before it were committed."""
+
+    def __init__(self, client: TableClient, n: int) -> None:
+        self._client = client
+        self._left = n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def submit_transaction(self, operations: Any, **kwargs: Any) -> Any:
+        self._left -= 1
+        if self._left == 0:
+            raise _Killed
+        return await self._client.submit_transaction(operations, **kwargs)
+
+
+class _Killed(BaseException):
+    pass
+
+
+class TestTransactionsOfOneEventOnAzurite:
+    def test_a_crash_between_two_transactions_of_one_event_loses_no_change_on_redelivery(
+        self, azurite_table_port: int
+    ) -> None:
+        """An event of 250 changes takes three transactions (100 operations each at most).
+        Killed after the first, its redelivery stores the rest and hands the handlers every
+        change once: the first part's from the outbox chunk it committed, the rest as new."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        codes = [f"custom-s{i:03d}" for i in range(250)]
+        event = state_event("big", *(signal(code, i, oem=T0 + i) for i, code in enumerate(codes)))
+
+        async def crash_then_redeliver() -> tuple[Any, Any, Any, Any]:
+            client = TableClient.from_connection_string(connection, table)
+            store = TableVehicleStateStore(_CrashOnTransaction(client, 2), create_table=True)
+            with pytest.raises(_Killed):
+                await store.apply(event)
+            await client.close()
+            again = TableVehicleStateStore(TableClient.from_connection_string(connection, table))
+            try:
+                partial = await again.get_vehicle(VEHICLE)
+                applied = await again.apply(event)
+                pending = await again.pending_changes(VEHICLE, "big")
+                return partial, applied, pending, await again.get_vehicle(VEHICLE)
+            finally:
+                await again.close()
+
+        partial, applied, pending, view = asyncio.run(crash_then_redeliver())
+        assert partial is not None and 0 < len(partial.signals) < 250  # killed half-way
+        assert sorted(view.signals) == codes
+        assert [view.signals[c].value for c in codes] == list(range(250))
+        # Every change reaches the handlers exactly once, whichever apply stored it.
+        assert sorted(c.code for c in applied.pending) == codes
+        assert sorted(c.code for c in pending) == codes
+        # This apply changed only what the killed one had not stored.
+        assert set(applied.changes.codes) == set(codes) - set(partial.signals)
