@@ -433,7 +433,7 @@ class SqliteVehicleStateStore:
         errors_applied, pending_text = self._marker(vehicle_id, event.event_id)
         quick = None
         if event.event_type == VEHICLE_STATE:
-            quick = quick_plan(vehicle_id, event.event_id, event.signal_items(),
+            quick = quick_plan(event.event_id, event.signal_items(),
                                cached.signals, cached.updated_at)
         if quick is not None:
             result = Plan(stale=quick.stale, updated_at=quick.updated_at)

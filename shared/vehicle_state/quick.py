@@ -120,7 +120,7 @@ class QuickPlan:
                        build=lambda: tuple(change_of(vehicle_id, c) for c in changed))
 
 
-def quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...],
+def quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
                stored: Mapping[str, Held], updated_at: datetime | None) -> QuickPlan | None:
     """`rules.plan` for a VEHICLE_STATE whose signals all take the fast path; None otherwise.
 
@@ -128,13 +128,13 @@ def quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...]
     `updated_at` is the vehicle's stored updatedAt.
     """
     try:
-        return _quick_plan(vehicle_id, event_id, items, stored, updated_at)
+        return _quick_plan(event_id, items, stored, updated_at)
     except TypeError:
         # Text orjson refuses (a lone surrogate): the rules decide such an event.
         return None
 
 
-def _quick_plan(vehicle_id: str, event_id: str, items: tuple[dict[str, Any], ...],
+def _quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
                 stored: Mapping[str, Held], updated_at: datetime | None) -> QuickPlan | None:
     # The parts of a row text that repeat: per (code, group, name, unit) its start and its
     # path; per (oemUpdatedAt, retrievedAt) the times and the rank key (a delivery's signals
@@ -266,14 +266,10 @@ class _Static:
 #: `_Static` by code, for the group, name and unit it holds; emptied when full.
 _STATIC: dict[str, _Static] = {}
 _STATIC_MAX: Final = 4096
-#: JSON arrays and objects: a group, name or unit that is one makes the event decline.
-_CONTAINERS: Final = (list, dict)
 
 
 def _static(code: str, group: Any, name: Any, unit: Any) -> _Static | None:
     if not code or len(code) > MAX_CODE_CHARS:
-        return None
-    if type(group) in _CONTAINERS or type(name) in _CONTAINERS or type(unit) in _CONTAINERS:
         return None
     path = f"{group}.{name}" if (type(group) is str and group and type(name) is str
                                  and name) else None
