@@ -302,14 +302,16 @@ class TestTheKeyInTheBanner:
         assert "x-functions-key" in process.output()
 
 
-    def test_readme_transcripts_show_the_key_as_a_placeholder(self) -> None:
+    # A key is 32 characters of base64url: any of them may be `-` or `_`, the last included.
+    @pytest.mark.parametrize("key", ["k" * 32, "k" * 31 + "-", "-" * 32, "_" * 31 + "k"])
+    def test_readme_transcripts_show_the_key_as_a_placeholder(self, key: str) -> None:
         from shared.local.host import banner
         from shared.settings import load_settings
 
         from .transcripts import normalise
 
         text = banner(load_settings(local_env(Path("/tmp/unused"))), "http://127.0.0.1:7071",
-                      function_key="k" * 32)
+                      function_key=key)
         lines = [normalise(line) for line in text.splitlines()]
         assert "vehicle state: http://127.0.0.1:<port>/api/vehicles/<vehicleId>?code=<key>" in lines
 

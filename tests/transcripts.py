@@ -117,7 +117,8 @@ _NORMALISE = [
     # How long an answer took (check-endpoint's "200 in 3 ms"): differs on every run.
     (re.compile(r"\b\d+ ms\b"), "<n> ms"),
     # The local host's per-run key for the vehicle state route (`?code=`, in its banner).
-    (re.compile(r"code=[A-Za-z0-9_-]{32}\b"), "code=<key>"),
+    # (`\b` would miss a key that ends in `-`: there is no word boundary after it.)
+    (re.compile(r"code=[A-Za-z0-9_-]{32}(?![A-Za-z0-9_-])"), "code=<key>"),
     # The inspector's per-run token, the first segment of its URL's path.
     (re.compile(r"(:<port>)/[A-Za-z0-9_-]{32}/"), r"\1/<token>/"),
     (re.compile(r"\s+"), " "),
