@@ -2,7 +2,8 @@
 
 Rounds come in pairs, the vehicle state store on (the default) and off
 (`VEHICLE_STATE_STORE=off`), so both see the same machine load, and the host's CPU per event
-of the two is reported as a ratio: the median of the pairs' ratios.
+of the two is reported as a ratio: the median of the pairs' ratios. Nine pairs send the events
+of one vehicle; three more (`*_fleet`) those of 100 vehicles in turn.
 
 The host (HTTP routes plus queue workers) runs in this process; the load generator
 (`benchmarks.loadgen`) in another, so the two share the machine's cores but not an interpreter.
@@ -30,6 +31,9 @@ from .common import TOKEN, emit, median, note, percentile
 NAME = "local_end_to_end"
 EVENT_SIZE = 5 * 1024
 CLIENTS = 16
+#: The fleet of the extra pairs of rounds: events of this many vehicles in turn, so a commit
+#: writes several vehicles' rows and the store's cache holds many.
+FLEET = 100
 DRAIN_TIMEOUT = 60.0
 
 
@@ -48,7 +52,8 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def one_round(events: int, clients: int, *, store: bool = True) -> dict[str, Any]:
+async def one_round(events: int, clients: int, *, store: bool = True,
+                    vehicles: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as state_dir:
         settings = load_settings(
             {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "LOCAL_STATE_DIR": state_dir,
@@ -64,6 +69,7 @@ async def one_round(events: int, clients: int, *, store: bool = True) -> dict[st
                 sys.executable, "-m", "benchmarks.loadgen",
                 "--url", f"{host.base_url}/api/webhooks/smartcar",
                 "--events", str(events), "--clients", str(clients), "--size", str(EVENT_SIZE),
+                "--vehicles", str(vehicles),
                 stdout=asyncio.subprocess.PIPE,
             )
             assert proc.stdout is not None
@@ -137,6 +143,23 @@ def run(*, quick: bool) -> None:
         for on, o in zip(results, off, strict=True)]), "ratio")
     emit(NAME, "host_cpu_ratio_of_medians", cpu_on / max(cpu_off, 1e-9), "ratio")
     emit(NAME, "events_per_s_store_off", median([r["events_per_s"] for r in off]), "events/s")
+    # The same with a fleet: fewer pairs (the single vehicle's figures are the headline).
+    fleet_on: list[dict[str, Any]] = []
+    fleet_off: list[dict[str, Any]] = []
+    for i in range(1 if quick else 3):
+        for store in (True, False) if i % 2 == 0 else (False, True):
+            result = run_event_loop(one_round(events, CLIENTS, store=store, vehicles=FLEET))
+            note(f"{NAME} ({FLEET} vehicles, store {'on' if store else 'off'}): {result}")
+            (fleet_on if store else fleet_off).append(result)
+    emit(NAME, "fleet_vehicles", FLEET, "count")
+    emit(NAME, "host_cpu_us_per_event_fleet",
+         median([r["host_cpu_us_per_event"] for r in fleet_on]), "us")
+    emit(NAME, "host_cpu_us_per_event_fleet_store_off",
+         median([r["host_cpu_us_per_event"] for r in fleet_off]), "us")
+    emit(NAME, "host_cpu_ratio_store_on_off_fleet", median([
+        on["host_cpu_us_per_event"] / max(o["host_cpu_us_per_event"], 1e-9)
+        for on, o in zip(fleet_on, fleet_off, strict=True)]), "ratio")
     # Correctness figures are totals over every round, not medians.
+    everything = results + off + fleet_on + fleet_off
     for metric in ("lost", "duplicates_processed", "refused", "left_in_queue"):
-        emit(NAME, metric, sum(r[metric] for r in results + off), "count")
+        emit(NAME, metric, sum(r[metric] for r in everything), "count")

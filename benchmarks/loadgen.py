@@ -23,8 +23,12 @@ import aiohttp
 from .common import signed_headers, state_payload
 
 
-async def send_all(url: str, events: int, clients: int, size: int) -> dict[str, Any]:
-    bodies = [state_payload(size, event_id=f"bench-{i:06d}") for i in range(events)]
+async def send_all(url: str, events: int, clients: int, size: int,
+                   vehicles: int = 1) -> dict[str, Any]:
+    # Events of `vehicles` vehicles in turn; one vehicle keeps the template's vehicleId.
+    bodies = [state_payload(size, event_id=f"bench-{i:06d}", vehicle_id=(
+                  None if vehicles == 1 else f"bench-vehicle-{i % vehicles:04d}"))
+              for i in range(events)]
     headers = [signed_headers(body) for body in bodies]
     acked: list[str] = []
     ack_ms: list[float] = []
@@ -68,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=int, required=True)
     parser.add_argument("--clients", type=int, required=True)
     parser.add_argument("--size", type=int, required=True)
+    parser.add_argument("--vehicles", type=int, default=1)
     args = parser.parse_args(argv)
-    result = asyncio.run(send_all(args.url, args.events, args.clients, args.size))
+    result = asyncio.run(send_all(args.url, args.events, args.clients, args.size,
+                                  args.vehicles))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -24,7 +24,8 @@ REQUIRED = {
     "local_end_to_end": {"events_per_s", "ack_p50_ms", "ack_p99_ms", "lost",
                          "duplicates_processed", "host_cpu_us_per_event",
                          "host_cpu_us_per_event_store_off", "host_cpu_ratio_store_on_off",
-                         "host_cpu_ratio_of_medians"},
+                         "host_cpu_ratio_of_medians", "host_cpu_ratio_store_on_off_fleet",
+                         "host_cpu_us_per_event_fleet", "host_cpu_us_per_event_fleet_store_off"},
     "vehicle_state_store": {f"{backend}_{call}_{p}_ms" for backend in ("sqlite", "table_azurite")
                             for call in ("apply", "event") for p in ("p50", "p99")}
     | {"sqlite_event_mean_ms", "sqlite_deferred_event_mean_ms", "sqlite_deferred_event_p99_ms"},
