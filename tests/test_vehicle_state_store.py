@@ -414,6 +414,23 @@ class TestOutboxAndInbox:
         backend.run(later)  # a new instance: its first record prunes
         assert backend.stored_event_ids() == {"recent", "trigger"}
 
+    def test_an_instance_that_runs_for_days_prunes_at_least_daily(self, backend: Backend) -> None:
+        """Not only at an instance's first record: on Table each instance records into one
+        partition in a thousand, so a count of records alone would leave most partitions
+        unpruned for months."""
+        assert backend.clock is not None
+        clock = backend.clock
+
+        async def scenario(store: VehicleStateStore) -> None:
+            await store.mark_processed(VEHICLE, "old")
+            await store.mark_processed("other", "elsewhere")
+            clock.now += 9 * DAY
+            await store.mark_processed(VEHICLE, "new")  # the same instance, its third record
+
+        backend.run(scenario)
+        assert backend.stored_event_ids() >= {"new"}
+        assert "old" not in backend.stored_event_ids()
+
 
 class TestListing:
     def test_vehicles_are_listed_most_recently_updated_first_with_open_errors(
@@ -706,3 +723,49 @@ class TestTransactionsOfOneEventOnAzurite:
         assert sorted(c.code for c in pending) == codes
         # This apply changed only what the killed one had not stored.
         assert set(applied.changes.codes) == set(codes) - set(partial.signals)
+
+
+class _OthersPruneFirst:
+    """A TableClient on which every prune's delete finds its rows gone: another instance
+    deleted them first (Table answers 404 and the whole transaction fails)."""
+
+    def __init__(self, client: TableClient) -> None:
+        self._client = client
+        self.refused = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def submit_transaction(self, operations: Any, **kwargs: Any) -> Any:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        if all(op[0] == "delete" and op[1]["RowKey"].startswith("i:") for op in operations):
+            self.refused += 1
+            raise ResourceNotFoundError("The specified resource does not exist.")
+        return await self._client.submit_transaction(operations, **kwargs)
+
+
+class TestPruningOnAzurite:
+    def test_a_prune_that_fails_does_not_fail_the_record(
+        self, azurite_table_port: int, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        clock = Clock()
+
+        async def scenario() -> tuple[bool, bool, int]:
+            client = _OthersPruneFirst(TableClient.from_connection_string(connection, table))
+            store = TableVehicleStateStore(client, create_table=True, clock=clock)
+            try:
+                await store.mark_processed(VEHICLE, "old")
+                clock.now += 9 * DAY
+                await store.mark_processed(VEHICLE, "new")  # prunes "old": refused
+                return (await store.is_processed(VEHICLE, "new"),
+                        await store.is_processed(VEHICLE, "old"), client.refused)
+            finally:
+                await store.close()
+
+        new, old, refused = asyncio.run(scenario())
+        assert refused == 1
+        assert new is True and old is False  # recorded; the old one is past the retention
+        assert "pruning the inbox of partition" in caplog.text

@@ -53,8 +53,13 @@ VEHICLE_ROW: Final = "v"
 _NO_VEHICLE: Final = "!none"
 #: At least 7 days (Smartcar's advice for de-duplicating on eventId); pruned after 8.
 INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
-#: Each instance prunes the partition it records in at its first record and every this many.
-_PRUNE_EVERY: Final = 1000
+#: Each instance prunes the partition it records in when it has not pruned it for this long
+#: (so at its first record there): every partition that still receives events is pruned at
+#: least daily, with one query that finds nothing most of the time.
+PRUNE_INTERVAL_SECONDS: Final = 86400.0
+#: Partitions whose last prune an instance remembers; past this many it forgets them all (and
+#: prunes each again at its next record).
+_PRUNED_KEPT: Final = 100_000
 #: An entity-group transaction holds at most 100 operations; two are the `v` and `i:` rows
 #: and one the outbox chunk.
 MAX_OPERATIONS: Final = 100
@@ -121,7 +126,8 @@ class TableVehicleStateStore:
         self._created = not create_table
         self._clock = clock
         self._sleep = sleep
-        self._marks = 0
+        #: When this instance last pruned each partition (by its clock).
+        self._pruned: dict[str, float] = {}
 
     async def _ready(self) -> None:
         if self._created:
@@ -306,20 +312,32 @@ class TableVehicleStateStore:
         ]
         for start in range(0, len(ops), MAX_OPERATIONS):
             await self._table.submit_transaction(ops[start:start + MAX_OPERATIONS])
-        self._marks += 1
-        if (self._marks - 1) % _PRUNE_EVERY == 0:
-            await self._prune(pk)
+        now = self._clock()
+        if now - self._pruned.get(pk, -PRUNE_INTERVAL_SECONDS) >= PRUNE_INTERVAL_SECONDS:
+            if len(self._pruned) >= _PRUNED_KEPT:
+                self._pruned.clear()
+            self._pruned[pk] = now
+            await self._prune(pk, now)
 
-    async def _prune(self, pk: str) -> None:
-        """Forget processed eventIds past the retention (Table has no expiry of its own)."""
-        cutoff = self._clock() - INBOX_RETENTION_SECONDS
-        old = [row for row in await self._rows(pk, "i:")
-               if isinstance(row.get("processedAt"), int | float)
-               and row["processedAt"] < cutoff]
-        for start in range(0, len(old), MAX_OPERATIONS):
-            await self._table.submit_transaction(
-                [("delete", {"PartitionKey": pk, "RowKey": r["RowKey"]})
-                 for r in old[start:start + MAX_OPERATIONS]])
+    async def _prune(self, pk: str, now: float) -> None:
+        """Forget the partition's processed eventIds past the retention (Table has no expiry
+        of its own). Housekeeping: the event is recorded whatever happens here, and a prune
+        that fails (another instance deleting the same rows first) is tried again a day later."""
+        from azure.core.exceptions import AzureError
+
+        try:
+            old = [row async for row in self._table.query_entities(
+                _range("i:") + " and processedAt lt @cutoff",
+                parameters={"pk": pk, "cutoff": float(now - INBOX_RETENTION_SECONDS)},
+                select=["RowKey"])]
+            for start in range(0, len(old), MAX_OPERATIONS):
+                await self._table.submit_transaction(
+                    [("delete", {"PartitionKey": pk, "RowKey": r["RowKey"]})
+                     for r in old[start:start + MAX_OPERATIONS]])
+        except AzureError as exc:
+            logger.warning("vehicle state table: pruning the inbox of partition %r failed "
+                           "(%s); it is tried again at a later record", pk,
+                           type(exc).__name__)
 
     # --- reading ------------------------------------------------------------------------------
     async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:
