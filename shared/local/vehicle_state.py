@@ -38,6 +38,8 @@ from typing import Any, Final, cast
 
 from ..events import Event
 from ..vehicle_state import (
+    INBOX_RETENTION_SECONDS,
+    PRUNE_INTERVAL_SECONDS,
     ApplyResult,
     Changes,
     Outbox,
@@ -71,12 +73,9 @@ from .queue import bound_wal
 logger = logging.getLogger(__name__)
 
 FILE_NAME: Final = "vehicle_state.sqlite3"
-#: Processed eventIds are kept at least 7 days (Smartcar's advice); pruned after 8.
-INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
-#: Records past the retention are deleted at a store's first record, every this many...
+#: Records past the retention are deleted every this many records, and at least every
+#: `PRUNE_INTERVAL_SECONDS` (so at a store's first record).
 _PRUNE_EVERY: Final = 1000
-#: ... and at least this often (by the records' clock) while records are made.
-PRUNE_INTERVAL_SECONDS: Final = 86400.0
 #: Events whose writes a failed commit lost are remembered until applied again; past this
 #: many, all are forgotten.
 _LOST_KEPT: Final = 10_000
@@ -218,7 +217,7 @@ class SqliteVehicleStateStore:
         bound_wal(self._db, path.parent)  # it shares the state directory's disk with the queue
         self._create_or_migrate()
         self._marks = 0
-        self._pruned_at = 0.0
+        self._pruned_at = -PRUNE_INTERVAL_SECONDS  # none yet: the first record prunes
         self._cache: dict[str, _Vehicle] = {}
         self._version = -1
         # Writes of the open transaction not yet made in SQLite: the vehicles whose rows
@@ -426,10 +425,10 @@ class SqliteVehicleStateStore:
                 raise
 
     def _prune(self, marks: int, now: float) -> None:
-        """At the first record, every `_PRUNE_EVERY` records and at least daily (by the
-        records' clock), drop those past the retention."""
+        """Every `_PRUNE_EVERY` records and at least every `PRUNE_INTERVAL_SECONDS` (by the
+        records' clock; so at the first record), drop those past the retention."""
         before, self._marks = self._marks, self._marks + marks
-        if (before // _PRUNE_EVERY != self._marks // _PRUNE_EVERY or before == 0
+        if (before // _PRUNE_EVERY != self._marks // _PRUNE_EVERY
                 or now - self._pruned_at >= PRUNE_INTERVAL_SECONDS):
             self._pruned_at = now
             self._db.execute("DELETE FROM events WHERE processed_at < ?",

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, overload
+from typing import Any, Final, Protocol, overload
 
 from ..events import Event
 
@@ -263,6 +263,12 @@ class VehicleSummary:
             "openErrors": self.open_errors,
         }
 
+
+#: Processed eventIds (the inbox) are kept at least 7 days (Smartcar's advice); each backend
+#: deletes those older than this as new ones are recorded...
+INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
+#: ... at least this often while records are made (by their clock).
+PRUNE_INTERVAL_SECONDS: Final = 86400.0
 
 #: Which accepted changes an apply keeps pending for the handlers, by the signal's code and
 #: `Group.Name` path (the processor passes its registry's `wants_change`: only the signals

@@ -34,7 +34,16 @@ from datetime import datetime
 from typing import Any, Final
 
 from ..events import Event
-from . import ApplyResult, Changes, Outbox, SignalChange, VehicleSummary, VehicleView
+from . import (
+    INBOX_RETENTION_SECONDS,
+    PRUNE_INTERVAL_SECONDS,
+    ApplyResult,
+    Changes,
+    Outbox,
+    SignalChange,
+    VehicleSummary,
+    VehicleView,
+)
 from .codec import (
     Row,
     changes_from_text,
@@ -51,12 +60,6 @@ logger = logging.getLogger(__name__)
 
 VEHICLE_ROW: Final = "v"
 _NO_VEHICLE: Final = "!none"
-#: At least 7 days (Smartcar's advice for de-duplicating on eventId); pruned after 8.
-INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
-#: Each instance prunes the partition it records in when it has not pruned it for this long
-#: (so at its first record there): every partition that still receives events is pruned at
-#: least daily, with one query that finds nothing most of the time.
-PRUNE_INTERVAL_SECONDS: Final = 86400.0
 #: Partitions whose last prune an instance remembers; past this many it forgets them all (and
 #: prunes each again at its next record).
 _PRUNED_KEPT: Final = 100_000
@@ -304,15 +307,18 @@ class TableVehicleStateStore:
         await self._ready()
         pk = _partition(vehicle_id)
         outbox = await self._rows(pk, _outbox_prefix(event_id))
+        now = float(self._clock())
         ops: list[tuple[Any, ...]] = [
             ("upsert", {"PartitionKey": pk, "RowKey": _event_key(event_id),
-                        "eventId": event_id, "processedAt": float(self._clock()), "chunks": 0},
+                        "eventId": event_id, "processedAt": now, "chunks": 0},
              {"mode": UpdateMode.MERGE}),
             *(("delete", {"PartitionKey": pk, "RowKey": row["RowKey"]}) for row in outbox),
         ]
         for start in range(0, len(ops), MAX_OPERATIONS):
             await self._table.submit_transaction(ops[start:start + MAX_OPERATIONS])
-        now = self._clock()
+        # Each partition an instance records in is pruned when this instance has not pruned
+        # it for PRUNE_INTERVAL_SECONDS (so at its first record there): one query, which
+        # finds nothing most of the time.
         if now - self._pruned.get(pk, -PRUNE_INTERVAL_SECONDS) >= PRUNE_INTERVAL_SECONDS:
             if len(self._pruned) >= _PRUNED_KEPT:
                 self._pruned.clear()
@@ -328,7 +334,7 @@ class TableVehicleStateStore:
         try:
             old = [row async for row in self._table.query_entities(
                 _range("i:") + " and processedAt lt @cutoff",
-                parameters={"pk": pk, "cutoff": float(now - INBOX_RETENTION_SECONDS)},
+                parameters={"pk": pk, "cutoff": now - INBOX_RETENTION_SECONDS},
                 select=["RowKey"])]
             for start in range(0, len(old), MAX_OPERATIONS):
                 await self._table.submit_transaction(
