@@ -113,19 +113,36 @@ async def one_round(events: int, clients: int, *, store: bool = True,
     }
 
 
-def run(*, quick: bool) -> None:
-    rounds = 1 if quick else 9
-    events = 300 if quick else 2000
-    results = []
-    off = []
-    for i in range(rounds):
+Rounds = list[dict[str, Any]]
+
+
+def _pairs(pairs: int, events: int, vehicles: int) -> tuple[Rounds, Rounds]:
+    """`pairs` pairs of rounds, the store on in one of each and off in the other: the rounds
+    with the store on, and those with it off, in pair order."""
+    on: Rounds = []
+    off: Rounds = []
+    fleet = "" if vehicles == 1 else f"{vehicles} vehicles, "
+    for i in range(pairs):
         # In pairs, in turn on first and off first: the machine is shared and its speed
         # drifts, so the two rounds of a pair see the same neighbours.
         for store in (True, False) if i % 2 == 0 else (False, True):
             # Store on is how `make run` runs the host.
-            result = run_event_loop(one_round(events, CLIENTS, store=store))
-            note(f"{NAME} (store {'on' if store else 'off'}): {result}")
-            (results if store else off).append(result)
+            result = run_event_loop(one_round(events, CLIENTS, store=store, vehicles=vehicles))
+            note(f"{NAME} ({fleet}store {'on' if store else 'off'}): {result}")
+            (on if store else off).append(result)
+    return on, off
+
+
+def _cpu_ratio(on: Rounds, off: Rounds) -> float:
+    """The median of each pair's ratio of CPU per event: steadier than the ratio of the
+    medians when the machine's speed drifts between pairs."""
+    return median([a["host_cpu_us_per_event"] / max(b["host_cpu_us_per_event"], 1e-9)
+                   for a, b in zip(on, off, strict=True)])
+
+
+def run(*, quick: bool) -> None:
+    events = 300 if quick else 2000
+    results, off = _pairs(1 if quick else 9, events, vehicles=1)
     emit(NAME, "events", events, "count")
     emit(NAME, "concurrent_clients", CLIENTS, "count")
     emit(NAME, "events_per_s", median([r["events_per_s"] for r in results]), "events/s")
@@ -136,29 +153,17 @@ def run(*, quick: bool) -> None:
     cpu_off = median([r["host_cpu_us_per_event"] for r in off])
     emit(NAME, "host_cpu_us_per_event", cpu_on, "us")
     emit(NAME, "host_cpu_us_per_event_store_off", cpu_off, "us")
-    # The median of each pair's ratio: steadier than the ratio of the medians when the
-    # machine's speed drifts between pairs (both are reported).
-    emit(NAME, "host_cpu_ratio_store_on_off", median([
-        on["host_cpu_us_per_event"] / max(o["host_cpu_us_per_event"], 1e-9)
-        for on, o in zip(results, off, strict=True)]), "ratio")
+    emit(NAME, "host_cpu_ratio_store_on_off", _cpu_ratio(results, off), "ratio")
     emit(NAME, "host_cpu_ratio_of_medians", cpu_on / max(cpu_off, 1e-9), "ratio")
     emit(NAME, "events_per_s_store_off", median([r["events_per_s"] for r in off]), "events/s")
     # The same with a fleet: fewer pairs (the single vehicle's figures are the headline).
-    fleet_on: list[dict[str, Any]] = []
-    fleet_off: list[dict[str, Any]] = []
-    for i in range(1 if quick else 3):
-        for store in (True, False) if i % 2 == 0 else (False, True):
-            result = run_event_loop(one_round(events, CLIENTS, store=store, vehicles=FLEET))
-            note(f"{NAME} ({FLEET} vehicles, store {'on' if store else 'off'}): {result}")
-            (fleet_on if store else fleet_off).append(result)
+    fleet_on, fleet_off = _pairs(1 if quick else 3, events, vehicles=FLEET)
     emit(NAME, "fleet_vehicles", FLEET, "count")
     emit(NAME, "host_cpu_us_per_event_fleet",
          median([r["host_cpu_us_per_event"] for r in fleet_on]), "us")
     emit(NAME, "host_cpu_us_per_event_fleet_store_off",
          median([r["host_cpu_us_per_event"] for r in fleet_off]), "us")
-    emit(NAME, "host_cpu_ratio_store_on_off_fleet", median([
-        on["host_cpu_us_per_event"] / max(o["host_cpu_us_per_event"], 1e-9)
-        for on, o in zip(fleet_on, fleet_off, strict=True)]), "ratio")
+    emit(NAME, "host_cpu_ratio_store_on_off_fleet", _cpu_ratio(fleet_on, fleet_off), "ratio")
     # Correctness figures are totals over every round, not medians.
     everything = results + off + fleet_on + fleet_off
     for metric in ("lost", "duplicates_processed", "refused", "left_in_queue"):
