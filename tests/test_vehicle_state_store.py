@@ -395,8 +395,8 @@ class TestOutboxAndInbox:
     def test_event_ids_past_the_retention_are_pruned_and_recent_ones_kept(
         self, backend: Backend
     ) -> None:
-        """The inbox does not grow without end: a store's first record (and every 1000th
-        after) deletes the vehicle's records older than the retention (8 days), as stored."""
+        """The inbox does not grow without end: a store's first record (a prune is due then)
+        deletes the vehicle's records older than the retention (8 days), as stored."""
         assert backend.clock is not None
         clock = backend.clock
 
@@ -665,26 +665,39 @@ class TestConcurrentWritersOnAzurite:
 
 
 # ---------------------------------------------------------------------------------------------
-class _CrashOnTransaction:
-    """A TableClient whose `n`-th transaction does not happen: the process dies (the
-    exception stands for it) after the transactions before it were committed."""
+class _FaultyTransactions:
+    """A TableClient whose transactions go through `fault` first: given the operations, it
+    returns the exception to raise instead of submitting them, or None to submit them."""
 
-    def __init__(self, client: TableClient, n: int) -> None:
+    def __init__(self, client: TableClient,
+                 fault: Callable[[Any], BaseException | None]) -> None:
         self._client = client
-        self._left = n
+        self._fault = fault
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
     async def submit_transaction(self, operations: Any, **kwargs: Any) -> Any:
-        self._left -= 1
-        if self._left == 0:
-            raise _Killed
+        error = self._fault(operations)
+        if error is not None:
+            raise error
         return await self._client.submit_transaction(operations, **kwargs)
 
 
 class _Killed(BaseException):
-    pass
+    """The process dying: nothing after it runs."""
+
+
+def killed_at(n: int) -> Callable[[Any], BaseException | None]:
+    """The `n`-th transaction does not happen: the process dies after those before it were
+    committed."""
+    seen = [0]
+
+    def fault(_: Any) -> BaseException | None:
+        seen[0] += 1
+        return _Killed() if seen[0] == n else None
+
+    return fault
 
 
 class TestTransactionsOfOneEventOnAzurite:
@@ -701,7 +714,8 @@ class TestTransactionsOfOneEventOnAzurite:
 
         async def crash_then_redeliver() -> tuple[Any, Any, Any, Any]:
             client = TableClient.from_connection_string(connection, table)
-            store = TableVehicleStateStore(_CrashOnTransaction(client, 2), create_table=True)
+            store = TableVehicleStateStore(_FaultyTransactions(client, killed_at(2)),
+                                           create_table=True)
             with pytest.raises(_Killed):
                 await store.apply(event)
             await client.close()
@@ -725,24 +739,18 @@ class TestTransactionsOfOneEventOnAzurite:
         assert set(applied.changes.codes) == set(codes) - set(partial.signals)
 
 
-class _OthersPruneFirst:
-    """A TableClient on which every prune's delete finds its rows gone: another instance
-    deleted them first (Table answers 404 and the whole transaction fails)."""
+def others_prune_first(refused: list[Any]) -> Callable[[Any], BaseException | None]:
+    """Every prune's delete finds its rows gone: another instance deleted them first (Table
+    answers 404 and the whole transaction fails). Each refused transaction is appended."""
+    from azure.core.exceptions import ResourceNotFoundError
 
-    def __init__(self, client: TableClient) -> None:
-        self._client = client
-        self.refused = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._client, name)
-
-    async def submit_transaction(self, operations: Any, **kwargs: Any) -> Any:
-        from azure.core.exceptions import ResourceNotFoundError
-
+    def fault(operations: Any) -> BaseException | None:
         if all(op[0] == "delete" and op[1]["RowKey"].startswith("i:") for op in operations):
-            self.refused += 1
-            raise ResourceNotFoundError("The specified resource does not exist.")
-        return await self._client.submit_transaction(operations, **kwargs)
+            refused.append(operations)
+            return ResourceNotFoundError("The specified resource does not exist.")
+        return None
+
+    return fault
 
 
 class TestPruningOnAzurite:
@@ -753,19 +761,22 @@ class TestPruningOnAzurite:
         table = f"vs{uuid.uuid4().hex[:16]}"
         clock = Clock()
 
-        async def scenario() -> tuple[bool, bool, int]:
-            client = _OthersPruneFirst(TableClient.from_connection_string(connection, table))
+        refused: list[Any] = []
+
+        async def scenario() -> tuple[bool, bool]:
+            client = _FaultyTransactions(TableClient.from_connection_string(connection, table),
+                                         others_prune_first(refused))
             store = TableVehicleStateStore(client, create_table=True, clock=clock)
             try:
                 await store.mark_processed(VEHICLE, "old")
                 clock.now += 9 * DAY
                 await store.mark_processed(VEHICLE, "new")  # prunes "old": refused
                 return (await store.is_processed(VEHICLE, "new"),
-                        await store.is_processed(VEHICLE, "old"), client.refused)
+                        await store.is_processed(VEHICLE, "old"))
             finally:
                 await store.close()
 
-        new, old, refused = asyncio.run(scenario())
-        assert refused == 1
+        new, old = asyncio.run(scenario())
+        assert len(refused) == 1
         assert new is True and old is False  # recorded; the old one is past the retention
         assert "pruning the inbox of partition" in caplog.text
