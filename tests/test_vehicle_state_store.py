@@ -82,15 +82,18 @@ class Backend:
         return TableVehicleStateStore(client, create_table=True, clock=clock)
 
     def stored_event_ids(self) -> set[str]:
-        """The eventIds the inbox holds, read from the storage itself."""
+        """The eventIds the inbox holds (those recorded as processed), read from the storage
+        itself."""
         if self.name == "sqlite":
             with sqlite3.connect(self.where) as db:
-                return {row[0] for row in db.execute("SELECT event_id FROM events")}
+                return {row[0] for row in db.execute(
+                    "SELECT event_id FROM events WHERE processed_at IS NOT NULL")}
 
         async def rows() -> set[str]:
             async with TableClient.from_connection_string(self.where, self.table) as client:
                 return {str(entity["eventId"]) async for entity in client.list_entities()
-                        if str(entity["RowKey"]).startswith("i:")}
+                        if str(entity["RowKey"]).startswith("i:")
+                        and entity.get("processedAt") is not None}
 
         return asyncio.run(rows())
 
@@ -392,44 +395,33 @@ class TestOutboxAndInbox:
         kept, much_later = backend.run(scenario)
         assert kept == (True, True, False) and much_later is False
 
-    def test_event_ids_past_the_retention_are_pruned_and_recent_ones_kept(
+    def test_a_prune_deletes_every_vehicles_records_past_the_retention_and_keeps_the_rest(
         self, backend: Backend
     ) -> None:
-        """The inbox does not grow without end: a store's first record (a prune is due then)
-        deletes the vehicle's records older than the retention (8 days), as stored."""
+        """The inbox does not grow without end, not even for vehicles that never send again:
+        `prune_inbox` (the daily timer) deletes every record older than the retention (8 days),
+        in every vehicle's partition, as stored. Records of 7 days stay, and so do the pending
+        changes of an event whose handlers never completed (a dead-lettered one, replayable)."""
         assert backend.clock is not None
         clock = backend.clock
 
         async def old(store: VehicleStateStore) -> None:
-            await store.mark_processed(VEHICLE, "old-1")
-            await store.mark_processed(VEHICLE, "old-2")
+            for vehicle in (VEHICLE, "quiet-1", "quiet-2", None):
+                await store.mark_processed(vehicle, f"old-{vehicle}")
+            await store.apply(state_event("dead-lettered", signal(value=40)))
             clock.now += 2 * DAY
-            await store.mark_processed(VEHICLE, "recent")
+            await store.mark_processed("quiet-1", "recent")
 
-        async def later(store: VehicleStateStore) -> None:
-            await store.mark_processed(VEHICLE, "trigger")
+        async def later(store: VehicleStateStore) -> Any:
+            pruned = await store.prune_inbox()
+            return pruned, await store.pending_changes(VEHICLE, "dead-lettered")
 
         backend.run(old)
         clock.now += 7 * DAY  # old-*: 9 days ago, recent: 7 days ago
-        backend.run(later)  # a new instance: its first record prunes
-        assert backend.stored_event_ids() == {"recent", "trigger"}
-
-    def test_an_instance_that_runs_for_days_prunes_at_least_daily(self, backend: Backend) -> None:
-        """Not only at an instance's first record: on Table each instance records into one
-        partition in a thousand, so a count of records alone would leave most partitions
-        unpruned for months."""
-        assert backend.clock is not None
-        clock = backend.clock
-
-        async def scenario(store: VehicleStateStore) -> None:
-            await store.mark_processed(VEHICLE, "old")
-            await store.mark_processed("other", "elsewhere")
-            clock.now += 9 * DAY
-            await store.mark_processed(VEHICLE, "new")  # the same instance, its third record
-
-        backend.run(scenario)
-        assert backend.stored_event_ids() >= {"new"}
-        assert "old" not in backend.stored_event_ids()
+        pruned, pending = backend.run(later)  # a new instance, as a timer run is
+        assert backend.stored_event_ids() == {"recent"}
+        assert (pruned.deleted, pruned.failed) == (4, 0)
+        assert [c.code for c in pending] == [SOC]
 
 
 class TestListing:
@@ -450,6 +442,33 @@ class TestListing:
 
 
 class TestSqliteOnly:
+    def test_records_also_prune_at_a_stores_first_and_then_at_least_daily(
+        self, tmp_path: Path
+    ) -> None:
+        """The local store also prunes as it records, for a store the timer does not run for
+        (a host stopped and started again within the minute, a test's store): a new store's
+        first record prunes, and a store that runs for days prunes at least daily."""
+        backend = Backend("sqlite", str(tmp_path / FILE_NAME), clock=Clock())
+        assert backend.clock is not None
+        clock = backend.clock
+
+        async def old(store: VehicleStateStore) -> None:
+            await store.mark_processed(VEHICLE, "old-1")
+            clock.now += 2 * DAY
+            await store.mark_processed(VEHICLE, "recent")
+
+        async def runs_for_days(store: VehicleStateStore) -> set[str]:
+            await store.mark_processed(VEHICLE, "first")  # prunes old-1 (9 days)
+            kept = backend.stored_event_ids()
+            clock.now += 2 * DAY
+            await store.mark_processed(VEHICLE, "days-later")  # prunes recent (9 days)
+            return kept
+
+        backend.run(old)
+        clock.now += 7 * DAY
+        assert backend.run(runs_for_days) == {"recent", "first"}
+        assert backend.stored_event_ids() == {"first", "days-later"}
+
     def test_the_file_is_private_to_its_owner_whatever_the_umask(self, tmp_path: Path) -> None:
         import os
 
@@ -739,44 +758,171 @@ class TestTransactionsOfOneEventOnAzurite:
         assert set(applied.changes.codes) == set(codes) - set(partial.signals)
 
 
-def others_prune_first(refused: list[Any]) -> Callable[[Any], BaseException | None]:
-    """Every prune's delete finds its rows gone: another instance deleted them first (Table
-    answers 404 and the whole transaction fails). Each refused transaction is appended."""
-    from azure.core.exceptions import ResourceNotFoundError
+def refusing_once(kind: str, partition: str,
+                  seen: list[Any]) -> Callable[[Any], BaseException | None]:
+    """Every transaction is appended to `seen`; the first of `kind` ("delete", "upsert") in
+    `partition` fails: a delete finds its rows gone (another run deleted them first: Table
+    answers 404 and fails the whole transaction), an upsert meets a transient 503."""
+    from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+    refused: list[bool] = []
 
     def fault(operations: Any) -> BaseException | None:
-        if all(op[0] == "delete" and op[1]["RowKey"].startswith("i:") for op in operations):
-            refused.append(operations)
-            return ResourceNotFoundError("The specified resource does not exist.")
+        seen.append(list(operations))
+        if (not refused and operations[0][0] == kind
+                and operations[0][1]["PartitionKey"] == partition):
+            refused.append(True)
+            if kind == "delete":
+                return ResourceNotFoundError("The specified resource does not exist.")
+            return HttpResponseError("Server Busy")
         return None
 
     return fault
 
 
 class TestPruningOnAzurite:
-    def test_a_prune_that_fails_does_not_fail_the_record(
+    """The inbox index (`!inbox-day:<day>` partitions) and the prune that reads it."""
+
+    @staticmethod
+    def index_rows(connection: str, table: str) -> list[tuple[str, str]]:
+        async def rows() -> list[tuple[str, str]]:
+            async with TableClient.from_connection_string(connection, table) as client:
+                return sorted([(str(e["PartitionKey"]), str(e["partition"]))
+                               async for e in client.list_entities()
+                               if str(e["PartitionKey"]).startswith("!inbox-day:")])
+
+        return asyncio.run(rows())
+
+    @staticmethod
+    def store(connection: str, table: str, clock: Clock,
+              fault: Callable[[Any], BaseException | None] | None = None,
+              ) -> TableVehicleStateStore:
+        client: Any = TableClient.from_connection_string(connection, table)
+        if fault is not None:
+            client = _FaultyTransactions(client, fault)
+        return TableVehicleStateStore(client, create_table=True, clock=clock)
+
+    def test_a_prune_deletes_in_transactions_of_one_partition_and_a_failed_one_waits(
         self, azurite_table_port: int, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """150 expired records of one vehicle take two transactions (100 at most), and one
+        vehicle's transaction never holds another's row (Table refuses that). A transaction
+        that fails is logged and counted, the rest are deleted, and the next prune deletes
+        what it left. The index rows of what was pruned go too."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        clock = Clock()
+        seen: list[Any] = []
+        busy = [f"busy-{i:03d}" for i in range(150)]
+
+        async def record() -> None:
+            store = self.store(connection, table, clock)
+            for event_id in busy:
+                await store.mark_processed(VEHICLE, event_id)
+            await store.mark_processed("quiet", "quiet-1")
+            await store.close()
+
+        async def prune() -> Any:
+            store = self.store(connection, table, clock, fault)
+            try:
+                return await store.prune_inbox()
+            finally:
+                await store.close()
+
+        fault = refusing_once("delete", "quiet", seen)
+        asyncio.run(record())
+        day = datetime.fromtimestamp(clock.now, UTC).date().isoformat()
+        assert self.index_rows(connection, table) == [
+            (f"!inbox-day:{day}", VEHICLE), (f"!inbox-day:{day}", "quiet")]
+        clock.now += 9 * DAY
+        first = asyncio.run(prune())
+        left = Backend("table", connection, table).stored_event_ids()
+        second = asyncio.run(prune())
+        assert (first.deleted, first.failed) == (150, 1)
+        assert "expired inbox records of partition 'quiet' could not be deleted" in caplog.text
+        assert left == {"quiet-1"}
+        assert (second.deleted, second.failed) == (1, 0)
+        assert Backend("table", connection, table).stored_event_ids() == set()
+        assert self.index_rows(connection, table) == []
+        sizes = sorted(len(ops) for ops in seen)
+        assert sizes == [1, 1, 50, 100]  # quiet refused, then deleted; busy in two
+        for ops in seen:
+            assert len({op[1]["PartitionKey"] for op in ops}) == 1
+
+    def test_only_days_wholly_past_the_retention_are_pruned(
+        self, azurite_table_port: int
+    ) -> None:
+        """A record 8 days and a second old is past the retention, but its day is not over
+        past it: the prune leaves that day (and records of 7 days) for a later run."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        clock = Clock()
+        clock.now = 1_800_057_600.0  # 2027-01-16T00:00:00Z
+
+        async def scenario() -> tuple[Any, Any]:
+            store = self.store(connection, table, clock)
+            try:
+                await store.mark_processed(VEHICLE, "late")  # day D, 00:00
+                clock.now += 8 * DAY + 1
+                early = await store.prune_inbox()  # cutoff: D 00:00:01
+                clock.now += DAY - 2
+                on_time = await store.prune_inbox()  # cutoff: D+1 00:00:00 minus 1 s
+                clock.now += 1
+                return early, (on_time, await store.prune_inbox())
+            finally:
+                await store.close()
+
+        early, (still_early, due) = asyncio.run(scenario())
+        assert (early.deleted, still_early.deleted, due.deleted) == (0, 0, 1)
+
+    def test_a_prune_out_of_time_leaves_the_rest_to_the_next_run(
+        self, azurite_table_port: int
     ) -> None:
         connection = connection_string("table", azurite_table_port)
         table = f"vs{uuid.uuid4().hex[:16]}"
         clock = Clock()
 
-        refused: list[Any] = []
-
-        async def scenario() -> tuple[bool, bool]:
-            client = _FaultyTransactions(TableClient.from_connection_string(connection, table),
-                                         others_prune_first(refused))
-            store = TableVehicleStateStore(client, create_table=True, clock=clock)
+        async def scenario() -> tuple[Any, Any]:
+            store = self.store(connection, table, clock)
             try:
-                await store.mark_processed(VEHICLE, "old")
+                for vehicle in ("a", "b", "c"):
+                    await store.mark_processed(vehicle, f"e-{vehicle}")
                 clock.now += 9 * DAY
-                await store.mark_processed(VEHICLE, "new")  # prunes "old": refused
-                return (await store.is_processed(VEHICLE, "new"),
-                        await store.is_processed(VEHICLE, "old"))
+                return await store.prune_inbox(seconds=0), await store.prune_inbox()
             finally:
                 await store.close()
 
-        new, old = asyncio.run(scenario())
-        assert len(refused) == 1
-        assert new is True and old is False  # recorded; the old one is past the retention
-        assert "pruning the inbox of partition" in caplog.text
+        out_of_time, next_run = asyncio.run(scenario())
+        assert (out_of_time.deleted, next_run.deleted) == (0, 3)
+        assert self.index_rows(connection, table) == []
+
+    def test_an_index_write_that_fails_does_not_fail_the_record_and_is_made_at_the_next(
+        self, azurite_table_port: int, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An instance notes a partition once a day; a note that failed is not remembered, so
+        the next record makes it and the day's records are pruned in time."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        clock = Clock()
+        seen: list[Any] = []
+        day = datetime.fromtimestamp(clock.now, UTC).date().isoformat()
+
+        async def scenario() -> tuple[bool, Any]:
+            store = self.store(connection, table, clock,
+                               refusing_once("upsert", f"!inbox-day:{day}", seen))
+            try:
+                await store.mark_processed(VEHICLE, "e1")  # its note fails
+                recorded = await store.is_processed(VEHICLE, "e1")
+                for n in range(2, 6):
+                    await store.mark_processed(VEHICLE, f"e{n}")
+                clock.now += 9 * DAY
+                return recorded, await store.prune_inbox()
+            finally:
+                await store.close()
+
+        recorded, pruned = asyncio.run(scenario())
+        assert recorded is True
+        assert "noting partition" in caplog.text
+        notes = [ops for ops in seen if ops[0][1]["PartitionKey"].startswith("!inbox-day:")]
+        assert len(notes) == 2  # the failed one, then one for the day's other records
+        assert pruned.deleted == 5

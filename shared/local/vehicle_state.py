@@ -39,9 +39,9 @@ from typing import Any, Final, cast
 from ..events import Event
 from ..vehicle_state import (
     INBOX_RETENTION_SECONDS,
-    PRUNE_INTERVAL_SECONDS,
     ApplyResult,
     Changes,
+    InboxPruned,
     Outbox,
     SignalChange,
     VehicleSummary,
@@ -76,6 +76,7 @@ FILE_NAME: Final = "vehicle_state.sqlite3"
 #: Records past the retention are deleted every this many records, and at least every
 #: `PRUNE_INTERVAL_SECONDS` (so at a store's first record).
 _PRUNE_EVERY: Final = 1000
+PRUNE_INTERVAL_SECONDS: Final = 86400.0
 #: Events whose writes a failed commit lost are remembered until applied again; past this
 #: many, all are forgotten.
 _LOST_KEPT: Final = 10_000
@@ -430,9 +431,14 @@ class SqliteVehicleStateStore:
         before, self._marks = self._marks, self._marks + marks
         if (before // _PRUNE_EVERY != self._marks // _PRUNE_EVERY
                 or now - self._pruned_at >= PRUNE_INTERVAL_SECONDS):
-            self._pruned_at = now
-            self._db.execute("DELETE FROM events WHERE processed_at < ?",
-                             (now - INBOX_RETENTION_SECONDS,))
+            self._delete_expired(now)
+
+    def _delete_expired(self, now: float) -> int:
+        """Delete the records older than the retention; how many. With `_lock` held, in the
+        transaction."""
+        self._pruned_at = now
+        return int(self._db.execute("DELETE FROM events WHERE processed_at < ?",
+                                    (now - INBOX_RETENTION_SECONDS,)).rowcount)
 
     def _apply(self, event: Event, vehicle_id: str, outbox: Outbox | None) -> ApplyResult:
         cached = self._cached(vehicle_id)
@@ -619,6 +625,21 @@ class SqliteVehicleStateStore:
             except BaseException as exc:
                 self._failed(exc)
                 raise
+
+    async def prune_inbox(self) -> InboxPruned:
+        """Delete the records past the retention now (the `prune_vehicle_inbox` timer; records
+        also prune, see `_prune`). A failure is a failed write like any other: it rolls back
+        the open transaction (deferring: with the writes waiting in it) and raises."""
+        now = self._clock()
+        with self._lock:
+            self._open()
+            try:
+                deleted = self._delete_expired(now)
+                self._close_call()
+            except BaseException as exc:
+                self._failed(exc)
+                raise
+        return InboxPruned(deleted=deleted)
 
     # --- reading ------------------------------------------------------------------------------
     async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:

@@ -264,16 +264,24 @@ class VehicleSummary:
         }
 
 
-#: Processed eventIds (the inbox) are kept at least 7 days (Smartcar's advice); each backend
-#: deletes those older than this as new ones are recorded...
+#: Processed eventIds (the inbox) are kept at least 7 days (Smartcar's advice); those older
+#: than this are deleted by `VehicleStateStore.prune_inbox`, which the `prune_vehicle_inbox`
+#: timer runs hourly.
 INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
-#: ... at least this often while records are made (by their clock).
-PRUNE_INTERVAL_SECONDS: Final = 86400.0
 
 #: Which accepted changes an apply keeps pending for the handlers, by the signal's code and
 #: `Group.Name` path (the processor passes its registry's `wants_change`: only the signals
 #: some `on_change` handler is registered for).
 Outbox = Callable[[str, str | None], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class InboxPruned:
+    """What a `prune_inbox` did: records deleted, and groups of them (Table: partitions)
+    whose delete failed and waits for the next prune."""
+
+    deleted: int = 0
+    failed: int = 0
 
 
 class VehicleStateStore(Protocol):
@@ -305,6 +313,13 @@ class VehicleStateStore(Protocol):
 
     async def mark_processed(self, vehicle_id: str | None, event_id: str) -> None:
         """Record that this eventId's handlers completed, and drop its pending changes."""
+        ...
+
+    async def prune_inbox(self) -> InboxPruned:
+        """Delete the inbox records older than `INBOX_RETENTION_SECONDS`, of every vehicle
+        (Table: of the vehicles its index notes for days wholly past the retention). A
+        vehicle whose records cannot be deleted now is logged, counted in `failed` and left
+        for the next prune."""
         ...
 
     async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:

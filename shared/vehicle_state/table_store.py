@@ -11,6 +11,9 @@ Rows of a vehicle's partition (`PartitionKey` = the escaped vehicleId, codec.esc
                           `processedAt` (the inbox, kept at least 7 days)
     o:<eventId>:<n>       the event's pending changes (the outbox), in chunks
 
+and the inbox index, partitions `!inbox-day:<YYYY-MM-DD>` holding a row `p:<partition>` for each
+vehicle partition with records of that day, which `prune_inbox` reads (see `_index`).
+
 Every write of an apply goes in an entity-group transaction that also replaces the `v` row
 and the `i:` row with If-Match on the ETags read before planning. So a transaction commits only
 if nothing in the partition changed since the read it was planned from; when another instance
@@ -30,15 +33,15 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from ..events import Event
 from . import (
     INBOX_RETENTION_SECONDS,
-    PRUNE_INTERVAL_SECONDS,
     ApplyResult,
     Changes,
+    InboxPruned,
     Outbox,
     SignalChange,
     VehicleSummary,
@@ -60,9 +63,16 @@ logger = logging.getLogger(__name__)
 
 VEHICLE_ROW: Final = "v"
 _NO_VEHICLE: Final = "!none"
-#: Partitions whose last prune an instance remembers; past this many it forgets them all (and
-#: prunes each again at its next record).
-_PRUNED_KEPT: Final = 100_000
+#: The inbox index: partition `!inbox-day:<YYYY-MM-DD>` holds a row `p:<partition>` for each
+#: vehicle partition with inbox records of that (UTC) day. `escape_key` never starts a key with
+#: `!i`, so no vehicle's partition is one of these.
+_INDEX_PREFIX: Final = "!inbox-day:"
+#: (partition, day) pairs an instance remembers noting; past this many it forgets them all.
+_INDEXED_KEPT: Final = 100_000
+#: `prune_inbox` starts no partition after this long (the Functions timeout is 5 minutes)...
+PRUNE_SECONDS: Final = 240.0
+#: ... and prunes this many at once.
+_PRUNE_CONCURRENCY: Final = 16
 #: An entity-group transaction holds at most 100 operations; two are the `v` and `i:` rows
 #: and one the outbox chunk.
 MAX_OPERATIONS: Final = 100
@@ -107,10 +117,18 @@ def _partition(vehicle_id: str | None) -> str:
 
 
 def _range(prefix: str) -> str:
-    # Everything whose RowKey starts with `prefix`: prefix <= RowKey < prefix with its last
-    # character incremented (":" -> ";").
-    return (f"PartitionKey eq @pk and RowKey ge '{prefix}' and "
-            f"RowKey lt '{prefix[:-1]}{chr(ord(prefix[-1]) + 1)}'")
+    """The rows of partition `@pk` whose RowKey starts with `prefix`."""
+    return f"PartitionKey eq @pk and {_keys_starting(prefix)}"
+
+
+def _keys_starting(prefix: str) -> str:
+    # prefix <= RowKey < prefix with its last character incremented (":" -> ";").
+    return f"RowKey ge '{prefix}' and RowKey lt '{prefix[:-1]}{chr(ord(prefix[-1]) + 1)}'"
+
+
+def _day(epoch: float) -> str:
+    """The UTC day of an epoch time, as the inbox index spells it."""
+    return datetime.fromtimestamp(epoch, UTC).date().isoformat()
 
 
 def _is_conflict(exc: BaseException) -> bool:
@@ -129,8 +147,8 @@ class TableVehicleStateStore:
         self._created = not create_table
         self._clock = clock
         self._sleep = sleep
-        #: When this instance last pruned each partition (by its clock).
-        self._pruned: dict[str, float] = {}
+        #: (partition, day) pairs this instance noted in the inbox index.
+        self._indexed: set[tuple[str, str]] = set()
 
     async def _ready(self) -> None:
         if self._created:
@@ -314,36 +332,79 @@ class TableVehicleStateStore:
              {"mode": UpdateMode.MERGE}),
             *(("delete", {"PartitionKey": pk, "RowKey": row["RowKey"]}) for row in outbox),
         ]
+        await self._index(pk, now)
         for start in range(0, len(ops), MAX_OPERATIONS):
             await self._table.submit_transaction(ops[start:start + MAX_OPERATIONS])
-        # Each partition an instance records in is pruned when this instance has not pruned
-        # it for PRUNE_INTERVAL_SECONDS (so at its first record there): one query, which
-        # finds nothing most of the time.
-        if now - self._pruned.get(pk, -PRUNE_INTERVAL_SECONDS) >= PRUNE_INTERVAL_SECONDS:
-            if len(self._pruned) >= _PRUNED_KEPT:
-                self._pruned.clear()
-            self._pruned[pk] = now
-            await self._prune(pk, now)
 
-    async def _prune(self, pk: str, now: float) -> None:
-        """Forget the partition's processed eventIds past the retention (Table has no expiry
-        of its own). Housekeeping: the event is recorded whatever happens here, and a prune
-        that fails (another instance deleting the same rows first) is tried again a day later."""
+    async def _index(self, pk: str, now: float) -> None:
+        """Note in the day's index partition that partition `pk` has inbox records of that day
+        (once per instance, partition and day), so `prune_inbox` finds them without a scan of
+        the table. Housekeeping: a write that fails is logged and made at the next record."""
         from azure.core.exceptions import AzureError
 
+        day = _day(now)
+        if (pk, day) in self._indexed:
+            return
         try:
-            old = [row async for row in self._table.query_entities(
-                _range("i:") + " and processedAt lt @cutoff",
-                parameters={"pk": pk, "cutoff": now - INBOX_RETENTION_SECONDS},
-                select=["RowKey"])]
-            for start in range(0, len(old), MAX_OPERATIONS):
-                await self._table.submit_transaction(
-                    [("delete", {"PartitionKey": pk, "RowKey": r["RowKey"]})
-                     for r in old[start:start + MAX_OPERATIONS]])
+            await self._table.submit_transaction([("upsert", {
+                "PartitionKey": _INDEX_PREFIX + day, "RowKey": f"p:{pk}", "partition": pk})])
         except AzureError as exc:
-            logger.warning("vehicle state table: pruning the inbox of partition %r failed "
-                           "(%s); it is tried again at a later record", pk,
+            logger.warning("vehicle state table: noting partition %r in the inbox index failed "
+                           "(%s); it is tried again at its next record", pk, type(exc).__name__)
+            return
+        if len(self._indexed) >= _INDEXED_KEPT:
+            self._indexed.clear()
+        self._indexed.add((pk, day))
+
+    async def prune_inbox(self, *, seconds: float = PRUNE_SECONDS) -> InboxPruned:
+        """Delete the inbox records past the retention (Table has no expiry of its own): for
+        each partition the index notes for a day that is wholly past it, one query of that
+        partition, deletes of up to 100 rows in a transaction, then the index row. A
+        transaction that fails (another run deleted the rows first, or a transient error) is
+        logged and counted, and its index row kept for the next run. Stops starting
+        partitions after `seconds` (under the Functions timeout); the rest waits for the next
+        run. A query of the index that fails raises."""
+        await self._ready()
+        cutoff = float(self._clock()) - INBOX_RETENTION_SECONDS
+        deadline = time.monotonic() + seconds
+        totals = [0, 0]  # deleted, failed
+        limit = asyncio.Semaphore(_PRUNE_CONCURRENCY)
+        tasks: list[asyncio.Task[None]] = []
+        async for entry in self._table.query_entities(
+                "PartitionKey ge @first and PartitionKey lt @last",
+                parameters={"first": _INDEX_PREFIX, "last": _INDEX_PREFIX + _day(cutoff)}):
+            if time.monotonic() >= deadline:
+                break
+            await limit.acquire()
+            tasks.append(asyncio.ensure_future(self._prune_partition(entry, cutoff, totals, limit)))
+        await asyncio.gather(*tasks)
+        return InboxPruned(deleted=totals[0], failed=totals[1])
+
+    async def _prune_partition(self, entry: Any, cutoff: float, totals: list[int],
+                               limit: asyncio.Semaphore) -> None:
+        from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+        pk = str(entry["partition"])
+        try:
+            old = [row["RowKey"] async for row in self._table.query_entities(
+                _range("i:") + " and processedAt lt @cutoff",
+                parameters={"pk": pk, "cutoff": cutoff}, select=["RowKey"])]
+            for start in range(0, len(old), MAX_OPERATIONS):
+                batch = old[start:start + MAX_OPERATIONS]
+                await self._table.submit_transaction(
+                    [("delete", {"PartitionKey": pk, "RowKey": rk}) for rk in batch])
+                totals[0] += len(batch)
+            try:
+                await self._table.delete_entity(entry["PartitionKey"], entry["RowKey"])
+            except ResourceNotFoundError:
+                pass  # another run got there first
+        except AzureError as exc:
+            totals[1] += 1
+            logger.warning("vehicle state table: expired inbox records of partition %r could "
+                           "not be deleted (%s); the next prune tries again", pk,
                            type(exc).__name__)
+        finally:
+            limit.release()
 
     # --- reading ------------------------------------------------------------------------------
     async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:
