@@ -5,7 +5,7 @@ Each function hands over to `shared/`, where the logic lives and is tested.
 
 import azure.functions as func
 
-from shared import functions, redrive
+from shared import functions, inbox_prune, redrive
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
@@ -48,3 +48,11 @@ async def process_event(msg: func.ServiceBusMessage) -> None:
 async def redrive_spilled(timer: func.TimerRequest) -> None:
     """Send events spilled while Service Bus was down back to the queue, oldest first."""
     await redrive.handle_redrive_timer(timer)
+
+
+@app.timer_trigger(
+    schedule=inbox_prune.INBOX_PRUNE_SCHEDULE, arg_name="timer", run_on_startup=False
+)
+async def prune_vehicle_inbox(timer: func.TimerRequest) -> None:
+    """Delete the processed-event records past their 8-day retention, of every vehicle."""
+    await inbox_prune.handle_inbox_prune_timer(timer)

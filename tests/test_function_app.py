@@ -38,9 +38,9 @@ def test_queue_trigger_reads_the_queue_name_setting_and_identity_connection() ->
     assert resolve_app_setting(processor.queue_name, {"SERVICEBUS_QUEUE_NAME": "q1"}) == "q1"
 
 
-def test_spill_redrive_timer_is_declared() -> None:
+def test_the_redrive_and_inbox_prune_timers_are_declared() -> None:
     _, _, timers = index_functions(load_function_app())
-    assert [t.name for t in timers] == ["redrive_spilled"]
+    assert [t.name for t in timers] == ["redrive_spilled", "prune_vehicle_inbox"]
 
 
 def test_function_bodies_only_delegate_to_shared() -> None:

@@ -139,7 +139,7 @@ class TestTheWorkerRunsTheDeployedPackage:
 class TestIndexing:
     """The metadata the runtime indexes from function_app.py, as the host receives it."""
 
-    def test_the_six_functions_and_their_triggers(self, runtime: RuntimeSession) -> None:
+    def test_the_seven_functions_and_their_triggers(self, runtime: RuntimeSession) -> None:
         assert {name: fn.trigger["type"] for name, fn in runtime.host.functions.items()} == {
             "smartcar_webhook": "httpTrigger",
             "smartcar_error_webhook": "httpTrigger",
@@ -147,6 +147,7 @@ class TestIndexing:
             "vehicle_state": "httpTrigger",
             "process_event": "serviceBusTrigger",
             "redrive_spilled": "timerTrigger",
+            "prune_vehicle_inbox": "timerTrigger",
         }
 
     def test_http_routes_methods_auth_levels_and_return_binding(
@@ -190,6 +191,13 @@ class TestIndexing:
     ) -> None:
         trigger = runtime.host.functions["redrive_spilled"].trigger
         assert trigger["schedule"] == "0 */1 * * * *"
+        assert trigger.get("runOnStartup", False) is False
+
+    def test_the_inbox_prune_timer_runs_hourly_not_on_startup(
+        self, runtime: RuntimeSession
+    ) -> None:
+        trigger = runtime.host.functions["prune_vehicle_inbox"].trigger
+        assert trigger["schedule"] == "0 17 * * * *"
         assert trigger.get("runOnStartup", False) is False
 
     def test_an_unset_queue_setting_stops_the_host_as_in_azure(
@@ -458,6 +466,13 @@ class TestTimerTrigger:
         assert (sent.body, sent.queue) == (spilled.body, QUEUE)
         assert sent.application_properties == {"eventId": event["eventId"]}
         assert asyncio.run(store.names(limit=10)) == []
+        assert json.loads(result.response.return_value.json or "null") is None
+
+    def test_the_inbox_prune_timer_runs_and_with_the_store_off_has_nothing_to_do(
+        self, runtime: RuntimeSession
+    ) -> None:
+        result = runtime.host.fire_timer("prune_vehicle_inbox", past_due=True)
+        assert result.succeeded, result.error
         assert json.loads(result.response.return_value.json or "null") is None
 
 

@@ -253,7 +253,8 @@ class TestRedrive:
 class TestTimerFunction:
     def test_function_app_declares_the_redrive_timer(self) -> None:
         _, _, timers = index_functions(load_function_app())
-        assert [(t.name, t.schedule) for t in timers] == [("redrive_spilled", "0 */1 * * * *")]
+        assert [(t.name, t.schedule) for t in timers if t.name == "redrive_spilled"] == [
+            ("redrive_spilled", "0 */1 * * * *")]
 
     def test_the_local_host_runs_it(self, tmp_path: Path) -> None:
         from shared.events import peek_envelope

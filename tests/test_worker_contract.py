@@ -182,7 +182,7 @@ def runtime(tmp_path: Path) -> Iterator[Runtime]:
 class TestIndexedMetadata:
     """What the host reads from the worker's index of function_app.py."""
 
-    def test_the_six_functions_and_their_triggers(self) -> None:
+    def test_the_seven_functions_and_their_triggers(self) -> None:
         assert {name: trigger(name)["type"] for name in FUNCTIONS} == {
             "smartcar_webhook": "httpTrigger",
             "smartcar_error_webhook": "httpTrigger",
@@ -190,6 +190,7 @@ class TestIndexedMetadata:
             "vehicle_state": "httpTrigger",
             "process_event": "serviceBusTrigger",
             "redrive_spilled": "timerTrigger",
+            "prune_vehicle_inbox": "timerTrigger",
         }
 
     def test_http_routes_methods_and_auth_levels(self) -> None:
@@ -219,6 +220,11 @@ class TestIndexedMetadata:
     def test_the_redrive_timer_runs_every_minute_not_on_startup(self) -> None:
         binding = trigger("redrive_spilled")
         assert binding["schedule"] == "0 */1 * * * *"
+        assert binding.get("runOnStartup", False) is False
+
+    def test_the_inbox_prune_timer_runs_hourly_not_on_startup(self) -> None:
+        binding = trigger("prune_vehicle_inbox")
+        assert binding["schedule"] == "0 17 * * * *"
         assert binding.get("runOnStartup", False) is False
 
 
@@ -353,3 +359,24 @@ class TestTimerTrigger:
         assert asyncio.run(runtime.spill.names(limit=10)) == []
         (stored,) = runtime.queue.receive(max_messages=1)
         assert stored.message_id == event["eventId"] and stored.body == spilled.body
+
+    def test_the_inbox_prune_timer_deletes_the_expired_records(
+        self, runtime: Runtime, tmp_path: Path
+    ) -> None:
+        from shared.local.vehicle_state import FILE_NAME
+
+        from .test_inbox_prune import record, recorded
+
+        record(tmp_path / FILE_NAME, "old", days_ago=9)
+        record(tmp_path / FILE_NAME, "kept", days_ago=6)
+        timer_json = json.dumps({
+            "Schedule": {"AdjustForDST": True},
+            "ScheduleStatus": {"Last": "2026-11-27T03:17:00+00:00",
+                               "Next": "2026-11-27T04:17:00+00:00",
+                               "LastUpdated": "2026-11-27T03:17:00+00:00"},
+            "IsPastDue": False,
+        })
+        timer = convert("prune_vehicle_inbox", meta.Datum(timer_json, "json"), {})
+        assert isinstance(timer, func.TimerRequest) and not timer.past_due
+        asyncio.run(invoke("prune_vehicle_inbox", timer))
+        assert recorded(tmp_path / FILE_NAME) == {"kept"}
