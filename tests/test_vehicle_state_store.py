@@ -395,6 +395,40 @@ class TestOutboxAndInbox:
         kept, much_later = backend.run(scenario)
         assert kept == (True, True, False) and much_later is False
 
+    def test_the_inbox_answers_at_exactly_the_retention_and_not_a_moment_later(
+        self, backend: Backend
+    ) -> None:
+        assert backend.clock is not None
+        clock = backend.clock
+
+        async def scenario(store: VehicleStateStore) -> tuple[bool, bool]:
+            await store.mark_processed(VEHICLE, "e1")
+            clock.now += 8 * DAY
+            exactly = await store.is_processed(VEHICLE, "e1")
+            clock.now += 0.5
+            return exactly, await store.is_processed(VEHICLE, "e1")
+
+        assert backend.run(scenario) == (True, False)
+
+    def test_a_redelivered_error_event_counts_once_after_the_inbox_was_asked(
+        self, backend: Backend
+    ) -> None:
+        """The processor asks the inbox, then applies: a VEHICLE_ERROR applied but not yet
+        recorded as processed (a crash before the handlers completed) is redelivered, and
+        its error is not counted again."""
+        event = error_event("err-1", error())
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(event)
+            for _ in range(2):
+                assert await store.is_processed(VEHICLE, "err-1") is False
+                await store.apply(event)
+            return await store.get_vehicle(VEHICLE)
+
+        view = backend.run(scenario)
+        assert view is not None
+        assert [(e.code, e.count) for e in view.errors] == [("VEHICLE_NOT_CAPABLE", 1)]
+
     def test_a_prune_deletes_every_vehicles_records_past_the_retention_and_keeps_the_rest(
         self, backend: Backend
     ) -> None:
@@ -442,6 +476,33 @@ class TestListing:
 
 
 class TestSqliteOnly:
+    def test_a_record_waiting_for_its_deferred_commit_already_answers_the_inbox(
+        self, tmp_path: Path
+    ) -> None:
+        """The local host defers commits up to 20 ms: a duplicate delivery in between finds
+        the event processed (at exactly the retention too), before and after the commit."""
+        clock = Clock()
+
+        async def scenario() -> list[bool]:
+            store = SqliteVehicleStateStore(tmp_path / FILE_NAME, clock=clock)
+            store.defer_commits()
+            try:
+                await store.apply(state_event("e1", signal(value=50)))
+                await store.mark_processed(VEHICLE, "e1")
+                answers = [await store.is_processed(VEHICLE, "e1")]
+                clock.now += 8 * DAY
+                answers.append(await store.is_processed(VEHICLE, "e1"))
+                clock.now += 0.5
+                answers.append(await store.is_processed(VEHICLE, "e1"))
+                clock.now -= 8 * DAY
+                store.flush()
+                answers.append(await store.is_processed(VEHICLE, "e1"))
+                return answers
+            finally:
+                await store.close()
+
+        assert asyncio.run(scenario()) == [True, True, False, True]
+
     def test_records_also_prune_at_a_stores_first_and_then_at_least_daily(
         self, tmp_path: Path
     ) -> None:
@@ -580,9 +641,12 @@ class TestSqliteOnly:
         store = SqliteVehicleStateStore(path)
 
         async def scenario() -> Any:
-            for index in order:
-                await store.apply(events[index])
-            return await store.get_vehicle(VEHICLE)
+            try:
+                for index in order:
+                    await store.apply(events[index])
+                return await store.get_vehicle(VEHICLE)
+            finally:
+                await store.close()
 
         view = asyncio.run(scenario())
         assert view is not None
