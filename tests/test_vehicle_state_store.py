@@ -150,6 +150,23 @@ class TestSignals:
             30, "percent", at(T0 + 2000), "e3")
         assert view.to_json()["signals"][SOC]["oemUpdatedAt"] == at(T0 + 2000).isoformat()
 
+    def test_the_vehicles_updated_at_never_goes_back_whichever_path_decides(
+        self, backend: Backend
+    ) -> None:
+        """An older delivery that still changes something (a signal never seen, here one
+        that carried an error, which the rules decide and not the fast path) leaves the
+        vehicle's updatedAt at the newest reading stored."""
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(state_event("e1", signal(value=50, oem=T0 + 5000)))
+            older = await store.apply(state_event(
+                "e2", signal(value=40, oem=T0),
+                signal("odometer-traveleddistance", oem=T0, error=("UPSTREAM", "RATE_LIMIT"))))
+            return older, await store.get_vehicle(VEHICLE)
+
+        older, view = backend.run(scenario)
+        assert older.changes.codes == ("odometer-traveleddistance",)
+        assert view is not None and view.updated_at == at(T0 + 5000)
+
     def test_applying_an_event_twice_changes_nothing(self, backend: Backend) -> None:
         event = state_event("e1", signal(value=50), signal("charge-ischarging", True))
 
@@ -502,6 +519,63 @@ class TestSqliteOnly:
                 await store.close()
 
         assert asyncio.run(scenario()) == [True, True, False, True]
+
+    def test_deferred_writes_are_read_by_the_store_and_seen_by_others_once_committed(
+        self, tmp_path: Path
+    ) -> None:
+        """With commits deferred (the local host), the store's own reads (the read route,
+        `vehicles list`) include what waits for the commit, and another connection (the CLI)
+        sees it only after the commit; `commit_each_call` commits each call again."""
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> list[Any]:
+            store, other = SqliteVehicleStateStore(path), SqliteVehicleStateStore(path)
+            store.defer_commits()
+            try:
+                # Kept pending for no handler: only the vehicle's row waits.
+                await store.apply(state_event("e1", signal(value=50, oem=T0)),
+                                  outbox=lambda code, p: False)
+                seen = [await store.list_vehicles(), await other.list_vehicles()]
+                await store.apply(state_event("e2", signal(value=40, oem=T0 + 1000)))
+                view = await store.get_vehicle(VEHICLE)
+                seen += [view, await other.get_vehicle(VEHICLE)]
+                store.commit_each_call()
+                seen.append(await other.get_vehicle(VEHICLE))
+                await store.apply(state_event("e3", signal(value=30, oem=T0 + 2000)))
+                seen.append(await other.get_vehicle(VEHICLE))
+                return seen
+            finally:
+                await store.close()
+                await other.close()
+
+        mine, others, view, other_view, committed, at_once = asyncio.run(scenario())
+        assert [(v.vehicle_id, v.signal_count) for v in mine] == [(VEHICLE, 1)]
+        assert others == [] and other_view is None
+        assert view is not None and view.signals[SOC].value == 40
+        assert view.updated_at == at(T0 + 1000)
+        assert committed is not None and committed.signals[SOC].value == 40
+        assert at_once is not None and at_once.signals[SOC].value == 30
+
+    def test_every_thousandth_record_prunes_too(self, tmp_path: Path) -> None:
+        """Not only daily: a busy store prunes every 1,000 records, so a record that expires
+        soon after a daily prune goes within the next 1,000."""
+        backend = Backend("sqlite", str(tmp_path / FILE_NAME), clock=Clock())
+        assert backend.clock is not None
+        clock = backend.clock
+
+        async def scenario(store: VehicleStateStore) -> set[str]:
+            await store.mark_processed(VEHICLE, "old")  # the first record: a prune
+            clock.now += 7.5 * DAY
+            await store.mark_processed(VEHICLE, "daily")  # a day since: a prune
+            clock.now += 0.75 * DAY  # "old" expires; the next daily prune is 0.25 day away
+            for n in range(997):
+                await store.mark_processed(VEHICLE, f"busy-{n}")
+            kept = backend.stored_event_ids() & {"old"}
+            await store.mark_processed(VEHICLE, "thousandth")
+            return kept
+
+        assert backend.run(scenario) == {"old"}
+        assert "old" not in backend.stored_event_ids()
 
     def test_records_also_prune_at_a_stores_first_and_then_at_least_daily(
         self, tmp_path: Path
