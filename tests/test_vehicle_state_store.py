@@ -161,10 +161,14 @@ class TestSignals:
             older = await store.apply(state_event(
                 "e2", signal(value=40, oem=T0),
                 signal("odometer-traveleddistance", oem=T0, error=("UPSTREAM", "RATE_LIMIT"))))
-            return older, await store.get_vehicle(VEHICLE)
+            # And one the fast path decides: a plain reading of a signal never seen.
+            quick = await store.apply(state_event("e3", signal("charge-ischarging", True,
+                                                             oem=T0 + 1)))
+            return older, quick, await store.get_vehicle(VEHICLE)
 
-        older, view = backend.run(scenario)
+        older, quick, view = backend.run(scenario)
         assert older.changes.codes == ("odometer-traveleddistance",)
+        assert quick.changes.codes == ("charge-ischarging",)
         assert view is not None and view.updated_at == at(T0 + 5000)
 
     def test_applying_an_event_twice_changes_nothing(self, backend: Backend) -> None:
@@ -555,6 +559,53 @@ class TestSqliteOnly:
         assert view.updated_at == at(T0 + 1000)
         assert committed is not None and committed.signals[SOC].value == 40
         assert at_once is not None and at_once.signals[SOC].value == 30
+
+    def test_an_event_applied_twice_in_one_deferred_commit_counts_its_error_once(
+        self, tmp_path: Path
+    ) -> None:
+        """A redelivery inside the host's 20 ms commit window: the first apply's record waits
+        in memory, and the second must read it there."""
+        event = error_event("err-1", error())
+
+        async def scenario() -> Any:
+            store = SqliteVehicleStateStore(tmp_path / FILE_NAME)
+            store.defer_commits()
+            try:
+                await store.apply(event)
+                again = await store.apply(event)
+                return again, await store.get_vehicle(VEHICLE)
+            finally:
+                await store.close()
+
+        again, view = asyncio.run(scenario())
+        assert again.errors_opened == ()
+        assert [(e.code, e.count) for e in view.errors] == [("VEHICLE_NOT_CAPABLE", 1)]
+
+    def test_a_vehicle_dropped_from_the_cache_keeps_its_deferred_writes(
+        self, tmp_path: Path
+    ) -> None:
+        """More vehicles in one deferred commit than the cache holds (1,024): the first
+        vehicle, dropped from the cache with its writes not yet made, is read back from what
+        waits, not from the file."""
+        from shared.local.vehicle_state import _CACHED_VEHICLES
+
+        async def scenario() -> Any:
+            store = SqliteVehicleStateStore(tmp_path / FILE_NAME)
+            store.defer_commits()
+            try:
+                await store.apply(state_event("e0", signal(value=50, oem=T0)))
+                for n in range(_CACHED_VEHICLES + 1):
+                    await store.apply(state_event(f"x{n}", signal(value=n),
+                                                  vehicle=f"car-{n}"))
+                older = await store.apply(state_event("e1", signal(value=40, oem=T0 - 1000)))
+                store.flush()
+                return older, await store.get_vehicle(VEHICLE)
+            finally:
+                await store.close()
+
+        older, view = asyncio.run(scenario())
+        assert older.stale == (SOC,) and older.changes == ()
+        assert view is not None and view.signals[SOC].value == 50
 
     def test_every_thousandth_record_prunes_too(self, tmp_path: Path) -> None:
         """Not only daily: a busy store prunes every 1,000 records, so a record that expires
