@@ -186,18 +186,13 @@ class TestIndexing:
         assert sent.namespace == runtime.host.settings[
             f"{listener['connection']}__fullyQualifiedNamespace"] == NAMESPACE
 
-    def test_the_redrive_timer_runs_every_minute_not_on_startup(
-        self, runtime: RuntimeSession
+    @pytest.mark.parametrize(("name", "schedule"), [
+        ("redrive_spilled", "0 */1 * * * *"), ("prune_vehicle_inbox", "0 17 * * * *")])
+    def test_the_timers_run_on_their_schedule_not_on_startup(
+        self, runtime: RuntimeSession, name: str, schedule: str
     ) -> None:
-        trigger = runtime.host.functions["redrive_spilled"].trigger
-        assert trigger["schedule"] == "0 */1 * * * *"
-        assert trigger.get("runOnStartup", False) is False
-
-    def test_the_inbox_prune_timer_runs_hourly_not_on_startup(
-        self, runtime: RuntimeSession
-    ) -> None:
-        trigger = runtime.host.functions["prune_vehicle_inbox"].trigger
-        assert trigger["schedule"] == "0 17 * * * *"
+        trigger = runtime.host.functions[name].trigger
+        assert trigger["schedule"] == schedule
         assert trigger.get("runOnStartup", False) is False
 
     def test_an_unset_queue_setting_stops_the_host_as_in_azure(

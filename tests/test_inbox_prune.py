@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from shared.runtime import build_runtime, set_runtime
 from shared.settings import load_settings
 
 from .support import RunningHost, local_env, wait_until
+from .test_vehicle_state_store import Backend
 
 DAY = 86400.0
 
@@ -43,9 +43,7 @@ def record(path: Path, event_id: str, *, days_ago: float) -> None:
 
 
 def recorded(path: Path) -> set[str]:
-    with sqlite3.connect(path) as db:
-        return {row[0] for row in db.execute(
-            "SELECT event_id FROM events WHERE processed_at IS NOT NULL")}
+    return Backend("sqlite", str(path)).stored_event_ids()
 
 
 def test_the_timer_is_declared_hourly() -> None:

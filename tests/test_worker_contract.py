@@ -46,6 +46,8 @@ def index_app() -> dict[str, Any]:
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = index_app()
+#: The re-drive every minute, the inbox prune hourly (NCRONTAB with seconds).
+TIMER_SCHEDULES = [("redrive_spilled", "0 */1 * * * *"), ("prune_vehicle_inbox", "0 17 * * * *")]
 
 
 def bindings(name: str) -> list[dict[str, Any]]:
@@ -217,14 +219,12 @@ class TestIndexedMetadata:
         assert binding["connection"] == "ServiceBusConnection"
         assert binding["direction"] == "IN" and binding["name"] == "msg"
 
-    def test_the_redrive_timer_runs_every_minute_not_on_startup(self) -> None:
-        binding = trigger("redrive_spilled")
-        assert binding["schedule"] == "0 */1 * * * *"
-        assert binding.get("runOnStartup", False) is False
-
-    def test_the_inbox_prune_timer_runs_hourly_not_on_startup(self) -> None:
-        binding = trigger("prune_vehicle_inbox")
-        assert binding["schedule"] == "0 17 * * * *"
+    @pytest.mark.parametrize(("name", "schedule"), TIMER_SCHEDULES)
+    def test_the_timers_run_on_their_schedule_not_on_startup(
+        self, name: str, schedule: str
+    ) -> None:
+        binding = trigger(name)
+        assert binding["schedule"] == schedule
         assert binding.get("runOnStartup", False) is False
 
 
@@ -340,20 +340,23 @@ class TestServiceBusTrigger:
         assert result.outcome == "handled" and result.event.event_id == event["eventId"]
 
 
+def timer_datum(last: str, next_: str, *, past_due: bool) -> meta.Datum:
+    """A timer trigger's payload as the host sends it (UTC times)."""
+    return meta.Datum(json.dumps({
+        "Schedule": {"AdjustForDST": True},
+        "ScheduleStatus": {"Last": last, "Next": next_, "LastUpdated": last},
+        "IsPastDue": past_due,
+    }), "json")
+
+
 class TestTimerTrigger:
     def test_the_timer_redrives_what_was_spilled(self, runtime: Runtime) -> None:
         event = state_event()
         spilled = OutboundMessage(encode(event), event["eventId"], {"eventId": event["eventId"]})
         assert runtime.spill is not None
         asyncio.run(runtime.spill.put(spilled))
-        timer_json = json.dumps({
-            "Schedule": {"AdjustForDST": True},
-            "ScheduleStatus": {"Last": "2026-11-27T04:30:00+00:00",
-                               "Next": "2026-11-27T04:31:00+00:00",
-                               "LastUpdated": "2026-11-27T04:30:00+00:00"},
-            "IsPastDue": True,
-        })
-        timer = convert("redrive_spilled", meta.Datum(timer_json, "json"), {})
+        timer = convert("redrive_spilled", timer_datum(
+            "2026-11-27T04:30:00+00:00", "2026-11-27T04:31:00+00:00", past_due=True), {})
         assert isinstance(timer, func.TimerRequest) and timer.past_due
         asyncio.run(invoke("redrive_spilled", timer))
         assert asyncio.run(runtime.spill.names(limit=10)) == []
@@ -369,14 +372,8 @@ class TestTimerTrigger:
 
         record(tmp_path / FILE_NAME, "old", days_ago=9)
         record(tmp_path / FILE_NAME, "kept", days_ago=6)
-        timer_json = json.dumps({
-            "Schedule": {"AdjustForDST": True},
-            "ScheduleStatus": {"Last": "2026-11-27T03:17:00+00:00",
-                               "Next": "2026-11-27T04:17:00+00:00",
-                               "LastUpdated": "2026-11-27T03:17:00+00:00"},
-            "IsPastDue": False,
-        })
-        timer = convert("prune_vehicle_inbox", meta.Datum(timer_json, "json"), {})
+        timer = convert("prune_vehicle_inbox", timer_datum(
+            "2026-11-27T03:17:00+00:00", "2026-11-27T04:17:00+00:00", past_due=False), {})
         assert isinstance(timer, func.TimerRequest) and not timer.past_due
         asyncio.run(invoke("prune_vehicle_inbox", timer))
         assert recorded(tmp_path / FILE_NAME) == {"kept"}

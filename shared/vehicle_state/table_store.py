@@ -117,13 +117,10 @@ def _partition(vehicle_id: str | None) -> str:
 
 
 def _range(prefix: str) -> str:
-    """The rows of partition `@pk` whose RowKey starts with `prefix`."""
-    return f"PartitionKey eq @pk and {_keys_starting(prefix)}"
-
-
-def _keys_starting(prefix: str) -> str:
-    # prefix <= RowKey < prefix with its last character incremented (":" -> ";").
-    return f"RowKey ge '{prefix}' and RowKey lt '{prefix[:-1]}{chr(ord(prefix[-1]) + 1)}'"
+    # Everything whose RowKey starts with `prefix`: prefix <= RowKey < prefix with its last
+    # character incremented (":" -> ";").
+    return (f"PartitionKey eq @pk and RowKey ge '{prefix}' and "
+            f"RowKey lt '{prefix[:-1]}{chr(ord(prefix[-1]) + 1)}'")
 
 
 def _day(epoch: float) -> str:
