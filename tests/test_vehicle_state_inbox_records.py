@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
 from shared.local.queue import LocalQueue
-from shared.local.vehicle_state import FILE_NAME, FLUSH_SECONDS, SqliteVehicleStateStore
+from shared.local.vehicle_state import (
+    FILE_NAME,
+    FLUSH_SECONDS,
+    SqliteVehicleStateStore,
+    WritesLostError,
+)
 
 from .support import RunningHost, encode, local_env, signed_headers, wait_until
 from .support import state_event as webhook_event
@@ -25,6 +33,7 @@ from .vehicle_events import SOC as SOC_CODE
 from .vehicle_events import T0, VEHICLE, error, error_event, signal, state_event
 
 SLOW_VEHICLE = "4f6c2b1e-8d3a-4c5b-9e7f-0a1b2c3d4e5f"
+STORE_LOGGER = "shared.local.vehicle_state"
 
 
 def records_on_disk(path: Path) -> set[str]:
@@ -34,6 +43,10 @@ def records_on_disk(path: Path) -> set[str]:
             "SELECT event_id FROM events WHERE processed_at IS NOT NULL").fetchall()
     other.close()
     return {event_id for (event_id,) in rows}
+
+
+#: `commit_error` after a statement the authorizer refused.
+REFUSED = "DatabaseError: not authorized"
 
 
 def refuse_commit(action: int, arg1: Any, *_: Any) -> int:
@@ -116,7 +129,7 @@ class TestDeferredCommits:
                 store.flush()
             except sqlite3.DatabaseError:
                 seen.append("raised")
-            seen += [store.failed_commits, store.commit_error is not None,
+            seen += [store.failed_commits, store.commit_error,
                      records_on_disk(path), await store.is_processed(VEHICLE, "e2")]
             store._db.set_authorizer(None)
             # Decided against what is stored (e1's 50), not against the lost e2.
@@ -129,7 +142,7 @@ class TestDeferredCommits:
             return seen
 
         before, raised, after, error, on_disk, e2, changes, cleared = asyncio.run(scenario())
-        assert (before, raised, after, error) == (0, "raised", 1, True)
+        assert (before, raised, after, error) == (0, "raised", 1, REFUSED)
         assert on_disk == set()
         assert not e2
         assert changes == [(50, 45)]
@@ -155,7 +168,7 @@ class TestDeferredCommits:
                 await store.apply(error_event("e2", error()))
             except sqlite3.DatabaseError:
                 seen.append("raised")
-            seen += [store.failed_commits, store.commit_error is not None]
+            seen += [store.failed_commits, store.commit_error]
             store._db.set_authorizer(None)
             await store.mark_processed(VEHICLE, "e3")
             store.flush()
@@ -164,10 +177,157 @@ class TestDeferredCommits:
             return seen
 
         raised, failures, said, cleared, vehicles, records = asyncio.run(scenario())
-        assert (raised, failures, said) == ("raised", 1, True)
+        assert (raised, failures, said) == ("raised", 1, REFUSED)
         assert cleared is None
         # e1's state was in the transaction the refused write rolled back.
         assert vehicles == set() and records == {"e3"}
+
+    def test_a_commit_refused_on_the_timer_is_logged_and_the_store_carries_on(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> list[Any]:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            store._db.set_authorizer(refuse_commit)
+            await asyncio.sleep(FLUSH_SECONDS * 10)
+            seen: list[Any] = [store.failed_commits, store.commit_error]
+            store.flush()  # nothing waits now
+            # The next apply needs no inbox check first; a second refusal counts too.
+            await store.apply(state_event("e2", signal(value=40, oem=T0 + 1000)))
+            try:
+                store.flush()
+            except sqlite3.DatabaseError:
+                seen.append(store.failed_commits)
+            with pytest.raises(WritesLostError) as lost:
+                await store.mark_processed(VEHICLE, "e2")
+            seen.append(str(lost.value))
+            store._db.set_authorizer(None)
+            # e1 is delivered again: applied again (against nothing: both writes were
+            # lost), and this time recorded.
+            again = await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            await store.mark_processed(VEHICLE, "e1")
+            store.flush()
+            seen += [[(c.previous, c.current.value) for c in again.changes],
+                     records_on_disk(path)]
+            await store.close()
+            return seen
+
+        with caplog.at_level(logging.WARNING, logger=STORE_LOGGER):
+            first, error, second, lost, changes, records = asyncio.run(scenario())
+        assert (first, error, second) == (1, REFUSED, 2)
+        assert lost == (f"event e2: what its apply stored was lost with a failed commit "
+                        f"({REFUSED}); it is not recorded as processed")
+        assert changes == [(None, 50)] and records == {"e1"}
+        assert [(r.levelname, r.getMessage()) for r in caplog.records
+                if r.name == STORE_LOGGER] == [
+            ("WARNING", f"vehicle state store {path}: deferred writes could not be committed "
+                        "(not authorized); their deliveries are redelivered")]
+
+    def test_a_commit_refused_at_close_is_logged_once_and_the_store_is_closed(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> None:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            store._db.set_authorizer(refuse_commit)
+            await store.close()
+            await store.close()  # a second close does nothing
+
+        with caplog.at_level(logging.WARNING, logger=STORE_LOGGER):
+            asyncio.run(scenario())
+        assert [(r.levelname, r.getMessage()) for r in caplog.records
+                if r.name == STORE_LOGGER] == [
+            ("WARNING", f"vehicle state store {path}: deferred writes could not be committed "
+                        "at close (not authorized)")]
+        assert vehicles_on_disk(path) == set()
+
+    @pytest.mark.parametrize("call", ["prune_inbox", "get_vehicle", "list_vehicles"])
+    def test_a_refused_write_of_any_call_loses_the_transaction_and_says_why(
+        self, tmp_path: Path, call: str
+    ) -> None:
+        """The prune's DELETE, or the writes that wait in memory until a read needs them."""
+        path = tmp_path / FILE_NAME
+        refused = {"prune_inbox": (sqlite3.SQLITE_DELETE, "events"),
+                   "get_vehicle": (sqlite3.SQLITE_INSERT, "vehicles"),
+                   "list_vehicles": (sqlite3.SQLITE_INSERT, "vehicles")}[call]
+
+        def refuse(action: int, arg1: Any, *_: Any) -> int:
+            return sqlite3.SQLITE_DENY if (action, arg1) == refused else sqlite3.SQLITE_OK
+
+        async def scenario() -> list[Any]:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            await store.mark_processed(VEHICLE, "e1")
+            store._db.set_authorizer(refuse)
+            seen: list[Any] = []
+            try:
+                await (store.get_vehicle(VEHICLE) if call == "get_vehicle"
+                       else getattr(store, call)())
+            except sqlite3.DatabaseError:
+                seen.append("raised")
+            store._db.set_authorizer(None)
+            seen += [store.failed_commits, store.commit_error]
+            store.flush()
+            seen += [vehicles_on_disk(path), records_on_disk(path)]
+            await store.close()
+            return seen
+
+        assert asyncio.run(scenario()) == ["raised", 1, REFUSED, set(), set()]
+
+    def test_an_apply_after_the_record_in_the_same_commit_keeps_the_record(
+        self, tmp_path: Path
+    ) -> None:
+        """Whatever order the calls come in, an apply never undoes a record: here the record
+        comes first, and the apply after it in the same deferred commit still has a change to
+        keep pending."""
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> list[Any]:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            await store.mark_processed(VEHICLE, "e1")
+            applied = await store.apply(state_event("e1", signal(value=50, oem=T0)),
+                                        outbox=lambda code, path: True)
+            store.flush()
+            seen = [len(applied.pending), records_on_disk(path),
+                    await store.is_processed(VEHICLE, "e1")]
+            await store.close()
+            return seen
+
+        assert asyncio.run(scenario()) == [1, {"e1"}, True]
+
+    def test_a_record_in_the_same_commit_as_its_apply_keeps_the_errors_applied(
+        self, tmp_path: Path
+    ) -> None:
+        """A VEHICLE_ERROR applied and recorded in one deferred commit, then applied again
+        by a store that reads it from the file: its error is not counted twice."""
+        path = tmp_path / FILE_NAME
+        event = error_event("e1", error())
+
+        async def first() -> None:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            await store.apply(event)
+            await store.mark_processed(VEHICLE, "e1")
+            await store.close()
+
+        async def again() -> Any:
+            store = SqliteVehicleStateStore(path)
+            await store.apply(event)
+            view = await store.get_vehicle(VEHICLE)
+            await store.close()
+            return view
+
+        asyncio.run(first())
+        view = asyncio.run(again())
+        assert view is not None and [e.count for e in view.errors] == [1]
 
     def test_without_deferral_each_call_commits(self, tmp_path: Path) -> None:
         path = tmp_path / FILE_NAME
