@@ -91,6 +91,9 @@ def run_mutmut(jobs: int, modules: Sequence[str]) -> None:
         # The tests' temporary files (SQLite queues with synchronous=FULL) on tmpfs: an fsync
         # on a busy disk would otherwise dominate each mutant's run.
         env["TMPDIR"] = "/dev/shm"  # noqa: S108
+    # The store tests' Table cases start Azurite from this checkout's node_modules, which
+    # mutmut's copy of the repository (mutants/) does not have.
+    env.setdefault("AZURITE_BIN_DIR", str(ROOT / "node_modules" / ".bin"))
     subprocess.run(  # noqa: S603 - our own interpreter and fixed arguments
         [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *globs(modules)],
         cwd=ROOT, stdout=sys.stderr, check=True, env=env,

@@ -34,8 +34,14 @@ Service = Literal["blob", "table"]
 USED_BY: dict[Service, str] = {"blob": "the Blob spill tests", "table": "the Table store tests"}
 
 
+#: Where the Azurite executables are when not in this checkout's node_modules: `make mutate`
+#: runs the tests in a copy of the repository (mutants/) that has no node_modules of its own.
+BIN_DIR_VARIABLE = "AZURITE_BIN_DIR"
+
+
 def executable(service: Service) -> Path:
-    return ROOT / "node_modules" / ".bin" / f"azurite-{service}"
+    bin_dir = os.environ.get(BIN_DIR_VARIABLE) or ROOT / "node_modules" / ".bin"
+    return Path(bin_dir) / f"azurite-{service}"
 
 
 def connection_string(service: Service, port: int) -> str:
