@@ -21,6 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests import azurite
+
 from .summary import load_equivalents, module_name, mutant_glob, mutated_paths, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +95,7 @@ def run_mutmut(jobs: int, modules: Sequence[str]) -> None:
         env["TMPDIR"] = "/dev/shm"  # noqa: S108
     # The store tests' Table cases start Azurite from this checkout's node_modules, which
     # mutmut's copy of the repository (mutants/) does not have.
-    env.setdefault("AZURITE_BIN_DIR", str(ROOT / "node_modules" / ".bin"))
+    env.setdefault(azurite.BIN_DIR_VARIABLE, str(azurite.BIN_DIR))
     subprocess.run(  # noqa: S603 - our own interpreter and fixed arguments
         [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *globs(modules)],
         cwd=ROOT, stdout=sys.stderr, check=True, env=env,

@@ -34,14 +34,15 @@ Service = Literal["blob", "table"]
 USED_BY: dict[Service, str] = {"blob": "the Blob spill tests", "table": "the Table store tests"}
 
 
-#: Where the Azurite executables are when not in this checkout's node_modules: `make mutate`
-#: runs the tests in a copy of the repository (mutants/) that has no node_modules of its own.
+#: Where `npm ci` puts the Azurite executables...
+BIN_DIR = ROOT / "node_modules" / ".bin"
+#: ... unless this names another folder: `make mutate` runs the tests in a copy of the
+#: repository (mutants/) that has no node_modules of its own.
 BIN_DIR_VARIABLE = "AZURITE_BIN_DIR"
 
 
 def executable(service: Service) -> Path:
-    bin_dir = os.environ.get(BIN_DIR_VARIABLE) or ROOT / "node_modules" / ".bin"
-    return Path(bin_dir) / f"azurite-{service}"
+    return Path(os.environ.get(BIN_DIR_VARIABLE) or BIN_DIR) / f"azurite-{service}"
 
 
 def connection_string(service: Service, port: int) -> str:

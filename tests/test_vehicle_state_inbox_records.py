@@ -55,6 +55,11 @@ def refuse_commit(action: int, arg1: Any, *_: Any) -> int:
     return sqlite3.SQLITE_OK
 
 
+def store_warnings(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """The store's log records: (level, message)."""
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == STORE_LOGGER]
+
+
 def vehicles_on_disk(path: Path) -> set[str]:
     with sqlite3.connect(path) as other:
         rows = other.execute("SELECT vehicle_id FROM vehicles").fetchall()
@@ -221,8 +226,7 @@ class TestDeferredCommits:
         assert lost == (f"event e2: what its apply stored was lost with a failed commit "
                         f"({REFUSED}); it is not recorded as processed")
         assert changes == [(None, 50)] and records == {"e1"}
-        assert [(r.levelname, r.getMessage()) for r in caplog.records
-                if r.name == STORE_LOGGER] == [
+        assert store_warnings(caplog) == [
             ("WARNING", f"vehicle state store {path}: deferred writes could not be committed "
                         "(not authorized); their deliveries are redelivered")]
 
@@ -241,8 +245,7 @@ class TestDeferredCommits:
 
         with caplog.at_level(logging.WARNING, logger=STORE_LOGGER):
             asyncio.run(scenario())
-        assert [(r.levelname, r.getMessage()) for r in caplog.records
-                if r.name == STORE_LOGGER] == [
+        assert store_warnings(caplog) == [
             ("WARNING", f"vehicle state store {path}: deferred writes could not be committed "
                         "at close (not authorized)")]
         assert vehicles_on_disk(path) == set()

@@ -126,6 +126,15 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
                    table=f"vs{uuid.uuid4().hex[:16]}", clock=Clock())
 
 
+def sqlite_at(path: Path) -> Backend:
+    return Backend("sqlite", str(path))
+
+
+def keep_every_change(code: str, path: str | None) -> bool:
+    """An outbox that keeps every accepted change pending."""
+    return True
+
+
 def at(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
@@ -793,7 +802,7 @@ class TestSqliteOnly:
                                 ).fetchone() == (1,)
         conn.close()
         # Opening it again changes nothing.
-        again = asyncio.run(self._view(path))
+        again = sqlite_at(path).run(lambda store: store.get_vehicle(VEHICLE))
         assert again is not None and again.signals[SOC].value == 45
 
     def test_a_reopened_store_decides_against_what_its_file_holds(self, tmp_path: Path) -> None:
@@ -805,22 +814,22 @@ class TestSqliteOnly:
         fresh = f"custom-{uuid.uuid4().hex}"
         odometer = "odometer-traveleddistance"
 
-        async def first(store: SqliteVehicleStateStore) -> None:
+        async def first(store: VehicleStateStore) -> None:
             await store.apply(state_event("e1", signal(value=50, oem=T0 + 5000),
                                           signal(fresh, 7, oem=T0 + 5000, unit=None)))
             await store.apply(state_event("e2", signal(value=60, oem=None), vehicle="undated"))
 
-        async def second(store: SqliteVehicleStateStore) -> None:
+        async def second(store: VehicleStateStore) -> None:
             # An older reading of another signal: applied, but updatedAt stays the newer one.
             await store.apply(state_event("e3", signal(odometer, 10, oem=T0, unit="km")))
             await store.apply(state_event("e4", signal(value=40, oem=T0), vehicle="undated"))
 
-        async def read(store: SqliteVehicleStateStore) -> Any:
+        async def read(store: VehicleStateStore) -> Any:
             return await store.get_vehicle(VEHICLE), await store.get_vehicle("undated")
 
         for step in (first, second):
-            asyncio.run(self._in(path, step))
-        view, undated = asyncio.run(self._in(path, read))
+            sqlite_at(path).run(step)
+        view, undated = sqlite_at(path).run(read)
         assert {code: s.value for code, s in view.signals.items()} == {
             SOC: 50, fresh: 7, odometer: 10}
         assert view.updated_at == at(T0 + 5000)
@@ -834,34 +843,31 @@ class TestSqliteOnly:
         apply: its change is still pending."""
         path = tmp_path / FILE_NAME
 
-        def keep(code: str, path: str | None) -> bool:
-            return True
-
         def pending(result: Any) -> list[tuple[str, Any, Any]]:
             return [(c.vehicle_id, c.previous and c.previous.value, c.current.value)
                     for c in result.pending]
 
-        async def scenario(store: SqliteVehicleStateStore) -> list[Any]:
-            await store.apply(state_event("e1", signal(value=50, oem=T0)), outbox=keep)
+        async def scenario(store: VehicleStateStore) -> list[Any]:
+            await store.apply(state_event("e1", signal(value=50, oem=T0)), outbox=keep_every_change)
             await store.is_processed(VEHICLE, "e1")
             other_event = await store.apply(state_event("e2", signal(value=40, oem=T0 + 1000)),
-                                            outbox=keep)
+                                            outbox=keep_every_change)
             await store.is_processed(VEHICLE, "e1")
             other_vehicle = await store.apply(
-                state_event("e1", signal(value=30, oem=T0), vehicle="other"), outbox=keep)
+                state_event("e1", signal(value=30, oem=T0), vehicle="other"), outbox=keep_every_change)
             return [pending(other_event), pending(other_vehicle)]
 
-        async def redelivered(store: SqliteVehicleStateStore) -> list[Any]:
+        async def redelivered(store: VehicleStateStore) -> list[Any]:
             # No inbox check first, nothing in memory: the pending changes come from the file,
             # with their previous values.
-            return [pending(await store.apply(event, outbox=keep)) for event in (
+            return [pending(await store.apply(event, outbox=keep_every_change)) for event in (
                 state_event("e1", signal(value=50, oem=T0)),
                 state_event("e2", signal(value=40, oem=T0 + 1000)))]
 
-        other_event, other_vehicle = asyncio.run(self._in(path, scenario))
+        other_event, other_vehicle = sqlite_at(path).run(scenario)
         assert other_event == [(VEHICLE, 50, 40)]
         assert other_vehicle == [("other", None, 30)]
-        assert asyncio.run(self._in(path, redelivered)) == [
+        assert sqlite_at(path).run(redelivered) == [
             [(VEHICLE, None, 50)], [(VEHICLE, 50, 40)]]
 
     def test_an_apply_after_the_record_finds_nothing_pending_that_a_check_read_before(
@@ -870,17 +876,14 @@ class TestSqliteOnly:
         """`is_processed` read e1's pending change; e1's record makes that read stale, so an
         apply of e1 after the record hands nothing over again."""
 
-        def keep(code: str, path: str | None) -> bool:
-            return True
-
-        async def scenario(store: SqliteVehicleStateStore) -> Any:
-            await store.apply(state_event("e1", signal(value=50)), outbox=keep)
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(state_event("e1", signal(value=50)), outbox=keep_every_change)
             await store.is_processed(VEHICLE, "e1")
             await store.mark_processed(VEHICLE, "e1")
-            again = await store.apply(state_event("e1", signal(value=50)), outbox=keep)
+            again = await store.apply(state_event("e1", signal(value=50)), outbox=keep_every_change)
             return again.pending, await store.is_processed(VEHICLE, "e1")
 
-        assert asyncio.run(self._in(tmp_path / FILE_NAME, scenario)) == ((), True)
+        assert sqlite_at(tmp_path / FILE_NAME).run(scenario) == ((), True)
 
     def test_a_file_whose_move_to_the_new_layout_fails_is_left_as_it_was(
         self, tmp_path: Path
@@ -905,49 +908,33 @@ class TestSqliteOnly:
         del body["vehicleId"]
         event = parse_event(json.dumps(body))
 
-        async def scenario(store: SqliteVehicleStateStore) -> Any:
+        async def scenario(store: VehicleStateStore) -> Any:
             return await store.apply(event), await store.list_vehicles()
 
-        applied, listed = asyncio.run(self._in(tmp_path / FILE_NAME, scenario))
+        applied, listed = sqlite_at(tmp_path / FILE_NAME).run(scenario)
         assert applied.changes == () and applied.pending == () and listed == []
 
     def test_the_listing_holds_a_hundred_vehicles_unless_asked_for_more(
         self, tmp_path: Path
     ) -> None:
-        async def scenario(store: SqliteVehicleStateStore) -> Any:
+        async def scenario(store: VehicleStateStore) -> Any:
             for i in range(101):
                 await store.apply(state_event(f"e{i}", signal(oem=T0 + i), vehicle=f"v{i:03}"))
             return await store.list_vehicles(), await store.list_vehicles(limit=101)
 
-        default, more = asyncio.run(self._in(tmp_path / FILE_NAME, scenario))
+        default, more = sqlite_at(tmp_path / FILE_NAME).run(scenario)
         assert len(default) == 100 and default[0].vehicle_id == "v100"
         assert len(more) == 101 and more[-1].vehicle_id == "v000"
 
     def test_the_file_may_be_several_new_folders_deep(self, tmp_path: Path) -> None:
         path = tmp_path / "a" / "b" / FILE_NAME
 
-        async def scenario(store: SqliteVehicleStateStore) -> Any:
+        async def scenario(store: VehicleStateStore) -> Any:
             await store.apply(state_event("e1", signal(value=50)))
             return await store.get_vehicle(VEHICLE)
 
-        view = asyncio.run(self._in(path, scenario))
+        view = sqlite_at(path).run(scenario)
         assert view is not None and view.signals[SOC].value == 50 and path.is_file()
-
-    @staticmethod
-    async def _in(path: Path, scenario: Callable[[SqliteVehicleStateStore], Awaitable[T]]) -> T:
-        store = SqliteVehicleStateStore(path)
-        try:
-            return await scenario(store)
-        finally:
-            await store.close()
-
-    @staticmethod
-    async def _view(path: Path) -> Any:
-        store = SqliteVehicleStateStore(path)
-        try:
-            return await store.get_vehicle(VEHICLE)
-        finally:
-            await store.close()
 
     # differing_executors: `make mutate` runs this test many times in one process, each time
     # on a new instance of the class.
