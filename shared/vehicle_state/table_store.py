@@ -364,24 +364,27 @@ class TableVehicleStateStore:
         await self._ready()
         cutoff = float(self._clock()) - INBOX_RETENTION_SECONDS
         deadline = time.monotonic() + seconds
-        totals = [0, 0]  # deleted, failed
         limit = asyncio.Semaphore(_PRUNE_CONCURRENCY)
-        tasks: list[asyncio.Task[None]] = []
+        tasks: list[asyncio.Task[InboxPruned]] = []
         async for entry in self._table.query_entities(
                 "PartitionKey ge @first and PartitionKey lt @last",
                 parameters={"first": _INDEX_PREFIX, "last": _INDEX_PREFIX + _day(cutoff)}):
             if time.monotonic() >= deadline:
                 break
             await limit.acquire()
-            tasks.append(asyncio.ensure_future(self._prune_partition(entry, cutoff, totals, limit)))
-        await asyncio.gather(*tasks)
-        return InboxPruned(deleted=totals[0], failed=totals[1])
+            tasks.append(asyncio.ensure_future(self._prune_partition(entry, cutoff, limit)))
+        done = await asyncio.gather(*tasks)
+        return InboxPruned(deleted=sum(p.deleted for p in done),
+                           failed=sum(p.failed for p in done))
 
-    async def _prune_partition(self, entry: Any, cutoff: float, totals: list[int],
-                               limit: asyncio.Semaphore) -> None:
+    async def _prune_partition(self, entry: Any, cutoff: float,
+                               limit: asyncio.Semaphore) -> InboxPruned:
+        """One index row's partition: its records deleted, and 1 in `failed` if some could
+        not be (those deleted before the failure still count)."""
         from azure.core.exceptions import AzureError, ResourceNotFoundError
 
         pk = str(entry["partition"])
+        deleted = 0
         try:
             old = [row["RowKey"] async for row in self._table.query_entities(
                 _range("i:") + " and processedAt lt @cutoff",
@@ -390,18 +393,19 @@ class TableVehicleStateStore:
                 batch = old[start:start + MAX_OPERATIONS]
                 await self._table.submit_transaction(
                     [("delete", {"PartitionKey": pk, "RowKey": rk}) for rk in batch])
-                totals[0] += len(batch)
+                deleted += len(batch)
             try:
                 await self._table.delete_entity(entry["PartitionKey"], entry["RowKey"])
             except ResourceNotFoundError:
                 pass  # another run got there first
         except AzureError as exc:
-            totals[1] += 1
             logger.warning("vehicle state table: expired inbox records of partition %r could "
                            "not be deleted (%s); the next prune tries again", pk,
                            type(exc).__name__)
+            return InboxPruned(deleted=deleted, failed=1)
         finally:
             limit.release()
+        return InboxPruned(deleted=deleted)
 
     # --- reading ------------------------------------------------------------------------------
     async def get_vehicle(self, vehicle_id: str) -> VehicleView | None:
