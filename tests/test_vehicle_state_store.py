@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -1269,6 +1270,41 @@ class TestPruningOnAzurite:
 
         out_of_time, next_run = asyncio.run(scenario())
         assert (out_of_time.deleted, next_run.deleted) == (0, 3)
+        assert self.index_rows(connection, table) == []
+
+    def test_a_partition_whose_slot_came_free_after_the_time_is_up_does_not_start(
+        self, azurite_table_port: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The time a partition waits for a free slot counts: with one slot, the first
+        partition's deletes take the run past its time, so the second, which waited for
+        that slot, is left to the next run (a late start could outlast the timeout)."""
+        from shared.vehicle_state import table_store
+
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        clock = Clock()
+        elapsed = [0.0]
+        monkeypatch.setattr(table_store, "_PRUNE_CONCURRENCY", 1)
+        monkeypatch.setattr(table_store, "time",
+                            SimpleNamespace(monotonic=lambda: elapsed[0]))
+
+        def slow_deletes(operations: Any) -> None:
+            if operations[0][0] == "delete":
+                elapsed[0] += 120.0
+            return None
+
+        async def scenario() -> tuple[Any, Any]:
+            store = self.store(connection, table, clock, slow_deletes)
+            try:
+                for vehicle in ("a", "b"):
+                    await store.mark_processed(vehicle, f"e-{vehicle}")
+                clock.now += 9 * DAY
+                return await store.prune_inbox(seconds=100), await store.prune_inbox()
+            finally:
+                await store.close()
+
+        out_of_time, next_run = asyncio.run(scenario())
+        assert (out_of_time.deleted, next_run.deleted) == (1, 1)
         assert self.index_rows(connection, table) == []
 
     def test_an_index_write_that_fails_does_not_fail_the_record_and_is_made_at_the_next(

@@ -358,9 +358,10 @@ class TableVehicleStateStore:
         each partition the index notes for a day that is wholly past it, one query of that
         partition, deletes of up to 100 rows in a transaction, then the index row. A
         transaction that fails (another run deleted the rows first, or a transient error) is
-        logged and counted, and its index row kept for the next run. Stops starting
-        partitions after `seconds` (under the Functions timeout); the rest waits for the next
-        run. A query of the index that fails raises."""
+        logged and counted, and its index row kept for the next run. Starts no partition
+        after `seconds` (under the Functions timeout), counting the wait for one of the
+        `_PRUNE_CONCURRENCY` slots; the rest waits for the next run. A query of the index that
+        fails raises."""
         await self._ready()
         cutoff = float(self._clock()) - INBOX_RETENTION_SECONDS
         deadline = time.monotonic() + seconds
@@ -369,9 +370,9 @@ class TableVehicleStateStore:
         async for entry in self._table.query_entities(
                 "PartitionKey ge @first and PartitionKey lt @last",
                 parameters={"first": _INDEX_PREFIX, "last": _INDEX_PREFIX + _day(cutoff)}):
+            await limit.acquire()  # a free slot first: the wait for it counts in `seconds`
             if time.monotonic() >= deadline:
-                break
-            await limit.acquire()
+                break  # (the slot is not given back: no partition starts after this)
             tasks.append(asyncio.ensure_future(self._prune_partition(entry, cutoff, limit)))
         done = await asyncio.gather(*tasks)
         return InboxPruned(deleted=sum(p.deleted for p in done),
