@@ -1160,14 +1160,15 @@ class TestPruningOnAzurite:
     """The inbox index (`!inbox-day:<day>` partitions) and the prune that reads it."""
 
     @staticmethod
-    def index_rows(connection: str, table: str) -> list[tuple[str, str]]:
-        async def rows() -> list[tuple[str, str]]:
-            async with TableClient.from_connection_string(connection, table) as client:
-                return sorted([(str(e["PartitionKey"]), str(e["partition"]))
-                               async for e in client.list_entities()
-                               if str(e["PartitionKey"]).startswith("!inbox-day:")])
+    async def index_rows_now(connection: str, table: str) -> list[tuple[str, str]]:
+        async with TableClient.from_connection_string(connection, table) as client:
+            return sorted([(str(e["PartitionKey"]), str(e["partition"]))
+                           async for e in client.list_entities()
+                           if str(e["PartitionKey"]).startswith("!inbox-day:")])
 
-        return asyncio.run(rows())
+    @classmethod
+    def index_rows(cls, connection: str, table: str) -> list[tuple[str, str]]:
+        return asyncio.run(cls.index_rows_now(connection, table))
 
     @staticmethod
     def store(connection: str, table: str, clock: Clock,
@@ -1337,3 +1338,80 @@ class TestPruningOnAzurite:
         notes = [ops for ops in seen if ops[0][1]["PartitionKey"].startswith("!inbox-day:")]
         assert len(notes) == 2  # the failed one, then one for the day's other records
         assert pruned.deleted == 5
+
+    @pytest.mark.parametrize("then", ["another vehicle records", "the prune runs"])
+    def test_a_failed_note_of_a_vehicles_last_record_is_made_at_the_next_chance(
+        self, azurite_table_port: int, caplog: pytest.LogCaptureFixture, then: str
+    ) -> None:
+        """A vehicle that records once and never again still has its day noted: the note
+        that failed is written at the instance's next record, of any vehicle, or at the
+        start of the next prune, and the record is pruned in time."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        clock = Clock()
+        seen: list[Any] = []
+        day = datetime.fromtimestamp(clock.now, UTC).date().isoformat()
+
+        async def scenario() -> tuple[list[tuple[str, str]], Any]:
+            store = self.store(connection, table, clock,
+                               refusing_once("upsert", f"!inbox-day:{day}", seen))
+            try:
+                await store.mark_processed("once", "e-once")  # its note fails
+                noted = await self.index_rows_now(connection, table)
+                clock.now += 60
+                if then == "another vehicle records":
+                    await store.mark_processed("other", "e-other")
+                clock.now += 9 * DAY
+                return noted, await store.prune_inbox()
+            finally:
+                await store.close()
+
+        noted, pruned = asyncio.run(scenario())
+        assert noted == []
+        assert "noting partition 'once' in the inbox index failed" in caplog.text
+        assert pruned.deleted == (2 if then == "another vehicle records" else 1)
+        assert Backend("table", connection, table).stored_event_ids() == set()
+
+    def test_notes_wait_behind_the_first_that_fails_and_only_so_many_wait(
+        self, azurite_table_port: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """While Table refuses notes, a record tries the waiting ones in order and stops at
+        the first refusal; at most `_INDEXED_KEPT` wait (Table refusing for days must not
+        grow an instance's memory without end)."""
+        from azure.core.exceptions import HttpResponseError
+
+        from shared.vehicle_state import table_store
+
+        monkeypatch.setattr(table_store, "_INDEXED_KEPT", 2)
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        clock = Clock()
+        tried: list[str] = []
+        refusing = [True]
+
+        def notes_refused(operations: Any) -> BaseException | None:
+            row = operations[0][1]
+            if not row["PartitionKey"].startswith("!inbox-day:"):
+                return None
+            tried.append(row["partition"])
+            return HttpResponseError("Server Busy") if refusing[0] else None
+
+        async def scenario() -> list[list[str]]:
+            store = self.store(connection, table, clock, notes_refused)
+            tries = []
+            try:
+                for vehicle in ("a", "b", "c"):
+                    await store.mark_processed(vehicle, f"e-{vehicle}")
+                    tries.append(tried[:])
+                    tried.clear()
+                refusing[0] = False
+                await store.mark_processed("d", "e-d")
+                tries.append(tried[:])
+                return tries
+            finally:
+                await store.close()
+
+        tries = asyncio.run(scenario())
+        # "c" is not kept (two wait already); "d" is written with the two that waited.
+        assert tries == [["a"], ["a"], ["a"], ["a", "b", "d"]]
+        assert [p for _, p in self.index_rows(connection, table)] == ["a", "b", "d"]

@@ -68,6 +68,7 @@ _NO_VEHICLE: Final = "!none"
 #: `!i`, so no vehicle's partition is one of these.
 _INDEX_PREFIX: Final = "!inbox-day:"
 #: (partition, day) pairs an instance remembers noting; past this many it forgets them all.
+#: Notes that failed wait to be written again, up to this many (more are not kept).
 _INDEXED_KEPT: Final = 100_000
 #: `prune_inbox` starts no partition after this long (the Functions timeout is 5 minutes)...
 PRUNE_SECONDS: Final = 240.0
@@ -144,8 +145,10 @@ class TableVehicleStateStore:
         self._created = not create_table
         self._clock = clock
         self._sleep = sleep
-        #: (partition, day) pairs this instance noted in the inbox index.
+        #: (partition, day) pairs this instance noted in the inbox index, and those whose
+        #: note failed (written at the next record of any vehicle, or the next prune).
         self._indexed: set[tuple[str, str]] = set()
+        self._unindexed: set[tuple[str, str]] = set()
 
     async def _ready(self) -> None:
         if self._created:
@@ -336,22 +339,36 @@ class TableVehicleStateStore:
     async def _index(self, pk: str, now: float) -> None:
         """Note in the day's index partition that partition `pk` has inbox records of that day
         (once per instance, partition and day), so `prune_inbox` finds them without a scan of
-        the table. Housekeeping: a write that fails is logged and made at the next record."""
+        the table; and the notes that failed before, so a vehicle whose last record of a day
+        met a failed note is still pruned. Housekeeping: a note that fails is logged and
+        written at the next record or prune."""
+        note = (pk, _day(now))
+        await self._write_notes(None if note in self._indexed else note)
+
+    async def _write_notes(self, current: tuple[str, str] | None = None) -> None:
+        """Write the notes that wait, then `current`, stopping at the first that fails (Table
+        is refusing: the rest wait with it). `current` waits too if it is not written, unless
+        `_INDEXED_KEPT` notes wait already."""
         from azure.core.exceptions import AzureError
 
-        day = _day(now)
-        if (pk, day) in self._indexed:
-            return
-        try:
-            await self._table.submit_transaction([("upsert", {
-                "PartitionKey": _INDEX_PREFIX + day, "RowKey": f"p:{pk}", "partition": pk})])
-        except AzureError as exc:
-            logger.warning("vehicle state table: noting partition %r in the inbox index failed "
-                           "(%s); it is tried again at its next record", pk, type(exc).__name__)
-            return
-        if len(self._indexed) >= _INDEXED_KEPT:
-            self._indexed.clear()
-        self._indexed.add((pk, day))
+        notes = sorted(self._unindexed)
+        if current is not None and current not in self._unindexed:
+            notes.append(current)
+        for pk, day in notes:
+            try:
+                await self._table.submit_transaction([("upsert", {
+                    "PartitionKey": _INDEX_PREFIX + day, "RowKey": f"p:{pk}", "partition": pk})])
+            except AzureError as exc:
+                logger.warning("vehicle state table: noting partition %r in the inbox index "
+                               "failed (%s); it is tried again at the next record or prune",
+                               pk, type(exc).__name__)
+                if current is not None and len(self._unindexed) < _INDEXED_KEPT:
+                    self._unindexed.add(current)
+                return
+            self._unindexed.discard((pk, day))
+            if len(self._indexed) >= _INDEXED_KEPT:
+                self._indexed.clear()
+            self._indexed.add((pk, day))
 
     async def prune_inbox(self, *, seconds: float = PRUNE_SECONDS) -> InboxPruned:
         """Delete the inbox records past the retention (Table has no expiry of its own): for
@@ -363,6 +380,7 @@ class TableVehicleStateStore:
         `_PRUNE_CONCURRENCY` slots; the rest waits for the next run. A query of the index that
         fails raises."""
         await self._ready()
+        await self._write_notes()
         cutoff = float(self._clock()) - INBOX_RETENTION_SECONDS
         deadline = time.monotonic() + seconds
         limit = asyncio.Semaphore(_PRUNE_CONCURRENCY)
