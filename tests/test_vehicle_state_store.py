@@ -373,6 +373,22 @@ class TestErrors:
         assert [e.count for e in view.errors] == [1]
         assert listed[0].open_errors == 1
 
+    def test_errors_of_two_types_with_one_code_are_two_errors(self, backend: Backend) -> None:
+        """An error is keyed by type and code: the same code under another type is another
+        error, and resolving one leaves the other open."""
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(error_event("x1", error("COMPATIBILITY", "SHARED_CODE"),
+                                          error("PERMISSION", "SHARED_CODE")))
+            both = await store.get_vehicle(VEHICLE)
+            await store.apply(error_event("x2", error("PERMISSION", "SHARED_CODE",
+                                                      state="RESOLVED"), delivered=T0 + 1000))
+            return both, await store.get_vehicle(VEHICLE)
+
+        both, after = backend.run(scenario)
+        assert sorted((e.type, e.code) for e in both.errors) == [
+            ("COMPATIBILITY", "SHARED_CODE"), ("PERMISSION", "SHARED_CODE")]
+        assert [(e.type, e.code) for e in after.errors] == [("COMPATIBILITY", "SHARED_CODE")]
+
     def test_errors_with_a_null_code_and_without_a_type(self, backend: Backend) -> None:
         async def scenario(store: VehicleStateStore) -> Any:
             result = await store.apply(error_event(
@@ -385,6 +401,21 @@ class TestErrors:
 
 
 class TestOutboxAndInbox:
+    def test_pending_changes_longer_than_a_table_property_come_back_whole(
+        self, backend: Backend
+    ) -> None:
+        """40 changes of 2,000-character texts (Table keeps them in several properties of
+        its outbox row: at most 64 KiB each) are handed back exactly as they were stored."""
+        values = {f"custom-long{i:02d}": f"{i:02d}" + "é" * 1998 for i in range(40)}
+        event = state_event("e1", *(signal(code, value) for code, value in values.items()))
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(event, outbox=keep_every_change)
+            return await store.pending_changes(VEHICLE, "e1")
+
+        pending = backend.run(scenario)
+        assert {c.code: c.current.value for c in pending} == values
+
     def test_changes_stay_pending_until_the_event_is_marked_processed(
         self, backend: Backend
     ) -> None:
