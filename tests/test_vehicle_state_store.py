@@ -389,6 +389,41 @@ class TestErrors:
             ("COMPATIBILITY", "SHARED_CODE"), ("PERMISSION", "SHARED_CODE")]
         assert [(e.type, e.code) for e in after.errors] == [("COMPATIBILITY", "SHARED_CODE")]
 
+    def test_a_state_event_keeps_the_vehicles_count_of_open_errors(
+        self, backend: Backend
+    ) -> None:
+        """The count a state event writes is the one stored: one open error, or none once
+        it was resolved."""
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(error_event("x1", error(), vehicle="open"))
+            await store.apply(error_event("x1", error(), vehicle="closed"))
+            await store.apply(error_event("r1", error(state="RESOLVED"), vehicle="closed",
+                                          delivered=T0 + 1000))
+            for vehicle in ("open", "closed"):
+                await store.apply(state_event("e1", signal(value=40), vehicle=vehicle))
+            return await store.list_vehicles()
+
+        listed = backend.run(scenario)
+        assert sorted((v.vehicle_id, v.open_errors) for v in listed) == [
+            ("closed", 0), ("open", 1)]
+
+    def test_a_redelivered_error_event_does_not_count_again_after_another_event_counted(
+        self, backend: Backend
+    ) -> None:
+        """The store remembers that an event's errors were applied: after another event
+        counted the same error, a redelivery of the first (its handlers had not completed)
+        leaves the count alone."""
+        first = error_event("x1", error(), delivered=T0)
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(first)
+            await store.apply(error_event("x2", error(), delivered=T0 + 1000))
+            await store.apply(first)
+            return await store.get_vehicle(VEHICLE)
+
+        view = backend.run(scenario)
+        assert [e.count for e in view.errors] == [2]
+
     def test_errors_with_a_null_code_and_without_a_type(self, backend: Backend) -> None:
         async def scenario(store: VehicleStateStore) -> Any:
             result = await store.apply(error_event(
