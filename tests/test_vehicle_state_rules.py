@@ -411,6 +411,21 @@ class TestErrorEventOverStoredState:
         assert (state.count, state.first_seen, state.last_seen) == (3, _at(T0), _at(T0 + 60_000))
         assert third.errors[("T", "C")].last_error == second.errors[("T", "C")].last_error
 
+    def test_errors_the_event_counted_already_are_observed_again_but_not_counted(
+        self
+    ) -> None:
+        """An apply cut short between transactions: of the event's errors, those it wrote
+        (`errors_counted`) keep their count; the rest count this event once."""
+        first = _plan_error_event(error("T", "A"), error("T", "B"), event_id="x1",
+                                  delivered=T0)
+        partly = {key: record for key, record in first.errors.items() if key == ("T", "A")}
+        again = _plan_error_event(error("T", "A"), error("T", "B"), event_id="x1",
+                                  delivered=T0, snapshot=Snapshot(
+                                      vehicle_id=VEHICLE, errors=partly,
+                                      errors_counted=frozenset({("T", "A")})))
+        assert again.errors == first.errors
+        assert [s.count for s in again.errors_opened] == [1, 1]
+
     def test_resolving_is_reported_once(self) -> None:
         opened = _plan_error_event(error("T", "C"), event_id="x1", delivered=T0)
         resolved = _plan_error_event(error("T", "C", state="RESOLVED"), snapshot=Snapshot(

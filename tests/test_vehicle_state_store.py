@@ -10,6 +10,7 @@ event on Azurite, and the SQLite file's permissions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import stat
@@ -29,7 +30,7 @@ from hypothesis import strategies as st
 from shared.events import Event, parse_event
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
 from shared.settings import load_settings
-from shared.vehicle_state import INBOX_RETENTION_SECONDS, VehicleStateStore
+from shared.vehicle_state import INBOX_RETENTION_SECONDS, VehicleStateStore, VehicleView
 from shared.vehicle_state.factory import open_store
 from shared.vehicle_state.rules import MAX_VALUE_CHARS, NO_CODE, TOO_LARGE, UNDATED
 from shared.vehicle_state.table_store import TableVehicleStateStore
@@ -140,6 +141,13 @@ def at(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
+async def shown(store: VehicleStateStore, vehicle: str) -> VehicleView:
+    """The vehicle as the store shows it (it must have been seen)."""
+    view = await store.get_vehicle(vehicle)
+    assert view is not None, f"vehicle {vehicle} not found"
+    return view
+
+
 async def apply_all(store: VehicleStateStore, *events: Event) -> list[Any]:
     return [await store.apply(event) for event in events]
 
@@ -220,7 +228,7 @@ class TestSignals:
             await apply_all(store, a("v2"), b("v2"), c("v2"))
             await apply_all(store, b("v3"), c("v3"))
             await apply_all(store, c("v4"), b("v4"))
-            return [(await store.get_vehicle(v)).signals[SOC].value
+            return [(await shown(store, v)).signals[SOC].value
                     for v in ("v1", "v2", "v3", "v4")]
 
         assert backend.run(scenario) == [1, 1, 3, 3]
@@ -230,7 +238,7 @@ class TestSignals:
     ) -> None:
         async def scenario(store: VehicleStateStore) -> Any:
             undated = await store.apply(state_event("u1", signal(value=5, oem=None)))
-            first = (await store.get_vehicle(VEHICLE)).signals[SOC].value
+            first = (await shown(store, VEHICLE)).signals[SOC].value
             await store.apply(state_event("d1", signal(value=6, oem=T0 - 10**9)))
             late_undated = await store.apply(state_event("u2", signal(value=7, oem=None)))
             return undated, first, late_undated, (await store.get_vehicle(VEHICLE))
@@ -647,7 +655,7 @@ class TestSqliteOnly:
                 # Kept pending for no handler: only the vehicle's row waits.
                 await store.apply(state_event("e1", signal(value=50, oem=T0)),
                                   outbox=lambda code, p: False)
-                seen = [await store.list_vehicles(), await other.list_vehicles()]
+                seen: list[Any] = [await store.list_vehicles(), await other.list_vehicles()]
                 await store.apply(state_event("e2", signal(value=40, oem=T0 + 1000)))
                 view = await store.get_vehicle(VEHICLE)
                 seen += [view, await other.get_vehicle(VEHICLE)]
@@ -1198,6 +1206,134 @@ class TestTransactionsOfOneEventOnAzurite:
         assert sorted(c.code for c in pending) == codes
         # This apply changed only what the killed one had not stored.
         assert set(applied.changes.codes) == set(codes) - set(partial.signals)
+
+
+    def test_an_event_of_three_transactions_chains_them_and_keeps_the_vehicles_counts(
+        self, azurite_table_port: int
+    ) -> None:
+        """Each transaction of a 250-change event replaces the vehicle and event rows the one
+        before it wrote (their new ETags: no conflict with itself), and carries the counts on:
+        the signals, the open errors, one outbox chunk per transaction."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        codes = [f"custom-s{i:03d}" for i in range(250)]
+        event = state_event("big", *(signal(code, i, oem=T0 + i) for i, code in enumerate(codes)))
+
+        async def scenario() -> tuple[Any, ...]:
+            async with TableClient.from_connection_string(connection, table) as client:
+                store = TableVehicleStateStore(client, create_table=True)
+                await store.apply(state_event("first", signal(value=50, oem=T0)))
+                await store.apply(error_event("x1", error()))
+                applied = await store.apply(event)
+                rows = {str(e["RowKey"]): e async for e in client.list_entities()}
+                listed = await store.list_vehicles()
+                view = await store.get_vehicle(VEHICLE)
+                await store.mark_processed(VEHICLE, "big")
+                left = sorted(k for k in [str(e["RowKey"]) async for e in client.list_entities()]
+                              if k.startswith("o:big"))
+                return applied, rows, listed, view, left
+
+        applied, rows, listed, view, left = asyncio.run(scenario())
+        assert applied.conflicts_retried == 0
+        assert list(applied.changes.codes) == codes
+        assert [c.code for c in applied.pending] == codes  # in payload order, across chunks
+        assert sorted(k for k in rows if k.startswith("o:big")) == [
+            "o:big:00000", "o:big:00001", "o:big:00002"]
+        assert rows["i:big"]["chunks"] == 3 and not rows["i:big"]["errorsApplied"]
+        assert (rows["v"]["signalCount"], rows["v"]["openErrors"]) == (251, 1)
+        assert [(s.signal_count, s.open_errors) for s in listed] == [(251, 1)]
+        assert view is not None and len(view.signals) == 251 and len(view.errors) == 1
+        assert view.updated_at == at(T0 + 249)
+        assert left == []  # the record deletes every chunk
+
+
+    @pytest.mark.parametrize("cut", ["killed", "conflict"])
+    def test_errors_an_event_wrote_before_it_was_cut_short_are_not_counted_twice(
+        self, azurite_table_port: int, cut: str
+    ) -> None:
+        """An error event of 150 errors takes two transactions. Cut short after the first (the
+        process killed, or another instance writing the vehicle in between), its next apply
+        writes them all again and each error still counts this event once."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        # Not in key order: the transactions write them in key order.
+        many = error_event("many", *(error(code=f"C{i:03d}") for i in reversed(range(150))))
+
+        def fault() -> Callable[[Any], BaseException | None]:
+            if cut == "killed":
+                return killed_at(2)
+            from azure.core.exceptions import ResourceModifiedError
+
+            seen: list[Any] = []
+
+            def conflict_once(_: Any) -> BaseException | None:
+                seen.append(_)
+                if len(seen) == 2:
+                    refused = ResourceModifiedError("The update condition was not satisfied.")
+                    refused.status_code = 412
+                    return refused
+                return None
+
+            return conflict_once
+
+        async def scenario() -> tuple[Any, Any]:
+            client = TableClient.from_connection_string(connection, table)
+            store = TableVehicleStateStore(_FaultyTransactions(client, fault()),
+                                           create_table=True)
+            try:
+                first = await store.apply(many)
+            except _Killed:
+                first = None
+            await client.close()
+            again = TableVehicleStateStore(TableClient.from_connection_string(connection, table))
+            try:
+                if first is None:
+                    first = await again.apply(many)
+                await again.apply(many)  # and a plain duplicate
+                return first, await again.get_vehicle(VEHICLE)
+            finally:
+                await again.close()
+
+        applied, view = asyncio.run(scenario())
+        assert applied.conflicts_retried == (1 if cut == "conflict" else 0)
+        assert view is not None and len(view.errors) == 150
+        assert {e.count for e in view.errors} == {1}
+
+
+    def test_errors_counted_stay_counted_when_a_later_cut_comes_at_another_point(
+        self, azurite_table_port: int
+    ) -> None:
+        """The event's next applies write it in smaller transactions (another event made its
+        errors' rows longer) and are cut short too, once before and once after the point the
+        first apply reached: what was counted stays counted, and each error counts each of
+        the two events once."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        keys = [f"C{i:03d}" for i in range(150)]
+        many = error_event("many", *(error(code=k) for k in reversed(keys)))
+        longer = error_event("longer", *(error(code=k, description="d" * 3900) for k in keys),
+                             delivered=T0 + 60_000)
+
+        async def counted(client: TableClient) -> int:
+            return int((await client.get_entity(VEHICLE, "i:many"))["errorsCounted"])
+
+        async def scenario() -> tuple[list[int], Any]:
+            marks = []
+            async with TableClient.from_connection_string(connection, table) as client:
+                for cut in (2, None, 2, 5, None):  # "longer" is the second, applied whole
+                    fault = killed_at(cut) if cut else (lambda _: None)
+                    store = TableVehicleStateStore(_FaultyTransactions(client, fault),
+                                                   create_table=True)
+                    with contextlib.suppress(_Killed):
+                        await store.apply(many if len(marks) != 1 else longer)
+                    marks.append(await counted(client))
+                return marks, await TableVehicleStateStore(client).get_vehicle(VEHICLE)
+
+        marks, view = asyncio.run(scenario())
+        # Smaller transactions: fewer than the first cut's 97 at the second cut, more at the
+        # third (the count only grows); all at the end.
+        assert marks[0] == 97 and marks[2] == 97 and 97 < marks[3] < 150 and marks[4] == 150
+        assert view is not None and {e.count for e in view.errors} == {2}
 
 
 def refusing_once(kind: str, partition: str,

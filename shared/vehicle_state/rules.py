@@ -251,6 +251,9 @@ class Snapshot:
     errors: Mapping[tuple[str, str], ErrorRecord] = field(default_factory=dict)
     #: This eventId's errors were applied already (counts must not grow twice).
     errors_applied: bool = False
+    #: Errors this eventId counted already, by an apply cut short before it applied the rest
+    #: (a backend that writes an event in several transactions): not counted again.
+    errors_counted: frozenset[tuple[str, str]] = frozenset()
     updated_at: datetime | None = None
 
 
@@ -373,7 +376,8 @@ def _plan_errors(snapshot: Snapshot, event: Event) -> Plan:
         key = error_key(error.type, error.code)
         record = records.get(key) or snapshot.errors.get(key) or ErrorRecord(
             state=ErrorState(type=error.type, code=error.code, state=OPEN))
-        records[key] = _observe(record, error, observed, count=key not in counted)
+        records[key] = _observe(record, error, observed,
+                                count=key not in counted and key not in snapshot.errors_counted)
         if error.state != RESOLVED:
             counted.add(key)
     opened: list[ErrorState] = []

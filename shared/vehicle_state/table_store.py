@@ -6,7 +6,8 @@ Rows of a vehicle's partition (`PartitionKey` = the escaped vehicleId, codec.esc
     s:<code>              one signal (one entity per signal: a vehicle may report hundreds,
                           and an entity holds at most 252 properties)
     e:<type>:<code>       one error
-    i:<eventId>           the event: its errors were applied (`errorsApplied`), how many outbox
+    i:<eventId>           the event: its errors were applied (`errorsApplied`), how many of
+                          them were counted so far (`errorsCounted`), how many outbox
                           chunks it wrote (`chunks`), and once its handlers completed,
                           `processedAt` (the inbox, kept at least 7 days)
     o:<eventId>:<n>       the event's pending changes (the outbox), in chunks
@@ -57,7 +58,7 @@ from .codec import (
     signal_from_row,
     signal_row,
 )
-from .rules import OPEN, STORED_TYPES, ErrorRecord, Plan, Snapshot, plan
+from .rules import OPEN, STORED_TYPES, ErrorRecord, Plan, Snapshot, error_keys_of, plan
 
 logger = logging.getLogger(__name__)
 
@@ -225,11 +226,15 @@ class TableVehicleStateStore:
         by_code = {str(e["code"]): e for e in signals}
         by_key = {error_from_row(e).key: e for e in errors}
         updated = vehicle.get("updatedAt") if vehicle is not None else None
+        # An apply cut short between its transactions (a crash, a conflict) counted the
+        # errors it wrote: the first `errorsCounted` of the event's keys in sorted order.
+        counted = int(event_row.get("errorsCounted") or 0) if event_row is not None else 0
         snapshot = Snapshot(
             vehicle_id=vehicle_id,
             signals={code: signal_from_row(e) for code, e in by_code.items()},
             errors={key: error_from_row(e) for key, e in by_key.items()},
             errors_applied=bool(event_row is not None and event_row.get("errorsApplied")),
+            errors_counted=frozenset(error_keys_of(event)[:counted]),
             updated_at=datetime.fromisoformat(updated) if isinstance(updated, str) else None,
         )
         return snapshot, {"vehicle": vehicle, "event": event_row, "signals": by_code,
@@ -255,7 +260,7 @@ class TableVehicleStateStore:
                            _size(row), change))
         errors: dict[tuple[str, str], ErrorRecord] = {
             **snapshot.errors, **result.errors}
-        for key, record in result.errors.items():
+        for key, record in sorted(result.errors.items()):  # in the order `_read` counts
             row = error_row(record)
             writes.append((put(_error_key(key), row, state["errors"].get(key)), _size(row), None))
 
@@ -267,6 +272,8 @@ class TableVehicleStateStore:
                        int(vehicle.get("openErrors") or 0) if vehicle is not None else 0)
         chunks = int(event_row.get("chunks") or 0) if event_row is not None else 0
         errors_applied = bool(event_row is not None and event_row.get("errorsApplied"))
+        errors_counted = int(event_row.get("errorsCounted") or 0) if event_row is not None else 0
+        errors_written = 0
         batches = _batches(writes)
         for number, batch in enumerate(batches, start=1):
             changes = [change for _, _, change in batch if change is not None]
@@ -280,8 +287,10 @@ class TableVehicleStateStore:
                 chunks += 1
             # Marked with the last of its errors, so a crash before then re-applies them all.
             errors_applied = errors_applied or (result.marks_errors and number == len(batches))
+            errors_written += sum(1 for _, _, change in batch if change is None)
+            errors_counted = max(errors_counted, errors_written)
             event_props = {"eventId": event.event_id, "errorsApplied": errors_applied,
-                           "chunks": chunks}
+                           "chunks": chunks, "errorsCounted": errors_counted}
             vehicle_props: Row = {"vehicleId": vehicle_id, "signalCount": signal_count,
                                   "openErrors": open_errors}
             if result.updated_at is not None:
