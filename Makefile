@@ -55,7 +55,7 @@ run: $(RUN_STAMP)
 
 lint: $(DEV_STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m mypy shared
+	$(PY) -m mypy shared tests benchmarks function_app.py
 
 test: $(DEV_STAMP) $(NODE_STAMP) lint
 	$(PY) -m pytest

@@ -233,7 +233,7 @@ def _telemetry_sample(run: Any, count: int) -> tuple[int, int]:
     provider = TracerProvider(resource=trace.get_tracer_provider().resource)  # type: ignore[attr-defined]
     provider.add_span_processor(SimpleSpanProcessor(span_exporter))
     set_telemetry(Telemetry(tracer_provider=provider, meter_provider=MeterProvider()))
-    log_exporter = InMemoryLogRecordExporter()
+    log_exporter = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call]  # OTel leaves its __init__ unannotated
     log_provider = LoggerProvider()
     log_provider.add_log_record_processor(SimpleLogRecordProcessor(log_exporter))
     handler = LoggingHandler(level=logging.INFO, logger_provider=log_provider)

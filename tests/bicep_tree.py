@@ -142,7 +142,8 @@ class Template:
     def using(self) -> str | None:
         for child in self.root.named_children:
             if child.type == "using_statement":
-                return literal(_first(child, "string"))  # type: ignore[return-value]
+                path: str | None = literal(_first(child, "string"))  # a plain string literal
+                return path
         return None
 
     def resources(self) -> list[Resource]:

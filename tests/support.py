@@ -13,10 +13,11 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from shared.clockcheck import CLOCK_WATCH
 from shared.handlers import HandlerRegistry
+from shared.local.adapters import HandledLog
 from shared.local.host import LocalHost, load_function_app
 from shared.runtime import Runtime, build_runtime, set_runtime
 from shared.settings import load_settings
@@ -146,7 +147,7 @@ class RunningHost:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.host: LocalHost | None = None
 
-    def __enter__(self) -> RunningHost:
+    def __enter__(self) -> Self:
         CLOCK_WATCH.reset()  # one per process: the verdicts of an earlier test's deliveries
         self._thread.start()
         set_runtime(self.runtime)
@@ -184,7 +185,7 @@ class RunningHost:
         return http_request(self.port, "GET", path)
 
     def handled(self) -> list[dict[str, Any]]:
-        assert self.runtime.handled_log is not None
+        assert isinstance(self.runtime.handled_log, HandledLog)  # local mode's outcome log
         return self.runtime.handled_log.read()
 
     def dead_letters(self) -> list[Any]:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -81,6 +81,13 @@ class Reply:
 Behaviour = Callable[[bytes], Reply]
 
 
+class StartServer(Protocol):
+    """The `server` fixture: starts a receiver that answers with `behave` (over TLS with
+    `tls`, a certificate and its key) and returns its webhook URL."""
+
+    def __call__(self, behave: Behaviour, tls: tuple[Path, Path] | None = None) -> str: ...
+
+
 def hashing(token: str = TOKEN, *, older_format: bool = True, delay: float = 0.0) -> Behaviour:
     """Answers VERIFY as a correct receiver would (optionally not the older format)."""
     def behave(body: bytes) -> Reply:
@@ -93,7 +100,7 @@ def hashing(token: str = TOKEN, *, older_format: bool = True, delay: float = 0.0
 
 
 @pytest.fixture
-def server() -> Iterator[Callable[[Behaviour], str]]:
+def server() -> Iterator[StartServer]:
     servers: list[ThreadingHTTPServer] = []
 
     def start(behave: Behaviour, tls: tuple[Path, Path] | None = None) -> str:
@@ -257,7 +264,7 @@ class TestCheckEndpointOnTheLocalHost:
 # ---------------------------------------------------------------------------------------------
 class TestCheckEndpointFailures:
     def test_no_answer_within_the_timeout(self, env: dict[str, str],
-                                          server: Callable[[Behaviour], str]) -> None:
+                                          server: StartServer) -> None:
         url = server(hashing(delay=3.0))
         started = time.monotonic()
         code, _, err = run("check-endpoint", url, "--timeout", "0.5")
@@ -266,7 +273,7 @@ class TestCheckEndpointFailures:
         assert "timeout: no answer from 127.0.0.1:" in err and "within 0.5 s" in err
 
     def test_a_slow_but_correct_answer_fails_the_latency_budget(
-        self, env: dict[str, str], server: Callable[[Behaviour], str]
+        self, env: dict[str, str], server: StartServer
     ) -> None:
         url = server(hashing(delay=0.4))
         code, out, _ = run("check-endpoint", url, "--max-seconds", "0.1", "--json",
@@ -279,7 +286,7 @@ class TestCheckEndpointFailures:
         assert code == 0
 
     def test_both_formats_are_sent_and_checked(self, env: dict[str, str],
-                                               server: Callable[[Behaviour], str]) -> None:
+                                               server: StartServer) -> None:
         code, out, err = run("check-endpoint", server(hashing(older_format=False)), "--json")
         assert code == 1
         current, older = json.loads(out)["checks"]
@@ -289,7 +296,7 @@ class TestCheckEndpointFailures:
 
     @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
     def test_an_untrusted_certificate_is_explained_as_tls(
-        self, env: dict[str, str], server: Callable[[Behaviour], str], tmp_path: Path
+        self, env: dict[str, str], server: StartServer, tmp_path: Path
     ) -> None:
         key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
@@ -327,7 +334,7 @@ class TestCheckEndpointFailures:
         assert f"127.0.0.1:{port} closed the connection without an answer" in err
 
     def test_a_redirect_names_its_target_without_the_function_key(
-        self, env: dict[str, str], server: Callable[[Behaviour], str]
+        self, env: dict[str, str], server: StartServer
     ) -> None:
         target = "https://app.example.net/api/webhooks/smartcar?code=s3cr3t-key"
         url = server(lambda body: Reply(307, b"", {"Location": target}))
@@ -343,7 +350,7 @@ class TestCheckEndpointFailures:
          ("?code=stale-key", "the function key in ?code= is not valid for this function")],
     )
     def test_a_401_from_the_functions_host_is_a_function_key_problem(
-        self, env: dict[str, str], server: Callable[[Behaviour], str], query: str, cause: str
+        self, env: dict[str, str], server: StartServer, query: str, cause: str
     ) -> None:
         url = server(lambda body: Reply(401)) + query
         code, out, err = run("check-endpoint", url)
@@ -365,14 +372,14 @@ class TestCheckEndpointFailures:
         ],
     )
     def test_wrong_answers_are_each_named(self, env: dict[str, str],
-                                          server: Callable[[Behaviour], str],
+                                          server: StartServer,
                                           reply: Reply, reason: str) -> None:
         code, _, err = run("check-endpoint", server(lambda body: reply))
         assert code == 1
         assert err.startswith(f"error: VERIFY (eventType VERIFY): {reason}")
 
     def test_human_output_escapes_control_characters_json_keeps_them(
-        self, env: dict[str, str], server: Callable[[Behaviour], str]
+        self, env: dict[str, str], server: StartServer
     ) -> None:
         url = server(lambda body: Reply(500, b"boom \x1b[31mred\x07"))
         code, out, err = run("check-endpoint", url)

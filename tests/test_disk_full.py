@@ -148,7 +148,7 @@ class TestWithAFaultAtTheWrite:
                     return real_write(fd, bytes(data[: len(data) // 3]))  # a short write
                 raise OSError(errno.ENOSPC, "No space left on device")
 
-            monkeypatch.setattr(adapters.os, "write", full_disk)
+            monkeypatch.setattr("shared.local.adapters.os.write", full_disk)
             for event in events:
                 body = encode(event)
                 assert host.post(WEBHOOK, body, signed_headers(body)).status == 200

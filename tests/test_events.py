@@ -1146,7 +1146,7 @@ class TestLazyViews:
         assert type(points) is tuple and type(points[0]) is tuple
         assert type(points[1]) is MappingProxyType and type(points[1]["alt"]) is tuple
         with pytest.raises(TypeError):
-            signal.value["points"] = ()
+            signal.value["points"] = ()  # type: ignore[index]  # read-only: the point of the test
 
     def test_reading_the_views_changes_neither_equality_nor_hash(self) -> None:
         read, unread = parse_event(self.RAW), parse_event(self.RAW)

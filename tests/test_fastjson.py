@@ -144,14 +144,13 @@ class TestCallersMatchTheirStandardLibraryPath:
     ) -> None:
         """Its speed is the point: an event, and one with a huge integer the envelope never
         reads, are decoded without the json path (which would answer the same, slower)."""
-        import shared.events
 
         def no_json(*args: object, **kwargs: object) -> object:
             raise AssertionError("the json path was taken")
 
         bodies = (state_payload(2048, event_id="e-1"),
                   b'{"eventId": "e-1", "data": {"n": 123456789012345678901234567890}}')
-        monkeypatch.setattr(shared.events.json, "loads", no_json)
+        monkeypatch.setattr("shared.events.json.loads", no_json)
         for body in bodies:
             assert peek_envelope(body).event_id == "e-1"
 
@@ -160,13 +159,12 @@ class TestCallersMatchTheirStandardLibraryPath:
     ) -> None:
         """As for the envelope: a usual event is decoded by orjson; the json path (which
         would give the same event) is for what orjson cannot promise."""
-        import shared.events
 
         def no_json(*args: object, **kwargs: object) -> object:
             raise AssertionError("the json path was taken")
 
         body = state_payload(2048, event_id="e-1")
-        monkeypatch.setattr(shared.events.json, "loads", no_json)
+        monkeypatch.setattr("shared.events.json.loads", no_json)
         monkeypatch.setattr(_DECODER, "decode", no_json)
         assert _load(body)["eventId"] == "e-1"
 

@@ -359,7 +359,8 @@ class TestServiceBusTrigger:
         a longer backoff, until attempt MAX_DELIVERY_COUNT (5 here) is dead-lettered."""
         event = state_event(eventType=FAILING_EVENT_TYPE)
         body = encode(event)
-        message_id, properties = event["eventId"], {}
+        message_id: str = event["eventId"]
+        properties: dict[str, Any] = {}
         for attempt in range(1, MAX_DELIVERY_COUNT):
             result = runtime.host.deliver(body, message_id=message_id, properties=properties)
             assert result.succeeded, (attempt, result.error)

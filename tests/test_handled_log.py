@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.local import adapters
 from shared.local.adapters import HandledLog, json_line
 
 
@@ -89,7 +88,7 @@ class TestWholeLinesOrNone:
             return written
 
         log = HandledLog(tmp_path / "handled.jsonl")
-        monkeypatch.setattr(adapters.os, "write", seven_bytes_at_a_time)
+        monkeypatch.setattr("shared.local.adapters.os.write", seven_bytes_at_a_time)
         log.append({"eventId": "a", "outcome": "handled"})
         monkeypatch.undo()
         assert len(sizes) > 3
@@ -112,7 +111,7 @@ class TestWholeLinesOrNone:
                 return real_write(fd, bytes(data[:10]))  # what a nearly full disk does
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(adapters.os, "write", disk_fills_up)
+        monkeypatch.setattr("shared.local.adapters.os.write", disk_fills_up)
         with pytest.raises(OSError, match="No space left"):
             log.append({"eventId": "after"})
         monkeypatch.undo()

@@ -159,6 +159,7 @@ def test_the_publisher_hands_over_at_most_the_free_workers(tmp_path: Path, free:
         assert handed == ["evt-1", "evt-2"][:free]
         assert consumer.woken == (1 if free < 2 else 0)  # woken for what it was not handed
         for message in consumer.delivered:
+            assert message.locked_until is not None
             assert (message.locked_until - message.enqueued_time).total_seconds() == 45.0
         assert [m.message_id for m in queue.receive(max_messages=5)] == ["evt-1", "evt-2"][free:]
 

@@ -46,7 +46,7 @@ class TestConstantTimeComparison:
             calls.append((a, b))
             return real(a, b)
 
-        monkeypatch.setattr(signature.hmac, "compare_digest", counting)
+        monkeypatch.setattr("shared.signature.hmac.compare_digest", counting)
         body = b'{"eventId":"e"}'
         found = signature.matching_token(body, signature.sign(signed_with, body), tokens)
         assert found == (tokens.index(signed_with) if signed_with in tokens else None)

@@ -13,7 +13,8 @@ import http.client
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -68,8 +69,8 @@ class Server:
         self.thread.start()
         self.port = self.call(self.server.start("127.0.0.1", 0))
 
-    def call(self, coro: object, timeout: float = 30) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+    def call[T](self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self, grace: float = 1.0) -> None:
         self.call(self.server.stop(grace))

@@ -61,7 +61,7 @@ def lay_out(root: Path, exit_codes: dict[str, int | None]) -> None:
     (mutants / "demo.py.meta").write_text(json.dumps(meta), encoding="utf-8")
 
 
-ALL_KILLED_BUT_ONE = {
+ALL_KILLED_BUT_ONE: dict[str, int | None] = {
     "pkg.demo.x_limit__mutmut_1": 1,      # killed
     "pkg.demo.x_limit__mutmut_2": 0,      # survived
     "pkg.demo.x_limit__mutmut_3": 36,     # timeout: killed

@@ -397,10 +397,10 @@ SECRET_TOKEN = "tok-" + uuid.uuid4().hex  # a test token
 def _all_attribute_values(otel: Captured) -> list[str]:
     values: list[str] = []
     for span in otel.spans.get_finished_spans():
-        values += [f"{k}={v}" for k, v in (span.attributes or {}).items()]
+        values += [f"{k}={v!s}" for k, v in (span.attributes or {}).items()]
         values.append(span.name)
         for event in span.events:
-            values += [f"{k}={v}" for k, v in (event.attributes or {}).items()]
+            values += [f"{k}={v!s}" for k, v in (event.attributes or {}).items()]
         values.append(span.status.description or "")
     for name, points in otel.points().items():
         values.append(name)

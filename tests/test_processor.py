@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from azure.functions.servicebus import ServiceBusMessage
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, MetricsData
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -26,10 +26,9 @@ from shared.processor import (
     InboundMessage,
     Outcome,
     ServiceBusDeadLetterer,
-    backoff_seconds,
     process_message,
 )
-from shared.retry import RetryCopy
+from shared.retry import RetryCopy, backoff_seconds
 from shared.settings import load_settings
 from shared.telemetry import Telemetry
 
@@ -485,6 +484,7 @@ class TestWhatTheProcessSpanSays:
                 if metric.name == "smartcar.event.delivery_lag"
                 for point in metric.data.data_points]
         (lag,) = lags
+        assert isinstance(lag, HistogramDataPoint)  # a histogram's point
         assert lag.count == 1 and 5000 <= lag.sum < 120_000
 
     def test_an_unreadable_payload_names_the_dead_letter_reason(

@@ -95,7 +95,7 @@ string_fragments = st.one_of(
     st.integers(0xD800, 0xDFFF).map(lambda unit: f"\\u{unit:04X}"),
     st.characters(min_codepoint=0x10000, max_codepoint=0x10FFFF),
     st.characters(max_codepoint=0x1F),
-    st.text(st.characters(exclude_categories=("Cs",), exclude_characters='"\\'), max_size=6),
+    st.text(st.characters(exclude_categories=["Cs"], exclude_characters='"\\'), max_size=6),
 )
 json_string_text = st.lists(string_fragments, max_size=8).map(lambda p: '"' + "".join(p) + '"')
 json_whitespace = st.text(alphabet=" \t\r\n", max_size=2)
@@ -126,7 +126,7 @@ near_miss_challenge = st.builds(
     lambda head, odd, tail: f'"{head}{odd}{tail}"', answerable,
     st.one_of(st.integers(0, 0xFFFF).map(lambda unit: f"\\u{unit:04x}"),
               st.integers(0xD800, 0xDFFF).map(lambda unit: f"\\u{unit:04x}"),
-              st.characters(min_codepoint=0x7F, exclude_categories=("Cs",)),
+              st.characters(min_codepoint=0x7F, exclude_categories=["Cs"]),
               st.characters(max_codepoint=0x20)),
     answerable,
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import azure.functions as func
@@ -51,7 +52,7 @@ def test_local_settings_build_the_embedded_queue(tmp_path: Path) -> None:
 
 class TestMisconfiguration:
     @pytest.fixture(autouse=True)
-    def broken_env(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_env(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         monkeypatch.setenv("WEBSITE_SITE_NAME", "app")  # in Azure, without KEY_VAULT_URI
         monkeypatch.delenv("KEY_VAULT_URI", raising=False)
         monkeypatch.delenv("ServiceBusConnection__fullyQualifiedNamespace", raising=False)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import azure.functions as func
 import pytest
 from azure.functions.servicebus import ServiceBusMessage as FunctionMessage
 
@@ -59,7 +60,7 @@ MARGIN_SECONDS = 0.050
 
 @dataclass
 class Delivery:
-    message: FunctionMessage
+    message: func.ServiceBusMessage  # what handle_queue_message takes
     settle: Any  # (ok: bool) -> None
 
 

@@ -75,7 +75,7 @@ def env_on(disk: Path, tmp_path: Path, port: int) -> dict[str, str]:
 class TestATwoMegabyteStateDisk:
     def test_the_wal_never_fills_it(self, tmp_path: Path, small_disk: Path) -> None:
         port = free_port()
-        accepted = []
+        accepted: list[str] = []
         with host_process([sys.executable, "-m", "shared.local"],
                           env_on(small_disk, tmp_path, port), port):
             for _ in range(800):
@@ -93,7 +93,7 @@ class TestATwoMegabyteStateDisk:
     ) -> None:
         port = free_port()
         state = small_disk / "state"
-        accepted = []
+        accepted: list[str] = []
         with host_process([sys.executable, "-m", "shared.local"],
                           env_on(small_disk, tmp_path, port), port):
             for _ in range(20):

@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -128,7 +129,7 @@ class TestBlobSpillStore:
         asyncio.run(store.put(MESSAGE))
         container.fail_with = ConnectionError("storage unreachable")
 
-        async def failing_download(name: str) -> None:
+        async def failing_download(name: str) -> NoReturn:
             raise ConnectionError("storage unreachable")
 
         container.download_blob = failing_download  # type: ignore[method-assign]

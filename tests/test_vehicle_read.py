@@ -11,11 +11,13 @@ converters) is in tests/test_worker_contract.py.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -171,16 +173,14 @@ class TestKeyComparison:
         assert not has_key("k1", {"code": "\udcff"}, {})
 
     def test_compared_in_constant_time(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import shared.local.host as host
-
         seen: list[tuple[bytes, bytes]] = []
-        real = host.hmac.compare_digest
+        real = hmac.compare_digest
 
         def spy(a: bytes, b: bytes) -> bool:
             seen.append((a, b))
             return real(a, b)
 
-        monkeypatch.setattr(host.hmac, "compare_digest", spy)
+        monkeypatch.setattr("shared.local.host.hmac.compare_digest", spy)
         assert has_key("k1", {"code": "k1"}, {"x-functions-key": "other"})
         # Both given values are compared, whichever matched.
         assert seen == [(b"k1", b"k1"), (b"other", b"k1")]
@@ -189,14 +189,20 @@ class TestKeyComparison:
 # -- over real HTTP, the local host ----------------------------------------------------------
 
 
+class HostWithStore(RunningHost):
+    """The running host and the store it was given, which the tests read back."""
+
+    store: MemoryVehicleStore
+
+
 @pytest.fixture
-def host(tmp_path: Path) -> Any:
+def host(tmp_path: Path) -> Iterator[HostWithStore]:
     store = stored(state_body(oem_ms=OEM_MS, soc=61), error_body())
 
     def install(runtime: Runtime) -> None:
         runtime.vehicle_state = store
 
-    with RunningHost(local_env(tmp_path), customize=install) as running:
+    with HostWithStore(local_env(tmp_path), customize=install) as running:
         running.store = store
         yield running
 

@@ -76,7 +76,7 @@ class TestDeferredCommits:
         async def scenario() -> list[Any]:
             store = SqliteVehicleStateStore(path)
             store.defer_commits()
-            seen = []
+            seen: list[Any] = []
             await store.apply(state_event("e1", signal(value=50, oem=T0)))
             await store.mark_processed(VEHICLE, "e1")
             await store.mark_processed(None, "verify-1")

@@ -273,7 +273,9 @@ class TestTelemetryAndRecords:
         assert points[names.VEHICLE_STATE_SKIPPED] == [({"reason": "undated"}, 1)]
         assert points[names.VEHICLE_STATE_DUPLICATES] == [({}, 1)]
         process_spans = [s for s in spans.get_finished_spans() if s.name == names.SPAN_PROCESS]
-        assert process_spans[-1].attributes[names.ATTR_VEHICLE_ERRORS] == (
+        last_attributes = process_spans[-1].attributes
+        assert last_attributes is not None
+        assert last_attributes[names.ATTR_VEHICLE_ERRORS] == (
             "OPEN COMPATIBILITY:VEHICLE_NOT_CAPABLE;RESOLVED PERMISSION:DENIED")
         assert all(names.ATTR_VEHICLE_ERRORS not in (s.attributes or {})
                    for s in process_spans[:-1])

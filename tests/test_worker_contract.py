@@ -22,6 +22,7 @@ import azure.functions as func
 import pytest
 from azure.functions import _abc, meta
 
+from shared.local.adapters import HandledLog
 from shared.publisher import OutboundMessage
 from shared.runtime import Runtime, build_runtime, set_runtime
 from shared.settings import load_settings
@@ -62,7 +63,8 @@ def trigger(name: str) -> dict[str, Any]:
 
 def convert(name: str, datum: meta.Datum, metadata: dict[str, meta.Datum]) -> Any:
     """What the worker does for the trigger argument: the registered converter decodes."""
-    converter = func.get_binding_registry().get(trigger(name)["type"])
+    registry = func.get_binding_registry()  # type: ignore[no-untyped-call]  # unannotated upstream
+    converter = registry.get(trigger(name)["type"])
     assert converter is not None, f"azure-functions has no converter for {trigger(name)['type']}"
     return converter.decode(datum, trigger_metadata=metadata)
 
@@ -308,7 +310,7 @@ class TestServiceBusTrigger:
                                               "eventType": event["eventType"]}
         assert msg.enqueued_time_utc is not None and msg.enqueued_time_utc.tzinfo is not None
         asyncio.run(invoke("process_event", msg))
-        assert runtime.handled_log is not None
+        assert isinstance(runtime.handled_log, HandledLog)  # local mode's outcome log
         (record,) = runtime.handled_log.read()
         assert record["eventId"] == event["eventId"]
         assert record["outcome"] == "handled"
@@ -321,7 +323,7 @@ class TestServiceBusTrigger:
         metadata = service_bus_metadata(message_id=event["eventId"], properties={})
         msg = convert("process_event", meta.Datum(encode(event).decode(), "string"), metadata)
         asyncio.run(invoke("process_event", msg))
-        assert runtime.handled_log is not None
+        assert isinstance(runtime.handled_log, HandledLog)
         assert [r["eventId"] for r in runtime.handled_log.read()] == [event["eventId"]]
 
 

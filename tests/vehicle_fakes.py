@@ -23,6 +23,7 @@ from shared.cli.simulate import build_event
 from shared.events import Event, parse_event
 from shared.vehicle_state import (
     ApplyResult,
+    Changes,
     ErrorState,
     InboxPruned,
     SignalChange,
@@ -112,7 +113,7 @@ class MemoryVehicleStore:
             vehicle.updated_at = now
         self._pending[event.vehicle_id, event.event_id] = tuple(
             c for c in changes if outbox is None or outbox(c.code, c.path))
-        return ApplyResult(changes=tuple(changes), stale=tuple(stale), skipped=tuple(skipped),
+        return ApplyResult(changes=Changes(changes), stale=tuple(stale), skipped=tuple(skipped),
                            errors_opened=tuple(opened), errors_resolved=tuple(resolved))
 
     async def pending_changes(self, vehicle_id: str, event_id: str) -> tuple[SignalChange, ...]:

@@ -21,12 +21,12 @@ from typing import Any
 import shared.functions
 import shared.local.host
 from shared.processor import InboundMessage, Outcome, ProcessResult
+from shared.processor import process_message as _process_message
 from shared.runtime import build_runtime
 
 from .vehicle_fakes import MemoryVehicleStore
 
 STORE = MemoryVehicleStore()
-_process_message = shared.functions.process_message
 
 
 async def process_then_apply(message: InboundMessage, **kwargs: Any) -> ProcessResult:
@@ -38,6 +38,8 @@ async def process_then_apply(message: InboundMessage, **kwargs: Any) -> ProcessR
 
 
 if __name__ == "__main__":
-    shared.local.host.build_runtime = functools.partial(build_runtime, vehicle_state=STORE)
-    shared.functions.process_message = process_then_apply  # type: ignore[assignment]
+    # The names these modules call, imported there (not re-exported): patched in place.
+    shared.local.host.build_runtime = functools.partial(  # type: ignore[attr-defined]  # not re-exported
+        build_runtime, vehicle_state=STORE)
+    shared.functions.process_message = process_then_apply  # type: ignore[attr-defined]  # not re-exported
     sys.exit(shared.local.host.main())

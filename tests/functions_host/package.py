@@ -31,7 +31,7 @@ SITE_PACKAGES = Path(".python_packages") / "lib" / "site-packages"
 WORKER_REQUIREMENTS = ("grpcio", "protobuf")
 
 
-def funcignore(root: Path = ROOT) -> pathspec.PathSpec:
+def funcignore(root: Path = ROOT) -> pathspec.GitIgnoreSpec:
     lines = (root / ".funcignore").read_text(encoding="utf-8").splitlines()
     return pathspec.GitIgnoreSpec.from_lines(lines)
 

@@ -46,6 +46,7 @@ def generate(directory: Path) -> Protos:
         sys.path.append(str(directory))
     messages = importlib.import_module("function_rpc_pb2")
     services = importlib.import_module("function_rpc_pb2_grpc")
+    assert messages.__file__ is not None
     assert Path(messages.__file__).parent == directory, "another function_rpc_pb2 was imported"
     _generated = Protos(directory, messages, services)
     return _generated
