@@ -30,7 +30,12 @@ from hypothesis import strategies as st
 from shared.events import Event, parse_event
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
 from shared.settings import load_settings
-from shared.vehicle_state import INBOX_RETENTION_SECONDS, VehicleStateStore, VehicleView
+from shared.vehicle_state import (
+    INBOX_RETENTION_SECONDS,
+    VehicleStateStore,
+    VehicleView,
+    table_store,
+)
 from shared.vehicle_state.factory import open_store
 from shared.vehicle_state.rules import MAX_VALUE_CHARS, NO_CODE, TOO_LARGE, UNDATED
 from shared.vehicle_state.table_store import TableVehicleStateStore
@@ -448,8 +453,10 @@ class TestOutboxAndInbox:
         self, backend: Backend
     ) -> None:
         """40 changes of 2,000-character texts (Table keeps them in several properties of
-        its outbox row: at most 64 KiB each) are handed back exactly as they were stored."""
-        values = {f"custom-long{i:02d}": f"{i:02d}" + "é" * 1998 for i in range(40)}
+        its outbox row: at most 64 KiB each, counted in UTF-16 units, which a character
+        outside the BMP takes two of) are handed back exactly as they were stored."""
+        values = {f"custom-long{i:02d}": f"{i:02d}" + ("é" if i % 2 else "😀") * 1998
+                  for i in range(40)}
         event = state_event("e1", *(signal(code, value) for code, value in values.items()))
 
         async def scenario(store: VehicleStateStore) -> Any:
@@ -466,6 +473,10 @@ class TestOutboxAndInbox:
 
         async def scenario(store: VehicleStateStore) -> Any:
             applied = await store.apply(event)
+            # Another event's changes pending beside them are its own.
+            other = await store.apply(state_event("e2", signal("odometer-traveleddistance", 9)))
+            assert await store.pending_changes(VEHICLE, "e2") == other.pending
+            assert await store.pending_changes(VEHICLE, "never-applied") == ()
             pending = await store.pending_changes(VEHICLE, "e1")
             processed_before = await store.is_processed(VEHICLE, "e1")
             # The delivery crashed here; its redelivery applies again: nothing new, but the
@@ -595,6 +606,49 @@ class TestOutboxAndInbox:
 
 
 class TestListing:
+    def test_the_listing_holds_a_hundred_vehicles_unless_asked_for_more(
+        self, backend: Backend
+    ) -> None:
+        async def scenario(store: VehicleStateStore) -> Any:
+            for i in range(101):
+                await store.apply(state_event(f"e{i}", signal(oem=T0 + i), vehicle=f"v{i:03}"))
+            return await store.list_vehicles(), await store.list_vehicles(limit=101)
+
+        default, more = backend.run(scenario)
+        assert len(default) == 100 and default[0].vehicle_id == "v100"
+        assert len(more) == 101 and more[-1].vehicle_id == "v000"
+
+    def test_a_vehicle_without_signals_or_without_a_reading_time_is_listed(
+        self, backend: Backend
+    ) -> None:
+        """Listed too: a vehicle known only by an error (no signal), and one whose only reading
+        has no usable time (no updatedAt: listed after every dated one)."""
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(state_event("u", signal(value=5, oem=None), vehicle="undated"))
+            await store.apply(error_event("x", error(), vehicle="errors-only"))
+            await store.apply(state_event("d", signal(value=6, oem=T0 - 10**6), vehicle="dated"))
+            return await store.list_vehicles()
+
+        listed = backend.run(scenario)
+        assert [(v.vehicle_id, v.signal_count, v.open_errors, v.updated_at) for v in listed] == [
+            ("errors-only", 0, 1, at(T0)), ("dated", 1, 0, at(T0 - 10**6)),
+            ("undated", 1, 0, None)]
+
+    def test_an_event_id_a_state_event_reuses_still_counts_its_errors_once(
+        self, backend: Backend
+    ) -> None:
+        """A sender that reuses an error event's eventId for a state event: the state is
+        stored, and a redelivery of the error event still counts nothing again."""
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(error_event("same", error()))
+            await store.apply(state_event("same", signal(value=40)))
+            await store.apply(error_event("same", error()))
+            return await store.get_vehicle(VEHICLE)
+
+        view = backend.run(scenario)
+        assert view is not None and view.signals[SOC].value == 40
+        assert [e.count for e in view.errors] == [1]
+
     def test_vehicles_are_listed_most_recently_updated_first_with_open_errors(
         self, backend: Backend
     ) -> None:
@@ -989,18 +1043,6 @@ class TestSqliteOnly:
         applied, listed = sqlite_at(tmp_path / FILE_NAME).run(scenario)
         assert applied.changes == () and applied.pending == () and listed == []
 
-    def test_the_listing_holds_a_hundred_vehicles_unless_asked_for_more(
-        self, tmp_path: Path
-    ) -> None:
-        async def scenario(store: VehicleStateStore) -> Any:
-            for i in range(101):
-                await store.apply(state_event(f"e{i}", signal(oem=T0 + i), vehicle=f"v{i:03}"))
-            return await store.list_vehicles(), await store.list_vehicles(limit=101)
-
-        default, more = sqlite_at(tmp_path / FILE_NAME).run(scenario)
-        assert len(default) == 100 and default[0].vehicle_id == "v100"
-        assert len(more) == 101 and more[-1].vehicle_id == "v000"
-
     def test_the_file_may_be_several_new_folders_deep(self, tmp_path: Path) -> None:
         path = tmp_path / "a" / "b" / FILE_NAME
 
@@ -1229,9 +1271,9 @@ class TestTransactionsOfOneEventOnAzurite:
                 listed = await store.list_vehicles()
                 view = await store.get_vehicle(VEHICLE)
                 await store.mark_processed(VEHICLE, "big")
-                left = sorted(k for k in [str(e["RowKey"]) async for e in client.list_entities()]
-                              if k.startswith("o:big"))
-                return applied, rows, listed, view, left
+                after = {str(e["RowKey"]): e async for e in client.list_entities()}
+                left = sorted(k for k in after if k.startswith("o:big"))
+                return applied, rows, listed, view, (left, after["i:big"])
 
         applied, rows, listed, view, left = asyncio.run(scenario())
         assert applied.conflicts_retried == 0
@@ -1240,11 +1282,14 @@ class TestTransactionsOfOneEventOnAzurite:
         assert sorted(k for k in rows if k.startswith("o:big")) == [
             "o:big:00000", "o:big:00001", "o:big:00002"]
         assert rows["i:big"]["chunks"] == 3 and not rows["i:big"]["errorsApplied"]
+        assert rows["i:big"]["eventId"] == "big"  # for whoever browses the table
         assert (rows["v"]["signalCount"], rows["v"]["openErrors"]) == (251, 1)
         assert [(s.signal_count, s.open_errors) for s in listed] == [(251, 1)]
         assert view is not None and len(view.signals) == 251 and len(view.errors) == 1
         assert view.updated_at == at(T0 + 249)
-        assert left == []  # the record deletes every chunk
+        left, recorded = left
+        assert left == [] and recorded["chunks"] == 0  # the record deletes every chunk
+        assert recorded["processedAt"] > 0
 
 
     @pytest.mark.parametrize("cut", ["killed", "conflict"])
@@ -1318,7 +1363,7 @@ class TestTransactionsOfOneEventOnAzurite:
             return int((await client.get_entity(VEHICLE, "i:many"))["errorsCounted"])
 
         async def scenario() -> tuple[list[int], Any]:
-            marks = []
+            marks: list[int] = []
             async with TableClient.from_connection_string(connection, table) as client:
                 for cut in (2, None, 2, 5, None):  # "longer" is the second, applied whole
                     fault = killed_at(cut) if cut else (lambda _: None)
@@ -1334,6 +1379,105 @@ class TestTransactionsOfOneEventOnAzurite:
         # third (the count only grows); all at the end.
         assert marks[0] == 97 and marks[2] == 97 and 97 < marks[3] < 150 and marks[4] == 150
         assert view is not None and {e.count for e in view.errors} == {2}
+
+
+    def test_a_partition_that_keeps_changing_is_retried_with_backoff_then_given_up(
+        self, azurite_table_port: int, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Every transaction meets a conflict: each attempt waits a random time between 0 and
+        a bound that starts at 5 ms and doubles up to 0.5 s (full jitter), and after
+        MAX_ATTEMPTS the delivery fails with an error that names the vehicle."""
+        from azure.core.exceptions import ResourceModifiedError
+
+        from shared.vehicle_state import table_store
+
+        def conflict(_: Any) -> BaseException:
+            refused = ResourceModifiedError("The update condition was not satisfied.")
+            refused.status_code = 412
+            return refused
+
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+
+        def waits(end: int) -> list[float]:
+            """The waits, with the jitter drawing its low (0) or its high (1) end."""
+            slept: list[float] = []
+
+            async def sleep(seconds: float) -> None:
+                slept.append(seconds)
+
+            async def scenario() -> None:
+                async with TableClient.from_connection_string(connection, table) as client:
+                    store = TableVehicleStateStore(_FaultyTransactions(client, conflict),
+                                                   create_table=True, sleep=sleep)
+                    with pytest.raises(table_store.StoreConflictError,
+                                       match=rf"vehicle '{VEHICLE}'.* each of 40 attempts "
+                                             r"to apply event e1; the delivery will be retried"):
+                        await store.apply(state_event("e1", signal()))
+
+            monkeypatch.setattr("shared.vehicle_state.table_store.random.uniform",
+                                lambda low, high: (low, high)[end])
+            asyncio.run(scenario())
+            return slept
+
+        assert table_store.MAX_ATTEMPTS == 40
+        assert waits(0) == [0.0] * 40
+        assert waits(1) == [min(0.005 * 2 ** n, 0.5) for n in range(40)]
+
+    def test_a_transaction_failing_for_another_reason_fails_the_apply_with_that_error(
+        self, azurite_table_port: int
+    ) -> None:
+        """Not a conflict (no status code at all: the connection dropped): not retried here;
+        the delivery fails with it and is retried as a whole."""
+        from azure.core.exceptions import ServiceRequestError
+
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        calls: list[Any] = []
+
+        def dropped(operations: Any) -> BaseException:
+            calls.append(operations)
+            return ServiceRequestError("Connection reset by peer")
+
+        async def scenario() -> None:
+            async with TableClient.from_connection_string(connection, table) as client:
+                store = TableVehicleStateStore(_FaultyTransactions(client, dropped),
+                                               create_table=True)
+                with pytest.raises(ServiceRequestError, match="Connection reset"):
+                    await store.apply(state_event("e1", signal()))
+
+        asyncio.run(scenario())
+        assert len(calls) == 1
+
+
+    def test_an_event_of_many_values_near_the_bound_stays_within_table_limits(
+        self, azurite_table_port: int
+    ) -> None:
+        """120 signals of 29,000-character texts: the transactions are cut by size as well as
+        by count (the outbox entity of 97 of them would be far over Table's 1 MiB), and
+        everything is stored and handed back whole."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        values = {f"custom-big{i:03d}": f"{i:03d}" + "x" * 28_997 for i in range(120)}
+        event = state_event("huge", *(signal(code, value) for code, value in values.items()))
+        sizes: list[int] = []
+
+        def count(operations: Any) -> None:
+            sizes.append(len(operations))
+
+        async def scenario() -> tuple[Any, Any, Any]:
+            async with TableClient.from_connection_string(connection, table) as client:
+                store = TableVehicleStateStore(_FaultyTransactions(client, count),
+                                               create_table=True)
+                applied = await store.apply(event)
+                return (applied, await store.pending_changes(VEHICLE, "huge"),
+                        await store.get_vehicle(VEHICLE))
+
+        applied, pending, view = asyncio.run(scenario())
+        assert len(sizes) > 2 and max(sizes) < 100  # many small transactions
+        assert {c.code: c.current.value for c in pending} == values
+        assert view is not None and {c: s.value for c, s in view.signals.items()} == values
+        assert applied.conflicts_retried == 0
 
 
 def refusing_once(kind: str, partition: str,
@@ -1356,6 +1500,39 @@ def refusing_once(kind: str, partition: str,
         return None
 
     return fault
+
+
+class TestTransactionLimits:
+    """How an event's writes are cut into transactions: at most 97 entity writes (the vehicle
+    row, the event row and the outbox chunk make 100, Table's limit), and their size counted
+    three times (the entity, and the change twice in the outbox) within 800 KiB, far under the
+    4 MiB a transaction may carry."""
+
+    @staticmethod
+    def cut(*sizes: int) -> list[list[int]]:
+        writes: list[tuple[tuple[Any, ...], int, Any]] = [
+            (("create", {"RowKey": f"s:{i}"}), size, None) for i, size in enumerate(sizes)]
+        batches = table_store._batches(writes)
+        assert [w for batch in batches for w in batch] == writes  # all, in order, once
+        return [[size for _, size, _ in batch] for batch in batches]
+
+    def test_at_most_97_writes_go_in_one_transaction(self) -> None:
+        assert [len(b) for b in self.cut(*[10] * 200)] == [97, 97, 6]
+        assert [len(b) for b in self.cut(*[10] * 97)] == [97]
+
+    def test_writes_share_a_transaction_while_three_times_their_size_fits_800_kib(
+        self
+    ) -> None:
+        third = 800 * 1024 // 3  # 273,066: three times it is 2 bytes under the budget
+        assert self.cut(third // 2, third - third // 2) == [[third // 2, third - third // 2]]
+        assert self.cut(third // 2, third - third // 2 + 1) == [[third // 2],
+                                                                 [third - third // 2 + 1]]
+        assert self.cut(*[third // 3] * 4) == [[third // 3] * 3, [third // 3]]
+
+    def test_a_write_larger_than_the_budget_goes_alone(self) -> None:
+        assert self.cut(10, 10**6, 10) == [[10], [10**6], [10]]
+        assert self.cut(10**6) == [[10**6]]
+        assert self.cut() == []
 
 
 class TestPruningOnAzurite:
@@ -1428,6 +1605,72 @@ class TestPruningOnAzurite:
         for ops in seen:
             assert len({op[1]["PartitionKey"] for op in ops}) == 1
 
+    def test_a_partition_whose_deletes_fail_half_way_counts_what_was_deleted(
+        self, azurite_table_port: int, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        clock = Clock()
+        deletes: list[Any] = []
+
+        def second_delete_refused(operations: Any) -> BaseException | None:
+            from azure.core.exceptions import ResourceNotFoundError
+
+            if operations[0][0] == "delete":
+                deletes.append(operations)
+                if len(deletes) == 2:
+                    return ResourceNotFoundError("The specified resource does not exist.")
+            return None
+
+        async def scenario() -> tuple[Any, Any]:
+            store = self.store(connection, table, clock, second_delete_refused)
+            try:
+                for n in range(150):
+                    await store.mark_processed(VEHICLE, f"e{n:03d}")
+                clock.now += 9 * DAY
+                return await store.prune_inbox(), await store.prune_inbox()
+            finally:
+                await store.close()
+
+        first, second = asyncio.run(scenario())
+        assert (first.deleted, first.failed) == (100, 1)
+        assert "(ResourceNotFoundError)" in caplog.text
+        assert (second.deleted, second.failed) == (50, 0)
+
+    def test_records_are_indexed_by_their_utc_day_whatever_the_machines_zone(
+        self, azurite_table_port: int
+    ) -> None:
+        """23:30 UTC is already the next day at UTC+14: the index names the UTC day, the one
+        the prune's cutoff is computed in."""
+        import os
+        import time
+
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        clock = Clock()
+        clock.now = datetime(2027, 1, 15, 23, 30, tzinfo=UTC).timestamp()
+
+        async def scenario() -> None:
+            store = self.store(connection, table, clock)
+            try:
+                await store.mark_processed(VEHICLE, "late")
+            finally:
+                await store.close()
+
+        zone = os.environ.get("TZ")
+        os.environ["TZ"] = "LINE-14"  # POSIX: 14 hours east of UTC
+        time.tzset()
+        try:
+            assert datetime.fromtimestamp(clock.now).date().isoformat() == "2027-01-16"
+            asyncio.run(scenario())
+        finally:
+            if zone is None:
+                del os.environ["TZ"]
+            else:
+                os.environ["TZ"] = zone
+            time.tzset()
+        assert self.index_rows(connection, table) == [("!inbox-day:2027-01-15", VEHICLE)]
+
     def test_only_days_wholly_past_the_retention_are_pruned(
         self, azurite_table_port: int
     ) -> None:
@@ -1479,8 +1722,8 @@ class TestPruningOnAzurite:
         self, azurite_table_port: int, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """The time a partition waits for a free slot counts: with one slot, the first
-        partition's deletes take the run past its time, so the second, which waited for
-        that slot, is left to the next run (a late start could outlast the timeout)."""
+        partition's deletes take the run to the end of its time, so the second, which waited
+        for that slot, is left to the next run (a late start could outlast the timeout)."""
         from shared.vehicle_state import table_store
 
         connection = connection_string("table", azurite_table_port)
@@ -1493,7 +1736,7 @@ class TestPruningOnAzurite:
 
         def slow_deletes(operations: Any) -> None:
             if operations[0][0] == "delete":
-                elapsed[0] += 120.0
+                elapsed[0] += 100.0
             return None
 
         async def scenario() -> tuple[Any, Any]:
@@ -1536,7 +1779,7 @@ class TestPruningOnAzurite:
 
         recorded, pruned = asyncio.run(scenario())
         assert recorded is True
-        assert "noting partition" in caplog.text
+        assert "noting partition" in caplog.text and "(HttpResponseError)" in caplog.text
         notes = [ops for ops in seen if ops[0][1]["PartitionKey"].startswith("!inbox-day:")]
         assert len(notes) == 2  # the failed one, then one for the day's other records
         assert pruned.deleted == 5

@@ -142,7 +142,6 @@ class TableVehicleStateStore:
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
         #: An `azure.data.tables.aio.TableClient`.
         self._table = table
-        self._create_table = create_table
         self._created = not create_table
         self._clock = clock
         self._sleep = sleep
@@ -300,11 +299,8 @@ class TableVehicleStateStore:
             answers: Sequence[Any] = await self._table.submit_transaction(ops)
             committed.extend(changes)
             # The next transaction of this apply replaces what this one wrote.
-            event_row = _Written(answers[-2]["etag"], event_props)
-            vehicle = _Written(answers[-1]["etag"], vehicle_props)
-        if not batches and result.marks_errors:  # only unusable errors: still mark the event
-            await self._table.submit_transaction([put(_event_key(event.event_id), {
-                "eventId": event.event_id, "errorsApplied": True, "chunks": chunks}, event_row)])
+            event_row = _Written(answers[-2]["etag"])
+            vehicle = _Written(answers[-1]["etag"])
 
     async def _pending(self, pk: str, event_id: str, event_row: Any) -> tuple[SignalChange, ...]:
         if event_row is None:
@@ -475,11 +471,10 @@ class TableVehicleStateStore:
         await self._table.close()
 
 
-class _Written(dict[str, Any]):
+class _Written:
     """A row this apply has just written: what the next transaction's If-Match needs."""
 
-    def __init__(self, etag: str, previous: Any) -> None:
-        super().__init__(previous or {})
+    def __init__(self, etag: str) -> None:
         self.metadata = {"etag": etag}
 
 
