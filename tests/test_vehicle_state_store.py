@@ -627,12 +627,15 @@ class TestListing:
             await store.apply(state_event("u", signal(value=5, oem=None), vehicle="undated"))
             await store.apply(error_event("x", error(), vehicle="errors-only"))
             await store.apply(state_event("d", signal(value=6, oem=T0 - 10**6), vehicle="dated"))
+            await store.apply(error_event("y", error(), vehicle="errors-first",
+                                          delivered=T0 - 2 * 10**6))
+            await store.apply(state_event("z", signal(oem=T0 - 3 * 10**6), vehicle="errors-first"))
             return await store.list_vehicles()
 
         listed = backend.run(scenario)
         assert [(v.vehicle_id, v.signal_count, v.open_errors, v.updated_at) for v in listed] == [
             ("errors-only", 0, 1, at(T0)), ("dated", 1, 0, at(T0 - 10**6)),
-            ("undated", 1, 0, None)]
+            ("errors-first", 1, 1, at(T0 - 2 * 10**6)), ("undated", 1, 0, None)]
 
     def test_an_event_id_a_state_event_reuses_still_counts_its_errors_once(
         self, backend: Backend
@@ -643,11 +646,27 @@ class TestListing:
             await store.apply(error_event("same", error()))
             await store.apply(state_event("same", signal(value=40)))
             await store.apply(error_event("same", error()))
-            return await store.get_vehicle(VEHICLE)
+            # The other way round: the state event first.
+            await store.apply(state_event("other", signal(value=30), vehicle="v2"))
+            await store.apply(error_event("other", error(), vehicle="v2"))
+            return await store.get_vehicle(VEHICLE), await store.get_vehicle("v2")
 
-        view = backend.run(scenario)
+        view, other = backend.run(scenario)
         assert view is not None and view.signals[SOC].value == 40
         assert [e.count for e in view.errors] == [1]
+        assert other is not None and other.signals[SOC].value == 30
+        assert [e.count for e in other.errors] == [1]
+
+    def test_an_event_without_a_vehicle_changes_nothing(self, backend: Backend) -> None:
+        body = state_body("e1", signal(value=50))
+        del body["vehicleId"]
+        event = parse_event(json.dumps(body))
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            return await store.apply(event), await store.list_vehicles()
+
+        applied, listed = backend.run(scenario)
+        assert applied.changes == () and applied.pending == () and listed == []
 
     def test_vehicles_are_listed_most_recently_updated_first_with_open_errors(
         self, backend: Backend
@@ -1032,17 +1051,6 @@ class TestSqliteOnly:
         db.close()
         assert tables == {"vehicles", "signals", "errors", "events"} and version == 0
 
-    def test_an_event_without_a_vehicle_changes_nothing(self, tmp_path: Path) -> None:
-        body = state_body("e1", signal(value=50))
-        del body["vehicleId"]
-        event = parse_event(json.dumps(body))
-
-        async def scenario(store: VehicleStateStore) -> Any:
-            return await store.apply(event), await store.list_vehicles()
-
-        applied, listed = sqlite_at(tmp_path / FILE_NAME).run(scenario)
-        assert applied.changes == () and applied.pending == () and listed == []
-
     def test_the_file_may_be_several_new_folders_deep(self, tmp_path: Path) -> None:
         path = tmp_path / "a" / "b" / FILE_NAME
 
@@ -1297,7 +1305,7 @@ class TestTransactionsOfOneEventOnAzurite:
         self, azurite_table_port: int, cut: str
     ) -> None:
         """An error event of 150 errors takes two transactions. Cut short after the first (the
-        process killed, or another instance writing the vehicle in between), its next apply
+        process killed, or other instances writing the vehicle in between), its next apply
         writes them all again and each error still counts this event once."""
         connection = connection_string("table", azurite_table_port)
         table = f"vs{uuid.uuid4().hex[:16]}"
@@ -1311,15 +1319,15 @@ class TestTransactionsOfOneEventOnAzurite:
 
             seen: list[Any] = []
 
-            def conflict_once(_: Any) -> BaseException | None:
+            def conflict_twice(_: Any) -> BaseException | None:
                 seen.append(_)
-                if len(seen) == 2:
+                if len(seen) in (2, 3):  # the first apply's second, the next one's first
                     refused = ResourceModifiedError("The update condition was not satisfied.")
                     refused.status_code = 412
                     return refused
                 return None
 
-            return conflict_once
+            return conflict_twice
 
         async def scenario() -> tuple[Any, Any]:
             client = TableClient.from_connection_string(connection, table)
@@ -1340,7 +1348,7 @@ class TestTransactionsOfOneEventOnAzurite:
                 await again.close()
 
         applied, view = asyncio.run(scenario())
-        assert applied.conflicts_retried == (1 if cut == "conflict" else 0)
+        assert applied.conflicts_retried == (2 if cut == "conflict" else 0)
         assert view is not None and len(view.errors) == 150
         assert {e.count for e in view.errors} == {1}
 
@@ -1478,6 +1486,36 @@ class TestTransactionsOfOneEventOnAzurite:
         assert {c.code: c.current.value for c in pending} == values
         assert view is not None and {c: s.value for c, s in view.signals.items()} == values
         assert applied.conflicts_retried == 0
+
+
+    def test_an_error_event_applied_again_writes_nothing(self, azurite_table_port: int) -> None:
+        """Its event row says its errors were applied: a redelivery leaves every row as it was
+        (the same ETags), also after a state event that reused its eventId wrote that row."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+
+        async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+            async with TableClient.from_connection_string(connection, table) as client:
+                store = TableVehicleStateStore(client, create_table=True)
+
+                async def rows() -> dict[str, Any]:
+                    return {str(e["RowKey"]): e async for e in client.list_entities()}
+
+                await store.apply(error_event("x1", error(), error("T2", "C2")))
+                first = await rows()
+                await store.apply(error_event("x1", error(), error("T2", "C2")))
+                await store.apply(state_event("x1", signal(value=40)))
+                await store.apply(error_event("x1", error(), error("T2", "C2")))
+                return first, await rows()
+
+        first, last = asyncio.run(scenario())
+        errors = [key for key in first if key.startswith("e:")]
+        assert len(errors) == 2
+        assert [last[k].metadata["etag"] for k in errors] == [
+            first[k].metadata["etag"] for k in errors]
+        event_row = last["i:x1"]
+        assert event_row["errorsApplied"] is True and event_row["chunks"] == 1
+        assert sorted(k for k in last if k.startswith("o:")) == ["o:x1:00000"]
 
 
 def refusing_once(kind: str, partition: str,
