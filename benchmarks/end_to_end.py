@@ -13,11 +13,15 @@ An event counts as handled when the processor wrote its line to `handled.jsonl`.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import resource
 import sys
 import tempfile
+import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,43 @@ CLIENTS = 16
 #: writes several vehicles' rows and the store's cache holds many.
 FLEET = 100
 DRAIN_TIMEOUT = 60.0
+#: Where the store's share of the host's CPU goes, per event (`cpu_us_<part>`), from the calls
+#: the host makes: (object of the runtime, method). The store's own calls, and two that do more
+#: with the store on (the handlers get `on_change` changes, the outcome line the store's
+#: result), reported for the round with the store off too (`cpu_us_<part>_store_off`).
+PARTS: dict[str, tuple[str, str]] = {
+    "inbox_check": ("vehicle_state", "is_processed"),
+    "apply": ("vehicle_state", "apply"),
+    "inbox_record": ("vehicle_state", "mark_processed"),
+    "commit": ("vehicle_state", "flush"),
+    "handlers": ("registry", "dispatch"),
+    "outcome_log": ("handled_log", "append"),
+}
+SHARED_PARTS = ("handlers", "outcome_log")
+
+
+def _timed(call: Callable[..., Any], part: str, spent: Counter[str]) -> Callable[..., Any]:
+    """`call`, adding the CPU time of the thread that runs it to `spent[part]`. The store's
+    calls do not give up the event loop while they run (SQLite in the calling thread), and
+    the handlers here neither (none runs in the pool), so no other task's time is counted."""
+    if inspect.iscoroutinefunction(call):
+        @functools.wraps(call)
+        async def timed_async(*args: Any, **kwargs: Any) -> Any:
+            started = time.thread_time_ns()
+            try:
+                return await call(*args, **kwargs)
+            finally:
+                spent[part] += time.thread_time_ns() - started
+        return timed_async
+
+    @functools.wraps(call)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.thread_time_ns()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            spent[part] += time.thread_time_ns() - started
+    return timed
 
 
 def _count_lines(path: Path) -> int:
@@ -53,7 +94,10 @@ def _cpu_seconds() -> float:
 
 
 async def one_round(events: int, clients: int, *, store: bool = True,
-                    vehicles: int = 1) -> dict[str, Any]:
+                    vehicles: int = 1, parts: bool = False) -> dict[str, Any]:
+    """One round; with `parts`, the CPU of the calls in PARTS is timed too (`cpu_parts`, in
+    µs per event), which adds to the round's CPU."""
+    spent: Counter[str] = Counter()
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as state_dir:
         settings = load_settings(
             {"SMARTCAR_MANAGEMENT_TOKEN": TOKEN, "LOCAL_STATE_DIR": state_dir,
@@ -61,6 +105,11 @@ async def one_round(events: int, clients: int, *, store: bool = True,
         )
         runtime = build_runtime(settings)
         set_runtime(runtime)
+        if parts:
+            for part, (owner, method) in PARTS.items():
+                target = getattr(runtime, owner)
+                if target is not None:  # the store, when it is off
+                    setattr(target, method, _timed(getattr(target, method), part, spent))
         host = LocalHost(load_function_app(), runtime, port=0, poll_interval=0.05)
         await host.start()
         handled_path = Path(state_dir) / HANDLED_FILE
@@ -110,6 +159,7 @@ async def one_round(events: int, clients: int, *, store: bool = True,
         "duplicates_processed": sum(n - 1 for n in handled_ids.values()),
         "refused": sum(load["failures"].values()),
         "left_in_queue": stats["active"] + stats["deadLettered"] + stats["scheduled"],
+        "cpu_parts": {part: spent[part] / 1000 / max(len(handled_ids), 1) for part in PARTS},
     }
 
 
@@ -164,7 +214,18 @@ def run(*, quick: bool) -> None:
     emit(NAME, "host_cpu_us_per_event_fleet_store_off",
          median([r["host_cpu_us_per_event"] for r in fleet_off]), "us")
     emit(NAME, "host_cpu_ratio_store_on_off_fleet", _cpu_ratio(fleet_on, fleet_off), "ratio")
+    # Where the store's CPU goes: a pair of rounds of its own, the calls timed.
+    timed_on = run_event_loop(one_round(events, CLIENTS, store=True, parts=True))
+    timed_off = run_event_loop(one_round(events, CLIENTS, store=False, parts=True))
+    note(f"{NAME} (store on, parts timed): {timed_on['cpu_parts']}")
+    note(f"{NAME} (store off, parts timed): {timed_off['cpu_parts']}")
+    for part in PARTS:
+        emit(NAME, f"cpu_us_{part}", timed_on["cpu_parts"][part], "us")
+    for part in SHARED_PARTS:
+        emit(NAME, f"cpu_us_{part}_store_off", timed_off["cpu_parts"][part], "us")
+    emit(NAME, "host_cpu_us_per_event_timed", timed_on["host_cpu_us_per_event"], "us")
+    emit(NAME, "host_cpu_us_per_event_timed_store_off", timed_off["host_cpu_us_per_event"], "us")
     # Correctness figures are totals over every round, not medians.
-    everything = results + off + fleet_on + fleet_off
+    everything = results + off + fleet_on + fleet_off + [timed_on, timed_off]
     for metric in ("lost", "duplicates_processed", "refused", "left_in_queue"):
         emit(NAME, metric, sum(r[metric] for r in everything), "count")

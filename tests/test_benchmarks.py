@@ -25,7 +25,11 @@ REQUIRED = {
                          "duplicates_processed", "host_cpu_us_per_event",
                          "host_cpu_us_per_event_store_off", "host_cpu_ratio_store_on_off",
                          "host_cpu_ratio_of_medians", "host_cpu_ratio_store_on_off_fleet",
-                         "host_cpu_us_per_event_fleet", "host_cpu_us_per_event_fleet_store_off"},
+                         "host_cpu_us_per_event_fleet", "host_cpu_us_per_event_fleet_store_off",
+                         "host_cpu_us_per_event_timed", "host_cpu_us_per_event_timed_store_off",
+                         "cpu_us_inbox_check", "cpu_us_apply", "cpu_us_inbox_record",
+                         "cpu_us_commit", "cpu_us_handlers", "cpu_us_outcome_log",
+                         "cpu_us_handlers_store_off", "cpu_us_outcome_log_store_off"},
     "vehicle_state_store": {f"{backend}_{call}_{p}_ms" for backend in ("sqlite", "table_azurite")
                             for call in ("apply", "event") for p in ("p50", "p99")}
     | {"sqlite_event_mean_ms", "sqlite_deferred_event_mean_ms", "sqlite_deferred_event_p99_ms"},
@@ -82,3 +86,17 @@ def test_end_to_end_loses_nothing_and_processes_nothing_twice(
     assert e2e["duplicates_processed"] == 0
     assert e2e["refused"] == 0
     assert e2e["left_in_queue"] == 0
+
+
+def test_the_store_parts_are_timed_where_the_host_calls_them(
+    lines: list[dict[str, object]],
+) -> None:
+    """Each timed call was reached: a wrapper the host bypassed would report 0 (no timing
+    assertion)."""
+    e2e = {line["metric"]: line["value"] for line in lines
+           if line["benchmark"] == "local_end_to_end"}
+    timed = [f"cpu_us_{part}" for part in ("inbox_check", "apply", "inbox_record", "commit",
+                                            "handlers", "outcome_log")]
+    for metric in [*timed, "cpu_us_handlers_store_off", "cpu_us_outcome_log_store_off"]:
+        value = e2e[metric]
+        assert isinstance(value, float) and value > 0, metric
