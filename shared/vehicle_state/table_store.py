@@ -284,7 +284,8 @@ class TableVehicleStateStore:
                                        "RowKey": f"{_outbox_prefix(event.event_id)}{chunks:05d}",
                                        **_split(changes_text(kept, ascii_only=True))}))
                 chunks += 1
-            # Marked with the last of its errors, so a crash before then re-applies them all.
+            # Marked with the last of its errors: an apply cut short before then is followed
+            # by one that writes them all again, counting those past `errorsCounted`.
             errors_applied = errors_applied or (result.marks_errors and number == len(batches))
             errors_written += sum(1 for _, _, change in batch if change is None)
             errors_counted = max(errors_counted, errors_written)
