@@ -270,7 +270,7 @@ class TableVehicleStateStore:
                        if result.errors else
                        int(vehicle.get("openErrors") or 0) if vehicle is not None else 0)
         chunks = int(event_row.get("chunks") or 0) if event_row is not None else 0
-        errors_applied = bool(event_row is not None and event_row.get("errorsApplied"))
+        errors_applied = snapshot.errors_applied
         errors_counted = int(event_row.get("errorsCounted") or 0) if event_row is not None else 0
         errors_written = 0
         batches = _batches(writes)
