@@ -1203,6 +1203,15 @@ class _FaultyTransactions:
         return await self._client.submit_transaction(operations, **kwargs)
 
 
+def conflict_error() -> BaseException:
+    """What Table answers a write whose If-Match lost: another writer changed the row."""
+    from azure.core.exceptions import ResourceModifiedError
+
+    refused = ResourceModifiedError("The update condition was not satisfied.")
+    refused.status_code = 412
+    return refused
+
+
 class _Killed(BaseException):
     """The process dying: nothing after it runs."""
 
@@ -1281,9 +1290,9 @@ class TestTransactionsOfOneEventOnAzurite:
                 await store.mark_processed(VEHICLE, "big")
                 after = {str(e["RowKey"]): e async for e in client.list_entities()}
                 left = sorted(k for k in after if k.startswith("o:big"))
-                return applied, rows, listed, view, (left, after["i:big"])
+                return applied, rows, listed, view, left, after["i:big"]
 
-        applied, rows, listed, view, left = asyncio.run(scenario())
+        applied, rows, listed, view, left, recorded = asyncio.run(scenario())
         assert applied.conflicts_retried == 0
         assert list(applied.changes.codes) == codes
         assert [c.code for c in applied.pending] == codes  # in payload order, across chunks
@@ -1295,10 +1304,8 @@ class TestTransactionsOfOneEventOnAzurite:
         assert [(s.signal_count, s.open_errors) for s in listed] == [(251, 1)]
         assert view is not None and len(view.signals) == 251 and len(view.errors) == 1
         assert view.updated_at == at(T0 + 249)
-        left, recorded = left
         assert left == [] and recorded["chunks"] == 0  # the record deletes every chunk
         assert recorded["processedAt"] > 0
-
 
     @pytest.mark.parametrize("cut", ["killed", "conflict"])
     def test_errors_an_event_wrote_before_it_was_cut_short_are_not_counted_twice(
@@ -1315,16 +1322,12 @@ class TestTransactionsOfOneEventOnAzurite:
         def fault() -> Callable[[Any], BaseException | None]:
             if cut == "killed":
                 return killed_at(2)
-            from azure.core.exceptions import ResourceModifiedError
-
             seen: list[Any] = []
 
             def conflict_twice(_: Any) -> BaseException | None:
                 seen.append(_)
                 if len(seen) in (2, 3):  # the first apply's second, the next one's first
-                    refused = ResourceModifiedError("The update condition was not satisfied.")
-                    refused.status_code = 412
-                    return refused
+                    return conflict_error()
                 return None
 
             return conflict_twice
@@ -1395,14 +1398,8 @@ class TestTransactionsOfOneEventOnAzurite:
         """Every transaction meets a conflict: each attempt waits a random time between 0 and
         a bound that starts at 5 ms and doubles up to 0.5 s (full jitter), and after
         MAX_ATTEMPTS the delivery fails with an error that names the vehicle."""
-        from azure.core.exceptions import ResourceModifiedError
-
-        from shared.vehicle_state import table_store
-
         def conflict(_: Any) -> BaseException:
-            refused = ResourceModifiedError("The update condition was not satisfied.")
-            refused.status_code = 412
-            return refused
+            return conflict_error()
 
         connection = connection_string("table", azurite_table_port)
         table = f"vs{uuid.uuid4().hex[:16]}"
