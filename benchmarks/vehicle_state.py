@@ -8,6 +8,12 @@ since every 8th event carries the commit). Each event is a 5 KB VEHICLE_STATE (2
 whose readings are newer than the last, spread over a few vehicles, so every apply writes.
 Figures are wall-clock per call, one call at a time: on Azurite they are mostly HTTP round
 trips to a local emulator (Node.js, on the same cores), not Azure's latency.
+
+The decision's share: the SQLite store's CPU per event (this thread's) for the calls as the
+local host makes them (the app's `on_change` filter, commits every 8 events), the events of
+one vehicle, measured twice on fresh files: as it runs, and with `quick.quick_plan` answering
+the plan it gave each event in the first pass (what is left costs the same; the decision costs
+nothing). Both end with the same stored vehicle, which is checked.
 """
 
 from __future__ import annotations
@@ -21,12 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
-from shared.events import parse_event
+from shared.events import Event, parse_event
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
-from shared.vehicle_state import VehicleStateStore
+from shared.vehicle_state import VehicleStateStore, VehicleView
+from shared.vehicle_state.quick import QuickPlan, quick_plan
 
-from .common import emit, note, percentile, state_payload
+from .common import emit, median, note, percentile, state_payload
 
 NAME = "vehicle_state_store"
 SIZE = 5 * 1024
@@ -67,6 +75,74 @@ async def measure(store: VehicleStateStore, events: int, *,
         apply_ms.append((done - applied) * 1000)
         event_ms.append((end - start) * 1000)
     return {"apply": apply_ms, "event": event_ms}
+
+
+#: Passes of each kind for the decision's share (alternating; medians).
+SHARE_PASSES = 3
+
+
+async def host_calls(events: list[Event], plans: dict[str, QuickPlan | None] | None,
+                     *, replay: bool) -> tuple[float, VehicleView | None]:
+    """CPU µs per event of is_processed, apply (with the app's `on_change` filter),
+    mark_processed and a commit every `DEFERRED_COMMIT_EVERY` events, on a new file; and the
+    vehicle as stored at the end. `plans` (not replaying) collects each event's plan;
+    replaying, `quick_plan` answers from it."""
+    from shared.handlers import registry
+    from shared.local import vehicle_state as local
+
+    decide = quick_plan
+
+    def recorded(event_id: str, *args: Any) -> QuickPlan | None:
+        assert plans is not None
+        return plans[event_id]
+
+    def recording(event_id: str, *args: Any) -> QuickPlan | None:
+        assert plans is not None
+        plans[event_id] = answer = decide(event_id, *args)
+        return answer
+
+    answer = recorded if replay else recording if plans is not None else decide
+    with (tempfile.TemporaryDirectory(prefix="bench-vs-share-") as tmp,
+          mock.patch.object(local, "quick_plan", answer)):
+        store = SqliteVehicleStateStore(Path(tmp) / FILE_NAME)
+        store.defer_commits()
+        try:
+            started = time.thread_time_ns()
+            for i, event in enumerate(events):
+                assert event.vehicle_id is not None
+                await store.is_processed(event.vehicle_id, event.event_id)
+                await store.apply(event, outbox=registry.wants_change)
+                await store.mark_processed(event.vehicle_id, event.event_id)
+                if i % DEFERRED_COMMIT_EVERY == DEFERRED_COMMIT_EVERY - 1:
+                    store.flush()
+            spent = (time.thread_time_ns() - started) / 1000 / len(events)
+            store.flush()
+            return spent, await store.get_vehicle(str(events[0].vehicle_id))
+        finally:
+            await store.close()
+
+
+def decision_share(events: int) -> None:
+    from shared.local.host import load_function_app
+
+    load_function_app()  # the app's handlers: the `on_change` filter the host applies
+    parsed = [parse_event(state_payload(SIZE, event_id=f"share-{i:06d}")) for i in range(events)]
+    plans: dict[str, QuickPlan | None] = {}
+    _, expected = asyncio.run(host_calls(parsed, plans, replay=False))
+    assert len(plans) == len(parsed), "the store decides through `quick_plan`"
+    assert all(plan is not None for plan in plans.values()), "every event takes the fast path"
+    real: list[float] = []
+    replayed: list[float] = []
+    for _ in range(SHARE_PASSES):
+        for replay in (False, True):
+            spent, vehicle = asyncio.run(host_calls(parsed, plans if replay else None,
+                                                    replay=replay))
+            assert vehicle == expected, "a replayed pass stores what the real one does"
+            (replayed if replay else real).append(spent)
+    whole, rest = median(real), median(replayed)
+    emit(NAME, "sqlite_host_calls_cpu_us_per_event", whole, "us")
+    emit(NAME, "sqlite_host_calls_cpu_us_per_event_decision_replayed", rest, "us")
+    emit(NAME, "decision_share_of_host_calls_cpu", max(0.0, 1 - rest / whole), "ratio")
 
 
 def _free_port() -> int:
@@ -135,6 +211,7 @@ def run(*, quick: bool) -> None:
         emit(NAME, "sqlite_deferred_event_mean_ms", sum(figures["event"]) / len(figures["event"]),
              "ms")
         emit(NAME, "sqlite_deferred_event_p99_ms", percentile(figures["event"], 99), "ms")
+        decision_share(events)
 
         if not os.access(AZURITE_TABLE, os.X_OK):
             note(f"{NAME}: {AZURITE_TABLE} missing (run `npm ci`); no Table figures")

@@ -32,7 +32,10 @@ REQUIRED = {
                          "cpu_us_handlers_store_off", "cpu_us_outcome_log_store_off"},
     "vehicle_state_store": {f"{backend}_{call}_{p}_ms" for backend in ("sqlite", "table_azurite")
                             for call in ("apply", "event") for p in ("p50", "p99")}
-    | {"sqlite_event_mean_ms", "sqlite_deferred_event_mean_ms", "sqlite_deferred_event_p99_ms"},
+    | {"sqlite_event_mean_ms", "sqlite_deferred_event_mean_ms", "sqlite_deferred_event_p99_ms",
+       "sqlite_host_calls_cpu_us_per_event",
+       "sqlite_host_calls_cpu_us_per_event_decision_replayed",
+       "decision_share_of_host_calls_cpu"},
     "runtime_invocation": {f"{host}_{figure}" for host in ("in_process", "local_host", "runtime")
                            for figure in ("us", "p99_us")}
     | {"local_host_overhead_us", "runtime_overhead_us"},
