@@ -25,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -81,29 +82,18 @@ async def measure(store: VehicleStateStore, events: int, *,
 SHARE_PASSES = 3
 
 
-async def host_calls(events: list[Event], plans: dict[str, QuickPlan | None] | None,
-                     *, replay: bool) -> tuple[float, VehicleView | None]:
+Decide = Callable[..., QuickPlan | None]
+
+
+async def host_calls(events: list[Event], decide: Decide) -> tuple[float, VehicleView | None]:
     """CPU µs per event of is_processed, apply (with the app's `on_change` filter),
-    mark_processed and a commit every `DEFERRED_COMMIT_EVERY` events, on a new file; and the
-    vehicle as stored at the end. `plans` (not replaying) collects each event's plan;
-    replaying, `quick_plan` answers from it."""
+    mark_processed and a commit every `DEFERRED_COMMIT_EVERY` events, on a new file, with
+    `decide` in place of `quick_plan`; and the vehicle as stored at the end."""
     from shared.handlers import registry
     from shared.local import vehicle_state as local
 
-    decide = quick_plan
-
-    def recorded(event_id: str, *args: Any) -> QuickPlan | None:
-        assert plans is not None
-        return plans[event_id]
-
-    def recording(event_id: str, *args: Any) -> QuickPlan | None:
-        assert plans is not None
-        plans[event_id] = answer = decide(event_id, *args)
-        return answer
-
-    answer = recorded if replay else recording if plans is not None else decide
     with (tempfile.TemporaryDirectory(prefix="bench-vs-share-") as tmp,
-          mock.patch.object(local, "quick_plan", answer)):
+          mock.patch.object(local, "quick_plan", decide)):
         store = SqliteVehicleStateStore(Path(tmp) / FILE_NAME)
         store.defer_commits()
         try:
@@ -128,17 +118,24 @@ def decision_share(events: int) -> None:
     load_function_app()  # the app's handlers: the `on_change` filter the host applies
     parsed = [parse_event(state_payload(SIZE, event_id=f"share-{i:06d}")) for i in range(events)]
     plans: dict[str, QuickPlan | None] = {}
-    _, expected = asyncio.run(host_calls(parsed, plans, replay=False))
+
+    def recording(event_id: str, *args: Any) -> QuickPlan | None:
+        plans[event_id] = answer = quick_plan(event_id, *args)
+        return answer
+
+    def replaying(event_id: str, *args: Any) -> QuickPlan | None:
+        return plans[event_id]
+
+    _, expected = asyncio.run(host_calls(parsed, recording))
     assert len(plans) == len(parsed), "the store decides through `quick_plan`"
     assert all(plan is not None for plan in plans.values()), "every event takes the fast path"
     real: list[float] = []
     replayed: list[float] = []
     for _ in range(SHARE_PASSES):
-        for replay in (False, True):
-            spent, vehicle = asyncio.run(host_calls(parsed, plans if replay else None,
-                                                    replay=replay))
+        for decide, spent_by in ((quick_plan, real), (replaying, replayed)):
+            spent, vehicle = asyncio.run(host_calls(parsed, decide))
             assert vehicle == expected, "a replayed pass stores what the real one does"
-            (replayed if replay else real).append(spent)
+            spent_by.append(spent)
     whole, rest = median(real), median(replayed)
     emit(NAME, "sqlite_host_calls_cpu_us_per_event", whole, "us")
     emit(NAME, "sqlite_host_calls_cpu_us_per_event_decision_replayed", rest, "us")
