@@ -34,6 +34,10 @@ def test_the_default_instance_size_is_the_one_the_page_chose() -> None:
     for path in (ROOT / "infra" / "main.bicep", ROOT / "infra" / "modules" / "functionapp.bicep"):
         memory = load(path).params()["instanceMemoryMB"]
         assert literal(memory.default) == int(chosen.group(1)), path.name
+    # Every documented deployment (az, azd, the workflow) passes the parameters file, so its
+    # value is the size deployed.
+    deployed = load(ROOT / "infra" / "main.bicepparam").variables()["instanceMemoryMB"]
+    assert literal(deployed) == int(chosen.group(1)), "main.bicepparam"
 
 
 def _table(heading: str) -> dict[str, list[str]]:
