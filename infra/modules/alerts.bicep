@@ -140,7 +140,7 @@ resource successRateAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = 
   kind: 'LogAlert'
   properties: {
     displayName: 'Smartcar webhook delivery success rate below ${successRateThreshold} %'
-    description: 'Fewer than ${successRateThreshold} % of webhook POSTs were answered 2xx. Smartcar retries 3 times over ~3 minutes, then drops the event. Run infra/queries/delivery_success_rate.kql: unavailable = Service Bus or Key Vault failing (503); rejected = forged requests or a wrong signing token (see signature_failures.kql).'
+    description: 'Fewer than ${successRateThreshold} % of webhook POSTs were answered 2xx. Smartcar makes 4 attempts (3 retries) over ~3 minutes, then drops the event. Run infra/queries/delivery_success_rate.kql: unavailable = Service Bus or Key Vault failing (503); rejected = forged requests or a wrong signing token (see signature_failures.kql).'
     severity: 1
     enabled: true
     scopes: [
