@@ -20,3 +20,5 @@ param instanceMemoryMB = 512
 param alwaysReady = []
 param alertEmail = readEnvironmentVariable('ALERT_EMAIL', '')
 param deployerPrincipalId = readEnvironmentVariable('DEPLOYER_PRINCIPAL_ID', '')
+// User, Group or ServicePrincipal: what DEPLOYER_PRINCIPAL_ID is (Azure refuses a mismatch).
+param deployerPrincipalType = readEnvironmentVariable('DEPLOYER_PRINCIPAL_TYPE', 'User')

@@ -258,6 +258,16 @@ class TestComposition:
         assert literal(assigned["alwaysReady"]) == []
         assert "smartcarManagementToken" not in assigned  # set in Key Vault, not in a file
 
+    def test_params_file_takes_the_deployer_principal_type_from_the_environment(self) -> None:
+        # Azure refuses a role assignment whose principalType does not match the id: a group's
+        # or a pipeline's id needs its type too, by the same route as the id.
+        assigned = load(PARAMS).variables()
+        assert text(assigned["deployerPrincipalType"]) == (
+            "readEnvironmentVariable('DEPLOYER_PRINCIPAL_TYPE', 'User')")
+        allowed = load(MAIN).params()["deployerPrincipalType"].decorator_argument("allowed")
+        assert allowed == ["User", "Group", "ServicePrincipal"]
+        assert "`DEPLOYER_PRINCIPAL_TYPE`" in (ROOT / "docs" / "deploy.md").read_text()
+
     def test_params_file_defaults_match_settings_module_defaults(self) -> None:
         assigned = load(PARAMS).variables()
         defaults = settings.DEFAULTS
