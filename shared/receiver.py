@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from .delivery_signals import DeliverySignals, default_signals
 from .events import peek
@@ -35,6 +35,10 @@ UNSIGNED_REJECTED = "unsigned_rejected"
 NOT_AN_OBJECT = "not_an_object"
 OVERSIZE = "oversize"
 UNAVAILABLE = "unavailable"
+#: All of them: the queries that break deliveries down by outcome cover each one.
+OUTCOMES: Final = frozenset({ACCEPTED, DUPLICATE, VERIFY_ANSWERED, VERIFY_REFUSED,
+                             SIGNATURE_REJECTED, UNSIGNED_REJECTED, NOT_AN_OBJECT, OVERSIZE,
+                             UNAVAILABLE})
 
 JSON_HEADERS: Mapping[str, str] = {"Content-Type": "application/json"}
 

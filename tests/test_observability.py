@@ -310,11 +310,7 @@ class TestReceiveOutcomes:
 # 2. Queries and alerts use exactly the names the code emits.
 # ---------------------------------------------------------------------------------------------
 QUERY_FILES = sorted(QUERIES.glob("*.kql"))
-RECEIVE_OUTCOMES = {
-    receiver.ACCEPTED, receiver.DUPLICATE, receiver.VERIFY_ANSWERED, receiver.VERIFY_REFUSED,
-    receiver.SIGNATURE_REJECTED, receiver.UNSIGNED_REJECTED, receiver.OVERSIZE,
-    receiver.UNAVAILABLE,
-}
+RECEIVE_OUTCOMES = set(receiver.OUTCOMES)
 KNOWN_OUTCOMES = RECEIVE_OUTCOMES | names.PROCESS_OUTCOMES
 # Columns of Application Insights tables, not names this code chooses.
 AI_COLUMNS = {"name", "timestamp", "duration", "value", "valueSum", "valueCount", "valueMax",
@@ -360,8 +356,25 @@ class TestQueriesUseEmittedNames:
         assert dims - names.ATTRIBUTES == {"outcom"}
         assert outcomes - KNOWN_OUTCOMES == {"acepted"}
 
-    def test_receiver_outcomes_are_the_documented_ones(self) -> None:
-        assert len(RECEIVE_OUTCOMES) == 8
+    def test_receiver_outcomes_are_all_the_outcome_constants(self) -> None:
+        # The constants between the "Outcomes" comment and the next blank line of receiver.py.
+        source = Path(receiver.__file__).read_text()
+        block = source[source.index("# Outcomes"):].split("\n\n", 1)[0]
+        constants = set(re.findall(r'(?m)^[A-Z_]+ = "([a-z_]+)"$', block))
+        assert len(constants) == 9 and constants == RECEIVE_OUTCOMES
+
+    def test_the_success_rate_puts_every_receiver_outcome_in_one_column(self) -> None:
+        # succeeded + unavailable + rejected is the total: an outcome left out of every column
+        # hides its answers from the breakdown.
+        query = (QUERIES / "delivery_success_rate.kql").read_text()
+        columns = {}
+        for column in ("succeeded", "unavailable", "rejected"):
+            found = re.search(rf"(?m)^\s*{column} = sumif\(valueSum, outcome (.*)\)[,]?$", query)
+            assert found is not None, column
+            columns[column] = set(re.findall(r'"([a-z_]+)"', found.group(1)))
+        everything = set().union(*columns.values())
+        assert sum(len(c) for c in columns.values()) == len(everything)  # no outcome twice
+        assert everything == RECEIVE_OUTCOMES, RECEIVE_OUTCOMES ^ everything
 
     def test_every_alert_and_workbook_query_file_exists(self) -> None:
         loaded: set[str] = set()
