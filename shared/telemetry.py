@@ -375,8 +375,9 @@ class Telemetry:
 
     # -- vehicle state store ----------------------------------------------------------------
     def record_vehicle_state(self, result: ApplyResult) -> None:
-        if result.changes:
-            self.state_applied.add(len(result.changes))
+        stored = len(result.changes) + len(result.refreshed)
+        if stored:
+            self.state_applied.add(stored)
         if result.stale:
             self.state_stale.add(len(result.stale))
         for skipped in result.skipped:

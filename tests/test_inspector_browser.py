@@ -327,7 +327,8 @@ class TestVehiclesInChromium:
             assert state_rows[0] == ["changed", "none"]
             assert state_rows[1] == ["left alone as stale",
                                      "tractionbattery-stateofcharge, charge-ischarging"]
-            assert state_rows[2] == ["skipped", "location-isathome (no oemUpdatedAt)"]
+            assert state_rows[2] == ["fetched again, unchanged", "none"]
+            assert state_rows[3] == ["skipped", "location-isathome (no oemUpdatedAt)"]
             screenshot(browser, "delivery-vehicle-state")
             click_row(browser, "deliveries", event_id(newer))
             until(browser, lambda d: (cells(d, "delivery-state") or [[]])[0] == [

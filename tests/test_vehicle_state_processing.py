@@ -159,6 +159,21 @@ class TestOnChange:
         assert duplicate.outcome is Outcome.HANDLED and duplicate.duplicate
         assert newer.vehicle_state.changes[0].current.event_id == "e2"
 
+    def test_never_runs_for_the_stored_reading_fetched_again(self, tmp_path: Path) -> None:
+        # Each delivery carries every subscribed signal: one the car has not updated comes
+        # with its oemUpdatedAt and value and only a later retrievedAt, and is no change.
+        async def scenario(h: Harness) -> Any:
+            await h.deliver(state_body("e1", signal(value=50, oem=T0, retrieved=T0 + 1000)))
+            await h.deliver(state_body("e2", signal(value=50, oem=T0, retrieved=T0 + 61_000)))
+            await h.deliver(state_body("e3", signal(value=49, oem=T0 + 120_000,
+                                                    retrieved=T0 + 121_000)))
+            return h.changes, h.log.lines
+
+        changes, lines = run(tmp_path, scenario)
+        assert [(eid, c.current.value) for eid, c in changes] == [("e1", 50), ("e3", 49)]
+        assert [(r["eventId"], r["vehicleState"]["changed"], r["vehicleState"]["refreshed"])
+                for r in lines] == [("e1", [SOC], []), ("e2", [], [SOC]), ("e3", [SOC], [])]
+
     def test_a_handler_crash_after_the_store_wrote_fires_again_on_redelivery(
         self, tmp_path: Path
     ) -> None:
@@ -256,6 +271,8 @@ class TestTelemetryAndRecords:
                 "e1", signal(value=50, oem=T0 + 1000), signal("x-undated", 1, oem=None)))
             await h.deliver(state_body("e0", signal(value=60, oem=T0)))
             await h.deliver(state_body("e0", signal(value=60, oem=T0)), 2)
+            # Fetched again, unchanged: stored (counted as applied), though no change.
+            await h.deliver(state_body("e2", signal(value=50, oem=T0 + 1000, retrieved=T0 + 5000)))
             errors = await h.deliver(error_body(
                 "x1", error(), error("PERMISSION", "DENIED", state="RESOLVED")))
             return applied, errors
@@ -268,7 +285,7 @@ class TestTelemetryAndRecords:
                     for point in metric.data.data_points:
                         points.setdefault(metric.name, []).append(
                             (dict(point.attributes or {}), getattr(point, "value", None)))
-        assert points[names.VEHICLE_STATE_APPLIED] == [({}, 2)]
+        assert points[names.VEHICLE_STATE_APPLIED] == [({}, 3)]
         assert points[names.VEHICLE_STATE_STALE] == [({}, 1)]
         assert points[names.VEHICLE_STATE_SKIPPED] == [({"reason": "undated"}, 1)]
         assert points[names.VEHICLE_STATE_DUPLICATES] == [({}, 1)]

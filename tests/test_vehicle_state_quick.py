@@ -143,6 +143,7 @@ def check_against_the_rules(stored: dict[str, Held], updated_at: datetime | None
     assert changes.codes == tuple(c.code for c in reference.changes)
     assert changes == reference.changes
     assert quick.stale == reference.stale
+    assert quick.refreshed == reference.refreshed
     assert quick.updated_at == reference.updated_at
     assert {code: state_of(h) for code, h in quick.writes.items()} == reference.signals
     assert list(quick.writes) == list(reference.signals)

@@ -517,6 +517,57 @@ class TestOneStateEvent:
         assert (result.stale, result.skipped, result.updated_at) == ((), (), _at(T0))
         assert not result.marks_errors
 
+    @pytest.mark.parametrize(("again", "refreshed"), [
+        ({}, True),  # only fetched later
+        ({"value": 81.0}, False),  # another JSON value, though equal in Python
+        ({"unit": "km"}, False),
+        ({"oem": T0 + 1}, False),  # a newer reading of the same value
+        ({"error": ("T", "C")}, False),
+        ({"group": "Other"}, False),  # another path
+    ])
+    def test_the_stored_reading_fetched_again_is_written_but_no_change(
+        self, again: dict[str, Any], refreshed: bool
+    ) -> None:
+        stored = _plan_state_event(signal(SOC, 81, oem=T0, retrieved=T0 + 500)).signals
+        fields: dict[str, Any] = {"value": 81, "oem": T0, "retrieved": T0 + 60_000, **again}
+        value = fields.pop("value")
+        result = _plan_state_event(signal(SOC, value, **fields), event_id="s2",
+                                   snapshot=Snapshot(vehicle_id=VEHICLE, signals=stored))
+        assert result.signals[SOC].retrieved_at == _at(T0 + 60_000)
+        assert result.refreshed == ((SOC,) if refreshed else ())
+        assert [c.code for c in result.changes] == ([] if refreshed else [SOC])
+
+    @pytest.mark.parametrize(("again", "refreshed"), [
+        (("T", "C"), True), (("T", "D"), False), (("U", "C"), False)])
+    def test_a_failed_signal_fetched_again_is_no_change_unless_its_error_differs(
+        self, again: tuple[str, str], refreshed: bool
+    ) -> None:
+        stored = _plan_state_event(signal(SOC, error=("T", "C"), retrieved=T0 + 500)).signals
+        result = _plan_state_event(signal(SOC, error=again, retrieved=T0 + 60_000),
+                                   event_id="s2",
+                                   snapshot=Snapshot(vehicle_id=VEHICLE, signals=stored))
+        assert result.signals[SOC].retrieved_at == _at(T0 + 60_000)
+        assert result.refreshed == ((SOC,) if refreshed else ())
+
+    def test_a_failure_without_details_after_an_empty_reading_is_a_change(self) -> None:
+        # Only the status tells them apart: no value, no unit, no error type or code.
+        stored = _plan_state_event(signal(SOC, None, unit=None, retrieved=T0 + 500)).signals
+        failed = signal(SOC, None, unit=None, retrieved=T0 + 60_000)
+        del failed["body"]
+        failed["status"] = {"value": "ERROR"}
+        result = _plan_state_event(failed, event_id="s2",
+                                   snapshot=Snapshot(vehicle_id=VEHICLE, signals=stored))
+        assert result.signals[SOC].status == "error" and stored[SOC].status == "ok"
+        assert [c.code for c in result.changes] == [SOC] and result.refreshed == ()
+
+    def test_an_undated_reading_fetched_again_is_a_change(self) -> None:
+        # Without an oemUpdatedAt nothing says it is the same reading.
+        stored = _plan_state_event(signal(SOC, 81, oem=None, retrieved=T0)).signals
+        result = _plan_state_event(signal(SOC, 81, oem=None, retrieved=T0 + 1000),
+                                   event_id="s2",
+                                   snapshot=Snapshot(vehicle_id=VEHICLE, signals=stored))
+        assert [c.code for c in result.changes] == [SOC] and result.refreshed == ()
+
     def test_a_failed_signal_keeps_its_error_and_no_value(self) -> None:
         result = _plan_state_event(signal(SOC, error=("COMPATIBILITY", "NOT_CAPABLE")))
         state = result.signals[SOC]

@@ -238,6 +238,31 @@ class TestSignals:
 
         assert backend.run(scenario) == [1, 1, 3, 3]
 
+    def test_the_stored_reading_fetched_again_is_kept_but_is_no_change(
+        self, backend: Backend
+    ) -> None:
+        # Smartcar sends every subscribed signal on each delivery: a signal the car has not
+        # updated comes again with its oemUpdatedAt and value and a later retrievedAt.
+        first = state_event("e1", signal(value=50, oem=T0, retrieved=T0 + 1000),
+                            signal("charge-ischarging", True, oem=T0, retrieved=T0 + 1000))
+        again = state_event("e2", signal(value=50, oem=T0, retrieved=T0 + 61_000),
+                            signal("charge-ischarging", False, oem=T0, retrieved=T0 + 61_000))
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(first)
+            applied = await store.apply(again, outbox=keep_every_change)
+            return (applied, await store.pending_changes(VEHICLE, "e2"),
+                    await shown(store, VEHICLE))
+
+        applied, pending, view = backend.run(scenario)
+        assert applied.refreshed == (SOC,) and applied.stale == ()
+        # The same oemUpdatedAt with another value is a change: only the value tells.
+        assert [c.code for c in applied.changes] == ["charge-ischarging"]
+        assert [c.code for c in pending] == ["charge-ischarging"]
+        stored = view.signals[SOC]
+        assert (stored.value, stored.retrieved_at, stored.event_id) == (50, at(T0 + 61_000), "e2")
+        assert applied.to_json()["refreshed"] == [SOC]
+
     def test_a_reading_without_oem_updated_at_is_kept_until_any_dated_one_arrives(
         self, backend: Backend
     ) -> None:

@@ -80,9 +80,10 @@ class Attempt:
     dead_letter_reason: str | None
     error_type: str | None
     duration_ms: float
-    #: What this processing did to the vehicle state store: the signals it changed, left
-    #: alone as stale or skipped, the errors it opened and resolved (None: not applied). Kept
-    #: as it came (immutable) and turned into JSON only when the page asks.
+    #: What this processing did to the vehicle state store: the signals it changed, stored
+    #: again unchanged, left alone as stale or skipped, the errors it opened and resolved
+    #: (None: not applied). Kept as it came (immutable) and turned into JSON only when the
+    #: page asks.
     vehicle_state: ApplyResult | None = None
     # From the host after the attempt (`Recorder.attempt_finished`): the handlers' own run
     # time, apart from parsing, settlement and any backoff, and what a failed one raised.

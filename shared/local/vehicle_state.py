@@ -448,7 +448,8 @@ class SqliteVehicleStateStore:
             quick = quick_plan(event.event_id, event.signal_items(),
                                cached.signals, cached.updated_at)
         if quick is not None:
-            result = Plan(stale=quick.stale, updated_at=quick.updated_at)
+            result = Plan(stale=quick.stale, refreshed=quick.refreshed,
+                          updated_at=quick.updated_at)
             writes = quick.writes
             changes = quick.changes(vehicle_id)
             kept = [change_of(vehicle_id, c) for c in quick.changed
@@ -469,7 +470,8 @@ class SqliteVehicleStateStore:
         cached.signals.update(writes)
         earlier = tuple(changes_from_text(pending_text)) if pending_text else ()
         return ApplyResult(
-            changes=changes, stale=result.stale, skipped=result.skipped,
+            changes=changes, stale=result.stale, refreshed=result.refreshed,
+            skipped=result.skipped,
             errors_opened=result.errors_opened, errors_resolved=result.errors_resolved,
             pending=(*earlier, *kept),
         )

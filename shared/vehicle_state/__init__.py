@@ -200,6 +200,9 @@ class ApplyResult:
     changes: Changes = field(default_factory=Changes)
     #: Codes of signals left alone because the store holds a newer (or the same) reading.
     stale: tuple[str, ...] = ()
+    #: Codes of signals whose stored reading this event fetched again (the same
+    #: `oemUpdatedAt`, value and unit, a later `retrievedAt`): stored, but not changes.
+    refreshed: tuple[str, ...] = ()
     #: Signals recorded or skipped as documented (no usable timestamp, too large, ...).
     skipped: tuple[SkippedSignal, ...] = ()
     #: Errors this event opened or updated, and errors it resolved.
@@ -219,6 +222,7 @@ class ApplyResult:
         return {
             "changed": list(self.changes.codes),
             "stale": list(self.stale),
+            "refreshed": list(self.refreshed),
             "skipped": [{"code": s.code, "reason": s.reason} for s in self.skipped],
             "errorsOpened": [e.to_json() for e in self.errors_opened],
             "errorsResolved": [e.to_json() for e in self.errors_resolved],

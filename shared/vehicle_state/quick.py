@@ -106,11 +106,13 @@ def change_of(vehicle_id: str, changed: Changed) -> SignalChange:
 @dataclass(slots=True)
 class QuickPlan:
     """What `rules.plan` would answer for a signals-only event: the writes (with their row
-    texts), the changes and the stale codes in payload order, the vehicle's new updatedAt."""
+    texts), the changes, the stale and the refreshed codes in payload order, the vehicle's new
+    updatedAt."""
 
     writes: dict[str, Held]
     changed: list[Changed]
     stale: tuple[str, ...]
+    refreshed: tuple[str, ...]
     updated_at: datetime | None
 
     def changes(self, vehicle_id: str) -> Changes:
@@ -144,6 +146,7 @@ def _quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
     writes: dict[str, Held] = {}
     changed: list[Changed] = []
     stale: list[str] = []
+    refreshed: list[str] = []
     newest: _Times | None = None
     seen: set[str] = set()
     last_oem: Any = None
@@ -210,12 +213,16 @@ def _quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
                 return None
             text = f"{static.head}{value_json}{static.unit_json}{moments.text}{event_tail}"
         entry = writes[code] = (key, text, (value, static, moments, event_id, event_tail))
-        changed.append((code, static.path, previous, entry))
+        if previous is not None and previous[0][1] == key[1] and _same_reading(
+                previous[2], value, static):
+            refreshed.append(code)  # the stored reading fetched again (`rules.same_reading`)
+        else:
+            changed.append((code, static.path, previous, entry))
         if moments is not newest and (newest is None or moments.oem_us > newest.oem_us):
             newest = moments
     if newest is not None and (updated_at is None or newest.oem_at > updated_at):
         updated_at = newest.oem_at
-    return QuickPlan(writes, changed, tuple(stale), updated_at)
+    return QuickPlan(writes, changed, tuple(stale), tuple(refreshed), updated_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +291,24 @@ def _static(code: str, group: Any, name: Any, unit: Any) -> _Static | None:
         _STATIC.clear()
     _STATIC[code] = static
     return static
+
+
+def _same_reading(stored: SignalState | Recipe, value: Any, static: _Static) -> bool:
+    """`rules.same_reading` for a reading of the fast path (status ok, dated) and a stored one
+    with the same `oemUpdatedAt`. A stored value orjson cannot write (an integer beyond 64
+    bits) raises TypeError: the rules decide that event."""
+    if type(stored) is tuple:
+        stored_value, stored_static = stored[0], stored[1]
+        if stored_static.path != static.path or stored_static.unit != static.unit:
+            return False
+    else:
+        assert isinstance(stored, SignalState)
+        if (stored.status != "ok" or stored.path != static.path or stored.unit != static.unit
+                or stored.error_type is not None or stored.error_code is not None):
+            return False
+        stored_value = stored.value
+    return bool(orjson.dumps(stored_value, option=orjson.OPT_SORT_KEYS)
+                == orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
 
 
 def _succeeded(status: Any) -> bool:

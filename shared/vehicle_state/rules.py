@@ -145,6 +145,17 @@ def outranks(a: SignalState, b: SignalState) -> bool:
     return _content_rank(a) > _content_rank(b)
 
 
+def same_reading(new: SignalState, old: SignalState) -> bool:
+    """Whether `new` is the dated reading `old` fetched again: the same `oemUpdatedAt`, value,
+    unit, status and path, only a later `retrievedAt` (or another eventId). Smartcar sends every
+    subscribed signal on each delivery, so most signals of most deliveries are such re-reads:
+    the store keeps the later fetch, but it is not a change."""
+    return (new.oem_updated_at is not None and new.oem_updated_at == old.oem_updated_at
+            and new.path == old.path and new.unit == old.unit and new.status == old.status
+            and new.error_type == old.error_type and new.error_code == old.error_code
+            and canonical_json(new.value) == canonical_json(old.value))
+
+
 def reading(signal: Signal, event_id: str, code: str | None = None) -> SignalState:
     """What the store would keep of one signal (check `value_fits` first); `code` is its
     `signal_code` when the caller has it already."""
@@ -265,6 +276,9 @@ class Plan:
     errors: dict[tuple[str, str], ErrorRecord] = field(default_factory=dict)
     changes: tuple[SignalChange, ...] = ()
     stale: tuple[str, ...] = ()
+    #: Codes of signals written that are not changes: the stored reading fetched again
+    #: (`same_reading`).
+    refreshed: tuple[str, ...] = ()
     skipped: tuple[SkippedSignal, ...] = ()
     errors_opened: tuple[ErrorState, ...] = ()
     errors_resolved: tuple[ErrorState, ...] = ()
@@ -330,6 +344,7 @@ def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
             stale.append(code)
     writes: dict[str, SignalState] = {}
     changes: list[SignalChange] = []
+    refreshed: list[str] = []
     updated_at = snapshot.updated_at
     for code, state in best.items():
         stored = snapshot.signals.get(code)
@@ -337,11 +352,14 @@ def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
             stale.append(code)
             continue
         writes[code] = state
-        changes.append(SignalChange(vehicle_id=snapshot.vehicle_id, code=code, path=state.path,
-                                    previous=stored, current=state))
+        if stored is not None and same_reading(state, stored):
+            refreshed.append(code)
+        else:
+            changes.append(SignalChange(vehicle_id=snapshot.vehicle_id, code=code,
+                                        path=state.path, previous=stored, current=state))
         updated_at = _latest(updated_at, state.oem_updated_at)
     return Plan(signals=writes, changes=tuple(changes), stale=tuple(stale),
-                skipped=tuple(skipped), updated_at=updated_at)
+                refreshed=tuple(refreshed), skipped=tuple(skipped), updated_at=updated_at)
 
 
 def _usable_error(error: VehicleError) -> bool:

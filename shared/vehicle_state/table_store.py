@@ -182,6 +182,7 @@ class TableVehicleStateStore:
         vehicle_id = event.vehicle_id
         pk = _partition(vehicle_id)
         committed: list[SignalChange] = []
+        refreshed: list[str] = []
         conflicts = 0
         for attempt in range(MAX_ATTEMPTS):
             snapshot, state = await self._read(pk, vehicle_id, event)
@@ -189,7 +190,7 @@ class TableVehicleStateStore:
             try:
                 if result.writes_anything:
                     await self._write(pk, vehicle_id, event, snapshot, state, result, committed,
-                                      outbox)
+                                      refreshed, outbox)
             except Exception as exc:
                 if not _is_conflict(exc):
                     raise
@@ -202,12 +203,12 @@ class TableVehicleStateStore:
             # Without earlier chunks (the usual case) the outbox holds exactly this apply's.
             pending = await self._pending(pk, event.event_id, None) if earlier else tuple(
                 c for c in done if outbox is None or outbox(c.code, c.path))
+            written = {d.code for d in done}.union(refreshed)
             return ApplyResult(
-                changes=Changes(done), stale=tuple(c for c in result.stale
-                                          if c not in {d.code for d in done}),
-                skipped=result.skipped, errors_opened=result.errors_opened,
-                errors_resolved=result.errors_resolved, conflicts_retried=conflicts,
-                pending=pending,
+                changes=Changes(done), stale=tuple(c for c in result.stale if c not in written),
+                refreshed=tuple(refreshed), skipped=result.skipped,
+                errors_opened=result.errors_opened, errors_resolved=result.errors_resolved,
+                conflicts_retried=conflicts, pending=pending,
             )
         raise StoreConflictError(
             f"vehicle {vehicle_id!r}: the state changed under each of {MAX_ATTEMPTS} attempts "
@@ -241,7 +242,7 @@ class TableVehicleStateStore:
 
     async def _write(self, pk: str, vehicle_id: str, event: Event, snapshot: Snapshot,
                      state: dict[str, Any], result: Plan, committed: list[SignalChange],
-                     outbox: Outbox | None) -> None:
+                     refreshed: list[str], outbox: Outbox | None) -> None:
         from azure.core import MatchConditions
         from azure.data.tables import UpdateMode
 
@@ -252,11 +253,12 @@ class TableVehicleStateStore:
             return ("update", entity, {"mode": UpdateMode.REPLACE, "etag": found.metadata["etag"],
                                        "match_condition": MatchConditions.IfNotModified})
 
-        writes: list[tuple[tuple[Any, ...], int, SignalChange | None]] = []
-        for change in result.changes:
-            row = signal_row(change.current)
-            writes.append((put(_signal_key(change.code), row, state["signals"].get(change.code)),
-                           _size(row), change))
+        changed = {change.code: change for change in result.changes}
+        writes: list[_Write] = []
+        for code, current in result.signals.items():  # the changes and the refreshed readings
+            row = signal_row(current)
+            writes.append((put(_signal_key(code), row, state["signals"].get(code)), _size(row),
+                           (code, changed.get(code))))
         errors: dict[tuple[str, str], ErrorRecord] = {
             **snapshot.errors, **result.errors}
         for key, record in sorted(result.errors.items()):  # in the order `_read` counts
@@ -275,8 +277,9 @@ class TableVehicleStateStore:
         errors_written = 0
         batches = _batches(writes)
         for number, batch in enumerate(batches, start=1):
-            changes = [change for _, _, change in batch if change is not None]
-            signal_count += sum(1 for c in changes if c.code not in snapshot.signals)
+            signals = [signal for _, _, signal in batch if signal is not None]
+            changes = [change for _, change in signals if change is not None]
+            signal_count += sum(1 for code, _ in signals if code not in snapshot.signals)
             ops = [op for op, _, _ in batch]
             kept = [c for c in changes if outbox is None or outbox(c.code, c.path)]
             if kept:
@@ -287,7 +290,7 @@ class TableVehicleStateStore:
             # Marked with the last of its errors: an apply cut short before then is followed
             # by one that writes them all again, counting those past `errorsCounted`.
             errors_applied = errors_applied or (result.marks_errors and number == len(batches))
-            errors_written += sum(1 for _, _, change in batch if change is None)
+            errors_written += len(batch) - len(signals)
             errors_counted = max(errors_counted, errors_written)
             event_props = {"eventId": event.event_id, "errorsApplied": errors_applied,
                            "chunks": chunks, "errorsCounted": errors_counted}
@@ -299,6 +302,7 @@ class TableVehicleStateStore:
             ops.append(put(VEHICLE_ROW, vehicle_props, vehicle))
             answers: Sequence[Any] = await self._table.submit_transaction(ops)
             committed.extend(changes)
+            refreshed.extend(code for code, change in signals if change is None)
             # The next transaction of this apply replaces what this one wrote.
             event_row = _Written(answers[-2]["etag"])
             vehicle = _Written(answers[-1]["etag"])
@@ -483,11 +487,15 @@ async def _nothing() -> list[Any]:
     return []
 
 
-def _batches(writes: list[tuple[tuple[Any, ...], int, SignalChange | None]],
-             ) -> list[list[tuple[tuple[Any, ...], int, SignalChange | None]]]:
+#: One entity write of an apply: (the operation, its size, and for a signal its code and its
+#: change (None: the stored reading fetched again); None for an error).
+_Write = tuple[tuple[Any, ...], int, "tuple[str, SignalChange | None] | None"]
+
+
+def _batches(writes: list[_Write]) -> list[list[_Write]]:
     """Writes grouped into transactions within the operation count and the size limits."""
-    batches: list[list[tuple[tuple[Any, ...], int, SignalChange | None]]] = []
-    current: list[tuple[tuple[Any, ...], int, SignalChange | None]] = []
+    batches: list[list[_Write]] = []
+    current: list[_Write] = []
     size = 0
     for write in writes:
         # The change travels twice: the signal's entity and its outbox entry (about 2x).

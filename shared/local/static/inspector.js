@@ -359,6 +359,7 @@ function stateSection(doc) {
   const rows = [
     ["changed", codes(result.changed)],
     ["left alone as stale", codes(result.stale)],
+    ["fetched again, unchanged", codes(result.refreshed || [])],
     ["skipped", result.skipped.length ? result.skipped.map((k) => `${k.code || "(no code)"} ` +
       `(${k.reason})`).join(", ") : "none"],
     ["errors opened", errors(result.errorsOpened)],
