@@ -72,6 +72,8 @@ class ReplyLike(Protocol):
     def event_id(self) -> str | None: ...
     @property
     def event_type(self) -> str | None: ...
+    @property
+    def authenticated(self) -> bool: ...
 
 
 R = TypeVar("R", bound=ReplyLike)
@@ -91,7 +93,9 @@ class ShapeLike(Protocol):
 
 
 # Outcomes after which the request is known to be signed by Smartcar (or a VERIFY that was
-# answered): only then is its eventType trusted as a metric dimension.
+# answered, whose eventType can only be VERIFY): only then is its eventType trusted as a
+# metric dimension. Its eventId is recorded only when the signature matched
+# (`authenticated`): an unsigned VERIFY's is whatever a stranger wrote.
 _AUTHENTICATED_OUTCOMES = frozenset({"accepted", "duplicate", "verify_answered"})
 
 
@@ -279,7 +283,7 @@ class Telemetry:
                 names.ATTR_HTTP_STATUS: int(reply.status),
             }
             span.set_attributes(attributes)
-            if trusted and reply.event_id:
+            if reply.authenticated and reply.event_id:
                 span.set_attribute(names.ATTR_EVENT_ID, str(reply.event_id))
             if int(reply.status) >= 500:
                 span.set_status(Status(StatusCode.ERROR, outcome))

@@ -299,6 +299,26 @@ class TestReceiveOutcomes:
         ((attrs, _),) = otel.points()[names.WEBHOOK_RECEIVED]
         assert attrs == {"outcome": outcome, "eventType": event_type, "httpStatus": 401}
 
+    @pytest.mark.parametrize("signed", [False, True])
+    def test_a_verify_puts_its_event_id_on_the_span_only_when_signed(
+        self, otel: Captured, signed: bool
+    ) -> None:
+        # Anyone can send a VERIFY and have it answered: its eventId is a stranger's text
+        # (a line break, a terminal escape, 100 KB) until the signature says otherwise.
+        event_id = "forged\n2026-12-05 WARNING shared.functions: FORGED \x1b[31m" + "x" * 1000
+        body = json.dumps({"eventId": event_id, "eventType": "VERIFY",
+                           "data": {"challenge": "abc"}}).encode()
+        reply = asyncio.run(receiver.receive(
+            body, {"SC-Signature": sign("amt", body)} if signed else {},
+            tokens=StaticTokenProvider("amt"), publisher=LocalQueuePublisher(None),
+            max_body_bytes=MAX_BODY, telemetry=otel.telemetry,
+        ))
+        assert (reply.outcome, reply.status) == ("verify_answered", 200)
+        (span,) = otel.finished(names.SPAN_RECEIVE)
+        assert span.attributes is not None
+        assert span.attributes.get(names.ATTR_EVENT_ID) == (event_id if signed else None)
+        assert span.attributes[names.ATTR_EVENT_TYPE] == "VERIFY"
+
     def test_metric_event_type_is_bounded(self) -> None:
         assert metric_event_type("VEHICLE_STATE") == "VEHICLE_STATE"
         assert metric_event_type(None) == "unknown"
@@ -490,6 +510,7 @@ class TestConfiguration:
             "assert telemetry.configure(connection_string='InstrumentationKey=x') == 'console'\n"
             "class R:\n"
             "    status = 200; outcome = 'accepted'; event_id = 'e1'; event_type = 'VERIFY'\n"
+            "    authenticated = True\n"
             "async def decide():\n"
             "    return R()\n"
             "asyncio.run(telemetry.get_telemetry().observe_receive(decide))\n"
