@@ -5,14 +5,20 @@ on another site cannot replay or purge dead letters.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.trace import TracerProvider
 
+from shared.local.adapters import LocalQueuePublisher
 from shared.local.inspector import Recorder, describe_body
+from shared.receiver import receive
 from shared.signature import sign
+from shared.telemetry import Telemetry
+from shared.tokens import StaticTokenProvider
 
 from .inspector_host import HostProcess
 
@@ -62,6 +68,39 @@ class TestBoundedRing:
             _record(recorder, b'{"eventId":"later-%d"}' % i, 200)
         assert len(recorder.ids()) == 50
         assert all(recorder.detail(i)["status"] == 200 for i in recorder.ids())  # type: ignore[index]
+
+    def test_unsigned_verifies_answered_cannot_evict_accepted_deliveries(self) -> None:
+        # Anyone can have a VERIFY answered (200): the receiver itself tells the recorder,
+        # through its span, what each request was.
+        provider = TracerProvider()
+        recorder = Recorder(capacity=50)
+        recorder.attach(provider)
+        telemetry = Telemetry(tracer_provider=provider)
+        publisher = LocalQueuePublisher(None)
+
+        async def post(body: bytes, headers: dict[str, str]) -> int:
+            answered = recorder.http_request("webhooks/smartcar", "POST", headers, body)
+            reply = await receive(body, headers, tokens=StaticTokenProvider("amt"),
+                                  publisher=publisher, max_body_bytes=1 << 20,
+                                  telemetry=telemetry)
+            answered(reply.status, reply.body_bytes())
+            return reply.status
+
+        def verify(event_id: str) -> bytes:
+            return json.dumps({"eventId": event_id, "eventType": "VERIFY",
+                               "data": {"challenge": "abc"}}).encode()
+
+        async def scenario() -> None:
+            signed = verify("smartcar-verify")
+            assert await post(signed, {"SC-Signature": sign("amt", signed)}) == 200
+            for i in range(300):
+                assert await post(verify(f"flood-{i}"), {}) == 200
+
+        asyncio.run(scenario())
+        kept = [recorder.detail(i) for i in recorder.ids()]
+        assert len(kept) <= 50
+        assert [d["eventId"] for d in kept if d is not None
+                and d["eventId"] == "smartcar-verify"] == ["smartcar-verify"]
 
     def test_memory_is_bounded_in_bytes_not_only_in_entries(self) -> None:
         recorder = Recorder(capacity=500, max_bytes=1_000_000)

@@ -35,6 +35,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerPro
 from .. import telemetry_names as names
 from ..events import InvalidEventError, parse_event, peek_envelope
 from ..processor import InboundMessage, ProcessResult
+from ..receiver import VERIFY_ANSWERED
 from ..shapes import fingerprint
 from ..vehicle_state import ApplyResult
 
@@ -128,9 +129,15 @@ class Delivery:
     shape_known: bool | None = None
 
     def trusted(self) -> bool:
-        """Accepted by the receiver (2xx: a valid signature, or a VERIFY answered), or seen
-        being processed: not something any stranger can add."""
-        return (self.status is not None and 200 <= self.status < 300) or bool(self.attempts)
+        """Accepted by the receiver with a valid signature, or seen being processed: not
+        something any stranger can add. A VERIFY is answered unsigned too, so an answered one
+        counts only if it came with `SC-Signature` (the receiver refuses one whose signature
+        does not match)."""
+        if self.attempts:
+            return True
+        if self.status is None or not 200 <= self.status < 300:
+            return False
+        return self.outcome != VERIFY_ANSWERED or self.signature is not None
 
     @property
     def signature(self) -> str | None:
