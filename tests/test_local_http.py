@@ -291,6 +291,18 @@ class TestRefused:
         sock.sendall(b"GET /echo HTTP/1.1\r\nX: " + b"a" * MAX_HEAD_BYTES)
         assert read_all(sock).startswith(b"HTTP/1.1 431")
 
+    @pytest.mark.parametrize(("size", "status"), [(MAX_HEAD_BYTES, b"200"),
+                                                   (MAX_HEAD_BYTES + 1, b"431")])
+    def test_a_complete_head_is_measured_exactly(
+        self, server: Server, size: int, status: bytes
+    ) -> None:
+        # Sent whole: the head completes within the slice that crosses the limit.
+        start = b"GET /echo HTTP/1.1\r\nX: "
+        sock = server.raw()
+        sock.sendall(start + b"a" * (size - len(start) - 4) + b"\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock).startswith(b"HTTP/1.1 " + status)
+
     def test_a_bad_chunk_size_is_400(self, server: Server) -> None:
         sock = server.raw()
         sock.sendall(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")

@@ -225,6 +225,7 @@ class _Connection(asyncio.Protocol):
         self._has_body = False
         self._expect_continue = False
         self._counted = 0  # head: its bytes; body: its framing bytes (see FEED_BYTES)
+        self._head_bytes = 0  # the head's target and fields, as parsed
         self._data_in_slice = 0
         self._body_started = 0.0
         # Timer: one handle, one deadline, one callback.
@@ -298,6 +299,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._in_head = True
         self._counted = 0
+        self._head_bytes = 0
         self._url = b""
         self._fields = []
         self._body = bytearray()
@@ -306,14 +308,27 @@ class _Connection(asyncio.Protocol):
             self._arm(self._server.header_timeout, self._close_silently)
 
     def on_url(self, url: bytes) -> None:
+        if not self._url:  # the request line's other parts: "METHOD " and " HTTP/1.1\r\n"
+            self._head_size(len(self._parser.get_method()) + 12)
         self._url += url
+        self._head_size(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:
             self._fields.append((name, value))
+            self._head_size(len(name) + len(value) + 4)  # with ": " and the line end
         # After the head, a trailer field: counted as framing, otherwise ignored.
 
+    def _head_size(self, more: int) -> None:
+        """The head's target and fields as llhttp hands them over: a head that completes
+        within the slice that crossed the limit is refused too (the slice count below only
+        sees a head still in progress)."""
+        self._head_bytes += more
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise BadRequest(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+
     def on_headers_complete(self) -> None:
+        self._head_size(2)  # the empty line that ends the head
         self._in_head = False
         self._check_head()
         if self._has_body:
