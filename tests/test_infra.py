@@ -87,33 +87,38 @@ class TestSyntax:
 # ---------------------------------------------------------------------------------------------
 # 2. API versions: every resource type@version is one verified as current (GA unless noted).
 # ---------------------------------------------------------------------------------------------
-# Verified against the Azure template reference (learn.microsoft.com/azure/templates/<provider>).
+# Verified against the Azure template reference (learn.microsoft.com/azure/templates/<provider>)
+# and the Bicep type definitions (Azure/bicep-types-az generated/<provider>/<namespace>/<version>/
+# types.json): the newest non-preview version of each type, with every property the templates set
+# present in that version's schema with the same type and allowed values.
 VERIFIED_API_VERSIONS: dict[str, str] = {
-    # .../microsoft.managedidentity/2023-01-31/userassignedidentities
-    "Microsoft.ManagedIdentity/userAssignedIdentities": "2023-01-31",
-    # .../microsoft.storage/2023-05-01/storageaccounts (and child types)
-    "Microsoft.Storage/storageAccounts": "2023-05-01",
-    "Microsoft.Storage/storageAccounts/blobServices": "2023-05-01",
-    "Microsoft.Storage/storageAccounts/blobServices/containers": "2023-05-01",
-    # .../microsoft.operationalinsights/2023-09-01/workspaces
-    "Microsoft.OperationalInsights/workspaces": "2023-09-01",
-    # .../microsoft.insights/2020-02-02/components
+    # .../msi/microsoft.managedidentity/2024-11-30 (userAssignedIdentities)
+    "Microsoft.ManagedIdentity/userAssignedIdentities": "2024-11-30",
+    # .../storage/microsoft.storage/2026-04-01: storageAccounts and child types
+    "Microsoft.Storage/storageAccounts": "2026-04-01",
+    "Microsoft.Storage/storageAccounts/blobServices": "2026-04-01",
+    "Microsoft.Storage/storageAccounts/blobServices/containers": "2026-04-01",
+    # .../operationalinsights/microsoft.operationalinsights/2026-03-01 (workspaces)
+    "Microsoft.OperationalInsights/workspaces": "2026-03-01",
+    # .../applicationinsights/microsoft.insights/2020-02-02/components (the newest GA version)
     "Microsoft.Insights/components": "2020-02-02",
-    # .../microsoft.insights/2023-01-01/actiongroups (newer ones are previews)
+    # .../monitor_1/microsoft.insights/2023-01-01 actionGroups (newer ones are previews)
     "Microsoft.Insights/actionGroups": "2023-01-01",
-    # .../microsoft.insights/2018-03-01/metricalerts (the only GA version)
-    "Microsoft.Insights/metricAlerts": "2018-03-01",
-    # .../microsoft.insights/2023-12-01/scheduledqueryrules (newer ones, 2024-01-01-preview and
-    # 2025-01-01-preview, are previews)
-    "Microsoft.Insights/scheduledQueryRules": "2023-12-01",
-    # .../microsoft.insights/2023-06-01/workbooks (the template reference's current version)
+    # .../monitor_1/microsoft.insights/2026-01-01 metricAlerts (GA after 2018-03-01; same
+    # SingleResourceMultipleMetricCriteria / StaticThresholdCriterion fields)
+    "Microsoft.Insights/metricAlerts": "2026-01-01",
+    # .../monitor_1/microsoft.insights/2026-03-01 scheduledQueryRules (2024-01-01-preview and
+    # 2025-01-01-preview are previews)
+    "Microsoft.Insights/scheduledQueryRules": "2026-03-01",
+    # .../applicationinsights/microsoft.insights/2023-06-01 workbooks (the newest GA version)
     "Microsoft.Insights/workbooks": "2023-06-01",
-    # .../microsoft.servicebus/2024-01-01/namespaces: GA, has disableLocalAuth, minimumTlsVersion
-    "Microsoft.ServiceBus/namespaces": "2024-01-01",
-    "Microsoft.ServiceBus/namespaces/queues": "2024-01-01",
-    # .../microsoft.keyvault/2023-07-01/vaults
-    "Microsoft.KeyVault/vaults": "2023-07-01",
-    "Microsoft.KeyVault/vaults/secrets": "2023-07-01",
+    # .../servicebus/microsoft.servicebus/2026-01-01 namespaces: has disableLocalAuth,
+    # minimumTlsVersion
+    "Microsoft.ServiceBus/namespaces": "2026-01-01",
+    "Microsoft.ServiceBus/namespaces/queues": "2026-01-01",
+    # .../keyvault/microsoft.keyvault/2026-02-01 (vaults, vaults/secrets)
+    "Microsoft.KeyVault/vaults": "2026-02-01",
+    "Microsoft.KeyVault/vaults/secrets": "2026-02-01",
     # .../microsoft.web/2025-03-01/sites: the newest GA version (2024-04-01 was the first with
     # functionAppConfig); instanceMemoryMB is a plain int in every version's schema, the
     # service checks the size (512, 2048, 4096)
@@ -121,12 +126,11 @@ VERIFIED_API_VERSIONS: dict[str, str] = {
     "Microsoft.Web/sites": "2025-03-01",
     "Microsoft.Web/sites/config": "2025-03-01",
     "Microsoft.Web/sites/basicPublishingCredentialsPolicies": "2025-03-01",
-    # .../microsoft.authorization/2022-04-01/roleassignments
+    # .../authorization/microsoft.authorization/2022-04-01 roleAssignments (the newest GA)
     "Microsoft.Authorization/roleAssignments": "2022-04-01",
-    # .../microsoft.storage/2023-05-01/storageaccounts/tableservices/tables (the account's
-    # version; Azure/bicep-types-az generated/storage/microsoft.storage/2023-05-01)
-    "Microsoft.Storage/storageAccounts/tableServices": "2023-05-01",
-    "Microsoft.Storage/storageAccounts/tableServices/tables": "2023-05-01",
+    # .../storage/microsoft.storage/2026-04-01 tableServices/tables (the account's version)
+    "Microsoft.Storage/storageAccounts/tableServices": "2026-04-01",
+    "Microsoft.Storage/storageAccounts/tableServices/tables": "2026-04-01",
 }
 
 

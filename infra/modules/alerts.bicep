@@ -75,7 +75,7 @@ resource actionGroup 'Microsoft.Insights/actionGroups@2023-01-01' = if (!empty(a
 
 // Max over the window > 0: fires while any message sits in this queue's dead-letter queue and
 // resolves by itself once the messages are replayed or purged (python -m shared.cli dlq ...).
-resource deadLetterAlert 'Microsoft.Insights/metricAlerts@2018-03-01' = {
+resource deadLetterAlert 'Microsoft.Insights/metricAlerts@2026-01-01' = {
   name: '${namePrefix}-dead-lettered'
   location: 'global'
   tags: tags
@@ -133,7 +133,7 @@ var logAlertCriterion = {
   }
 }
 
-resource successRateAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+resource successRateAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01' = {
   name: '${namePrefix}-delivery-success-rate'
   location: location
   tags: tags
@@ -162,7 +162,7 @@ resource successRateAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = 
   }
 }
 
-resource signatureFailureAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+resource signatureFailureAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01' = {
   name: '${namePrefix}-signature-failures'
   location: location
   tags: tags
@@ -191,7 +191,7 @@ resource signatureFailureAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-0
   }
 }
 
-resource processingLagAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+resource processingLagAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01' = {
   name: '${namePrefix}-processing-lag'
   location: location
   tags: tags
@@ -220,7 +220,7 @@ resource processingLagAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' 
   }
 }
 
-resource receiveLatencyAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+resource receiveLatencyAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01' = {
   name: '${namePrefix}-receive-latency'
   location: location
   tags: tags
@@ -249,7 +249,7 @@ resource receiveLatencyAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01'
   }
 }
 
-resource smartcarRetriesAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+resource smartcarRetriesAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01' = {
   name: '${namePrefix}-smartcar-retries'
   location: location
   tags: tags
@@ -278,7 +278,7 @@ resource smartcarRetriesAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01
   }
 }
 
-resource deliveryToAnswerAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+resource deliveryToAnswerAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01' = {
   name: '${namePrefix}-delivery-to-answer-latency'
   location: location
   tags: tags
@@ -307,7 +307,7 @@ resource deliveryToAnswerAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-0
   }
 }
 
-resource newPayloadShapeAlert 'Microsoft.Insights/scheduledQueryRules@2023-12-01' = {
+resource newPayloadShapeAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01' = {
   name: '${namePrefix}-new-payload-shape'
   location: location
   tags: tags

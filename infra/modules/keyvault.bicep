@@ -30,7 +30,7 @@ param smartcarManagementToken string = ''
 
 param tags object = {}
 
-resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
+resource vault 'Microsoft.KeyVault/vaults@2026-02-01' = {
   name: name
   location: location
   tags: tags
@@ -49,7 +49,7 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   }
 }
 
-resource tokenSecret 'Microsoft.KeyVault/vaults/secrets@2023-07-01' = if (!empty(smartcarManagementToken)) {
+resource tokenSecret 'Microsoft.KeyVault/vaults/secrets@2026-02-01' = if (!empty(smartcarManagementToken)) {
   parent: vault
   name: tokenSecretName
   properties: {

@@ -62,29 +62,29 @@ var blobOwnerRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefini
 var tableContributorRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.storageTableDataContributor)
 var metricsPublisherRoleId = subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.monitoringMetricsPublisher)
 
-resource namespace 'Microsoft.ServiceBus/namespaces@2024-01-01' existing = {
+resource namespace 'Microsoft.ServiceBus/namespaces@2026-01-01' existing = {
   name: serviceBusNamespaceName
 }
 
-resource queue 'Microsoft.ServiceBus/namespaces/queues@2024-01-01' existing = {
+resource queue 'Microsoft.ServiceBus/namespaces/queues@2026-01-01' existing = {
   parent: namespace
   name: queueName
 }
 
-resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
+resource vault 'Microsoft.KeyVault/vaults@2026-02-01' existing = {
   name: keyVaultName
 }
 
-resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
+resource storage 'Microsoft.Storage/storageAccounts@2026-04-01' existing = {
   name: storageAccountName
 }
 
-resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' existing = {
+resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2026-04-01' existing = {
   parent: storage
   name: 'default'
 }
 
-resource vehicleStateTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2023-05-01' existing = {
+resource vehicleStateTable 'Microsoft.Storage/storageAccounts/tableServices/tables@2026-04-01' existing = {
   parent: tableService
   name: vehicleStateTableName
 }
