@@ -560,13 +560,29 @@ class TestOneStateEvent:
         assert result.signals[SOC].status == "error" and stored[SOC].status == "ok"
         assert [c.code for c in result.changes] == [SOC] and result.refreshed == ()
 
-    def test_an_undated_reading_fetched_again_is_a_change(self) -> None:
-        # Without an oemUpdatedAt nothing says it is the same reading.
-        stored = _plan_state_event(signal(SOC, 81, oem=None, retrieved=T0)).signals
+    @pytest.mark.parametrize(("value", "error", "refreshed"), [
+        (81, None, True), (80, None, False), (None, ("T", "C"), True), (None, ("T", "D"), False)])
+    def test_an_undated_reading_fetched_again_is_no_change_unless_its_content_differs(
+        self, value: Any, error: tuple[str, str] | None, refreshed: bool
+    ) -> None:
+        # A failed signal has no oemUpdatedAt: each delivery brings it again, with a later
+        # retrievedAt or another eventId, which ranks it higher; its content says whether it
+        # changed. And an undated reading never equals a dated one.
+        stored = _plan_state_event(signal(SOC, 81, oem=None, retrieved=T0, error=(
+            ("T", "C") if error else None))).signals
+        result = _plan_state_event(signal(SOC, value, oem=None, retrieved=T0 + 1000,
+                                          error=error), event_id="s2",
+                                   snapshot=Snapshot(vehicle_id=VEHICLE, signals=stored))
+        assert result.signals[SOC].retrieved_at == _at(T0 + 1000)
+        assert result.refreshed == ((SOC,) if refreshed else ())
+        assert [c.code for c in result.changes] == ([] if refreshed else [SOC])
+
+    def test_an_undated_reading_after_a_dated_one_of_the_same_value_is_stale(self) -> None:
+        stored = _plan_state_event(signal(SOC, 81, oem=T0)).signals
         result = _plan_state_event(signal(SOC, 81, oem=None, retrieved=T0 + 1000),
                                    event_id="s2",
                                    snapshot=Snapshot(vehicle_id=VEHICLE, signals=stored))
-        assert [c.code for c in result.changes] == [SOC] and result.refreshed == ()
+        assert result.stale == (SOC,) and result.refreshed == () and result.changes == ()
 
     def test_a_failed_signal_keeps_its_error_and_no_value(self) -> None:
         result = _plan_state_event(signal(SOC, error=("COMPATIBILITY", "NOT_CAPABLE")))

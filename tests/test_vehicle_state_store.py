@@ -263,6 +263,27 @@ class TestSignals:
         assert (stored.value, stored.retrieved_at, stored.event_id) == (50, at(T0 + 61_000), "e2")
         assert applied.to_json()["refreshed"] == [SOC]
 
+    def test_a_failed_signal_sent_again_by_every_delivery_is_no_change(
+        self, backend: Backend
+    ) -> None:
+        # No meta at all, as Smartcar sends a failed signal: the greater eventId ranks higher,
+        # yet nothing changed.
+        def failed(event_id: str) -> Event:
+            return state_event(event_id, signal("location-isathome", oem=None,
+                                                error=("COMPATIBILITY", "NOT_CAPABLE")))
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            first = await store.apply(failed("00000000-0001"))
+            later = await store.apply(failed("ffffffff-0002"))
+            lower = await store.apply(failed("11111111-0003"))
+            return first, later, lower, await shown(store, VEHICLE)
+
+        first, later, lower, view = backend.run(scenario)
+        assert [c.code for c in first.changes] == ["location-isathome"]
+        assert (later.changes, later.refreshed) == ((), ("location-isathome",))
+        assert (lower.changes, lower.stale) == ((), ("location-isathome",))
+        assert view.signals["location-isathome"].event_id == "ffffffff-0002"
+
     def test_a_reading_without_oem_updated_at_is_kept_until_any_dated_one_arrives(
         self, backend: Backend
     ) -> None:

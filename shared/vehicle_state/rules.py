@@ -146,11 +146,12 @@ def outranks(a: SignalState, b: SignalState) -> bool:
 
 
 def same_reading(new: SignalState, old: SignalState) -> bool:
-    """Whether `new` is the dated reading `old` fetched again: the same `oemUpdatedAt`, value,
-    unit, status and path, only a later `retrievedAt` (or another eventId). Smartcar sends every
-    subscribed signal on each delivery, so most signals of most deliveries are such re-reads:
-    the store keeps the later fetch, but it is not a change."""
-    return (new.oem_updated_at is not None and new.oem_updated_at == old.oem_updated_at
+    """Whether `new` is the reading `old` fetched again: the same `oemUpdatedAt` (or neither
+    has one), value, unit, status, error and path, only a later `retrievedAt` (or another
+    eventId). Smartcar sends every subscribed signal on each delivery, so most signals of most
+    deliveries are such re-reads, a failed signal (undated) among them: the store keeps the
+    later fetch, but it is not a change."""
+    return (new.oem_updated_at == old.oem_updated_at
             and new.path == old.path and new.unit == old.unit and new.status == old.status
             and new.error_type == old.error_type and new.error_code == old.error_code
             and canonical_json(new.value) == canonical_json(old.value))
