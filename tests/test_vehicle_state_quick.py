@@ -106,9 +106,11 @@ def items(draw: st.DrawFn) -> dict[str, Any]:
     return item
 
 
-def event_of(event_id: str, signals: list[dict[str, Any]]) -> Event | None:
+def event_of(event_id: str, signals: list[dict[str, Any]],
+             delivered: int | None = T0) -> Event | None:
     body = {"eventId": event_id, "eventType": "VEHICLE_STATE", "vehicleId": VEHICLE,
-            "data": {"signals": signals}, "meta": {"deliveredAt": T0}}
+            "data": {"signals": signals},
+            "meta": {} if delivered is None else {"deliveredAt": delivered}}
     try:
         return parse_event(json.dumps(body))
     except Exception:  # e.g. a timestamp the parser refuses: not an event the store sees
@@ -132,7 +134,8 @@ def stored_state(events: list[Event]) -> tuple[dict[str, Held], datetime | None]
 def check_against_the_rules(stored: dict[str, Held], updated_at: datetime | None,
                             event: Event) -> bool:
     """Assert the fast path agrees with the rules; True when it answered."""
-    quick = quick_plan(event.event_id, event.signal_items(), stored, updated_at)
+    quick = quick_plan(event.event_id, event.signal_items(), stored, updated_at,
+                       event.meta.delivered_at)
     snapshot = Snapshot(vehicle_id=VEHICLE, updated_at=updated_at,
                         signals={c: state_of(stored[c]) for c in codes_of(event) if c in stored})
     reference = plan(snapshot, event)
@@ -156,12 +159,17 @@ def check_against_the_rules(stored: dict[str, Held], updated_at: datetime | None
 
 @settings(max_examples=400, deadline=None)
 @given(earlier=st.lists(st.lists(items(), min_size=1, max_size=4), max_size=3),
-       latest=st.lists(items(), min_size=1, max_size=5), same_id=st.booleans())
+       latest=st.lists(items(), min_size=1, max_size=5), same_id=st.booleans(),
+       # Delivered when the readings were taken, or so long before that some of their
+       # oemUpdatedAt lie more than a day after it (not usable), or without a deliveredAt.
+       delivered=mostly(T0, T0 - DAY_MS, T0 - DAY_MS + 1000, T0 - DAY_MS - 1, None))
 def test_whenever_the_fast_path_answers_it_answers_as_the_rules(
-    earlier: list[list[dict[str, Any]]], latest: list[dict[str, Any]], same_id: bool
+    earlier: list[list[dict[str, Any]]], latest: list[dict[str, Any]], same_id: bool,
+    delivered: int | None,
 ) -> None:
-    events = [e for i, signals in enumerate(earlier) if (e := event_of(f"e{i}", signals))]
-    event = event_of("e0" if same_id else "e-latest", latest)
+    events = [e for i, signals in enumerate(earlier)
+              if (e := event_of(f"e{i}", signals, delivered))]
+    event = event_of("e0" if same_id else "e-latest", latest, delivered)
     if event is None:
         return
     stored, updated_at = stored_state(events)
@@ -176,6 +184,16 @@ def common(code: str, value: Any, oem: int, retrieved: int | None = None) -> dic
     if retrieved is not None:
         item["meta"]["fetchedAt"] = retrieved
     return item
+
+
+def test_a_reading_dated_more_than_a_day_after_its_delivery_goes_to_the_rules() -> None:
+    # The rules record it as undated (`rules.usable_oem`); at exactly a day it is usable.
+    late = event_of("e1", [common(CODES[0], 1, T0 + DAY_MS + 1)], delivered=T0)
+    assert late is not None
+    assert quick_plan("e1", late.signal_items(), {}, None, late.meta.delivered_at) is None
+    edge = event_of("e1", [common(CODES[0], 1, T0 + DAY_MS)], delivered=T0)
+    assert edge is not None
+    assert check_against_the_rules({}, None, edge)
 
 
 class TestItAnswersForTheCommonShape:
@@ -353,7 +371,9 @@ def test_the_fast_path_takes_every_event_of_the_common_shape(data: st.DataObject
     codes = data.draw(st.lists(st.sampled_from(CODES), min_size=1, max_size=4, unique=True))
     earlier = [e for i in range(data.draw(st.integers(0, 2)))
                if (e := event_of(f"e{i}", data.draw(st.lists(items(), min_size=1, max_size=3))))]
-    event = event_of("e-latest", [data.draw(common_items(code)) for code in codes])
+    # Delivered after its readings were taken, as Smartcar's deliveries are.
+    event = event_of("e-latest", [data.draw(common_items(code)) for code in codes],
+                     delivered=T0 + 10**9)
     assert event is not None
     stored, updated_at = stored_state(earlier)
     assert check_against_the_rules(stored, updated_at, event)

@@ -49,7 +49,16 @@ from shared.vehicle_state.rules import (
     value_fits,
 )
 
-from .vehicle_events import SOC, T0, VEHICLE, error, error_event, signal, state_event
+from .vehicle_events import (
+    SOC,
+    T0,
+    VEHICLE,
+    error,
+    error_event,
+    signal,
+    state_body,
+    state_event,
+)
 
 
 class MemoryStore:
@@ -620,22 +629,38 @@ class TestOneStateEvent:
         assert result.skipped == (SkippedSignal(code="charge-big", reason=TOO_LARGE),)
         assert list(result.signals) == ["charge-failed"]
 
-    @pytest.mark.parametrize(("oem", "retrieved", "usable"), [
-        (None, None, False),
-        (int(MIN_OEM_UPDATED_AT.timestamp() * 1000) - 1, None, False),
-        (int(MIN_OEM_UPDATED_AT.timestamp() * 1000), None, True),
-        (T0 + 86_400_000 + 1, T0, False),  # more than a day after its own retrieval
-        (T0 + 86_400_000, T0, True),
-        (T0 + 86_400_000 + 1, None, True),  # no retrievedAt to compare with
+    @pytest.mark.parametrize(("oem", "retrieved", "delivered", "usable"), [
+        (None, None, T0, False),
+        (int(MIN_OEM_UPDATED_AT.timestamp() * 1000) - 1, None, T0, False),
+        (int(MIN_OEM_UPDATED_AT.timestamp() * 1000), None, T0, True),
+        (T0 + 86_400_000 + 1, T0, None, False),  # more than a day after its own retrieval
+        (T0 + 86_400_000, T0, None, True),
+        (T0 + 86_400_000 + 1, None, T0, False),  # more than a day after its delivery
+        (T0 + 86_400_000 + 1, T0 + 86_400_000, T0, False),  # whichever is earlier bounds it
+        (T0 + 86_400_000, None, T0, True),
+        (T0 + 86_400_000 + 1, None, None, True),  # nothing to compare with
     ])
     def test_an_unusable_oem_updated_at_is_recorded_as_undated(
-        self, oem: int | None, retrieved: int | None, usable: bool
+        self, oem: int | None, retrieved: int | None, delivered: int | None, usable: bool
     ) -> None:
-        result = _plan_state_event(signal(SOC, 1, oem=oem, retrieved=retrieved))
+        body = state_body("s1", signal(SOC, 1, oem=oem, retrieved=retrieved))
+        if delivered is None:
+            del body["meta"]["deliveredAt"]
+        else:
+            body["meta"]["deliveredAt"] = delivered
+        result = plan(Snapshot(vehicle_id=VEHICLE), parse_event(json.dumps(body)))
         state = result.signals[SOC]
         assert (state.oem_updated_at is not None) == usable
         assert result.skipped == (() if usable else (SkippedSignal(code=SOC, reason=UNDATED),))
         assert result.updated_at == (state.oem_updated_at if usable else None)
+
+    def test_a_reading_dated_far_after_its_delivery_does_not_hide_later_ones(self) -> None:
+        # An OEM clock in 2100, without a retrievedAt: kept as undated, so the next real
+        # reading replaces it instead of being stale for good.
+        bogus = _plan_state_event(signal(SOC, 99, oem=4_102_444_800_000)).signals
+        real = _plan_state_event(signal(SOC, 50, oem=T0 + 1000), event_id="s2",
+                                 snapshot=Snapshot(vehicle_id=VEHICLE, signals=bogus))
+        assert [c.code for c in real.changes] == [SOC] and real.signals[SOC].value == 50
 
     def test_of_two_readings_in_one_event_the_newer_is_kept_in_either_order(self) -> None:
         old, new = signal(SOC, 1, oem=T0), signal(SOC, 2, oem=T0 + 1000)

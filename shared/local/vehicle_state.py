@@ -446,7 +446,7 @@ class SqliteVehicleStateStore:
         quick = None
         if event.event_type == VEHICLE_STATE:
             quick = quick_plan(event.event_id, event.signal_items(),
-                               cached.signals, cached.updated_at)
+                               cached.signals, cached.updated_at, event.meta.delivered_at)
         if quick is not None:
             result = Plan(stale=quick.stale, refreshed=quick.refreshed,
                           updated_at=quick.updated_at)

@@ -123,21 +123,26 @@ class QuickPlan:
 
 
 def quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
-               stored: Mapping[str, Held], updated_at: datetime | None) -> QuickPlan | None:
+               stored: Mapping[str, Held], updated_at: datetime | None,
+               delivered_at: datetime | None = None) -> QuickPlan | None:
     """`rules.plan` for a VEHICLE_STATE whose signals all take the fast path; None otherwise.
 
     `stored` holds the vehicle's stored signals by code (those the event names, at least);
-    `updated_at` is the vehicle's stored updatedAt.
+    `updated_at` is the vehicle's stored updatedAt; `delivered_at` the event's
+    `meta.deliveredAt`.
     """
+    # The latest usable oemUpdatedAt by the delivery time, in epoch ms (`rules.usable_oem`).
+    latest = None if delivered_at is None else (delivered_at - _EPOCH) // _MS + _MAX_AHEAD_MS
     try:
-        return _quick_plan(event_id, items, stored, updated_at)
+        return _quick_plan(event_id, items, stored, updated_at, latest)
     except TypeError:
         # Text orjson refuses (a lone surrogate): the rules decide such an event.
         return None
 
 
 def _quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
-                stored: Mapping[str, Held], updated_at: datetime | None) -> QuickPlan | None:
+                stored: Mapping[str, Held], updated_at: datetime | None,
+                latest: int | None) -> QuickPlan | None:
     # The parts of a row text that repeat: per (code, group, name, unit) its start and its
     # path; per (oemUpdatedAt, retrievedAt) the times and the rank key (a delivery's signals
     # mostly share them, so most signals find the previous signal's at hand).
@@ -177,7 +182,7 @@ def _quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
             found = times.get((oem, retrieved))
             if found is None:
                 made = _times(oem, retrieved)
-                if made is None:
+                if made is None or (latest is not None and oem > latest):
                     return None
                 found = times[(oem, retrieved)] = (
                     made, (True, made.oem_us, made.retrieved_us, event_id))

@@ -49,8 +49,9 @@ RESOLVED: Final = "RESOLVED"
 #: delivered up to this long before an ERROR may have been sent after it.
 RETRY_ALLOWANCE: Final = timedelta(minutes=3)
 #: An `oemUpdatedAt` before this, or more than `MAX_OEM_AHEAD` after the signal's own
-#: `retrievedAt`, is not a usable reading time (an unset OEM clock reports 1970; a reading
-#: cannot have been taken a day after Smartcar fetched it).
+#: `retrievedAt` or after the delivery's `meta.deliveredAt`, is not a usable reading time (an
+#: unset OEM clock reports 1970; a reading cannot have been taken a day after Smartcar fetched
+#: or delivered it, and one dated in the future would hide every real reading after it).
 MIN_OEM_UPDATED_AT: Final = datetime(2000, 1, 1, tzinfo=UTC)
 MAX_OEM_AHEAD: Final = timedelta(days=1)
 #: The largest value the store keeps, as canonical JSON (ASCII): what one Azure Table string
@@ -109,11 +110,13 @@ def signal_code(signal: Signal) -> str | None:
     return code if len(code) <= MAX_CODE_CHARS else None
 
 
-def usable_oem(signal: Signal) -> datetime | None:
+def usable_oem(signal: Signal, delivered_at: datetime | None = None) -> datetime | None:
     oem = signal.oem_updated_at
     if oem is None or oem < MIN_OEM_UPDATED_AT:
         return None
     if signal.retrieved_at is not None and oem > signal.retrieved_at + MAX_OEM_AHEAD:
+        return None
+    if delivered_at is not None and oem > delivered_at + MAX_OEM_AHEAD:
         return None
     return oem
 
@@ -157,16 +160,18 @@ def same_reading(new: SignalState, old: SignalState) -> bool:
             and canonical_json(new.value) == canonical_json(old.value))
 
 
-def reading(signal: Signal, event_id: str, code: str | None = None) -> SignalState:
+def reading(signal: Signal, event_id: str, code: str | None = None,
+            delivered_at: datetime | None = None) -> SignalState:
     """What the store would keep of one signal (check `value_fits` first); `code` is its
-    `signal_code` when the caller has it already."""
+    `signal_code` when the caller has it already, `delivered_at` its event's
+    `meta.deliveredAt`."""
     ok = signal.ok
     return _new_state(
         code or signal_code(signal) or "",
         signal.path,
         thawed(signal.value) if ok else None,
         signal.unit if ok else None,
-        usable_oem(signal),
+        usable_oem(signal, delivered_at),
         signal.retrieved_at,
         event_id,
         "ok" if ok else "error",
@@ -333,7 +338,7 @@ def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
         if signal.ok and not value_fits(signal):
             skipped.append(SkippedSignal(code=code, reason=TOO_LARGE))
             continue
-        state = reading(signal, event.event_id, code)
+        state = reading(signal, event.event_id, code, event.meta.delivered_at)
         if state.oem_updated_at is None:
             skipped.append(SkippedSignal(code=code, reason=UNDATED))
         held = best.get(code)
