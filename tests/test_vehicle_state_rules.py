@@ -49,16 +49,7 @@ from shared.vehicle_state.rules import (
     value_fits,
 )
 
-from .vehicle_events import (
-    SOC,
-    T0,
-    VEHICLE,
-    error,
-    error_event,
-    signal,
-    state_body,
-    state_event,
-)
+from .vehicle_events import SOC, T0, VEHICLE, error, error_event, signal, state_body, state_event
 
 
 class MemoryStore:

@@ -201,7 +201,8 @@ class ApplyResult:
     #: Codes of signals left alone because the store holds a newer (or the same) reading.
     stale: tuple[str, ...] = ()
     #: Codes of signals whose stored reading this event fetched again (the same
-    #: `oemUpdatedAt`, value and unit, a later `retrievedAt`): stored, but not changes.
+    #: `oemUpdatedAt` or none, the same content, a later `retrievedAt` or eventId:
+    #: `rules.same_reading`): stored, but not changes.
     refreshed: tuple[str, ...] = ()
     #: Signals recorded or skipped as documented (no usable timestamp, too large, ...).
     skipped: tuple[SkippedSignal, ...] = ()

@@ -155,9 +155,7 @@ def same_reading(new: SignalState, old: SignalState) -> bool:
     deliveries are such re-reads, a failed signal (undated) among them: the store keeps the
     later fetch, but it is not a change."""
     return (new.oem_updated_at == old.oem_updated_at
-            and new.path == old.path and new.unit == old.unit and new.status == old.status
-            and new.error_type == old.error_type and new.error_code == old.error_code
-            and canonical_json(new.value) == canonical_json(old.value))
+            and _content_rank(new) == _content_rank(old))
 
 
 def reading(signal: Signal, event_id: str, code: str | None = None,
