@@ -1,8 +1,9 @@
 """`kill -9` just after a handler ran: the event's completion must already be committed.
 
-A delivery that succeeded is completed by the next send's transaction or, when none comes
-within 2 ms, by the fetcher; so a crash 50 ms after the handler ran (well
-past that bound, with margin for a loaded machine) finds nothing to redeliver. Measured with
+A delivery that succeeded is completed once the vehicle state store committed its writes (at
+most 20 ms after the first write of the commit), by the next send's transaction or, when none
+comes within 2 ms, by the fetcher; so a crash 50 ms after the handler ran (past that bound,
+with margin for a loaded machine) finds nothing to redeliver. Measured with
 real processes by `tests/kill_after_handling.py` (also a command for the figure per kill).
 """
 

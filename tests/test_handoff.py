@@ -230,6 +230,10 @@ def test_the_host_completes_with_its_next_send_without_a_commit_of_its_own(
                      poll_interval=60.0) as running:
         _post(running, "evt-1")
         wait_until(lambda: len(running.handled()) == 1)
+        # Ready to complete once the vehicle state store committed its writes.
+        host = running.host
+        assert host is not None
+        wait_until(lambda: host.completions_waiting() == 1)
         assert running.runtime.queue.stats()["active"] == 1  # processed, not yet completed
         _post(running, "evt-2")
         wait_until(lambda: len(running.handled()) == 2)

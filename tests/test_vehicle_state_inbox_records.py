@@ -1,6 +1,6 @@
 """The local store's deferred commits: with `defer_commits` (the local host) the write calls
-share one transaction, committed by `flush` or soon after, and the host commits before it
-completes the messages whose state and inbox records it holds.
+share one transaction, committed by `flush` or `FLUSH_SECONDS` after its first write, and the
+host completes a message only once the commit that holds its state and inbox record is made.
 
 What is on disk is read through separate connections (what another process, or the store after
 a crash, would find). Faults are SQLite's own (an authorizer that denies a statement).
@@ -19,6 +19,7 @@ import pytest
 
 from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
+from shared.local import vehicle_state as store_module
 from shared.local.queue import LocalQueue
 from shared.local.vehicle_state import (
     FILE_NAME,
@@ -397,6 +398,29 @@ class TestTheLocalHost:
         # Each completion found at least as many records on disk as messages it completed.
         assert all(records >= completed for completed, records in checks), checks
         assert records_on_disk(store_path) >= {e["eventId"] for e in events}
+
+    def test_deliveries_share_the_commit_of_their_window_and_complete_after_it(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A window long enough that every send below comes within it: no send commits, and
+        # every message waits for the one commit that holds its writes.
+        monkeypatch.setattr(store_module, "FLUSH_SECONDS", 3.0)
+        events = [other_signal_event() for _ in range(5)]
+        with RunningHost(local_env(tmp_path)) as host:
+            store = host.runtime.vehicle_state
+            assert isinstance(store, SqliteVehicleStateStore)
+            committed = store.last_committed
+            for event in events:
+                body = encode(event)
+                assert host.post("/api/webhooks/smartcar", body, signed_headers(body)).status \
+                    == 200
+            wait_until(lambda: len(host.handled()) == len(events), timeout=15)
+            assert store.last_committed == committed  # the sends committed nothing
+            assert records_on_disk(tmp_path / FILE_NAME) == set()
+            assert host.runtime.queue.stats()["active"] == len(events)  # none completed
+            wait_until(lambda: host.runtime.queue.stats()["active"] == 0, timeout=15)
+            assert store.last_committed == committed + 1  # one commit for all five
+        assert records_on_disk(tmp_path / FILE_NAME) == {e["eventId"] for e in events}
 
     def test_a_failed_commit_completes_nothing_and_the_event_is_handled_again(
         self, tmp_path: Path

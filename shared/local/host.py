@@ -416,6 +416,9 @@ class LocalHost:
         # failed commits as of the last `completions`.
         self._store: SqliteVehicleStateStore | None = None
         self._store_failures = 0
+        # Locks of deliveries processed successfully whose store writes wait in the store's
+        # open transaction, with its number: moved to `_to_complete` once it is committed.
+        self._awaiting_commit: list[tuple[int, str]] = []
 
     @property
     def base_url(self) -> str:
@@ -442,12 +445,14 @@ class LocalHost:
         self._last_checkpoint = asyncio.get_running_loop().time()  # idle a while first
         store = self.runtime.vehicle_state
         if isinstance(store, SqliteVehicleStateStore):
-            # The deliveries finished in between share a commit, made by `completions` before
-            # their messages are completed: never a completed delivery whose state or inbox
-            # record is not on disk.
+            # The deliveries finished within its FLUSH_SECONDS share a commit, and a message
+            # is completed only once its delivery's writes are committed
+            # (`_store_flushed`): never a completed delivery whose state or inbox record
+            # is not on disk.
             store.defer_commits()
             self._store = store
             self._store_failures = store.failed_commits
+            store.on_flushed = self._store_flushed
             # A dead-lettered event is not redelivered either: its writes are committed first.
             self.runtime.dead_letterer = _CommitFirst(self.runtime.dead_letterer, store)
         for qfn in self.queue_functions:
@@ -481,6 +486,10 @@ class LocalHost:
             for task in stuck:
                 logger.warning("task %s ignored cancellation; abandoning it", task.get_name())
         self._tasks.clear()
+        if self._store is not None and self._awaiting_commit:
+            # Commit what the finished deliveries wrote, so they are completed below.
+            with contextlib.suppress(sqlite3.Error):  # counted in `failed_commits`
+                self._store.flush()
         if self._to_complete:
             tokens = self.completions()
             try:
@@ -493,6 +502,7 @@ class LocalHost:
             # redelivered and applied again either way).
             if isinstance(self.runtime.dead_letterer, _CommitFirst):
                 self.runtime.dead_letterer = self.runtime.dead_letterer.inner
+            self._store.on_flushed = None
             try:
                 self._store.commit_each_call()
             except sqlite3.Error as exc:
@@ -663,26 +673,60 @@ class LocalHost:
             self._wake.set()
 
     def completions(self) -> list[str]:
-        """The finished messages to complete now. The vehicle state store's writes are
-        committed first: a message completed before its state and inbox record are on disk
-        would never be redelivered to write them. When that commit fails, or failed since
-        these deliveries ran, their writes may be lost: they are not completed, and are
-        redelivered when their locks expire."""
-        if not self._to_complete:
+        """The finished messages to complete now: those whose vehicle state store writes are
+        committed (a message completed before its state and inbox record are on disk would
+        never be redelivered to write them). When a commit failed since these deliveries
+        ran, their writes may be lost: they are not completed, and are redelivered when their
+        locks expire."""
+        if self._store_commit_failed() or not self._to_complete:
             return []
-        store = self._store
-        if store is not None:
-            with contextlib.suppress(sqlite3.Error):  # counted in `failed_commits`
-                store.flush()
-            if store.failed_commits != self._store_failures:
-                self._store_failures = store.failed_commits
-                lost, self._to_complete = self._to_complete, []
-                logger.warning("%d processed message(s) are left to be redelivered when their "
-                               "locks expire: the vehicle state store could not commit their "
-                               "writes (%s)", len(lost), store.commit_error)
-                return []
         tokens, self._to_complete = self._to_complete, []
         return tokens
+
+    def _store_commit_failed(self) -> bool:
+        """Whether a commit of the store failed since the last look: then every finished
+        delivery not yet completed is left to be redelivered (its writes may be lost)."""
+        store = self._store
+        if store is None or store.failed_commits == self._store_failures:
+            return False
+        self._store_failures = store.failed_commits
+        lost = len(self._to_complete) + len(self._awaiting_commit)
+        self._to_complete, self._awaiting_commit = [], []
+        if lost:
+            logger.warning("%d processed message(s) are left to be redelivered when their locks "
+                           "expire: the vehicle state store could not commit their writes (%s)",
+                           lost, store.commit_error)
+        return True
+
+    def _store_flushed(self) -> None:
+        """The store committed, or failed to (`on_flushed`): the deliveries whose writes it
+        committed are ready to complete."""
+        store = self._store
+        if store is None or not self._awaiting_commit or self._store_commit_failed():
+            return
+        committed = store.last_committed
+        waiting = self._awaiting_commit
+        self._awaiting_commit = [entry for entry in waiting if entry[0] > committed]
+        for number, token in waiting:
+            if number <= committed:
+                self._ready(token)
+
+    def _ready(self, lock_token: str) -> None:
+        """A delivery is done with (its store writes committed): complete its message with
+        the next send's transaction (the queue publisher takes it) when one comes within
+        COMPLETION_DELAY_SECONDS, else by the fetcher, woken for it then: a crash between
+        handling and completion hands the event to a handler again, so that window stays a
+        few milliseconds past the commit even when no event arrives."""
+        self._to_complete.append(lock_token)
+        if self._queue_publisher is None:
+            self._wake.set()
+        elif self._completion_timer is None:
+            self._completion_timer = asyncio.get_running_loop().call_later(
+                COMPLETION_DELAY_SECONDS, self._completion_due)
+
+    def completions_waiting(self) -> int:
+        """Finished messages not completed yet, whose store writes are committed."""
+        return len(self._to_complete)
 
     def not_completed(self, lock_tokens: list[str]) -> None:
         self._to_complete[:0] = lock_tokens
@@ -759,16 +803,13 @@ class LocalHost:
                                "the vehicle state store could not commit its writes",
                                qm.message_id)
                 return
-            # Completed by the next send's transaction (the queue publisher takes it) when one
-            # comes within COMPLETION_DELAY_SECONDS, else by the fetcher, woken for it then:
-            # a crash between handling and completion hands the event to a handler again, so
-            # that window stays a few milliseconds even when no event arrives.
-            self._to_complete.append(qm.lock_token)
-            if self._queue_publisher is None:
-                self._wake.set()
-            elif self._completion_timer is None:
-                self._completion_timer = asyncio.get_running_loop().call_later(
-                    COMPLETION_DELAY_SECONDS, self._completion_due)
+            # Its store writes, if they wait in the store's open transaction, are committed
+            # within FLUSH_SECONDS; the message is completed after that.
+            transaction = None if self._store is None else self._store.writing_in()
+            if transaction is not None:
+                self._awaiting_commit.append((transaction, qm.lock_token))
+            else:
+                self._ready(qm.lock_token)
         finally:
             self._held.pop(qm.lock_token, None)
 

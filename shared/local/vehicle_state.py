@@ -11,10 +11,10 @@ commit. SQLite serialises writers, also across processes (the local host and the
 there are no write conflicts to retry here.
 
 By default each call commits. The local host calls `defer_commits`: the calls then share one
-transaction, which it commits (`flush`) before it completes or dead-letters the deliveries
-that wrote in it, and which is committed at most `FLUSH_SECONDS` after its first write. A
-commit that fails loses its writes with their deliveries' completions (`failed_commits`,
-`WritesLostError`).
+transaction, committed `FLUSH_SECONDS` after its first write (or sooner by `flush`, as before a
+dead-letter), and the host completes a delivery only once the transaction it wrote in is
+committed (`writing_in`, `last_committed`, `on_flushed`). A commit that fails loses its writes
+with their deliveries' completions (`failed_commits`, `WritesLostError`).
 
 The calls run on the caller's thread: each is a few indexed reads and writes in WAL mode
 without an fsync per commit (`synchronous=NORMAL`), well under a millisecond, which costs less
@@ -30,7 +30,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -241,6 +241,14 @@ class SqliteVehicleStateStore:
         #: the last one's error, until a commit succeeds.
         self.failed_commits = 0
         self.commit_error: str | None = None
+        #: Transactions begun, and the number of the last one committed: a write made while
+        #: `writing_in()` was N is on disk once `last_committed` is N or more, unless a
+        #: commit failed meanwhile (`failed_commits`).
+        self._transactions = 0
+        self.last_committed = 0
+        #: Called after each commit of deferred writes (`flush`), or a failed try (then
+        #: `failed_commits` has moved), with no lock held.
+        self.on_flushed: Callable[[], None] | None = None
         self._closed = False
 
     def _create_or_migrate(self) -> None:
@@ -281,6 +289,7 @@ class SqliteVehicleStateStore:
         since the last one (`data_version` moves only for other connections' commits; none
         can commit while this transaction holds the write lock). With `_lock` held."""
         self._db.execute("BEGIN IMMEDIATE")
+        self._transactions += 1
         version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
         if version != self._version:
             self._cache.clear()
@@ -315,6 +324,7 @@ class SqliteVehicleStateStore:
         if not self._deferring:
             self._write_behind()
             self._db.execute("COMMIT")
+            self.last_committed = self._transactions
             self._applied.clear()
 
     def _failed(self, exc: BaseException) -> None:
@@ -352,20 +362,29 @@ class SqliteVehicleStateStore:
         """From now on the write calls (`apply`, `mark_processed`) share one transaction,
         committed by `flush`, or `FLUSH_SECONDS` after it was opened, whichever comes first.
 
-        For a caller that calls `flush` before it settles a delivery for good, as the local
-        host does before it completes messages: a delivery's state, pending changes and inbox
-        record are then on disk before the queue could stop redelivering its event, and the
-        deliveries finished in between share one commit. A crash before the commit loses the
-        writes of deliveries that were not completed either: they are redelivered, applied
-        again and their handlers run again, as after a crash between handling and recording.
+        For a caller that settles a delivery for good only once the transaction it wrote in is
+        committed, as the local host completes messages (`writing_in` when the delivery is
+        done, then `last_committed` and `on_flushed`): a delivery's state, pending changes and
+        inbox record are then on disk before the queue could stop redelivering its event, and
+        the deliveries finished within `FLUSH_SECONDS` share one commit. A crash before the
+        commit loses the writes of deliveries that were not completed either: they are
+        redelivered, applied again and their handlers run again, as after a crash between
+        handling and recording.
         A commit that fails loses every write in its transaction: `failed_commits` counts
         those, and a delivery that was running meanwhile must not be completed."""
         with self._lock:
             self._deferring = True
 
+    def writing_in(self) -> int | None:
+        """The number of the open transaction, which the deferred writes made so far wait in;
+        None when none is open (every write made so far is committed)."""
+        return self._transactions if self._db.in_transaction else None
+
     def flush(self) -> None:
-        """Commit the deferred writes (nothing if none wait). `sqlite3.Error` (a full disk, a
-        locked file) when the commit failed: its writes are lost (`failed_commits`)."""
+        """Commit the deferred writes (nothing if none wait), then call `on_flushed`.
+        `sqlite3.Error` (a full disk, a locked file) when the commit failed: its writes are
+        lost (`failed_commits`)."""
+        failure: BaseException | None = None
         with self._lock:
             if self._flush_timer is not None:
                 self._flush_timer.cancel()
@@ -377,9 +396,15 @@ class SqliteVehicleStateStore:
                 self._db.execute("COMMIT")
             except BaseException as exc:
                 self._failed(exc)
-                raise
-            self.commit_error = None
-            self._applied.clear()
+                failure = exc
+            else:
+                self.last_committed = self._transactions
+                self.commit_error = None
+                self._applied.clear()
+        if self.on_flushed is not None:
+            self.on_flushed()
+        if failure is not None:
+            raise failure
 
     def _flush_on_timer(self) -> None:
         self._flush_timer = None
