@@ -101,7 +101,7 @@ async def host_calls(events: list[Event], decide: Decide) -> tuple[float, Vehicl
             for i, event in enumerate(events):
                 assert event.vehicle_id is not None
                 await store.is_processed(event.vehicle_id, event.event_id)
-                await store.apply(event, outbox=registry.wants_change)
+                await store.apply(event, outbox=registry.change_filter)
                 await store.mark_processed(event.vehicle_id, event.event_id)
                 if i % DEFERRED_COMMIT_EVERY == DEFERRED_COMMIT_EVERY - 1:
                     store.flush()

@@ -442,7 +442,7 @@ async def run_handlers(
     if await store.is_processed(event.vehicle_id, event.event_id):
         telemetry.record_inbox_duplicate()
         return Handled(ran=False, duplicate=True)
-    state = await store.apply(event, outbox=registry.wants_change)
+    state = await store.apply(event, outbox=registry.change_filter)
     telemetry.record_vehicle_state(state)
     ran = await registry.dispatch(event, replace(context, vehicle_state=state),
                                   changes=state.pending)

@@ -266,6 +266,7 @@ class TestItDeclines:
         [{**common(CODES[0], 1, T0), "status": {"value": "Error"}}],
         [{**common(CODES[0], 1, T0), "code": ""}],
         [{**common(CODES[0], 1, T0), "meta": {}}],  # undated
+        [{k: v for k, v in common(CODES[0], 1, T0).items() if k != "meta"}],  # no meta
         [common(CODES[0], 1, 946_684_799_999)],  # before 2000: not a usable time
         [common(CODES[0], 1, T0 + DAY_MS + 1, T0)],  # a day after its own retrieval
         [common(CODES[0], [1, 2], T0)],
@@ -276,6 +277,19 @@ class TestItDeclines:
         event = event_of("e1", signals)
         assert event is not None
         assert quick_plan("e1", event.signal_items(), {}, None) is None
+
+    # Stored at T0: the repeated code's readings are stale then newer, newer then stale, or
+    # both stale; the first and the third also ahead of another signal.
+    @pytest.mark.parametrize("readings", [(T0 - 10, T0 + 10), (T0 + 10, T0 - 10),
+                                          (T0 - 10, T0 - 20), (T0 - 10, T0 - 10)])
+    def test_a_repeated_code_however_its_readings_rank(self, readings: tuple[int, int]) -> None:
+        stored, updated_at = stored_state([e for e in [event_of("e0", [
+            common(CODES[0], 1, T0), common(CODES[1], 1, T0)])] if e])
+        first, second = readings
+        event = event_of("e1", [common(CODES[0], 2, first), common(CODES[1], 2, T0 + 5),
+                                common(CODES[0], 3, second)])
+        assert event is not None
+        assert quick_plan("e1", event.signal_items(), stored, updated_at) is None
 
     # The second: a retrieval so far ahead (year 9987) that its microseconds are not exact
     # as a float, which the rank key must not round.

@@ -32,6 +32,7 @@ from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
 from shared.settings import load_settings
 from shared.vehicle_state import (
     INBOX_RETENTION_SECONDS,
+    ChangeFilter,
     VehicleStateStore,
     VehicleView,
     table_store,
@@ -548,6 +549,31 @@ class TestOutboxAndInbox:
         applied, pending = backend.run(scenario)
         assert sorted(c.code for c in applied.changes) == ["charge-ischarging", SOC]
         assert [c.code for c in applied.pending] == [SOC] == [c.code for c in pending]
+
+    @pytest.mark.parametrize("names, kept", [
+        ({SOC}, [SOC]), ({"TractionBattery.StateOfCharge"}, [SOC]),
+        ({"Charge.IsCharging", SOC}, ["charge-ischarging", SOC]), (set(), []),
+        ({"charge-voltage"}, ["charge-voltage"])])
+    @pytest.mark.parametrize("rules_path", [False, True])
+    def test_a_change_filter_keeps_the_changes_of_the_signals_it_names(
+        self, backend: Backend, names: set[str], kept: list[str], rules_path: bool
+    ) -> None:
+        """What the processor passes (`registry.change_filter`), by code or by path, on the
+        fast path and (a signal with an error status) on the rules' path."""
+        signals = [signal(value=50), signal("charge-ischarging", True, group="Charge", name="IsCharging")]
+        if rules_path:
+            signals.append(signal("charge-voltage", error=("COMPATIBILITY", "NOT_CAPABLE")))
+        event = state_event("e1", *signals)
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            applied = await store.apply(event, outbox=ChangeFilter(frozenset(names)))
+            return applied, await store.pending_changes(VEHICLE, "e1")
+
+        applied, pending = backend.run(scenario)
+        assert len(applied.changes) == len(signals)
+        kept = [code for code in kept if rules_path or code != "charge-voltage"]
+        assert sorted(c.code for c in applied.pending) == kept
+        assert sorted(c.code for c in pending) == kept
 
     @pytest.mark.parametrize("by", ["code", "path"])
     def test_the_outbox_selects_by_code_or_by_path_on_the_rules_path_too(

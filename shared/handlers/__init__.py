@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 from ..events import Event, Signal
 from ..settings import Settings
-from ..vehicle_state import ApplyResult, SignalChange
+from ..vehicle_state import ApplyResult, ChangeFilter, SignalChange
 from .pool import BlockingPool
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ class HandlerRegistry:
         self._by_type: dict[str, list[EventHandler]] = defaultdict(list)
         self._by_signal: dict[str, list[SignalHandler]] = defaultdict(list)
         self._by_change: dict[str, list[ChangeHandler]] = defaultdict(list)
+        self._change_filter = ChangeFilter(frozenset())
         self.pool = BlockingPool(blocking_threads)
 
     def on(self, event_type: str) -> Callable[[F], F]:
@@ -128,16 +129,16 @@ class HandlerRegistry:
 
         def register(handler: F) -> F:
             self._by_change[path].append(handler)
+            self._change_filter = ChangeFilter(frozenset(self._by_change))
             return handler
 
         return register
 
-    def wants_change(self, code: str, path: str | None) -> bool:
-        """True when an `on_change` handler is registered for the signal (by its code or its
-        `Group.Name` path): the store keeps only those changes pending for the handlers (the
-        outbox)."""
-        by_change = self._by_change
-        return bool(by_change) and (path in by_change or code in by_change)
+    @property
+    def change_filter(self) -> ChangeFilter:
+        """The signals an `on_change` handler is registered for (by code or `Group.Name`
+        path): the store keeps only their changes pending for the handlers (the outbox)."""
+        return self._change_filter
 
     async def dispatch(self, event: Event, context: HandlerContext,
                        changes: tuple[SignalChange, ...] = ()) -> bool:

@@ -57,7 +57,7 @@ from ..vehicle_state.codec import (
     signal_from_row,
     signal_row,
 )
-from ..vehicle_state.quick import Held, change_of, held, quick_plan, state_of, text_of
+from ..vehicle_state.quick import Held, held, quick_plan, state_of, text_of
 from ..vehicle_state.rules import (
     OPEN,
     STORED_TYPES,
@@ -477,8 +477,7 @@ class SqliteVehicleStateStore:
                           updated_at=quick.updated_at)
             writes = quick.writes
             changes = quick.changes(vehicle_id)
-            kept = [change_of(vehicle_id, c) for c in quick.changed
-                    if outbox is None or outbox(c[0], c[1])]
+            kept = quick.kept(vehicle_id, outbox)
         else:
             result = plan(self._snapshot(event, vehicle_id, cached, errors_applied), event)
             writes = {code: held(state, dumps(signal_row(state)))
@@ -597,9 +596,7 @@ class SqliteVehicleStateStore:
         if writes:
             # The cache's members change before the commit: a failed write fails the turn,
             # which empties the cache. Their texts are made when the row is written.
-            members = cached.members
-            for code in writes:
-                members[code] = None
+            cached.members.update(dict.fromkeys(writes))
             cached.signals_changed = True
         self._dirty[vehicle_id] = cached
 

@@ -275,9 +275,21 @@ class VehicleSummary:
 INBOX_RETENTION_SECONDS: Final = 8 * 86400.0
 
 #: Which accepted changes an apply keeps pending for the handlers, by the signal's code and
-#: `Group.Name` path (the processor passes its registry's `wants_change`: only the signals
+#: `Group.Name` path (the processor passes its registry's `change_filter`: only the signals
 #: some `on_change` handler is registered for).
 Outbox = Callable[[str, str | None], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeFilter:
+    """An `Outbox` that keeps the changes of the signals it names, by code or `Group.Name`
+    path. A backend may test `names` itself rather than call it for each of a delivery's
+    ~20 changes."""
+
+    names: frozenset[str]
+
+    def __call__(self, code: str, path: str | None) -> bool:
+        return code in self.names or path in self.names
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,12 +20,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import Any, Final
 
 import orjson
 
 from ..events import _from_epoch_ms
-from . import Changes, SignalChange, SignalState
+from . import ChangeFilter, Changes, Outbox, SignalChange, SignalState
 from .rules import (
     _EPOCH,
     _SURELY_FITTING_TEXT,
@@ -94,6 +95,7 @@ def text_of(entry: Held) -> str:
 
 #: One accepted change: (code, path, the stored signal before, the signal now).
 Changed = tuple[str, str | None, Held | None, Held]
+_CODE: Final = itemgetter(0)
 
 
 def change_of(vehicle_id: str, changed: Changed) -> SignalChange:
@@ -118,8 +120,20 @@ class QuickPlan:
     def changes(self, vehicle_id: str) -> Changes:
         """The changes as `ApplyResult.changes`: each built on first use."""
         changed = self.changed
-        return Changes(codes=tuple(c[0] for c in changed),
+        return Changes(codes=tuple(map(_CODE, changed)),
                        build=lambda: tuple(change_of(vehicle_id, c) for c in changed))
+
+    def kept(self, vehicle_id: str, outbox: Outbox | None) -> list[SignalChange]:
+        """The changes `outbox` keeps pending for the handlers (all without one)."""
+        if outbox is None:
+            return [change_of(vehicle_id, c) for c in self.changed]
+        if type(outbox) is ChangeFilter:
+            names = outbox.names
+            if not names:
+                return []
+            return [change_of(vehicle_id, c) for c in self.changed
+                    if c[0] in names or c[1] in names]
+        return [change_of(vehicle_id, c) for c in self.changed if outbox(c[0], c[1])]
 
 
 def quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
@@ -153,78 +167,80 @@ def _quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
     stale: list[str] = []
     refreshed: list[str] = []
     newest: _Times | None = None
-    seen: set[str] = set()
     last_oem: Any = None
     last_retrieved: Any = None
     moments: _Times | None = None
     key: Key = (False, 0, 0, "")  # set with `moments`, before its first use
-    for item in items:
-        get = item.get
-        code = get("code")
-        if type(code) is not str or code in seen:
-            return None
-        status = get("status")
-        if status is not None and not _succeeded(status):
-            return None
-        seen.add(code)
-        meta = get("meta")
-        if meta is None:
-            return None
-        oem = meta.get("oemUpdatedAt")
-        retrieved = meta.get("retrievedAt")
-        if retrieved is None:
-            retrieved = meta.get("fetchedAt")
-        # Integer milliseconds only (`type` rules out bool and float, which compare equal
-        # to an int and would otherwise share its times).
-        if type(oem) is not int or (retrieved is not None and type(retrieved) is not int):
-            return None
-        if moments is None or oem != last_oem or retrieved != last_retrieved:
-            found = times.get((oem, retrieved))
-            if found is None:
-                made = _times(oem, retrieved)
-                if made is None or (latest is not None and oem > latest):
+    static_of = _STATIC.get
+    stored_of = stored.get
+    try:
+        for item in items:
+            get = item.get
+            code = get("code")
+            if type(code) is not str:
+                return None
+            status = get("status")
+            if status is not None and not _succeeded(status):
+                return None
+            meta: Any = get("meta")  # None: `meta.get` raises AttributeError: declined
+            oem = meta.get("oemUpdatedAt")
+            retrieved = meta.get("retrievedAt")
+            if retrieved is None:
+                retrieved = meta.get("fetchedAt")
+            # Integer milliseconds only (`type` rules out bool and float, which compare
+            # equal to an int and would otherwise share its times).
+            if type(oem) is not int or (retrieved is not None and type(retrieved) is not int):
+                return None
+            if oem != last_oem or retrieved != last_retrieved or moments is None:
+                found = times.get((oem, retrieved))
+                if found is None:
+                    made = _times(oem, retrieved)
+                    if made is None or (latest is not None and oem > latest):
+                        return None
+                    found = times[(oem, retrieved)] = (
+                        made, (True, made.oem_us, made.retrieved_us, event_id))
+                moments, key = found
+                last_oem, last_retrieved = oem, retrieved
+            previous = stored_of(code)
+            if previous is not None and key <= previous[0]:
+                if key == previous[0]:
+                    return None  # a full tie: the content decides (rules.outranks)
+                stale.append(code)
+                continue
+            body = get("body") or _NO_BODY
+            value: Any = body.get("value")
+            unit: Any = body.get("unit")
+            group = get("group")
+            name = get("name")
+            static = static_of(code)
+            if (static is None or static.group != group or static.name != name
+                    or static.unit_given != unit):
+                static = _static(code, group, name, unit)
+                if static is None:
                     return None
-                found = times[(oem, retrieved)] = (
-                    made, (True, made.oem_us, made.retrieved_us, event_id))
-            moments, key = found
-            last_oem, last_retrieved = oem, retrieved
-        assert moments is not None
-        previous = stored.get(code)
-        if previous is not None and key <= previous[0]:
-            if key == previous[0]:
-                return None  # a full tie: the content decides (rules.outranks)
-            stale.append(code)
-            continue
-        body = get("body")
-        value: Any
-        unit: Any
-        if body is None:
-            value = unit = None
-        else:
-            value, unit = body.get("value"), body.get("unit")
-        kind = type(value)
-        group, name = get("group"), get("name")
-        static = _STATIC.get(code)
-        if (static is None or static.group != group or static.name != name
-                or static.unit_given != unit):
-            static = _static(code, group, name, unit)
-            if static is None:
-                return None
-        if kind is float or (kind is int and _MIN_INT <= value <= _MAX_INT):
-            text = None  # a number's text cannot fail: `text_of` makes it when needed
-        else:
-            value_json = _other_value_json(value)  # and whether the fast path takes it
-            if value_json is None:
-                return None
-            text = f"{static.head}{value_json}{static.unit_json}{moments.text}{event_tail}"
-        entry = writes[code] = (key, text, (value, static, moments, event_id, event_tail))
-        if previous is not None and previous[0][1] == key[1] and _same_reading(
-                previous[2], value, static):
-            refreshed.append(code)  # the stored reading fetched again (`rules.same_reading`)
-        else:
-            changed.append((code, static.path, previous, entry))
-        if moments is not newest and (newest is None or moments.oem_us > newest.oem_us):
-            newest = moments
+            kind = type(value)
+            if kind is float or (kind is int and _MIN_INT <= value <= _MAX_INT):
+                text = None  # a number's text cannot fail: `text_of` makes it when needed
+            else:
+                value_json = _other_value_json(value)  # and whether the fast path takes it
+                if value_json is None:
+                    return None
+                text = f"{static.head}{value_json}{static.unit_json}{moments.text}{event_tail}"
+            entry = writes[code] = (key, text, (value, static, moments, event_id, event_tail))
+            if previous is not None and previous[0][1] == key[1] and _same_reading(
+                    previous[2], value, static):
+                refreshed.append(code)  # the stored reading fetched again (`same_reading`)
+            else:
+                changed.append((code, static.path, previous, entry))
+            if moments is not newest and (newest is None or moments.oem_us > newest.oem_us):
+                newest = moments
+    except AttributeError:  # a signal without `meta`
+        return None
+    # A repeated code: one entry fewer in `writes` than signals written, or a code both
+    # stale and written, or stale twice (the rules decide which reading counts).
+    if len(writes) + len(stale) != len(items) or (stale and (
+            len(set(stale)) != len(stale) or not writes.keys().isdisjoint(stale))):
+        return None
     if newest is not None and (updated_at is None or newest.oem_at > updated_at):
         updated_at = newest.oem_at
     return QuickPlan(writes, changed, tuple(stale), tuple(refreshed), updated_at)
@@ -274,6 +290,9 @@ class _Static:
     name: Any
     unit_given: Any
 
+
+#: A signal without a body: no value, no unit.
+_NO_BODY: Final[dict[str, Any]] = {}
 
 #: `_Static` by code, for the group, name and unit it holds; emptied when full.
 _STATIC: dict[str, _Static] = {}
