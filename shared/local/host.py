@@ -412,8 +412,8 @@ class LocalHost:
         runtime.health_problem = self._health_problem
         runtime.health_warnings = self._health_warnings
         self._exhausted_logged = False
-        # The vehicle state store whose writes `completions` commits (set in `start`), and its
-        # failed commits as of the last `completions`.
+        # The vehicle state store whose commits the completions wait for (set in `start`), and
+        # its failed commits as of the last look (`_store_commit_failed`).
         self._store: SqliteVehicleStateStore | None = None
         self._store_failures = 0
         # Locks of deliveries processed successfully whose store writes wait in the store's
