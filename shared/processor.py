@@ -444,7 +444,7 @@ async def run_handlers(
         return Handled(ran=False, duplicate=True)
     state = await store.apply(event, outbox=registry.change_filter)
     telemetry.record_vehicle_state(state)
-    ran = await registry.dispatch(event, replace(context, vehicle_state=state),
+    ran = await registry.dispatch(event, context.with_vehicle_state(state),
                                   changes=state.pending)
     await store.mark_processed(event.vehicle_id, event.event_id)
     return Handled(ran=ran, state=state)

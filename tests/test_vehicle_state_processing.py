@@ -10,6 +10,7 @@ tests/test_vehicle_state_crash.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -35,7 +36,7 @@ from shared.processor import (
 from shared.retry import RetryCopy
 from shared.settings import load_settings
 from shared.telemetry import Telemetry
-from shared.vehicle_state import SignalChange, VehicleStateStore
+from shared.vehicle_state import ApplyResult, SignalChange, VehicleStateStore
 
 from .vehicle_events import SOC, T0, VEHICLE, error, signal, state_body
 
@@ -255,6 +256,40 @@ class TestOnChange:
         results = asyncio.run(scenario())
         assert seen == ["e1", "e1"] and all(r.vehicle_state is None for r in results)
         assert not (tmp_path / FILE_NAME).exists()
+
+    def test_handlers_get_the_delivery_s_context_with_the_store_s_result(
+        self, tmp_path: Path
+    ) -> None:
+        registry = HandlerRegistry()
+        contexts: list[HandlerContext] = []
+
+        @registry.on("VEHICLE_STATE")
+        async def handle(event: Event, context: HandlerContext) -> None:
+            contexts.append(context)
+
+        async def scenario() -> Any:
+            store = SqliteVehicleStateStore(tmp_path / FILE_NAME)
+            try:
+                return await process_message(
+                    message(state_body("e1", signal(value=50)), 2), settings=SETTINGS,
+                    registry=registry, dead_letterer=NoDeadLetters(), retry_sender=Retries(),
+                    sleep=no_sleep, store=store)
+            finally:
+                await store.close()
+
+        result = asyncio.run(scenario())
+        [context] = contexts
+        assert context.vehicle_state is result.vehicle_state is not None
+        assert (context.settings, context.message_id, context.delivery_count) == (
+            SETTINGS, "e1", 2)
+
+
+def test_a_context_with_the_store_s_result_keeps_every_other_field() -> None:
+    """`with_vehicle_state` builds the copy field by field: one added to HandlerContext and
+    not to it would be lost."""
+    context = HandlerContext(**{f.name: object() for f in dataclasses.fields(HandlerContext)})
+    state = ApplyResult()
+    assert context.with_vehicle_state(state) == dataclasses.replace(context, vehicle_state=state)
 
 
 class TestTelemetryAndRecords:

@@ -71,6 +71,12 @@ class HandlerContext:
     #: What the vehicle state store did with this event (None when the store is off).
     vehicle_state: ApplyResult | None = None
 
+    def with_vehicle_state(self, state: ApplyResult) -> HandlerContext:
+        """This context with `vehicle_state` set: `dataclasses.replace`'s result, made
+        directly (`replace` reads the class's fields anew each time, and this runs once per
+        delivery). A new field goes here too: tests/test_handlers.py checks every one."""
+        return HandlerContext(self.settings, self.message_id, self.delivery_count, state)
+
 
 #: The handler a delivery is running (`module.qualname`), None once dispatch is done. Left
 #: set when the handler is cancelled, so the host can name it in the timeout warning.
