@@ -84,6 +84,8 @@ _LOST_KEPT: Final = 10_000
 FLUSH_SECONDS: Final = 0.02
 #: Vehicles whose signals are kept in memory between applies (least recently used dropped).
 _CACHED_VEHICLES: Final = 1024
+#: What `_write` reads of a plan (its errors) for an event of signals only (the fast path).
+_SIGNALS_ONLY: Final = Plan()
 _NO_VEHICLE: Final = ""
 
 #: `PRAGMA user_version` of the layout below. Version 0 kept one row per signal in a table
@@ -472,33 +474,41 @@ class SqliteVehicleStateStore:
         if event.event_type == VEHICLE_STATE:
             quick = quick_plan(event.event_id, event.signal_items(),
                                cached.signals, cached.updated_at, event.meta.delivered_at)
-        if quick is not None:
-            result = Plan(stale=quick.stale, refreshed=quick.refreshed,
-                          updated_at=quick.updated_at)
+        earlier = tuple(changes_from_text(pending_text)) if pending_text else ()
+        if quick is not None:  # signals only: no `Plan` to make
             writes = quick.writes
-            changes = quick.changes(vehicle_id)
             kept = quick.kept(vehicle_id, outbox)
-        else:
-            result = plan(self._snapshot(event, vehicle_id, cached, errors_applied), event)
-            writes = {code: held(state, dumps(signal_row(state)))
-                      for code, state in result.signals.items()}
-            changes = Changes(result.changes)
-            kept = [c for c in result.changes if outbox is None or outbox(c.code, c.path)]
-        key = (vehicle_id, event.event_id)
-        self._lost.discard(key)
-        self._applied.add(key)
+            self._applying(vehicle_id, event.event_id)
+            if writes:
+                self._write(event.event_id, vehicle_id, writes, _SIGNALS_ONLY, errors_applied,
+                            pending_text, cached, kept)
+            cached.updated_at = quick.updated_at
+            cached.signals.update(writes)
+            return ApplyResult(changes=quick.changes(vehicle_id), stale=quick.stale,
+                               refreshed=quick.refreshed, pending=(*earlier, *kept))
+        result = plan(self._snapshot(event, vehicle_id, cached, errors_applied), event)
+        writes = {code: held(state, dumps(signal_row(state)))
+                  for code, state in result.signals.items()}
+        kept = [c for c in result.changes if outbox is None or outbox(c.code, c.path)]
+        self._applying(vehicle_id, event.event_id)
         if writes or result.errors or result.marks_errors:
             self._write(event.event_id, vehicle_id, writes, result, errors_applied,
                         pending_text, cached, kept)
         cached.updated_at = result.updated_at
         cached.signals.update(writes)
-        earlier = tuple(changes_from_text(pending_text)) if pending_text else ()
         return ApplyResult(
-            changes=changes, stale=result.stale, refreshed=result.refreshed,
+            changes=Changes(result.changes), stale=result.stale, refreshed=result.refreshed,
             skipped=result.skipped,
             errors_opened=result.errors_opened, errors_resolved=result.errors_resolved,
             pending=(*earlier, *kept),
         )
+
+    def _applying(self, vehicle_id: str, event_id: str) -> None:
+        """The event's writes are about to be made: they are in the open transaction now
+        (`WritesLostError`)."""
+        key = (vehicle_id, event_id)
+        self._lost.discard(key)
+        self._applied.add(key)
 
     def _cached(self, vehicle_id: str) -> _Vehicle:
         """The vehicle's signals as stored, from memory while no other connection has written
