@@ -287,7 +287,8 @@ class TestOnChange:
 def test_a_context_with_the_store_s_result_keeps_every_other_field() -> None:
     """`with_vehicle_state` builds the copy field by field: one added to HandlerContext and
     not to it would be lost."""
-    context = HandlerContext(**{f.name: object() for f in dataclasses.fields(HandlerContext)})
+    values: dict[str, Any] = {f.name: object() for f in dataclasses.fields(HandlerContext)}
+    context = HandlerContext(**values)
     state = ApplyResult()
     assert context.with_vehicle_state(state) == dataclasses.replace(context, vehicle_state=state)
 
