@@ -422,7 +422,8 @@ async def _process(
 
 @dataclass(frozen=True, slots=True)
 class Handled:
-    ran: bool
+    #: Whether a handler ran (False for a duplicate: none was called).
+    ran: bool = False
     duplicate: bool = False
     state: ApplyResult | None = None
 
@@ -441,7 +442,7 @@ async def run_handlers(
         return Handled(ran=await registry.dispatch(event, context))
     if await store.is_processed(event.vehicle_id, event.event_id):
         telemetry.record_inbox_duplicate()
-        return Handled(ran=False, duplicate=True)
+        return Handled(duplicate=True)
     state = await store.apply(event, outbox=registry.change_filter)
     telemetry.record_vehicle_state(state)
     ran = await registry.dispatch(event, context.with_vehicle_state(state),

@@ -178,7 +178,10 @@ class TestOnChange:
     def test_a_handler_crash_after_the_store_wrote_fires_again_on_redelivery(
         self, tmp_path: Path
     ) -> None:
-        body = state_body("e1", signal(value=50))
+        # With a signal no on_change handler watches: its change is stored, not kept pending.
+        body = state_body("e1", signal(value=50),
+                          signal("odometer-traveleddistance", 12000, unit="km",
+                                 group="Odometer", name="TraveledDistance"))
 
         async def scenario(h: Harness) -> Any:
             h.fail_next = 1
@@ -190,7 +193,7 @@ class TestOnChange:
             return kept, again, after, h.changes
 
         kept, again, after, changes = run(tmp_path, scenario)
-        assert [c.current.value for c in kept] == [50]
+        assert [(c.code, c.current.value) for c in kept] == [(SOC, 50)]
         # The redelivery stored nothing new, yet the handler got the change the crash cut off.
         assert again.vehicle_state.changes == () and again.outcome is Outcome.HANDLED
         assert [(eid, c.current.value) for eid, c in changes] == [("e1", 50), ("e1", 50)]
