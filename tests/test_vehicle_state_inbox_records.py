@@ -336,16 +336,98 @@ class TestDeferredCommits:
     def test_without_deferral_each_call_commits(self, tmp_path: Path) -> None:
         path = tmp_path / FILE_NAME
 
-        async def scenario() -> tuple[set[str], set[str]]:
+        async def scenario() -> list[Any]:
             store = SqliteVehicleStateStore(path)
             await store.apply(state_event("e1", signal(value=50, oem=T0)))
-            vehicles = vehicles_on_disk(path)
+            seen: list[Any] = [vehicles_on_disk(path), store.writing_in(), store.last_committed]
             await store.mark_processed(VEHICLE, "e1")
-            seen = records_on_disk(path)
+            seen += [records_on_disk(path), store.writing_in(), store.last_committed]
             await store.close()
-            return vehicles, seen
+            return seen
 
-        assert asyncio.run(scenario()) == ({VEHICLE}, {"e1"})
+        # Each call's own transaction, committed before it returns.
+        assert asyncio.run(scenario()) == [{VEHICLE}, None, 1, {"e1"}, None, 2]
+
+    def test_a_write_is_on_disk_once_last_committed_reaches_its_transaction(
+        self, tmp_path: Path
+    ) -> None:
+        """What the local host completes a delivery by: the number `writing_in` gave when the
+        delivery was done, against `last_committed`."""
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> list[Any]:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            seen: list[Any] = [store.writing_in()]
+            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            await store.mark_processed(VEHICLE, "e1")
+            first = store.writing_in()
+            assert first is not None
+            seen += [store.last_committed < first, records_on_disk(path)]
+            store.flush()
+            seen += [store.writing_in(), store.last_committed == first, records_on_disk(path)]
+            await store.apply(state_event("e2", signal(value=40, oem=T0 + 1000)))
+            await store.mark_processed(VEHICLE, "e2")
+            second = store.writing_in()
+            assert second is not None
+            seen += [second > first, store.last_committed < second, records_on_disk(path)]
+            store.flush()
+            seen += [store.last_committed == second, records_on_disk(path)]
+            await store.close()
+            return seen
+
+        assert asyncio.run(scenario()) == [
+            None, True, set(), None, True, {"e1"}, True, True, {"e1"}, True, {"e1", "e2"}]
+
+    def test_an_apply_of_the_fast_path_lost_with_its_commit_cannot_be_recorded(
+        self, tmp_path: Path
+    ) -> None:
+        """The lost writes are known by event: an event of signals only (decided by the fast
+        path) too, whose record would otherwise say it was processed."""
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> list[Any]:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            store._db.set_authorizer(refuse_commit)
+            with pytest.raises(sqlite3.DatabaseError):
+                store.flush()
+            store._db.set_authorizer(None)
+            seen: list[Any] = []
+            try:
+                await store.mark_processed(VEHICLE, "e1")
+            except WritesLostError:
+                seen.append("lost")
+            # Applied again (its redelivery), it can be recorded.
+            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            await store.mark_processed(VEHICLE, "e1")
+            store.flush()
+            seen.append(records_on_disk(path))
+            await store.close()
+            return seen
+
+        assert asyncio.run(scenario()) == ["lost", {"e1"}]
+
+    def test_a_reading_dated_past_a_day_after_its_delivery_is_stored_undated(
+        self, tmp_path: Path
+    ) -> None:
+        """The store hands the fast path the delivery time, so such a reading is the rules'
+        (`usable_oem`), as for the Table backend."""
+        path = tmp_path / FILE_NAME
+        day_ms = 86_400_000
+
+        async def scenario() -> Any:
+            store = SqliteVehicleStateStore(path)
+            event = state_event("e1", signal(value=50, oem=T0 + day_ms + 1000), delivered=T0)
+            await store.apply(event)
+            view = await store.get_vehicle(VEHICLE)
+            await store.close()
+            return view
+
+        view = asyncio.run(scenario())
+        assert view is not None
+        assert (view.signals[SOC_CODE].value, view.signals[SOC_CODE].oem_updated_at) == (50, None)
 
 
 def other_signal_event() -> dict[str, Any]:
