@@ -19,8 +19,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from benchmarks.common import state_payload
-from shared.events import Event, parse_event
-from shared.vehicle_state import ApplyResult, Changes, SignalChange, quick
+from shared.events import Event, _from_epoch_ms, parse_event
+from shared.vehicle_state import (
+    ApplyResult,
+    ChangeFilter,
+    Changes,
+    SignalChange,
+    SignalState,
+    quick,
+)
 from shared.vehicle_state.codec import dumps, signal_row
 from shared.vehicle_state.quick import Held, change_of, held, quick_plan, state_of, text_of
 from shared.vehicle_state.rules import (
@@ -391,3 +398,87 @@ def test_the_fast_path_takes_every_event_of_the_common_shape(data: st.DataObject
     assert event is not None
     stored, updated_at = stored_state(earlier)
     assert check_against_the_rules(stored, updated_at, event)
+
+
+def reading(value: Any = 50, *, unit: str | None = "percent", group: str = "TractionBattery",
+            retrieved: int = T0 + 1000) -> dict[str, Any]:
+    """The charge read at T0 (oemUpdatedAt), fetched at `retrieved`."""
+    body: dict[str, Any] = {"value": value}
+    if unit is not None:
+        body["unit"] = unit
+    return {"code": CODES[0], "group": group, "name": "StateOfCharge", "body": body,
+            "meta": {"oemUpdatedAt": T0, "fetchedAt": retrieved}}
+
+
+class TestTheStoredReadingFetchedAgain:
+    """A later reading at the stored oemUpdatedAt is a refresh only when it is the stored
+    reading in all but when it was fetched: each way it can differ, with the reading stored as
+    the fast path keeps it (a recipe) and as the rules do (a state)."""
+
+    @pytest.mark.parametrize("stored_by", ["fast path", "rules"])
+    @pytest.mark.parametrize(("later", "refreshed"), [
+        (reading(retrieved=T0 + 2000), True),
+        (reading(51, retrieved=T0 + 2000), False),
+        (reading(50.0, retrieved=T0 + 2000), False),
+        (reading(unit="km", retrieved=T0 + 2000), False),
+        (reading(unit=None, retrieved=T0 + 2000), False),
+        (reading(group="Battery", retrieved=T0 + 2000), False),
+    ])
+    def test_a_refresh_or_a_change(self, stored_by: str, later: dict[str, Any],
+                                   refreshed: bool) -> None:
+        first = event_of("e1", [reading()])
+        assert first is not None
+        if stored_by == "fast path":
+            made = quick_plan("e1", first.signal_items(), {}, None)
+            assert made is not None
+            stored, updated_at = made.writes, made.updated_at
+        else:
+            stored, updated_at = stored_state([first])
+        event = event_of("e2", [later])
+        assert event is not None
+        assert check_against_the_rules(stored, updated_at, event)
+        quick = quick_plan("e2", event.signal_items(), stored, updated_at)
+        assert quick is not None
+        assert quick.refreshed == ((CODES[0],) if refreshed else ())
+
+    def test_a_stored_error_is_never_the_same_reading(self) -> None:
+        failed = {"code": CODES[0], "group": "TractionBattery", "name": "StateOfCharge",
+                  "status": {"value": "ERROR", "error": {"type": "T", "code": "C"}},
+                  "meta": {"oemUpdatedAt": T0, "fetchedAt": T0 + 1000}}
+        first = event_of("e1", [failed])
+        event = event_of("e2", [reading(None, unit=None, retrieved=T0 + 2000)])
+        assert first is not None and event is not None
+        stored, updated_at = stored_state([first])
+        assert check_against_the_rules(stored, updated_at, event)
+
+    @pytest.mark.parametrize("error", [("T", None), (None, "C")])
+    def test_a_stored_state_with_an_error_kind_is_never_the_same_reading(
+        self, error: tuple[str | None, str | None]
+    ) -> None:
+        """As a row read back may hold (`codec.signal_from_row` takes what the row says)."""
+        event = event_of("e2", [reading(retrieved=T0 + 2000)])
+        assert event is not None
+        state = SignalState(code=CODES[0], path="TractionBattery.StateOfCharge", value=50,
+                            unit="percent", oem_updated_at=_from_epoch_ms(T0),
+                            retrieved_at=_from_epoch_ms(T0 + 1000), event_id="e1",
+                            error_type=error[0], error_code=error[1])
+        stored = {CODES[0]: held(state, dumps(signal_row(state)))}
+        assert check_against_the_rules(stored, state.oem_updated_at, event)
+
+
+def test_the_kept_changes_name_their_vehicle_and_an_outbox_is_asked_by_code_and_path() -> None:
+    event = event_of("e1", [reading(), common(CODES[2], 5.0, T0)])
+    assert event is not None
+    made = quick_plan("e1", event.signal_items(), {}, None)
+    assert made is not None
+    charge = "TractionBattery.StateOfCharge"
+    by_filter = made.kept(VEHICLE, ChangeFilter(frozenset({charge})))
+    asked: list[tuple[str, str | None]] = []
+
+    def outbox(code: str, path: str | None) -> bool:
+        asked.append((code, path))
+        return path == charge
+
+    assert [(c.vehicle_id, c.code) for c in by_filter] == [(VEHICLE, CODES[0])]
+    assert made.kept(VEHICLE, outbox) == by_filter
+    assert asked == [(CODES[0], charge), (CODES[2], "Odometer.TraveledDistance")]
