@@ -17,6 +17,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from shared import processor
+from shared.clockcheck import ClockWatch
 from shared.functions import inbound_message
 from shared.handlers import HandlerRegistry
 from shared.local.adapters import HandledLog
@@ -28,6 +30,7 @@ from shared.processor import (
     ServiceBusDeadLetterer,
     process_message,
 )
+from shared.publisher import PROP_RECEIVED_AT, PROP_REPLAY_COUNT
 from shared.retry import RetryCopy, backoff_seconds
 from shared.settings import load_settings
 from shared.telemetry import Telemetry
@@ -610,3 +613,76 @@ class TestUnrecordedOutcomeIsReported:
                 for s in spans.get_finished_spans()] == [
             ("retried", "OSError"), ("dead_lettered", "OSError"),
         ]
+
+
+class TestTheAgeOfADelivery:
+    """The processor's verdict on a delivery's age at receipt, on the stamps a message carries
+    (tests/test_clock_skew.py runs the whole host under a shifted clock)."""
+
+    RECEIVED_MS = 1_764_000_000_000
+    AGED = load_settings({"MAX_DELIVERY_AGE_SECONDS": "600"})
+
+    def deliver(self, age_seconds: float, monkeypatch: pytest.MonkeyPatch,
+                **props: str) -> tuple[dict[str, Any], Any, RecordingDeadLetterer, ClockWatch]:
+        watch = ClockWatch(min_samples=1)
+        monkeypatch.setattr(processor, "CLOCK_WATCH", watch)
+        event = state_event()
+        event["meta"]["deliveredAt"] = self.RECEIVED_MS - int(age_seconds * 1000)
+        dead = RecordingDeadLetterer()
+        result = run(message(encode(event), **{PROP_RECEIVED_AT: str(self.RECEIVED_MS)},
+                             **props), HandlerRegistry(), settings=self.AGED, dead_letterer=dead)
+        return event, result, dead, watch
+
+    def records(self, caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records
+                if r.name == "shared.processor" and r.levelno >= logging.WARNING]
+
+    def test_past_the_maximum_it_is_dead_lettered_saying_why(
+        self, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.INFO, logger="shared.processor"):
+            event, result, dead, watch = self.deliver(601, monkeypatch)
+        delivered = datetime.fromtimestamp((self.RECEIVED_MS - 601_000) / 1000, UTC)
+        received = datetime.fromtimestamp(self.RECEIVED_MS / 1000, UTC)
+        why = (f"meta.deliveredAt {delivered.isoformat()} was 601 s old when received at "
+               f"{received.isoformat()}, over MAX_DELIVERY_AGE_SECONDS (600 s): a replay, or "
+               "a delivery held back (or this host's clock is ahead)")
+        assert (result.outcome, result.reason, result.description) == (
+            Outcome.DEAD_LETTERED, "StaleDelivery", why)
+        assert result.event is not None and result.event.event_id == event["eventId"]
+        assert dead.calls == [("m1", "StaleDelivery", why)]
+        assert self.records(caplog) == [(logging.WARNING, (
+            f"event {event['eventId']} (message m1) is a stale delivery ({why}); "
+            "dead-lettering it as StaleDelivery"))]
+        assert watch.problem() is not None  # counted as stale
+
+    def test_at_the_maximum_it_is_processed(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        _, result, dead, watch = self.deliver(600, monkeypatch)
+        assert result.outcome is Outcome.UNHANDLED and dead.calls == []
+        assert watch.problem() is None
+
+    def test_a_replayed_dead_letter_is_not_judged_by_its_age(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        _, result, dead, _ = self.deliver(601, monkeypatch, **{PROP_REPLAY_COUNT: "1"})
+        assert result.outcome is Outcome.UNHANDLED and dead.calls == []
+
+    def test_ahead_of_the_clock_it_is_processed_and_the_clock_is_suspected(
+        self, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.INFO, logger="shared.processor"):
+            event, result, dead, watch = self.deliver(-301, monkeypatch)
+        assert result.outcome is Outcome.UNHANDLED and dead.calls == []
+        assert self.records(caplog) == [(logging.WARNING, (
+            f"event {event['eventId']}: meta.deliveredAt is 301 s ahead of this host's clock "
+            "at receipt; processing it, but this host's clock is probably behind (check NTP)"))]
+        assert watch.ahead_count == 1
+
+    @pytest.mark.parametrize("age", [-300, 0, 300])
+    def test_within_the_skew_allowed_nothing_is_said(
+        self, age: float, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        with caplog.at_level(logging.INFO, logger="shared.processor"):
+            _, result, _, watch = self.deliver(age, monkeypatch)
+        assert result.outcome is Outcome.UNHANDLED
+        assert self.records(caplog) == [] and watch.ahead_count == 0

@@ -160,6 +160,22 @@ class TestOnChange:
         assert duplicate.outcome is Outcome.HANDLED and duplicate.duplicate
         assert newer.vehicle_state.changes[0].current.event_id == "e2"
 
+    def test_a_duplicate_is_reported_by_event_and_said_so_in_the_log(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        async def scenario(h: Harness) -> Any:
+            await h.deliver(state_body("e1", signal(value=50)))
+            with caplog.at_level(logging.INFO, logger="shared.processor"):
+                return await h.deliver(state_body("e1", signal(value=50)), 2)
+
+        again = run(tmp_path, scenario)
+        assert (again.outcome, again.duplicate, again.description) == (
+            Outcome.HANDLED, True, "eventId processed before")
+        assert again.event is not None and again.event.event_id == "e1"
+        assert [r.getMessage() for r in caplog.records if r.name == "shared.processor"] == [
+            "event e1 was processed before (its eventId is in the inbox); its handlers do not "
+            "run again"]
+
     def test_never_runs_for_the_stored_reading_fetched_again(self, tmp_path: Path) -> None:
         # Each delivery carries every subscribed signal: one the car has not updated comes
         # with its oemUpdatedAt and value and only a later retrievedAt, and is no change.
