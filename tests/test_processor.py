@@ -629,8 +629,10 @@ class TestTheAgeOfADelivery:
         event = state_event()
         event["meta"]["deliveredAt"] = self.RECEIVED_MS - int(age_seconds * 1000)
         dead = RecordingDeadLetterer()
-        result = run(message(encode(event), **{PROP_RECEIVED_AT: str(self.RECEIVED_MS)},
-                             **props), HandlerRegistry(), settings=self.AGED, dead_letterer=dead)
+        stamped = InboundMessage(
+            body=encode(event), message_id="m1", delivery_count=1,
+            application_properties={PROP_RECEIVED_AT: str(self.RECEIVED_MS), **props})
+        result = run(stamped, HandlerRegistry(), settings=self.AGED, dead_letterer=dead)
         return event, result, dead, watch
 
     def records(self, caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
