@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from datetime import UTC, datetime, timedelta
@@ -214,6 +215,8 @@ class TestOutcomes:
             result = run(message(encode(event), 1, **props), registry, retry_sender=sender,
                          sleep=sleeps)
             assert (result.outcome, result.error_type) == (Outcome.RETRIED, "ConnectionError")
+            assert result.description == "crm down"
+            assert result.event is not None and result.event.event_id == event["eventId"]
             props = sender.copies[-1].application_properties
         assert sleeps.delays == []  # nothing waited inside the invocation
         assert [(c.attempt, c.delay_seconds, c.scheduled_enqueue_time, c.message_id)
@@ -273,20 +276,39 @@ class TestOutcomes:
         assert json.loads(sent.application_properties["attemptHistory"])[-1] == {
             "attempt": 5, "failedAt": "2027-01-15T08:00:00.000+00:00",
             "error": "ZeroDivisionError"}
-        assert (result.outcome, result.reason, result.error_type) == (
-            Outcome.DEAD_LETTERED, "MaxDeliveryCountExceeded", "ZeroDivisionError")
+        assert (result.outcome, result.reason, result.error_type, result.description) == (
+            Outcome.DEAD_LETTERED, "MaxDeliveryCountExceeded", "ZeroDivisionError", description)
+        assert result.event is not None and result.event.event_type == "VEHICLE_STATE"
 
-    @pytest.mark.parametrize("attempt", ["1", "5"])
+    @pytest.mark.parametrize(("attempt", "send"), [("1", "schedule the retry of"),
+                                                   ("5", "dead-letter")])
     def test_a_retry_or_dead_letter_that_cannot_be_sent_abandons_the_original(
-        self, attempt: str
+        self, attempt: str, send: str, caplog: pytest.LogCaptureFixture
     ) -> None:
         registry = HandlerRegistry()
         registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
         failing = RecordingRetrySender(fail_with=ConnectionError("bus down"))
         dl = RecordingDeadLetterer(fail_with=ConnectionError("bus down"))
-        with pytest.raises(HandlerFailedError, match="ZeroDivisionError"):
-            run(message(encode(state_event()), 1, attempt=attempt), registry,
+        event = state_event()
+        with caplog.at_level(logging.WARNING, logger="shared.processor"), pytest.raises(
+                HandlerFailedError, match="ZeroDivisionError"):
+            run(message(encode(event), 1, attempt=attempt), registry,
                 retry_sender=failing, dead_letterer=dl)
+        assert caplog.records[-1].getMessage() == (
+            f"cannot {send} event {event['eventId']} after its handler failed: "
+            "ConnectionError; the message is abandoned and delivered again")
+
+    def test_the_retry_of_an_event_whose_id_cannot_name_a_message_is_named_by_its_body(
+        self
+    ) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
+        sender = RecordingRetrySender()
+        body = encode(state_event(eventId="e" * 200))
+        result = run(message(body, 1), registry, retry_sender=sender)
+        assert result.outcome is Outcome.RETRIED
+        assert [c.message_id for c in sender.copies] == [
+            f"sha256:{hashlib.sha256(body).hexdigest()}:retry:2"]
 
     def test_dead_letter_copy_is_refused_without_processing(self) -> None:
         registry = HandlerRegistry()
