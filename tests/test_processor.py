@@ -527,6 +527,20 @@ class TestWhatTheProcessSpanSays:
         assert attributes["outcome"] == "dead_lettered"
         assert attributes["messageId"] == "m1"
 
+    def test_a_retry_that_cannot_be_sent_is_a_retried_attempt_named_by_its_handler_s_error(
+        self, captured: tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry]
+    ) -> None:
+        spans, _, telemetry = captured
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: 1 / 0)
+        with pytest.raises(HandlerFailedError):
+            run(message(encode(state_event()), 1), registry, telemetry=telemetry,
+                retry_sender=RecordingRetrySender(fail_with=ConnectionError("bus down")))
+        (span,) = spans.get_finished_spans()
+        attributes = dict(span.attributes or {})
+        assert (attributes["outcome"], attributes["errorType"]) == ("retried",
+                                                                    "ZeroDivisionError")
+
 
 class TestDeadLetterCopies:
     def test_refusal_names_the_message(self) -> None:
