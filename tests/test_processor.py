@@ -29,12 +29,15 @@ from shared.processor import (
     InboundMessage,
     Outcome,
     ServiceBusDeadLetterer,
+    error_summary,
+    outcome_record,
     process_message,
 )
 from shared.publisher import PROP_RECEIVED_AT, PROP_REPLAY_COUNT
 from shared.retry import RetryCopy, backoff_seconds
 from shared.settings import load_settings
 from shared.telemetry import Telemetry
+from shared.vehicle_state import ApplyResult, ErrorState
 
 from .fakes import FakeSender
 from .support import encode, fixture_bytes, state_event
@@ -724,3 +727,18 @@ class TestTheAgeOfADelivery:
             _, result, _, watch = self.deliver(age, monkeypatch)
         assert result.outcome is Outcome.UNHANDLED
         assert self.records(caplog) == [] and watch.ahead_count == 0
+
+
+def test_an_outcome_record_says_duplicate_only_for_a_duplicate() -> None:
+    """As the lock-expiry and host dead-letter records make it, without saying."""
+    record = outcome_record(message(b"{}"), "dead_lettered", reason="MaxDeliveryCountExceeded",
+                            description="the lock of the last of 5 deliveries expired")
+    assert "duplicate" not in record
+    assert outcome_record(message(b"{}"), "handled", duplicate=True)["duplicate"] is True
+
+
+def test_the_open_errors_attribute_names_an_error_without_a_code_by_its_type() -> None:
+    opened = ErrorState(type="COMPATIBILITY", code=None, state="OPEN")
+    resolved = ErrorState(type="PERMISSION", code="DENIED", state="RESOLVED")
+    assert error_summary(ApplyResult(errors_opened=(opened,), errors_resolved=(resolved,))) == (
+        "OPEN COMPATIBILITY:;RESOLVED PERMISSION:DENIED")
