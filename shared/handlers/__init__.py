@@ -74,7 +74,8 @@ class HandlerContext:
     def with_vehicle_state(self, state: ApplyResult) -> HandlerContext:
         """This context with `vehicle_state` set: `dataclasses.replace`'s result, made
         directly (`replace` reads the class's fields anew each time, and this runs once per
-        delivery). A new field goes here too: tests/test_handlers.py checks every one."""
+        delivery). A new field goes here too: a test in tests/test_vehicle_state_processing.py
+        checks every one."""
         return HandlerContext(self.settings, self.message_id, self.delivery_count, state)
 
 
