@@ -279,24 +279,16 @@ class TestOnChange:
     def test_handlers_get_the_delivery_s_context_with_the_store_s_result(
         self, tmp_path: Path
     ) -> None:
-        registry = HandlerRegistry()
         contexts: list[HandlerContext] = []
 
-        @registry.on("VEHICLE_STATE")
-        async def handle(event: Event, context: HandlerContext) -> None:
-            contexts.append(context)
+        async def scenario(h: Harness) -> Any:
+            @h.registry.on("VEHICLE_STATE")
+            async def handle(event: Event, context: HandlerContext) -> None:
+                contexts.append(context)
 
-        async def scenario() -> Any:
-            store = SqliteVehicleStateStore(tmp_path / FILE_NAME)
-            try:
-                return await process_message(
-                    message(state_body("e1", signal(value=50)), 2), settings=SETTINGS,
-                    registry=registry, dead_letterer=NoDeadLetters(), retry_sender=Retries(),
-                    sleep=no_sleep, store=store)
-            finally:
-                await store.close()
+            return await h.deliver(state_body("e1", signal(value=50)), 2)
 
-        result = asyncio.run(scenario())
+        result = run(tmp_path, scenario)
         [context] = contexts
         assert context.vehicle_state is result.vehicle_state is not None
         assert (context.settings, context.message_id, context.delivery_count) == (
