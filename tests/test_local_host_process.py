@@ -59,3 +59,30 @@ class TestDurability:
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2
         assert "MAX_BODY_BYTES must be a whole number, got 'big'" in result.stderr
+
+
+class TestLogLines:
+    def test_an_event_id_cannot_forge_a_log_line_or_drive_the_terminal(
+        self, tmp_path: Path
+    ) -> None:
+        # A signed eventId is still the sender's text. The host logs it at INFO when no
+        # handler runs for the event: here, a delivery without the battery's charge.
+        port = free_port()
+        forged = "1970-01-01 00:00:00,000 ERROR shared.receiver: forged"
+        event_id = f"evt\n{forged}\x1b[2J\u202e"
+        event = state_event(eventId=event_id)
+        event["data"]["signals"] = [s for s in event["data"]["signals"]
+                                    if s.get("name") != "StateOfCharge"]
+        body = encode(event)
+        state = tmp_path / "state"
+        with host_process([sys.executable, "-m", "shared.local"], base_env(tmp_path, port),
+                          port) as proc:
+            assert http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status == 200
+            wait_until(lambda: handled_ids(state) == [event_id], timeout=30)
+            os.killpg(proc.pid, signal.SIGINT)
+            out = proc.communicate(timeout=20)[0].decode()
+        said = [line for line in out.splitlines() if "no handler for event" in line]
+        assert len(said) == 1, out
+        assert f"evt\\x0a{forged}\\x1b[2J\\u202e of type VEHICLE_STATE" in said[0]
+        assert not any(line.startswith(forged) for line in out.splitlines())
+        assert "\x1b" not in out and "\u202e" not in out

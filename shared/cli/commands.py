@@ -33,6 +33,7 @@ from typing import Any, TextIO
 
 from ..events import peek_envelope
 from ..local.queue import QUEUE_FILE
+from ..printable import printable
 from ..settings import Settings, SettingsError, load_settings
 from . import doctor_cli, vehicles_cli
 from .ops import (
@@ -195,21 +196,6 @@ def _shape(args: argparse.Namespace) -> Shape:
             raise UsageError(f"{name} must not be empty")
     return Shape(event_id=args.event_id, vehicle_id=args.vehicle_id, signals=signals,
                  oem_updated_at_ms=oem)
-
-
-def printable(text: str, *, keep: str = "") -> str:
-    """`text` safe to print on a terminal: every character that is not printable (control
-    characters such as ESC and BEL, C1 controls, bidi overrides, unassigned code points, and
-    line breaks unless kept) is shown as a Python-style escape (\\x1b, \\u202e). Stored bodies
-    and ids are a stranger's bytes: printed raw they could rewrite what the operator sees."""
-    return "".join(ch if ch.isprintable() or ch in keep else _escape(ch) for ch in text)
-
-
-def _escape(ch: str) -> str:
-    code = ord(ch)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _is_verify(body: bytes) -> bool:

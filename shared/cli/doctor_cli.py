@@ -56,7 +56,8 @@ def add_parsers(commands: Any, json_flag: argparse.ArgumentParser, parser_class:
 
 def run(args: argparse.Namespace, emit: Callable[[Any, str], None], err: TextIO) -> int:
     """Run one doctor command; UsageError / Failure as the other commands raise them."""
-    from .commands import EXIT_FAILED, EXIT_OK, Failure, UsageError, _settings, printable
+    from ..printable import printable
+    from .commands import EXIT_FAILED, EXIT_OK, Failure, UsageError, _settings
 
     def tokens() -> Any:
         try:

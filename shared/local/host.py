@@ -50,6 +50,7 @@ from multidict import CIMultiDictProxy
 from ..clockcheck import CLOCK_WATCH
 from ..handlers import HANDLER_ERROR, HANDLER_SECONDS, RUNNING_HANDLER
 from ..handlers.pool import CURRENT_DELIVERY, DeliveryJobs
+from ..printable import PrintableFormatter
 from ..processor import DeadLetterer, InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
 from ..runtime import Runtime, build_runtime, set_runtime
@@ -1139,10 +1140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_SECONDS,
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # One line per record: messages carry senders' ids (an eventId may hold a line break).
+    handler = logging.StreamHandler()
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=log_level, handlers=[handler])
     try:
         run_event_loop(serve(args.host, args.port, args.workers,
                           lock_duration=args.lock_duration, timer_interval=args.timer_interval,
