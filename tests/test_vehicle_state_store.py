@@ -494,6 +494,21 @@ class TestErrors:
         assert [(e.type, e.code) for e in view.errors] == [("COMPATIBILITY", None)]
         assert [s.reason for s in result.skipped] == ["bad-error"]
 
+    def test_an_event_with_nothing_usable_stores_nothing(self, backend: Backend) -> None:
+        """A vehicle is known once an event stored something for it: an event whose every
+        error or signal was skipped leaves it unknown (the read route's 404), counted as
+        skipped, on both backends alike."""
+        async def scenario(store: VehicleStateStore) -> Any:
+            results = [
+                await store.apply(error_event("x1", {"state": "ERROR", "code": "NOTYPE"})),
+                await store.apply(state_event("e1", {"body": {"value": 1}})),
+            ]
+            return results, await store.get_vehicle(VEHICLE), await store.list_vehicles()
+
+        results, view, listed = backend.run(scenario)
+        assert [[s.reason for s in r.skipped] for r in results] == [["bad-error"], [NO_CODE]]
+        assert (view, listed) == (None, [])
+
 
 class TestOutboxAndInbox:
     def test_pending_changes_longer_than_a_table_property_come_back_whole(

@@ -491,7 +491,7 @@ class SqliteVehicleStateStore:
                   for code, state in result.signals.items()}
         kept = [c for c in result.changes if outbox is None or outbox(c.code, c.path)]
         self._applying(vehicle_id, event.event_id)
-        if writes or result.errors or result.marks_errors:
+        if writes or result.errors:  # nothing usable: nothing stored, as in Table
             self._write(event.event_id, vehicle_id, writes, result, errors_applied,
                         pending_text, cached, kept)
         cached.updated_at = result.updated_at
