@@ -379,35 +379,120 @@ class TestDeferredCommits:
         assert asyncio.run(scenario()) == [
             None, True, set(), None, True, {"e1"}, True, True, {"e1"}, True, {"e1", "e2"}]
 
-    def test_an_apply_of_the_fast_path_lost_with_its_commit_cannot_be_recorded(
-        self, tmp_path: Path
+    @pytest.mark.parametrize("kind", ["state", "error"])
+    def test_an_apply_lost_with_its_commit_cannot_be_recorded_until_applied_again(
+        self, tmp_path: Path, kind: str
     ) -> None:
         """The lost writes are known by event: an event of signals only (decided by the fast
-        path) too, whose record would otherwise say it was processed."""
+        path) and a VEHICLE_ERROR (decided by the rules), whose record would otherwise say it
+        was processed. Each try to record it fails until it is applied again."""
         path = tmp_path / FILE_NAME
+        event = (state_event("e1", signal(value=50, oem=T0)) if kind == "state"
+                 else error_event("e1", error()))
 
         async def scenario() -> list[Any]:
             store = SqliteVehicleStateStore(path)
             store.defer_commits()
-            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            await store.apply(event)
             store._db.set_authorizer(refuse_commit)
             with pytest.raises(sqlite3.DatabaseError):
                 store.flush()
             store._db.set_authorizer(None)
             seen: list[Any] = []
-            try:
-                await store.mark_processed(VEHICLE, "e1")
-            except WritesLostError:
-                seen.append("lost")
+            for _ in range(2):
+                try:
+                    await store.mark_processed(VEHICLE, "e1")
+                except WritesLostError:
+                    seen.append("lost")
+            store.flush()
+            seen.append(records_on_disk(path))
             # Applied again (its redelivery), it can be recorded.
-            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            await store.apply(event)
             await store.mark_processed(VEHICLE, "e1")
             store.flush()
             seen.append(records_on_disk(path))
             await store.close()
             return seen
 
-        assert asyncio.run(scenario()) == ["lost", {"e1"}]
+        assert asyncio.run(scenario()) == ["lost", "lost", set(), {"e1"}]
+
+    def test_the_lost_events_are_forgotten_only_past_their_bound(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The store remembers up to `_LOST_KEPT` lost events (those never delivered again
+        would grow it without end); one more failed commit past that forgets them all."""
+        monkeypatch.setattr(store_module, "_LOST_KEPT", 2)
+        path = tmp_path / FILE_NAME
+
+        async def lose(store: SqliteVehicleStateStore, *event_ids: str) -> None:
+            for number, event_id in enumerate(event_ids):
+                await store.apply(state_event(event_id, signal(value=number, oem=T0 + number)))
+            store._db.set_authorizer(refuse_commit)
+            with pytest.raises(sqlite3.DatabaseError):
+                store.flush()
+            store._db.set_authorizer(None)
+
+        async def recorded(store: SqliteVehicleStateStore, event_id: str) -> bool:
+            try:
+                await store.mark_processed(VEHICLE, event_id)
+            except WritesLostError:
+                return False
+            return True
+
+        async def scenario() -> list[bool]:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            await lose(store, "e1", "e2")
+            await lose(store, "e3")  # two kept: at the bound, not past it
+            seen = [await recorded(store, "e1")]
+            await lose(store, "e4")  # three kept: past the bound, forgotten
+            seen += [await recorded(store, "e2"), await recorded(store, "e4")]
+            await store.close()
+            return seen
+
+        assert asyncio.run(scenario()) == [False, True, False]
+
+    def test_an_error_applied_again_after_its_record_in_the_same_commit_counts_once(
+        self, tmp_path: Path
+    ) -> None:
+        """A VEHICLE_ERROR applied and committed, then recorded and delivered again in one
+        deferred commit: the record that waits says nothing of its errors, the file does."""
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> Any:
+            store = SqliteVehicleStateStore(path)
+            await store.apply(error_event("x1", error()))
+            store.defer_commits()
+            await store.mark_processed(VEHICLE, "x1")
+            await store.apply(error_event("x1", error()))
+            view = await store.get_vehicle(VEHICLE)
+            await store.close()
+            return view
+
+        view = asyncio.run(scenario())
+        assert view is not None and [e.count for e in view.errors] == [1]
+
+    def test_signals_under_an_error_event_s_id_keep_its_errors_applied(
+        self, tmp_path: Path
+    ) -> None:
+        """An eventId is the store's key for what an event applied: a VEHICLE_STATE that
+        reuses a VEHICLE_ERROR's eventId within one deferred commit must not make the store
+        forget that the error was counted, or a redelivery of the error counts it twice."""
+        path = tmp_path / FILE_NAME
+
+        async def scenario() -> Any:
+            store = SqliteVehicleStateStore(path)
+            store.defer_commits()
+            await store.apply(error_event("x1", error()))
+            await store.apply(state_event("x1", signal(value=50, oem=T0)),
+                              outbox=lambda code, path: True)
+            await store.apply(error_event("x1", error()))
+            view = await store.get_vehicle(VEHICLE)
+            await store.close()
+            return view
+
+        view = asyncio.run(scenario())
+        assert view is not None and [e.count for e in view.errors] == [1]
 
     def test_a_reading_dated_past_a_day_after_its_delivery_is_stored_undated(
         self, tmp_path: Path

@@ -202,7 +202,8 @@ def _signals_text(vehicle: _Vehicle) -> str:
 class WritesLostError(sqlite3.OperationalError):
     """`mark_processed` for an event whose apply was in a deferred commit that failed: its
     state and pending changes are not stored, so it must not be recorded as processed. The
-    delivery fails and is redelivered, and applied again."""
+    delivery fails and is redelivered, and applied again; until then, each try to record the
+    event raises this."""
 
 
 class SqliteVehicleStateStore:
@@ -642,8 +643,7 @@ class SqliteVehicleStateStore:
         now = self._clock()
         with self._lock:
             key = (vehicle_id or _NO_VEHICLE, event_id)
-            if key in self._lost:
-                self._lost.discard(key)
+            if key in self._lost:  # until it is applied again (`_applying`)
                 raise WritesLostError(
                     f"event {event_id}: what its apply stored was lost with a failed commit "
                     f"({self.commit_error}); it is not recorded as processed")
