@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.events import Event, parse_event
+from shared.local import vehicle_state as store_module
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
 from shared.settings import load_settings
 from shared.vehicle_state import (
@@ -38,7 +39,7 @@ from shared.vehicle_state import (
     table_store,
 )
 from shared.vehicle_state.factory import open_store
-from shared.vehicle_state.rules import MAX_VALUE_CHARS, NO_CODE, TOO_LARGE, UNDATED
+from shared.vehicle_state.rules import MAX_VALUE_CHARS, NO_CODE, TOO_LARGE, UNDATED, plan
 from shared.vehicle_state.table_store import TableVehicleStateStore
 
 from .azurite import azurite_table_port, connection_string
@@ -773,6 +774,46 @@ class TestListing:
 
 
 class TestSqliteOnly:
+    def test_a_write_waits_ten_seconds_for_another_writer(self, tmp_path: Path) -> None:
+        """docs/vehicle-state.md: a CLI command writing beside the host is waited for, up to
+        10 s (SQLite's own default would be none, Python's 5 s), before a write fails."""
+        async def scenario() -> int:
+            store = SqliteVehicleStateStore(tmp_path / FILE_NAME)
+            try:
+                return int(store._db.execute("PRAGMA busy_timeout").fetchone()[0])
+            finally:
+                await store.close()
+
+        assert asyncio.run(scenario()) == 10_000
+
+    def test_a_plain_signals_event_is_decided_without_the_rules(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The fast path (docs/vehicle-state.md) is what the local host's per-event cost
+        rests on: a delivery of dated numeric signals never reaches `rules.plan`, while an
+        error event (which it does not decide) does."""
+        planned: list[str] = []
+
+        def counting_plan(snapshot: Any, event: Event) -> Any:
+            planned.append(event.event_id)
+            return plan(snapshot, event)
+
+        monkeypatch.setattr(store_module, "plan", counting_plan)
+
+        async def scenario() -> Any:
+            store = SqliteVehicleStateStore(tmp_path / FILE_NAME)
+            try:
+                first = await store.apply(state_event("e1", signal(value=50)))
+                await store.apply(state_event("e2", signal(value=40, oem=T0 + 1000)))
+                await store.apply(error_event("x1", error()))
+                return first, await store.get_vehicle(VEHICLE)
+            finally:
+                await store.close()
+
+        first, view = asyncio.run(scenario())
+        assert planned == ["x1"]
+        assert len(first.changes) == 1 and view.signals[SOC].value == 40
+
     def test_a_record_waiting_for_its_deferred_commit_already_answers_the_inbox(
         self, tmp_path: Path
     ) -> None:
