@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,21 @@ def vehicles_on_disk(path: Path) -> set[str]:
         rows = other.execute("SELECT vehicle_id FROM vehicles").fetchall()
     other.close()
     return {vehicle_id for (vehicle_id,) in rows}
+
+
+def error_counts_after(path: Path,
+                       steps: Callable[[SqliteVehicleStateStore], Awaitable[None]]) -> list[int]:
+    """The counts of the vehicle's open errors after `steps` on a new store of `path`."""
+    async def scenario() -> list[int]:
+        store = SqliteVehicleStateStore(path)
+        try:
+            await steps(store)
+            view = await store.get_vehicle(VEHICLE)
+        finally:
+            await store.close()
+        return [] if view is None else [e.count for e in view.errors]
+
+    return asyncio.run(scenario())
 
 
 class TestDeferredCommits:
@@ -457,20 +473,13 @@ class TestDeferredCommits:
     ) -> None:
         """A VEHICLE_ERROR applied and committed, then recorded and delivered again in one
         deferred commit: the record that waits says nothing of its errors, the file does."""
-        path = tmp_path / FILE_NAME
-
-        async def scenario() -> Any:
-            store = SqliteVehicleStateStore(path)
+        async def steps(store: SqliteVehicleStateStore) -> None:
             await store.apply(error_event("x1", error()))
             store.defer_commits()
             await store.mark_processed(VEHICLE, "x1")
             await store.apply(error_event("x1", error()))
-            view = await store.get_vehicle(VEHICLE)
-            await store.close()
-            return view
 
-        view = asyncio.run(scenario())
-        assert view is not None and [e.count for e in view.errors] == [1]
+        assert error_counts_after(tmp_path / FILE_NAME, steps) == [1]
 
     def test_signals_under_an_error_event_s_id_keep_its_errors_applied(
         self, tmp_path: Path
@@ -478,21 +487,14 @@ class TestDeferredCommits:
         """An eventId is the store's key for what an event applied: a VEHICLE_STATE that
         reuses a VEHICLE_ERROR's eventId within one deferred commit must not make the store
         forget that the error was counted, or a redelivery of the error counts it twice."""
-        path = tmp_path / FILE_NAME
-
-        async def scenario() -> Any:
-            store = SqliteVehicleStateStore(path)
+        async def steps(store: SqliteVehicleStateStore) -> None:
             store.defer_commits()
             await store.apply(error_event("x1", error()))
             await store.apply(state_event("x1", signal(value=50, oem=T0)),
                               outbox=lambda code, path: True)
             await store.apply(error_event("x1", error()))
-            view = await store.get_vehicle(VEHICLE)
-            await store.close()
-            return view
 
-        view = asyncio.run(scenario())
-        assert view is not None and [e.count for e in view.errors] == [1]
+        assert error_counts_after(tmp_path / FILE_NAME, steps) == [1]
 
     def test_a_reading_dated_past_a_day_after_its_delivery_is_stored_undated(
         self, tmp_path: Path
