@@ -42,6 +42,7 @@ SCOPE = {
         "LocalQueue._sweep_expired_locks",
         "LocalQueue.send_and_lock",
         "LocalQueue._send",
+        "LocalQueue._send_once",
         "LocalQueue._any_available",
         "LocalQueue._locked_row",
         "LocalQueue._dead_letter_row",
