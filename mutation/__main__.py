@@ -1,8 +1,9 @@
 """`python -m mutation` (`make mutate`): run mutmut afresh, then print one JSON line per module.
 
 mutmut's own progress goes to stderr, and so do the survivors (what no test noticed) and stale
-equivalents; stdout has only the JSON lines. The exit status is 1 when a module is below its
-target score. `--summary-only` re-reads the results of the last run in mutants/ without running.
+equivalents (killed, or matching no mutant of the run); stdout has only the JSON lines. The exit
+status is 1 when a module is below its target score. `--summary-only` re-reads the results of
+the last run in mutants/ without running.
 
 What is mutated: the files `[tool.mutmut] only_mutate` names (pyproject.toml), every function,
 except where SCOPE narrows a module to some of its functions. `--module` (repeatable) limits a run
@@ -127,6 +128,10 @@ def main() -> int:
         for m in score.killed_equivalents:
             print(f"listed as equivalent but killed, remove it from {EQUIVALENTS.name}: "
                   f"{m.module} {m.function}\n  - {m.before}\n  + {m.after}", file=sys.stderr)
+        for e in score.unmatched_equivalents:
+            print(f"listed as equivalent but no mutant of this run matches it (the code "
+                  f"changed), update or remove it in {EQUIVALENTS.name}: {e.module} "
+                  f"{e.function}\n  - {e.before}\n  + {e.after}", file=sys.stderr)
         if score.not_checked:
             print(f"{score.module}: {score.not_checked} mutants not checked (interrupted run); "
                   "counted as survived", file=sys.stderr)

@@ -65,6 +65,9 @@ class ModuleScore:
     not_checked: int = 0
     survivors: list[Mutation] = field(default_factory=list)
     killed_equivalents: list[Mutation] = field(default_factory=list)
+    #: Entries of this module, for functions in scope, that name no mutant of the run: the
+    #: code changed under them (a rewritten line, a renamed function), so they excuse nothing.
+    unmatched_equivalents: list[Equivalent] = field(default_factory=list)
 
     @property
     def score(self) -> float:
@@ -155,13 +158,25 @@ def load_equivalents(path: Path) -> list[Equivalent]:
     return entries
 
 
+def in_scope(module: str, function: str, scope: Sequence[str]) -> bool:
+    """Whether the mutants of `function` are among those `scope` (mutmut's globs) selects."""
+    sample = mutant_glob(module, function).replace("*", "1")
+    return any(fnmatch.fnmatchcase(sample, pattern) for pattern in scope)
+
+
 def score_module(
     module: str,
     exit_codes: Mapping[str, int | None],
     found: Mapping[str, Mutation],
     equivalents: Sequence[Equivalent],
+    scope: Sequence[str] = ("*",),
 ) -> ModuleScore:
     result = ModuleScore(module)
+    result.unmatched_equivalents = [
+        e for e in equivalents
+        if e.module == module and in_scope(module, e.function, scope)
+        and not any(e.matches(m) for m in found.values())
+    ]
     for key, code in exit_codes.items():
         mutation = found[key]
         result.mutants += 1
@@ -201,7 +216,7 @@ def summarise(root: Path, paths: Sequence[str], equivalents: Sequence[Equivalent
         }
         source = (root / "mutants" / path).read_text(encoding="utf-8")
         found = mutations(source, exit_codes, module)
-        scores.append(score_module(module, exit_codes, found, equivalents))
+        scores.append(score_module(module, exit_codes, found, equivalents, scope))
     return scores
 
 
@@ -209,3 +224,48 @@ def mutated_paths(pyproject: Path) -> list[str]:
     """The files `[tool.mutmut] only_mutate` names: the one list of what is mutated."""
     config = tomllib.loads(pyproject.read_text(encoding="utf-8"))
     return list(config["tool"]["mutmut"]["only_mutate"])
+
+
+def source_functions(source: str) -> dict[str, list[str]]:
+    """The stripped lines of each module-level function and method of `source`, by the name
+    `function_name` gives its mutants (`Class.method`), the name in its `def` line written
+    `_`, as `describe` shows a changed signature."""
+    found: dict[str, list[str]] = {}
+    lines = source.splitlines()
+
+    def add(node: ast.FunctionDef | ast.AsyncFunctionDef, name: str) -> None:
+        body = [line.strip() for line in lines[node.lineno - 1:node.end_lineno]]
+        body[0] = body[0].replace(node.name, "_", 1)
+        found[name] = body
+
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            add(node, node.name)
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                    add(item, f"{node.name}.{item.name}")
+    return found
+
+
+def stale_equivalents(root: Path, equivalents: Sequence[Equivalent]) -> list[str]:
+    """What is wrong with entries that can no longer name a mutant of today's code: a module
+    or function that is gone, or a `before` whose lines the function no longer has. Checked
+    on the source, so without a mutation run."""
+    problems: list[str] = []
+    sources: dict[str, dict[str, list[str]] | None] = {}
+    for entry in equivalents:
+        if entry.module not in sources:
+            path = root / (entry.module.replace(".", "/") + ".py")
+            sources[entry.module] = (source_functions(path.read_text(encoding="utf-8"))
+                                     if path.is_file() else None)
+        functions = sources[entry.module]
+        where = f"{entry.module} {entry.function}: {entry.before!r} -> {entry.after!r}"
+        if functions is None:
+            problems.append(f"no module {entry.module}: {where}")
+        elif entry.function not in functions:
+            problems.append(f"no function {entry.function} in {entry.module}: {where}")
+        elif not set(entry.before.splitlines()) <= set(functions[entry.function]):
+            problems.append(f"the function has no such line (it changed): {where}")
+    return problems
+
