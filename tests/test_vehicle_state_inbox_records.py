@@ -57,6 +57,16 @@ def refuse_commit(action: int, arg1: Any, *_: Any) -> int:
     return sqlite3.SQLITE_OK
 
 
+def flush_refused(store: SqliteVehicleStateStore) -> None:
+    """A flush whose COMMIT SQLite refuses: the open transaction's writes are lost."""
+    store._db.set_authorizer(refuse_commit)
+    try:
+        with pytest.raises(sqlite3.DatabaseError):
+            store.flush()
+    finally:
+        store._db.set_authorizer(None)
+
+
 def store_warnings(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
     """The store's log records: (level, message)."""
     return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == STORE_LOGGER]
@@ -410,10 +420,7 @@ class TestDeferredCommits:
             store = SqliteVehicleStateStore(path)
             store.defer_commits()
             await store.apply(event)
-            store._db.set_authorizer(refuse_commit)
-            with pytest.raises(sqlite3.DatabaseError):
-                store.flush()
-            store._db.set_authorizer(None)
+            flush_refused(store)
             seen: list[Any] = []
             for _ in range(2):
                 try:
@@ -443,10 +450,7 @@ class TestDeferredCommits:
         async def lose(store: SqliteVehicleStateStore, *event_ids: str) -> None:
             for number, event_id in enumerate(event_ids):
                 await store.apply(state_event(event_id, signal(value=number, oem=T0 + number)))
-            store._db.set_authorizer(refuse_commit)
-            with pytest.raises(sqlite3.DatabaseError):
-                store.flush()
-            store._db.set_authorizer(None)
+            flush_refused(store)
 
         async def recorded(store: SqliteVehicleStateStore, event_id: str) -> bool:
             try:
