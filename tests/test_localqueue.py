@@ -23,14 +23,17 @@ from typing import Any
 
 import pytest
 
+from shared.local.ackmark import ACK_MARK_FILE, AckMark
 from shared.local.queue import (
     CORRUPT_MESSAGE,
     MAX_DELIVERY_COUNT_EXCEEDED,
     SCHEMA_VERSION,
+    ExpiredMessage,
     LocalQueue,
     LockLostError,
     QueueBusyError,
     QueuedMessage,
+    QueueFullError,
     QueueUnavailableError,
 )
 
@@ -1341,3 +1344,129 @@ class TestDamagedRowOnReceive:
                 f"The stored message cannot be decoded ({found}): the queue file was damaged. "
                 "Inspect it with `dlq show`; purge it, or replay it once repaired."
             )
+
+
+class TestUncountedAbandon:
+    """`abandon(uncount=True)`: a delivery that never reached its handler (the local host's
+    handler threads all stuck) is released after its backoff and does not count."""
+
+    def test_the_delivery_does_not_count_and_waits_its_backoff(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        queue.send(b"x", message_id="evt")
+        for _ in range(5):  # more than max_delivery_count (3): never dead-lettered for these
+            queue.abandon(receive_one(queue).lock_token or "", retry_after=10.0, uncount=True)
+            assert queue.receive() == []  # the backoff
+            clock.advance(9.9)
+            assert queue.receive() == []
+            clock.advance(0.1)
+        assert queue.stats() == {"active": 1, "deadLettered": 0, "scheduled": 0}
+        assert receive_one(queue).delivery_count == 1
+
+    def test_a_negative_backoff_releases_it_at_once(self, queue: LocalQueue) -> None:
+        queue.send(b"x", message_id="evt")
+        queue.abandon(receive_one(queue).lock_token or "", retry_after=-5.0, uncount=True)
+        assert receive_one(queue).delivery_count == 1
+
+
+class TestExpiredLastDelivery:
+    """`on_expired` hears of each message the lock-expiry sweep dead-lettered."""
+
+    def expire_last_delivery(self, queue: LocalQueue, clock: FakeClock) -> None:
+        for _ in range(3):
+            receive_one(queue)
+            clock.advance(30)
+
+    def test_the_message_is_reported_with_its_id_body_and_delivery_count(
+        self, queue: LocalQueue, clock: FakeClock
+    ) -> None:
+        heard: list[ExpiredMessage] = []
+        queue.on_expired = heard.extend
+        queue.send(b"poison", message_id="evt")
+        self.expire_last_delivery(queue, clock)
+        assert queue.receive() == []  # the receive that sweeps
+        assert heard == [ExpiredMessage("evt", b"poison", 3)]
+
+    def test_a_damaged_row_is_reported_with_what_can_be_read(
+        self, queue: LocalQueue, clock: FakeClock, db_path: Path
+    ) -> None:
+        heard: list[ExpiredMessage] = []
+        queue.on_expired = heard.extend
+        queue.send(b"poison", message_id="evt")
+        self.expire_last_delivery(queue, clock)
+        conn = sqlite3.connect(db_path)
+        with conn:  # text where bytes and an integer belong (text sorts above any number)
+            conn.execute("UPDATE messages SET body = 'text', delivery_count = 'three'")
+        conn.close()
+        assert queue.receive() == []
+        assert heard == [ExpiredMessage("evt", b"", 0)]
+
+
+class TestAcknowledgedMark:
+    """After a send commits, the queue raises its acknowledged mark (shared/local/ackmark.py)
+    to the highest sequence number it stored."""
+
+    def test_the_mark_is_the_highest_sequence_number_stored(
+        self, queue: LocalQueue, db_path: Path
+    ) -> None:
+        queue.ack_mark = AckMark(db_path.parent / ACK_MARK_FILE)
+        queue.send_many([])  # nothing stored: no mark, which would claim sequence numbers
+        assert queue.ack_mark.read() is None
+        queue.send_many([(b"a", "evt-1", None), (b"b", "evt-2", None)])
+        assert queue.ack_mark.read() == 2
+        queue.send(b"a", message_id="evt-1")  # a duplicate: nothing stored, the mark stays
+        queue.send(b"c", message_id="evt-3")
+        assert queue.ack_mark.read() == 3
+
+    def test_a_mark_that_cannot_be_written_is_logged_and_the_event_is_stored(
+        self, queue: LocalQueue, db_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        blocked = db_path.parent / "a-directory"
+        blocked.mkdir()  # where the mark's file should be: opening it fails (EISDIR)
+        queue.ack_mark = AckMark(blocked)
+        with caplog.at_level(logging.WARNING, logger="shared.local.queue"):
+            assert queue.send(b"a", message_id="evt-1") is True
+        assert [r.getMessage() for r in caplog.records] == [
+            f"local queue {queue.path}: cannot record the acknowledged mark: [Errno 21] Is a "
+            f"directory: '{blocked}'"]
+        assert receive_one(queue).message_id == "evt-1"
+
+
+class TestSendFailures:
+    """What a send that SQLite refuses leaves behind: the error, `store_failure` (the health
+    check's reason) until a send succeeds, and one more try after a checkpoint."""
+
+    def test_a_refused_send_is_the_store_failure_until_a_send_succeeds(
+        self, queue: LocalQueue
+    ) -> None:
+        assert queue._conn is not None
+
+        def refuse(action: int, arg1: Any, *_: Any) -> int:
+            if action == sqlite3.SQLITE_INSERT and arg1 == "messages":
+                return sqlite3.SQLITE_DENY
+            return sqlite3.SQLITE_OK
+
+        queue._conn.set_authorizer(refuse)
+        with pytest.raises(QueueUnavailableError) as raised:
+            queue.send(b"a", message_id="evt-1")
+        assert queue.store_failure == str(raised.value) == (
+            f"local queue {queue.path}: send failed: not authorized")
+        queue._conn.set_authorizer(None)
+        assert queue.send(b"a", message_id="evt-2") is True
+        assert queue.store_failure is None
+
+    def test_a_full_database_is_tried_once_more_after_its_checkpoint(
+        self, queue: LocalQueue
+    ) -> None:
+        conn = queue._conn
+        assert conn is not None
+        inserts: list[str] = []
+        conn.set_trace_callback(
+            lambda sql: inserts.append(sql) if sql.startswith("INSERT INTO messages") else None)
+        # SQLite's own limit on the file's pages: it answers SQLITE_FULL, as a full disk does.
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(QueueFullError, match="the disk is full"):
+            queue.send(b"x" * 100_000, message_id="evt-1")
+        assert len(inserts) == 2  # the checkpoint succeeded: one more try, then the error
+        assert queue.store_failure is not None
