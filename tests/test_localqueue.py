@@ -1461,8 +1461,8 @@ class TestSendFailures:
         conn = queue._conn
         assert conn is not None
         inserts: list[str] = []
-        conn.set_trace_callback(
-            lambda sql: inserts.append(sql) if sql.startswith("INSERT INTO messages") else None)
+        conn.set_trace_callback(lambda sql: inserts.append(sql) if sql.lower().startswith(
+            "insert into messages") else None)
         # SQLite's own limit on the file's pages: it answers SQLITE_FULL, as a full disk does.
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         conn.execute(f"PRAGMA max_page_count = {pages}")
