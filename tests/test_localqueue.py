@@ -1432,6 +1432,35 @@ class TestAcknowledgedMark:
         assert receive_one(queue).message_id == "evt-1"
 
 
+class CheckpointGivesSpaceBack:
+    """The queue's connection, on a disk that a checkpoint gives space back to: after `PRAGMA
+    wal_checkpoint` the file may grow again (SQLite's `max_page_count` lifted)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        cursor = self._conn.execute(sql, *args)
+        if sql.startswith("PRAGMA wal_checkpoint"):
+            row = cursor.fetchone()
+            self._conn.execute("PRAGMA max_page_count = 1073741823")
+            return _OneRow(row)
+        return cursor
+
+
+class _OneRow:
+    """The checkpoint's answer, read before the connection ran anything else."""
+
+    def __init__(self, row: Any) -> None:
+        self.row = row
+
+    def fetchone(self) -> Any:
+        return self.row
+
+
 class TestSendFailures:
     """What a send that SQLite refuses leaves behind: the error, `store_failure` (the health
     check's reason) until a send succeeds, and one more try after a checkpoint."""
@@ -1470,3 +1499,26 @@ class TestSendFailures:
             queue.send(b"x" * 100_000, message_id="evt-1")
         assert len(inserts) == 2  # the checkpoint succeeded: one more try, then the error
         assert queue.store_failure is not None
+
+    def test_a_send_tried_again_after_its_checkpoint_stores_what_was_asked(
+        self, queue: LocalQueue
+    ) -> None:
+        conn = queue._conn
+        assert conn is not None
+        queue._conn = CheckpointGivesSpaceBack(conn)  # type: ignore[assignment]
+
+        def fill() -> None:
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+
+        fill()
+        later = datetime.fromtimestamp(T0 + 60, UTC)
+        assert queue.send(b"x" * 100_000, message_id="evt-1", scheduled_enqueue_time=later)
+        assert queue.stats() == {"active": 0, "deadLettered": 0, "scheduled": 1}
+        fill()
+        stored, locked, _ = queue.send_and_lock([(b"y" * 100_000, "evt-2", None)],
+                                                max_locked=1, lock_duration=5.0)
+        assert stored == [True] and [m.message_id for m in locked] == ["evt-2"]
+        assert locked[0].locked_until == datetime.fromtimestamp(T0 + 5.0, UTC)
+        assert queue.store_failure is None
+
