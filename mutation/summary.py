@@ -106,16 +106,20 @@ def mutant_glob(module: str, function: str) -> str:
     return f"{module}.x_{function}{MUTATED_SUFFIX}*"
 
 
+def _def_lines(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    """A function's source lines, the name in its `def` line written `_`: mutmut's copies
+    differ in their names, and defaults in the signature may be mutated too."""
+    found = lines[node.lineno - 1:node.end_lineno]
+    found[0] = found[0].replace(node.name, "_", 1)
+    return found
+
+
 def _functions(source: str) -> dict[str, str]:
     """Source text of every function in the mutated file, by its (mangled) name."""
-    found: dict[str, str] = {}
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
-            lines = source.splitlines()[node.lineno - 1:node.end_lineno]
-            # Copies differ in their names; defaults in the signature may be mutated too.
-            lines[0] = lines[0].replace(node.name, "_", 1)
-            found[node.name] = "\n".join(lines)
-    return found
+    lines = source.splitlines()
+    return {node.name: "\n".join(_def_lines(lines, node))
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)}
 
 
 def describe(original: str, mutated: str) -> tuple[str, str]:
@@ -227,16 +231,13 @@ def mutated_paths(pyproject: Path) -> list[str]:
 
 
 def source_functions(source: str) -> dict[str, list[str]]:
-    """The stripped lines of each module-level function and method of `source`, by the name
-    `function_name` gives its mutants (`Class.method`), the name in its `def` line written
-    `_`, as `describe` shows a changed signature."""
+    """The stripped lines of each module-level function and method of `source` (`_def_lines`),
+    by the name `function_name` gives its mutants (`Class.method`)."""
     found: dict[str, list[str]] = {}
     lines = source.splitlines()
 
     def add(node: ast.FunctionDef | ast.AsyncFunctionDef, name: str) -> None:
-        body = [line.strip() for line in lines[node.lineno - 1:node.end_lineno]]
-        body[0] = body[0].replace(node.name, "_", 1)
-        found[name] = body
+        found[name] = [line.strip() for line in _def_lines(lines, node)]
 
     for node in ast.parse(source).body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
@@ -268,4 +269,3 @@ def stale_equivalents(root: Path, equivalents: Sequence[Equivalent]) -> list[str
         elif not set(entry.before.splitlines()) <= set(functions[entry.function]):
             problems.append(f"the function has no such line (it changed): {where}")
     return problems
-

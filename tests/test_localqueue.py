@@ -1432,6 +1432,13 @@ class TestAcknowledgedMark:
         assert receive_one(queue).message_id == "evt-1"
 
 
+def hold_at_its_size(conn: sqlite3.Connection) -> None:
+    """SQLite's own limit on the file's pages at its present size: a write that needs more
+    is answered SQLITE_FULL, as on a full disk."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
 class CheckpointGivesSpaceBack:
     """The queue's connection, on a disk that a checkpoint gives space back to: after `PRAGMA
     wal_checkpoint` the file may grow again (SQLite's `max_page_count` lifted)."""
@@ -1492,9 +1499,7 @@ class TestSendFailures:
         inserts: list[str] = []
         conn.set_trace_callback(lambda sql: inserts.append(sql) if sql.lower().startswith(
             "insert into messages") else None)
-        # SQLite's own limit on the file's pages: it answers SQLITE_FULL, as a full disk does.
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        conn.execute(f"PRAGMA max_page_count = {pages}")
+        hold_at_its_size(conn)
         with pytest.raises(QueueFullError, match="the disk is full"):
             queue.send(b"x" * 100_000, message_id="evt-1")
         assert len(inserts) == 2  # the checkpoint succeeded: one more try, then the error
@@ -1506,19 +1511,13 @@ class TestSendFailures:
         conn = queue._conn
         assert conn is not None
         queue._conn = CheckpointGivesSpaceBack(conn)  # type: ignore[assignment]
-
-        def fill() -> None:
-            pages = conn.execute("PRAGMA page_count").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count = {pages}")
-
-        fill()
+        hold_at_its_size(conn)
         later = datetime.fromtimestamp(T0 + 60, UTC)
         assert queue.send(b"x" * 100_000, message_id="evt-1", scheduled_enqueue_time=later)
         assert queue.stats() == {"active": 0, "deadLettered": 0, "scheduled": 1}
-        fill()
+        hold_at_its_size(conn)
         stored, locked, _ = queue.send_and_lock([(b"y" * 100_000, "evt-2", None)],
                                                 max_locked=1, lock_duration=5.0)
         assert stored == [True] and [m.message_id for m in locked] == ["evt-2"]
         assert locked[0].locked_until == datetime.fromtimestamp(T0 + 5.0, UTC)
         assert queue.store_failure is None
-
