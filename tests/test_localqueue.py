@@ -1458,6 +1458,35 @@ class CheckpointGivesSpaceBack:
         return cursor
 
 
+class WriterArrivesAtCheckpoint(CheckpointGivesSpaceBack):
+    """As `CheckpointGivesSpaceBack`, and another process takes the database's write lock
+    during the checkpoint, holding it for `hold` seconds: the queue's next write must wait."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, hold: float) -> None:
+        super().__init__(conn)
+        self._path = path
+        self._hold = hold
+        self.writer: subprocess.Popen[str] | None = None
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        answer = super().execute(sql, *args)
+        if sql.startswith("PRAGMA wal_checkpoint") and self.writer is None:
+            self.writer = subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent("""
+                    import sqlite3, sys, time
+                    conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+                    conn.execute("BEGIN IMMEDIATE")
+                    print("holding", flush=True)
+                    time.sleep(float(sys.argv[2]))
+                    conn.execute("COMMIT")
+                """), str(self._path), str(self._hold)],
+                stdout=subprocess.PIPE, text=True,
+            )
+            assert self.writer.stdout is not None
+            assert self.writer.stdout.readline() == "holding\n"
+        return answer
+
+
 class _OneRow:
     """The checkpoint's answer, read before the connection ran anything else."""
 
@@ -1520,4 +1549,17 @@ class TestSendFailures:
                                                 max_locked=1, lock_duration=5.0)
         assert stored == [True] and [m.message_id for m in locked] == ["evt-2"]
         assert locked[0].locked_until == datetime.fromtimestamp(T0 + 5.0, UTC)
+        assert queue.store_failure is None
+
+    def test_the_send_tried_again_waits_for_another_writer_as_the_first_try_would(
+        self, queue: LocalQueue, db_path: Path
+    ) -> None:
+        conn = queue._conn
+        assert conn is not None
+        proxy = WriterArrivesAtCheckpoint(conn, db_path, hold=0.3)
+        queue._conn = proxy  # type: ignore[assignment]
+        hold_at_its_size(conn)
+        assert queue.send(b"x" * 100_000, message_id="evt-1") is True
+        assert proxy.writer is not None and proxy.writer.wait(timeout=10) == 0
+        assert queue.stats() == {"active": 1, "deadLettered": 0, "scheduled": 0}
         assert queue.store_failure is None
