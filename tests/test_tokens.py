@@ -456,3 +456,45 @@ class TestProductionWiring:
         ((url, credential),) = made
         assert url == "https://kv.vault.azure.net/" and isinstance(credential, Credential)
         assert set(client.names) == {"amt-secret"}
+
+    def test_closing_the_provider_closes_the_key_vault_client_and_its_transport(self) -> None:
+        # Azure's own SecretClient, over a transport that records what the client does with it:
+        # the HTTP session under it is what a stopping host must give back.
+        from azure.core.pipeline.transport import AsyncHttpTransport
+        from azure.keyvault.secrets.aio import SecretClient
+
+        class RecordingTransport(AsyncHttpTransport[Any, Any]):
+            def __init__(self) -> None:
+                self.calls: list[str] = []
+
+            async def __aenter__(self) -> RecordingTransport:
+                self.calls.append("enter")
+                return self
+
+            async def __aexit__(self, *exc: object) -> None:
+                self.calls.append("exit")
+
+            async def send(self, request: Any, **kwargs: Any) -> Any:
+                raise AssertionError("closing a client sends nothing")
+
+            async def open(self) -> None:
+                self.calls.append("open")
+
+            async def close(self) -> None:
+                self.calls.append("close")
+
+        class Credential:
+            async def get_token(self, *scopes: str, **kwargs: Any) -> Any:
+                raise AssertionError("closing a client asks for no token")
+
+        transport = RecordingTransport()
+        # As build_key_vault_provider holds it (the SDK's types are wider than SecretReader's).
+        client: Any = SecretClient("https://kv.vault.azure.net/", Credential(),  # type: ignore[arg-type]
+                                   transport=transport)
+        run(KeyVaultTokenProvider(client, "amt").close())
+        assert transport.calls == ["exit"]
+
+    def test_a_client_without_close_is_left_alone(self) -> None:
+        client = FakeSecretClient()  # as a client that holds no session: no close()
+        assert not hasattr(client, "close")
+        run(KeyVaultTokenProvider(client, "amt").close())
