@@ -294,6 +294,14 @@ class TestOutcomes:
         failed_store = decide(body, signed, publisher=RecordingPublisher(fail_after=0))
         assert (failed_store.outcome, failed_store.event_id) == ("unavailable", event["eventId"])
 
+    def test_a_signed_body_that_is_not_an_object_is_its_own_authenticated_refusal(self) -> None:
+        # A JSON array holding an event: signed, so authenticated, but never stored.
+        body = json.dumps([state_event()]).encode()
+        publisher = RecordingPublisher()
+        reply = decide(body, {"SC-Signature": sign(TOKEN, body)}, publisher=publisher)
+        assert (reply.status, reply.outcome, reply.authenticated) == (400, "not_an_object", True)
+        assert not publisher.sent
+
     def test_verify_outcomes_carry_the_envelope(self) -> None:
         answered = decide(verify_body("abc"), {})
         refused = decide(verify_body("a b"), {})
