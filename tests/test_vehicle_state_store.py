@@ -1255,6 +1255,79 @@ class TestFactory:
 
 
 # ---------------------------------------------------------------------------------------------
+class CountingCreates:
+    """A TableClient that counts the store's `create_table` calls."""
+
+    def __init__(self, client: TableClient) -> None:
+        self._client = client
+        self.creates = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def create_table(self) -> Any:
+        self.creates += 1
+        return await self._client.create_table()
+
+
+class TestTheTableOnAzurite:
+    """In Azure, Bicep creates the table and the app's data role is scoped to it, so the store
+    the factory makes for an identity never creates one: a missing table is an error, and
+    stays missing. With a connection string (Azurite, `make run` against it) the store
+    creates its table, once per instance, and takes an existing one as it is."""
+
+    @staticmethod
+    async def table_exists(connection: str, name: str) -> bool:
+        from azure.data.tables.aio import TableServiceClient
+
+        async with TableServiceClient.from_connection_string(connection) as service:
+            return [t.name async for t in service.query_tables(f"TableName eq '{name}'")] == [name]
+
+    def test_by_default_a_missing_table_is_an_error_and_is_not_created(
+        self, azurite_table_port: int
+    ) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+
+        async def scenario() -> None:
+            client = CountingCreates(TableClient.from_connection_string(connection, table))
+            store = TableVehicleStateStore(client)
+            try:
+                with pytest.raises(ResourceNotFoundError, match="TableNotFound"):
+                    await store.apply(state_event("e1", signal()))
+            finally:
+                await store.close()
+            assert client.creates == 0
+            assert not await self.table_exists(connection, table)
+
+        asyncio.run(scenario())
+
+    def test_asked_to_it_creates_its_table_once_and_takes_an_existing_one(
+        self, azurite_table_port: int
+    ) -> None:
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+
+        async def scenario() -> None:
+            for instance, event_id in enumerate(("e1", "e2")):
+                client = CountingCreates(TableClient.from_connection_string(connection, table))
+                store = TableVehicleStateStore(client, create_table=True)
+                try:
+                    await store.apply(state_event(event_id, signal(oem=T0 + instance * 1000)))
+                    await store.apply(state_event(event_id + "b",
+                                                  signal(oem=T0 + instance * 1000 + 500)))
+                    assert await store.get_vehicle(VEHICLE) is not None
+                finally:
+                    await store.close()
+                assert client.creates == 1  # the second instance found it there
+                assert await self.table_exists(connection, table)
+
+        asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------------------------------------
 class TestConcurrentWritersOnAzurite:
     WRITERS = 10
 
