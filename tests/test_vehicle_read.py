@@ -26,7 +26,12 @@ import pytest
 from shared.local.host import has_key
 from shared.local.routes import route_template
 from shared.runtime import Runtime
-from shared.vehicle_read import MAX_VEHICLE_ID_LENGTH, read_vehicle, vehicle_id_problem
+from shared.vehicle_read import (
+    MAX_VEHICLE_ID_LENGTH,
+    ReadReply,
+    read_vehicle,
+    vehicle_id_problem,
+)
 from shared.vehicle_state import valid_vehicle_id
 
 from .inspector_host import HostProcess
@@ -56,6 +61,13 @@ def stored(*bodies: bytes) -> MemoryVehicleStore:
     return store
 
 
+def failing_store() -> MemoryVehicleStore:
+    """A store whose reads fail, as an unreachable or damaged backend's do."""
+    store = stored(state_body(oem_ms=OEM_MS))
+    store.fail_with = OSError("disk I/O error")
+    return store
+
+
 def read(vehicle_id: str, store: MemoryVehicleStore | None) -> tuple[int, dict[str, Any]]:
     reply = asyncio.run(read_vehicle(vehicle_id, store))
     assert dict(reply.headers) == {"Content-Type": "application/json",
@@ -81,8 +93,11 @@ class TestTheDecision:
     def test_a_vehicle_never_seen_is_404(self) -> None:
         status, body = read("0b9ab6c1-2b1a-4b85-8f53-3d4c2f1e0a99", stored(state_body(oem_ms=OEM_MS)))
         assert status == 404
-        assert body["vehicleId"] == "0b9ab6c1-2b1a-4b85-8f53-3d4c2f1e0a99"
-        assert "no state for this vehicle" in body["error"]
+        assert body == {
+            "error": "no state for this vehicle: no VEHICLE_STATE or VEHICLE_ERROR of it has "
+                     "been processed (or the store was emptied since)",
+            "vehicleId": "0b9ab6c1-2b1a-4b85-8f53-3d4c2f1e0a99",
+        }
 
     @pytest.mark.parametrize("why", sorted(MALFORMED))
     def test_a_malformed_vehicle_id_is_400_and_never_reaches_the_store(self, why: str) -> None:
@@ -99,6 +114,9 @@ class TestTheDecision:
         assert "got 129 characters" in (vehicle_id_problem("a" * 129) or "")
         assert "got an empty vehicleId" in (vehicle_id_problem("") or "")
         assert "got a character outside that set" in (vehicle_id_problem("a/b") or "")
+        # At the length limit, a wrong character is what is wrong, not the length.
+        assert "got a character outside that set" in (
+            vehicle_id_problem("a" * (MAX_VEHICLE_ID_LENGTH - 1) + "/") or "")
         assert vehicle_id_problem("a" * 128) is None
 
     def test_the_length_limit_is_the_interfaces(self) -> None:
@@ -114,20 +132,39 @@ class TestTheDecision:
     def test_store_off_is_503_and_says_so_without_naming_a_setting(self) -> None:
         status, body = read(VEHICLE, None)
         assert status == 503
-        assert body["store"] == "off" and "turned off" in body["error"]
+        assert body == {"error": "the vehicle state store is turned off for this app",
+                        "store": "off"}
         assert "VEHICLE_STATE_STORE" not in json.dumps(body)
 
     def test_a_failing_store_is_503_unavailable_and_logged(
         self, caplog: pytest.LogCaptureFixture
     ) -> None:
-        store = stored(state_body(oem_ms=OEM_MS))
-        store.fail_with = OSError("disk I/O error")
+        store = failing_store()
         with caplog.at_level(logging.ERROR, logger="shared.vehicle_read"):
             status, body = read(VEHICLE, store)
         assert status == 503
         assert body == {"error": "the vehicle state store is unavailable; the app's logs say why",
                         "store": "unavailable"}
-        assert "OSError: disk I/O error" in caplog.text
+        (record,) = caplog.records
+        assert record.levelno == logging.ERROR
+        assert record.getMessage() == (
+            "vehicle state store unavailable for a read: OSError: disk I/O error")
+        assert not record.exc_info  # the traceback only when debugging
+
+    def test_a_failing_store_logs_its_traceback_at_debug(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        store = failing_store()
+        with caplog.at_level(logging.DEBUG, logger="shared.vehicle_read"):
+            assert read(VEHICLE, store)[0] == 503
+        (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert record.exc_info and record.exc_info[1] is store.fail_with
+
+    def test_the_body_is_compact_utf8_json(self) -> None:
+        # Vehicle data holds any text (a city in a location's address, an error description):
+        # sent as UTF-8, not as \u escapes, with no spaces.
+        reply = ReadReply(200, {"value": "Zürich", "codes": [1, 2]})
+        assert reply.body_bytes() == '{"value":"Zürich","codes":[1,2]}'.encode()
 
     def test_the_malformed_check_comes_before_the_store_state(self) -> None:
         assert read("a/b", None)[0] == 400
