@@ -1238,6 +1238,8 @@ class TestFactory:
         store, url = asyncio.run(table())
         assert isinstance(store, TableVehicleStateStore)
         assert url.startswith("https://acct123.table.core.windows.net")
+        # Made for the identity, as in Azure: Bicep creates the table, the store never tries.
+        assert store._created
 
 
     def test_without_the_local_package_and_a_storage_account_it_says_what_to_set(
@@ -1271,10 +1273,11 @@ class CountingCreates:
 
 
 class TestTheTableOnAzurite:
-    """In Azure, Bicep creates the table and the app's data role is scoped to it, so the store
-    the factory makes for an identity never creates one: a missing table is an error, and
-    stays missing. With a connection string (Azurite, `make run` against it) the store
-    creates its table, once per instance, and takes an existing one as it is."""
+    """In Azure, Bicep creates the table and the app's data role is scoped to it, so a store
+    made without `create_table` (the factory's, for an identity: TestFactory) never creates
+    one: a missing table is an error, and stays missing. Made with it (the factory's, for a
+    connection string such as Azurite's) the store creates its table, once per instance, and
+    takes an existing one as it is."""
 
     @staticmethod
     async def table_exists(connection: str, name: str) -> bool:
