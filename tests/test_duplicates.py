@@ -116,3 +116,15 @@ class TestServiceBusDuplicates:
         for body in (first, *others):
             assert _post(publisher, body)[1]["status"] == "accepted"
         assert _post(publisher, first)[1]["status"] == "accepted"  # forgotten: oldest of 3
+
+    def test_it_remembers_as_many_ids_as_its_limit(self) -> None:
+        clock = ManualClock(1000.0)
+        client = FakeServiceBusClient()
+        inner = ServiceBusPublisher(lambda: client, "smartcar-events", send_timeout=1.0)
+        publisher = RememberingPublisher(inner, window=DUPLICATE_WINDOW_SECONDS, limit=2,
+                                         clock=clock)
+        first, second = [encode(state_event()) for _ in range(2)]
+        for body in (first, second):
+            assert _post(publisher, body)[1]["status"] == "accepted"
+        assert _post(publisher, first)[1]["status"] == "duplicate"  # two ids: both kept
+        assert len([m for s in client.senders for m in s.sent]) == 2

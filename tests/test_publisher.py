@@ -5,13 +5,21 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
+from typing import Any
 
 import pytest
 
+from shared.credentials import ProcessCredential
 from shared.events import peek_envelope
 from shared.publisher import (
+    DEAD_LETTER_COPY_SUFFIX,
+    MAX_MESSAGE_ID_LENGTH,
+    OutboundMessage,
     PublishError,
     ServiceBusPublisher,
+    build_service_bus_publisher,
+    dead_letter_copy_id,
     message_id_for,
     outbound_message,
 )
@@ -19,7 +27,8 @@ from shared.receiver import receive
 from shared.signature import sign
 from shared.tokens import StaticTokenProvider
 
-from .fakes import FakeServiceBusClient
+from .fakes import FakeSender, FakeServiceBusClient
+from .hurried import run_hurried
 from .support import encode, fixture_bytes, state_event
 
 
@@ -146,3 +155,201 @@ class TestFailures:
             return reply.status
 
         assert asyncio.run(scenario()) == 503
+
+
+class SlowSender:
+    """Sends after `seconds` of loop time (a `HurriedLoop`'s, in the budget tests)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.sent: list[object] = []
+
+    async def send_messages(self, message: object) -> None:
+        await asyncio.sleep(self.seconds)
+        self.sent.append(message)
+
+    async def close(self) -> None:
+        return None
+
+
+class OneSender:
+    def __init__(self, sender: object) -> None:
+        self.sender = sender
+
+    def get_queue_sender(self, queue_name: str) -> object:
+        return self.sender
+
+
+def _message() -> OutboundMessage:
+    body = encode(state_event())
+    return outbound_message(body, peek_envelope(body))
+
+
+class TestSendBudget:
+    """A send ends within `send_timeout` (5 s by default), well inside Smartcar's 15 s: a
+    queue that hangs must become a 503 (or a spill), never a webhook that times out."""
+
+    @pytest.mark.parametrize(("seconds", "stored"), [(4.9, True), (5.1, False)])
+    def test_the_default_budget_is_five_seconds(self, seconds: float, stored: bool) -> None:
+        sender = SlowSender(seconds)
+        publisher = ServiceBusPublisher(lambda: OneSender(sender), "q")
+
+        async def publish() -> bool:
+            try:
+                return await publisher.publish(_message())
+            except PublishError as exc:
+                assert str(exc) == "Service Bus send failed: TimeoutError"
+                return False
+
+        assert run_hurried(publish()) is stored
+        assert len(sender.sent) == int(stored)
+
+    @pytest.mark.parametrize(("seconds", "stored"), [(0.9, True), (1.1, False)])
+    def test_send_raw_keeps_the_same_budget(self, seconds: float, stored: bool) -> None:
+        # The processor's dead-letter copies and scheduled retries go through `send_raw`.
+        sender = SlowSender(seconds)
+        publisher = ServiceBusPublisher(lambda: OneSender(sender), "q", send_timeout=1.0)
+
+        async def send() -> bool:
+            try:
+                await publisher.send_raw(object())
+            except PublishError as exc:
+                assert str(exc) == "Service Bus send failed: TimeoutError"
+                return False
+            return True
+
+        assert run_hurried(send()) is stored
+
+
+class TestWhatTheSdkSees:
+    def test_the_message_is_marked_as_json(self) -> None:
+        publisher, clients = make_publisher()
+        asyncio.run(publisher.publish(_message()))
+        (sent,) = clients[0].senders[0].sent
+        assert sent.content_type == "application/json"
+
+    def test_build_makes_the_sdk_client_for_the_namespace_queue_and_credential(self) -> None:
+        from azure.servicebus.aio import ServiceBusClient, ServiceBusSender
+
+        credential = object()
+        process_credential = ProcessCredential(None, default=lambda: credential)
+        publisher = build_service_bus_publisher(
+            "sb-smartcar.servicebus.windows.net", "smartcar-events", process_credential)
+
+        async def sender() -> tuple[Any, Any]:
+            made = await publisher._get_sender()  # the SDK connects on the first send only
+            return publisher._client, made
+
+        client, made = asyncio.run(sender())
+        assert isinstance(client, ServiceBusClient)
+        assert client.fully_qualified_namespace == "sb-smartcar.servicebus.windows.net"
+        assert client._credential is credential
+        assert isinstance(made, ServiceBusSender)
+        assert made.entity_name == "smartcar-events"
+
+
+class TestFailureReports:
+    def test_a_failed_send_is_logged_with_its_id_and_error_type_only(
+            self, caplog: pytest.LogCaptureFixture) -> None:
+        publisher, clients = make_publisher()
+        message = _message()
+
+        async def scenario() -> None:
+            await publisher._get_sender()
+            clients[0].senders[0].fail_with = ConnectionError(message.body.decode())
+            with pytest.raises(PublishError) as raised:
+                await publisher.publish(message)
+            assert str(raised.value) == "Service Bus send failed: ConnectionError"
+
+        with caplog.at_level(logging.DEBUG, logger="shared.publisher"):
+            asyncio.run(scenario())
+        (record,) = caplog.records
+        assert record.levelno == logging.WARNING
+        assert record.getMessage() == (
+            f"Service Bus send of message {message.message_id} failed: ConnectionError")
+        assert message.body.decode() not in caplog.text  # the error's text held the body
+
+    def test_send_raw_failure_says_which_error_and_reconnects(self) -> None:
+        publisher, clients = make_publisher()
+
+        async def scenario() -> None:
+            await publisher._get_sender()
+            clients[0].senders[0].fail_with = OSError("link detached")
+            with pytest.raises(PublishError) as raised:
+                await publisher.send_raw(object())
+            assert str(raised.value) == "Service Bus send failed: OSError"
+            await publisher.send_raw("again")
+
+        asyncio.run(scenario())
+        assert clients[0].senders[0].closed
+        assert clients[0].senders[1].sent == ["again"]
+
+    def test_a_sender_that_fails_to_close_is_logged_at_debug_and_replaced(
+            self, caplog: pytest.LogCaptureFixture) -> None:
+        closing = RuntimeError("close failed too")
+
+        class Broken(FakeSender):
+            async def close(self) -> None:
+                raise closing
+
+        client = FakeServiceBusClient()
+        broken = Broken(fail_with=ConnectionError("link detached"))
+        client.senders.append(broken)
+        senders = iter([broken])
+
+        class Client:
+            def get_queue_sender(self, queue_name: str) -> FakeSender:
+                return next(senders, None) or client.get_queue_sender(queue_name)
+
+        publisher = ServiceBusPublisher(Client, "q")
+
+        async def scenario() -> None:
+            with pytest.raises(PublishError):
+                await publisher.publish(_message())
+            await publisher.publish(_message())
+
+        with caplog.at_level(logging.DEBUG, logger="shared.publisher"):
+            asyncio.run(scenario())
+        debug = [r for r in caplog.records if r.levelno == logging.DEBUG]
+        assert [r.getMessage() for r in debug] == ["closing the Service Bus sender failed"]
+        assert debug[0].exc_info is not None and debug[0].exc_info[1] is closing
+        assert len(client.senders[1].sent) == 1
+
+
+class TestClose:
+    def test_close_closes_the_sender_and_the_client_once(self) -> None:
+        publisher, clients = make_publisher()
+
+        async def scenario() -> None:
+            await publisher.publish(_message())
+            await publisher.close()
+            await publisher.close()  # nothing left to close
+
+        asyncio.run(scenario())
+        assert clients[0].senders[0].closed
+        assert clients[0].closed
+
+    def test_a_publisher_never_used_closes_without_a_client(self) -> None:
+        publisher, clients = make_publisher()
+        asyncio.run(publisher.close())
+        assert clients == []
+
+
+class TestDeadLetterCopyId:
+    """A copy's id must stay within Service Bus's 128 characters and differ from the original's,
+    whatever the original id holds."""
+
+    def test_the_suffix_is_added_while_it_fits(self) -> None:
+        fits = "e" * (MAX_MESSAGE_ID_LENGTH - len(DEAD_LETTER_COPY_SUFFIX))
+        assert dead_letter_copy_id(fits) == fits + DEAD_LETTER_COPY_SUFFIX
+        assert len(dead_letter_copy_id(fits)) == MAX_MESSAGE_ID_LENGTH
+
+    def test_a_longer_id_is_hashed(self) -> None:
+        long = "e" * (MAX_MESSAGE_ID_LENGTH - len(DEAD_LETTER_COPY_SUFFIX) + 1)
+        digest = hashlib.sha256(long.encode()).hexdigest()
+        assert dead_letter_copy_id(long) == f"sha256:{digest}{DEAD_LETTER_COPY_SUFFIX}"
+
+    def test_a_long_id_with_a_lone_surrogate_is_hashed_too(self) -> None:
+        long = "\ud800" + "e" * MAX_MESSAGE_ID_LENGTH
+        digest = hashlib.sha256(b"\xed\xa0\x80" + b"e" * MAX_MESSAGE_ID_LENGTH).hexdigest()
+        assert dead_letter_copy_id(long) == f"sha256:{digest}{DEAD_LETTER_COPY_SUFFIX}"
