@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import re
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from shared.local.queue import open_local_queue
 from shared.publisher import RememberingPublisher, ServiceBusPublisher
@@ -63,10 +66,12 @@ class TestTheDocumentedWindow:
         assert DUPLICATE_WINDOW_SECONDS <= iso_seconds(bicep_window())
 
 
-def _publisher(clock: ManualClock) -> tuple[RememberingPublisher, FakeServiceBusClient]:
+def _publisher(clock: ManualClock, **options: Any
+               ) -> tuple[RememberingPublisher, FakeServiceBusClient]:
     client = FakeServiceBusClient()
     inner = ServiceBusPublisher(lambda: client, "smartcar-events", send_timeout=1.0)
-    return RememberingPublisher(inner, window=DUPLICATE_WINDOW_SECONDS, clock=clock), client
+    return RememberingPublisher(inner, window=DUPLICATE_WINDOW_SECONDS, clock=clock,
+                                **options), client
 
 
 def _post(publisher: RememberingPublisher, body: bytes) -> tuple[int, dict[str, object]]:
@@ -106,25 +111,13 @@ class TestServiceBusDuplicates:
         assert _post(publisher, body)[0] == 503
         assert _post(publisher, body) == (200, {"status": "accepted", "eventId": event["eventId"]})
 
-    def test_it_remembers_a_bounded_number_of_ids(self) -> None:
+    @pytest.mark.parametrize(("ids", "again"), [(2, "duplicate"), (3, "accepted")])
+    def test_it_remembers_as_many_ids_as_its_limit(self, ids: int, again: str) -> None:
         clock = ManualClock(1000.0)
-        client = FakeServiceBusClient()
-        inner = ServiceBusPublisher(lambda: client, "smartcar-events", send_timeout=1.0)
-        publisher = RememberingPublisher(inner, window=DUPLICATE_WINDOW_SECONDS, limit=2,
-                                         clock=clock)
-        first, *others = [encode(state_event()) for _ in range(3)]
+        publisher, client = _publisher(clock, limit=2)
+        first, *others = [encode(state_event()) for _ in range(ids)]
         for body in (first, *others):
             assert _post(publisher, body)[1]["status"] == "accepted"
-        assert _post(publisher, first)[1]["status"] == "accepted"  # forgotten: oldest of 3
-
-    def test_it_remembers_as_many_ids_as_its_limit(self) -> None:
-        clock = ManualClock(1000.0)
-        client = FakeServiceBusClient()
-        inner = ServiceBusPublisher(lambda: client, "smartcar-events", send_timeout=1.0)
-        publisher = RememberingPublisher(inner, window=DUPLICATE_WINDOW_SECONDS, limit=2,
-                                         clock=clock)
-        first, second = [encode(state_event()) for _ in range(2)]
-        for body in (first, second):
-            assert _post(publisher, body)[1]["status"] == "accepted"
-        assert _post(publisher, first)[1]["status"] == "duplicate"  # two ids: both kept
-        assert len([m for s in client.senders for m in s.sent]) == 2
+        # Two ids are both kept; of three, the oldest is forgotten and sent again.
+        assert _post(publisher, first)[1]["status"] == again
+        assert len([m for s in client.senders for m in s.sent]) == ids + (again == "accepted")
