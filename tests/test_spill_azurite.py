@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 import uuid
+from typing import Any
 
 import pytest
 from azure.storage.blob.aio import ContainerClient
@@ -138,7 +140,7 @@ class TestSpillListRedriveDelete:
 
 class TestMissingContainer:
     def test_the_first_spill_creates_the_container(
-        self, azurite_blob_port: int, container_name: str
+        self, azurite_blob_port: int, container_name: str, caplog: pytest.LogCaptureFixture
     ) -> None:
         async def scenario() -> None:
             store = build_connection_string_spill_store(
@@ -154,6 +156,50 @@ class TestMissingContainer:
                 assert await store.get(name) == message(7)
             finally:
                 await store.close()
+
+        asyncio.run(scenario())
+        # Once, and said: an operator seeing it more than once has a container that vanishes.
+        assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "shared.spill"] == [
+            (logging.WARNING, "spill container missing; creating it")]
+
+    def test_a_container_created_meanwhile_by_another_instance_is_used(
+        self, azurite_blob_port: int, container_name: str
+    ) -> None:
+        # Two instances spill the same event at once (Smartcar's retry reached the second) into
+        # a container neither has seen: both find it missing, the other creates it and stores
+        # the record first. This instance's create then finds it existing, and its write
+        # replaces the record: the spill succeeds (a refused write was a 503 for an event that
+        # was in fact stored).
+        cs = connection_string("blob", azurite_blob_port)
+        other = build_connection_string_spill_store(cs, container_name)
+
+        class Raced:
+            """The real ContainerClient; the other instance's spill runs just before its
+            create_container."""
+
+            def __init__(self) -> None:
+                self.client = ContainerClient.from_connection_string(
+                    cs, container_name, **blob_client_options())
+
+            async def upload_blob(self, *args: Any, **kwargs: Any) -> Any:
+                return await self.client.upload_blob(*args, **kwargs)
+
+            async def create_container(self) -> Any:
+                await other.put(message(5))
+                return await self.client.create_container()
+
+            async def close(self) -> None:
+                await self.client.close()
+
+        async def scenario() -> None:
+            store = BlobSpillStore(Raced)
+            try:
+                await store.put(message(5))
+                (name,) = await other.names(limit=10)
+                assert await other.get(name) == message(5)
+            finally:
+                await store.close()
+                await other.close()
 
         asyncio.run(scenario())
 
