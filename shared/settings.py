@@ -259,7 +259,8 @@ def function_timeout_from_host_json(path: Path = HOST_JSON) -> float:
     because the local host always bounds a delivery.
     """
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("functionTimeout")
+        # Bytes: json detects UTF-8 (with or without a byte order mark), -16 and -32 itself.
+        value = json.loads(path.read_bytes()).get("functionTimeout")
     except (OSError, ValueError, AttributeError) as exc:
         raise ValueError(f"cannot read functionTimeout from {path}: {exc}") from None
     match = _TIMESPAN.fullmatch(value) if isinstance(value, str) else None
@@ -484,11 +485,12 @@ def _is_https_endpoint(uri: str) -> bool:
 
 def _is_storage_connection_string(value: str) -> bool:
     """The shape the Storage SDK accepts: `;`-separated key=value pairs naming an endpoint and
-    a credential, or the Azurite shortcut."""
-    pairs = [part.split("=", 1) for part in value.strip().rstrip(";").split(";")]
-    if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+    a credential, or the Azurite shortcut. Read as the SDK reads it: names in any letter case,
+    but nothing trimmed (` AccountKey` is not `AccountKey` to the SDK)."""
+    pairs = [part.split("=", 1) for part in value.rstrip(";").split(";")]
+    if any(len(pair) != 2 or not pair[0] for pair in pairs):
         return False
-    keys = {key.strip().lower(): val.strip() for key, val in pairs}
+    keys = {key.lower(): val for key, val in pairs}
     if keys.get("usedevelopmentstorage") == "true":  # the SDK matches it case-sensitively
         return True
     has_endpoint = bool(keys.get("accountname") or keys.get("blobendpoint"))

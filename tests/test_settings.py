@@ -139,11 +139,32 @@ class TestHostStorageConventions:
         assert "AzureWebJobsStorage holds a connection string, which is for local development only" in message
         assert AZURITE_KEY not in message
 
+    @pytest.mark.parametrize("conn", [
+        f"AccountName=st;AccountKey={AZURITE_KEY}",  # the account's public-cloud endpoints
+        "BlobEndpoint=https://st.blob.core.windows.net/;"
+        "SharedAccessSignature=sv=2024-11-04&ss=b&srt=co&sp=rwdlac&se=2030-01-01&sig=c2ln",
+        "AccountName=X;AccountKey=X;",  # one character each, and a trailing separator
+        f"accountname=st;accountkey={AZURITE_KEY}",  # names in any letter case
+    ])
+    def test_each_shape_the_storage_sdk_takes_is_accepted(self, conn: str) -> None:
+        """An endpoint (an account name or a blob endpoint) and a credential (a key or a
+        SAS): the shapes the Storage SDK builds a client from, here Azure's own parser."""
+        from azure.storage.blob import BlobServiceClient
+
+        kept = load_settings({"AzureWebJobsStorage": conn}).storage_connection_string
+        assert kept == conn.strip()
+        client = BlobServiceClient.from_connection_string(kept)
+        assert client.url.startswith("https://")
+        assert client.credential is not None or "sig=" in client.url  # a key, or the SAS
+
     @pytest.mark.parametrize("value", [
         "not a connection string",
         f"AccountKey={AZURITE_KEY}",  # no account, no endpoint
         "AccountName=st",  # no credential
         "UseDevelopmentStorage=True",  # the SDK only knows lower-case true
+        f"=orphan;AccountName=st;AccountKey={AZURITE_KEY}",  # a value without a name
+        "BlobEndpoint=https://st.blob.core.windows.net/",  # an endpoint, no credential
+        f"AccountName=st; AccountKey={AZURITE_KEY}",  # " AccountKey" is no name the SDK knows
     ])
     def test_a_malformed_connection_string_is_named_without_echoing_it(self, value: str) -> None:
         with pytest.raises(SettingsError) as err:
@@ -206,6 +227,17 @@ class TestFunctionTimeout:
             f"FUNCTION_TIMEOUT_SECONDS must be a positive number of seconds, got '{value}'"
         )):
             load_settings({"FUNCTION_TIMEOUT_SECONDS": value})
+
+    @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])
+    def test_host_json_is_read_in_any_unicode_encoding(self, tmp_path: Path,
+                                                       encoding: str) -> None:
+        """Whatever the machine's locale: a host.json saved by a Windows editor (with a byte
+        order mark, or as UTF-16) is read as the Functions host reads it."""
+        host_json = tmp_path / "host.json"
+        host_json.write_text(json.dumps({"version": "2.0", "functionTimeout": "00:00:42",
+                                         "description": "Zürich"}, ensure_ascii=False),
+                             encoding=encoding)
+        assert load_settings({}, host_json=host_json).function_timeout_seconds == 42.0
 
     @pytest.mark.parametrize("content", ['{"version": "2.0"}', '{"functionTimeout": "-1"}', "{"])
     def test_an_unusable_host_json_is_named_when_the_setting_is_unset(
