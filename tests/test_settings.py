@@ -231,8 +231,8 @@ class TestFunctionTimeout:
     @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])
     def test_host_json_is_read_in_any_unicode_encoding(self, tmp_path: Path,
                                                        encoding: str) -> None:
-        """Whatever the machine's locale: a host.json saved by a Windows editor (with a byte
-        order mark, or as UTF-16) is read as the Functions host reads it."""
+        """Whatever the machine's locale, a host.json saved by a Windows editor (with a byte
+        order mark, or as UTF-16) gives the local host its timeout."""
         host_json = tmp_path / "host.json"
         host_json.write_text(json.dumps({"version": "2.0", "functionTimeout": "00:00:42",
                                          "description": "Zürich"}, ensure_ascii=False),
