@@ -70,6 +70,11 @@ class TestMalformed:
             ({"MAX_DELIVERY_COUNT": "0"}, "MAX_DELIVERY_COUNT must be at least 1"),
             ({"RETRY_BACKOFF_BASE_SECONDS": "x"}, "RETRY_BACKOFF_BASE_SECONDS must be a number"),
             ({"KEY_VAULT_URI": "kv.vault.azure.net"}, "KEY_VAULT_URI must be the vault's https URI"),
+            # The token must not travel in clear text, nor go to a host the URI does not name.
+            ({"KEY_VAULT_URI": "http://kv.vault.azure.net/"},
+             "KEY_VAULT_URI must be the vault's https URI"),
+            ({"KEY_VAULT_URI": "https:kv.vault.azure.net"},
+             "KEY_VAULT_URI must be the vault's https URI"),
             ({"SPILL_CONTAINER_NAME": "Spill_Box"}, "SPILL_CONTAINER_NAME must be a blob container name"),
             ({"AzureWebJobsStorage__accountName": "my-account"}, "AzureWebJobsStorage__accountName must be a storage account name"),
             (
@@ -209,7 +214,7 @@ class TestFunctionTimeout:
         assert load_settings({}).function_timeout_seconds == hours * 3600 + minutes * 60 + seconds
 
     @pytest.mark.parametrize(("timespan", "seconds"), [
-        ("00:00:42", 42.0), ("01:30:00", 5400.0), ("1.00:00:00.5", 86400.5),
+        ("00:00:42", 42.0), ("01:30:00", 5400.0), ("1.00:00:00.5", 86400.5), ("00:00:01", 1.0),
     ])
     def test_a_changed_host_json_changes_the_default(
         self, tmp_path: Path, timespan: str, seconds: float
@@ -238,6 +243,15 @@ class TestFunctionTimeout:
                                          "description": "Zürich"}, ensure_ascii=False),
                              encoding=encoding)
         assert load_settings({}, host_json=host_json).function_timeout_seconds == 42.0
+
+    def test_a_zero_timeout_in_host_json_is_refused(self, tmp_path: Path) -> None:
+        """The local host always bounds a delivery: no time at all is no bound it can keep."""
+        host_json = tmp_path / "host.json"
+        host_json.write_text('{"functionTimeout": "00:00:00"}')
+        with pytest.raises(SettingsError) as err:
+            load_settings({}, host_json=host_json)
+        assert (f"FUNCTION_TIMEOUT_SECONDS is unset and its default failed: functionTimeout in "
+                f"{host_json} must be positive, got '00:00:00'") in str(err.value)
 
     @pytest.mark.parametrize("content", ['{"version": "2.0"}', '{"functionTimeout": "-1"}', "{"])
     def test_an_unusable_host_json_is_named_when_the_setting_is_unset(
