@@ -31,6 +31,15 @@ class TestDefaults:
         s = load_settings({"MAX_BODY_BYTES": "  ", "SMARTCAR_MANAGEMENT_TOKEN": ""})
         assert s.max_body_bytes == 196608 and s.using_dev_token
 
+    def test_set_values_are_taken_over_the_defaults(self) -> None:
+        """Rotating the signing token: both are read, and neither is the development one."""
+        s = load_settings({"SMARTCAR_MANAGEMENT_TOKEN": "new-amt",
+                           "SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN": "old-amt",
+                           "SERVICEBUS_QUEUE_NAME": "fleet-events"})
+        assert (s.management_token, s.previous_management_token) == ("new-amt", "old-amt")
+        assert s.using_dev_token is False
+        assert s.queue_name == "fleet-events"
+
     def test_every_default_is_a_known_setting(self) -> None:
         assert set(DEFAULTS) <= APP_SETTINGS
         assert LOCAL_ONLY_SETTINGS <= APP_SETTINGS
@@ -79,6 +88,10 @@ class TestMalformed:
             ({"AzureWebJobsStorage__accountName": "my-account"}, "AzureWebJobsStorage__accountName must be a storage account name"),
             (
                 {"ServiceBusConnection__fullyQualifiedNamespace": "Endpoint=sb://x/;Key=y"},
+                "ServiceBusConnection__fullyQualifiedNamespace must be a host name",
+            ),
+            (  # a URL, though it names a host
+                {"ServiceBusConnection__fullyQualifiedNamespace": "sb://x.servicebus.windows.net"},
                 "ServiceBusConnection__fullyQualifiedNamespace must be a host name",
             ),
         ],
