@@ -40,6 +40,22 @@ class TestDefaults:
         assert s.using_dev_token is False
         assert s.queue_name == "fleet-events"
 
+    @pytest.mark.parametrize(("name", "lowest", "field"), [
+        ("MAX_DELIVERY_COUNT", "1", "max_delivery_count"),
+        ("MAX_BODY_BYTES", "1024", "max_body_bytes"),
+        ("LOCAL_MAX_CONNECTIONS", "1", "local_max_connections"),
+        ("RETRY_BACKOFF_BASE_SECONDS", "0", "retry_backoff_base_seconds"),
+        ("RETRY_BACKOFF_MAX_SECONDS", "0", "retry_backoff_max_seconds"),
+        ("TOKEN_CACHE_SECONDS", "1", "token_cache_seconds"),
+        ("LOW_BATTERY_PERCENT", "0", "low_battery_percent"),
+    ])
+    def test_each_number_is_accepted_at_its_minimum(
+            self, name: str, lowest: str, field: str) -> None:
+        """The lowest value is allowed, and is the value used; one less is refused, named."""
+        assert getattr(load_settings({name: lowest}), field) == float(lowest)
+        with pytest.raises(SettingsError, match=f"{name} must be at least {lowest}, got "):
+            load_settings({name: str(int(lowest) - 1)})
+
     def test_every_default_is_a_known_setting(self) -> None:
         assert set(DEFAULTS) <= APP_SETTINGS
         assert LOCAL_ONLY_SETTINGS <= APP_SETTINGS
