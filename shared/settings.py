@@ -409,7 +409,7 @@ def load_settings(
             f"container of that storage account"
         )
 
-    store_switch = (_get(env, VEHICLE_STATE_STORE) or "on").lower()
+    store_switch = (_get(env, VEHICLE_STATE_STORE) or DEFAULTS[VEHICLE_STATE_STORE]).lower()
     if store_switch not in ("on", "off"):
         problems.append(
             f"{VEHICLE_STATE_STORE} must be on or off, got {_get(env, VEHICLE_STATE_STORE)!r}"

@@ -56,6 +56,13 @@ class TestDefaults:
         with pytest.raises(SettingsError, match=f"{name} must be at least {lowest}, got "):
             load_settings({name: str(int(lowest) - 1)})
 
+    @pytest.mark.parametrize(("value", "port"), [(None, None), ("8123", 8123), ("0", 0)])
+    def test_the_inspector_port_is_read_when_set(self, value: str | None,
+                                                 port: int | None) -> None:
+        """Unset, the local host picks PORT + 1; 0 asks for any free port."""
+        env = {} if value is None else {"INSPECTOR_PORT": value}
+        assert load_settings(env).inspector_port == port
+
     def test_every_default_is_a_known_setting(self) -> None:
         assert set(DEFAULTS) <= APP_SETTINGS
         assert LOCAL_ONLY_SETTINGS <= APP_SETTINGS
@@ -101,6 +108,8 @@ class TestMalformed:
             ({"KEY_VAULT_URI": "https:kv.vault.azure.net"},
              "KEY_VAULT_URI must be the vault's https URI"),
             ({"SPILL_CONTAINER_NAME": "Spill_Box"}, "SPILL_CONTAINER_NAME must be a blob container name"),
+            ({"SPILL_CONTAINER_NAME": "spill--box"},  # Blob refuses consecutive hyphens
+             "SPILL_CONTAINER_NAME must be a blob container name"),
             ({"AzureWebJobsStorage__accountName": "my-account"}, "AzureWebJobsStorage__accountName must be a storage account name"),
             (
                 {"ServiceBusConnection__fullyQualifiedNamespace": "Endpoint=sb://x/;Key=y"},
