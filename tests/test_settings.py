@@ -56,7 +56,15 @@ class TestDefaults:
         with pytest.raises(SettingsError, match=f"{name} must be at least {lowest}, got "):
             load_settings({name: str(int(lowest) - 1)})
 
-    @pytest.mark.parametrize(("value", "port"), [(None, None), ("8123", 8123), ("0", 0)])
+    @pytest.mark.parametrize("value", ["65536", "-1", "any", "\u0663"])  # a digit, not ASCII
+    def test_an_inspector_port_that_is_no_tcp_port_is_refused(self, value: str) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings({"INSPECTOR_PORT": value})
+        assert (f"INSPECTOR_PORT must be a TCP port (0-65535, 0 for any free port), got "
+                f"{value!r}; leave it unset for the local host's PORT + 1") in str(err.value)
+
+    @pytest.mark.parametrize(("value", "port"), [(None, None), ("8123", 8123), ("0", 0),
+                                                 ("65535", 65535)])
     def test_the_inspector_port_is_read_when_set(self, value: str | None,
                                                  port: int | None) -> None:
         """Unset, the local host picks PORT + 1; 0 asks for any free port."""
