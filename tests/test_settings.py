@@ -102,6 +102,15 @@ class TestAzure:
 
 
 class TestMalformed:
+    def test_every_problem_is_named_at_once_with_where_to_look(self) -> None:
+        """One start-up failure lists every problem, so a deploy is fixed in one round."""
+        with pytest.raises(SettingsError) as err:
+            load_settings({"MAX_BODY_BYTES": "10", "MAX_DELIVERY_COUNT": "0"})
+        assert str(err.value) == (
+            "Invalid configuration: MAX_DELIVERY_COUNT must be at least 1, got '0'; "
+            "MAX_BODY_BYTES must be at least 1024, got '10'. See docs/configuration.md and "
+            "local.settings.json.example.")
+
     @pytest.mark.parametrize(
         ("env", "message"),
         [
