@@ -35,10 +35,15 @@ class TestDefaults:
         """Rotating the signing token: both are read, and neither is the development one."""
         s = load_settings({"SMARTCAR_MANAGEMENT_TOKEN": "new-amt",
                            "SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN": "old-amt",
-                           "SERVICEBUS_QUEUE_NAME": "fleet-events"})
+                           "SERVICEBUS_QUEUE_NAME": "fleet-events",
+                           "SPILL_CONTAINER_NAME": "fleet-spill",
+                           "VEHICLE_STATE_TABLE": "fleetstate",
+                           "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=k"})
         assert (s.management_token, s.previous_management_token) == ("new-amt", "old-amt")
         assert s.using_dev_token is False
-        assert s.queue_name == "fleet-events"
+        assert (s.queue_name, s.spill_container_name, s.vehicle_state_table) == (
+            "fleet-events", "fleet-spill", "fleetstate")
+        assert s.appinsights_connection_string == "InstrumentationKey=k"
 
     @pytest.mark.parametrize(("name", "lowest", "field"), [
         ("MAX_DELIVERY_COUNT", "1", "max_delivery_count"),
