@@ -452,7 +452,8 @@ def load_settings(
         previous_management_token=previous,
         using_dev_token=using_dev_token,
         key_vault_uri=key_vault_uri,
-        token_secret_name=_get(env, SMARTCAR_TOKEN_SECRET_NAME) or "",
+        token_secret_name=(_get(env, SMARTCAR_TOKEN_SECRET_NAME)
+                           or DEFAULTS[SMARTCAR_TOKEN_SECRET_NAME]),
         token_cache_seconds=token_cache,
         servicebus_namespace=namespace,
         queue_name=queue_name,
@@ -461,7 +462,7 @@ def load_settings(
         retry_backoff_base_seconds=backoff_base,
         retry_backoff_max_seconds=backoff_max,
         low_battery_percent=low_battery,
-        local_state_dir=Path(_get(env, LOCAL_STATE_DIR) or ".local"),
+        local_state_dir=Path(_get(env, LOCAL_STATE_DIR) or DEFAULTS[LOCAL_STATE_DIR]),
         appinsights_connection_string=_get(env, APPLICATIONINSIGHTS_CONNECTION_STRING),
         spill_container_name=spill_container,
         storage_account_name=account,

@@ -38,12 +38,15 @@ class TestDefaults:
                            "SERVICEBUS_QUEUE_NAME": "fleet-events",
                            "SPILL_CONTAINER_NAME": "fleet-spill",
                            "VEHICLE_STATE_TABLE": "fleetstate",
-                           "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=k"})
+                           "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=k",
+                           "SMARTCAR_TOKEN_SECRET_NAME": "fleet-amt",
+                           "LOCAL_STATE_DIR": "/var/lib/fleet"})
         assert (s.management_token, s.previous_management_token) == ("new-amt", "old-amt")
         assert s.using_dev_token is False
         assert (s.queue_name, s.spill_container_name, s.vehicle_state_table) == (
             "fleet-events", "fleet-spill", "fleetstate")
         assert s.appinsights_connection_string == "InstrumentationKey=k"
+        assert (s.token_secret_name, s.local_state_dir) == ("fleet-amt", Path("/var/lib/fleet"))
 
     @pytest.mark.parametrize(("name", "lowest", "field"), [
         ("MAX_DELIVERY_COUNT", "1", "max_delivery_count"),
