@@ -297,8 +297,7 @@ def retry_of(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def total(otel: Captured, metric: str) -> float:  # noqa: F811
-    values: list[float] = [point.value for _, point in otel.points().get(metric, [])]
-    return sum(values)
+    return otel.total(metric)
 
 
 class TestOverHttp:

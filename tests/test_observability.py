@@ -96,6 +96,10 @@ class Captured:
                         )
         return found
 
+    def total(self, name: str) -> float:
+        """The sum of a counter's data points so far (0 before its first count)."""
+        return float(sum(point.value for _, point in self.points().get(name, [])))
+
 
 @pytest.fixture
 def otel() -> Captured:

@@ -121,18 +121,8 @@ class TestFailures:
         assert len(clients[0].senders[1].sent) == 1
 
     def test_hanging_send_times_out_as_publish_error(self) -> None:
-        class Hanging:
-            async def send_messages(self, message: object) -> None:
-                await asyncio.sleep(60)
-
-            async def close(self) -> None:
-                return None
-
-        class Client:
-            def get_queue_sender(self, queue_name: str) -> Hanging:
-                return Hanging()
-
-        publisher = ServiceBusPublisher(Client, "q", send_timeout=0.05)
+        publisher = ServiceBusPublisher(lambda: OneSender(SlowSender(60)), "q",
+                                        send_timeout=0.05)
         body = encode(state_event())
         with pytest.raises(PublishError, match="TimeoutError"):
             asyncio.run(publisher.publish(outbound_message(body, peek_envelope(body))))

@@ -20,8 +20,6 @@ from typing import Any, NoReturn
 import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.blob.aio import ContainerClient, LinearRetry
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from shared import telemetry_names as names
 from shared.credentials import ProcessCredential
@@ -42,7 +40,7 @@ from shared.spill import (
     redrive,
     spill_name,
 )
-from shared.telemetry import Telemetry, set_telemetry
+from shared.telemetry import set_telemetry
 
 from .azurite import connection_string
 from .fakes import (
@@ -53,6 +51,7 @@ from .fakes import (
     RecordingPublisher,
 )
 from .hurried import run_hurried
+from .test_observability import Captured, otel  # noqa: F401 - the fixture
 
 MESSAGE = OutboundMessage(
     body=b'{"eventId":"e1", "x": 1.0, "s": "\\u00e9"}',
@@ -207,23 +206,11 @@ def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 @pytest.fixture
-def counted() -> Iterator[Callable[[str], float]]:
+def counted(otel: Captured) -> Iterator[Callable[[str], float]]:  # noqa: F811
     """The process's telemetry on an in-memory meter: the total of one counter so far."""
-    reader = InMemoryMetricReader()
-    set_telemetry(Telemetry(meter_provider=MeterProvider(metric_readers=[reader])))
-
-    def total(name: str) -> float:
-        data = reader.get_metrics_data()
-        return sum(
-            point.value
-            for rm in (data.resource_metrics if data is not None else [])
-            for sm in rm.scope_metrics
-            for metric in sm.metrics if metric.name == name
-            for point in metric.data.data_points if isinstance(point, NumberDataPoint)
-        )
-
+    set_telemetry(otel.telemetry)
     try:
-        yield total
+        yield otel.total
     finally:
         set_telemetry(None)
 
