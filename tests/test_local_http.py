@@ -88,6 +88,17 @@ class Server:
         return sock
 
 
+#: How long these tests' servers read on after a refusal: the default's 2 s would be waited out
+#: by every test that reads a refused connection to its end.
+TEST_LINGER_SECONDS = 0.25
+
+
+@pytest.fixture(autouse=True)
+def short_linger(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("default_linger") is None:
+        monkeypatch.setattr(http_module, "LINGER_SECONDS", TEST_LINGER_SECONDS)
+
+
 @pytest.fixture
 def server() -> Iterator[Server]:
     s = Server()
@@ -374,6 +385,7 @@ class TestBodyLimit:
         assert answer.startswith(b"HTTP/1.1 413 ")
         assert server.seen == []
 
+    @pytest.mark.default_linger
     def test_the_answer_survives_a_client_that_keeps_sending(self, server: Server) -> None:
         """Closing with the rest of the body still arriving would send a reset, and a reset
         discards the answer waiting in the client's buffer: the server reads on a while."""
