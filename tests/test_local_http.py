@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import json
+import logging
 import socket
 import threading
 import time
@@ -114,6 +116,12 @@ def read_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+def debug_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the server logged at DEBUG, in order."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == http_module.__name__ and r.levelno == logging.DEBUG]
 
 
 def response_of(raw: bytes) -> http.client.HTTPResponse:
@@ -262,8 +270,10 @@ class TestRefused:
         assert read_all(sock).startswith(b"HTTP/1.1 %d " % status)
         assert server.seen == []
 
+    # differing_executors: `make mutate` runs this method many times in one process.
     @settings(max_examples=150, deadline=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture])
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.differing_executors])
     @given(
         line=st.tuples(st.sampled_from(["GET", "POST", "PUT", "get", "", "P\x00ST"]),
                        st.sampled_from(["/echo", "/nothing", "echo", "/e cho", "*", ""]),
@@ -436,18 +446,28 @@ class TestTimeouts:
             s.stop()
             s.close()
 
-    def test_slow_head_idle_connection_and_stalled_body(self) -> None:
+    def test_slow_head_idle_connection_and_stalled_body(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.DEBUG, logger=http_module.__name__)
         s = Server(header_timeout=0.3, idle_timeout=0.3, body_timeout=0.3)
         try:
             slow = s.raw()
             slow.sendall(b"GET /echo HTTP/1.1\r\n")
             assert read_all(slow) == b""  # closed without an answer
+            assert debug_lines(caplog) == [
+                "closing a connection idle, or without a complete request head, too long"]
             idle = s.raw()
             idle.sendall(b"GET /echo HTTP/1.1\r\n\r\n")
             assert read_all(idle).startswith(b"HTTP/1.1 200")  # then closed when idle
             stalled = s.raw()
             stalled.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
-            assert read_all(stalled).startswith(b"HTTP/1.1 408")
+            status, headers, body = answer_of(stalled)
+            assert (status, headers["connection"]) == (408, "close")
+            assert json.loads(body) == {"error": (
+                "request body not received in time (at most 0.3 s, and at least "
+                f"{http_module.MIN_BODY_RATE} bytes a second after the first "
+                f"{http_module.BODY_RATE_GRACE_SECONDS:g} s)")}
         finally:
             s.stop()
             s.close()
@@ -455,8 +475,9 @@ class TestTimeouts:
 
 class TestConnectionCap:
     def test_a_new_connection_closes_the_oldest_idle_one_never_one_being_answered(
-        self,
+        self, caplog: pytest.LogCaptureFixture
     ) -> None:
+        caplog.set_level(logging.DEBUG, logger=http_module.__name__)
         s = Server(max_connections=2)
         try:
             idle = s.raw()
@@ -470,6 +491,8 @@ class TestConnectionCap:
             assert newcomer.getresponse().status == 200
             assert read_all(idle) == b""  # closed to make room
             assert b"slow" in busy.recv(1000)  # answered all the same
+            assert debug_lines(caplog) == [
+                "closing a idle connection: the connection limit is reached"]
             assert len(s.server.connections) == 2
         finally:
             s.stop()
@@ -477,10 +500,11 @@ class TestConnectionCap:
 
 
     def test_a_newcomer_is_never_its_own_victim_when_every_other_connection_is_a_slow_body(
-        self,
+        self, caplog: pytest.LogCaptureFixture
     ) -> None:
         """A new connection starts idle; were it counted before room is made, it would be the
         only idle one, and so the one closed, and nobody could get in past slow bodies."""
+        caplog.set_level(logging.DEBUG, logger=http_module.__name__)
         s = Server(max_connections=2)
         try:
             slow = [s.raw(), s.raw()]
@@ -491,6 +515,8 @@ class TestConnectionCap:
             newcomer.request("GET", "/echo")
             assert newcomer.getresponse().status == 200
             assert read_all(slow[0]) == b""  # the oldest slow body made room
+            assert debug_lines(caplog) == [
+                "closing a body connection: the connection limit is reached"]
         finally:
             s.stop()
             s.close()
@@ -498,10 +524,11 @@ class TestConnectionCap:
 
 class TestUnreadAnswers:
     def test_a_client_that_never_reads_its_answers_is_dropped_after_the_idle_timeout(
-        self,
+        self, caplog: pytest.LogCaptureFixture
     ) -> None:
         """Its answers pile up, reading from it pauses, and it cannot hold its connection
         (which is never evicted while it is being answered) for ever."""
+        caplog.set_level(logging.DEBUG, logger=http_module.__name__)
         s = Server(idle_timeout=0.5)
         try:
             sock = socket.create_connection(("127.0.0.1", s.port))
@@ -524,6 +551,8 @@ class TestUnreadAnswers:
             while s.server.connections and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert len(s.server.connections) == 0
+            assert "dropping a connection whose answers were not read for 0.5 s" in (
+                debug_lines(caplog))
         finally:
             s.stop()
             s.close()
@@ -582,3 +611,46 @@ class TestStop:
                 pass  # aborted: a reset is what an abort sends
         finally:
             s.close()
+
+
+def answer_of(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The one answer a connection gets before it is closed: status, headers, body."""
+    raw = read_all(sock)
+    resp = response_of(raw)
+    body = resp.read()
+    assert raw.count(b"HTTP/1.1 ") == 1, raw
+    return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+
+
+class TestWhatARefusalSays:
+    """A refused request gets a JSON body that says why, `Connection: close`, and the close;
+    the reason is logged at DEBUG (a stranger's bad request is no warning)."""
+
+    @pytest.mark.parametrize("head, reason", [
+        (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: gzip, chunked",
+         "only the chunked transfer coding is supported"),
+        (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunkedX",
+         "only the chunked transfer coding is supported"),
+        (b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked",
+         "Transfer-Encoding in an HTTP/1.0 request"),
+        (b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\xa0",
+         "invalid character in the Transfer-Encoding field"),
+        (b"GET http://127.0.0.1/echo HTTP/1.1", "the request target must be a path"),
+        (b"GET /echo HTTP/1.1\r\nUpgrade: h2c\r\nConnection: upgrade",
+         "protocol upgrades and CONNECT are not supported"),
+        (b"GET /echo HTTP/1.1\r\nX: " + b"a" * MAX_HEAD_BYTES,
+         f"request head larger than {MAX_HEAD_BYTES} bytes"),
+    ])
+    def test_the_answer_is_json_with_the_reason_and_the_connection_closes(
+        self, server: Server, caplog: pytest.LogCaptureFixture, head: bytes, reason: str
+    ) -> None:
+        caplog.set_level(logging.DEBUG, logger=http_module.__name__)
+        sock = server.raw()
+        sock.sendall(head + b"\r\n\r\n")
+        status, headers, body = answer_of(sock)
+        assert status in (400, 431)
+        assert headers["content-type"] == "application/json"
+        assert headers["connection"] == "close"
+        assert json.loads(body) == {"error": reason}
+        assert debug_lines(caplog) == [f"refusing a request: {reason}"]
+        assert server.seen == []
