@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.local import http as http_module
+from shared.local.connections import BODY_RATE_GRACE_SECONDS, MIN_BODY_RATE
 from shared.local.http import (
     MAX_HEAD_BYTES,
     HttpServer,
@@ -466,8 +467,8 @@ class TestTimeouts:
             assert (status, headers["connection"]) == (408, "close")
             assert json.loads(body) == {"error": (
                 "request body not received in time (at most 0.3 s, and at least "
-                f"{http_module.MIN_BODY_RATE} bytes a second after the first "
-                f"{http_module.BODY_RATE_GRACE_SECONDS:g} s)")}
+                f"{MIN_BODY_RATE} bytes a second after the first "
+                f"{BODY_RATE_GRACE_SECONDS:g} s)")}
         finally:
             s.stop()
             s.close()
