@@ -589,10 +589,32 @@ class TestStop:
             busy = s.raw()
             busy.sendall(b"GET /slow HTTP/1.1\r\n\r\n")
             time.sleep(0.1)
+            started = time.monotonic()
             s.stop(grace=5)
+            # Not the grace: the idle connection was closed at once, the slow answer ended.
+            assert time.monotonic() - started < 3
             assert read_all(idle) == b""
             data = read_all(busy)
             assert data.startswith(b"HTTP/1.1 200") and b"Connection: close" in data
+        finally:
+            s.close()
+
+    def test_a_refused_connection_still_lingering_is_closed_at_once(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Its answer is written and nothing more is parsed: it is idle, whatever it was
+        in the middle of when it was refused."""
+        monkeypatch.setattr(http_module, "LINGER_SECONDS", 30.0)
+        s = Server()
+        try:
+            refused = s.raw()
+            refused.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 5\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n")
+            assert refused.recv(1000).startswith(b"HTTP/1.1 400")
+            started = time.monotonic()
+            s.stop(grace=5)
+            assert time.monotonic() - started < 3
+            assert read_all(refused) == b""
         finally:
             s.close()
 
@@ -655,3 +677,72 @@ class TestWhatARefusalSays:
         assert json.loads(body) == {"error": reason}
         assert debug_lines(caplog) == [f"refusing a request: {reason}"]
         assert server.seen == []
+
+
+class TestJsonAnswers:
+    def test_json_response_is_compact_json_with_its_content_type_and_extra_headers(
+        self,
+    ) -> None:
+        answer = http_module.json_response(405, {"error": "no", "more": [1, 2]}, Allow="GET")
+        assert answer.status == 405
+        assert answer.body == b'{"error":"no","more":[1,2]}'
+        assert answer.headers == {"Content-Type": "application/json", "Allow": "GET"}
+
+
+class TestPipelinedRefusal:
+    def test_a_refusal_behind_a_request_being_answered_waits_its_turn(
+        self, server: Server
+    ) -> None:
+        """The answer to the request before it comes first, then the 400, then the close."""
+        sock = server.raw()
+        sock.sendall(b"GET /slow HTTP/1.1\r\n\r\nGARBAGE\r\n\r\n")
+        data = read_all(sock)
+        assert data.count(b"HTTP/1.1 ") == 2
+        first, second = data.split(b"HTTP/1.1 ")[1:]
+        assert first.startswith(b"200 ") and first.endswith(b"slow")
+        assert second.startswith(b"400 ") and b"Connection: close\r\n" in second
+        assert json.loads(second.split(b"\r\n\r\n", 1)[1])["error"].startswith(
+            "malformed request: ")
+
+
+class TestTimerReuse:
+    def test_a_kept_alive_connection_closes_idle_after_a_late_first_request(self) -> None:
+        """One timer handle serves a connection's deadlines: when it fires before a deadline
+        that moved later (here the first head's, before the idle one), it waits on."""
+        s = Server(header_timeout=0.3, idle_timeout=0.4)
+        try:
+            sock = s.raw()
+            time.sleep(0.15)  # the idle deadline will be 0.25 s past the first one
+            sock.sendall(b"GET /echo HTTP/1.1\r\n\r\n")
+            sock.settimeout(5)
+            data = read_all(sock)
+            assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1") == 1
+        finally:
+            s.stop()
+            s.close()
+
+
+class TestReadingResumes:
+    #: Enough for the answers to outgrow the socket buffers and the transport's high-water mark.
+    REQUESTS = 20_000
+
+    def test_a_client_that_reads_its_answers_late_gets_every_one(self) -> None:
+        """Reading pauses while its answers are not read, and resumes once they are."""
+        s = Server(idle_timeout=30)
+        try:
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+            request = b"POST /echo HTTP/1.1\r\nContent-Length: 1000\r\n\r\n" + b"e" * 1000
+            sender = threading.Thread(target=lambda: sock.sendall(request * self.REQUESTS))
+            sender.start()
+            time.sleep(1)  # the server's answers pile up: it stops reading
+            assert sender.is_alive(), "the server read everything without its answers read"
+            answered, tail = 0, b""
+            while answered < self.REQUESTS:
+                chunk = tail + sock.recv(1 << 20)
+                answered += chunk.count(b"HTTP/1.1 200")
+                tail = chunk[-11:]  # an answer's start split between two reads: found next
+            sender.join(10)
+            assert not sender.is_alive()
+        finally:
+            s.stop()
+            s.close()

@@ -514,20 +514,20 @@ class _Connection(asyncio.Protocol):
             self._close()  # what the client sent before it finished is answered
 
     def _refuse(self, exc: BadRequest) -> None:
-        """Answer what came before in turn; then this refusal, and close."""
+        """Answer what came before in turn; then this refusal, and close. Called by `_feed`,
+        which parses only while no request is being answered."""
         logger.debug("refusing a request: %s", exc)
         self._dead = True
         self._in_head = self._in_body = False
         self._unparsed.clear()
         answer = encode_response(json_response(exc.status, {"error": str(exc)}), close=True)
-        if self._handling is None and not self._pending:
+        if not self._pending:
             self._write(answer)
             self._linger()
             return
-        # Pipelined requests before the refused one are still answered first.
+        # Requests that came before it in the same slice are still answered first.
         self._pending.append(_Pending(None, refusal=answer))
-        if self._handling is None:
-            self._next()
+        self._next()
 
     def _body_late(self) -> None:
         limit = self._server.body_timeout
