@@ -746,3 +746,17 @@ class TestReadingResumes:
         finally:
             s.stop()
             s.close()
+
+
+class TestHalfClosedClients:
+    def test_a_client_that_shuts_its_side_after_the_request_still_gets_the_answer(
+        self, server: Server
+    ) -> None:
+        """The end of the client's data is not the end of the exchange: the answer being
+        made is written, then the connection closes."""
+        sock = server.raw()
+        sock.sendall(b"GET /slow HTTP/1.1\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        data = read_all(sock)
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"slow")
+        assert b"Connection: close\r\n" in data
