@@ -62,9 +62,15 @@ class Server:
             await asyncio.sleep(0.3)
             return Response(200, b"slow")
 
+        async def stubborn(request: Request) -> Response:
+            while not self.release.is_set():  # ignores cancellation until released
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(0.05)
+            return Response(200, b"released")
+
         self.server = HttpServer(
             {("POST", "/echo"): echo, ("GET", "/echo"): echo, ("GET", "/fail"): fail,
-             ("GET", "/hang"): hang, ("GET", "/slow"): slow},
+             ("GET", "/hang"): hang, ("GET", "/slow"): slow, ("GET", "/stubborn"): stubborn},
             body_limit=LIMIT, header_timeout=header_timeout, idle_timeout=idle_timeout,
             body_timeout=body_timeout, max_connections=max_connections,
         )
@@ -633,6 +639,23 @@ class TestStop:
             except ConnectionResetError:
                 pass  # aborted: a reset is what an abort sends
         finally:
+            s.close()
+
+
+class TestStopIsBounded:
+    def test_stop_returns_when_a_route_ignores_its_cancellation(self) -> None:
+        """Stopping waits a second at most for the routes cancelled after the grace."""
+        s = Server()
+        try:
+            sock = s.raw()
+            sock.sendall(b"GET /stubborn HTTP/1.1\r\n\r\n")
+            time.sleep(0.1)
+            started = time.monotonic()
+            s.stop(grace=0.2)
+            assert time.monotonic() - started < 5
+        finally:
+            s.release.set()
+            time.sleep(0.2)  # the route sees it and returns: no task left pending at close
             s.close()
 
 
