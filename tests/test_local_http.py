@@ -480,6 +480,34 @@ class TestTimeouts:
             s.close()
 
 
+class TestPipelinedDeadlines:
+    def test_a_head_begun_behind_an_answered_request_gets_the_head_deadline(self) -> None:
+        """The next request's head, begun in the same packet as the one answered, is timed
+        from the answer: it does not complete, so the connection is closed."""
+        s = Server(header_timeout=0.3, idle_timeout=30)
+        try:
+            sock = s.raw()
+            sock.sendall(b"GET /echo HTTP/1.1\r\n\r\nGET /echo HTTP/1.1\r\nX: 1\r\n")
+            data = read_all(sock)
+            assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1") == 1
+        finally:
+            s.stop()
+            s.close()
+
+    def test_a_body_begun_behind_an_answered_request_gets_the_body_deadline(self) -> None:
+        s = Server(body_timeout=0.3, idle_timeout=30)
+        try:
+            sock = s.raw()
+            sock.sendall(b"GET /echo HTTP/1.1\r\n\r\n"
+                         b"POST /echo HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+            data = read_all(sock)
+            assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1") == 2
+            assert b"HTTP/1.1 408 " in data
+        finally:
+            s.stop()
+            s.close()
+
+
 class TestConnectionCap:
     def test_a_new_connection_closes_the_oldest_idle_one_never_one_being_answered(
         self, caplog: pytest.LogCaptureFixture
