@@ -39,7 +39,8 @@ class Server:
     route and a hanging one."""
 
     def __init__(self, *, header_timeout: float = 5.0, idle_timeout: float = 5.0,
-                 body_timeout: float = 5.0, max_connections: int = 1000) -> None:
+                 body_timeout: float = 5.0, max_connections: int = 1000,
+                 body_limit: int = LIMIT) -> None:
         self.loop = asyncio.new_event_loop()
         self.seen: list[Request] = []
         self.release = threading.Event()
@@ -71,7 +72,7 @@ class Server:
         self.server = HttpServer(
             {("POST", "/echo"): echo, ("GET", "/echo"): echo, ("GET", "/fail"): fail,
              ("GET", "/hang"): hang, ("GET", "/slow"): slow, ("GET", "/stubborn"): stubborn},
-            body_limit=LIMIT, header_timeout=header_timeout, idle_timeout=idle_timeout,
+            body_limit=body_limit, header_timeout=header_timeout, idle_timeout=idle_timeout,
             body_timeout=body_timeout, max_connections=max_connections,
         )
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -400,6 +401,9 @@ class TestBodyLimit:
         except ConnectionResetError:
             pass
         assert answer.startswith(b"HTTP/1.1 413 ")
+        assert json.loads(response_of(answer).read()) == {"error": (
+            "chunk-size lines, extensions and trailers larger than "
+            f"{http_module.MAX_FRAMING_BYTES} bytes")}
         assert server.seen == []
 
     @pytest.mark.default_linger
@@ -688,7 +692,7 @@ def answer_of(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     raw = read_all(sock)
     resp = response_of(raw)
     body = resp.read()
-    assert raw.count(b"HTTP/1.1 ") == 1, raw
+    assert raw.count(b"\r\n\r\n") == 1 and raw.endswith(b"\r\n\r\n" + body), raw
     return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
 
 
@@ -710,6 +714,10 @@ class TestWhatARefusalSays:
          "protocol upgrades and CONNECT are not supported"),
         (b"GET /echo HTTP/1.1\r\nX: " + b"a" * MAX_HEAD_BYTES,
          f"request head larger than {MAX_HEAD_BYTES} bytes"),
+        # Still in progress when it passes the limit (counted slice by slice).
+        (b"GET /echo HTTP/1.1\r\nX: " + b"a" * (2 * MAX_HEAD_BYTES),
+         f"request head larger than {MAX_HEAD_BYTES} bytes"),
+        (b"GET /echo HTTP/2.0", "HTTP/2.0 is not supported (HTTP/1.1 or HTTP/1.0)"),
     ])
     def test_the_answer_is_json_with_the_reason_and_the_connection_closes(
         self, server: Server, caplog: pytest.LogCaptureFixture, head: bytes, reason: str
@@ -807,3 +815,47 @@ class TestHalfClosedClients:
         data = read_all(sock)
         assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"slow")
         assert b"Connection: close\r\n" in data
+
+
+class TestBodyAccounting:
+    def test_a_body_one_byte_over_the_limit_is_cut(self, server: Server) -> None:
+        conn = server.client()
+        conn.request("POST", "/echo", body=b"z" * (LIMIT + 1))
+        resp = conn.getresponse()
+        assert resp.getheader("X-Truncated") == "True" and resp.read() == b"z" * (LIMIT + 1)
+
+    def test_a_large_body_in_small_chunks_is_data_not_framing(self) -> None:
+        """Only size lines, extensions and trailers count against MAX_FRAMING_BYTES: here
+        150 KB of data in 1,000 chunks, with about 6 KB of framing."""
+        s = Server(body_limit=200_000)
+        try:
+            sock = s.raw()
+            chunks = b"".join(b"96\r\n" + b"c" * 150 + b"\r\n" for _ in range(1000))
+            sock.sendall(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                         b"Connection: close\r\n\r\n" + chunks + b"0\r\n\r\n")
+            resp = response_of(read_all(sock))
+            assert resp.status == 200 and resp.getheader("X-Truncated") == "False"
+            assert resp.read() == b"c" * 150_000
+        finally:
+            s.stop()
+            s.close()
+
+    def test_a_body_arriving_above_the_minimum_rate_outlives_its_grace(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The rate deadline moves on as data comes: 100 bytes every 40 ms (2,500 bytes a
+        second) for 0.36 s is never late, though the grace is 0.2 s."""
+        monkeypatch.setattr(http_module, "BODY_RATE_GRACE_SECONDS", 0.2)
+        s = Server(body_timeout=60)
+        try:
+            sock = s.raw()
+            sock.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 900\r\n"
+                         b"Connection: close\r\n\r\n")
+            for _ in range(9):
+                time.sleep(0.04)
+                sock.sendall(b"r" * 100)
+            resp = response_of(read_all(sock))
+            assert resp.status == 200 and resp.read() == b"r" * 900
+        finally:
+            s.stop()
+            s.close()
