@@ -198,6 +198,18 @@ class TestWellFormedTraffic:
         sock.sendall(b"body")
         assert b"\r\n\r\nbody" in sock.recv(1000)
 
+    @pytest.mark.parametrize("expect", [b"X100-continueX", b"100-continue-later"])
+    def test_only_100_continue_itself_is_answered_early(
+        self, server: Server, expect: bytes
+    ) -> None:
+        sock = server.raw()
+        sock.sendall(b"POST /echo HTTP/1.1\r\nContent-Length: 4\r\nConnection: close\r\n"
+                     b"Expect: %s\r\n\r\n" % expect)
+        time.sleep(0.2)  # a 100 Continue would be sent now, before the body
+        sock.sendall(b"body")
+        data = read_all(sock)
+        assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\nbody")
+
     def test_http_1_0_closes_unless_kept_alive(self, server: Server) -> None:
         sock = server.raw()
         sock.sendall(b"GET /echo HTTP/1.0\r\n\r\n")
