@@ -33,10 +33,10 @@ TARGETS = {"shared.signature": 0.95, "shared.receiver": 0.95, "shared.processor"
 DEFAULT_TARGET = 0.90
 #: The front door (shared/local/http.py) is scored for the rules it keeps on top of llhttp as
 #: it parses: the head's checks (version, target, framing fields, transfer coding, Expect),
-#: the head and framing limits, and the body's cut at its limit. Its connection handling
-#: (accepting, deadlines, back-pressure, eviction, stop) is tested by behaviour in
-#: test_local_http.py, test_slow_clients.py and test_front_door.py, but not scored: each of
-#: its surviving mutants reruns the whole HTTP suite, hours in all.
+#: the head and framing limits, and the body's cut at its limit. The rest of it (routing, the
+#: answers' encoding, accepting, deadlines, back-pressure, eviction, stop) is tested by
+#: behaviour in test_local_http.py, test_slow_clients.py and test_front_door.py, but not
+#: scored: each of its surviving mutants reruns the whole HTTP suite, hours in all.
 #: The local queue is tested for its settlement code (peek-lock, complete, abandon, dead-letter,
 #: lock expiry, a damaged row dead-lettered on receive, messages locked at send for the local
 #: host's free workers), the semantics the processor relies on; its storage set-up and CLI
