@@ -93,6 +93,28 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def median_interval(values: Sequence[float],
+                    confidence: float = 0.95) -> tuple[float, float, float]:
+    """A confidence interval for the median of what `values` sample, assuming nothing of its
+    distribution but that the values are independent: the sign test's interval between the
+    k-th smallest and the k-th largest value, for the largest k whose coverage
+    (1 - 2 P(Binomial(n, 1/2) < k)) is at least `confidence`. Returns (low, high, coverage);
+    with too few values for `confidence`, the widest interval (smallest to largest) and its
+    lower coverage (0 for a single value)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return math.nan, math.nan, 0.0
+
+    def coverage(k: int) -> float:
+        return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / float(2**n)
+
+    k = 1
+    while k < (n + 1) // 2 and coverage(k + 1) >= confidence:
+        k += 1
+    return float(ordered[k - 1]), float(ordered[n - k]), coverage(k)
+
+
 def percentile(values: Sequence[float], pct: float) -> float:
     """Nearest-rank percentile (pct in 0..100)."""
     ordered = sorted(values)

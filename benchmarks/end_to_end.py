@@ -1,9 +1,11 @@
-"""The local host end to end: real aiohttp over loopback, the real SQLite queue, real workers.
+"""The local host end to end: its HTTP server on loopback, the SQLite queue, real workers.
 
 Rounds come in pairs, the vehicle state store on (the default) and off
 (`VEHICLE_STATE_STORE=off`), so both see the same machine load, and the host's CPU per event
-of the two is reported as a ratio: the median of the pairs' ratios. Nine pairs send the events
-of one vehicle; three more (`*_fleet`) those of 100 vehicles in turn.
+of the two is reported as a ratio: the median of the pairs' ratios, with a distribution-free
+95 % confidence interval for it (`median_interval`), so a run says whether a goal for the
+ratio is met, missed, or not decided by this machine's noise. Nine pairs send the events of
+one vehicle; three more (`*_fleet`) those of 100 vehicles in turn.
 
 The host (HTTP routes plus queue workers) runs in this process; the load generator
 (`benchmarks.loadgen`) in another, so the two share the machine's cores but not an interpreter.
@@ -30,7 +32,7 @@ from shared.local.host import LocalHost, load_function_app, run_event_loop
 from shared.runtime import HANDLED_FILE, build_runtime, set_runtime
 from shared.settings import load_settings
 
-from .common import TOKEN, emit, median, note, percentile
+from .common import TOKEN, emit, median, median_interval, note, percentile
 
 NAME = "local_end_to_end"
 EVENT_SIZE = 5 * 1024
@@ -183,11 +185,23 @@ def _pairs(pairs: int, events: int, vehicles: int) -> tuple[Rounds, Rounds]:
     return on, off
 
 
-def _cpu_ratio(on: Rounds, off: Rounds) -> float:
-    """The median of each pair's ratio of CPU per event: steadier than the ratio of the
-    medians when the machine's speed drifts between pairs."""
-    return median([a["host_cpu_us_per_event"] / max(b["host_cpu_us_per_event"], 1e-9)
-                   for a, b in zip(on, off, strict=True)])
+def _pair_ratios(on: Rounds, off: Rounds) -> list[float]:
+    """Each pair's ratio of CPU per event, on over off."""
+    return [a["host_cpu_us_per_event"] / max(b["host_cpu_us_per_event"], 1e-9)
+            for a, b in zip(on, off, strict=True)]
+
+
+def _emit_ratio(metric: str, on: Rounds, off: Rounds) -> None:
+    """`metric`: the median of the pairs' ratios, steadier than the ratio of the medians when
+    the machine's speed drifts between pairs; and how precise it is: `*_low` and `*_high`, the
+    interval that holds the median ratio of such pairs on this machine with the probability
+    `*_coverage` (at least 95 % from nine pairs; less from fewer)."""
+    ratios = _pair_ratios(on, off)
+    low, high, coverage = median_interval(ratios)
+    emit(NAME, metric, median(ratios), "ratio")
+    emit(NAME, f"{metric}_low", low, "ratio")
+    emit(NAME, f"{metric}_high", high, "ratio")
+    emit(NAME, f"{metric}_coverage", coverage, "ratio")
 
 
 def run(*, quick: bool) -> None:
@@ -203,7 +217,7 @@ def run(*, quick: bool) -> None:
     cpu_off = median([r["host_cpu_us_per_event"] for r in off])
     emit(NAME, "host_cpu_us_per_event", cpu_on, "us")
     emit(NAME, "host_cpu_us_per_event_store_off", cpu_off, "us")
-    emit(NAME, "host_cpu_ratio_store_on_off", _cpu_ratio(results, off), "ratio")
+    _emit_ratio("host_cpu_ratio_store_on_off", results, off)
     emit(NAME, "host_cpu_ratio_of_medians", cpu_on / max(cpu_off, 1e-9), "ratio")
     emit(NAME, "events_per_s_store_off", median([r["events_per_s"] for r in off]), "events/s")
     # The same with a fleet: fewer pairs (the single vehicle's figures are the headline).
@@ -213,7 +227,7 @@ def run(*, quick: bool) -> None:
          median([r["host_cpu_us_per_event"] for r in fleet_on]), "us")
     emit(NAME, "host_cpu_us_per_event_fleet_store_off",
          median([r["host_cpu_us_per_event"] for r in fleet_off]), "us")
-    emit(NAME, "host_cpu_ratio_store_on_off_fleet", _cpu_ratio(fleet_on, fleet_off), "ratio")
+    _emit_ratio("host_cpu_ratio_store_on_off_fleet", fleet_on, fleet_off)
     # Where the store's CPU goes: a pair of rounds of its own, the calls timed.
     timed_on = run_event_loop(one_round(events, CLIENTS, store=True, parts=True))
     timed_off = run_event_loop(one_round(events, CLIENTS, store=False, parts=True))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from benchmarks.common import median_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +28,8 @@ REQUIRED = {
                          "duplicates_processed", "host_cpu_us_per_event",
                          "host_cpu_us_per_event_store_off", "host_cpu_ratio_store_on_off",
                          "host_cpu_ratio_of_medians", "host_cpu_ratio_store_on_off_fleet",
+                         *(f"host_cpu_ratio_store_on_off{fleet}_{bound}"
+                           for fleet in ("", "_fleet") for bound in ("low", "high", "coverage")),
                          "host_cpu_us_per_event_fleet", "host_cpu_us_per_event_fleet_store_off",
                          "host_cpu_us_per_event_timed", "host_cpu_us_per_event_timed_store_off",
                          "cpu_us_inbox_check", "cpu_us_apply", "cpu_us_inbox_record",
@@ -103,3 +108,53 @@ def test_the_store_parts_are_timed_where_the_host_calls_them(
     for metric in [*timed, "cpu_us_handlers_store_off", "cpu_us_outcome_log_store_off"]:
         value = e2e[metric]
         assert isinstance(value, float) and value > 0, metric
+
+
+def test_the_ratio_comes_with_its_interval(lines: list[dict[str, object]]) -> None:
+    e2e = {line["metric"]: line["value"] for line in lines
+           if line["benchmark"] == "local_end_to_end"}
+    for metric in ("host_cpu_ratio_store_on_off", "host_cpu_ratio_store_on_off_fleet"):
+        low, ratio, high = (e2e[f"{metric}_low"], e2e[metric], e2e[f"{metric}_high"])
+        assert isinstance(low, float) and isinstance(high, float)
+        assert isinstance(ratio, float) and low <= ratio <= high, metric
+
+
+# The sign test's interval for a median, as statistics tables give it: from n values, the k-th
+# smallest to the k-th largest, with its coverage.
+@pytest.mark.parametrize(("n", "k", "coverage"), [
+    (6, 1, 0.96875), (8, 1, 0.9921875),  # 2nd to 7th of 8 covers only 92.97 %
+    (9, 2, 0.9609375), (10, 2, 0.978515625), (12, 3, 0.96142578125),
+    (20, 6, 0.9586105346679688), (30, 10, 0.9572260547429323),
+])
+def test_median_interval_is_the_sign_test_interval(n: int, k: int, coverage: float) -> None:
+    values = [float(v) for v in range(1, n + 1)]
+    random.Random(n).shuffle(values)
+    low, high, covered = median_interval(values)
+    assert (low, high) == (k, n + 1 - k)
+    assert covered == pytest.approx(coverage)
+
+
+def test_median_interval_with_too_few_values_is_the_widest_and_says_so() -> None:
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0, 0.9375)
+    assert median_interval([1.5]) == (1.5, 1.5, 0.0)
+    low, high, coverage = median_interval([])
+    assert math.isnan(low) and math.isnan(high) and coverage == 0.0
+
+
+def test_median_interval_takes_the_narrowest_that_reaches_the_confidence() -> None:
+    # From five values, 2nd to 4th covers exactly 62.5 %; the narrowest is the median alone.
+    assert median_interval([5.0, 4.0, 3.0, 2.0, 1.0], confidence=0.625) == (2.0, 4.0, 0.625)
+    assert median_interval([3.0, 1.0, 2.0], confidence=0.0) == (2.0, 2.0, 0.0)
+    assert median_interval([4.0, 1.0, 3.0, 2.0], confidence=0.0) == (2.0, 3.0, 0.375)
+
+
+def test_median_interval_covers_a_known_median_as_often_as_it_says() -> None:
+    """Nine draws from an exponential distribution (median ln 2), many times: the interval
+    holds the true median in about 96.1 % of the trials, whatever the distribution."""
+    rng = random.Random(20261207)
+    trials = 4000
+    held = 0
+    for _ in range(trials):
+        low, high, _ = median_interval([rng.expovariate(1.0) for _ in range(9)])
+        held += low <= math.log(2) <= high
+    assert abs(held / trials - 0.9609375) < 0.015
