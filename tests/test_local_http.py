@@ -344,6 +344,32 @@ class TestRefused:
         sock.shutdown(socket.SHUT_WR)
         assert read_all(sock).startswith(b"HTTP/1.1 " + status)
 
+    @pytest.mark.parametrize(("blank", "refused"), [(b"\r\n", False), (b"\n\r\n", True)])
+    def test_a_head_in_progress_is_counted_to_the_byte(
+        self, server: Server, blank: bytes, refused: bool
+    ) -> None:
+        """The bytes read while a head is in progress count whole, and exactly the limit is
+        still within it. The blank line that llhttp skips before a request is read in the
+        slice where the request begins: with 2 of its bytes, 32,768 bytes are counted while
+        the head itself, one byte short of complete, is 32,766, and the head completes; with
+        3, the 32,769th is refused at once."""
+        start = b"GET /echo HTTP/1.1\r\nX: "
+        head = start + b"a" * (MAX_HEAD_BYTES - 1 - len(start) - 4) + b"\r\n\r\n"
+        sent = blank + head[:-1]
+        assert len(sent) == MAX_HEAD_BYTES + refused and len(head) == MAX_HEAD_BYTES - 1
+        sock = server.raw()
+        sock.sendall(sent)
+        if refused:
+            assert read_all(sock).startswith(b"HTTP/1.1 431")
+            return
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)  # an early answer here would be a refusal at the limit
+        sock.settimeout(10)
+        sock.sendall(head[-1:])
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock).startswith(b"HTTP/1.1 200")
+
     def test_a_bad_chunk_size_is_400(self, server: Server) -> None:
         sock = server.raw()
         sock.sendall(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
@@ -417,6 +443,34 @@ class TestBodyLimit:
             "chunk-size lines, extensions and trailers larger than "
             f"{http_module.MAX_FRAMING_BYTES} bytes")}
         assert server.seen == []
+
+    @pytest.mark.parametrize("over", [0, 1])
+    def test_framing_is_counted_to_the_byte(self, server: Server, over: int) -> None:
+        """Counted from the slice the head ends in (it arrives whole in the first), every
+        byte that is not body data: 65,536 of them with the body still open are within the
+        limit, and the terminating chunk completes the request; the 65,537th is refused at
+        once."""
+        head = b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        chunks = [b"1;ext=%s\r\nx\r\n" % (b"v" * 1000) for _ in range(64)]
+        framing = len(head) + sum(len(chunk) - 1 for chunk in chunks)
+        pad = http_module.MAX_FRAMING_BYTES - framing + over
+        assert 0 < pad < 1000  # the last chunk's extension makes the count exact
+        chunks[-1] = b"1;ext=%s\r\nx\r\n" % (b"v" * (1000 + pad))
+        sent = head + b"".join(chunks)
+        assert len(sent) - len(chunks) == http_module.MAX_FRAMING_BYTES + over
+        sock = server.raw()
+        sock.sendall(sent)
+        if over:
+            assert read_all(sock).startswith(b"HTTP/1.1 413 ")
+            return
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)  # an early answer here would be a refusal at the limit
+        sock.settimeout(10)
+        sock.sendall(b"0\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        resp = response_of(read_all(sock))
+        assert (resp.status, resp.read()) == (200, b"x" * len(chunks))
 
     @pytest.mark.default_linger
     def test_the_answer_survives_a_client_that_keeps_sending(self, server: Server) -> None:
