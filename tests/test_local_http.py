@@ -126,6 +126,25 @@ def read_all(sock: socket.socket) -> bytes:
     return data
 
 
+def at_a_limit(server: Server, sent: bytes, rest: bytes, refusal: bytes | None) -> bytes:
+    """Send `sent`, a message still open at (or past) a limit. With `refusal` (a status), the
+    answer must be that refusal at once; without, no answer may come until `rest` completes
+    the message: then its answer."""
+    sock = server.raw()
+    sock.sendall(sent)
+    if refusal is not None:
+        answer = read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 " + refusal + b" ")
+        return answer
+    sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        sock.recv(65536)  # an early answer here would be a refusal at the limit
+    sock.settimeout(10)
+    sock.sendall(rest)
+    sock.shutdown(socket.SHUT_WR)
+    return read_all(sock)
+
+
 def debug_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     """What the server logged at DEBUG, in order."""
     return [r.getMessage() for r in caplog.records
@@ -357,18 +376,8 @@ class TestRefused:
         head = start + b"a" * (MAX_HEAD_BYTES - 1 - len(start) - 4) + b"\r\n\r\n"
         sent = blank + head[:-1]
         assert len(sent) == MAX_HEAD_BYTES + refused and len(head) == MAX_HEAD_BYTES - 1
-        sock = server.raw()
-        sock.sendall(sent)
-        if refused:
-            assert read_all(sock).startswith(b"HTTP/1.1 431")
-            return
-        sock.settimeout(0.5)
-        with pytest.raises(TimeoutError):
-            sock.recv(65536)  # an early answer here would be a refusal at the limit
-        sock.settimeout(10)
-        sock.sendall(head[-1:])
-        sock.shutdown(socket.SHUT_WR)
-        assert read_all(sock).startswith(b"HTTP/1.1 200")
+        answer = at_a_limit(server, sent, head[-1:], b"431" if refused else None)
+        assert answer.startswith(b"HTTP/1.1 431" if refused else b"HTTP/1.1 200")
 
     def test_a_bad_chunk_size_is_400(self, server: Server) -> None:
         sock = server.raw()
@@ -458,19 +467,10 @@ class TestBodyLimit:
         chunks[-1] = b"1;ext=%s\r\nx\r\n" % (b"v" * (1000 + pad))
         sent = head + b"".join(chunks)
         assert len(sent) - len(chunks) == http_module.MAX_FRAMING_BYTES + over
-        sock = server.raw()
-        sock.sendall(sent)
-        if over:
-            assert read_all(sock).startswith(b"HTTP/1.1 413 ")
-            return
-        sock.settimeout(0.5)
-        with pytest.raises(TimeoutError):
-            sock.recv(65536)  # an early answer here would be a refusal at the limit
-        sock.settimeout(10)
-        sock.sendall(b"0\r\n\r\n")
-        sock.shutdown(socket.SHUT_WR)
-        resp = response_of(read_all(sock))
-        assert (resp.status, resp.read()) == (200, b"x" * len(chunks))
+        answer = at_a_limit(server, sent, b"0\r\n\r\n", b"413" if over else None)
+        if not over:
+            resp = response_of(answer)
+            assert (resp.status, resp.read()) == (200, b"x" * len(chunks))
 
     @pytest.mark.default_linger
     def test_the_answer_survives_a_client_that_keeps_sending(self, server: Server) -> None:
