@@ -660,3 +660,61 @@ class TestHostTraceContext:
                                                             trace_state="k=v"))
         assert invocation_trace_parent(ctx) == {"traceparent": "00-a-b-01", "tracestate": "k=v"}  # type: ignore[arg-type]
         assert invocation_trace_parent(None) is None
+
+
+class TestRecorders:
+    """Each recorder's metric, read back through the SDK's own in-memory reader."""
+
+    def test_redriven_counts_one_by_default(self, otel: Captured) -> None:
+        otel.telemetry.record_redriven()
+        otel.telemetry.record_spilled()
+        assert otel.total(names.SPILL_REDRIVEN) == otel.total(names.WEBHOOK_SPILLED) == 1
+
+    def test_delivery_to_answer_is_recorded_by_a_bounded_event_type(self, otel: Captured) -> None:
+        otel.telemetry.record_delivery_to_answer(12.5, "VEHICLE_STATE")
+        otel.telemetry.record_delivery_to_answer(7.5, "not a <type>")
+        recorded = {attrs[names.ATTR_EVENT_TYPE]: (point.count, point.sum) for attrs, point
+                    in otel.points()[names.WEBHOOK_DELIVERY_TO_ANSWER]}
+        assert recorded == {"VEHICLE_STATE": (1, 12.5), names.UNKNOWN_EVENT_TYPE: (1, 7.5)}
+
+    def test_a_new_shape_is_counted_with_what_it_is(self, otel: Captured) -> None:
+        @dataclass
+        class Shape:
+            id: str
+            known: bool
+            event_type: str | None
+            version: str | None
+
+        otel.telemetry.record_new_shape(Shape("abc123", False, "VEHICLE_ERROR", None))
+        otel.telemetry.record_new_shape(Shape("def456", True, "VEHICLE_STATE", "4.0"))
+        assert sorted((attrs for attrs, _ in otel.points()[names.PAYLOAD_SHAPE_FIRST_SEEN]),
+                      key=lambda a: a[names.ATTR_SHAPE_ID]) == [
+            {names.ATTR_SHAPE_ID: "abc123", names.ATTR_SHAPE_KNOWN: "false",
+             names.ATTR_EVENT_TYPE: "VEHICLE_ERROR", names.ATTR_META_VERSION: "absent"},
+            {names.ATTR_SHAPE_ID: "def456", names.ATTR_SHAPE_KNOWN: "true",
+             names.ATTR_EVENT_TYPE: "VEHICLE_STATE", names.ATTR_META_VERSION: "4.0"},
+        ]
+
+    def test_a_failing_decision_leaves_no_exception_on_the_receive_span(
+        self, otel: Captured
+    ) -> None:
+        """An exception's message may quote what a sender wrote: the span records neither
+        it nor an error status (the host logs the failure its own way)."""
+        async def decide() -> Any:
+            raise RuntimeError("body said: 52.1,13.4")
+
+        with pytest.raises(RuntimeError):
+            asyncio.run(otel.telemetry.observe_receive(decide))
+        [span] = otel.finished(names.SPAN_RECEIVE)
+        assert list(span.events) == []
+        assert span.status.status_code.name == "UNSET"
+
+    def test_message_properties_are_read_as_text_and_the_rest_left_out(
+        self, otel: Captured
+    ) -> None:
+        """Service Bus may hand application properties over as bytes: those are text; a
+        number, or bytes that are not UTF-8, are not taken for an eventType or an eventId."""
+        props = {names.ATTR_EVENT_TYPE.encode(): b"VEHICLE_STATE", names.ATTR_EVENT_ID: 42,
+                 names.ATTR_VEHICLE_ID: b"\xff\xfe"}
+        with otel.telemetry.observe_process(props, message_id="m1", delivery_count=1) as obs:
+            assert (obs.event_type, obs.event_id, obs.vehicle_id) == ("VEHICLE_STATE", None, None)

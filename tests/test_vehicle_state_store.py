@@ -26,11 +26,15 @@ import pytest
 from azure.data.tables.aio import TableClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from shared import telemetry_names as names
 from shared.events import Event, parse_event
 from shared.local import vehicle_state as store_module
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
 from shared.settings import load_settings
+from shared.telemetry import Telemetry
 from shared.vehicle_state import (
     INBOX_RETENTION_SECONDS,
     ChangeFilter,
@@ -1379,6 +1383,17 @@ class TestConcurrentWritersOnAzurite:
         expected = asyncio.run(sequential())
         assert sum(r.conflicts_retried for r in results) > 0  # the race really happened
         assert raced == expected
+        # The processor counts each apply's retried conflicts: the counter holds them all.
+        reader = InMemoryMetricReader()
+        telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+        for result in results:
+            telemetry.record_vehicle_state(result)
+        data = reader.get_metrics_data()
+        assert data is not None
+        counted = [getattr(point, "value", None) for rm in data.resource_metrics for sm in rm.scope_metrics
+                   for metric in sm.metrics if metric.name == names.VEHICLE_STATE_CONFLICTS
+                   for point in metric.data.data_points]
+        assert counted == [sum(r.conflicts_retried for r in results)]
         # Every accepted change was reported to exactly one writer, in time order per code.
         for code in codes:
             accepted = sorted((c.current.oem_updated_at, c.current.event_id)
