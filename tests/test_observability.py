@@ -718,3 +718,45 @@ class TestRecorders:
                  names.ATTR_VEHICLE_ID: b"\xff\xfe"}
         with otel.telemetry.observe_process(props, message_id="m1", delivery_count=1) as obs:
             assert (obs.event_type, obs.event_id, obs.vehicle_id) == ("VEHICLE_STATE", None, None)
+
+
+class TestMetricsAreDocumented:
+    """The runbook's metrics table (docs/operations.md) names every instrument the app
+    creates, with its kind and, for a histogram, its unit; and nothing it does not create."""
+
+    @staticmethod
+    def documented() -> dict[str, str]:
+        rows: dict[str, str] = {}
+        text = (DOCS / "operations.md").read_text()
+        table = text[text.index("**Metrics**"):text.index("**Traces**")]
+        for line in table.splitlines():
+            if not line.startswith("| `smartcar."):
+                continue
+            first, kind = (cell.strip() for cell in line.split("|")[1:3])
+            for name in re.findall(r"`([^`]+)`", first):
+                rows[name] = kind
+        return rows
+
+    def test_every_instrument_is_in_the_runbook_with_its_kind(self, otel: Captured) -> None:
+        from opentelemetry.metrics import Counter, Histogram
+        from opentelemetry.sdk.metrics.export import Histogram as HistogramData
+        from opentelemetry.sdk.metrics.export import Sum
+
+        for instrument in vars(otel.telemetry).values():
+            if isinstance(instrument, Counter):
+                instrument.add(1)
+            elif isinstance(instrument, Histogram):
+                instrument.record(1.0)
+        data = otel.metrics.get_metrics_data()
+        assert data is not None
+        emitted = {metric.name: metric for rm in data.resource_metrics
+                   for sm in rm.scope_metrics for metric in sm.metrics}
+        documented = self.documented()
+        assert set(emitted) == set(documented)
+        for name, metric in emitted.items():
+            kind = documented[name]
+            if isinstance(metric.data, HistogramData):
+                assert kind == "histogram, ms" and metric.unit == "ms", name
+            else:
+                assert isinstance(metric.data, Sum) and metric.data.is_monotonic, name
+                assert kind in ("counter", "counters"), name
