@@ -760,3 +760,88 @@ class TestMetricsAreDocumented:
             else:
                 assert isinstance(metric.data, Sum) and metric.data.is_monotonic, name
                 assert kind in ("counter", "counters"), name
+
+
+class TestProcessAndReceiveRecords:
+    """What the processing span and its metrics carry for each outcome, and the receive
+    span's status, through the SDK's in-memory exporter and reader."""
+
+    NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+    @pytest.fixture
+    def clocked(self) -> Captured:
+        spans = InMemorySpanExporter()
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+        reader = InMemoryMetricReader()
+        return Captured(spans, reader, Telemetry(
+            tracer_provider=tracer_provider, meter_provider=MeterProvider(metric_readers=[reader]),
+            clock=lambda: self.NOW))
+
+    def process(self, otel: Captured, outcome: str | None, *,
+                delivered_at: datetime | None = None,
+                error_type: str | None = None) -> None:
+        with otel.telemetry.observe_process({}, message_id="m", delivery_count=1) as obs:
+            obs.event_type = "VEHICLE_STATE"
+            obs.outcome = outcome
+            obs.delivered_at = delivered_at
+            obs.error_type = error_type
+
+    def test_the_lag_is_recorded_for_handled_and_unhandled_never_below_zero(
+        self, clocked: Captured
+    ) -> None:
+        self.process(clocked, names.PROCESS_HANDLED, delivered_at=self.NOW - timedelta(seconds=2))
+        self.process(clocked, names.PROCESS_UNHANDLED, delivered_at=self.NOW - timedelta(seconds=1))
+        # Smartcar's clock ahead of ours: counted as no lag, not a negative one.
+        self.process(clocked, names.PROCESS_HANDLED, delivered_at=self.NOW + timedelta(seconds=5))
+        # A retry or a dead-letter is not a delivery done: no lag.
+        self.process(clocked, names.PROCESS_RETRIED, delivered_at=self.NOW - timedelta(hours=1))
+        self.process(clocked, names.PROCESS_DEAD_LETTERED,
+                     delivered_at=self.NOW - timedelta(hours=1))
+        [(attrs, point)] = clocked.points()[names.EVENT_DELIVERY_LAG]
+        assert attrs == {names.ATTR_EVENT_TYPE: "VEHICLE_STATE"}
+        assert (point.count, point.sum, point.min) == (3, 3000.0, 0.0)
+
+    def test_each_outcome_has_its_duration_and_a_failure_its_error_status(
+        self, clocked: Captured
+    ) -> None:
+        self.process(clocked, names.PROCESS_RETRIED, error_type="ValueError")
+        self.process(clocked, names.PROCESS_DEAD_LETTERED)
+        self.process(clocked, names.PROCESS_HANDLED)
+        durations = sorted(attrs[names.ATTR_OUTCOME] for attrs, point
+                           in clocked.points()[names.EVENT_PROCESS_DURATION]
+                           if attrs[names.ATTR_EVENT_TYPE] == "VEHICLE_STATE"
+                           and point.count == 1)
+        assert durations == sorted([names.PROCESS_RETRIED, names.PROCESS_DEAD_LETTERED,
+                                    names.PROCESS_HANDLED])
+        statuses = [(s.status.status_code.name, s.status.description)
+                    for s in clocked.finished(names.SPAN_PROCESS)]
+        assert statuses == [("ERROR", "ValueError"), ("ERROR", names.PROCESS_DEAD_LETTERED),
+                            ("UNSET", None)]
+
+    def test_a_delivery_that_is_not_an_event_is_traced_but_not_counted(
+        self, clocked: Captured
+    ) -> None:
+        """No outcome (a dead-letter copy, for one): a span, and no metric at all."""
+        self.process(clocked, None, delivered_at=self.NOW)
+        assert len(clocked.finished(names.SPAN_PROCESS)) == 1
+        assert clocked.points() == {}
+
+    @pytest.mark.parametrize(("status", "code"), [(499, "UNSET"), (500, "ERROR"), (503, "ERROR")])
+    def test_a_server_error_answer_marks_the_receive_span(
+        self, otel: Captured, status: int, code: str
+    ) -> None:
+        @dataclass
+        class Reply:
+            status: int
+            outcome: str = "unavailable"
+            event_id: str | None = None
+            event_type: str | None = None
+            authenticated: bool = False
+
+        async def decide() -> Reply:
+            return Reply(status)
+
+        asyncio.run(otel.telemetry.observe_receive(decide))
+        [span] = otel.finished(names.SPAN_RECEIVE)
+        assert span.status.status_code.name == code
