@@ -326,8 +326,10 @@ class TestReceiveOutcomes:
     def test_metric_event_type_is_bounded(self) -> None:
         assert metric_event_type("VEHICLE_STATE") == "VEHICLE_STATE"
         assert metric_event_type(None) == "unknown"
+        assert metric_event_type("x" * 64) == "x" * 64
         assert metric_event_type("x" * 65) == "unknown"
         assert metric_event_type("a b{}") == "unknown"
+        assert metric_event_type("smartcar.VEHICLE-STATE_2") == "smartcar.VEHICLE-STATE_2"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -826,6 +828,20 @@ class TestProcessAndReceiveRecords:
         self.process(clocked, None, delivered_at=self.NOW)
         assert len(clocked.finished(names.SPAN_PROCESS)) == 1
         assert clocked.points() == {}
+
+    def test_the_processing_span_names_the_vehicle_and_keeps_no_exception(
+        self, clocked: Captured
+    ) -> None:
+        """The processor decides the outcome; an exception escaping the span is not recorded
+        on it (its message may quote the payload, which holds a location)."""
+        props = {names.ATTR_VEHICLE_ID: "v-1", names.ATTR_EVENT_ID: "e-1"}
+        with pytest.raises(RuntimeError), clocked.telemetry.observe_process(
+                props, message_id="m", delivery_count=1) as obs:
+            assert (obs.vehicle_id, obs.event_id) == ("v-1", "e-1")
+            raise RuntimeError("at 52.52,13.40")
+        [span] = clocked.finished(names.SPAN_PROCESS)
+        assert list(span.events) == [] and span.status.status_code.name == "UNSET"
+        assert span.attributes is not None and span.attributes[names.ATTR_VEHICLE_ID] == "v-1"
 
     @pytest.mark.parametrize(("status", "code"), [(499, "UNSET"), (500, "ERROR"), (503, "ERROR")])
     def test_a_server_error_answer_marks_the_receive_span(
