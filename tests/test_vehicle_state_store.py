@@ -1246,6 +1246,60 @@ class TestFactory:
         assert store._created
 
 
+    @staticmethod
+    def retries(store: Any) -> tuple[str, int, float, float]:
+        """What azure-data-tables made of the store's client options: the retry policy in
+        its request pipeline (the SDK ignores a keyword it does not know, silently)."""
+        [policy] = [p for p in store._table._client._client._pipeline._impl_policies
+                    if type(p).__name__.endswith("RetryPolicy")]
+        return (type(policy).__name__, policy.total_retries, policy.backoff_factor,
+                policy.backoff_max)
+
+    def test_both_table_clients_retry_briefly_and_the_queue_retries_later(
+        self, tmp_path: Path
+    ) -> None:
+        """The SDK's default (10 retries, up to 120 s apart) would hold a delivery for
+        minutes on a storage outage; the store's clients give up after 3, at most 2 s apart."""
+        from azure.data.tables.aio import TableClient as SdkTableClient
+
+        base = {"LOCAL_STATE_DIR": str(tmp_path)}
+
+        async def scenario() -> list[tuple[str, int, float, float]]:
+            default = TableVehicleStateStore(SdkTableClient.from_connection_string(
+                connection_string("table", 10002), "t"))
+            by_key = open_store(load_settings({
+                **base, "AzureWebJobsStorage": connection_string("table", 10002)}))
+            by_identity = open_store(load_settings({
+                **base, "AzureWebJobsStorage__accountName": "acct123"}))
+            found = [self.retries(default), self.retries(by_key), self.retries(by_identity)]
+            for store in (default, by_key, by_identity):
+                await store.close()  # type: ignore[union-attr]
+            return found
+
+        default, by_key, by_identity = asyncio.run(scenario())
+        assert default == ("AsyncTablesRetryPolicy", 10, 0.8, 120)
+        assert by_key == by_identity == ("AsyncTablesRetryPolicy", 3, 0.2, 2)
+
+    def test_with_a_connection_string_the_table_is_made_on_first_use(
+        self, tmp_path: Path, azurite_table_port: int
+    ) -> None:
+        """Local development on Azurite: no Bicep made the table, the store makes it."""
+        table = f"vs{uuid.uuid4().hex[:16]}"
+
+        async def scenario() -> Any:
+            store = open_store(load_settings({
+                "LOCAL_STATE_DIR": str(tmp_path), "VEHICLE_STATE_TABLE": table,
+                "AzureWebJobsStorage": connection_string("table", azurite_table_port)}))
+            assert isinstance(store, TableVehicleStateStore)
+            try:
+                await store.apply(state_event("e1", signal(oem=T0), vehicle="fresh"))
+                return await store.get_vehicle("fresh")
+            finally:
+                await store.close()
+
+        view = asyncio.run(scenario())
+        assert view is not None and view.signals[SOC].event_id == "e1"
+
     def test_without_the_local_package_and_a_storage_account_it_says_what_to_set(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
