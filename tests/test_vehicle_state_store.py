@@ -350,6 +350,24 @@ class TestBadInput:
 
         assert backend.run(scenario).signals["big-one"].value == value
 
+    def test_integers_past_64_bits_come_back_exact(self, backend: Backend) -> None:
+        """orjson would read 2**70 back as a float (1.1805916207174113e+21), and so any integer
+        outside 64 bits, the first of them with 19 digits (-2**63 - 1): such text is read by
+        the standard library, and a value comes back as it was sent."""
+        values = {"odometer-big": 2**70, "custom-negative": -(2**63) - 1, "custom-nested": {
+            "reading": 10**25 + 1, "unit": "mm"}}
+
+        async def scenario(store: VehicleStateStore) -> dict[str, Any]:
+            stored = {}
+            for code, value in values.items():  # each alone in its vehicle's stored text
+                await store.apply(state_event("e", signal(code, value), vehicle=code))
+                stored[code] = (await shown(store, code)).signals[code].value
+            return stored
+
+        stored = backend.run(scenario)
+        assert stored == values
+        assert type(stored["odometer-big"]) is type(stored["custom-negative"]) is int
+
     def test_500_signals_in_one_event_are_all_stored(self, backend: Backend) -> None:
         signals = [signal(f"custom-s{i:03d}", i, oem=T0 + i) for i in range(500)]
 
