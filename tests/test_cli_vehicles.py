@@ -254,3 +254,40 @@ class TestTerminalSafety:
         code, out, _ = cli("vehicles", "list", "--json")
         assert code == 0
         assert HOSTILE_ID in [v["vehicleId"] for v in json.loads(out)]
+
+
+class TestShowText:
+    """`vehicles show`'s human output for what the simulator's events do not hold: text,
+    objects with non-ASCII text, a signal in error, sub-second times, several open errors.
+    The view is built directly and rendered with the CLI's own table."""
+
+    def test_each_kind_of_value_and_status_reads_as_stored(self) -> None:
+        from shared.cli.commands import _table
+        from shared.vehicle_state import ErrorState, SignalState, VehicleView
+
+        at = datetime(2026, 12, 3, 12, 0, 5, 123456, tzinfo=UTC)
+        view = VehicleView(
+            vehicle_id="car-1", updated_at=at,
+            signals={
+                "location-city": SignalState(code="location-city", value="Zürich",
+                                             oem_updated_at=at, event_id="e1"),
+                "location-point": SignalState(code="location-point",
+                                              value={"name": "Köln", "lat": 50.9},
+                                              oem_updated_at=at, event_id="e1"),
+                "charge-limit": SignalState(code="charge-limit", status="error",
+                                            error_type="COMPATIBILITY",
+                                            error_code="VEHICLE_NOT_CAPABLE", event_id="e2"),
+            },
+            errors=[ErrorState(type="COMPATIBILITY", code=f"C{i}", state="OPEN", count=i + 1)
+                    for i in range(2)])
+        text = vehicles_cli.show_text(view, _table)
+        fields = text.split("Signals:\n", 1)[0]
+        assert "open errors  2" in fields and "signals      3" in fields
+        assert "updatedAt    2026-12-03T12:00:05+00:00" in fields  # to the second
+        rows = {line.split()[0]: line for line in text.split("Signals:\n", 1)[1]
+                .split("Open errors:", 1)[0].splitlines()[1:]}
+        assert rows["location-city"].split()[1] == "Zürich"  # text as it is, unquoted
+        assert rows["location-point"].split()[1] == '{"name":"Köln","lat":50.9}'
+        assert rows["charge-limit"].split()[-3:] == ["COMPATIBILITY", "VEHICLE_NOT_CAPABLE",
+                                                     "e2"]
+        assert rows["location-city"].split()[-2:] == ["ok", "e1"]
