@@ -9,6 +9,7 @@ import pytest
 
 from .functions_host import rpc
 from .functions_host.session import RuntimeSession, dependencies, start_session
+from .otel_capture import Captured, captured
 
 #: An event type whose handler raises in the runtime session (registered by boundary.py).
 FAILING_EVENT_TYPE = "RUNTIME_TEST_FAILING_HANDLER"
@@ -45,3 +46,9 @@ def runtime(tmp_path_factory: pytest.TempPathFactory, functions_cache: Path,
         yield session
     finally:
         session.close()
+
+
+@pytest.fixture
+def otel() -> Captured:
+    """A Telemetry whose spans and metrics stay in memory (tests/otel_capture.py)."""
+    return captured()

@@ -35,6 +35,7 @@ from shared.telemetry import set_telemetry
 from shared.tokens import StaticTokenProvider
 
 from .fakes import FakeServiceBusClient
+from .otel_capture import Captured
 from .support import (
     TOKEN,
     WEBHOOK,
@@ -46,7 +47,6 @@ from .support import (
     signed_headers,
     state_event,
 )
-from .test_observability import Captured, otel  # noqa: F401 - the fixture
 
 # ---------------------------------------------------------------------------------------------
 # 1. Shapes: names and types, never values.
@@ -271,7 +271,7 @@ def fresh_signals() -> Iterator[DeliverySignals]:
 
 
 @pytest.fixture
-def host(otel: Captured, fresh_signals: DeliverySignals,  # noqa: F811
+def host(otel: Captured, fresh_signals: DeliverySignals,
          tmp_path: Path) -> Iterator[RunningHost]:
     set_telemetry(otel.telemetry)
     try:
@@ -296,13 +296,13 @@ def retry_of(event: dict[str, Any]) -> dict[str, Any]:
     return again
 
 
-def total(otel: Captured, metric: str) -> float:  # noqa: F811
+def total(otel: Captured, metric: str) -> float:
     return otel.total(metric)
 
 
 class TestOverHttp:
     def test_a_retry_with_a_new_delivery_id_is_counted_once_per_attempt(
-        self, host: RunningHost, otel: Captured  # noqa: F811
+        self, host: RunningHost, otel: Captured
     ) -> None:
         event = state_event()
         assert post(host, event)["status"] == "accepted"
@@ -319,7 +319,7 @@ class TestOverHttp:
         assert len(flagged) == 2
 
     def test_delivered_at_to_answer_is_measured_from_smartcars_stamp(
-        self, host: RunningHost, otel: Captured  # noqa: F811
+        self, host: RunningHost, otel: Captured
     ) -> None:
         event = state_event()
         event["meta"]["deliveredAt"] = now_ms() - 3000
@@ -343,7 +343,7 @@ class TestOverHttp:
         assert point.sum - point.max == pytest.approx(spans[event["eventId"]], abs=0.1)
 
     def test_a_shape_is_reported_once_and_an_unknown_one_as_a_warning(
-        self, host: RunningHost, otel: Captured,  # noqa: F811
+        self, host: RunningHost, otel: Captured,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
         caplog.set_level(logging.INFO, logger="shared.delivery_signals")
@@ -370,7 +370,7 @@ class TestOverHttp:
         assert marks == [True, True, False, True]
 
     def test_verify_and_rejected_posts_are_not_observed(
-        self, host: RunningHost, otel: Captured  # noqa: F811
+        self, host: RunningHost, otel: Captured
     ) -> None:
         verify = encode({"eventType": "VERIFY", "eventId": "v", "data": {"challenge": "abc"},
                          "meta": {"deliveryId": "d", "deliveredAt": now_ms()}})
@@ -416,7 +416,7 @@ class TestOnServiceBus:
 
     @staticmethod
     def post(instance: tuple[RememberingPublisher, DeliverySignals], event: dict[str, Any],
-             otel: Captured) -> str:  # noqa: F811
+             otel: Captured) -> str:
         publisher, signals = instance
         body = encode(event)
         reply = asyncio.run(receive(body, signed_headers(body), tokens=StaticTokenProvider(TOKEN),
@@ -425,7 +425,7 @@ class TestOnServiceBus:
         return str(reply.body["status"])
 
     def test_a_retry_is_counted_by_the_instance_that_saw_the_first_attempt_only(
-        self, otel: Captured  # noqa: F811
+        self, otel: Captured
     ) -> None:
         client = FakeServiceBusClient()
         a, b = self.instance(client), self.instance(client)

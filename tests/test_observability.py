@@ -24,11 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from shared import receiver
@@ -45,7 +40,6 @@ from shared.processor import (
 from shared.settings import load_settings
 from shared.signature import sign
 from shared.telemetry import (
-    Telemetry,
     context_from_properties,
     metric_event_type,
     set_telemetry,
@@ -54,6 +48,7 @@ from shared.tokens import StaticTokenProvider
 
 from .bicep_tree import find_calls, load, text
 from .fakes import ManualClock
+from .otel_capture import Captured, captured
 from .support import (
     ERRORS_WEBHOOK,
     WEBHOOK,
@@ -70,46 +65,6 @@ QUERIES = ROOT / "infra" / "queries"
 MODULES = ROOT / "infra" / "modules"
 DOCS = ROOT / "docs"
 MAX_BODY = 196608
-
-
-@dataclass
-class Captured:
-    spans: InMemorySpanExporter
-    metrics: InMemoryMetricReader
-    telemetry: Telemetry
-
-    def finished(self, name: str) -> list[ReadableSpan]:
-        return [s for s in self.spans.get_finished_spans() if s.name == name]
-
-    def points(self) -> dict[str, list[tuple[dict[str, Any], Any]]]:
-        """metric name -> [(attributes, data point)]."""
-        data = self.metrics.get_metrics_data()
-        found: dict[str, list[tuple[dict[str, Any], Any]]] = {}
-        if data is None:
-            return found
-        for rm in data.resource_metrics:
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    for point in metric.data.data_points:
-                        found.setdefault(metric.name, []).append(
-                            (dict(point.attributes or {}), point)
-                        )
-        return found
-
-    def total(self, name: str) -> float:
-        """The sum of a counter's data points so far (0 before its first count)."""
-        return float(sum(point.value for _, point in self.points().get(name, [])))
-
-
-@pytest.fixture
-def otel() -> Captured:
-    spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    return Captured(spans, reader, Telemetry(tracer_provider=tracer_provider,
-                                             meter_provider=meter_provider))
 
 
 def _registry(*, fail: bool = False) -> HandlerRegistry:
@@ -772,13 +727,7 @@ class TestProcessAndReceiveRecords:
 
     @pytest.fixture
     def clocked(self) -> Captured:
-        spans = InMemorySpanExporter()
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-        reader = InMemoryMetricReader()
-        return Captured(spans, reader, Telemetry(
-            tracer_provider=tracer_provider, meter_provider=MeterProvider(metric_readers=[reader]),
-            clock=lambda: self.NOW))
+        return captured(clock=lambda: self.NOW)
 
     def process(self, otel: Captured, outcome: str | None, *,
                 delivered_at: datetime | None = None,

@@ -51,7 +51,7 @@ from .fakes import (
     RecordingPublisher,
 )
 from .hurried import run_hurried
-from .test_observability import Captured, otel  # noqa: F401 - the fixture
+from .otel_capture import Captured
 
 MESSAGE = OutboundMessage(
     body=b'{"eventId":"e1", "x": 1.0, "s": "\\u00e9"}',
@@ -206,7 +206,7 @@ def log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 @pytest.fixture
-def counted(otel: Captured) -> Iterator[Callable[[str], float]]:  # noqa: F811
+def counted(otel: Captured) -> Iterator[Callable[[str], float]]:
     """The process's telemetry on an in-memory meter: the total of one counter so far."""
     set_telemetry(otel.telemetry)
     try:

@@ -17,11 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared import telemetry_names as names
 from shared.events import Event
@@ -38,6 +33,7 @@ from shared.settings import load_settings
 from shared.telemetry import Telemetry
 from shared.vehicle_state import ApplyResult, SignalChange, VehicleStateStore
 
+from .otel_capture import captured
 from .vehicle_events import SOC, T0, VEHICLE, error, signal, state_body
 
 SETTINGS = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "0", "MAX_DELIVERY_COUNT": "3"})
@@ -306,12 +302,7 @@ def test_a_context_with_the_store_s_result_keeps_every_other_field() -> None:
 
 class TestTelemetryAndRecords:
     def test_counters_span_attribute_and_handled_record(self, tmp_path: Path) -> None:
-        spans = InMemorySpanExporter()
-        tracer_provider = TracerProvider()
-        tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-        reader = InMemoryMetricReader()
-        telemetry = Telemetry(tracer_provider=tracer_provider,
-                              meter_provider=MeterProvider(metric_readers=[reader]))
+        otel = captured()
 
         async def scenario(h: Harness) -> Any:
             applied = await h.deliver(state_body(
@@ -324,19 +315,12 @@ class TestTelemetryAndRecords:
                 "x1", error(), error("PERMISSION", "DENIED", state="RESOLVED")))
             return applied, errors
 
-        applied, errors = run(tmp_path, scenario, telemetry)
-        points: dict[str, list[tuple[dict[str, Any], Any]]] = {}
-        for rm in reader.get_metrics_data().resource_metrics:  # type: ignore[union-attr]
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    for point in metric.data.data_points:
-                        points.setdefault(metric.name, []).append(
-                            (dict(point.attributes or {}), getattr(point, "value", None)))
-        assert points[names.VEHICLE_STATE_APPLIED] == [({}, 3)]
-        assert points[names.VEHICLE_STATE_STALE] == [({}, 1)]
-        assert points[names.VEHICLE_STATE_SKIPPED] == [({"reason": "undated"}, 1)]
-        assert points[names.VEHICLE_STATE_DUPLICATES] == [({}, 1)]
-        process_spans = [s for s in spans.get_finished_spans() if s.name == names.SPAN_PROCESS]
+        applied, errors = run(tmp_path, scenario, otel.telemetry)
+        assert otel.values(names.VEHICLE_STATE_APPLIED) == [({}, 3)]
+        assert otel.values(names.VEHICLE_STATE_STALE) == [({}, 1)]
+        assert otel.values(names.VEHICLE_STATE_SKIPPED) == [({"reason": "undated"}, 1)]
+        assert otel.values(names.VEHICLE_STATE_DUPLICATES) == [({}, 1)]
+        process_spans = otel.finished(names.SPAN_PROCESS)
         last_attributes = process_spans[-1].attributes
         assert last_attributes is not None
         assert last_attributes[names.ATTR_VEHICLE_ERRORS] == (

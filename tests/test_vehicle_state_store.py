@@ -26,15 +26,12 @@ import pytest
 from azure.data.tables.aio import TableClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from shared import telemetry_names as names
 from shared.events import Event, parse_event
 from shared.local import vehicle_state as store_module
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
 from shared.settings import load_settings
-from shared.telemetry import Telemetry
 from shared.vehicle_state import (
     INBOX_RETENTION_SECONDS,
     ChangeFilter,
@@ -47,6 +44,7 @@ from shared.vehicle_state.rules import MAX_VALUE_CHARS, NO_CODE, TOO_LARGE, UNDA
 from shared.vehicle_state.table_store import TableVehicleStateStore
 
 from .azurite import azurite_table_port, connection_string
+from .otel_capture import captured
 from .test_vehicle_state_rules import event_sets, orders
 from .test_vehicle_state_rules import run as run_in_memory
 from .vehicle_events import (
@@ -1263,7 +1261,6 @@ class TestFactory:
         # Made for the identity, as in Azure: Bicep creates the table, the store never tries.
         assert store._created
 
-
     @staticmethod
     def retries(store: Any) -> tuple[str, int, float, float]:
         """What azure-data-tables made of the store's client options: the retry policy in
@@ -1456,16 +1453,11 @@ class TestConcurrentWritersOnAzurite:
         assert sum(r.conflicts_retried for r in results) > 0  # the race really happened
         assert raced == expected
         # The processor counts each apply's retried conflicts: the counter holds them all.
-        reader = InMemoryMetricReader()
-        telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+        otel = captured()
         for result in results:
-            telemetry.record_vehicle_state(result)
-        data = reader.get_metrics_data()
-        assert data is not None
-        counted = [getattr(point, "value", None) for rm in data.resource_metrics for sm in rm.scope_metrics
-                   for metric in sm.metrics if metric.name == names.VEHICLE_STATE_CONFLICTS
-                   for point in metric.data.data_points]
-        assert counted == [sum(r.conflicts_retried for r in results)]
+            otel.telemetry.record_vehicle_state(result)
+        assert otel.values(names.VEHICLE_STATE_CONFLICTS) == [
+            ({}, sum(r.conflicts_retried for r in results))]
         # Every accepted change was reported to exactly one writer, in time order per code.
         for code in codes:
             accepted = sorted((c.current.oem_updated_at, c.current.event_id)
