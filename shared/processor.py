@@ -50,6 +50,7 @@ from .settings import Settings
 from .telemetry import Telemetry, get_telemetry
 from .telemetry_names import ATTR_VEHICLE_ERRORS, PROCESS_DEAD_LETTERED, PROCESS_RETRIED
 from .vehicle_state import ApplyResult, VehicleStateStore
+from .vehicle_state import rules as vehicle_state_rules
 
 logger = logging.getLogger(__name__)
 
@@ -440,6 +441,16 @@ async def run_handlers(
     the changes the store kept for them."""
     if store is None:
         return Handled(ran=await registry.dispatch(event, context))
+    unkeyed = vehicle_state_rules.unkeyed(event)
+    if unkeyed is not None:
+        # Neither backend can key an id that is not Unicode: no store, no inbox, for it.
+        logger.warning("an event whose vehicleId or eventId holds a lone surrogate is not "
+                       "stored (its %d signals or errors are skipped as %s); its handlers "
+                       "run without the inbox", len(unkeyed.skipped),
+                       vehicle_state_rules.NOT_UNICODE)
+        telemetry.record_vehicle_state(unkeyed)
+        return Handled(ran=await registry.dispatch(
+            event, context.with_vehicle_state(unkeyed), changes=()), state=unkeyed)
     if await store.is_processed(event.vehicle_id, event.event_id):
         telemetry.record_inbox_duplicate()
         return Handled(duplicate=True)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from shared import telemetry_names as names
-from shared.events import Event
+from shared.events import Event, parse_event
 from shared.handlers import HandlerContext, HandlerRegistry, low_battery
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
 from shared.processor import (
@@ -32,6 +32,7 @@ from shared.retry import RetryCopy
 from shared.settings import load_settings
 from shared.telemetry import Telemetry
 from shared.vehicle_state import ApplyResult, SignalChange, VehicleStateStore
+from shared.vehicle_state.rules import NOT_UNICODE, unkeyed
 
 from .otel_capture import captured
 from .vehicle_events import SOC, T0, VEHICLE, error, signal, state_body
@@ -289,6 +290,58 @@ class TestOnChange:
         assert context.vehicle_state is result.vehicle_state is not None
         assert (context.settings, context.message_id, context.delivery_count) == (
             SETTINGS, "e1", 2)
+
+
+class TestIdsThatAreNotUnicode:
+    """A vehicleId or eventId holding a lone surrogate (a `\\u` escape JSON allows) cannot key
+    a row in either backend: such an event is handled without the store and the inbox, its
+    signals counted as skipped, rather than failing on every delivery."""
+
+    @pytest.mark.parametrize(("vehicle", "event_id"), [("v\ud800", "e1"), (VEHICLE, "e\udfff")])
+    def test_handlers_run_and_nothing_is_stored(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture, vehicle: str, event_id: str
+    ) -> None:
+        otel = captured()
+        seen: list[tuple[str, Any]] = []
+
+        async def scenario(h: Harness) -> Any:
+            @h.registry.on("VEHICLE_STATE")
+            async def handle(event: Event, context: HandlerContext) -> None:
+                seen.append((event.event_id, context.vehicle_state))
+
+            body = {**state_body(event_id, signal(value=50), signal("x-other", 1)),
+                    "vehicleId": vehicle}
+            with caplog.at_level(logging.WARNING, logger="shared.processor"):
+                results = [await h.deliver(body, n) for n in (1, 2)]
+            return results, await h.store.list_vehicles()
+
+        results, listed = run(tmp_path, scenario, otel.telemetry)
+        assert [r.outcome for r in results] == [Outcome.HANDLED] * 2
+        assert not any(r.duplicate for r in results)  # no inbox: each delivery runs them
+        [state, _] = [r.vehicle_state for r in results]
+        assert [(s.code, s.reason) for s in state.skipped] == [
+            (SOC, NOT_UNICODE), ("x-other", NOT_UNICODE)]
+        assert state.changes == () and state.pending == ()
+        assert [(eid, context) for eid, context in seen] == [(event_id, state)] * 2
+        assert listed == []
+        assert otel.values(names.VEHICLE_STATE_SKIPPED) == [({"reason": NOT_UNICODE}, 4)]
+        assert [r.getMessage() for r in caplog.records if r.name == "shared.processor"] == [
+            "an event whose vehicleId or eventId holds a lone surrogate is not stored (its 2 "
+            "signals or errors are skipped as not-unicode); its handlers run without the "
+            "inbox"] * 2
+
+    def test_an_error_event_s_entries_are_skipped_by_their_codes(self) -> None:
+        event = parse_event(json.dumps({**error_body("e\ud800", error(), error("B", None)),
+                                        "eventType": "VEHICLE_ERROR"}))
+        state = unkeyed(event)
+        assert state is not None
+        assert [(s.code, s.reason) for s in state.skipped] == [
+            ("VEHICLE_NOT_CAPABLE", NOT_UNICODE), (None, NOT_UNICODE)]
+
+    def test_an_event_the_store_can_key_is_left_to_it(self) -> None:
+        for body in (state_body("e1", signal()), error_body("e1", error()),
+                     {**state_body("e\ud800"), "eventType": "VEHICLE_UNKNOWN"}):
+            assert unkeyed(parse_event(json.dumps(body))) is None
 
 
 def test_a_context_with_the_store_s_result_keeps_every_other_field() -> None:

@@ -40,7 +40,14 @@ from shared.vehicle_state import (
     table_store,
 )
 from shared.vehicle_state.factory import open_store
-from shared.vehicle_state.rules import MAX_VALUE_CHARS, NO_CODE, TOO_LARGE, UNDATED, plan
+from shared.vehicle_state.rules import (
+    MAX_VALUE_CHARS,
+    NO_CODE,
+    NOT_UNICODE,
+    TOO_LARGE,
+    UNDATED,
+    plan,
+)
 from shared.vehicle_state.table_store import TableVehicleStateStore
 
 from .azurite import azurite_table_port, connection_string
@@ -365,6 +372,48 @@ class TestBadInput:
         stored = backend.run(scenario)
         assert stored == values
         assert type(stored["odometer-big"]) is type(stored["custom-negative"]) is int
+
+    def test_text_that_is_not_unicode_is_skipped_and_the_rest_stored(
+        self, backend: Backend
+    ) -> None:
+        """JSON's `\\u` escapes can spell a lone surrogate, which the events' decoder keeps
+        and neither SQLite nor Table (UTF-8, UTF-16 on the wire) can hold: wherever a signal
+        holds one, it is skipped as `not-unicode`, and the event's other signals are stored.
+        Before this rule such an event failed on every delivery."""
+        lone = "\ud800"
+        event = state_event(
+            "e", signal("custom-text", f"a{lone}b"), signal("custom-key", {f"k{lone}": 1}),
+            signal(f"custom-{lone}code", 1), signal("custom-unit", 1, unit=lone),
+            signal("custom-path", 1, group=f"G{lone}", name="N"),
+            signal("custom-failed", error=("AUTH", f"X{lone}")),
+            signal("custom-fine", "caf\u00e9 \U0001f697"), signal(value=42))
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            return await store.apply(event), await store.get_vehicle(VEHICLE)
+
+        result, view = backend.run(scenario)
+        assert [(s.code, s.reason) for s in result.skipped] == [
+            (code, NOT_UNICODE) for code in ("custom-text", "custom-key", "custom-\ufffdcode",
+                                             "custom-unit", "custom-path", "custom-failed")]
+        assert {code: s.value for code, s in view.signals.items()} == {
+            "custom-fine": "caf\u00e9 \U0001f697", SOC: 42}
+
+    def test_an_error_entry_that_is_not_unicode_is_skipped_and_the_rest_applied(
+        self, backend: Backend
+    ) -> None:
+        lone = "\udfff"
+        event = error_event(
+            "e", error("A", description=f"broken {lone}"), error("B", code=f"C{lone}"),
+            error("D", signals=(f"s{lone}",)), error("E", description="fine \u00e9"))
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            return await store.apply(event), await store.get_vehicle(VEHICLE)
+
+        result, view = backend.run(scenario)
+        assert [(s.code, s.reason) for s in result.skipped] == [
+            ("VEHICLE_NOT_CAPABLE", NOT_UNICODE), ("C\ufffd", NOT_UNICODE),
+            ("VEHICLE_NOT_CAPABLE", NOT_UNICODE)]
+        assert [(e.type, e.description) for e in view.errors] == [("E", "fine \u00e9")]
 
     def test_500_signals_in_one_event_are_all_stored(self, backend: Backend) -> None:
         signals = [signal(f"custom-s{i:03d}", i, oem=T0 + i) for i in range(500)]

@@ -36,7 +36,7 @@ from typing import Any, Final
 import orjson
 
 from ..events import Event, Signal, VehicleError
-from . import ErrorState, SignalChange, SignalState, SkippedSignal
+from . import ApplyResult, ErrorState, SignalChange, SignalState, SkippedSignal
 
 VEHICLE_STATE: Final = "VEHICLE_STATE"
 VEHICLE_ERROR: Final = "VEHICLE_ERROR"
@@ -73,6 +73,11 @@ TOO_LARGE: Final = "too-large"
 NO_CODE: Final = "no-code"
 #: Skipped (an error entry): no usable `type`, or a `state` other than ERROR or RESOLVED.
 BAD_ERROR: Final = "bad-error"
+#: Skipped: text that is not Unicode (a lone surrogate, which JSON's `\u` escapes can spell
+#: and no UTF-8 store can hold) in a signal's code, path, unit, value or error, or in an
+#: error entry's fields; or, for every signal and error of the event, in its vehicleId or
+#: eventId (`unkeyed`: the processor does not reach the store for such an event).
+NOT_UNICODE: Final = "not-unicode"
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -97,6 +102,59 @@ def thawed(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [thawed(v) for v in value]
     return value
+
+
+def is_unicode(text: str | None) -> bool:
+    """False for text holding a lone surrogate (what UTF-8 cannot encode)."""
+    if text is None or text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unicode_value(value: Any) -> bool:
+    if type(value) is str:
+        return is_unicode(value)
+    if value is None or type(value) in (int, float, bool):
+        return True
+    try:
+        canonical_json(value).encode()  # keys and strings at any depth
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unicode_signal(signal: Signal, code: str) -> bool:
+    """Whether all the text the store would keep of `signal` is Unicode."""
+    if not (is_unicode(code) and is_unicode(signal.path)):
+        return False
+    if signal.ok:
+        return is_unicode(signal.unit) and _unicode_value(signal.value)
+    return is_unicode(signal.error_type) and is_unicode(signal.error_code)
+
+
+def shown(text: str | None) -> str | None:
+    """`text` with each lone surrogate as U+FFFD: for a skipped signal's record."""
+    if is_unicode(text):
+        return text
+    assert text is not None
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def unkeyed(event: Event) -> ApplyResult | None:
+    """The result for an event whose vehicleId or eventId is not Unicode (neither backend can
+    key it): every signal or error entry skipped as NOT_UNICODE. None for any other event."""
+    if (event.event_type not in STORED_TYPES
+            or (is_unicode(event.vehicle_id) and is_unicode(event.event_id))):
+        return None
+    if event.event_type == VEHICLE_STATE:
+        codes = [shown(s.code or signal_code(s)) for s in event.signals]
+    else:
+        codes = [shown(e.code) for e in event.errors]
+    return ApplyResult(skipped=tuple(SkippedSignal(code=c, reason=NOT_UNICODE) for c in codes))
 
 
 def signal_code(signal: Signal) -> str | None:
@@ -333,6 +391,9 @@ def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
         if code is None:
             skipped.append(SkippedSignal(code=signal.code, reason=NO_CODE))
             continue
+        if not _unicode_signal(signal, code):
+            skipped.append(SkippedSignal(code=shown(code), reason=NOT_UNICODE))
+            continue
         if signal.ok and not value_fits(signal):
             skipped.append(SkippedSignal(code=code, reason=TOO_LARGE))
             continue
@@ -367,8 +428,19 @@ def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
 
 
 def _usable_error(error: VehicleError) -> bool:
-    return (bool(error.type) and len(error.type or "") <= MAX_CODE_CHARS
-            and len(error.code or "") <= MAX_CODE_CHARS and error.state in (OPEN_STATES))
+    return _error_problem(error) is None
+
+
+def _error_problem(error: VehicleError) -> str | None:
+    """Why an error entry is skipped (BAD_ERROR, NOT_UNICODE), or None."""
+    if not (error.type and len(error.type) <= MAX_CODE_CHARS
+            and len(error.code or "") <= MAX_CODE_CHARS and error.state in OPEN_STATES):
+        return BAD_ERROR
+    if not (is_unicode(error.type) and is_unicode(error.code)
+            and is_unicode(error.description) and is_unicode(error.resolution_type)
+            and all(is_unicode(ref.code) and is_unicode(ref.path) for ref in error.signals)):
+        return NOT_UNICODE
+    return None
 
 
 # What a VEHICLE_ERROR's `state` may be: ERROR opens (or repeats) an error, RESOLVED closes it.
@@ -384,8 +456,8 @@ def _detail_rank(error: VehicleError, observed: Observation) -> str:
 
 
 def _plan_errors(snapshot: Snapshot, event: Event) -> Plan:
-    skipped = [SkippedSignal(code=e.code, reason=BAD_ERROR)
-               for e in event.errors if not _usable_error(e)]
+    skipped = [SkippedSignal(code=shown(e.code), reason=problem)
+               for e in event.errors if (problem := _error_problem(e)) is not None]
     if snapshot.errors_applied:
         return Plan(skipped=tuple(skipped), updated_at=snapshot.updated_at)
     observed = Observation(at=event.meta.delivered_at or _EPOCH, event_id=event.event_id)
