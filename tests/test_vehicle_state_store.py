@@ -624,6 +624,21 @@ class TestOutboxAndInbox:
         assert redelivered.changes == () and redelivered.pending == pending
         assert (before, after, processed) == (False, (), True)
 
+    def test_a_pending_change_keeps_the_reading_it_replaced(self, backend: Backend) -> None:
+        # What an on_change handler gets on redelivery after a crash: the same previous value.
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(state_event("e1", signal(value=50, oem=T0)))
+            await store.mark_processed(VEHICLE, "e1")
+            applied = await store.apply(state_event("e2", signal(value=40, oem=T0 + 1000)))
+            return applied, await store.pending_changes(VEHICLE, "e2")
+
+        applied, pending = backend.run(scenario)
+        assert pending == applied.pending
+        [change] = pending
+        assert change.previous is not None
+        assert (change.previous.value, change.previous.event_id, change.current.value) == (
+            50, "e1", 40)
+
     def test_only_the_changes_the_outbox_selects_stay_pending(self, backend: Backend) -> None:
         event = state_event("e1", signal(value=50), signal("charge-ischarging", True))
 

@@ -2,7 +2,12 @@
 
 A row is a `dict[str, str | int]` with no None values (Azure Table Storage drops them, so
 neither backend keeps them): the same map is a Table entity's properties and a SQLite row's
-JSON. Values are canonical JSON text; times are ISO-8601 in UTC.
+JSON. Values are canonical JSON text; times are ISO-8601 in UTC. Reading a row back gives what
+was written (tests/test_vehicle_state_codec.py); the fields every row of its kind has are
+required, so a row that is not ours fails with a KeyError rather than reading as defaults.
+
+The escaped keys are part of the stored layout: a changed escaping would file a known vehicle
+under a new partition and lose sight of what is stored under the old one.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ _MAX_KEY_PART: Final = 200
 
 def escape_key(value: str) -> str:
     """`value` as a Table key part: reversible for short values, a digest for long ones."""
-    escaped = "".join(c if c in _SAFE else "".join(f"!{b:02x}" for b in c.encode("utf-8"))
+    escaped = "".join(c if c in _SAFE else "".join(f"!{b:02x}" for b in c.encode())
                       for c in value)
     if len(escaped) > _MAX_KEY_PART:
-        return "!h" + hashlib.sha256(value.encode("utf-8")).hexdigest()
+        return "!h" + hashlib.sha256(value.encode()).hexdigest()
     return escaped
 
 
@@ -85,13 +90,11 @@ def signal_row(state: SignalState) -> Row:
 
 
 def signal_from_row(row: Row) -> SignalState:
-    raw = row.get("value")
     return SignalState(
-        code=str(row["code"]), path=row.get("path"),
-        value=loads(raw) if isinstance(raw, str) else None, unit=row.get("unit"),
-        oem_updated_at=_time(row.get("oemUpdatedAt")),
+        code=str(row["code"]), path=row.get("path"), value=loads(row["value"]),
+        unit=row.get("unit"), oem_updated_at=_time(row.get("oemUpdatedAt")),
         retrieved_at=_time(row.get("retrievedAt")), event_id=row.get("eventId"),
-        status=str(row.get("status") or "ok"), error_type=row.get("errorType"),
+        status=str(row["status"]), error_type=row.get("errorType"),
         error_code=row.get("errorCode"),
     )
 
@@ -112,27 +115,26 @@ def error_row(record: ErrorRecord) -> Row:
     )
 
 
-def _observation(at: Any, event_id: Any) -> Observation | None:
-    when = _time(at)
-    return None if when is None or not isinstance(event_id, str) else Observation(
-        at=when, event_id=event_id)
+def _observation(row: Row, at: str, event_id: str) -> Observation | None:
+    """The observation `error_row` wrote as the pair of fields `at` and `event_id`."""
+    when = _time(row.get(at))
+    return None if when is None else Observation(at=when, event_id=str(row[event_id]))
 
 
 def error_from_row(row: Row) -> ErrorRecord:
-    signals = row.get("signals")
     state = ErrorState(
         type=str(row["type"]), code=row.get("code"), state=str(row["state"]),
         first_seen=_time(row.get("firstSeen")), last_seen=_time(row.get("lastSeen")),
-        count=int(row.get("count") or 0), description=row.get("description"),
-        resolution_type=row.get("resolutionType"),
-        signals=tuple(loads(signals)) if isinstance(signals, str) else (),
+        count=int(row["count"]), description=row.get("description"),
+        resolution_type=row.get("resolutionType"), signals=tuple(loads(row["signals"])),
         event_id=row.get("eventId"), resolved_at=_time(row.get("resolvedAt")),
     )
     return ErrorRecord(
         state=state,
-        last_error=_observation(row.get("lastErrorAt"), row.get("lastErrorEvent")),
-        last_resolved=_observation(row.get("lastResolvedAt"), row.get("lastResolvedEvent")),
-        detail_rank=str(row.get("detailRank") or ""),
+        last_error=_observation(row, "lastErrorAt", "lastErrorEvent"),
+        last_resolved=_observation(row, "lastResolvedAt", "lastResolvedEvent"),
+        # Not written while empty (`error_row`).
+        detail_rank=str(row.get("detailRank", "")),
     )
 
 
@@ -178,14 +180,11 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def changes_text(changes: tuple[SignalChange, ...] | list[SignalChange], *,
-                 ascii_only: bool = False) -> str:
-    """Pending changes as JSON; ASCII only where its length in characters must be its size
-    (a Table property counts UTF-16 units)."""
-    items = [change_to_json(c) for c in changes]
-    if ascii_only:
-        return json.dumps(items, separators=(",", ":"), ensure_ascii=True)
-    return dumps(items)
+def changes_text(changes: tuple[SignalChange, ...] | list[SignalChange]) -> str:
+    """Pending changes as compact JSON in ASCII (json's default `ensure_ascii`), so that its
+    length in characters is its size wherever it is counted (a Table property counts UTF-16
+    units)."""
+    return json.dumps([change_to_json(c) for c in changes], separators=(",", ":"))
 
 
 def changes_from_text(text: str) -> list[SignalChange]:

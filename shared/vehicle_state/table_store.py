@@ -285,7 +285,7 @@ class TableVehicleStateStore:
             if kept:
                 ops.append(("create", {"PartitionKey": pk,
                                        "RowKey": f"{_outbox_prefix(event.event_id)}{chunks:05d}",
-                                       **_split(changes_text(kept, ascii_only=True))}))
+                                       **_split(changes_text(kept))}))
                 chunks += 1
             # Marked with the last of its errors: an apply cut short before then is followed
             # by one that writes them all again, counting those past `errorsCounted`.
