@@ -72,8 +72,10 @@ class TestTheHandler:
             asyncio.run(runtime.vehicle_state.close())
         assert pruned is not None and (pruned.deleted, pruned.failed) == (1, 0)
         assert recorded(path) == {"kept"}
-        assert "1 records past the retention deleted, 0 groups" in caplog.text
-        assert "past due" in caplog.text
+        assert [r.getMessage() for r in caplog.records] == [
+            "inbox prune timer is past due; running now",
+            "vehicle state inbox: 1 records past the retention deleted, 0 groups left for the "
+            "next prune"]
 
     def test_with_the_store_off_there_is_nothing_to_prune(self, tmp_path: Path) -> None:
         runtime = build_runtime(load_settings(local_env(tmp_path, VEHICLE_STATE_STORE="off")))
