@@ -24,7 +24,14 @@ from pathlib import Path
 
 from tests import azurite
 
-from .summary import load_equivalents, module_name, mutant_glob, mutated_paths, summarise
+from .summary import (
+    load_equivalents,
+    module_globs,
+    module_name,
+    mutant_glob,
+    mutated_paths,
+    summarise,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENTS = Path(__file__).with_name("equivalent.toml")
@@ -93,7 +100,7 @@ def globs(modules: Sequence[str] = ()) -> list[str]:
         module = module_name(path)
         functions = SCOPE.get(module)
         if functions is None:
-            result.append(f"{module}.*")
+            result.extend(module_globs(module))
         else:
             result.extend(mutant_glob(module, f) for f in functions)
     return result

@@ -86,8 +86,22 @@ class ModuleScore:
 
 
 def module_name(path: str) -> str:
-    """`shared/local/queue.py` -> `shared.local.queue`."""
-    return path.removesuffix(".py").replace("/", ".")
+    """`shared/local/queue.py` -> `shared.local.queue`; a package's `__init__.py` is the
+    package (`shared/vehicle_state/__init__.py` -> `shared.vehicle_state`), as mutmut names
+    its mutants."""
+    return path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+
+
+def module_path(root: Path, module: str) -> Path:
+    """The source file of a dotted module name: `module_name`'s inverse under `root`."""
+    plain = root / (module.replace(".", "/") + ".py")
+    return plain if plain.is_file() else root / module.replace(".", "/") / "__init__.py"
+
+
+def module_globs(module: str) -> list[str]:
+    """The mutmut name patterns of every mutant of `module`, not of its submodules (a
+    package's `shared.vehicle_state.*` would take in `shared.vehicle_state.codec`'s too)."""
+    return [f"{module}.x_*", f"{module}.xǁ*"]
 
 
 def function_name(key: str, module: str) -> str:
@@ -257,7 +271,7 @@ def stale_equivalents(root: Path, equivalents: Sequence[Equivalent]) -> list[str
     sources: dict[str, dict[str, list[str]] | None] = {}
     for entry in equivalents:
         if entry.module not in sources:
-            path = root / (entry.module.replace(".", "/") + ".py")
+            path = module_path(root, entry.module)
             sources[entry.module] = (source_functions(path.read_text(encoding="utf-8"))
                                      if path.is_file() else None)
         functions = sources[entry.module]

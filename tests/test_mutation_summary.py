@@ -7,6 +7,7 @@ mutant, the mutated source with each mutant a copy of its function); mutmut itse
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from mutation.summary import (
     Equivalent,
     function_name,
     load_equivalents,
+    module_globs,
     module_name,
+    module_path,
     mutant_glob,
     source_functions,
     stale_equivalents,
@@ -153,6 +156,24 @@ class TestNames:
         module = key.rsplit(".", 1)[0]
         assert function_name(key, module) == expected
 
+    def test_a_package_is_named_as_mutmut_names_its_mutants(self, tmp_path: Path) -> None:
+        assert module_name("shared/vehicle_state/__init__.py") == "shared.vehicle_state"
+        assert module_name("shared/vehicle_state/codec.py") == "shared.vehicle_state.codec"
+        (tmp_path / "pkg" / "sub").mkdir(parents=True)
+        for name in ("pkg/sub/__init__.py", "pkg/sub/mod.py"):
+            (tmp_path / name).write_text("", encoding="utf-8")
+        assert module_path(tmp_path, "pkg.sub") == tmp_path / "pkg/sub/__init__.py"
+        assert module_path(tmp_path, "pkg.sub.mod") == tmp_path / "pkg/sub/mod.py"
+
+    def test_a_modules_globs_leave_out_its_submodules(self) -> None:
+        patterns = module_globs("shared.vehicle_state")
+        keys = {"shared.vehicle_state.x_valid_vehicle_id__mutmut_1": True,
+                "shared.vehicle_state.xǁChangesǁ__len____mutmut_2": True,
+                "shared.vehicle_state.codec.x_dumps__mutmut_1": False,
+                "shared.vehicle_state.codec.xǁThingǁrun__mutmut_1": False}
+        for key, mine in keys.items():
+            assert any(fnmatch.fnmatchcase(key, p) for p in patterns) is mine, key
+
     def test_glob_matches_only_that_functions_mutants(self) -> None:
         assert mutant_glob("shared.local.queue", "LocalQueue.complete") == (
             "shared.local.queue.xǁLocalQueueǁcomplete__mutmut_*"
@@ -226,7 +247,7 @@ class TestStaleEntries:
 
     def test_every_function_a_scope_names_exists(self) -> None:
         for module, functions in SCOPE.items():
-            path = ROOT / (module.replace(".", "/") + ".py")
+            path = module_path(ROOT, module)
             assert module in {module_name(p) for p in paths()}
             missing = set(functions) - set(source_functions(path.read_text(encoding="utf-8")))
             assert not missing, f"{module}: SCOPE names functions it lacks: {sorted(missing)}"
@@ -238,7 +259,7 @@ class TestModuleSelection:
         assert "shared/receiver.py" in every and "shared/retry.py" in every
         assert paths(["shared.retry", "shared.local.queue"]) == [
             p for p in every if p in ("shared/retry.py", "shared/local/queue.py")]
-        assert globs(["shared.retry"]) == ["shared.retry.*"]
+        assert globs(["shared.retry"]) == ["shared.retry.x_*", "shared.retry.xǁ*"]
         # A narrowed module keeps its function scope.
         assert globs(["shared.local.queue"]) == [
             g for g in globs() if g.startswith("shared.local.queue.")] != []
