@@ -1359,6 +1359,23 @@ class TestFactory:
         assert default == ("AsyncTablesRetryPolicy", 10, 0.8, 120)
         assert by_key == by_identity == ("AsyncTablesRetryPolicy", 3, 0.2, 2)
 
+    def test_the_identity_is_the_apps_user_assigned_one(self, tmp_path: Path) -> None:
+        """With AZURE_CLIENT_ID set (Bicep sets it), the Table client signs in as that
+        user-assigned identity: read back from the credential azure-identity made."""
+        client_id = "11111111-2222-3333-4444-555555555555"
+
+        async def scenario() -> Any:
+            store = open_store(load_settings({
+                "LOCAL_STATE_DIR": str(tmp_path), "AZURE_CLIENT_ID": client_id,
+                "AzureWebJobsStorage__accountName": "acct123"}))
+            credential = store._table.credential  # type: ignore[union-attr]
+            await store.close()  # type: ignore[union-attr]
+            return credential
+
+        credential = asyncio.run(scenario())
+        assert type(credential).__name__ == "ManagedIdentityCredential"
+        assert credential._credential._client._identity_config == {"client_id": client_id}
+
     def test_with_a_connection_string_the_table_is_made_on_first_use(
         self, tmp_path: Path, azurite_table_port: int
     ) -> None:
