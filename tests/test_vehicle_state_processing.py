@@ -292,6 +292,30 @@ class TestOnChange:
             SETTINGS, "e1", 2)
 
 
+class TestChangeHandlersByName:
+    def test_by_path_or_by_code_and_once_when_the_code_is_the_path(
+        self, tmp_path: Path
+    ) -> None:
+        calls: list[tuple[str, str]] = []
+
+        async def scenario(h: Harness) -> Any:
+            for name in ("tractionbattery-stateofcharge", "Custom.Dotted"):
+                @h.registry.on_change(name)
+                async def handle(event: Event, change: SignalChange, context: HandlerContext,
+                                 name: str = name) -> None:
+                    calls.append((name, change.code))
+
+            # A custom signal whose code is spelled as its Group.Name path.
+            await h.deliver(state_body("e1", signal(value=50),
+                                       signal("Custom.Dotted", 1, group="Custom", name="Dotted")))
+            return [c.code for _, c in h.changes]
+
+        by_path = run(tmp_path, scenario)
+        assert by_path == [SOC]  # the Harness's handler, registered by path
+        assert sorted(calls) == [("Custom.Dotted", "Custom.Dotted"),
+                                 ("tractionbattery-stateofcharge", SOC)]
+
+
 class TestIdsThatAreNotUnicode:
     """A vehicleId or eventId holding a lone surrogate (a `\\u` escape JSON allows) cannot key
     a row in either backend: such an event is handled without the store and the inbox, its

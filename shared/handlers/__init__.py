@@ -168,7 +168,9 @@ class HandlerRegistry:
                         await self._call(signal_handler, event, signal, context)
                         ran = True
             for change in changes if self._by_change else ():
-                for key in (change.path, change.code):
+                path, code = change.path, change.code
+                # By path and by code; once when they are the same name.
+                for key in (path, code) if path != code else (code,):
                     for change_handler in self._by_change.get(key or "", ()):
                         await self._call(change_handler, event, change, context)
                         ran = True
