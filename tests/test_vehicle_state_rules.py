@@ -31,6 +31,7 @@ from shared.vehicle_state.rules import (
     MAX_VALUE_CHARS,
     MIN_OEM_UPDATED_AT,
     NO_CODE,
+    NOT_UNICODE,
     OPEN,
     RESOLVED,
     RETRY_ALLOWANCE,
@@ -42,8 +43,10 @@ from shared.vehicle_state.rules import (
     canonical_json,
     codes_of,
     error_keys_of,
+    is_unicode,
     plan,
     reading,
+    shown,
     signal_rank,
     thawed,
     value_fits,
@@ -770,3 +773,32 @@ class TestValueBounds:
         frozen = MappingProxyType({"x": 1e-7, "y": [MappingProxyType({"z": 0.1})]})
         assert canonical_json(frozen) == canonical_json(thawed(frozen)) == (
             '{"x":1e-7,"y":[{"z":0.1}]}')
+
+
+class TestTextThatIsNotUnicode:
+    """A lone surrogate: what JSON's `\\u` escapes can spell and UTF-8 cannot encode."""
+
+    @pytest.mark.parametrize(("text", "unicode"), [
+        (None, True), ("", True), ("plain", True), ("caf\u00e9 \U0001f697", True),
+        ("\ud800", False), ("caf\u00e9\udfff", False), ("\ud83d\ude97", False)])
+    def test_is_unicode(self, text: str | None, unicode: bool) -> None:
+        assert is_unicode(text) is unicode
+
+    def test_shown_puts_the_replacement_character_in_its_place(self) -> None:
+        assert shown("a\ud800b\udfff") == "a\ufffdb\ufffd"
+        assert shown("caf\u00e9") == "caf\u00e9" and shown(None) is None
+
+    @pytest.mark.parametrize("value", [
+        "a\ud800", ["ok", "\udfff"], {"k\ud800": 1}, {"k": {"deeper": ["\ud800"]}},
+        [2**70, "\ud800"]])
+    def test_a_value_holding_one_at_any_depth_is_skipped(self, value: Any) -> None:
+        event = state_event("e1", signal("custom-v", value))
+        result = plan(Snapshot(vehicle_id=VEHICLE), event)
+        assert [(s.code, s.reason) for s in result.skipped] == [("custom-v", NOT_UNICODE)]
+        assert result.signals == {}
+
+    @pytest.mark.parametrize("value", [None, True, 1.5, 2**70, [1, "\u00e9"], {"\u00e9": [None]}])
+    def test_any_other_value_is_kept(self, value: Any) -> None:
+        result = plan(Snapshot(vehicle_id=VEHICLE), state_event("e1", signal("custom-v", value)))
+        assert result.skipped == () and result.signals["custom-v"].value == value
+
