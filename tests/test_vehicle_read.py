@@ -36,7 +36,10 @@ from shared.vehicle_state import valid_vehicle_id
 
 from .inspector_host import HostProcess
 from .support import RunningHost, http_request, local_env, signed_headers, wait_until
+from .vehicle_events import error, error_event, signal, state_event
 from .vehicle_fakes import VEHICLE, MemoryVehicleStore, error_body, state_body
+
+ROOT = Path(__file__).resolve().parents[1]
 
 OEM_MS = 1_764_000_000_000
 #: Ids the route refuses with 400, and why: too long, and each kind of character outside the set.
@@ -89,6 +92,41 @@ class TestTheDecision:
         assert soc["oemUpdatedAt"].startswith("2025-11-24T")
         assert [(e["type"], e["code"], e["state"]) for e in body["errors"]] == [
             ("COMPATIBILITY", "VEHICLE_NOT_CAPABLE", "OPEN")]
+
+    def test_the_documented_body_and_listing_are_what_they_answer(self, tmp_path: Path) -> None:
+        """docs/vehicle-state.md shows a vehicle's body and its `vehicles list --json` entry:
+        the same events, applied by the local store, give exactly those."""
+        from shared.local.vehicle_state import SqliteVehicleStateStore
+
+        section = (ROOT / "docs" / "vehicle-state.md").read_text(encoding="utf-8").split(
+            "## Reading it", 1)[1].split("\n## ", 1)[0]
+        documented = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section,
+                                                                re.S)]
+        at = 1_764_577_800_000  # 2025-12-01T08:30:00Z
+
+        async def scenario() -> Any:
+            store = SqliteVehicleStateStore(tmp_path / "state.sqlite3")
+            try:
+                await store.apply(error_event("e-1", error(
+                    description="The vehicle does not support this signal."),
+                    vehicle=VEHICLE, delivered=at - 600_000))
+                await store.apply(state_event(
+                    "e-2", signal(value=18, oem=at, retrieved=at + 2000),
+                    signal("odometer-traveleddistance", 51234.5, unit="km", oem=at - 60_000,
+                           retrieved=at + 2000),
+                    signal("location-preciselocation", group="Location", name="PreciseLocation",
+                           error=("PERMISSION", "DENIED"), oem=None),
+                    vehicle=VEHICLE, delivered=at + 3000))
+                reply = await read_vehicle(VEHICLE, store)
+                return reply, [s.to_json() for s in await store.list_vehicles()]
+            finally:
+                await store.close()
+
+        reply, listing = asyncio.run(scenario())
+        body = json.loads(reply.body_bytes())
+        assert (reply.status, body) == (200, documented[0])
+        assert list(body["signals"]) == sorted(documented[0]["signals"])  # in code order
+        assert listing == documented[1]
 
     def test_a_vehicle_never_seen_is_404(self) -> None:
         status, body = read("0b9ab6c1-2b1a-4b85-8f53-3d4c2f1e0a99", stored(state_body(oem_ms=OEM_MS)))
