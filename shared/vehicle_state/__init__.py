@@ -115,15 +115,6 @@ class SignalChange:
     previous: SignalState | None
     current: SignalState
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "vehicleId": self.vehicle_id,
-            "code": self.code,
-            "path": self.path,
-            "previous": None if self.previous is None else self.previous.to_json(),
-            "current": self.current.to_json(),
-        }
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SkippedSignal:
