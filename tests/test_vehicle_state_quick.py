@@ -349,6 +349,7 @@ class TestChanges:
         assert lazy == Changes(built) == built and lazy == list(built)
         assert hash(lazy) == hash(built)
         assert lazy != built[:1] and lazy != () and Changes() == ()
+        assert lazy != built[::-1] and Changes(built[::-1]) != lazy  # same length, not equal
         assert lazy != "ab" and (lazy == 3) is False
         # A tuple is kept as `Changes` (ApplyResult.__post_init__), which the field's type
         # `Changes` does not say: the conversion is what is tested.
