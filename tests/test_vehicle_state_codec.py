@@ -129,6 +129,18 @@ class TestRowsReadBackAsWritten:
             error_from_row(row)
 
 
+class TestTimes:
+    def test_a_time_is_spelled_in_the_offset_it_was_given(self) -> None:
+        # Equal instants in other zones compare equal: none may take another's spelling.
+        utc = datetime(2026, 12, 1, 8, 30, tzinfo=UTC)
+        zones = [timezone(timedelta(hours=1)), timezone(timedelta(hours=-5)), UTC]
+        rows = [signal_row(SignalState(code="c", oem_updated_at=utc.astimezone(zone)))
+                for zone in zones]
+        assert [r["oemUpdatedAt"] for r in rows] == [
+            "2026-12-01T09:30:00+01:00", "2026-12-01T03:30:00-05:00",
+            "2026-12-01T08:30:00+00:00"]
+
+
 class TestText:
     @given(json_values)
     def test_values_come_back_exact_and_of_the_same_type(self, value: Any) -> None:

@@ -31,7 +31,15 @@ from shared.processor import (
 from shared.retry import RetryCopy
 from shared.settings import load_settings
 from shared.telemetry import Telemetry
-from shared.vehicle_state import ApplyResult, SignalChange, VehicleStateStore
+from shared.vehicle_state import (
+    ApplyResult,
+    Changes,
+    ErrorState,
+    SignalChange,
+    SignalState,
+    SkippedSignal,
+    VehicleStateStore,
+)
 from shared.vehicle_state.rules import NOT_UNICODE, unkeyed
 
 from .otel_capture import captured
@@ -408,6 +416,32 @@ class TestTelemetryAndRecords:
                                 vehicle_state=applied.vehicle_state)
         assert record["vehicleState"]["changed"] == [SOC, "x-undated"]
         assert errors.vehicle_state.errors_resolved[0].code == "DENIED"
+
+
+def test_the_handled_record_spells_the_store_s_result_as_the_readme_shows() -> None:
+    """handled.jsonl's `vehicleState`: every field of an ApplyResult, under the names the
+    README's example line shows."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [line] = [text for text in readme.splitlines()
+              if text.startswith("{") and '"vehicleState"' in text]
+    shown = json.loads(line)["vehicleState"]
+    opened = ErrorState(type="COMPATIBILITY", code="VEHICLE_NOT_CAPABLE", state="OPEN")
+    resolved = ErrorState(type="PERMISSION", code="DENIED", state="RESOLVED")
+    current = SignalState(code=SOC, value=50)
+    result = ApplyResult(
+        changes=Changes((SignalChange(vehicle_id=VEHICLE, code=SOC, path=None, previous=None,
+                                      current=current),)),
+        stale=("odometer-traveleddistance",), refreshed=("charge-ischarging",),
+        skipped=(SkippedSignal(code="location-isathome", reason="undated"),),
+        errors_opened=(opened,), errors_resolved=(resolved,), conflicts_retried=2)
+    assert result.to_json() == {
+        "changed": [SOC], "stale": ["odometer-traveleddistance"],
+        "refreshed": ["charge-ischarging"],
+        "skipped": [{"code": "location-isathome", "reason": "undated"}],
+        "errorsOpened": [opened.to_json()], "errorsResolved": [resolved.to_json()],
+        "conflictsRetried": 2}
+    assert set(result.to_json()) == set(shown)
+    assert shown["skipped"] == [{"code": "location-isathome", "reason": "undated"}]
 
 
 class TestLowBattery:

@@ -357,6 +357,10 @@ class TestChanges:
         assert isinstance(ApplyResult(changes=built).changes, Changes)  # type: ignore[arg-type]  # a tuple on purpose
         assert repr(lazy) == f"Changes({built!r})"
 
+    def test_built_on_use_needs_the_codes(self) -> None:
+        with pytest.raises(TypeError, match=r"^a built-on-use Changes needs its codes$"):
+            Changes(build=lambda: ())
+
 
 @st.composite
 def common_items(draw: st.DrawFn, code: str) -> dict[str, Any]:

@@ -144,7 +144,8 @@ class Changes(Sequence[SignalChange]):
             #: The changed signals' codes, in payload order.
             self.codes: tuple[str, ...] = tuple(c.code for c in self._built)
         else:
-            assert codes is not None, "a built-on-use Changes needs its codes"
+            if codes is None:
+                raise TypeError("a built-on-use Changes needs its codes")
             self._built = None
             self.codes = codes
 
