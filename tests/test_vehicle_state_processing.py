@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +342,8 @@ class TestIdsThatAreNotUnicode:
             async def handle(event: Event, context: HandlerContext) -> None:
                 seen.append((event.event_id, context.vehicle_state))
 
-            body = {**state_body(event_id, signal(value=50), signal("x-other", 1)),
+            nameless = {"group": "Odometer", "name": "TraveledDistance", "body": {"value": 1}}
+            body = {**state_body(event_id, signal(value=50), signal("x-other", 1), nameless),
                     "vehicleId": vehicle}
             with caplog.at_level(logging.WARNING, logger="shared.processor"):
                 results = [await h.deliver(body, n) for n in (1, 2)]
@@ -352,13 +354,14 @@ class TestIdsThatAreNotUnicode:
         assert not any(r.duplicate for r in results)  # no inbox: each delivery runs them
         [state, _] = [r.vehicle_state for r in results]
         assert [(s.code, s.reason) for s in state.skipped] == [
-            (SOC, NOT_UNICODE), ("x-other", NOT_UNICODE)]
+            (SOC, NOT_UNICODE), ("x-other", NOT_UNICODE),
+            ("odometer-traveleddistance", NOT_UNICODE)]
         assert state.changes == () and state.pending == ()
         assert [(eid, context) for eid, context in seen] == [(event_id, state)] * 2
         assert listed == []
-        assert otel.values(names.VEHICLE_STATE_SKIPPED) == [({"reason": NOT_UNICODE}, 4)]
+        assert otel.values(names.VEHICLE_STATE_SKIPPED) == [({"reason": NOT_UNICODE}, 6)]
         assert [r.getMessage() for r in caplog.records if r.name == "shared.processor"] == [
-            "an event whose vehicleId or eventId holds a lone surrogate is not stored (its 2 "
+            "an event whose vehicleId or eventId holds a lone surrogate is not stored (its 3 "
             "signals or errors are skipped as not-unicode); its handlers run without the "
             "inbox"] * 2
 
@@ -426,7 +429,8 @@ def test_the_handled_record_spells_the_store_s_result_as_the_readme_shows() -> N
               if text.startswith("{") and '"vehicleState"' in text]
     shown = json.loads(line)["vehicleState"]
     opened = ErrorState(type="COMPATIBILITY", code="VEHICLE_NOT_CAPABLE", state="OPEN")
-    resolved = ErrorState(type="PERMISSION", code="DENIED", state="RESOLVED")
+    resolved = ErrorState(type="PERMISSION", code="DENIED", state="RESOLVED",
+                          resolved_at=datetime(2026, 12, 1, 8, 30, tzinfo=UTC))
     current = SignalState(code=SOC, value=50)
     result = ApplyResult(
         changes=Changes((SignalChange(vehicle_id=VEHICLE, code=SOC, path=None, previous=None,
@@ -438,7 +442,11 @@ def test_the_handled_record_spells_the_store_s_result_as_the_readme_shows() -> N
         "changed": [SOC], "stale": ["odometer-traveleddistance"],
         "refreshed": ["charge-ischarging"],
         "skipped": [{"code": "location-isathome", "reason": "undated"}],
-        "errorsOpened": [opened.to_json()], "errorsResolved": [resolved.to_json()],
+        "errorsOpened": [opened.to_json()],
+        "errorsResolved": [{
+            "type": "PERMISSION", "code": "DENIED", "state": "RESOLVED", "firstSeen": None,
+            "lastSeen": None, "count": 0, "description": None, "resolutionType": None,
+            "signals": [], "eventId": None, "resolvedAt": "2026-12-01T08:30:00+00:00"}],
         "conflictsRetried": 2}
     assert set(result.to_json()) == set(shown)
     assert shown["skipped"] == [{"code": "location-isathome", "reason": "undated"}]

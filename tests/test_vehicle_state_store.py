@@ -404,7 +404,9 @@ class TestBadInput:
         lone = "\udfff"
         event = error_event(
             "e", error("A", description=f"broken {lone}"), error("B", code=f"C{lone}"),
-            error("D", signals=(f"s{lone}",)), error("E", description="fine \u00e9"))
+            error("D", signals=(f"s{lone}",)), error("E", description="fine \u00e9"),
+            error(f"F{lone}", "F1"), {**error("G", "G1"), "resolution": {"type": lone}},
+            {**error("H", "H1"), "signals": [{"group": f"G{lone}", "name": "N"}]})
 
         async def scenario(store: VehicleStateStore) -> Any:
             return await store.apply(event), await store.get_vehicle(VEHICLE)
@@ -412,7 +414,8 @@ class TestBadInput:
         result, view = backend.run(scenario)
         assert [(s.code, s.reason) for s in result.skipped] == [
             ("VEHICLE_NOT_CAPABLE", NOT_UNICODE), ("C\ufffd", NOT_UNICODE),
-            ("VEHICLE_NOT_CAPABLE", NOT_UNICODE)]
+            ("VEHICLE_NOT_CAPABLE", NOT_UNICODE), ("F1", NOT_UNICODE), ("G1", NOT_UNICODE),
+            ("H1", NOT_UNICODE)]
         assert [(e.type, e.description) for e in view.errors] == [("E", "fine \u00e9")]
 
     def test_500_signals_in_one_event_are_all_stored(self, backend: Backend) -> None:

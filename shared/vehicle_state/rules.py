@@ -151,7 +151,7 @@ def unkeyed(event: Event) -> ApplyResult | None:
             or (is_unicode(event.vehicle_id) and is_unicode(event.event_id))):
         return None
     if event.event_type == VEHICLE_STATE:
-        codes = [shown(s.code or signal_code(s)) for s in event.signals]
+        codes = [shown(signal_code(s)) for s in event.signals]
     else:
         codes = [shown(e.code) for e in event.errors]
     return ApplyResult(skipped=tuple(SkippedSignal(code=c, reason=NOT_UNICODE) for c in codes))
