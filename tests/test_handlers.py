@@ -1,0 +1,120 @@
+"""`HandlerRegistry.dispatch`: how each kind of handler is called, and what a delivery leaves
+for the host to read (the running handler's name, the error, the time spent).
+
+The handlers' place in processing (the store first, on_change after it, the inbox) is tested
+in tests/test_vehicle_state_processing.py; the pool's threads in tests/test_handoff.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Awaitable
+from typing import Any
+
+import pytest
+
+from shared.events import Event, parse_event
+from shared.handlers import (
+    HANDLER_ERROR,
+    HANDLER_SECONDS,
+    RUNNING_HANDLER,
+    HandlerContext,
+    HandlerRegistry,
+)
+from shared.settings import load_settings
+
+from .vehicle_events import signal, state_body
+
+CONTEXT = HandlerContext(load_settings({}), "m-1", 1)
+EVENT = parse_event(json.dumps(state_body("e1", signal(value=50))))
+
+
+def dispatch(registry: HandlerRegistry) -> Any:
+    async def main() -> Any:
+        try:
+            ran = await registry.dispatch(EVENT, CONTEXT)
+        except Exception as exc:  # what the host reads after a failed delivery
+            return exc, RUNNING_HANDLER.get(), HANDLER_ERROR.get(), HANDLER_SECONDS.get()
+        return ran, RUNNING_HANDLER.get(), HANDLER_ERROR.get(), HANDLER_SECONDS.get()
+
+    return asyncio.run(main())
+
+
+class TestHowHandlersAreCalled:
+    def test_a_coroutine_handler_runs_on_the_loop_without_a_pool_thread(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        registry = HandlerRegistry()
+        threads: list[threading.Thread] = []
+
+        async def no_thread(*args: Any) -> None:
+            raise AssertionError("a coroutine handler must not take one of the pool's threads")
+
+        monkeypatch.setattr(registry.pool, "run", no_thread)
+
+        @registry.on("VEHICLE_STATE")
+        async def handle(event: Event, context: HandlerContext) -> None:
+            threads.append(threading.current_thread())
+
+        ran, *_ = dispatch(registry)
+        assert ran is True and threads == [threading.main_thread()]
+
+    def test_a_plain_handler_runs_in_a_pool_thread(self) -> None:
+        registry = HandlerRegistry()
+        threads: list[threading.Thread] = []
+
+        @registry.on("VEHICLE_STATE")
+        def handle(event: Event, context: HandlerContext) -> None:
+            threads.append(threading.current_thread())
+
+        ran, *_ = dispatch(registry)
+        assert ran is True and len(threads) == 1 and threads[0] is not threading.main_thread()
+
+    def test_what_a_plain_handler_returns_to_await_is_awaited(self) -> None:
+        registry = HandlerRegistry()
+        done: list[str] = []
+
+        async def later(event: Event) -> None:
+            done.append(event.event_id)
+
+        def handle(event: Event, context: HandlerContext) -> Awaitable[None]:
+            return later(event)  # e.g. a wrapper around a coroutine function
+
+        registry.on("VEHICLE_STATE")(handle)
+        ran, *_ = dispatch(registry)
+        assert ran is True and done == ["e1"]
+
+
+class TestWhatADeliveryLeavesForTheHost:
+    def test_a_failed_handler_is_named_with_its_error(self) -> None:
+        registry = HandlerRegistry()
+        failure = RuntimeError("boom")
+
+        @registry.on("VEHICLE_STATE")
+        async def fine(event: Event, context: HandlerContext) -> None:
+            return None
+
+        @registry.on("VEHICLE_STATE")
+        async def broken(event: Event, context: HandlerContext) -> None:
+            raise failure
+
+        raised, running, error, seconds = dispatch(registry)
+        assert raised is failure and error is failure
+        assert running == f"{__name__}.{broken.__qualname__}"
+        assert isinstance(seconds, float) and seconds >= 0
+
+    def test_a_completed_delivery_names_no_handler_and_no_error(self) -> None:
+        registry = HandlerRegistry()
+
+        @registry.on("VEHICLE_STATE")
+        def fine(event: Event, context: HandlerContext) -> None:
+            return None
+
+        assert dispatch(registry)[:3] == (True, None, None)
+
+    def test_no_handler_for_the_type_is_not_run(self) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_ERROR")(lambda event, context: None)
+        assert dispatch(registry)[:3] == (False, None, None)
