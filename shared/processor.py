@@ -449,8 +449,8 @@ async def run_handlers(
                        "run without the inbox", len(unkeyed.skipped),
                        vehicle_state_rules.NOT_UNICODE)
         telemetry.record_vehicle_state(unkeyed)
-        return Handled(ran=await registry.dispatch(
-            event, context.with_vehicle_state(unkeyed), changes=()), state=unkeyed)
+        return Handled(ran=await registry.dispatch(event, context.with_vehicle_state(unkeyed)),
+                       state=unkeyed)
     if await store.is_processed(event.vehicle_id, event.event_id):
         telemetry.record_inbox_duplicate()
         return Handled(duplicate=True)

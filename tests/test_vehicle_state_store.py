@@ -386,6 +386,7 @@ class TestBadInput:
             signal(f"custom-{lone}code", 1), signal("custom-unit", 1, unit=lone),
             signal("custom-path", 1, group=f"G{lone}", name="N"),
             signal("custom-failed", error=("AUTH", f"X{lone}")),
+            signal("custom-failed-type", error=(f"A{lone}", "X")),
             signal("custom-fine", "caf\u00e9 \U0001f697"), signal(value=42))
 
         async def scenario(store: VehicleStateStore) -> Any:
@@ -394,7 +395,8 @@ class TestBadInput:
         result, view = backend.run(scenario)
         assert [(s.code, s.reason) for s in result.skipped] == [
             (code, NOT_UNICODE) for code in ("custom-text", "custom-key", "custom-\ufffdcode",
-                                             "custom-unit", "custom-path", "custom-failed")]
+                                             "custom-unit", "custom-path", "custom-failed",
+                                             "custom-failed-type")]
         assert {code: s.value for code, s in view.signals.items()} == {
             "custom-fine": "caf\u00e9 \U0001f697", SOC: 42}
 

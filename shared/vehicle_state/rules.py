@@ -116,15 +116,9 @@ def is_unicode(text: str | None) -> bool:
 
 
 def _unicode_value(value: Any) -> bool:
-    if type(value) is str:
-        return is_unicode(value)
-    if value is None or type(value) in (int, float, bool):
-        return True
-    try:
-        canonical_json(value).encode()  # keys and strings at any depth
-    except UnicodeEncodeError:
-        return False
-    return True
+    # Keys and strings at any depth. orjson refuses a lone surrogate, so only the standard
+    # library's fallback can spell one.
+    return is_unicode(canonical_json(value))
 
 
 def _unicode_signal(signal: Signal, code: str) -> bool:
