@@ -25,7 +25,7 @@ from shared.handlers import (
 )
 from shared.settings import load_settings
 
-from .vehicle_events import signal, state_body
+from .vehicle_events import T0, signal, state_body
 
 CONTEXT = HandlerContext(load_settings({}), "m-1", 1)
 EVENT = parse_event(json.dumps(state_body("e1", signal(value=50))))
@@ -118,3 +118,37 @@ class TestWhatADeliveryLeavesForTheHost:
         registry = HandlerRegistry()
         registry.on("VEHICLE_ERROR")(lambda event, context: None)
         assert dispatch(registry)[:3] == (False, None, None)
+
+
+class TestSignalHandlers:
+    def test_each_successful_signal_newest_first_and_a_failed_one_skipped(self) -> None:
+        registry = HandlerRegistry()
+        seen: list[tuple[str, Any]] = []
+        for path in ("TractionBattery.StateOfCharge", "Odometer.TraveledDistance",
+                     "Location.PreciseLocation"):
+            registry.on_signal(path)(
+                lambda event, sig, context: seen.append((sig.path, sig.value)))
+        event = parse_event(json.dumps(state_body(
+            "e1", signal(value=50, oem=T0),
+            signal("location-preciselocation", group="Location", name="PreciseLocation",
+                   error=("PERMISSION", "DENIED"), oem=T0 + 2000),
+            signal("odometer-traveleddistance", 7, group="Odometer", name="TraveledDistance",
+                   oem=T0 + 1000))))
+
+        async def main() -> bool:
+            return await registry.dispatch(event, CONTEXT)
+
+        assert asyncio.run(main()) is True
+        assert seen == [("Odometer.TraveledDistance", 7), ("TractionBattery.StateOfCharge", 50)]
+
+    def test_only_for_a_vehicle_state(self) -> None:
+        registry = HandlerRegistry()
+        seen: list[Any] = []
+        registry.on_signal("TractionBattery.StateOfCharge")(lambda *args: seen.append(args))
+        body = {**state_body("e1", signal(value=50)), "eventType": "VEHICLE_ERROR"}
+
+        async def main() -> bool:
+            return await registry.dispatch(parse_event(json.dumps(body)), CONTEXT)
+
+        assert asyncio.run(main()) is False and seen == []
+

@@ -162,9 +162,11 @@ class HandlerRegistry:
             if event.event_type == VEHICLE_STATE and self._by_signal:
                 # Only the signals that have handlers (newest first): a delivery holds ~20.
                 for signal in event.signals_at(self._by_signal.keys()):
-                    if not signal.ok or signal.path is None:
+                    if not signal.ok:
                         continue
-                    for signal_handler in self._by_signal.get(signal.path, ()):
+                    path = signal.path
+                    assert path is not None  # signals_at gives signals at one of the paths
+                    for signal_handler in self._by_signal[path]:
                         await self._call(signal_handler, event, signal, context)
                         ran = True
             for change in changes if self._by_change else ():
