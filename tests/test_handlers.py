@@ -152,3 +152,22 @@ class TestSignalHandlers:
 
         assert asyncio.run(main()) is False and seen == []
 
+
+class TestTheChangeFilter:
+    """What the store keeps pending for `on_change` handlers (its outbox)."""
+
+    def test_without_on_change_handlers_it_keeps_nothing(self) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda event, context: None)
+        assert registry.change_filter("tractionbattery-stateofcharge",
+                                      "TractionBattery.StateOfCharge") is False
+
+    def test_it_keeps_the_signals_named_by_path_or_code(self) -> None:
+        registry = HandlerRegistry()
+        registry.on_change("TractionBattery.StateOfCharge")(lambda *args: None)
+        registry.on_change("odometer-traveleddistance")(lambda *args: None)
+        keeps = registry.change_filter
+        assert keeps("tractionbattery-stateofcharge", "TractionBattery.StateOfCharge")
+        assert keeps("odometer-traveleddistance", None)
+        assert not keeps("charge-ischarging", "Charge.IsCharging")
+
