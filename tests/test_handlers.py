@@ -11,10 +11,12 @@ import asyncio
 import json
 import threading
 from collections.abc import Awaitable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from shared import handlers as handlers_module
 from shared.events import Event, parse_event
 from shared.handlers import (
     HANDLER_ERROR,
@@ -105,6 +107,16 @@ class TestWhatADeliveryLeavesForTheHost:
         assert running == f"{__name__}.{broken.__qualname__}"
         assert isinstance(seconds, float) and seconds >= 0
 
+    def test_the_time_is_measured_around_the_handlers(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        ticks = iter([100.0, 100.25])
+        monkeypatch.setattr(handlers_module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda event, context: None)
+        _, _, _, seconds = dispatch(registry)
+        assert seconds == 0.25
+
     def test_a_completed_delivery_names_no_handler_and_no_error(self) -> None:
         registry = HandlerRegistry()
 
@@ -120,6 +132,9 @@ class TestWhatADeliveryLeavesForTheHost:
         assert dispatch(registry)[:3] == (False, None, None)
 
 
+EVENT_OF: list[Event] = []
+
+
 class TestSignalHandlers:
     def test_each_successful_signal_newest_first_and_a_failed_one_skipped(self) -> None:
         registry = HandlerRegistry()
@@ -127,13 +142,15 @@ class TestSignalHandlers:
         for path in ("TractionBattery.StateOfCharge", "Odometer.TraveledDistance",
                      "Location.PreciseLocation"):
             registry.on_signal(path)(
-                lambda event, sig, context: seen.append((sig.path, sig.value)))
+                lambda event, sig, context: seen.append((sig.path, sig.value))
+                if (event, context) == (EVENT_OF[0], CONTEXT) else None)
         event = parse_event(json.dumps(state_body(
             "e1", signal(value=50, oem=T0),
             signal("location-preciselocation", group="Location", name="PreciseLocation",
                    error=("PERMISSION", "DENIED"), oem=T0 + 2000),
             signal("odometer-traveleddistance", 7, group="Odometer", name="TraveledDistance",
                    oem=T0 + 1000))))
+        EVENT_OF[:] = [event]
 
         async def main() -> bool:
             return await registry.dispatch(event, CONTEXT)

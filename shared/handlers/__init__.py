@@ -169,11 +169,13 @@ class HandlerRegistry:
                     for signal_handler in self._by_signal[path]:
                         await self._call(signal_handler, event, signal, context)
                         ran = True
-            for change in changes if self._by_change else ():
+            # `changes` holds only what the store kept for the on_change handlers (the outbox
+            # is this registry's change_filter): none when there are none.
+            for change in changes:
                 path, code = change.path, change.code
                 # By path and by code; once when they are the same name.
-                for key in (path, code) if path != code else (code,):
-                    for change_handler in self._by_change.get(key or "", ()):
+                for key in (path, code) if path is not None and path != code else (code,):
+                    for change_handler in self._by_change.get(key, ()):
                         await self._call(change_handler, event, change, context)
                         ran = True
             RUNNING_HANDLER.set(None)
