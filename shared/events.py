@@ -574,6 +574,19 @@ def _trigger(value: Any, path: str) -> Trigger:
     return Trigger(type=_str_or_none(get("type")), code=code, name=name, group=group)
 
 
+def is_unicode(text: str | None) -> bool:
+    """False for text holding a lone surrogate: legal in JSON (a `\\u` escape, which the
+    standard library's decoder keeps), but not Unicode, so UTF-8 cannot encode it (AMQP
+    properties, SQLite, Table Storage)."""
+    if text is None or text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _str_or_none(value: Any) -> str | None:
     return value if type(value) is str else None
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .credentials import ProcessCredential
-from .events import Envelope
+from .events import Envelope, is_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +55,9 @@ class OutboundMessage:
     application_properties: Mapping[str, str] = field(default_factory=dict)
 
 
-def _encodable(value: str) -> bool:
-    """False for strings with lone surrogates (legal in JSON, unsendable over AMQP)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def message_id_for(body: bytes, event_id: str | None) -> str:
     """`eventId` when usable as a Service Bus message id, else a SHA-256 of the body."""
-    if event_id and len(event_id) <= MAX_MESSAGE_ID_LENGTH and _encodable(event_id):
+    if event_id and len(event_id) <= MAX_MESSAGE_ID_LENGTH and is_unicode(event_id):
         return event_id
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
@@ -95,7 +86,7 @@ def outbound_message(
         (PROP_DELIVERY_ID, envelope.delivery_id),
         (PROP_MODE, envelope.mode),
     ):
-        if value is not None and _encodable(value):
+        if value is not None and is_unicode(value):
             props[name] = value
     return OutboundMessage(
         body=body,

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.events import Event, Signal, parse_event
+from shared.events import Event, Signal, is_unicode, parse_event
 from shared.vehicle_state import ErrorState, SignalChange, SignalState, SkippedSignal
 from shared.vehicle_state.codec import signal_row
 from shared.vehicle_state.rules import (
@@ -43,7 +43,6 @@ from shared.vehicle_state.rules import (
     canonical_json,
     codes_of,
     error_keys_of,
-    is_unicode,
     plan,
     reading,
     shown,

@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import orjson
 
-from ..events import Event, Signal, VehicleError
+from ..events import Event, Signal, VehicleError, is_unicode
 from . import ApplyResult, ErrorState, SignalChange, SignalState, SkippedSignal
 
 VEHICLE_STATE: Final = "VEHICLE_STATE"
@@ -102,17 +102,6 @@ def thawed(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [thawed(v) for v in value]
     return value
-
-
-def is_unicode(text: str | None) -> bool:
-    """False for text holding a lone surrogate (what UTF-8 cannot encode)."""
-    if text is None or text.isascii():
-        return True
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _unicode_value(value: Any) -> bool:
