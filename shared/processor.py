@@ -443,11 +443,13 @@ async def run_handlers(
         return Handled(ran=await registry.dispatch(event, context))
     unkeyed = vehicle_state_rules.unkeyed(event)
     if unkeyed is not None:
-        # Neither backend can key an id that is not Unicode: no store, no inbox, for it.
-        logger.warning("an event whose vehicleId or eventId holds a lone surrogate is not "
-                       "stored (its %d signals or errors are skipped as %s); its handlers "
-                       "run without the inbox", len(unkeyed.skipped),
-                       vehicle_state_rules.NOT_UNICODE)
+        # Neither backend can key such an id: no store, no inbox, for it.
+        logger.warning("an event whose vehicleId or eventId no store can key (%s: not Unicode, "
+                       "or over %d characters) is not stored (its %d signals or errors are "
+                       "skipped); its handlers run without the inbox",
+                       vehicle_state_rules.id_problem(event.vehicle_id)
+                       or vehicle_state_rules.id_problem(event.event_id),
+                       vehicle_state_rules.MAX_ID_CHARS, len(unkeyed.skipped))
         telemetry.record_vehicle_state(unkeyed)
         return Handled(ran=await registry.dispatch(event, context.with_vehicle_state(unkeyed)),
                        state=unkeyed)

@@ -41,7 +41,7 @@ from shared.vehicle_state import (
     SkippedSignal,
     VehicleStateStore,
 )
-from shared.vehicle_state.rules import NOT_UNICODE, unkeyed
+from shared.vehicle_state.rules import MAX_ID_CHARS, NOT_UNICODE, TOO_LARGE, unkeyed
 
 from .otel_capture import captured
 from .vehicle_events import SOC, T0, VEHICLE, error, signal, state_body
@@ -325,14 +325,19 @@ class TestChangeHandlersByName:
                                  ("tractionbattery-stateofcharge", SOC)]
 
 
-class TestIdsThatAreNotUnicode:
-    """A vehicleId or eventId holding a lone surrogate (a `\\u` escape JSON allows) cannot key
-    a row in either backend: such an event is handled without the store and the inbox, its
-    signals counted as skipped, rather than failing on every delivery."""
+class TestIdsNoStoreCanKey:
+    """A vehicleId or eventId holding a lone surrogate (a `\\u` escape JSON allows), or longer
+    than MAX_ID_CHARS, cannot key rows in either backend (Table holds 64 KiB in a property): such
+    an event is handled without the store and the inbox, its signals counted as skipped, rather
+    than failing on every delivery."""
 
-    @pytest.mark.parametrize(("vehicle", "event_id"), [("v\ud800", "e1"), (VEHICLE, "e\udfff")])
+    @pytest.mark.parametrize(("vehicle", "event_id", "reason"), [
+        ("v\ud800", "e1", NOT_UNICODE), (VEHICLE, "e\udfff", NOT_UNICODE),
+        ("v" * (MAX_ID_CHARS + 1), "e1", TOO_LARGE),
+        (VEHICLE, "e" * (MAX_ID_CHARS + 1), TOO_LARGE)])
     def test_handlers_run_and_nothing_is_stored(
-        self, tmp_path: Path, caplog: pytest.LogCaptureFixture, vehicle: str, event_id: str
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture, vehicle: str, event_id: str,
+        reason: str,
     ) -> None:
         otel = captured()
         seen: list[tuple[str, Any]] = []
@@ -354,16 +359,15 @@ class TestIdsThatAreNotUnicode:
         assert not any(r.duplicate for r in results)  # no inbox: each delivery runs them
         [state, _] = [r.vehicle_state for r in results]
         assert [(s.code, s.reason) for s in state.skipped] == [
-            (SOC, NOT_UNICODE), ("x-other", NOT_UNICODE),
-            ("odometer-traveleddistance", NOT_UNICODE)]
+            (SOC, reason), ("x-other", reason), ("odometer-traveleddistance", reason)]
         assert state.changes == () and state.pending == ()
         assert [(eid, context) for eid, context in seen] == [(event_id, state)] * 2
         assert listed == []
-        assert otel.values(names.VEHICLE_STATE_SKIPPED) == [({"reason": NOT_UNICODE}, 6)]
+        assert otel.values(names.VEHICLE_STATE_SKIPPED) == [({"reason": reason}, 6)]
         assert [r.getMessage() for r in caplog.records if r.name == "shared.processor"] == [
-            "an event whose vehicleId or eventId holds a lone surrogate is not stored (its 3 "
-            "signals or errors are skipped as not-unicode); its handlers run without the "
-            "inbox"] * 2
+            f"an event whose vehicleId or eventId no store can key ({reason}: not Unicode, or "
+            f"over 1024 characters) is not stored (its 3 signals or errors are skipped); its "
+            f"handlers run without the inbox"] * 2
 
     def test_an_error_event_s_entries_are_skipped_by_their_codes(self) -> None:
         event = parse_event(json.dumps({**error_body("e\ud800", error(), error("B", None)),
@@ -374,9 +378,20 @@ class TestIdsThatAreNotUnicode:
             ("VEHICLE_NOT_CAPABLE", NOT_UNICODE), (None, NOT_UNICODE)]
 
     def test_an_event_the_store_can_key_is_left_to_it(self) -> None:
+        longest = "x" * MAX_ID_CHARS
         for body in (state_body("e1", signal()), error_body("e1", error()),
+                     {**state_body(longest, signal()), "vehicleId": longest},
+                     {**error_body(longest, error()), "vehicleId": longest},
                      {**state_body("e\ud800"), "eventType": "VEHICLE_UNKNOWN"}):
             assert unkeyed(parse_event(json.dumps(body))) is None
+
+    def test_the_reason_is_the_first_id_s_problem(self) -> None:
+        long = "x" * (MAX_ID_CHARS + 1)
+        for vehicle, event_id, reason in (("v\ud800", long, NOT_UNICODE),
+                                          (long, "e\ud800", TOO_LARGE)):
+            state = unkeyed(parse_event(json.dumps(
+                {**state_body(event_id, signal()), "vehicleId": vehicle})))
+            assert state is not None and [s.reason for s in state.skipped] == [reason]
 
 
 def test_a_context_with_the_store_s_result_keeps_every_other_field() -> None:

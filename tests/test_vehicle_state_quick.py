@@ -33,6 +33,7 @@ from shared.vehicle_state.quick import Held, change_of, held, quick_plan, state_
 from shared.vehicle_state.rules import (
     _SURELY_FITTING_TEXT,
     MAX_CODE_CHARS,
+    MAX_VALUE_CHARS,
     Snapshot,
     codes_of,
     plan,
@@ -56,7 +57,11 @@ DAY_MS = 86_400_000
 TIMES = [T0, T0 + 1, T0 + 1000, T0 + 2000, 946_684_800_000, 946_684_799_999, 0, -1000]
 VALUES: list[Any] = [0, 1, -1, 2**63 - 1, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 1.5, -0.0,
                      1e300, True, False, None, "", "km", "é✓", "a" * _SURELY_FITTING_TEXT,
-                     "a" * (_SURELY_FITTING_TEXT + 1), [1, 2], {"lat": 1.5, "lon": 2}]
+                     "a" * (_SURELY_FITTING_TEXT + 1), [1, 2], {"lat": 1.5, "lon": 2},
+                     # What the rules skip, also when the reading is stale.
+                     "a" * (MAX_VALUE_CHARS - 1), "x\ud800"]
+#: Group, name and unit spellings at and past what the store keeps (MAX_CODE_CHARS).
+AT_BOUND, PAST_BOUND = "g" * MAX_CODE_CHARS, "g" * (MAX_CODE_CHARS + 1)
 
 
 def mostly(common: Any, *others: Any) -> st.SearchStrategy[Any]:
@@ -73,10 +78,11 @@ def items(draw: st.DrawFn) -> dict[str, Any]:
         ["", None, 7, "x" * (MAX_CODE_CHARS + 1), "x" * MAX_CODE_CHARS]))
     if code is not None:
         item["code"] = code
-    group = draw(st.sampled_from(["TractionBattery", "Odometer", "", 3, None]))
+    group = draw(st.sampled_from(["TractionBattery", "Odometer", "", 3, None, AT_BOUND,
+                                  PAST_BOUND]))
     if group is not None:
         item["group"] = group
-    name = draw(st.sampled_from(["StateOfCharge", "", None]))
+    name = draw(st.sampled_from(["StateOfCharge", "", None, PAST_BOUND, "N\udfff"]))
     if name is not None:
         item["name"] = name
     status = draw(mostly(None, {}, {"value": "OK"}, {"value": "SUCCESS"}, {"value": "success"},
@@ -88,7 +94,8 @@ def items(draw: st.DrawFn) -> dict[str, Any]:
     body = draw(mostly("value", "none", "empty"))
     if body == "value":
         item["body"] = {"value": draw(st.sampled_from(VALUES))}
-        unit = draw(st.sampled_from(["percent", "km", None, 5, "missing"]))
+        unit = draw(st.sampled_from(["percent", "km", None, 5, "missing", AT_BOUND,
+                                     PAST_BOUND]))
         if unit != "missing":
             item["body"]["unit"] = unit
     elif body == "empty":
@@ -102,7 +109,8 @@ def items(draw: st.DrawFn) -> dict[str, Any]:
             meta["oemUpdatedAt"] = oem
         which = draw(st.sampled_from(["retrievedAt", "fetchedAt", "both", "none"]))
         retrieved = draw(mostly(T0 + 5000, T0 + 1000, T0 - DAY_MS - 1, T0 - DAY_MS,
-                                T0 + 1000 - DAY_MS, float(T0 + 5000), None))
+                                T0 + 1000 - DAY_MS, float(T0 + 5000), None,
+                                253_402_297_200_000))  # 9999-12-31T23:00:00Z
         if which in ("retrievedAt", "both"):
             meta["retrievedAt"] = retrieved
         if which in ("fetchedAt", "both"):
@@ -225,10 +233,13 @@ class TestItAnswersForTheCommonShape:
         assert check_against_the_rules({}, None, event)
 
     def test_the_edges_of_what_it_takes(self) -> None:
-        """A code of the longest length, a reading from the first usable moment, and one a
-        full day after its own retrieval are all on the fast path."""
+        """A code, group, name and unit of the longest length, a reading from the first
+        usable moment, and one a full day after its own retrieval are all on the fast path."""
+        longest = {"group": AT_BOUND, "name": AT_BOUND,
+                   "body": {"value": 3, "unit": AT_BOUND}}
         event = event_of("e1", [common("x" * MAX_CODE_CHARS, 1, 946_684_800_000),
-                                common(CODES[0], 2, T0 + DAY_MS, T0)])
+                                common(CODES[0], 2, T0 + DAY_MS, T0),
+                                {**common(CODES[1], 3, T0), **longest}])
         assert event is not None
         assert check_against_the_rules({}, None, event)
 
@@ -279,11 +290,26 @@ class TestItDeclines:
         [common(CODES[0], [1, 2], T0)],
         [common(CODES[0], 2**64, T0)],
         [common(CODES[0], "a" * (_SURELY_FITTING_TEXT + 1), T0)],
+        [{**common(CODES[0], 1, T0), "group": PAST_BOUND}],
+        [{**common(CODES[0], 1, T0), "name": PAST_BOUND}],
+        [{**common(CODES[0], 1, T0), "body": {"value": 1, "unit": PAST_BOUND}}],
     ])
     def test_what_only_the_rules_handle(self, signals: list[dict[str, Any]]) -> None:
         event = event_of("e1", signals)
         assert event is not None
         assert quick_plan("e1", event.signal_items(), {}, None) is None
+
+    @pytest.mark.parametrize("signal", [
+        common(CODES[0], "a" * (_SURELY_FITTING_TEXT + 1), T0),
+        common(CODES[0], "x\ud800", T0),
+        {**common(CODES[0], 1, T0), "body": {"value": 1, "unit": PAST_BOUND}},
+    ])
+    def test_an_older_reading_the_rules_would_skip(self, signal: dict[str, Any]) -> None:
+        """Not reported as stale: the rules skip what they cannot keep before comparing."""
+        newer, event = event_of("e0", [common(CODES[0], 0, T0 + 1000)]), event_of("e1", [signal])
+        assert newer is not None and event is not None
+        stored, updated_at = stored_state([newer])
+        assert quick_plan("e1", event.signal_items(), stored, updated_at) is None
 
     # Stored at T0: the repeated code's readings are stale then newer, newer then stale, or
     # both stale; the first and the third also ahead of another signal.

@@ -48,6 +48,7 @@ from shared.vehicle_state.rules import (
     shown,
     signal_rank,
     thawed,
+    utf16_units,
     value_fits,
 )
 
@@ -83,8 +84,9 @@ class MemoryStore:
 # --- strategies ------------------------------------------------------------------------------
 CODES = ["tractionbattery-stateofcharge", "charge-ischarging", "odometer-traveleddistance"]
 OEMS = [None, T0, T0 + 1000, T0 + 2000]
+#: An empty code and none key the same error (`error_key`), whichever arrives first.
 ERROR_KEYS = [("COMPATIBILITY", "VEHICLE_NOT_CAPABLE"), ("COMPATIBILITY", None),
-              ("PERMISSION", "DENIED")]
+              ("COMPATIBILITY", ""), ("PERMISSION", "DENIED")]
 DELIVERIES = [T0, T0 + 60_000, T0 + 600_000]  # 0, 1 min (within the retry allowance), 10 min
 
 
@@ -460,6 +462,24 @@ class TestErrorDetails:
         assert len(state.signals) == MAX_ERROR_SIGNALS
         assert state.signals[0] == "s" * MAX_CODE_CHARS
         assert state.signals[-1] == f"c{MAX_ERROR_SIGNALS - 2}"
+
+    @pytest.mark.parametrize(("last", "kept"), [("ab", 25), ("abc", 24)])
+    def test_signals_are_kept_while_their_json_fits_the_bound_exactly(
+        self, last: str, kept: int
+    ) -> None:
+        """24 entries of 200 control characters (1,202 UTF-16 units each as JSON, `\\u0001`)
+        and a 25th of 1,126 units with "ab" make a list of exactly MAX_VALUE_CHARS units: all
+        kept; one unit more and the 25th is left out, and so is whatever follows."""
+        sent = ["\x01" * 200] * 24 + ["\x01" * 187 + last]
+        assert utf16_units(canonical_json(sent)) == MAX_VALUE_CHARS + len(last) - 2
+        entry = error("T", "C")
+        entry["signals"] = [{"code": code} for code in [*sent, "z"]]
+        assert self._state(entry).signals == tuple(sent[:kept])
+
+    def test_a_resolution_type_is_cut_and_text_outside_the_bmp_counts_twice(self) -> None:
+        entry = {**error("T", "C"), "resolution": {"type": "r" * (MAX_CODE_CHARS + 1)}}
+        assert self._state(entry).resolution_type == "r" * MAX_CODE_CHARS
+        assert utf16_units("a\U0001f697\u00e9") == 4 and utf16_units("abc") == 3
 
     def test_no_description_and_no_resolution_are_none(self) -> None:
         entry = error("T", "C")

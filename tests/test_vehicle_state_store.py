@@ -41,6 +41,9 @@ from shared.vehicle_state import (
 )
 from shared.vehicle_state.factory import open_store
 from shared.vehicle_state.rules import (
+    MAX_CODE_CHARS,
+    MAX_ERROR_SIGNALS,
+    MAX_ID_CHARS,
     MAX_VALUE_CHARS,
     NO_CODE,
     NOT_UNICODE,
@@ -420,6 +423,56 @@ class TestBadInput:
             ("H1", NOT_UNICODE)]
         assert [(e.type, e.description) for e in view.errors] == [("E", "fine \u00e9")]
 
+    def test_text_longer_than_the_store_keeps_is_skipped_and_the_rest_stored(
+        self, backend: Backend
+    ) -> None:
+        """A unit, group or name, or a failed signal's error type or code, past
+        MAX_CODE_CHARS is skipped as `too-large` on both backends: a unit of 33,000
+        characters alone is more than one Table property holds (64 KiB of UTF-16), and SQLite
+        keeps what Table keeps. At the bound they are stored."""
+        over, at = "u" * (MAX_CODE_CHARS + 1), "u" * MAX_CODE_CHARS
+        event = state_event(
+            "e", signal("custom-unit", 1, unit="u" * 33_000),
+            signal("custom-unit-over", 1, unit=over), signal("custom-unit-at", 1, unit=at),
+            signal("custom-group", 1, group=over, name="N"),
+            signal("custom-name", 1, group="G", name=over),
+            signal("custom-path-at", 1, group=at, name=at),
+            signal("custom-failed-type", error=(over, "X")),
+            signal("custom-failed-code", error=("AUTH", over)),
+            signal("custom-failed-at", error=(at, at)), signal(value=42))
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            return await store.apply(event), await store.get_vehicle(VEHICLE)
+
+        result, view = backend.run(scenario)
+        assert [(s.code, s.reason) for s in result.skipped] == [
+            (code, TOO_LARGE) for code in ("custom-unit", "custom-unit-over", "custom-group",
+                                           "custom-name", "custom-failed-type",
+                                           "custom-failed-code")]
+        assert sorted(view.signals) == ["custom-failed-at", "custom-path-at", "custom-unit-at",
+                                        SOC]
+        assert view.signals["custom-unit-at"].unit == at
+        assert view.signals["custom-path-at"].path == f"{at}.{at}"
+        assert (view.signals["custom-failed-at"].error_type,
+                view.signals["custom-failed-at"].error_code) == (at, at)
+
+    def test_an_older_reading_the_store_cannot_keep_is_skipped_not_stale(
+        self, backend: Backend
+    ) -> None:
+        """The same report on both backends (SQLite's fast path decides most events): a
+        reading older than the stored one that is also too large is reported as skipped, as
+        the rules do, not as stale."""
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(state_event("new", signal("custom-text", "fits", oem=T0 + 1000)))
+            return await store.apply(state_event(
+                "old", signal("custom-text", "x" * (MAX_VALUE_CHARS + 1), oem=T0),
+                signal("custom-unit", 1, unit="u" * (MAX_CODE_CHARS + 1), oem=T0)))
+
+        result = backend.run(scenario)
+        assert [(s.code, s.reason) for s in result.skipped] == [
+            ("custom-text", TOO_LARGE), ("custom-unit", TOO_LARGE)]
+        assert result.stale == ()
+
     def test_500_signals_in_one_event_are_all_stored(self, backend: Backend) -> None:
         signals = [signal(f"custom-s{i:03d}", i, oem=T0 + i) for i in range(500)]
 
@@ -446,7 +499,8 @@ class TestBadInput:
         assert view.signals["futuregroup-newsignal"].value == "v"
         assert [(s.code, s.reason) for s in result.skipped] == [(None, NO_CODE)]
 
-    @pytest.mark.parametrize("vehicle", ["a/b#c?d\\e", "v\u00e9hicule:1", "x" * 300])
+    @pytest.mark.parametrize("vehicle", ["a/b#c?d\\e", "v\u00e9hicule:1", "x" * 300,
+                                         "\u00e9" * MAX_ID_CHARS])
     def test_a_vehicle_id_with_characters_table_keys_refuse_is_stored_and_read(
         self, backend: Backend, vehicle: str
     ) -> None:
@@ -462,7 +516,109 @@ class TestBadInput:
         assert {s.vehicle_id for s in listed} == {vehicle, vehicle + "#2"}
 
 
+    def test_an_event_id_at_the_bound_is_stored_and_recorded(self, backend: Backend) -> None:
+        event_id = "\u00e9" * MAX_ID_CHARS  # escaped in Table keys: hashed
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            result = await store.apply(state_event(event_id, signal(value=5)))
+            await store.mark_processed(VEHICLE, event_id)
+            return (result, await store.is_processed(VEHICLE, event_id),
+                    await store.get_vehicle(VEHICLE))
+
+        result, processed, view = backend.run(scenario)
+        assert result.changes.codes == (SOC,) and processed
+        assert view.signals[SOC].event_id == event_id
+
+    def test_times_at_the_ends_of_the_calendar_are_stored(self, backend: Backend) -> None:
+        """Timestamps the parser accepts, up to the last hour of year 9999: the rules compare
+        them without making a datetime past the calendar's end (a day after the retrievedAt
+        or deliveredAt), which raised OverflowError on every delivery."""
+        last_hour = 253_402_297_200_000  # 9999-12-31T23:00:00Z
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            first = await store.apply(state_event("e1", signal(retrieved=last_hour)))
+            late = await store.apply(state_event(
+                "e2", signal("custom-late", 1, oem=T0 + 1), delivered=last_hour))
+            iso = await store.apply(state_event("e3", {
+                **signal("custom-iso", 2),
+                "meta": {"oemUpdatedAt": T0, "retrievedAt": "9999-12-31T23:00:00Z"}}))
+            return first, late, iso, await store.get_vehicle(VEHICLE)
+
+        first, late, iso, view = backend.run(scenario)
+        assert (first.changes.codes, late.changes.codes, iso.changes.codes) == (
+            (SOC,), ("custom-late",), ("custom-iso",))
+        assert view.signals[SOC].retrieved_at == datetime(9999, 12, 31, 23, tzinfo=UTC)
+        assert all(s.oem_updated_at is not None for s in view.signals.values())
+
+
 class TestErrors:
+    def test_an_error_s_affected_signals_fit_one_table_property(
+        self, backend: Backend
+    ) -> None:
+        """100 affected signals of 200 characters are 20,000 characters, but escaped in the
+        stored JSON list a quote takes two and a character outside the BMP two UTF-16 units:
+        the list keeps the first entries that fit MAX_VALUE_CHARS UTF-16 units, on both
+        backends, rather than failing the event on Table."""
+        quotes = tuple(f'{i:03d}' + '"' * (MAX_CODE_CHARS - 3) for i in range(MAX_ERROR_SIGNALS))
+        cars = tuple("\U0001f697" * MAX_CODE_CHARS for _ in range(MAX_ERROR_SIGNALS))
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(error_event("x1", error("A", signals=quotes),
+                                          error("B", signals=cars)))
+            return await store.get_vehicle(VEHICLE)
+
+        view = backend.run(scenario)
+        stored = {e.type: e.signals for e in view.errors}
+        for kind, sent in (("A", quotes), ("B", cars)):
+            kept = stored[kind]
+            assert kept == sent[:len(kept)]
+            text = json.dumps(list(kept), separators=(",", ":"), ensure_ascii=False)
+            assert len(text.encode("utf-16-le")) // 2 <= MAX_VALUE_CHARS
+            longer = json.dumps(list(sent[:len(kept) + 1]), separators=(",", ":"),
+                                ensure_ascii=False)
+            assert len(longer.encode("utf-16-le")) // 2 > MAX_VALUE_CHARS
+        assert (len(stored["A"]), len(stored["B"])) == (74, 74)
+
+    def test_a_long_resolution_type_is_cut(self, backend: Backend) -> None:
+        entry = {**error(), "resolution": {"type": "R" * 40_000}}
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(error_event("x1", entry))
+            return await store.get_vehicle(VEHICLE)
+
+        [stored] = backend.run(scenario).errors
+        assert stored.resolution_type == "R" * MAX_CODE_CHARS
+
+    @pytest.mark.parametrize("first", ["empty", "none"])
+    def test_an_empty_code_and_none_are_one_error_stored_as_none(
+        self, backend: Backend, first: str
+    ) -> None:
+        entries = {"empty": error("T", ""), "none": error("T", None)}
+        later = "none" if first == "empty" else "empty"
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(error_event("x1", entries[first], delivered=T0))
+            await store.apply(error_event("x2", entries[later], delivered=T0 + 1000))
+            return await store.get_vehicle(VEHICLE)
+
+        [stored] = backend.run(scenario).errors
+        assert (stored.code, stored.count) == (None, 2)
+
+    def test_errors_at_the_start_of_the_calendar_resolve(self, backend: Backend) -> None:
+        """A deliveredAt in year 1 (the parser accepts it): the 3-minute allowance is
+        compared as a difference, never as a datetime before year 1."""
+        year_one = -62_135_596_800_000  # 0001-01-01T00:00:00Z
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            await store.apply(error_event("x1", error(), delivered=year_one + 60_000))
+            resolved = await store.apply(error_event("x2", error(state="RESOLVED"),
+                                                     delivered=year_one))
+            return resolved, await store.get_vehicle(VEHICLE)
+
+        resolved, view = backend.run(scenario)
+        assert [e.state for e in resolved.errors_resolved] == ["RESOLVED"]
+        assert view.errors == []
+
     def test_an_error_opens_counts_and_is_resolved_by_a_later_resolved(
         self, backend: Backend
     ) -> None:

@@ -7,8 +7,8 @@ is stored. For such an event `quick_plan` decides every signal from an integer k
 stored row's JSON text is put together from its parts (`text_of`, when it is needed).
 Anything else in the event (a signal without a code or with an error status, a repeated code,
 a timestamp that is not integer milliseconds or is not usable, a value that may be too large,
-or a reading that ties with the stored one) makes it answer None, and the caller runs
-`rules.plan`, the one definition of the rules.
+a unit, group or name over `MAX_CODE_CHARS`, or a reading that ties with the stored one) makes
+it answer None, and the caller runs `rules.plan`, the one definition of the rules.
 
 tests/test_vehicle_state_quick.py checks, by Hypothesis over mixed events and stored states,
 that whenever `quick_plan` answers, its plan and its row texts are `rules.plan`'s and
@@ -202,11 +202,11 @@ def _quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
                 moments, key = found
                 last_oem, last_retrieved = oem, retrieved
             previous = stored_of(code)
+            older = False
             if previous is not None and key <= previous[0]:
                 if key == previous[0]:
                     return None  # a full tie: the content decides (rules.outranks)
-                stale.append(code)
-                continue
+                older = True
             body = get("body") or _NO_BODY
             value: Any = body.get("value")
             unit: Any = body.get("unit")
@@ -226,6 +226,11 @@ def _quick_plan(event_id: str, items: tuple[dict[str, Any], ...],
                 if value_json is None:
                     return None
                 text = f"{static.head}{value_json}{static.unit_json}{moments.text}{event_tail}"
+            if older:
+                # Stale only now: the rules skip a signal they cannot keep (too large, not
+                # Unicode) before they compare it with the stored one, and so does this.
+                stale.append(code)
+                continue
             entry = writes[code] = (key, text, (value, static, moments, event_id, event_tail))
             if previous is not None and previous[0][1] == key[1] and _same_reading(
                     previous[2], value, static):
@@ -300,10 +305,13 @@ _STATIC_MAX: Final = 4096
 
 
 def _static(code: str, group: Any, name: Any, unit: Any) -> _Static | None:
-    if not code or len(code) > MAX_CODE_CHARS:
+    if not code or len(code) > MAX_CODE_CHARS or (type(unit) is str
+                                                  and len(unit) > MAX_CODE_CHARS):
         return None
     path = f"{group}.{name}" if (type(group) is str and group and type(name) is str
                                  and name) else None
+    if path is not None and max(len(group), len(name)) > MAX_CODE_CHARS:
+        return None  # the rules skip it (`rules.texts_fit`)
     unit_text = unit if type(unit) is str else None
     head = '{"code":' + orjson.dumps(code).decode()
     if path is not None:

@@ -58,16 +58,26 @@ MAX_OEM_AHEAD: Final = timedelta(days=1)
 #: property holds (64 KiB of UTF-16) with room to spare. Both backends use the same bound so
 #: they keep the same things.
 MAX_VALUE_CHARS: Final = 30_000
-#: A signal code or error type/code longer than this is not one Smartcar sends.
+#: A signal code or error type/code longer than this is not one Smartcar sends; nor is a
+#: signal's group, name or unit, a failed signal's error type or code, or an error's
+#: resolution type.
 MAX_CODE_CHARS: Final = 200
-#: An error's description and its list of affected signals are cut to these.
+#: A vehicleId or eventId longer than this is not one Smartcar sends (its are UUIDs), and
+#: Table cannot hold every id (one property holds 64 KiB; rows repeat the ids).
+MAX_ID_CHARS: Final = 1024
+#: An error's description and its list of affected signals are cut to these; the list
+#: further to the first entries whose JSON fits MAX_VALUE_CHARS UTF-16 units (escaping can
+#: make 100 entries of 200 characters far longer than one Table property holds).
 MAX_TEXT_CHARS: Final = 4000
 MAX_ERROR_SIGNALS: Final = 100
 
 # Why a signal or error was recorded with a caveat or skipped (`SkippedSignal.reason`).
 #: Recorded: no usable oemUpdatedAt, so it ranks below every dated reading.
 UNDATED: Final = "undated"
-#: Skipped: the value's JSON is longer than MAX_VALUE_CHARS.
+#: Skipped: the value's JSON is longer than MAX_VALUE_CHARS, or the signal's group, name or
+#: unit (an error's type or code, for a failed signal) is longer than MAX_CODE_CHARS; or, for
+#: every signal and error of the event, its vehicleId or eventId is longer than MAX_ID_CHARS
+#: (`unkeyed`).
 TOO_LARGE: Final = "too-large"
 #: Skipped: neither a code nor a group and name, or a code over MAX_CODE_CHARS.
 NO_CODE: Final = "no-code"
@@ -127,17 +137,29 @@ def shown(text: str | None) -> str | None:
     return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+def id_problem(text: str | None) -> str | None:
+    """Why a vehicleId or eventId cannot key stored rows (NOT_UNICODE, TOO_LARGE), or None."""
+    if not is_unicode(text):
+        return NOT_UNICODE
+    if text is not None and len(text) > MAX_ID_CHARS:
+        return TOO_LARGE
+    return None
+
+
 def unkeyed(event: Event) -> ApplyResult | None:
-    """The result for an event whose vehicleId or eventId is not Unicode (neither backend can
-    key it): every signal or error entry skipped as NOT_UNICODE. None for any other event."""
-    if (event.event_type not in STORED_TYPES
-            or (is_unicode(event.vehicle_id) and is_unicode(event.event_id))):
+    """The result for an event whose vehicleId or eventId no backend can key (not Unicode,
+    or longer than MAX_ID_CHARS): every signal or error entry skipped for that reason. None
+    for any other event."""
+    if event.event_type not in STORED_TYPES:
+        return None
+    reason = id_problem(event.vehicle_id) or id_problem(event.event_id)
+    if reason is None:
         return None
     if event.event_type == VEHICLE_STATE:
         codes = [shown(signal_code(s)) for s in event.signals]
     else:
         codes = [shown(e.code) for e in event.errors]
-    return ApplyResult(skipped=tuple(SkippedSignal(code=c, reason=NOT_UNICODE) for c in codes))
+    return ApplyResult(skipped=tuple(SkippedSignal(code=c, reason=reason) for c in codes))
 
 
 def signal_code(signal: Signal) -> str | None:
@@ -155,9 +177,12 @@ def usable_oem(signal: Signal, delivered_at: datetime | None = None) -> datetime
     oem = signal.oem_updated_at
     if oem is None or oem < MIN_OEM_UPDATED_AT:
         return None
-    if signal.retrieved_at is not None and oem > signal.retrieved_at + MAX_OEM_AHEAD:
+    # `oem - MAX_OEM_AHEAD` rather than `retrieved_at + MAX_OEM_AHEAD`: a time within a day
+    # of year 9999's end has no datetime a day later, and oem (2000 or later) one a day before.
+    ahead = oem - MAX_OEM_AHEAD
+    if signal.retrieved_at is not None and ahead > signal.retrieved_at:
         return None
-    if delivered_at is not None and oem > delivered_at + MAX_OEM_AHEAD:
+    if delivered_at is not None and ahead > delivered_at:
         return None
     return oem
 
@@ -253,6 +278,21 @@ def _new_state(code: str, path: str | None, value: Any, unit: str | None,
 #: most 4 UTF-8 bytes, plus the quotes (orjson writes non-ASCII as is and escapes controls as
 #: `\uXXXX`, 6 bytes for a 1-byte character).
 _SURELY_FITTING_TEXT: Final = (MAX_VALUE_CHARS - 2) // 6
+
+
+def _short(text: str | None) -> bool:
+    return text is None or len(text) <= MAX_CODE_CHARS
+
+
+def texts_fit(signal: Signal) -> bool:
+    """The signal's group and name (when it has both: its path), and its unit (or, failed,
+    its error type and code) are at most MAX_CODE_CHARS each: with the code and the value,
+    everything a stored signal holds is bounded."""
+    if signal.path is not None and not (_short(signal.group) and _short(signal.name)):
+        return False
+    if signal.ok:
+        return _short(signal.unit)
+    return _short(signal.error_type) and _short(signal.error_code)
 
 
 def value_fits(signal: Signal) -> bool:
@@ -377,7 +417,7 @@ def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
         if not _unicode_signal(signal, code):
             skipped.append(SkippedSignal(code=shown(code), reason=NOT_UNICODE))
             continue
-        if signal.ok and not value_fits(signal):
+        if not texts_fit(signal) or (signal.ok and not value_fits(signal)):
             skipped.append(SkippedSignal(code=code, reason=TOO_LARGE))
             continue
         state = reading(signal, event.event_id, code, event.meta.delivered_at)
@@ -490,18 +530,42 @@ def _observe(record: ErrorRecord, error: VehicleError, observed: Observation, *,
         state = replace(
             state,
             description=(error.description or "")[:MAX_TEXT_CHARS] or None,
-            resolution_type=error.resolution_type,
-            signals=tuple((ref.code or ref.path or "")[:MAX_CODE_CHARS]
-                          for ref in error.signals[:MAX_ERROR_SIGNALS]),
+            resolution_type=(error.resolution_type or "")[:MAX_CODE_CHARS] or None,
+            signals=_affected(error),
             event_id=observed.event_id,
         )
         detail_rank = rank
     else:
         detail_rank = record.detail_rank
+    # A difference, not `last_error.at - RETRY_ALLOWANCE`: no datetime is 3 minutes before
+    # year 1's start.
     closed = last_resolved is not None and (
-        last_error is None or last_resolved.at >= last_error.at - RETRY_ALLOWANCE)
-    state = replace(state, state=RESOLVED if closed else OPEN, first_seen=first_seen,
+        last_error is None or last_error.at - last_resolved.at <= RETRY_ALLOWANCE)
+    # The code as `error_key` keys it: an empty code and none are one error, stored as None
+    # whichever arrived first.
+    state = replace(state, code=state.code or None,
+                    state=RESOLVED if closed else OPEN, first_seen=first_seen,
                     last_seen=last_seen, count=total,
                     resolved_at=last_resolved.at if closed and last_resolved else None)
     return ErrorRecord(state=state, last_error=last_error, last_resolved=last_resolved,
                        detail_rank=detail_rank)
+
+
+def _affected(error: VehicleError) -> tuple[str, ...]:
+    """The error's affected signals as stored: each cut to MAX_CODE_CHARS, the first
+    MAX_ERROR_SIGNALS, and of those as many as fit MAX_VALUE_CHARS UTF-16 units as the
+    canonical JSON list the row keeps."""
+    kept: list[str] = []
+    units = 2  # the brackets
+    for ref in error.signals[:MAX_ERROR_SIGNALS]:
+        entry = (ref.code or ref.path or "")[:MAX_CODE_CHARS]
+        units += utf16_units(canonical_json(entry)) + (1 if kept else 0)
+        if units > MAX_VALUE_CHARS:
+            break
+        kept.append(entry)
+    return tuple(kept)
+
+
+def utf16_units(text: str) -> int:
+    """`text`'s length as Table Storage counts it: in UTF-16 code units."""
+    return len(text) if text.isascii() else len(text.encode("utf-16-le")) // 2
