@@ -19,16 +19,17 @@ from hypothesis import strategies as st
 
 from shared.vehicle_state import ErrorState, SignalChange, SignalState
 from shared.vehicle_state.codec import (
+    change_entry_text,
     change_from_json,
     change_text,
     change_to_json,
     changes_from_text,
-    changes_text,
     dumps,
     error_from_row,
     error_row,
     escape_key,
     loads,
+    pending_text,
     signal_from_row,
     signal_row,
 )
@@ -99,7 +100,7 @@ class TestRowsReadBackAsWritten:
 
     @given(st.lists(changes, max_size=3))
     def test_pending_changes_as_one_text(self, items: list[SignalChange]) -> None:
-        assert changes_from_text(changes_text(items)) == items
+        assert changes_from_text(pending_text(map(change_entry_text, items))) == items
 
     @given(changes)
     def test_one_change_from_its_rows_texts_as_change_to_json_spells_it(
@@ -159,7 +160,7 @@ class TestText:
     def test_pending_changes_are_compact_ascii(self) -> None:
         change = SignalChange(vehicle_id="v", code="c", path="G.N",
                               previous=None, current=SignalState(code="c", value="\u00e9\U0001f697"))
-        made = changes_text([change])
+        made = pending_text([change_entry_text(change)])
         assert made == ('[{"vehicleId":"v","code":"c","path":"G.N","previous":null,'
                         '"current":{"code":"c","value":"\\"\\u00e9\\ud83d\\ude97\\"",'
                         '"status":"ok"}}]')

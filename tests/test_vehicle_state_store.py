@@ -55,6 +55,7 @@ from shared.vehicle_state.table_store import TableVehicleStateStore
 
 from .azurite import azurite_table_port, connection_string
 from .otel_capture import captured
+from .table_limits import Limited, size_of
 from .test_vehicle_state_rules import event_sets, orders
 from .test_vehicle_state_rules import run as run_in_memory
 from .vehicle_events import (
@@ -108,7 +109,9 @@ class Backend:
         clock = self.clock or Clock()
         if self.name == "sqlite":
             return SqliteVehicleStateStore(Path(self.where), clock=clock)
-        client = TableClient.from_connection_string(self.where, self.table)
+        # Azurite does not refuse an entity over 1 MiB or a transaction over 4 MiB: Limited
+        # does, as Azure would.
+        client = Limited(TableClient.from_connection_string(self.where, self.table))
         return TableVehicleStateStore(client, create_table=True, clock=clock)
 
     def stored_event_ids(self) -> set[str]:
@@ -472,6 +475,33 @@ class TestBadInput:
         assert [(s.code, s.reason) for s in result.skipped] == [
             ("custom-text", TOO_LARGE), ("custom-unit", TOO_LARGE)]
         assert result.stale == ()
+
+    def test_large_changes_kept_for_handlers_fit_table_s_entities(
+        self, backend: Backend
+    ) -> None:
+        """Changes kept for on_change handlers are written as ASCII JSON, where a character
+        outside the BMP takes 12 characters: six values of 7,499 such characters (each
+        within MAX_VALUE_CHARS as UTF-8) make more than one 1 MiB entity of pending changes,
+        and a second event carries the previous values too. Both are stored, in several
+        transactions on Table, and every change is kept whole."""
+        car = "\U0001f697"
+        codes = [f"custom-big{i}" for i in range(6)]
+
+        def event(event_id: str, oem: int, mark: str) -> Event:
+            return state_event(event_id, *(
+                signal(code, mark + car * 7_498, oem=oem) for code in codes))
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            first = await store.apply(event("e1", T0, "a"))
+            second = await store.apply(event("e2", T0 + 1000, "b"))
+            return first, second, await store.pending_changes(VEHICLE, "e2")
+
+        first, second, pending = backend.run(scenario)
+        assert [c.code for c in first.pending] == codes
+        assert [(c.code, c.previous.value if c.previous else None, c.current.value)
+                for c in second.pending] == [
+            (code, "a" + car * 7_498, "b" + car * 7_498) for code in codes]
+        assert pending == second.pending
 
     def test_500_signals_in_one_event_are_all_stored(self, backend: Backend) -> None:
         signals = [signal(f"custom-s{i:03d}", i, oem=T0 + i) for i in range(500)]
@@ -1892,7 +1922,11 @@ class TestTransactionsOfOneEventOnAzurite:
         table = f"vs{uuid.uuid4().hex[:16]}"
         keys = [f"C{i:03d}" for i in range(150)]
         many = error_event("many", *(error(code=k) for k in reversed(keys)))
-        longer = error_event("longer", *(error(code=k, description="d" * 3900) for k in keys),
+        # Rows of about 20 KB (a long description and 30 long affected signals): about 40
+        # fit a transaction's 800 KiB.
+        affected = tuple("s" * 200 for _ in range(30))
+        longer = error_event("longer", *(error(code=k, description="d" * 3900,
+                                               signals=affected) for k in keys),
                              delivered=T0 + 60_000)
 
         async def counted(client: TableClient) -> int:
@@ -1901,7 +1935,7 @@ class TestTransactionsOfOneEventOnAzurite:
         async def scenario() -> tuple[list[int], Any]:
             marks: list[int] = []
             async with TableClient.from_connection_string(connection, table) as client:
-                for cut in (2, None, 2, 5, None):  # "longer" is the second, applied whole
+                for cut in (2, None, 2, 4, None):  # "longer" is the second, applied whole
                     fault = killed_at(cut) if cut else (lambda _: None)
                     store = TableVehicleStateStore(_FaultyTransactions(client, fault),
                                                    create_table=True)
@@ -2064,9 +2098,9 @@ def refusing_once(kind: str, partition: str,
 
 class TestTransactionLimits:
     """How an event's writes are cut into transactions: at most 97 entity writes (the vehicle
-    row, the event row and the outbox chunk make 100, Table's limit), and their size counted
-    three times (the entity, and the change twice in the outbox) within 800 KiB, far under the
-    4 MiB a transaction may carry."""
+    row, the event row and the outbox chunk make 100, Table's limit), and their sizes (each
+    entity's as Table counts it, with its change's entry in the outbox) within 800 KiB, under
+    the 1 MiB an outbox entity may hold and far under the 4 MiB a transaction may carry."""
 
     @staticmethod
     def cut(*sizes: int) -> list[list[int]]:
@@ -2080,14 +2114,18 @@ class TestTransactionLimits:
         assert [len(b) for b in self.cut(*[10] * 200)] == [97, 97, 6]
         assert [len(b) for b in self.cut(*[10] * 97)] == [97]
 
-    def test_writes_share_a_transaction_while_three_times_their_size_fits_800_kib(
-        self
-    ) -> None:
-        third = 800 * 1024 // 3  # 273,066: three times it is 2 bytes under the budget
-        assert self.cut(third // 2, third - third // 2) == [[third // 2, third - third // 2]]
-        assert self.cut(third // 2, third - third // 2 + 1) == [[third // 2],
-                                                                 [third - third // 2 + 1]]
-        assert self.cut(*[third // 3] * 4) == [[third // 3] * 3, [third // 3]]
+    def test_writes_share_a_transaction_while_their_sizes_fit_800_kib(self) -> None:
+        budget = 800 * 1024
+        assert self.cut(budget // 2, budget - budget // 2) == [[budget // 2,
+                                                                 budget - budget // 2]]
+        assert self.cut(budget // 2, budget - budget // 2 + 1) == [[budget // 2],
+                                                                   [budget - budget // 2 + 1]]
+        assert self.cut(*[budget // 3] * 4) == [[budget // 3] * 3, [budget // 3]]
+
+    def test_an_entity_is_sized_as_table_counts_it(self) -> None:
+        row = {"PartitionKey": "p", "RowKey": "s:c", "code": "c", "value": "\U0001f697",
+               "count": 3, "big": 2**40, "seen": 1.5, "ok": True}
+        assert table_store.entity_size(row) == size_of(row)
 
     def test_a_write_larger_than_the_budget_goes_alone(self) -> None:
         assert self.cut(10, 10**6, 10) == [[10], [10**6], [10]]

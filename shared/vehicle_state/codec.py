@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import string
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Final
@@ -180,11 +181,16 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def changes_text(changes: tuple[SignalChange, ...] | list[SignalChange]) -> str:
-    """Pending changes as compact JSON in ASCII (json's default `ensure_ascii`), so that its
-    length in characters is its size wherever it is counted (a Table property counts UTF-16
-    units)."""
-    return json.dumps([change_to_json(c) for c in changes], separators=(",", ":"))
+def change_entry_text(change: SignalChange) -> str:
+    """One pending change as compact JSON in ASCII (json's default `ensure_ascii`), so that
+    its length in characters is its size wherever it is counted (a Table property counts
+    UTF-16 units)."""
+    return json.dumps(change_to_json(change), separators=(",", ":"))
+
+
+def pending_text(entries: Iterable[str]) -> str:
+    """Pending changes as one JSON list, from their `change_entry_text`s."""
+    return "[" + ",".join(entries) + "]"
 
 
 def changes_from_text(text: str) -> list[SignalChange]:

@@ -50,15 +50,25 @@ from . import (
 )
 from .codec import (
     Row,
+    change_entry_text,
     changes_from_text,
-    changes_text,
     error_from_row,
     error_row,
     escape_key,
+    pending_text,
     signal_from_row,
     signal_row,
 )
-from .rules import OPEN, STORED_TYPES, ErrorRecord, Plan, Snapshot, error_keys_of, plan
+from .rules import (
+    OPEN,
+    STORED_TYPES,
+    ErrorRecord,
+    Plan,
+    Snapshot,
+    error_keys_of,
+    plan,
+    utf16_units,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +89,11 @@ _PRUNE_CONCURRENCY: Final = 16
 #: and one the outbox chunk.
 MAX_OPERATIONS: Final = 100
 _ENTITY_WRITES_PER_TXN: Final = MAX_OPERATIONS - 3
-#: A transaction's payload is at most 4 MiB and an entity's 1 MiB; strings count as UTF-16
-#: in the service's accounting, so sizes below are in characters times two. A chunk's writes
-#: and outbox entry stay under this (the outbox entity under 1 MiB, the transaction far under
-#: 4 MiB).
+#: A transaction's payload is at most 4 MiB and an entity's 1 MiB, sized as the service
+#: counts them (`entity_size`). A chunk's writes and its outbox entry stay under this (the
+#: outbox entity under 1 MiB, the transaction far under 4 MiB). One signal's change always
+#: fits: two rows of at most MAX_VALUE_CHARS UTF-8 bytes of value, which escaping to ASCII
+#: makes at most three times as long.
 _CHUNK_BUDGET_BYTES: Final = 800 * 1024
 #: One string property holds 64 KiB (32 Ki UTF-16 units); outbox text is ASCII.
 _PROPERTY_CHARS: Final = 30_000
@@ -94,8 +105,25 @@ class StoreConflictError(RuntimeError):
     """The vehicle's partition kept changing under every attempt: the delivery is retried."""
 
 
-def _size(row: Row) -> int:
-    return 2 * sum(len(str(k)) + len(str(v)) for k, v in row.items()) + 64
+def entity_size(entity: Row) -> int:
+    """An entity's size as Table Storage counts it against its 1 MiB: 4 bytes, its keys in
+    UTF-16, and per property 8 bytes, its name in UTF-16 and its value (a string: 4 bytes and
+    its UTF-16; a bool 1 byte; an int 4 or 8; a float 8)."""
+    size = 4
+    for name, value in entity.items():
+        if name in ("PartitionKey", "RowKey"):
+            size += utf16_units(value) * 2
+            continue
+        units = utf16_units(name) * 2
+        if isinstance(value, str):
+            size += 8 + units + 4 + utf16_units(value) * 2
+        elif isinstance(value, bool):
+            size += 8 + units + 1
+        elif isinstance(value, int) and -(2**31) <= value < 2**31:
+            size += 8 + units + 4
+        else:
+            size += 8 + units + 8
+    return size
 
 
 def _signal_key(code: str) -> str:
@@ -256,14 +284,18 @@ class TableVehicleStateStore:
         changed = {change.code: change for change in result.changes}
         writes: list[_Write] = []
         for code, current in result.signals.items():  # the changes and the refreshed readings
-            row = signal_row(current)
-            writes.append((put(_signal_key(code), row, state["signals"].get(code)), _size(row),
-                           (code, changed.get(code))))
+            op = put(_signal_key(code), signal_row(current), state["signals"].get(code))
+            change = changed.get(code)
+            # The change's entry in the outbox chunk, if it is kept: ASCII, 2 bytes a character.
+            entry = (change_entry_text(change) if change is not None and (
+                outbox is None or outbox(change.code, change.path)) else None)
+            writes.append((op, entity_size(op[1]) + (2 * len(entry) if entry else 0),
+                           (code, change, entry)))
         errors: dict[tuple[str, str], ErrorRecord] = {
             **snapshot.errors, **result.errors}
         for key, record in sorted(result.errors.items()):  # in the order `_read` counts
-            row = error_row(record)
-            writes.append((put(_error_key(key), row, state["errors"].get(key)), _size(row), None))
+            op = put(_error_key(key), error_row(record), state["errors"].get(key))
+            writes.append((op, entity_size(op[1]), None))
 
         vehicle = state["vehicle"]
         event_row = state["event"]
@@ -278,14 +310,14 @@ class TableVehicleStateStore:
         batches = _batches(writes)
         for number, batch in enumerate(batches, start=1):
             signals = [signal for _, _, signal in batch if signal is not None]
-            changes = [change for _, change in signals if change is not None]
-            signal_count += sum(1 for code, _ in signals if code not in snapshot.signals)
+            changes = [change for _, change, _ in signals if change is not None]
+            signal_count += sum(1 for code, _, _ in signals if code not in snapshot.signals)
             ops = [op for op, _, _ in batch]
-            kept = [c for c in changes if outbox is None or outbox(c.code, c.path)]
+            kept = [entry for _, _, entry in signals if entry is not None]
             if kept:
                 ops.append(("create", {"PartitionKey": pk,
                                        "RowKey": f"{_outbox_prefix(event.event_id)}{chunks:05d}",
-                                       **_split(changes_text(kept))}))
+                                       **_split(pending_text(kept))}))
                 chunks += 1
             # Marked with the last of its errors: an apply cut short before then is followed
             # by one that writes them all again, counting those past `errorsCounted`.
@@ -302,7 +334,7 @@ class TableVehicleStateStore:
             ops.append(put(VEHICLE_ROW, vehicle_props, vehicle))
             answers: Sequence[Any] = await self._table.submit_transaction(ops)
             committed.extend(changes)
-            refreshed.extend(code for code, change in signals if change is None)
+            refreshed.extend(code for code, change, _ in signals if change is None)
             # The next transaction of this apply replaces what this one wrote.
             event_row = _Written(answers[-2]["etag"])
             vehicle = _Written(answers[-1]["etag"])
@@ -487,9 +519,10 @@ async def _nothing() -> list[Any]:
     return []
 
 
-#: One entity write of an apply: (the operation, its size, and for a signal its code and its
-#: change (None: the stored reading fetched again); None for an error).
-_Write = tuple[tuple[Any, ...], int, "tuple[str, SignalChange | None] | None"]
+#: One entity write of an apply: (the operation, its size with its outbox entry's, and for a
+#: signal its code, its change (None: the stored reading fetched again) and the change's
+#: outbox entry (None: not kept); None for an error).
+_Write = tuple[tuple[Any, ...], int, "tuple[str, SignalChange | None, str | None] | None"]
 
 
 def _batches(writes: list[_Write]) -> list[list[_Write]]:
@@ -498,8 +531,7 @@ def _batches(writes: list[_Write]) -> list[list[_Write]]:
     current: list[_Write] = []
     size = 0
     for write in writes:
-        # The change travels twice: the signal's entity and its outbox entry (about 2x).
-        cost = write[1] * 3
+        cost = write[1]
         full = len(current) >= _ENTITY_WRITES_PER_TXN or size + cost > _CHUNK_BUDGET_BYTES
         if current and full:
             batches.append(current)
