@@ -259,6 +259,54 @@ class TestOnChange:
         assert seen == ["x1"] and second.duplicate
         assert [e.state for e in first.vehicle_state.errors_opened] == ["OPEN"]
 
+    @pytest.mark.parametrize("replayed", [False, True])
+    def test_an_error_event_whose_handler_failed_reports_its_errors_again(
+        self, tmp_path: Path, replayed: bool
+    ) -> None:
+        """The first attempt applied the errors (they are not counted again), its handler
+        failed: the retry, or the replay of the dead letter, hands the handlers the errors the
+        event opened or resolved, as the first attempt did, so a handler that pages on them
+        is not left with nothing once the event is recorded as processed."""
+        seen: list[tuple[str, list[tuple[str, str | None, str]], list[str | None]]] = []
+        failures = [3 if replayed else 1]
+
+        async def scenario(h: Harness) -> Any:
+            @h.registry.on("VEHICLE_ERROR")
+            async def page(event: Event, context: HandlerContext) -> None:
+                state = context.vehicle_state
+                assert state is not None
+                seen.append((event.event_id,
+                             [(e.type, e.code, e.state) for e in state.errors_opened],
+                             [e.code for e in state.errors_resolved]))
+                if failures[0]:
+                    failures[0] -= 1
+                    raise RuntimeError("pager down")
+
+            opened = error_body("x1", error(), error("PERMISSION", "DENIED"))
+            results = [await h.deliver(opened)]
+            while results[-1].outcome is Outcome.RETRIED:
+                results.append(await h.deliver(h.retries.last()))
+            if replayed:
+                failures[0] = 0
+                results.append(await h.deliver(opened))  # `dlq replay`
+            resolved = error_body("x2", error(state="RESOLVED"), delivered=T0 + 600_000)
+            failures[0] = 1
+            results.append(await h.deliver(resolved))
+            results.append(await h.deliver(h.retries.last()))
+            view = await h.store.get_vehicle(VEHICLE)
+            return [r.outcome for r in results], view
+
+        outcomes, view = run(tmp_path, scenario)
+        both = [("COMPATIBILITY", "VEHICLE_NOT_CAPABLE", "OPEN"), ("PERMISSION", "DENIED", "OPEN")]
+        first: list[Any] = [("x1", both, [])] * (4 if replayed else 2)
+        assert seen == [*first, ("x2", [], ["VEHICLE_NOT_CAPABLE"]),
+                        ("x2", [], ["VEHICLE_NOT_CAPABLE"])]
+        assert outcomes[-2:] == [Outcome.RETRIED, Outcome.HANDLED]
+        assert outcomes[:-2] == ([Outcome.RETRIED, Outcome.RETRIED, Outcome.DEAD_LETTERED,
+                                  Outcome.HANDLED] if replayed
+                                 else [Outcome.RETRIED, Outcome.HANDLED])
+        assert view is not None and [(e.code, e.count) for e in view.errors] == [("DENIED", 1)]
+
     def test_with_the_store_off_handlers_run_as_before_and_nothing_is_kept(
         self, tmp_path: Path
     ) -> None:
@@ -382,8 +430,32 @@ class TestIdsNoStoreCanKey:
         for body in (state_body("e1", signal()), error_body("e1", error()),
                      {**state_body(longest, signal()), "vehicleId": longest},
                      {**error_body(longest, error()), "vehicleId": longest},
-                     {**state_body("e\ud800"), "eventType": "VEHICLE_UNKNOWN"}):
+                     {**state_body("e1"), "eventType": "VEHICLE_UNKNOWN"}):
             assert unkeyed(parse_event(json.dumps(body))) is None
+
+    @pytest.mark.parametrize(("vehicle", "event_id"), [("v\ud800", "e1"),
+                                                       (VEHICLE, "e" * (MAX_ID_CHARS + 1))])
+    def test_an_event_of_another_type_runs_its_handlers_without_the_inbox(
+        self, tmp_path: Path, vehicle: str, event_id: str
+    ) -> None:
+        """The inbox keys every type of event by its ids: one it cannot key (here a type
+        the store does not apply) runs its handlers on each delivery rather than failing in
+        the inbox check on every one."""
+        seen: list[str] = []
+
+        async def scenario(h: Harness) -> Any:
+            @h.registry.on("VEHICLE_UNKNOWN")
+            async def handle(event: Event, context: HandlerContext) -> None:
+                seen.append(event.event_id)
+
+            body = {**state_body(event_id), "eventType": "VEHICLE_UNKNOWN", "vehicleId": vehicle}
+            return [await h.deliver(body, n) for n in (1, 2)]
+
+        results = run(tmp_path, scenario)
+        assert [(r.outcome, r.duplicate) for r in results] == [(Outcome.HANDLED, False)] * 2
+        assert seen == [event_id] * 2
+        assert all(r.vehicle_state is not None and r.vehicle_state.skipped == ()
+                   for r in results)
 
     def test_the_reason_is_the_first_id_s_problem(self) -> None:
         long = "x" * (MAX_ID_CHARS + 1)

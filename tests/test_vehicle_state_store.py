@@ -582,6 +582,34 @@ class TestBadInput:
 
 
 class TestErrors:
+    def test_an_error_event_applied_again_reports_its_errors_as_they_stand(
+        self, backend: Backend
+    ) -> None:
+        """Applied again before its handlers completed (a retry, a replay): nothing changes,
+        and the result names the errors it opened, and the one it resolved, as the first
+        apply did; not one that another event resolved."""
+        async def scenario(store: VehicleStateStore) -> Any:
+            opening = error_event("x1", error(), error("B", "C"), error("D", "E"))
+            first = await store.apply(opening)
+            again = await store.apply(opening)
+            closing = error_event("x2", error(state="RESOLVED"), delivered=T0 + 600_000)
+            closed = await store.apply(closing)
+            other = await store.apply(error_event("x3", error("B", "C", state="RESOLVED"),
+                                                  delivered=T0 + 600_000))
+            return (first, again, await store.apply(opening), closed,
+                    await store.apply(closing), other, await shown(store, VEHICLE))
+
+        first, again, later, closed, closed_again, _, view = backend.run(scenario)
+        names = [(e.type, e.code) for e in first.errors_opened]
+        assert names == [("COMPATIBILITY", "VEHICLE_NOT_CAPABLE"), ("B", "C"), ("D", "E")]
+        assert again.errors_opened == first.errors_opened and again.errors_resolved == ()
+        # After x2 and x3 closed two of them: x1 again reports the one still open only.
+        assert [(e.type, e.code) for e in later.errors_opened] == [("D", "E")]
+        assert later.errors_resolved == ()
+        assert closed_again.errors_resolved == closed.errors_resolved
+        assert [e.code for e in closed.errors_resolved] == ["VEHICLE_NOT_CAPABLE"]
+        assert [(e.code, e.count) for e in view.errors] == [("E", 1)]
+
     def test_an_error_s_affected_signals_fit_one_table_property(
         self, backend: Backend
     ) -> None:

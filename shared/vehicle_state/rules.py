@@ -147,18 +147,18 @@ def id_problem(text: str | None) -> str | None:
 
 
 def unkeyed(event: Event) -> ApplyResult | None:
-    """The result for an event whose vehicleId or eventId no backend can key (not Unicode,
-    or longer than MAX_ID_CHARS): every signal or error entry skipped for that reason. None
-    for any other event."""
-    if event.event_type not in STORED_TYPES:
-        return None
+    """The result for an event of any type whose vehicleId or eventId no backend can key
+    (not Unicode, or longer than MAX_ID_CHARS): neither the store nor the inbox can take it,
+    and its signals or error entries are skipped for that reason. None for any other event."""
     reason = id_problem(event.vehicle_id) or id_problem(event.event_id)
     if reason is None:
         return None
     if event.event_type == VEHICLE_STATE:
         codes = [shown(signal_code(s)) for s in event.signals]
-    else:
+    elif event.event_type == VEHICLE_ERROR:
         codes = [shown(e.code) for e in event.errors]
+    else:
+        codes = []
     return ApplyResult(skipped=tuple(SkippedSignal(code=c, reason=reason) for c in codes))
 
 
@@ -482,7 +482,7 @@ def _plan_errors(snapshot: Snapshot, event: Event) -> Plan:
     skipped = [SkippedSignal(code=shown(e.code), reason=problem)
                for e in event.errors if (problem := _error_problem(e)) is not None]
     if snapshot.errors_applied:
-        return Plan(skipped=tuple(skipped), updated_at=snapshot.updated_at)
+        return _applied_before(snapshot, event, tuple(skipped))
     observed = Observation(at=event.meta.delivered_at or _EPOCH, event_id=event.event_id)
     records: dict[tuple[str, str], ErrorRecord] = {}
     counted: set[tuple[str, str]] = set()
@@ -508,6 +508,29 @@ def _plan_errors(snapshot: Snapshot, event: Event) -> Plan:
     updated_at = _latest(snapshot.updated_at, observed.at if records else None)
     return Plan(errors=records, skipped=tuple(skipped), errors_opened=tuple(opened),
                 errors_resolved=tuple(resolved), updated_at=updated_at, marks_errors=True)
+
+
+def _applied_before(snapshot: Snapshot, event: Event,
+                    skipped: tuple[SkippedSignal, ...]) -> Plan:
+    """An error event an earlier attempt applied, whose handlers did not complete (they failed,
+    the process died, or it was dead-lettered and is replayed): nothing to write, and the
+    handlers get its errors as they stand now, so a retry reports what the first attempt did.
+    Open ones are opened (as on the first attempt); a resolved one is resolved when this
+    event's RESOLVED is the one that closed it."""
+    opened: list[ErrorState] = []
+    resolved: list[ErrorState] = []
+    for key in dict.fromkeys(error_key(e.type or "", e.code) for e in event.errors
+                             if _usable_error(e)):
+        record = snapshot.errors.get(key)
+        if record is None:
+            continue
+        if record.state.state == OPEN:
+            opened.append(record.state)
+        elif record.last_resolved is not None and (
+                record.last_resolved.event_id == event.event_id):
+            resolved.append(record.state)
+    return Plan(skipped=skipped, errors_opened=tuple(opened), errors_resolved=tuple(resolved),
+                updated_at=snapshot.updated_at)
 
 
 def _observe(record: ErrorRecord, error: VehicleError, observed: Observation, *,
