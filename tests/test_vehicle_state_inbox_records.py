@@ -658,6 +658,40 @@ class TestTheLocalHost:
         # redelivered, so nothing would write it later.
         assert found_at_dead_letter == [{event["vehicleId"]}]
 
+    def test_a_last_delivery_that_times_out_is_dead_lettered_after_its_writes(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The function itself fails on the last delivery (here it times out after the
+        store applied the event): the host's abandon dead-letters the message, and commits
+        the store's writes first, as the processor's dead-letters do; the 30 s window would
+        otherwise leave them uncommitted."""
+        monkeypatch.setattr(store_module, "FLUSH_SECONDS", 30.0)
+        registry = HandlerRegistry()
+
+        @registry.on("VEHICLE_STATE")
+        async def hang(event: Event, context: HandlerContext) -> None:
+            await asyncio.sleep(60)
+
+        found_at_abandon: list[set[str]] = []
+
+        def watch(runtime: Any) -> None:
+            queue: LocalQueue = runtime.queue
+            abandon = queue.abandon
+
+            def observed(*args: Any, **kwargs: Any) -> Any:
+                found_at_abandon.append(vehicles_on_disk(tmp_path / FILE_NAME))
+                return abandon(*args, **kwargs)
+
+            queue.abandon = observed  # type: ignore[method-assign]
+
+        event = other_signal_event()
+        body = encode(event)
+        env = local_env(tmp_path, MAX_DELIVERY_COUNT="1", FUNCTION_TIMEOUT_SECONDS="1")
+        with RunningHost(env, registry=registry, customize=watch) as host:
+            assert host.post("/api/webhooks/smartcar", body, signed_headers(body)).status == 200
+            wait_until(lambda: host.runtime.queue.stats()["deadLettered"] == 1, timeout=30)
+        assert found_at_abandon == [{event["vehicleId"]}]
+
     def test_a_delivery_running_when_a_commit_failed_is_not_completed(
         self, tmp_path: Path
     ) -> None:

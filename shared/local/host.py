@@ -834,8 +834,11 @@ class LocalHost:
             fn.name, type(exc).__name__, qm.message_id, qm.delivery_count,
             exc_info=logger.isEnabledFor(logging.DEBUG),
         )
+        last = qm.delivery_count >= self.queue.max_delivery_count
+        if last and not self._committed_before_dead_letter(qm):
+            return
         await self._settle(self._abandon, qm.lock_token)
-        if qm.delivery_count >= self.queue.max_delivery_count:
+        if last:
             self._record_dead_lettered(qm, exc)
 
     async def _never_started(self, fn: QueueFunction, qm: QueuedMessage, after: float) -> None:
@@ -873,9 +876,28 @@ class LocalHost:
                 "%d handler thread(s) stuck in handlers that timed out; replaced up to %d "
                 "threads in all", pool.stuck, pool.limit,
             )
+        if last and not self._committed_before_dead_letter(qm):
+            return
         await self._settle(functools.partial(self._abandon, retry_after=delay), qm.lock_token)
         if last:
             self._record_dead_lettered(qm, TimeoutError(f"{FUNCTION_TIMEOUT_SECONDS}={after:g}"))
+
+    def _committed_before_dead_letter(self, qm: QueuedMessage) -> bool:
+        """The last delivery failed, and its abandon dead-letters the message: commit the
+        store's deferred writes first (as `_CommitFirst` does for the processor's own
+        dead-letters), so no event is dead-lettered before what it wrote is on disk. False
+        when the commit fails: the message is then left to be redelivered when its lock
+        expires."""
+        if self._store is None:
+            return True
+        try:
+            self._store.flush()
+        except sqlite3.Error as exc:
+            logger.warning("message %s is left to be redelivered when its lock expires: the "
+                           "vehicle state store could not commit its writes (%s)",
+                           qm.message_id, exc)
+            return False
+        return True
 
     def _record_dead_lettered(self, qm: QueuedMessage, exc: BaseException) -> None:
         """The last delivery failed, so the queue dead-letters the message: that is its final
