@@ -290,6 +290,10 @@ async def process_message(
             observed.outcome = PROCESS_RETRIED
             observed.error_type = type(exc.__cause__ or exc).__name__
             raise
+        if result.vehicle_state is not None:
+            errors = error_summary(result.vehicle_state)
+            if errors:
+                observed.extra[ATTR_VEHICLE_ERRORS] = errors
         if result.outcome is Outcome.RETRIED:  # not final: handled.jsonl waits for the end
             observed.outcome = PROCESS_RETRIED
             observed.error_type = result.error_type
@@ -318,10 +322,6 @@ async def process_message(
             observed.event_id = result.event.event_id
             observed.vehicle_id = result.event.vehicle_id
             observed.delivered_at = result.event.meta.delivered_at
-        if result.vehicle_state is not None:
-            errors = error_summary(result.vehicle_state)
-            if errors:
-                observed.extra[ATTR_VEHICLE_ERRORS] = errors
         return result
 
 
@@ -402,13 +402,17 @@ async def _process(
         delivery_count=event_delivery_count(message.application_properties,
                                             message.delivery_count),
     )
+    applied = Applied()
     try:
         handled = await run_handlers(event, context, registry, store,
-                                     telemetry or get_telemetry())
+                                     telemetry or get_telemetry(), applied=applied)
     except Exception as exc:
-        return await _handler_failed(message, event, exc, settings=settings,
-                                     dead_letterer=dead_letterer, retry_sender=retry_sender,
-                                     now=clock())
+        failed = await _handler_failed(message, event, exc, settings=settings,
+                                       dead_letterer=dead_letterer, retry_sender=retry_sender,
+                                       now=clock())
+        # What the store did before the handlers failed is done: the attempt reports it (the
+        # open-errors query reads it from every attempt, a failed one included).
+        return replace(failed, vehicle_state=applied.state)
 
     if handled.duplicate:
         logger.info("event %s was processed before (its eventId is in the inbox); its handlers "
@@ -429,16 +433,26 @@ class Handled:
     state: ApplyResult | None = None
 
 
+@dataclass(slots=True)
+class Applied:
+    """What the store did with an event, set by `run_handlers` as soon as it is known."""
+
+    state: ApplyResult | None = None
+
+
 async def run_handlers(
     event: Event,
     context: HandlerContext,
     registry: HandlerRegistry,
     store: VehicleStateStore | None,
     telemetry: Telemetry,
+    *,
+    applied: Applied | None = None,
 ) -> Handled:
     """The inbox check, the store, the handlers, the inbox record: in this order, so a crash
     or a failure anywhere before the record runs the handlers again on the next attempt, with
-    the changes the store kept for them."""
+    the changes the store kept for them. `applied.state` is set to the store's result as soon
+    as there is one, for the caller to report when the handlers then fail."""
     if store is None:
         return Handled(ran=await registry.dispatch(event, context))
     unkeyed = vehicle_state_rules.unkeyed(event)
@@ -451,6 +465,8 @@ async def run_handlers(
                        or vehicle_state_rules.id_problem(event.event_id),
                        vehicle_state_rules.MAX_ID_CHARS, len(unkeyed.skipped))
         telemetry.record_vehicle_state(unkeyed)
+        if applied is not None:
+            applied.state = unkeyed
         return Handled(ran=await registry.dispatch(event, context.with_vehicle_state(unkeyed)),
                        state=unkeyed)
     if await store.is_processed(event.vehicle_id, event.event_id):
@@ -458,6 +474,8 @@ async def run_handlers(
         return Handled(duplicate=True)
     state = await store.apply(event, outbox=registry.change_filter)
     telemetry.record_vehicle_state(state)
+    if applied is not None:
+        applied.state = state
     ran = await registry.dispatch(event, context.with_vehicle_state(state),
                                   changes=state.pending)
     await store.mark_processed(event.vehicle_id, event.event_id)

@@ -507,6 +507,39 @@ class TestTelemetryAndRecords:
         assert record["vehicleState"]["changed"] == [SOC, "x-undated"]
         assert errors.vehicle_state.errors_resolved[0].code == "DENIED"
 
+    def test_every_attempt_reports_the_errors_the_store_holds_a_failed_one_too(
+        self, tmp_path: Path
+    ) -> None:
+        """A RESOLVED whose handler fails on every attempt: the store closed the error at the
+        first attempt, and each attempt's span (the open-errors query's input) and the dead
+        letter's handled.jsonl line say so, rather than leaving the query's latest report
+        at OPEN until the dead letter is replayed."""
+        otel = captured()
+
+        async def scenario(h: Harness) -> Any:
+            @h.registry.on("VEHICLE_ERROR")
+            async def page(event: Event, context: HandlerContext) -> None:
+                if event.event_id == "x2":
+                    raise RuntimeError("pager down")
+
+            await h.deliver(error_body("x1", error()))
+            results = [await h.deliver(error_body("x2", error(state="RESOLVED"),
+                                                  delivered=T0 + 600_000))]
+            while results[-1].outcome is Outcome.RETRIED:
+                results.append(await h.deliver(h.retries.last()))
+            return results, h.log.lines
+
+        results, lines = run(tmp_path, scenario, otel.telemetry)
+        assert [r.outcome for r in results] == [Outcome.RETRIED, Outcome.RETRIED,
+                                                Outcome.DEAD_LETTERED]
+        spans = otel.finished(names.SPAN_PROCESS)
+        assert [(s.attributes or {}).get(names.ATTR_VEHICLE_ERRORS) for s in spans] == [
+            "OPEN COMPATIBILITY:VEHICLE_NOT_CAPABLE"] + [
+            "RESOLVED COMPATIBILITY:VEHICLE_NOT_CAPABLE"] * 3
+        assert lines[-1]["outcome"] == "dead_lettered"
+        assert [(e["code"], e["state"]) for e in lines[-1]["vehicleState"]["errorsResolved"]] \
+            == [("VEHICLE_NOT_CAPABLE", "RESOLVED")]
+
 
 def test_the_handled_record_spells_the_store_s_result_as_the_readme_shows() -> None:
     """handled.jsonl's `vehicleState`: every field of an ApplyResult, under the names the
