@@ -49,7 +49,7 @@ from .retry import (
 from .settings import Settings
 from .telemetry import Telemetry, get_telemetry
 from .telemetry_names import ATTR_VEHICLE_ERRORS, PROCESS_DEAD_LETTERED, PROCESS_RETRIED
-from .vehicle_state import ApplyResult, VehicleStateStore
+from .vehicle_state import ApplyResult, StoreConflictError, VehicleStateStore
 from .vehicle_state import rules as vehicle_state_rules
 
 logger = logging.getLogger(__name__)
@@ -472,7 +472,11 @@ async def run_handlers(
     if await store.is_processed(event.vehicle_id, event.event_id):
         telemetry.record_inbox_duplicate()
         return Handled(duplicate=True)
-    state = await store.apply(event, outbox=registry.change_filter)
+    try:
+        state = await store.apply(event, outbox=registry.change_filter)
+    except StoreConflictError as exc:  # the conflicts it met count, though it gave up
+        telemetry.record_vehicle_state(ApplyResult(conflicts_retried=exc.conflicts))
+        raise
     telemetry.record_vehicle_state(state)
     if applied is not None:
         applied.state = state

@@ -29,12 +29,15 @@ from hypothesis import strategies as st
 
 from shared import telemetry_names as names
 from shared.events import Event, parse_event
+from shared.handlers import HandlerContext, HandlerRegistry
 from shared.local import vehicle_state as store_module
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
+from shared.processor import run_handlers
 from shared.settings import load_settings
 from shared.vehicle_state import (
     INBOX_RETENTION_SECONDS,
     ChangeFilter,
+    StoreConflictError,
     VehicleStateStore,
     VehicleView,
     table_store,
@@ -2002,10 +2005,12 @@ class TestTransactionsOfOneEventOnAzurite:
                 async with TableClient.from_connection_string(connection, table) as client:
                     store = TableVehicleStateStore(_FaultyTransactions(client, conflict),
                                                    create_table=True, sleep=sleep)
-                    with pytest.raises(table_store.StoreConflictError,
+                    with pytest.raises(StoreConflictError,
                                        match=rf"vehicle '{VEHICLE}'.* each of 40 attempts "
-                                             r"to apply event e1; the delivery will be retried"):
+                                             r"to apply event e1; the delivery will "
+                                             r"be retried") as raised:
                         await store.apply(state_event("e1", signal()))
+                    assert raised.value.conflicts == 40
 
             monkeypatch.setattr("shared.vehicle_state.table_store.random.uniform",
                                 lambda low, high: (low, high)[end])
@@ -2015,6 +2020,32 @@ class TestTransactionsOfOneEventOnAzurite:
         assert table_store.MAX_ATTEMPTS == 40
         assert waits(0) == [0.0] * 40
         assert waits(1) == [min(0.005 * 2 ** n, 0.5) for n in range(40)]
+
+    def test_the_conflicts_of_an_apply_that_gave_up_are_counted(
+        self, azurite_table_port: int
+    ) -> None:
+        """The conflicts counter is what shows contention: an apply that meets a conflict at
+        every attempt and gives up counts them all, though it has no result."""
+        otel = captured()
+        connection = connection_string("table", azurite_table_port)
+
+        async def scenario() -> None:
+            async with TableClient.from_connection_string(
+                    connection, f"vs{uuid.uuid4().hex[:16]}") as client:
+                async def no_wait(seconds: float) -> None:
+                    return None
+
+                store = TableVehicleStateStore(
+                    _FaultyTransactions(client, lambda _: conflict_error()),
+                    create_table=True, sleep=no_wait)
+                event = state_event("e1", signal())
+                context = HandlerContext(settings=load_settings(
+                    {"SMARTCAR_MANAGEMENT_TOKEN": "t"}), message_id="e1", delivery_count=1)
+                with pytest.raises(StoreConflictError):
+                    await run_handlers(event, context, HandlerRegistry(), store, otel.telemetry)
+
+        asyncio.run(scenario())
+        assert otel.values(names.VEHICLE_STATE_CONFLICTS) == [({}, 40)]
 
     def test_a_transaction_failing_for_another_reason_fails_the_apply_with_that_error(
         self, azurite_table_port: int

@@ -183,6 +183,15 @@ class Changes(Sequence[SignalChange]):
         return f"Changes({self._all()!r})"
 
 
+class StoreConflictError(RuntimeError):
+    """The vehicle's partition kept changing under every attempt (`conflicts` of them): the
+    delivery is retried."""
+
+    def __init__(self, message: str, *, conflicts: int) -> None:
+        super().__init__(message)
+        self.conflicts = conflicts
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApplyResult:
     """What applying one event did. Applying the same event again yields no `changes`."""

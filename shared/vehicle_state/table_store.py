@@ -45,6 +45,7 @@ from . import (
     InboxPruned,
     Outbox,
     SignalChange,
+    StoreConflictError,
     VehicleSummary,
     VehicleView,
 )
@@ -99,10 +100,6 @@ _CHUNK_BUDGET_BYTES: Final = 800 * 1024
 _PROPERTY_CHARS: Final = 30_000
 MAX_ATTEMPTS: Final = 40
 _CONFLICT_STATUSES: Final = frozenset({409, 412})
-
-
-class StoreConflictError(RuntimeError):
-    """The vehicle's partition kept changing under every attempt: the delivery is retried."""
 
 
 def entity_size(entity: Row) -> int:
@@ -240,7 +237,8 @@ class TableVehicleStateStore:
             )
         raise StoreConflictError(
             f"vehicle {vehicle_id!r}: the state changed under each of {MAX_ATTEMPTS} attempts "
-            f"to apply event {event.event_id}; the delivery will be retried")
+            f"to apply event {event.event_id}; the delivery will be retried",
+            conflicts=conflicts)
 
     async def _read(self, pk: str, vehicle_id: str,
                     event: Event) -> tuple[Snapshot, dict[str, Any]]:
