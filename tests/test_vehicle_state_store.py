@@ -592,15 +592,21 @@ class TestErrors:
         and the result names the errors it opened, and the one it resolved, as the first
         apply did; not one that another event resolved."""
         async def scenario(store: VehicleStateStore) -> Any:
-            opening = error_event("x1", error(), error("B", "C"), error("D", "E"))
+            # An entry the store skips, keyed like an error another event opened: not its.
+            await store.apply(error_event("x0", error("F", "G"), delivered=T0 - 1000))
+            opening = error_event("x1", error(), error("B", "C"), error("D", "E"),
+                                  error("F", "G", state="CLEARED"))
             first = await store.apply(opening)
             again = await store.apply(opening)
             closing = error_event("x2", error(state="RESOLVED"), delivered=T0 + 600_000)
             closed = await store.apply(closing)
             other = await store.apply(error_event("x3", error("B", "C", state="RESOLVED"),
                                                   delivered=T0 + 600_000))
-            return (first, again, await store.apply(opening), closed,
-                    await store.apply(closing), other, await shown(store, VEHICLE))
+            later, closed_again = await store.apply(opening), await store.apply(closing)
+            # An older reading after them: the vehicle's updatedAt stays the errors' time.
+            await store.apply(state_event("s1", signal(oem=T0)))
+            return (first, again, later, closed, closed_again, other,
+                    await shown(store, VEHICLE))
 
         first, again, later, closed, closed_again, _, view = backend.run(scenario)
         names = [(e.type, e.code) for e in first.errors_opened]
@@ -611,7 +617,8 @@ class TestErrors:
         assert later.errors_resolved == ()
         assert closed_again.errors_resolved == closed.errors_resolved
         assert [e.code for e in closed.errors_resolved] == ["VEHICLE_NOT_CAPABLE"]
-        assert [(e.code, e.count) for e in view.errors] == [("E", 1)]
+        assert [(e.code, e.count) for e in view.errors] == [("E", 1), ("G", 1)]
+        assert view.updated_at == at(T0 + 600_000)  # applying again leaves it
 
     def test_an_error_s_affected_signals_fit_one_table_property(
         self, backend: Backend

@@ -519,11 +519,9 @@ def _applied_before(snapshot: Snapshot, event: Event,
     event's RESOLVED is the one that closed it."""
     opened: list[ErrorState] = []
     resolved: list[ErrorState] = []
-    for key in dict.fromkeys(error_key(e.type or "", e.code) for e in event.errors
-                             if _usable_error(e)):
-        record = snapshot.errors.get(key)
-        if record is None:
-            continue
+    keys = dict.fromkeys(error_key(e.type or "", e.code) for e in event.errors
+                         if _usable_error(e))
+    for record in [snapshot.errors[key] for key in keys if key in snapshot.errors]:
         if record.state.state == OPEN:
             opened.append(record.state)
         elif record.last_resolved is not None and (
