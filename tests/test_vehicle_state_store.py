@@ -2188,10 +2188,40 @@ class TestTransactionLimits:
                                                                    [budget - budget // 2 + 1]]
         assert self.cut(*[budget // 3] * 4) == [[budget // 3] * 3, [budget // 3]]
 
-    def test_an_entity_is_sized_as_table_counts_it(self) -> None:
+    def test_after_a_cut_a_transaction_fills_the_budget_again(self) -> None:
+        budget = 800 * 1024
+        assert self.cut(budget, budget // 2, budget - budget // 2) == [
+            [budget], [budget // 2, budget - budget // 2]]
+
+    @pytest.mark.parametrize("number", [3, 2**40, -(2**31), 2**31 - 1, -(2**31) - 1, 2**31])
+    def test_an_entity_is_sized_as_table_counts_it(self, number: int) -> None:
+        """Integers take 4 bytes within 32 bits and 8 beyond, at each edge."""
         row = {"PartitionKey": "p", "RowKey": "s:c", "code": "c", "value": "\U0001f697",
-               "count": 3, "big": 2**40, "seen": 1.5, "ok": True}
+               "count": number, "seen": 1.5, "ok": True}
         assert table_store.entity_size(row) == size_of(row)
+        assert size_of({"n": number}) - size_of({}) == 8 + 2 + (
+            4 if -(2**31) <= number < 2**31 else 8)
+
+    def test_large_changes_share_a_transaction_while_their_size_fits(
+        self, azurite_table_port: int
+    ) -> None:
+        """Three changes whose outbox entries are about 180 KB each (values of 7,499
+        characters outside the BMP, 12 ASCII characters each in the outbox) fit 800 KiB with
+        their entities: one transaction, one outbox chunk, not a cut per change."""
+        connection = connection_string("table", azurite_table_port)
+        table = f"vs{uuid.uuid4().hex[:16]}"
+        car = "\U0001f697"
+        event = state_event("e1", *(signal(f"custom-big{i}", "a" + car * 7_498)
+                                    for i in range(3)))
+
+        async def scenario() -> int:
+            async with TableClient.from_connection_string(connection, table) as client:
+                store = TableVehicleStateStore(Limited(client), create_table=True)
+                await store.apply(event)
+                row = await client.get_entity(VEHICLE, "i:e1")
+                return int(row["chunks"])
+
+        assert asyncio.run(scenario()) == 1
 
     def test_a_write_larger_than_the_budget_goes_alone(self) -> None:
         assert self.cut(10, 10**6, 10) == [[10], [10**6], [10]]
