@@ -529,6 +529,30 @@ def other_signal_event() -> dict[str, Any]:
     return event
 
 
+def on_disk_when_dead_lettered(tmp_path: Path, registry: HandlerRegistry, method: str,
+                               **env: str) -> tuple[list[set[str]], dict[str, Any]]:
+    """One event through a local host whose last delivery fails: the vehicles on disk each
+    time the queue's `method` (the dead-letter's way in) was called, and the event."""
+    found: list[set[str]] = []
+
+    def watch(runtime: Any) -> None:
+        queue: LocalQueue = runtime.queue
+        original = getattr(queue, method)
+
+        def observed(*args: Any, **kwargs: Any) -> Any:
+            found.append(vehicles_on_disk(tmp_path / FILE_NAME))
+            return original(*args, **kwargs)
+
+        setattr(queue, method, observed)
+
+    event = other_signal_event()
+    body = encode(event)
+    with RunningHost(local_env(tmp_path, **env), registry=registry, customize=watch) as host:
+        assert host.post("/api/webhooks/smartcar", body, signed_headers(body)).status == 200
+        wait_until(lambda: host.runtime.queue.stats()["deadLettered"] == 1, timeout=30)
+    return found, event
+
+
 class TestTheLocalHost:
     def test_every_message_is_completed_only_after_its_inbox_record_is_on_disk(
         self, tmp_path: Path
@@ -636,27 +660,11 @@ class TestTheLocalHost:
         async def fail(event: Event, context: HandlerContext) -> None:
             raise RuntimeError("this handler always fails")
 
-        found_at_dead_letter: list[set[str]] = []
-
-        def watch(runtime: Any) -> None:
-            queue: LocalQueue = runtime.queue
-            dead_letter = queue.dead_letter_by_sequence
-
-            def observed(*args: Any, **kwargs: Any) -> Any:
-                found_at_dead_letter.append(vehicles_on_disk(tmp_path / FILE_NAME))
-                return dead_letter(*args, **kwargs)
-
-            queue.dead_letter_by_sequence = observed  # type: ignore[method-assign]
-
-        event = other_signal_event()
-        body = encode(event)
-        with RunningHost(local_env(tmp_path, MAX_DELIVERY_COUNT="1"), registry=registry,
-                         customize=watch) as host:
-            assert host.post("/api/webhooks/smartcar", body, signed_headers(body)).status == 200
-            wait_until(lambda: host.runtime.queue.stats()["deadLettered"] == 1, timeout=30)
+        found, event = on_disk_when_dead_lettered(
+            tmp_path, registry, "dead_letter_by_sequence", MAX_DELIVERY_COUNT="1")
         # The event's vehicle was on disk when the event was dead-lettered: it is not
         # redelivered, so nothing would write it later.
-        assert found_at_dead_letter == [{event["vehicleId"]}]
+        assert found == [{event["vehicleId"]}]
 
     def test_a_last_delivery_that_times_out_is_dead_lettered_after_its_writes(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -672,25 +680,9 @@ class TestTheLocalHost:
         async def hang(event: Event, context: HandlerContext) -> None:
             await asyncio.sleep(60)
 
-        found_at_abandon: list[set[str]] = []
-
-        def watch(runtime: Any) -> None:
-            queue: LocalQueue = runtime.queue
-            abandon = queue.abandon
-
-            def observed(*args: Any, **kwargs: Any) -> Any:
-                found_at_abandon.append(vehicles_on_disk(tmp_path / FILE_NAME))
-                return abandon(*args, **kwargs)
-
-            queue.abandon = observed  # type: ignore[method-assign]
-
-        event = other_signal_event()
-        body = encode(event)
-        env = local_env(tmp_path, MAX_DELIVERY_COUNT="1", FUNCTION_TIMEOUT_SECONDS="1")
-        with RunningHost(env, registry=registry, customize=watch) as host:
-            assert host.post("/api/webhooks/smartcar", body, signed_headers(body)).status == 200
-            wait_until(lambda: host.runtime.queue.stats()["deadLettered"] == 1, timeout=30)
-        assert found_at_abandon == [{event["vehicleId"]}]
+        found, event = on_disk_when_dead_lettered(
+            tmp_path, registry, "abandon", MAX_DELIVERY_COUNT="1", FUNCTION_TIMEOUT_SECONDS="1")
+        assert found == [{event["vehicleId"]}]
 
     def test_a_delivery_running_when_a_commit_failed_is_not_completed(
         self, tmp_path: Path
