@@ -1194,21 +1194,22 @@ class TestSqliteOnly:
         self, tmp_path: Path
     ) -> None:
         """A redelivery inside the host's 20 ms commit window: the first apply's record waits
-        in memory, and the second must read it there."""
+        in memory, and the second must read it there (and report the error as it stands)."""
         event = error_event("err-1", error())
 
         async def scenario() -> Any:
             store = SqliteVehicleStateStore(tmp_path / FILE_NAME)
             store.defer_commits()
             try:
-                await store.apply(event)
+                first = await store.apply(event)
                 again = await store.apply(event)
-                return again, await store.get_vehicle(VEHICLE)
+                return first, again, await store.get_vehicle(VEHICLE)
             finally:
                 await store.close()
 
-        again, view = asyncio.run(scenario())
-        assert again.errors_opened == ()
+        first, again, view = asyncio.run(scenario())
+        assert again.errors_opened == first.errors_opened
+        assert [e.count for e in again.errors_opened] == [1]
         assert [(e.code, e.count) for e in view.errors] == [("VEHICLE_NOT_CAPABLE", 1)]
 
     def test_a_vehicle_dropped_from_the_cache_keeps_its_deferred_writes(
