@@ -461,8 +461,7 @@ async def run_handlers(
         logger.warning("an event whose vehicleId or eventId no store can key (%s: not Unicode, "
                        "or over %d characters) is not stored (its %d signals or errors are "
                        "skipped); its handlers run without the inbox",
-                       vehicle_state_rules.id_problem(event.vehicle_id)
-                       or vehicle_state_rules.id_problem(event.event_id),
+                       vehicle_state_rules.unkeyed_reason(event),
                        vehicle_state_rules.MAX_ID_CHARS, len(unkeyed.skipped))
         telemetry.record_vehicle_state(unkeyed)
         if applied is not None:

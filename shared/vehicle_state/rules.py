@@ -146,11 +146,17 @@ def id_problem(text: str | None) -> str | None:
     return None
 
 
+def unkeyed_reason(event: Event) -> str | None:
+    """Why no backend can key the event's rows: its vehicleId's `id_problem`, else its
+    eventId's; None when both are usable."""
+    return id_problem(event.vehicle_id) or id_problem(event.event_id)
+
+
 def unkeyed(event: Event) -> ApplyResult | None:
     """The result for an event of any type whose vehicleId or eventId no backend can key
     (not Unicode, or longer than MAX_ID_CHARS): neither the store nor the inbox can take it,
     and its signals or error entries are skipped for that reason. None for any other event."""
-    reason = id_problem(event.vehicle_id) or id_problem(event.event_id)
+    reason = unkeyed_reason(event)
     if reason is None:
         return None
     if event.event_type == VEHICLE_STATE:
