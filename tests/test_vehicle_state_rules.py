@@ -43,6 +43,7 @@ from shared.vehicle_state.rules import (
     canonical_json,
     codes_of,
     error_keys_of,
+    nests_deeper,
     plan,
     reading,
     shown,
@@ -793,6 +794,17 @@ class TestValueBounds:
         assert canonical_json(frozen) == canonical_json(thawed(frozen)) == (
             '{"x":1e-7,"y":[{"z":0.1}]}')
 
+
+    @pytest.mark.parametrize(("value", "limit", "deeper"), [
+        (1, 0, False), ("text", 0, False), ([], 0, True), ({}, 0, True),
+        ([[1]], 2, False), ([[1]], 1, True), ([1, [2, [3]]], 2, True),
+        ({"a": {"b": 1}}, 2, False), ({"a": [{"b": 1}]}, 2, True),
+        ((MappingProxyType({"a": (1,)}),), 2, True), ((MappingProxyType({"a": (1,)}),), 3, False),
+    ])
+    def test_nesting_is_counted_in_arrays_and_objects_frozen_or_not(
+        self, value: Any, limit: int, deeper: bool
+    ) -> None:
+        assert nests_deeper(value, limit) is deeper
 
 class TestTextThatIsNotUnicode:
     """A lone surrogate: what JSON's `\\u` escapes can spell and UTF-8 cannot encode."""

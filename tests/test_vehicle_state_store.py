@@ -48,6 +48,7 @@ from shared.vehicle_state.rules import (
     MAX_ERROR_SIGNALS,
     MAX_ID_CHARS,
     MAX_VALUE_CHARS,
+    MAX_VALUE_DEPTH,
     NO_CODE,
     NOT_UNICODE,
     TOO_LARGE,
@@ -354,6 +355,37 @@ class TestBadInput:
         result, view = backend.run(scenario)
         assert [(s.code, s.reason) for s in result.skipped] == [("big-one", TOO_LARGE)]
         assert set(view.signals) == {SOC} and view.signals[SOC].value == 42
+
+    def test_a_value_nested_deeper_than_the_store_keeps_is_skipped(
+        self, backend: Backend
+    ) -> None:
+        """Arrays and objects nested MAX_VALUE_DEPTH levels are stored; one more, or some
+        thousands (7 KB of JSON: orjson corrupted its heap on the frozen tuples, and the
+        process aborted), is skipped as `too-large`, before anything serialises it, and the
+        rest of the event is stored."""
+        def nested(levels: int) -> str:  # arrays and objects in turn, around a number
+            text = "1"
+            for level in range(levels):
+                text = f"[{text}]" if level % 2 else f'{{"k":{text}}}'
+            return text
+
+        body = json.dumps(state_body(
+            "e", signal("custom-at", "AT"), signal("custom-over", "OVER"),
+            signal("custom-deep", "DEEP"), signal(value=42)))
+        for name, levels in (("AT", MAX_VALUE_DEPTH), ("OVER", MAX_VALUE_DEPTH + 1),
+                             ("DEEP", 3000)):
+            body = body.replace(f'"{name}"', nested(levels))
+        event = parse_event(body)
+
+        async def scenario(store: VehicleStateStore) -> Any:
+            return await store.apply(event), await store.get_vehicle(VEHICLE)
+
+        result, view = backend.run(scenario)
+        assert [(s.code, s.reason) for s in result.skipped] == [
+            ("custom-over", TOO_LARGE), ("custom-deep", TOO_LARGE)]
+        assert sorted(view.signals) == ["custom-at", SOC]
+        assert json.dumps(view.signals["custom-at"].value,
+                          separators=(",", ":")) == nested(MAX_VALUE_DEPTH)
 
     def test_a_value_just_within_the_bound_is_stored_whole(self, backend: Backend) -> None:
         value = "y" * (MAX_VALUE_CHARS - 2)  # its JSON has two quotes

@@ -58,6 +58,11 @@ MAX_OEM_AHEAD: Final = timedelta(days=1)
 #: property holds (64 KiB of UTF-16) with room to spare. Both backends use the same bound so
 #: they keep the same things.
 MAX_VALUE_CHARS: Final = 30_000
+#: The deepest value the store keeps: arrays and objects nested at most this many levels
+#: (Smartcar's are a few). Deeper is skipped before anything serialises it: orjson corrupts
+#: its heap on tuples nested some thousands deep (the process aborts), and the recursive
+#: steps of the rules would raise RecursionError.
+MAX_VALUE_DEPTH: Final = 64
 #: A signal code or error type/code longer than this is not one Smartcar sends; nor is a
 #: signal's group, name or unit, a failed signal's error type or code, or an error's
 #: resolution type.
@@ -74,7 +79,8 @@ MAX_ERROR_SIGNALS: Final = 100
 # Why a signal or error was recorded with a caveat or skipped (`SkippedSignal.reason`).
 #: Recorded: no usable oemUpdatedAt, so it ranks below every dated reading.
 UNDATED: Final = "undated"
-#: Skipped: the value's JSON is longer than MAX_VALUE_CHARS, or the signal's group, name or
+#: Skipped: the value's JSON is longer than MAX_VALUE_CHARS or it nests deeper than
+#: MAX_VALUE_DEPTH, or the signal's group, name or
 #: unit (an error's type or code, for a failed signal) is longer than MAX_CODE_CHARS; or, for
 #: every signal and error of the event, its vehicleId or eventId is longer than MAX_ID_CHARS
 #: (`unkeyed`).
@@ -112,6 +118,24 @@ def thawed(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [thawed(v) for v in value]
     return value
+
+
+def nests_deeper(value: Any, limit: int = MAX_VALUE_DEPTH) -> bool:
+    """Whether `value` holds arrays or objects nested more than `limit` levels (iterative:
+    any depth the parser accepted is measured without recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, tuple | list):
+            children = item
+        else:
+            continue
+        if depth == limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _unicode_value(value: Any) -> bool:
@@ -419,6 +443,9 @@ def _plan_signals(snapshot: Snapshot, event: Event) -> Plan:
         code = signal_code(signal)
         if code is None:
             skipped.append(SkippedSignal(code=signal.code, reason=NO_CODE))
+            continue
+        if signal.ok and nests_deeper(signal.value):  # before anything serialises it
+            skipped.append(SkippedSignal(code=shown(code), reason=TOO_LARGE))
             continue
         if not _unicode_signal(signal, code):
             skipped.append(SkippedSignal(code=shown(code), reason=NOT_UNICODE))
