@@ -156,6 +156,11 @@ class TestSend:
         assert run("dlq", "purge", "--all", "3")[0] == 2
         assert run("frobnicate")[0] == 2
 
+    def test_a_usage_error_with_json_still_prints_one_json_document(self) -> None:
+        code, out, err = run("vehicles", "show", "a/b", "--json")
+        assert code == 2 and "error:" in err
+        assert json.loads(out)["error"] == err.removeprefix("error: ").strip()
+
     def test_built_events_are_fresh(self) -> None:
         first, second = json.loads(build_event("state")), json.loads(build_event("state"))
         assert first["eventId"] != second["eventId"]
@@ -289,6 +294,26 @@ class TestAsAProcess:
         assert listed.returncode == 0, listed.stderr
         [entry] = json.loads(listed.stdout)
         assert entry["reason"] == "InvalidPayload"
+
+    def test_json_output_holds_a_dead_letter_s_eventid_that_is_not_unicode(
+        self, host: RunningHost, env: dict[str, str]
+    ) -> None:
+        """A signed event whose eventId is the JSON escape of a lone surrogate is stored and
+        dead-lettered (stale). `--json` on a real UTF-8 stdout prints it escaped, still exact
+        JSON, instead of failing on the whole list."""
+        body = (b'{"eventId":"\\ud800","eventType":"VEHICLE_STATE","vehicleId":"v1",'
+                b'"data":{"signals":[]},"meta":{"deliveredAt":"2020-01-01T00:00:00Z",'
+                b'"version":"4.0","mode":"LIVE","deliveryId":"d"}}')
+        assert host.post(WEBHOOK, body, signed_headers(body)).status == 200
+        wait_until(lambda: host.dead_letters())
+        for args in (["dlq", "list", "--json"], ["dlq", "show", "1", "--json"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "shared.cli", *args], cwd=ROOT, capture_output=True,
+                env=subprocess_env({"LOCAL_STATE_DIR": env["LOCAL_STATE_DIR"]}), timeout=60)
+            assert done.returncode == 0, done.stderr.decode(errors="replace")
+            doc = json.loads(done.stdout)
+            entry = doc[0] if isinstance(doc, list) else doc
+            assert entry["eventId"] == "\ud800" and b"\\ud800" in done.stdout
 
     def test_wrong_token_exits_non_zero_without_traceback(self, host: RunningHost, env: dict[str, str]) -> None:
         result = subprocess.run([sys.executable, "-m", "shared.cli", "send", "--url", url(host), "--token", "wrong"],

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..events import peek_envelope
+from ..events import is_unicode, peek_envelope
 from ..local.queue import QUEUE_FILE
 from ..printable import printable
 from ..settings import Settings, SettingsError, load_settings
@@ -345,13 +345,21 @@ def _on_targets[R: (ReplayResult, PurgeResult)](
     return result
 
 
+def json_document(doc: Any) -> str:
+    """`doc` as the one JSON document `--json` prints: non-ASCII text as it is, unless some
+    text is not Unicode (a lone surrogate, which a dead letter's eventId can hold and no
+    UTF-8 stream can carry): then every such character escaped. Exact JSON either way."""
+    text = json.dumps(doc, indent=2, ensure_ascii=False)
+    return text if is_unicode(text) else json.dumps(doc, indent=2)
+
+
 def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run one parsed command; raises UsageError / Failure for exit 2 / 1."""
     as_json = bool(getattr(args, "json", False))
 
     def emit(doc: Any, text: str) -> None:
         if as_json:
-            out.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+            out.write(json_document(doc) + "\n")
         else:
             out.write(printable(text, keep="\n\t") + "\n")
 
@@ -441,12 +449,14 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None,
         return run(args, out, err)
     except UsageError as exc:
         print(f"error: {printable(str(exc), keep=chr(10))}", file=err)
+        if as_json:
+            out.write(json_document({"error": str(exc)}) + "\n")
         return EXIT_USAGE
     except Failure as exc:
         print(f"error: {printable(str(exc), keep=chr(10))}", file=err)
         if as_json:
             doc = {"error": str(exc), **{k: v for k, v in exc.extra.items() if v is not None}}
-            out.write(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+            out.write(json_document(doc) + "\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=err)
