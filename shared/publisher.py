@@ -155,7 +155,10 @@ class ServiceBusPublisher:
 
     A failed send closes and drops the sender so the next request opens a new link (the
     client reconnects by itself), and is
-    reported as PublishError within `send_timeout` seconds, well inside Smartcar's 15 s.
+    reported as PublishError within `send_timeout` seconds, well inside Smartcar's 15 s. A send
+    cancelled by its caller (a shorter budget of its own, as the spilling publisher's) drops
+    the sender too, and closes it in the background: a hung link is not kept for the next
+    request, and the caller does not wait for its close.
     """
 
     def __init__(
@@ -171,6 +174,7 @@ class ServiceBusPublisher:
         self._client: Any = None
         self._sender: Any = None
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def _get_sender(self) -> Any:
         if self._sender is not None:
@@ -191,9 +195,13 @@ class ServiceBusPublisher:
             application_properties={k: v for k, v in message.application_properties.items()},
             content_type="application/json",
         )
+        sender = None
         try:
             sender = await self._get_sender()
             await asyncio.wait_for(sender.send_messages(sb_message), self._send_timeout)
+        except asyncio.CancelledError:
+            self._drop(sender)
+            raise
         except Exception as exc:
             logger.warning(
                 "Service Bus send of message %s failed: %s", message.message_id, type(exc).__name__
@@ -204,23 +212,42 @@ class ServiceBusPublisher:
 
     async def send_raw(self, sb_message: Any) -> None:
         """Send an already-built `azure.servicebus.ServiceBusMessage` (used by the processor)."""
+        sender = None
         try:
             sender = await self._get_sender()
             await asyncio.wait_for(sender.send_messages(sb_message), self._send_timeout)
+        except asyncio.CancelledError:
+            self._drop(sender)
+            raise
         except Exception as exc:
             await self._reset()
             raise PublishError(f"Service Bus send failed: {type(exc).__name__}") from exc
+
+    def _drop(self, sender: Any) -> None:
+        """A send on `sender` was cancelled: unless another failure replaced it already, the
+        next send opens a new one, and this one is closed in the background."""
+        if sender is None or sender is not self._sender:
+            return
+        self._sender = None
+        task = asyncio.get_running_loop().create_task(self._close_sender(sender))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _reset(self) -> None:
         async with self._lock:
             sender, self._sender = self._sender, None
         if sender is not None:
-            try:
-                await sender.close()
-            except Exception:  # closing a broken link may fail too; the reconnect matters
-                logger.debug("closing the Service Bus sender failed", exc_info=True)
+            await self._close_sender(sender)
+
+    async def _close_sender(self, sender: Any) -> None:
+        try:
+            await asyncio.wait_for(sender.close(), self._send_timeout)
+        except Exception:  # closing a broken link may fail too; the reconnect matters
+            logger.debug("closing the Service Bus sender failed", exc_info=True)
 
     async def close(self) -> None:
+        if self._closing:
+            await asyncio.gather(*self._closing)
         await self._reset()
         client, self._client = self._client, None
         if client is not None:

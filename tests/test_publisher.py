@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from shared.publisher import (
 )
 from shared.receiver import receive
 from shared.signature import sign
+from shared.spill import FileSpillStore, SpillingPublisher
 from shared.tokens import StaticTokenProvider
 
 from .fakes import FakeSender, FakeServiceBusClient
@@ -304,6 +306,72 @@ class TestFailureReports:
         assert [r.getMessage() for r in debug] == ["closing the Service Bus sender failed"]
         assert debug[0].exc_info is not None and debug[0].exc_info[1] is closing
         assert len(client.senders[1].sent) == 1
+
+
+class TestCancelledSends:
+    """Production wraps the publisher in a `SpillingPublisher` whose own budget (5 s) ends no
+    later than the send's: the hung send is cancelled, not timed out inside the publisher."""
+
+    def test_a_send_cancelled_by_the_spilling_budget_drops_the_hung_sender(
+        self, tmp_path: Path
+    ) -> None:
+        hung = SlowSender(60)
+        fresh = FakeSender()
+        senders = iter([hung, fresh])
+        closed: list[object] = []
+
+        class Client:
+            def get_queue_sender(self, queue_name: str) -> object:
+                return next(senders)
+
+            async def close(self) -> None:
+                return None
+
+        async def close_hung() -> None:
+            closed.append(hung)
+
+        hung.close = close_hung  # type: ignore[method-assign]
+        publisher = ServiceBusPublisher(Client, "q", send_timeout=1.0)
+        spilling = SpillingPublisher(publisher, FileSpillStore(tmp_path), primary_timeout=0.05)
+
+        async def scenario() -> None:
+            assert await spilling.publish(_message())  # spilled: the queue hung
+            assert await spilling.publish(_message())  # a new link, not the hung one
+            await publisher.close()
+
+        asyncio.run(scenario())
+        assert len(fresh.sent) == 1 and len(list(tmp_path.iterdir())) == 1
+        assert closed == [hung] and hung.sent == []
+
+    def test_a_send_raw_cancelled_by_its_caller_drops_the_sender_too(self) -> None:
+        hung, fresh = SlowSender(60), FakeSender()
+        senders = iter([hung, fresh])
+
+        class Client:
+            def get_queue_sender(self, queue_name: str) -> object:
+                return next(senders)
+
+        publisher = ServiceBusPublisher(Client, "q", send_timeout=1.0)
+
+        async def scenario() -> None:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await publisher.send_raw("first")
+            await publisher.send_raw("second")
+
+        asyncio.run(scenario())
+        assert fresh.sent == ["second"]
+
+    def test_a_sender_already_replaced_is_not_dropped_again(self) -> None:
+        publisher, _ = make_publisher()
+
+        async def scenario() -> None:
+            stale = object()
+            current = await publisher._get_sender()
+            publisher._drop(stale)
+            assert publisher._sender is current
+
+        asyncio.run(scenario())
 
 
 class TestClose:
