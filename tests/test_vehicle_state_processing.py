@@ -609,6 +609,45 @@ class TestLowBattery:
                               current=SignalState(code=SOC, value=current))
         assert low_battery.crossed_below(change, 20.0) is warns
 
+    @pytest.mark.parametrize(("previous", "current", "warns"), [
+        (None, 10, True), (20, 19, True), (19, 18, False), (25, 20, False), (None, None, False),
+        (30, "error", False), ("error", 5, True),
+    ])
+    def test_the_readme_s_on_change_example_runs_on_every_reading(
+        self, monkeypatch: pytest.MonkeyPatch, previous: Any, current: Any, warns: bool
+    ) -> None:
+        """The README's example, as printed (its `...` replaced by a record of the call), on
+        a registry of its own: a failed reading (value None) must not make it raise."""
+        import re
+        from types import SimpleNamespace
+
+        from shared import handlers
+        from shared.vehicle_state import SignalState
+
+        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+        [block] = re.findall(r"## Write your own handlers\n.*?```python\n(.*?)```", readme, re.S)
+        example = block.split("\n@registry.on(")[0]
+        assert "        ...  #" in example
+        example = example.replace("        ...  #", "        crossings.append(change)  #")
+        own = HandlerRegistry()
+        monkeypatch.setattr(handlers, "registry", own)
+        crossings: list[SignalChange] = []
+        exec(compile(example, "README.md", "exec"), {"crossings": crossings})
+
+        def state(value: Any) -> SignalState:
+            if value == "error":
+                return SignalState(code=SOC, status="error", error_type="T")
+            return SignalState(code=SOC, value=value)
+
+        change = SignalChange(vehicle_id=VEHICLE, code=SOC, path=None,
+                              previous=None if previous is None else state(previous),
+                              current=state(current))
+        context = SimpleNamespace(settings=SimpleNamespace(low_battery_percent=20.0))
+        [handler] = own._by_change["TractionBattery.StateOfCharge"]
+        call: Any = handler
+        asyncio.run(call(None, change, context))
+        assert crossings == ([change] if warns else [])
+
     def test_a_signal_error_before_counts_as_unknown(self) -> None:
         from shared.vehicle_state import SignalState
 
