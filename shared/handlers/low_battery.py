@@ -5,7 +5,8 @@ the vehicle state store accepted (`on_change`), so it sees the charge before and
 warns when the charge crosses below the threshold (the previous reading was at or above it, or
 unknown), not on every delivery while the charge stays low. Duplicates and readings older
 than the stored one never reach it. Replace the log line with a notification of your own; a
-crash before the delivery completes can run it again for the same change (at least once).
+crash or a failed handler before the delivery completes runs it again for the same change (at
+least once), even when a newer reading has been stored since.
 """
 
 from __future__ import annotations
