@@ -420,7 +420,11 @@ async def _process(
         return ProcessResult(Outcome.HANDLED, event=event, duplicate=True,
                              description="eventId processed before")
     outcome = Outcome.HANDLED if handled.ran else Outcome.UNHANDLED
-    if not handled.ran:
+    if not handled.ran and registry.has_handlers_for(event.event_type):
+        logger.info("no handler ran for event %s of type %s: none is registered for the "
+                    "signals it holds or the changes it stored", event.event_id,
+                    event.event_type)
+    elif not handled.ran:
         logger.info("no handler for event %s of type %s", event.event_id, event.event_type)
     return ProcessResult(outcome, event=event, vehicle_state=handled.state)
 

@@ -188,3 +188,24 @@ class TestTheChangeFilter:
         assert keeps("odometer-traveleddistance", None)
         assert not keeps("charge-ischarging", "Charge.IsCharging")
 
+
+
+class TestWhichTypesHaveHandlers:
+    @pytest.mark.parametrize(("register", "event_type", "has"), [
+        (None, "VEHICLE_STATE", False),
+        ("on", "VEHICLE_ERROR", True),
+        ("on", "VEHICLE_STATE", False),  # registered for VEHICLE_ERROR only
+        ("on_signal", "VEHICLE_STATE", True),
+        ("on_signal", "VEHICLE_ERROR", False),
+        ("on_change", "VEHICLE_STATE", True),
+        ("on_change", "VEHICLE_ERROR", False),
+    ])
+    def test_a_type_has_handlers_by_type_and_a_state_event_by_signal_or_change(
+        self, register: str | None, event_type: str, has: bool
+    ) -> None:
+        registry = HandlerRegistry()
+        if register == "on":
+            registry.on("VEHICLE_ERROR")(lambda event, context: None)
+        elif register is not None:
+            getattr(registry, register)("TractionBattery.StateOfCharge")(lambda *args: None)
+        assert registry.has_handlers_for(event_type) is has

@@ -81,7 +81,7 @@ class TestLogLines:
             wait_until(lambda: handled_ids(state) == [event_id], timeout=30)
             os.killpg(proc.pid, signal.SIGINT)
             out = proc.communicate(timeout=20)[0].decode()
-        said = [line for line in out.splitlines() if "no handler for event" in line]
+        said = [line for line in out.splitlines() if "no handler ran for event" in line]
         assert len(said) == 1, out
         assert f"evt\\x0a{forged}\\x1b[2J\\u202e of type VEHICLE_STATE" in said[0]
         assert not any(line.startswith(forged) for line in out.splitlines())

@@ -436,6 +436,22 @@ class TestWhatOperatorsReadInTheLog:
             (logging.INFO, f"no handler for event {event['eventId']} of type NEW_KIND")
         ]
 
+    def test_an_event_whose_signals_have_no_handler_says_none_ran(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Handlers for VEHICLE_STATE's signals exist, but not for this event's: it is
+        unhandled, and the log does not claim that its type has no handler."""
+        registry = HandlerRegistry()
+        registry.on_signal("Nowhere.ToBeFound")(lambda event, signal, context: None)
+        event = state_event()
+        with caplog.at_level(logging.INFO, logger="shared.processor"):
+            result = run(message(encode(event)), registry)
+        assert result.outcome is Outcome.UNHANDLED
+        assert self.records(caplog) == [
+            (logging.INFO, f"no handler ran for event {event['eventId']} of type VEHICLE_STATE: "
+             "none is registered for the signals it holds or the changes it stored")
+        ]
+
     def test_the_body_is_logged_at_debug_only(self, caplog: pytest.LogCaptureFixture) -> None:
         event = state_event()
         body = encode(event)

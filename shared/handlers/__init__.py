@@ -141,6 +141,12 @@ class HandlerRegistry:
 
         return register
 
+    def has_handlers_for(self, event_type: str) -> bool:
+        """Whether any handler is registered that an event of `event_type` can run: one for
+        the type, or, for VEHICLE_STATE, one for a signal or for a stored change."""
+        return bool(self._by_type.get(event_type)) or (
+            event_type == VEHICLE_STATE and bool(self._by_signal or self._by_change))
+
     @property
     def change_filter(self) -> ChangeFilter:
         """The signals an `on_change` handler is registered for (by code or `Group.Name`
