@@ -49,7 +49,7 @@ from .retry import (
 from .settings import Settings
 from .telemetry import Telemetry, get_telemetry
 from .telemetry_names import ATTR_VEHICLE_ERRORS, PROCESS_DEAD_LETTERED, PROCESS_RETRIED
-from .vehicle_state import ApplyResult, StoreConflictError, VehicleStateStore
+from .vehicle_state import ApplyResult, VehicleStateStore, conflicts_met
 from .vehicle_state import rules as vehicle_state_rules
 
 logger = logging.getLogger(__name__)
@@ -477,8 +477,9 @@ async def run_handlers(
         return Handled(duplicate=True)
     try:
         state = await store.apply(event, outbox=registry.change_filter)
-    except StoreConflictError as exc:  # the conflicts it met count, though it gave up
-        telemetry.record_vehicle_state(ApplyResult(conflicts_retried=exc.conflicts))
+    except Exception as exc:  # the conflicts it met count, though it gave up or failed
+        if conflicts := conflicts_met(exc):
+            telemetry.record_vehicle_state(ApplyResult(conflicts_retried=conflicts))
         raise
     telemetry.record_vehicle_state(state)
     if applied is not None:

@@ -2087,6 +2087,45 @@ class TestTransactionsOfOneEventOnAzurite:
         asyncio.run(scenario())
         assert otel.values(names.VEHICLE_STATE_CONFLICTS) == [({}, 40)]
 
+    @pytest.mark.parametrize("failing", ["transaction", "read"])
+    def test_the_conflicts_of_an_apply_that_then_failed_otherwise_are_counted(
+        self, azurite_table_port: int, failing: str
+    ) -> None:
+        """Two conflicts, then the next transaction (or the read before it) fails for another
+        reason: the apply raises that error, and the two conflicts still count."""
+        from azure.core.exceptions import ServiceRequestError
+
+        otel = captured()
+        connection = connection_string("table", azurite_table_port)
+        faults = [conflict_error(), conflict_error()]
+
+        class ReadFails(_FaultyTransactions):
+            def query_entities(self, *args: Any, **kwargs: Any) -> Any:
+                if not faults:
+                    raise ServiceRequestError("Connection reset by peer")
+                return self._client.query_entities(*args, **kwargs)
+
+        def fault(_: Any) -> BaseException | None:
+            return faults.pop() if faults else ServiceRequestError("Connection reset by peer")
+
+        async def scenario() -> None:
+            async with TableClient.from_connection_string(
+                    connection, f"vs{uuid.uuid4().hex[:16]}") as client:
+                async def no_wait(seconds: float) -> None:
+                    return None
+
+                wrapper = ReadFails if failing == "read" else _FaultyTransactions
+                store = TableVehicleStateStore(wrapper(client, fault), create_table=True,
+                                               sleep=no_wait)
+                context = HandlerContext(settings=load_settings(
+                    {"SMARTCAR_MANAGEMENT_TOKEN": "t"}), message_id="e1", delivery_count=1)
+                with pytest.raises(ServiceRequestError, match="Connection reset"):
+                    await run_handlers(state_event("e1", signal()), context, HandlerRegistry(),
+                                       store, otel.telemetry)
+
+        asyncio.run(scenario())
+        assert otel.values(names.VEHICLE_STATE_CONFLICTS) == [({}, 2)]
+
     def test_a_transaction_failing_for_another_reason_fails_the_apply_with_that_error(
         self, azurite_table_port: int
     ) -> None:

@@ -192,6 +192,18 @@ class StoreConflictError(RuntimeError):
         self.conflicts = conflicts
 
 
+#: The attribute an `apply` that met write conflicts and then failed otherwise (a timeout, a
+#: 503) sets on the exception it raises: how many it met.
+CONFLICTS_ATTRIBUTE: Final = "vehicle_state_conflicts"
+
+
+def conflicts_met(exc: BaseException) -> int:
+    """The write conflicts an `apply` met before it raised `exc` (0 when none were noted)."""
+    if isinstance(exc, StoreConflictError):
+        return exc.conflicts
+    return int(getattr(exc, CONFLICTS_ATTRIBUTE, 0))
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApplyResult:
     """What applying one event did. Applying the same event again yields no `changes`."""

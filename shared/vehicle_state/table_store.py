@@ -39,6 +39,7 @@ from typing import Any, Final
 
 from ..events import Event
 from . import (
+    CONFLICTS_ATTRIBUTE,
     INBOX_RETENTION_SECONDS,
     ApplyResult,
     Changes,
@@ -210,14 +211,16 @@ class TableVehicleStateStore:
         refreshed: list[str] = []
         conflicts = 0
         for attempt in range(MAX_ATTEMPTS):
-            snapshot, state = await self._read(pk, vehicle_id, event)
-            result = plan(snapshot, event)
             try:
+                snapshot, state = await self._read(pk, vehicle_id, event)
+                result = plan(snapshot, event)
                 if result.writes_anything:
                     await self._write(pk, vehicle_id, event, snapshot, state, result, committed,
                                       refreshed, outbox)
             except Exception as exc:
                 if not _is_conflict(exc):
+                    if conflicts:  # they count though the apply failed (`conflicts_met`)
+                        setattr(exc, CONFLICTS_ATTRIBUTE, conflicts)
                     raise
                 conflicts += 1
                 # Full jitter: the writers that collided spread out instead of colliding again.
