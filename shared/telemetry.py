@@ -283,6 +283,7 @@ class Telemetry:
                 names.ATTR_HTTP_STATUS: int(reply.status),
             }
             span.set_attributes(attributes)
+            span.set_attribute(names.ATTR_AUTHENTICATED, bool(reply.authenticated))
             if reply.authenticated and reply.event_id:
                 span.set_attribute(names.ATTR_EVENT_ID, str(reply.event_id))
             if int(reply.status) >= 500:

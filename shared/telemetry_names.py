@@ -104,6 +104,8 @@ ATTR_SHAPE_KNOWN: Final = "shapeKnown"  # true when the project reads every part
 ATTR_META_VERSION: Final = "metaVersion"  # metric PAYLOAD_SHAPE_FIRST_SEEN only
 ATTR_DELIVERY_TO_ANSWER_MS: Final = "deliveryToAnswerMs"  # receive span: answer - deliveredAt
 ATTR_REDELIVERY: Final = "redelivery"  # receive span: true for a Smartcar retry
+#: Receive span: true once the signature verified (whatever the answer then was).
+ATTR_AUTHENTICATED: Final = "authenticated"
 
 ATTRIBUTES: Final = frozenset(
     {
@@ -124,6 +126,7 @@ ATTRIBUTES: Final = frozenset(
         ATTR_META_VERSION,
         ATTR_DELIVERY_TO_ANSWER_MS,
         ATTR_REDELIVERY,
+        ATTR_AUTHENTICATED,
     }
 )
 

@@ -21,8 +21,12 @@ from shared.cli.simulate import build_event
 from shared.events import parse_event
 from shared.handlers import HANDLER_SECONDS, HandlerContext, HandlerRegistry
 from shared.local.inspector import ERROR_MESSAGE_SHOWN, Recorder, curl_command
+from shared.publisher import PublishError
+from shared.receiver import receive
 from shared.settings import load_settings
 from shared.signature import sign
+from shared.telemetry import Telemetry
+from shared.tokens import StaticTokenProvider, TokenUnavailableError
 
 from .inspector_host import HostProcess
 from .support import TOKEN, local_env
@@ -72,19 +76,71 @@ def _record(recorder: Recorder, body: bytes, headers: dict[str, str], status: in
     return recorder.ids()[-1]
 
 
+class _NoToken:
+    async def get_tokens(self) -> list[str]:
+        raise TokenUnavailableError("Key Vault unreachable")
+
+    async def refresh(self) -> bool:
+        return False
+
+
+class _Queue:
+    def __init__(self, *, down: bool = False) -> None:
+        self.down = down
+
+    async def publish(self, message: Any) -> bool:
+        if self.down:
+            raise PublishError("queue unreachable")
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
 class TestWhatCanBeSentAgain:
-    def test_only_a_signed_delivery_whose_signature_verified(self) -> None:
-        recorder = Recorder()
+    def test_only_a_signed_delivery_whose_signature_the_receiver_verified(self) -> None:
+        """The receiver's verdict (its span's `authenticated`), not the status: a 413 and a
+        503 for want of a token are answered before any check, so a signature sent with them
+        is not known to verify; a 503 because the queue is down comes after the check."""
+        provider, recorder = TracerProvider(), Recorder()
+        recorder.attach(provider)
+        telemetry = Telemetry(tracer_provider=provider)
         body = build_event("state")
-        good = _record(recorder, body, {"sc-SIGNATURE": sign(TOKEN, body)}, 200)
-        forged = _record(recorder, body, {"SC-Signature": sign("wrong", body)}, 401)
-        unsigned = _record(recorder, body, {}, 200)  # a VERIFY answers unsigned
-        assert recorder.original(good) == ("webhooks/smartcar", body, sign(TOKEN, body))
-        assert recorder.original(forged) is None
-        assert recorder.original(unsigned) is None
+        good, forged = sign(TOKEN, body), sign("wrong", body)
+
+        async def post(headers: dict[str, str], *, tokens: Any = None, publisher: Any = None,
+                       limit: int = 1 << 20) -> int:
+            answered = recorder.http_request("webhooks/smartcar", "POST", headers, body)
+            reply = await receive(body, headers, tokens=tokens or StaticTokenProvider(TOKEN),
+                                  publisher=publisher or _Queue(),
+                                  max_body_bytes=limit, telemetry=telemetry)
+            answered(reply.status, reply.body_bytes())
+            return recorder.ids()[-1]
+
+        async def scenario() -> dict[str, int]:
+            return {
+                "verified": await post({"sc-SIGNATURE": good}),
+                "forged": await post({"SC-Signature": forged}),
+                "unsigned": await post({}),
+                "too large": await post({"SC-Signature": "forged-not-hex"}, limit=10),
+                "no token": await post({"SC-Signature": "forged-not-hex"}, tokens=_NoToken()),
+                "queue down": await post({"SC-Signature": good}, publisher=_Queue(down=True)),
+            }
+
+        ids = asyncio.run(scenario())
+        statuses = {name: recorder.detail(i)["status"]  # type: ignore[index]
+                    for name, i in ids.items()}
+        assert statuses == {"verified": 200, "forged": 401, "unsigned": 401, "too large": 413,
+                            "no token": 503, "queue down": 503}
+        assert recorder.original(ids["verified"]) == ("webhooks/smartcar", body, good)
+        assert recorder.original(ids["queue down"]) == ("webhooks/smartcar", body, good)
         assert recorder.original(999) is None
         summaries = {s["id"]: s["replayable"] for s in recorder.changed_since(0)[1]}
-        assert summaries == {good: True, forged: False, unsigned: False}
+        assert {name: summaries[i] for name, i in ids.items()} == {
+            "verified": True, "forged": False, "unsigned": False, "too large": False,
+            "no token": False, "queue down": True}
+        for name in ("forged", "unsigned", "too large", "no token"):
+            assert recorder.original(ids[name]) is None, name
 
     def test_not_before_it_was_answered(self) -> None:
         recorder = Recorder()

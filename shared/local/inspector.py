@@ -127,6 +127,8 @@ class Delivery:
     #: span (set only for authenticated deliveries: shared/delivery_signals.py).
     shape_id: str | None = None
     shape_known: bool | None = None
+    #: Whether the receiver verified its signature (the receive span's `authenticated`).
+    authenticated: bool = False
 
     def trusted(self) -> bool:
         """Accepted by the receiver with a valid signature, or seen being processed: not
@@ -149,9 +151,10 @@ class Delivery:
 
     @property
     def replayable(self) -> bool:
-        """Signed, and the signature verified: its bytes and signature, sent again, verify."""
+        """Signed, and the receiver verified the signature: its bytes and signature, sent
+        again, verify. (A 413 or a 503 for want of a token is answered before any check.)"""
         return (self.body is not None and self.route is not None and self.signature is not None
-                and self.status is not None and self.status != 401)
+                and self.authenticated)
 
     def why(self) -> str | None:
         """The error the sender was answered with, for a rejected request."""
@@ -345,6 +348,7 @@ class Recorder:
         shape_id, known = attrs.get(names.ATTR_SHAPE_ID), attrs.get(names.ATTR_SHAPE_KNOWN)
         with self._lock:
             delivery.outcome = str(attrs.get(names.ATTR_OUTCOME, "")) or None
+            delivery.authenticated = attrs.get(names.ATTR_AUTHENTICATED) is True
             if isinstance(shape_id, str) and isinstance(known, bool):
                 delivery.shape_id, delivery.shape_known = shape_id, known
             self._touch(delivery)
