@@ -377,6 +377,46 @@ class TestVehiclesInChromium:
             assert errors_logged == [], errors_logged
 
 
+    def test_the_open_vehicle_follows_a_change_that_leaves_the_list_as_it_was(
+        self, tmp_path: Path, browser: Any
+    ) -> None:
+        """The real host and store: a failed signal (no oemUpdatedAt) fetched again with
+        another error is a change that moves neither the vehicle's updatedAt nor its counts,
+        so the list reads the same; the open vehicle's detail shows it all the same."""
+        from selenium.webdriver.common.by import By
+
+        from .vehicle_fakes import VEHICLE, state_body
+
+        oem_ms = 1_764_000_000_000
+        with HostProcess(tmp_path) as host:
+            assert host.post(state_body(oem_ms=oem_ms, soc=80)).status == 200
+            browser.get(host.url)
+            browser.find_element(By.ID, "tab-vehicles").click()
+            until(browser, lambda d: d.find_elements(
+                By.CSS_SELECTOR, f'#vehicles tbody tr[data-vehicle-id="{VEHICLE}"]'),
+                "the vehicle listed")
+            listed = browser.find_element(By.CSS_SELECTOR, "#vehicles tbody").text
+            browser.find_element(
+                By.CSS_SELECTOR, f'#vehicles tbody tr[data-vehicle-id="{VEHICLE}"]').click()
+
+            def at_home(d: Any) -> str | None:
+                found = [r for r in cells(d, "vehicle-signals") or []
+                         if r[0] == "location-isathome"]
+                return found[0][4] if found else None
+
+            until(browser, lambda d: at_home(d) == "error COMPATIBILITY VEHICLE_NOT_CAPABLE",
+                  "the failed signal as first stored")
+            changed = json.loads(state_body(oem_ms=oem_ms, soc=80))
+            for item in changed["data"]["signals"]:
+                if item["code"] == "location-isathome":  # fetched later: it ranks higher
+                    item["status"]["error"]["code"] = "VEHICLE_ASLEEP"
+                    item["meta"] = {"retrievedAt": oem_ms + 120_000}
+            assert host.post(json.dumps(changed).encode()).status == 200
+            until(browser, lambda d: at_home(d) == "error COMPATIBILITY VEHICLE_ASLEEP",
+                  "the open vehicle shows the failed signal's new error")
+            assert browser.find_element(By.CSS_SELECTOR, "#vehicles tbody").text == listed
+
+
 # The app's own handlers, plus one that takes 0.3 s and then fails for one vehicle: the page
 # must show its exception and its own run time, apart from the 1 s backoff between attempts.
 FAILING_VEHICLE = "car-that-fails"

@@ -20,6 +20,7 @@ const state = {
   vehicles: [],
   vehiclesSeen: "",
   selectedVehicle: null,   // vehicleId shown in the detail
+  vehicleSeen: "",         // its JSON as last drawn
   tab: "deliveries",
   curl: null,              // {id, command}: the last "Copy as curl" of the shown delivery
   filter: { outcome: "", eventType: "", vehicleId: "", text: "" },
@@ -589,7 +590,9 @@ async function openVehicle(id) {
   state.selectedVehicle = id;
   renderVehicles();
   try {
-    renderVehicleDetail(await api(`vehicles/${encodeURIComponent(id)}`));
+    const doc = await api(`vehicles/${encodeURIComponent(id)}`);
+    state.vehicleSeen = JSON.stringify(doc);
+    renderVehicleDetail(doc);
     $("vehicle-detail").focus();
   } catch (err) {
     setStatus(`Cannot show vehicle ${id}: ${err.message}`, true);
@@ -609,10 +612,16 @@ function closeVehicle() {
 }
 
 async function pollVehicles() {
-  const changed = await refreshVehicles();
-  if (changed && state.selectedVehicle !== null) {
-    renderVehicleDetail(await api(`vehicles/${encodeURIComponent(state.selectedVehicle)}`));
-  }
+  await refreshVehicles();
+  // The open vehicle is read on every poll: a change to a signal older than its newest (or
+  // undated) leaves the list as it was. Drawn again only when it changed (keeps the focus).
+  const id = state.selectedVehicle;
+  if (id === null) return;
+  const doc = await api(`vehicles/${encodeURIComponent(id)}`);
+  const seen = JSON.stringify(doc);
+  if (id !== state.selectedVehicle || seen === state.vehicleSeen) return;
+  state.vehicleSeen = seen;
+  renderVehicleDetail(doc);
 }
 
 // -- tabs, polling ----------------------------------------------------------------------------
