@@ -1,8 +1,10 @@
 """Where the signing token comes from: the environment (local) or Key Vault (Azure).
 
 Both providers return the accepted tokens, current first, then the previous one during a
-rotation. The Key Vault provider caches them with a TTL, re-reads at once (rate-limited) when
-a signature matches none of them, and keeps serving the cached tokens when Key Vault fails.
+rotation. The Key Vault provider caches them with a TTL (once it has passed, the cached tokens
+are still served while one background read replaces them), re-reads at once (rate-limited)
+when a signature matches none of them, keeps serving the cached tokens when Key Vault fails,
+and gives up on any read after a timeout.
 """
 
 from __future__ import annotations
@@ -73,7 +75,12 @@ class SecretReader(Protocol):
 
 
 class KeyVaultTokenProvider:
-    """The current version of one Key Vault secret and the one before it, cached in memory."""
+    """The current version of one Key Vault secret and the one before it, cached in memory.
+
+    Once tokens are cached, no request waits on Key Vault for the TTL: past it the cached
+    tokens are returned at once and one background read replaces them. Every read gives up
+    after `read_timeout` seconds, well under the 15 s Smartcar waits for an answer.
+    """
 
     def __init__(
         self,
@@ -82,63 +89,79 @@ class KeyVaultTokenProvider:
         *,
         ttl_seconds: float = 300.0,
         min_refresh_interval: float = 10.0,
+        read_timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
         self._name = secret_name
         self._ttl = ttl_seconds
         self._min_refresh_interval = min_refresh_interval
+        self._read_timeout = read_timeout
         self._clock = clock
         self._tokens: tuple[str, ...] = ()
         self._loaded_at: float | None = None
         self._last_attempt: float | None = None
         self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
 
     async def get_tokens(self) -> Sequence[str]:
-        now = self._clock()
-        if self._loaded_at is not None and now - self._loaded_at < self._ttl:
+        loaded_at = self._loaded_at
+        if loaded_at is not None:
+            if self._expired(loaded_at):
+                self._start_background_read()
             return self._tokens
         async with self._lock:
-            now = self._clock()
-            if self._loaded_at is None or now - self._loaded_at >= self._ttl:
-                if (
-                    not self._tokens
-                    and self._last_attempt is not None
-                    and now - self._last_attempt < self._min_refresh_interval
-                ):
+            if self._loaded_at is None:
+                if self._rate_limited():
                     # Key Vault just failed and nothing is cached: answer 503 at once rather
                     # than queue every request behind another slow, failing read.
                     raise TokenUnavailableError(
                         f"the signing token could not be read from Key Vault secret "
                         f"{self._name!r}; retrying after {self._min_refresh_interval:g}s"
                     )
-                await self._load(stale_ok=bool(self._tokens))
-        if not self._tokens:
-            raise TokenUnavailableError(
-                f"the signing token could not be read from Key Vault secret {self._name!r}"
-            )
+                await self._load(stale_ok=False)
         return self._tokens
 
     async def refresh(self) -> bool:
         """Re-read now unless a read was attempted less than `min_refresh_interval` ago.
 
         Called when a signature matches no cached token: the secret may have just been
-        rotated. The rate limit keeps forged requests from hammering Key Vault.
+        rotated. The rate limit keeps forged requests from hammering Key Vault, and it is
+        checked before waiting on a read in progress (which is that recent attempt).
         """
+        if self._rate_limited():
+            return False
         async with self._lock:
-            now = self._clock()
-            if (
-                self._last_attempt is not None
-                and now - self._last_attempt < self._min_refresh_interval
-            ):
+            if self._rate_limited():
                 return False
             await self._load(stale_ok=True)
             return True
 
+    def _expired(self, loaded_at: float) -> bool:
+        return self._clock() - loaded_at >= self._ttl
+
+    def _rate_limited(self) -> bool:
+        return (
+            self._last_attempt is not None
+            and self._clock() - self._last_attempt < self._min_refresh_interval
+        )
+
+    def _start_background_read(self) -> None:
+        """Re-read the expired cache in a task of its own, one at a time."""
+        if self._background is None or self._background.done():
+            self._background = asyncio.create_task(self._read_in_background())
+
+    async def _read_in_background(self) -> None:
+        async with self._lock:
+            loaded_at = self._loaded_at
+            if loaded_at is not None and not self._expired(loaded_at):
+                return  # a refresh() re-read while this task waited for the lock
+            await self._load(stale_ok=True)  # tokens are cached: this never raises
+
     async def _load(self, *, stale_ok: bool) -> None:
         self._last_attempt = self._clock()
         try:
-            tokens = await self._read()
+            tokens = await self._read_within_timeout()
         except Exception as exc:
             if stale_ok and self._tokens:
                 logger.warning(
@@ -162,8 +185,26 @@ class KeyVaultTokenProvider:
         self._tokens = tokens
         self._loaded_at = self._clock()
 
+    async def _read_within_timeout(self) -> tuple[str, ...]:
+        """`_read`, given up after `read_timeout` seconds (the SDK's own limits are minutes)."""
+        deadline = asyncio.timeout(self._read_timeout)
+        try:
+            async with deadline:
+                return await self._read()
+        except TimeoutError:
+            if not deadline.expired():  # the client's own timeout, with its own message
+                raise
+            raise TimeoutError(
+                f"no answer within {self._read_timeout:g}s"
+            ) from None
+
     async def close(self) -> None:
-        """Close the Key Vault client (its HTTP session); the credential is the process's."""
+        """Stop a background read, then close the Key Vault client (its HTTP session); the
+        credential is the process's."""
+        background = self._background
+        if background is not None:
+            background.cancel()
+            await asyncio.wait([background])
         close = getattr(self._client, "close", None)
         if close is not None:
             await close()

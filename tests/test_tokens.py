@@ -14,11 +14,36 @@ from shared.signature import sign
 from shared.tokens import KeyVaultTokenProvider, StaticTokenProvider, TokenUnavailableError
 
 from .fakes import FakeSecret, FakeSecretClient, ManualClock, RecordingPublisher
+from .hurried import run_hurried
 from .support import encode, state_event
 
 
 def provider(client: FakeSecretClient, clock: ManualClock, **kw: float) -> KeyVaultTokenProvider:
     return KeyVaultTokenProvider(client, "smartcar-management-token", clock=clock, **kw)
+
+
+async def settled() -> None:
+    """Let the background reads a provider started finish."""
+    await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}))
+
+
+class HangingSecretClient(FakeSecretClient):
+    """Key Vault behind a black-holed network: while `hanging`, a read waits an hour first (the
+    SDK's own connect and read timeouts, times its retries), then answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hanging = False
+        self.hung = 0
+
+    async def get_secret(self, name: str, version: str | None = None) -> FakeSecret:
+        if self.hanging:
+            self.hung += 1
+            await asyncio.sleep(3600)
+        return await super().get_secret(name, version)
+
+
+NAME = "smartcar-management-token"
 
 
 class TestStaticProvider:
@@ -87,6 +112,8 @@ class TestKeyVaultProvider:
             assert client.get_calls == calls
             client.set_secret("t2")
             clock.now += 2
+            assert await p.get_tokens() == ("t1",)  # expired: served while re-read behind it
+            await settled()
             assert await p.get_tokens() == ("t2", "t1")
 
         asyncio.run(scenario())
@@ -101,6 +128,8 @@ class TestKeyVaultProvider:
             assert await p.get_tokens() == ("t1",)
             client.fail_with = ConnectionError("vault unreachable")
             clock.now += 10_000
+            assert await p.get_tokens() == ("t1",)
+            await settled()
             assert await p.get_tokens() == ("t1",)
 
         asyncio.run(scenario())
@@ -229,9 +258,11 @@ class TestKeyVaultTimings:
             reads = client.get_calls
             clock.now = 1309.9
             await p.get_tokens()
+            await settled()
             assert client.get_calls == reads
             clock.now = 1310.0
             await p.get_tokens()
+            await settled()
             assert client.get_calls > reads
 
         run(scenario())
@@ -255,9 +286,24 @@ class TestKeyVaultTimings:
             reads = client.get_calls
             results = await asyncio.gather(*(p.get_tokens() for _ in range(5)))
             assert results == [("t1",)] * 5
+            await settled()
             assert client.get_calls - reads == 1  # one get_secret, no previous version
 
         run(scenario())
+
+    def test_concurrent_first_requests_read_key_vault_once(self) -> None:
+        client = HangingSecretClient()
+        client.set_secret("t1")
+        client.hanging = True  # a slow first read: the others wait for it, then use its tokens
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            p = KeyVaultTokenProvider(client, NAME, read_timeout=3600.5, clock=loop.time)
+            results = await asyncio.gather(*(p.get_tokens() for _ in range(3)))
+            assert results == [("t1",)] * 3
+            assert client.hung == 1
+
+        run_hurried(scenario())
 
     def test_after_a_failure_with_nothing_cached_the_next_attempt_waits_exactly_the_limit(
         self,
@@ -288,13 +334,18 @@ class TestKeyVaultTimings:
             client.fail_with = ConnectionError("vault unreachable")
             clock.now = 1300.0  # TTL over: the read fails, the cached token is kept
             assert await p.get_tokens() == ("t1",)
+            await settled()
             failed_reads = client.get_calls
+            assert failed_reads == 2
             client.fail_with = None
             client.set_secret("t2")
             clock.now = 1309.9
             assert await p.get_tokens() == ("t1",)
+            await settled()
             assert client.get_calls == failed_reads  # not on every request
             clock.now = 1310.0
+            assert await p.get_tokens() == ("t1",)
+            await settled()
             assert await p.get_tokens() == ("t2", "t1")  # nor a whole TTL later
 
         run(scenario())
@@ -411,13 +462,205 @@ class TestKeyVaultLog:
         run(p.get_tokens())
         client.fail_with = ConnectionError("vault unreachable")
         clock.now += 300
+
+        async def scenario() -> None:
+            await p.get_tokens()
+            await settled()
+
         with caplog.at_level(logging.INFO, logger="shared.tokens"):
-            run(p.get_tokens())
+            run(scenario())
         assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(
             logging.WARNING,
             "Key Vault read of secret 'smartcar-management-token' failed (ConnectionError); "
             "keeping the cached token",
         )]
+
+
+class TestKeyVaultHangs:
+    """A Key Vault that hangs instead of failing: no answer may wait on it longer than the read
+    timeout, and none at all while a token is cached. On the hurried loop, whose clock only
+    moves when every task waits, `loop.time()` says how long a call waited."""
+
+    def test_past_the_ttl_requests_get_the_cached_token_at_once_and_one_read_runs_behind(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        client = HangingSecretClient()
+        client.set_secret("t1")
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            p = KeyVaultTokenProvider(client, NAME, ttl_seconds=300, clock=loop.time)
+            assert await p.get_tokens() == ("t1",)
+            client.hanging = True
+            await asyncio.sleep(300)
+            asked = loop.time()
+            results = await asyncio.gather(*(p.get_tokens() for _ in range(5)))
+            assert results == [("t1",)] * 5
+            assert loop.time() == asked  # nobody waited on Key Vault
+            assert len(asyncio.all_tasks()) == 2  # this one and a single background read
+            await settled()
+            assert loop.time() == asked + 5  # the default read timeout ended the read
+            assert client.hung == 1
+            assert await p.get_tokens() == ("t1",)
+
+        with caplog.at_level(logging.INFO, logger="shared.tokens"):
+            run_hurried(scenario())
+        assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(
+            logging.WARNING,
+            "Key Vault read of secret 'smartcar-management-token' failed (TimeoutError); "
+            "keeping the cached token",
+        )]
+
+    def test_a_hanging_first_read_is_token_unavailable_after_the_read_timeout(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        client = HangingSecretClient()
+        client.set_secret("t1")
+        client.hanging = True
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            p = KeyVaultTokenProvider(client, NAME, read_timeout=2, clock=loop.time)
+            with pytest.raises(TokenUnavailableError, match="'smartcar-management-token': "
+                                                            "TimeoutError"):
+                await p.get_tokens()
+            assert loop.time() == 2
+            with pytest.raises(TokenUnavailableError, match="retrying after 10s"):
+                await p.get_tokens()  # the rate limit: no second hanging read right behind
+            assert loop.time() == 2 and client.hung == 1
+
+        with caplog.at_level(logging.INFO, logger="shared.tokens"):
+            run_hurried(scenario())
+        assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(
+            logging.ERROR,
+            "Key Vault read of secret 'smartcar-management-token' failed: TimeoutError: "
+            "no answer within 2s",
+        )]
+
+    def test_the_client_s_own_timeout_is_logged_with_its_own_message(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        client = FakeSecretClient()
+        client.fail_with = TimeoutError("connection timed out")
+        with caplog.at_level(logging.INFO, logger="shared.tokens"), pytest.raises(
+            TokenUnavailableError, match="TimeoutError"
+        ):
+            run(provider(client, ManualClock(1000.0)).get_tokens())
+        assert [r.getMessage() for r in caplog.records] == [
+            "Key Vault read of secret 'smartcar-management-token' failed: TimeoutError: "
+            "connection timed out"
+        ]
+
+    def test_a_hanging_refresh_ends_at_the_read_timeout_and_keeps_the_cache(self) -> None:
+        client = HangingSecretClient()
+        client.set_secret("t1")
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            p = KeyVaultTokenProvider(client, NAME, read_timeout=3, clock=loop.time)
+            await p.get_tokens()
+            client.hanging = True
+            await asyncio.sleep(10)
+            assert await p.refresh() is True
+            assert loop.time() == 13
+            assert await p.get_tokens() == ("t1",)
+
+        run_hurried(scenario())
+
+    def test_a_hanging_refresh_with_nothing_cached_raises_at_the_read_timeout(self) -> None:
+        client = HangingSecretClient()
+        client.set_secret("t1")
+        client.hanging = True
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            p = KeyVaultTokenProvider(client, NAME, read_timeout=3, clock=loop.time)
+            with pytest.raises(TokenUnavailableError, match="TimeoutError"):
+                await p.refresh()
+            assert loop.time() == 3
+
+        run_hurried(scenario())
+
+    def test_a_refresh_while_a_read_is_under_way_answers_at_once(self) -> None:
+        client = HangingSecretClient()
+        client.set_secret("t1")
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            p = KeyVaultTokenProvider(client, NAME, ttl_seconds=300, clock=loop.time)
+            await p.get_tokens()
+            client.hanging = True
+            await asyncio.sleep(300)
+            await p.get_tokens()
+            await asyncio.sleep(1)  # the background read has started, and hangs
+            assert client.hung == 1
+            assert await p.refresh() is False  # that read is the attempt the limit counts
+            assert loop.time() == 301
+
+        run_hurried(scenario())
+
+    def test_refreshes_queued_behind_a_long_read_re_read_once(self) -> None:
+        # A read longer than the refresh limit: refreshes that passed the limit while it ran
+        # do not each read again once it is over.
+        client = HangingSecretClient()
+        client.set_secret("t1")
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            p = KeyVaultTokenProvider(client, NAME, ttl_seconds=300, min_refresh_interval=1,
+                                      clock=loop.time)
+            await p.get_tokens()
+            client.hanging = True
+            await asyncio.sleep(300)
+            await p.get_tokens()
+            await asyncio.sleep(2)  # the background read hangs until 305
+            client.hanging = False
+            client.set_secret("t2")
+            reads = client.get_calls
+            assert list(await asyncio.gather(p.refresh(), p.refresh())) == [True, False]
+            assert loop.time() == 305
+            assert client.get_calls - reads == 2  # one read: current and previous version
+            assert await p.get_tokens() == ("t2", "t1")
+
+        run_hurried(scenario())
+
+    def test_a_read_made_while_the_background_read_waited_is_not_repeated(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("t1")
+        clock = ManualClock(1000.0)
+        p = provider(client, clock, ttl_seconds=300)
+
+        async def scenario() -> None:
+            await p.get_tokens()
+            clock.now += 300
+            client.set_secret("t2")
+            assert await p.get_tokens() == ("t1",)  # a background read is started
+            assert await p.refresh() is True  # a mismatch re-reads before it runs
+            reads = client.get_calls
+            await settled()
+            assert client.get_calls == reads
+            assert await p.get_tokens() == ("t2", "t1")
+
+        run(scenario())
+
+    def test_close_cancels_a_background_read_without_waiting_for_it(self) -> None:
+        client = HangingSecretClient()
+        client.set_secret("t1")
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+            p = KeyVaultTokenProvider(client, NAME, ttl_seconds=300, clock=loop.time)
+            await p.get_tokens()
+            client.hanging = True
+            await asyncio.sleep(300)
+            await p.get_tokens()
+            await asyncio.sleep(1)
+            assert client.hung == 1
+            await p.close()
+            assert loop.time() == 301
+            assert asyncio.all_tasks() == {asyncio.current_task()}
+
+        run_hurried(scenario())
 
 
 class TestProductionWiring:
@@ -450,6 +693,7 @@ class TestProductionWiring:
             assert await p.get_tokens() == ("t1",)
             reads = client.get_calls
             assert await p.get_tokens() == ("t1",)
+            await settled()
             assert client.get_calls > reads  # ttl_seconds=0 is passed on: no caching
 
         run(scenario())
