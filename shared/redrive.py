@@ -15,8 +15,9 @@ from .spill import RedriveResult, redrive
 
 logger = logging.getLogger(__name__)
 
-#: NCRONTAB (with seconds): every minute, so a spilled event waits about a minute at most
-#: once the queue is back.
+#: NCRONTAB (with seconds): every minute. A run sends at most `redrive`'s batch (1,000
+#: records), so once the queue is back a backlog drains at about 1,000 records a minute: a
+#: spilled event waits about a minute per 1,000 records spilled before it.
 REDRIVE_SCHEDULE = "0 */1 * * * *"
 
 

@@ -438,6 +438,15 @@ class RedriveResult:
     unreadable: int
     #: True when the run stopped early (queue still failing, or out of time).
     stopped: bool
+    #: Records whose send failed while the queue took others after it (too large for the
+    #: queue, for one): kept, logged by message id, and tried again by the next run.
+    refused: int = 0
+
+
+#: A run stops after this many failed sends in a row (no send succeeding in between): the queue
+#: is down. Twice the sends in flight, so that one record the queue refuses, and the sends it
+#: took down with it (a failed send reopens the shared link), never stop a run.
+REDRIVE_FAILURES_TO_STOP = 16
 
 
 async def redrive(
@@ -446,18 +455,25 @@ async def redrive(
     *,
     batch: int = 1000,
     concurrency: int = 8,
+    failures_to_stop: int = REDRIVE_FAILURES_TO_STOP,
     time_budget: float = 240.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> RedriveResult:
     """Send spilled messages to the queue, deleting each only after its send succeeded.
 
-    Stops at the first failed send (the queue is still down; the next run tries again) and
-    after `time_budget` seconds (well inside the five-minute function timeout). An unreadable
-    record is kept and logged, never deleted: it may be the only copy of an event.
+    A record whose send fails is kept for the next run, and the run goes on: records go oldest
+    first, so one the queue always refuses must not hold back those behind it. The run stops
+    after `failures_to_stop` failed sends in a row (the queue is still down; the next run tries
+    again) and after `time_budget` seconds (well inside the five-minute function timeout). A
+    failed send followed by a successful one was refused by a working queue: it is counted
+    (`refused`) and logged by message id. An unreadable record is kept and logged, never
+    deleted: it may be the only copy of an event.
     """
     started = clock()
     names = await spill.names(limit=batch)
     sent = failed = unreadable = 0
+    failing: list[str] = []  # message ids that failed since the last successful send
+    refused: list[str] = []
     stop = asyncio.Event()
     gate = asyncio.Semaphore(concurrency)
 
@@ -481,11 +497,15 @@ async def redrive(
                 await publisher.publish(message)
             except PublishError as exc:
                 failed += 1
-                stop.set()
+                failing.append(message.message_id)
+                if len(failing) >= failures_to_stop:
+                    stop.set()
                 logger.warning("re-drive of %s failed (%s); retrying next run",
                                message.message_id, exc)
                 return
             sent += 1
+            refused.extend(failing)
+            failing.clear()
             try:
                 await spill.delete(name)
             except Exception as exc:  # sent already: a second send is a dropped duplicate
@@ -493,9 +513,13 @@ async def redrive(
                                name, type(exc).__name__)
 
     await asyncio.gather(*(one(name) for name in names))
+    for message_id in refused:
+        logger.error("spilled message %s was refused by the queue while it took others; kept "
+                     "for the next run", message_id)
     if sent:
         get_telemetry().record_redriven(sent)
     if names:
         logger.info("re-drive: %d sent, %d failed, %d unreadable, %d listed",
                     sent, failed, unreadable, len(names))
-    return RedriveResult(sent=sent, failed=failed, unreadable=unreadable, stopped=stop.is_set())
+    return RedriveResult(sent=sent, failed=failed, unreadable=unreadable, stopped=stop.is_set(),
+                         refused=len(refused))

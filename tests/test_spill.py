@@ -878,6 +878,21 @@ class PacedQueue(RecordingPublisher):
         return await super().publish(message)
 
 
+class RefusingQueue(RecordingPublisher):
+    """A working queue that refuses the messages with the given ids, as Service Bus refuses a
+    message over its size limit."""
+
+    def __init__(self, refused: set[str]) -> None:
+        super().__init__()
+        self.refused = refused
+
+    async def publish(self, message: OutboundMessage) -> bool:
+        await asyncio.sleep(0)  # sends in flight at once finish in any order
+        if message.message_id in self.refused:
+            raise PublishError("Service Bus send failed: MessageSizeExceededError")
+        return await super().publish(message)
+
+
 class TestRedrive:
     def spilled(self, tmp_path: Path, count: int) -> FileSpillStore:
         store = FileSpillStore(tmp_path)
@@ -925,11 +940,15 @@ class TestRedrive:
         assert run_hurried(scenario()) == 8
         assert queue.peak == 8 and len(queue.sent) == 20
 
-    def test_a_failed_send_keeps_the_record_and_stops_the_run(self, tmp_path: Path) -> None:
+    def test_sixteen_failed_sends_in_a_row_keep_their_records_and_stop_the_run(
+        self, tmp_path: Path
+    ) -> None:
+        """The queue went down after three sends: the run stops at the sixteenth failure in a
+        row (the twentieth record is not tried), and every record not sent is kept."""
         store = self.spilled(tmp_path, 20)
         target = RecordingPublisher(fail_after=3)
         result = asyncio.run(redrive(store, target, concurrency=1))
-        assert result.sent == 3 and result.failed == 1 and result.stopped
+        assert (result.sent, result.failed, result.refused, result.stopped) == (3, 16, 0, True)
         assert len(asyncio.run(store.names(limit=100))) == 17
         # Every record still there was never sent: deleted only after a successful send.
         remaining = {asyncio.run(store.get(n)).message_id for n in asyncio.run(store.names(limit=100))}  # type: ignore[union-attr]
@@ -949,7 +968,7 @@ class TestRedrive:
                 await self.both.wait()  # both sends under way before either fails
                 raise PublishError("the queue is unavailable")
 
-        result = run_hurried(redrive(store, DownQueue()))
+        result = run_hurried(redrive(store, DownQueue(), failures_to_stop=1))
         assert (result.sent, result.failed, result.stopped) == (0, 2, True)
         assert len(container.blobs) == 2
         assert sorted(r.getMessage() for r in log.records if r.levelno == logging.WARNING) == [
@@ -958,11 +977,64 @@ class TestRedrive:
         ]
 
     def test_queue_still_down_keeps_everything(self, tmp_path: Path) -> None:
-        store = self.spilled(tmp_path, 4)
+        """Sixteen failures, then the sends already in flight: a down queue costs a run
+        at most 16 + 7 sends, not one per record."""
+        store = self.spilled(tmp_path, 40)
         target = FailingPublisher()
         result = asyncio.run(redrive(store, target))
-        assert result.sent == 0 and result.stopped
-        assert len(asyncio.run(store.names(limit=10))) == 4
+        assert (result.sent, result.refused, result.stopped) == (0, 0, True)
+        assert result.failed == target.calls and 16 <= target.calls <= 23
+        assert len(asyncio.run(store.names(limit=100))) == 40
+
+    def test_a_record_the_queue_refuses_does_not_hold_back_the_others(
+        self, tmp_path: Path, log: pytest.LogCaptureFixture
+    ) -> None:
+        """The oldest record is one the queue always refuses (a body over its message size
+        limit): every run sends all the others, keeps it, and names it, by message id only."""
+        store = FileSpillStore(tmp_path)
+        asyncio.run(store.put(PRIVATE))
+        old = time.time() - 100
+        os.utime(tmp_path / spill_name(PRIVATE.message_id), (old, old))  # the oldest record
+        for n in range(2, 42):
+            asyncio.run(store.put(message(n)))
+        target = RefusingQueue({PRIVATE.message_id})
+        result = asyncio.run(redrive(store, target))
+        assert (result.sent, result.failed, result.refused, result.stopped) == (40, 1, 1, False)
+        assert asyncio.run(store.names(limit=100)) == [spill_name(PRIVATE.message_id)]
+        assert asyncio.run(store.get(spill_name(PRIVATE.message_id))) == PRIVATE
+        assert [line for line in logged(log) if line[1] >= logging.WARNING] == [
+            ("shared.spill", logging.WARNING, "re-drive of e1 failed (Service Bus send failed: "
+                                              "MessageSizeExceededError); retrying next run"),
+            ("shared.spill", logging.ERROR, "spilled message e1 was refused by the queue while "
+                                            "it took others; kept for the next run"),
+        ]
+        assert LOCATION not in log.text
+
+    def test_refused_records_together_stop_no_run(self, tmp_path: Path) -> None:
+        """Fifteen refused records side by side, oldest of all, sent at once: a run still
+        sends every other record."""
+        store = self.spilled(tmp_path, 40)
+        target = RefusingQueue({f"e{n}" for n in range(15)})
+        result = asyncio.run(redrive(store, target))
+        assert (result.sent, result.failed, result.refused, result.stopped) == (25, 15, 15, False)
+        assert len(asyncio.run(store.names(limit=100))) == 15
+
+    def test_a_successful_send_starts_the_count_of_failures_again(self, tmp_path: Path) -> None:
+        store = self.spilled(tmp_path, 40)
+        target = RefusingQueue({f"e{n}" for n in range(40) if n % 16})  # 15 refused, 1 sent
+        result = asyncio.run(redrive(store, target, concurrency=1))
+        assert (result.sent, result.failed, result.refused, result.stopped) == (3, 37, 30, False)
+        assert len(asyncio.run(store.names(limit=100))) == 37
+
+    def test_a_failure_followed_by_none_sent_is_not_counted_as_refused(
+        self, tmp_path: Path, log: pytest.LogCaptureFixture
+    ) -> None:
+        """Only a send that succeeds after a failure tells that the queue works."""
+        store = self.spilled(tmp_path, 3)
+        target = RefusingQueue({"e2"})
+        result = asyncio.run(redrive(store, target, concurrency=1))
+        assert (result.sent, result.failed, result.refused, result.stopped) == (2, 1, 0, False)
+        assert [line for line in logged(log) if line[1] >= logging.ERROR] == []
 
     def test_unreadable_record_is_kept_not_deleted(self, tmp_path: Path) -> None:
         store = self.spilled(tmp_path, 1)
@@ -986,7 +1058,8 @@ class TestRedrive:
                 await container.upload_blob(f"bad-{n}.json", b'{"version": 2}')
             for n in (3, 4):
                 await store.put(message(n))
-            return await redrive(store, RecordingPublisher(fail_after=2), concurrency=1)
+            return await redrive(store, RecordingPublisher(fail_after=2), concurrency=1,
+                                 failures_to_stop=1)
 
         result = asyncio.run(scenario())
         assert (result.sent, result.failed, result.unreadable, result.stopped) == (2, 1, 3, True)
