@@ -193,6 +193,9 @@ BLOB_CONNECTION_TIMEOUT_SECONDS = 2
 BLOB_READ_TIMEOUT_SECONDS = 3
 #: Listing spilled records (one re-drive run) gives up after this long.
 BLOB_LIST_TIMEOUT_SECONDS = 30.0
+#: A re-drive run lists one page of this many spilled records (the most one List Blobs call
+#: returns), never the whole container: a backlog of any size is listed in one call's time.
+BLOB_LIST_PAGE = 5000
 
 
 def blob_client_options() -> dict[str, Any]:
@@ -221,6 +224,12 @@ class BlobSpillStore:
     `client_factory` returns a `ContainerClient` (identity-based in production, see
     `build_blob_spill_store`); it is created lazily, once per process, and reused. The
     container is created on the first write that finds it missing.
+
+    `names` lists one page of `list_page` blobs, in the service's order (by name, a hash of
+    the message id, so unrelated to age), and answers the oldest of that page; the next call
+    lists the page after it, and after the last page the first one again. Up to `list_page`
+    records go strictly oldest first; past that, oldest first within each page, the pages in
+    turn. Memory and listing time are one page's, whatever the backlog.
     """
 
     def __init__(
@@ -229,11 +238,15 @@ class BlobSpillStore:
         *,
         timeout: float = 5.0,
         list_timeout: float = BLOB_LIST_TIMEOUT_SECONDS,
+        list_page: int = BLOB_LIST_PAGE,
     ) -> None:
         self._client_factory = client_factory
         self._client: Any = None
         self._timeout = timeout
         self._list_timeout = list_timeout
+        self._list_page = list_page
+        # Where the next listing starts: the continuation token after the last page listed.
+        self._marker: str | None = None
 
     def _container(self) -> Any:
         if self._client is None:
@@ -267,18 +280,26 @@ class BlobSpillStore:
 
         found: list[tuple[Any, str]] = []
         try:
-            async for blob in self._container().list_blobs():
-                found.append((blob.last_modified, blob.name))
+            pages = self._container().list_blobs(results_per_page=self._list_page).by_page(
+                continuation_token=self._marker
+            )
+            async for page in pages:
+                async for blob in page:
+                    found.append((blob.last_modified, blob.name))
+                break  # one page per call
         except ResourceNotFoundError as exc:
             if not _is_missing_container(exc):
                 raise
             return []  # nothing was ever spilled
+        self._marker = pages.continuation_token  # None after the last page
         return found
 
     async def names(self, *, limit: int) -> Sequence[str]:
+        """Up to `limit` of one page of spilled records, oldest first (see the class)."""
         try:
             found = await asyncio.wait_for(self._list(), self._list_timeout)
         except Exception as exc:
+            self._marker = None  # the next run starts again from the first page
             raise SpillError(f"listing spilled records failed: {type(exc).__name__}") from exc
         found.sort(key=lambda item: (item[0] is None, item[0] or 0, item[1]))
         return [name for _, name in found[:limit]]

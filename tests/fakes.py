@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from shared.publisher import OutboundMessage, PublishError
 
@@ -116,6 +116,57 @@ class FakeDownloader:
         return self.data
 
 
+class FakeItemPaged:
+    """`AsyncItemPaged` of `list_blobs`: blob by blob through every page, or page by page
+    (`by_page`)."""
+
+    def __init__(self, container: FakeContainerClient, per_page: int) -> None:
+        self.container = container
+        self.per_page = per_page
+
+    def by_page(self, continuation_token: str | None = None) -> FakePageIterator:
+        self.container.markers.append(continuation_token)
+        return self.container.page_iterator(self.container, self.per_page, continuation_token)
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        async for page in self.by_page():
+            async for blob in page:
+                yield blob
+
+
+class FakePageIterator:
+    """Pages of up to `per_page` blobs, each read when asked for; `continuation_token` is then
+    where the next page starts (the service's marker is opaque: here, that page's first name),
+    None after the last page."""
+
+    def __init__(self, container: FakeContainerClient, per_page: int,
+                 continuation_token: str | None) -> None:
+        self.container = container
+        self.per_page = per_page
+        self.continuation_token = continuation_token
+        self.done = False
+
+    def __aiter__(self) -> FakePageIterator:
+        return self
+
+    async def __anext__(self) -> AsyncIterator[Any]:
+        if self.done:
+            raise StopAsyncIteration
+        listing = self.container.listing()
+        start = 0
+        if self.continuation_token is not None:
+            start = next((i for i, blob in enumerate(listing)
+                          if blob.name >= self.continuation_token), len(listing))
+        end = start + self.per_page
+        self.continuation_token = listing[end].name if end < len(listing) else None
+        self.done = self.continuation_token is None
+        return self._page(listing[start:end])
+
+    async def _page(self, blobs: list[Any]) -> AsyncIterator[Any]:
+        for blob in blobs:
+            yield blob
+
+
 @dataclass
 class FakeContainerClient:
     """The async `azure.storage.blob.aio.ContainerClient` surface the spill store uses."""
@@ -124,6 +175,11 @@ class FakeContainerClient:
     modified: dict[str, datetime] = field(default_factory=dict)
     fail_with: Exception | None = None
     closed: bool = False
+    #: `results_per_page` of each `list_blobs` call.
+    list_calls: list[int | None] = field(default_factory=list)
+    #: The continuation token each listing of pages started from.
+    markers: list[str | None] = field(default_factory=list)
+    page_iterator: ClassVar[type[FakePageIterator]] = FakePageIterator
 
     async def upload_blob(self, name: str, data: bytes, *, overwrite: bool = False) -> None:
         if self.fail_with is not None:
@@ -135,14 +191,15 @@ class FakeContainerClient:
         self.blobs[name] = bytes(data)
         self.modified[name] = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=len(self.modified))
 
-    async def _list(self) -> AsyncIterator[FakeBlobProperties]:
-        for name in list(self.blobs):
-            yield FakeBlobProperties(name, self.modified[name])
+    def listing(self) -> list[Any]:
+        """The blobs as the service lists them: by name."""
+        return [FakeBlobProperties(name, self.modified[name]) for name in sorted(self.blobs)]
 
-    def list_blobs(self) -> AsyncIterator[FakeBlobProperties]:
+    def list_blobs(self, *, results_per_page: int | None = None) -> FakeItemPaged:
         if self.fail_with is not None:
             raise self.fail_with
-        return self._list()
+        self.list_calls.append(results_per_page)
+        return FakeItemPaged(self, results_per_page or 5000)
 
     async def download_blob(self, name: str) -> FakeDownloader:
         from azure.core.exceptions import ResourceNotFoundError

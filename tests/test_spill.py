@@ -47,6 +47,7 @@ from .fakes import (
     FailingPublisher,
     FakeContainerClient,
     FakeDownloader,
+    FakePageIterator,
     ManualClock,
     RecordingPublisher,
 )
@@ -149,14 +150,29 @@ class ListedBlob:
 class ListingContainer(FakeContainerClient):
     """The Blob client listing the given blobs, in the given (service) order."""
 
-    listing: list[ListedBlob] = field(default_factory=list)
+    listed: list[ListedBlob] = field(default_factory=list)
 
-    async def _listed(self) -> AsyncIterator[ListedBlob]:
-        for blob in self.listing:
-            yield blob
+    def listing(self) -> list[Any]:
+        return list(self.listed)
 
-    def list_blobs(self) -> AsyncIterator[ListedBlob]:  # type: ignore[override]
-        return self._listed()
+
+class FirstPageOnly(FakePageIterator):
+    """Pages after the first never answer."""
+
+    served = False
+
+    async def __anext__(self) -> AsyncIterator[Any]:
+        if self.served:
+            await forever()
+        self.served = True
+        return await super().__anext__()
+
+
+@dataclass
+class HugeBacklogContainer(FakeContainerClient):
+    """A container holding more spilled records than a listing gets through in its time."""
+
+    page_iterator = FirstPageOnly
 
 
 class LateStoringQueue:
@@ -506,7 +522,7 @@ class TestBlobSpillStore:
         """Re-drive sends the records that waited longest first; blobs listed without a
         Last-Modified time come after the dated ones, never in the way of them."""
         t0 = datetime(2026, 1, 1, tzinfo=UTC)
-        container = ListingContainer(listing=[
+        container = ListingContainer(listed=[
             ListedBlob("b.json", t0 + timedelta(seconds=1)),
             ListedBlob("z.json", None),
             ListedBlob("a.json", t0 + timedelta(seconds=1)),
@@ -517,6 +533,56 @@ class TestBlobSpillStore:
         assert asyncio.run(store.names(limit=10)) == [
             "d.json", "a.json", "b.json", "c.json", "z.json"]
         assert asyncio.run(store.names(limit=3)) == ["d.json", "a.json", "b.json"]
+
+    def test_a_listing_is_one_page_of_five_thousand(self) -> None:
+        container = FakeContainerClient()
+        asyncio.run(BlobSpillStore(lambda: container).names(limit=1000))
+        assert container.list_calls == [5000] and container.markers == [None]
+
+    def test_each_listing_is_the_page_after_the_last_one_then_the_first_again(self) -> None:
+        """Listing time and memory are one page's whatever the backlog; the pages come in
+        turn, so no record is left behind by the records a run keeps (unreadable, refused)."""
+        container = FakeContainerClient()
+        store = BlobSpillStore(lambda: container, list_page=3)
+        for n in (6, 1, 4, 0, 5, 2, 3):  # spilled in this order: e6 is the oldest
+            asyncio.run(store.put(message(n)))
+        by_name = sorted(container.blobs)
+        age = {spill_name(f"e{n}"): rank for rank, n in enumerate((6, 1, 4, 0, 5, 2, 3))}
+        pages = [by_name[0:3], by_name[3:6], by_name[6:7], by_name[0:3]]
+        listed = [list(asyncio.run(store.names(limit=2))) for _ in pages]
+        assert listed == [sorted(page, key=age.__getitem__)[:2] for page in pages]
+        assert container.list_calls == [3, 3, 3, 3]
+        assert container.markers == [None, by_name[3], by_name[6], None]
+
+    def test_a_failed_listing_starts_the_next_one_from_the_first_page(self) -> None:
+        container = FakeContainerClient()
+        store = BlobSpillStore(lambda: container, list_page=1)
+        for n in range(3):
+            asyncio.run(store.put(message(n)))
+        first = asyncio.run(store.names(limit=10))
+        container.fail_with = ConnectionError("storage unreachable")
+        with pytest.raises(SpillError):
+            asyncio.run(store.names(limit=10))
+        container.fail_with = None
+        assert asyncio.run(store.names(limit=10)) == first
+        assert container.markers == [None, None]
+
+    def test_a_backlog_too_large_to_list_in_time_is_still_redriven(self) -> None:
+        """12,000 spilled records and a listing that could never get past the first page: the
+        run sends the oldest 1,000 of that page (it used to list the whole container, time out
+        and send nothing)."""
+        container = HugeBacklogContainer()
+        t0 = datetime(2026, 1, 1, tzinfo=UTC)
+        for n in range(12_000):
+            container.blobs[spill_name(f"e{n}")] = encode_record(message(n))
+            container.modified[spill_name(f"e{n}")] = t0 + timedelta(seconds=n)
+        first_page = sorted(container.blobs)[:5000]
+        target = RecordingPublisher()
+        result = run_hurried(redrive(BlobSpillStore(lambda: container), target))
+        assert (result.sent, result.failed, result.stopped) == (1000, 0, False)
+        assert [spill_name(m.message_id) for m in target.sent] == sorted(
+            first_page, key=container.modified.__getitem__)[:1000]
+        assert len(container.blobs) == 11_000
 
     def test_deleting_a_blob_already_gone_is_logged_at_debug(
         self, log: pytest.LogCaptureFixture

@@ -26,6 +26,7 @@ from shared.spill import (
     blob_client_options,
     build_connection_string_spill_store,
     redrive,
+    spill_name,
 )
 
 from .azurite import azurite_blob_port, connection_string
@@ -132,6 +133,33 @@ class TestSpillListRedriveDelete:
                 assert sent["evt-2"] == message(2)  # raw body and properties unchanged
                 assert await store.names(limit=10) == []
                 await store.delete(names[0])  # already gone: not an error
+            finally:
+                await store.close()
+
+        asyncio.run(scenario())
+
+
+class TestPagedListing:
+    def test_each_listing_is_the_next_page_then_the_first_again(
+        self, azurite_blob_port: int, container_name: str
+    ) -> None:
+        """The SDK's pages and continuation tokens as the service gives them: a listing reads
+        one page, the next listing the page after it, and after the last the first again."""
+
+        async def scenario() -> None:
+            cs = connection_string("blob", azurite_blob_port)
+            store = BlobSpillStore(
+                lambda: ContainerClient.from_connection_string(cs, container_name),
+                list_page=2,
+            )
+            try:
+                for n in range(5):
+                    await store.put(message(n))
+                listed = [list(await store.names(limit=10)) for _ in range(4)]
+                assert [len(names) for names in listed] == [2, 2, 1, 2]
+                assert sorted(name for names in listed[:3] for name in names) == sorted(
+                    spill_name(f"evt-{n}") for n in range(5))
+                assert sorted(listed[0]) == sorted(listed[3])
             finally:
                 await store.close()
 
