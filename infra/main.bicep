@@ -44,8 +44,9 @@ param keyVaultNameSuffix string = ''
 @secure()
 param smartcarManagementToken string = ''
 
-@description('Largest accepted webhook body in bytes (MAX_BODY_BYTES).')
+@description('Largest accepted webhook body in bytes (MAX_BODY_BYTES). At most 196608: Service Bus Standard\'s 256 KB message less its 64 KB of headers, so every accepted body can be queued.')
 @minValue(1024)
+@maxValue(196608)
 param maxBodyBytes int = 196608
 
 @description('A delivery whose meta.deliveredAt is older than this at receipt is dead-lettered as StaleDelivery, never processed (MAX_DELIVERY_AGE_SECONDS). At most the queue\'s one-hour duplicate-detection window, so a replay is always a duplicate or stale.')

@@ -280,6 +280,16 @@ class TestComposition:
         assert str(literal(assigned["maxBodyBytes"])) == defaults[settings.MAX_BODY_BYTES]
         assert str(literal(assigned["maxDeliveryCount"])) == defaults[settings.MAX_DELIVERY_COUNT]
 
+    def test_the_template_accepts_the_body_sizes_the_app_accepts(self) -> None:
+        """A body Service Bus Standard may refuse is refused at deployment, as at start-up:
+        accepted, it would be spilled and then refused by every re-drive."""
+        param = load(MAIN).params()["maxBodyBytes"]
+        limits = {d.split("(")[0]: int(d.split("(")[1].rstrip(")")) for d in param.decorators
+                  if d.startswith(("@minValue", "@maxValue"))}
+        assert limits == {"@minValue": 1024, "@maxValue": settings.MAX_BODY_BYTES_LIMIT}
+        assert literal(param.default) == int(settings.DEFAULTS[settings.MAX_BODY_BYTES])
+        assert literal(param.default) <= settings.MAX_BODY_BYTES_LIMIT
+
 
 # ---------------------------------------------------------------------------------------------
 # 4. Resources: the properties that make the deployment secure and correct.
