@@ -147,9 +147,9 @@ _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{2,62}")
 # stale; at most the queue's duplicate-detection window (one hour, Service Bus and local), so
 # every replay is either a duplicate or stale.
 MIN_DELIVERY_AGE_SECONDS = 300
-#: The largest MAX_BODY_BYTES: Service Bus Standard's 256 KB message less its 64 KB of headers
-#: (application properties included). A body over it might never be queued: spilled, then
-#: refused by every re-drive. Also the default; Smartcar sends at most 50 KB.
+#: The largest MAX_BODY_BYTES with Service Bus: a Standard queue's 256 KB message less its 64
+#: KB of headers (application properties included). A body over it might never be queued:
+#: spilled, then refused by every re-drive. Also the default; Smartcar sends at most 50 KB.
 MAX_BODY_BYTES_LIMIT = 196608
 MAX_DELIVERY_AGE_LIMIT_SECONDS = 3600
 
@@ -338,7 +338,8 @@ def load_settings(
     queue_name = _get(env, SERVICEBUS_QUEUE_NAME) or DEFAULTS[SERVICEBUS_QUEUE_NAME]
     max_delivery_count = int(number(MAX_DELIVERY_COUNT, kind=int, minimum=1))
     max_body_bytes = int(number(MAX_BODY_BYTES, kind=int, minimum=1024))
-    if max_body_bytes > MAX_BODY_BYTES_LIMIT:
+    # Only with Service Bus: the embedded queue holds a body of any size.
+    if max_body_bytes > MAX_BODY_BYTES_LIMIT and namespace is not None:
         problems.append(
             f"{MAX_BODY_BYTES} must be at most {MAX_BODY_BYTES_LIMIT} (Service Bus Standard's "
             "256 KB message less its 64 KB of headers: a larger body may never be queued), "
