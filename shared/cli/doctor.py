@@ -59,7 +59,9 @@ def resolve_tokens(token: str | None, settings_loader: Callable[[], Settings]) -
         return Tokens(values, "development token" if settings.using_dev_token else "environment")
     assert settings.key_vault_uri is not None  # load_settings: a token or a vault
     client = secret_client(settings.key_vault_uri, settings)
-    provider = KeyVaultTokenProvider(client, settings.token_secret_name)
+    # A person waits here, not Smartcar: the first read also signs in (az, a browser), which
+    # can take longer than the app's 5 s budget for a read.
+    provider = KeyVaultTokenProvider(client, settings.token_secret_name, read_timeout=60.0)
 
     async def read() -> tuple[str, ...]:
         try:
