@@ -206,7 +206,7 @@ class ServiceBusPublisher:
             logger.warning(
                 "Service Bus send of message %s failed: %s", message.message_id, type(exc).__name__
             )
-            await self._reset()
+            await self._reset(sender)
             raise PublishError(f"Service Bus send failed: {type(exc).__name__}") from exc
         return True
 
@@ -220,7 +220,7 @@ class ServiceBusPublisher:
             self._drop(sender)
             raise
         except Exception as exc:
-            await self._reset()
+            await self._reset(sender)
             raise PublishError(f"Service Bus send failed: {type(exc).__name__}") from exc
 
     def _drop(self, sender: Any) -> None:
@@ -233,11 +233,16 @@ class ServiceBusPublisher:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def _reset(self) -> None:
+    async def _reset(self, failed: Any = None) -> None:
+        """Close and drop the sender: `failed`, the one a send failed on, unless another
+        failure replaced it already (sends in flight on a new link keep it); None: whichever
+        there is."""
         async with self._lock:
-            sender, self._sender = self._sender, None
-        if sender is not None:
-            await self._close_sender(sender)
+            sender = self._sender
+            if sender is None or (failed is not None and sender is not failed):
+                return
+            self._sender = None
+        await self._close_sender(sender)
 
     async def _close_sender(self, sender: Any) -> None:
         try:

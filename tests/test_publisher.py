@@ -308,6 +308,50 @@ class TestFailureReports:
         assert len(client.senders[1].sent) == 1
 
 
+class TestConcurrentFailures:
+    def test_a_late_failure_on_the_old_link_keeps_the_new_one(self) -> None:
+        """Two sends in flight on one link; the first fails and the link is replaced; a send
+        on the new link succeeds; then the second fails on the old link. Its reset must not
+        close the new link, which the sends in flight on it (and the next ones) use."""
+        gates: dict[str, asyncio.Event] = {}
+
+        class OldLink(FakeSender):
+            async def send_messages(self, message: Any) -> None:
+                await gates[message.message_id].wait()
+                raise ConnectionError("link detached")
+
+        old, new = OldLink(), FakeSender()
+        made = iter([old, new])
+
+        class Client:
+            def get_queue_sender(self, queue_name: str) -> FakeSender:
+                return next(made)
+
+            async def close(self) -> None:
+                return None
+
+        publisher = ServiceBusPublisher(Client, "q", send_timeout=5.0)
+        first, second, third, fourth = (_message() for _ in range(4))
+        gates.update({first.message_id: asyncio.Event(), second.message_id: asyncio.Event()})
+
+        async def scenario() -> None:
+            failing = [asyncio.create_task(publisher.publish(m)) for m in (first, second)]
+            await asyncio.sleep(0)  # both in flight on the old link
+            gates[first.message_id].set()
+            with pytest.raises(PublishError):
+                await failing[0]
+            assert await publisher.publish(third)  # on a new link
+            gates[second.message_id].set()
+            with pytest.raises(PublishError):
+                await failing[1]
+            assert await publisher.publish(fourth)  # the new link is still open
+            await publisher.close()
+
+        asyncio.run(scenario())
+        assert old.closed and [m.message_id for m in new.sent] == [third.message_id,
+                                                                   fourth.message_id]
+
+
 class TestCancelledSends:
     """Production wraps the publisher in a `SpillingPublisher` whose own budget (5 s) ends no
     later than the send's: the hung send is cancelled, not timed out inside the publisher."""
