@@ -86,3 +86,69 @@ class TestLogLines:
         assert f"evt\\x0a{forged}\\x1b[2J\\u202e of type VEHICLE_STATE" in said[0]
         assert not any(line.startswith(forged) for line in out.splitlines())
         assert "\x1b" not in out and "\u202e" not in out
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+class TestIpv6Host:
+    @pytest.mark.skipif(not _ipv6_loopback(), reason="this machine has no IPv6 loopback")
+    def test_host_on_ipv6_loopback_prints_urls_that_work_and_resends_there(
+        self, tmp_path: Path
+    ) -> None:
+        """`--host ::1`: the banner's URLs (read by urllib, not by our code) reach the host,
+        and the inspector's Resend posts to it (the address in brackets)."""
+        import json
+        import re
+        import threading
+        import urllib.request
+
+        port = free_port()
+        env = base_env(tmp_path, port)
+        proc = subprocess.Popen([sys.executable, "-m", "shared.local", "--host", "::1"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
+                                  daemon=True)
+        reader.start()
+        try:
+            inspector = wait_until(lambda: next((m.group(1) for line in lines if (
+                m := re.search(r"Inspector .*?(http://\S+/)$", line))), None), timeout=60)
+            out = "\n".join(lines)
+            assert f"listening on http://[::1]:{port}" in out, out
+            health = f"http://[::1]:{port}/api/health"
+            assert f"  health:                {health}" in out
+            with urllib.request.urlopen(health, timeout=10) as answer:
+                assert json.loads(answer.read()) == {"status": "ok"}
+            event = state_event()
+            body = encode(event)
+            request = urllib.request.Request(f"http://[::1]:{port}{WEBHOOK}", data=body,
+                                             headers={**signed_headers(body, "amt")})
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert answer.status == 200
+
+            def delivery_id() -> int | None:
+                with urllib.request.urlopen(f"{inspector}api/deliveries", timeout=10) as got:
+                    listed = json.loads(got.read())["deliveries"]
+                return next((d["id"] for d in listed if d.get("eventId") == event["eventId"]),
+                            None)
+
+            found = wait_until(delivery_id, timeout=30)
+            resend = urllib.request.Request(f"{inspector}api/deliveries/{found}/resend",
+                                            method="POST", data=b"")
+            with urllib.request.urlopen(resend, timeout=10) as answer:
+                resent = json.loads(answer.read())
+            assert resent["status"] == 200, resent
+            assert json.loads(resent["body"])["status"] == "duplicate"
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -423,7 +423,7 @@ class LocalHost:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return http_origin(self.host, self.port)
 
     async def start(self) -> None:
         """Checks the queue file (`QueueDamagedError` if damaged), then serves."""
@@ -1005,6 +1005,11 @@ def load_function_app() -> func.FunctionApp:
     return app
 
 
+def http_origin(host: str, port: int) -> str:
+    """`http://host:port`, an IPv6 address in brackets (`HOST=::1`)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def banner(settings: Settings, base_url: str, *, inspector: str | None = None,
            warnings: list[str] | None = None,
            function_key: str | None = None) -> str:
@@ -1089,7 +1094,7 @@ async def serve(
     inspector, inspector_line = await start_inspector(
         settings, runtime.queue, webhook_port=port, recorder=recorder,
         vehicles=runtime.vehicle_state,
-        webhook_base=f"http://{reach}:{local.port}{ROUTE_PREFIX}",
+        webhook_base=f"{http_origin(reach, local.port)}{ROUTE_PREFIX}",
     )
     judge_stored_deliveries(runtime.queue, settings.max_delivery_age_seconds)
     clock = CLOCK_WATCH.problem()
