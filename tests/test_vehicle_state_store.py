@@ -1746,6 +1746,49 @@ class TestTheTableOnAzurite:
         asyncio.run(scenario())
 
 
+class RecordingQueries:
+    """A TableClient that records, for each query, the properties of each entity it read."""
+
+    def __init__(self, client: TableClient) -> None:
+        self._client = client
+        self.read: list[tuple[str, set[str]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def _entities(self, query: str, kwargs: Any) -> Any:
+        async for entity in self._client.query_entities(query, **kwargs):
+            self.read.append((query, set(entity)))
+            yield entity
+
+    def query_entities(self, query: str, **kwargs: Any) -> Any:
+        return self._entities(query, kwargs)
+
+
+def test_recording_an_event_reads_only_the_keys_of_its_outbox_rows(
+    azurite_table_port: int,
+) -> None:
+    """An outbox chunk is up to an entity's 1 MiB; recording the event deletes the chunks by
+    key, so it reads their keys, not their text."""
+    connection = connection_string("table", azurite_table_port)
+
+    async def scenario() -> RecordingQueries:
+        async with TableClient.from_connection_string(
+                connection, f"vs{uuid.uuid4().hex[:16]}") as client:
+            recording = RecordingQueries(client)
+            store = TableVehicleStateStore(recording, create_table=True)
+            applied = await store.apply(state_event("e1", signal(value="x" * 20_000)))
+            assert applied.pending
+            recording.read.clear()
+            await store.mark_processed(VEHICLE, "e1")
+            assert await store.pending_changes(VEHICLE, "e1") == ()
+            return recording
+
+    read = asyncio.run(scenario()).read
+    outbox = [properties for query, properties in read if "'o:" in query]
+    assert outbox and all(not properties - {"RowKey"} for properties in outbox), outbox
+
+
 # ---------------------------------------------------------------------------------------------
 class TestConcurrentWritersOnAzurite:
     WRITERS = 10

@@ -367,7 +367,8 @@ class TableVehicleStateStore:
 
         await self._ready()
         pk = _partition(vehicle_id)
-        outbox = await self._rows(pk, _outbox_prefix(event_id))
+        outbox = [row async for row in self._table.query_entities(  # their keys, to delete
+            _range(_outbox_prefix(event_id)), parameters={"pk": pk}, select=["RowKey"])]
         now = float(self._clock())
         ops: list[tuple[Any, ...]] = [
             ("upsert", {"PartitionKey": pk, "RowKey": _event_key(event_id),
