@@ -9,10 +9,12 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace import TracerProvider
 
+from shared.cli.simulate import build_event
 from shared.local.adapters import LocalQueuePublisher
 from shared.local.inspector import Recorder, describe_body
 from shared.receiver import receive
@@ -36,6 +38,35 @@ class TestAnyBody:
         doc = describe_body(DEEP)
         assert doc["body"] == DEEP.decode()
         assert doc["parseError"]
+
+    @staticmethod
+    def nested(depth: int) -> bytes:
+        event = json.loads(build_event("state"))
+        event["data"]["signals"][0]["body"]["value"] = "DEEP"
+        return json.dumps(event).replace('"DEEP"', "[" * depth + "1" + "]" * depth).encode()
+
+    @pytest.mark.parametrize("depth", [900, 3000])
+    def test_a_body_nested_thousands_deep_is_shown_as_it_came(self, depth: int) -> None:
+        """Indenting a body nested n deep makes it n² long (3,000 levels: 7 KB in, 18 MB
+        out): it is shown as it came, and the signal's value says why it is not shown; the
+        detail stays about the body's size."""
+        body = self.nested(depth)
+        doc = describe_body(body)
+        assert doc["body"] == body.decode() and doc["parseError"] is None
+        assert doc["signals"][0]["value"] == "(nested deeper than 64 levels)"
+        assert len(json.dumps(doc)) < 2 * len(body) + 4096
+
+    @pytest.mark.parametrize(("depth", "shown"), [(64, True), (65, False)])
+    def test_a_value_is_shown_to_the_store_s_depth_in_an_indented_body(
+        self, depth: int, shown: bool
+    ) -> None:
+        body = self.nested(depth)
+        doc = describe_body(body)
+        assert doc["body"] == json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+        value = doc["signals"][0]["value"]
+        assert (json.dumps(value, separators=(",", ":"))
+                == "[" * depth + "1" + "]" * depth) if shown else (
+            value == "(nested deeper than 64 levels)")
 
     @settings(max_examples=200, deadline=None)
     @given(body=st.one_of(st.binary(max_size=300),

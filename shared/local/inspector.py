@@ -38,6 +38,7 @@ from ..processor import InboundMessage, ProcessResult
 from ..receiver import VERIFY_ANSWERED
 from ..shapes import fingerprint
 from ..vehicle_state import ApplyResult
+from ..vehicle_state.rules import MAX_VALUE_DEPTH, nests_deeper
 
 logger = logging.getLogger(__name__)
 
@@ -233,13 +234,23 @@ def _iso(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+#: The deepest body shown indented: a stored value's MAX_VALUE_DEPTH levels within the few of
+#: its event, with room to spare (indenting adds at most this many spaces to a line).
+_INDENTED_DEPTH = 100
+
+
 def describe_body(body: bytes | None) -> dict[str, Any]:
     """The body pretty-printed, and what the processor's parser reads from it."""
     if body is None:
         return {"body": None, "signals": [], "triggers": [], "errors": [], "parseError": None}
     text = body.decode("utf-8", "replace")
     try:
-        text = json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+        parsed = json.loads(body)
+        # Indented, each level is two more spaces on each of its lines: a body nested n deep
+        # would come out n² long (a 7 KB body, 18 MB). Deeper than a stored value may be
+        # within its event, it is shown as it came.
+        if not nests_deeper(parsed, _INDENTED_DEPTH):
+            text = json.dumps(parsed, indent=2, ensure_ascii=False)
     except (ValueError, RecursionError):
         pass  # shown as it came (too deeply nested, too): the processor will say what it reads
     doc: dict[str, Any] = {"body": text, "signals": [], "triggers": [], "errors": [],
@@ -253,7 +264,8 @@ def describe_body(body: bytes | None) -> dict[str, Any]:
         {
             "code": s.code,
             "path": s.path,
-            "value": s.value,
+            "value": s.value if not nests_deeper(s.value) else f"(nested deeper than "
+                                                               f"{MAX_VALUE_DEPTH} levels)",
             "unit": s.unit,
             "oemUpdatedAt": _iso(s.oem_updated_at),
             "status": "ok" if s.ok else f"{s.status or 'ERROR'} {s.error_code or ''}".strip(),
