@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -309,7 +310,8 @@ class TestFailureReports:
 
 
 class TestConcurrentFailures:
-    def test_a_late_failure_on_the_old_link_keeps_the_new_one(self) -> None:
+    @pytest.mark.parametrize("call", ["publish", "send_raw"])
+    def test_a_late_failure_on_the_old_link_keeps_the_new_one(self, call: str) -> None:
         """Two sends in flight on one link; the first fails and the link is replaced; a send
         on the new link succeeds; then the second fails on the old link. Its reset must not
         close the new link, which the sends in flight on it (and the next ones) use."""
@@ -334,22 +336,50 @@ class TestConcurrentFailures:
         first, second, third, fourth = (_message() for _ in range(4))
         gates.update({first.message_id: asyncio.Event(), second.message_id: asyncio.Event()})
 
+        async def send(message: OutboundMessage) -> None:
+            if call == "publish":
+                await publisher.publish(message)
+            else:
+                await publisher.send_raw(SimpleNamespace(message_id=message.message_id))
+
         async def scenario() -> None:
-            failing = [asyncio.create_task(publisher.publish(m)) for m in (first, second)]
+            failing = [asyncio.create_task(send(m)) for m in (first, second)]
             await asyncio.sleep(0)  # both in flight on the old link
             gates[first.message_id].set()
             with pytest.raises(PublishError):
                 await failing[0]
-            assert await publisher.publish(third)  # on a new link
+            await send(third)  # on a new link
             gates[second.message_id].set()
             with pytest.raises(PublishError):
                 await failing[1]
-            assert await publisher.publish(fourth)  # the new link is still open
+            await send(fourth)  # the new link is still open
             await publisher.close()
 
         asyncio.run(scenario())
         assert old.closed and [m.message_id for m in new.sent] == [third.message_id,
                                                                    fourth.message_id]
+
+    def test_a_sender_whose_close_hangs_does_not_hold_the_failed_send(self) -> None:
+        """Closing a broken link may hang as its send did: the close is bounded by the send
+        timeout too, so the caller gets its PublishError within two budgets."""
+        class Hangs(FakeSender):
+            async def close(self) -> None:
+                await asyncio.sleep(3600)
+
+        class Client:
+            def get_queue_sender(self, queue_name: str) -> FakeSender:
+                return Hangs(fail_with=ConnectionError("link detached"))
+
+        publisher = ServiceBusPublisher(Client, "q", send_timeout=1.0)
+
+        async def scenario() -> float:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(PublishError, match="ConnectionError"):
+                await publisher.publish(_message())
+            return loop.time() - started
+
+        assert run_hurried(scenario()) <= 2.0
 
 
 class TestCancelledSends:
@@ -386,6 +416,7 @@ class TestCancelledSends:
         asyncio.run(scenario())
         assert len(fresh.sent) == 1 and len(list(tmp_path.iterdir())) == 1
         assert closed == [hung] and hung.sent == []
+        assert not publisher._closing  # each background close forgets itself when done
 
     def test_a_send_raw_cancelled_by_its_caller_drops_the_sender_too(self) -> None:
         hung, fresh = SlowSender(60), FakeSender()
