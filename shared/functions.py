@@ -6,16 +6,17 @@ and `func.ServiceBusMessage` into bytes and mappings and back, and nothing else.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
 import azure.functions as func
 
 from .clockcheck import CLOCK_WATCH
-from .processor import InboundMessage, process_message
+from .processor import InboundMessage, handler_budget_for, process_message
 from .receiver import receive
 from .runtime import get_runtime
-from .settings import SettingsError
+from .settings import SettingsError, function_timeout_from_host_json
 from .vehicle_read import read_vehicle
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,20 @@ def inbound_message(msg: func.ServiceBusMessage) -> InboundMessage:
     )
 
 
+@functools.cache
+def azure_handler_budget() -> float | None:
+    """In Azure, the handlers' budget under host.json's functionTimeout (read once); None
+    when it is unbounded (`-1`) or unreadable. The host does not cancel one invocation at
+    its timeout: it restarts the worker process, with every delivery and request in it, so
+    the processor must end a hung attempt itself before then."""
+    try:
+        timeout = function_timeout_from_host_json()
+    except ValueError as exc:
+        logger.warning("handlers run without a budget of their own: %s", exc)
+        return None
+    return handler_budget_for(timeout)
+
+
 async def handle_queue_message(msg: func.ServiceBusMessage) -> None:
     runtime = get_runtime()
     message = inbound_message(msg)
@@ -130,6 +145,8 @@ async def handle_queue_message(msg: func.ServiceBusMessage) -> None:
         handled_log=runtime.handled_log,
         store=runtime.vehicle_state,
         clock=runtime.clock,
+        # Locally the host cancels the whole function at FUNCTION_TIMEOUT_SECONDS instead.
+        handler_budget=azure_handler_budget() if runtime.settings.in_azure else None,
     )
     if runtime.on_processed is not None:
         runtime.on_processed(message, result)

@@ -28,7 +28,7 @@ from typing import Any, NoReturn, Protocol
 
 from .clockcheck import CLOCK_WATCH, SKEW_WARNING_SECONDS
 from .events import Event, InvalidEventError, parse_event, peek_envelope
-from .handlers import HandlerContext, HandlerRegistry
+from .handlers import RUNNING_HANDLER, HandlerContext, HandlerRegistry
 from .publisher import (
     PROP_DEAD_LETTER_DESCRIPTION,
     PROP_DEAD_LETTER_REASON,
@@ -95,6 +95,18 @@ class ProcessResult:
 
 class HandlerFailedError(RuntimeError):
     """A handler raised; the message is abandoned and redelivered (or dead-lettered)."""
+
+
+def handler_budget_for(function_timeout: float) -> float:
+    """The store's and the handlers' share of a function timeout: all but 30 s (a tenth of
+    shorter ones), left for scheduling the retry and settling the message before the host's
+    timeout, which in Azure restarts the whole worker (every delivery and request in it)."""
+    return function_timeout - min(30.0, function_timeout / 10)
+
+
+class HandlerTimeoutError(TimeoutError):
+    """The store and the handlers of an attempt ran past `handler_budget`: cancelled, and
+    failed as a handler that raised."""
 
 
 class DeadLetterCopyError(RuntimeError):
@@ -270,9 +282,15 @@ async def process_message(
     telemetry: Telemetry | None = None,
     clock: Callable[[], float] = time.time,
     store: VehicleStateStore | None = None,
+    handler_budget: float | None = None,
 ) -> ProcessResult:
     """Process one message. Returns on completion (also when a handler failed and its retry
-    is scheduled); raises to have the message abandoned."""
+    is scheduled); raises to have the message abandoned.
+
+    `handler_budget`: seconds the store and the handlers may take before they are cancelled
+    and the attempt fails as a handler failure would (retry scheduled, dead letter after the
+    last); None for no bound of its own (the local host cancels the whole function at its
+    timeout instead)."""
     telemetry = telemetry or get_telemetry()
     with telemetry.observe_process(
         message.application_properties,
@@ -283,6 +301,7 @@ async def process_message(
             result = await _process(
                 message, settings=settings, registry=registry, dead_letterer=dead_letterer,
                 retry_sender=retry_sender, clock=clock, store=store, telemetry=telemetry,
+                handler_budget=handler_budget,
             )
         except HandlerFailedError as exc:
             # The retry (or dead letter) could not be sent: the original is abandoned and
@@ -367,6 +386,7 @@ async def _process(
     clock: Callable[[], float],
     store: VehicleStateStore | None = None,
     telemetry: Telemetry | None = None,
+    handler_budget: float | None = None,
 ) -> ProcessResult:
     if PROP_DEAD_LETTER_REASON in message.application_properties:
         raise DeadLetterCopyError(
@@ -403,10 +423,19 @@ async def _process(
                                             message.delivery_count),
     )
     applied = Applied()
+    budget = asyncio.timeout(handler_budget)
     try:
-        handled = await run_handlers(event, context, registry, store,
-                                     telemetry or get_telemetry(), applied=applied)
+        async with budget:
+            handled = await run_handlers(event, context, registry, store,
+                                         telemetry or get_telemetry(), applied=applied)
     except Exception as exc:
+        if isinstance(exc, TimeoutError) and budget.expired():
+            handler = RUNNING_HANDLER.get() or "(none: the store)"
+            logger.warning("event %s: the handlers ran past their budget (%g s, under the "
+                           "function timeout) in %s, which was cancelled; the attempt "
+                           "fails", event.event_id, handler_budget, handler)
+            exc = HandlerTimeoutError(f"the handlers ran past their {handler_budget:g} s "
+                                      f"budget in {handler}")
         failed = await _handler_failed(message, event, exc, settings=settings,
                                        dead_letterer=dead_letterer, retry_sender=retry_sender,
                                        now=clock())

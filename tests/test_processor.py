@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from shared.processor import (
     Outcome,
     ServiceBusDeadLetterer,
     error_summary,
+    handler_budget_for,
     outcome_record,
     process_message,
 )
@@ -758,3 +760,61 @@ def test_the_open_errors_attribute_names_an_error_without_a_code_by_its_type() -
     resolved = ErrorState(type="PERMISSION", code="DENIED", state="RESOLVED")
     assert error_summary(ApplyResult(errors_opened=(opened,), errors_resolved=(resolved,))) == (
         "OPEN COMPATIBILITY:;RESOLVED PERMISSION:DENIED")
+
+
+class TestHandlerBudget:
+    """In Azure the host answers a function timeout by restarting the worker process, with
+    every delivery and request in it: the processor ends a hung attempt itself first."""
+
+    @pytest.mark.parametrize("kind", ["async", "blocking"])
+    def test_handlers_past_their_budget_are_cancelled_and_the_attempt_retried(
+        self, kind: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        registry = HandlerRegistry()
+        release = threading.Event()
+
+        async def stuck_async(event: Any, ctx: Any) -> None:
+            await asyncio.sleep(3600)
+
+        def stuck_blocking(event: Any, ctx: Any) -> None:
+            release.wait(30)  # a thread cannot be cancelled: it is left to end
+
+        stuck: Any = stuck_async if kind == "async" else stuck_blocking
+        registry.on("VEHICLE_STATE")(stuck)
+
+        sender = RecordingRetrySender()
+        with caplog.at_level(logging.WARNING, logger="shared.processor"):
+            try:
+                result = run(message(encode(state_event())), registry, retry_sender=sender,
+                             handler_budget=0.2)
+            finally:
+                release.set()
+        assert (result.outcome, result.error_type) == (Outcome.RETRIED, "HandlerTimeoutError")
+        name = f"{__name__}.TestHandlerBudget.{stuck.__qualname__.split('.', 1)[1]}"
+        assert result.description == f"the handlers ran past their 0.2 s budget in {name}"
+        assert [c.attempt for c in sender.copies] == [2]
+        assert any(f"ran past their budget (0.2 s, under the function timeout) in {name}"
+                   in r.getMessage() for r in caplog.records)
+
+    def test_a_handler_s_own_timeout_is_a_failure_like_any_other(self) -> None:
+        registry = HandlerRegistry()
+
+        @registry.on("VEHICLE_STATE")
+        async def slow_crm(event: Any, ctx: Any) -> None:
+            raise TimeoutError("crm did not answer")
+
+        result = run(message(encode(state_event())), registry, handler_budget=60.0)
+        assert (result.outcome, result.error_type, result.description) == (
+            Outcome.RETRIED, "TimeoutError", "crm did not answer")
+
+    def test_within_the_budget_nothing_changes(self) -> None:
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda event, ctx: None)
+        assert run(message(encode(state_event())), registry,
+                   handler_budget=60.0).outcome is Outcome.HANDLED
+
+    @pytest.mark.parametrize(("timeout", "budget"), [(300.0, 270.0), (600.0, 570.0),
+                                                     (10.0, 9.0), (1.0, 0.9)])
+    def test_the_budget_leaves_thirty_seconds_or_a_tenth(self, timeout: float,
+                                                         budget: float) -> None:
+        assert handler_budget_for(timeout) == pytest.approx(budget)

@@ -27,7 +27,8 @@ pool (`blocking_threads`, default 32), so a blocking call (an HTTP client, a dat
 never stalls the event loop that also answers Smartcar's webhooks, and a hung one cannot take
 the threads the receiver needs; `async` ones run on the loop and must not block. A delivery is
 bounded by the function timeout (host.json `functionTimeout`; `FUNCTION_TIMEOUT_SECONDS`
-locally): a handler still running then is cancelled and the delivery fails. Raise to have the
+locally): a handler still running then is cancelled and the delivery fails (in Azure 30 s
+before it, so that the host does not restart the worker: docs/how-it-works.md). Raise to have the
 event retried with backoff
 (it is dead-lettered after `MAX_DELIVERY_COUNT` deliveries); return normally when done.
 Deliveries are at-least-once and unordered, so make handlers idempotent (key on
