@@ -14,9 +14,10 @@
 //                                                 spilled events (read, write, delete) too
 //   storage    Storage Table Data Contributor     the host writes its diagnostic events to tables
 //   vehicle-   Storage Table Data Contributor     the vehicle state store reads and writes its
-//   state                                         entities; scoped to its one table, so the
-//   table                                         store's access does not rest on the host's
-//                                                 account-wide grant
+//   state                                         entities; the host's account-wide grant above
+//   table                                         covers this table too, and this one, scoped
+//                                                 to the table, keeps the store's access if
+//                                                 that grant is ever narrowed or dropped
 //   appi       Monitoring Metrics Publisher       telemetry with Entra ID (DisableLocalAuth)
 // Storage Queue Data Contributor is not granted: no queue or blob trigger uses storage queues.
 //

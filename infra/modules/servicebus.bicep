@@ -23,7 +23,7 @@ param queueName string
 @minValue(1)
 param maxDeliveryCount int = 5
 
-@description('Peek-lock duration. The host renews locks while the processor backs off between attempts.')
+@description('Peek-lock duration. The host renews the lock while a delivery runs, up to host.json\'s maxAutoLockRenewalDuration (the function timeout); retries are scheduled copies, never waited for under the lock.')
 param lockDuration string = 'PT1M'
 
 @description('How long an unprocessed event is kept before it is dead-lettered.')
