@@ -150,7 +150,7 @@ PANEL_COLUMNS: dict[str, list[tuple[str, str]]] = {
     ],
     "processing_failures.kql": [
         ("eventType", "string"), ("outcome", "string"), ("deadLetterReason", "string"),
-        ("errorType", "string"), ("failures", "long"), ("events", "long"),
+        ("errorType", "string"), ("failures", "long"), ("eventsSeen", "long"),
         ("lastSeen", "datetime"), ("sampleOperationId", "string"),
     ],
     "receive_latency.kql": [
@@ -283,13 +283,14 @@ def deliberately_broken() -> dict[str, str]:
     top_vehicles = (QUERIES / "top_vehicles_by_errors.kql").read_text()
     assert FIXED_TOP_LINES in top_vehicles
     latency = (QUERIES / "receive_latency.kql").read_text()
-    assert "percentile(duration, 99)" in latency
+    assert "percentilew(duration, itemCount, 99)" in latency
     success_rate = (QUERIES / "delivery_success_rate.kql").read_text()
     return {
         # The line top_vehicles_by_errors.kql had: `top` takes one sort expression.
         "old_top": top_vehicles.replace(FIXED_TOP_LINES, OLD_TOP_LINE),
         # Parses fine; only the table schema says `durationMs` is not a column of `requests`.
-        "unknown_column": latency.replace("percentile(duration, 99)", "percentile(durationMs, 99)"),
+        "unknown_column": latency.replace("percentilew(duration, itemCount, 99)",
+                                          "percentilew(durationMs, itemCount, 99)"),
         "unknown_table": "customMetric | take 1",
         "threshold_on_a_missing_column": f"{success_rate}\n| where successRatio < 95\n",
     }
