@@ -192,11 +192,15 @@ ALERT_THRESHOLDS: dict[str, tuple[set[str], str]] = {
     "signatureFailureAlert": ({"failures"}, "| where failures > 20"),
     "processingLagAlert": ({"avgLagMs"}, "| where avgLagMs > 300000"),
     "receiveLatencyAlert": ({"p99"}, "| where p99 > 5000"),
+    # A 15-minute window never holds a whole 15-minute bin: these look back 30 minutes and
+    # judge the last whole bin only, so the minimum counts apply to whole bins.
     "smartcarRetriesAlert": (
-        {"deliveries", "redeliveryRate"}, "| where deliveries >= 100 and redeliveryRate > 1"
+        {"timestamp", "deliveries", "redeliveryRate"},
+        "| where timestamp == bin(now(), 15m) - 15m and deliveries >= 100 and redeliveryRate > 1"
     ),
     "deliveryToAnswerAlert": (
-        {"deliveries", "p95Ms"}, "| where deliveries >= 10 and p95Ms > 5000"
+        {"timestamp", "deliveries", "p95Ms"},
+        "| where timestamp == bin(now(), 15m) - 15m and deliveries >= 10 and p95Ms > 5000"
     ),
     "newPayloadShapeAlert": ({"shapeKnown"}, "| where shapeKnown == 'false'"),
 }
@@ -265,8 +269,10 @@ class TestAlertQueries:
         compared, _ = ALERT_THRESHOLDS[rule]
         assert compared <= set(returned), compared - set(returned)
         strings = STRING_THRESHOLDS.get(rule, set())
-        assert {returned[c] for c in compared - strings} <= NUMERIC
+        times = compared & {"timestamp"}
+        assert {returned[c] for c in compared - strings - times} <= NUMERIC
         assert {returned[c] for c in strings} <= {"string"}
+        assert {returned[c] for c in times} <= {"datetime"}
         # A where clause keeps the columns: the alert returns the panel's rows, filtered.
         assert columns(reports[rule]) == columns(reports[alert.query_file])
 

@@ -263,12 +263,12 @@ resource smartcarRetriesAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01
       appInsightsId
     ]
     evaluationFrequency: 'PT15M'
-    windowSize: 'PT15M'
+    windowSize: 'PT30M'  // the last whole 15-minute bin, which the query's last line picks
     autoMitigate: true
     criteria: {
       allOf: [
         union(logAlertCriterion, {
-          query: '${loadTextContent('../queries/smartcar_retries.kql')}\n| where deliveries >= ${redeliveryMinimumDeliveries} and redeliveryRate > ${redeliveryRateThreshold}\n'
+          query: '${loadTextContent('../queries/smartcar_retries.kql')}\n| where timestamp == bin(now(), 15m) - 15m and deliveries >= ${redeliveryMinimumDeliveries} and redeliveryRate > ${redeliveryRateThreshold}\n'
         })
       ]
     }
@@ -292,12 +292,12 @@ resource deliveryToAnswerAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-0
       appInsightsId
     ]
     evaluationFrequency: 'PT15M'
-    windowSize: 'PT15M'
+    windowSize: 'PT30M'  // the last whole 15-minute bin, which the query's last line picks
     autoMitigate: true
     criteria: {
       allOf: [
         union(logAlertCriterion, {
-          query: '${loadTextContent('../queries/delivery_to_answer_latency.kql')}\n| where deliveries >= ${deliveryToAnswerMinimumDeliveries} and p95Ms > ${deliveryToAnswerThresholdMs}\n'
+          query: '${loadTextContent('../queries/delivery_to_answer_latency.kql')}\n| where timestamp == bin(now(), 15m) - 15m and deliveries >= ${deliveryToAnswerMinimumDeliveries} and p95Ms > ${deliveryToAnswerThresholdMs}\n'
         })
       ]
     }
