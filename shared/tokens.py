@@ -119,7 +119,7 @@ class KeyVaultTokenProvider:
                         f"the signing token could not be read from Key Vault secret "
                         f"{self._name!r}; retrying after {self._min_refresh_interval:g}s"
                     )
-                await self._load(stale_ok=False)
+                await self._load()
         return self._tokens
 
     async def refresh(self) -> bool:
@@ -134,7 +134,7 @@ class KeyVaultTokenProvider:
         async with self._lock:
             if self._rate_limited():
                 return False
-            await self._load(stale_ok=True)
+            await self._load()
             return True
 
     def _expired(self, loaded_at: float) -> bool:
@@ -156,14 +156,16 @@ class KeyVaultTokenProvider:
             loaded_at = self._loaded_at
             if loaded_at is not None and not self._expired(loaded_at):
                 return  # a refresh() re-read while this task waited for the lock
-            await self._load(stale_ok=True)  # tokens are cached: this never raises
+            await self._load()  # tokens are cached: this never raises
 
-    async def _load(self, *, stale_ok: bool) -> None:
+    async def _load(self) -> None:
+        """Read the tokens; a failure keeps the cached ones (logged, tried again after
+        `min_refresh_interval`), and raises TokenUnavailableError when none are cached."""
         self._last_attempt = self._clock()
         try:
             tokens = await self._read_within_timeout()
         except Exception as exc:
-            if stale_ok and self._tokens:
+            if self._tokens:
                 logger.warning(
                     "Key Vault read of secret %r failed (%s); keeping the cached token",
                     self._name,
