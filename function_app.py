@@ -36,8 +36,11 @@ async def vehicle_state(req: func.HttpRequest) -> func.HttpResponse:
     return await functions.handle_vehicle(req)
 
 
+# Binary: the host passes the message body's bytes as stored (the signed body). As a string,
+# a body that is not UTF-8 would reach the processor with U+FFFD where its bytes were.
 @app.service_bus_queue_trigger(
-    arg_name="msg", queue_name="%SERVICEBUS_QUEUE_NAME%", connection="ServiceBusConnection"
+    arg_name="msg", queue_name="%SERVICEBUS_QUEUE_NAME%", connection="ServiceBusConnection",
+    data_type=func.DataType.BINARY,
 )
 async def process_event(msg: func.ServiceBusMessage) -> None:
     """Process one queued event: return completes it, raising abandons it for a retry."""

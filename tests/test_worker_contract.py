@@ -220,6 +220,9 @@ class TestIndexedMetadata:
         assert binding["queueName"] == "%SERVICEBUS_QUEUE_NAME%"
         assert binding["connection"] == "ServiceBusConnection"
         assert binding["direction"] == "IN" and binding["name"] == "msg"
+        # The body's bytes, not a string the host made of them (which replaces bytes that are
+        # not UTF-8): the processor then reads exactly what was signed and stored.
+        assert binding["dataType"].lower() == "binary"
 
     @pytest.mark.parametrize(("name", "schedule"), TIMER_SCHEDULES)
     def test_the_timers_run_on_their_schedule_not_on_startup(
