@@ -30,6 +30,7 @@ from .clockcheck import CLOCK_WATCH, SKEW_WARNING_SECONDS
 from .events import Event, InvalidEventError, parse_event, peek_envelope
 from .handlers import RUNNING_HANDLER, HandlerContext, HandlerRegistry
 from .publisher import (
+    PROP_DEAD_LETTER_DELIVERY_COUNT,
     PROP_DEAD_LETTER_DESCRIPTION,
     PROP_DEAD_LETTER_REASON,
     PROP_RECEIVED_AT,
@@ -147,6 +148,8 @@ class ServiceBusDeadLetterer:
         props: dict[str | bytes, Any] = {k: v for k, v in message.application_properties.items()}
         props[PROP_DEAD_LETTER_REASON] = reason
         props[PROP_DEAD_LETTER_DESCRIPTION] = description
+        props[PROP_DEAD_LETTER_DELIVERY_COUNT] = event_delivery_count(
+            message.application_properties, message.delivery_count)
         copy = ServiceBusMessage(
             message.body,
             message_id=dead_letter_copy_id(message.message_id),

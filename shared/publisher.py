@@ -40,6 +40,9 @@ PROP_REPLAY_COUNT = "replayCount"
 # Set on a copy that the processor routes to the dead-letter queue (see ServiceBusDeadLetterer).
 PROP_DEAD_LETTER_REASON = "deadLetterReason"
 PROP_DEAD_LETTER_DESCRIPTION = "deadLetterDescription"
+#: On a dead-letter copy: how many times the event had been delivered to handlers when it was
+#: dead-lettered (the copy's own delivery count counts its refusals instead).
+PROP_DEAD_LETTER_DELIVERY_COUNT = "deadLetterDeliveryCount"
 # Appended to the original message_id of such a copy (see dead_letter_copy_id).
 DEAD_LETTER_COPY_SUFFIX = ":dead-letter"
 

@@ -53,6 +53,20 @@ def invalid_copy(seq: int) -> FakeReceivedMessage:
     )
 
 
+def test_a_copy_shows_the_event_s_delivery_count_not_its_own_refusals() -> None:
+    copy = invalid_copy(21)
+    copy.application_properties[b"deadLetterDeliveryCount"] = 1  # delivered once, refused 3x
+    copy.delivery_count = 3
+    retried = invalid_copy(22)  # a retried event's copy without the count: as before
+    retried.application_properties[b"attempt"] = "5"
+    retried.delivery_count = 1
+    unreadable = invalid_copy(23)
+    unreadable.application_properties[b"deadLetterDeliveryCount"] = "many"
+    unreadable.delivery_count = 2
+    ops = make_ops(FakeNamespace(dlq=[copy, retried, unreadable]))
+    assert [d.delivery_count for d in ops.dead_letters(limit=10)] == [1, 5, 2]
+
+
 @pytest.fixture
 def ns() -> FakeNamespace:
     return FakeNamespace(dlq=[poison(11), invalid_copy(12), poison(13)])

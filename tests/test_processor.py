@@ -338,8 +338,21 @@ class TestServiceBusDeadLetterer:
         assert copy.message_id == "sha256:ab:dead-letter"
         assert copy.time_to_live == timedelta(seconds=1)
         assert dict(copy.application_properties) == {
-            "eventType": "X", "deadLetterReason": "InvalidPayload", "deadLetterDescription": "bad"
+            "eventType": "X", "deadLetterReason": "InvalidPayload", "deadLetterDescription": "bad",
+            "deadLetterDeliveryCount": 1,
         }
+
+    def test_the_copy_carries_the_event_s_delivery_count(self) -> None:
+        """A copy is delivered and refused, or not, before it expires: its own delivery count
+        says nothing about the event. The event's (a scheduled retry's attempt, plus this
+        message's deliveries) travels with it."""
+        sender = FakeSender()
+        dl = ServiceBusDeadLetterer(sender.send_messages)
+        retried = InboundMessage(body=b"x", message_id="e1:retry:4", delivery_count=2,
+                                 application_properties={"attempt": "4"})
+        asyncio.run(dl.dead_letter(retried, reason="MaxDeliveryCountExceeded", description="d"))
+        (copy,) = sender.sent
+        assert copy.application_properties["deadLetterDeliveryCount"] == 5
 
     def test_copy_id_stays_within_128_characters_for_long_event_ids(self) -> None:
         sender = FakeSender()

@@ -20,6 +20,7 @@ from ..events import peek_envelope
 from ..publisher import (
     DEAD_LETTER_COPY_SUFFIX,
     MAX_MESSAGE_ID_LENGTH,
+    PROP_DEAD_LETTER_DELIVERY_COUNT,
     PROP_DEAD_LETTER_DESCRIPTION,
     PROP_DEAD_LETTER_REASON,
     PROP_EVENT_ID,
@@ -30,7 +31,8 @@ from ..settings import Settings
 
 PROP_REPLAYED_FROM = "replayedFrom"
 PROP_REPLAY_COUNT = "replayCount"
-_DEAD_LETTER_COPY_PROPS = (PROP_DEAD_LETTER_REASON, PROP_DEAD_LETTER_DESCRIPTION)
+_DEAD_LETTER_COPY_PROPS = (PROP_DEAD_LETTER_REASON, PROP_DEAD_LETTER_DESCRIPTION,
+                           PROP_DEAD_LETTER_DELIVERY_COUNT)
 # Also removed on replay: the replayed event starts again at attempt 1 (its copies' ids carry
 # the replay count, so they are not duplicates of the earlier retries).
 _REPLAY_DROPS = (*_DEAD_LETTER_COPY_PROPS, *RETRY_PROPS)
@@ -127,6 +129,14 @@ def text_properties(properties: Mapping[Any, Any] | None) -> dict[str, Any]:
     return {str(_text(k)): _text(v) for k, v in (properties or {}).items()}
 
 
+def _whole(value: Any) -> int | None:
+    """A property's whole number (properties may arrive as text), or None."""
+    try:
+        return int(str(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 def _describe(
     *,
     sequence_number: int,
@@ -143,6 +153,12 @@ def _describe(
     if properties.get(PROP_DEAD_LETTER_REASON) is not None:
         reason = str(properties[PROP_DEAD_LETTER_REASON])
         description = _opt_str(properties.get(PROP_DEAD_LETTER_DESCRIPTION))
+    # Such a copy's own count is its refusals before it expired: it carries the event's.
+    copied_count = _whole(properties.get(PROP_DEAD_LETTER_DELIVERY_COUNT))
+    if copied_count is not None:
+        delivery_count = copied_count
+    elif PROP_ATTEMPT in properties:  # a retried event's copies start their count afresh
+        delivery_count = event_delivery_count(properties, delivery_count)
     envelope = peek_envelope(body)
     return DeadLetter(
         sequence_number=sequence_number,
@@ -151,9 +167,7 @@ def _describe(
         event_type=_opt_str(properties.get(PROP_EVENT_TYPE)) or envelope.event_type,
         reason=reason,
         description=description,
-        # A retried event's copies start their delivery count afresh: count the event's.
-        delivery_count=(event_delivery_count(properties, delivery_count)
-                        if PROP_ATTEMPT in properties else delivery_count),
+        delivery_count=delivery_count,
         enqueued_time=enqueued_time,
         application_properties=properties,
         body=body,
