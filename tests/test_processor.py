@@ -806,8 +806,25 @@ class TestHandlerBudget:
         name = f"{__name__}.TestHandlerBudget.{stuck.__qualname__.split('.', 1)[1]}"
         assert result.description == f"the handlers ran past their 0.2 s budget in {name}"
         assert [c.attempt for c in sender.copies] == [2]
-        assert any(f"ran past their budget (0.2 s, under the function timeout) in {name}"
-                   in r.getMessage() for r in caplog.records)
+        event_id = result.event.event_id
+        assert next(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == (
+            f"event {event_id}: the handlers ran past their budget (0.2 s, under the function "
+            f"timeout) in {name}, which was cancelled; the attempt fails")
+
+    def test_a_store_past_the_budget_is_named_as_such(self) -> None:
+        class HungStore:
+            async def is_processed(self, vehicle_id: Any, event_id: str) -> bool:
+                return False
+
+            async def apply(self, event: Any, *, outbox: Any = None) -> Any:
+                await asyncio.sleep(3600)
+
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda event, ctx: None)
+        result = run(message(encode(state_event())), registry, store=HungStore(),
+                     handler_budget=0.2)
+        assert (result.outcome, result.description) == (
+            Outcome.RETRIED, "the handlers ran past their 0.2 s budget in (none: the store)")
 
     def test_a_handler_s_own_timeout_is_a_failure_like_any_other(self) -> None:
         registry = HandlerRegistry()

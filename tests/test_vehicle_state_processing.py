@@ -417,6 +417,24 @@ class TestIdsNoStoreCanKey:
             f"over 1024 characters) is not stored (its 3 signals or errors are skipped); its "
             f"handlers run without the inbox"] * 2
 
+    def test_a_failed_attempt_reports_what_the_unkeyed_path_skipped(
+        self, tmp_path: Path
+    ) -> None:
+        """The attempt's result says what the store did even when a handler then failed:
+        here, that every signal was skipped as not Unicode."""
+        async def scenario(h: Harness) -> Any:
+            @h.registry.on("VEHICLE_STATE")
+            async def fail(event: Event, context: HandlerContext) -> None:
+                raise RuntimeError("downstream is down")
+
+            body = {**state_body("e1", signal(value=50)), "vehicleId": "v\ud800"}
+            return await h.deliver(body)
+
+        result = run(tmp_path, scenario)
+        assert result.outcome is Outcome.RETRIED
+        assert [(s.code, s.reason) for s in result.vehicle_state.skipped] == [
+            (SOC, NOT_UNICODE)]
+
     def test_an_error_event_s_entries_are_skipped_by_their_codes(self) -> None:
         event = parse_event(json.dumps({**error_body("e\ud800", error(), error("B", None)),
                                         "eventType": "VEHICLE_ERROR"}))
