@@ -476,6 +476,23 @@ class TestKeyVaultLog:
         )]
 
 
+
+async def hung_in_the_background() -> KeyVaultTokenProvider:
+    """A provider (300 s TTL, on the loop's clock) whose TTL passed while Key Vault hangs:
+    its background read has started and hangs, 301 s in."""
+    client = HangingSecretClient()
+    client.set_secret("t1")
+    p = KeyVaultTokenProvider(client, NAME, ttl_seconds=300,
+                              clock=asyncio.get_running_loop().time)
+    await p.get_tokens()
+    client.hanging = True
+    await asyncio.sleep(300)
+    await p.get_tokens()
+    await asyncio.sleep(1)
+    assert client.hung == 1
+    return p
+
+
 class TestKeyVaultHangs:
     """A Key Vault that hangs instead of failing: no answer may wait on it longer than the read
     timeout, and none at all while a token is cached. On the hurried loop, whose clock only
@@ -582,20 +599,10 @@ class TestKeyVaultHangs:
         run_hurried(scenario())
 
     def test_a_refresh_while_a_read_is_under_way_answers_at_once(self) -> None:
-        client = HangingSecretClient()
-        client.set_secret("t1")
-
         async def scenario() -> None:
-            loop = asyncio.get_running_loop()
-            p = KeyVaultTokenProvider(client, NAME, ttl_seconds=300, clock=loop.time)
-            await p.get_tokens()
-            client.hanging = True
-            await asyncio.sleep(300)
-            await p.get_tokens()
-            await asyncio.sleep(1)  # the background read has started, and hangs
-            assert client.hung == 1
+            p = await hung_in_the_background()
             assert await p.refresh() is False  # that read is the attempt the limit counts
-            assert loop.time() == 301
+            assert asyncio.get_running_loop().time() == 301
 
         run_hurried(scenario())
 
@@ -644,20 +651,10 @@ class TestKeyVaultHangs:
         run(scenario())
 
     def test_close_cancels_a_background_read_without_waiting_for_it(self) -> None:
-        client = HangingSecretClient()
-        client.set_secret("t1")
-
         async def scenario() -> None:
-            loop = asyncio.get_running_loop()
-            p = KeyVaultTokenProvider(client, NAME, ttl_seconds=300, clock=loop.time)
-            await p.get_tokens()
-            client.hanging = True
-            await asyncio.sleep(300)
-            await p.get_tokens()
-            await asyncio.sleep(1)
-            assert client.hung == 1
+            p = await hung_in_the_background()
             await p.close()
-            assert loop.time() == 301
+            assert asyncio.get_running_loop().time() == 301
             assert asyncio.all_tasks() == {asyncio.current_task()}
 
         run_hurried(scenario())
