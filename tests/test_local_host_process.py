@@ -113,6 +113,7 @@ class TestIpv6Host:
 
         port = free_port()
         env = base_env(tmp_path, port)
+        env["INSPECTOR_PORT"] = str(free_port())  # the port after `port` may be taken
         proc = subprocess.Popen([sys.executable, "-m", "shared.local", "--host", "::1"],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True, text=True)
@@ -121,9 +122,12 @@ class TestIpv6Host:
                                   daemon=True)
         reader.start()
         try:
-            inspector = wait_until(lambda: next((m.group(1) for line in lines if (
-                m := re.search(r"Inspector .*?(http://\S+/)$", line))), None), timeout=60)
+            wait_until(lambda: any(line.startswith("Inspector") for line in lines)
+                       or proc.poll() is not None, timeout=60)
             out = "\n".join(lines)
+            found = re.search(r"^Inspector .*?(http://\S+/)$", out, re.M)
+            assert found is not None, out
+            inspector = found.group(1)
             assert f"listening on http://[::1]:{port}" in out, out
             health = f"http://[::1]:{port}/api/health"
             assert f"  health:                {health}" in out
