@@ -119,7 +119,9 @@ class FileSpillStore:
         self.directory = directory
 
     def _put_sync(self, message: OutboundMessage) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Private whatever the umask (`func start` without a storage account has no 077 one):
+        # the names are hashes of eventIds, and the records vehicle data.
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         final = self.directory / spill_name(message.message_id)
         temp = self.directory / f"{_TEMP_PREFIX}{uuid.uuid4().hex}"
         data = encode_record(message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import select
 import socket
 from collections.abc import Iterator
@@ -197,6 +198,20 @@ class TestPersonalData:
         asyncio.run(store.put(OutboundMessage(b"{}", "id")))
         (record,) = tmp_path.glob("*.json")
         assert record.stat().st_mode & 0o077 == 0
+
+    def test_the_spill_directory_it_creates_is_private_whatever_the_umask(
+        self, tmp_path: Path
+    ) -> None:
+        from shared.publisher import OutboundMessage
+        from shared.spill import FileSpillStore
+
+        store = FileSpillStore(tmp_path / "state" / "spill")
+        old = os.umask(0o022)  # a usual login umask, not the local host's 077
+        try:
+            asyncio.run(store.put(OutboundMessage(b"{}", "id")))
+        finally:
+            os.umask(old)
+        assert (tmp_path / "state" / "spill").stat().st_mode & 0o077 == 0
 
 
 class TestFunctionKeys:
