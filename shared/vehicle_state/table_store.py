@@ -196,9 +196,9 @@ class TableVehicleStateStore:
         except ResourceNotFoundError:
             return None
 
-    async def _rows(self, pk: str, prefix: str) -> list[Any]:
+    async def _rows(self, pk: str, prefix: str, select: list[str] | None = None) -> list[Any]:
         return [entity async for entity in self._table.query_entities(
-            _range(prefix), parameters={"pk": pk})]
+            _range(prefix), parameters={"pk": pk}, select=select)]
 
     # --- writing ------------------------------------------------------------------------------
     async def apply(self, event: Event, *, outbox: Outbox | None = None) -> ApplyResult:
@@ -367,8 +367,7 @@ class TableVehicleStateStore:
 
         await self._ready()
         pk = _partition(vehicle_id)
-        outbox = [row async for row in self._table.query_entities(  # their keys, to delete
-            _range(_outbox_prefix(event_id)), parameters={"pk": pk}, select=["RowKey"])]
+        outbox = await self._rows(pk, _outbox_prefix(event_id), ["RowKey"])  # keys, to delete
         now = float(self._clock())
         ops: list[tuple[Any, ...]] = [
             ("upsert", {"PartitionKey": pk, "RowKey": _event_key(event_id),
