@@ -226,26 +226,32 @@ class ServiceBusPublisher:
             await self._reset(sender)
             raise PublishError(f"Service Bus send failed: {type(exc).__name__}") from exc
 
-    def _drop(self, sender: Any) -> None:
-        """A send on `sender` was cancelled: unless another failure replaced it already, the
-        next send opens a new one, and this one is closed in the background."""
-        if sender is None or sender is not self._sender:
-            return
+    def _take(self, failed: Any = None) -> Any:
+        """Drop the current sender and return it: unless `failed` (the one a send failed on)
+        is not it, because another failure replaced it already and sends in flight on the new
+        link keep that one. None: whichever there is."""
+        sender = self._sender
+        if sender is None or (failed is not None and sender is not failed):
+            return None
         self._sender = None
-        task = asyncio.get_running_loop().create_task(self._close_sender(sender))
+        return sender
+
+    def _drop(self, sender: Any) -> None:
+        """A send on `sender` was cancelled: the next send opens a new one, and this one is
+        closed in the background."""
+        taken = self._take(sender) if sender is not None else None
+        if taken is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._close_sender(taken))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
     async def _reset(self, failed: Any = None) -> None:
-        """Close and drop the sender: `failed`, the one a send failed on, unless another
-        failure replaced it already (sends in flight on a new link keep it); None: whichever
-        there is."""
+        """Close and drop the sender (`_take`)."""
         async with self._lock:
-            sender = self._sender
-            if sender is None or (failed is not None and sender is not failed):
-                return
-            self._sender = None
-        await self._close_sender(sender)
+            sender = self._take(failed)
+        if sender is not None:
+            await self._close_sender(sender)
 
     async def _close_sender(self, sender: Any) -> None:
         try:
