@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .vehicle_state import VehicleStateStore, valid_vehicle_id
+from .vehicle_state.rules import MAX_ID_CHARS, TOO_LARGE, id_problem
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,22 @@ def vehicle_id_problem(vehicle_id: str) -> str | None:
         f"vehicleId must be 1 to {MAX_VEHICLE_ID_LENGTH} letters, digits, '-', '_', '.' or ':' "
         f"(Smartcar's vehicle ids are UUIDs), got {came}"
     )
+
+
+def stored_vehicle_id_problem(vehicle_id: str) -> str | None:
+    """Why no store can hold a vehicle of this id, or None: for the operator's own tools
+    (`vehicles show`, the inspector), which open any vehicle `vehicles list` shows. Unlike the
+    read route, which is open to the network and takes Smartcar's id characters only, they
+    take any id a store keys: 1 to MAX_ID_CHARS characters of Unicode text."""
+    if not vehicle_id:
+        return "vehicleId must not be empty"
+    problem = id_problem(vehicle_id)
+    if problem == TOO_LARGE:
+        return (f"vehicleId must be at most {MAX_ID_CHARS} characters (no store keys a longer "
+                f"one), got {len(vehicle_id)}")
+    if problem is not None:
+        return "vehicleId must be Unicode text (it holds a lone surrogate): no store keys it"
+    return None
 
 
 async def read_vehicle(vehicle_id: str, store: VehicleStateStore | None) -> ReadReply:

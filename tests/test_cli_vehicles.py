@@ -151,10 +151,20 @@ class TestShow:
         assert "no state for vehicle never-seen" in err
         assert "no state for vehicle never-seen" in json.loads(out)["error"]
 
-    def test_a_malformed_id_is_a_usage_error(self, store: MemoryVehicleStore) -> None:
-        code, _, err = cli("vehicles", "show", "a/b")
-        assert code == 2 and "letters, digits" in err
+    def test_an_id_no_store_can_key_is_a_usage_error(self, store: MemoryVehicleStore) -> None:
+        code, _, err = cli("vehicles", "show", "a" * 1025)
+        assert code == 2 and "at most 1024 characters" in err
+        code, _, err = cli("vehicles", "show", "")
+        assert code == 2 and "must not be empty" in err
+        code, _, err = cli("vehicles", "show", "car\udcff")  # argv bytes that are not UTF-8
+        assert code == 2 and "Unicode" in err
         assert store.reads == []
+
+    def test_any_id_a_store_keys_is_read(self, store: MemoryVehicleStore) -> None:
+        # Not only the read route's characters: the CLI opens what `vehicles list` shows.
+        code, _, err = cli("vehicles", "show", "fleet 7/a#b?c")
+        assert code == 1 and "no state for vehicle fleet 7/a#b?c" in err
+        assert store.reads == ["fleet 7/a#b?c"]
 
 
 class TestTheStoreTheAppUses:

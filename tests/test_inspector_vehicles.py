@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import json
 import sys
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -191,10 +192,30 @@ class TestOverTheInspectorsPort:
 
             unknown = host.inspector(f"api/vehicles/{uuid.uuid4()}")
             assert unknown.status == 404
-            assert host.inspector("api/vehicles/a%20b").status == 400
+            assert host.inspector(f"api/vehicles/{'a' * 1025}").status == 400
             # The token is still the door: without it, 403, no vehicle data.
             refused = http_request(host.inspector_port, "GET", "/not-the-token/api/vehicles")
             assert refused.status == 403 and VEHICLE.encode() not in refused.body
+
+    def test_a_vehicle_listed_under_any_id_opens(self, tmp_path: Path) -> None:
+        # Only Smartcar's id characters pass the read route; the inspector, like `vehicles
+        # show`, opens whatever vehicle it lists, however its id is spelled.
+        odd = "fleet 7/a#b?c%d\\é"
+        with HostProcess(tmp_path, python=VEHICLE_HOST) as host:
+            assert host.post(state_body(odd, oem_ms=OEM_MS, soc=61)).status == 200
+
+            def listed() -> list[dict[str, Any]] | None:
+                vehicles: list[dict[str, Any]] = json.loads(
+                    host.inspector("api/vehicles").body)["vehicles"]
+                return vehicles or None
+
+            assert [v["vehicleId"] for v in host.wait_for(listed)] == [odd]
+            # As the page asks for it (encodeURIComponent).
+            opened = host.inspector(f"api/vehicles/{urllib.parse.quote(odd, safe='')}")
+            assert opened.status == 200
+            view = json.loads(opened.body)
+            assert view["vehicleId"] == odd
+            assert view["signals"]["tractionbattery-stateofcharge"]["value"] == 61
 
     def test_with_the_store_off_the_api_says_so(self, tmp_path: Path) -> None:
         with HostProcess(tmp_path, extra_env={"VEHICLE_STATE_STORE": "off"}) as host:

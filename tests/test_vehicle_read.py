@@ -30,6 +30,7 @@ from shared.vehicle_read import (
     MAX_VEHICLE_ID_LENGTH,
     ReadReply,
     read_vehicle,
+    stored_vehicle_id_problem,
     vehicle_id_problem,
 )
 from shared.vehicle_state import valid_vehicle_id
@@ -156,6 +157,15 @@ class TestTheDecision:
         assert "got a character outside that set" in (
             vehicle_id_problem("a" * (MAX_VEHICLE_ID_LENGTH - 1) + "/") or "")
         assert vehicle_id_problem("a" * 128) is None
+
+    def test_the_operators_tools_take_any_id_a_store_keys(self) -> None:
+        # `vehicles show` and the inspector: 1 to MAX_ID_CHARS characters of Unicode text.
+        for usable in ("a/b#c?d\\e f", "\x1b[2J", "a" * 1024, "x"):
+            assert stored_vehicle_id_problem(usable) is None, usable
+        assert stored_vehicle_id_problem("") == "vehicleId must not be empty"
+        assert "at most 1024 characters" in (stored_vehicle_id_problem("a" * 1025) or "")
+        assert "got 1025" in (stored_vehicle_id_problem("a" * 1025) or "")
+        assert "lone surrogate" in (stored_vehicle_id_problem("car\udcff") or "")
 
     def test_the_length_limit_is_the_interfaces(self) -> None:
         assert valid_vehicle_id("a" * MAX_VEHICLE_ID_LENGTH)

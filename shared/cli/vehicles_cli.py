@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from ..credentials import ProcessCredential
 from ..settings import Settings
-from ..vehicle_read import vehicle_id_problem
+from ..vehicle_read import stored_vehicle_id_problem
 from ..vehicle_state import VehicleStateStore, VehicleSummary, VehicleView
 
 COMMANDS = frozenset({"vehicles"})
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, emit: Callable[[Any, str], None], err: TextIO,
              list_text(summaries, table, more=len(found) > limit))
         return EXIT_OK
 
-    problem = vehicle_id_problem(args.vehicle_id)
+    problem = stored_vehicle_id_problem(args.vehicle_id)
     if problem is not None:
         raise UsageError(problem)
     view = _with_store(_settings(), lambda store: store.get_vehicle(args.vehicle_id))

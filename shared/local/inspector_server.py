@@ -6,7 +6,8 @@ webhook port never exposes it. Every path starts with the token
 including a request whose `Host` is not this loopback address (a DNS-rebinding page). The
 dead-letter actions go through the same operations code as `python -m shared.cli dlq`. The
 Vehicles tab reads the app's own vehicle state store (the runtime's), as the read route does,
-from this loopback port only: the page needs no function key, its token stands for one.
+from this loopback port only: the page needs no function key, its token stands for one. It opens
+any vehicle it lists, as `vehicles show` does, not only those whose id the read route takes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from ..cli.ops import LocalOps, OpsError
 from ..settings import INSPECTOR_PORT, Settings
-from ..vehicle_read import vehicle_id_problem
+from ..vehicle_read import stored_vehicle_id_problem
 from ..vehicle_state import VehicleStateStore
 from .inspector import Recorder, curl_command, describe_body
 
@@ -273,7 +274,7 @@ class InspectorServer:
 
     async def _vehicle(self, request: web.Request) -> web.StreamResponse:
         vehicle_id = request.match_info["vehicle_id"]
-        problem = vehicle_id_problem(vehicle_id)
+        problem = stored_vehicle_id_problem(vehicle_id)
         if problem is not None:
             raise web.HTTPBadRequest(text=problem)
         store = self._store()
