@@ -114,3 +114,38 @@ class TestAStepWhileNoHostRuns:
         control.write_text("-2h")
         with host_process(HOST, env, port):
             wait_until(lambda: len(handled(state)) == len(events), timeout=20)
+
+
+class TestASecondHostStarting:
+    """Two hosts may share a state directory: the second's start-up clamp must not take the
+    first's locks for a clock error (it used to cut them to its own lock duration, and then
+    received a message the first was still processing)."""
+
+    def _first_holds_a_lock(self, state: Path) -> tuple[LocalQueue, str]:
+        first = LocalQueue(state / QUEUE_FILE)
+        first.send(b'{"eventId": "held"}', message_id="held")
+        (held,) = first.receive(max_messages=1, lock_duration=60.0)
+        assert held.lock_token is not None
+        return first, held.lock_token
+
+    def test_in_the_same_boot_the_first_hosts_longer_lock_holds(self, tmp_path: Path) -> None:
+        first, token = self._first_holds_a_lock(tmp_path)
+        with LocalQueue(tmp_path / QUEUE_FILE) as second:
+            assert second.clamp_future_times(lock_seconds=0.5, backoff_seconds=0.05) == 0
+            time.sleep(0.6)  # past the second host's own lock duration
+            assert second.receive(max_messages=1, lock_duration=0.5) == []
+        first.complete(token)  # the first host still holds its lock
+        first.close()
+
+    def test_after_a_reboot_stored_locks_are_clamped(self, tmp_path: Path) -> None:
+        first, _ = self._first_holds_a_lock(tmp_path)
+        first.close()
+        with sqlite3.connect(tmp_path / QUEUE_FILE) as conn:
+            conn.execute("UPDATE clock_reference SET boot_id = 'an earlier boot'")
+        conn.close()
+        with LocalQueue(tmp_path / QUEUE_FILE) as second:
+            # The monotonic clock restarted: no step can be measured, so a lock further ahead
+            # than any this host takes may be the clock's error, and is brought back.
+            assert second.clamp_future_times(lock_seconds=0.5, backoff_seconds=0.05) == 1
+            time.sleep(0.6)
+            assert [m.message_id for m in second.receive(max_messages=1)] == ["held"]

@@ -394,6 +394,9 @@ class LocalQueue:
         # The wall clock's offset from the monotonic clock as this process last stored it.
         self._clock_offset: float | None = None
         self._boot = _boot_id()
+        # Whether the clock reference this process found was stored during this boot: then
+        # `_follow_clock` measured any step since, and stored times need no clamp at start.
+        self._reference_of_this_boot = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
@@ -648,6 +651,8 @@ class LocalQueue:
         boot = self._boot
         row = conn.execute(
             "SELECT boot_id, wall_minus_monotonic FROM clock_reference WHERE id = 1").fetchone()
+        if self._clock_offset is None:  # the first look of this process
+            self._reference_of_this_boot = bool(row is not None and boot and row[0] == boot)
         if row is not None and boot and row[0] == boot:
             step = offset - float(row[1])
             if abs(step) >= CLOCK_STEP_SECONDS:
@@ -677,14 +682,19 @@ class LocalQueue:
 
     def clamp_future_times(self, *, lock_seconds: float, backoff_seconds: float) -> int:
         """At start: times further ahead than any lock or backoff could have set them (the
-        clock went back while no process was running, or across a reboot, which
-        `_follow_clock` cannot see) are wrong by an unknown amount: such a message becomes
-        visible now (a retry a little early is harmless), such a lock lasts `lock_seconds`
-        from now. How many rows changed.
+        clock went back across a reboot, which `_follow_clock` cannot measure) are wrong by an
+        unknown amount: such a message becomes visible now (a retry a little early is
+        harmless), such a lock lasts `lock_seconds` from now. How many rows changed.
 
+        Only when the clock reference was stored in another boot (or there is none, or the
+        clock is injected): within one boot `_follow_clock` has already moved every stored
+        time by any step, and a lock further ahead than `lock_seconds` is another host's on
+        this directory, taken with a longer `--lock-duration`, that must hold.
         Scheduled messages keep their times: a schedule may lie far ahead on purpose."""
         now = self._now()
         with self._transaction("clamp future times") as conn:
+            if self._reference_of_this_boot:
+                return 0
             changed = conn.execute(
                 "UPDATE messages SET visible_at = ? WHERE state = ? AND scheduled_time IS NULL "
                 "AND visible_at > ?",
