@@ -272,6 +272,14 @@ def test_value_fits_agrees_with_measuring_the_json(value: Any) -> None:
     assert value_fits(signal) == (len(canonical_json(value).encode()) <= MAX_VALUE_CHARS)
 
 
+def test_the_value_limit_counts_utf8_bytes_as_documented() -> None:
+    # docs/vehicle-state.md: over 30,000 bytes in UTF-8, so `é` (two bytes) counts twice.
+    fits = "é" * ((MAX_VALUE_CHARS - 2) // 2)  # with its quotes, exactly 30,000 bytes
+    assert value_fits(Signal(code="c", value=fits))
+    assert not value_fits(Signal(code="c", value=fits + "é"))
+    assert len(fits + "é") + 2 < MAX_VALUE_CHARS  # in characters it would fit
+
+
 def test_value_fits_refuses_a_string_of_controls_just_past_the_shortcut() -> None:
     # Short in characters but six bytes each once escaped: measured, not waved through.
     value = "\x00" * (MAX_VALUE_CHARS // 6 + 1)
