@@ -899,17 +899,27 @@ class TestDelivery:
         assert "-f infra/main.bicep" in workflow and "-p infra/main.bicepparam" in workflow
         assert "python-version: '3.13'" in workflow
 
-    def test_workflow_passes_the_key_vault_create_mode_and_name_suffix(self) -> None:
+    def test_workflow_passes_every_setting_main_bicepparam_reads(self) -> None:
         # After a teardown the vault's name is reserved: a CI redeploy needs the same two
-        # settings as `az` and azd, which main.bicepparam reads from the environment.
+        # settings as `az` and azd; without the deployer principal a CI-only deployment grants
+        # nobody the right to store the token. main.bicepparam reads them all from the
+        # environment; the workflow passes each from a repository variable (azd's environment
+        # name is azd's own).
         workflow = WORKFLOW.read_text()
         params = PARAMS.read_text()
+        read = set(re.findall(r"readEnvironmentVariable\('(\w+)'", params)) - {"AZURE_ENV_NAME"}
+        assert {"KEY_VAULT_CREATE_MODE", "DEPLOYER_PRINCIPAL_ID"} <= read
+        for name in read:
+            assert re.search(rf"(?m)^\s+{name}: \$\{{\{{ vars\.{name}\b", workflow), name
+        # A variable left unset is an empty string, which these two parameters refuse.
         for name, value in (
             ("KEY_VAULT_CREATE_MODE", "${{ vars.KEY_VAULT_CREATE_MODE || 'default' }}"),
-            ("KEY_VAULT_NAME_SUFFIX", "${{ vars.KEY_VAULT_NAME_SUFFIX }}"),
+            ("DEPLOYER_PRINCIPAL_TYPE", "${{ vars.DEPLOYER_PRINCIPAL_TYPE || 'User' }}"),
         ):
             assert re.search(rf"(?m)^\s+{name}: {re.escape(value)}$", workflow), name
-            assert f"readEnvironmentVariable('{name}'" in params, name
+        setup = (ROOT / "docs" / "deploy.md").read_text().split(
+            "## Continuous deployment (GitHub Actions)", 1)[1]
+        assert "`DEPLOYER_PRINCIPAL_ID`" in setup
 
     def test_workflow_test_job_installs_what_ci_run_installs_before_make_test(self) -> None:
         # The browser and clock tests fail under CI=true without Chromium, chromium-driver and
@@ -967,6 +977,7 @@ class TestDelivery:
         # The token never goes on a command line.
         assert "-p smartcarManagementToken=\"$AMT\"" not in section
         assert "--value \"$AMT\"" not in section
+        assert "--token \"$AMT\"" not in section
 
     def test_deploy_page_says_how_teardown_and_redeploy_work(self) -> None:
         page = (ROOT / "docs" / "deploy.md").read_text()
