@@ -171,9 +171,19 @@ def _new_codes(root: Mapping[str, Any], data: Mapping[str, Any]) -> tuple[str, .
         if not isinstance(signals, list):
             continue
         # Every subscribed signal comes on every delivery: classify each distinct code once.
-        codes = {s.get("code") for s in signals if type(s) is dict}
-        found.update(_escaped(c) for c in codes if isinstance(c, str) and not _known_code(c))
+        for code in {_code_part(s.get("code")) for s in signals if type(s) is dict}:
+            if code is not None and not _known_code(code):
+                found.add(code)
     return tuple(sorted(found)[:_MAX_NEW_CODES])
+
+
+def _code_part(code: Any) -> str | None:
+    """A signal's code as the shape names it: escaped text; a code that is not text (an
+    object, a list: a new format, which the store skips as no-code) by its JSON type, as
+    `<object>`; None for none (a signal named by its group and name only)."""
+    if type(code) is str:
+        return _escaped(code)
+    return None if code is None else f"<{_json_type(code)}>"
 
 
 @lru_cache(maxsize=4096)
@@ -196,7 +206,8 @@ def decode_object(body: bytes) -> dict[str, Any] | None:
     decoded = loads_or_declined(body, exact_numbers=False)  # only names and types are read
     if decoded is DECLINED:
         try:
-            decoded = json.loads(body.decode("utf-8"))
+            # A byte order mark, which the event parser and the receiver read past, too.
+            decoded = json.loads(body.decode("utf-8").removeprefix("\ufeff"))
         except (ValueError, RecursionError):
             return None
     return decoded if isinstance(decoded, dict) else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import time
 import uuid
@@ -143,6 +144,31 @@ class TestShapes:
         del event["data"]["signals"]
         event["signals"] = [{"code": "batterypack-health", "body": {"value": 1}}]
         assert shape_of(event).new_signal_codes == ("batterypack-health",)
+
+    @pytest.mark.parametrize(("code", "part"), [
+        ({"name": "tractionbattery-stateofcharge"}, "<object>"),
+        (["tractionbattery", "stateofcharge"], "<array>"),
+        (7, "<number>"),
+    ])
+    def test_a_code_that_is_not_text_is_a_new_part(self, code: Any, part: str) -> None:
+        # Smartcar changing the code's format is what the new-shape alert is for: the shape
+        # names the code's type (an object or a list used to raise: unhashable).
+        event = copy.deepcopy(STATE)
+        event["data"]["signals"].append({"code": code, "body": {"value": 1}})
+        shape = fingerprint(json.dumps(event).encode())
+        assert shape is not None and shape.new_signal_codes == (part,)
+        assert not shape.known
+
+    def test_a_signal_without_a_code_adds_no_part(self) -> None:
+        event = copy.deepcopy(STATE)
+        event["data"]["signals"].append({"group": "Odometer", "name": "TraveledDistance"})
+        assert shape_of(event).known
+
+    def test_a_body_with_a_byte_order_mark_has_its_shape(self) -> None:
+        # The parser and the receiver read past a UTF-8 BOM; the inspector's shape does too.
+        body = json.dumps(STATE).encode()
+        assert fingerprint(b"\xef\xbb\xbf" + body) == fingerprint(body)
+        assert fingerprint(b"\xef\xbb\xbf" + body) is not None
 
     def test_a_lone_surrogate_in_the_event_type_still_gives_a_shape(self) -> None:
         shape = fingerprint(b'{"eventType": "\\ud800", "meta": {}}')
