@@ -8,6 +8,7 @@ in tests/test_vehicle_state_processing.py; the pool's threads in tests/test_hand
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 from collections.abc import Awaitable
@@ -106,6 +107,38 @@ class TestWhatADeliveryLeavesForTheHost:
         assert raised is failure and error is failure
         assert running == f"{__name__}.{broken.__qualname__}"
         assert isinstance(seconds, float) and seconds >= 0
+
+    def test_a_callable_object_and_a_partial_run_and_are_named(self) -> None:
+        # Neither has a __qualname__ of its own: naming them must not fail the delivery.
+        registry = HandlerRegistry()
+        ran: list[str] = []
+
+        class Notifier:
+            def __call__(self, event: Event, context: HandlerContext) -> None:
+                ran.append("object")
+                raise RuntimeError("named?")
+
+        async def notify(event: Event, context: HandlerContext, *, channel: str) -> None:
+            ran.append(channel)
+
+        registry.on("VEHICLE_STATE")(functools.partial(notify, channel="ops"))
+        registry.on("VEHICLE_STATE")(Notifier())
+        raised, running, error, _ = dispatch(registry)
+        assert ran == ["ops", "object"]
+        assert isinstance(raised, RuntimeError) and error is raised
+        assert running == f"{__name__}.{Notifier.__qualname__}"
+
+    def test_a_partial_is_named_after_the_function_it_wraps(self) -> None:
+        registry = HandlerRegistry()
+        failure = RuntimeError("boom")
+
+        def notify(event: Event, context: HandlerContext, *, channel: str) -> None:
+            raise failure
+
+        registry.on("VEHICLE_STATE")(functools.partial(notify, channel="ops"))
+        raised, running, *_ = dispatch(registry)
+        assert raised is failure
+        assert running == f"{__name__}.{notify.__qualname__}"
 
     def test_the_time_is_measured_around_the_handlers(
         self, monkeypatch: pytest.MonkeyPatch

@@ -38,6 +38,7 @@ Import your module from `shared/handlers/__init__.py` (bottom) so it registers a
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -102,6 +103,22 @@ SignalHandler = Callable[[Event, Signal, HandlerContext], Awaitable[None] | None
 ChangeHandler = Callable[[Event, SignalChange, HandlerContext], Awaitable[None] | None]
 
 
+def handler_name(handler: Callable[..., Any]) -> str:
+    """`module.qualname` for RUNNING_HANDLER and the logs. A handler need not be a function:
+    a `functools.partial` is named after the function it wraps, a callable object after its
+    class, and a module that cannot be told is "?"."""
+    target: Any = handler
+    while isinstance(target, functools.partial):
+        target = target.func
+    qualname = getattr(target, "__qualname__", None)
+    if not isinstance(qualname, str):
+        qualname = type(target).__qualname__
+    module = getattr(target, "__module__", None)
+    if not isinstance(module, str):
+        module = "?"
+    return f"{module}.{qualname}"
+
+
 class HandlerRegistry:
     """Maps event types and signal paths to handlers."""
 
@@ -110,6 +127,8 @@ class HandlerRegistry:
         self._by_signal: dict[str, list[SignalHandler]] = defaultdict(list)
         self._by_change: dict[str, list[ChangeHandler]] = defaultdict(list)
         self._change_filter = ChangeFilter(frozenset())
+        # Each handler's name, by id(handler): worked out once, at registration.
+        self._names: dict[int, str] = {}
         self.pool = BlockingPool(blocking_threads)
 
     def on(self, event_type: str) -> Callable[[F], F]:
@@ -117,6 +136,7 @@ class HandlerRegistry:
 
         def register(handler: F) -> F:
             self._by_type[event_type].append(handler)
+            self._names[id(handler)] = handler_name(handler)
             return handler
 
         return register
@@ -127,6 +147,7 @@ class HandlerRegistry:
 
         def register(handler: F) -> F:
             self._by_signal[path].append(handler)
+            self._names[id(handler)] = handler_name(handler)
             return handler
 
         return register
@@ -137,6 +158,7 @@ class HandlerRegistry:
 
         def register(handler: F) -> F:
             self._by_change[path].append(handler)
+            self._names[id(handler)] = handler_name(handler)
             self._change_filter = ChangeFilter(frozenset(self._by_change))
             return handler
 
@@ -195,7 +217,8 @@ class HandlerRegistry:
 
     async def _call(self, handler: Callable[..., Awaitable[None] | None], *args: Any) -> None:
         """Await a coroutine handler; run a plain one in the pool (it may block)."""
-        RUNNING_HANDLER.set(f"{handler.__module__}.{handler.__qualname__}")
+        name = self._names.get(id(handler))
+        RUNNING_HANDLER.set(handler_name(handler) if name is None else name)
         if inspect.iscoroutinefunction(handler):
             await handler(*args)
             return
