@@ -2,7 +2,8 @@
 for the host to read (the running handler's name, the error, the time spent).
 
 The handlers' place in processing (the store first, on_change after it, the inbox) is tested
-in tests/test_vehicle_state_processing.py; the pool's threads in tests/test_handoff.py.
+in tests/test_vehicle_state_processing.py; the pool's threads here (TestThePool) and, with hung
+handlers in a real host, in tests/test_hung_threads.py.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from shared.handlers import (
     HandlerContext,
     HandlerRegistry,
 )
+from shared.handlers.pool import BlockingPool
 from shared.settings import load_settings
 
 from .vehicle_events import T0, signal, state_body
@@ -242,3 +244,33 @@ class TestWhichTypesHaveHandlers:
         elif register is not None:
             getattr(registry, register)("TractionBattery.StateOfCharge")(lambda *args: None)
         assert registry.has_handlers_for(event_type) is has
+
+
+class TestThePool:
+    def test_a_call_queued_behind_one_that_timed_out_starts_on_a_replacement_thread(
+        self,
+    ) -> None:
+        # One thread: B waits behind A. A's caller gives up (its delivery timed out) while A
+        # hangs in its thread; B must get the replacement thread at once, not at the next
+        # `run` (which may never come) or at its own timeout.
+        pool = BlockingPool(1)
+        started, release = threading.Event(), threading.Event()
+
+        def hang() -> None:
+            started.set()
+            release.wait(30)
+
+        async def main() -> str:
+            hung = asyncio.create_task(pool.run(hang))
+            assert await asyncio.to_thread(started.wait, 5)
+            queued = asyncio.create_task(pool.run(lambda: "B ran"))
+            await asyncio.sleep(0.05)
+            hung.cancel()
+            result: str = await asyncio.wait_for(queued, 5)
+            return result
+
+        try:
+            assert asyncio.run(main()) == "B ran"
+            assert pool.stuck == 1 and not pool.exhausted
+        finally:
+            release.set()

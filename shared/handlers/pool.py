@@ -114,11 +114,7 @@ class BlockingPool:
                 job.delivery.waiting += 1
             self._queued += 1
             self._jobs.put(job)
-            if (self._queued > self._idle and self._started - self._stuck < self.threads
-                    and self._started < self.limit):
-                self._started += 1
-                threading.Thread(target=self._work, daemon=True,
-                                 name=f"{self._name}-{self._started}").start()
+            self._start_thread_if_needed()
         try:
             return await job.future
         except asyncio.CancelledError:
@@ -126,7 +122,19 @@ class BlockingPool:
                 if job.running and not job.abandoned:
                     job.abandoned = True
                     self._stuck += 1
+                    # Calls already queued behind it get the replacement now, not at the
+                    # next `run` (which may never come) or their own timeout.
+                    self._start_thread_if_needed()
             raise
+
+    def _start_thread_if_needed(self) -> None:
+        """Start a thread when a queued call has no idle thread to take it, fewer than
+        `threads` are at work on calls someone awaits, and the limit allows. Under the lock."""
+        if (self._queued > self._idle and self._started - self._stuck < self.threads
+                and self._started < self.limit):
+            self._started += 1
+            threading.Thread(target=self._work, daemon=True,
+                             name=f"{self._name}-{self._started}").start()
 
     def _work(self) -> None:
         while True:
