@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import sys
 import threading
 from collections.abc import Awaitable
 from types import SimpleNamespace
@@ -274,3 +275,25 @@ class TestThePool:
             assert pool.stuck == 1 and not pool.exhausted
         finally:
             release.set()
+
+    def test_sys_exit_in_a_plain_handler_fails_its_delivery_not_the_loop(self) -> None:
+        # sys.exit() deep in a library (or argparse's error) in a pool thread: only that
+        # delivery fails; another one on the same loop finishes.
+        registry = HandlerRegistry()
+
+        @registry.on("VEHICLE_STATE")
+        def exits(event: Event, context: HandlerContext) -> None:
+            sys.exit(2)
+
+        async def other_delivery() -> str:
+            await asyncio.sleep(0.1)
+            return "finished"
+
+        async def main() -> tuple[Any, ...]:
+            return await asyncio.gather(registry.dispatch(EVENT, CONTEXT), other_delivery(),
+                                        return_exceptions=True)
+
+        failed, other = asyncio.run(main())
+        assert other == "finished"
+        assert isinstance(failed, RuntimeError) and "SystemExit(2)" in str(failed)
+        assert isinstance(failed.__cause__, SystemExit) and failed.__cause__.code == 2

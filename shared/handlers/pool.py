@@ -153,8 +153,14 @@ class BlockingPool:
             error: BaseException | None = None
             try:
                 result = job.context.run(job.fn, *job.args)
-            except BaseException as exc:  # handed to the awaiting coroutine
+            except Exception as exc:  # handed to the awaiting coroutine
                 error = exc
+            except BaseException as exc:
+                # SystemExit (sys.exit in a library, argparse) or the like, raised in this
+                # thread: awaited as it is, it would stop the event loop and the whole host
+                # or worker. Only this call fails.
+                error = RuntimeError(f"handler raised {exc!r} in a pool thread")
+                error.__cause__ = exc
             with self._lock:
                 job.running = False
                 if job.abandoned:
