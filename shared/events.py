@@ -275,18 +275,20 @@ class Event:
         return _by_recency(self.signals)
 
     def signals_at(self, paths: Collection[str]) -> tuple[Signal, ...]:
-        """The signals whose `Group.Name` is one of `paths` (exactly), in `signals_by_recency`
-        order. Only those are built when `signals` has not been read: a handler registry
-        looks up the few signals it has handlers for, not the ~20 of a delivery."""
+        """The signals whose `Group.Name` or code is one of `paths` (exactly, as the vehicle
+        state store's `ChangeFilter` matches them), in `signals_by_recency` order. Only those
+        are built when `signals` has not been read: a handler registry looks up the few
+        signals it has handlers for, not the ~20 of a delivery."""
         if self._signals is not None:
-            return _by_recency([s for s in self._signals if s.path in paths])
+            return _by_recency([s for s in self._signals if s.path in paths or s.code in paths])
         # A signal's name is what follows one of the dots of its path: comparing names first
-        # leaves one dict lookup per signal that cannot match.
+        # leaves one dict lookup per signal that cannot match by path.
         names = {path[i + 1:] for path in paths for i, c in enumerate(path) if c == "."}
         return _by_recency([
             _signal(item) for item in self._raw_data.get("signals") or ()
-            if type(name := item.get("name")) is str and name in names
-            and _path(_str_or_none(item.get("group")), name) in paths
+            if (type(name := item.get("name")) is str and name in names
+                and _path(_str_or_none(item.get("group")), name) in paths)
+            or (type(code := item.get("code")) is str and code in paths)
         ])
 
     def __repr__(self) -> str:

@@ -1070,8 +1070,9 @@ class TestTimestampRange:
 
 
 class TestSignalsAt:
-    """`Event.signals_at(paths)`: what a handler registry asks for, the named signals newest
-    first, exactly as filtering `signals_by_recency()` would give them."""
+    """`Event.signals_at(paths)`: what a handler registry asks for, the signals named by
+    `Group.Name` or code newest first, exactly as filtering `signals_by_recency()` would give
+    them."""
 
     SIGNALS: tuple[dict[str, Any], ...] = (
         signal_with(meta={"oemUpdatedAt": 1_700_000_001_000}),
@@ -1094,11 +1095,13 @@ class TestSignalsAt:
         {"TractionBattery.StateOfCharge", "Location.PreciseLocation"},
         {"Odometer.TraveledDistance", "Nothing.Here"},
         {"tractionbattery-stateofcharge", ".StateOfCharge", "StateOfCharge"},
+        {"location-preciselocation", "Odometer.TraveledDistance"},
+        {"tractionbattery.stateofcharge", "TRACTIONBATTERY-STATEOFCHARGE"},  # case counts
         {"Climate.Cabin.Temperature", "Charge.Port.IsOpen"},
         {"Climate.Cabin", "Cabin.Temperature", "Port.IsOpen", "Charge.Port"},
         set(),
     ])
-    def test_is_signals_by_recency_filtered_by_path(
+    def test_is_signals_by_recency_filtered_by_path_or_code(
         self, paths: set[str], read_signals_first: bool
     ) -> None:
         event = parse(minimal(signals=list(self.SIGNALS)))
@@ -1106,7 +1109,8 @@ class TestSignalsAt:
             assert len(event.signals) == len(self.SIGNALS)
         # Asked before `expected` reads every signal, so the raw path is the one asked.
         found = event.signals_at(paths)
-        expected = tuple(s for s in event.signals_by_recency() if s.path in paths)
+        expected = tuple(s for s in event.signals_by_recency()
+                         if s.path in paths or s.code in paths)
 
         assert found == expected
 

@@ -194,6 +194,28 @@ class TestSignalHandlers:
         assert asyncio.run(main()) is True
         assert seen == [("Odometer.TraveledDistance", 7), ("TractionBattery.StateOfCharge", 50)]
 
+    def test_by_code_or_path_once_each_spelled_exactly_as_for_on_change(self) -> None:
+        # The names on_change takes: a signal's code or its Group.Name, spelled exactly.
+        registry = HandlerRegistry()
+        seen: list[str] = []
+        for name in ("tractionbattery-stateofcharge", "TractionBattery.StateOfCharge",
+                     "tractionbattery.stateofcharge", "odometer-traveleddistance"):
+            registry.on_signal(name)(
+                lambda event, sig, context, name=name: seen.append(f"{name}={sig.value}"))
+        event = parse_event(json.dumps(state_body(
+            "e1", signal(value=50, oem=T0),
+            # A code spelled like its path: one signal, one call.
+            signal("Odometer.TraveledDistance", 7, group="Odometer", name="TraveledDistance"))))
+        registry.on_signal("Odometer.TraveledDistance")(
+            lambda event, sig, context: seen.append(f"path-or-code={sig.value}"))
+
+        async def main() -> bool:
+            return await registry.dispatch(event, CONTEXT)
+
+        assert asyncio.run(main()) is True
+        assert sorted(seen) == ["TractionBattery.StateOfCharge=50", "path-or-code=7",
+                                "tractionbattery-stateofcharge=50"]
+
     def test_only_for_a_vehicle_state(self) -> None:
         registry = HandlerRegistry()
         seen: list[Any] = []

@@ -1,7 +1,9 @@
 """The users' extension point: business logic per event type and per signal.
 
-Register a function for an `eventType`, or for a signal path ("Group.Name", e.g.
-"TractionBattery.StateOfCharge") carried by VEHICLE_STATE events:
+Register a function for an `eventType`, or for a signal carried by VEHICLE_STATE events, named
+by its path ("Group.Name", e.g. "TractionBattery.StateOfCharge") or its code
+("tractionbattery-stateofcharge"). `on_signal` and `on_change` match a name exactly, case
+included, as Smartcar spells it ("tractionbattery.stateofcharge" names no signal):
 
     from shared.handlers import registry
 
@@ -142,7 +144,8 @@ class HandlerRegistry:
         return register
 
     def on_signal(self, path: str) -> Callable[[F], F]:
-        """Decorator: call the handler for each successful signal `path` of a VEHICLE_STATE
+        """Decorator: call the handler for each successful signal `path` ("Group.Name", or
+        the signal's code, matched exactly as `on_change` matches them) of a VEHICLE_STATE
         event, in `event.signals_by_recency()` order (newest `oem_updated_at` first)."""
 
         def register(handler: F) -> F:
@@ -193,11 +196,14 @@ class HandlerRegistry:
                 for signal in event.signals_at(self._by_signal.keys()):
                     if not signal.ok:
                         continue
-                    path = signal.path
-                    assert path is not None  # signals_at gives signals at one of the paths
-                    for signal_handler in self._by_signal[path]:
-                        await self._call(signal_handler, event, signal, context)
-                        ran = True
+                    path, code = signal.path, signal.code
+                    # By path and by code, as on_change; once when they are the same name.
+                    for key in (path, code) if path != code else (path,):
+                        if key is None:
+                            continue
+                        for signal_handler in self._by_signal.get(key, ()):
+                            await self._call(signal_handler, event, signal, context)
+                            ran = True
             # `changes` holds only what the store kept for the on_change handlers (the outbox
             # is this registry's change_filter): none when there are none.
             for change in changes:
