@@ -538,6 +538,10 @@ async def _handler_failed(
     attempt = attempt_of(message.application_properties)
     error_type = type(exc).__name__
     last = attempt >= settings.max_delivery_count
+    # The error's text often quotes the payload value a handler choked on (a location): it
+    # is for DEBUG only; above it, the type names the failure (SECURITY.md).
+    logger.debug("handler failed for event %s (attempt %d): %s: %s", event.event_id, attempt,
+                 error_type, exc, exc_info=exc)
     try:
         if last:
             props, history = with_failure(message.application_properties, attempt, exc, now)
@@ -548,9 +552,9 @@ async def _handler_failed(
                             for h in history)
             )
             logger.warning(
-                "handler failed for event %s (%s, attempt %d of %d): %s: %s; dead-lettering "
+                "handler failed for event %s (%s, attempt %d of %d): %s; dead-lettering "
                 "it as %s", event.event_id, event.event_type, attempt,
-                settings.max_delivery_count, error_type, exc, MAX_DELIVERY_COUNT_EXCEEDED,
+                settings.max_delivery_count, error_type, MAX_DELIVERY_COUNT_EXCEEDED,
             )
             await dead_letterer.dead_letter(
                 replace(message, application_properties=props),
@@ -565,9 +569,9 @@ async def _handler_failed(
             maximum=settings.retry_backoff_max_seconds,
         )
         logger.warning(
-            "handler failed for event %s (%s, attempt %d of %d): %s: %s; retrying in %.1fs "
+            "handler failed for event %s (%s, attempt %d of %d): %s; retrying in %.1fs "
             "as message %s", event.event_id, event.event_type, attempt,
-            settings.max_delivery_count, error_type, exc, copy.delay_seconds, copy.message_id,
+            settings.max_delivery_count, error_type, copy.delay_seconds, copy.message_id,
         )
         await retry_sender.schedule(copy)
     except Exception as send_exc:

@@ -409,16 +409,37 @@ class TestWhatOperatorsReadInTheLog:
                     retry_sender=RecordingRetrySender(fail_with=TimeoutError()))
         prefix = f"handler failed for event {event['eventId']} (VEHICLE_STATE, attempt"
         assert self.records(caplog) == [
-            (logging.WARNING, f"{prefix} 2 of 5): ConnectionError: crm down; retrying in 4.0s "
+            (logging.WARNING, f"{prefix} 2 of 5): ConnectionError; retrying in 4.0s "
                               f"as message {event['eventId']}:retry:3"),
-            (logging.WARNING, f"{prefix} 5 of 5): ConnectionError: crm down; dead-lettering it "
+            (logging.WARNING, f"{prefix} 5 of 5): ConnectionError; dead-lettering it "
                               "as MaxDeliveryCountExceeded"),
-            (logging.WARNING, f"{prefix} 1 of 5): ConnectionError: crm down; retrying in 2.0s "
+            (logging.WARNING, f"{prefix} 1 of 5): ConnectionError; retrying in 2.0s "
                               f"as message {event['eventId']}:retry:2"),
             (logging.WARNING, f"cannot schedule the retry of event {event['eventId']} after "
                               "its handler failed: TimeoutError; the message is abandoned and "
                               "delivered again"),
         ]
+
+    @pytest.mark.parametrize("attempt", ["1", "5"])  # retried, dead-lettered
+    def test_a_handler_error_text_reaches_debug_only(
+        self, attempt: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # The text of an ordinary handler bug quotes the value it choked on: a location.
+        registry = HandlerRegistry()
+
+        @registry.on("VEHICLE_STATE")
+        def store_position(event: Any, ctx: Any) -> None:
+            float("48.858370 N")
+
+        event = state_event()
+        with caplog.at_level(logging.DEBUG, logger="shared.processor"):
+            run(message(encode(event), 1, attempt=attempt), registry)
+        above_debug = [m for level, m in self.records(caplog) if level > logging.DEBUG]
+        assert above_debug and all("ValueError" in m for m in above_debug)
+        assert not any("48.858370" in m for m in above_debug)
+        (debug,) = [r for r in caplog.records
+                    if r.levelno == logging.DEBUG and "48.858370" in r.getMessage()]
+        assert event["eventId"] in debug.getMessage() and debug.exc_info is not None
 
     def test_handler_failure_error_names_event_and_cause(self) -> None:
         registry = HandlerRegistry()
