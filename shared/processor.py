@@ -312,6 +312,15 @@ async def process_message(
             observed.outcome = PROCESS_RETRIED
             observed.error_type = type(exc.__cause__ or exc).__name__
             raise
+        except DeadLetterCopyError:
+            raise  # not an event: no outcome, no metrics
+        except Exception as exc:
+            # E.g. an InvalidPayload or StaleDelivery whose dead letter could not be sent: the
+            # message is abandoned and delivered again, a failed attempt like a handler's, so
+            # the span, the metric and the failure queries see it.
+            observed.outcome = PROCESS_RETRIED
+            observed.error_type = type(exc).__name__
+            raise
         if result.vehicle_state is not None:
             errors = error_summary(result.vehicle_state)
             if errors:

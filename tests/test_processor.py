@@ -14,10 +14,16 @@ from typing import Any
 import pytest
 from azure.functions.servicebus import ServiceBusMessage
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, MetricsData
+from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    MetricsData,
+    NumberDataPoint,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from shared import processor
 from shared.clockcheck import ClockWatch
@@ -596,6 +602,49 @@ class TestWhatTheProcessSpanSays:
         assert (attributes["outcome"], attributes["errorType"]) == ("retried",
                                                                     "ZeroDivisionError")
 
+
+    @pytest.mark.parametrize("stale", [False, True])  # InvalidPayload, StaleDelivery
+    def test_a_dead_letter_that_cannot_be_sent_is_a_retried_attempt_named_by_its_error(
+        self, stale: bool,
+        captured: tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry],
+    ) -> None:
+        spans, reader, telemetry = captured
+        received_ms = int(NOW * 1000)
+        if stale:
+            event = state_event()
+            event["meta"]["deliveredAt"] = received_ms - 3_600_000
+            body = encode(event)
+        else:
+            body = b'{"eventId": 5}'
+        unsent = message(body, 1, **{PROP_RECEIVED_AT: str(received_ms)})
+        with pytest.raises(ConnectionError):  # the message is abandoned, delivered again
+            run(unsent, HandlerRegistry(), telemetry=telemetry,
+                dead_letterer=RecordingDeadLetterer(fail_with=ConnectionError("bus down")))
+        (span,) = spans.get_finished_spans()
+        attributes = dict(span.attributes or {})
+        assert (attributes["outcome"], attributes["errorType"]) == ("retried", "ConnectionError")
+        assert span.status.status_code is StatusCode.ERROR
+        processed = [(dict(point.attributes or {}), point.value)
+                     for rm in (reader.get_metrics_data() or MetricsData([])).resource_metrics
+                     for sm in rm.scope_metrics for metric in sm.metrics
+                     if metric.name == "smartcar.event.processed"
+                     for point in metric.data.data_points
+                     if isinstance(point, NumberDataPoint)]
+        assert [(a["outcome"], value) for a, value in processed] == [("retried", 1)]
+
+    def test_a_dead_letter_copy_is_no_outcome(
+        self, captured: tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry]
+    ) -> None:
+        spans, reader, telemetry = captured
+        copy = message(encode(state_event()), deadLetterReason="InvalidPayload")
+        with pytest.raises(DeadLetterCopyError):
+            run(copy, HandlerRegistry(), telemetry=telemetry)
+        (span,) = spans.get_finished_spans()
+        assert "outcome" not in dict(span.attributes or {})
+        assert span.status.status_code is StatusCode.UNSET
+        assert not any(metric.name == "smartcar.event.processed"
+                       for rm in (reader.get_metrics_data() or MetricsData([])).resource_metrics
+                       for sm in rm.scope_metrics for metric in sm.metrics)
 
 class TestDeadLetterCopies:
     def test_refusal_names_the_message(self) -> None:
