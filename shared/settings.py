@@ -349,7 +349,14 @@ def load_settings(
     backoff_base = number(RETRY_BACKOFF_BASE_SECONDS, kind=float, minimum=0)
     backoff_max = number(RETRY_BACKOFF_MAX_SECONDS, kind=float, minimum=0)
     token_cache = number(TOKEN_CACHE_SECONDS, kind=float, minimum=1)
-    low_battery = number(LOW_BATTERY_PERCENT, kind=float, minimum=0)
+    raw_low_battery = _get(env, LOW_BATTERY_PERCENT)
+    try:
+        low_battery = float(raw_low_battery or DEFAULTS[LOW_BATTERY_PERCENT])
+    except ValueError:
+        low_battery = math.nan
+    if not 0 <= low_battery <= 100:  # NaN too: the threshold would never be crossed
+        problems.append(f"{LOW_BATTERY_PERCENT} must be a percentage from 0 to 100, "
+                        f"got {raw_low_battery!r}")
     max_age = number(MAX_DELIVERY_AGE_SECONDS, kind=float, minimum=-math.inf)
     if not MIN_DELIVERY_AGE_SECONDS <= max_age <= MAX_DELIVERY_AGE_LIMIT_SECONDS:  # NaN too
         problems.append(

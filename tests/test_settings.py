@@ -55,7 +55,6 @@ class TestDefaults:
         ("RETRY_BACKOFF_BASE_SECONDS", "0", "retry_backoff_base_seconds"),
         ("RETRY_BACKOFF_MAX_SECONDS", "0", "retry_backoff_max_seconds"),
         ("TOKEN_CACHE_SECONDS", "1", "token_cache_seconds"),
-        ("LOW_BATTERY_PERCENT", "0", "low_battery_percent"),
     ])
     def test_each_number_is_accepted_at_its_minimum(
             self, name: str, lowest: str, field: str) -> None:
@@ -407,3 +406,20 @@ class TestVehicleStateSettings:
         with pytest.raises(SettingsError) as err:
             load_settings({name: value})
         assert message in str(err.value)
+
+
+class TestLowBatteryPercent:
+    """The example handler's threshold is a percentage: NaN is never crossed, and neither is
+    anything outside 0..100 in the way its reader means it."""
+
+    @pytest.mark.parametrize("value", ["0", "100", "20", "12.5"])
+    def test_a_percentage_is_used(self, value: str) -> None:
+        assert load_settings({"LOW_BATTERY_PERCENT": value}).low_battery_percent == float(value)
+
+    @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", "100.5", "101",
+                                       "-1", "-0.1", "twenty"])
+    def test_anything_else_is_refused_by_name(self, value: str) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings({"LOW_BATTERY_PERCENT": value})
+        assert (f"LOW_BATTERY_PERCENT must be a percentage from 0 to 100, got {value!r}"
+                in str(err.value))
