@@ -205,10 +205,12 @@ def get_runtime() -> Runtime:
         with _lock:
             if _runtime is None:
                 settings = load_settings()
-                _runtime = build_runtime(settings)
                 # Whichever function runs first on an instance (webhook, queue, timer) sets up
-                # telemetry export for the process.
+                # telemetry export for the process. First, and the runtime is kept only once
+                # both are done: a failure leaves nothing cached, and the next use tries again
+                # instead of running on with telemetry silently off.
                 configure_telemetry(connection_string=settings.appinsights_connection_string)
+                _runtime = build_runtime(settings)
     return _runtime
 
 

@@ -458,6 +458,16 @@ def load_settings(
         else:
             inspector_port = int(raw_port)
 
+    appinsights = _get(env, APPLICATIONINSIGHTS_CONNECTION_STRING)
+    if appinsights is not None and (why := _appinsights_problem(appinsights)) is not None:
+        # Not echoed: refused here rather than by the exporter on the first request (a 500,
+        # then telemetry silently off).
+        problems.append(
+            f"{APPLICATIONINSIGHTS_CONNECTION_STRING} must be the Application Insights "
+            "resource's connection string (InstrumentationKey=<GUID>;IngestionEndpoint=https://"
+            f"...), but {why}"
+        )
+
     if problems:
         raise SettingsError(
             "Invalid configuration: "
@@ -481,7 +491,7 @@ def load_settings(
         retry_backoff_max_seconds=backoff_max,
         low_battery_percent=low_battery,
         local_state_dir=Path(_get(env, LOCAL_STATE_DIR) or DEFAULTS[LOCAL_STATE_DIR]),
-        appinsights_connection_string=_get(env, APPLICATIONINSIGHTS_CONNECTION_STRING),
+        appinsights_connection_string=appinsights,
         spill_container_name=spill_container,
         storage_account_name=account,
         max_delivery_age_seconds=max_age,
@@ -515,3 +525,26 @@ def _is_storage_connection_string(value: str) -> bool:
     has_endpoint = bool(keys.get("accountname") or keys.get("blobendpoint"))
     has_credential = bool(keys.get("accountkey") or keys.get("sharedaccesssignature"))
     return has_endpoint and has_credential
+
+
+# What the Azure Monitor exporter's connection-string parser (azure-monitor-opentelemetry-
+# exporter, `_connection_string_parser.py`, private) accepts; tests/test_settings.py checks
+# this against it, so an upgrade that changes the rules fails there, not on a request.
+_IKEY = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _appinsights_problem(value: str) -> str | None:
+    """Why the exporter would refuse `value` as a connection string, None if it would not."""
+    pairs = [part.split("=") for part in value.split(";")]
+    if any(len(pair) != 2 for pair in pairs):
+        return "it is not ;-separated Name=value pairs"
+    keys = {name.lower(): val for name, val in pairs}
+    auth = keys.get("authorization")
+    if auth is not None and auth.lower() != "ikey":
+        return "its Authorization is not ikey"
+    ikey = keys.get("instrumentationkey")
+    if not ikey:
+        return "it has no InstrumentationKey"
+    if not _IKEY.fullmatch(ikey):
+        return "its InstrumentationKey is not a lower-case GUID"
+    return None

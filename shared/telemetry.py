@@ -43,6 +43,7 @@ from opentelemetry.util.types import AttributeValue
 
 from . import telemetry_names as names
 from .publisher import OutboundMessage
+from .settings import APPLICATIONINSIGHTS_CONNECTION_STRING, SettingsError
 from .vehicle_state import ApplyResult
 
 logger = logging.getLogger(__name__)
@@ -460,7 +461,13 @@ def configure(*, connection_string: str | None, console: bool = False) -> str:
             # `disable_logging` argument: it overwrites it from OTEL_LOGS_EXPORTER, so that is
             # the switch it honours.
             os.environ[OTEL_LOGS_EXPORTER] = "none"
-            configure_azure_monitor(connection_string=connection_string, disable_logging=True)
+            try:
+                configure_azure_monitor(connection_string=connection_string,
+                                        disable_logging=True)
+            except ValueError as exc:  # settings.py checks the format: a rule it does not know
+                raise SettingsError(
+                    f"Invalid configuration: {APPLICATIONINSIGHTS_CONNECTION_STRING} was "
+                    f"refused by Azure Monitor ({exc})") from exc
             _mode = MODE_AZURE_MONITOR
         elif console:
             _install_console()

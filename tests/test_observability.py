@@ -499,6 +499,45 @@ class TestConfiguration:
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "off"
 
+    def test_a_refused_configuration_caches_no_runtime_and_the_next_request_tries_again(
+        self, tmp_path: Path
+    ) -> None:
+        # The Azure Monitor distro refuses its configuration once (the SDK boundary, faked):
+        # the request is told the app is misconfigured (503, not a 500), and nothing is kept,
+        # so the next request configures telemetry instead of running on with it off.
+        script = (
+            "import asyncio, json\n"
+            "import azure.functions as func\n"
+            "import azure.monitor.opentelemetry as distro\n"
+            "calls = []\n"
+            "def configure_azure_monitor(**kwargs):\n"
+            "    calls.append(kwargs['connection_string'])\n"
+            "    if len(calls) == 1:\n"
+            "        raise ValueError('Invalid instrumentation key. It should be a valid UUID.')\n"
+            "distro.configure_azure_monitor = configure_azure_monitor\n"
+            "from shared import functions, runtime, telemetry\n"
+            "req = func.HttpRequest('GET', 'http://x/api/health', body=b'')\n"
+            "seen = []\n"
+            "for _ in range(2):\n"
+            "    reply = asyncio.run(functions.handle_health(req))\n"
+            "    seen.append([reply.status_code, json.loads(reply.get_body()),\n"
+            "                 runtime._runtime is not None, telemetry.configured_mode()])\n"
+            "print(json.dumps([seen, len(calls)]))\n"
+        )
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("OTEL_", "APPLICATIONINSIGHTS_", "APPINSIGHTS_"))}
+        env.update(LOCAL_STATE_DIR=str(tmp_path), SMARTCAR_MANAGEMENT_TOKEN="amt",
+                   APPLICATIONINSIGHTS_CONNECTION_STRING=(
+                       "InstrumentationKey=00000000-0000-0000-0000-000000000001"))
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, check=False, env=env)
+        assert done.returncode == 0, done.stderr
+        seen, calls = json.loads(done.stdout.strip().splitlines()[-1])
+        assert seen == [[503, {"status": "misconfigured"}, False, None],
+                        [200, {"status": "ok"}, True, "azure-monitor"]]
+        assert calls == 2
+        assert "APPLICATIONINSIGHTS_CONNECTION_STRING was refused by Azure Monitor" in done.stderr
+
     def test_without_connection_string_nothing_is_exported(self) -> None:
         script = (
             "from shared import telemetry\n"

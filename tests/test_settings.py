@@ -16,6 +16,13 @@ from shared.settings import (
     load_settings,
 )
 
+#: As the Application Insights resource shows it (a made-up key).
+CONNECTION_STRING = (
+    "InstrumentationKey=0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0;"
+    "IngestionEndpoint=https://westeurope-5.in.applicationinsights.azure.com/;"
+    "LiveEndpoint=https://westeurope.livediagnostics.monitor.azure.com/;"
+    "ApplicationId=11111111-2222-3333-4444-555555555555")
+
 
 class TestDefaults:
     def test_empty_environment_is_a_valid_local_setup_with_the_dev_token(self) -> None:
@@ -38,14 +45,14 @@ class TestDefaults:
                            "SERVICEBUS_QUEUE_NAME": "fleet-events",
                            "SPILL_CONTAINER_NAME": "fleet-spill",
                            "VEHICLE_STATE_TABLE": "fleetstate",
-                           "APPLICATIONINSIGHTS_CONNECTION_STRING": "InstrumentationKey=k",
+                           "APPLICATIONINSIGHTS_CONNECTION_STRING": CONNECTION_STRING,
                            "SMARTCAR_TOKEN_SECRET_NAME": "fleet-amt",
                            "LOCAL_STATE_DIR": "/var/lib/fleet"})
         assert (s.management_token, s.previous_management_token) == ("new-amt", "old-amt")
         assert s.using_dev_token is False
         assert (s.queue_name, s.spill_container_name, s.vehicle_state_table) == (
             "fleet-events", "fleet-spill", "fleetstate")
-        assert s.appinsights_connection_string == "InstrumentationKey=k"
+        assert s.appinsights_connection_string == CONNECTION_STRING
         assert (s.token_secret_name, s.local_state_dir) == ("fleet-amt", Path("/var/lib/fleet"))
 
     @pytest.mark.parametrize(("name", "lowest", "field"), [
@@ -423,3 +430,66 @@ class TestLowBatteryPercent:
             load_settings({"LOW_BATTERY_PERCENT": value})
         assert (f"LOW_BATTERY_PERCENT must be a percentage from 0 to 100, got {value!r}"
                 in str(err.value))
+
+
+class TestAppInsightsConnectionString:
+    """Refused at start, by name, when the Azure Monitor exporter would refuse it on the first
+    request (a 500, then telemetry silently off)."""
+
+    KEY = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    ACCEPTED = (
+        CONNECTION_STRING,
+        f"InstrumentationKey={KEY}",
+        f"instrumentationkey={KEY};Authorization=ikey",
+        f"InstrumentationKey={KEY};EndpointSuffix=applicationinsights.azure.cn;Location=chinaeast2",
+    )
+    REFUSED = (
+        ("InstrumentationKey=oops", "its InstrumentationKey is not a lower-case GUID"),
+        (f"InstrumentationKey={KEY.upper()}", "its InstrumentationKey is not a lower-case GUID"),
+        (f"{KEY}", "it is not ;-separated Name=value pairs"),
+        (f"InstrumentationKey={KEY};", "it is not ;-separated Name=value pairs"),
+        (f"InstrumentationKey={KEY};IngestionEndpoint=https://x/?a=b",
+         "it is not ;-separated Name=value pairs"),
+        (f"InstrumentationKey={KEY};Authorization=AAD", "its Authorization is not ikey"),
+        ("IngestionEndpoint=https://westeurope-5.in.applicationinsights.azure.com/",
+         "it has no InstrumentationKey"),
+    )
+
+    @pytest.mark.parametrize("value", ACCEPTED)
+    def test_the_resource_s_connection_string_is_accepted(self, value: str) -> None:
+        settings = load_settings({"APPLICATIONINSIGHTS_CONNECTION_STRING": value})
+        assert settings.appinsights_connection_string == value
+
+    @pytest.mark.parametrize(("value", "why"), REFUSED)
+    def test_anything_else_is_refused_by_name_saying_why(self, value: str, why: str) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings({"APPLICATIONINSIGHTS_CONNECTION_STRING": value})
+        message = str(err.value)
+        assert ("APPLICATIONINSIGHTS_CONNECTION_STRING must be the Application Insights "
+                f"resource's connection string (InstrumentationKey=<GUID>;IngestionEndpoint="
+                f"https://...), but {why}") in message
+        assert value not in message  # never echoed
+
+    @pytest.mark.parametrize("value", [*ACCEPTED, *(value for value, _ in REFUSED)])
+    def test_the_rule_is_the_exporter_s(self, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        # The exporter's own parser (private, so not used by the app): an upgrade that
+        # changes what it accepts fails here.
+        from azure.monitor.opentelemetry.exporter._connection_string_parser import (
+            ConnectionStringParser,
+        )
+
+        for name in ("APPLICATIONINSIGHTS_CONNECTION_STRING", "APPINSIGHTS_INSTRUMENTATIONKEY"):
+            monkeypatch.delenv(name, raising=False)
+        try:
+            ConnectionStringParser(value)
+        except ValueError:
+            exporter_accepts = False
+        else:
+            exporter_accepts = True
+        try:
+            load_settings({"APPLICATIONINSIGHTS_CONNECTION_STRING": value})
+        except SettingsError:
+            we_accept = False
+        else:
+            we_accept = True
+        assert we_accept is exporter_accepts
