@@ -13,7 +13,12 @@ import logging
 import azure.functions as func
 
 from .clockcheck import CLOCK_WATCH
-from .processor import InboundMessage, handler_budget_for, process_message
+from .processor import (
+    HandlerFailedError,
+    InboundMessage,
+    handler_budget_for,
+    process_message,
+)
 from .receiver import receive
 from .runtime import get_runtime
 from .settings import SettingsError, function_timeout_from_host_json
@@ -136,17 +141,24 @@ def azure_handler_budget() -> float | None:
 async def handle_queue_message(msg: func.ServiceBusMessage) -> None:
     runtime = get_runtime()
     message = inbound_message(msg)
-    result = await process_message(
-        message,
-        settings=runtime.settings,
-        registry=runtime.registry,
-        dead_letterer=runtime.dead_letterer,
-        retry_sender=runtime.retry_sender,
-        handled_log=runtime.handled_log,
-        store=runtime.vehicle_state,
-        clock=runtime.clock,
-        # Locally the host cancels the whole function at FUNCTION_TIMEOUT_SECONDS instead.
-        handler_budget=azure_handler_budget() if runtime.settings.in_azure else None,
-    )
+    try:
+        result = await process_message(
+            message,
+            settings=runtime.settings,
+            registry=runtime.registry,
+            dead_letterer=runtime.dead_letterer,
+            retry_sender=runtime.retry_sender,
+            handled_log=runtime.handled_log,
+            store=runtime.vehicle_state,
+            clock=runtime.clock,
+            # Locally the host cancels the whole function at FUNCTION_TIMEOUT_SECONDS instead.
+            handler_budget=azure_handler_budget() if runtime.settings.in_azure else None,
+        )
+    except HandlerFailedError as exc:
+        # The worker reports a failed invocation to the host's logs with its whole traceback,
+        # causes included: the handler's own error, whose text may quote a payload value (a
+        # location), stays out. The message names the event and the error's type; the process
+        # span and the DEBUG log have the rest.
+        raise HandlerFailedError(str(exc)) from None
     if runtime.on_processed is not None:
         runtime.on_processed(message, result)
