@@ -469,8 +469,10 @@ class LocalHost:
         """Stops in bounded time whatever the handlers do.
 
         Deliveries in progress are cancelled and their locks released, so they are redelivered
-        on the next start (the delivery counts, as when a Functions host stops). A blocking
-        handler's thread cannot be interrupted: it is abandoned (a daemon thread).
+        on the next start. Such a delivery does not count: its function neither returned nor
+        failed (the stop cancelled it), so it never uses up the message's deliveries, and a
+        message stopped on its last one is redelivered, not dead-lettered. A blocking handler's
+        thread cannot be interrupted: it is abandoned (a daemon thread).
         """
         if self._stopped:
             return
@@ -524,9 +526,10 @@ class LocalHost:
         await self.runtime.close()
 
     def _release(self, lock_tokens: list[str]) -> None:
+        """Release the locks of deliveries the stop interrupted, without counting them."""
         for token in lock_tokens:
             with contextlib.suppress(LockLostError):
-                self.queue.abandon(token)
+                self.queue.abandon(token, uncount=True)
 
     def _http_handler(self, fn: HttpFunction) -> Handler:
         keyed = needs_local_key(fn)
