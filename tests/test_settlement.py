@@ -2,12 +2,14 @@
 happens next, and the event loop that makes those calls never waits for another process.
 
 Completions ride on the fetcher's next transaction (one commit with its receive), so a stop
-that comes first must complete them itself. Queue calls run on the event loop unless the queue
+that comes first must complete them itself, and a fetcher with nothing to receive for (every
+worker busy, every handler thread stuck) must complete them in a transaction of their own. Queue calls run on the event loop unless the queue
 is busy (batching.py); then they wait in a worker thread while the loop goes on answering."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
+from shared.handlers.pool import BlockingPool
 from shared.local.queue import LocalQueue
 
 from .support import (
@@ -82,3 +85,86 @@ def test_the_host_answers_while_another_process_holds_the_queue_write_lock(
         poster.join(30)
         assert [a.status for a in answers] == [200]
         wait_until(lambda: [r["eventId"] for r in running.handled()] == ["evt-held"], timeout=30)
+
+
+async def until_set(event: threading.Event) -> None:
+    """A handler waits for the test (30 s at most: a failed test leaves no handler behind)."""
+    await asyncio.to_thread(event.wait, 30)
+
+
+def active_messages(running: RunningHost) -> int:
+    active: int = running.runtime.queue.stats()["active"]
+    return active
+
+
+def test_a_message_whose_function_returned_is_completed_while_every_worker_is_busy(
+    tmp_path: Path,
+) -> None:
+    # The incident: with both workers busy on long deliveries, a finished message was not
+    # completed until one of them returned; its lock, no longer renewed, expired meanwhile and
+    # it was handled a second time (dead-lettered had it been its last delivery).
+    registry = HandlerRegistry()
+    started: list[str] = []
+    fast_returns = threading.Event()
+    busy_return = threading.Event()
+
+    @registry.on("VEHICLE_STATE")
+    async def handle(event: Event, context: HandlerContext) -> None:
+        started.append(event.event_id)
+        await until_set(fast_returns if event.event_id == "evt-fast" else busy_return)
+
+    with RunningHost(local_env(tmp_path), registry=registry, workers=2) as running:
+        try:
+            for event_id in ("evt-busy-1", "evt-fast", "evt-busy-2"):
+                body = encode(state_event(eventId=event_id))
+                assert running.post(WEBHOOK, body, signed_headers(body)).status == 200
+            wait_until(lambda: sorted(started) == ["evt-busy-1", "evt-fast"], timeout=15)
+            # evt-fast returns; evt-busy-2, waiting in the queue, takes its worker at once
+            # (before the vehicle state store commits what evt-fast wrote).
+            fast_returns.set()
+            wait_until(lambda: "evt-busy-2" in started, timeout=15)
+            try:
+                wait_until(lambda: active_messages(running) == 2, timeout=10, interval=0.1)
+            except AssertionError:
+                raise AssertionError("evt-fast's function returned but its message was not "
+                                     "completed while every worker was busy") from None
+        finally:
+            busy_return.set()
+        wait_until(lambda: len(running.handled()) == 3, timeout=15)
+        assert sorted((r["eventId"], r["outcome"]) for r in running.handled()) == [
+            ("evt-busy-1", "handled"), ("evt-busy-2", "handled"), ("evt-fast", "handled")]
+
+
+def test_a_message_whose_function_returned_is_completed_while_every_handler_thread_is_stuck(
+    tmp_path: Path,
+) -> None:
+    # The incident: once every handler thread allowed was stuck in a call its caller had given
+    # up on, the host stopped taking messages (as it should) but also stopped completing them,
+    # so an event that finished then was delivered again once its lock expired.
+    registry = HandlerRegistry(blocking_threads=1)
+    registry.pool = BlockingPool(1, limit=1)  # the bound, reached with one stuck thread
+    unblock = threading.Event()
+
+    @registry.on("VEHICLE_STATE")
+    async def gives_up_on_a_hung_call(event: Event, context: HandlerContext) -> None:
+        # Its blocking call hangs in the one thread allowed, and is given up on, as the host
+        # gives up on a plain handler at the function timeout: the thread is stuck.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(registry.pool.run(unblock.wait, 30), 0.05)
+        assert registry.pool.exhausted
+
+    with RunningHost(local_env(tmp_path), registry=registry) as running:
+        try:
+            body = encode(state_event(eventId="evt-ok"))
+            assert running.post(WEBHOOK, body, signed_headers(body)).status == 200
+            wait_until(lambda: running.handled(), timeout=15)
+            assert registry.pool.exhausted
+            try:
+                wait_until(lambda: active_messages(running) == 0, timeout=10, interval=0.1)
+            except AssertionError:
+                raise AssertionError("evt-ok's function returned but its message was not "
+                                     "completed while every handler thread was stuck") from None
+        finally:
+            unblock.set()
+        assert [(r["eventId"], r["outcome"]) for r in running.handled()] == [
+            ("evt-ok", "handled")]

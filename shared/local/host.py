@@ -575,15 +575,19 @@ class LocalHost:
         `maxConcurrentCalls`), and none is locked without a worker ready for it.
         """
         while not self._stopping:
-            if self._pool_exhausted():
-                # Messages stay in the queue (not received, not counted) until a thread
-                # returns: receiving them would only fail them.
-                await asyncio.sleep(self.poll_interval)
-                continue
-            free = self.workers - len(self._running)
+            # With every handler thread stuck, messages stay in the queue (not received, not
+            # counted) until a thread returns: receiving them would only fail them.
+            free = 0 if self._pool_exhausted() else self.workers - len(self._running)
             if free <= 0:
+                # Nothing to receive for, but what finishes meanwhile is completed: its lock is
+                # no longer renewed, and would expire (redelivered, or dead-lettered after its
+                # last delivery) before a worker is free.
                 self._slot_free.clear()
-                await self._slot_free.wait()
+                self._wake.clear()
+                await self._complete_finished()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval):
+                        await _until_either(self._slot_free, self._wake)
                 continue
             completing = self.completions()
             try:
@@ -598,17 +602,11 @@ class LocalHost:
                 raise
             except Exception as exc:
                 self.not_completed(completing)  # the next try takes them
-                if self._queue_error is None:
-                    logger.exception("local queue receive failed; retrying")
-                self._queue_error = f"local queue receive failed: {exc}"
+                self._queue_failed("receive", exc)
                 await asyncio.sleep(self.poll_interval)
                 continue
             self._queue_error = None
-            for token, lost in zip(completing, completed, strict=True):
-                if lost is not None:
-                    # The lock expired while the function ran: the queue owns the message
-                    # again, as Service Bus would, and redelivers it.
-                    logger.debug("lock %s no longer held at settlement", token)
+            _log_lost(completing, completed)
             if not received:
                 if self._to_complete:
                     continue  # finished meanwhile: complete them now, not after a poll
@@ -620,6 +618,31 @@ class LocalHost:
                 continue
             for qm in received:
                 self._start_one(fn, qm)
+
+    async def _complete_finished(self) -> None:
+        """Complete the finished messages (`completions`) in a transaction of their own, for
+        when no receive comes to carry them. A failure leaves them for the next try."""
+        completing = self.completions()
+        if not completing:
+            return
+        try:
+            completed = await on_loop_unless_busy(self.queue.complete_many, completing)
+        except asyncio.CancelledError:
+            self.not_completed(completing)  # stopping: `stop` completes them
+            raise
+        except Exception as exc:
+            self.not_completed(completing)
+            self._queue_failed("completion", exc)
+            return
+        self._queue_error = None
+        _log_lost(completing, completed)
+
+    def _queue_failed(self, operation: str, exc: Exception) -> None:
+        """A queue call of the fetcher failed: logged once until one succeeds, and reported
+        by `/api/health` meanwhile."""
+        if self._queue_error is None:
+            logger.exception("local queue %s failed; retrying", operation)
+        self._queue_error = f"local queue {operation} failed: {exc}"
 
     async def _checkpoint_when_idle(self) -> None:
         """With nothing to receive, every IDLE_CHECKPOINT_SECONDS: the write-ahead log is
@@ -985,6 +1008,26 @@ class LocalHost:
             except LockLostError:
                 lost.add(token)
         return lost
+
+
+def _log_lost(lock_tokens: list[str], completed: list[LockLostError | None]) -> None:
+    for token, lost in zip(lock_tokens, completed, strict=True):
+        if lost is not None:
+            # The lock expired while the function ran: the queue owns the message again, as
+            # Service Bus would, and redelivers it.
+            logger.debug("lock %s no longer held at settlement", token)
+
+
+async def _until_either(first: asyncio.Event, second: asyncio.Event) -> None:
+    """Wait until `first` or `second` is set."""
+    if first.is_set() or second.is_set():
+        return
+    waits = [asyncio.ensure_future(first.wait()), asyncio.ensure_future(second.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def run_event_loop[T](main: Coroutine[Any, Any, T]) -> T:

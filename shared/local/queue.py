@@ -1072,10 +1072,14 @@ class LocalQueue:
         if error is not None:
             raise error
 
-    def complete_many(self, lock_tokens: Sequence[str]) -> list[LockLostError | None]:
-        """`complete` for several locks in one commit; per token None or its `LockLostError`."""
+    def complete_many(
+        self, lock_tokens: Sequence[str], *, wait: bool = True
+    ) -> list[LockLostError | None]:
+        """`complete` for several locks in one commit; per token None or its `LockLostError`.
+        Without `wait`, `QueueBusyError` instead of waiting for a busy queue (nothing
+        completed)."""
         now = self._now()
-        with self._transaction("complete", settlement=True) as conn:
+        with self._transaction("complete", settlement=True, wait=wait) as conn:
             return self._complete_rows(conn, lock_tokens, now)
 
     def _complete_rows(
