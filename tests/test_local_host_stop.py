@@ -11,6 +11,9 @@ SQLite files, stops it, and reads the queue file afterwards.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
+import time
 from pathlib import Path
 
 from shared.events import Event
@@ -61,3 +64,48 @@ class TestADeliveryInterruptedByStop:
             assert [(r["eventId"], r["outcome"], r["deliveryCount"])
                     for r in running.handled()] == [("evt-interrupted", "handled", 1)]
         assert started == ["evt-interrupted", "evt-interrupted"]
+
+
+class TestAStopWhileAReceiveWaitsForAnotherProcess:
+    def test_takes_nothing_the_receive_could_lock_after_the_stop(self, tmp_path: Path) -> None:
+        # The fetcher's receive waits in a thread while another process (the CLI's `dlq
+        # replay`, an sqlite3 shell) holds the queue's write lock, storing a message. The
+        # incident: a stop then cancelled only the wait for that thread; the receive went on
+        # once the lock was free and locked the message (counting a delivery) for a host that
+        # had stopped, so it stayed hidden for the lock duration and, on its last delivery,
+        # was dead-lettered unhandled.
+        ran: list[str] = []
+        registry = HandlerRegistry()
+
+        @registry.on("VEHICLE_STATE")
+        async def handle(event: Event, context: HandlerContext) -> None:
+            ran.append(event.event_id)
+
+        env = local_env(tmp_path, MAX_DELIVERY_COUNT="1")
+        running = RunningHost(env, registry=registry).__enter__()
+        assert running.host is not None
+        host = running.host
+        other = sqlite3.connect(tmp_path / QUEUE_FILE, isolation_level=None)
+        stopper = threading.Thread(target=running.__exit__, args=(None, None, None))
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            now = time.time()
+            other.execute(  # what a replay stores, not committed yet
+                "INSERT INTO messages (message_id, body, properties, enqueued_time, "
+                "scheduled_time, visible_at, state) VALUES (?, ?, '{}', ?, NULL, ?, 'active')",
+                ("evt-other", encode(state_event(eventId="evt-other")), now, now))
+            # The fetcher's next receive finds the queue busy and waits in a thread.
+            wait_until(lambda: running.runtime.queue._lock.locked(), timeout=15)
+            stopper.start()  # as on SIGTERM
+            wait_until(lambda: host._stopping, timeout=15)
+        finally:
+            other.execute("COMMIT")  # the receive gets the lock now
+            other.close()
+            stopper.join(30)
+        assert not stopper.is_alive(), "the host did not stop"
+        assert ran == []
+        with LocalQueue(tmp_path / QUEUE_FILE, max_delivery_count=1) as queue:
+            received = queue.receive()
+            assert [(m.message_id, m.delivery_count) for m in received] == [("evt-other", 1)], (
+                "the message stored during the stop is not available, uncounted, afterwards: "
+                f"{queue.stats()}")

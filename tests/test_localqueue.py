@@ -190,6 +190,19 @@ class TestSendReceiveComplete:
         _, received = queue.complete_and_receive([])
         assert [m.body for m in received] == [b"m0"]
 
+    def test_complete_and_receive_cancelled_completes_and_locks_nothing(
+        self, queue: LocalQueue
+    ) -> None:
+        for i in range(2):
+            queue.send(f"m{i}".encode(), message_id=f"evt-{i}")
+        (first,) = queue.receive()
+        cancelled = threading.Event()
+        cancelled.set()  # the consumer stopped while the call waited
+        lost, received = queue.complete_and_receive(
+            [first.lock_token or ""], max_messages=5, cancelled=cancelled)
+        assert (lost, received) == ([None], [])
+        assert [(m.body, m.delivery_count) for m in queue.receive()] == [(b"m1", 1)]
+
     def test_abandon_with_retry_after_keeps_the_message_invisible_that_long(
         self, queue: LocalQueue, clock: FakeClock
     ) -> None:

@@ -35,6 +35,7 @@ import secrets
 import signal
 import sqlite3
 import sys
+import threading
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ from .queue import (
     MAX_DELIVERY_COUNT_EXCEEDED,
     LocalQueue,
     LockLostError,
+    QueueBusyError,
     QueuedMessage,
     QueueUnavailableError,
 )
@@ -405,6 +407,12 @@ class LocalHost:
         self._held: dict[str, float] = {}
         self._stopping = False
         self._stopped = False
+        # Set by `stop`: a receive still waiting in a thread for another process's write lock
+        # (which cannot be cancelled) then takes nothing. `_receiving` is that receive, whose
+        # messages `stop` releases when it took them before it was told.
+        self._receives_cancelled = threading.Event()
+        self._receiving: asyncio.Task[
+            tuple[list[LockLostError | None], list[QueuedMessage]]] | None = None
         # Locks of deliveries cancelled by `stop`, released there for a prompt redelivery.
         self._interrupted: list[str] = []
         self._last_checkpoint = float("-inf")
@@ -477,6 +485,7 @@ class LocalHost:
         if self._stopped:
             return
         self._stopped = True
+        self._receives_cancelled.set()
         self._stopping = True
         if self._queue_publisher is not None and self._queue_publisher.consumer is self:
             self._queue_publisher.consumer = None
@@ -484,11 +493,21 @@ class LocalHost:
         tasks = [*self._tasks, *self._running]
         for task in tasks:
             task.cancel()
-        if tasks:
-            _, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_SECONDS)
-            for task in stuck:
-                logger.warning("task %s ignored cancellation; abandoning it", task.get_name())
+        # Not cancelled (its thread would go on): waited for with the tasks, and what it
+        # received is released below.
+        receiving = self._receiving
+        waited: list[asyncio.Task[Any]] = [*tasks, *([receiving] if receiving else [])]
+        if waited:
+            _, stuck = await asyncio.wait(waited, timeout=STOP_GRACE_SECONDS)
+            for left in stuck:
+                if left is not receiving:
+                    logger.warning("task %s ignored cancellation; abandoning it",
+                                   left.get_name())
         self._tasks.clear()
+        if (receiving is not None and receiving.done() and not receiving.cancelled()
+                and receiving.exception() is None):
+            self._interrupted.extend(qm.lock_token for qm in receiving.result()[1]
+                                     if qm.lock_token is not None)
         if self._store is not None and self._awaiting_commit:
             # Commit what the finished deliveries wrote, so they are completed below.
             with contextlib.suppress(sqlite3.Error):  # counted in `failed_commits`
@@ -591,10 +610,7 @@ class LocalHost:
                 continue
             completing = self.completions()
             try:
-                completed, received = await on_loop_unless_busy(
-                    self.queue.complete_and_receive, completing, max_messages=free,
-                    lock_duration=self.lock_duration,
-                )
+                completed, received = await self._complete_and_receive(completing, free)
             except asyncio.CancelledError:
                 # Stopping: the call may never have started in its thread, so `stop` completes
                 # them (a second completion of one that was completed is a harmless no-op).
@@ -618,6 +634,30 @@ class LocalHost:
                 continue
             for qm in received:
                 self._start_one(fn, qm)
+
+    async def _complete_and_receive(
+        self, completing: list[str], free: int,
+    ) -> tuple[list[LockLostError | None], list[QueuedMessage]]:
+        """`complete_and_receive` on the loop, or in a thread when the queue is busy (as
+        `on_loop_unless_busy`). The thread cannot be interrupted: `stop` tells it to receive
+        nothing (`_receives_cancelled`), and releases what it received before then."""
+        try:
+            return self.queue.complete_and_receive(
+                completing, max_messages=free, lock_duration=self.lock_duration, wait=False)
+        except QueueBusyError:
+            pass
+        receiving = self._receiving = asyncio.ensure_future(asyncio.to_thread(
+            self.queue.complete_and_receive, completing, max_messages=free,
+            lock_duration=self.lock_duration, cancelled=self._receives_cancelled))
+        try:
+            result = await asyncio.shield(receiving)
+        except asyncio.CancelledError:
+            raise  # the stop: `_receiving` stays, for `stop` to release what it receives
+        except Exception:
+            self._receiving = None
+            raise
+        self._receiving = None
+        return result
 
     async def _complete_finished(self) -> None:
         """Complete the finished messages (`completions`) in a transaction of their own, for

@@ -997,11 +997,14 @@ class LocalQueue:
         max_messages: int = 1,
         lock_duration: float | None = None,
         wait: bool = True,
+        cancelled: threading.Event | None = None,
     ) -> tuple[list[LockLostError | None], list[QueuedMessage]]:
         """`complete_many(lock_tokens)`, then `receive(...)`, in one transaction: what a
         consumer that just finished some messages does next, for one commit instead of two
         (the local host's fetcher). Without `wait`, `QueueBusyError` instead of waiting for a
-        busy queue (nothing completed or received)."""
+        busy queue (nothing completed or received). `cancelled`, when set by the time the
+        call has the write lock, receives nothing (the completions are made): a consumer that
+        stops while the call waits in a thread for another process cannot interrupt it."""
         if max_messages < 1:
             raise ValueError(f"max_messages must be >= 1, got {max_messages}")
         duration = self.lock_duration if lock_duration is None else float(lock_duration)
@@ -1014,7 +1017,7 @@ class LocalQueue:
         with self._transaction("receive", settlement=True, wait=wait) as conn:
             completed = self._complete_rows(conn, lock_tokens, now)
             self._sweep_expired_locks(conn, now)
-            seqs = [
+            seqs = [] if cancelled is not None and cancelled.is_set() else [
                 int(r[0])
                 for r in conn.execute(
                     "SELECT sequence_number FROM messages WHERE state = ? AND visible_at <= ? "
