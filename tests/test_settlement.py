@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +169,32 @@ def test_a_message_whose_function_returned_is_completed_while_every_handler_thre
             unblock.set()
         assert [(r["eventId"], r["outcome"]) for r in running.handled()] == [
             ("evt-ok", "handled")]
+
+
+def test_a_last_delivery_whose_lock_expired_before_it_failed_is_recorded_once(
+    tmp_path: Path,
+) -> None:
+    # The fault: a handler blocks the event loop (a synchronous call in an async handler)
+    # for longer than the lock, so the lock is not renewed and expires; the delivery, its
+    # message's last, then fails at the function timeout. The queue's lock-expiry sweep
+    # dead-letters the message and records it in handled.jsonl; the host's abandon finds
+    # the lock gone. The incident: the host recorded the dead letter a second time.
+    registry = HandlerRegistry()
+
+    @registry.on("VEHICLE_STATE")
+    async def blocks_the_loop_then_hangs(event: Event, context: HandlerContext) -> None:
+        time.sleep(1.0)  # noqa: ASYNC251 - the fault: no lock renewal meanwhile
+        await asyncio.sleep(30)
+
+    env = local_env(tmp_path, MAX_DELIVERY_COUNT="1", FUNCTION_TIMEOUT_SECONDS="0.5")
+    with RunningHost(env, registry=registry, lock_duration=0.5) as running:
+        host = running.host
+        assert host is not None
+        body = encode(state_event(eventId="evt-expired"))
+        assert running.post(WEBHOOK, body, signed_headers(body)).status == 200
+        wait_until(lambda: running.handled(), timeout=15)
+        # The delivery is over (settled or given up), and any expired lock swept.
+        wait_until(lambda: host.free_workers() == host.workers, timeout=15)
+        assert running.runtime.queue.stats() == {"active": 0, "deadLettered": 1, "scheduled": 0}
+        records = [(r["eventId"], r["outcome"], r.get("reason")) for r in running.handled()]
+    assert records == [("evt-expired", "dead_lettered", "MaxDeliveryCountExceeded")]

@@ -903,8 +903,7 @@ class LocalHost:
         last = qm.delivery_count >= self.queue.max_delivery_count
         if last and not self._committed_before_dead_letter(qm):
             return
-        await self._settle(self._abandon, qm.lock_token)
-        if last:
+        if await self._settle(self._abandon, qm.lock_token) and last:
             self._record_dead_lettered(qm, exc)
 
     async def _never_started(self, fn: QueueFunction, qm: QueuedMessage, after: float) -> None:
@@ -944,8 +943,9 @@ class LocalHost:
             )
         if last and not self._committed_before_dead_letter(qm):
             return
-        await self._settle(functools.partial(self._abandon, retry_after=delay), qm.lock_token)
-        if last:
+        settled = await self._settle(functools.partial(self._abandon, retry_after=delay),
+                                     qm.lock_token)
+        if settled and last:
             self._record_dead_lettered(qm, TimeoutError(f"{FUNCTION_TIMEOUT_SECONDS}={after:g}"))
 
     def _committed_before_dead_letter(self, qm: QueuedMessage) -> bool:
@@ -966,8 +966,9 @@ class LocalHost:
         return True
 
     def _record_dead_lettered(self, qm: QueuedMessage, exc: BaseException) -> None:
-        """The last delivery failed, so the queue dead-letters the message: that is its final
-        outcome, and handled.jsonl records every final outcome."""
+        """The last delivery failed, and its abandon dead-lettered the message: that is its
+        final outcome, and handled.jsonl records every final outcome (once: not when the
+        queue's sweep dead-lettered it, see `_settle`)."""
         if self.runtime.handled_log is None:
             return
         try:
@@ -990,28 +991,32 @@ class LocalHost:
     async def _abandon(self, lock_token: str, **options: Any) -> None:
         await asyncio.to_thread(self.queue.abandon, lock_token, **options)
 
-    async def _settle(self, action: Callable[[str], Awaitable[None]], lock_token: str) -> None:
+    async def _settle(self, action: Callable[[str], Awaitable[None]], lock_token: str) -> bool:
         """Settle a delivery, trying again while the queue cannot be written (a full disk):
         given up, the message would stay locked until its lock expires (a minute by
         default) before anyone could handle it again. Tries until the lock has expired,
-        when the queue owns the message again anyway."""
+        when the queue owns the message again anyway.
+
+        True when this settled it. False when the queue settles it instead: the lock was
+        gone, or is left to expire; a last delivery's message is then dead-lettered by the
+        queue's lock-expiry sweep, which records it in handled.jsonl itself."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lock_duration
         delay = SETTLE_RETRY_FIRST_SECONDS
         while True:
             try:
                 await action(lock_token)
-                return
+                return True
             except LockLostError:
                 # Already settled by the function (dead-lettered) or the lock expired: in
                 # both cases the queue owns the message again, as Service Bus would.
                 logger.debug("lock %s no longer held at settlement", lock_token)
-                return
+                return False
             except QueueUnavailableError as exc:
                 if self._stopping or loop.time() + delay > deadline:
                     logger.warning("cannot settle a delivery (%s); its message is delivered "
                                    "again when its lock expires", exc)
-                    return
+                    return False
                 logger.warning("cannot settle a delivery (%s); trying again in %gs", exc,
                                delay)
                 await asyncio.sleep(delay)
