@@ -253,6 +253,13 @@ def _get(env: Mapping[str, str], name: str) -> str | None:
     return value.strip()
 
 
+def _finite(value: float) -> bool:
+    """Every numeric setting's first rule. NaN passes any `<` check (nan < 1 is False) and
+    infinity clears any minimum; either then breaks what it feeds (a retry that cannot be
+    scheduled, a token cache that never expires)."""
+    return math.isfinite(value)
+
+
 _TIMESPAN = re.compile(r"(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2}(?:\.\d+)?)")
 
 
@@ -297,7 +304,9 @@ def load_settings(
             what = "whole number" if kind is int else "number"
             problems.append(f"{name} must be a {what}, got {raw!r}")
             return float(DEFAULTS[name])
-        if value < minimum:
+        if not _finite(value):
+            problems.append(f"{name} must be a finite number, got {raw!r}")
+        elif value < minimum:
             problems.append(f"{name} must be at least {minimum}, got {raw!r}")
         return value
 
@@ -374,7 +383,7 @@ def load_settings(
             function_timeout = float(raw_timeout)
         except ValueError:
             function_timeout = math.nan
-        if not function_timeout > 0 or math.isinf(function_timeout):
+        if not (_finite(function_timeout) and function_timeout > 0):
             problems.append(
                 f"{FUNCTION_TIMEOUT_SECONDS} must be a positive number of seconds, "
                 f"got {raw_timeout!r}"

@@ -176,6 +176,25 @@ class TestMalformed:
         assert "MAX_BODY_BYTES" in str(err.value) and "MAX_DELIVERY_COUNT" in str(err.value)
 
 
+class TestFiniteNumbers:
+    """NaN passes every `<` check and infinity clears every minimum: refused by name, so the
+    first handler failure does not crash scheduling its retry and a token cache expires."""
+
+    @pytest.mark.parametrize("name", ["RETRY_BACKOFF_BASE_SECONDS", "RETRY_BACKOFF_MAX_SECONDS",
+                                      "TOKEN_CACHE_SECONDS"])
+    @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "Infinity", "1e999"])
+    def test_a_value_that_is_not_finite_is_refused_by_name(self, name: str, value: str) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings({name: value})
+        assert f"{name} must be a finite number, got {value!r}" in str(err.value)
+
+    def test_finite_values_still_load(self) -> None:
+        s = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "0.5", "RETRY_BACKOFF_MAX_SECONDS": "1e3",
+                           "TOKEN_CACHE_SECONDS": "60"})
+        assert (s.retry_backoff_base_seconds, s.retry_backoff_max_seconds,
+                s.token_cache_seconds) == (0.5, 1000.0, 60.0)
+
+
 AZURE = {
     "WEBSITE_SITE_NAME": "app",
     "KEY_VAULT_URI": "https://kv.vault.azure.net/",
