@@ -164,8 +164,9 @@ class SettingsError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Settings:
     in_azure: bool
-    management_token: str | None
-    previous_management_token: str | None
+    # The signing tokens: kept out of repr (and so out of logs and tracebacks).
+    management_token: str | None = field(repr=False)
+    previous_management_token: str | None = field(repr=False)
     using_dev_token: bool
     key_vault_uri: str | None
     token_secret_name: str

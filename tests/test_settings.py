@@ -34,6 +34,13 @@ class TestDefaults:
         assert str(s.local_state_dir) == ".local"
         assert s.queue_name == "smartcar-events"
 
+    def test_the_signing_tokens_are_kept_out_of_repr(self) -> None:
+        """A Settings object in a log line or a traceback shows no token."""
+        s = load_settings({"SMARTCAR_MANAGEMENT_TOKEN": "current-amt-5b1f",
+                           "SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN": "previous-amt-77c2"})
+        assert "current-amt-5b1f" not in repr(s) and "previous-amt-77c2" not in repr(s)
+        assert "using_dev_token=False" in repr(s)  # the rest is still shown
+
     def test_blank_values_count_as_unset(self) -> None:
         s = load_settings({"MAX_BODY_BYTES": "  ", "SMARTCAR_MANAGEMENT_TOKEN": ""})
         assert s.max_body_bytes == 196608 and s.using_dev_token
