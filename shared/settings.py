@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .events import is_unicode
+
 # Development token used by the local host when SMARTCAR_MANAGEMENT_TOKEN is unset.
 # It is published in the README: never use it for a registered webhook.
 DEV_MANAGEMENT_TOKEN = "local-dev-management-token"
@@ -323,6 +325,15 @@ def load_settings(
 
     token = _get(env, SMARTCAR_MANAGEMENT_TOKEN)
     previous = _get(env, SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN)
+    for name, value in ((SMARTCAR_MANAGEMENT_TOKEN, token),
+                        (SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN, previous)):
+        # Bytes the environment could not decode arrive as lone surrogates, which no HMAC
+        # key can be made of: every signed request would fail. Never echoed: it is a secret.
+        if not is_unicode(value):
+            problems.append(
+                f"{name} is not valid UTF-8 text (the environment holds bytes that do not "
+                "decode): set it to the token exactly as Smartcar's Dashboard shows it"
+            )
     using_dev_token = False
     if key_vault_uri is None and token is None:
         if in_azure:

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from .credentials import ProcessCredential
+from .events import is_unicode
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,12 @@ class KeyVaultTokenProvider:
         current_value = current.value
         if not current_value:
             raise TokenUnavailableError(f"Key Vault secret {self._name!r} has no value")
+        # JSON's \ud800 escape decodes to a lone surrogate, which no HMAC key can be made of.
+        if not is_unicode(current_value):
+            raise TokenUnavailableError(
+                f"Key Vault secret {self._name!r} is not valid Unicode text: set it to the "
+                "token exactly as Smartcar's Dashboard shows it"
+            )
         current_version = getattr(current.properties, "version", None)
         previous_value = await self._read_previous(current_version)
         if previous_value and previous_value != current_value:
@@ -249,6 +256,11 @@ class KeyVaultTokenProvider:
             return None
         previous = await self._client.get_secret(self._name, previous_props.version)
         value = previous.value
+        if isinstance(value, str) and value and not is_unicode(value):
+            # The older token is a courtesy during a rotation: without it the current works.
+            logger.warning("Key Vault secret %r: the previous version is not valid Unicode "
+                           "text; only the current version is accepted", self._name)
+            return None
         return value if isinstance(value, str) and value else None
 
 

@@ -61,6 +61,28 @@ def run(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+class TestTokensThatAreNotUtf8:
+    """A --token holding bytes that are not UTF-8 (the shell hands them over as lone
+    surrogates) is a usage error, never echoed, instead of a traceback in the HMAC."""
+
+    @pytest.mark.parametrize("argv", [
+        ["send", "--url", "http://127.0.0.1:9/api/webhooks/smartcar"],
+        ["check-endpoint", "http://127.0.0.1:9/api/webhooks/smartcar"],
+        ["explain-signature", "--body", "body.json", "--signature", "abc"],
+    ])
+    def test_a_token_that_is_not_utf8_is_a_usage_error(
+        self, env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        argv: list[str]
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "body.json").write_bytes(b'{"eventType":"VERIFY"}')
+        code, out, err = run(*argv, "--token", "secret-amt-\udcff", "--json")
+        assert code == 2, err
+        error = json.loads(out)["error"]
+        assert "argument --token: the token is not valid UTF-8 text" in error
+        assert "secret-amt" not in out + err
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -41,6 +41,20 @@ class TestDefaults:
         assert "current-amt-5b1f" not in repr(s) and "previous-amt-77c2" not in repr(s)
         assert "using_dev_token=False" in repr(s)  # the rest is still shown
 
+    @pytest.mark.parametrize("name", ["SMARTCAR_MANAGEMENT_TOKEN",
+                                      "SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN"])
+    def test_a_token_that_is_not_utf8_is_refused_by_name_and_never_echoed(
+        self, name: str
+    ) -> None:
+        """os.environ surrogate-escapes bytes that are not UTF-8; no HMAC key can be made of
+        them, so every signed request and VERIFY would fail while /api/health said ok."""
+        undecodable = "amt-secret-\udcff"  # what os.environ gives for the byte 0xFF
+        env = {"SMARTCAR_MANAGEMENT_TOKEN": "current-amt", name: undecodable}
+        with pytest.raises(SettingsError) as err:
+            load_settings(env)
+        assert f"{name} is not valid UTF-8 text" in str(err.value)
+        assert "amt-secret" not in str(err.value)
+
     def test_blank_values_count_as_unset(self) -> None:
         s = load_settings({"MAX_BODY_BYTES": "  ", "SMARTCAR_MANAGEMENT_TOKEN": ""})
         assert s.max_body_bytes == 196608 and s.using_dev_token

@@ -140,6 +140,20 @@ class TestKeyVaultProvider:
         with pytest.raises(TokenUnavailableError, match="smartcar-management-token"):
             asyncio.run(provider(client, ManualClock(1000.0)).get_tokens())
 
+    def test_a_secret_that_is_not_unicode_is_unavailable_not_a_crash(self) -> None:
+        """JSON's \\ud800 escape (what the SDK decodes a secret from) gives a lone surrogate:
+        refused as unavailable (the receiver answers 503), never used as an HMAC key."""
+        client = FakeSecretClient()
+        client.set_secret("amt-\ud800")
+        with pytest.raises(TokenUnavailableError, match="smartcar-management-token"):
+            asyncio.run(provider(client, ManualClock(1000.0)).get_tokens())
+
+    def test_a_previous_version_that_is_not_unicode_is_left_out(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("amt-\ud800")
+        client.set_secret("t2")
+        assert asyncio.run(provider(client, ManualClock(1000.0)).get_tokens()) == ("t2",)
+
     def test_refresh_is_rate_limited(self) -> None:
         client = FakeSecretClient()
         client.set_secret("t1")
@@ -209,6 +223,15 @@ class TestRotationThroughTheReceiver:
             assert await post("forged") == 401
 
         asyncio.run(scenario())
+
+    def test_a_secret_that_is_not_unicode_answers_503_not_500(self) -> None:
+        client = FakeSecretClient()
+        client.set_secret("amt-\udcff")
+        body = encode(state_event())
+        reply = asyncio.run(receive(body, {"SC-Signature": sign("anything", body)},
+                                    tokens=provider(client, ManualClock(1000.0)),
+                                    publisher=RecordingPublisher(), max_body_bytes=196608))
+        assert reply.status == 503
 
     def test_verify_is_answered_with_the_token_that_signed_it(self) -> None:
         client = FakeSecretClient()

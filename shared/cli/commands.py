@@ -36,6 +36,7 @@ from ..local.queue import QUEUE_FILE
 from ..printable import printable
 from ..settings import Settings, SettingsError, load_settings
 from . import doctor_cli, vehicles_cli
+from .doctor import token_argument
 from .ops import (
     DeadLetter,
     OpsError,
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--url", required=True,
                       help="the callback URI, e.g. http://127.0.0.1:7071/api/webhooks/smartcar "
                            "or https://<app>.azurewebsites.net/api/webhooks/smartcar?code=<key>")
-    send.add_argument("--token", help="management token to sign with "
+    send.add_argument("--token", type=token_argument, help="management token to sign with "
                       "(default: SMARTCAR_MANAGEMENT_TOKEN, else the development token)")
     send.add_argument("--type", choices=EVENT_TYPES, dest="event_type",
                       help="event to simulate (default: state)")

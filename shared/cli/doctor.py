@@ -12,11 +12,13 @@ command line in `doctor_cli.py`. No token is ever printed: only where it came fr
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
+from ..events import is_unicode
 from ..settings import Settings
 from ..tokens import KeyVaultTokenProvider, SecretReader, TokenUnavailableError
 
@@ -34,6 +36,16 @@ class Tokens:
 
 class TokenError(RuntimeError):
     """No token could be had: the message says from where and what to do."""
+
+
+def token_argument(text: str) -> str:
+    """`--token` (argparse `type`), refused when it cannot key an HMAC: bytes the shell passed
+    that are not UTF-8 arrive as lone surrogates. The value is never echoed."""
+    if not is_unicode(text):
+        raise argparse.ArgumentTypeError(
+            "the token is not valid UTF-8 text (the shell passed bytes that do not decode): "
+            "give it exactly as Smartcar's Dashboard shows it")
+    return text
 
 
 def secret_client(vault_uri: str, settings: Settings) -> SecretReader:

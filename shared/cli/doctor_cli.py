@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from .doctor import TokenError, resolve_tokens
+from .doctor import TokenError, resolve_tokens, token_argument
 from .endpoint_check import DEFAULT_MAX_SECONDS, SMARTCAR_TIMEOUT_SECONDS, check_endpoint
 from .signature_explain import explain_signature
 from .simulate import check_url
@@ -38,7 +38,7 @@ def add_parsers(commands: Any, json_flag: argparse.ArgumentParser, parser_class:
                             "or https://<app>.azurewebsites.net/api/webhooks/smartcar?code=<key>")
     check.add_argument("--send-test-event", action="store_true",
                        help="then send one signed VEHICLE_STATE in mode TEST")
-    check.add_argument("--token", help=_SIGNING_HELP)
+    check.add_argument("--token", type=token_argument, help=_SIGNING_HELP)
     check.add_argument("--timeout", type=_seconds, default=SMARTCAR_TIMEOUT_SECONDS,
                        help="give up on an answer after this many seconds (15, Smartcar's)")
     check.add_argument("--max-seconds", type=_seconds, default=DEFAULT_MAX_SECONDS,
@@ -51,7 +51,7 @@ def add_parsers(commands: Any, json_flag: argparse.ArgumentParser, parser_class:
                          help="the request body, byte for byte ('-': standard input)")
     explain.add_argument("--signature", required=True, metavar="HEX",
                          help="the SC-Signature header value")
-    explain.add_argument("--token", help=_SIGNING_HELP)
+    explain.add_argument("--token", type=token_argument, help=_SIGNING_HELP)
 
 
 def run(args: argparse.Namespace, emit: Callable[[Any, str], None], err: TextIO) -> int:
