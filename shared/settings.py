@@ -335,7 +335,18 @@ def load_settings(
                 "decode): set it to the token exactly as Smartcar's Dashboard shows it"
             )
     using_dev_token = False
-    if key_vault_uri is None and token is None:
+    if in_azure:
+        for name, value in ((SMARTCAR_MANAGEMENT_TOKEN, token),
+                            (SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN, previous)):
+            if value is not None:
+                # A token in an app setting is a secret outside Key Vault, and not the one the
+                # app verifies with (Key Vault wins): refused, as the contract says local only.
+                problems.append(
+                    f"{name} is set, which is for local development only: in Azure the signing "
+                    f"token is read from Key Vault (remove it; keep the token in the secret "
+                    f"{SMARTCAR_TOKEN_SECRET_NAME} names, in the vault of {KEY_VAULT_URI})"
+                )
+    if key_vault_uri is None and (token is None or in_azure):
         if in_azure:
             problems.append(
                 f"{KEY_VAULT_URI} is not set: in Azure the signing token is read from Key Vault "

@@ -599,3 +599,38 @@ class TestExplainSignature:
             input=BODY.encode(), capture_output=True, cwd=ROOT, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         assert b"the receiver accepts it" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Which token the tools use: the app's, by the app's precedence.
+# ---------------------------------------------------------------------------------------------
+class TestTheAppsTokenPrecedence:
+    """With KEY_VAULT_URI and SMARTCAR_MANAGEMENT_TOKEN both set, the app verifies with the
+    Key Vault secret (shared/runtime.py): so do send, check-endpoint and explain-signature,
+    instead of checking a token the receiver does not use."""
+
+    @pytest.fixture
+    def vault(self, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> FakeSecretClient:
+        vault = FakeSecretClient()
+        vault.set_secret("token-in-vault")
+        monkeypatch.setenv("SMARTCAR_MANAGEMENT_TOKEN", "stale-token-in-env")
+        monkeypatch.setenv("KEY_VAULT_URI", "https://kv-test.vault.azure.net/")
+        monkeypatch.setattr(doctor, "secret_client", lambda uri, settings: vault)
+        return vault
+
+    def test_explain_signature_uses_the_key_vault_secret(
+        self, vault: FakeSecretClient, tmp_path: Path
+    ) -> None:
+        code, doc, _ = explain(tmp_path, BODY.encode(), sign("token-in-vault", BODY))
+        assert code == 0
+        assert doc["match"]["token"] == "current token (Key Vault secret smartcar-management-token)"
+
+    def test_check_endpoint_and_send_use_the_key_vault_secret(
+        self, vault: FakeSecretClient, server: StartServer
+    ) -> None:
+        url = server(hashing("token-in-vault"))
+        code, out, err = run("check-endpoint", url)
+        assert (code, err) == (0, ""), out
+        code, out, err = run("send", "--url", url, "--type", "verify", "--json")
+        assert code == 0, err
+        assert json.loads(out)["challengeVerified"] is True

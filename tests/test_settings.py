@@ -135,6 +135,26 @@ class TestAzure:
         assert s.management_token is None and not s.using_dev_token
         assert s.token_secret_name == "smartcar-management-token"
 
+    @pytest.mark.parametrize("name", ["SMARTCAR_MANAGEMENT_TOKEN",
+                                      "SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN"])
+    def test_a_local_only_token_setting_is_refused_in_azure(self, name: str) -> None:
+        """The contract says local only: in Azure a token in an app setting is a secret
+        outside Key Vault, and one the app never verifies with (Key Vault wins)."""
+        with pytest.raises(SettingsError) as err:
+            load_settings({"WEBSITE_SITE_NAME": "app",
+                           "KEY_VAULT_URI": "https://kv.vault.azure.net/",
+                           "ServiceBusConnection__fullyQualifiedNamespace": "ns.servicebus.windows.net",
+                           "AzureWebJobsStorage__accountName": "stabc123",
+                           name: "plain-secret-amt"})
+        message = str(err.value)
+        assert f"{name} is set, which is for local development only" in message
+        assert "plain-secret-amt" not in message
+
+    def test_a_token_setting_in_azure_does_not_hide_a_missing_vault(self) -> None:
+        with pytest.raises(SettingsError) as err:
+            load_settings({"WEBSITE_SITE_NAME": "app", "SMARTCAR_MANAGEMENT_TOKEN": "amt"})
+        assert "KEY_VAULT_URI is not set" in str(err.value)
+
     def test_in_azure_missing_settings_are_all_named(self) -> None:
         with pytest.raises(SettingsError) as err:
             load_settings({"WEBSITE_SITE_NAME": "app"})

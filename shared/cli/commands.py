@@ -36,7 +36,7 @@ from ..local.queue import QUEUE_FILE
 from ..printable import printable
 from ..settings import Settings, SettingsError, load_settings
 from . import doctor_cli, vehicles_cli
-from .doctor import token_argument
+from .doctor import TokenError, resolve_tokens, token_argument
 from .ops import (
     DeadLetter,
     OpsError,
@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the callback URI, e.g. http://127.0.0.1:7071/api/webhooks/smartcar "
                            "or https://<app>.azurewebsites.net/api/webhooks/smartcar?code=<key>")
     send.add_argument("--token", type=token_argument, help="management token to sign with "
-                      "(default: SMARTCAR_MANAGEMENT_TOKEN, else the development token)")
+                      "(default: the one the app verifies with: the Key Vault secret when "
+                      "KEY_VAULT_URI is set, else SMARTCAR_MANAGEMENT_TOKEN, else the "
+                      "development token)")
     send.add_argument("--type", choices=EVENT_TYPES, dest="event_type",
                       help="event to simulate (default: state)")
     send.add_argument("--file", type=Path,
@@ -169,13 +171,13 @@ def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
     # Unsigned, a token is needed only to check a VERIFY answer.
     needs_token = not args.unsigned or _is_verify(body)
     if token is None and needs_token:
-        settings = _settings()
-        token = settings.management_token
-        if token is None:
-            raise UsageError(
-                "no management token: pass --token (in Azure the app reads it from Key Vault)"
-            )
-        if settings.using_dev_token:
+        # The token the app verifies with, by the app's precedence (Key Vault first).
+        try:
+            found = resolve_tokens(None, _settings)
+        except TokenError as exc:
+            raise Failure(str(exc)) from None
+        token = found.values[0]
+        if found.source == "development token":
             use = "checking the VERIFY answer with" if args.unsigned else "signing with"
             print(f"note: {use} the development token "
                   "(SMARTCAR_MANAGEMENT_TOKEN is unset)", file=err)

@@ -3,11 +3,13 @@
     python -m shared.cli check-endpoint URL [--send-test-event] [--token T]
     python -m shared.cli explain-signature --body FILE --signature HEX [--token T]
 
-This module finds the token both commands use: `--token`, else the app's own settings:
-SMARTCAR_MANAGEMENT_TOKEN (and SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN), else the Key Vault secret
-named by KEY_VAULT_URI and SMARTCAR_TOKEN_SECRET_NAME, read by the app's token provider
-(shared/tokens.py). The checks live in `endpoint_check.py` and `signature_explain.py`; the
-command line in `doctor_cli.py`. No token is ever printed: only where it came from.
+This module finds the token these commands and `send` use: `--token`, else the one the app
+itself verifies with, by the app's own rule (`Settings.token_source`): the Key Vault secret
+named by KEY_VAULT_URI and SMARTCAR_TOKEN_SECRET_NAME whenever KEY_VAULT_URI is set, read by
+the app's token provider (shared/tokens.py); else SMARTCAR_MANAGEMENT_TOKEN (and
+SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN), else the development token. The checks live in
+`endpoint_check.py` and `signature_explain.py`; the command line in `doctor_cli.py`. No
+token is ever printed: only where it came from.
 """
 
 from __future__ import annotations
@@ -60,16 +62,18 @@ def secret_client(vault_uri: str, settings: Settings) -> SecretReader:
 
 
 def resolve_tokens(token: str | None, settings_loader: Callable[[], Settings]) -> Tokens:
-    """`--token`, else the environment, else Key Vault through the app's token provider."""
+    """`--token`, else the tokens the app verifies with: Key Vault (through the app's token
+    provider) or the environment, as `Settings.token_source` decides for the app."""
     if token is not None:
         return Tokens((token,), "--token")
     settings = settings_loader()
-    if settings.management_token is not None:
+    if settings.token_source == "environment":  # noqa: S105 - where from, not a password
+        assert settings.management_token is not None  # load_settings: a token or a vault
         values: tuple[str, ...] = (settings.management_token,)
         if settings.previous_management_token:
             values += (settings.previous_management_token,)
         return Tokens(values, "development token" if settings.using_dev_token else "environment")
-    assert settings.key_vault_uri is not None  # load_settings: a token or a vault
+    assert settings.key_vault_uri is not None  # token_source is "keyvault"
     client = secret_client(settings.key_vault_uri, settings)
     # A person waits here, not Smartcar: the first read also signs in (az, a browser), which
     # can take longer than the app's 5 s budget for a read.

@@ -14,9 +14,9 @@ from .signature_explain import explain_signature
 from .simulate import check_url
 
 COMMANDS = frozenset({"check-endpoint", "explain-signature"})
-_SIGNING_HELP = ("management token (default: SMARTCAR_MANAGEMENT_TOKEN and "
-               "SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN, else the Key Vault secret the app reads); "
-               "never printed")
+_SIGNING_HELP = ("management token (default: the one the app verifies with: the Key Vault "
+                 "secret when KEY_VAULT_URI is set, else SMARTCAR_MANAGEMENT_TOKEN and "
+                 "SMARTCAR_PREVIOUS_MANAGEMENT_TOKEN, else the development token); never printed")
 
 
 def _seconds(text: str) -> float:
