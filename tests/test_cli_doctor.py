@@ -634,3 +634,21 @@ class TestTheAppsTokenPrecedence:
         code, out, err = run("send", "--url", url, "--type", "verify", "--json")
         assert code == 0, err
         assert json.loads(out)["challengeVerified"] is True
+
+
+class TestUrlsThatDoNotParse:
+    """A port outside 0-65535 or an IPv6 host left open made urlsplit (or .port) raise: a
+    traceback, exit 1 and nothing on stdout under --json. Now a usage error like any other
+    bad URL, with the function key still redacted."""
+
+    @pytest.mark.parametrize("url", ["http://127.0.0.1:99999/api/webhooks/smartcar",
+                                     "http://127.0.0.1:port/api/webhooks/smartcar",
+                                     "http://[::1/api/webhooks/smartcar?code=k3y"])
+    @pytest.mark.parametrize("command", [["send", "--url"], ["check-endpoint"]])
+    def test_a_url_that_does_not_parse_is_a_usage_error(
+        self, env: dict[str, str], url: str, command: list[str]
+    ) -> None:
+        code, out, err = run(*command, url, "--json")
+        assert code == 2, err
+        assert "must be an http(s) URL" in json.loads(out)["error"]
+        assert "k3y" not in out + err and "Traceback" not in err

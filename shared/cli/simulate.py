@@ -233,8 +233,13 @@ def _set_signal(signals: list[dict[str, Any]], group: str, name: str, value: Any
 
 
 def redact_url(url: str) -> str:
-    """The URL with the function key (`code=`) replaced, safe to print or log."""
-    parts = urlsplit(url)
+    """The URL with the function key (`code=`) replaced, safe to print or log; one that does
+    not parse (a bracketed host left open) loses its whole query instead."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        path, sep, _ = url.partition("?")
+        return f"{path}?REDACTED" if sep else path
     if not parts.query:
         return url
     query = [
@@ -246,12 +251,15 @@ def redact_url(url: str) -> str:
 
 def check_url(url: str) -> str | None:
     """Why `url` cannot be used, or None."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        return (
-            "--url must be an http(s) URL such as "
-            f"http://127.0.0.1:7071/api/webhooks/smartcar, got {redact_url(url)!r}"
-        )
+    expected = ("--url must be an http(s) URL such as "
+                f"http://127.0.0.1:7071/api/webhooks/smartcar, got {redact_url(url)!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - read for its ValueError: a port outside 0-65535, not a number
+    except ValueError as exc:  # also a bracketed (IPv6) host left open or malformed
+        return f"{expected}: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.netloc or not parts.hostname:
+        return expected
     return None
 
 
