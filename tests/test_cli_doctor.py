@@ -652,3 +652,19 @@ class TestUrlsThatDoNotParse:
         assert code == 2, err
         assert "must be an http(s) URL" in json.loads(out)["error"]
         assert "k3y" not in out + err and "Traceback" not in err
+
+
+class TestDeeplyNestedBodies:
+    """Valid JSON nested deeper than the recursion limit parsed, then crashed re-writing it
+    (RecursionError from `_js_numbers`): a traceback instead of an explanation."""
+
+    @pytest.mark.parametrize("depth", [1500, 5000])
+    def test_a_deeply_nested_body_is_still_explained(self, env: dict[str, str],
+                                                     tmp_path: Path, depth: int) -> None:
+        body = b"[" * depth + b"]" * depth
+        code, doc, err = explain(tmp_path, body, sign("t", body), "--token", "t")
+        assert code == 0, err
+        assert doc["acceptedByReceiver"] is True
+        code, doc, err = explain(tmp_path, body, "abc", "--token", "t")
+        assert code == 1 and doc["match"] is None
+        assert "No match" in doc["explanation"] and "Traceback" not in err

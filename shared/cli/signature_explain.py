@@ -30,11 +30,16 @@ def _js_numbers(value: Any) -> Any:
 
 
 def reserialised(raw: bytes) -> list[tuple[str, bytes]]:
-    """The body as common JSON libraries re-write it; empty when it is not JSON."""
+    """The body as common JSON libraries re-write it; empty when it is not JSON, or nested
+    too deeply to re-write here (each step recurses: json.loads, `_js_numbers`, json.dumps)."""
     try:
-        doc = json.loads(raw)
+        return _reserialised(raw)
     except (ValueError, RecursionError):
         return []
+
+
+def _reserialised(raw: bytes) -> list[tuple[str, bytes]]:
+    doc = json.loads(raw)
     js = _js_numbers(doc)
     compact = (",", ":")
     forms = [
