@@ -81,8 +81,35 @@ class TestLocalQueue:
         assert result.returncode == 2
         assert result.stderr.strip() == (
             "error: ID '1' matches 2 dead letters: 1 (by its sequenceNumber), "
-            "3 (by its eventId); give the sequence number (the ID column of `dlq list`)")
+            "3 (by its eventId); name one by its sequence number as seq:N (seq:1 or seq:3), "
+            "which means nothing else")
         assert len(json.loads(cli(state, "dlq", "list", "--json").stdout)) == 3  # none purged
+
+    def test_the_hint_for_an_ambiguous_id_always_disambiguates(self, state: Path) -> None:
+        """The hint used to say "give the sequence number": 1, the very ID refused. seq:N is
+        a sequence number and nothing else, so following the hint always works."""
+        assert shown(cli(state, "dlq", "show", "seq:1", "--json"))["messageId"] == "msg-a"
+        assert shown(cli(state, "dlq", "purge", "seq:3", "--json")) == {
+            "purged": 1, "notFound": []}
+        remaining = json.loads(cli(state, "dlq", "list", "--json").stdout)
+        assert [e["messageId"] for e in remaining] == ["msg-a", "msg-b"]
+        # With the eventId "1" gone, a bare 1 is the sequence number again.
+        assert shown(cli(state, "dlq", "show", "1", "--json"))["messageId"] == "msg-a"
+
+    def test_digits_that_int_refuses_are_not_sequence_numbers(self, state: Path) -> None:
+        """'²' is a digit to str.isdigit and a ValueError to int(): it was a traceback."""
+        missing = cli(state, "dlq", "show", "²")
+        assert missing.returncode == 1 and "Traceback" not in missing.stderr
+        assert "no dead letter with ID ²" in missing.stderr
+        for command in ("replay", "purge"):
+            result = cli(state, "dlq", command, "²", "--json")
+            assert result.returncode == 1 and "Traceback" not in result.stderr
+            assert json.loads(result.stdout)["notFound"] == ["²"]
+
+    def test_not_found_ids_are_reported_as_typed(self, state: Path) -> None:
+        result = cli(state, "dlq", "purge", "000123", "seq:99", "99", "--json")
+        assert result.returncode == 1
+        assert json.loads(result.stdout)["notFound"] == ["000123", "seq:99", 99]
 
     def test_unknown_ids_are_reported_as_given(self, state: Path) -> None:
         result = cli(state, "dlq", "replay", "nope", "99", "--json")

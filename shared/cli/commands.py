@@ -18,7 +18,8 @@ Every command takes --json (one JSON document on stdout). The queue is the one t
 with the same settings: the embedded queue in ${LOCAL_STATE_DIR}, or Azure Service Bus when
 ServiceBusConnection__fullyQualifiedNamespace is set (signed in through DefaultAzureCredential).
 ID is a dead letter's sequence number (as `dlq list` shows it), its messageId or its eventId;
-an ID that names more than one dead letter is refused with the candidates listed.
+an ID that names more than one dead letter is refused with the candidates listed: then give
+seq:N, which is the sequence number N and nothing else.
 Exit status: 0 done, 1 failed, 2 usage or configuration error.
 """
 
@@ -125,12 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--limit", type=int, default=1000, help="at most this many (1000)")
     show = dlq_commands.add_parser("show", parents=[json_flag], help="one dead letter in full")
     show.add_argument("id", metavar="ID",
-                      help="a sequence number from `dlq list`, a messageId or an eventId")
+                      help="a sequence number from `dlq list`, a messageId or an eventId; "
+                           "seq:N is the sequence number N only")
     for name, text in (("replay", "re-enqueue dead letters for processing"),
                        ("purge", "delete dead letters")):
         sub = dlq_commands.add_parser(name, parents=[json_flag], help=text)
         sub.add_argument("ids", metavar="ID", nargs="*",
-                         help="sequence numbers from `dlq list`, messageIds or eventIds")
+                         help="sequence numbers from `dlq list`, messageIds or eventIds; "
+                              "seq:N is the sequence number N only")
         sub.add_argument("--all", action="store_true", help="every dead letter")
     doctor_cli.add_parsers(commands, json_flag, _Parser)
     vehicles_cli.add_parsers(commands, json_flag, _Parser)
@@ -311,7 +314,8 @@ def _check_targets(args: argparse.Namespace) -> None:
         raise UsageError(f"dlq {args.dlq_command}: give --all or IDs, not both")
     if not args.all and not args.ids:
         raise UsageError(f"dlq {args.dlq_command}: give --all or at least one ID "
-                         "(a sequence number from `dlq list`, a messageId or an eventId)")
+                         "(a sequence number from `dlq list`, a messageId, an eventId, or "
+                         "seq:N)")
 
 
 def _resolve(ops: QueueOps, ids: Sequence[str]) -> Resolved:

@@ -639,11 +639,28 @@ class Resolved:
     ambiguous: dict[str, list[IdMatch]] = field(default_factory=dict)
 
 
+#: `seq:N` names the dead letter with sequence number N and nothing else: sequence numbers are
+#: unique, so it always picks one where a bare N (also someone's eventId?) is ambiguous.
+SEQUENCE_PREFIX = "seq:"
+
+
+def _sequence_number(text: str) -> int | None:
+    """`text` as a sequence number: ASCII digits only (`str.isdigit` also takes '²', which
+    int() refuses)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def id_matches(entries: Iterable[DeadLetter], given: str) -> list[IdMatch]:
-    """The dead letters `given` names: as a sequence number, an eventId or a messageId."""
+    """The dead letters `given` names: as a sequence number, an eventId or a messageId; or,
+    as `seq:N`, the one with sequence number N only."""
+    explicit = (_sequence_number(given.removeprefix(SEQUENCE_PREFIX))
+                if given.startswith(SEQUENCE_PREFIX) else None)
+    if explicit is not None:
+        return [IdMatch(e, "sequenceNumber") for e in entries if e.sequence_number == explicit]
+    number = _sequence_number(given)
     found: list[IdMatch] = []
     for entry in entries:
-        if given.isdigit() and int(given) == entry.sequence_number:
+        if number == entry.sequence_number:
             found.append(IdMatch(entry, "sequenceNumber"))
         elif given == entry.event_id:
             found.append(IdMatch(entry, "eventId"))
@@ -661,7 +678,10 @@ def resolve_ids(ops: QueueOps, given: Sequence[str]) -> Resolved:
     for value in dict.fromkeys(given):
         found = id_matches(entries, value)
         if not found:
-            resolved.not_found.append(int(value) if value.isdigit() else value)
+            # As typed: 99 as a number (as `dlq list` shows IDs), but 000123 or seq:7 as text.
+            number = _sequence_number(value)
+            resolved.not_found.append(
+                number if number is not None and str(number) == value else value)
         elif len(found) > 1:
             resolved.ambiguous[value] = found
         else:
@@ -673,5 +693,6 @@ def resolve_ids(ops: QueueOps, given: Sequence[str]) -> Resolved:
 
 def describe_ambiguous(value: str, found: Sequence[IdMatch]) -> str:
     which = ", ".join(f"{m.dead_letter.sequence_number} (by its {m.field})" for m in found)
-    return (f"ID {value!r} matches {len(found)} dead letters: {which}; "
-            "give the sequence number (the ID column of `dlq list`)")
+    choices = " or ".join(f"{SEQUENCE_PREFIX}{m.dead_letter.sequence_number}" for m in found)
+    return (f"ID {value!r} matches {len(found)} dead letters: {which}; name one by its "
+            f"sequence number as {SEQUENCE_PREFIX}N ({choices}), which means nothing else")
