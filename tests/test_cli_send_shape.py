@@ -151,6 +151,27 @@ class TestShapingTheEvent:
         assert code == 2
         assert "--set expects Group.Name=value" in err
 
+    @pytest.mark.parametrize("given", ["NaN", "Infinity", "-Infinity", "1e999",
+                                       '{"value": NaN}', "[1, Infinity]"])
+    def test_a_value_that_is_not_json_is_refused_not_signed(self, env: dict[str, str],
+                                                            given: str) -> None:
+        """Python's json reads NaN and Infinity; the body signed with them was not JSON, so
+        the receiver accepted it and the processor dead-lettered it InvalidPayload."""
+        code, out, err = run("send", "--url", url(1), "--set",
+                             f"TractionBattery.StateOfCharge={given}", "--json")
+        assert code == 2, err
+        assert "are not JSON" in json.loads(out)["error"]
+
+    def test_nan_in_quotes_is_text(self) -> None:
+        assert parse_signal_setting('Vehicle.Nickname="NaN"') == ("Vehicle", "Nickname", "NaN")
+
+    @pytest.mark.parametrize("given", ["²", "-²", "--5"])
+    def test_digits_int_refuses_are_a_usage_error_naming_the_option(
+        self, env: dict[str, str], given: str
+    ) -> None:
+        code, _, err = run("send", "--url", url(1), f"--oem-updated-at={given}")
+        assert code == 2 and "--oem-updated-at expects epoch milliseconds" in err
+
     def test_a_value_with_an_equals_sign_is_kept_whole(self) -> None:
         assert parse_signal_setting("Vehicle.Nickname=a=b") == ("Vehicle", "Nickname", "a=b")
 
@@ -158,6 +179,9 @@ class TestShapingTheEvent:
         (["--type", "verify", "--vehicle-id", "car"], "a VERIFY event has no vehicle"),
         (["--type", "error", "--set", "A.B=1"], "shape the signals of --type state"),
         (["--type", "error", "--oem-updated-at", "0"], "shape the signals of --type state"),
+        # 0 is a time (the epoch), refused for VERIFY like 1, not ignored as falsy.
+        (["--type", "verify", "--oem-updated-at", "0"], "a VERIFY event has no vehicle"),
+        (["--type", "verify", "--oem-updated-at", "1"], "a VERIFY event has no vehicle"),
         (["--file", "x.json", "--event-id", "e"], "--file sends its bytes as they are"),
         (["--event-id", " "], "--event-id must not be empty"),
         (["--vehicle-id", ""], "--vehicle-id must not be empty"),

@@ -158,7 +158,9 @@ class Shape:
 
 def parse_signal_setting(text: str) -> tuple[str, str, Any]:
     """`Group.Name=value` as (group, name, value). The value is read as JSON when it is JSON
-    (`12`, `true`, `null`, `{"value": 1}`), else kept as the string given (`Parked`)."""
+    (`12`, `true`, `null`, `{"value": 1}`), else kept as the string given (`Parked`). NaN,
+    Infinity and numbers too large for a double (1e999) are refused: Python's json reads them,
+    but the signed body would not be JSON."""
     path, sep, raw = text.partition("=")
     group, dot, name = path.partition(".")
     if not sep or not dot or not group or not name or "." in name:
@@ -167,13 +169,20 @@ def parse_signal_setting(text: str) -> tuple[str, str, Any]:
     try:
         value: Any = json.loads(raw)
     except ValueError:
-        value = raw
+        return group, name, raw
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise ValueError(f"--set {text!r}: NaN, Infinity and numbers beyond a double's range "
+                         "are not JSON: give a finite number, or a JSON string such as "
+                         '"NaN" for text') from None
     return group, name, value
 
 
 def parse_timestamp_ms(text: str) -> int:
     """Epoch milliseconds, or an ISO-8601 time (with an offset, or `Z`), as epoch ms."""
-    if text.lstrip("-").isdigit():
+    digits = text.removeprefix("-")
+    if digits.isascii() and digits.isdigit():
         return int(text)
     try:
         parsed = datetime.fromisoformat(text)
@@ -190,7 +199,8 @@ def build_event(kind: str, *, now_ms: int | None = None, shape: Shape | None = N
     if kind not in _TEMPLATES:
         raise ValueError(f"unknown event type {kind!r}; expected one of {', '.join(EVENT_TYPES)}")
     shape = shape or Shape()
-    if kind == "verify" and (shape.vehicle_id or shape.signals or shape.oem_updated_at_ms):
+    if kind == "verify" and (shape.vehicle_id is not None or shape.signals
+                             or shape.oem_updated_at_ms is not None):
         raise ValueError("a VERIFY event has no vehicle or signals: --vehicle-id, --set and "
                          "--oem-updated-at apply to --type state (and --vehicle-id to error)")
     if kind == "error" and (shape.signals or shape.oem_updated_at_ms is not None):
@@ -214,7 +224,8 @@ def build_event(kind: str, *, now_ms: int | None = None, shape: Shape | None = N
     for signal in signals:
         if "meta" in signal:
             signal["meta"] = {"oemUpdatedAt": oem, "fetchedAt": now - 500}
-    return json.dumps(event, separators=(",", ":")).encode("utf-8")
+    # allow_nan=False: what is signed must be JSON (NaN is not), or it is dead-lettered.
+    return json.dumps(event, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
 def _set_signal(signals: list[dict[str, Any]], group: str, name: str, value: Any) -> None:
