@@ -116,6 +116,18 @@ class TestList:
         code, _, err = cli("vehicles", "list", "--limit", "0")
         assert code == 2 and "--limit must be at least 1" in err
 
+    @pytest.mark.parametrize("limit", ["1000001", "9223372036854775807", "10" * 20])
+    def test_a_limit_beyond_the_bound_is_a_usage_error_on_the_real_store(
+        self, env: dict[str, str], limit: str
+    ) -> None:
+        """SQLite binds 64-bit integers: a huge --limit was an OverflowError ("the vehicle
+        state store failed"), now it is refused before any store is opened."""
+        code, out, err = cli("vehicles", "list", "--limit", limit, "--json")
+        assert code == 2, err
+        assert "--limit must be at least 1 and at most 1000000" in json.loads(out)["error"]
+        code, out, err = cli("vehicles", "list", "--limit", "1000000", "--json")
+        assert (code, out.strip()) == (0, "[]"), err
+
     def test_an_empty_store(self, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(vehicles_cli, "open_store", Factory(MemoryVehicleStore()))
         assert cli("vehicles", "list", "--json")[1].strip() == "[]"

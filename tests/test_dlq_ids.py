@@ -57,6 +57,12 @@ def shown(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return doc
 
 
+def shown_list(result: subprocess.CompletedProcess[str]) -> list[Any]:
+    assert result.returncode == 0, result.stderr
+    entries: list[Any] = json.loads(result.stdout)
+    return entries
+
+
 class TestLocalQueue:
     def test_show_by_sequence_number_event_id_or_message_id(self, state: Path) -> None:
         assert shown(cli(state, "dlq", "show", "2", "--json"))["eventId"] == "evt-b"
@@ -110,6 +116,15 @@ class TestLocalQueue:
         result = cli(state, "dlq", "purge", "000123", "seq:99", "99", "--json")
         assert result.returncode == 1
         assert json.loads(result.stdout)["notFound"] == ["000123", "seq:99", 99]
+
+    @pytest.mark.parametrize("limit", ["1000001", "9223372036854775807"])
+    def test_a_limit_beyond_the_bound_is_a_usage_error(self, state: Path, limit: str) -> None:
+        """limit + 1 went to SQLite as is: an OverflowError traceback at 2**63 - 1."""
+        result = cli(state, "dlq", "list", "--limit", limit, "--json")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "--limit must be at least 1 and at most 1000000" in json.loads(
+            result.stdout)["error"]
+        assert len(shown_list(cli(state, "dlq", "list", "--limit", "1000000", "--json"))) == 3
 
     def test_unknown_ids_are_reported_as_given(self, state: Path) -> None:
         result = cli(state, "dlq", "replay", "nope", "99", "--json")

@@ -37,6 +37,7 @@ from ..local.queue import QUEUE_FILE
 from ..printable import printable
 from ..settings import Settings, SettingsError, load_settings
 from . import doctor_cli, vehicles_cli
+from .arguments import MAX_LIMIT, limit_argument
 from .doctor import TokenError, resolve_tokens, token_argument
 from .ops import (
     DeadLetter,
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = commands.add_parser("dlq", parents=[json_flag], help="the dead-letter queue")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
     listing = dlq_commands.add_parser("list", parents=[json_flag], help="list dead letters")
-    listing.add_argument("--limit", type=int, default=1000, help="at most this many (1000)")
+    listing.add_argument("--limit", type=limit_argument, default=1000,
+                         help=f"at most this many (1000; up to {MAX_LIMIT})")
     show = dlq_commands.add_parser("show", parents=[json_flag], help="one dead letter in full")
     show.add_argument("id", metavar="ID",
                       help="a sequence number from `dlq list`, a messageId or an eventId; "
@@ -389,8 +391,6 @@ def run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
     command = args.dlq_command
     if command == "list":
-        if args.limit < 1:
-            raise UsageError("--limit must be at least 1")
         limit = args.limit
         # One more than asked for tells whether --limit left some out.
         listed: tuple[str, list[DeadLetter], int | None] = _with_ops(

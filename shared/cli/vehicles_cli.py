@@ -24,6 +24,7 @@ from ..credentials import ProcessCredential
 from ..settings import Settings
 from ..vehicle_read import stored_vehicle_id_problem
 from ..vehicle_state import VehicleStateStore, VehicleSummary, VehicleView
+from .arguments import MAX_LIMIT, limit_argument
 
 COMMANDS = frozenset({"vehicles"})
 DEFAULT_LIMIT = 100
@@ -46,8 +47,8 @@ def add_parsers(commands: Any, json_flag: argparse.ArgumentParser, parser_class:
                                   parser_class=parser_class)
     listing = sub.add_parser("list", parents=[json_flag],
                              help="vehicles, most recently updated first, with open errors")
-    listing.add_argument("--limit", type=int, default=DEFAULT_LIMIT,
-                         help=f"at most this many ({DEFAULT_LIMIT})")
+    listing.add_argument("--limit", type=limit_argument, default=DEFAULT_LIMIT,
+                         help=f"at most this many ({DEFAULT_LIMIT}; up to {MAX_LIMIT})")
     show = sub.add_parser("show", parents=[json_flag],
                           help="one vehicle's signals and open errors")
     show.add_argument("vehicle_id", metavar="VEHICLE_ID", help="a vehicleId, e.g. from the list")
@@ -89,8 +90,6 @@ def run(args: argparse.Namespace, emit: Callable[[Any, str], None], err: TextIO,
     from .commands import EXIT_OK, Failure, UsageError, _settings
 
     if args.vehicles_command == "list":
-        if args.limit < 1:
-            raise UsageError("--limit must be at least 1")
         limit = args.limit
         # One more than asked for tells whether --limit left some out.
         found = _with_store(_settings(), lambda store: store.list_vehicles(limit=limit + 1))
