@@ -668,3 +668,33 @@ class TestDeeplyNestedBodies:
         code, doc, err = explain(tmp_path, body, "abc", "--token", "t")
         assert code == 1 and doc["match"] is None
         assert "No match" in doc["explanation"] and "Traceback" not in err
+
+
+class TestInputsTooLargeToBeABody:
+    """--file and --body were read whole: /dev/zero (or a wrong file) ran the reader out of
+    memory (MemoryError traceback). They are read up to 16 MiB, far over any webhook body."""
+
+    def test_more_than_the_bound_is_a_usage_error(self, env: dict[str, str],
+                                                  tmp_path: Path) -> None:
+        from shared.cli.arguments import MAX_INPUT_BYTES
+
+        big = tmp_path / "big.json"
+        with big.open("wb") as file:
+            file.truncate(MAX_INPUT_BYTES + 1)  # sparse: no disk, no memory
+        for argv in (["explain-signature", "--body", str(big), "--signature", "00",
+                      "--token", "t"],
+                     ["send", "--url", "http://127.0.0.1:9/x", "--file", str(big)]):
+            code, out, err = run(*argv, "--json")
+            assert code == 2, err
+            assert f"{big} holds more than 16 MiB" in json.loads(out)["error"]
+
+    def test_up_to_the_bound_is_read(self, env: dict[str, str], tmp_path: Path) -> None:
+        from shared.cli.arguments import MAX_INPUT_BYTES
+
+        body = tmp_path / "body.json"
+        with body.open("wb") as file:
+            file.truncate(MAX_INPUT_BYTES)
+        code, out, err = run("explain-signature", "--body", str(body), "--signature", "00",
+                             "--token", "t", "--json")
+        assert code == 1, err  # read, and explained: no match
+        assert json.loads(out)["bytes"] == MAX_INPUT_BYTES

@@ -5,6 +5,13 @@ in memory) with a usage error naming the option."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+#: The most `send --file` and `explain-signature --body` read: far more than any webhook body
+#: (Smartcar sends at most 50 KB; MAX_BODY_BYTES is at most 192 KiB with Service Bus), far less
+#: than a reader's memory (/dev/zero would otherwise be read until MemoryError).
+MAX_INPUT_BYTES = 16 * 1024 * 1024
 
 #: The most `--limit` takes: as many dead letters as the CLI ever reads at once
 #: (ops.ALL_DEAD_LETTERS); more would overflow SQLite's 64-bit integer at some size anyway.
@@ -21,3 +28,18 @@ def limit_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(
             f"--limit must be at least 1 and at most {MAX_LIMIT}, got {text}")
     return value
+
+
+def read_input(path: Path, option: str) -> bytes:
+    """The bytes of `path` ('-': standard input), at most MAX_INPUT_BYTES. Raises ValueError
+    naming `option` for more, and OSError as opening or reading raises it."""
+    if str(path) == "-":
+        data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
+    else:
+        with path.open("rb") as file:
+            data = file.read(MAX_INPUT_BYTES + 1)
+    if len(data) > MAX_INPUT_BYTES:
+        raise ValueError(f"{option} {path} holds more than {MAX_INPUT_BYTES // (1024 * 1024)} "
+                         "MiB: no webhook body is that large (Smartcar sends at most 50 KB); "
+                         "give the body of one request")
+    return data

@@ -37,7 +37,7 @@ from ..local.queue import QUEUE_FILE
 from ..printable import printable
 from ..settings import Settings, SettingsError, load_settings
 from . import doctor_cli, vehicles_cli
-from .arguments import MAX_LIMIT, limit_argument
+from .arguments import MAX_LIMIT, limit_argument, read_input
 from .doctor import TokenError, resolve_tokens, token_argument
 from .ops import (
     DeadLetter,
@@ -164,9 +164,11 @@ def cmd_send(args: argparse.Namespace, out: TextIO, err: TextIO) -> Any:
                          "and --oem-updated-at shape a built event (--type)")
     if args.file is not None:
         try:
-            body = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
+            body = read_input(args.file, "--file")
         except OSError as exc:
             raise UsageError(f"cannot read --file {args.file}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     else:
         try:
             body = build_event(args.event_type or "state", shape=shape)

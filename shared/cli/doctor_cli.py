@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from .arguments import read_input
 from .doctor import TokenError, resolve_tokens, token_argument
 from .endpoint_check import DEFAULT_MAX_SECONDS, SMARTCAR_TIMEOUT_SECONDS, check_endpoint
 from .signature_explain import explain_signature
@@ -82,9 +82,11 @@ def run(args: argparse.Namespace, emit: Callable[[Any, str], None], err: TextIO)
         return EXIT_OK
 
     try:
-        raw = sys.stdin.buffer.read() if str(args.body) == "-" else args.body.read_bytes()
+        raw = read_input(args.body, "--body")
     except OSError as exc:
         raise UsageError(f"cannot read --body {args.body}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     found = tokens()
     explanation = explain_signature(raw, args.signature, found)
     doc = {"body": str(args.body), "bytes": len(raw), **explanation.to_json()}
