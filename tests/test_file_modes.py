@@ -57,3 +57,18 @@ def test_the_state_directory_and_every_file_in_it_are_private(tmp_path: Path) ->
         proc.send_signal(signal.SIGINT)
         proc.wait(30)
     assert wrong(state) == {}, modes(state)
+
+
+def test_the_cli_makes_an_existing_state_directory_private(tmp_path: Path) -> None:
+    """The CLI creates the queue and the vehicle store (and their -wal, -shm) in
+    LOCAL_STATE_DIR too: like the local host, it first makes the directory 0700, also when an
+    earlier run left it open to others."""
+    env = base_env(tmp_path, free_port())
+    state = tmp_path / "state"
+    for command in (["dlq", "list"], ["vehicles", "list"]):
+        state.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(state, 0o755)  # left open to others by an earlier run
+        cli = subprocess.run([sys.executable, "-m", "shared.cli", *command], cwd=REPO, env=env,
+                             capture_output=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        assert wrong(state) == {}, (command, modes(state))

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from ..credentials import ProcessCredential
+from ..local.private import make_private
 from ..settings import Settings
 from ..vehicle_read import stored_vehicle_id_problem
 from ..vehicle_state import VehicleStateStore, VehicleSummary, VehicleView
@@ -59,6 +60,10 @@ def _with_store[T](settings: Settings,
     """Run `action` on the store the settings choose, then close it; Failure when the store
     is off, cannot be opened or fails."""
     from .commands import Failure
+
+    if settings.vehicle_state_backend == "sqlite":
+        # As the local host does: the store holds vehicle data, its directory the user's alone.
+        make_private(settings.local_state_dir)
 
     async def run() -> T:
         # Opened inside the loop: the Table backend's async client belongs to it. The
