@@ -78,7 +78,7 @@ dlq: $(RUN_STAMP)
 	@$(CLI) dlq list
 
 dlq-show: $(RUN_STAMP)
-	@$(CLI) dlq show $(ID)
+	@$(CLI) dlq show '$(ID)'
 
 dlq-replay: $(RUN_STAMP)
 	@$(CLI) dlq replay $(IDS)

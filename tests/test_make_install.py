@@ -56,6 +56,16 @@ class TestMakeRunInstallsOnlyWhatRunningNeeds:
         assert "requirements-local.txt" in recipe
         assert "requirements-dev.txt" not in recipe
 
+    @pytest.mark.parametrize("target", ["dlq-show", "vehicles-show"])
+    def test_an_id_reaches_the_cli_as_one_argument(self, target: str) -> None:
+        """An eventId may hold spaces or `;`: unquoted, the shell split it (and ran the rest).
+        PY stands in for the interpreter and prints the arguments it was given."""
+        given = "evt 1; echo split"
+        result = subprocess.run(["make", target, f"ID={given}", "RUN_STAMP=", "PY=printf %s/"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split("/")[3:5] == ["show", given]
+
     def test_the_local_file_is_the_app_plus_the_hosts_own_and_no_dev_tool(self) -> None:
         includes, names = requirements("requirements-local.txt")
         assert includes == ["requirements.txt"]
