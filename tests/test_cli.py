@@ -157,7 +157,7 @@ class TestSend:
         assert run("frobnicate")[0] == 2
 
     def test_a_usage_error_with_json_still_prints_one_json_document(self) -> None:
-        code, out, err = run("vehicles", "show", "a/b", "--json")
+        code, out, err = run("vehicles", "show", "", "--json")
         assert code == 2 and "error:" in err
         assert json.loads(out)["error"] == err.removeprefix("error: ").strip()
 
