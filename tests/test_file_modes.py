@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .host_process import REPO, base_env, free_port, handled_ids, host_process
 from .support import encode, http_request, signed_headers, state_event, wait_until
 
@@ -72,3 +74,23 @@ def test_the_cli_makes_an_existing_state_directory_private(tmp_path: Path) -> No
                              capture_output=True, timeout=60)
         assert cli.returncode == 0, cli.stderr
         assert wrong(state) == {}, (command, modes(state))
+
+
+def test_a_command_run_in_process_leaves_the_umask_to_its_entry_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m shared.cli` sets the umask as it starts; the commands only make the state
+    directory private. Called as a library (tests, tools), they leave the caller's umask."""
+    import io
+
+    from shared.cli.commands import main
+
+    monkeypatch.setenv("LOCAL_STATE_DIR", str(tmp_path / "state"))
+    before = os.umask(0o022)
+    try:
+        assert main(["dlq", "list"], out=io.StringIO(), err=io.StringIO()) == 0
+        assert main(["vehicles", "list"], out=io.StringIO(), err=io.StringIO()) == 0
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700

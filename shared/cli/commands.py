@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..events import is_unicode, peek_envelope
-from ..local.private import make_private
+from ..local.private import private_directory
 from ..local.queue import QUEUE_FILE
 from ..printable import printable
 from ..settings import Settings, SettingsError, load_settings
@@ -238,7 +238,7 @@ def _with_ops(action: Callable[[QueueOps], Any], err: TextIO) -> Any:
             print(f"note: no local queue in {settings.local_state_dir}/ yet (is LOCAL_STATE_DIR "
                   "the one the host uses?)", file=err)
         # As the local host does: the queue holds payloads, its directory is the user's alone.
-        make_private(settings.local_state_dir)
+        private_directory(settings.local_state_dir)
     try:
         ops = open_ops(settings)
     except OpsError as exc:

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from ..credentials import ProcessCredential
-from ..local.private import make_private
+from ..local.private import private_directory
 from ..settings import Settings
 from ..vehicle_read import stored_vehicle_id_problem
 from ..vehicle_state import VehicleStateStore, VehicleSummary, VehicleView
@@ -63,7 +63,7 @@ def _with_store[T](settings: Settings,
 
     if settings.vehicle_state_backend == "sqlite":
         # As the local host does: the store holds vehicle data, its directory the user's alone.
-        make_private(settings.local_state_dir)
+        private_directory(settings.local_state_dir)
 
     async def run() -> T:
         # Opened inside the loop: the Table backend's async client belongs to it. The

@@ -17,7 +17,15 @@ DIRECTORY_MODE = 0o700
 
 
 def make_private(state_dir: Path | None = None) -> None:
+    """The process's umask, for all it creates from now on; and `private_directory`."""
     os.umask(PRIVATE_UMASK)
     if state_dir is not None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(state_dir, DIRECTORY_MODE)
+        private_directory(state_dir)
+
+
+def private_directory(state_dir: Path) -> None:
+    """The state directory, created if missing, made 0700. What a command does before it
+    opens a store in it; the umask is its process's entry point's to set (`make_private`),
+    not a library call's."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, DIRECTORY_MODE)
