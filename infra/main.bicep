@@ -59,9 +59,13 @@ param maxDeliveryAgeSeconds int = 900
 param tokenCacheSeconds int = 300
 
 @description('Processor retry backoff base in seconds (RETRY_BACKOFF_BASE_SECONDS).')
+@minValue(0)
+@maxValue(604800)
 param retryBackoffBaseSeconds int = 2
 
 @description('Processor retry backoff ceiling in seconds (RETRY_BACKOFF_MAX_SECONDS).')
+@minValue(0)
+@maxValue(604800)
 param retryBackoffMaxSeconds int = 60
 
 @description('The vehicle state store (VEHICLE_STATE_STORE): on, or off.')

@@ -154,6 +154,10 @@ MIN_DELIVERY_AGE_SECONDS = 300
 #: spilled, then refused by every re-drive. Also the default; Smartcar sends at most 50 KB.
 MAX_BODY_BYTES_LIMIT = 196608
 MAX_DELIVERY_AGE_LIMIT_SECONDS = 3600
+#: RETRY_BACKOFF_BASE_SECONDS and _MAX_SECONDS at most: a week. A retry copy is scheduled at
+#: now + the delay, and a delay of 1e12 s lies past the last date a timestamp can hold: every
+#: failed attempt then failed to schedule its retry, and was redelivered without backoff.
+MAX_RETRY_BACKOFF_SECONDS = 7 * 86400
 
 # Set by App Service / Functions on every Azure instance; its presence means "in Azure".
 _AZURE_MARKER = "WEBSITE_SITE_NAME"
@@ -298,7 +302,8 @@ def load_settings(
     env = os.environ if environ is None else environ
     problems: list[str] = []
 
-    def number(name: str, *, kind: type[int] | type[float], minimum: float) -> float:
+    def number(name: str, *, kind: type[int] | type[float], minimum: float,
+               maximum: float = math.inf) -> float:
         raw = _get(env, name)
         assert raw is not None  # every numeric setting has a default
         try:
@@ -311,6 +316,8 @@ def load_settings(
             problems.append(f"{name} must be a finite number, got {raw!r}")
         elif value < minimum:
             problems.append(f"{name} must be at least {minimum}, got {raw!r}")
+        elif value > maximum:
+            problems.append(f"{name} must be at most {maximum:g}, got {raw!r}")
         return value
 
     in_azure = bool(env.get(_AZURE_MARKER))
@@ -378,8 +385,10 @@ def load_settings(
             f"got {_get(env, MAX_BODY_BYTES)!r}"
         )
     max_connections = int(number(LOCAL_MAX_CONNECTIONS, kind=int, minimum=1))
-    backoff_base = number(RETRY_BACKOFF_BASE_SECONDS, kind=float, minimum=0)
-    backoff_max = number(RETRY_BACKOFF_MAX_SECONDS, kind=float, minimum=0)
+    backoff_base = number(RETRY_BACKOFF_BASE_SECONDS, kind=float, minimum=0,
+                          maximum=MAX_RETRY_BACKOFF_SECONDS)
+    backoff_max = number(RETRY_BACKOFF_MAX_SECONDS, kind=float, minimum=0,
+                         maximum=MAX_RETRY_BACKOFF_SECONDS)
     token_cache = number(TOKEN_CACHE_SECONDS, kind=float, minimum=1)
     raw_low_battery = _get(env, LOW_BATTERY_PERCENT)
     try:

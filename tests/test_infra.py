@@ -415,6 +415,16 @@ class TestResources:
         assert p["deadLetteringOnMessageExpiration"] is True
         assert literal(sb.params()["defaultMessageTimeToLive"].default) == "P14D"
 
+    def test_the_retry_backoffs_are_bounded_as_the_settings_bound_them(self) -> None:
+        # The app refuses a backoff over a week at start; the template refuses it at deploy.
+        params = load(MAIN).params()
+        for name in ("retryBackoffBaseSeconds", "retryBackoffMaxSeconds"):
+            limits = {d.split("(")[0]: int(d.split("(")[1].rstrip(")"))
+                      for d in params[name].decorators
+                      if d.startswith(("@minValue", "@maxValue"))}
+            assert limits == {"@minValue": 0, "@maxValue": settings.MAX_RETRY_BACKOFF_SECONDS}
+            assert 0 <= literal(params[name].default) <= settings.MAX_RETRY_BACKOFF_SECONDS
+
     def test_a_replay_is_a_duplicate_or_stale_the_window_covers_max_delivery_age(self) -> None:
         # SECURITY.md "Replayed payloads": a re-sent delivery inside the duplicate-detection
         # window is dropped as a duplicate; outside it, its deliveredAt is older than

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from shared.retry import retry_copy
 from shared.settings import (
     APP_SETTINGS,
     DEFAULTS,
@@ -234,6 +236,25 @@ class TestFiniteNumbers:
                            "TOKEN_CACHE_SECONDS": "60"})
         assert (s.retry_backoff_base_seconds, s.retry_backoff_max_seconds,
                 s.token_cache_seconds) == (0.5, 1000.0, 60.0)
+
+    @pytest.mark.parametrize("name", ["RETRY_BACKOFF_BASE_SECONDS", "RETRY_BACKOFF_MAX_SECONDS"])
+    def test_a_backoff_is_at_most_a_week(self, name: str) -> None:
+        # A retry is scheduled at now + the delay: 1e12 s lies past the last date a timestamp
+        # holds, and every retry failed to be scheduled.
+        assert getattr(load_settings({name: "604800"}), name.lower()) == 604800.0
+        with pytest.raises(SettingsError) as err:
+            load_settings({name: "604801"})
+        assert f"{name} must be at most 604800, got '604801'" in str(err.value)
+        with pytest.raises(SettingsError):
+            load_settings({name: "1e12"})
+
+    def test_the_longest_backoff_schedules_a_retry(self) -> None:
+        settings = load_settings({"RETRY_BACKOFF_BASE_SECONDS": "604800",
+                                  "RETRY_BACKOFF_MAX_SECONDS": "604800"})
+        copy = retry_copy(b"{}", {"attempt": "30"}, event_key="e", error=ValueError(),
+                          now=time.time(), base=settings.retry_backoff_base_seconds,
+                          maximum=settings.retry_backoff_max_seconds)
+        assert copy.delay_seconds == 604800.0
 
 
 AZURE = {
