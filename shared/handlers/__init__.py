@@ -225,12 +225,17 @@ class HandlerRegistry:
         """Await a coroutine handler; run a plain one in the pool (it may block)."""
         name = self._names.get(id(handler))
         RUNNING_HANDLER.set(handler_name(handler) if name is None else name)
-        if inspect.iscoroutinefunction(handler):
-            await handler(*args)
-            return
-        result = await self.pool.run(handler, *args)
-        if inspect.isawaitable(result):
-            await result
+        try:
+            if inspect.iscoroutinefunction(handler):
+                await handler(*args)
+                return
+            result = await self.pool.run(handler, *args)
+            if inspect.isawaitable(result):
+                await result
+        except SystemExit as exc:
+            # sys.exit() in a library (argparse's error): raised out of a task, it would stop
+            # the event loop, and with it the host or the worker. Only this delivery fails.
+            raise RuntimeError(f"handler raised {exc!r}") from exc
 
 
 #: The registry the app uses. Your handlers register here.
