@@ -154,6 +154,10 @@ MIN_DELIVERY_AGE_SECONDS = 300
 #: spilled, then refused by every re-drive. Also the default; Smartcar sends at most 50 KB.
 MAX_BODY_BYTES_LIMIT = 196608
 MAX_DELIVERY_AGE_LIMIT_SECONDS = 3600
+#: A DNS host name of two labels or more (a Service Bus namespace's): letters, digits and
+#: inner hyphens per label. Not a URL, not the example file's `<your-namespace>` placeholder.
+_HOST_NAME = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+                        r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 #: RETRY_BACKOFF_BASE_SECONDS and _MAX_SECONDS at most: a week. A retry copy is scheduled at
 #: now + the delay, and a delay of 1e12 s lies past the last date a timestamp can hold: every
 #: failed attempt then failed to schedule its retry, and was redelivered without backoff.
@@ -364,7 +368,7 @@ def load_settings(
             using_dev_token = True
 
     namespace = _get(env, SERVICEBUS_NAMESPACE)
-    if namespace is not None and ("://" in namespace or "." not in namespace):
+    if namespace is not None and not _HOST_NAME.fullmatch(namespace):
         problems.append(
             f"{SERVICEBUS_NAMESPACE} must be a host name such as "
             f"<namespace>.servicebus.windows.net, got {namespace!r}"

@@ -206,6 +206,15 @@ class TestMalformed:
                 {"ServiceBusConnection__fullyQualifiedNamespace": "sb://x.servicebus.windows.net"},
                 "ServiceBusConnection__fullyQualifiedNamespace must be a host name",
             ),
+            (  # local.settings.json.example's placeholder, left as it is
+                {"ServiceBusConnection__fullyQualifiedNamespace":
+                 "<your-namespace>.servicebus.windows.net"},
+                "ServiceBusConnection__fullyQualifiedNamespace must be a host name",
+            ),
+            ({"ServiceBusConnection__fullyQualifiedNamespace": "my ns.servicebus.windows.net"},
+             "ServiceBusConnection__fullyQualifiedNamespace must be a host name"),
+            ({"ServiceBusConnection__fullyQualifiedNamespace": "-ns.servicebus.windows.net"},
+             "ServiceBusConnection__fullyQualifiedNamespace must be a host name"),
         ],
     )
     def test_malformed_setting_is_named(self, env: dict[str, str], message: str) -> None:
