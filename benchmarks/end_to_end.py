@@ -28,7 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from shared.local.host import LocalHost, load_function_app, run_event_loop
+from shared.local.command import load_function_app, run_event_loop
+from shared.local.host import LocalHost
 from shared.runtime import HANDLED_FILE, build_runtime, set_runtime
 from shared.settings import load_settings
 

@@ -123,7 +123,7 @@ def worker(events: int, http_concurrency: int) -> dict[str, Any]:
     import function_app
     from shared import telemetry
     from shared.handlers import registry
-    from shared.local.host import max_concurrent_calls_from_host_json
+    from shared.local.app_functions import max_concurrent_calls_from_host_json
     from shared.processor import ServiceBusDeadLetterer
     from shared.publisher import ServiceBusPublisher
     from shared.retry import ServiceBusRetrySender

@@ -113,7 +113,7 @@ async def host_calls(events: list[Event], decide: Decide) -> tuple[float, Vehicl
 
 
 def decision_share(events: int) -> None:
-    from shared.local.host import load_function_app
+    from shared.local.command import load_function_app
 
     load_function_app()  # the app's handlers: the `on_change` filter the host applies
     parsed = [parse_event(state_payload(SIZE, event_id=f"share-{i:06d}")) for i in range(events)]

@@ -16,7 +16,7 @@ import time
 
 from shared.events import Event
 from shared.handlers import HandlerContext, registry
-from shared.local.host import main
+from shared.local.command import main
 from shared.vehicle_state import SignalChange
 
 

@@ -24,7 +24,7 @@ import time
 from shared.events import Event
 from shared.handlers import HandlerContext, registry
 from shared.handlers.pool import BlockingPool
-from shared.local.host import main
+from shared.local.command import main
 
 
 def _record(event: Event, handler: str) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Self
 from shared.clockcheck import CLOCK_WATCH
 from shared.handlers import HandlerRegistry
 from shared.local.adapters import HandledLog
-from shared.local.host import LocalHost, load_function_app
+from shared.local.command import load_function_app
+from shared.local.host import LocalHost
 from shared.runtime import Runtime, build_runtime, set_runtime
 from shared.settings import load_settings
 from shared.signature import sign

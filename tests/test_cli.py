@@ -17,7 +17,7 @@ import pytest
 from shared.cli import commands as cli
 from shared.cli.simulate import build_event, redact_url
 from shared.handlers import HandlerRegistry
-from shared.local.host import banner
+from shared.local.command import banner
 from shared.settings import load_settings
 
 from .support import (

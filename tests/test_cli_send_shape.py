@@ -16,7 +16,7 @@ from shared.cli import commands as cli
 from shared.cli.simulate import Shape, build_event, parse_signal_setting, parse_timestamp_ms
 from shared.events import parse_event
 from shared.handlers import HandlerRegistry
-from shared.local.host import banner
+from shared.local.command import banner
 from shared.settings import load_settings
 
 from .support import WEBHOOK, RunningHost, local_env, wait_until

@@ -160,7 +160,8 @@ class TestOnePerProcess:
         assert credential.closes == 1
 
     def test_the_local_host_closes_the_credential_when_it_stops(self, fake_identity: None, tmp_path: Path) -> None:
-        from shared.local.host import LocalHost, load_function_app
+        from shared.local.command import load_function_app
+        from shared.local.host import LocalHost
 
         settings = load_settings({
             "LOCAL_STATE_DIR": str(tmp_path),

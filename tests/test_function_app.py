@@ -6,7 +6,8 @@ import ast
 import inspect
 from pathlib import Path
 
-from shared.local.host import index_functions, load_function_app, resolve_app_setting
+from shared.local.app_functions import index_functions, resolve_app_setting
+from shared.local.command import load_function_app
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -121,7 +121,8 @@ class TestBoundedConcurrency:
     def test_the_local_host_processes_as_many_at_once_as_host_json_says(
         self, tmp_path: Path
     ) -> None:
-        from shared.local.host import LocalHost, load_function_app
+        from shared.local.command import load_function_app
+        from shared.local.host import LocalHost
         from shared.runtime import build_runtime
         from shared.settings import load_settings
 
@@ -143,7 +144,7 @@ class TestBoundedConcurrency:
     def test_a_host_json_without_a_usable_max_concurrent_calls_is_named(
         self, tmp_path: Path, service_bus: dict[str, object], found: str
     ) -> None:
-        from shared.local.host import max_concurrent_calls_from_host_json
+        from shared.local.app_functions import max_concurrent_calls_from_host_json
 
         path = tmp_path / "host.json"
         path.write_text(json.dumps({"extensions": {"serviceBus": service_bus}}))

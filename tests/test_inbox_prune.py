@@ -13,7 +13,8 @@ import azure.functions as func
 import pytest
 
 from shared.inbox_prune import INBOX_PRUNE_SCHEDULE, handle_inbox_prune_timer
-from shared.local.host import index_functions, load_function_app
+from shared.local.app_functions import index_functions
+from shared.local.command import load_function_app
 from shared.local.vehicle_state import FILE_NAME, SqliteVehicleStateStore
 from shared.runtime import build_runtime, set_runtime
 from shared.settings import load_settings

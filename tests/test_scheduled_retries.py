@@ -38,7 +38,7 @@ from shared.local.adapters import (
     LocalQueuePublisher,
     LocalRetrySender,
 )
-from shared.local.host import to_function_message
+from shared.local.app_functions import to_function_message
 from shared.local.queue import LocalQueue, LockLostError
 from shared.processor import ServiceBusDeadLetterer
 from shared.publisher import OutboundMessage, ServiceBusPublisher, outbound_message

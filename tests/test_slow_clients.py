@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shared.local import connections
-from shared.local.host import LocalHost, serve
+from shared.local.command import serve
+from shared.local.host import LocalHost
 
 from .host_process import limited_host
 from .support import http_request

@@ -24,7 +24,8 @@ from azure.storage.blob.aio import ContainerClient, LinearRetry
 from shared import telemetry_names as names
 from shared.credentials import ProcessCredential
 from shared.local.adapters import LocalQueuePublisher
-from shared.local.host import index_functions, load_function_app
+from shared.local.app_functions import index_functions
+from shared.local.command import load_function_app
 from shared.local.queue import LocalQueue
 from shared.publisher import OutboundMessage, Publisher, PublishError
 from shared.spill import (

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from shared.local.host import has_key
+from shared.local.app_functions import has_key
 from shared.local.routes import route_template
 from shared.runtime import Runtime
 from shared.vehicle_read import (
@@ -266,7 +266,7 @@ class TestKeyComparison:
             seen.append((a, b))
             return real(a, b)
 
-        monkeypatch.setattr("shared.local.host.hmac.compare_digest", spy)
+        monkeypatch.setattr("shared.local.app_functions.hmac.compare_digest", spy)
         assert has_key("k1", {"code": "k1"}, {"x-functions-key": "other"})
         # Both given values are compared, whichever matched.
         assert seen == [(b"k1", b"k1"), (b"other", b"k1")]
@@ -397,7 +397,7 @@ class TestTheKeyInTheBanner:
     # A key is 32 characters of base64url: any of them may be `-` or `_`, the last included.
     @pytest.mark.parametrize("key", ["k" * 32, "k" * 31 + "-", "-" * 32, "_" * 31 + "k"])
     def test_readme_transcripts_show_the_key_as_a_placeholder(self, key: str) -> None:
-        from shared.local.host import banner
+        from shared.local.command import banner
         from shared.settings import load_settings
 
         from .transcripts import normalise

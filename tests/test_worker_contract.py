@@ -35,7 +35,7 @@ def index_app() -> dict[str, Any]:
     """Import function_app.py and index it once, as the worker does in its own process.
 
     A module of its own: `get_functions()` may run only once per app object, and the local
-    host indexes the shared one (shared/local/host.py `index_functions`).
+    host indexes the shared one (shared/local/app_functions.py `index_functions`).
     """
     spec = importlib.util.spec_from_file_location("function_app_as_indexed_by_the_worker",
                                                   ROOT / "function_app.py")

@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 import shared.functions
-import shared.local.host
+import shared.local.command
 from shared.processor import InboundMessage, Outcome, ProcessResult
 from shared.processor import process_message as _process_message
 from shared.runtime import build_runtime
@@ -39,7 +39,7 @@ async def process_then_apply(message: InboundMessage, **kwargs: Any) -> ProcessR
 
 if __name__ == "__main__":
     # The names these modules call, imported there (not re-exported): patched in place.
-    shared.local.host.build_runtime = functools.partial(  # type: ignore[attr-defined]  # not re-exported
+    shared.local.command.build_runtime = functools.partial(  # type: ignore[attr-defined]  # not re-exported
         build_runtime, vehicle_state=STORE)
     shared.functions.process_message = process_then_apply  # type: ignore[attr-defined]  # not re-exported
-    sys.exit(shared.local.host.main())
+    sys.exit(shared.local.command.main())

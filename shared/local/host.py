@@ -1,8 +1,10 @@
-"""The local host: runs `function_app.py`'s functions without Azure tools.
+"""The local host: `LocalHost` runs `function_app.py`'s functions without Azure tools.
 
 It serves the app's HTTP routes under `/api` and drives its Service Bus queue trigger from the
 embedded SQLite queue, with the host's built-in settlement: return completes, raise abandons,
-`maxDeliveryCount` dead-letters.
+`maxDeliveryCount` dead-letters. It also runs the app's timer functions every
+`timer_interval` seconds. The functions come from shared/local/app_functions.py; the command
+line that starts the host (`python -m shared.local`) is shared/local/command.py.
 
 Keys: the webhook routes take none, like `func start` (contract.md). Every other route whose
 auth level is not anonymous (the vehicle state, `GET /api/vehicles/{vehicleId}`) needs this
@@ -10,63 +12,49 @@ run's key, as `?code=` or `x-functions-key`: the port may be tunnelled to the in
 Smartcar's deliveries, and vehicle data must not go out through that tunnel to whoever finds
 it. The key is random per run and printed in the banner; anything else gets 401.
 
-It also runs the app's timer functions (the spill re-drive) every `--timer-interval` seconds.
-
-    python -m shared.local [--host 127.0.0.1] [--port 7071] [--workers N]
-                               [--lock-duration 60] [--timer-interval 60]
-
-`--workers` defaults to host.json's `extensions.serviceBus.maxConcurrentCalls`, the number of
-messages the Functions host processes at once in Azure, so the two cannot drift.
+Why one module past ~800 lines: it is one class, `LocalHost`, and its jobs (fetching,
+settling, completing once the vehicle state store has committed, renewing locks, stopping)
+all read and write the same in-flight lock state (`_held`, `_running`, `_to_complete`,
+`_awaiting_commit`, `_interrupted`). `stop` must see all of it at once to hand every message
+back, so a settlement or completion class split off would share that state through the host
+rather than own it.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
-import hmac
-import importlib
-import inspect
-import json
 import logging
-import os
 import secrets
-import signal
 import sqlite3
-import sys
 import threading
-import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import azure.functions as func
-from azure.functions.servicebus import ServiceBusMessage
 from azure.functions.timer import TimerRequest
-from multidict import CIMultiDictProxy
 
-from ..clockcheck import CLOCK_WATCH
 from ..handlers import HANDLER_ERROR, HANDLER_SECONDS, RUNNING_HANDLER
 from ..handlers.pool import CURRENT_DELIVERY, DeliveryJobs
-from ..printable import PrintableFormatter
 from ..processor import DeadLetterer, InboundMessage, Outcome, outcome_record, retry_delay
 from ..publisher import OutboundMessage, Publisher
-from ..runtime import Runtime, build_runtime, set_runtime
-from ..settings import (
-    FUNCTION_TIMEOUT_SECONDS,
-    HOST_JSON,
-    SERVICEBUS_NAMESPACE,
-    Settings,
-    SettingsError,
-    load_settings,
-)
-from ..telemetry import configure as configure_telemetry
+from ..runtime import Runtime
+from ..settings import FUNCTION_TIMEOUT_SECONDS
 from .adapters import LocalQueuePublisher
+from .app_functions import (
+    HttpFunction,
+    QueueFunction,
+    TimerFunction,
+    _call,
+    has_key,
+    index_functions,
+    invocation_context,
+    max_concurrent_calls_from_host_json,
+    needs_local_key,
+    to_function_message,
+)
 from .batching import on_loop_unless_busy
-from .clockstate import judge_stored_deliveries
 from .connections import (
     BODY_TIMEOUT_SECONDS,
     HEADER_TIMEOUT_SECONDS,
@@ -74,9 +62,6 @@ from .connections import (
     connection_limit,
 )
 from .http import Handler, HttpServer, Request, Response, json_response
-from .inspector import Recorder
-from .inspector_server import start_inspector
-from .private import make_private
 from .queue import (
     MAX_DELIVERY_COUNT_EXCEEDED,
     LocalQueue,
@@ -88,12 +73,8 @@ from .queue import (
 from .vehicle_state import SqliteVehicleStateStore
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 ROUTE_PREFIX = "/api"
-#: Routes the local host serves without a key whatever their auth level: Smartcar's deliveries
-#: come keyless through a tunnel, as with `func start` (contract.md).
-KEYLESS_ROUTE_PREFIX = "webhooks/"
 DEFAULT_PORT = 7071
 #: Seconds `stop` waits for cancelled tasks and open requests; the whole stop stays well
 #: inside the 10 s a supervisor (or Ctrl-C) may wait before killing.
@@ -109,169 +90,6 @@ SETTLE_RETRY_MAX_SECONDS = 1.0
 #: How often, at most, an idle host checkpoints the queue's write-ahead log (see
 #: `LocalHost._checkpoint_when_idle`).
 IDLE_CHECKPOINT_SECONDS = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class HttpFunction:
-    name: str
-    route: str
-    methods: tuple[str, ...]
-    auth_level: str
-    handler: Callable[..., Any]
-    #: Declares a `context` parameter, which the worker fills (decided once, at indexing).
-    wants_context: bool = False
-
-
-def needs_local_key(fn: HttpFunction) -> bool:
-    """True for the routes the local host serves only with its per-run key."""
-    return fn.auth_level.lower() != "anonymous" and not fn.route.startswith(KEYLESS_ROUTE_PREFIX)
-
-
-def has_key(key: str, query: Mapping[str, str], headers: Mapping[str, str]) -> bool:
-    """True when `?code=` or `x-functions-key` is `key`; both compared in constant time."""
-    expected = key.encode("utf-8")
-    matched = False
-    for given in (query.get("code"), headers.get("x-functions-key")):
-        if given is not None:
-            matched |= hmac.compare_digest(given.encode("utf-8", "replace"), expected)
-    return matched
-
-
-@dataclass(frozen=True, slots=True)
-class QueueFunction:
-    name: str
-    queue_name: str
-    connection: str
-    handler: Callable[..., Any]
-
-
-@dataclass(frozen=True, slots=True)
-class TimerFunction:
-    name: str
-    schedule: str
-    handler: Callable[..., Any]
-
-
-_INDEX: dict[int, tuple[list[HttpFunction], list[QueueFunction], list[TimerFunction]]] = {}
-
-
-def index_functions(
-    app: func.FunctionApp,
-) -> tuple[list[HttpFunction], list[QueueFunction], list[TimerFunction]]:
-    """The HTTP, Service Bus queue and timer functions that `app` declares.
-
-    `FunctionApp.get_functions()` may run only once per app (it registers the names), so
-    the index is kept, as the Functions host indexes an app once.
-    """
-    if id(app) not in _INDEX:
-        _INDEX[id(app)] = _index(app)
-    return _INDEX[id(app)]
-
-
-def _index(
-    app: func.FunctionApp,
-) -> tuple[list[HttpFunction], list[QueueFunction], list[TimerFunction]]:
-    http: list[HttpFunction] = []
-    queues: list[QueueFunction] = []
-    timers: list[TimerFunction] = []
-    for fn in app.get_functions():
-        trigger: Any = fn.get_trigger()
-        name = fn.get_function_name() or ""
-        kind = trigger.get_binding_name() if trigger is not None else None
-        if kind == "httpTrigger":
-            methods = tuple(str(getattr(m, "value", m)) for m in (trigger.methods or ["GET"]))
-            auth = str(getattr(trigger.auth_level, "value", trigger.auth_level))
-            handler = fn.get_user_function()
-            http.append(HttpFunction(name, trigger.route or name, methods, auth, handler,
-                                     _wants_context(handler)))
-        elif kind == "serviceBusTrigger":
-            queues.append(QueueFunction(name, trigger.queue_name, trigger.connection,
-                                        fn.get_user_function()))
-        elif kind == "timerTrigger":
-            timers.append(TimerFunction(name, trigger.schedule, fn.get_user_function()))
-        else:
-            raise RuntimeError(f"the local host cannot run {kind} function {name}")
-    return http, queues, timers
-
-
-def max_concurrent_calls_from_host_json(path: Path = HOST_JSON) -> int:
-    """host.json's `extensions.serviceBus.maxConcurrentCalls`: the local host's default number
-    of queue workers. ValueError says what was found."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))["extensions"]["serviceBus"][
-            "maxConcurrentCalls"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(
-            f"cannot read extensions.serviceBus.maxConcurrentCalls from {path}: {exc!r}"
-        ) from None
-    if type(value) is not int or value < 1:
-        raise ValueError(
-            f"extensions.serviceBus.maxConcurrentCalls in {path} must be a positive integer, "
-            f"got {value!r}"
-        )
-    return value
-
-
-def resolve_app_setting(value: str, environ: dict[str, str] | None = None) -> str:
-    """Functions' `%NAME%` binding expressions read an app setting."""
-    env = os.environ if environ is None else environ
-    if value.startswith("%") and value.endswith("%") and len(value) > 2:
-        return env.get(value[1:-1], "")
-    return value
-
-
-async def _call(handler: Callable[..., Any], arg: Any, **context: Any) -> Any:
-    result = handler(arg, **context)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
-
-
-def _wants_context(handler: Callable[..., Any]) -> bool:
-    """The worker passes `context` to functions that declare it; so does this host."""
-    return "context" in inspect.signature(handler).parameters
-
-
-@dataclass(frozen=True, slots=True)
-class LocalTraceContext:
-    trace_parent: str
-    trace_state: str
-    attributes: dict[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class LocalContext:
-    """What the Python worker's `func.Context` offers, for functions that take `context`.
-
-    The trace context is the request's own `traceparent` header when it has one (the
-    Functions host would put its request span there), so a caller's trace continues.
-    """
-
-    invocation_id: str
-    function_name: str
-    function_directory: str
-    trace_context: LocalTraceContext
-    retry_context: None = None
-    thread_local_storage: None = None
-
-
-#: Where the worker's `context.function_directory` points: the app's root.
-FUNCTION_DIRECTORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def invocation_context(name: str, headers: CIMultiDictProxy[str]) -> LocalContext:
-    """What the worker passes as `context`: a fresh invocation id, and the request's W3C trace
-    context (`headers`: the request's, read case-insensitively)."""
-    return LocalContext(
-        invocation_id=str(uuid.uuid4()),
-        function_name=name,
-        function_directory=FUNCTION_DIRECTORY,
-        trace_context=LocalTraceContext(
-            trace_parent=headers.get("traceparent", ""),
-            trace_state=headers.get("tracestate", ""),
-            attributes={},
-        ),
-    )
 
 
 #: Told of each HTTP request (route, method, headers, body) as it arrives; returns the callback
@@ -306,23 +124,6 @@ class NotifyingPublisher:
     async def close(self) -> None:
         await self._inner.close()
 
-
-def to_function_message(qm: QueuedMessage) -> func.ServiceBusMessage:
-    """The same concrete message type the Python worker hands to a queue trigger."""
-    props: dict[str, Any] = dict(qm.application_properties)
-    return ServiceBusMessage(
-        body=qm.body,
-        message_id=qm.message_id,
-        delivery_count=qm.delivery_count,
-        sequence_number=qm.sequence_number,
-        enqueued_time_utc=qm.enqueued_time,
-        scheduled_enqueue_time_utc=qm.scheduled_enqueue_time,
-        lock_token=qm.lock_token,
-        locked_until=qm.locked_until,
-        application_properties=props,
-        user_properties=props,
-        content_type="application/json",
-    )
 
 
 class _CommitFirst:
@@ -1075,206 +876,6 @@ async def _until_either(first: asyncio.Event, second: asyncio.Event) -> None:
             wait.cancel()
 
 
-def run_event_loop[T](main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` as the local host runs: on uvloop where it is installed (requirements-local.txt,
-    not on Windows), whose C transports cut the host's CPU per event by a few per cent
-    (docs/performance.md); on asyncio's own loop otherwise, with the same behaviour."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
-
-
-def load_function_app() -> func.FunctionApp:
-    """Import the project's `function_app.py` (the repository root is on sys.path)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    module = importlib.import_module("function_app")
-    app: func.FunctionApp = module.app
-    return app
-
-
 def http_origin(host: str, port: int) -> str:
     """`http://host:port`, an IPv6 address in brackets (`HOST=::1`)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def banner(settings: Settings, base_url: str, *, inspector: str | None = None,
-           warnings: list[str] | None = None,
-           function_key: str | None = None) -> str:
-    # The host only verifies: the CLI (and Smartcar) sign.
-    token_line = (
-        f"Verifies signatures with the development token {settings.management_token!r} "
-        "(SMARTCAR_MANAGEMENT_TOKEN is unset). Never register it with Smartcar."
-        if settings.using_dev_token
-        else "Verifies signatures with the token in SMARTCAR_MANAGEMENT_TOKEN."
-    )
-    python = os.path.relpath(sys.executable) if sys.executable else "python"
-    # Pasted into another terminal, the command must sign with the token this host uses.
-    token_arg = "" if settings.using_dev_token else ' --token "$SMARTCAR_MANAGEMENT_TOKEN"'
-
-    url = f"{base_url}{ROUTE_PREFIX}/webhooks/smartcar"
-    port = base_url.rsplit(":", 1)[-1]
-    listening_on = urlsplit(base_url).hostname or ""
-    reach = (
-        "Local URLs (this machine only: Smartcar cannot reach them):"
-        if listening_on in ("127.0.0.1", "localhost", "::1")
-        else "URLs (listening on every interface: reachable from your network, not by "
-             "Smartcar, which needs public HTTPS):"
-        if listening_on in ("0.0.0.0", "::")  # noqa: S104 - naming it, not binding it
-        else f"URLs (listening on {listening_on}: not reachable by Smartcar, which needs "
-             "public HTTPS):"
-    )
-    return "\n".join(
-        [
-            f"Smartcar webhook receiver (local host) listening on {base_url}",
-            token_line,
-            f"Queue: embedded SQLite in {settings.local_state_dir}/ "
-            f"(handled events: {settings.local_state_dir}/handled.jsonl)",
-            reach,
-            f"  vehicle data webhook:  {url}",
-            f"  vehicle error webhook: {url}/errors",
-            f"  health:                {base_url}{ROUTE_PREFIX}/health",
-            *([f"  vehicle state:         {base_url}{ROUTE_PREFIX}/vehicles/<vehicleId>"
-               f"?code={function_key}",
-               "    (this run's key, also accepted as an x-functions-key header; the webhook "
-               "routes take none)"] if function_key else []),
-            *([inspector] if inspector else []),
-            "To receive real Smartcar deliveries, tunnel the port to public HTTPS, e.g.",
-            f"  devtunnel host -p {port} --allow-anonymous   (or: ngrok http {port})",
-            "  and register https://<tunnel>/api/webhooks/smartcar (README: \"Receive real "
-            "deliveries on your machine\").",
-            "Send a signed test event (in another terminal):",
-            f"  {python} -m shared.cli send --url {url} --type state{token_arg}",
-            "Press Ctrl-C to stop.",
-            *(f"WARNING: {warning}" for warning in warnings or ()),
-        ]
-    )
-
-
-async def serve(
-    host: str, port: int, workers: int | None, *, lock_duration: float = 60.0,
-    timer_interval: float = 60.0, header_timeout: float = HEADER_TIMEOUT_SECONDS,
-    idle_timeout: float = IDLE_TIMEOUT_SECONDS, body_timeout: float = BODY_TIMEOUT_SECONDS,
-) -> None:
-    settings = load_settings()
-    if settings.queue_backend != "local":
-        # Checked before anything is built: a one-line error, like every other setting's.
-        raise SettingsError(
-            f"{SERVICEBUS_NAMESPACE} is set: the local host runs on the embedded queue only; "
-            "unset it to run locally (the operations CLI uses it to reach Service Bus)"
-        )
-    make_private(settings.local_state_dir)  # before anything in it is created or opened
-    runtime = build_runtime(settings)
-    set_runtime(runtime)
-    # Spans to the console, or to Application Insights when a connection string is set.
-    configure_telemetry(connection_string=settings.appinsights_connection_string, console=True)
-    recorder = Recorder()
-    recorder.attach()  # to the tracer provider set up just above
-    runtime.on_processed = recorder.processed  # what each delivery did to the vehicle state
-    local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers,
-                      lock_duration=lock_duration, timer_interval=timer_interval,
-                      header_timeout=header_timeout, idle_timeout=idle_timeout,
-                      body_timeout=body_timeout, observer=recorder.http_request,
-                      attempt_observer=recorder.attempt_finished)
-    await local.start()
-    # A host listening on every interface is reached on loopback, as the page itself is.
-    reach = "127.0.0.1" if local.host in ("0.0.0.0", "::", "") else local.host  # noqa: S104
-    inspector, inspector_line = await start_inspector(
-        settings, runtime.queue, webhook_port=port, recorder=recorder,
-        vehicles=runtime.vehicle_state,
-        webhook_base=f"{http_origin(reach, local.port)}{ROUTE_PREFIX}",
-    )
-    judge_stored_deliveries(runtime.queue, settings.max_delivery_age_seconds)
-    clock = CLOCK_WATCH.problem()
-    print(banner(settings, local.base_url, inspector=inspector_line,
-                 warnings=[clock] if clock else None, function_key=local.function_key),
-          flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("Stopping: messages in progress are abandoned and redelivered on the next start.",
-          flush=True)
-    await local.stop()
-    if inspector is not None:
-        await inspector.stop()
-    runtime.queue.close()
-    if runtime.handled_log is not None:
-        runtime.handled_log.close()
-
-
-def port_from_env(environ: Mapping[str, str]) -> int:
-    """`PORT`, checked like the app's settings: a clear error instead of a traceback."""
-    raw = environ.get("PORT", "").strip()
-    if not raw:
-        return DEFAULT_PORT
-    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
-        raise SettingsError(
-            f"PORT must be a TCP port number from 0 to 65535 (the local host's port), "
-            f"got {raw!r}; e.g. PORT=7072 make run"
-        )
-    return int(raw)
-
-
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def log_level_from_env(environ: Mapping[str, str]) -> str:
-    level = environ.get("LOG_LEVEL", "").strip().upper() or "INFO"
-    if level not in _LOG_LEVELS:
-        raise SettingsError(
-            f"LOG_LEVEL must be one of {', '.join(_LOG_LEVELS)}, got {environ['LOG_LEVEL']!r}"
-        )
-    return level
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m shared.local", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    try:
-        default_port = port_from_env(os.environ)
-        log_level = log_level_from_env(os.environ)
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=default_port)
-    parser.add_argument("--workers", type=int, default=None,
-                        help="queue messages processed concurrently (default: host.json's "
-                             "extensions.serviceBus.maxConcurrentCalls)")
-    parser.add_argument("--lock-duration", type=float, default=60.0,
-                        help="seconds a received message stays locked (default 60)")
-    parser.add_argument("--timer-interval", type=float, default=60.0,
-                        help="seconds between runs of the timer functions (default 60)")
-    # The slow-client limits (connections.py); changed only by tests that cannot wait for them.
-    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_SECONDS,
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_SECONDS,
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_SECONDS,
-                        help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    # One line per record: messages carry senders' ids (an eventId may hold a line break).
-    handler = logging.StreamHandler()
-    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=log_level, handlers=[handler])
-    try:
-        run_event_loop(serve(args.host, args.port, args.workers,
-                          lock_duration=args.lock_duration, timer_interval=args.timer_interval,
-                          header_timeout=args.header_timeout, idle_timeout=args.idle_timeout,
-                          body_timeout=args.body_timeout))
-    except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except QueueUnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
