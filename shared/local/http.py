@@ -1,6 +1,13 @@
 """The local host's HTTP/1.1 server: llhttp (Node's parser, through `httptools`) under an
 asyncio protocol, bounded so that no client can exhaust the host.
 
+Why one module past ~800 lines: the request-head rules are not a parser of their own but
+checks on the connection's state as llhttp calls back into it (`_check_head` and `_count`
+read the message in progress; a body's framing count re-arms its timer), and `HttpServer` is
+that connection's only user, evicting connections by their phase. Split along parsing and
+serving, each half would reach into the other's private state; the pieces that stand alone
+(connections.py, routes.py) already live apart.
+
 Why not aiohttp's server (the inspector still uses it): per request, on a 2-vCPU machine, its
 server side costs 120 to 160 µs of CPU where a plain asyncio protocol costs about 65 (measured
 with the benchmark's load generator against a handler that does nothing). That difference was
