@@ -5,6 +5,12 @@
 message naming the JSON path that is wrong. `peek_envelope(body)` is the receiver's cheap,
 never-raising look at the envelope fields it needs before the payload is stored.
 
+Why one module past ~800 lines: the types and the parser are one job. `Event`'s lazy views
+(`signals`, `data`) are built by the parser's own helpers from what `parse_event` checked, and
+`peek_envelope` reads the envelope by the same text rules (`_text_of`, `_text`), so that it and
+`parse_event` agree on `eventId`. Split into types, parsing and peeking, each part would lean
+on the others' private helpers, and the decisions below would be spread over three files.
+
 How tolerant parsing is, in four rules:
 
 1. Required: `eventId` and `eventType` are non-empty strings (any `eventType` is valid, so new
