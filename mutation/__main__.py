@@ -47,7 +47,9 @@ DEFAULT_TARGET = 0.90
 #: The local queue is tested for its settlement code (peek-lock, complete, abandon, dead-letter,
 #: lock expiry, a damaged row dead-lettered on receive, messages locked at send for the local
 #: host's free workers), the semantics the processor relies on; its storage set-up and CLI
-#: operations are not in scope.
+#: operations are not in scope, nor are its sibling modules (queue_rows.py, queue_schema.py,
+#: queue_open.py: row types and decoding, the schema, opening a state directory's queue),
+#: which is why only_mutate does not name them.
 SCOPE = {
     "shared.local.queue": [
         "_max_delivery_description",

@@ -166,7 +166,7 @@ def build_runtime(
             LocalQueuePublisher,
             LocalRetrySender,
         )
-        from .local.queue import open_local_queue
+        from .local.queue_open import open_local_queue
 
         queue = open_local_queue(settings)
         primary = LocalQueuePublisher(queue)

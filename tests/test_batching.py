@@ -12,7 +12,8 @@ import pytest
 
 from shared.local.adapters import LocalQueuePublisher
 from shared.local.batching import Batcher, on_loop_unless_busy
-from shared.local.queue import LocalQueue, LockLostError, QueueBusyError
+from shared.local.queue import LocalQueue
+from shared.local.queue_rows import LockLostError, QueueBusyError
 from shared.publisher import OutboundMessage, PublishError
 
 

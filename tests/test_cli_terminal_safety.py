@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.local.queue import QUEUE_FILE, LocalQueue
+from shared.local.queue import LocalQueue
+from shared.local.queue_open import QUEUE_FILE
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE_BODY = "\x1bc\x07FAKE \x1b]0;pwned\x07 \x9b2J \u202egnp.exe\r\nsecond line\ttab"

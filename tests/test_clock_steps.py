@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.local.queue import QUEUE_FILE, LocalQueue
+from shared.local.queue import LocalQueue
+from shared.local.queue_open import QUEUE_FILE
 
 from . import faketime
 from .host_process import base_env, free_port, host_process

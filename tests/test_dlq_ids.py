@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from shared.local.queue import QUEUE_FILE, LocalQueue
+from shared.local.queue import LocalQueue
+from shared.local.queue_open import QUEUE_FILE
 
 from .cli_fakes import FakeNamespace
 from .test_cli_servicebus import make_ops, poison, run_cli

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from shared.local.queue import open_local_queue
+from shared.local.queue_open import open_local_queue
 from shared.publisher import RememberingPublisher, ServiceBusPublisher
 from shared.receiver import receive
 from shared.runtime import DUPLICATE_WINDOW_SECONDS

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.local.queue import QUEUE_FILE, LocalQueue
+from shared.local.queue import LocalQueue
+from shared.local.queue_open import QUEUE_FILE
 
 from .support import WEBHOOK, RunningHost, local_env
 

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.local.queue import MAX_DELIVERY_COUNT_EXCEEDED, QUEUE_FILE
+from shared.local.queue_open import QUEUE_FILE
+from shared.local.queue_rows import MAX_DELIVERY_COUNT_EXCEEDED
 
 from .host_process import base_env, free_port, host_process
 from .support import WEBHOOK, encode, http_request, signed_headers, state_event, wait_until

@@ -17,7 +17,8 @@ from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
 from shared.local import host as host_module
 from shared.local.adapters import LocalQueuePublisher
-from shared.local.queue import LocalQueue, QueuedMessage
+from shared.local.queue import LocalQueue
+from shared.local.queue_rows import QueuedMessage
 from shared.publisher import OutboundMessage, PublishError
 from shared.runtime import Runtime
 

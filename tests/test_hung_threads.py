@@ -15,7 +15,8 @@ import signal
 from collections import Counter
 from pathlib import Path
 
-from shared.local.queue import QUEUE_FILE, LocalQueue
+from shared.local.queue import LocalQueue
+from shared.local.queue_open import QUEUE_FILE
 
 from .host_process import free_port, host_process
 from .support import http_request, state_event, wait_until

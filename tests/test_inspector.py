@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from shared import telemetry_names as names
 from shared.cli.simulate import build_event
 from shared.local.inspector import Recorder, redact_header
-from shared.local.queue import QUEUE_FILE
+from shared.local.queue_open import QUEUE_FILE
 from shared.settings import SettingsError, load_settings
 from shared.signature import sign
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
-from shared.local.queue import QUEUE_FILE, LocalQueue
+from shared.local.queue import LocalQueue
+from shared.local.queue_open import QUEUE_FILE
 
 from .support import (
     WEBHOOK,

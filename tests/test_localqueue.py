@@ -24,18 +24,18 @@ from typing import Any
 import pytest
 
 from shared.local.ackmark import ACK_MARK_FILE, AckMark
-from shared.local.queue import (
+from shared.local.queue import LocalQueue
+from shared.local.queue_rows import (
     CORRUPT_MESSAGE,
     MAX_DELIVERY_COUNT_EXCEEDED,
-    SCHEMA_VERSION,
     ExpiredMessage,
-    LocalQueue,
     LockLostError,
     QueueBusyError,
     QueuedMessage,
     QueueFullError,
     QueueUnavailableError,
 )
+from shared.local.queue_schema import SCHEMA_VERSION
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000.0

@@ -31,7 +31,8 @@ from shared import telemetry_names as names
 from shared.events import Event
 from shared.handlers import HandlerContext, HandlerRegistry
 from shared.local.adapters import LocalDeadLetterer, LocalQueuePublisher, LocalRetrySender
-from shared.local.queue import LocalQueue, LockLostError
+from shared.local.queue import LocalQueue
+from shared.local.queue_rows import LockLostError
 from shared.processor import (
     InboundMessage,
     Outcome,

@@ -18,7 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared.local.queue import CORRUPT_MESSAGE, INITIALISED_MARKER, QUEUE_FILE
+from shared.local.queue_open import QUEUE_FILE
+from shared.local.queue_rows import CORRUPT_MESSAGE
+from shared.local.queue_schema import INITIALISED_MARKER
 
 from .host_process import REPO, base_env, free_port, handled_ids, host_process
 from .queue_damage import HOST, acknowledge_events, overwrite, start_refused

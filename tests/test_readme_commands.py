@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.local.queue import QUEUE_FILE, LocalQueue
+from shared.local.queue import LocalQueue
+from shared.local.queue_open import QUEUE_FILE
 
 from .support import http_request, wait_until
 from .transcripts import Block, TranscriptShell, blocks, commands_of, matches, normalise

@@ -39,7 +39,8 @@ from shared.local.adapters import (
     LocalRetrySender,
 )
 from shared.local.app_functions import to_function_message
-from shared.local.queue import LocalQueue, LockLostError
+from shared.local.queue import LocalQueue
+from shared.local.queue_rows import LockLostError
 from shared.processor import ServiceBusDeadLetterer
 from shared.publisher import OutboundMessage, ServiceBusPublisher, outbound_message
 from shared.retry import PROP_ATTEMPT_HISTORY, ServiceBusRetrySender, backoff_seconds

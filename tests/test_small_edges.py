@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.local.queue import QUEUE_FILE, open_state_queue
+from shared.local.queue_open import QUEUE_FILE, open_state_queue
 
 from .host_process import REPO, base_env, free_port
 from .support import encode, state_event

@@ -18,7 +18,7 @@ from .support import WEBHOOK, encode, http_request, signed_headers, state_event,
 OPEN_AT = """
 import sys, time
 from pathlib import Path
-from shared.local.queue import open_state_queue
+from shared.local.queue_open import open_state_queue
 time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
 open_state_queue(Path(sys.argv[1])).close()
 """

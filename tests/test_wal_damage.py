@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from shared.local.ackmark import ACK_MARK_FILE
-from shared.local.queue import QUEUE_FILE
+from shared.local.queue_open import QUEUE_FILE
 
 from .host_process import handled_ids, host_process
 from .queue_damage import HOST, acknowledge_events, overwrite, start_refused

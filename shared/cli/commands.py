@@ -34,7 +34,7 @@ from typing import Any, TextIO
 
 from ..events import is_unicode, peek_envelope
 from ..local.private import private_directory
-from ..local.queue import QUEUE_FILE
+from ..local.queue_open import QUEUE_FILE
 from ..printable import printable
 from ..settings import Settings, SettingsError, load_settings
 from . import doctor_cli, vehicles_cli

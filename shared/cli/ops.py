@@ -229,7 +229,7 @@ class LocalOps:
 
     @contextmanager
     def _errors(self) -> Iterator[None]:
-        from ..local.queue import QueueUnavailableError
+        from ..local.queue_rows import QueueUnavailableError
 
         try:
             yield
@@ -609,7 +609,8 @@ def open_ops(settings: Settings) -> QueueOps:
     if settings.queue_backend == "servicebus":
         assert settings.servicebus_namespace is not None
         return ServiceBusOps(settings.servicebus_namespace, settings.queue_name)
-    from ..local.queue import QueueUnavailableError, open_local_queue
+    from ..local.queue_open import open_local_queue
+    from ..local.queue_rows import QueueUnavailableError
 
     try:
         return LocalOps(open_local_queue(settings))

@@ -23,7 +23,7 @@ from ..processor import InboundMessage, Outcome, outcome_record
 from ..publisher import OutboundMessage, PublishError
 from ..retry import RetryCopy
 from .batching import Batcher, on_loop_unless_busy
-from .queue import MAX_DELIVERY_COUNT_EXCEEDED, ExpiredMessage, QueuedMessage
+from .queue_rows import MAX_DELIVERY_COUNT_EXCEEDED, ExpiredMessage, QueuedMessage
 
 logger = logging.getLogger(__name__)
 

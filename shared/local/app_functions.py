@@ -24,7 +24,7 @@ from azure.functions.servicebus import ServiceBusMessage
 from multidict import CIMultiDictProxy
 
 from ..settings import HOST_JSON
-from .queue import QueuedMessage
+from .queue_rows import QueuedMessage
 
 #: Routes the local host serves without a key whatever their auth level: Smartcar's deliveries
 #: come keyless through a tunnel, as with `func start` (contract.md).

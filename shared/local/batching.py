@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-from .queue import QueueBusyError
+from .queue_rows import QueueBusyError
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -49,7 +49,7 @@ from .host import DEFAULT_PORT, ROUTE_PREFIX, LocalHost, http_origin
 from .inspector import Recorder
 from .inspector_server import start_inspector
 from .private import make_private
-from .queue import QueueUnavailableError
+from .queue_rows import QueueUnavailableError
 
 
 def run_event_loop[T](main: Coroutine[Any, Any, T]) -> T:

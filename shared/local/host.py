@@ -62,9 +62,9 @@ from .connections import (
     connection_limit,
 )
 from .http import Handler, HttpServer, Request, Response, json_response
-from .queue import (
+from .queue import LocalQueue
+from .queue_rows import (
     MAX_DELIVERY_COUNT_EXCEEDED,
-    LocalQueue,
     LockLostError,
     QueueBusyError,
     QueuedMessage,

@@ -1,5 +1,14 @@
 """The embedded development/test queue: SQLite with the Service Bus semantics the app relies on.
 
+One module for one class, past 800 lines on purpose: sending, settlement and the dead-letter
+operations share one transaction discipline (`_transaction`: the instance lock, the sync level
+of a settlement or a send, the wall-clock step followed inside the write, the lock-expiry
+sweep's dead letters reported after the commit), and a send completes and locks messages in the
+transaction that stores them (`send_and_lock`), so split apart they would be mixins sharing all
+of that private state. What does stand alone is in sibling modules: the message types, errors
+and row decoding (queue_rows.py), the schema and damage checks (queue_schema.py), and opening a
+state directory's queue (queue_open.py).
+
 Production queues events in Azure Service Bus. Locally (the `make run` host and the test suite)
 this module stands in for it, with the behaviour the receiver and processor depend on:
 
@@ -40,97 +49,47 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
-
-import orjson
+from typing import Literal
 
 from ..retry import RETRY_PROPS
-from ..settings import Settings
-from .ackmark import ACK_MARK_FILE, AckMark
+from .ackmark import AckMark
+from .queue_rows import (
+    _ACTIVE,
+    _COLUMNS,
+    _DEADLETTERED,
+    _UNDECODABLE,
+    CORRUPT_MESSAGE,
+    MAX_DELIVERY_COUNT_EXCEEDED,
+    ExpiredMessage,
+    LockLostError,
+    QueueBusyError,
+    QueueDamagedError,
+    QueuedMessage,
+    QueueFullError,
+    QueueUnavailableError,
+    _check_properties,
+    _properties,
+    _properties_text,
+    _row_to_dead_letter,
+    _row_to_message,
+    _utc,
+)
+from .queue_schema import _is_damage, _migrate, bound_wal, recovery_advice
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CORRUPT_MESSAGE",
     "DEFAULT_BUSY_TIMEOUT",
-    "INITIALISED_MARKER",
-    "MAX_DELIVERY_COUNT_EXCEEDED",
     "MAX_MESSAGE_ID_LENGTH",
-    "SCHEMA_VERSION",
-    "ExpiredMessage",
     "LocalQueue",
-    "LockLostError",
-    "QueueBusyError",
-    "QueueDamagedError",
-    "QueueFullError",
-    "QueueUnavailableError",
-    "QueuedMessage",
-    "open_local_queue",
-    "open_state_queue",
-    "recovery_advice",
 ]
 
-#: Version of the on-disk schema, stored in ``PRAGMA user_version``. 2 added the clock
-#: reference (`LocalQueue._follow_clock`).
-SCHEMA_VERSION = 2
-#: Dead-letter reason Service Bus uses when the delivery count is exhausted.
-MAX_DELIVERY_COUNT_EXCEEDED = "MaxDeliveryCountExceeded"
-#: Dead-letter reason for a stored row that cannot be decoded (a damaged file): it is moved
-#: aside alone, so the rest of the queue keeps flowing.
-CORRUPT_MESSAGE = "CorruptMessage"
 #: Service Bus rejects longer message ids; so does the local queue, so the mistake shows locally.
 MAX_MESSAGE_ID_LENGTH = 128
 #: Seconds a connection waits for another process's write transaction before giving up.
 DEFAULT_BUSY_TIMEOUT = 10.0
-#: Bytes the write-ahead log is cut back to when a checkpoint resets it (at most).
-JOURNAL_SIZE_LIMIT = 4 * 1024 * 1024
-#: Pages in the WAL that trigger the automatic checkpoint: SQLite's default, less on a small
-#: disk (see `LocalQueue._bound_wal`).
-DEFAULT_WAL_PAGES = 1000
-MIN_WAL_PAGES = 16
-
-_ACTIVE = "active"
-_DEADLETTERED = "deadlettered"
-
-_SCHEMA = """
-CREATE TABLE messages (
-    sequence_number   INTEGER PRIMARY KEY AUTOINCREMENT,
-    message_id        TEXT    NOT NULL,
-    body              BLOB    NOT NULL,
-    properties        TEXT    NOT NULL,
-    enqueued_time     REAL    NOT NULL,
-    scheduled_time    REAL,
-    visible_at        REAL    NOT NULL,
-    delivery_count    INTEGER NOT NULL DEFAULT 0,
-    lock_token        TEXT,
-    locked_until      REAL,
-    state             TEXT    NOT NULL CHECK (state IN ('active', 'deadlettered')),
-    dl_reason         TEXT,
-    dl_description    TEXT,
-    dead_lettered_at  REAL
-);
-CREATE INDEX messages_by_state ON messages (state, sequence_number);
-CREATE UNIQUE INDEX messages_by_lock ON messages (lock_token) WHERE lock_token IS NOT NULL;
-CREATE INDEX messages_by_lock_expiry ON messages (locked_until) WHERE lock_token IS NOT NULL;
-CREATE TABLE duplicates (
-    message_id   TEXT PRIMARY KEY,
-    accepted_at  REAL NOT NULL
-) WITHOUT ROWID;
-CREATE INDEX duplicates_by_time ON duplicates (accepted_at);
-"""
-
-#: Version 2: where the wall clock stood against the system's monotonic clock when the stored
-#: times were last written (see `LocalQueue._follow_clock`).
-_SCHEMA_V2 = """
-CREATE TABLE clock_reference (
-    id                    INTEGER PRIMARY KEY CHECK (id = 1),
-    boot_id               TEXT NOT NULL,
-    wall_minus_monotonic  REAL NOT NULL
-);
-"""
 
 #: A change of the wall clock against the monotonic one larger than this is a step. NTP slews
 #: far slower. A suspend counts as one too (CLOCK_MONOTONIC stops meanwhile): the handlers
@@ -145,150 +104,9 @@ def _boot_id() -> str:
     except OSError:
         return ""
 
-_COLUMNS = (
-    "sequence_number, message_id, body, properties, enqueued_time, scheduled_time, "
-    "delivery_count, lock_token, locked_until, dl_reason, dl_description, state"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedMessage:
-    """One message as the queue holds it. ``application_properties`` is a fresh copy."""
-
-    sequence_number: int
-    message_id: str
-    body: bytes
-    application_properties: dict[str, str]
-    enqueued_time: datetime
-    scheduled_enqueue_time: datetime | None
-    delivery_count: int
-    lock_token: str | None
-    locked_until: datetime | None
-    dead_letter_reason: str | None
-    dead_letter_description: str | None
-    state: str
-
-
-@dataclass(frozen=True, slots=True)
-class ExpiredMessage:
-    """A message the lock-expiry sweep dead-lettered (`LocalQueue.on_expired`)."""
-
-    message_id: str
-    body: bytes
-    delivery_count: int
-
-
-class QueueUnavailableError(RuntimeError):
-    """The queue database cannot be used (locked too long, unreadable, disk full, closed...).
-
-    The receiver answers 503 on this: nothing is acknowledged that is not stored.
-    """
-
-
-class QueueFullError(QueueUnavailableError):
-    """A write failed with SQLITE_FULL (the disk is full); nothing of it was stored.
-
-    `checkpointed` says whether the write-ahead log was then checkpointed and truncated,
-    which gives its space back: a retry may succeed at once."""
-
-    checkpointed: bool = False
-
-
-class QueueDamagedError(QueueUnavailableError):
-    """The queue file is damaged, missing or emptied: the host refuses to start on it.
-
-    The message names the file and how to recover (see `recovery_advice`).
-    """
-
-
-class QueueBusyError(QueueUnavailableError):
-    """A call made with ``wait=False`` found the queue busy (another thread of this process in a
-    call, or another process holding SQLite's write lock) and did nothing; call again with
-    ``wait=True`` (from a thread: it may wait up to the busy timeout)."""
-
-
-class LockLostError(RuntimeError):
-    """The lock token is unknown or its lock has expired: the message may be redelivered."""
-
 
 def _max_delivery_description(delivery_count: int) -> str:
     return f"Message could not be processed after {delivery_count} delivery attempts."
-
-
-def _utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, tz=UTC)
-
-
-def _to_datetime(timestamp: float | None) -> datetime | None:
-    return None if timestamp is None else _utc(timestamp)
-
-
-#: What decoding a damaged row can raise (bad JSON, wrong column types, absurd timestamps).
-_UNDECODABLE = (ValueError, TypeError, OverflowError, OSError)
-
-
-def _properties(raw: Any) -> dict[str, str]:
-    decoded = json.loads(raw)
-    if not isinstance(decoded, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in decoded.items()
-    ):
-        raise ValueError("the application properties are not an object of strings")
-    return decoded
-
-
-def _row_to_message(row: tuple[Any, ...]) -> QueuedMessage:
-    """Decode a row; raises one of `_UNDECODABLE` when the stored values are damaged."""
-    seq, msg_id, body, props, enqueued, scheduled, count, token, until, reason, desc, state = row
-    if not isinstance(body, bytes) or not isinstance(msg_id, str):
-        raise TypeError(
-            f"body is {type(body).__name__} and message_id {type(msg_id).__name__}, "
-            "expected bytes and str"
-        )
-    return QueuedMessage(
-        sequence_number=int(seq),
-        message_id=msg_id,
-        body=body,
-        application_properties=_properties(props),
-        enqueued_time=_utc(enqueued),
-        scheduled_enqueue_time=_to_datetime(scheduled),
-        delivery_count=int(count),
-        lock_token=token,
-        locked_until=_to_datetime(until),
-        dead_letter_reason=reason,
-        dead_letter_description=desc,
-        state=str(state),
-    )
-
-
-def _row_to_dead_letter(row: tuple[Any, ...]) -> QueuedMessage:
-    """A dead letter as far as it can be read: a `CorruptMessage` row must still be listed,
-    shown and purged, so damaged values are replaced by empty ones instead of raising."""
-    try:
-        return _row_to_message(row)
-    except _UNDECODABLE:
-        pass
-    seq, msg_id, body, props, enqueued, scheduled, count, _, _, reason, desc, _ = row
-
-    def safely(decode: Callable[[], Any], default: Any) -> Any:
-        try:
-            return decode()
-        except _UNDECODABLE:
-            return default
-
-    return QueuedMessage(
-        sequence_number=int(seq),
-        message_id=msg_id if isinstance(msg_id, str) else "",
-        body=body if isinstance(body, bytes) else b"",
-        application_properties=safely(lambda: _properties(props), {}),
-        enqueued_time=safely(lambda: _utc(enqueued), _utc(0)),
-        scheduled_enqueue_time=safely(lambda: _to_datetime(scheduled), None),
-        delivery_count=safely(lambda: int(count), 0),
-        lock_token=None,
-        locked_until=None,
-        dead_letter_reason=reason if isinstance(reason, str) else CORRUPT_MESSAGE,
-        dead_letter_description=desc if isinstance(desc, str) else None,
-        state=_DEADLETTERED,
-    )
 
 
 def _undecodable_description(exc: BaseException) -> str:
@@ -300,49 +118,6 @@ def _undecodable_description(exc: BaseException) -> str:
         f"The stored message cannot be decoded ({type(exc).__name__}{where}): the queue file "
         "was damaged. Inspect it with `dlq show`; purge it, or replay it once repaired."
     )
-
-
-def _check_properties(properties: Mapping[str, str] | None) -> dict[str, str]:
-    result: dict[str, str] = {}
-    for key, value in (properties or {}).items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(
-                f"application property {key!r}: keys and values must be str, "
-                f"got {type(key).__name__}={type(value).__name__}"
-            )
-        result[key] = value
-    return result
-
-
-def _properties_text(properties: dict[str, str]) -> str:
-    """The stored form of checked properties: a JSON object of strings, written by orjson
-    (about 15 times faster than `json`); a lone surrogate, which orjson refuses, goes through
-    `json`, as all did before (and SQLite then refuses the text, as it always did)."""
-    try:
-        return orjson.dumps(properties).decode()
-    except orjson.JSONEncodeError:
-        return json.dumps(properties, ensure_ascii=False)
-
-
-def bound_wal(conn: sqlite3.Connection, directory: Path) -> None:
-    """Keep a database's write-ahead log a small part of the disk that holds `directory`.
-
-    SQLite checkpoints once the WAL holds 1,000 pages (4 MB): on a small disk the WAL
-    filled it first, and with no space left the checkpoint (which grows the database
-    file) could never run. So the automatic checkpoint comes after at most an eighth of
-    the disk, and a checkpoint that resets the WAL cuts the file back to that size. The
-    queue and the vehicle state store share the state directory, so both are bounded.
-    """
-    page = int(conn.execute("PRAGMA page_size").fetchone()[0])
-    try:
-        disk = os.statvfs(directory)
-        total = disk.f_blocks * disk.f_frsize
-    except (OSError, AttributeError):  # no statvfs (Windows): SQLite's defaults
-        total = 0
-    pages = DEFAULT_WAL_PAGES if total <= 0 else max(
-        MIN_WAL_PAGES, min(DEFAULT_WAL_PAGES, total // (8 * page)))
-    conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
-    conn.execute(f"PRAGMA journal_size_limit = {min(JOURNAL_SIZE_LIMIT, pages * page)}")
 
 
 class LocalQueue:
@@ -417,7 +192,7 @@ class LocalQueue:
                 raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             self._bound_wal(conn)
-            self._migrate(conn)
+            _migrate(conn)
         except sqlite3.Error as exc:
             conn.close()
             if _is_damage(exc):
@@ -539,31 +314,6 @@ class LocalQueue:
         return found
 
     # -- plumbing -------------------------------------------------------------------------
-
-    @staticmethod
-    def _migrate(conn: sqlite3.Connection) -> None:
-        if int(conn.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION:
-            return  # the common case needs no write lock: opening never waits for a writer
-        conn.execute("BEGIN IMMEDIATE")  # two processes opening a new file: one creates it
-        try:
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version < SCHEMA_VERSION:
-                scripts = [_SCHEMA, _SCHEMA_V2][version:]
-                for script in scripts:
-                    for statement in script.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"schema version {version} is newer than this code understands "
-                    f"({SCHEMA_VERSION}); upgrade the app or use another LOCAL_STATE_DIR"
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
     @contextmanager
     def _transaction(
         self, operation: str, *, write: bool = True, settlement: bool = False, wait: bool = True
@@ -1311,162 +1061,3 @@ class LocalQueue:
 
     def __repr__(self) -> str:
         return f"LocalQueue({str(self.path)!r}, max_delivery_count={self.max_delivery_count})"
-
-
-QUEUE_FILE = "queue.sqlite3"
-#: Written next to the queue file once it exists: from then on a missing or emptied queue
-#: file is an error (acknowledged events are gone), not a fresh start.
-INITIALISED_MARKER = "initialised"
-
-
-def _is_damage(exc: sqlite3.Error) -> bool:
-    """SQLITE_CORRUPT and SQLITE_NOTADB (and their extended codes): the file, not a lock."""
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or (
-        not name and "malformed" in str(exc)
-    )
-
-
-def recovery_advice(path: Path) -> str:
-    """How to get going again after a damaged queue file, for the error that refuses it."""
-    aside = path.with_name(path.name + ".damaged")
-    marker = path.parent / INITIALISED_MARKER
-    return (
-        "Acknowledged events may be in it, so the host does not start on it. To recover: stop "
-        f"every process using it, move it aside with its write-ahead log (`mv {path} {aside}`; "
-        f"`mv {path}-wal {aside}-wal` if present; delete {path}-shm), then either salvage "
-        f"what can still be read with `sqlite3 {aside} .recover | sqlite3 {path}` (rows on "
-        "intact pages come back with their delivery counts; rows on destroyed pages are lost; "
-        "a row that comes back damaged is dead-lettered as CorruptMessage when received; "
-        "`.recover` needs a sqlite3 shell built with the dbpage virtual table, as the "
-        f"sqlite.org downloads are; if rows were lost, the host then says so, and deleting "
-        f"{path.parent / ACK_MARK_FILE} accepts the loss), or start with an empty queue by "
-        f"also deleting {marker}."
-    )
-
-
-def _write_marker(marker: Path, queue_path: Path) -> None:
-    text = (
-        f"This directory holds the local queue {queue_path.name}, initialised "
-        f"{datetime.now(UTC).isoformat()}. While this file exists, a missing or empty "
-        f"{queue_path.name} is reported as an error instead of starting with an empty queue.\n"
-    )
-    tmp = marker.with_name(marker.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, marker)
-    dir_fd = os.open(marker.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-@contextmanager
-def _opening(state_dir: Path) -> Iterator[None]:
-    """Holds an exclusive `flock` on the state directory while a process opens its queue.
-
-    Two hosts (or a host and the CLI) starting at once on a fresh directory raced: SQLite's
-    switch to WAL and the schema creation can fail with "database is locked" without waiting,
-    and both wrote the marker. Serialised, the second simply finds the queue ready. The lock
-    is released when the queue is open (a second host then shares the queue, as designed).
-    """
-    try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise QueueUnavailableError(
-            f"cannot create the state directory {state_dir}: {exc}") from exc
-    try:
-        import fcntl
-    except ImportError:  # Windows: no flock; SQLite's own locking is all there is
-        yield
-        return
-    fd = os.open(state_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def open_state_queue(state_dir: Path, *, max_delivery_count: int = 5) -> LocalQueue:
-    """The queue of a state directory; `QueueDamagedError` when a directory that was
-    initialised has lost its queue file or had it emptied."""
-    with _opening(state_dir):
-        return _open_state_queue(state_dir, max_delivery_count=max_delivery_count)
-
-
-def _open_state_queue(state_dir: Path, *, max_delivery_count: int) -> LocalQueue:
-    path = state_dir / QUEUE_FILE
-    marker = state_dir / INITIALISED_MARKER
-    if marker.exists():
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise QueueDamagedError(
-                f"local queue {path} is missing, but {marker} says this state directory was "
-                "initialised: the events it held are not there. Restore the file (with its -wal "
-                f"file), or start with an empty queue by deleting {marker}."
-            ) from None
-        if size == 0:
-            raise QueueDamagedError(
-                f"local queue {path} is empty (0 bytes), but {marker} says this state directory "
-                f"was initialised: the file was truncated. {recovery_advice(path)}"
-            )
-    queue = LocalQueue(path, max_delivery_count=max_delivery_count)
-    mark = AckMark(state_dir / ACK_MARK_FILE)
-    if marker.exists():
-        try:
-            _check_ack_mark(queue, mark)
-        except BaseException:
-            queue.close()
-            raise
-    else:
-        mark.reset()  # a fresh queue: marks of an earlier one mean nothing
-    queue.ack_mark = mark
-    # Imported here: adapters imports this module.
-    from ..runtime import HANDLED_FILE
-    from .adapters import HandledLog, expired_recorder
-
-    queue.on_expired = expired_recorder(HandledLog(state_dir / HANDLED_FILE),
-                                        max_delivery_count)
-    if not marker.exists():
-        try:
-            _write_marker(marker, path)
-        except OSError as exc:
-            queue.close()
-            raise QueueUnavailableError(
-                f"local queue {path}: cannot write {marker}: {exc}"
-            ) from exc
-    return queue
-
-
-def _check_ack_mark(queue: LocalQueue, mark: AckMark) -> None:
-    """`QueueDamagedError` when the queue holds fewer messages than were acknowledged."""
-    acknowledged = mark.read()
-    highest = queue.highest_sequence_number()
-    if acknowledged is None or highest >= acknowledged:
-        return
-    path = queue.path
-    raise QueueDamagedError(
-        f"local queue {path} has lost acknowledged events: the highest sequence number it "
-        f"holds is {highest}, but events up to {acknowledged} were acknowledged (recorded in "
-        f"{mark.path}). Its write-ahead log ({path}-wal) was deleted, truncated or damaged "
-        "after the host stopped abnormally, and SQLite started without the lost part. The "
-        f"lost events (sequence numbers {highest + 1} to {acknowledged}) were answered 200, "
-        "so Smartcar will not send them again. To recover: stop every process using the "
-        f"queue; if a copy of the -wal file exists (a backup, a snapshot), put it back as "
-        f"{path}-wal, delete {path}-shm, and start again. Otherwise, to go on with what the "
-        f"queue still holds and accept the loss, delete {mark.path}."
-    )
-
-
-def open_local_queue(settings: Settings) -> LocalQueue:
-    """The embedded queue in `LOCAL_STATE_DIR`, as the settings configure it."""
-    return open_state_queue(
-        settings.local_state_dir, max_delivery_count=settings.max_delivery_count
-    )

@@ -68,7 +68,7 @@ from ..vehicle_state.rules import (
     error_keys_of,
     plan,
 )
-from .queue import bound_wal
+from .queue_schema import bound_wal
 
 logger = logging.getLogger(__name__)
 
