@@ -66,6 +66,39 @@ class TestADeliveryInterruptedByStop:
                     for r in running.handled()] == [("evt-interrupted", "handled", 1)]
         assert started == ["evt-interrupted", "evt-interrupted"]
 
+    def test_even_before_its_task_took_its_first_step(self, tmp_path: Path) -> None:
+        # The fetcher (or a send's consumer) hands a locked message to a new task, and the
+        # stop comes in the same turn of the loop: a task cancelled before its first step
+        # never runs its own cancellation handler. Its lock used to stay, the delivery
+        # counted, and on its last delivery the lock-expiry sweep dead-lettered it unhandled.
+        ran: list[str] = []
+        registry = HandlerRegistry()
+
+        @registry.on("VEHICLE_STATE")
+        async def handle(event: Event, context: HandlerContext) -> None:
+            ran.append(event.event_id)
+
+        with RunningHost(local_env(tmp_path, MAX_DELIVERY_COUNT="1"),
+                         registry=registry) as running:
+            host, queue = running.host, running.runtime.queue
+            assert host is not None
+
+            async def deliver_then_stop() -> None:
+                queue.send(encode(state_event(eventId="evt-handed-over")),
+                           message_id="evt-handed-over")
+                taken = queue.receive(max_messages=1, lock_duration=60.0)
+                assert [m.delivery_count for m in taken] == [1]
+                host.deliver(taken)  # its task is created, not yet run
+                await host.stop()
+
+            asyncio.run_coroutine_threadsafe(deliver_then_stop(), running.loop).result(30)
+        assert ran == []
+        with LocalQueue(tmp_path / QUEUE_FILE, max_delivery_count=1) as queue:
+            assert queue.stats() == {"active": 1, "deadLettered": 0, "scheduled": 0}
+            again = queue.receive(max_messages=1)
+            assert [(m.message_id, m.delivery_count) for m in again] == [
+                ("evt-handed-over", 1)], "the lock stayed, or the delivery counted"
+
 
 class TestAStopWhileAReceiveWaitsForAnotherProcess:
     def test_takes_nothing_the_receive_could_lock_after_the_stop(self, tmp_path: Path) -> None:

@@ -198,6 +198,9 @@ class LocalHost:
         self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
+        # Each delivery's task until its first step, with its lock: a task the stop cancels
+        # before then never runs `_run_one`, whose own handler releases the lock.
+        self._unstarted: dict[asyncio.Task[None], str] = {}
         self._slot_free = asyncio.Event()
         # Locks of messages processed successfully, completed by the queue publisher's next
         # send (`completions`) or else by the fetcher's next receive, in the same transaction.
@@ -209,11 +212,12 @@ class LocalHost:
         self._stopping = False
         self._stopped = False
         # Set by `stop`: a receive still waiting in a thread for another process's write lock
-        # (which cannot be cancelled) then takes nothing. `_receiving` is that receive, whose
-        # messages `stop` releases when it took them before it was told.
+        # (which cannot be cancelled) then takes nothing. `_receiving` holds those receives
+        # (one per queue function's fetcher), whose messages `stop` releases when they took
+        # them before they were told.
         self._receives_cancelled = threading.Event()
-        self._receiving: asyncio.Task[
-            tuple[list[LockLostError | None], list[QueuedMessage]]] | None = None
+        self._receiving: set[asyncio.Task[
+            tuple[list[LockLostError | None], list[QueuedMessage]]]] = set()
         # Locks of deliveries cancelled by `stop`, released there for a prompt redelivery.
         self._interrupted: list[str] = []
         self._last_checkpoint = float("-inf")
@@ -296,19 +300,19 @@ class LocalHost:
             task.cancel()
         # Not cancelled (its thread would go on): waited for with the tasks, and what it
         # received is released below.
-        receiving = self._receiving
-        waited: list[asyncio.Task[Any]] = [*tasks, *([receiving] if receiving else [])]
+        receiving = list(self._receiving)
+        waited: list[asyncio.Task[Any]] = [*tasks, *receiving]
         if waited:
             _, stuck = await asyncio.wait(waited, timeout=STOP_GRACE_SECONDS)
             for left in stuck:
-                if left is not receiving:
+                if left not in receiving:
                     logger.warning("task %s ignored cancellation; abandoning it",
                                    left.get_name())
         self._tasks.clear()
-        if (receiving is not None and receiving.done() and not receiving.cancelled()
-                and receiving.exception() is None):
-            self._interrupted.extend(qm.lock_token for qm in receiving.result()[1]
-                                     if qm.lock_token is not None)
+        for received in receiving:
+            if received.done() and not received.cancelled() and received.exception() is None:
+                self._interrupted.extend(qm.lock_token for qm in received.result()[1]
+                                         if qm.lock_token is not None)
         if self._store is not None and self._awaiting_commit:
             # Commit what the finished deliveries wrote, so they are completed below.
             with contextlib.suppress(sqlite3.Error):  # counted in `failed_commits`
@@ -447,17 +451,18 @@ class LocalHost:
                 completing, max_messages=free, lock_duration=self.lock_duration, wait=False)
         except QueueBusyError:
             pass
-        receiving = self._receiving = asyncio.ensure_future(asyncio.to_thread(
+        receiving = asyncio.ensure_future(asyncio.to_thread(
             self.queue.complete_and_receive, completing, max_messages=free,
             lock_duration=self.lock_duration, cancelled=self._receives_cancelled))
+        self._receiving.add(receiving)
         try:
             result = await asyncio.shield(receiving)
         except asyncio.CancelledError:
-            raise  # the stop: `_receiving` stays, for `stop` to release what it receives
+            raise  # the stop: it stays in `_receiving`, for `stop` to release what it took
         except Exception:
-            self._receiving = None
+            self._receiving.discard(receiving)
             raise
-        self._receiving = None
+        self._receiving.discard(receiving)
         return result
 
     async def _complete_finished(self) -> None:
@@ -499,8 +504,10 @@ class LocalHost:
             logger.warning("idle checkpoint of the local queue failed: %s", exc)
 
     def _start_one(self, fn: QueueFunction, qm: QueuedMessage) -> None:
+        assert qm.lock_token is not None
         task = asyncio.create_task(self._run_one(fn, qm))
         self._running.add(task)
+        self._unstarted[task] = qm.lock_token
         task.add_done_callback(self._finished)
 
     # The queue publisher's consumer (`LocalQueuePublisher.consumer`): events stored while
@@ -617,6 +624,9 @@ class LocalHost:
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
+        token = self._unstarted.pop(task, None)
+        if token is not None:  # cancelled by the stop before it ran: released uncounted
+            self._interrupted.append(token)
         self._slot_free.set()
 
     async def _timer(self, fn: TimerFunction) -> None:
@@ -630,6 +640,9 @@ class LocalHost:
 
     async def _run_one(self, fn: QueueFunction, qm: QueuedMessage) -> None:
         assert qm.lock_token is not None
+        task = asyncio.current_task()
+        if task is not None:
+            self._unstarted.pop(task, None)
         message = to_function_message(qm)
         self._held[qm.lock_token] = asyncio.get_running_loop().time()
         timeout = self.runtime.settings.function_timeout_seconds
