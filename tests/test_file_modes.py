@@ -94,3 +94,24 @@ def test_a_command_run_in_process_leaves_the_umask_to_its_entry_point(
     finally:
         os.umask(before)
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("command", [["stats"], ["dlq", "list"], ["vehicles", "list"]])
+def test_a_state_directory_that_cannot_be_made_private_is_a_clear_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """A file where LOCAL_STATE_DIR should be: one line saying so (one JSON document with
+    --json), exit 1, no traceback."""
+    import io
+    import json
+
+    from shared.cli.commands import main
+
+    in_the_way = tmp_path / "state"
+    in_the_way.write_text("not a directory")
+    monkeypatch.setenv("LOCAL_STATE_DIR", str(in_the_way))
+    out, err = io.StringIO(), io.StringIO()
+    assert main([*command, "--json"], out=out, err=err) == 1
+    assert json.loads(out.getvalue()) == {
+        "error": f"cannot make the state directory {in_the_way} private (created, 0700): "
+                 "File exists"}

@@ -231,6 +231,16 @@ def _send_text(d: Delivery) -> str:
     return "\n".join(lines)
 
 
+def private_state_directory(state_dir: Path) -> None:
+    """`private_directory`, or Failure saying why not (a file in its place, a directory
+    owned by another user, a read-only disk)."""
+    try:
+        private_directory(state_dir)
+    except OSError as exc:
+        raise Failure(f"cannot make the state directory {state_dir} private (created, "
+                      f"0700): {exc.strerror or type(exc).__name__}") from None
+
+
 def _with_ops(action: Callable[[QueueOps], Any], err: TextIO) -> Any:
     settings = _settings()
     if settings.queue_backend == "local":
@@ -238,7 +248,7 @@ def _with_ops(action: Callable[[QueueOps], Any], err: TextIO) -> Any:
             print(f"note: no local queue in {settings.local_state_dir}/ yet (is LOCAL_STATE_DIR "
                   "the one the host uses?)", file=err)
         # As the local host does: the queue holds payloads, its directory is the user's alone.
-        private_directory(settings.local_state_dir)
+        private_state_directory(settings.local_state_dir)
     try:
         ops = open_ops(settings)
     except OpsError as exc:

@@ -21,7 +21,6 @@ from datetime import datetime
 from typing import Any, TextIO
 
 from ..credentials import ProcessCredential
-from ..local.private import private_directory
 from ..settings import Settings
 from ..vehicle_read import stored_vehicle_id_problem
 from ..vehicle_state import VehicleStateStore, VehicleSummary, VehicleView
@@ -59,11 +58,11 @@ def _with_store[T](settings: Settings,
                    action: Callable[[VehicleStateStore], Awaitable[T]]) -> T:
     """Run `action` on the store the settings choose, then close it; Failure when the store
     is off, cannot be opened or fails."""
-    from .commands import Failure
+    from .commands import Failure, private_state_directory
 
     if settings.vehicle_state_backend == "sqlite":
         # As the local host does: the store holds vehicle data, its directory the user's alone.
-        private_directory(settings.local_state_dir)
+        private_state_directory(settings.local_state_dir)
 
     async def run() -> T:
         # Opened inside the loop: the Table backend's async client belongs to it. The
