@@ -68,8 +68,15 @@ test-browser: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(PY) -m benchmarks
 
+# What a user types (an eventId, a URL, a token) reaches the CLI through the environment, as
+# one argument whatever characters it holds: spliced into the recipe, a quote in it would end
+# the shell's quoting and the rest would run as commands.
+send check-endpoint: export URL := $(URL)
+send check-endpoint: export TOKEN := $(TOKEN)
+dlq-show vehicles-show: export ID := $(ID)
+
 send: $(RUN_STAMP)
-	@$(CLI) send --url '$(URL)' --type $(TYPE) $(if $(TOKEN),--token '$(TOKEN)')
+	@$(CLI) send --url "$$URL" --type $(TYPE) $(if $(TOKEN),--token "$$TOKEN")
 
 stats: $(RUN_STAMP)
 	@$(CLI) stats
@@ -78,7 +85,7 @@ dlq: $(RUN_STAMP)
 	@$(CLI) dlq list
 
 dlq-show: $(RUN_STAMP)
-	@$(CLI) dlq show '$(ID)'
+	@$(CLI) dlq show "$$ID"
 
 dlq-replay: $(RUN_STAMP)
 	@$(CLI) dlq replay $(IDS)
@@ -88,13 +95,13 @@ dlq-purge: $(RUN_STAMP)
 
 .PHONY: check-endpoint
 check-endpoint: $(RUN_STAMP)
-	@$(CLI) check-endpoint '$(URL)' $(if $(TEST_EVENT),--send-test-event) $(if $(TOKEN),--token '$(TOKEN)')
+	@$(CLI) check-endpoint "$$URL" $(if $(TEST_EVENT),--send-test-event) $(if $(TOKEN),--token "$$TOKEN")
 
 vehicles: $(RUN_STAMP)
 	@$(CLI) vehicles list
 
 vehicles-show: $(RUN_STAMP)
-	@$(CLI) vehicles show '$(ID)'
+	@$(CLI) vehicles show "$$ID"
 
 clean:
 	rm -rf $(VENV) node_modules .local .pytest_cache .mypy_cache .ruff_cache test-artifacts mutants

@@ -61,7 +61,7 @@ class TestMakeRunInstallsOnlyWhatRunningNeeds:
     def test_an_id_reaches_the_cli_as_one_argument(self, target: str) -> None:
         """An eventId may hold spaces or `;`: unquoted, the shell split it (and ran the rest).
         PY stands in for the interpreter and prints the arguments it was given."""
-        given = "evt 1; echo split"
+        given = "evt 1; echo split'; echo injected '"
         # Under `make test` this make is a sub-make: without these it would print "Entering
         # directory" lines into what it prints.
         env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")}
@@ -71,6 +71,18 @@ class TestMakeRunInstallsOnlyWhatRunningNeeds:
         assert result.returncode == 0, result.stderr
         assert result.stdout.split("/")[:5] == ["-m", "shared.cli", target.split("-")[0],
                                                 "show", given]
+
+    @pytest.mark.parametrize("target", ["send", "check-endpoint"])
+    def test_a_url_and_a_token_reach_the_cli_as_one_argument_each(self, target: str) -> None:
+        url, token = "http://127.0.0.1:1/x?code=a'b; echo injected", "t'k; echo injected '"
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL")}
+        result = subprocess.run(["make", "--no-print-directory", target, f"URL={url}",
+                                 f"TOKEN={token}", "RUN_STAMP=", "PY=printf '%s\\n'"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        argv = result.stdout.splitlines()  # PY prints each argument on a line of its own
+        assert "injected" not in result.stdout.replace(url, "").replace(token, "")
+        assert url in argv and argv[argv.index("--token") + 1] == token
 
     def test_the_local_file_is_the_app_plus_the_hosts_own_and_no_dev_tool(self) -> None:
         includes, names = requirements("requirements-local.txt")
