@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
+import operator
 import sys
 import threading
 from collections.abc import Awaitable
@@ -27,6 +29,7 @@ from shared.handlers import (
     RUNNING_HANDLER,
     HandlerContext,
     HandlerRegistry,
+    handler_name,
 )
 from shared.handlers.pool import BlockingPool
 from shared.settings import load_settings
@@ -143,6 +146,14 @@ class TestWhatADeliveryLeavesForTheHost:
         assert raised is failure
         assert running == f"{__name__}.{notify.__qualname__}"
 
+    def test_a_callable_without_a_module_of_its_own_is_named_with_a_question_mark(
+        self
+    ) -> None:
+        # A built-in method's __module__ is None; a method-wrapper has none at all.
+        assert handler_name([].append) == "?.list.append"
+        assert handler_name(itertools.count().__next__) == "?.count.__next__"
+        assert handler_name(operator.itemgetter(0)) == "operator.itemgetter"
+
     def test_the_time_is_measured_around_the_handlers(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -215,6 +226,21 @@ class TestSignalHandlers:
         assert asyncio.run(main()) is True
         assert sorted(seen) == ["TractionBattery.StateOfCharge=50", "path-or-code=7",
                                 "tractionbattery-stateofcharge=50"]
+
+    def test_a_signal_named_by_its_code_only_is_found_by_its_code(self) -> None:
+        # No group and name, so no Group.Name: the code alone names it.
+        registry = HandlerRegistry()
+        seen: list[Any] = []
+        registry.on_signal("charge-ischarging")(
+            lambda event, sig, context: seen.append(sig.value))
+        event = parse_event(json.dumps(state_body("e1", signal("charge-ischarging", True))))
+        assert event.signals[0].path is None
+
+        async def main() -> bool:
+            return await registry.dispatch(event, CONTEXT)
+
+        assert asyncio.run(main()) is True
+        assert seen == [True]
 
     def test_only_for_a_vehicle_state(self) -> None:
         registry = HandlerRegistry()

@@ -129,8 +129,6 @@ class HandlerRegistry:
         self._by_signal: dict[str, list[SignalHandler]] = defaultdict(list)
         self._by_change: dict[str, list[ChangeHandler]] = defaultdict(list)
         self._change_filter = ChangeFilter(frozenset())
-        # Each handler's name, by id(handler): worked out once, at registration.
-        self._names: dict[int, str] = {}
         self.pool = BlockingPool(blocking_threads)
 
     def on(self, event_type: str) -> Callable[[F], F]:
@@ -138,7 +136,6 @@ class HandlerRegistry:
 
         def register(handler: F) -> F:
             self._by_type[event_type].append(handler)
-            self._names[id(handler)] = handler_name(handler)
             return handler
 
         return register
@@ -150,7 +147,6 @@ class HandlerRegistry:
 
         def register(handler: F) -> F:
             self._by_signal[path].append(handler)
-            self._names[id(handler)] = handler_name(handler)
             return handler
 
         return register
@@ -161,7 +157,6 @@ class HandlerRegistry:
 
         def register(handler: F) -> F:
             self._by_change[path].append(handler)
-            self._names[id(handler)] = handler_name(handler)
             self._change_filter = ChangeFilter(frozenset(self._by_change))
             return handler
 
@@ -223,8 +218,7 @@ class HandlerRegistry:
 
     async def _call(self, handler: Callable[..., Awaitable[None] | None], *args: Any) -> None:
         """Await a coroutine handler; run a plain one in the pool (it may block)."""
-        name = self._names.get(id(handler))
-        RUNNING_HANDLER.set(handler_name(handler) if name is None else name)
+        RUNNING_HANDLER.set(handler_name(handler))
         try:
             if inspect.iscoroutinefunction(handler):
                 await handler(*args)
