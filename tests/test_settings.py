@@ -54,7 +54,9 @@ class TestDefaults:
         env = {"SMARTCAR_MANAGEMENT_TOKEN": "current-amt", name: undecodable}
         with pytest.raises(SettingsError) as err:
             load_settings(env)
-        assert f"{name} is not valid UTF-8 text" in str(err.value)
+        assert (f"{name} is not valid UTF-8 text (the environment holds bytes that do not "
+                "decode): set it to the token exactly as Smartcar's Dashboard shows it"
+                in str(err.value))
         assert "amt-secret" not in str(err.value)
 
     def test_blank_values_count_as_unset(self) -> None:
