@@ -145,14 +145,23 @@ class TestKeyVaultProvider:
         refused as unavailable (the receiver answers 503), never used as an HMAC key."""
         client = FakeSecretClient()
         client.set_secret("amt-\ud800")
-        with pytest.raises(TokenUnavailableError, match="smartcar-management-token"):
+        with pytest.raises(TokenUnavailableError) as raised:
             asyncio.run(provider(client, ManualClock(1000.0)).get_tokens())
+        assert str(raised.value.__cause__) == (
+            "Key Vault secret 'smartcar-management-token' is not valid Unicode text: set it to "
+            "the token exactly as Smartcar's Dashboard shows it")
 
-    def test_a_previous_version_that_is_not_unicode_is_left_out(self) -> None:
+    def test_a_previous_version_that_is_not_unicode_is_left_out(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
         client = FakeSecretClient()
         client.set_secret("amt-\ud800")
         client.set_secret("t2")
-        assert asyncio.run(provider(client, ManualClock(1000.0)).get_tokens()) == ("t2",)
+        with caplog.at_level(logging.WARNING, logger="shared.tokens"):
+            assert asyncio.run(provider(client, ManualClock(1000.0)).get_tokens()) == ("t2",)
+        assert [r.getMessage() for r in caplog.records] == [
+            "Key Vault secret 'smartcar-management-token': the previous version is not valid "
+            "Unicode text; only the current version is accepted"]
 
     def test_refresh_is_rate_limited(self) -> None:
         client = FakeSecretClient()
