@@ -445,7 +445,10 @@ class TestWhatOperatorsReadInTheLog:
         assert not any("48.858370" in m for m in above_debug)
         (debug,) = [r for r in caplog.records
                     if r.levelno == logging.DEBUG and "48.858370" in r.getMessage()]
-        assert event["eventId"] in debug.getMessage() and debug.exc_info is not None
+        assert debug.getMessage() == (
+            f"handler failed for event {event['eventId']} (attempt {attempt}): ValueError: "
+            "could not convert string to float: '48.858370 N'")
+        assert debug.exc_info is not None
 
     def test_handler_failure_error_names_event_and_cause(self) -> None:
         registry = HandlerRegistry()
