@@ -103,6 +103,52 @@ class TestOnLoopUnlessBusy:
         assert (second, wait2) == (loop_thread, False)  # refused: busy
         assert third != loop_thread and wait3 is True  # retried in a worker, may wait
 
+    def test_in_thread_arguments_reach_only_the_thread_and_track_holds_it_while_it_runs(
+            self) -> None:
+        """`in_thread` is for the worker thread's call alone; `track` holds that call while it
+        runs, drops it when it returns or fails, and keeps it when the caller is cancelled
+        (the thread runs on, and whoever cancelled collects its result)."""
+        seen: list[dict[str, Any]] = []
+        release = threading.Event()
+
+        def call(x: int, *, wait: bool = True, **extra: Any) -> int:
+            seen.append({"wait": wait, **extra})
+            if not wait and x > 0:
+                raise QueueBusyError("would have to wait")
+            if x == 2:
+                raise OSError("disk")
+            if x == 3:
+                release.wait(5)
+            return x
+
+        async def scenario() -> tuple[Any, ...]:
+            track: set[asyncio.Task[int]] = set()
+            on_loop = await on_loop_unless_busy(call, 0, in_thread={"tag": 1}, track=track)
+            threaded = await on_loop_unless_busy(call, 1, in_thread={"tag": 1}, track=track)
+            after_return = set(track)
+            with pytest.raises(OSError):
+                await on_loop_unless_busy(call, 2, track=track)
+            after_failure = set(track)
+            caller = asyncio.create_task(on_loop_unless_busy(call, 3, track=track))
+            while not track:
+                await asyncio.sleep(0.01)
+            running = set(track)
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            kept = set(track)
+            release.set()
+            (thread,) = kept
+            return (on_loop, threaded, after_return, after_failure, running == kept,
+                    await thread)
+
+        on_loop, threaded, after_return, after_failure, same, collected = asyncio.run(scenario())
+        assert (on_loop, threaded) == (0, 1)
+        assert seen[0] == {"wait": False}  # on the loop: no thread-only argument
+        assert seen[1:3] == [{"wait": False}, {"wait": True, "tag": 1}]
+        assert after_return == set() and after_failure == set()
+        assert same and collected == 3  # cancelled caller: the thread's call stayed tracked
+
     def test_a_failed_batch_reaches_every_caller_of_it(self) -> None:
         async def failing(items: Sequence[int]) -> list[int | BaseException]:
             raise OSError("disk full")

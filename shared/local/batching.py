@@ -14,7 +14,7 @@ that arrive meanwhile make the next batch.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from .queue_rows import QueueBusyError
@@ -23,14 +23,37 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-async def on_loop_unless_busy[R](call: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+async def on_loop_unless_busy[R](
+    call: Callable[..., R], *args: Any,
+    in_thread: Mapping[str, Any] | None = None,
+    track: set[asyncio.Task[R]] | None = None,
+    **kwargs: Any,
+) -> R:
     """`call(*args, wait=False, **kwargs)` here, on the loop; if the queue is busy (it raised
-    `QueueBusyError` having done nothing), `call(*args, **kwargs)` in a worker thread, which
-    may wait for it."""
+    `QueueBusyError` having done nothing), `call(*args, **kwargs, **in_thread)` in a worker
+    thread, which may wait for it.
+
+    A thread cannot be interrupted. With `track`, the thread's call is kept in it while it
+    runs, and a cancellation of the caller leaves it there: whoever cancelled collects what
+    it did (the local host's stop releases the messages a receive took)."""
     try:
         return call(*args, wait=False, **kwargs)
     except QueueBusyError:
-        return await asyncio.to_thread(call, *args, **kwargs)
+        pass
+    thread = asyncio.create_task(
+        asyncio.to_thread(call, *args, **kwargs, **(in_thread or {})))
+    if track is None:
+        return await thread
+    track.add(thread)
+    try:
+        result = await asyncio.shield(thread)
+    except asyncio.CancelledError:
+        raise  # it stays in `track`
+    except BaseException:
+        track.discard(thread)
+        raise
+    track.discard(thread)
+    return result
 
 
 class Batcher[T, R]:

@@ -66,7 +66,6 @@ from .queue import LocalQueue
 from .queue_rows import (
     MAX_DELIVERY_COUNT_EXCEEDED,
     LockLostError,
-    QueueBusyError,
     QueuedMessage,
     QueueUnavailableError,
 )
@@ -443,27 +442,13 @@ class LocalHost:
     async def _complete_and_receive(
         self, completing: list[str], free: int,
     ) -> tuple[list[LockLostError | None], list[QueuedMessage]]:
-        """`complete_and_receive` on the loop, or in a thread when the queue is busy (as
-        `on_loop_unless_busy`). The thread cannot be interrupted: `stop` tells it to receive
-        nothing (`_receives_cancelled`), and releases what it received before then."""
-        try:
-            return self.queue.complete_and_receive(
-                completing, max_messages=free, lock_duration=self.lock_duration, wait=False)
-        except QueueBusyError:
-            pass
-        receiving = asyncio.ensure_future(asyncio.to_thread(
+        """`complete_and_receive` on the loop, or in a thread when the queue is busy. The
+        thread cannot be interrupted: `stop` tells it to receive nothing
+        (`_receives_cancelled`), and releases what it received before then (`_receiving`)."""
+        return await on_loop_unless_busy(
             self.queue.complete_and_receive, completing, max_messages=free,
-            lock_duration=self.lock_duration, cancelled=self._receives_cancelled))
-        self._receiving.add(receiving)
-        try:
-            result = await asyncio.shield(receiving)
-        except asyncio.CancelledError:
-            raise  # the stop: it stays in `_receiving`, for `stop` to release what it took
-        except Exception:
-            self._receiving.discard(receiving)
-            raise
-        self._receiving.discard(receiving)
-        return result
+            lock_duration=self.lock_duration,
+            in_thread={"cancelled": self._receives_cancelled}, track=self._receiving)
 
     async def _complete_finished(self) -> None:
         """Complete the finished messages (`completions`) in a transaction of their own, for
