@@ -98,6 +98,14 @@ def active_messages(running: RunningHost) -> int:
     return active
 
 
+def assert_completed_leaving(running: RunningHost, active: int, failure: str) -> None:
+    """Within 10 s only `active` messages are left in the queue, or fail saying `failure`."""
+    try:
+        wait_until(lambda: active_messages(running) == active, timeout=10, interval=0.1)
+    except AssertionError:
+        raise AssertionError(failure) from None
+
+
 def test_a_message_whose_function_returned_is_completed_while_every_worker_is_busy(
     tmp_path: Path,
 ) -> None:
@@ -124,11 +132,8 @@ def test_a_message_whose_function_returned_is_completed_while_every_worker_is_bu
             # (before the vehicle state store commits what evt-fast wrote).
             fast_returns.set()
             wait_until(lambda: "evt-busy-2" in started, timeout=15)
-            try:
-                wait_until(lambda: active_messages(running) == 2, timeout=10, interval=0.1)
-            except AssertionError:
-                raise AssertionError("evt-fast's function returned but its message was not "
-                                     "completed while every worker was busy") from None
+            assert_completed_leaving(running, 2, "evt-fast's function returned but its message "
+                                     "was not completed while every worker was busy")
         finally:
             busy_return.set()
         wait_until(lambda: len(running.handled()) == 3, timeout=15)
@@ -160,11 +165,8 @@ def test_a_message_whose_function_returned_is_completed_while_every_handler_thre
             assert running.post(WEBHOOK, body, signed_headers(body)).status == 200
             wait_until(lambda: running.handled(), timeout=15)
             assert registry.pool.exhausted
-            try:
-                wait_until(lambda: active_messages(running) == 0, timeout=10, interval=0.1)
-            except AssertionError:
-                raise AssertionError("evt-ok's function returned but its message was not "
-                                     "completed while every handler thread was stuck") from None
+            assert_completed_leaving(running, 0, "evt-ok's function returned but its message "
+                                     "was not completed while every handler thread was stuck")
         finally:
             unblock.set()
         assert [(r["eventId"], r["outcome"]) for r in running.handled()] == [
