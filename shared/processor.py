@@ -352,7 +352,10 @@ async def process_message(
             observed.event_type = result.event.event_type
             observed.event_id = result.event.event_id
             observed.vehicle_id = result.event.vehicle_id
-            observed.delivered_at = result.event.meta.delivered_at
+            if PROP_REPLAY_COUNT not in message.application_properties:
+                # A replayed dead letter is as old as the operator's decision to replay it:
+                # its age is not a lag of the pipeline, and would set off the lag alert.
+                observed.delivered_at = result.event.meta.delivered_at
         return result
 
 

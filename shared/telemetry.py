@@ -169,6 +169,7 @@ class ProcessObservation:
     event_type: str | None = None
     event_id: str | None = None
     vehicle_id: str | None = None
+    #: The event's `meta.deliveredAt`, for the delivery lag (None: no lag is recorded).
     delivered_at: datetime | None = None
     dead_letter_reason: str | None = None
     error_type: str | None = None

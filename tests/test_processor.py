@@ -576,6 +576,26 @@ class TestWhatTheProcessSpanSays:
         assert isinstance(lag, HistogramDataPoint)  # a histogram's point
         assert lag.count == 1 and 5000 <= lag.sum < 120_000
 
+    def test_a_replayed_dead_letter_records_no_delivery_lag(
+        self, captured: tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry]
+    ) -> None:
+        """`dlq replay` sends events hours old on purpose: their age is not the pipeline's lag,
+        and would set off the end-to-end lag alert after every replay the runbook asks for."""
+        _, reader, telemetry = captured
+        event = state_event()
+        event["meta"]["deliveredAt"] = int((datetime.now(UTC) - timedelta(hours=6)).timestamp()
+                                           * 1000)
+        registry = HandlerRegistry()
+        registry.on("VEHICLE_STATE")(lambda e, c: None)
+        result = run(message(encode(event), 1, **{PROP_REPLAY_COUNT: "1"}), registry,
+                     telemetry=telemetry)
+        assert result.outcome is Outcome.HANDLED
+        names_recorded = {metric.name for rm in
+                          (reader.get_metrics_data() or MetricsData([])).resource_metrics
+                          for sm in rm.scope_metrics for metric in sm.metrics}
+        assert "smartcar.event.processed" in names_recorded  # the run was observed
+        assert "smartcar.event.delivery_lag" not in names_recorded
+
     def test_an_unreadable_payload_names_the_dead_letter_reason(
         self, captured: tuple[InMemorySpanExporter, InMemoryMetricReader, Telemetry]
     ) -> None:
