@@ -76,6 +76,8 @@ param retryBackoffMaxSeconds int = 60
 param vehicleStateStore string = 'on'
 
 @description('Low-battery threshold of the example handler, percent (LOW_BATTERY_PERCENT).')
+@minValue(0)
+@maxValue(100)
 param lowBatteryPercent int = 20
 
 @description('Flex Consumption: maximum instances.')

@@ -425,6 +425,20 @@ class TestResources:
             assert limits == {"@minValue": 0, "@maxValue": settings.MAX_RETRY_BACKOFF_SECONDS}
             assert 0 <= literal(params[name].default) <= settings.MAX_RETRY_BACKOFF_SECONDS
 
+    def test_the_low_battery_threshold_is_bounded_as_the_settings_bound_it(self) -> None:
+        # The app refuses to start outside 0..100; the template refuses such a value at deploy,
+        # and every value it accepts, ends included, starts the app.
+        param = load(MAIN).params()["lowBatteryPercent"]
+        limits = {d.split("(")[0]: int(d.split("(")[1].rstrip(")")) for d in param.decorators
+                  if d.startswith(("@minValue", "@maxValue"))}
+        assert limits == {"@minValue": 0, "@maxValue": 100}
+        for value in (*limits.values(), literal(param.default)):
+            loaded = settings.load_settings({settings.LOW_BATTERY_PERCENT: str(value)})
+            assert loaded.low_battery_percent == value
+        for outside in (limits["@minValue"] - 1, limits["@maxValue"] + 1):
+            with pytest.raises(settings.SettingsError):
+                settings.load_settings({settings.LOW_BATTERY_PERCENT: str(outside)})
+
     def test_a_replay_is_a_duplicate_or_stale_the_window_covers_max_delivery_age(self) -> None:
         # SECURITY.md "Replayed payloads": a re-sent delivery inside the duplicate-detection
         # window is dropped as a duplicate; outside it, its deliveredAt is older than
