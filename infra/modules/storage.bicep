@@ -4,7 +4,8 @@
 // until the re-drive timer sends them to the queue (shared/spill.py). The app identity reaches
 // it through Storage Blob Data Owner on the account (modules/roles.bicep).
 // The vehicle state table holds the latest signals and errors per vehicle (shared/vehicle_state);
-// the app identity reaches it through Storage Table Data Contributor on that table.
+// the app identity reaches it through Storage Table Data Contributor on the account, which the
+// host needs for its diagnostic events, and again on that table (modules/roles.bicep says why).
 
 @description('Storage account name: 3-24 lowercase letters and digits, globally unique.')
 @minLength(3)
