@@ -395,6 +395,29 @@ class TestOverHttp:
                  for s in otel.finished(names.SPAN_RECEIVE)]
         assert marks == [True, True, False, True]
 
+    def test_application_insights_spells_the_span_s_booleans_and_the_metric_s_as_documented(
+        self, host: RunningHost, otel: Captured,
+    ) -> None:
+        # docs/operations.md: a span's true-or-false attributes arrive in customDimensions as
+        # True/False, the metric's shapeKnown as true/false. What Azure Monitor's exporter makes
+        # of them decides what a query must compare with.
+        from azure.monitor.opentelemetry.exporter.export.metrics._exporter import (
+            _convert_point_to_envelope,
+        )
+        from azure.monitor.opentelemetry.exporter.export.trace._exporter import (
+            _convert_span_to_envelope,
+        )
+
+        post(host, state_event())
+        (span,) = otel.finished(names.SPAN_RECEIVE)
+        span_data: Any = _convert_span_to_envelope(span).data
+        dimensions = span_data.base_data.properties
+        assert (dimensions[names.ATTR_AUTHENTICATED], dimensions[names.ATTR_SHAPE_KNOWN]) == (
+            "True", "True")
+        ((_, point),) = otel.points()[names.PAYLOAD_SHAPE_FIRST_SEEN]
+        point_data: Any = _convert_point_to_envelope(point, names.PAYLOAD_SHAPE_FIRST_SEEN).data
+        assert point_data.base_data.properties[names.ATTR_SHAPE_KNOWN] == "true"
+
     def test_verify_and_rejected_posts_are_not_observed(
         self, host: RunningHost, otel: Captured
     ) -> None:
