@@ -191,7 +191,7 @@ ALERT_THRESHOLDS: dict[str, tuple[set[str], str]] = {
     ),
     "signatureFailureAlert": ({"failures"}, "| where failures > 20"),
     "processingLagAlert": ({"avgLagMs"}, "| where avgLagMs > 300000"),
-    "receiveLatencyAlert": ({"p99"}, "| where p99 > 5000"),
+    "receiveLatencyAlert": ({"requests", "p99"}, "| where requests >= 10 and p99 > 5000"),
     # A 15-minute window never holds a whole 15-minute bin: these look back 30 minutes and
     # judge the last whole bin only, so the minimum counts apply to whole bins.
     "smartcarRetriesAlert": (

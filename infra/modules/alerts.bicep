@@ -26,6 +26,8 @@ param location string
 param appInsightsId string
 
 @description('Delivery success rate alert: fire below this percentage of 2xx answers (Smartcar alerts its users below 95).')
+@minValue(0)
+@maxValue(100)
 param successRateThreshold int = 95
 
 @description('Delivery success rate alert: ignore 5-minute bins with fewer POSTs than this.')
@@ -40,7 +42,13 @@ param processingLagThresholdMs int = 300000
 @description('Receive latency alert: fire when the 99th percentile answer time exceeds this (ms; Smartcar alerts its users above 5 s and gives up at 15 s).')
 param receiveLatencyThresholdMs int = 5000
 
+@description('Receive latency alert: ignore 5-minute bins with fewer POSTs than this (one slow first request on a fresh instance is not a trend).')
+@minValue(1)
+param receiveLatencyMinimumRequests int = 10
+
 @description('Smartcar retries alert: fire when more than this percentage of deliveries in 15 minutes repeat an eventId with a new deliveryId.')
+@minValue(0)
+@maxValue(100)
 param redeliveryRateThreshold int = 1
 
 @description('Smartcar retries alert: ignore 15-minute bins with fewer authenticated deliveries than this.')
@@ -227,7 +235,7 @@ resource receiveLatencyAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01'
   kind: 'LogAlert'
   properties: {
     displayName: 'Smartcar webhook answers slower than ${receiveLatencyThresholdMs} ms (p99)'
-    description: 'The slowest webhook POSTs took more than ${receiveLatencyThresholdMs} ms to answer; Smartcar gives up after 15 s and retries. Run infra/queries/receive_latency.kql. Usual causes: cold starts (raise alwaysReady), Service Bus sends timing out (the spill-over then takes over after 5 s), or Key Vault slow to answer.'
+    description: 'The slowest webhook POSTs took more than ${receiveLatencyThresholdMs} ms to answer; Smartcar gives up after 15 s and retries. Run infra/queries/receive_latency.kql. Usual causes: the first requests of a cold start (reading the token from Key Vault, connecting to Service Bus; raise alwaysReady), Service Bus sends timing out (the spill-over then takes over after 5 s), or Key Vault slow to answer.'
     severity: 2
     enabled: true
     scopes: [
@@ -239,7 +247,7 @@ resource receiveLatencyAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01'
     criteria: {
       allOf: [
         union(logAlertCriterion, {
-          query: '${loadTextContent('../queries/receive_latency.kql')}\n| where p99 > ${receiveLatencyThresholdMs}\n'
+          query: '${loadTextContent('../queries/receive_latency.kql')}\n| where requests >= ${receiveLatencyMinimumRequests} and p99 > ${receiveLatencyThresholdMs}\n'
         })
       ]
     }
@@ -307,6 +315,9 @@ resource deliveryToAnswerAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-0
   }
 }
 
+// The window is twice the frequency: a sighting counted once per instance, exported each
+// minute and ingested minutes later, may land in Log Analytics after the evaluation whose
+// window its timestamp falls in; the next evaluation still covers it.
 resource newPayloadShapeAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01' = {
   name: '${namePrefix}-new-payload-shape'
   location: location
@@ -321,7 +332,7 @@ resource newPayloadShapeAlert 'Microsoft.Insights/scheduledQueryRules@2026-03-01
       appInsightsId
     ]
     evaluationFrequency: 'PT15M'
-    windowSize: 'PT15M'
+    windowSize: 'PT30M'
     autoMitigate: true
     criteria: {
       allOf: [
