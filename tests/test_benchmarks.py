@@ -31,6 +31,11 @@ REQUIRED = {
                          *(f"host_cpu_ratio_store_on_off{fleet}_{bound}"
                            for fleet in ("", "_fleet") for bound in ("low", "high", "coverage")),
                          "host_cpu_us_per_event_fleet", "host_cpu_us_per_event_fleet_store_off",
+                         "host_cpu_us_per_event_bare", "host_cpu_us_per_event_bare_store_off",
+                         *(f"host_cpu_ratio_store_on_off_bare{bound}"
+                           for bound in ("", "_low", "_high", "_coverage")),
+                         "dead_lettered", "other_outcomes", "refused", "left_in_queue",
+                         "log_lines_per_event", "log_lines_per_event_bare",
                          "host_cpu_us_per_event_timed", "host_cpu_us_per_event_timed_store_off",
                          "cpu_us_inbox_check", "cpu_us_apply", "cpu_us_inbox_record",
                          "cpu_us_commit", "cpu_us_handlers", "cpu_us_outcome_log",
@@ -94,6 +99,41 @@ def test_end_to_end_loses_nothing_and_processes_nothing_twice(
     assert e2e["duplicates_processed"] == 0
     assert e2e["refused"] == 0
     assert e2e["left_in_queue"] == 0
+    assert e2e["dead_lettered"] == 0
+    assert e2e["other_outcomes"] == 0
+
+
+def test_the_served_rounds_run_make_run_s_telemetry_and_the_bare_ones_do_not(
+    lines: list[dict[str, object]],
+) -> None:
+    """The headline rounds build their host with `served_host`, as `make run` does: each event
+    leaves log lines (the receiver's and one per span); the bare rounds log warnings only."""
+    e2e = {line["metric"]: line["value"] for line in lines
+           if line["benchmark"] == "local_end_to_end"}
+    served, bare = e2e["log_lines_per_event"], e2e["log_lines_per_event_bare"]
+    assert isinstance(served, float) and served >= 2
+    assert bare == 0
+
+
+def test_an_event_counts_as_processed_only_by_a_processed_outcome() -> None:
+    """A dead-lettered event has a line in handled.jsonl too: it is lost to the benchmark, not
+    processed, and it is counted by name."""
+    from benchmarks.end_to_end import round_figures
+
+    def line(event_id: str, outcome: str) -> dict[str, object]:
+        return {"eventId": event_id, "outcome": outcome,
+                "handledAt": "2026-12-08T00:00:01+00:00"}
+
+    load = {"acked": ["a", "b", "c", "d"], "start": 1765152000.0, "end": 1765152001.0,
+            "ack_ms": [1.0, 2.0, 3.0, 4.0], "failures": {}}
+    records = [line("a", "handled"), line("b", "unhandled"), line("c", "dead_lettered"),
+               line("d", "retried"), line("a", "handled")]
+    figures = round_figures(records, load, {"active": 0, "deadLettered": 1, "scheduled": 0})
+    assert figures["processed"] == 2
+    assert figures["lost"] == 2  # c and d
+    assert figures["duplicates_processed"] == 1
+    assert (figures["dead_lettered"], figures["other_outcomes"]) == (1, 1)
+    assert figures["left_in_queue"] == 1
 
 
 def test_the_store_parts_are_timed_where_the_host_calls_them(
@@ -113,7 +153,8 @@ def test_the_store_parts_are_timed_where_the_host_calls_them(
 def test_the_ratio_comes_with_its_interval(lines: list[dict[str, object]]) -> None:
     e2e = {line["metric"]: line["value"] for line in lines
            if line["benchmark"] == "local_end_to_end"}
-    for metric in ("host_cpu_ratio_store_on_off", "host_cpu_ratio_store_on_off_fleet"):
+    for metric in ("host_cpu_ratio_store_on_off", "host_cpu_ratio_store_on_off_fleet",
+                   "host_cpu_ratio_store_on_off_bare"):
         low, ratio, high = (e2e[f"{metric}_low"], e2e[metric], e2e[f"{metric}_high"])
         assert isinstance(low, float) and isinstance(high, float)
         assert isinstance(ratio, float) and low <= ratio <= high, metric

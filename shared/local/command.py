@@ -33,14 +33,14 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import azure.functions as func
 
 from ..clockcheck import CLOCK_WATCH
 from ..printable import PrintableFormatter
-from ..runtime import build_runtime, set_runtime
+from ..runtime import Runtime, build_runtime, set_runtime
 from ..settings import SERVICEBUS_NAMESPACE, Settings, SettingsError, load_settings
 from ..telemetry import configure as configure_telemetry
 from .clockstate import judge_stored_deliveries
@@ -125,6 +125,29 @@ def banner(settings: Settings, base_url: str, *, inspector: str | None = None,
     )
 
 
+def served_host(
+    settings: Settings, runtime: Runtime, **options: Any,
+) -> tuple[LocalHost, Recorder]:
+    """The host `serve` runs (not started), with what it observes: spans to the console, or to
+    Application Insights when a connection string is set, and the inspector's recorder fed by
+    the host. The end-to-end benchmark builds its host here too, so it measures this one."""
+    configure_telemetry(connection_string=settings.appinsights_connection_string, console=True)
+    recorder = Recorder()
+    recorder.attach()  # to the tracer provider set up just above
+    runtime.on_processed = recorder.processed  # what each delivery did to the vehicle state
+    local = LocalHost(load_function_app(), runtime, observer=recorder.http_request,
+                      attempt_observer=recorder.attempt_finished, **options)
+    return local, recorder
+
+
+def log_handler(stream: TextIO | None = None) -> logging.Handler:
+    """The host's log lines, one per record (messages carry senders' ids, and an eventId may
+    hold a line break), to `stream` (default: standard error)."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 async def serve(
     host: str, port: int, workers: int | None, *, lock_duration: float = 60.0,
     timer_interval: float = 60.0, header_timeout: float = HEADER_TIMEOUT_SECONDS,
@@ -140,16 +163,10 @@ async def serve(
     make_private(settings.local_state_dir)  # before anything in it is created or opened
     runtime = build_runtime(settings)
     set_runtime(runtime)
-    # Spans to the console, or to Application Insights when a connection string is set.
-    configure_telemetry(connection_string=settings.appinsights_connection_string, console=True)
-    recorder = Recorder()
-    recorder.attach()  # to the tracer provider set up just above
-    runtime.on_processed = recorder.processed  # what each delivery did to the vehicle state
-    local = LocalHost(load_function_app(), runtime, host=host, port=port, workers=workers,
-                      lock_duration=lock_duration, timer_interval=timer_interval,
-                      header_timeout=header_timeout, idle_timeout=idle_timeout,
-                      body_timeout=body_timeout, observer=recorder.http_request,
-                      attempt_observer=recorder.attempt_finished)
+    local, recorder = served_host(settings, runtime, host=host, port=port, workers=workers,
+                                  lock_duration=lock_duration, timer_interval=timer_interval,
+                                  header_timeout=header_timeout, idle_timeout=idle_timeout,
+                                  body_timeout=body_timeout)
     await local.start()
     # A host listening on every interface is reached on loopback, as the page itself is.
     reach = "127.0.0.1" if local.host in ("0.0.0.0", "::", "") else local.host  # noqa: S104
@@ -229,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_SECONDS,
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    # One line per record: messages carry senders' ids (an eventId may hold a line break).
-    handler = logging.StreamHandler()
-    handler.setFormatter(PrintableFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=log_level, handlers=[handler])
+    logging.basicConfig(level=log_level, handlers=[log_handler()])
     try:
         run_event_loop(serve(args.host, args.port, args.workers,
                           lock_duration=args.lock_duration, timer_interval=args.timer_interval,
