@@ -12,7 +12,8 @@ leaves the machine), and calls the app's own functions the way the Functions hos
    host.json, 32), through the default handler registry.
 
 Only the boundaries are replaced: Service Bus by an in-memory sender (the SDK's surface, so the
-processor's own sends also run), the Key Vault token by a static one. The worker reports its
+processor's own sends also run), the Key Vault token by a static one. The vehicle state store
+is off (no Table Storage here): the figures per processed event leave out its calls. The worker reports its
 resident set (VmRSS) after start-up, after importing and configuring the app, after each
 phase, and its peak (VmHWM), plus CPU time per event, and the bytes of telemetry each event
 produces as Application Insights would ingest them: its spans converted to Azure Monitor

@@ -40,8 +40,9 @@ from .common import emit, median, note, percentile, state_payload
 NAME = "vehicle_state_store"
 SIZE = 5 * 1024
 VEHICLES = 4
-#: As the local host commits: its deliveries completed in one batch share a commit (about
-#: 8 at 1,000 events a second).
+#: Events per commit. The local host commits its deferred writes every 20 ms
+#: (`FLUSH_SECONDS`), so how many share a commit grows with the rate: 8 at 400 events a
+#: second, 20 at 1,000.
 DEFERRED_COMMIT_EVERY = 8
 ROOT = Path(__file__).resolve().parent.parent
 AZURITE_TABLE = ROOT / "node_modules" / ".bin" / "azurite-table"
