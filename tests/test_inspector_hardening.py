@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -165,3 +166,39 @@ class TestForeignOrigin:
             detail = host.inspector(f"api/deliveries/{delivery['id']}")
             assert detail.status == 200
             assert json.loads(detail.body)["body"] == DEEP.decode()
+
+
+class TestTokenComparison:
+    def test_the_token_is_compared_in_constant_time(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        # SECURITY.md: every inspector request's token is compared in constant time, so its
+        # answer's timing says nothing of how much of a guessed token was right.
+        import hmac
+
+        import aiohttp
+
+        from shared.local.inspector_server import InspectorServer
+
+        seen: list[tuple[bytes, bytes]] = []
+        real = hmac.compare_digest
+
+        def spy(a: bytes, b: bytes) -> bool:
+            seen.append((a, b))
+            return real(a, b)
+
+        monkeypatch.setattr("shared.local.inspector_server.hmac.compare_digest", spy)
+        server = InspectorServer(Recorder(), cast(Any, None), port=0, token="t0ken")
+
+        async def scenario() -> list[int]:
+            await server.start()
+            try:
+                async with aiohttp.ClientSession() as session:
+                    statuses = []
+                    for token in ("t0kex", "t0ken"):
+                        async with session.get(f"http://127.0.0.1:{server.port}/{token}/") as r:
+                            statuses.append(r.status)
+                    return statuses
+            finally:
+                await server.stop()
+
+        assert asyncio.run(scenario()) == [403, 200]
+        assert seen == [(b"t0kex", b"t0ken"), (b"t0ken", b"t0ken")]
