@@ -13,9 +13,9 @@ leaves the machine), and calls the app's own functions the way the Functions hos
 
 Only the boundaries are replaced: Service Bus by an in-memory sender (the SDK's surface, so the
 processor's own sends also run), the Key Vault token by a static one. The vehicle state store
-is off (no Table Storage here): the figures per processed event leave out its calls. The worker reports its
-resident set (VmRSS) after start-up, after importing and configuring the app, after each
-phase, and its peak (VmHWM), plus CPU time per event, and the bytes of telemetry each event
+is off (no Table Storage here): the figures per processed event leave out its calls. The worker
+reports its resident set (VmRSS) after start-up, after importing and configuring the app, after
+each phase, and its peak (VmHWM), plus CPU time per event, and the bytes of telemetry each event
 produces as Application Insights would ingest them: its spans converted to Azure Monitor
 envelopes, and its log records at the host's level (Information) likewise. Output: one JSON
 document on stdout (`--json-lines` for the benchmark suite's format).

@@ -130,9 +130,9 @@ class TestOnLoopUnlessBusy:
                 await on_loop_unless_busy(call, 2, track=track)
             after_failure = set(track)
             caller = asyncio.create_task(on_loop_unless_busy(call, 3, track=track))
-            while not track:
-                await asyncio.sleep(0.01)
+            await asyncio.sleep(0)  # the caller runs until it awaits the thread, tracked
             running = set(track)
+            assert running
             caller.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await caller
