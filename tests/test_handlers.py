@@ -324,6 +324,69 @@ class TestThePool:
         finally:
             release.set()
 
+    def test_a_stuck_thread_that_returns_is_no_longer_counted_and_the_pool_recovers(
+        self,
+    ) -> None:
+        # The module's promise: exhausted "until one returns". One thread, no replacement:
+        # a call whose caller gave up while it ran leaves the pool exhausted; once it returns,
+        # the pool is not exhausted any more and takes calls again.
+        pool = BlockingPool(1, limit=1)
+        started, release, returned = threading.Event(), threading.Event(), threading.Event()
+
+        def hang() -> None:
+            started.set()
+            release.wait(30)
+            returned.set()
+
+        async def main() -> tuple[bool, int, bool, int, str]:
+            hung = asyncio.create_task(pool.run(hang))
+            assert await asyncio.to_thread(started.wait, 5)
+            hung.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await hung
+            exhausted_while_stuck, stuck_while_stuck = pool.exhausted, pool.stuck
+            release.set()
+            assert await asyncio.to_thread(returned.wait, 5)
+            result: str = await asyncio.wait_for(pool.run(lambda: "ran after"), 5)
+            # The thread took the new call, so it had finished with the stuck one first.
+            return exhausted_while_stuck, stuck_while_stuck, pool.exhausted, pool.stuck, result
+
+        try:
+            assert asyncio.run(main()) == (True, 1, False, 0, "ran after")
+        finally:
+            release.set()
+
+    def test_a_queued_call_whose_caller_gave_up_is_skipped(self) -> None:
+        # run()'s promise: cancelling the await of a call still queued skips it. A holds the
+        # only thread; B's caller gives up while B waits; once A returns, B must not run
+        # (C, queued after B on the same thread, shows the thread is past B).
+        pool = BlockingPool(1)
+        started, release = threading.Event(), threading.Event()
+        ran: list[str] = []
+
+        def hang() -> str:
+            started.set()
+            release.wait(30)
+            return "A ran"
+
+        async def main() -> tuple[str, str]:
+            first = asyncio.create_task(pool.run(hang))
+            assert await asyncio.to_thread(started.wait, 5)
+            queued = asyncio.create_task(pool.run(ran.append, "B"))
+            await asyncio.sleep(0.05)
+            queued.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await queued
+            release.set()
+            after: str = await asyncio.wait_for(pool.run(lambda: "C ran"), 5)
+            return await asyncio.wait_for(first, 5), after
+
+        try:
+            assert asyncio.run(main()) == ("A ran", "C ran")
+            assert ran == [] and pool.stuck == 0
+        finally:
+            release.set()
+
     @pytest.mark.parametrize("kind", ["plain", "coroutine", "returns an awaitable"])
     def test_sys_exit_in_a_handler_fails_its_delivery_not_the_loop(self, kind: str) -> None:
         # sys.exit() deep in a library (or argparse's error): raised out of a pool thread or
