@@ -424,6 +424,13 @@ class TestOverHttp:
         verify = encode({"eventType": "VERIFY", "eventId": "v", "data": {"challenge": "abc"},
                          "meta": {"deliveryId": "d", "deliveredAt": now_ms()}})
         assert host.post(WEBHOOK, verify, {}).status == 200
+        # Signed, a VERIFY is authenticated, and still not a data delivery: the same challenge
+        # signed twice with two deliveryIds counts no redelivery, no latency, no shape.
+        for delivery_id in ("d1", "d2"):
+            signed = encode({"eventType": "VERIFY", "eventId": "sv", "data": {"challenge": "abc"},
+                             "meta": {"deliveryId": delivery_id, "deliveredAt": now_ms()}})
+            answer = host.post(WEBHOOK, signed, signed_headers(signed))
+            assert answer.status == 200 and "challenge" in answer.json()
         forged = encode(state_event())
         assert host.post(WEBHOOK, forged, {"SC-Signature": "0" * 64}).status == 401
         points = otel.points()
