@@ -54,6 +54,11 @@ class RedeliveryMemory:
         self._clock = clock
         self._seen: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
 
+    @property
+    def remembered(self) -> int:
+        """How many eventIds are held now (what the memory costs)."""
+        return len(self._seen)
+
     def is_redelivery(self, event_id: str, delivery_id: str | None) -> bool:
         """Remember this delivery; True when the eventId was seen with another deliveryId."""
         now = self._clock()

@@ -276,6 +276,22 @@ class TestRedeliveryMemory:
         clock.now += 60  # 60 s after d2, the last sighting
         assert not memory.is_redelivery("evt", "d3")
 
+    def test_what_is_out_of_the_window_is_let_go_not_kept_until_the_limit(self) -> None:
+        # The memory costs what the window holds: an eventId past it is dropped at the next
+        # sighting of any event, not only once REDELIVERY_MEMORY newer ones pushed it out.
+        clock = Clock()
+        memory = RedeliveryMemory(window=60, limit=10, clock=clock)
+        memory.is_redelivery("a", "1")
+        clock.now += 30
+        memory.is_redelivery("b", "1")
+        assert memory.remembered == 2
+        clock.now += 31  # "a" is 61 s old, "b" 31 s
+        memory.is_redelivery("c", "1")
+        assert memory.remembered == 2
+        clock.now += 60
+        memory.is_redelivery("d", "1")
+        assert memory.remembered == 1
+
     def test_the_memory_is_bounded_oldest_out_first(self) -> None:
         memory = RedeliveryMemory(limit=2)
         memory.is_redelivery("a", "1")
