@@ -45,13 +45,14 @@ from shared.telemetry import (
     metric_event_type,
     set_telemetry,
 )
-from shared.tokens import StaticTokenProvider
+from shared.tokens import StaticTokenProvider, TokenUnavailableError
 
 from .bicep_tree import find_calls, load, text
 from .fakes import ManualClock
 from .otel_capture import Captured, captured
 from .support import (
     ERRORS_WEBHOOK,
+    TOKEN,
     WEBHOOK,
     RunningHost,
     encode,
@@ -258,6 +259,45 @@ class TestReceiveOutcomes:
         assert reply.outcome == outcome
         ((attrs, _),) = otel.points()[names.WEBHOOK_RECEIVED]
         assert attrs == {"outcome": outcome, "eventType": event_type, "httpStatus": 401}
+
+    def test_a_signed_request_s_event_type_is_on_the_metric_only_when_stored_or_a_duplicate(
+        self, otel: Captured, tmp_path: Path
+    ) -> None:
+        # docs/operations.md: the received counter's eventType is `unknown` unless the outcome
+        # is accepted, duplicate or verify_answered; a 503 or 400 to a signed request is
+        # `unknown` too, though its signature matched or was never checked.
+        class NoTokens:  # Key Vault unreachable
+            async def get_tokens(self) -> list[str]:
+                raise TokenUnavailableError("Key Vault unreachable")
+
+            async def refresh(self) -> bool:
+                raise TokenUnavailableError("Key Vault unreachable")
+
+        body = encode(state_event())
+        not_an_object = b"\xef\xbb\xbf" + encode(state_event())  # eventType readable, not stored
+        with LocalQueue(tmp_path / "queue.sqlite3") as queue:
+            publisher = LocalQueuePublisher(queue)
+
+            async def post(payload: bytes, tokens: Any = None) -> str:
+                reply = await receiver.receive(
+                    payload, signed_headers(payload), tokens=tokens or StaticTokenProvider(TOKEN),
+                    publisher=publisher, max_body_bytes=MAX_BODY, telemetry=otel.telemetry)
+                return str(reply.outcome)
+
+            async def main() -> list[str]:
+                return [await post(body), await post(body), await post(not_an_object),
+                        await post(body, NoTokens())]
+
+            assert asyncio.run(main()) == ["accepted", "duplicate", "not_an_object",
+                                           "unavailable"]
+        points = otel.points()[names.WEBHOOK_RECEIVED]
+        assert sorted((a["outcome"], a["eventType"], a["httpStatus"], p.value)
+                      for a, p in points) == [
+            ("accepted", "VEHICLE_STATE", 200, 1),
+            ("duplicate", "VEHICLE_STATE", 200, 1),
+            ("not_an_object", "unknown", 400, 1),
+            ("unavailable", "unknown", 503, 1),
+        ]
 
     @pytest.mark.parametrize("signed", [False, True])
     def test_a_verify_puts_its_event_id_on_the_span_only_when_signed(
