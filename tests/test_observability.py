@@ -662,7 +662,8 @@ class TestHostTraceContext:
         try:
             with RunningHost(local_env(tmp_path)) as host:
                 body = encode(state_event())
-                headers = {**signed_headers(body), "traceparent": traceparent}
+                headers = {**signed_headers(body), "traceparent": traceparent,
+                           "tracestate": "k=v"}
                 assert host.post(WEBHOOK, body, headers).status == 200
                 wait_until(host.handled)
                 wait_until(lambda: otel.finished(names.SPAN_PROCESS))
@@ -674,6 +675,10 @@ class TestHostTraceContext:
         assert receive.parent is not None and format(receive.parent.span_id, "016x") == host_span
         assert process.context.trace_id == receive.context.trace_id
         assert process.parent is not None and process.parent.span_id == receive.context.span_id
+        # The caller's tracestate (a vendor's part of the trace context) goes along: from the
+        # request to the receive span, and through the message to the processing span.
+        assert dict(receive.parent.trace_state) == {"k": "v"}
+        assert dict(process.parent.trace_state) == {"k": "v"}
 
     def test_without_an_invocation_context_the_receive_span_is_a_root(
         self, otel: Captured, tmp_path: Path
