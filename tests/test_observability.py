@@ -523,6 +523,35 @@ class TestConfiguration:
         assert re.search(r"shared\.telemetry span smartcar\.webhook\.receive [\d.]+ms "
                          r"trace=[0-9a-f]{32} outcome=accepted", done.stderr), done.stderr
 
+    def test_a_tracer_provider_the_worker_installed_is_used_and_nothing_configured_again(
+        self,
+    ) -> None:
+        # shared/telemetry.py: with PYTHON_APPLICATIONINSIGHTS_ENABLE_TELEMETRY=true the worker
+        # calls the distro itself; configuring it again would export every span twice. The
+        # distro is replaced by a recorder (the SDK boundary); the worker's provider is real.
+        script = (
+            "import json, os\n"
+            "import azure.monitor.opentelemetry as distro\n"
+            "calls = []\n"
+            "distro.configure_azure_monitor = lambda **kwargs: calls.append(kwargs)\n"
+            "from opentelemetry import trace\n"
+            "from opentelemetry.sdk.trace import TracerProvider\n"
+            "worker = TracerProvider()\n"
+            "trace.set_tracer_provider(worker)\n"
+            "from shared import telemetry\n"
+            "mode = telemetry.configure(connection_string='InstrumentationKey=x')\n"
+            "print(json.dumps({'mode': mode, 'calls': len(calls),\n"
+            "                  'same': trace.get_tracer_provider() is worker,\n"
+            "                  'logs': os.environ.get('OTEL_LOGS_EXPORTER')}))\n"
+        )
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("OTEL_", "APPLICATIONINSIGHTS_"))}
+        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60, check=False, env=env)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+            "mode": "preconfigured", "calls": 0, "same": True, "logs": None}
+
     def test_the_redrive_timer_sets_telemetry_up_in_its_process(self, tmp_path: Path) -> None:
         # On Flex Consumption a timer can run on an instance no HTTP request reached.
         script = (
