@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,13 +13,16 @@ import azure.functions as func
 import pytest
 
 from shared import functions
+from shared.credentials import ProcessCredential
 from shared.local.adapters import LocalDeadLetterer, LocalQueuePublisher
 from shared.processor import ServiceBusDeadLetterer
-from shared.publisher import RememberingPublisher, ServiceBusPublisher
-from shared.runtime import build_runtime, set_runtime
+from shared.publisher import OutboundMessage, RememberingPublisher, ServiceBusPublisher
+from shared.runtime import Runtime, build_runtime, build_spill_store, set_runtime
 from shared.settings import load_settings
 from shared.spill import BlobSpillStore, FileSpillStore, SpillingPublisher
 from shared.tokens import KeyVaultTokenProvider, StaticTokenProvider
+
+from .fakes import FakeServiceBusClient
 
 
 def test_azure_settings_build_service_bus_and_key_vault_boundaries() -> None:
@@ -48,6 +53,90 @@ def test_local_settings_build_the_embedded_queue(tmp_path: Path) -> None:
         assert (tmp_path / "queue.sqlite3").exists()
     finally:
         runtime.queue.close()
+
+
+def test_a_connection_string_wins_over_the_account_for_the_spill_store() -> None:
+    # The host's precedence (settings.py, TestHostStorageConventions): a connection string
+    # in AzureWebJobsStorage before the identity-based account. Both set locally: Azurite.
+    settings = load_settings({"AzureWebJobsStorage": "UseDevelopmentStorage=true",
+                              "AzureWebJobsStorage__accountName": "stabc123"})
+    assert settings.spill_blob_account_url == "https://stabc123.blob.core.windows.net/"
+    store = build_spill_store(settings, ProcessCredential(None))
+    assert isinstance(store, BlobSpillStore)
+    try:
+        client = store._container()  # built here, no request sent
+        assert client.url == "http://127.0.0.1:10000/devstoreaccount1/spill"
+    finally:
+        asyncio.run(store.close())
+
+
+class _Credential:
+    """The Azure identity boundary (the credential the clients share)."""
+
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class _ClientThatFailsToClose(FakeServiceBusClient):
+    async def close(self) -> None:
+        raise ConnectionError("the connection dropped while closing")
+
+
+class TestClose:
+    """`Runtime.close` at the local host's stop: every part, then the shared credential."""
+
+    @staticmethod
+    def runtime(tmp_path: Path, **parts: object) -> tuple[Runtime, _Credential]:
+        credential = _Credential()
+        shared = ProcessCredential(None, default=lambda: credential)
+        shared.get()  # a client used it
+        runtime = build_runtime(load_settings({"LOCAL_STATE_DIR": str(tmp_path)}),
+                                credential=shared, **parts)  # type: ignore[arg-type]
+        return runtime, credential
+
+    @staticmethod
+    def is_closed(runtime: Runtime) -> bool:
+        assert runtime.vehicle_state is not None
+        try:
+            asyncio.run(runtime.vehicle_state.list_vehicles())
+        except sqlite3.ProgrammingError:  # "Cannot operate on a closed database."
+            return True
+        return False
+
+    def test_the_vehicle_state_store_and_the_credential_are_closed(self, tmp_path: Path) -> None:
+        runtime, credential = self.runtime(tmp_path)
+        try:
+            assert not self.is_closed(runtime)
+            asyncio.run(runtime.close())
+            assert self.is_closed(runtime) and credential.closed
+        finally:
+            runtime.queue.close()
+            assert runtime.handled_log is not None
+            runtime.handled_log.close()
+
+    def test_a_part_that_fails_to_close_is_logged_and_the_rest_are_closed(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        # The first part closed is the publisher: Service Bus (faked at its client) fails to
+        # close; the vehicle state store and the credential after it are closed all the same.
+        publisher = ServiceBusPublisher(_ClientThatFailsToClose, "q", send_timeout=1.0)
+        runtime, credential = self.runtime(tmp_path, publisher=publisher)
+
+        async def use_then_close() -> None:
+            assert await publisher.publish(OutboundMessage(b"{}", "m-1"))
+            await runtime.close()
+
+        try:
+            with caplog.at_level(logging.WARNING, logger="shared.runtime"):
+                asyncio.run(use_then_close())
+            assert "closing ServiceBusPublisher failed" in caplog.text
+            assert self.is_closed(runtime) and credential.closed
+        finally:
+            runtime.queue.close()
+            assert runtime.handled_log is not None
+            runtime.handled_log.close()
 
 
 class TestMisconfiguration:
