@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from shared.local.command import port_from_env
+from shared.local.host import DEFAULT_PORT
 from shared.local.queue import LocalQueue
 from shared.local.queue_open import QUEUE_FILE
+from shared.settings import SettingsError
 
 from .support import WEBHOOK, RunningHost, local_env
 
@@ -61,6 +64,18 @@ class TestSettingsErrorsAreMessagesNotTracebacks:
         assert ("error: PORT must be a TCP port number from 0 to 65535 (the local host's port), "
                 "got 'abc'; e.g. PORT=7072 make run") in result.stderr
         assert result.returncode == 2
+
+    @pytest.mark.parametrize(("raw", "port"), [
+        ("", DEFAULT_PORT), ("0", 0), ("1", 1), (" 7072 ", 7072), ("65535", 65535),
+    ])
+    def test_every_tcp_port_is_taken_and_0_means_any_free_one(self, raw: str, port: int) -> None:
+        assert port_from_env({"PORT": raw}) == port
+
+    @pytest.mark.parametrize("raw", ["65536", "-1", "70000", "1e3", "abc"])
+    def test_a_port_out_of_range_is_refused_with_the_range(self, raw: str) -> None:
+        with pytest.raises(SettingsError, match="from 0 to 65535") as err:
+            port_from_env({"PORT": raw})
+        assert repr(raw) in str(err.value)
 
     def test_an_unknown_log_level_names_the_levels(self, tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, "-m", "shared.local"], cwd=ROOT,
