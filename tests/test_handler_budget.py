@@ -12,20 +12,29 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 import traceback
 from collections.abc import Iterator
-from types import SimpleNamespace
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from azure.functions.servicebus import ServiceBusMessage
 
 from shared import functions
 from shared.handlers import HandlerRegistry
-from shared.processor import HandlerFailedError
-from shared.runtime import set_runtime
+from shared.processor import (
+    HandlerFailedError,
+    Outcome,
+    ProcessResult,
+    ServiceBusDeadLetterer,
+)
+from shared.publisher import ServiceBusPublisher
+from shared.retry import ServiceBusRetrySender
+from shared.runtime import Runtime, build_runtime, set_runtime
 from shared.settings import function_timeout_from_host_json, load_settings
+
+from .fakes import FakeServiceBusClient
+from .support import encode, local_env, state_event
 
 
 @pytest.fixture(autouse=True)
@@ -55,25 +64,83 @@ def test_an_unbounded_or_unreadable_timeout_leaves_the_handlers_unbounded(
         'positive, got "-1"']
 
 
-@pytest.mark.parametrize(("in_azure", "budget"), [(True, 270.0), (False, None)])
-def test_the_queue_function_passes_the_budget_in_azure_only(
-    monkeypatch: pytest.MonkeyPatch, in_azure: bool, budget: float | None
+class HoursPassLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock a handler can move forward (`pass_time`): hours of a hung
+    call, with no test waiting them out. The budget (`asyncio.timeout`) reads this clock."""
+
+    offset = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.offset
+
+    def pass_time(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+def queue_message(body: bytes) -> ServiceBusMessage:
+    """What the worker hands the queue function (the azure-functions library's own type)."""
+    return ServiceBusMessage(body=body, message_id="m1", delivery_count=1, sequence_number=1,
+                             application_properties={}, user_properties={})
+
+
+def azure_runtime(registry: HandlerRegistry, service_bus: FakeServiceBusClient) -> Runtime:
+    """The runtime Azure's settings build, its Service Bus sends going to `service_bus`."""
+    settings = load_settings({
+        "WEBSITE_SITE_NAME": "app", "KEY_VAULT_URI": "https://kv.vault.azure.net/",
+        "ServiceBusConnection__fullyQualifiedNamespace": "ns.servicebus.windows.net",
+        "AzureWebJobsStorage__accountName": "st1", "VEHICLE_STATE_STORE": "off"})
+    assert settings.in_azure
+    send = ServiceBusPublisher(lambda: service_bus, "smartcar-events", send_timeout=1.0).send_raw
+    return build_runtime(settings, registry=registry, retry_sender=ServiceBusRetrySender(send),
+                         dead_letterer=ServiceBusDeadLetterer(send))
+
+
+@pytest.mark.parametrize("in_azure", [True, False])
+def test_the_queue_function_bounds_the_handlers_by_host_json_in_azure_only(
+    tmp_path: Path, in_azure: bool
 ) -> None:
-    passed: dict[str, Any] = {}
+    # In Azure the handlers get host.json's 300 s less 30 (the worker would be restarted at
+    # 300): alive at 269 s, cancelled by 271 s, and the attempt retried. Locally the host
+    # bounds the whole function instead, so the handlers have no budget of their own.
+    registry = HandlerRegistry()
+    alive_at: list[float] = []
 
-    async def process_message(message: Any, **kwargs: Any) -> Any:
-        passed.update(kwargs)
-        return SimpleNamespace(outcome=None)
+    @registry.on("VEHICLE_STATE")
+    async def hangs(event: Any, context: Any) -> None:
+        loop = cast(HoursPassLoop, asyncio.get_running_loop())
+        for seconds in (269.0, 2.0, 36_000.0):
+            loop.pass_time(seconds)
+            await asyncio.sleep(0.01)  # the budget's deadline, if past, fires first
+            alive_at.append(loop.offset)
 
-    monkeypatch.setattr(functions, "process_message", process_message)
-    set_runtime(SimpleNamespace(  # type: ignore[arg-type]  # the fields the function reads
-        settings=SimpleNamespace(in_azure=in_azure), registry=None, dead_letterer=None,
-        retry_sender=None, handled_log=None, vehicle_state=None, clock=None,
-        on_processed=None))
-    msg = ServiceBusMessage(body=b"{}", message_id="m1", delivery_count=1, sequence_number=1,
-                            application_properties={}, user_properties={})
-    asyncio.run(functions.handle_queue_message(msg))
-    assert passed["handler_budget"] == budget
+    service_bus = FakeServiceBusClient()  # the boundary: the retry copy is sent to it
+    if in_azure:
+        runtime = azure_runtime(registry, service_bus)
+    else:
+        runtime = build_runtime(load_settings(local_env(tmp_path)), registry=registry)
+    processed: list[ProcessResult] = []
+    runtime.on_processed = lambda message, result: processed.append(result)
+    set_runtime(runtime)
+    try:
+        asyncio.run(functions.handle_queue_message(queue_message(encode(state_event()))),
+                    loop_factory=HoursPassLoop)
+    finally:
+        if runtime.queue is not None:
+            runtime.queue.close()
+        if runtime.handled_log is not None:
+            runtime.handled_log.close()
+    (result,) = processed
+    if in_azure:
+        assert alive_at == [269.0]
+        assert (result.outcome, result.error_type) == (Outcome.RETRIED, "HandlerTimeoutError")
+        assert result.description is not None
+        assert result.description.startswith("the handlers ran past their 270 s budget in ")
+        assert result.event is not None
+        (copy,) = service_bus.senders[0].sent  # the next attempt, scheduled
+        assert copy.message_id == f"{result.event.event_id}:retry:2"
+    else:
+        assert alive_at == [269.0, 271.0, 36_271.0]
+        assert result.outcome == Outcome.HANDLED
 
 
 def test_a_failed_invocation_reports_no_handler_error_text_to_the_host() -> None:
@@ -86,25 +153,16 @@ def test_a_failed_invocation_reports_no_handler_error_text_to_the_host() -> None
     def choke(event: Any, context: Any) -> None:
         raise ValueError("could not read '48.858370 N, 2.294481 E'")
 
-    class Unreachable:
-        async def schedule(self, copy: Any) -> None:
-            raise ConnectionError("Service Bus is unreachable")
-
-        async def dead_letter(self, message: Any, **kwargs: Any) -> None:
-            raise ConnectionError("Service Bus is unreachable")
-
-    settings = load_settings({"SMARTCAR_MANAGEMENT_TOKEN": "t",
-                              "VEHICLE_STATE_STORE": "off"})
-    set_runtime(SimpleNamespace(  # type: ignore[arg-type]  # the fields the function reads
-        settings=settings, registry=registry, dead_letterer=Unreachable(),
-        retry_sender=Unreachable(), handled_log=None, vehicle_state=None, clock=time.time,
-        on_processed=None))
+    # Service Bus (faked at its client) refuses the retry copy.
+    service_bus = FakeServiceBusClient(
+        fail_next_sender=ConnectionError("Service Bus is unreachable"))
+    set_runtime(azure_runtime(registry, service_bus))
     body = json.dumps({"eventId": "e-1", "eventType": "VEHICLE_STATE", "vehicleId": "v-1",
                        "data": {"signals": []}, "meta": {"version": "4.0"}}).encode()
-    msg = ServiceBusMessage(body=body, message_id="e-1", delivery_count=1, sequence_number=1,
-                            application_properties={}, user_properties={})
+    msg = queue_message(body)
     with pytest.raises(HandlerFailedError) as raised:
         asyncio.run(functions.handle_queue_message(msg))
+    assert [sender.sent for sender in service_bus.senders] == [[]]  # the retry was refused
     reported = "".join(traceback.format_exception(raised.value))
     assert "ValueError" in reported and "e-1" in reported
     assert "48.858370" not in reported
