@@ -330,6 +330,23 @@ class TestServiceBusTrigger:
         assert [r["eventId"] for r in runtime.handled_log.read()] == [event["eventId"]]
 
 
+    def test_without_a_delivery_count_in_the_metadata_it_is_the_first_delivery(
+        self, runtime: Runtime
+    ) -> None:
+        # The library's converter leaves delivery_count None when the host sends no
+        # DeliveryCount: the attempt is the first (1, as Service Bus counts), never 0.
+        event = state_event()
+        metadata = service_bus_metadata(message_id=event["eventId"], properties={})
+        del metadata["DeliveryCount"]
+        msg = convert("process_event", meta.Datum(encode(event), "bytes"), metadata)
+        assert msg.delivery_count is None
+        seen: list[Any] = []
+        runtime.on_processed = lambda message, result: seen.append(message)
+        asyncio.run(invoke("process_event", msg))
+        assert [m.delivery_count for m in seen] == [1]
+        assert isinstance(runtime.handled_log, HandledLog)
+        assert [r["deliveryCount"] for r in runtime.handled_log.read()] == [1]
+
     def test_each_result_goes_to_the_runtimes_on_processed_hook(self, runtime: Runtime) -> None:
         # The local inspector's hook: what the processing did, per message and delivery.
         seen: list[tuple[Any, Any]] = []
