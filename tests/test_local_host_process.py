@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -59,6 +60,45 @@ class TestDurability:
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2
         assert "MAX_BODY_BYTES must be a whole number, got 'big'" in result.stderr
+
+
+# After `main` returns, the files of LOCAL_STATE_DIR this process still has open.
+OPEN_AFTER_STOP = """
+import json, os, sys
+from shared.local import command
+code = command.main([])
+state = os.path.realpath(os.environ["LOCAL_STATE_DIR"])
+still_open = set()
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:  # the descriptor listdir itself used, closed by now
+        continue
+    if target.startswith(state + os.sep):
+        still_open.add(os.path.relpath(target, state))
+print("AFTER STOP " + json.dumps([code, sorted(still_open)]), flush=True)
+"""
+
+
+class TestStop:
+    @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
+    def test_a_stopped_host_leaves_no_file_of_its_state_directory_open(
+        self, tmp_path: Path
+    ) -> None:
+        # The stop closes what the run opened: the queue, the vehicle state store, and the
+        # handled log (opened by the first event handled), whoever runs `main` in-process.
+        port = free_port()
+        env = base_env(tmp_path, port)
+        env["INSPECTOR_PORT"] = str(free_port())
+        event = state_event()
+        body = encode(event)
+        with host_process([sys.executable, "-c", OPEN_AFTER_STOP], env, port) as proc:
+            assert http_request(port, "POST", WEBHOOK, body, signed_headers(body)).status == 200
+            wait_until(lambda: handled_ids(tmp_path / "state") == [event["eventId"]], timeout=30)
+            os.killpg(proc.pid, signal.SIGTERM)
+            out = proc.communicate(timeout=30)[0].decode()
+        (line,) = [line for line in out.splitlines() if line.startswith("AFTER STOP ")]
+        assert json.loads(line.removeprefix("AFTER STOP ")) == [0, []], out
 
 
 class TestLogLines:
