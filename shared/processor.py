@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, NoReturn, Protocol
+from typing import Any, Final, NoReturn, Protocol
 
 from .clockcheck import CLOCK_WATCH, SKEW_WARNING_SECONDS
 from .events import Event, InvalidEventError, parse_event, peek_envelope
@@ -359,11 +359,19 @@ async def process_message(
         return result
 
 
+#: What `error_summary` percent-encodes in an error's type and code: its own separators, the
+#: escape character, and '+' (which some URL decoders read as a space).
+_SUMMARY_ESCAPES: Final = str.maketrans(
+    {"%": "%25", ";": "%3B", " ": "%20", ":": "%3A", "+": "%2B"})
+
+
 def error_summary(state: ApplyResult) -> str:
     """The span attribute the open-errors query reads: each error the event touched, with the
-    state the store now holds for it (`OPEN TYPE:CODE;RESOLVED TYPE:CODE`)."""
+    state the store now holds for it (`OPEN TYPE:CODE;RESOLVED TYPE:CODE`). A type or code
+    holding a separator has it percent-encoded (the query's `url_decode` restores it)."""
     return ";".join(
-        f"{error.state} {error.type}:{error.code or ''}"
+        f"{error.state} {error.type.translate(_SUMMARY_ESCAPES)}:"
+        f"{(error.code or '').translate(_SUMMARY_ESCAPES)}"
         for error in (*state.errors_opened, *state.errors_resolved)
     )
 

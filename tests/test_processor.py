@@ -10,9 +10,12 @@ import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from azure.functions.servicebus import ServiceBusMessage
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
@@ -866,6 +869,22 @@ def test_the_open_errors_attribute_names_an_error_without_a_code_by_its_type() -
     resolved = ErrorState(type="PERMISSION", code="DENIED", state="RESOLVED")
     assert error_summary(ApplyResult(errors_opened=(opened,), errors_resolved=(resolved,))) == (
         "OPEN COMPATIBILITY:;RESOLVED PERMISSION:DENIED")
+
+
+@given(st.lists(st.tuples(st.sampled_from(["OPEN", "RESOLVED"]), st.text(min_size=1),
+                          st.none() | st.text()), min_size=1, max_size=4))
+def test_the_open_errors_attribute_reads_back_whatever_a_type_or_code_holds(
+        errors: list[tuple[str, str, str | None]]) -> None:
+    # open_vehicle_errors.kql's reading of it: split on ';', then on the first ' ', then the
+    # type before the first ':' and the code after it, each through url_decode.
+    states = tuple(ErrorState(type=t, code=c, state=s) for s, t, c in errors)
+    summary = error_summary(ApplyResult(errors_opened=states))
+    read = []
+    for report in summary.split(";"):
+        state, error = report.split(" ")[0], report.split(" ")[1]
+        read.append((state, unquote(error.split(":")[0]),
+                     unquote(error[error.index(":") + 1:])))
+    assert read == [(s, t, c or "") for s, t, c in errors]
 
 
 class TestHandlerBudget:
