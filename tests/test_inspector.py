@@ -49,6 +49,12 @@ class TestRedaction:
             assert redact_header(header, "secret-value") == "[redacted]"
         assert redact_header("Content-Type", "application/json") == "application/json"
 
+    def test_proxy_credentials_and_api_keys_are_hidden_entirely(self) -> None:
+        # A client behind a proxy (or a tunnel that adds one) sends its proxy credentials;
+        # gateways and test tools send API keys: the headers table must not show either.
+        for header in ("Proxy-Authorization", "proxy-authorization", "X-Api-Key", "x-api-key"):
+            assert redact_header(header, "Basic dXNlcjpzZWNyZXQ=") == "[redacted]"
+
 
 def _record(recorder: Recorder, body: bytes, status: int = 200) -> None:
     answered = recorder.http_request("webhooks/smartcar", "POST",

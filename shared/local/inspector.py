@@ -50,7 +50,8 @@ ERROR_MESSAGE_SHOWN = 500
 SIGNATURE_HEADER = "sc-signature"
 #: How much of a signature the page shows: enough to compare with the sender's logs.
 SIGNATURE_SHOWN = 8
-_SECRET_HEADERS = frozenset({"authorization", "cookie", "x-functions-key"})
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "x-functions-key",
+                             "x-api-key"})
 _HEX = re.compile(r"[0-9a-fA-F]*")
 
 _current: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
