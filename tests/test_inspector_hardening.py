@@ -18,12 +18,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from shared.cli.simulate import build_event
 from shared.local.adapters import LocalQueuePublisher
 from shared.local.inspector import Recorder, describe_body
+from shared.local.inspector_server import InspectorServer
 from shared.receiver import receive
 from shared.signature import sign
 from shared.telemetry import Telemetry
 from shared.tokens import StaticTokenProvider
 
 from .inspector_host import HostProcess
+from .support import http_request
 
 DEEP = b"[" * 50_000
 
@@ -176,8 +178,6 @@ class TestTokenComparison:
 
         import aiohttp
 
-        from shared.local.inspector_server import InspectorServer
-
         seen: list[tuple[bytes, bytes]] = []
         real = hmac.compare_digest
 
@@ -202,3 +202,50 @@ class TestTokenComparison:
 
         assert asyncio.run(scenario()) == [403, 200]
         assert seen == [(b"t0kex", b"t0ken"), (b"t0ken", b"t0ken")]
+
+
+class TestNumbersInUrls:
+    def test_an_id_or_sequence_number_too_large_for_an_integer_column_is_a_404(
+        self, tmp_path: Path
+    ) -> None:
+        # Above 2**63 SQLite cannot bind it; above 4,300 digits Python will not even parse it.
+        # Either was a 500 with a traceback in the host's log; the page never asks for one.
+        huge = ("9223372036854775808", "1" * 19, "9" * 5000)
+        with HostProcess(tmp_path) as host:
+            for number in huge:
+                for path, method in ((f"api/deliveries/{number}", "GET"),
+                                     (f"api/deliveries/{number}/curl", "GET"),
+                                     (f"api/deliveries/{number}/resend", "POST"),
+                                     (f"api/dlq/{number}", "GET"),
+                                     (f"api/dlq/{number}/replay", "POST"),
+                                     (f"api/dlq/{number}/purge", "POST")):
+                    answer = host.inspector(path, method=method)
+                    assert answer.status == 404, (path[:40], answer.status)
+                    assert answer.headers["x-content-type-options"] == "nosniff"
+            # The largest number a route takes is still answered as an unknown one.
+            assert host.inspector(f"api/dlq/{'9' * 18}").status == 404
+            assert host.inspector(f"api/deliveries/{'9' * 18}").status == 404
+            assert "Traceback" not in host.output()
+
+    def test_an_unexpected_failure_still_carries_the_security_headers(self) -> None:
+        class BrokenOps:
+            def stats(self) -> dict[str, int]:
+                raise RuntimeError("a bug in the page's server")
+
+        async def ask() -> tuple[int, dict[str, str], bytes]:
+            server = InspectorServer(Recorder(), BrokenOps(), port=0)  # type: ignore[arg-type]
+            await server.start()
+            try:
+                answer = await asyncio.to_thread(
+                    http_request, server.port, "GET", f"/{server.token}/api/deliveries")
+                return answer.status, answer.headers, answer.body
+            finally:
+                await server.stop()
+
+        status, headers, body = asyncio.run(ask())
+        assert status == 500
+        assert b"a bug in the page's server" not in body
+        assert headers["content-security-policy"].startswith("default-src 'none'")
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["cache-control"] == "no-store"
+

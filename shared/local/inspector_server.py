@@ -58,6 +58,11 @@ _SECURITY_HEADERS = {
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+#: A delivery id or a sequence number in a URL: at most 18 digits, so below 2**63 (SQLite's
+#: and Service Bus's integers); a longer one matches no route and is answered 404.
+_ID = r"{id:\d{1,18}}"
+_SEQ = r"{seq:\d{1,18}}"
+
 
 def _forbidden(why: str) -> web.Response:
     return web.Response(status=403, text=f"403 Forbidden: {why}\n",
@@ -90,13 +95,13 @@ class InspectorServer:
         app.router.add_get("/{token}/", self._static)
         app.router.add_get("/{token}/static/{name}", self._static)
         app.router.add_get("/{token}/api/deliveries", self._deliveries)
-        app.router.add_get("/{token}/api/deliveries/{id:\\d+}", self._delivery)
-        app.router.add_get("/{token}/api/deliveries/{id:\\d+}/curl", self._curl)
-        app.router.add_post("/{token}/api/deliveries/{id:\\d+}/resend", self._resend)
+        app.router.add_get("/{token}/api/deliveries/" + _ID, self._delivery)
+        app.router.add_get("/{token}/api/deliveries/" + _ID + "/curl", self._curl)
+        app.router.add_post("/{token}/api/deliveries/" + _ID + "/resend", self._resend)
         app.router.add_get("/{token}/api/dlq", self._dlq)
-        app.router.add_get("/{token}/api/dlq/{seq:\\d+}", self._dead_letter)
-        app.router.add_post("/{token}/api/dlq/{seq:\\d+}/replay", self._replay)
-        app.router.add_post("/{token}/api/dlq/{seq:\\d+}/purge", self._purge)
+        app.router.add_get("/{token}/api/dlq/" + _SEQ, self._dead_letter)
+        app.router.add_post("/{token}/api/dlq/" + _SEQ + "/replay", self._replay)
+        app.router.add_post("/{token}/api/dlq/" + _SEQ + "/purge", self._purge)
         app.router.add_get("/{token}/api/vehicles", self._vehicle_list)
         app.router.add_get("/{token}/api/vehicles/{vehicle_id}", self._vehicle)
         self._runner = web.AppRunner(app, access_log=None)
@@ -137,6 +142,13 @@ class InspectorServer:
             response = await handler(request)
         except web.HTTPException as exc:
             response = exc
+        except Exception:
+            # A bug, not the page's business to show: the traceback goes to the host's log,
+            # and the answer carries the security headers as every other one does.
+            logger.exception("inspector: %s /%s failed", request.method,
+                             request.path.split("/", 2)[-1])
+            response = web.Response(
+                status=500, text="500 Internal Server Error: see the local host's log\n")
         response.headers.update(_SECURITY_HEADERS)
         return response
 
