@@ -249,3 +249,44 @@ class TestNumbersInUrls:
         assert headers["x-content-type-options"] == "nosniff"
         assert headers["cache-control"] == "no-store"
 
+
+class TestThePollsAnswer:
+    def test_every_id_it_lists_has_a_summary_while_requests_pour_in(
+        self, tmp_path: Path
+    ) -> None:
+        """The page keeps the summaries it was given and lists the answer's `ids`; an id
+        without a summary (a request that came in while the queue's counts were read) broke
+        the page ("Cannot read properties of undefined")."""
+        import aiohttp
+
+        with HostProcess(tmp_path) as host:
+            webhook = f"http://127.0.0.1:{host.port}/api/webhooks/smartcar"
+            api = f"http://127.0.0.1:{host.inspector_port}/{host.token}/api/deliveries"
+
+            async def run() -> list[list[int]]:
+                async with aiohttp.ClientSession() as session:
+                    stop = asyncio.Event()
+
+                    async def flood() -> None:
+                        while not stop.is_set():
+                            await asyncio.gather(*(session.post(
+                                webhook, data=b"{}", headers={"Content-Type": "application/json"})
+                                for _ in range(10)))
+
+                    task = asyncio.create_task(flood())
+                    known: set[int] = set()
+                    version, lacking = 0, []
+                    for _ in range(150):
+                        async with session.get(f"{api}?since={version}") as answer:
+                            doc = await answer.json()
+                        known.update(d["id"] for d in doc["deliveries"])
+                        known &= set(doc["ids"])
+                        missing = [i for i in doc["ids"] if i not in known]
+                        if missing:
+                            lacking.append(missing)
+                        version = doc["version"]
+                    stop.set()
+                    await task
+                    return lacking
+
+            assert asyncio.run(run()) == []

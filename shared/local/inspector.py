@@ -453,6 +453,14 @@ class Recorder:
             current = self._version
             return current, [d.summary() for d in reversed(changed)]
 
+    def snapshot(self, version: int) -> tuple[int, list[dict[str, Any]], list[int]]:
+        """`changed_since(version)` and `ids()` read together, under one lock: every id it
+        lists that changed after `version` has its summary in the same answer."""
+        with self._lock:
+            changed = [d for d in self._deliveries.values() if d.version > version]
+            return (self._version, [d.summary() for d in reversed(changed)],
+                    list(self._deliveries))
+
     def ids(self) -> list[int]:
         with self._lock:
             return list(self._deliveries)

@@ -170,7 +170,9 @@ class InspectorServer:
             since = int(request.query.get("since", "0"))
         except ValueError:
             raise web.HTTPBadRequest(text="since must be a whole number") from None
-        version, changed = self.recorder.changed_since(since)
+        # Before the await: a delivery that arrives while the stats are read is in the next
+        # answer, never in `ids` without its summary.
+        version, changed, ids = self.recorder.snapshot(since)
         stats: dict[str, Any] | None
         try:
             stats = await asyncio.to_thread(self.ops.stats)
@@ -180,7 +182,7 @@ class InspectorServer:
         return web.json_response({
             "version": version,
             "capacity": self.recorder.capacity,
-            "ids": self.recorder.ids(),
+            "ids": ids,
             "deliveries": changed,
             "stats": stats,
             "statsError": stats_error,

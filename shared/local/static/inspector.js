@@ -655,7 +655,8 @@ async function poll() {
     for (const id of state.deliveries.keys()) if (!kept.has(id)) state.deliveries.delete(id);
     const changed = doc.version !== state.version || state.order.length !== kept.size;
     state.version = doc.version;
-    state.order = [...kept].sort((a, b) => b - a);
+    // Only ids whose summary the page holds (an answer lists each id with its summary).
+    state.order = [...kept].filter((id) => state.deliveries.has(id)).sort((a, b) => b - a);
     if (changed) renderDeliveries();
     for (const key of ["active", "deadLettered", "scheduled"]) {
       $(`stat-${key}`).textContent = doc.stats ? String(doc.stats[key]) : "?";
