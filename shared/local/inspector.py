@@ -199,9 +199,16 @@ class Delivery:
             "utf-8", "replace"
         )
         doc["processingAttempts"] = [a.to_json() for a in self.attempts]
-        # The latest processing that applied the event: what it did to the stored state.
-        doc["vehicleState"] = next((a["vehicleState"] for a in reversed(doc["processingAttempts"])
-                                    if a["vehicleState"] is not None), None)
+        # The first processing that applied the event: what it did to the stored state. A
+        # retry applies the same event again and finds its readings stored by that first
+        # one (all "stale"): those re-applications are named, not shown in its place.
+        # Attempts are named by their place in `processingAttempts` (1 first): a retry is a
+        # copy of the message, whose delivery count starts again.
+        applied = [(n, a) for n, a in enumerate(doc["processingAttempts"], 1)
+                   if a["vehicleState"] is not None]
+        doc["vehicleState"] = applied[0][1]["vehicleState"] if applied else None
+        doc["vehicleStateAppliedBy"] = applied[0][0] if applied else None
+        doc["vehicleStateReappliedBy"] = [n for n, _ in applied[1:]]
         doc.update(describe_body(self.body))
         if doc["shape"] is not None and self.body is not None:
             shape = fingerprint(self.body)

@@ -357,6 +357,7 @@ function stateSection(doc) {
   const codes = (list) => (list.length ? list.join(", ") : "none");
   const errors = (list) => (list.length ? list.map((e) => `${e.type} ${e.code || ""}`.trim())
     .join(", ") : "none");
+  const again = doc.vehicleStateReappliedBy || [];
   const rows = [
     ["changed", codes(result.changed)],
     ["left alone as stale", codes(result.stale)],
@@ -366,9 +367,16 @@ function stateSection(doc) {
     ["errors opened", errors(result.errorsOpened)],
     ["errors resolved", errors(result.errorsResolved)],
   ];
+  // A retry applies the event again and finds what the first application stored: its readings
+  // are not news there, so they are not shown as what the event did.
+  if (again.length) {
+    rows.push(["applied again", `by attempt ${again.join(", ")}: already applied by an ` +
+      "earlier attempt, nothing new to store"]);
+  }
+  const by = doc.vehicleStateAppliedBy;
   return [el("h3", { text: "Vehicle state" }), withId(table(
-    "What the latest processing did to the stored state", ["signals", "codes"], rows),
-  "delivery-state")];
+    `What the first processing that applied it${by ? ` (attempt ${by})` : ""} did to the ` +
+    "stored state", ["signals", "codes"], rows), "delivery-state")];
 }
 
 async function openDelivery(id) {
