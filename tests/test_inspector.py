@@ -184,7 +184,13 @@ class TestAccess:
             page = host.inspector("")
             assert page.status == 200 and b"local inspector" in page.body
             assert page.headers["referrer-policy"] == "no-referrer"
-            assert "script-src 'self'" in page.headers["content-security-policy"]
+            # Exactly: a substring would also pass "script-src 'self' 'unsafe-inline'", which
+            # lets markup in a stranger's body run.
+            directives = {d.split()[0]: d.split()[1:] for d in
+                          page.headers["content-security-policy"].split(";") if d.strip()}
+            assert directives["script-src"] == ["'self'"]
+            assert directives["default-src"] == ["'none'"]
+            assert directives["style-src"] == ["'self'"]
             assert host.inspector("api/deliveries").status == 200
 
     def test_a_page_reaching_it_under_another_host_name_is_refused(self, tmp_path: Path) -> None:

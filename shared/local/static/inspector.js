@@ -219,14 +219,17 @@ function facts(pairs) {
     pairs.map(([k, v]) => [el("dt", { text: k }), el("dd", {}, v instanceof Node ? v : show(v))]));
 }
 
-function detailHead(title, close) {
+// `pane`: the detail section's id; its heading's id is unique to it (three panes may be open).
+function detailHead(pane, title, close) {
   return el("div", { class: "detail-head" },
-    el("h2", { id: "detail-title", text: title }),
+    el("h2", { id: `${pane}-title`, text: title }),
     el("button", { type: "button", class: "close", onclick: close,
       "aria-label": "Close the detail", text: "Close" }));
 }
 
-function bodySections(doc) {
+// `prefix`: for the ids of its signals table and body ("" in the delivery's detail, "dlq-" in
+// the dead letter's), unique while both are open.
+function bodySections(doc, prefix = "") {
   const parts = [];
   if (doc.parseError) {
     parts.push(el("h3", { text: "Processor" }),
@@ -238,7 +241,7 @@ function bodySections(doc) {
         "status"], doc.signals.map((s) => [s.code || s.path,
         s.value === null || typeof s.value !== "object" ? s.value : JSON.stringify(s.value),
         s.unit, s.oemUpdatedAt, s.status])));
-    parts[parts.length - 1].querySelector("table").id = "signals";
+    parts[parts.length - 1].querySelector("table").id = `${prefix}signals`;
   }
   if (doc.triggers.length) {
     parts.push(el("h3", { text: "Triggers" }),
@@ -251,7 +254,7 @@ function bodySections(doc) {
         doc.errors.map((e) => [e.type, e.code, e.state, e.description]), [3]));
   }
   parts.push(el("h3", { text: "Body" }),
-    el("pre", { id: "body", tabindex: 0, text: doc.body === null ? "(not kept: received before this run)" : doc.body }));
+    el("pre", { id: `${prefix}body`, tabindex: 0, text: doc.body === null ? "(not kept: received before this run)" : doc.body }));
   return parts;
 }
 
@@ -314,7 +317,7 @@ function renderDeliveryDetail(doc) {
   const attempts = doc.processingAttempts.map((a) => [time(a.at), a.deliveryCount,
     badge(a.outcome), attemptError(a), ms(a.handlerMs), ms(a.durationMs)]);
   pane.replaceChildren(
-    detailHead(`Delivery #${doc.id}${doc.eventType ? ` · ${doc.eventType}` : ""}`, closeDelivery),
+    detailHead("delivery-detail", `Delivery #${doc.id}${doc.eventType ? ` · ${doc.eventType}` : ""}`, closeDelivery),
     facts([
       ["Received", new Date(doc.receivedAt).toLocaleString()],
       ["Route", doc.route ? `POST /api/${doc.route}` : "(received before this run)"],
@@ -455,7 +458,7 @@ async function openLetter(seq) {
   const pane = $("dlq-detail");
   const props = Object.entries(doc.applicationProperties);
   pane.replaceChildren(
-    detailHead(`Dead letter #${doc.sequenceNumber}${doc.eventType ? ` · ${doc.eventType}` : ""}`,
+    detailHead("dlq-detail", `Dead letter #${doc.sequenceNumber}${doc.eventType ? ` · ${doc.eventType}` : ""}`,
       closeLetter),
     facts([["Reason", badge(doc.reason)], ["Description", doc.description],
       ["Delivery count", doc.deliveryCount], ["messageId", doc.messageId],
@@ -465,7 +468,7 @@ async function openLetter(seq) {
         onclick: () => replay(seq), text: "Replay" }),
       el("button", { type: "button", class: "danger", id: "purge",
         onclick: () => confirmPurge(seq), text: "Purge…" })),
-    ...bodySections(doc),
+    ...bodySections(doc, "dlq-"),
     el("h3", { text: "Application properties" }),
     table("As stored with the message", ["name", "value"], props));
   pane.hidden = false;
@@ -582,7 +585,7 @@ function renderVehicleDetail(doc) {
     "last seen", "description"], doc.errors.map((e) => [e.type, e.code, e.count,
     localTime(e.firstSeen), localTime(e.lastSeen), e.description]), [5]), "vehicle-errors");
   pane.replaceChildren(
-    detailHead(`Vehicle ${doc.vehicleId}`, closeVehicle),
+    detailHead("vehicle-detail", `Vehicle ${doc.vehicleId}`, closeVehicle),
     facts([["vehicleId", el("span", { class: "mono", text: doc.vehicleId })],
       ["Updated", localTime(doc.updatedAt)],
       ["Signals", signals.length], ["Open errors", doc.errors.length]]),

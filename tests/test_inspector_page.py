@@ -1,0 +1,167 @@
+"""The inspector page's own behaviour in a real headless Chromium against a real local host.
+
+What a user saw go wrong: a vehicle listed as `.` or `..` that would not open (the previous
+vehicle's detail stayed), an error in the status line that stayed after the host answered
+again, a delivery's detail frozen while another tab's list failed, a slow answer drawn under
+another row, a list cut at the server's limit without saying so, a turned-off store reported
+as a host that does not answer, and markup in a stranger's body. A slow or failing network
+is what the page's own `fetch` is wrapped for; everything else is the real host's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.cli.simulate import build_event
+
+from .inspector_host import HostProcess
+from .test_inspector_browser import (  # noqa: F401 - browser is a fixture
+    FAILING_HOST,
+    FAILING_VEHICLE,
+    browser,
+    cells,
+    click_row,
+    event_id,
+    poison_event,
+    row,
+    rows,
+    text_of,
+    until,
+)
+from .vehicle_fakes import error_body
+
+OEM_MS = 1_764_000_000_000
+
+
+def title(driver: Any, pane: str) -> str | None:
+    found: str | None = driver.execute_script(
+        "const h = document.querySelector(`#${arguments[0]} h2`); return h ? h.innerText : null",
+        pane)
+    return found
+
+
+def click_where(driver: Any, table: str, key: str, value: str) -> None:
+    """Click the row of `table` whose `data-*` `key` is `value`, however it is spelled."""
+    until(driver, lambda d: d.execute_script(
+        "const r = [...document.querySelectorAll(`#${arguments[0]} tbody tr`)]"
+        ".find((r) => r.dataset[arguments[1]] === arguments[2]);"
+        "if (r) r.click(); return Boolean(r)", table, key, value),
+        f"the row of {key} {value!r} in #{table}")
+
+
+def click_vehicle(driver: Any, vehicle_id: str) -> None:
+    click_where(driver, "vehicles", "vehicleId", vehicle_id)
+
+
+def status(driver: Any) -> str:
+    return text_of(driver, "status")
+
+
+def for_a_while(driver: Any, seconds: float, probe: Any) -> list[Any]:
+    """What `probe` reads every 0.1 s for `seconds` (several polls of the page)."""
+    seen = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        seen.append(probe(driver))
+        time.sleep(0.1)
+    return seen
+
+
+# Makes the page's requests whose URL starts with one of `window.__fail` fail as a dropped
+# connection does, and delays those in `window.__slow` (prefix -> milliseconds).
+NETWORK = """
+if (!window.__wrapped) {
+  window.__wrapped = true;
+  window.__fail = [];
+  window.__slow = {};
+  const real = window.fetch.bind(window);
+  window.fetch = (url, options) => {
+    if (window.__fail.some((p) => String(url).startsWith(p))) {
+      return Promise.reject(new TypeError("Failed to fetch"));
+    }
+    const delay = Object.entries(window.__slow).find(([p]) => String(url) === p);
+    if (delay) return new Promise((ok) => setTimeout(() => ok(real(url, options)), delay[1]));
+    return real(url, options);
+  };
+}
+"""
+
+
+def network(driver: Any, *, fail: list[str] | None = None,
+            slow: dict[str, int] | None = None) -> None:
+    driver.execute_script(NETWORK)
+    driver.execute_script("window.__fail = arguments[0]; window.__slow = arguments[1];",
+                          fail or [], slow or {})
+
+
+MARKUP = '<img src=x onerror="window.__xss=1">'
+
+
+def hostile_state() -> bytes:
+    event = json.loads(build_event("state"))
+    event["eventId"] = MARKUP + event["eventId"]
+    event["vehicleId"] = MARKUP
+    signals = event["data"]["signals"]
+    signals[0]["code"] = MARKUP
+    signals[0]["body"]["unit"] = MARKUP
+    signals[1]["body"]["value"] = MARKUP
+    return json.dumps(event).encode()
+
+
+class TestStrangersText:
+    def test_markup_in_a_delivery_stays_text_and_every_element_id_is_unique(
+        self, tmp_path: Path, browser: Any  # noqa: F811
+    ) -> None:
+        """Markup in vehicleId, eventId, a signal's code, unit and value, and an error's
+        description: shown as written, never run. With a delivery, a dead letter and a
+        vehicle open at once, no two elements share an id."""
+        from selenium.webdriver.common.by import By
+
+        state = hostile_state()
+        error = error_body(MARKUP, description=MARKUP)
+        poison = poison_event()
+        with HostProcess(tmp_path) as host:
+            assert host.post(state).status == 200
+            assert host.post(error, path="/api/webhooks/smartcar/errors").status == 200
+            assert host.post(poison).status == 200
+            browser.get(host.url)
+            until(browser, lambda d: len(rows(d, "deliveries")) == 3, "three deliveries")
+            listed = row(browser, "deliveries", event_id(state))
+            assert listed is not None and MARKUP in listed["text"]
+
+            click_where(browser, "deliveries", "eventId", event_id(state))
+            signals = until(browser, lambda d: cells(d, "signals"), "the hostile signals")
+            assert signals[0][0] == MARKUP and signals[0][2] == MARKUP
+            assert signals[1][1] == MARKUP
+            detail = text_of(browser, "delivery-detail")
+            assert event_id(state) in detail and f"vehicleId\n{MARKUP}" in detail
+
+            click_where(browser, "deliveries", "eventId", event_id(error))
+            until(browser, lambda d: MARKUP in d.execute_script(
+                "return [...document.querySelectorAll('#delivery-detail td')]"
+                ".map((c) => c.innerText)"), "the error's description, as written")
+
+            browser.find_element(By.ID, "tab-dlq").click()
+            click_row(browser, "dead-letters", event_id(poison))
+            until(browser, lambda d: d.find_elements(By.ID, "replay"), "the dead letter")
+
+            browser.find_element(By.ID, "tab-vehicles").click()
+            click_vehicle(browser, MARKUP)
+            until(browser, lambda d: title(d, "vehicle-detail") == f"Vehicle {MARKUP}",
+                  "the vehicle whose id is markup")
+            vehicle = cells(browser, "vehicle-errors")
+            assert vehicle and vehicle[0][5] == MARKUP
+            assert MARKUP in [r[0] for r in cells(browser, "vehicle-signals")]
+
+            assert browser.execute_script("return window.__xss") is None
+            assert browser.execute_script("return document.querySelectorAll('img').length") == 0
+            duplicates = browser.execute_script(
+                "const ids = [...document.querySelectorAll('[id]')].map((e) => e.id);"
+                "return ids.filter((id, i) => ids.indexOf(id) !== i)")
+            assert duplicates == []
+            for pane in ("delivery-detail", "dlq-detail", "vehicle-detail"):
+                assert browser.execute_script(
+                    "return document.getElementById(arguments[0]).hidden", pane) is False
