@@ -11,11 +11,12 @@ is what the page's own `fetch` is wrapped for; everything else is the real host'
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from shared.cli.simulate import build_event
+from shared.cli.simulate import Shape, build_event
 
 from .inspector_host import HostProcess
 from .test_inspector_browser import (  # noqa: F401 - browser is a fixture
@@ -31,7 +32,7 @@ from .test_inspector_browser import (  # noqa: F401 - browser is a fixture
     text_of,
     until,
 )
-from .vehicle_fakes import error_body
+from .vehicle_fakes import error_body, state_body
 
 OEM_MS = 1_764_000_000_000
 
@@ -95,6 +96,147 @@ def network(driver: Any, *, fail: list[str] | None = None,
     driver.execute_script(NETWORK)
     driver.execute_script("window.__fail = arguments[0]; window.__slow = arguments[1];",
                           fail or [], slow or {})
+
+
+class TestVehicles:
+    def test_vehicles_named_dot_and_dot_dot_open_and_a_failed_open_clears_the_detail(
+        self, tmp_path: Path, browser: Any  # noqa: F811
+    ) -> None:
+        from selenium.webdriver.common.by import By
+
+        with HostProcess(tmp_path) as host:
+            for vehicle in ("car-a", ".", ".."):
+                assert host.post(state_body(vehicle, oem_ms=OEM_MS)).status == 200
+            browser.get(host.url)
+            browser.find_element(By.ID, "tab-vehicles").click()
+            until(browser, lambda d: len(rows(d, "vehicles")) == 3, "three vehicles listed")
+
+            for vehicle in ("car-a", ".", "..", "car-a", ".."):
+                click_vehicle(browser, vehicle)
+                until(browser, lambda d, v=vehicle: title(d, "vehicle-detail") == f"Vehicle {v}",
+                      f"the detail of vehicle {vehicle!r}, shown {title(browser, 'vehicle-detail')}")
+                assert cells(browser, "vehicle-signals"), vehicle
+            assert "Cannot show" not in status(browser)
+
+            # The host goes away: opening another vehicle fails, and the detail of the one
+            # before does not stay under the row just clicked.
+            host.__exit__(None, None, None)
+            click_vehicle(browser, ".")
+            until(browser, lambda d: "Cannot show vehicle ." in status(d), "the failure said")
+            assert not browser.find_element(By.ID, "vehicle-detail").is_displayed()
+            assert title(browser, "vehicle-detail") is None
+            assert browser.execute_script(
+                "return document.querySelectorAll('#vehicles tr[aria-current]').length") == 0
+
+
+class TestStatusLine:
+    def test_a_poll_error_clears_when_the_host_answers_again_an_action_s_message_stays(
+        self, tmp_path: Path, browser: Any  # noqa: F811
+    ) -> None:
+        from selenium.webdriver.common.by import By
+
+        with HostProcess(tmp_path) as host:
+            state = build_event("state")
+            assert host.post(state).status == 200
+            browser.get(host.url)
+            until(browser, lambda d: row(d, "deliveries", event_id(state)), "the delivery")
+            network(browser, fail=["api/deliveries?"])
+            until(browser, lambda d: "does not answer" in status(d), "the poll's failure")
+            network(browser)
+            until(browser, lambda d: status(d) == "", "the error cleared by a good poll")
+
+            click_row(browser, "deliveries", event_id(state))
+            until(browser, lambda d: d.find_elements(By.ID, "copy-curl"), "Copy as curl")
+            browser.find_element(By.ID, "copy-curl").click()
+            until(browser, lambda d: "curl command" in status(d), "the action's message")
+            said = status(browser)
+            assert set(for_a_while(browser, 3.0, status)) == {said}, "polls keep it"
+
+
+class TestDetailRefresh:
+    def test_the_open_delivery_follows_its_retry_while_another_tab_fails(
+        self, tmp_path: Path, browser: Any  # noqa: F811
+    ) -> None:
+        """A failing handler, retried after 3 s: its delivery is opened after the first
+        attempt; the Dead letters tab is shown while its list cannot be read. Back on the
+        Deliveries tab, the detail shows the second attempt, and its Vehicle state section
+        what the first attempt (which applied the event) did, the second named as applied
+        again rather than shown as all stale."""
+        from selenium.webdriver.common.by import By
+
+        host = HostProcess(tmp_path, python=[sys.executable, "-c", FAILING_HOST], extra_env={
+            "MAX_DELIVERY_COUNT": "2", "RETRY_BACKOFF_BASE_SECONDS": "3",
+            "RETRY_BACKOFF_MAX_SECONDS": "3"})
+        with host:
+            browser.get(host.url)
+            failing = build_event("state", shape=Shape(vehicle_id=FAILING_VEHICLE))
+            assert host.post(failing).status == 200
+            until(browser, lambda d: (row(d, "deliveries", event_id(failing)) or {}).get(
+                "processing") == "retried", "the first attempt failed")
+            click_row(browser, "deliveries", event_id(failing))
+            until(browser, lambda d: len(cells(d, "attempts")) == 1, "one attempt shown")
+
+            network(browser, fail=["api/dlq"])
+            browser.find_element(By.ID, "tab-dlq").click()
+            until(browser, lambda d: status(d) != "", "the tab's failure said")
+
+            def attempts() -> int:
+                (summary,) = [d for d in host.deliveries() if d["eventId"] == event_id(failing)]
+                return int(summary["attempts"])
+
+            host.wait_for(lambda: attempts() == 2)
+            time.sleep(2.5)  # a few polls while the Dead letters tab fails
+            browser.find_element(By.ID, "tab-deliveries").click()
+            until(browser, lambda d: len(cells(d, "attempts")) == 2, "both attempts shown")
+            network(browser)
+
+            state_rows: dict[str, str] = {r[0]: r[1] for r in cells(browser, "delivery-state")}
+            assert state_rows["changed"].startswith(
+                "tractionbattery-stateofcharge, charge-ischarging")
+            assert state_rows["left alone as stale"] == "none"
+            assert state_rows["applied again"].startswith(
+                "by attempt 2: already applied by an earlier attempt")
+            caption = browser.execute_script(
+                "return document.querySelector('#delivery-state caption').innerText")
+            assert "first processing that applied it (attempt 1)" in caption
+
+
+class TestSlowAnswers:
+    def test_a_slow_answer_is_not_drawn_under_the_row_opened_after_it(
+        self, tmp_path: Path, browser: Any  # noqa: F811
+    ) -> None:
+        from selenium.webdriver.common.by import By
+
+        with HostProcess(tmp_path) as host:
+            first, second = build_event("state"), build_event("state")
+            assert host.post(first).status == 200
+            assert host.post(second).status == 200
+            for vehicle in ("car-a", "car-b"):
+                assert host.post(state_body(vehicle, oem_ms=OEM_MS)).status == 200
+            browser.get(host.url)
+            until(browser, lambda d: row(d, "deliveries", event_id(second)), "the deliveries")
+            slow_id = row(browser, "deliveries", event_id(first))["id"]  # type: ignore[index]
+            network(browser, slow={f"api/deliveries/{slow_id}": 1500,
+                                   "api/vehicle?id=car-a": 1500, "api/vehicles/car-a": 1500})
+            click_row(browser, "deliveries", event_id(first))
+            click_row(browser, "deliveries", event_id(second))
+            second_id = row(browser, "deliveries", event_id(second))["id"]  # type: ignore[index]
+            until(browser, lambda d: title(d, "delivery-detail") == f"Delivery #{second_id} · "
+                  "VEHICLE_STATE", "the second delivery's detail")
+            time.sleep(2.5)  # the first one's answer has come
+            assert title(browser, "delivery-detail") == f"Delivery #{second_id} · VEHICLE_STATE"
+            assert browser.execute_script(
+                "return document.querySelector('#deliveries tr[aria-current]').dataset.id"
+            ) == second_id
+
+            browser.find_element(By.ID, "tab-vehicles").click()
+            until(browser, lambda d: {"car-a", "car-b"} <= {r["vehicleId"] for r in rows(
+                d, "vehicles")}, "both vehicles listed")
+            click_vehicle(browser, "car-a")
+            click_vehicle(browser, "car-b")
+            until(browser, lambda d: title(d, "vehicle-detail") == "Vehicle car-b", "car-b")
+            time.sleep(2.5)
+            assert title(browser, "vehicle-detail") == "Vehicle car-b"
 
 
 MARKUP = '<img src=x onerror="window.__xss=1">'

@@ -220,6 +220,16 @@ class TestOverTheInspectorsPort:
             view = json.loads(opened.body)
             assert view["vehicleId"] == odd
             assert view["signals"]["tractionbattery-stateofcharge"]["value"] == 61
+            # As the page asks for it now: in the query string, where `.` and `..` stay ids
+            # (a browser resolves them, even as %2E, when they are path segments).
+            for dots in (".", ".."):
+                assert host.post(state_body(dots, oem_ms=OEM_MS, soc=62)).status == 200
+                shown = host.wait_for(lambda d=dots: (lambda a: a if a.status == 200 else None)(
+                    host.inspector(f"api/vehicle?id={urllib.parse.quote(d, safe='')}")))
+                assert json.loads(shown.body)["vehicleId"] == dots
+            by_query = host.inspector(f"api/vehicle?id={urllib.parse.quote(odd, safe='')}")
+            assert json.loads(by_query.body)["vehicleId"] == odd
+            assert host.inspector("api/vehicle").status == 400
 
     def test_with_the_store_off_the_api_says_so(self, tmp_path: Path) -> None:
         with HostProcess(tmp_path, extra_env={"VEHICLE_STATE_STORE": "off"}) as host:

@@ -104,6 +104,9 @@ class InspectorServer:
         app.router.add_post("/{token}/api/dlq/" + _SEQ + "/purge", self._purge)
         app.router.add_get("/{token}/api/vehicles", self._vehicle_list)
         app.router.add_get("/{token}/api/vehicles/{vehicle_id}", self._vehicle)
+        # The page's way: an id in the query string reaches the route whatever it is, `.` and
+        # `..` too (a browser resolves those, and `%2E`, as path segments before it sends).
+        app.router.add_get("/{token}/api/vehicle", self._vehicle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, LOOPBACK, self.port, reuse_address=True)
@@ -287,7 +290,11 @@ class InspectorServer:
                                   "limit": VEHICLES_LIMIT})
 
     async def _vehicle(self, request: web.Request) -> web.StreamResponse:
-        vehicle_id = request.match_info["vehicle_id"]
+        vehicle_id = request.match_info.get("vehicle_id")
+        if vehicle_id is None:
+            vehicle_id = request.query.get("id")
+            if vehicle_id is None:
+                raise web.HTTPBadRequest(text="which vehicle? ?id=<vehicleId>")
         problem = stored_vehicle_id_problem(vehicle_id)
         if problem is not None:
             raise web.HTTPBadRequest(text=problem)

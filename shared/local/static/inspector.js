@@ -19,10 +19,14 @@ const state = {
   selectedLetter: null,    // sequence number shown in the detail
   vehicles: [],
   vehiclesSeen: "",
+  vehiclesMore: false,     // the server's list stops at its limit
+  vehiclesUnavailable: null,  // why the store cannot be read (turned off, failing), or null
   selectedVehicle: null,   // vehicleId shown in the detail
   vehicleSeen: "",         // its JSON as last drawn
   tab: "deliveries",
   curl: null,              // {id, command}: the last "Copy as curl" of the shown delivery
+  detailDirty: false,      // the shown delivery changed and is not drawn again yet
+  statusKind: null,        // "poll": the last poll's problem (cleared by a good poll); "action"
   filter: { outcome: "", eventType: "", vehicleId: "", text: "" },
 };
 const TABS = ["deliveries", "dlq", "vehicles"];
@@ -73,16 +77,32 @@ function show(value) {
   return value === null || value === undefined || value === "" ? "—" : String(value);
 }
 
-function setStatus(text, isError) {
+// `kind` "poll": a problem of the polling (the host, the queue's counts, a tab's list), which
+// the next good poll clears; "action": what a button did (replay, purge, resend, copy), which
+// stays until something else is said.
+function setStatus(text, isError, kind = "action") {
   const status = $("status");
   status.textContent = text;
   status.classList.toggle("error", Boolean(isError));
+  state.statusKind = text ? kind : null;
+}
+
+function clearPollStatus() {
+  if (state.statusKind === "poll") setStatus("", false, null);
+}
+
+class ApiError extends Error {
+  constructor(status, text) {
+    super(`${status}: ${text}`);
+    this.status = status;
+    this.text = text;
+  }
 }
 
 async function api(path, options) {
   const response = await fetch(`api/${path}`, options);
   const body = await response.text();
-  if (!response.ok) throw new Error(`${response.status}: ${body.trim()}`);
+  if (!response.ok) throw new ApiError(response.status, body.trim());
   return JSON.parse(body);
 }
 
@@ -299,7 +319,9 @@ async function copyCurl(id) {
   }
   setStatus(copied ? `Copied a curl command for #${id}: the original bytes and signature.`
     : `The curl command for #${id} is below (the clipboard was not available).`);
-  if (state.selected === id) renderDeliveryDetail(await api(`deliveries/${id}`));
+  if (state.selected !== id) return;
+  const detail = await api(`deliveries/${id}`);
+  if (state.selected === id) renderDeliveryDetail(detail);
 }
 
 async function resend(id) {
@@ -386,12 +408,34 @@ async function openDelivery(id) {
   if (state.selected !== id) state.curl = null;
   state.selected = id;
   renderDeliveries();
+  let doc;
   try {
-    renderDeliveryDetail(await api(`deliveries/${id}`));
-    $("delivery-detail").focus();
+    doc = await api(`deliveries/${id}`);
   } catch (err) {
+    if (state.selected !== id) return;  // another one was opened meanwhile
+    closeDelivery();  // not another delivery's detail under this one's row
     setStatus(`Cannot show delivery #${id}: ${err.message}`, true);
+    return;
   }
+  if (state.selected !== id) return;  // a slow answer: another one was opened meanwhile
+  state.detailDirty = false;
+  renderDeliveryDetail(doc);
+  $("delivery-detail").focus();
+}
+
+// The shown delivery drawn again (it changed); a failure leaves it to the next poll.
+async function refreshDeliveryDetail() {
+  const id = state.selected;
+  let doc;
+  try {
+    doc = await api(`deliveries/${id}`);
+  } catch (err) {
+    if (err.status === 404) state.detailDirty = false;  // left the ring: keep what is shown
+    throw err;
+  }
+  if (state.selected !== id) return;
+  state.detailDirty = false;
+  renderDeliveryDetail(doc);
 }
 
 function closeDelivery() {
@@ -452,9 +496,12 @@ async function openLetter(seq) {
   try {
     doc = await api(`dlq/${seq}`);
   } catch (err) {
+    if (state.selectedLetter !== seq) return;  // another one was opened meanwhile
+    closeLetter();  // not another letter's detail under this one's row
     setStatus(`Cannot show dead letter #${seq}: ${err.message}`, true);
     return;
   }
+  if (state.selectedLetter !== seq) return;  // a slow answer: another one was opened meanwhile
   const pane = $("dlq-detail");
   const props = Object.entries(doc.applicationProperties);
   pane.replaceChildren(
@@ -573,6 +620,11 @@ async function refreshVehicles() {
   return true;
 }
 
+// The id in the query string: in a path, `.` and `..` (even as %2E) are resolved away.
+function vehiclePath(id) {
+  return `vehicle?id=${encodeURIComponent(id)}`;
+}
+
 function renderVehicleDetail(doc) {
   const pane = $("vehicle-detail");
   const signals = Object.entries(doc.signals).map(([code, s]) => [code,
@@ -600,14 +652,19 @@ function renderVehicleDetail(doc) {
 async function openVehicle(id) {
   state.selectedVehicle = id;
   renderVehicles();
+  let doc;
   try {
-    const doc = await api(`vehicles/${encodeURIComponent(id)}`);
-    state.vehicleSeen = JSON.stringify(doc);
-    renderVehicleDetail(doc);
-    $("vehicle-detail").focus();
+    doc = await api(vehiclePath(id));
   } catch (err) {
+    if (state.selectedVehicle !== id) return;  // another one was opened meanwhile
+    closeVehicle();  // not another vehicle's detail under this one's row
     setStatus(`Cannot show vehicle ${id}: ${err.message}`, true);
+    return;
   }
+  if (state.selectedVehicle !== id) return;  // a slow answer: another one was opened meanwhile
+  state.vehicleSeen = JSON.stringify(doc);
+  renderVehicleDetail(doc);
+  $("vehicle-detail").focus();
 }
 
 function closeVehicle() {
@@ -627,8 +684,8 @@ async function pollVehicles() {
   // The open vehicle is read on every poll: a change to a signal older than its newest (or
   // undated) leaves the list as it was. Drawn again only when it changed (keeps the focus).
   const id = state.selectedVehicle;
-  if (id === null) return;
-  const doc = await api(`vehicles/${encodeURIComponent(id)}`);
+  if (id === null || state.vehiclesUnavailable !== null) return;
+  const doc = await api(vehiclePath(id));
   const seen = JSON.stringify(doc);
   if (id !== state.selectedVehicle || seen === state.vehicleSeen) return;
   state.vehicleSeen = seen;
@@ -646,8 +703,12 @@ function selectTab(name) {
     button.tabIndex = active ? 0 : -1;
     $(`view-${tab}`).hidden = !active;
   }
-  if (name === "dlq") refreshLetters().catch((err) => setStatus(err.message, true));
-  if (name === "vehicles") pollVehicles().catch((err) => setStatus(err.message, true));
+  if (name === "dlq") {
+    refreshLetters().catch((err) => setStatus(`Dead letters: ${err.message}`, true, "poll"));
+  }
+  if (name === "vehicles") {
+    pollVehicles().catch((err) => setStatus(`Vehicles: ${err.message}`, true, "poll"));
+  }
 }
 
 function tabKeys(event) {
@@ -661,6 +722,7 @@ function tabKeys(event) {
 async function poll() {
   try {
     const doc = await api(`deliveries?since=${state.version}`);
+    const problems = doc.statsError ? [doc.statsError] : [];
     const kept = new Set(doc.ids);
     for (const summary of doc.deliveries) state.deliveries.set(summary.id, summary);
     for (const id of state.deliveries.keys()) if (!kept.has(id)) state.deliveries.delete(id);
@@ -673,15 +735,29 @@ async function poll() {
       $(`stat-${key}`).textContent = doc.stats ? String(doc.stats[key]) : "?";
     }
     $("count-dlq").textContent = doc.stats ? `(${doc.stats.deadLettered})` : "";
-    if (doc.statsError) setStatus(doc.statsError, true);
-    if (state.tab === "dlq") await refreshLetters();
-    if (state.tab === "vehicles") await pollVehicles();
-    if (changed && state.selected !== null && doc.deliveries.some((d) => d.id === state.selected)) {
-      renderDeliveryDetail(await api(`deliveries/${state.selected}`));
+    // Each refresh on its own: one that fails (a tab's list) stops none of the others, and
+    // the shown delivery, once changed, is drawn again until a poll manages to.
+    if (state.selected !== null && doc.deliveries.some((d) => d.id === state.selected)) {
+      state.detailDirty = true;
     }
+    const refreshes = [];
+    if (state.selected !== null && state.detailDirty) {
+      refreshes.push(["Delivery detail", refreshDeliveryDetail]);
+    }
+    if (state.tab === "dlq") refreshes.push(["Dead letters", refreshLetters]);
+    if (state.tab === "vehicles") refreshes.push(["Vehicles", pollVehicles]);
+    for (const [what, refresh] of refreshes) {
+      try {
+        await refresh();
+      } catch (err) {
+        problems.push(`${what}: ${err.message}`);
+      }
+    }
+    if (problems.length) setStatus(problems.join(" · "), true, "poll");
+    else clearPollStatus();  // the host answers again: its last problem is gone
     document.body.dataset.version = String(state.version);
   } catch (err) {
-    setStatus(`The local host does not answer (${err.message}); retrying.`, true);
+    setStatus(`The local host does not answer (${err.message}); retrying.`, true, "poll");
   } finally {
     setTimeout(poll, POLL_MS);
   }
