@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,66 @@ class TestVehicles:
             assert title(browser, "vehicle-detail") is None
             assert browser.execute_script(
                 "return document.querySelectorAll('#vehicles tr[aria-current]').length") == 0
+
+    def test_with_the_store_off_the_tab_says_so_and_the_host_is_not_reported_down(
+        self, tmp_path: Path, browser: Any  # noqa: F811
+    ) -> None:
+        from selenium.webdriver.common.by import By
+
+        with HostProcess(tmp_path, extra_env={"VEHICLE_STATE_STORE": "off"}) as host:
+            browser.get(host.url)
+            browser.find_element(By.ID, "tab-vehicles").click()
+            until(browser, lambda d: d.find_element(By.ID, "vehicles-unavailable").is_displayed(),
+                  "the tab says why it has no vehicles")
+            assert "VEHICLE_STATE_STORE=off" in text_of(browser, "vehicles-unavailable")
+            statuses = for_a_while(browser, 3.0, status)
+            assert not any("does not answer" in s or "503" in s for s in statuses), statuses
+            assert not browser.find_element(By.ID, "vehicles-empty").is_displayed()
+
+
+LIMITED_HOST = textwrap.dedent(
+    """
+    import runpy, sys
+    import shared.local.inspector_server as server
+    server.VEHICLES_LIMIT = 2
+    server.DLQ_LIMIT = 1
+    sys.argv = ["shared.local"]
+    runpy.run_module("shared.local", run_name="__main__", alter_sys=True)
+    """
+)
+
+
+class TestLimits:
+    def test_a_list_cut_at_the_server_s_limit_says_so(
+        self, tmp_path: Path, browser: Any  # noqa: F811
+    ) -> None:
+        """The real host with its limits lowered (500 in use): three vehicles, two listed;
+        two dead letters, one listed; and each tab says the list is cut."""
+        from selenium.webdriver.common.by import By
+
+        with HostProcess(tmp_path, python=[sys.executable, "-c", LIMITED_HOST]) as host:
+            for vehicle in ("car-a", "car-b", "car-c"):
+                assert host.post(state_body(vehicle, oem_ms=OEM_MS)).status == 200
+            for _ in range(2):
+                assert host.post(poison_event()).status == 200
+
+            def listed(kind: str) -> dict[str, Any] | None:
+                doc: dict[str, Any] = json.loads(host.inspector(f"api/{kind}").body)
+                return doc if doc["more"] else None
+
+            assert len(host.wait_for(lambda: listed("vehicles"))["vehicles"]) == 2
+            assert len(host.wait_for(lambda: listed("dlq"))["deadLetters"]) == 1
+
+            browser.get(host.url)
+            browser.find_element(By.ID, "tab-vehicles").click()
+            until(browser, lambda d: d.find_element(By.ID, "vehicles-more").is_displayed(),
+                  "the Vehicles tab says its list is cut")
+            assert "first 2 vehicles" in text_of(browser, "vehicles-more")
+            assert text_of(browser, "count-vehicles") == "(first 2)"
+            browser.find_element(By.ID, "tab-dlq").click()
+            until(browser, lambda d: d.find_element(By.ID, "dlq-more").is_displayed(),
+                  "the Dead letters tab says its list is cut")
+            assert "first 1 dead letters" in text_of(browser, "dlq-more")
 
 
 class TestStatusLine:

@@ -242,9 +242,10 @@ class InspectorServer:
             raise web.HTTPServiceUnavailable(text=str(exc)) from None
 
     async def _dlq(self, request: web.Request) -> web.StreamResponse:
-        letters = await self._ops(lambda: self.ops.dead_letters(limit=DLQ_LIMIT))
-        return web.json_response({"deadLetters": [dl.summary() for dl in letters],
-                                  "limit": DLQ_LIMIT})
+        # One more than shown tells whether the limit left some out (`more`).
+        letters = await self._ops(lambda: self.ops.dead_letters(limit=DLQ_LIMIT + 1))
+        return web.json_response({"deadLetters": [dl.summary() for dl in letters[:DLQ_LIMIT]],
+                                  "limit": DLQ_LIMIT, "more": len(letters) > DLQ_LIMIT})
 
     async def _dead_letter(self, request: web.Request) -> web.StreamResponse:
         seq = int(request.match_info["seq"])
@@ -282,12 +283,12 @@ class InspectorServer:
     async def _vehicle_list(self, request: web.Request) -> web.StreamResponse:
         store = self._store()
         try:
-            summaries = await store.list_vehicles(limit=VEHICLES_LIMIT)
+            summaries = await store.list_vehicles(limit=VEHICLES_LIMIT + 1)
         except Exception as exc:  # the store's failure is the page's message, not a 500
             raise web.HTTPServiceUnavailable(
                 text=f"the vehicle state store failed: {type(exc).__name__}: {exc}") from None
-        return web.json_response({"vehicles": [s.to_json() for s in summaries],
-                                  "limit": VEHICLES_LIMIT})
+        return web.json_response({"vehicles": [s.to_json() for s in summaries[:VEHICLES_LIMIT]],
+                                  "limit": VEHICLES_LIMIT, "more": len(summaries) > VEHICLES_LIMIT})
 
     async def _vehicle(self, request: web.Request) -> web.StreamResponse:
         vehicle_id = request.match_info.get("vehicle_id")

@@ -17,6 +17,7 @@ const state = {
   deadLetters: [],
   lettersSeen: "",
   selectedLetter: null,    // sequence number shown in the detail
+  lettersMore: false,      // the server's list stops at its limit
   vehicles: [],
   vehiclesSeen: "",
   vehiclesMore: false,     // the server's list stops at its limit
@@ -474,6 +475,9 @@ function renderLetters() {
     ? document.activeElement.dataset.seq : undefined;
   body.replaceChildren(...state.deadLetters.map(letterRow));
   $("dlq-empty").hidden = state.deadLetters.length > 0;
+  $("dlq-more").hidden = !state.lettersMore;
+  $("dlq-more").textContent = `Only the first ${state.deadLetters.length} dead letters are ` +
+    "listed (python -m shared.cli dlq list --limit N lists more).";
   if (focused !== undefined) {
     const again = body.querySelector(`tr[data-seq="${CSS.escape(focused)}"]`);
     if (again) again.focus();
@@ -482,10 +486,11 @@ function renderLetters() {
 
 async function refreshLetters() {
   const doc = await api("dlq");
-  const seen = JSON.stringify(doc.deadLetters);
+  const seen = JSON.stringify([doc.deadLetters, Boolean(doc.more)]);
   if (seen === state.lettersSeen) return;  // unchanged: keep the rows (and the focus)
   state.lettersSeen = seen;
   state.deadLetters = doc.deadLetters;
+  state.lettersMore = Boolean(doc.more);
   renderLetters();
 }
 
@@ -601,9 +606,18 @@ function renderVehicles() {
   const body = $("vehicles").tBodies[0];
   const focused = document.activeElement && document.activeElement.dataset
     ? document.activeElement.dataset.vehicleId : undefined;
+  const unavailable = state.vehiclesUnavailable;
   body.replaceChildren(...state.vehicles.map(vehicleRow));
-  $("vehicles-empty").hidden = state.vehicles.length > 0;
-  $("count-vehicles").textContent = state.vehicles.length ? `(${state.vehicles.length})` : "";
+  $("vehicles-unavailable").hidden = unavailable === null;
+  $("vehicles-unavailable").textContent = unavailable === null ? ""
+    : `No vehicle state to show: ${unavailable}`;
+  $("vehicles-empty").hidden = state.vehicles.length > 0 || unavailable !== null;
+  $("vehicles-more").hidden = !state.vehiclesMore;
+  $("vehicles-more").textContent = `Only the first ${state.vehicles.length} vehicles are ` +
+    "listed, the most recently updated (python -m shared.cli vehicles list --limit N lists " +
+    "more).";
+  $("count-vehicles").textContent = !state.vehicles.length ? ""
+    : state.vehiclesMore ? `(first ${state.vehicles.length})` : `(${state.vehicles.length})`;
   if (focused !== undefined) {
     const again = body.querySelector(`tr[data-vehicle-id="${CSS.escape(focused)}"]`);
     if (again) again.focus();
@@ -611,11 +625,22 @@ function renderVehicles() {
 }
 
 async function refreshVehicles() {
-  const doc = await api("vehicles");
-  const seen = JSON.stringify(doc.vehicles);
+  let doc;
+  try {
+    doc = await api("vehicles");
+  } catch (err) {
+    // 503: the store is turned off (VEHICLE_STATE_STORE=off) or failing. The host answered:
+    // that is this tab's state, said in the tab, not a host that is down.
+    if (err.status !== 503) throw err;
+    doc = { vehicles: [], more: false, unavailable: err.text };
+  }
+  const unavailable = doc.unavailable === undefined ? null : doc.unavailable;
+  const seen = JSON.stringify([doc.vehicles, Boolean(doc.more), unavailable]);
   if (seen === state.vehiclesSeen) return false;  // unchanged: keep the rows (and the focus)
   state.vehiclesSeen = seen;
   state.vehicles = doc.vehicles;
+  state.vehiclesMore = Boolean(doc.more);
+  state.vehiclesUnavailable = unavailable;
   renderVehicles();
   return true;
 }
