@@ -136,6 +136,68 @@ class TestBoundedRing:
         assert [d["eventId"] for d in kept if d is not None
                 and d["eventId"] == "smartcar-verify"] == ["smartcar-verify"]
 
+    def test_a_full_ring_of_accepted_deliveries_is_not_read_whole_for_each_new_one(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Looking for an unaccepted delivery to drop read every delivery held, for every new
+        # one once the ring was full: 500 checks per delivery, a quarter of `make run`'s CPU.
+        from shared.local import inspector
+
+        recorder = Recorder(capacity=50)
+        for i in range(50):
+            _record(recorder, b'{"eventId":"real-%d"}' % i, 200)
+        checks = 0
+        trusted = inspector.Delivery.trusted
+
+        def counting(delivery: inspector.Delivery) -> bool:
+            nonlocal checks
+            checks += 1
+            return trusted(delivery)
+
+        monkeypatch.setattr(inspector.Delivery, "trusted", counting)
+        for i in range(100):
+            _record(recorder, b'{"eventId":"later-%d"}' % i, 200)
+        assert len(recorder.ids()) == 50
+        assert checks <= 3 * 100
+
+    def test_the_oldest_unaccepted_request_goes_first_whatever_order_they_were_answered(
+        self,
+    ) -> None:
+        recorder = Recorder(capacity=3)
+        first = recorder.http_request("webhooks/smartcar", "POST", {}, b'{"n":1}')
+        second = recorder.http_request("webhooks/smartcar", "POST", {}, b'{"n":2}')
+        second(401, b"{}")
+        first(401, b"{}")  # answered last, arrived first
+        _record(recorder, b'{"eventId":"real-1"}', 200)
+        _record(recorder, b'{"eventId":"real-2"}', 200)
+        bodies = [recorder.detail(i)["body"] for i in recorder.ids()]  # type: ignore[index]
+        assert [json.loads(body) for body in bodies] == [
+            {"n": 2}, {"eventId": "real-1"}, {"eventId": "real-2"}]
+
+    def test_an_unsigned_verify_whose_outcome_comes_after_its_answer_can_still_go(
+        self,
+    ) -> None:
+        # The local host ends the receive span before it answers; were the outcome to come
+        # second, the answered VERIFY is found untrusted then, and a flood of them still
+        # cannot push accepted deliveries out.
+        from opentelemetry.sdk.trace import ReadableSpan
+
+        from shared import telemetry_names as names
+        from shared.receiver import VERIFY_ANSWERED
+
+        recorder = Recorder(capacity=3)
+        _record(recorder, b'{"eventId":"real-1"}', 200)
+        _record(recorder, b'{"eventId":"real-2"}', 200)
+        for i in range(5):
+            answered = recorder.http_request("webhooks/smartcar", "POST", {},
+                                             b'{"eventId":"verify-%d"}' % i)
+            answered(200, b"{}")
+            recorder._receive_span(ReadableSpan(
+                name=names.SPAN_RECEIVE, attributes={names.ATTR_OUTCOME: VERIFY_ANSWERED}))
+        bodies = [recorder.detail(i)["body"] for i in recorder.ids()]  # type: ignore[index]
+        assert [json.loads(body)["eventId"] for body in bodies] == [
+            "real-1", "real-2", "verify-4"]
+
     def test_memory_is_bounded_in_bytes_not_only_in_entries(self) -> None:
         recorder = Recorder(capacity=500, max_bytes=1_000_000)
         body = b"x" * 100_000

@@ -117,14 +117,14 @@ class TestTheRecorderKeepsWhatEachProcessingDid:
     ) -> None:
         recorder, telemetry = wired
         message, result = processed(state_body(oem_ms=OEM_MS), tmp_path, telemetry)
-        before = recorder.changed_since(0)[0]
+        before = recorder.snapshot(0)[0]
         recorder.processed(message, result)  # the store is off: no state
         assert result.event is not None
         applied = dataclasses.replace(
             result, vehicle_state=asyncio.run(MemoryVehicleStore().apply(result.event)))
         recorder.processed(dataclasses.replace(message, delivery_count=7), applied)
         recorder.processed(dataclasses.replace(message, message_id="never-processed"), applied)
-        assert recorder.changed_since(0)[0] == before
+        assert recorder.snapshot(0)[0] == before
         detail = recorder.detail(1)
         assert detail is not None and detail["vehicleState"] is None
 

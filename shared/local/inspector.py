@@ -16,6 +16,7 @@ Bodies hold vehicle locations: they are kept in a bounded ring in memory (the la
 from __future__ import annotations
 
 import contextvars
+import heapq
 import json
 import logging
 import re
@@ -303,6 +304,11 @@ class Recorder:
         self._clock = clock
         self._lock = threading.Lock()
         self._deliveries: OrderedDict[int, Delivery] = OrderedDict()
+        # Ids of answered deliveries that were not trusted when last looked at, oldest first:
+        # where `_trim` finds its victim without reading every delivery held (which, with a
+        # full ring of accepted deliveries, it did for every new one). Entries are checked
+        # when they come up; one whose delivery is gone or trusted now is dropped then.
+        self._untrusted: list[int] = []
         self._by_trace: dict[str, int] = {}
         # Message id -> delivery, for the vehicle state results that follow a processing span.
         self._by_message: dict[str, int] = {}
@@ -343,6 +349,7 @@ class Recorder:
                 delivery.latency_ms = (time.perf_counter() - started) * 1000.0
                 if delivery.id in self._deliveries:
                     self._bytes += len(delivery.response)
+                    self._note_trust(delivery)
                     self._trim(for_trusted=delivery.trusted())
                 self._touch(delivery)
 
@@ -371,6 +378,8 @@ class Recorder:
             delivery.authenticated = attrs.get(names.ATTR_AUTHENTICATED) is True
             if isinstance(shape_id, str) and isinstance(known, bool):
                 delivery.shape_id, delivery.shape_known = shape_id, known
+            if delivery.id in self._deliveries:
+                self._note_trust(delivery)  # an answered VERIFY is trusted only if signed
             self._touch(delivery)
 
     def _process_span(self, span: ReadableSpan) -> None:
@@ -453,16 +462,10 @@ class Recorder:
             return delivery.route, delivery.body, delivery.signature
 
     # -- read by the page ------------------------------------------------------------------
-    def changed_since(self, version: int) -> tuple[int, list[dict[str, Any]]]:
-        """The current version and the summaries of deliveries changed after `version`."""
-        with self._lock:
-            changed = [d for d in self._deliveries.values() if d.version > version]
-            current = self._version
-            return current, [d.summary() for d in reversed(changed)]
-
     def snapshot(self, version: int) -> tuple[int, list[dict[str, Any]], list[int]]:
-        """`changed_since(version)` and `ids()` read together, under one lock: every id it
-        lists that changed after `version` has its summary in the same answer."""
+        """The current version, the summaries of deliveries changed after `version`, and every
+        id held, read together under one lock: every id it lists that changed after `version`
+        has its summary in the same answer."""
         with self._lock:
             changed = [d for d in self._deliveries.values() if d.version > version]
             return (self._version, [d.summary() for d in reversed(changed)],
@@ -496,8 +499,7 @@ class Recorder:
         request still being answered waits until its answer says which it is."""
         while len(self._deliveries) > 1 and (len(self._deliveries) > self.capacity
                                              or self._bytes > self.max_bytes):
-            victim = next((d for d in self._deliveries.values()
-                           if d.status is not None and not d.trusted()), None)
+            victim = self._oldest_untrusted()
             if victim is None and for_trusted:
                 victim = next(iter(self._deliveries.values()))
             if victim is None:
@@ -510,6 +512,22 @@ class Recorder:
                 if (attempt.message_id is not None
                         and self._by_message.get(attempt.message_id) == victim.id):
                     del self._by_message[attempt.message_id]
+
+    def _note_trust(self, delivery: Delivery) -> None:
+        """After a change that can make `delivery` untrusted (its answer, its outcome): if it
+        is answered and not trusted, `_trim` may take it."""
+        if delivery.status is not None and not delivery.trusted():
+            heapq.heappush(self._untrusted, delivery.id)
+
+    def _oldest_untrusted(self) -> Delivery | None:
+        """The oldest answered delivery held that is not trusted, if any (`_untrusted`'s
+        entries that no longer are one dropped on the way)."""
+        while self._untrusted:
+            delivery = self._deliveries.get(self._untrusted[0])
+            if delivery is not None and delivery.status is not None and not delivery.trusted():
+                return delivery
+            heapq.heappop(self._untrusted)
+        return None
 
     def _touch(self, delivery: Delivery) -> None:
         self._version += 1
