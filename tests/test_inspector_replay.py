@@ -135,7 +135,7 @@ class TestWhatCanBeSentAgain:
         assert recorder.original(ids["verified"]) == ("webhooks/smartcar", body, good)
         assert recorder.original(ids["queue down"]) == ("webhooks/smartcar", body, good)
         assert recorder.original(999) is None
-        summaries = {s["id"]: s["replayable"] for s in recorder.changed_since(0)[1]}
+        summaries = {s["id"]: s["replayable"] for s in recorder.snapshot(0)[1]}
         assert {name: summaries[i] for name, i in ids.items()} == {
             "verified": True, "forged": False, "unsigned": False, "too large": False,
             "no token": False, "queue down": True}
@@ -173,7 +173,7 @@ class TestAttemptFinished:
         recorder.attempt_finished("m-1", 1, 12.34, ValueError("downstream said no"))
         recorder.attempt_finished("m-1", 2, 5.0, None)
         attempts = {(a["messageId"], a["deliveryCount"]): a
-                    for d in recorder.changed_since(0)[1]
+                    for d in recorder.snapshot(0)[1]
                     for a in recorder.detail(d["id"])["processingAttempts"]}  # type: ignore[index]
         first = attempts[("m-1", 1)]
         assert (first["handlerMs"], first["errorType"], first["errorMessage"]) == (
@@ -197,9 +197,9 @@ class TestAttemptFinished:
         provider, recorder = TracerProvider(), Recorder()
         recorder.attach(provider)
         _attempt(recorder, provider, "m-1", 1)
-        version, _ = recorder.changed_since(0)
+        version, _ = recorder.snapshot(0)[:2]
         recorder.attempt_finished("m-1", 1, 1.0, None)
-        later, changed = recorder.changed_since(version)
+        later, changed = recorder.snapshot(version)[:2]
         assert later > version and len(changed) == 1
 
 
