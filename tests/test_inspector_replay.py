@@ -239,7 +239,8 @@ class TestHandlerSeconds:
             await asyncio.sleep(10)
 
         seconds = self._dispatch(registry, tmp_path)
-        assert seconds is not None and 0.5 <= seconds < 2
+        # Up to the cancellation (0.5 s, later on a busy machine), not the 10 s it would sleep.
+        assert seconds is not None and 0.5 <= seconds < 9
 
 
 # -- over HTTP -----------------------------------------------------------------------------------
