@@ -288,6 +288,7 @@ def run(*, quick: bool) -> None:
     emit(NAME, "host_cpu_us_per_event_bare_store_off",
          median([r["host_cpu_us_per_event"] for r in bare_off]), "us")
     _emit_ratio("host_cpu_ratio_store_on_off_bare", bare_on, bare_off)
+    emit(NAME, "events_per_s_bare", median([r["events_per_s"] for r in bare_on]), "events/s")
     emit(NAME, "log_lines_per_event", median([r["log_lines_per_event"] for r in results]),
          "count")
     emit(NAME, "log_lines_per_event_bare",

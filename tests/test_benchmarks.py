@@ -32,6 +32,7 @@ REQUIRED = {
                            for fleet in ("", "_fleet") for bound in ("low", "high", "coverage")),
                          "host_cpu_us_per_event_fleet", "host_cpu_us_per_event_fleet_store_off",
                          "host_cpu_us_per_event_bare", "host_cpu_us_per_event_bare_store_off",
+                         "events_per_s_bare",
                          *(f"host_cpu_ratio_store_on_off_bare{bound}"
                            for bound in ("", "_low", "_high", "_coverage")),
                          "dead_lettered", "other_outcomes", "refused", "left_in_queue",
