@@ -1286,6 +1286,34 @@ class TestNoWait:
             assert all(m.delivery_count == 1 for m in received)
 
 
+    def test_completing_without_wait_is_refused_at_once_and_with_wait_waits(
+        self, db_path: Path
+    ) -> None:
+        # What the local host's fetcher calls on its loop (`complete_many(wait=False)`) and,
+        # when refused, from a thread (the default, which waits).
+        with LocalQueue(db_path, busy_timeout=30.0) as queue:
+            queue.send_many([(b"a", "a", None), (b"b", "b", None)])
+            _, received = queue.complete_and_receive([], max_messages=2)
+            tokens = [m.lock_token for m in received if m.lock_token is not None]
+            other = sqlite3.connect(db_path, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")
+            try:
+                with pytest.raises(QueueBusyError, match="another process holds the write lock"):
+                    queue.complete_many(tokens, wait=False)
+                completed: list[list[LockLostError | None]] = []
+                completer = threading.Thread(
+                    target=lambda: completed.append(queue.complete_many(tokens)))
+                completer.start()
+                wait_for(lambda: queue._lock.locked())
+                assert completed == []  # waiting for the write lock
+            finally:
+                other.execute("COMMIT")
+                other.close()
+            completer.join(30)
+            assert completed == [[None, None]]
+            assert queue.stats()["active"] == 0
+
+
 class TestReceiveDoesNotReadTheBacklog:
     """Receiving costs the same with 20 or 2,000 messages waiting: counted in SQLite virtual
     machine steps (a progress handler), not in time. The lock-expiry sweep once went through
