@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import http.client
 import json
 import re
@@ -14,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
+
+import pytest
 
 from shared.clockcheck import CLOCK_WATCH
 from shared.handlers import HandlerRegistry
@@ -191,3 +194,18 @@ class RunningHost:
 
     def dead_letters(self) -> list[Any]:
         return list(self.runtime.queue.peek_dead_letters())
+
+
+def compare_digest_calls(monkeypatch: pytest.MonkeyPatch,
+                         module: str) -> list[tuple[bytes, bytes]]:
+    """Every `hmac.compare_digest(a, b)` that `module` makes from now on, as (a, b), still
+    answered by the real function: how a test holds a comparison to constant time."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(f"{module}.hmac.compare_digest", spy)
+    return calls

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import os
 import select
@@ -20,6 +19,7 @@ from shared.handlers import HandlerContext, HandlerRegistry
 from .support import (
     WEBHOOK,
     RunningHost,
+    compare_digest_calls,
     encode,
     local_env,
     signed_headers,
@@ -40,14 +40,7 @@ class TestConstantTimeComparison:
     def test_every_token_is_compared_with_compare_digest_whatever_matches(
         self, monkeypatch: pytest.MonkeyPatch, tokens: tuple[str, ...], signed_with: str
     ) -> None:
-        calls: list[tuple[bytes, bytes]] = []
-        real = hmac.compare_digest
-
-        def counting(a: bytes, b: bytes) -> bool:
-            calls.append((a, b))
-            return real(a, b)
-
-        monkeypatch.setattr("shared.signature.hmac.compare_digest", counting)
+        calls = compare_digest_calls(monkeypatch, "shared.signature")
         body = b'{"eventId":"e"}'
         found = signature.matching_token(body, signature.sign(signed_with, body), tokens)
         assert found == (tokens.index(signed_with) if signed_with in tokens else None)

@@ -25,7 +25,7 @@ from shared.telemetry import Telemetry
 from shared.tokens import StaticTokenProvider
 
 from .inspector_host import HostProcess
-from .support import http_request
+from .support import compare_digest_calls, http_request
 
 DEEP = b"[" * 50_000
 
@@ -236,18 +236,9 @@ class TestTokenComparison:
     def test_the_token_is_compared_in_constant_time(self, monkeypatch: pytest.MonkeyPatch) -> None:
         # SECURITY.md: every inspector request's token is compared in constant time, so its
         # answer's timing says nothing of how much of a guessed token was right.
-        import hmac
-
         import aiohttp
 
-        seen: list[tuple[bytes, bytes]] = []
-        real = hmac.compare_digest
-
-        def spy(a: bytes, b: bytes) -> bool:
-            seen.append((a, b))
-            return real(a, b)
-
-        monkeypatch.setattr("shared.local.inspector_server.hmac.compare_digest", spy)
+        seen = compare_digest_calls(monkeypatch, "shared.local.inspector_server")
         server = InspectorServer(Recorder(), cast(Any, None), port=0, token="t0ken")
 
         async def scenario() -> list[int]:

@@ -11,7 +11,6 @@ converters) is in tests/test_worker_contract.py.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import re
@@ -36,7 +35,14 @@ from shared.vehicle_read import (
 from shared.vehicle_state import valid_vehicle_id
 
 from .inspector_host import HostProcess
-from .support import RunningHost, http_request, local_env, signed_headers, wait_until
+from .support import (
+    RunningHost,
+    compare_digest_calls,
+    http_request,
+    local_env,
+    signed_headers,
+    wait_until,
+)
 from .vehicle_events import error, error_event, signal, state_event
 from .vehicle_fakes import VEHICLE, MemoryVehicleStore, error_body, state_body
 
@@ -259,14 +265,7 @@ class TestKeyComparison:
         assert not has_key("k1", {"code": "\udcff"}, {})
 
     def test_compared_in_constant_time(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        seen: list[tuple[bytes, bytes]] = []
-        real = hmac.compare_digest
-
-        def spy(a: bytes, b: bytes) -> bool:
-            seen.append((a, b))
-            return real(a, b)
-
-        monkeypatch.setattr("shared.local.app_functions.hmac.compare_digest", spy)
+        seen = compare_digest_calls(monkeypatch, "shared.local.app_functions")
         assert has_key("k1", {"code": "k1"}, {"x-functions-key": "other"})
         # Both given values are compared, whichever matched.
         assert seen == [(b"k1", b"k1"), (b"other", b"k1")]
