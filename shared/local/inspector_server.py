@@ -16,7 +16,7 @@ import asyncio
 import hmac
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: and Service Bus's integers); a longer one matches no route and is answered 404.
 _ID = r"{id:\d{1,18}}"
 _SEQ = r"{seq:\d{1,18}}"
+
+
+def _first[T](items: Sequence[T], limit: int) -> tuple[Sequence[T], bool]:
+    """The first `limit` of `items` (asked for with one more), and whether there were more."""
+    return items[:limit], len(items) > limit
 
 
 def _forbidden(why: str) -> web.Response:
@@ -243,9 +248,10 @@ class InspectorServer:
 
     async def _dlq(self, request: web.Request) -> web.StreamResponse:
         # One more than shown tells whether the limit left some out (`more`).
-        letters = await self._ops(lambda: self.ops.dead_letters(limit=DLQ_LIMIT + 1))
-        return web.json_response({"deadLetters": [dl.summary() for dl in letters[:DLQ_LIMIT]],
-                                  "limit": DLQ_LIMIT, "more": len(letters) > DLQ_LIMIT})
+        letters, more = _first(
+            await self._ops(lambda: self.ops.dead_letters(limit=DLQ_LIMIT + 1)), DLQ_LIMIT)
+        return web.json_response({"deadLetters": [dl.summary() for dl in letters],
+                                  "limit": DLQ_LIMIT, "more": more})
 
     async def _dead_letter(self, request: web.Request) -> web.StreamResponse:
         seq = int(request.match_info["seq"])
@@ -283,12 +289,13 @@ class InspectorServer:
     async def _vehicle_list(self, request: web.Request) -> web.StreamResponse:
         store = self._store()
         try:
-            summaries = await store.list_vehicles(limit=VEHICLES_LIMIT + 1)
+            summaries, more = _first(await store.list_vehicles(limit=VEHICLES_LIMIT + 1),
+                                     VEHICLES_LIMIT)
         except Exception as exc:  # the store's failure is the page's message, not a 500
             raise web.HTTPServiceUnavailable(
                 text=f"the vehicle state store failed: {type(exc).__name__}: {exc}") from None
-        return web.json_response({"vehicles": [s.to_json() for s in summaries[:VEHICLES_LIMIT]],
-                                  "limit": VEHICLES_LIMIT, "more": len(summaries) > VEHICLES_LIMIT})
+        return web.json_response({"vehicles": [s.to_json() for s in summaries],
+                                  "limit": VEHICLES_LIMIT, "more": more})
 
     async def _vehicle(self, request: web.Request) -> web.StreamResponse:
         vehicle_id = request.match_info.get("vehicle_id")
