@@ -131,13 +131,11 @@ async def one_round(events: int, clients: int, *, store: bool = True, vehicles: 
                 if target is not None:  # the store, when it is off
                     setattr(target, method, _timed(getattr(target, method), part, spent))
         log = (Path(state_dir) / "host.log").open("w", encoding="utf-8")
-        if served:
-            # `make run`'s logging (main), with the terminal a file here.
-            logging.basicConfig(level=logging.INFO, handlers=[log_handler(log)], force=True)
-            host, _ = served_host(settings, runtime, port=0, poll_interval=0.05)
-        else:
-            logging.basicConfig(level=logging.WARNING, handlers=[log_handler(log)], force=True)
-            host = LocalHost(load_function_app(), runtime, port=0, poll_interval=0.05)
+        # Served: `make run`'s logging (main), with the terminal a file here.
+        logging.basicConfig(level=logging.INFO if served else logging.WARNING,
+                            handlers=[log_handler(log)], force=True)
+        host = (served_host(settings, runtime, port=0, poll_interval=0.05)[0] if served
+                else LocalHost(load_function_app(), runtime, port=0, poll_interval=0.05))
         await host.start()
         handled_path = Path(state_dir) / HANDLED_FILE
         try:
